@@ -1,0 +1,1 @@
+"""Where pixels and tables live: URIs, OME-Zarr images, the archive catalog, ingest."""

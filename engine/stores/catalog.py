@@ -1,0 +1,142 @@
+"""The archive catalog: one Parquet row per image, read by jobs instead of listing a store.
+
+Layout of an archive (any store URI)::
+
+    <archive>/catalog.parquet          this table
+    <archive>/images/<image_id>.ome.zarr
+    <archive>/ground_truth.parquet     synthetic archives only (engine.synth)
+
+`uri` is relative to the archive root, so an archive can be copied between disk and S3
+as it is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import io
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Iterable
+
+import pandas as pd
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.errors import MetadataError
+from engine.stores.uri import StoreLocation, resolve
+
+CATALOG_FILE = "catalog.parquet"
+IMAGES_DIR = "images"
+MODALITIES = ("SEM", "TEM", "optical")
+
+
+@dataclass(frozen=True)
+class CatalogRow:
+    """One image. Pixel sizes are level 0, in `unit` (a UDUNITS name, e.g. 'nanometer')."""
+
+    image_id: str
+    uri: str
+    modality: str
+    pixel_size_y: float
+    pixel_size_x: float
+    unit: str
+    height: int
+    width: int
+    dtype: str
+    levels: int
+    chunk: int
+    checksum: str
+    material: str | None = None
+    quality_grade: str | None = None
+    instrument: str | None = None
+    acquired_at: datetime | None = None
+    source: str | None = None
+    seed: int | None = None
+
+
+SCHEMA = pa.schema([
+    ("image_id", pa.string()), ("uri", pa.string()), ("modality", pa.string()),
+    ("pixel_size_y", pa.float64()), ("pixel_size_x", pa.float64()), ("unit", pa.string()),
+    ("height", pa.int64()), ("width", pa.int64()), ("dtype", pa.string()),
+    ("levels", pa.int32()), ("chunk", pa.int32()), ("checksum", pa.string()),
+    ("material", pa.string()), ("quality_grade", pa.string()), ("instrument", pa.string()),
+    ("acquired_at", pa.timestamp("us", tz="UTC")), ("source", pa.string()), ("seed", pa.int64()),
+])
+assert [f.name for f in dataclasses.fields(CatalogRow)] == SCHEMA.names
+
+
+def image_uri(archive: StoreLocation, image_id: str) -> StoreLocation:
+    return archive.join(IMAGES_DIR, f"{image_id}.ome.zarr")
+
+
+def relative_image_path(image_id: str) -> str:
+    return f"{IMAGES_DIR}/{image_id}.ome.zarr"
+
+
+def write_table(location: StoreLocation, table: pa.Table) -> None:
+    """Write a Parquet file in one put, so a reader sees the old file or the new one, never half."""
+    buf = io.BytesIO()
+    pq.write_table(table, buf)
+    fs = location.filesystem()
+    fs.makedirs(location.parent().path, exist_ok=True)
+    if location.scheme == "file":
+        tmp = location.path + ".tmp"
+        with fs.open(tmp, "wb") as f:
+            f.write(buf.getvalue())
+        fs.mv(tmp, location.path)
+    else:
+        fs.pipe_file(location.path, buf.getvalue())
+
+
+def read_table(location: StoreLocation) -> pa.Table:
+    fs = location.filesystem()
+    if not fs.exists(location.path):
+        raise MetadataError(f"{location}: no such table")
+    try:
+        with fs.open(location.path, "rb") as f:
+            return pq.read_table(f)
+    except (pa.ArrowInvalid, OSError) as exc:
+        raise MetadataError(f"{location}: not a readable Parquet file: {exc}") from None
+
+
+def write_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> StoreLocation:
+    """Replace the catalog of `archive` with `rows` (sorted by image id)."""
+    archive = resolve(archive)
+    records = sorted((dataclasses.asdict(r) for r in rows), key=lambda r: r["image_id"])
+    ids = [r["image_id"] for r in records]
+    if len(set(ids)) != len(ids):
+        raise ValueError(f"{archive}: duplicate image ids in catalog rows")
+    for r in records:
+        if r["modality"] not in MODALITIES:
+            raise ValueError(f"image {r['image_id']!r}: modality {r['modality']!r} is not one of {MODALITIES}")
+    location = archive.join(CATALOG_FILE)
+    write_table(location, pa.Table.from_pylist(records, schema=SCHEMA))
+    return location
+
+
+def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> StoreLocation:
+    """Add rows to the catalog, replacing rows with the same image id."""
+    archive = resolve(archive)
+    new = {r.image_id: r for r in rows}
+    old = [] if not archive.join(CATALOG_FILE).exists() else [
+        CatalogRow(**_from_record(rec)) for rec in read_table(archive.join(CATALOG_FILE)).to_pylist()
+    ]
+    merged = {r.image_id: r for r in old} | new
+    return write_catalog(archive, merged.values())
+
+
+def read_catalog(archive: str | StoreLocation) -> pd.DataFrame:
+    """The catalog as a DataFrame with the columns of `CatalogRow`."""
+    archive = resolve(archive)
+    location = archive.join(CATALOG_FILE)
+    if not location.exists():
+        raise MetadataError(f"{archive}: no {CATALOG_FILE}; not a grainflow archive (make one with `grainflow synth` or `grainflow ingest`)")
+    table = read_table(location)
+    missing = [n for n in SCHEMA.names if n not in table.column_names]
+    if missing:
+        raise MetadataError(f"{location}: catalog lacks columns {missing}")
+    return table.select(SCHEMA.names).to_pandas()
+
+
+def _from_record(record: dict[str, Any]) -> dict[str, Any]:
+    return {k: record.get(k) for k in SCHEMA.names}

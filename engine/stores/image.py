@@ -1,0 +1,179 @@
+"""Read OME-Zarr multiscale images (NGFF v0.4 on Zarr v2, v0.5 on Zarr v3).
+
+`open_image` reads metadata only; pixels are read per region with `read_region`, so a
+task can open a terabyte image and touch one tile. Axes other than y and x (t, c, z)
+must have size 1 at every level: grainflow's images are single-channel 2-D micrographs.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from functools import cached_property
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.errors import GroupNotFoundError, NodeTypeValidationError
+
+from engine.errors import CorruptChunkError, MetadataError
+from engine.stores.dtypes import check_pixel_dtype
+from engine.stores.ngff import Multiscale, parse_multiscales, to_nanometres
+from engine.stores.uri import StoreLocation, resolve
+
+
+@dataclass(frozen=True)
+class LevelInfo:
+    """One pyramid level: shape and chunks in (y, x) pixels, pixel size in the image unit."""
+
+    index: int
+    path: str
+    shape: tuple[int, int]
+    chunks: tuple[int, int]
+    dtype: str
+    pixel_size: tuple[float, float]
+
+
+def open_group(location: StoreLocation) -> zarr.Group:
+    """Open a v2 or v3 group read-only; a missing group gets a MetadataError naming the path."""
+    try:
+        node = zarr.open_group(location.zarr_store(read_only=True), mode="r")
+    except (GroupNotFoundError, FileNotFoundError, NodeTypeValidationError, KeyError) as exc:
+        raise MetadataError(
+            f"{location}: no Zarr group here (neither zarr.json for v0.5 nor .zgroup/.zattrs for v0.4): {exc}"
+        ) from None
+    except ValueError as exc:
+        raise MetadataError(f"{location}: unreadable Zarr metadata: {exc}") from None
+    return node
+
+
+class MultiscaleImage:
+    """An opened OME-Zarr image: metadata now, pixels on request.
+
+    Pickles as its URI and storage options, so it can be shipped to Ray workers; each
+    process reopens the store.
+    """
+
+    def __init__(self, location: StoreLocation):
+        self.location = location
+        self.group = open_group(location)
+        self.multiscale: Multiscale = parse_multiscales(dict(self.group.attrs), str(location))
+        self.unit = self.multiscale.spatial_unit()
+        self.levels = tuple(self._level_info(i) for i in range(len(self.multiscale.levels)))
+        self.dtype = self.levels[0].dtype
+
+    def __reduce__(self):
+        return (open_image, (self.location,))
+
+    @property
+    def uri(self) -> str:
+        return self.location.uri
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.levels[0].shape
+
+    @property
+    def pixel_size(self) -> tuple[float, float]:
+        """Level-0 (y, x) pixel size in `unit`."""
+        return self.levels[0].pixel_size
+
+    @property
+    def pixel_size_nm(self) -> float:
+        """Level-0 x pixel size in nanometres."""
+        return to_nanometres(self.pixel_size[1], self.unit)
+
+    @cached_property
+    def attributes(self) -> dict[str, Any]:
+        """grainflow's own attributes (modality, material, ...), {} for foreign images."""
+        return dict(self.group.attrs.get("grainflow", {}))
+
+    def array(self, level: int = 0) -> zarr.Array:
+        return self.group[self.levels[level].path]
+
+    def _level_info(self, index: int) -> LevelInfo:
+        level = self.multiscale.levels[index]
+        where = f"{self.location}/{level.path}"
+        try:
+            arr = self.group[level.path]
+        except KeyError:
+            raise MetadataError(f"{where}: listed in multiscales but no array is stored there") from None
+        if not isinstance(arr, zarr.Array):
+            raise MetadataError(f"{where}: expected an array, found a group")
+        names = [a.name for a in self.multiscale.axes]
+        if arr.ndim != len(names):
+            raise MetadataError(f"{where}: array has {arr.ndim} dimensions but the axes are {names}")
+        extra = {n: s for n, s in zip(names[:-2], arr.shape[:-2]) if s != 1}
+        if extra:
+            raise MetadataError(f"{where}: axes {extra} have size > 1; grainflow reads single-channel 2-D images")
+        dtype = check_pixel_dtype(arr.dtype, where) if not self._is_label() else np.dtype(arr.dtype)
+        return LevelInfo(
+            index, level.path, tuple(arr.shape[-2:]), tuple(arr.chunks[-2:]), str(dtype),
+            self.multiscale.pixel_size(index),
+        )
+
+    def _is_label(self) -> bool:
+        ome = self.group.attrs.get("ome", self.group.attrs)
+        return "image-label" in ome
+
+    def nearest_level(self, pixel_size: float, unit: str = "nanometer") -> int:
+        """The level whose x pixel size is nearest `pixel_size`, compared on a log scale.
+
+        Log distance treats 2x too fine and 2x too coarse alike; ties go to the finer level.
+        """
+        target = to_nanometres(pixel_size, unit)
+        if not target > 0:
+            raise ValueError(f"target pixel size must be positive, got {pixel_size} {unit}")
+        sizes = [to_nanometres(lv.pixel_size[1], self.unit) for lv in self.levels]
+        return min(range(len(sizes)), key=lambda i: (abs(math.log(sizes[i] / target)), i))
+
+    def read_region(self, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] of `level` as a (y, x) array of the stored dtype.
+
+        A chunk that fails to decode raises CorruptChunkError naming its store key.
+        """
+        arr = self.array(level)
+        index = (0,) * (arr.ndim - 2) + (slice(y0, y1), slice(x0, x1))
+        try:
+            return np.asarray(arr[index])
+        except Exception as exc:  # codecs raise assorted types; find the chunk at fault
+            raise self._corrupt_chunk_error(level, arr, y0, y1, x0, x1, exc) from exc
+
+    def read_level(self, level: int) -> np.ndarray:
+        """A whole level in memory: only for coarse levels or small images."""
+        h, w = self.levels[level].shape
+        return self.read_region(level, 0, h, 0, w)
+
+    def labels(self) -> list[str]:
+        """Names of the label images in the `labels/` group ([] if none)."""
+        if "labels" not in self.group:
+            return []
+        attrs = dict(self.group["labels"].attrs)
+        return list(attrs.get("ome", attrs).get("labels", []))
+
+    def open_labels(self, name: str) -> MultiscaleImage:
+        if name not in self.labels():
+            raise MetadataError(f"{self.location}: no label image {name!r}; has {self.labels()}")
+        return open_image(self.location.join("labels", name))
+
+    def _corrupt_chunk_error(self, level, arr, y0, y1, x0, x1, exc) -> CorruptChunkError:
+        ch, cw = arr.chunks[-2:]
+        lead = (0,) * (arr.ndim - 2)
+        bad = []
+        for cy in range(y0 // ch, math.ceil(y1 / ch)):
+            for cx in range(x0 // cw, math.ceil(x1 / cw)):
+                try:
+                    arr[lead + (slice(cy * ch, (cy + 1) * ch), slice(cx * cw, (cx + 1) * cw))]
+                except Exception:
+                    bad.append(f"{self.levels[level].path}/{arr.metadata.encode_chunk_key(lead + (cy, cx))}")
+        keys = tuple(bad) or (f"{self.levels[level].path}/?",)
+        return CorruptChunkError(
+            f"{self.location}: chunk {', '.join(keys)} cannot be decoded ({type(exc).__name__}: {exc})",
+            array_uri=f"{self.location}/{self.levels[level].path}",
+            chunk_keys=keys,
+        )
+
+
+def open_image(uri: str | StoreLocation, *, storage_options: dict[str, Any] | None = None) -> MultiscaleImage:
+    """Open an OME-Zarr image's metadata (no pixels are read)."""
+    return MultiscaleImage(resolve(uri, storage_options=storage_options))

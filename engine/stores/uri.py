@@ -1,0 +1,163 @@
+"""Store locations: one parsed, normalised URI and the filesystem that serves it.
+
+Accepted forms:
+
+- a local path (``/data/a.ome.zarr``, ``runs/x``) or ``file:///data/a.ome.zarr``
+- ``s3://bucket/prefix`` through s3fs; endpoint, region and credentials come from the
+  explicit storage options, then the engine config (`engine.config`), then botocore's
+  standard chain (AWS_* environment, ~/.aws files)
+- ``memory://name`` for tests and scratch work (one process only)
+
+A `StoreLocation` is a small frozen value: it pickles to Ray workers, and each process
+builds its own filesystem from it.
+"""
+
+from __future__ import annotations
+
+import os
+import posixpath
+import re
+from dataclasses import dataclass, field
+from typing import Any
+
+import fsspec
+
+from engine.config import s3_storage_options
+from engine.errors import InvalidURIError
+
+SCHEMES = ("file", "s3", "memory")
+_SCHEME_RE = re.compile(r"^([A-Za-z][A-Za-z0-9+.-]*)://(.*)$")
+
+
+@dataclass(frozen=True)
+class StoreLocation:
+    """A normalised store URI.
+
+    `path` is what the filesystem wants: an absolute local path, ``bucket/key`` for S3,
+    ``/name`` for memory. `storage_options` are extra fsspec arguments (S3 only).
+    """
+
+    scheme: str
+    path: str
+    storage_options: dict[str, Any] = field(default_factory=dict, compare=False, hash=False)
+
+    @property
+    def uri(self) -> str:
+        if self.scheme == "file":
+            return self.path
+        return f"{self.scheme}://{self.path.lstrip('/')}"
+
+    def __str__(self) -> str:
+        return self.uri
+
+    @property
+    def name(self) -> str:
+        return posixpath.basename(self.path.rstrip("/"))
+
+    def join(self, *parts: str) -> StoreLocation:
+        """A location below this one; a part that climbs out (``..``) is refused."""
+        path = self.path
+        for part in parts:
+            path = posixpath.join(path, part)
+        child = StoreLocation(self.scheme, _normalise_path(self.scheme, path), self.storage_options)
+        child.require_within(self)
+        return child
+
+    def parent(self) -> StoreLocation:
+        return StoreLocation(self.scheme, posixpath.dirname(self.path.rstrip("/")), self.storage_options)
+
+    def is_within(self, root: StoreLocation) -> bool:
+        if self.scheme != root.scheme:
+            return False
+        base = root.path.rstrip("/")
+        return self.path == base or self.path.startswith(base + "/")
+
+    def require_within(self, root: StoreLocation) -> None:
+        """Raise InvalidURIError unless this location lies inside `root`."""
+        if not self.is_within(root):
+            raise InvalidURIError(f"{self.uri}: outside the allowed root {root.uri}")
+
+    def filesystem(self) -> fsspec.AbstractFileSystem:
+        """A synchronous fsspec filesystem for this location (cached by fsspec)."""
+        if self.scheme == "file":
+            return fsspec.filesystem("file")
+        if self.scheme == "memory":
+            return fsspec.filesystem("memory")
+        return fsspec.filesystem("s3", **self.storage_options)
+
+    def zarr_store(self, *, read_only: bool):
+        """A zarr v3 store rooted at this location."""
+        from zarr.storage import FsspecStore, LocalStore
+
+        if self.scheme == "file":
+            return LocalStore(self.path, read_only=read_only)
+        if self.scheme == "memory":
+            return FsspecStore.from_url(self.uri, read_only=read_only)
+        import s3fs
+
+        fs = s3fs.S3FileSystem(asynchronous=True, **self.storage_options)
+        return FsspecStore(fs, path=self.path, read_only=read_only)
+
+    def exists(self) -> bool:
+        return self.filesystem().exists(self.path)
+
+
+def resolve(
+    uri: str | os.PathLike | StoreLocation,
+    *,
+    root: str | StoreLocation | None = None,
+    storage_options: dict[str, Any] | None = None,
+) -> StoreLocation:
+    """Parse `uri` into a StoreLocation.
+
+    With `root`, the location must lie inside it, else InvalidURIError: this is how a
+    tenant or a job is kept to the prefixes it was granted.
+    """
+    if isinstance(uri, StoreLocation):
+        location = uri
+    else:
+        location = _parse(os.fspath(uri), storage_options)
+    if root is not None:
+        location.require_within(resolve(root, storage_options=storage_options))
+    return location
+
+
+def _parse(uri: str, storage_options: dict[str, Any] | None) -> StoreLocation:
+    if not uri or not uri.strip():
+        raise InvalidURIError("empty URI: give a local path, file://, s3:// or memory:// URI")
+    match = _SCHEME_RE.match(uri)
+    if match is None:
+        if ":" in uri.split("/", 1)[0] and not os.path.exists(uri):
+            raise InvalidURIError(f"{uri!r}: not a URI grainflow understands (use {', '.join(s + '://' for s in SCHEMES)} or a local path)")
+        return StoreLocation("file", _normalise_path("file", os.path.abspath(os.path.expanduser(uri))))
+    scheme, rest = match.group(1).lower(), match.group(2)
+    if scheme not in SCHEMES:
+        raise InvalidURIError(f"{uri!r}: unknown scheme {scheme!r}; grainflow reads {', '.join(s + '://' for s in SCHEMES)} and local paths")
+    if scheme == "file":
+        if not rest.startswith("/"):
+            raise InvalidURIError(f"{uri!r}: a file:// URI needs an absolute path (file:///data/x)")
+        return StoreLocation("file", _normalise_path("file", rest))
+    if scheme == "memory":
+        return StoreLocation("memory", _normalise_path("memory", "/" + rest.lstrip("/")))
+    bucket = rest.split("/", 1)[0]
+    if not re.fullmatch(r"[a-z0-9][a-z0-9.-]{1,61}[a-z0-9]", bucket):
+        raise InvalidURIError(f"{uri!r}: {bucket!r} is not a valid S3 bucket name")
+    options = {**s3_storage_options(), **(storage_options or {})}
+    return StoreLocation("s3", _normalise_path("s3", rest), options)
+
+
+def _normalise_path(scheme: str, path: str) -> str:
+    """Collapse `.` and `..`; a path whose `..` climbs above its top is refused."""
+    absolute = path.startswith("/")
+    parts: list[str] = []
+    for part in path.split("/"):
+        if part in ("", "."):
+            continue
+        if part == "..":
+            if not parts or (scheme == "s3" and len(parts) == 1):
+                raise InvalidURIError(f"{path!r}: '..' climbs above the top of the {scheme} store")
+            parts.pop()
+            continue
+        parts.append(part)
+    joined = "/".join(parts)
+    return "/" + joined if absolute or scheme in ("file", "memory") else joined

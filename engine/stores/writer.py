@@ -1,0 +1,213 @@
+"""Write OME-Zarr v0.5 images: level 0 tile by tile, then the pyramid, then metadata.
+
+The multiscales metadata is written last, so a reader never sees an image whose
+pyramid is half built: until `close()` the group has no `multiscales`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import zarr
+
+from engine.stores.dtypes import check_label_dtype, check_pixel_dtype
+from engine.stores.ngff import multiscales_v05, normalise_unit
+from engine.stores.pyramid import n_levels_for, write_next_level
+from engine.stores.uri import StoreLocation, resolve
+
+DEFAULT_CHUNK = 512
+
+
+@dataclass(frozen=True)
+class ImageInfo:
+    """What `ImageWriter.close()` wrote; feeds a catalog row."""
+
+    uri: str
+    shape: tuple[int, int]
+    dtype: str
+    levels: int
+    chunk: int
+    pixel_size: tuple[float, float]
+    unit: str
+    checksum: str
+
+
+class _LevelZeroWriter:
+    """Chunk-aligned writes into level 0 of one multiscale group, with a running checksum."""
+
+    def __init__(self, group: zarr.Group, shape, dtype, chunk: int, *, labels: bool):
+        self.group, self.shape, self.dtype, self.chunk, self.labels = group, shape, dtype, chunk, labels
+        self.level0 = group.create_array(
+            "0", shape=shape, chunks=(chunk, chunk), dtype=dtype, fill_value=0,
+            dimension_names=["y", "x"], overwrite=True,
+        )
+        self._chunk_digests: dict[tuple[int, int], str] = {}
+
+    def write_tile(self, y: int, x: int, tile: np.ndarray) -> None:
+        """Write an HxW tile at level-0 pixel (y, x); y and x must be chunk multiples."""
+        c = self.chunk
+        if y % c or x % c:
+            raise ValueError(f"tile origin ({y}, {x}) is not aligned to the {c}-pixel chunk grid")
+        h, w = tile.shape
+        if y + h > self.shape[0] or x + w > self.shape[1]:
+            raise ValueError(f"tile {tile.shape} at ({y}, {x}) runs past the image {self.shape}")
+        if tile.dtype != self.dtype:
+            raise TypeError(f"tile dtype {tile.dtype} differs from the image dtype {self.dtype}")
+        tile = np.ascontiguousarray(tile)
+        self.level0[y : y + h, x : x + w] = tile
+        for ty in range(0, h, c):
+            for tx in range(0, w, c):
+                piece = np.ascontiguousarray(tile[ty : ty + c, tx : tx + c])
+                self._chunk_digests[((y + ty) // c, (x + tx) // c)] = hashlib.sha256(piece.tobytes()).hexdigest()
+
+    def checksum(self) -> str:
+        """sha256 over the level-0 chunks' digests in chunk order: independent of write order."""
+        h = hashlib.sha256()
+        for key in sorted(self._chunk_digests):
+            h.update(f"{key[0]},{key[1]}:{self._chunk_digests[key]}\n".encode())
+        return h.hexdigest()
+
+    def build_pyramid(self) -> int:
+        n = n_levels_for(self.shape, self.chunk)
+        finer = self.level0
+        for k in range(1, n):
+            shape = ((finer.shape[0] + 1) // 2, (finer.shape[1] + 1) // 2)
+            coarser = self.group.create_array(
+                str(k), shape=shape, chunks=(self.chunk, self.chunk), dtype=self.dtype, fill_value=0,
+                dimension_names=["y", "x"], overwrite=True,
+            )
+            write_next_level(finer, coarser, labels=self.labels)
+            finer = coarser
+        return n
+
+
+class LabelWriter(_LevelZeroWriter):
+    """A label image under `<image>/labels/<name>`; write with `write_tile`."""
+
+
+class ImageWriter:
+    """Writes one 2-D (y, x) OME-Zarr v0.5 image with its pyramid and label images.
+
+    Usage::
+
+        with ImageWriter(uri, shape=(4096, 4096), dtype="uint16", pixel_size=2.5,
+                         unit="nanometer", attributes={"modality": "SEM"}) as w:
+            defects = w.add_labels("defects")
+            for y, x, tile, mask in tiles:      # chunk-aligned, any order
+                w.write_tile(y, x, tile)
+                defects.write_tile(y, x, mask)
+        info = w.info
+
+    `pixel_size` is the level-0 pixel size in `unit` (one number, or (y, x)).
+    `attributes` are stored beside the NGFF metadata under the `grainflow` key.
+    """
+
+    def __init__(
+        self,
+        uri: str | StoreLocation,
+        *,
+        shape: tuple[int, int],
+        dtype: Any,
+        pixel_size: float | tuple[float, float],
+        unit: str = "nanometer",
+        chunk: int = DEFAULT_CHUNK,
+        name: str | None = None,
+        attributes: dict[str, Any] | None = None,
+    ):
+        self.location = resolve(uri)
+        if len(shape) != 2 or min(shape) < 1:
+            raise ValueError(f"{self.location}: shape {shape} is not a 2-D (y, x) shape")
+        self.shape = (int(shape[0]), int(shape[1]))
+        self.dtype = check_pixel_dtype(dtype, str(self.location))
+        ps = (pixel_size, pixel_size) if np.isscalar(pixel_size) else tuple(pixel_size)
+        if len(ps) != 2 or not all(np.isfinite(p) and p > 0 for p in ps):
+            raise ValueError(f"{self.location}: pixel size {pixel_size!r} must be positive and finite")
+        self.pixel_size = (float(ps[0]), float(ps[1]))
+        self.unit = normalise_unit(unit)
+        self.chunk = int(chunk)
+        self.name = name or self.location.name
+        self.attributes = dict(attributes or {})
+        self.group = zarr.open_group(self.location.zarr_store(read_only=False), mode="w", zarr_format=3)
+        self._image = _LevelZeroWriter(self.group, self.shape, self.dtype, self.chunk, labels=False)
+        self._labels: dict[str, tuple[LabelWriter, dict[str, Any]]] = {}
+        self.info: ImageInfo | None = None
+
+    def write_tile(self, y: int, x: int, tile: np.ndarray) -> None:
+        self._image.write_tile(y, x, tile)
+
+    def add_labels(
+        self,
+        name: str,
+        *,
+        dtype: Any = "uint32",
+        colors: dict[int, tuple[int, int, int, int]] | None = None,
+        properties: list[dict[str, Any]] | None = None,
+    ) -> LabelWriter:
+        """A label image of this image's shape; `colors` maps label value to RGBA 0-255."""
+        if name in self._labels:
+            raise ValueError(f"{self.location}: label image {name!r} already added")
+        dt = check_label_dtype(dtype, f"{self.location}/labels/{name}")
+        group = self.group.require_group("labels").create_group(name, overwrite=True)
+        writer = LabelWriter(group, self.shape, dt, self.chunk, labels=True)
+        image_label: dict[str, Any] = {"source": {"image": "../../"}}
+        if colors:
+            image_label["colors"] = [{"label-value": int(k), "rgba": list(map(int, v))} for k, v in sorted(colors.items())]
+        if properties:
+            image_label["properties"] = properties
+        self._labels[name] = (writer, image_label)
+        return writer
+
+    def close(self) -> ImageInfo:
+        """Build the pyramids, then write the metadata that makes the image readable."""
+        n = self._image.build_pyramid()
+        for name, (writer, image_label) in self._labels.items():
+            m = writer.build_pyramid()
+            ms = multiscales_v05(name=name, unit=self.unit, pixel_size=self.pixel_size, n_levels=m, centre_shift=False)
+            writer.group.attrs.update({"ome": {"version": "0.5", "multiscales": [ms], "image-label": image_label}})
+        if self._labels:
+            self.group["labels"].attrs.update({"ome": {"version": "0.5", "labels": list(self._labels)}})
+        ms = multiscales_v05(name=self.name, unit=self.unit, pixel_size=self.pixel_size, n_levels=n, centre_shift=True)
+        attrs: dict[str, Any] = {"ome": {"version": "0.5", "multiscales": [ms]}}
+        if self.attributes:
+            attrs["grainflow"] = self.attributes
+        self.group.attrs.update(attrs)
+        self.info = ImageInfo(
+            uri=self.location.uri, shape=self.shape, dtype=str(self.dtype), levels=n, chunk=self.chunk,
+            pixel_size=self.pixel_size, unit=self.unit, checksum=self._image.checksum(),
+        )
+        return self.info
+
+    def __enter__(self) -> ImageWriter:
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        if exc_type is None:
+            self.close()
+
+
+def write_image(
+    uri: str | StoreLocation,
+    pixels: np.ndarray,
+    *,
+    pixel_size: float | tuple[float, float],
+    unit: str = "nanometer",
+    chunk: int = DEFAULT_CHUNK,
+    labels: dict[str, np.ndarray] | None = None,
+    attributes: dict[str, Any] | None = None,
+    name: str | None = None,
+) -> ImageInfo:
+    """Write an in-memory (y, x) array (and optional same-shape label arrays) as OME-Zarr v0.5."""
+    if pixels.ndim != 2:
+        raise ValueError(f"{uri}: expected a 2-D (y, x) array, got shape {pixels.shape}")
+    writer = ImageWriter(uri, shape=pixels.shape, dtype=pixels.dtype, pixel_size=pixel_size, unit=unit,
+                         chunk=chunk, name=name, attributes=attributes)
+    label_writers = {k: (writer.add_labels(k, dtype=v.dtype), v) for k, v in (labels or {}).items()}
+    for y in range(0, pixels.shape[0], chunk):
+        for x in range(0, pixels.shape[1], chunk):
+            writer.write_tile(y, x, pixels[y : y + chunk, x : x + chunk])
+            for lw, arr in label_writers.values():
+                lw.write_tile(y, x, arr[y : y + chunk, x : x + chunk])
+    return writer.close()
