@@ -135,7 +135,9 @@ def read_catalog(archive: str | StoreLocation) -> pd.DataFrame:
     missing = [n for n in SCHEMA.names if n not in table.column_names]
     if missing:
         raise MetadataError(f"{location}: catalog lacks columns {missing}")
-    return table.select(SCHEMA.names).to_pandas()
+    # Nullable integer columns (seed) stay integers; missing strings read as NA.
+    nullable = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}
+    return table.select(SCHEMA.names).to_pandas(types_mapper=nullable.get)
 
 
 def _from_record(record: dict[str, Any]) -> dict[str, Any]:

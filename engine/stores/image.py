@@ -58,7 +58,7 @@ class MultiscaleImage:
         self.location = location
         self.group = open_group(location)
         self.multiscale: Multiscale = parse_multiscales(dict(self.group.attrs), str(location))
-        self.unit = self.multiscale.spatial_unit()
+        self.unit = self.multiscale.spatial_unit(str(location))
         self.levels = tuple(self._level_info(i) for i in range(len(self.multiscale.levels)))
         self.dtype = self.levels[0].dtype
 

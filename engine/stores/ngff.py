@@ -76,10 +76,13 @@ class Multiscale:
     def axis_index(self, name: str) -> int:
         return [a.name for a in self.axes].index(name)
 
-    def spatial_unit(self) -> str:
+    def spatial_unit(self, where: str) -> str:
+        """The unit of y and x; grainflow measures in physical units, so one is required."""
         units = {self.axes[self.axis_index(n)].unit for n in SPATIAL}
         if len(units) != 1 or None in units:
-            raise MetadataError(f"y and x axes need one shared unit, found {sorted(map(str, units))}")
+            raise MetadataError(
+                f"{where}: y and x axes need one shared spatial unit (e.g. 'nanometer'), found {sorted(map(str, units))}"
+            )
         return normalise_unit(units.pop())
 
     def pixel_size(self, level: int) -> tuple[float, float]:

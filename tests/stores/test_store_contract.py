@@ -1,0 +1,154 @@
+"""One contract for every store backend: memory://, local disk and S3 (moto on loopback)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from engine.errors import CorruptChunkError, InvalidURIError, MetadataError
+from engine.stores.catalog import CatalogRow, read_catalog, upsert_catalog, write_catalog
+from engine.stores.image import open_image
+from engine.stores.pyramid import downsample_mean
+from engine.stores.writer import ImageWriter, write_image
+
+
+def _image(shape=(300, 450), dtype="uint16", seed=0):
+    rng = np.random.default_rng(seed)
+    info = np.iinfo(dtype) if np.issubdtype(np.dtype(dtype), np.integer) else None
+    if info is None:
+        return rng.normal(100, 20, shape).astype(dtype)
+    return rng.integers(info.min, info.max, shape, endpoint=True, dtype=dtype)
+
+
+def _row(image_id: str, **kw) -> CatalogRow:
+    base = dict(
+        image_id=image_id, uri=f"images/{image_id}.ome.zarr", modality="SEM", pixel_size_y=2.5,
+        pixel_size_x=2.5, unit="nanometer", height=64, width=64, dtype="uint16", levels=1, chunk=64,
+        checksum="0" * 64, material="ferritic_steel",
+    )
+    return CatalogRow(**{**base, **kw})
+
+
+class TestImageRoundTrip:
+    @pytest.mark.parametrize("dtype", ["uint8", "uint16", "uint32", "int16", "float32"])
+    def test_pixels_and_dtype_survive(self, store_root, dtype):
+        pixels = _image(dtype=dtype)
+        write_image(store_root.join("a.ome.zarr"), pixels, pixel_size=3.25, unit="nm", chunk=128)
+        image = open_image(store_root.join("a.ome.zarr"))
+        assert image.dtype == dtype
+        np.testing.assert_array_equal(image.read_level(0), pixels)
+
+    def test_metadata_is_ngff_v05_with_units(self, store_root):
+        write_image(store_root.join("a.ome.zarr"), _image(), pixel_size=(2.0, 2.5), unit="micrometer", chunk=128)
+        image = open_image(store_root.join("a.ome.zarr"))
+        assert image.multiscale.version == "0.5"
+        assert [(a.name, a.type, a.unit) for a in image.multiscale.axes] == [
+            ("y", "space", "micrometer"), ("x", "space", "micrometer")]
+        assert image.pixel_size == (2.0, 2.5)
+        assert [lv.pixel_size for lv in image.levels] == [(2.0 * 2**k, 2.5 * 2**k) for k in range(len(image.levels))]
+        assert image.pixel_size_nm == pytest.approx(2500.0)
+
+    def test_pyramid_levels_are_2x_means(self, store_root):
+        pixels = _image(shape=(300, 450))
+        write_image(store_root.join("a.ome.zarr"), pixels, pixel_size=1.0, chunk=64)
+        image = open_image(store_root.join("a.ome.zarr"))
+        assert [lv.shape for lv in image.levels] == [(300, 450), (150, 225), (75, 113), (38, 57)]
+        expected = pixels
+        for k in range(1, len(image.levels)):
+            expected = downsample_mean(expected)
+            np.testing.assert_array_equal(image.read_level(k), expected)
+
+    def test_tiles_written_in_any_order_give_one_checksum(self, store_root):
+        pixels = _image(shape=(256, 256))
+        infos = []
+        for name, order in (("fwd.ome.zarr", 1), ("rev.ome.zarr", -1)):
+            with ImageWriter(store_root.join(name), shape=pixels.shape, dtype=pixels.dtype, pixel_size=1.0, chunk=128) as w:
+                for y, x in [(0, 0), (0, 128), (128, 0), (128, 128)][::order]:
+                    w.write_tile(y, x, pixels[y:y + 128, x:x + 128])
+            infos.append(w.info)
+        assert infos[0].checksum == infos[1].checksum
+        assert infos[0].checksum == write_image(store_root.join("whole.ome.zarr"), pixels, pixel_size=1.0, chunk=128).checksum
+
+    def test_misaligned_tile_is_refused(self, store_root):
+        w = ImageWriter(store_root.join("a.ome.zarr"), shape=(256, 256), dtype="uint8", pixel_size=1.0, chunk=128)
+        with pytest.raises(ValueError, match="not aligned"):
+            w.write_tile(64, 0, np.zeros((128, 128), np.uint8))
+
+    def test_labels_round_trip(self, store_root):
+        pixels = _image(shape=(200, 200))
+        labels = np.zeros((200, 200), np.uint32)
+        labels[10:50, 20:90] = 1
+        labels[120:180, 100:110] = 7
+        write_image(store_root.join("a.ome.zarr"), pixels, pixel_size=4.0, chunk=64, labels={"defects": labels})
+        image = open_image(store_root.join("a.ome.zarr"))
+        assert image.labels() == ["defects"]
+        mask = image.open_labels("defects")
+        np.testing.assert_array_equal(mask.read_level(0), labels)
+        # label pyramids subsample: a value never becomes the average of two ids
+        assert set(np.unique(mask.read_level(1))) <= {0, 1, 7}
+        assert mask.levels[1].pixel_size == (8.0, 8.0)
+
+    def test_nearest_level(self, store_root):
+        write_image(store_root.join("a.ome.zarr"), _image(shape=(512, 512)), pixel_size=2.0, unit="nanometer", chunk=64)
+        image = open_image(store_root.join("a.ome.zarr"))  # levels at 2, 4, 8, 16 nm
+        assert image.nearest_level(2.0) == 0
+        assert image.nearest_level(5.0) == 1
+        assert image.nearest_level(0.009, "micrometer") == 2
+        assert image.nearest_level(12.0) == 3  # nearer 16 than 8 on a log scale
+        assert image.nearest_level(1000.0) == len(image.levels) - 1
+        assert image.nearest_level(0.01) == 0
+
+    def test_region_read_touches_only_that_region(self, store_root):
+        pixels = _image(shape=(512, 512))
+        write_image(store_root.join("a.ome.zarr"), pixels, pixel_size=1.0, chunk=128)
+        image = open_image(store_root.join("a.ome.zarr"))
+        np.testing.assert_array_equal(image.read_region(0, 100, 300, 250, 260), pixels[100:300, 250:260])
+
+
+class TestBadInput:
+    def test_corrupt_chunk_names_its_key(self, store_root):
+        write_image(store_root.join("a.ome.zarr"), _image(shape=(256, 256)), pixel_size=1.0, chunk=128)
+        fs = store_root.filesystem()
+        chunk = store_root.join("a.ome.zarr", "0", "c", "1", "0")
+        fs.pipe_file(chunk.path, b"this is not zstd")
+        image = open_image(store_root.join("a.ome.zarr"))
+        np.testing.assert_array_equal(image.read_region(0, 0, 128, 0, 256).shape, (128, 256))  # other chunks fine
+        with pytest.raises(CorruptChunkError) as err:
+            image.read_region(0, 0, 256, 0, 256)
+        assert err.value.chunk_keys == ("0/c/1/0",)
+        assert "a.ome.zarr" in str(err.value) and "0/c/1/0" in str(err.value)
+
+    def test_missing_metadata_names_the_path(self, store_root):
+        write_image(store_root.join("a.ome.zarr"), _image(shape=(64, 64)), pixel_size=1.0, chunk=64)
+        store_root.filesystem().rm(store_root.join("a.ome.zarr", "zarr.json").path)
+        with pytest.raises(MetadataError, match=r"a\.ome\.zarr.*zarr\.json"):
+            open_image(store_root.join("a.ome.zarr"))
+
+    def test_nothing_there(self, store_root):
+        with pytest.raises(MetadataError, match="nothing.ome.zarr"):
+            open_image(store_root.join("nothing.ome.zarr"))
+
+    def test_escaping_the_root_is_refused(self, store_root):
+        with pytest.raises(InvalidURIError, match="outside the allowed root"):
+            store_root.join("images", "..", "..", "elsewhere")
+
+
+class TestCatalog:
+    def test_round_trip_and_upsert(self, store_root):
+        write_catalog(store_root, [_row("b"), _row("a", material=None, seed=3)])
+        df = read_catalog(store_root)
+        assert list(df.image_id) == ["a", "b"]
+        assert df.loc[0, "seed"] == 3 and pd.isna(df.loc[0, "material"]) and pd.isna(df.loc[1, "seed"])
+        upsert_catalog(store_root, [_row("b", modality="TEM"), _row("c")])
+        df = read_catalog(store_root)
+        assert list(df.image_id) == ["a", "b", "c"]
+        assert df.set_index("image_id").loc["b", "modality"] == "TEM"
+
+    def test_missing_catalog_names_the_archive(self, store_root):
+        with pytest.raises(MetadataError, match="no catalog.parquet"):
+            read_catalog(store_root)
+
+    def test_bad_modality_refused(self, store_root):
+        with pytest.raises(ValueError, match="modality 'XRAY'"):
+            write_catalog(store_root, [_row("a", modality="XRAY")])
