@@ -1,0 +1,166 @@
+"""The `grainflow` command.
+
+User mistakes (bad URI, missing metadata, unknown names) print one readable line and
+exit with status 2; anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+
+from engine.errors import GrainflowError
+
+app = typer.Typer(
+    name="grainflow",
+    help="Turn archives of micrographs into measurements.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+console = Console()
+errors = Console(stderr=True)
+
+
+def _progress() -> Progress:
+    return Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(), console=errors, transient=False,
+    )
+
+
+@app.command()
+def synth(
+    out: str = typer.Argument(..., help="Archive to write: local path, file://, s3:// or memory:// URI."),
+    images: int = typer.Option(12, "--images", "-n", min=1, help="Number of images."),
+    seed: int = typer.Option(0, help="Seed; the same seed writes the same bytes."),
+    size: int = typer.Option(512, help="Image height and width in pixels."),
+    chunk: int = typer.Option(512, help="Zarr chunk edge in pixels."),
+    material: Optional[list[str]] = typer.Option(None, "--material", "-m", help="Only these materials (repeatable)."),
+    modality: Optional[list[str]] = typer.Option(None, "--modality", help="Only these modalities (repeatable)."),
+) -> None:
+    """Generate a procedural micrograph archive with ground truth."""
+    from engine.synth.archive import generate_archive, plan_archive
+
+    plans = plan_archive(n_images=images, seed=seed, size=size, chunk=chunk, materials=material, modalities=modality)
+    with _progress() as progress:
+        task = progress.add_task("synthesising", total=sum(p.n_chunks for p in plans))
+        catalog = generate_archive(
+            out, n_images=images, seed=seed, size=size, chunk=chunk, materials=material, modalities=modality,
+            progress=lambda n: progress.advance(task, n),
+        )
+    console.print(f"wrote {len(catalog)} images to [bold]{out}[/bold]")
+    _print_catalog(catalog)
+
+
+@app.command()
+def ingest(
+    files: list[Path] = typer.Argument(..., help="Instrument files: TIFF, DM3/DM4, EMD."),
+    archive: str = typer.Option(..., "--archive", "-a", help="Archive to add the images to."),
+    pixel_size: Optional[float] = typer.Option(None, help="Pixel size for files that carry none."),
+    unit: str = typer.Option("nanometer", help="Unit of --pixel-size (nm, um, ...)."),
+    modality: Optional[str] = typer.Option(None, help="SEM, TEM or optical, for files that do not say."),
+    material: Optional[str] = typer.Option(None, help="Material label for every file."),
+    chunk: int = typer.Option(512, help="Zarr chunk edge in pixels."),
+) -> None:
+    """Convert instrument files to OME-Zarr images and add them to an archive's catalog."""
+    from engine.stores.ingest import ingest_files
+
+    with _progress() as progress:
+        task = progress.add_task("ingesting", total=len(files))
+        rows = ingest_files(
+            files, archive, pixel_size=pixel_size, unit=unit if pixel_size is not None else None,
+            modality=modality, material=material, chunk=chunk, progress=lambda n=1: progress.advance(task, n),
+        )
+    console.print(f"ingested {len(rows)} of {len(files)} files into [bold]{archive}[/bold]")
+
+
+@app.command()
+def catalog(
+    archive: str = typer.Argument(..., help="Archive URI."),
+    image: Optional[str] = typer.Option(None, "--image", "-i", help="Describe one image in detail."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of tables."),
+) -> None:
+    """List and describe the images of an archive."""
+    from engine.stores.catalog import image_uri, read_catalog
+    from engine.stores.image import open_image
+    from engine.stores.uri import resolve
+
+    df = read_catalog(archive)
+    if image is None:
+        if as_json:
+            console.print_json(df.to_json(orient="records", date_format="iso"))
+        else:
+            _print_catalog(df)
+            _print_summary(df)
+        return
+    if image not in set(df.image_id):
+        raise GrainflowError(f"{archive}: no image {image!r} in the catalog")
+    img = open_image(image_uri(resolve(archive), image))
+    levels = [
+        {"level": lv.index, "shape": lv.shape, "chunks": lv.chunks, "pixel_size": lv.pixel_size} for lv in img.levels
+    ]
+    info = {"image_id": image, "uri": img.uri, "ngff": img.multiscale.version, "dtype": img.dtype,
+            "unit": img.unit, "labels": img.labels(), "attributes": img.attributes, "levels": levels}
+    if as_json:
+        console.print_json(json.dumps(info, default=str))
+        return
+    table = Table(title=f"{image}  ({img.dtype}, NGFF {img.multiscale.version}, labels: {', '.join(img.labels()) or 'none'})")
+    for col in ("level", "shape (y, x)", "chunks", f"pixel size ({img.unit})"):
+        table.add_column(col)
+    for lv in levels:
+        table.add_row(str(lv["level"]), f"{lv['shape'][0]} x {lv['shape'][1]}", f"{lv['chunks'][0]} x {lv['chunks'][1]}",
+                      f"{lv['pixel_size'][0]:.6g} x {lv['pixel_size'][1]:.6g}")
+    console.print(table)
+    for key, value in img.attributes.items():
+        console.print(f"  {key}: {value}")
+
+
+def _print_catalog(df) -> None:
+    table = Table(title=f"{len(df)} images")
+    for col in ("image_id", "modality", "material", "grade", "shape", "dtype", "pixel size"):
+        table.add_column(col)
+    for row in df.itertuples():
+        table.add_row(
+            row.image_id, row.modality, _text(row.material), _text(row.quality_grade),
+            f"{row.height} x {row.width}", row.dtype, f"{row.pixel_size_x:.4g} {_unit_symbol(row.unit)}",
+        )
+    console.print(table)
+
+
+def _print_summary(df) -> None:
+    megapixels = float((df.height * df.width).sum()) / 1e6
+    console.print(f"{len(df)} images, {megapixels:.1f} megapixels at level 0")
+    for col in ("modality", "material"):
+        counts = df[col].fillna("-").value_counts().sort_index()
+        console.print(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+
+
+def _text(value) -> str:
+    return "-" if value is None or value != value else str(value)
+
+
+def _unit_symbol(unit: str) -> str:
+    return {"nanometer": "nm", "micrometer": "µm", "angstrom": "Å", "millimeter": "mm"}.get(unit, unit)
+
+
+def main() -> None:
+    from engine.runtime import configure_offline
+
+    configure_offline()
+    try:
+        app()
+    except GrainflowError as exc:
+        errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()
