@@ -1,0 +1,239 @@
+"""What a format reader returns, and the one registry that maps file extensions to readers.
+
+A reader takes a local path and yields `InstrumentImage`s: one for an ordinary
+micrograph, several for a file that holds a stack or several detectors' images. Readers
+report what the file says (pixel size, modality, ...) and leave decisions about missing
+values to `engine.stores.ingest.pipeline`, which knows the user's arguments.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from engine.errors import IngestError
+
+
+@dataclass(frozen=True, eq=False)
+class InstrumentImage:
+    """One 2-D micrograph as an instrument file describes it.
+
+    `pixels`: (y, x) array, native byte order, dtype as stored (RGB already reduced to
+    one channel, see `to_grayscale`). `pixel_size`: (y, x) size of one pixel in `unit`
+    (a UDUNITS name: 'nanometer' or 'micrometer'), or None when the file carries no
+    calibration. `modality`: 'SEM', 'TEM' or 'optical' when the file says, else None.
+    `acquired_at`: timezone-aware; instruments write wall-clock time without a zone, which
+    is taken as UTC. `metadata`: a JSON-safe summary of the file's own metadata.
+    `part`: which image of a multi-image file this is (plane index or detector name), None
+    when the file holds one image. `notes`: conversions applied on the way in.
+    """
+
+    pixels: np.ndarray
+    pixel_size: tuple[float, float] | None
+    unit: str | None
+    modality: str | None = None
+    instrument: str | None = None
+    acquired_at: datetime | None = None
+    metadata: dict[str, Any] = field(default_factory=dict)
+    source_format: str = ""
+    pixel_size_source: str | None = None
+    part: str | None = None
+    notes: tuple[str, ...] = ()
+
+
+Reader = Callable[[Path], Iterator[InstrumentImage]]
+
+_READERS: dict[str, tuple[str, Reader]] = {}
+_BUILTINS_LOADED = False
+
+
+def register_reader(extensions: tuple[str, ...], format_name: str, reader: Reader) -> None:
+    """Make `reader` handle files whose lower-cased suffix is one of `extensions` ('.tif')."""
+    for ext in extensions:
+        _READERS[ext.lower()] = (format_name, reader)
+
+
+def supported_extensions() -> tuple[str, ...]:
+    _ensure_builtin_readers()
+    return tuple(sorted(_READERS))
+
+
+def reader_for(path: Path) -> Reader:
+    """The reader for `path` by extension; an unknown one gets an IngestError listing the known."""
+    _ensure_builtin_readers()
+    entry = _READERS.get(path.suffix.lower())
+    if entry is None:
+        known = ", ".join(f"{ext} ({name})" for ext, (name, _) in sorted(_READERS.items()))
+        raise IngestError(f"{path}: unknown file type {path.suffix or '(no extension)'!r}; grainflow ingests {known}")
+    return entry[1]
+
+
+def _ensure_builtin_readers() -> None:
+    # The built-in readers register themselves on first use rather than at import, so
+    # importing engine.stores.ingest stays cheap and free of side effects.
+    global _BUILTINS_LOADED
+    if not _BUILTINS_LOADED:
+        from engine.stores.ingest import rsciio_formats, tiff
+
+        earlier = dict(_READERS)
+        tiff.register()
+        rsciio_formats.register()
+        _READERS.update(earlier)  # a reader registered before first use wins over a built-in
+        _BUILTINS_LOADED = True
+
+
+# Length units instruments write, in nanometres. Wider than engine.stores.ngff's table
+# (pm, inch) because files use them; what is stored is always nanometer or micrometer.
+_LENGTH_NM = {
+    "pm": 1e-3, "picometer": 1e-3, "picometre": 1e-3,
+    "a": 0.1, "å": 0.1, "angstrom": 0.1, "ang": 0.1,
+    "nm": 1.0, "nanometer": 1.0, "nanometre": 1.0,
+    "um": 1e3, "µm": 1e3, "μm": 1e3, "micron": 1e3, "microns": 1e3, "micrometer": 1e3, "micrometre": 1e3,
+    "mm": 1e6, "millimeter": 1e6, "millimetre": 1e6,
+    "cm": 1e7, "centimeter": 1e7, "centimetre": 1e7,
+    "m": 1e9, "meter": 1e9, "metre": 1e9,
+    "in": 2.54e7, "inch": 2.54e7,
+}
+# What an uncalibrated axis says about itself.
+_NO_UNIT = {"", "px", "pixel", "pixels", "<undefined>", "undefined", "none", "t.b.d."}
+
+
+def length_unit_nm(unit: str | None, where: str) -> float | None:
+    """Size of one `unit` in nanometres; None for an uncalibrated axis ('', 'px').
+
+    A unit that is not a length (1/nm of a diffraction pattern, eV of a spectrum) gets an
+    IngestError naming `where`: grainflow ingests real-space images only.
+    """
+    key = (unit or "").strip().lower().replace("\u00b5", "µ")
+    if key in _NO_UNIT:
+        return None
+    if key in _LENGTH_NM:
+        return _LENGTH_NM[key]
+    hint = " (a reciprocal length: a diffraction pattern or FFT)" if key.startswith("1/") or "^-1" in key else ""
+    raise IngestError(
+        f"{where}: axis unit {unit!r} is not a length{hint}; grainflow ingests real-space "
+        f"images with pixel sizes in {', '.join(('pm', 'Å', 'nm', 'µm', 'mm', 'm'))}"
+    )
+
+
+def calibrated(size_y: float, size_x: float, unit: str | None, where: str) -> tuple[tuple[float, float], str] | None:
+    """((y, x), unit) with the unit grainflow stores, or None when uncalibrated.
+
+    Sizes become nanometres, or micrometres when a pixel is 1 µm or larger (optical
+    images), so stored numbers stay readable. Non-positive or non-finite sizes count as
+    uncalibrated: instruments write 0 or 1 'pixel' when they know nothing.
+    """
+    factor = length_unit_nm(unit, where)
+    if factor is None:
+        return None
+    try:
+        y_nm, x_nm = float(size_y) * factor, float(size_x) * factor
+    except (TypeError, ValueError):
+        return None
+    if not all(math.isfinite(v) and v > 0 for v in (y_nm, x_nm)):
+        return None
+    if min(y_nm, x_nm) >= 1e3:
+        return (y_nm / 1e3, x_nm / 1e3), "micrometer"
+    return (y_nm, x_nm), "nanometer"
+
+
+def as_utc(value: datetime | None) -> datetime | None:
+    """`value` with a zone; naive instrument times are taken as UTC (files carry no zone)."""
+    if value is None:
+        return None
+    if value.tzinfo is None:
+        return value.replace(tzinfo=timezone.utc)
+    return value.astimezone(timezone.utc)
+
+
+def parse_datetime(text: str | None) -> datetime | None:
+    """A date-time as instruments write it ('03/14/2024 10:11:12 AM', '15 Mar 2024 14:22'), or None."""
+    if not text or not str(text).strip():
+        return None
+    from dateutil import parser  # a dependency of pandas and rosettasciio
+
+    try:
+        return as_utc(parser.parse(str(text)))
+    except (ValueError, OverflowError):
+        return None
+
+
+def native(pixels: np.ndarray) -> np.ndarray:
+    """`pixels` in native byte order: stored dtypes are compared as native types."""
+    if not pixels.dtype.isnative:
+        return pixels.astype(pixels.dtype.newbyteorder("="))
+    return pixels
+
+
+# ITU-R BT.709 luma, as scikit-image's rgb2gray uses.
+_LUMA = np.array([0.2125, 0.7154, 0.0721])
+
+
+def to_grayscale(rgb: np.ndarray, where: str) -> tuple[np.ndarray, str]:
+    """A (y, x, 3|4) colour image as (y, x) in the same dtype, and a note saying what was done.
+
+    Micrographs saved as RGB usually have three equal channels (a grayscale detector
+    image exported as colour); those lose nothing and keep one channel. Other colour
+    images (optical micrographs, false-colour maps) become BT.709 luma, rounded for
+    integer types. Alpha is dropped.
+    """
+    if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
+        raise IngestError(f"{where}: expected a (y, x, 3|4) colour image, got shape {rgb.shape}")
+    channels = rgb[..., :3]
+    if np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2]):
+        return np.ascontiguousarray(channels[..., 0]), "RGB with three equal channels: kept one channel"
+    luma = channels.astype(np.float64) @ _LUMA
+    if np.issubdtype(rgb.dtype, np.integer):
+        info = np.iinfo(rgb.dtype)
+        luma = np.clip(np.floor(luma + 0.5), info.min, info.max)
+    return luma.astype(rgb.dtype), "RGB converted to grayscale (BT.709 luma: 0.2125 R + 0.7154 G + 0.0721 B)"
+
+
+def json_safe_summary(metadata: Any, *, max_entries: int = 400, max_text: int = 200) -> dict[str, Any]:
+    """Nested instrument metadata flattened to {'a.b.c': scalar}, JSON-safe and bounded.
+
+    Keeps the first `max_entries` leaves and cuts strings at `max_text` characters, so a
+    file with a huge tag tree cannot bloat the image's zarr.json. Arrays become a shape note.
+    """
+    out: dict[str, Any] = {}
+
+    def leaf(value: Any) -> Any:
+        if isinstance(value, (np.generic,)):
+            value = value.item()
+        if isinstance(value, bytes):
+            value = value.decode("utf-8", errors="replace")
+        if isinstance(value, float) and not math.isfinite(value):
+            return str(value)
+        if isinstance(value, (bool, int, float)) or value is None:
+            return value
+        if isinstance(value, np.ndarray):
+            if value.size <= 8:
+                return [leaf(v) for v in value.ravel().tolist()]
+            return f"<array {value.dtype} {tuple(value.shape)}>"
+        if isinstance(value, datetime):
+            return value.isoformat()
+        text = str(value)
+        return text if len(text) <= max_text else text[:max_text] + "..."
+
+    def walk(prefix: str, value: Any) -> None:
+        if len(out) >= max_entries:
+            return
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(f"{prefix}.{k}" if prefix else str(k), v)
+        elif isinstance(value, (list, tuple)) and len(value) <= 16 and any(isinstance(v, dict) for v in value):
+            for i, v in enumerate(value):
+                walk(f"{prefix}[{i}]", v)
+        elif isinstance(value, (list, tuple)):
+            out[prefix] = [leaf(v) for v in value[:16]] + (["..."] if len(value) > 16 else [])
+        else:
+            out[prefix] = leaf(value)
+
+    walk("", metadata)
+    return out

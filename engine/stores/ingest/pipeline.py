@@ -1,0 +1,321 @@
+"""Instrument files in, OME-Zarr images and catalog rows out.
+
+Decisions (the CLI's `grainflow ingest` documents the same):
+
+- Pixel size: the file's own calibration is used; an explicit `pixel_size` (CLI
+  --pixel-size/--unit) overrides it for every file of the batch. The image's attributes
+  record `pixel_size_source` ('argument' or where in the file it came from) and, when
+  both existed, the file's value, and a differing file value is logged as a warning.
+  Without either, the file is refused with an IngestError saying to pass --pixel-size.
+- Modality: the same rule; the file's (SEM for FEI/Zeiss TIFF, TEM for DM/EMD unless
+  they say SEM) or an explicit `modality`, else refused (pass --modality).
+- Stored unit: nanometer, or micrometer for pixels of 1 µm and over.
+- Image ids: the file stem with anything outside [A-Za-z0-9._-] replaced by '_', plus
+  '_<part>' for a file holding several images (a stack's plane index, an EMD detector
+  name). Ingesting the same file name again replaces its image and catalog row; a
+  different file whose stem collides (a.tif and a.dm3, or two a.tif in one batch) gets
+  '-2', '-3', ...
+- A batch goes on past a bad file: good files are written and catalogued, then
+  IngestBatchError (an IngestError) lists every failed file with its reason. The catalog
+  is upserted every few files and when the batch ends or breaks, so an interrupted batch
+  keeps what it finished.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.errors import GrainflowError, IngestError, MetadataError
+from engine.stores.catalog import (
+    CATALOG_FILE,
+    MODALITIES,
+    CatalogRow,
+    image_uri,
+    read_table,
+    relative_image_path,
+    upsert_catalog,
+)
+from engine.stores.dtypes import check_pixel_dtype
+from engine.stores.ingest.base import InstrumentImage, calibrated, reader_for
+from engine.stores.ngff import to_nanometres
+from engine.stores.uri import StoreLocation, resolve
+from engine.stores.writer import DEFAULT_CHUNK, write_image
+
+logger = logging.getLogger(__name__)
+
+# Catalog upserts rewrite the whole Parquet file; every few files bounds both the cost
+# and what an interrupted batch could leave uncatalogued.
+FLUSH_EVERY = 16
+
+
+@dataclass(frozen=True)
+class IngestFailure:
+    """One file that could not be ingested and why (the error's own message)."""
+
+    path: str
+    error: str
+    error_type: str
+    exception: GrainflowError | None = field(default=None, compare=False, repr=False)
+
+
+@dataclass(frozen=True)
+class IngestProgress:
+    """Passed to the `progress` callback after each file: `index` counts from 1."""
+
+    index: int
+    total: int
+    path: str
+    image_ids: tuple[str, ...] = ()
+    error: str | None = None
+
+
+class IngestBatchError(IngestError):
+    """Some files of a batch failed; the others were written and catalogued.
+
+    `failures` lists the failed files; `rows` the catalog rows that were written.
+    """
+
+    def __init__(self, failures: Sequence[IngestFailure], rows: Sequence[CatalogRow], total: int):
+        self.failures = tuple(failures)
+        self.rows = tuple(rows)
+        lines = "\n".join(f"  {f.error}" for f in self.failures)  # each error names its file
+        super().__init__(
+            f"{len(self.failures)} of {total} files could not be ingested "
+            f"({len(self.rows)} images from the others were written and catalogued):\n{lines}"
+        )
+
+
+@dataclass
+class _Batch:
+    archive: StoreLocation
+    override: tuple[tuple[float, float], str] | None
+    modality: str | None
+    material: str | None
+    chunk: int
+    existing: dict[str, str | None]
+    taken: set[str] = field(default_factory=set)
+
+
+def read_instrument_images(path: str | Path) -> Iterator[InstrumentImage]:
+    """Every image in an instrument file, read by the reader registered for its extension.
+
+    Raises IngestError naming the file for an unknown extension or a missing file at
+    once; errors inside the file surface while iterating.
+    """
+    path = Path(path)
+    reader = reader_for(path)
+    if not path.is_file():
+        raise IngestError(f"{path}: no such file")
+    return reader(path)
+
+
+def read_instrument_file(path: str | Path) -> InstrumentImage:
+    """The first (usually only) image of an instrument file."""
+    images = read_instrument_images(path)
+    try:
+        return next(images)
+    except StopIteration:
+        raise IngestError(f"{path}: file holds no image") from None
+    finally:
+        images.close()
+
+
+def ingest_files(
+    paths: Sequence[str | Path],
+    archive: str | StoreLocation,
+    *,
+    pixel_size: float | None = None,
+    unit: str | None = None,
+    modality: str | None = None,
+    material: str | None = None,
+    chunk: int = DEFAULT_CHUNK,
+    progress: Callable[[IngestProgress], None] | None = None,
+) -> list[CatalogRow]:
+    """Write each file's images to `<archive>/images/<id>.ome.zarr` and upsert their catalog rows.
+
+    `pixel_size` (in `unit`, default nanometres) and `modality` override what the files
+    say. Returns the rows written, in input order. If any file failed, raises
+    IngestBatchError listing them after the others were written and catalogued; a
+    single file's failure is raised as its own error (IngestError,
+    UnsupportedDtypeError, ...). A path given twice is ingested once.
+    """
+    archive = resolve(archive)
+    batch = _Batch(
+        archive=archive, override=_explicit_pixel_size(pixel_size, unit), modality=_explicit_modality(modality),
+        material=material, chunk=int(chunk), existing=_existing_sources(archive),
+    )
+    rows: list[CatalogRow] = []
+    failures: list[IngestFailure] = []
+    pending: list[CatalogRow] = []
+    unique = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
+    total = len(unique)
+    try:
+        for index, path in enumerate(unique, start=1):
+            written: list[CatalogRow] = []
+            error = None
+            try:
+                _ingest_file(path, batch, written)
+            except GrainflowError as exc:
+                error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
+                failures.append(IngestFailure(str(path), error, type(exc).__name__, exc))
+                logger.warning("ingest failed: %s", error)
+            finally:
+                # Images of a multi-image file written before a failure are kept.
+                rows.extend(written)
+                pending.extend(written)
+            if len(pending) >= FLUSH_EVERY:
+                upsert_catalog(archive, pending)
+                pending = []
+            if progress is not None:
+                progress(IngestProgress(index, total, str(path), tuple(r.image_id for r in written), error))
+    finally:
+        if pending:
+            upsert_catalog(archive, pending)
+    if failures and total == 1:
+        raise failures[0].exception
+    if failures:
+        raise IngestBatchError(failures, rows, total)
+    return rows
+
+
+def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
+    for image in read_instrument_images(path):
+        where = f"{path}" + (f" (image {image.part})" if image.part else "")
+        check_pixel_dtype(image.pixels.dtype, where)
+        if image.pixels.ndim != 2 or min(image.pixels.shape) < 1:
+            raise IngestError(f"{where}: pixels of shape {image.pixels.shape} are not a 2-D image")
+        pixel_size, unit, attrs = _pixel_size(image, batch, where)
+        modality = _modality(image, batch, where)
+        image_id = _unique_id(path, image.part, batch)
+        attributes = {
+            "modality": modality,
+            "modality_source": "argument" if batch.modality else "file",
+            "instrument": image.instrument,
+            "source": path.name,
+            "source_format": image.source_format,
+            "part": image.part,
+            "material": batch.material,
+            **attrs,
+            "acquired_at": image.acquired_at.isoformat() if image.acquired_at else None,
+            "notes": list(image.notes),
+            "original_metadata": image.metadata,
+        }
+        info = write_image(
+            image_uri(batch.archive, image_id), image.pixels, pixel_size=pixel_size, unit=unit,
+            chunk=batch.chunk, attributes=attributes, name=image_id,
+        )
+        written.append(CatalogRow(
+            image_id=image_id, uri=relative_image_path(image_id), modality=modality,
+            pixel_size_y=info.pixel_size[0], pixel_size_x=info.pixel_size[1], unit=info.unit,
+            height=info.shape[0], width=info.shape[1], dtype=info.dtype, levels=info.levels, chunk=info.chunk,
+            checksum=info.checksum, material=batch.material, instrument=image.instrument,
+            acquired_at=image.acquired_at, source=path.name,
+        ))
+        batch.existing[image_id] = path.name
+
+
+def _pixel_size(image: InstrumentImage, batch: _Batch, where: str) -> tuple[tuple[float, float], str, dict[str, Any]]:
+    """The (y, x) pixel size and unit to store, and the attributes that explain it."""
+    from_file = image.pixel_size is not None and image.unit is not None
+    if batch.override is None:
+        if not from_file:
+            raise IngestError(
+                f"{where}: no pixel size in the file's metadata ({image.source_format or 'unknown format'}); "
+                "pass --pixel-size (and --unit, default nm) to give one"
+            )
+        return image.pixel_size, image.unit, {"pixel_size_source": image.pixel_size_source or "file"}
+    size, unit = batch.override
+    attrs: dict[str, Any] = {"pixel_size_source": "argument"}
+    if from_file:
+        attrs["file_pixel_size"] = list(image.pixel_size)
+        attrs["file_unit"] = image.unit
+        attrs["file_pixel_size_source"] = image.pixel_size_source
+        given = [to_nanometres(v, unit) for v in size]
+        found = [to_nanometres(v, image.unit) for v in image.pixel_size]
+        if not all(math.isclose(g, f, rel_tol=1e-6) for g, f in zip(given, found)):
+            logger.warning(
+                "%s: --pixel-size %g %s overrides the file's %g x %g %s (%s)", where, size[1], unit,
+                image.pixel_size[0], image.pixel_size[1], image.unit, image.pixel_size_source,
+            )
+    return size, unit, attrs
+
+
+def _modality(image: InstrumentImage, batch: _Batch, where: str) -> str:
+    if batch.modality is not None:
+        return batch.modality
+    if image.modality in MODALITIES:
+        return image.modality
+    raise IngestError(f"{where}: the file does not say which modality it is; pass --modality {'|'.join(MODALITIES)}")
+
+
+def _explicit_pixel_size(pixel_size: float | None, unit: str | None) -> tuple[tuple[float, float], str] | None:
+    if pixel_size is None:
+        if unit is not None:
+            raise IngestError(f"--unit {unit} given without --pixel-size; give both, or neither to use the files' own")
+        return None
+    try:
+        value = float(pixel_size)
+    except (TypeError, ValueError):
+        raise IngestError(f"--pixel-size {pixel_size!r} is not a number") from None
+    cal = calibrated(value, value, unit or "nm", "--unit")
+    if cal is None or not (math.isfinite(value) and value > 0):
+        raise IngestError(f"--pixel-size {pixel_size!r} {unit or 'nm'}: must be a positive length")
+    return cal
+
+
+def _explicit_modality(modality: str | None) -> str | None:
+    if modality is None:
+        return None
+    for name in MODALITIES:
+        if modality.strip().lower() == name.lower():
+            return name
+    raise IngestError(f"--modality {modality!r} is not one of {', '.join(MODALITIES)}")
+
+
+_UNSAFE = re.compile(r"[^A-Za-z0-9._-]+")
+
+
+def sanitise_id(text: str) -> str:
+    """A store-safe image id: [A-Za-z0-9._-], no leading dot or dash, never empty."""
+    clean = _UNSAFE.sub("_", text).strip("_")
+    clean = clean.lstrip(".-") or "image"
+    return clean[:128]
+
+
+def _unique_id(path: Path, part: str | None, batch: _Batch) -> str:
+    """The file's image id; a clash with a different source file gets '-2', '-3', ..."""
+    stem = path.name
+    for suffix in (".ome.tiff", ".ome.tif"):
+        if stem.lower().endswith(suffix):
+            stem = stem[: -len(suffix)]
+            break
+    else:
+        stem = path.stem
+    base = sanitise_id(stem + (f"_{part}" if part else ""))
+    candidate, n = base, 1
+    while candidate in batch.taken or (candidate in batch.existing and batch.existing[candidate] != path.name):
+        n += 1
+        candidate = f"{base}-{n}"
+    batch.taken.add(candidate)
+    return candidate
+
+
+def _existing_sources(archive: StoreLocation) -> dict[str, str | None]:
+    """image_id -> source file name of the archive's catalog ({} for a new archive)."""
+    location = archive.join(CATALOG_FILE)
+    if not location.exists():
+        return {}
+    try:
+        table = read_table(location)
+    except MetadataError as exc:
+        raise IngestError(f"{archive}: its catalog cannot be read, so ingest would overwrite it: {exc}") from None
+    if "image_id" not in table.column_names:
+        return {}
+    sources = table.column("source").to_pylist() if "source" in table.column_names else [None] * table.num_rows
+    return dict(zip(table.column("image_id").to_pylist(), sources))

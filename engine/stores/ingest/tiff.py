@@ -1,0 +1,326 @@
+"""TIFF micrographs through tifffile, with the pixel size from the best evidence in the file.
+
+Where the pixel size comes from, first match wins:
+
+1. SEM vendor tags: FEI/Thermo Fisher (34680, 34682) or Zeiss (34118); see sem_metadata.
+2. OME-XML: ``Pixels/@PhysicalSizeX|Y`` with their units (default µm, as the schema says).
+3. ImageJ: the ``unit`` in the ImageJ description; XResolution/YResolution then count
+   pixels per that unit.
+4. Generic XResolution/YResolution with ResolutionUnit inch, centimetre (or tifffile's
+   millimetre/micrometre). Resolution is pixels *per* unit, so a pixel is 1/resolution.
+   72 or 96 per inch is what image software writes when it knows nothing, and a
+   "pixel" over 1 mm is no micrograph calibration: both count as no pixel size.
+
+Layout: the first series of the file is ingested (later series are thumbnails or
+overviews). Each plane of a stack (pages, Z, T, channels) becomes its own image, named
+by its index. RGB(A) is reduced to one channel (see base.to_grayscale); palette-colour
+and other colour spaces are refused. MinIsWhite images are inverted so bright means
+high signal, as in every other format. A data bar below an FEI image is cut off when
+the FEI metadata says how tall the scanned frame is.
+"""
+
+from __future__ import annotations
+
+import math
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import tifffile
+
+from engine.errors import IngestError
+from engine.stores.ingest.base import (
+    InstrumentImage,
+    as_utc,
+    calibrated,
+    json_safe_summary,
+    length_unit_nm,
+    native,
+    parse_datetime,
+    register_reader,
+    to_grayscale,
+)
+from engine.stores.ingest.sem_metadata import VendorCalibration, from_fei, from_zeiss
+
+EXTENSIONS = (".tif", ".tiff")
+_DEFAULT_DPI = (72.0, 96.0)
+_RESUNIT_NAMES = {2: "inch", 3: "cm", 4: "mm", 5: "µm"}
+_MAX_PIXEL_NM = 1e6  # 1 mm: larger "pixels" are page-layout resolutions, not calibrations
+
+
+def register() -> None:
+    register_reader(EXTENSIONS, "TIFF", read_tiff)
+
+
+@dataclass(frozen=True)
+class _Calibration:
+    """Everything the TIFF says about its pixels; `note` explains an ignored calibration."""
+
+    pixel_size: tuple[float, float] | None = None
+    unit: str | None = None
+    source: str | None = None
+    modality: str | None = None
+    instrument: str | None = None
+    acquired_at: datetime | None = None
+    image_rows: int | None = None
+    note: str | None = None
+
+
+@dataclass(frozen=True)
+class _Found:
+    pixel_size: tuple[float, float]
+    unit: str
+    source: str
+
+
+def read_tiff(path: Path) -> Iterator[InstrumentImage]:
+    """Yield each (y, x) plane of the first series of a TIFF file."""
+    where = str(path)
+    try:
+        tif = tifffile.TiffFile(path)
+    except Exception as exc:  # tifffile raises TiffFileError, struct.error, ValueError, ...
+        raise IngestError(f"{where}: not a readable TIFF file ({type(exc).__name__}: {exc})") from None
+    with tif:
+        if not tif.series:
+            raise IngestError(f"{where}: TIFF file holds no image")
+        series = tif.series[0]
+        page = series.keyframe
+        shape_yx = _shape_yx(series, where)
+        cal, vendor_meta = _calibration(tif, page, shape_yx, where)
+        photometric = int(page.photometric)
+        if photometric == tifffile.PHOTOMETRIC.PALETTE:
+            raise IngestError(f"{where}: palette-colour TIFF is not supported; export the micrograph as grayscale")
+        if photometric not in (0, 1, 2, 6):  # MINISWHITE, MINISBLACK, RGB, YCBCR
+            raise IngestError(
+                f"{where}: TIFF photometric interpretation {tifffile.PHOTOMETRIC(photometric).name} is not supported; "
+                "export the micrograph as grayscale or RGB"
+            )
+        metadata = _summary(tif, page, vendor_meta)
+        notes = [] if cal.note is None else [cal.note]
+        if len(tif.series) > 1:
+            notes.append(f"file holds {len(tif.series)} image series; the first ({'x'.join(map(str, series.shape))} {series.axes}) was ingested")
+        planes = _planes(series, where)
+        count = len(planes)
+        for index, load in enumerate(planes):
+            try:
+                raw = load()
+            except Exception as exc:  # codecs and truncated files raise assorted types
+                raise IngestError(
+                    f"{where}: pixel data of plane {index} cannot be decoded ({type(exc).__name__}: {exc}); "
+                    "the file may be truncated or corrupt"
+                ) from None
+            pixels, plane_notes = _to_2d(native(raw), photometric, where)
+            if cal.image_rows is not None and pixels.shape[0] > cal.image_rows:
+                plane_notes.append(f"FEI data bar cut off: kept the top {cal.image_rows} of {pixels.shape[0]} rows")
+                pixels = pixels[: cal.image_rows]
+            yield InstrumentImage(
+                pixels=np.ascontiguousarray(pixels), pixel_size=cal.pixel_size, unit=cal.unit,
+                modality=cal.modality, instrument=cal.instrument, acquired_at=cal.acquired_at,
+                metadata=metadata, source_format=_format_name(tif), pixel_size_source=cal.source,
+                part=None if count == 1 else f"{index:0{len(str(count - 1))}d}",
+                notes=tuple(notes + plane_notes),
+            )
+
+
+def _shape_yx(series: tifffile.TiffPageSeries, where: str) -> tuple[int, int]:
+    axes = series.axes
+    if "Y" not in axes or "X" not in axes:
+        raise IngestError(f"{where}: TIFF series has axes {axes!r}; a micrograph needs Y and X")
+    return int(series.shape[axes.index("Y")]), int(series.shape[axes.index("X")])
+
+
+def _planes(series: tifffile.TiffPageSeries, where: str) -> list:
+    """Loaders, one per (y, x) plane, each returning a YX or YXS array.
+
+    Pages are read one at a time where the series is one plane per page, so a long
+    stack is never held whole.
+    """
+    key_axes = series.keyframe.axes
+    pages = list(series.pages)
+    per_page = int(np.prod(series.keyframe.shape))
+    if len(pages) > 1 and all(p is not None for p in pages) and per_page * len(pages) == int(np.prod(series.shape)):
+        return [lambda p=p: _yxs(p.asarray(), key_axes, where) for p in pages]
+    data = _yxs(series.asarray(), series.axes, where)
+    plane_ndim = 3 if "S" in series.axes else 2
+    flat = data.reshape((-1,) + data.shape[data.ndim - plane_ndim :])
+    return [lambda i=i: flat[i] for i in range(flat.shape[0])]
+
+
+def _yxs(data: np.ndarray, axes: str, where: str) -> np.ndarray:
+    """`data` with samples (S) last, so planes are [..., Y, X(, S)]."""
+    if data.ndim != len(axes):
+        raise IngestError(f"{where}: TIFF data of shape {data.shape} does not match its axes {axes!r}")
+    if "S" in axes and axes.index("S") != len(axes) - 1:
+        data = np.moveaxis(data, axes.index("S"), -1)
+    return data
+
+
+def _to_2d(data: np.ndarray, photometric: int, where: str) -> tuple[np.ndarray, list[str]]:
+    notes: list[str] = []
+    if data.ndim == 3:
+        if photometric in (2, 6):
+            data, note = to_grayscale(data, where)
+        else:  # grayscale with extra samples (alpha, masks)
+            data, note = data[..., 0], f"kept sample 0 of {data.shape[-1]} (extra samples dropped)"
+        notes.append(note)
+    if data.ndim != 2:
+        raise IngestError(f"{where}: TIFF plane has shape {data.shape}; expected a (y, x) image")
+    if photometric == 0 and np.issubdtype(data.dtype, np.integer):
+        data = np.iinfo(data.dtype).max - data if np.issubdtype(data.dtype, np.unsignedinteger) else ~data
+        notes.append("MinIsWhite image inverted so that high values are bright")
+    return data, notes
+
+
+def _calibration(tif: tifffile.TiffFile, page, shape: tuple[int, int], where: str) -> tuple[_Calibration, dict]:
+    """The best pixel-size evidence in the file, and the vendor metadata dict (or {})."""
+    vendor: VendorCalibration | None = None
+    vendor_meta: dict[str, Any] = {}
+    if tif.is_fei:
+        vendor_meta = {"FEI": tif.fei_metadata or {}}
+        vendor = from_fei(vendor_meta["FEI"], shape, where)
+    elif tif.is_sem:
+        vendor_meta = {"CZ_SEM": tif.sem_metadata or {}}
+        vendor = from_zeiss(vendor_meta["CZ_SEM"], shape, where)
+    ome = _ome_root(tif)
+    tag_time = as_utc(page.datetime) if page.datetime else None
+    facts = dict(
+        modality=vendor.modality if vendor else None,
+        instrument=(vendor.instrument if vendor else None) or _tag_text(page, "Model"),
+        acquired_at=(vendor.acquired_at if vendor else None) or _ome_acquired(ome) or tag_time,
+        image_rows=vendor.image_rows if vendor else None,
+    )
+    if vendor is not None and vendor.pixel_size is not None:
+        return _Calibration(vendor.pixel_size, vendor.unit, vendor.pixel_size_source, **facts), vendor_meta
+    found = _from_ome(ome, where) or _from_imagej(tif, page, where) or _from_resolution_tags(page, where)
+    if isinstance(found, _Found):
+        return _Calibration(found.pixel_size, found.unit, found.source, **facts), vendor_meta
+    return _Calibration(**facts, note=found), vendor_meta
+
+
+def _ome_root(tif: tifffile.TiffFile) -> ET.Element | None:
+    if not tif.is_ome or not tif.ome_metadata:
+        return None
+    try:
+        return ET.fromstring(tif.ome_metadata)
+    except ET.ParseError:
+        return None
+
+
+def _ome_element(root: ET.Element | None, name: str) -> ET.Element | None:
+    """The first element called `name` in any OME namespace."""
+    if root is None:
+        return None
+    return next((e for e in root.iter() if e.tag == name or e.tag.endswith("}" + name)), None)
+
+
+def _ome_acquired(root: ET.Element | None) -> datetime | None:
+    date = _ome_element(root, "AcquisitionDate")
+    return parse_datetime(date.text) if date is not None else None
+
+
+def _from_ome(root: ET.Element | None, where: str) -> _Found | None:
+    pixels = _ome_element(root, "Pixels")
+    if pixels is None or pixels.get("PhysicalSizeX") is None:
+        return None
+    # Units default to µm (OME schema) and y may have its own, so both go through nm.
+    x_unit = pixels.get("PhysicalSizeXUnit", "µm")
+    y_unit = pixels.get("PhysicalSizeYUnit", "µm") if pixels.get("PhysicalSizeY") is not None else x_unit
+    x_factor, y_factor = length_unit_nm(x_unit, where), length_unit_nm(y_unit, where)
+    if x_factor is None or y_factor is None:
+        return None
+    try:
+        x_nm = float(pixels.get("PhysicalSizeX")) * x_factor
+        y_nm = float(pixels.get("PhysicalSizeY", pixels.get("PhysicalSizeX"))) * y_factor
+    except ValueError:
+        return None
+    cal = calibrated(y_nm, x_nm, "nm", where)
+    return None if cal is None else _Found(cal[0], cal[1], f"OME-XML PhysicalSizeX/Y ({x_unit})")
+
+
+def _from_imagej(tif: tifffile.TiffFile, page, where: str) -> _Found | None:
+    meta = tif.imagej_metadata if tif.is_imagej else None
+    if not meta or "unit" not in meta:
+        return None
+    # ImageJ escapes µ in its description text.
+    unit = str(meta["unit"]).replace("\\u00B5", "µ").replace("\\u00b5", "µ")
+    sizes = _pixel_sizes_from_resolution(page)
+    if sizes is None:
+        return None
+    cal = calibrated(sizes[0], sizes[1], unit, where)
+    if cal is None:
+        return None
+    return _Found(cal[0], cal[1], f"ImageJ unit {unit!r} with X/YResolution")
+
+
+def _from_resolution_tags(page, where: str) -> _Found | str | None:
+    """Pixel size from X/YResolution; a string (a note) when the tags look like defaults."""
+    unit_code = int(page.tags.valueof(296, default=2))
+    if unit_code not in _RESUNIT_NAMES:
+        return None
+    sizes = _pixel_sizes_from_resolution(page)
+    if sizes is None:
+        return None
+    unit = _RESUNIT_NAMES[unit_code]
+    per_unit = (1 / sizes[0], 1 / sizes[1])
+    if unit == "inch" and all(any(math.isclose(r, d) for d in _DEFAULT_DPI) for r in per_unit):
+        return f"resolution tags {per_unit[1]:g}x{per_unit[0]:g} per inch look like a display default; ignored"
+    cal = calibrated(sizes[0], sizes[1], unit, where)
+    if cal is None:
+        return None
+    size_nm = max(cal[0]) * (1e3 if cal[1] == "micrometer" else 1.0)
+    if size_nm > _MAX_PIXEL_NM:
+        return f"resolution tags give {size_nm / 1e6:g} mm pixels: a page layout, not a calibration; ignored"
+    return _Found(cal[0], cal[1], f"TIFF XResolution/YResolution (pixels per {unit})")
+
+
+def _pixel_sizes_from_resolution(page) -> tuple[float, float] | None:
+    """(y, x) size of a pixel in the resolution unit, from the rational tags as stored."""
+    xres, yres = page.tags.get(282), page.tags.get(283)
+    if xres is None:
+        return None
+    x = _rational(xres.value)
+    y = _rational(yres.value) if yres is not None else x
+    if not x or not y or x <= 0 or y <= 0:
+        return None
+    return (1.0 / y, 1.0 / x)
+
+
+def _rational(value: Any) -> float | None:
+    try:
+        if isinstance(value, tuple):
+            num, den = value
+            return float(num) / float(den) if den else None
+        return float(value)
+    except (TypeError, ValueError, ZeroDivisionError):
+        return None
+
+
+def _tag_text(page, name: str) -> str | None:
+    tag = page.tags.get(name)
+    if tag is None or not isinstance(tag.value, str):
+        return None
+    return tag.value.strip() or None
+
+
+def _format_name(tif: tifffile.TiffFile) -> str:
+    for flag, name in (("fei", "TIFF (FEI/Thermo Fisher)"), ("sem", "TIFF (Zeiss SEM)"), ("ome", "OME-TIFF"), ("imagej", "TIFF (ImageJ)")):
+        if getattr(tif, f"is_{flag}", False):
+            return name
+    return "TIFF"
+
+
+def _summary(tif: tifffile.TiffFile, page, vendor_meta: dict[str, Any]) -> dict[str, Any]:
+    tags: dict[str, Any] = {}
+    for name in ("ImageDescription", "Software", "DateTime", "Make", "Model", "XResolution", "YResolution", "ResolutionUnit"):
+        tag = page.tags.get(name)
+        if tag is not None:
+            value = tag.value
+            tags[name] = value.name if hasattr(value, "name") else value
+    meta: dict[str, Any] = {"TIFF": tags, **vendor_meta}
+    if tif.is_imagej and tif.imagej_metadata:
+        meta["ImageJ"] = tif.imagej_metadata
+    return json_safe_summary(meta)
