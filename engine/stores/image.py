@@ -19,6 +19,7 @@ from zarr.errors import GroupNotFoundError, NodeTypeValidationError
 from engine.errors import CorruptChunkError, MetadataError
 from engine.stores.dtypes import check_pixel_dtype
 from engine.stores.ngff import Multiscale, parse_multiscales, to_nanometres
+from engine.stores.pixels import ArrayReader, Region, open_reader
 from engine.stores.uri import StoreLocation, resolve
 
 
@@ -61,6 +62,7 @@ class MultiscaleImage:
         self.unit = self.multiscale.spatial_unit(str(location))
         self.levels = tuple(self._level_info(i) for i in range(len(self.multiscale.levels)))
         self.dtype = self.levels[0].dtype
+        self._readers: dict[int, ArrayReader] = {}
 
     def __reduce__(self):
         return (open_image, (self.location,))
@@ -90,6 +92,11 @@ class MultiscaleImage:
 
     def array(self, level: int = 0) -> zarr.Array:
         return self.group[self.levels[level].path]
+
+    def _reader(self, level: int) -> ArrayReader:
+        if level not in self._readers:
+            self._readers[level] = open_reader(self.location, self.array(level), self.levels[level].path)
+        return self._readers[level]
 
     def _level_info(self, index: int) -> LevelInfo:
         level = self.multiscale.levels[index]
@@ -132,12 +139,22 @@ class MultiscaleImage:
 
         A chunk that fails to decode raises CorruptChunkError naming its store key.
         """
-        arr = self.array(level)
-        index = (0,) * (arr.ndim - 2) + (slice(y0, y1), slice(x0, x1))
+        return self.read_regions(level, [(y0, y1, x0, x1)])[0]
+
+    def read_regions(self, level: int, regions: list[Region]) -> list[np.ndarray]:
+        """Several (y0, y1, x0, x1) regions of one level, read concurrently.
+
+        Regions must lie inside the level. A chunk that fails to decode raises
+        CorruptChunkError naming its store key.
+        """
+        h, w = self.levels[level].shape
+        for y0, y1, x0, x1 in regions:
+            if not (0 <= y0 < y1 <= h and 0 <= x0 < x1 <= w):
+                raise ValueError(f"{self.location}: region {(y0, y1, x0, x1)} is outside level {level} of shape {(h, w)}")
         try:
-            return np.asarray(arr[index])
+            return self._reader(level).read_regions(regions)
         except Exception as exc:  # codecs raise assorted types; find the chunk at fault
-            raise self._corrupt_chunk_error(level, arr, y0, y1, x0, x1, exc) from exc
+            raise self._corrupt_chunk_error(level, regions, exc) from exc
 
     def read_level(self, level: int) -> np.ndarray:
         """A whole level in memory: only for coarse levels or small images."""
@@ -156,21 +173,25 @@ class MultiscaleImage:
             raise MetadataError(f"{self.location}: no label image {name!r}; has {self.labels()}")
         return open_image(self.location.join("labels", name))
 
-    def _corrupt_chunk_error(self, level, arr, y0, y1, x0, x1, exc) -> CorruptChunkError:
+    def _corrupt_chunk_error(self, level: int, regions: list[Region], exc: Exception) -> CorruptChunkError:
+        """Read each chunk under `regions` alone (with zarr-python) to name the bad ones."""
+        arr = self.array(level)
         ch, cw = arr.chunks[-2:]
         lead = (0,) * (arr.ndim - 2)
+        chunks = sorted({(cy, cx) for y0, y1, x0, x1 in regions
+                         for cy in range(y0 // ch, math.ceil(y1 / ch)) for cx in range(x0 // cw, math.ceil(x1 / cw))})
         bad = []
-        for cy in range(y0 // ch, math.ceil(y1 / ch)):
-            for cx in range(x0 // cw, math.ceil(x1 / cw)):
-                try:
-                    arr[lead + (slice(cy * ch, (cy + 1) * ch), slice(cx * cw, (cx + 1) * cw))]
-                except Exception:
-                    bad.append(f"{self.levels[level].path}/{arr.metadata.encode_chunk_key(lead + (cy, cx))}")
-        keys = tuple(bad) or (f"{self.levels[level].path}/?",)
+        for cy, cx in chunks:
+            try:
+                arr[lead + (slice(cy * ch, (cy + 1) * ch), slice(cx * cw, (cx + 1) * cw))]
+            except Exception:
+                bad.append(f"{self.levels[level].path}/{arr.metadata.encode_chunk_key(lead + (cy, cx))}")
+        if not bad:  # not a decoding fault of one chunk (e.g. the store went away)
+            raise exc
         return CorruptChunkError(
-            f"{self.location}: chunk {', '.join(keys)} cannot be decoded ({type(exc).__name__}: {exc})",
+            f"{self.location}: chunk {', '.join(bad)} cannot be decoded ({type(exc).__name__}: {exc})",
             array_uri=f"{self.location}/{self.levels[level].path}",
-            chunk_keys=keys,
+            chunk_keys=tuple(bad),
         )
 
 
