@@ -13,7 +13,6 @@ from engine.stores.ingest.base import InstrumentImage, register_reader, supporte
 from engine.stores.ingest.pipeline import (
     IngestBatchError,
     IngestFailure,
-    IngestProgress,
     ingest_files,
     read_instrument_file,
     read_instrument_images,
@@ -23,7 +22,6 @@ from engine.stores.ingest.pipeline import (
 __all__ = [
     "IngestBatchError",
     "IngestFailure",
-    "IngestProgress",
     "InstrumentImage",
     "ingest_files",
     "read_instrument_file",

@@ -115,7 +115,9 @@ def length_unit_nm(unit: str | None, where: str) -> float | None:
         return None
     if key in _LENGTH_NM:
         return _LENGTH_NM[key]
-    hint = " (a reciprocal length: a diffraction pattern or FFT)" if key.startswith("1/") or "^-1" in key else ""
+    compact = key.replace(" ", "")
+    reciprocal = compact.startswith("1/") or "^-1" in compact or "\u207b\u00b9" in compact
+    hint = " (a reciprocal length: a diffraction pattern or FFT)" if reciprocal else ""
     raise IngestError(
         f"{where}: axis unit {unit!r} is not a length{hint}; grainflow ingests real-space "
         f"images with pixel sizes in {', '.join(('pm', 'Å', 'nm', 'µm', 'mm', 'm'))}"

@@ -64,17 +64,6 @@ class IngestFailure:
     exception: GrainflowError | None = field(default=None, compare=False, repr=False)
 
 
-@dataclass(frozen=True)
-class IngestProgress:
-    """Passed to the `progress` callback after each file: `index` counts from 1."""
-
-    index: int
-    total: int
-    path: str
-    image_ids: tuple[str, ...] = ()
-    error: str | None = None
-
-
 class IngestBatchError(IngestError):
     """Some files of a batch failed; the others were written and catalogued.
 
@@ -135,12 +124,13 @@ def ingest_files(
     modality: str | None = None,
     material: str | None = None,
     chunk: int = DEFAULT_CHUNK,
-    progress: Callable[[IngestProgress], None] | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> list[CatalogRow]:
     """Write each file's images to `<archive>/images/<id>.ome.zarr` and upsert their catalog rows.
 
     `pixel_size` (in `unit`, default nanometres) and `modality` override what the files
-    say. Returns the rows written, in input order. If any file failed, raises
+    say. `progress(1)` is called after each file, ingested or failed (the convention of
+    engine.synth's generate_archive). Returns the rows written, in input order. If any file failed, raises
     IngestBatchError listing them after the others were written and catalogued; a
     single file's failure is raised as its own error (IngestError,
     UnsupportedDtypeError, ...). A path given twice is ingested once.
@@ -156,9 +146,8 @@ def ingest_files(
     unique = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
     total = len(unique)
     try:
-        for index, path in enumerate(unique, start=1):
+        for path in unique:
             written: list[CatalogRow] = []
-            error = None
             try:
                 _ingest_file(path, batch, written)
             except GrainflowError as exc:
@@ -173,7 +162,7 @@ def ingest_files(
                 upsert_catalog(archive, pending)
                 pending = []
             if progress is not None:
-                progress(IngestProgress(index, total, str(path), tuple(r.image_id for r in written), error))
+                progress(1)
     finally:
         if pending:
             upsert_catalog(archive, pending)

@@ -86,7 +86,7 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
         raise IngestError(f"{where}: not a readable TIFF file ({type(exc).__name__}: {exc})") from None
     with tif:
         if not tif.series:
-            raise IngestError(f"{where}: TIFF file holds no image")
+            raise IngestError(f"{where}: TIFF file holds no readable image; it may be truncated or corrupt")
         series = tif.series[0]
         page = series.keyframe
         shape_yx = _shape_yx(series, where)
@@ -144,10 +144,19 @@ def _planes(series: tifffile.TiffPageSeries, where: str) -> list:
     per_page = int(np.prod(series.keyframe.shape))
     if len(pages) > 1 and all(p is not None for p in pages) and per_page * len(pages) == int(np.prod(series.shape)):
         return [lambda p=p: _yxs(p.asarray(), key_axes, where) for p in pages]
-    data = _yxs(series.asarray(), series.axes, where)
+    # One page holding several planes (or planar RGB): read it once, on first use, so a
+    # decoding error surfaces where per-plane errors do.
     plane_ndim = 3 if "S" in series.axes else 2
-    flat = data.reshape((-1,) + data.shape[data.ndim - plane_ndim :])
-    return [lambda i=i: flat[i] for i in range(flat.shape[0])]
+    n_planes = int(np.prod(series.shape[: len(series.shape) - plane_ndim])) if len(series.shape) > plane_ndim else 1
+    cache: list[np.ndarray] = []
+
+    def plane(i: int) -> np.ndarray:
+        if not cache:
+            data = _yxs(series.asarray(), series.axes, where)
+            cache.append(data.reshape((-1,) + data.shape[data.ndim - plane_ndim :]))
+        return cache[0][i]
+
+    return [lambda i=i: plane(i) for i in range(n_planes)]
 
 
 def _yxs(data: np.ndarray, axes: str, where: str) -> np.ndarray:
