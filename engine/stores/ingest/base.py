@@ -110,7 +110,7 @@ def length_unit_nm(unit: str | None, where: str) -> float | None:
     A unit that is not a length (1/nm of a diffraction pattern, eV of a spectrum) gets an
     IngestError naming `where`: grainflow ingests real-space images only.
     """
-    key = (unit or "").strip().lower().replace("\u00b5", "µ")
+    key = (unit or "").strip().lower()
     if key in _NO_UNIT:
         return None
     if key in _LENGTH_NM:

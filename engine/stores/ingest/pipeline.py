@@ -112,7 +112,9 @@ def read_instrument_file(path: str | Path) -> InstrumentImage:
     except StopIteration:
         raise IngestError(f"{path}: file holds no image") from None
     finally:
-        images.close()
+        close = getattr(images, "close", None)  # a generator holds the file open until closed
+        if close is not None:
+            close()
 
 
 def ingest_files(
@@ -129,11 +131,13 @@ def ingest_files(
     """Write each file's images to `<archive>/images/<id>.ome.zarr` and upsert their catalog rows.
 
     `pixel_size` (in `unit`, default nanometres) and `modality` override what the files
-    say. `progress(1)` is called after each file, ingested or failed (the convention of
-    engine.synth's generate_archive). Returns the rows written, in input order. If any file failed, raises
-    IngestBatchError listing them after the others were written and catalogued; a
-    single file's failure is raised as its own error (IngestError,
-    UnsupportedDtypeError, ...). A path given twice is ingested once.
+    say; `material` labels every image. `chunk` is the Zarr chunk edge in pixels.
+    `progress(1)` is called after each file, ingested or failed (the convention of
+    engine.synth's generate_archive). A path given twice is ingested once.
+
+    Returns the rows written, in input order. If any file failed, raises IngestBatchError
+    listing them after the others were written and catalogued; when only one file was
+    given, its own error is raised instead (IngestError, UnsupportedDtypeError, ...).
     """
     archive = resolve(archive)
     batch = _Batch(

@@ -62,8 +62,8 @@ def from_fei(meta: dict[str, Any], shape: tuple[int, int], where: str) -> Vendor
     acquired = parse_datetime(" ".join(_text(user.get(k)) or "" for k in ("Date", "Time")))
     rows = image.get("ResolutionY")
     image_rows = None
-    if _positive(rows) and int(rows) < shape[0] and int(image.get("ResolutionX", -1)) == shape[1]:
-        image_rows = int(rows)
+    if _positive(rows) and _positive(image.get("ResolutionX")) and int(float(rows)) < shape[0] and int(float(image["ResolutionX"])) == shape[1]:
+        image_rows = int(float(rows))
     return VendorCalibration(
         vendor="FEI", pixel_size=cal[0] if cal else None, unit=cal[1] if cal else None,
         pixel_size_source=source if cal else None, instrument=instrument, acquired_at=acquired,

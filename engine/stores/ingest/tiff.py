@@ -85,24 +85,30 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
     except Exception as exc:  # tifffile raises TiffFileError, struct.error, ValueError, ...
         raise IngestError(f"{where}: not a readable TIFF file ({type(exc).__name__}: {exc})") from None
     with tif:
-        if not tif.series:
-            raise IngestError(f"{where}: TIFF file holds no readable image; it may be truncated or corrupt")
-        series = tif.series[0]
-        page = series.keyframe
-        shape_yx = _shape_yx(series, where)
-        cal, vendor_meta = _calibration(tif, page, shape_yx, where)
-        photometric = int(page.photometric)
+        try:
+            all_series = tif.series
+            if not all_series:
+                raise IngestError(f"{where}: TIFF file holds no readable image; it may be truncated or corrupt")
+            series = all_series[0]
+            page = series.keyframe
+            shape_yx = _shape_yx(series, where)
+            cal, vendor_meta = _calibration(tif, page, shape_yx, where)
+            photometric = int(page.photometric)
+            metadata = _summary(tif, page, vendor_meta)
+        except IngestError:
+            raise
+        except Exception as exc:  # malformed tags surface here, in assorted types
+            raise IngestError(f"{where}: unreadable TIFF structure or metadata ({type(exc).__name__}: {exc})") from None
         if photometric == tifffile.PHOTOMETRIC.PALETTE:
             raise IngestError(f"{where}: palette-colour TIFF is not supported; export the micrograph as grayscale")
         if photometric not in (0, 1, 2, 6):  # MINISWHITE, MINISBLACK, RGB, YCBCR
             raise IngestError(
-                f"{where}: TIFF photometric interpretation {tifffile.PHOTOMETRIC(photometric).name} is not supported; "
+                f"{where}: TIFF photometric interpretation {photometric} is not supported; "
                 "export the micrograph as grayscale or RGB"
             )
-        metadata = _summary(tif, page, vendor_meta)
         notes = [] if cal.note is None else [cal.note]
-        if len(tif.series) > 1:
-            notes.append(f"file holds {len(tif.series)} image series; the first ({'x'.join(map(str, series.shape))} {series.axes}) was ingested")
+        if len(all_series) > 1:
+            notes.append(f"file holds {len(all_series)} image series; the first ({'x'.join(map(str, series.shape))} {series.axes}) was ingested")
         planes = _planes(series, where)
         count = len(planes)
         for index, load in enumerate(planes):
