@@ -529,6 +529,20 @@ class TestReaderApi:
             image.unit = "meter"
         assert len(list(read_instrument_images(path))) == 1
 
+    def test_dates_need_a_date(self):
+        from engine.stores.ingest.base import parse_datetime
+
+        assert parse_datetime(None, "10:11:12") is None  # a parser would date a lone time today
+        assert parse_datetime("15 Mar 2024", "14:22:01") == datetime(2024, 3, 15, 14, 22, 1, tzinfo=timezone.utc)
+        assert parse_datetime("2024-03-15T14:22:01+02:00") == datetime(2024, 3, 15, 12, 22, 1, tzinfo=timezone.utc)
+
+    def test_explicit_modality_overrides_and_is_recorded(self, tmp_path):
+        path = tmp_path / "x.dm3"
+        write_dm3(path, _pixels("uint16"), 0.25, "nm", DM_TAGS)
+        [row] = ingest_files([path], tmp_path / "a", modality="sem", chunk=CHUNK)
+        attrs = open_image(image_uri(resolve(tmp_path / "a"), row.image_id)).attributes
+        assert row.modality == attrs["modality"] == "SEM" and attrs["modality_source"] == "argument"
+
     @pytest.mark.parametrize("text,want", [("a b/c.tif", "a_b_c.tif"), ("..hidden", "hidden"), ("***", "image")])
     def test_sanitise_id(self, text, want):
         assert sanitise_id(text) == want

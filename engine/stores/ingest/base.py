@@ -154,14 +154,18 @@ def as_utc(value: datetime | None) -> datetime | None:
     return value.astimezone(timezone.utc)
 
 
-def parse_datetime(text: str | None) -> datetime | None:
-    """A date-time as instruments write it ('03/14/2024 10:11:12 AM', '15 Mar 2024 14:22'), or None."""
-    if not text or not str(text).strip():
+def parse_datetime(date: object, time: object = None) -> datetime | None:
+    """A date (and separate time) as instruments write them ('03/14/2024', '10:11:12 AM';
+    '15 Mar 2024', '14:22:01'; ISO 8601), or None. No date gives None: a time alone would
+    be dated today by the parser."""
+    date_text = str(date).strip() if date is not None else ""
+    if not date_text:
         return None
+    text = f"{date_text} {str(time).strip()}" if time is not None and str(time).strip() else date_text
     from dateutil import parser  # a dependency of pandas and rosettasciio
 
     try:
-        return as_utc(parser.parse(str(text)))
+        return as_utc(parser.parse(text))
     except (ValueError, OverflowError):
         return None
 

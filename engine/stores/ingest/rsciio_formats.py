@@ -166,7 +166,7 @@ def _dm_facts(signal: dict[str, Any]) -> tuple[str, str | None, datetime | None]
     modality = "SEM" if "SEM" in mode.upper() and "STEM" not in mode.upper() else "TEM"
     instrument = _text(info.get("Name")) or _text(info.get("Microscope")) or _text(_get(tags, "Session Info", "Microscope"))
     databar = tags.get("DataBar") or {}
-    acquired = parse_datetime(f"{databar.get('Acquisition Date') or ''} {databar.get('Acquisition Time') or ''}".strip())
+    acquired = parse_datetime(databar.get("Acquisition Date"), databar.get("Acquisition Time"))
     return modality, instrument, acquired
 
 

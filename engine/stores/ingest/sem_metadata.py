@@ -59,11 +59,12 @@ def from_fei(meta: dict[str, Any], shape: tuple[int, int], where: str) -> Vendor
     system = meta.get("System") or {}
     instrument = _text(system.get("SystemType")) or _text(system.get("Type"))
     user = meta.get("User") or {}
-    acquired = parse_datetime(" ".join(_text(user.get(k)) or "" for k in ("Date", "Time")))
-    rows = image.get("ResolutionY")
+    acquired = parse_datetime(_text(user.get("Date")), _text(user.get("Time")))
     image_rows = None
-    if _positive(rows) and _positive(image.get("ResolutionX")) and int(float(rows)) < shape[0] and int(float(image["ResolutionX"])) == shape[1]:
-        image_rows = int(float(rows))
+    if _positive(image.get("ResolutionY")) and _positive(image.get("ResolutionX")):
+        rows, cols = int(float(image["ResolutionY"])), int(float(image["ResolutionX"]))
+        if rows < shape[0] and cols == shape[1]:
+            image_rows = rows
     return VendorCalibration(
         vendor="FEI", pixel_size=cal[0] if cal else None, unit=cal[1] if cal else None,
         pixel_size_source=source if cal else None, instrument=instrument, acquired_at=acquired,
@@ -89,8 +90,7 @@ def from_zeiss(meta: dict[str, Any], shape: tuple[int, int], where: str) -> Vend
             px = float(header[3]) * 1024 / shape[1]
             cal = calibrated(px, px, "m", where)
             source = "Zeiss metadata header scale (m at 1024 px)" if cal else None
-    date, time = _value(meta.get("ap_date")), _value(meta.get("ap_time"))
-    acquired = parse_datetime(f"{date or ''} {time or ''}".strip())
+    acquired = parse_datetime(_value(meta.get("ap_date")), _value(meta.get("ap_time")))
     instrument = _value(meta.get("sv_instrument_id")) or _value(meta.get("sv_serial_number"))
     return VendorCalibration(
         vendor="Zeiss", pixel_size=cal[0] if cal else None, unit=cal[1] if cal else None,

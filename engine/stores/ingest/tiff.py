@@ -108,7 +108,8 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
             )
         notes = [] if cal.note is None else [cal.note]
         if len(all_series) > 1:
-            notes.append(f"file holds {len(all_series)} image series; the first ({'x'.join(map(str, series.shape))} {series.axes}) was ingested")
+            shape = "x".join(map(str, series.shape))
+            notes.append(f"file holds {len(all_series)} image series; the first ({shape} {series.axes}) was ingested")
         planes = _planes(series, where)
         count = len(planes)
         for index, load in enumerate(planes):
@@ -322,7 +323,8 @@ def _tag_text(page, name: str) -> str | None:
 
 
 def _format_name(tif: tifffile.TiffFile) -> str:
-    for flag, name in (("fei", "TIFF (FEI/Thermo Fisher)"), ("sem", "TIFF (Zeiss SEM)"), ("ome", "OME-TIFF"), ("imagej", "TIFF (ImageJ)")):
+    names = (("fei", "TIFF (FEI/Thermo Fisher)"), ("sem", "TIFF (Zeiss SEM)"), ("ome", "OME-TIFF"), ("imagej", "TIFF (ImageJ)"))
+    for flag, name in names:
         if getattr(tif, f"is_{flag}", False):
             return name
     return "TIFF"
@@ -330,7 +332,8 @@ def _format_name(tif: tifffile.TiffFile) -> str:
 
 def _summary(tif: tifffile.TiffFile, page, vendor_meta: dict[str, Any]) -> dict[str, Any]:
     tags: dict[str, Any] = {}
-    for name in ("ImageDescription", "Software", "DateTime", "Make", "Model", "XResolution", "YResolution", "ResolutionUnit"):
+    names = ("ImageDescription", "Software", "DateTime", "Make", "Model", "XResolution", "YResolution", "ResolutionUnit")
+    for name in names:
         tag = page.tags.get(name)
         if tag is not None:
             value = tag.value
