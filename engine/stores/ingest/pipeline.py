@@ -76,7 +76,8 @@ class IngestBatchError(IngestError):
         lines = "\n".join(f"  {f.error}" for f in self.failures)  # each error names its file
         super().__init__(
             f"{len(self.failures)} of {total} files could not be ingested "
-            f"({len(self.rows)} images from the others were written and catalogued):\n{lines}"
+            f"({len(self.rows)} image{'' if len(self.rows) == 1 else 's'} from the others were written "
+            f"and catalogued):\n{lines}"
         )
 
 
