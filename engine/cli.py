@@ -64,9 +64,9 @@ def synth(
 def ingest(
     files: list[Path] = typer.Argument(..., help="Instrument files: TIFF, DM3/DM4, EMD."),
     archive: str = typer.Option(..., "--archive", "-a", help="Archive to add the images to."),
-    pixel_size: Optional[float] = typer.Option(None, help="Pixel size for files that carry none."),
+    pixel_size: Optional[float] = typer.Option(None, help="Pixel size of level 0; needed where a file carries none, and overrides the file's own."),
     unit: str = typer.Option("nanometer", help="Unit of --pixel-size (nm, um, ...)."),
-    modality: Optional[str] = typer.Option(None, help="SEM, TEM or optical, for files that do not say."),
+    modality: Optional[str] = typer.Option(None, help="SEM, TEM or optical; needed where a file does not say, and overrides the file's own."),
     material: Optional[str] = typer.Option(None, help="Material label for every file."),
     chunk: int = typer.Option(512, help="Zarr chunk edge in pixels."),
 ) -> None:
@@ -79,7 +79,7 @@ def ingest(
             files, archive, pixel_size=pixel_size, unit=unit if pixel_size is not None else None,
             modality=modality, material=material, chunk=chunk, progress=lambda n=1: progress.advance(task, n),
         )
-    console.print(f"ingested {len(rows)} of {len(files)} files into [bold]{archive}[/bold]")
+    console.print(f"ingested {len(rows)} images from {len(files)} files into [bold]{archive}[/bold]")
 
 
 @app.command()
