@@ -1,0 +1,79 @@
+"""The `grainflow` command as a user runs it: a real process, its output and exit status."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import tifffile
+
+
+def grainflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "engine.cli", *args], capture_output=True, text=True, cwd=cwd, timeout=300,
+    )
+
+
+def assert_user_error(result: subprocess.CompletedProcess, *fragments: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in result.stderr, result.stderr
+
+
+@pytest.fixture(scope="module")
+def small_archive(tmp_path_factory):
+    out = tmp_path_factory.mktemp("cli") / "archive"
+    result = grainflow("synth", str(out), "--images", "3", "--size", "256", "--chunk", "128", "--seed", "5")
+    assert result.returncode == 0, result.stderr
+    return out
+
+
+class TestSynthAndCatalog:
+    def test_synth_prints_its_catalog(self, small_archive):
+        listing = grainflow("catalog", str(small_archive))
+        assert listing.returncode == 0, listing.stderr
+        assert "3 images" in listing.stdout
+
+    def test_catalog_json_lists_every_image(self, small_archive):
+        rows = json.loads(grainflow("catalog", str(small_archive), "--json").stdout)
+        assert len(rows) == 3
+        assert {r["modality"] for r in rows} <= {"SEM", "TEM", "optical"}
+        assert all(r["height"] == 256 and r["width"] == 256 for r in rows)
+
+    def test_describe_one_image(self, small_archive):
+        image_id = json.loads(grainflow("catalog", str(small_archive), "--json").stdout)[0]["image_id"]
+        info = json.loads(grainflow("catalog", str(small_archive), "--image", image_id, "--json").stdout)
+        assert info["ngff"] == "0.5" and info["labels"] == ["defects"]
+        assert [lv["shape"] for lv in info["levels"]] == [[256, 256], [128, 128]]
+
+    def test_unknown_image(self, small_archive):
+        assert_user_error(grainflow("catalog", str(small_archive), "--image", "nope"), "no image 'nope'")
+
+    def test_unknown_material(self, tmp_path):
+        assert_user_error(grainflow("synth", str(tmp_path / "a"), "-m", "unobtainium"), "unobtainium", "ferritic_steel")
+
+
+class TestErrors:
+    def test_not_an_archive(self, tmp_path):
+        assert_user_error(grainflow("catalog", str(tmp_path)), str(tmp_path), "no catalog.parquet")
+
+    def test_unknown_scheme(self):
+        assert_user_error(grainflow("catalog", "gs://bucket/archive"), "unknown scheme 'gs'")
+
+
+class TestIngest:
+    def test_tiff_without_pixel_size_then_with(self, tmp_path):
+        tif = tmp_path / "plain.tif"
+        tifffile.imwrite(tif, np.arange(64 * 64, dtype=np.uint16).reshape(64, 64))
+        archive = tmp_path / "archive"
+        assert_user_error(grainflow("ingest", str(tif), "--archive", str(archive), "--modality", "SEM"),
+                          "plain.tif", "--pixel-size")
+        ok = grainflow("ingest", str(tif), "--archive", str(archive), "--modality", "SEM",
+                       "--pixel-size", "2.5", "--unit", "nm")
+        assert ok.returncode == 0, ok.stderr
+        rows = json.loads(grainflow("catalog", str(archive), "--json").stdout)
+        assert [(r["image_id"], r["pixel_size_x"], r["unit"]) for r in rows] == [("plain", 2.5, "nanometer")]
