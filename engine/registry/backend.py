@@ -1,0 +1,110 @@
+"""Where the registry lives, and the MLflow client that talks to it.
+
+Resolution, first match wins:
+
+1. an explicit `tracking_uri` argument (tests pass a `sqlite:///<tmp>/mlflow.db`);
+2. `MLFLOW_TRACKING_URI` (a server such as `http://mlflow:5000`, or a database);
+3. the embedded default: `sqlite:///<user data dir>/mlflow.db`, with artifacts in
+   `<user data dir>/artifacts` (platformdirs: `~/.local/share/grainflow` on Linux).
+
+The registry URI is the tracking URI unless `registry_uri` is given or, when the tracking
+URI came from the environment, `MLFLOW_REGISTRY_URI` is set.
+
+MLflow is imported here lazily, inside `make_client`, never when `engine.registry` is
+imported: importing mlflow starts its telemetry client and takes about a second, and every
+Ray worker imports `engine`. Before that first import `quiet_mlflow()` sets two defaults
+for this process (only where the user has not set them):
+
+- `MLFLOW_DISABLE_TELEMETRY=true`: no usage reports (and no network) from the engine;
+- `MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`: no tqdm bars in batch job logs.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import platformdirs
+
+if TYPE_CHECKING:
+    from mlflow import MlflowClient
+
+APP_NAME = "grainflow"
+DB_FILE = "mlflow.db"
+ARTIFACT_DIR_NAME = "artifacts"
+
+_QUIET_DEFAULTS = {
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+}
+
+
+def default_tracking_uri() -> str:
+    """The embedded store: a SQLite file in the user's data dir (created on first use)."""
+    return sqlite_uri(Path(platformdirs.user_data_dir(APP_NAME)) / DB_FILE)
+
+
+def sqlite_uri(path: Path) -> str:
+    """`sqlite:////abs/path.db` for a database file."""
+    return f"sqlite:///{Path(path).expanduser().resolve()}"
+
+
+def resolve_uris(tracking_uri: str | None, registry_uri: str | None) -> tuple[str, str]:
+    """(tracking URI, registry URI) by the rules in this module's docstring."""
+    if tracking_uri:
+        return tracking_uri, registry_uri or tracking_uri
+    env_tracking = os.environ.get("MLFLOW_TRACKING_URI")
+    if env_tracking:
+        return env_tracking, registry_uri or os.environ.get("MLFLOW_REGISTRY_URI") or env_tracking
+    default = default_tracking_uri()
+    return default, registry_uri or default
+
+
+def sqlite_path(uri: str) -> Path | None:
+    """The database file of a `sqlite:///` URI, or None for any other store (or in-memory)."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri == prefix:
+        return None
+    return Path(uri[len(prefix):].split("?", 1)[0])
+
+
+def default_artifact_location(tracking_uri: str) -> str | None:
+    """Artifacts beside a SQLite database; None lets a server (or the DB's default) decide.
+
+    Without this MLflow would put a SQLite store's artifacts in `./mlruns` of whatever
+    directory the process happens to run in.
+    """
+    db = sqlite_path(tracking_uri)
+    if db is None:
+        return None
+    return (db.expanduser().resolve().parent / ARTIFACT_DIR_NAME).as_uri()
+
+
+def quiet_mlflow() -> None:
+    """Set MLflow's telemetry and progress-bar defaults for this process (see module doc)."""
+    changed = False
+    for key, value in _QUIET_DEFAULTS.items():
+        if key not in os.environ:
+            os.environ[key] = value
+            changed = True
+    if changed and "mlflow" in sys.modules:
+        # mlflow was imported before us (e.g. by training code) and started telemetry then;
+        # its own re-initialiser reads the variable again and drops the client.
+        from mlflow.telemetry import set_telemetry_client
+
+        set_telemetry_client()
+
+
+def make_client(tracking_uri: str, registry_uri: str) -> MlflowClient:
+    """An MlflowClient bound to these URIs; no global MLflow state is touched."""
+    quiet_mlflow()
+    for uri in {tracking_uri, registry_uri}:
+        db = sqlite_path(uri)
+        if db is not None:
+            # SQLite creates the file but not its directory.
+            db.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
