@@ -1,0 +1,209 @@
+"""Checkpoint I/O that never runs code from a file.
+
+Our own models are saved as safetensors: the state dict plus the model's config (JSON,
+in the file's metadata), so a file alone rebuilds its model. Formats that need torch's
+pickle (.pt, .pth, e.g. Meta's SAM weights) are read with torch.load(weights_only=True),
+which refuses anything but tensors and plain containers. The one full-pickle format we
+accept (Ultralytics .pt) goes through `engine.models.detector.load_detector_checkpoint`,
+and only after its sha256 matches a trusted record.
+
+Every save returns the file's sha256 and writes it beside the file as `<file>.sha256`
+(sha256sum format); loads check it against the digest given or, failing that, the one
+beside the file.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import pickle
+import re
+from pathlib import Path
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import load_file, save_file
+
+from engine.models.errors import CheckpointError, ChecksumMismatchError, UnsafeCheckpointError
+
+FORMAT = "grainflow/1"
+_HEX64 = re.compile(r"^[0-9a-f]{64}$")
+
+
+def sha256_file(path: str | Path) -> str:
+    """Hex sha256 of a file's bytes."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def sidecar_path(path: str | Path) -> Path:
+    """Where a checkpoint's recorded digest lives: `<file>.sha256`."""
+    path = Path(path)
+    return path.with_name(path.name + ".sha256")
+
+
+def read_sidecar(path: str | Path) -> str | None:
+    """The digest recorded beside `path`, or None when there is no sidecar file."""
+    side = sidecar_path(path)
+    if not side.is_file():
+        return None
+    text = side.read_text().split()
+    if not text or not _HEX64.match(text[0].lower()):
+        raise CheckpointError(f"{side}: not a sha256 record (expected 64 hex digits)")
+    return text[0].lower()
+
+
+def verify_sha256(path: str | Path, expected: str) -> str:
+    """Check a file against the digest recorded for it; returns the digest.
+
+    Raises ChecksumMismatchError (naming the file and both digests) when they differ.
+    """
+    path = Path(path)
+    if not isinstance(expected, str) or not _HEX64.match(expected.lower()):
+        raise CheckpointError(f"{path}: expected_sha256 must be 64 hex digits, got {expected!r}")
+    if not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    actual = sha256_file(path)
+    if actual != expected.lower():
+        raise ChecksumMismatchError(str(path), expected.lower(), actual)
+    return actual
+
+
+def _check(path: Path, expected_sha256: str | None) -> None:
+    expected = expected_sha256 if expected_sha256 is not None else read_sidecar(path)
+    if expected is not None:
+        verify_sha256(path, expected)
+    elif not path.is_file():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+
+
+def _plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """CPU, contiguous tensors with no two sharing storage (safetensors refuses aliases)."""
+    out, seen = {}, set()
+    for key, value in state_dict.items():
+        t = value.detach().cpu().contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        out[key] = t
+    return out
+
+
+def save_checkpoint(model: torch.nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> str:
+    """Save a model built by engine.models as safetensors; returns the file's sha256.
+
+    The file holds the state dict and, in its metadata, "format" and "config" (the
+    model's config as JSON), plus any extra string `metadata`. The digest is also
+    written to `<path>.sha256`. The file appears complete or not at all (written to a
+    temporary name, then renamed).
+    """
+    config = getattr(model, "config", None)
+    if config is None:
+        raise CheckpointError(f"{path}: model {type(model).__name__} has no .config; build it with engine.models.create_model")
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    meta = {**(metadata or {}), "format": FORMAT, "config": json.dumps(config.to_dict(), sort_keys=True)}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        save_file(_plain_tensors(model.state_dict()), str(tmp), metadata=meta)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    digest = sha256_file(path)
+    sidecar_path(path).write_text(f"{digest}  {path.name}\n")
+    return digest
+
+
+def read_metadata(path: str | Path) -> dict[str, str]:
+    """A safetensors file's metadata (no tensors are read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {})
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+
+
+def read_config(path: str | Path):
+    """The ModelConfig recorded in a checkpoint saved by `save_checkpoint`."""
+    from engine.models.families import ModelConfig
+
+    meta = read_metadata(path)
+    if meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path}: not a grainflow checkpoint (metadata format={meta.get('format')!r})")
+    return ModelConfig.from_dict(json.loads(meta["config"]))
+
+
+def load_state_dict(
+    path: str | Path, *, expected_sha256: str | None = None, map_location: str | torch.device = "cpu"
+) -> dict[str, torch.Tensor]:
+    """Tensors of a .safetensors, .pt or .pth checkpoint, read without running its code.
+
+    The sha256 is checked against `expected_sha256` or, when not given, against the
+    `<file>.sha256` beside it; with neither, the file is loaded unchecked (both formats
+    here are safe to parse; the digest guards identity, not safety).
+    A .pt/.pth whose pickle holds anything but tensors and plain containers (e.g. a
+    __reduce__ payload) is refused with UnsafeCheckpointError, before any of it runs.
+    A dict holding the state dict under "state_dict" or "model" is unwrapped.
+    """
+    path = Path(path)
+    _check(path, expected_sha256)
+    if path.suffix == ".safetensors":
+        try:
+            return load_file(str(path), device=str(map_location))
+        except (SafetensorError, OSError) as exc:
+            raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+    if path.suffix not in (".pt", ".pth", ".bin"):
+        raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors, .pt or .pth")
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as exc:
+        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise UnsafeCheckpointError(
+            f"{path}: refused: its pickle holds objects other than tensors (it could run code "
+            f"when loaded); only weights-only checkpoints are accepted ({reason})"
+        ) from None
+    except (RuntimeError, EOFError, OSError, ValueError) as exc:
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
+    if isinstance(obj, dict):
+        for key in ("state_dict", "model"):
+            if isinstance(obj.get(key), dict) and len(obj) <= 3:
+                obj = obj[key]
+                break
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise CheckpointError(f"{path}: expected a state dict (names -> tensors), got {type(obj).__name__}")
+    return obj
+
+
+def load_into(module: torch.nn.Module, state_dict: dict[str, torch.Tensor], *, source: str | Path) -> None:
+    """load_state_dict (strict) with an error naming the file and the keys that differ."""
+    own = set(module.state_dict())
+    missing, unexpected = sorted(own - set(state_dict)), sorted(set(state_dict) - own)
+    if missing or unexpected:
+        raise CheckpointError(
+            f"{source}: does not fit {type(module).__name__}: {len(missing)} missing keys "
+            f"{missing[:5]}, {len(unexpected)} unexpected keys {unexpected[:5]}"
+        )
+    try:
+        module.load_state_dict(state_dict)
+    except RuntimeError as exc:  # shape mismatches
+        raise CheckpointError(f"{source}: does not fit {type(module).__name__}: {exc}") from None
+
+
+def load_model(path: str | Path, *, expected_sha256: str | None = None, map_location: str | torch.device = "cpu"):
+    """Rebuild a model from a checkpoint saved by `save_checkpoint` and load its weights.
+
+    The architecture comes from the config recorded in the file, not from today's YAML,
+    so a checkpoint keeps loading after the registered config changes.
+    """
+    from engine.models.families import build
+
+    path = Path(path)
+    state = load_state_dict(path, expected_sha256=expected_sha256, map_location=map_location)
+    model = build(read_config(path))
+    load_into(model, state, source=path)
+    return model.to(map_location)

@@ -1,0 +1,49 @@
+"""Image classifier: a timm ResNet with heads for material type and quality grade."""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import timm
+import torch
+from torch import nn
+
+
+class Classifier(nn.Module):
+    """A timm backbone (1 input channel, random init) shared by two linear heads.
+
+    One backbone for both tasks: material and grade are read from the same texture
+    (grain size, phases, porosity), and sharing halves the cost per tile.
+    """
+
+    def __init__(self, backbone: nn.Module, materials: Sequence[str], grades: Sequence[str], drop_rate: float = 0.0):
+        super().__init__()
+        self.backbone = backbone
+        self.materials = tuple(materials)
+        self.grades = tuple(grades)
+        width = backbone.num_features
+        self.dropout = nn.Dropout(drop_rate)
+        self.heads = nn.ModuleDict({
+            "material": nn.Linear(width, len(self.materials)),
+            "grade": nn.Linear(width, len(self.grades)),
+        })
+
+    def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
+        """x: B x 1 x H x W float32, intensities in [0, 1] (any H, W >= 32).
+
+        Returns {"material": B x len(materials) logits, "grade": B x len(grades) logits}.
+        """
+        features = self.dropout(self.backbone(x))
+        return {name: head(features) for name, head in self.heads.items()}
+
+
+def build_timm_classifier(arch: str, materials: list[str], grades: list[str], drop_rate: float = 0.0) -> Classifier:
+    """timm `arch` (e.g. "resnet18", "resnet10t") with in_chans=1 and pooled features.
+
+    pretrained=False always: weights come from our own training or a checkpoint file.
+    """
+    backbone = timm.create_model(arch, pretrained=False, in_chans=1, num_classes=0)
+    return Classifier(backbone, materials, grades, drop_rate)
+
+
+BUILDERS = {"timm": build_timm_classifier}

@@ -1,0 +1,32 @@
+"""Errors of model creation and checkpoint I/O; each names the model or file at fault."""
+
+from __future__ import annotations
+
+from engine.errors import GrainflowError
+
+
+class UnknownModelError(GrainflowError, ValueError):
+    """A family or model name that is not registered; the message lists the valid ones."""
+
+
+class ModelConfigError(GrainflowError, ValueError):
+    """A model config file or override that does not fit its builder."""
+
+
+class CheckpointError(GrainflowError):
+    """A checkpoint file that cannot be read or does not fit the model."""
+
+
+class ChecksumMismatchError(CheckpointError):
+    """A checkpoint whose sha256 differs from the one recorded for it."""
+
+    def __init__(self, path: str, expected: str, actual: str):
+        super().__init__(
+            f"{path}: sha256 mismatch: expected {expected}, file has {actual}; "
+            "refusing to load a checkpoint that is not the one recorded"
+        )
+        self.path, self.expected, self.actual = path, expected, actual
+
+
+class UnsafeCheckpointError(CheckpointError):
+    """A pickle that would run code (or build objects) when loaded."""
