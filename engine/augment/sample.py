@@ -182,7 +182,8 @@ def relabel(sample: Sample, image: np.ndarray, mask: np.ndarray | None, box_fn) 
 
     Boxes of an instance mask are recomputed from the transformed mask (exact, and drops
     objects that left the frame); otherwise `box_fn((N, 4) boxes, (H', W') new shape)`
-    maps them, and they are clipped to the frame and dropped when empty.
+    maps them, and they are clipped to the frame and dropped when they cover no
+    pixel centre.
     """
     changes: dict[str, Any] = {"image": image, "mask": mask}
     if sample.boxes is not None:
@@ -193,6 +194,9 @@ def relabel(sample: Sample, image: np.ndarray, mask: np.ndarray | None, box_fn) 
             boxes = np.asarray(box_fn(sample.boxes.astype(np.float64), (h, w)), np.float64)
             boxes[:, 0::2] = np.clip(boxes[:, 0::2], 0, w)
             boxes[:, 1::2] = np.clip(boxes[:, 1::2], 0, h)
-            keep = (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+            # keep a box only if it still covers a pixel centre on each axis: exactly
+            # the objects a nearest-neighbour mask would still show
+            keep = ((np.ceil(boxes[:, 2] - 0.5) > np.ceil(boxes[:, 0] - 0.5))
+                    & (np.ceil(boxes[:, 3] - 0.5) > np.ceil(boxes[:, 1] - 0.5)))
         changes.update(keep_boxes(sample, keep, boxes.astype(np.float32)))
     return sample.replace(**changes)
