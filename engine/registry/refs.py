@@ -72,12 +72,13 @@ def parse_ref(ref: str) -> ModelRef:
         return ModelRef(_ref_name(name, ref), alias=_ref_part(check_alias, alias, ref))
     if "/" in ref:
         name, _, version = ref.partition("/")
+        name = _ref_name(name, ref)
         # isdecimal, not int(): int() accepts ' 3', '+3' and '3_0'.
         if not (version.isascii() and version.isdecimal()) or int(version) < 1:
             raise RegistryError(
                 f"bad model ref {ref!r}: version {version!r} is not a positive integer; {_REF_FORMS}"
             )
-        return ModelRef(_ref_name(name, ref), version=int(version))
+        return ModelRef(name, version=int(version))
     return ModelRef(_ref_name(ref, ref), alias=DEFAULT_ALIAS)
 
 

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import math
+import posixpath
 import re
 from collections.abc import Mapping
 from typing import Any
@@ -94,10 +95,13 @@ def flatten_config(config: Mapping[str, Any], *, model: str) -> dict[str, str]:
 
 def check_key(key: str, *, what: str, model: str) -> str:
     """A key MLflow accepts for a param, metric or tag, else RegistryError naming it."""
-    if not isinstance(key, str) or not _MLFLOW_KEY.fullmatch(key) or len(key) > MAX_KEY:
+    # MLflow also refuses keys that a path normalisation would change ('a/../b', 'a//b').
+    if (not isinstance(key, str) or not _MLFLOW_KEY.fullmatch(key) or len(key) > MAX_KEY
+            or posixpath.normpath(key) != key or key.startswith(("/", ".."))):
         raise RegistryError(
             f"register {model!r}: bad {what} {key!r}: MLflow keys use letters, digits, "
-            f"'_', '-', '.', ' ', ':' and '/', at most {MAX_KEY} characters"
+            f"'_', '-', '.', ' ', ':' and '/' (no empty, '.' or '..' path parts), "
+            f"at most {MAX_KEY} characters"
         )
     return key
 
