@@ -53,12 +53,15 @@ class Dihedral(Transform):
 
     material: engine.synth material name, or None for the conservative default.
     ops: explicit operation names (symmetry.D4) overriding the material's set.
+    keep_shape: True (default) leaves out the operations that swap H and W when the
+      image is not square, so a batch of equal tiles stays stackable.
     No physical units: the operations are exact pixel permutations.
     """
 
     name: ClassVar[str] = "dihedral"
     material: str | None = None
     ops: frozenset[str] | None = None
+    keep_shape: bool = True
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -70,7 +73,11 @@ class Dihedral(Transform):
 
     def allowed(self, sample: Sample) -> tuple[str, ...]:
         ops = self.ops if self.ops is not None else material_symmetry(self.material)
-        return allowed_ops(ops, bool(sample.scan_lines))
+        allowed = allowed_ops(ops, bool(sample.scan_lines))
+        h, w = sample.shape
+        if self.keep_shape and h != w:
+            allowed = tuple(op for op in allowed if D4[op][0] % 2 == 0)
+        return allowed
 
     def apply(self, sample: Sample, rng: np.random.Generator) -> Sample:
         ops = self.allowed(sample)

@@ -77,7 +77,8 @@ class Compose:
         for i, entry in enumerate(config):
             entry = dict(entry)
             if "name" not in entry:
-                raise KeyError(f"augmentation config entry {i} has no 'name'; valid names: {', '.join(sorted(TRANSFORMS))}")
+                raise KeyError(f"augmentation config entry {i} has no 'name'; "
+                               f"valid names: {', '.join(sorted(TRANSFORMS))}")
             items.append(create_transform(entry.pop("name"), **entry))
         return cls(tuple(items))
 
