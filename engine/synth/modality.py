@@ -148,8 +148,9 @@ def plan_imaging(modality: str, pixel_size_nm: float, shape: tuple[int, int], se
     if modality == "TEM":
         info_limit_nm = logu(0.06, 0.15)
         return Imaging(
-            **common, blur_px=sigma_px(info_limit_nm / 2.355), dose=logu(40.0, 400.0),
-            gain=float(rng.uniform(0.8, 1.05)), offset=float(rng.uniform(0.03, 0.1)),
+            **common, blur_px=sigma_px(info_limit_nm / 2.355), dose=logu(80.0, 600.0),
+            # the camera is set so that vacuum (a hole) sits below full scale
+            gain=float(rng.uniform(0.65, 0.8)), offset=float(rng.uniform(0.02, 0.06)),
             fringe=float(rng.choice([-1.0, 1.0]) * rng.uniform(0.15, 0.6)),
             illum_radius=float(rng.uniform(0.8, 1.6)), illum_amp=float(rng.uniform(0.1, 0.3)),
             illum_grad=float(rng.uniform(0.0, 0.05)),
@@ -159,7 +160,8 @@ def plan_imaging(modality: str, pixel_size_nm: float, shape: tuple[int, int], se
     na = float(np.clip(0.61 * _WAVELENGTH_NM / (rng.uniform(2.5, 4.0) * pixel_size_nm), 0.1, 0.95))
     return Imaging(
         **common, blur_px=sigma_px(0.21 * _WAVELENGTH_NM / na), dose=logu(400.0, 4000.0),
-        gain=float(rng.uniform(0.85, 1.1)), offset=float(rng.uniform(0.0, 0.04)),
+        # exposure set so bright phases sit just under full scale, as auto-exposure does
+        gain=float(rng.uniform(0.75, 0.95)), offset=float(rng.uniform(0.0, 0.03)),
         read_noise=logu(0.003, 0.015), illum_radius=float(rng.uniform(0.6, 1.2)),
         illum_amp=float(rng.uniform(0.08, 0.3)), illum_grad=float(rng.uniform(0.0, 0.15)),
     )

@@ -19,7 +19,7 @@ from engine.synth.materials.base import Grid
 from engine.synth.modality import detect, expected_signal
 from engine.synth.plan import ImagePlan
 
-BLOCK_PIXELS = 65536
+BLOCK_PIXELS = 1 << 15
 
 
 class ImageRenderer:

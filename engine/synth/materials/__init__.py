@@ -27,7 +27,7 @@ _register("al_alloy_precipitates", 50, (3, 30), ("TEM", "SEM"), alloys.al_alloy_
 _register("ti_alpha_beta", 1_000, (4, 40), ("optical", "SEM"), alloys.ti_alpha_beta)
 _register("ni_superalloy", 300, (6, 80), ("SEM", "TEM"), alloys.ni_superalloy)
 _register("grey_cast_iron", 4_000, (3, 30), ("optical", "SEM"), cast_irons.grey_cast_iron)
-_register("nodular_cast_iron", 30_000, (10, 160), ("optical", "SEM"), cast_irons.nodular_cast_iron)
+_register("nodular_cast_iron", 30_000, (10, 220), ("optical", "SEM"), cast_irons.nodular_cast_iron)
 _register("porous_ceramic", 2_000, (8, 60), ("SEM", "optical"), nonmetals.porous_ceramic)
 _register("fibre_composite", 7_000, (8, 60), ("optical", "SEM"), nonmetals.fibre_composite)
 _register("thin_film_lattice", 0.25, (8, 30), ("TEM",), nonmetals.thin_film_lattice)
