@@ -16,7 +16,10 @@ Ray worker imports `engine`. Before that first import `quiet_mlflow()` sets two 
 for this process (only where the user has not set them):
 
 - `MLFLOW_DISABLE_TELEMETRY=true`: no usage reports (and no network) from the engine;
-- `MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`: no tqdm bars in batch job logs.
+- `MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`: no tqdm bars in batch job logs;
+- `MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true`: with a server, MLflow prints each run's
+  URL to stdout when the run ends, which would corrupt the JSON that jobs and benchmarks
+  print there.
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ ARTIFACT_DIR_NAME = "artifacts"
 _QUIET_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+    "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
 }
 
 

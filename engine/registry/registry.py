@@ -16,6 +16,7 @@ from __future__ import annotations
 import os
 import shutil
 import tempfile
+import time
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager
 from pathlib import Path
@@ -31,6 +32,7 @@ from engine.registry.version import ModelVersion, from_mlflow
 
 EXPERIMENT = "grainflow-registry"
 _PAGE = 100
+_AWAIT_READY_S = 300.0
 _BATCH = 100  # MLflow takes at most 100 params or tags per log_batch call
 
 
@@ -119,9 +121,22 @@ class ModelRegistry:
             run_id = self._log_run(name, files, params, metric_values, user_tags)
             mv = self._client.create_model_version(
                 name, source=f"runs:/{run_id}/{schema.ARTIFACT_DIR}", run_id=run_id,
-                tags={schema.TAG_FAMILY: family, **user_tags},
+                tags={schema.TAG_FAMILY: family, **user_tags}, await_creation_for=0,
             )
+            self._await_ready(mv)
         return self.get(f"{name}/{mv.version}")
+
+    def _await_ready(self, mv: Any) -> None:
+        """Wait for a version some registries create asynchronously (MLflow's own wait logs
+        at INFO on every call, even when the version is READY at once, as it is with SQLite
+        and MLflow's server)."""
+        deadline = time.monotonic() + _AWAIT_READY_S
+        while mv.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+            time.sleep(1.0)
+            mv = self._client.get_model_version(mv.name, mv.version)
+        if mv.status != "READY":
+            raise RegistryError(f"{mv.name}/{mv.version}: version is {mv.status}, not READY "
+                                f"({mv.status_message})")
 
     def _artifact_files(self, name: str, artifact_path: Any) -> dict[str, Path]:
         if isinstance(artifact_path, Mapping):
