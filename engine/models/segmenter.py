@@ -107,7 +107,7 @@ class Segmenter(nn.Module):
             pts = None
             if points is not None:
                 coords, labels = points[b]
-                pts = (self.resize.apply_coords_torch(coords.to(embedding), (h, w)), labels.to(embedding.device))
+                pts = (self.resize.apply_coords_torch(coords.to(embedding).contiguous(), (h, w)), labels.to(embedding.device))
             sparse, dense = self.sam.prompt_encoder(
                 points=pts, boxes=box, masks=None if mask_inputs is None else mask_inputs[b]
             )
