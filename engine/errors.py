@@ -33,3 +33,7 @@ class UnsupportedDtypeError(GrainflowError, TypeError):
 
 class IngestError(GrainflowError):
     """An instrument file that cannot be converted (unreadable, no pixel size, ...)."""
+
+
+class UnknownNameError(GrainflowError, ValueError):
+    """A name (material, modality, model config, ...) that is not registered; the message lists the valid ones."""
