@@ -138,6 +138,15 @@ def read_config(path: str | Path):
     return ModelConfig.from_dict(json.loads(meta["config"]))
 
 
+def _unpickler_reason(exc: Exception) -> str:
+    """The line of torch's weights-only error that says what was refused (e.g.
+    "Unsupported global: GLOBAL io.open ..."), without its advice to load unsafely."""
+    for line in str(exc).splitlines():
+        if "WeightsUnpickler error:" in line:
+            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". Please use")[0]
+    return type(exc).__name__
+
+
 def load_state_dict(
     path: str | Path, *, expected_sha256: str | None = None, map_location: str | torch.device = "cpu"
 ) -> dict[str, torch.Tensor]:
@@ -162,7 +171,7 @@ def load_state_dict(
     try:
         obj = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        reason = _unpickler_reason(exc)
         raise UnsafeCheckpointError(
             f"{path}: refused: its pickle holds objects other than tensors (it could run code "
             f"when loaded); only weights-only checkpoints are accepted ({reason})"

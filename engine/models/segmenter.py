@@ -70,8 +70,13 @@ class Segmenter(nn.Module):
         Longest side resized to S = img_size (bilinear, antialiased), grey replicated to
         RGB at [0, 255], normalised by pixel mean/std, zero-padded bottom/right to S x S.
         """
-        x = self.resize.apply_image_torch(images.expand(-1, 3, -1, -1) * 255.0)
-        return self.sam.preprocess(x)
+        # Not ResizeLongestSide.apply_image_torch: it reads the size from dims 0 and 1
+        # (batch and channel) of a B x C x H x W tensor. Same interpolation otherwise.
+        size = self.input_size(*images.shape[-2:])
+        x = images if tuple(images.shape[-2:]) == size else F.interpolate(
+            images, size, mode="bilinear", align_corners=False, antialias=True
+        )
+        return self.sam.preprocess(x.expand(-1, 3, -1, -1) * 255.0)
 
     def forward(
         self,

@@ -1,0 +1,125 @@
+"""YOLO detector: batched prediction on tiles; Ultralytics .pt import behind a sha256."""
+
+from __future__ import annotations
+
+import copy
+
+import numpy as np
+import pytest
+import torch
+
+import engine.models as M
+from engine.models.detector import Detections, build_yolo
+
+from .payloads import write_payload_checkpoint
+
+
+@pytest.fixture(scope="module")
+def detector():
+    torch.manual_seed(0)
+    return M.create_detector("yolov8n_tiny")
+
+
+def assert_well_formed(dets: Detections, h: int, w: int, n_classes: int = 5):
+    n = len(dets.scores)
+    assert dets.boxes.shape == (n, 4) and dets.boxes.dtype == np.float32
+    assert dets.scores.shape == (n,) and dets.scores.dtype == np.float32
+    assert dets.classes.shape == (n,) and dets.classes.dtype == np.int64
+    assert np.all((dets.scores >= 0) & (dets.scores <= 1))
+    assert np.all(np.diff(dets.scores) <= 0), "not sorted by score"
+    assert np.all((dets.classes >= 0) & (dets.classes < n_classes))
+    b = dets.boxes
+    assert np.all((b[:, 0] >= 0) & (b[:, 2] <= w) & (b[:, 1] >= 0) & (b[:, 3] <= h))
+    assert np.all((b[:, 0] <= b[:, 2]) & (b[:, 1] <= b[:, 3]))
+
+
+class TestPredict:
+    @pytest.mark.parametrize("dtype", [np.float32, np.uint8, np.uint16])
+    def test_batch_of_tiles(self, detector, dtype):
+        rng = np.random.default_rng(0)
+        tiles = rng.random((3, 128, 128), dtype=np.float32)
+        if dtype != np.float32:
+            tiles = (tiles * np.iinfo(dtype).max).astype(dtype)
+        # conf=0: a random-init model scores low; keep every candidate to check the format.
+        out = detector.predict(tiles, conf=0.0, max_det=50)
+        assert len(out) == 3
+        for dets in out:
+            assert isinstance(dets, Detections)
+            assert 0 < len(dets.scores) <= 50
+            assert_well_formed(dets, 128, 128)
+
+    def test_any_tile_size_keeps_tile_pixels(self, detector):
+        out = detector.predict(np.random.default_rng(1).random((2, 100, 130), dtype=np.float32), conf=0.0)
+        for dets in out:
+            assert_well_formed(dets, 100, 130)
+
+    def test_identical_tiles_give_identical_detections(self, detector):
+        tile = np.random.default_rng(2).random((128, 128), dtype=np.float32)
+        a, b = detector.predict(np.stack([tile, tile]), conf=0.0)
+        np.testing.assert_array_equal(a.boxes, b.boxes)
+        np.testing.assert_array_equal(a.classes, b.classes)
+
+    def test_high_threshold_gives_empty_arrays(self, detector):
+        (dets,) = detector.predict(np.zeros((1, 64, 64), np.float32), conf=0.999)
+        assert_well_formed(dets, 64, 64)
+
+    def test_keeps_training_mode(self, detector):
+        detector.train()
+        detector.predict(np.zeros((1, 64, 64), np.float32))
+        assert detector.training
+
+    def test_a_single_tile_without_batch_axis_is_refused(self, detector):
+        with pytest.raises(ValueError, match="B x H x W"):
+            detector.predict(np.zeros((64, 64), np.float32))
+
+    def test_rgb_model_takes_grey_tiles(self):
+        model = build_yolo("yolov8", "n", list(M.DEFECT_CLASSES), channels=3)
+        assert model.in_channels == 3
+        (dets,) = model.predict(np.zeros((1, 64, 64), np.float32), conf=0.0, max_det=5)
+        assert_well_formed(dets, 64, 64)
+
+
+def ultralytics_pt(detector, path, **extra):
+    """What Ultralytics writes: a pickle of the (half precision) model object."""
+    torch.save({"model": copy.deepcopy(detector.model).half(), "ema": None, "train_args": {"imgsz": 128}, **extra}, path)
+    return M.sha256_file(path)
+
+
+class TestUltralyticsCheckpoint:
+    def test_loads_after_its_digest_matches(self, detector, tmp_path):
+        path = tmp_path / "best.pt"
+        digest = ultralytics_pt(detector, path)
+        loaded = M.load_detector_checkpoint(path, digest)
+        assert loaded.names == detector.names
+        assert loaded.config.input_size == 128
+        want = {k: v.half().float() for k, v in detector.model.state_dict().items()}
+        for key, value in loaded.model.state_dict().items():
+            assert torch.equal(value, want[key].to(value.dtype)), key
+        out = loaded.predict(np.zeros((2, 64, 64), np.float32), conf=0.0, max_det=5)
+        assert len(out) == 2
+
+    def test_imported_detector_saves_as_safetensors(self, detector, tmp_path):
+        digest = ultralytics_pt(detector, tmp_path / "best.pt")
+        loaded = M.load_detector_checkpoint(tmp_path / "best.pt", digest)
+        sdigest = M.save_checkpoint(loaded, tmp_path / "best.safetensors")
+        again = M.load_detector_checkpoint(tmp_path / "best.safetensors", sdigest)
+        for key, value in loaded.state_dict().items():
+            assert torch.equal(value, again.state_dict()[key]), key
+
+    def test_wrong_digest_is_refused_before_unpickling(self, tmp_path):
+        marker = tmp_path / "pwned"
+        path = write_payload_checkpoint(tmp_path / "best.pt", marker)
+        with pytest.raises(M.ChecksumMismatchError, match="best.pt"):
+            M.load_detector_checkpoint(path, "f" * 64)
+        assert not marker.exists()
+
+    def test_a_digest_is_required(self, detector, tmp_path):
+        ultralytics_pt(detector, tmp_path / "best.pt")
+        with pytest.raises(M.CheckpointError, match="64 hex digits"):
+            M.load_detector_checkpoint(tmp_path / "best.pt", None)
+
+    def test_not_a_detector(self, tmp_path):
+        path = tmp_path / "other.pt"
+        torch.save({"model": torch.nn.Linear(2, 2)}, path)
+        with pytest.raises(M.CheckpointError, match="not an Ultralytics detection checkpoint"):
+            M.load_detector_checkpoint(path, M.sha256_file(path))

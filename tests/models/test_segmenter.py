@@ -1,0 +1,95 @@
+"""SAM segmenter: one mask per box per tile; Meta-style weights loaded weights-only."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+import engine.models as M
+from engine.models.segmenter import PIXEL_MEAN, PIXEL_STD, Segmentation
+
+
+@pytest.fixture(scope="module")
+def sam():
+    torch.manual_seed(0)
+    return M.create_segmenter("sam_tiny")
+
+
+class TestSegment:
+    def test_one_mask_per_box_with_the_tile_shape(self, sam):
+        tiles = np.random.default_rng(0).random((3, 100, 130), dtype=np.float32)
+        boxes = [np.array([[10, 10, 50, 60], [0, 0, 129, 99]], np.float32), np.zeros((0, 4), np.float32),
+                 np.array([[5, 5, 20, 20]], np.float32)]
+        out = sam.segment(tiles, boxes)
+        assert len(out) == 3
+        for seg, box in zip(out, boxes):
+            assert isinstance(seg, Segmentation)
+            assert seg.masks.shape == (len(box), 100, 130) and seg.masks.dtype == bool
+            assert seg.iou.shape == (len(box),) and seg.iou.dtype == np.float32
+
+    def test_integer_tiles(self, sam):
+        tiles = np.random.default_rng(1).integers(0, 255, (2, 256, 256), dtype=np.uint8)
+        out = sam.segment(tiles, [np.array([[0, 0, 100, 100]]), np.array([[50, 50, 200, 120]])])
+        assert [s.masks.shape for s in out] == [(1, 256, 256), (1, 256, 256)]
+
+    def test_batched_equals_one_by_one(self, sam):
+        # 100 x 130 tiles go through the resize path (longest side to 256).
+        tiles = np.random.default_rng(2).random((2, 100, 130), dtype=np.float32)
+        boxes = [np.array([[10, 10, 90, 90], [60, 50, 120, 99]]), np.array([[0, 0, 129, 99]])]
+        both = sam.segment(tiles, boxes)
+        for i in range(2):
+            (single,) = sam.segment(tiles[i : i + 1], boxes[i : i + 1])
+            np.testing.assert_allclose(single.iou, both[i].iou, rtol=1e-4, atol=1e-5)
+
+    def test_box_count_and_shape_errors(self, sam):
+        tiles = np.zeros((2, 64, 64), np.float32)
+        with pytest.raises(ValueError, match="one N x 4 array per image"):
+            sam.segment(tiles, [np.zeros((1, 4))])
+        with pytest.raises(ValueError, match=r"boxes\[1\]"):
+            sam.segment(tiles, [np.zeros((1, 4)), np.zeros((4,))])
+
+    def test_grey_is_replicated_and_normalised(self, sam):
+        x = sam.preprocess(torch.full((1, 1, 128, 256), 0.5))
+        assert x.shape == (1, 3, 256, 256)
+        for c in range(3):
+            expected = (127.5 - PIXEL_MEAN[c]) / PIXEL_STD[c]
+            torch.testing.assert_close(x[0, c, :128], torch.full((128, 256), expected))
+        assert torch.all(x[0, :, 128:] == 0), "padding below the resized tile"
+
+    def test_forward_is_differentiable_with_multimask(self, sam):
+        out = sam(torch.rand(1, 1, 256, 256), [torch.tensor([[10.0, 10.0, 80.0, 80.0]])], multimask_output=True)
+        assert out[0].low_res_logits.shape == (1, 3, 64, 64) and out[0].iou.shape == (1, 3)
+        assert out[0].low_res_logits.requires_grad
+
+
+class TestMetaWeights:
+    def test_meta_style_pth_loads_weights_only(self, sam, tmp_path):
+        # Meta's files are torch.save(sam.state_dict()): keys of Sam, no wrapper prefix.
+        path = tmp_path / "sam_tiny.pth"
+        torch.save(sam.sam.state_dict(), path)
+        loaded = M.create_segmenter("sam_tiny", checkpoint=path, expected_sha256=M.sha256_file(path))
+        for key, value in sam.sam.state_dict().items():
+            assert torch.equal(loaded.sam.state_dict()[key], value), key
+
+    def test_same_keys_as_safetensors_and_our_own_save(self, sam, tmp_path):
+        save_file({k: v.contiguous() for k, v in sam.sam.state_dict().items()}, str(tmp_path / "meta.safetensors"))
+        M.save_checkpoint(sam, tmp_path / "ours.safetensors")
+        for name in ("meta.safetensors", "ours.safetensors"):
+            loaded = M.create_segmenter("sam_tiny", checkpoint=tmp_path / name)
+            assert torch.equal(loaded.sam.mask_decoder.iou_token.weight, sam.sam.mask_decoder.iou_token.weight)
+
+    def test_wrong_architecture_names_the_file(self, sam, tmp_path):
+        path = tmp_path / "other.pth"
+        torch.save(M.create_segmenter("sam_tiny", embed_dim=48).sam.state_dict(), path)
+        with pytest.raises(M.CheckpointError, match="other.pth"):
+            M.create_segmenter("sam_tiny", checkpoint=path)
+
+    @pytest.mark.slow
+    def test_vit_b_loads_a_meta_style_file(self, tmp_path):
+        model = M.create_segmenter("sam_vit_b")
+        path = tmp_path / "sam_vit_b.pth"
+        torch.save(model.sam.state_dict(), path)
+        loaded = M.create_segmenter("sam_vit_b", checkpoint=path, expected_sha256=M.sha256_file(path))
+        assert torch.equal(loaded.sam.image_encoder.pos_embed, model.sam.image_encoder.pos_embed)
