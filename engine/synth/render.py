@@ -3,9 +3,11 @@
 A region is rendered with a halo of context (`Imaging.halo`) for the blur and slope
 filters and cropped, and every random draw is keyed by global position, so regions
 tile the image seamlessly and an image of any size is made chunk by chunk in memory
-proportional to one chunk. Within a region, the fields are computed in strips of about
-`BLOCK_PIXELS` pixels: a material holds a few dozen float32 temporaries, and strips keep
-them small (and in cache) at the cost of re-rendering the halo rows between strips.
+proportional to one chunk. Within a region, the material is evaluated in strips of
+about `BLOCK_PIXELS` pixels into four float32 field arrays over the region and its
+halo (a material holds a few dozen temporaries; strips keep them small and in cache),
+then the instrument is applied strip by strip, each strip reading its halo rows from
+the field arrays.
 """
 
 from __future__ import annotations
@@ -15,11 +17,11 @@ import numpy as np
 from engine.synth.defects import DefectMask, apply, rasterise
 from engine.synth.hashing import derive_seed
 from engine.synth.materials import get_material
-from engine.synth.materials.base import Grid
-from engine.synth.modality import detect, expected_signal
+from engine.synth.materials.base import Fields, Grid
+from engine.synth.modality import NOISE_BLOCK, detect, expected_signal
 from engine.synth.plan import ImagePlan
 
-BLOCK_PIXELS = 1 << 15
+BLOCK_PIXELS = 1 << 14
 
 
 class ImageRenderer:
@@ -73,28 +75,37 @@ class ImageRenderer:
             if ya < yb and xa < xb:
                 m = dm.mask[ya - by0 : yb - by0, xa - bx0 : xb - bx0]
                 labels[ya - y0 : yb - y0, xa - x0 : xb - x0][m] = dm.defect.instance_id
-        step = max(16, BLOCK_PIXELS // (w + 2 * self.imaging.halo))
-        for sy in range(y0, y0 + h, step):
-            sh = min(step, y0 + h - sy)
-            pixels[sy - y0 : sy - y0 + sh] = self._strip(sy, x0, sh, w)
-        return pixels, labels
-
-    def _strip(self, y0: int, x0: int, h: int, w: int) -> np.ndarray:
         halo = self.imaging.halo
         ry0, rx0 = y0 - halo, x0 - halo
         hh, ww = h + 2 * halo, w + 2 * halo
-        rows = np.arange(ry0, ry0 + hh)
+        fields = Fields(*(np.empty((hh, ww), np.float32) for _ in range(4)))
+        step = max(8, BLOCK_PIXELS // ww)
+        for sy in range(0, hh, step):
+            part = self._fields(ry0 + sy, rx0, min(step, hh - sy), ww)
+            for name in ("z", "reflect", "height", "tint"):
+                getattr(fields, name)[sy : sy + step] = getattr(part, name)
+            del part
+        for i in self._defects_in(ry0, rx0, ry0 + hh, rx0 + ww):
+            apply(self.mask(int(i)), fields, ry0, rx0)
+        # instrument strips follow the noise blocks' rows, so each block is drawn once
+        b = NOISE_BLOCK
+        edges = [y0] + list(range((y0 // b + 1) * b, y0 + h, b)) + [y0 + h]
+        for ya, yb in zip(edges[:-1], edges[1:]):
+            rows = slice(ya - y0, yb - y0 + 2 * halo)
+            signal = expected_signal(self.imaging, fields.z[rows], fields.reflect[rows], fields.height[rows],
+                                     fields.tint[rows], ya, x0, halo)
+            pixels[ya - y0 : yb - y0] = detect(self.imaging, signal, ya, x0)
+        return pixels, labels
+
+    def _fields(self, y0: int, x0: int, h: int, w: int) -> Fields:
+        """The material's fields over level-0 [y0:y0+h, x0:x0+w], no halo."""
+        rows = np.arange(y0, y0 + h)
         shift = self.imaging.row_shift(rows)
         s = self.scale
         # pixel centres, each row sampled where the scan put it, in material units
         y = ((rows + 0.5) * s).astype(np.float32)[:, None]
-        x = ((np.arange(rx0, rx0 + ww, dtype=np.float64)[None, :] + 0.5 + shift[:, None]) * s).astype(np.float32)
-        fields = self.material.render(Grid(y, x, float(s), self.imaging.max_shift_px * s), self.material_seed)
-        for i in self._defects_in(ry0, rx0, ry0 + hh, rx0 + ww):
-            apply(self.mask(int(i)), fields, ry0, rx0)
-        signal = expected_signal(self.imaging, fields.z, fields.reflect, fields.height, fields.tint, y0, x0, halo)
-        del fields
-        return detect(self.imaging, signal, y0, x0)
+        x = ((np.arange(x0, x0 + w, dtype=np.float64)[None, :] + 0.5 + shift[:, None]) * s).astype(np.float32)
+        return self.material.render(Grid(y, x, float(s), self.imaging.max_shift_px * s), self.material_seed)
 
     def all_truth(self) -> dict[int, tuple[tuple[int, int, int, int], int]]:
         """Box and area of every defect, rasterising those no region has touched."""

@@ -53,6 +53,7 @@ def grey_cast_iron(g: Grid, seed: int) -> Fields:
             cy, cx = cy + np.sin(angle) * length / 2, cx + np.cos(angle) * length / 2
         bend = (unit(rehash(hk, 11)) - 0.5) * 0.12
         thick = 0.5 + unit(rehash(hk, 12)) * 0.7
+        keep &= _touches(g, cy, cx, _flake_reach(length, bend, thick))
         for j in np.flatnonzero(keep):
             _flake(g, graphite, float(cy[j]), float(cx[j]), float(angle[j]), float(length[j]),
                    float(bend[j]), float(thick[j]), int(hk[j]))
@@ -69,7 +70,7 @@ def _flake(g: Grid, out: np.ndarray, cy: float, cx: float, angle: float, length:
            bend: float, thick: float, seed: int) -> None:
     """Draw one flake (max with `out`): a tapered plate of `thick` units along a bent,
     kinked centre line `length` units long."""
-    reach = length / 2 + abs(bend) * length * length / 4 + thick + 0.8
+    reach = _flake_reach(length, bend, thick)
     win = g.window(cy - reach, cy + reach, cx - reach, cx + reach)
     if win is None:
         return
@@ -88,6 +89,18 @@ def _flake(g: Grid, out: np.ndarray, cy: float, cx: float, angle: float, length:
     np.maximum(out[rs, cs], inside, out=out[rs, cs])
 
 
+def _flake_reach(length, bend, thick):
+    """Bound on a flake's extent from its centre (units): half length, bow, kinks, width."""
+    return length / 2 + np.abs(bend) * length * length / 4 + thick + 0.8
+
+
+def _touches(g: Grid, cy: np.ndarray, cx: np.ndarray, reach) -> np.ndarray:
+    """Which objects (centres, reach in units) can touch the grid's samples."""
+    y0, y1 = float(g.y[0, 0]), float(g.y[-1, 0])
+    x0, x1 = float(g.x.min()), float(g.x.max())
+    return (cy + reach >= y0) & (cy - reach <= y1) & (cx + reach >= x0) & (cx - reach <= x1)
+
+
 def nodular_cast_iron(g: Grid, seed: int) -> Fields:
     """Spheroidal graphite (L = nodule diameter, ~30 um) in pearlite, each nodule ringed
     by a bright ferrite halo ("bull's eye"); halos of close nodules merge."""
@@ -103,6 +116,7 @@ def nodular_cast_iron(g: Grid, seed: int) -> Fields:
     radius = np.minimum(0.48 * np.exp(0.25 * (unit(rehash(h, 4)) + unit(rehash(h, 5)) - 1.0) * 2), 0.55)
     radius = np.where(unit(rehash(h, 6)) < 0.2, radius * 0.45, radius)
     halo = 0.18 + 0.22 * unit(rehash(h, 7))
+    keep &= _touches(g, cy, cx, radius + halo + 0.1)
     # clearance: min over nodules of (distance - radius) / halo width
     nod = np.zeros(g.shape, np.float32)
     ring = np.full(g.shape, np.inf, np.float32)

@@ -37,12 +37,14 @@ def lamellae(g: Grid, angle: np.ndarray, spacing: np.ndarray, phase: np.ndarray,
     `bend` is how many periods the lamellae wander over a colony. When a period spans too
     few pixels to resolve, the contrast fades to the mean instead of aliasing.
     """
+    periods_px = spacing / f32(g.px)
+    if float(periods_px.max()) <= 2.0:  # nothing resolvable: skip the work
+        return np.full(g.shape, f32(fraction))
     v = g.x * np.sin(angle) - g.y * np.cos(angle)
     v /= spacing
     v += phase
     v += fbm(g.y * f32(0.12), g.x * f32(0.12), seed, octaves=2) * f32(bend * 3)
     frac = v - np.floor(v)
-    periods_px = spacing / f32(g.px)
     t = np.abs(frac - f32(0.5))  # 0.5 at the lamella centre
     out = ramp(t, 0.5 - fraction / 2, 1.0 / np.maximum(periods_px, 1.0))
     # resolving power: periods under ~2.5 px are averaged away
