@@ -48,7 +48,9 @@ class Imaging:
     jitter_px / drift_px / drift_period_px / glitch_px: scan-row x shifts (SEM only);
     line_noise: per-row gain sigma (SEM); illum_*: uneven illumination (centre as a
     fraction of the image, radius in image diagonals, amplitude, linear gradient);
-    thickness_amp, mu: TEM foil thickness variation and absorption.
+    thickness_amp, mu: TEM foil thickness variation and absorption; bend: depth of TEM
+    bend contours; knee: where the
+    SE amplifier starts to saturate softly (fraction of full scale; 0: hard clip only).
     """
 
     modality: str
@@ -73,6 +75,8 @@ class Imaging:
     illum_angle: float = 0.0
     thickness_amp: float = 0.0
     mu: float = 1.0
+    knee: float = 0.0
+    bend: float = 0.0
 
     @property
     def dtype(self) -> np.dtype:
@@ -137,9 +141,11 @@ def plan_imaging(modality: str, pixel_size_nm: float, shape: tuple[int, int], se
     )
     if modality == "SEM":
         probe_fwhm_nm = logu(1.5, 8.0)
+        # the operator sets contrast and brightness to spread the signal over the range
+        contrast, black = float(rng.uniform(1.3, 1.9)), float(rng.uniform(0.2, 0.32))
         return Imaging(
             **common, blur_px=sigma_px(probe_fwhm_nm / 2.355), dose=logu(80.0, 800.0),
-            gain=float(rng.uniform(0.85, 1.1)), offset=float(rng.uniform(0.02, 0.08)),
+            gain=contrast, offset=float(rng.uniform(0.03, 0.08)) - black * contrast, knee=0.8,
             jitter_px=logu(0.05, 0.45), drift_px=logu(0.3, 4.0),
             drift_period_px=float(rng.uniform(0.3, 1.5) * h), glitch_px=float(rng.uniform(0.5, 2.5)),
             line_noise=logu(0.003, 0.02), illum_radius=float(rng.uniform(1.5, 3.0)),
@@ -155,6 +161,7 @@ def plan_imaging(modality: str, pixel_size_nm: float, shape: tuple[int, int], se
             illum_radius=float(rng.uniform(0.8, 1.6)), illum_amp=float(rng.uniform(0.1, 0.3)),
             illum_grad=float(rng.uniform(0.0, 0.05)),
             thickness_amp=float(rng.uniform(0.1, 0.35)), mu=float(rng.uniform(0.9, 1.5)),
+            bend=float(rng.uniform(0.0, 0.45)),
         )
     # the objective is matched to the camera: its resolution spans ~2.5-4 pixels
     na = float(np.clip(0.61 * _WAVELENGTH_NM / (rng.uniform(2.5, 4.0) * pixel_size_nm), 0.1, 0.95))
@@ -219,7 +226,14 @@ def expected_signal(im: Imaging, z, reflect, height, tint, y0: int, x0: int, hal
         mass = z * thick
         mass *= 1 - depth
         s = np.exp(-np.float32(im.mu) * mass)
-        s *= 1 - np.float32(0.25) * np.clip(tint, 0, 1)
+        s *= 1 - np.float32(0.35) * np.clip(tint, 0, 1)
+        if im.bend:
+            # bend contours: where the bent foil passes through a Bragg condition
+            tilt = fbm(rows * scale * 1.5, np.broadcast_to(cols * scale * 1.5, (hh, ww)),
+                       derive_seed(im.seed, "bend"), octaves=2, gain=0.3)
+            tilt *= np.float32(1 / 0.1)
+            tilt *= tilt
+            s *= 1 - np.float32(im.bend) * np.exp(-tilt)
     else:
         s = reflect * (1 - np.float32(0.85) * depth)
         # light from a tilted facet leaves the objective's aperture: etched edges are dark
@@ -272,6 +286,12 @@ def detect(im: Imaging, signal: np.ndarray, y0: int, x0: int) -> np.ndarray:
         s *= (1 + g)[:, None]
     s *= np.float32(im.gain)
     s += np.float32(im.offset)
+    if im.knee:
+        # bright edges compress towards full scale instead of clipping flat
+        k = np.float32(im.knee)
+        room = np.float32(1 - im.knee)
+        over = s > k
+        s[over] = k + room * np.tanh((s[over] - k) / room)
     top = np.iinfo(im.dtype).max
     s *= np.float32(top)
     np.clip(s, 0, top, out=s)

@@ -94,15 +94,16 @@ class Cells:
     """Worley noise at each point, all (h, w).
 
     d1, d2: float32 distances (lattice units) to the nearest and second-nearest feature
-    point; ident: uint32 hash of the nearest point's cell, a global identity usable as a
-    seed for per-cell properties; fy, fx: float32 position of the nearest point; gap:
-    float32 distance between the nearest and second-nearest points; d3 (when asked):
-    distance to the third-nearest point.
+    point; ident, ident2: uint32 hashes of the nearest and second-nearest points' cells,
+    global identities usable as seeds for per-cell properties; fy, fx: float32 position
+    of the nearest point; gap: float32 distance between the nearest and second-nearest
+    points; d3 (when asked): distance to the third-nearest point.
     """
 
     d1: np.ndarray
     d2: np.ndarray
     ident: np.ndarray
+    ident2: np.ndarray
     fy: np.ndarray
     fx: np.ndarray
     gap: np.ndarray
@@ -122,6 +123,10 @@ class Cells:
     def value(self, k: int) -> np.ndarray:
         """Per-cell uniform float32 in [0, 1), stream `k` (constant inside a cell)."""
         return unit(rehash(self.ident, k))
+
+    def value2(self, k: int) -> np.ndarray:
+        """`value(k)` of the second-nearest point's cell."""
+        return unit(rehash(self.ident2, k))
 
 
 def worley(y: np.ndarray, x: np.ndarray, seed: int, *, jitter: float = 1.0, third: bool = False,
@@ -201,4 +206,5 @@ def worley(y: np.ndarray, x: np.ndarray, seed: int, *, jitter: float = 1.0, thir
     gx2 -= fx
     gx2 *= gx2
     gy2 += gx2
-    return Cells(d1, d2, h.ravel().take(best), fy, fx, np.sqrt(gy2, out=gy2), d3)
+    h = h.ravel()
+    return Cells(d1, d2, h.take(best), h.take(second), fy, fx, np.sqrt(gy2, out=gy2), d3)

@@ -47,11 +47,14 @@ def fibre_composite(g: Grid, seed: int) -> Fields:
     wy = fbm(g.y * f32(0.05), g.x * f32(0.05), seed + 81, octaves=2) * f32(0.5)
     wx = fbm(g.y * f32(0.05) + f32(9.5), g.x * f32(0.05), seed + 82, octaves=2) * f32(0.5)
     cells = worley(g.y + wy, g.x + wx, seed + 83, jitter=0.05, basis=(e1, e2))
-    radius = f32(0.5) * (f32(0.97) + cells.value(2) * f32(0.06))
-    fibre = ramp(radius - cells.d1, 0.0, g.px)
-    # resin-rich pockets where fibres are missing
-    pocket = value_noise(g.y * f32(0.15), g.x * f32(0.15), seed + 84)
-    fibre *= (cells.value(1) > pocket * f32(0.35) + f32(0.02))
+    # resin-rich pockets where fibres are missing; a fibre may reach past its own
+    # lattice cell into a missing neighbour's, so the second-nearest counts too
+    pocket = value_noise(g.y * f32(0.15), g.x * f32(0.15), seed + 84) * f32(0.35) + f32(0.02)
+    fibre = ramp(f32(0.5) * (f32(0.97) + cells.value(2) * f32(0.06)) - cells.d1, 0.0, g.px)
+    fibre *= cells.value(1) > pocket
+    other = ramp(f32(0.5) * (f32(0.97) + cells.value2(2) * f32(0.06)) - cells.d2, 0.0, g.px)
+    other *= cells.value2(1) > pocket
+    np.maximum(fibre, other, out=fibre)
     f = Fields.filled(g.shape, z=0.25)
     f.z = f32(0.25) + fibre * f32(0.12)
     f.reflect = f32(0.28) + fibre * (f32(0.42) + (cells.value(3) - f32(0.5)) * f32(0.06))

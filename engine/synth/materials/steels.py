@@ -95,7 +95,8 @@ def pearlitic_steel(g: Grid, seed: int) -> Fields:
     cem, gb, tint, ferrite = pearlite(g, seed, colony=14.0, ferrite_fraction=0.12)
     f = Fields.filled(g.shape, z=0.6)
     f.tint = tint * f32(0.6)
-    f.height = (1 - cem) * f32(0.35) * (1 - ferrite) + gb * f32(0.5)
+    # colony boundaries are not etched as grooves, only where the lamellae change
+    f.height = (1 - cem) * f32(0.35) * (1 - ferrite) + gb * f32(0.12)
     f.reflect = f32(0.82) - cem * f32(0.25) + ferrite * f32(0.06)
     f.z = f32(0.6) - cem * f32(0.04)
     return f
@@ -132,6 +133,8 @@ def martensite(g: Grid, seed: int) -> Fields:
     boundary = np.maximum(groove(pag_edge, max(0.3, 1.2 * g.px)), groove(pk_edge, max(0.15, 0.8 * g.px)) * f32(0.6))
     f = Fields.filled(g.shape, z=0.6)
     f.tint = shade * f32(2) - f32(1)
+    # laths temper differently: carbide density shows as backscatter contrast
+    f.z = f32(0.52) + shade * f32(0.16)
     f.height = shade * f32(0.4) + lb * f32(0.12) + boundary * f32(0.5)
     f.reflect = f32(0.42) + shade * f32(0.45) - lb * f32(0.08)
     return f
