@@ -142,7 +142,7 @@ def plan_imaging(modality: str, pixel_size_nm: float, shape: tuple[int, int], se
     if modality == "SEM":
         probe_fwhm_nm = logu(1.5, 8.0)
         # the operator sets contrast and brightness to spread the signal over the range
-        contrast, black = float(rng.uniform(1.3, 1.9)), float(rng.uniform(0.2, 0.32))
+        contrast, black = float(rng.uniform(1.2, 1.7)), float(rng.uniform(0.08, 0.16))
         return Imaging(
             **common, blur_px=sigma_px(probe_fwhm_nm / 2.355), dose=logu(80.0, 800.0),
             gain=contrast, offset=float(rng.uniform(0.03, 0.08)) - black * contrast, knee=0.8,
@@ -215,7 +215,7 @@ def expected_signal(im: Imaging, z, reflect, height, tint, y0: int, x0: int, hal
         # holes, from which few electrons escape
         slope = _slope(height)
         s *= 1 + np.float32(1.4) * np.minimum(slope, 1.2)
-        s *= 1 - np.float32(0.8) * depth
+        s *= 1 - np.float32(0.65) * depth
     elif im.modality == "TEM":
         rows = np.arange(y0 - halo, y0 - halo + hh, dtype=np.float32)[:, None]
         cols = np.arange(x0 - halo, x0 - halo + ww, dtype=np.float32)[None, :]
