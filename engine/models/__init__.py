@@ -24,7 +24,7 @@ from engine.models.errors import (
     UnsafeCheckpointError,
 )
 from engine.models.families import FAMILIES, ModelConfig, build, create_model, get_config, list_models
-from engine.models.labels import DEFECT_CLASSES, GRADES, material_names
+from engine.models.labels import GRADES, defect_class_names, material_names
 
 
 def create_detector(name: str, **overrides):
@@ -61,7 +61,7 @@ def load_detector_checkpoint(path: str | Path, expected_sha256: str):
 
 
 __all__ = [
-    "FAMILIES", "DEFECT_CLASSES", "GRADES", "ModelConfig", "material_names",
+    "FAMILIES", "GRADES", "ModelConfig", "defect_class_names", "material_names",
     "build", "create_model", "get_config", "list_models",
     "create_detector", "create_segmenter", "create_classifier", "create_fusion",
     "load_detector_checkpoint", "save_checkpoint", "load_model", "load_state_dict",

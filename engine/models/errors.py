@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from engine.errors import GrainflowError
+from engine.errors import GrainflowError, UnknownNameError
 
 
-class UnknownModelError(GrainflowError, ValueError):
+class UnknownModelError(UnknownNameError):
     """A family or model name that is not registered; the message lists the valid ones."""
 
 

@@ -73,7 +73,7 @@ class TestPredict:
             detector.predict(np.zeros((64, 64), np.float32))
 
     def test_rgb_model_takes_grey_tiles(self):
-        model = build_yolo("yolov8", "n", list(M.DEFECT_CLASSES), channels=3)
+        model = build_yolo("yolov8", "n", list(M.defect_class_names()), channels=3)
         assert model.in_channels == 3
         (dets,) = model.predict(np.zeros((1, 64, 64), np.float32), conf=0.0, max_det=5)
         assert_well_formed(dets, 64, 64)

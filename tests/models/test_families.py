@@ -31,6 +31,12 @@ class TestRegistry:
         for name in M.list_models("detector"):
             assert name in msg
 
+    def test_unknown_name_is_the_engine_wide_error(self):
+        from engine.errors import UnknownNameError
+
+        with pytest.raises(UnknownNameError):
+            M.get_config("segmenter", "sam_vit_x")
+
     def test_unknown_family_lists_the_families(self):
         with pytest.raises(M.UnknownModelError, match="detector, segmenter, classifier, fusion"):
             M.create_model("diffuser", "x")
@@ -57,6 +63,12 @@ class TestLabels:
         assert args["grades"] == ["A", "B", "C", "D"]
         assert args["defect_classes"] == list(labels.defect_class_names())
         assert model.segment_classes == ("background", *labels.defect_class_names())
+
+    def test_names_are_engine_synths(self):
+        import engine.synth
+
+        assert labels.material_names() == tuple(engine.synth.MATERIALS)
+        assert labels.defect_class_names() == tuple(engine.synth.DEFECT_CLASSES)
 
     def test_defect_classes(self):
         assert labels.defect_class_names() == ("pore", "crack", "inclusion", "scratch", "void")
