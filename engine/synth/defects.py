@@ -8,6 +8,15 @@ pixel lies inside its box, and planned windows of one image never overlap, so in
 masks are disjoint.
 
 Sizes are in level-0 pixels (what a detector must find), not physical units.
+
+Defects versus the microstructure's own holes and dark particles: a defect pore is
+round, 10-32 px across, anywhere, and empty (black in SEM and light optical with the
+SEM's bright rim; light in TEM); a ceramic's own pores sit only at grain triple
+junctions, are concave-triangular and under ~0.2 grain diameters (<= ~12 px at the
+ceramic's pixel sizes); graphite nodules and flakes are mid-dark grey (graphite, not
+vacuum), and nodules carry a bright ferrite halo. Voids are larger (28-80 px) and
+irregular, with a rough interior. The two can overlap in size at the extremes of
+magnification; a class is defined by what was planted, as in a labelled archive.
 """
 
 from __future__ import annotations
@@ -106,13 +115,13 @@ def _shape(cls: str, rng: np.random.Generator, limit: float, scale: float) -> di
         return dict(radius=radius, aspect=aspect, angle=float(rng.uniform(0, math.pi)), harmonics=harmonics, value=value)
     if cls == "crack":
         length = min(_logu(rng, 40, 260) * scale, 2 * limit)
-        main = _crack_path(rng, length, float(rng.uniform(0, 2 * math.pi)), _logu(rng, 1.5, 4.5), 0.0)
+        main = _crack_path(rng, length, float(rng.uniform(0, 2 * math.pi)), _logu(rng, 1.5, 4.5))
         paths = [main]
         if rng.random() < 0.5:  # a branch from part way along
             y, x, w = main[int(len(main) * rng.uniform(0.3, 0.7))]
             turn = float(rng.choice([-1, 1]) * rng.uniform(0.4, 0.9))
             heading = math.atan2(main[-1][0] - main[0][0], main[-1][1] - main[0][1]) + turn
-            branch = _crack_path(rng, length * rng.uniform(0.2, 0.45), heading, w, 0.0)
+            branch = _crack_path(rng, length * rng.uniform(0.2, 0.45), heading, w)
             paths.append(tuple((by + y, bx + x, bw) for by, bx, bw in branch))
         return dict(paths=_centre(_fit(tuple(paths), limit)))
     # scratch: a long, straight, constant-width groove with a faint bow
@@ -130,7 +139,7 @@ def _shape(cls: str, rng: np.random.Generator, limit: float, scale: float) -> di
     return dict(paths=_centre(_fit((tuple(pts),), limit)))
 
 
-def _crack_path(rng: np.random.Generator, length: float, heading: float, wmax: float, _: float):
+def _crack_path(rng: np.random.Generator, length: float, heading: float, wmax: float):
     """A jagged polyline from (0, 0): steps of 4-10 px, heading wandering about its mean;
     width tapers from `wmax` to the tips."""
     pts, y, x, theta, travelled = [], 0.0, 0.0, heading, 0.0
@@ -141,7 +150,7 @@ def _crack_path(rng: np.random.Generator, length: float, heading: float, wmax: f
         travelled += step
     n = len(steps)
     pts.append((0.0, 0.0, 0.0))
-    for i, step in enumerate(steps):
+    for step in steps:
         theta = heading + 0.55 * (theta - heading) + float(rng.normal(0, 0.4))
         y += step * math.sin(theta)
         x += step * math.cos(theta)

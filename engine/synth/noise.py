@@ -137,6 +137,10 @@ def worley(y: np.ndarray, x: np.ndarray, seed: int, *, jitter: float = 1.0, thir
     the cell, a Poisson-like Voronoi; smaller: more regular cells). `basis`, two (y, x)
     lattice vectors, replaces the unit square lattice (e.g. hexagonal packing); distances
     and positions are then in the units of y and x.
+
+    Any point outside the 3x3 cells is at least one cell away, so every distance under
+    one cell is exact; d3 (and rarely d2) may be overestimated where it is larger, which
+    is where no caller looks (boundaries and junctions are where they are small).
     """
     if basis is None:
         ly, lx = y, x

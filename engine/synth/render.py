@@ -109,7 +109,7 @@ class ImageRenderer:
 
     def all_truth(self) -> dict[int, tuple[tuple[int, int, int, int], int]]:
         """Box and area of every defect, rasterising those no region has touched."""
-        for i, d in enumerate(self.plan.defects):
+        for d in self.plan.defects:
             if d.instance_id not in self.truth:
                 dm = rasterise(d, self.imaging)
                 self.truth[d.instance_id] = (dm.box, dm.area)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import numpy as np
 
 from engine.synth.materials.base import Fields, Grid, groove, ramp
-from engine.synth.materials.steels import grains
 from engine.synth.noise import fbm, value_noise, worley
 
 f32 = np.float32
