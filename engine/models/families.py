@@ -138,17 +138,17 @@ def build(config: ModelConfig):
     """
     _check_family(config.family)
     fn = _builder(config)
-    params = inspect.signature(fn).parameters
+    signature = inspect.signature(fn)
     args = dict(config.args)
     for key, default in _LABEL_ARGS.items():
-        if key in params and args.get(key) is None:
+        if key in signature.parameters and args.get(key) is None:
             args[key] = list(default())
     try:
-        inspect.signature(fn).bind(**args)
+        signature.bind(**args)
     except TypeError as exc:
         raise ModelConfigError(
             f"{config.family}/{config.name}: arguments {sorted(args)} do not fit builder "
-            f"{config.builder!r} ({exc}); it takes: {', '.join(params)}"
+            f"{config.builder!r} ({exc}); it takes: {', '.join(signature.parameters)}"
         ) from None
     model = fn(**args)
     model.config = replace(config, args=args)

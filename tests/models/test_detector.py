@@ -123,3 +123,23 @@ class TestUltralyticsCheckpoint:
         torch.save({"model": torch.nn.Linear(2, 2)}, path)
         with pytest.raises(M.CheckpointError, match="not an Ultralytics detection checkpoint"):
             M.load_detector_checkpoint(path, M.sha256_file(path))
+
+
+class TestUltralyticsLoss:
+    def test_ultralytics_loss_trains_the_one_channel_model(self):
+        # What Ultralytics' trainer does with our model: its args, then model.loss(batch).
+        from ultralytics.cfg import get_cfg
+
+        det = M.create_detector("yolov8n_tiny")
+        det.model.args = get_cfg()
+        det.train()
+        batch = {  # boxes: normalised xywh, one image with one defect, one with two
+            "img": torch.rand(2, 1, 128, 128),
+            "batch_idx": torch.tensor([0.0, 1.0, 1.0]),
+            "cls": torch.tensor([[0.0], [3.0], [4.0]]),
+            "bboxes": torch.tensor([[0.5, 0.5, 0.2, 0.2], [0.3, 0.3, 0.1, 0.4], [0.7, 0.6, 0.2, 0.1]]),
+        }
+        loss, items = det.model.loss(batch)
+        assert torch.isfinite(loss).all() and loss.sum() > 0
+        loss.sum().backward()
+        assert all(p.grad is not None for p in det.parameters() if p.requires_grad)
