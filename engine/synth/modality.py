@@ -199,6 +199,27 @@ def _illumination(im: Imaging, y0: int, x0: int, h: int, w: int) -> np.ndarray:
     return field
 
 
+def _smooth(im: Imaging, field, y0: int, x0: int, h: int, w: int) -> np.ndarray:
+    """A field that varies over a good part of the image, evaluated at every `step`-th
+    global pixel and interpolated bilinearly over [y0:y0+h, x0:x0+w] (float32).
+
+    `field(rows, cols)` takes pixel coordinates, (n, 1) and (n, m) float32. The nodes sit
+    on the global pixel grid, so every chunk interpolates between the same values.
+    """
+    step = max(1, max(im.shape) // 128)
+    k0, k1 = y0 // step, (y0 + h - 1) // step + 1
+    j0, j1 = x0 // step, (x0 + w - 1) // step + 1
+    rows = (np.arange(k0, k1 + 1, dtype=np.float32) * step)[:, None]
+    cols = np.broadcast_to((np.arange(j0, j1 + 1, dtype=np.float32) * step)[None, :], (k1 - k0 + 1, j1 - j0 + 1))
+    nodes = field(rows, np.ascontiguousarray(cols))
+    r = np.arange(y0, y0 + h)
+    ry, ty = r // step - k0, ((r % step) / step).astype(np.float32)[:, None]
+    c = np.arange(x0, x0 + w)
+    cx, tx = c // step - j0, ((c % step) / step).astype(np.float32)[None, :]
+    along = nodes[ry] * (1 - ty) + nodes[ry + 1] * ty
+    return along[:, cx] * (1 - tx) + along[:, cx + 1] * tx
+
+
 def expected_signal(im: Imaging, z, reflect, height, tint, y0: int, x0: int, halo: int) -> np.ndarray:
     """Noise-free signal (float32, about 0..1) of the region inside `halo`.
 
@@ -217,10 +238,9 @@ def expected_signal(im: Imaging, z, reflect, height, tint, y0: int, x0: int, hal
         s *= 1 + np.float32(1.4) * np.minimum(slope, 1.2)
         s *= 1 - np.float32(0.65) * depth
     elif im.modality == "TEM":
-        rows = np.arange(y0 - halo, y0 - halo + hh, dtype=np.float32)[:, None]
-        cols = np.arange(x0 - halo, x0 - halo + ww, dtype=np.float32)[None, :]
         scale = np.float32(2.0 / max(im.shape))
-        thick = fbm(rows * scale, np.broadcast_to(cols * scale, (hh, ww)), derive_seed(im.seed, "foil"), octaves=2)
+        thick = _smooth(im, lambda r, c: fbm(r * scale, c * scale, derive_seed(im.seed, "foil"), octaves=2),
+                        y0 - halo, x0 - halo, hh, ww)
         thick *= np.float32(im.thickness_amp)
         thick += 1
         mass = z * thick
@@ -229,8 +249,8 @@ def expected_signal(im: Imaging, z, reflect, height, tint, y0: int, x0: int, hal
         s *= 1 - np.float32(0.35) * np.clip(tint, 0, 1)
         if im.bend:
             # bend contours: where the bent foil passes through a Bragg condition
-            tilt = fbm(rows * scale * 1.5, np.broadcast_to(cols * scale * 1.5, (hh, ww)),
-                       derive_seed(im.seed, "bend"), octaves=2, gain=0.3)
+            tilt = _smooth(im, lambda r, c: fbm(r * (scale * 1.5), c * (scale * 1.5), derive_seed(im.seed, "bend"),
+                                                octaves=2, gain=0.3), y0 - halo, x0 - halo, hh, ww)
             tilt *= np.float32(1 / 0.1)
             tilt *= tilt
             s *= 1 - np.float32(im.bend) * np.exp(-tilt)

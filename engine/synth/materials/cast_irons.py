@@ -12,7 +12,7 @@ import numpy as np
 from engine.synth.hashing import hash2, rehash, unit
 from engine.synth.materials.base import Fields, Grid, ramp
 from engine.synth.materials.steels import pearlite
-from engine.synth.noise import fbm, value_noise_1d
+from engine.synth.noise import fbm
 
 f32 = np.float32
 
@@ -80,12 +80,20 @@ def _flake(g: Grid, out: np.ndarray, cy: float, cx: float, angle: float, length:
     a = x * c + y * s
     b = y * c - x * s
     b -= f32(bend) * a * a
-    # flakes kink and their faces are rough
-    b += (value_noise_1d(a * f32(0.35), seed) - f32(0.5)) * f32(1.6)
-    b += (value_noise_1d(a * f32(2.5), seed + 1) - f32(0.5)) * f32(0.25 * thick)
-    t = 1 - (a * f32(2 / length)) ** 2
-    half = f32(thick / 2) * np.sqrt(np.maximum(t, 0))
-    inside = ramp(half - np.abs(b), 0.0, g.px)
+    # flakes wander and kink, and their faces are rough: a few incommensurate waves
+    # (cheaper than lattice noise, which matters with thousands of flakes per chunk)
+    u = unit(rehash(np.array([seed], np.uint32), 1)).item(), unit(rehash(np.array([seed], np.uint32), 2)).item()
+    b += np.sin(a * f32(0.45) + f32(6.283 * u[0])) * f32(0.45)
+    b += np.sin(a * f32(1.3) + f32(6.283 * u[1])) * f32(0.18)
+    b += np.sin(a * f32(3.7) + f32(3.1 * u[0] + 1.7)) * f32(0.06 * thick)
+    t = a * f32(2 / length)
+    t *= t
+    np.subtract(1, t, out=t)
+    np.maximum(t, 0, out=t)
+    half = np.sqrt(t, out=t)
+    half *= f32(thick / 2)
+    half -= np.abs(b)
+    inside = ramp(half, 0.0, g.px)
     np.maximum(out[rs, cs], inside, out=out[rs, cs])
 
 

@@ -78,13 +78,14 @@ def thin_film_lattice(g: Grid, seed: int) -> Fields:
     a2 = angle + np.where(cells.value(7) < f32(0.5), f32(np.pi / 3), f32(np.pi / 2))
     v2 = (g.x * np.sin(a2) - g.y * np.cos(a2)) * k
     fringe = np.where(crossed, (fringe + np.cos(v2)) * f32(0.6), fringe)
-    amorphous = mode < f32(0.15)
-    speckle = fbm(g.y * f32(1.4), g.x * f32(1.4), seed + 91, octaves=2)
     amp = f32(0.6) + value_noise(g.y * f32(0.2), g.x * f32(0.2), seed + 92) * f32(0.4)
-    signal = np.where(amorphous, speckle * f32(0.8), fringe * amp)
     # a period under ~2.5 px cannot be resolved: fade instead of aliasing
-    resolve = np.clip((spacing / f32(g.px) - 2.0) / 2.0, 0, 1)
-    signal *= np.where(amorphous, f32(1), resolve)
+    amp *= np.clip((spacing / f32(g.px) - 2.0) / 2.0, 0, 1)
+    signal = fringe * amp
+    amorphous = mode < f32(0.15)
+    if amorphous.any():  # speckle only where it shows
+        yy = np.broadcast_to(g.y, g.shape)[amorphous] * f32(1.4)
+        signal[amorphous] = fbm(yy, g.x[amorphous] * f32(1.4), seed + 91, octaves=2) * f32(0.8)
     f = Fields.filled(g.shape, z=0.45)
     f.z = f32(0.45) + signal * f32(0.25)
     f.tint = (cells.value(1) - f32(0.5)) * f32(0.4)
