@@ -25,6 +25,7 @@ import numpy as np
 from scipy import ndimage
 
 from engine.stores.catalog import MODALITIES
+from engine.synth.errors import SynthArgumentError
 from engine.synth.hashing import derive_seed, hash1, unit
 from engine.synth.noise import fbm
 
@@ -117,7 +118,7 @@ class Imaging:
 
 def pixel_range(modality: str) -> tuple[float, float]:
     if modality not in PIXEL_RANGE_NM:
-        raise ValueError(f"unknown modality {modality!r}; valid modalities: {', '.join(MODALITIES)}")
+        raise SynthArgumentError(f"unknown modality {modality!r}; valid modalities: {', '.join(MODALITIES)}")
     return PIXEL_RANGE_NM[modality]
 
 

@@ -21,6 +21,7 @@ import numpy as np
 
 from engine.stores.catalog import MODALITIES
 from engine.synth.defects import DEFECT_CLASSES, Defect, plan_defects
+from engine.synth.errors import SynthArgumentError
 from engine.synth.materials import MATERIALS, get_material
 from engine.synth.modality import DTYPES, Imaging, pixel_range, plan_imaging
 
@@ -82,17 +83,25 @@ def _check_names(kind: str, names: Iterable[str] | None, valid: Sequence[str]) -
     names = tuple(names)
     bad = [n for n in names if n not in valid]
     if bad:
-        raise ValueError(f"unknown {kind} {', '.join(map(repr, bad))}; valid {kind}s: {', '.join(valid)}")
+        raise SynthArgumentError(f"unknown {kind} {', '.join(map(repr, bad))}; valid {kind}s: {', '.join(valid)}")
     if not names:
-        raise ValueError(f"no {kind}s given; valid {kind}s: {', '.join(valid)}")
+        raise SynthArgumentError(f"no {kind}s given; valid {kind}s: {', '.join(valid)}")
     return tuple(dict.fromkeys(names))
 
 
+def _integer(name: str, value, minimum: int) -> int:
+    """`value` as an int >= minimum; anything else (1.5, "x", True) is refused by name."""
+    if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, np.integer)) or value < minimum:
+        raise SynthArgumentError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
 def _shape(size) -> tuple[int, int]:
-    h, w = (size, size) if np.isscalar(size) else tuple(size)
-    if int(h) != h or int(w) != w or h < 1 or w < 1:
-        raise ValueError(f"size {size!r} must be a positive int or a (height, width) pair of them")
-    return int(h), int(w)
+    try:
+        h, w = (size, size) if np.isscalar(size) else tuple(size)
+        return _integer("height", h, 1), _integer("width", w, 1)
+    except (SynthArgumentError, TypeError, ValueError):
+        raise SynthArgumentError(f"size {size!r} must be a positive int or a (height, width) pair of them") from None
 
 
 def plan_archive(*, n_images: int, seed: int, size: int | tuple[int, int] = 512, chunk: int = 512,
@@ -101,22 +110,19 @@ def plan_archive(*, n_images: int, seed: int, size: int | tuple[int, int] = 512,
     """Plans of an archive's images, in order. Image i's plan depends only on the seed,
     the arguments, and images before it (an archive is a prefix of a larger one).
 
-    Unknown material or modality names raise ValueError listing the valid ones, as does a
-    material none of whose instruments was asked for.
+    Unknown material or modality names raise SynthArgumentError (a ValueError) listing the
+    valid ones, as does a material none of whose instruments was asked for.
     """
-    if int(n_images) != n_images or n_images < 0:
-        raise ValueError(f"n_images must be a non-negative integer, got {n_images!r}")
-    if int(seed) != seed or seed < 0:
-        raise ValueError(f"seed must be a non-negative integer, got {seed!r}")
-    if int(chunk) != chunk or chunk < 16:
-        raise ValueError(f"chunk must be an integer >= 16, got {chunk!r}")
+    n_images = _integer("n_images", n_images, 0)
+    seed = _integer("seed", seed, 0)
+    chunk = _integer("chunk", chunk, 16)
     shape = _shape(size)
     mats = _check_names("material", materials, MATERIALS)
     mods = _check_names("modality", modalities, MODALITIES)
     allowed = {m: tuple(x for x in get_material(m).modalities if x in mods) for m in mats}
     orphans = [m for m, a in allowed.items() if not a]
     if orphans:
-        raise ValueError(
+        raise SynthArgumentError(
             f"material(s) {', '.join(orphans)} cannot be imaged with {', '.join(mods)}; "
             + "; ".join(f"{m}: {', '.join(get_material(m).modalities)}" for m in orphans))
     order = np.random.default_rng([int(seed), 0x5EED]).permutation(len(mats))
@@ -143,7 +149,7 @@ def plan_image(index: int, material: str, modality: str, shape: tuple[int, int],
     image's first defect (of `first_class`) exists."""
     lo, hi = pixel_size_range(material, modality)
     if lo > hi:
-        raise ValueError(f"{modality} cannot image {material}: its pixel sizes miss the material's scale")
+        raise SynthArgumentError(f"{modality} cannot image {material}: its pixel sizes miss the material's scale")
     image_seed = int(rng.integers(0, 2**62))
     pixel = float(math.exp(rng.uniform(math.log(lo), math.log(hi))))
     grades = QUALITY_GRADES[1:] if covering else QUALITY_GRADES

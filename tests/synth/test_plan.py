@@ -6,7 +6,9 @@ import pickle
 
 import pytest
 
+from engine.errors import GrainflowError
 from engine.synth import DEFECT_CLASSES, MATERIALS, MODALITIES
+from engine.synth.errors import SynthArgumentError
 from engine.synth.archive import generate_archive
 from engine.synth.materials import get_material
 from engine.synth.modality import PIXEL_RANGE_NM
@@ -28,11 +30,17 @@ class TestArguments:
         with pytest.raises(ValueError, match="thin_film_lattice cannot be imaged with optical"):
             plan_archive(n_images=1, seed=0, materials=["thin_film_lattice"], modalities=["optical"])
 
-    @pytest.mark.parametrize("kwargs", [dict(seed=-1), dict(n_images=-2), dict(size=0), dict(size=(64, 0)),
-                                        dict(chunk=8), dict(seed=1.5)])
-    def test_bad_numbers(self, kwargs):
-        with pytest.raises(ValueError):
+    @pytest.mark.parametrize("kwargs,name", [
+        (dict(seed=-1), "seed"), (dict(n_images=-2), "n_images"), (dict(size=0), "size"),
+        (dict(size=(64, 0)), "size"), (dict(size="big"), "size"), (dict(chunk=8), "chunk"),
+        (dict(seed=1.5), "seed"), (dict(n_images="3"), "n_images"),
+    ])
+    def test_bad_numbers(self, kwargs, name):
+        with pytest.raises(SynthArgumentError, match=name):
             plan_archive(**{"n_images": 1, "seed": 0, **kwargs})
+
+    def test_errors_are_value_errors_the_cli_reports(self):
+        assert issubclass(SynthArgumentError, ValueError) and issubclass(SynthArgumentError, GrainflowError)
 
     def test_single_names_and_subsets(self):
         plans = plan_archive(n_images=4, seed=0, materials="martensite", modalities=["SEM"])

@@ -8,6 +8,7 @@ pixels, so a material's pixel size follows from physics rather than being free.
 
 from __future__ import annotations
 
+from engine.synth.errors import SynthArgumentError
 from engine.synth.materials import alloys, cast_irons, nonmetals, steels
 from engine.synth.materials.base import Fields, Grid, Material
 
@@ -37,11 +38,12 @@ MATERIALS: tuple[str, ...] = tuple(_REGISTRY)
 
 
 def get_material(name: str) -> Material:
-    """The registered material `name`; an unknown name raises ValueError listing the valid ones."""
+    """The registered material `name`; an unknown name raises SynthArgumentError (a
+    ValueError) listing the valid ones."""
     try:
         return _REGISTRY[name]
     except (KeyError, TypeError):
-        raise ValueError(f"unknown material {name!r}; valid materials: {', '.join(MATERIALS)}") from None
+        raise SynthArgumentError(f"unknown material {name!r}; valid materials: {', '.join(MATERIALS)}") from None
 
 
 __all__ = ["MATERIALS", "Fields", "Grid", "Material", "get_material"]
