@@ -134,7 +134,8 @@ def martensite(g: Grid, seed: int) -> Fields:
     f = Fields.filled(g.shape, z=0.6)
     f.tint = shade * f32(2) - f32(1)
     # laths temper differently: carbide density shows as backscatter contrast
-    f.z = f32(0.52) + shade * f32(0.16)
-    f.height = shade * f32(0.4) + lb * f32(0.12) + boundary * f32(0.5)
-    f.reflect = f32(0.42) + shade * f32(0.45) - lb * f32(0.08)
+    f.z = f32(0.45) + shade * f32(0.3)
+    # nital barely marks prior austenite boundaries; the laths' relief dominates
+    f.height = shade * f32(0.4) + lb * f32(0.15) + boundary * f32(0.25)
+    f.reflect = f32(0.4) + shade * f32(0.5) - lb * f32(0.08)
     return f
