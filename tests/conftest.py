@@ -52,3 +52,24 @@ def s3_bucket(s3_endpoint) -> str:
     # s3fs's mkdir sends a region constraint moto refuses; create through the S3 API.
     fs.call_s3("create_bucket", Bucket=name)
     return f"s3://{name}"
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole test session (never one per test).
+
+    Four logical CPUs on a 2-core machine: Ray Train's workers and Ray Data's read tasks
+    each hold a CPU slot, and with only two slots a 2-worker trainer would starve its
+    own data pipeline.
+    """
+    import ray
+
+    from engine.runtime import configure_offline
+
+    configure_offline()
+    ray.init(
+        num_cpus=4, include_dashboard=False, log_to_driver=False,
+        _temp_dir=str(tmp_path_factory.mktemp("ray")), runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}},
+    )
+    yield ray
+    ray.shutdown()
