@@ -7,7 +7,8 @@ then reads the same random chunk-aligned tiles with each reader and prints JSON:
 decoded MB/s per reader (best of --repeats) and ratios against the faster peer. The
 page cache is warm for every reader alike (the image was just written or read).
 The S3 part copies a 128 MiB image into moto's server on 127.0.0.1 and reports the
-engine's S3 throughput as a ratio to the same reads from local disk.
+engine's S3 throughput as a ratio to the same reads from local disk. The synth part
+reports `grainflow synth`'s megapixels per second on one core.
 """
 
 from __future__ import annotations
@@ -71,6 +72,7 @@ def readers(path: Path, regions, batch: int):
     image = open_image(path)
     arr = zarr.open_array(str(path / "0"), mode="r")
     tstore = ts.open({"driver": "zarr3", "kvstore": {"driver": "file", "path": f"{path}/0/"}}, read=True).result()
+    image.read_region(0, *regions[0])  # open the engine's reader outside the timing, as the peers' are
 
     def engine_batched():
         for i in range(0, len(regions), batch):
@@ -117,15 +119,46 @@ def s3_ratio(workdir: Path, regions, batch: int, repeats: int) -> dict:
         server.stop()
 
 
+def synth_rate(workdir: Path, size: int, n_images: int) -> dict:
+    """Megapixels per second of `grainflow synth` pinned to one core (one image per material).
+
+    Runs in a child process restricted to CPU 0 with single-threaded BLAS, and counts
+    that process's CPU time, so other load on the machine does not inflate the figure.
+    """
+    import subprocess
+
+    code = f"""
+import json, os, time
+os.sched_setaffinity(0, {{0}})
+from engine.synth.archive import generate_archive
+t0, c0 = time.perf_counter(), time.process_time()
+cat = generate_archive({str(workdir / 'synth-rate')!r}, n_images={n_images}, seed=3, size={size}, chunk=512)
+wall, cpu = time.perf_counter() - t0, time.process_time() - c0
+print(json.dumps({{"wall_s": wall, "cpu_s": cpu, "mpix": float((cat.height * cat.width).sum()) / 1e6}}))
+"""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=env,
+                         cwd=Path(__file__).resolve().parents[1], check=True)
+    r = json.loads(out.stdout.strip().splitlines()[-1])
+    return {
+        "images": f"{n_images} x {size}x{size} (one per material, written as OME-Zarr with labels and pyramid)",
+        "megapixels": round(r["mpix"], 1),
+        "mpix_per_cpu_s": round(r["mpix"] / r["cpu_s"], 2),
+        "mpix_per_wall_s": round(r["mpix"] / r["wall_s"], 2),
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--gib", type=float, default=4.0, help="size of the local image in GiB")
     parser.add_argument("--tile", type=int, default=1024)
     parser.add_argument("--tiles", type=int, default=256)
-    parser.add_argument("--batch", type=int, default=16, help="tiles per engine read_regions call")
+    parser.add_argument("--batch", type=int, default=64, help="tiles per engine read_regions call (one 128 MiB read task of 1024^2 uint16 tiles)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workdir", type=Path, default=Path("/tmp/grainflow-bench"))
     parser.add_argument("--skip-s3", action="store_true")
+    parser.add_argument("--synth-size", type=int, default=2048)
+    parser.add_argument("--skip-synth", action="store_true")
     args = parser.parse_args()
 
     side = int(np.sqrt(args.gib * 2**30 / 2)) // CHUNK * CHUNK
@@ -151,6 +184,8 @@ def main() -> None:
     }
     if not args.skip_s3:
         result["s3"] = s3_ratio(args.workdir, regions, args.batch, args.repeats)
+    if not args.skip_synth:
+        result["synth_one_core"] = synth_rate(args.workdir, args.synth_size, n_images=12)
     print(json.dumps(result, indent=2))
 
 
