@@ -25,8 +25,9 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
+# Piped output (CI logs, notebooks) gets a wide fixed width rather than rich's 80 columns.
+console = Console(width=None if sys.stdout.isatty() else 160)
+errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
 def _progress() -> Progress:
@@ -57,7 +58,7 @@ def synth(
             progress=lambda n: progress.advance(task, n),
         )
     console.print(f"wrote {len(catalog)} images to [bold]{out}[/bold]")
-    _print_catalog(catalog)
+    _print_summary(catalog)
 
 
 @app.command()
