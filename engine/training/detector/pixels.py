@@ -1,0 +1,67 @@
+"""Tile pixels as the detector sees them: read from the archive, scaled to 8 bits.
+
+Ultralytics' training pipeline (mosaic, affine, letterbox) works on uint8 images and
+divides by 255. `Detector.predict` (engine.models.detector) scales integer tiles by
+their dtype's maximum, so a uint16 tile v becomes v / 65535; mapping it to
+round(v * 255 / 65535) before training keeps both paths on one intensity scale (up to
+8-bit quantisation, at most 1/510 of the range).
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+
+from engine.stores.uri import StoreLocation
+
+
+def to_uint8(pixels: np.ndarray) -> np.ndarray:
+    """(y, x) pixels of any stored dtype -> uint8 on the full-range scale of that dtype.
+
+    Integers are scaled by their dtype's maximum (uint16 65535 -> 255); floats are taken
+    as already in [0, 1] and clipped, as `engine.models.tiles.tiles_to_tensor` does.
+    """
+    a = np.asarray(pixels)
+    if a.dtype == np.uint8:
+        return a
+    if a.dtype.kind in "ui":
+        top = np.iinfo(a.dtype).max
+        return ((a.astype(np.float64) * 255.0 / top) + 0.5).clip(0, 255).astype(np.uint8)
+    if a.dtype.kind == "f":
+        return (np.clip(a, 0.0, 1.0) * 255.0 + 0.5).astype(np.uint8)
+    raise TypeError(f"expected integer or float pixels, got dtype {a.dtype}")
+
+
+class ImageCache:
+    """Opened images (metadata and readers) of one process, keyed by store location.
+
+    Opening reads metadata only. The cache forgets everything in a process other than
+    the one that filled it, so a pickled or inherited copy never reuses a reader (and
+    its thread pool) that belongs to another process.
+    """
+
+    def __init__(self):
+        self._pid = os.getpid()
+        self._images: dict[str, object] = {}
+
+    def __getstate__(self):
+        return {}
+
+    def __setstate__(self, state):
+        self.__init__()
+
+    def get(self, location: StoreLocation):
+        """The `MultiscaleImage` at `location`, opened once per process."""
+        from engine.stores.image import open_image
+
+        if os.getpid() != self._pid:
+            self.__init__()
+        image = self._images.get(location.uri)
+        if image is None:
+            image = self._images[location.uri] = open_image(location)
+        return image
+
+    def read(self, location: StoreLocation, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
+        """Pixels [y0:y1, x0:x1] of `level`, (y, x) in the stored dtype."""
+        return self.get(location).read_region(level, y0, y1, x0, x1)

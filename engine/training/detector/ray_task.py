@@ -1,0 +1,88 @@
+"""`train_detector` as a Ray task: on a GPU node when the cluster has one.
+
+The task trains in a scratch folder on whichever node runs it and returns the result
+with the checkpoint's bytes (a YOLOv8n is ~12 MB; the object store carries it); the
+caller's process writes them to its `out_dir`, checks the sha256 the worker recorded,
+and registers the checkpoint there (the registry's store may be a file only the caller
+can reach). The archive is read by the worker from its URI (local path on one machine,
+s3:// on a cluster); only the tile plan and labels are computed on the worker too.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from engine.stores.uri import StoreLocation
+
+
+def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any]):
+    """Runs on the Ray worker: train in a scratch folder, return the result with the bytes."""
+    from engine.runtime import configure_offline
+
+    configure_offline()
+    from engine.training.detector.train import train_detector
+
+    with tempfile.TemporaryDirectory(prefix="grainflow-detector-") as scratch:
+        result = train_detector(archive, out_dir=scratch, **kwargs)
+        data = Path(result.checkpoint).read_bytes()
+    return dataclasses.replace(result, checkpoint_bytes=data)
+
+
+def cluster_has_gpu() -> bool:
+    """Whether the running Ray cluster offers at least one whole GPU."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= 1
+
+
+def train_detector_on_ray(
+    archive: str | StoreLocation,
+    *,
+    out_dir: str | Path,
+    num_cpus: float = 2,
+    num_gpus: float | None = None,
+    register_as: str | None = None,
+    registry=None,
+    **kwargs: Any,
+):
+    """`train_detector(archive, ...)` run as a Ray task; returns its `DetectorTrainingResult`
+    with `checkpoint` in this process's `out_dir`.
+
+    num_gpus: None asks for one GPU when the cluster has any (then the task trains on
+    cuda), else none (cpu). num_cpus: CPU slots held; Ray sets the task's thread count
+    (OMP_NUM_THREADS) to it. Other keyword arguments go to `train_detector` (model,
+    epochs, imgsz, batch, val_fraction or val_archive, seed, ...). Uses the Ray this
+    process is connected to, or starts a local one (RAY_ADDRESS joins a cluster).
+    """
+    import ray
+
+    from engine.models.checkpoint import sha256_file, sidecar_path
+    from engine.training.detector.train import CHECKPOINT_NAME, register_result, write_result
+
+    if "device" in kwargs:
+        raise TypeError("train_detector_on_ray picks the device from the resources Ray grants; pass num_gpus")
+    if not ray.is_initialized():
+        from engine.runtime import configure_offline
+
+        configure_offline()  # workers inherit the driver's environment on a local Ray
+        ray.init()
+    gpus = (1 if cluster_has_gpu() else 0) if num_gpus is None else num_gpus
+    task = ray.remote(_train_in_worker).options(num_cpus=num_cpus, num_gpus=gpus, name="train_detector")
+    result = ray.get(task.remote(archive, kwargs))
+
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
+    checkpoint = out_dir / CHECKPOINT_NAME
+    checkpoint.write_bytes(result.checkpoint_bytes)
+    if sha256_file(checkpoint) != result.sha256:
+        checkpoint.unlink()
+        raise RuntimeError(f"{checkpoint}: bytes received from the Ray worker do not match the sha256 it recorded")
+    sidecar_path(checkpoint).write_text(f"{result.sha256}  {checkpoint.name}\n")
+    result = dataclasses.replace(result, checkpoint=str(checkpoint), checkpoint_bytes=None)
+    if register_as is not None:
+        result = register_result(result, register_as, registry, archive=str(archive))
+    write_result(result, out_dir)
+    return result

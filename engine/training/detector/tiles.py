@@ -1,0 +1,224 @@
+"""Tile plans for detector training: which pixels a sample reads and which boxes it holds.
+
+Planning reads the archive's catalog and ground truth only (and, when a pixel size is
+asked for, each image's pyramid metadata); no pixel is read here. A `TileSpec` is a
+small frozen value that says where a tile lies and what boxes it carries; the dataset
+(`engine.training.detector.dataset`) reads the pixels when a batch needs them.
+
+Coordinates: tiles and their boxes are in pixels of the pyramid level they are read
+from; ground truth is in level-0 pixels and is divided by the level's downsampling.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import pandas as pd
+
+from engine.errors import GrainflowError, MetadataError
+from engine.stores.catalog import read_catalog, read_table
+from engine.stores.uri import StoreLocation, resolve
+
+TRUTH_FILE = "ground_truth.parquet"  # engine.synth.truth.TRUTH_FILE, without importing the synth stack
+
+# A box cut by a tile edge is kept when this much of its area and at least this many
+# pixels of each side remain: the thresholds Ultralytics applies to boxes its own
+# augmentations cut (`box_candidates`: area ratio 0.1, sides 2 px), so labels cut by
+# tiling and labels cut by mosaic/affine follow one rule.
+MIN_VISIBLE = 0.1
+MIN_SIDE_PX = 2.0
+
+
+class ArchiveLabelError(GrainflowError, ValueError):
+    """An archive that cannot be used for detector training (no ground truth, unknown classes, ...)."""
+
+
+@dataclass(frozen=True)
+class TileSpec:
+    """One training/validation tile.
+
+    image: the OME-Zarr image; level: pyramid level read; (y0, x0, y1, x1): the tile,
+    half open, in pixels of that level; scale: level-0 pixels per level pixel (y, x).
+    classes: N int64 class indices; boxes: N x 4 float32 xyxy in tile pixels (x right,
+    y down), already clipped to the tile. material: the image's material (for reports).
+    """
+
+    image_id: str
+    image: StoreLocation
+    level: int
+    y0: int
+    x0: int
+    y1: int
+    x1: int
+    scale: tuple[float, float] = (1.0, 1.0)
+    material: str | None = None
+    classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
+    boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32), compare=False)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        """(height, width) in pixels of `level`."""
+        return self.y1 - self.y0, self.x1 - self.x0
+
+    @property
+    def key(self) -> str:
+        """A name for the tile in logs and Ultralytics' `im_file` (not a file path)."""
+        return f"{self.image_id}:L{self.level}:y{self.y0}:x{self.x0}"
+
+    def yolo_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """Labels in Ultralytics' YOLO format: (N x 1 float32 classes, N x 4 float32
+        normalised xywh, centre x/y and width/height as fractions of the tile)."""
+        h, w = self.shape
+        b = self.boxes.astype(np.float32).reshape(-1, 4)
+        xywh = np.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
+                         (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], axis=1)
+        return self.classes.astype(np.float32).reshape(-1, 1), xywh.astype(np.float32)
+
+
+def grid_starts(length: int, tile: int, overlap: int = 0) -> list[int]:
+    """Start offsets of tiles of side `tile` covering [0, length), evenly spread.
+
+    Every tile is whole (the last one ends flush with the edge), neighbours overlap by at
+    least `overlap` pixels; a length of at most `tile` gives one tile at 0.
+    """
+    if tile <= 0 or not 0 <= overlap < tile:
+        raise ValueError(f"tile must be > 0 and 0 <= overlap < tile, got tile={tile}, overlap={overlap}")
+    if length <= tile:
+        return [0]
+    n = math.ceil((length - overlap) / (tile - overlap))
+    return sorted({int(round(s)) for s in np.linspace(0, length - tile, n)})
+
+
+def clip_boxes(boxes: np.ndarray, window: tuple[float, float, float, float], *,
+               min_visible: float = MIN_VISIBLE, min_side: float = MIN_SIDE_PX) -> tuple[np.ndarray, np.ndarray]:
+    """Boxes (N x 4 xyxy) clipped to `window` (x0, y0, x1, y1), shifted to its origin.
+
+    Returns (kept boxes M x 4 float32 in window pixels, M indices into `boxes`): a box is
+    kept when at least `min_visible` of its area and `min_side` pixels of each side lie
+    inside the window.
+    """
+    boxes = np.asarray(boxes, np.float64).reshape(-1, 4)
+    wx0, wy0, wx1, wy1 = window
+    c = boxes.copy()
+    c[:, 0::2] = c[:, 0::2].clip(wx0, wx1)
+    c[:, 1::2] = c[:, 1::2].clip(wy0, wy1)
+    cw, ch = c[:, 2] - c[:, 0], c[:, 3] - c[:, 1]
+    area = np.maximum((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1]), 1e-9)
+    keep = np.flatnonzero((cw >= min_side) & (ch >= min_side) & (cw * ch >= min_visible * area))
+    out = c[keep] - np.array([wx0, wy0, wx0, wy0])
+    return out.astype(np.float32), keep
+
+
+def read_ground_truth(archive: StoreLocation) -> pd.DataFrame:
+    """The archive's ground-truth table (one row per defect, level-0 boxes y0, x0, y1, x1)."""
+    location = archive.join(TRUTH_FILE)
+    if not location.exists():
+        raise ArchiveLabelError(
+            f"{archive}: no {TRUTH_FILE}; detector training needs labelled boxes (an archive from `grainflow synth`)"
+        )
+    try:
+        return read_table(location).to_pandas()
+    except MetadataError as exc:
+        raise ArchiveLabelError(str(exc)) from None
+
+
+@dataclass(frozen=True)
+class ImageEntry:
+    """One catalog image as the planner needs it: where it is and its level geometry."""
+
+    image_id: str
+    image: StoreLocation
+    material: str | None
+    level: int
+    shape: tuple[int, int]  # (h, w) of `level`
+    scale: tuple[float, float]  # level-0 pixels per level pixel (y, x)
+
+
+def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None = None,
+                  pixel_size_nm: float | None = None) -> list[ImageEntry]:
+    """Catalog images (all, or `image_ids` in that order) with the level to read.
+
+    pixel_size_nm=None reads level 0 (defect sizes in engine.synth are level-0 pixels);
+    a pixel size picks, per image, the level nearest it, which opens each image's
+    metadata (no pixels).
+    """
+    archive = resolve(archive)
+    catalog = read_catalog(archive).set_index("image_id", drop=False)
+    if image_ids is not None:
+        missing = [i for i in image_ids if i not in catalog.index]
+        if missing:
+            raise ArchiveLabelError(f"{archive}: images {missing[:5]} are not in the catalog")
+        catalog = catalog.loc[list(image_ids)]
+    out = []
+    for row in catalog.itertuples(index=False):
+        location = archive.join(row.uri)
+        material = None if pd.isna(row.material) else str(row.material)
+        if pixel_size_nm is None:
+            out.append(ImageEntry(row.image_id, location, material, 0, (int(row.height), int(row.width)), (1.0, 1.0)))
+            continue
+        from engine.stores.image import open_image
+
+        img = open_image(location)
+        level = img.nearest_level(pixel_size_nm)
+        h, w = img.levels[level].shape
+        out.append(ImageEntry(row.image_id, location, material, level, (h, w), (img.shape[0] / h, img.shape[1] / w)))
+    return out
+
+
+def image_boxes(truth: pd.DataFrame, entry: ImageEntry, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Ground-truth boxes of one image in its level's pixels: (N x 4 float64 xyxy, N int64 classes)."""
+    rows = truth[truth["image_id"] == entry.image_id]
+    unknown = sorted(set(rows["defect_class"]) - set(class_index))
+    if unknown:
+        raise ArchiveLabelError(
+            f"image {entry.image_id}: defect classes {unknown} are not among the model's {list(class_index)}"
+        )
+    sy, sx = entry.scale
+    boxes = np.stack([rows["x0"] / sx, rows["y0"] / sy, rows["x1"] / sx, rows["y1"] / sy], axis=1) if len(rows) else (
+        np.zeros((0, 4)))
+    classes = np.array([class_index[c] for c in rows["defect_class"]], np.int64)
+    return np.asarray(boxes, np.float64).reshape(-1, 4), classes
+
+
+def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str, ...], *, tile: int,
+               overlap: int = 0, image_ids: list[str] | None = None, pixel_size_nm: float | None = None,
+               truth: pd.DataFrame | None = None) -> list[TileSpec]:
+    """Tiles of side `tile` (level pixels) covering each image, with their clipped boxes.
+
+    Images smaller than `tile` give one tile of their own size (Ultralytics pads them;
+    nothing is resized, so a defect keeps its size in pixels). Tiles without defects are
+    kept: they teach the model the microstructure that is not a defect.
+    """
+    archive = resolve(archive)
+    truth = read_ground_truth(archive) if truth is None else truth
+    class_index = {name: i for i, name in enumerate(class_names)}
+    tiles = []
+    for entry in image_entries(archive, image_ids=image_ids, pixel_size_nm=pixel_size_nm):
+        boxes, classes = image_boxes(truth, entry, class_index)
+        h, w = entry.shape
+        th, tw = min(tile, h), min(tile, w)
+        for y0 in grid_starts(h, th, min(overlap, th - 1)):
+            for x0 in grid_starts(w, tw, min(overlap, tw - 1)):
+                kept, idx = clip_boxes(boxes, (x0, y0, x0 + tw, y0 + th))
+                tiles.append(TileSpec(entry.image_id, entry.image, entry.level, y0, x0, y0 + th, x0 + tw,
+                                      entry.scale, entry.material, classes[idx], kept))
+    return tiles
+
+
+def split_images(image_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:
+    """Split image ids (not tiles: no image is in both sets) into (train, val), seeded.
+
+    At least one image goes to each side when there are two or more images.
+    """
+    if not 0 < val_fraction < 1:
+        raise ValueError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    ids = sorted(image_ids)
+    if len(ids) < 2:
+        raise ArchiveLabelError(f"need at least 2 images to hold some out for validation, got {len(ids)}")
+    order = np.random.default_rng(seed).permutation(len(ids))
+    n_val = min(max(1, round(val_fraction * len(ids))), len(ids) - 1)
+    val = sorted(ids[i] for i in order[:n_val])
+    train = sorted(ids[i] for i in order[n_val:])
+    return train, val
