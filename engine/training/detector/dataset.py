@@ -21,7 +21,10 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data.dataset import YOLODataset
 
 from engine.training.detector.pixels import ImageCache, to_uint8
-from engine.training.detector.tiles import TileSpec
+from engine.training.detector.tiles import TileSpec, yolo_format
+
+# engine.synth writes each defect's mask into this label image beside the pixels.
+DEFECT_LABELS = "defects"
 
 
 class ArchiveTileDataset(YOLODataset):
@@ -67,7 +70,7 @@ class ArchiveTileDataset(YOLODataset):
         """One Ultralytics label dict per tile, from the plan (no label files)."""
         labels = []
         for tile in self._order:
-            cls, xywh = tile.yolo_labels()
+            cls, xywh = yolo_format(*tile.clipped_labels(), tile.shape)
             labels.append({
                 "im_file": tile.key, "shape": tile.shape, "cls": cls, "bboxes": xywh,
                 "segments": [], "keypoints": None, "normalized": True, "bbox_format": "xywh",
@@ -82,6 +85,20 @@ class ArchiveTileDataset(YOLODataset):
         """Item `index`'s pixels: (H, W) uint8, read from the archive now."""
         t = self.tile(index)
         return to_uint8(self._reader.read(t.image, t.level, t.y0, t.y1, t.x0, t.x1))
+
+    def update_labels_info(self, label: dict) -> dict:
+        """Exact boxes for defects a tile edge cuts, then Ultralytics' own label packing.
+
+        `get_labels` gave clipped boxes (metadata only: the plan holds no pixels). When an
+        edge cuts a defect and the image has its `defects` label image, this tile's boxes
+        are fitted to the mask pixels inside it, read now, beside the tile's pixels.
+        """
+        tile = self._tiles[label["im_file"]]
+        if tile.is_cut:
+            mask = self._reader.read_labels(tile.image, DEFECT_LABELS, tile.level, tile.y0, tile.y1, tile.x0, tile.x1)
+            if mask is not None:
+                label["cls"], label["bboxes"] = yolo_format(*tile.labels_from_mask(mask), tile.shape)
+        return super().update_labels_info(label)
 
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):
         """(H x W x 1 uint8 tile, original (h, w), loaded (h, w)).

@@ -18,7 +18,7 @@ import numpy as np
 
 from engine.stores.uri import StoreLocation, resolve
 from engine.training.detector.pixels import ImageCache
-from engine.training.detector.tiles import grid_starts, image_boxes, image_entries, read_ground_truth
+from engine.training.detector.tiles import grid_starts, image_entries, image_truth, read_ground_truth
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
@@ -160,7 +160,8 @@ def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list
     tps, confs, pcls, tcls, pmat, tmat = [], [], [], [], [], []
     entries = image_entries(archive, image_ids=image_ids, pixel_size_nm=pixel_size_nm)
     for entry in entries:
-        true_boxes, true_cls = image_boxes(truth, entry, class_index)
+        t = image_truth(truth, entry, class_index)
+        true_boxes, true_cls = t.boxes, t.classes
         boxes, scores, classes = predict_image(detector, reader, entry.image, entry.level, entry.shape, tile=tile,
                                                halo=halo, batch=batch, conf=conf, iou=iou, max_det=max_det)
         tps.append(match_predictions(boxes, classes, true_boxes, true_cls))

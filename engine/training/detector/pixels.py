@@ -44,6 +44,7 @@ class ImageCache:
     def __init__(self):
         self._pid = os.getpid()
         self._images: dict[str, object] = {}
+        self._labels: dict[str, object] = {}
 
     def __getstate__(self):
         return {}
@@ -65,3 +66,19 @@ class ImageCache:
     def read(self, location: StoreLocation, level: int, y0: int, y1: int, x0: int, x1: int) -> np.ndarray:
         """Pixels [y0:y1, x0:x1] of `level`, (y, x) in the stored dtype."""
         return self.get(location).read_region(level, y0, y1, x0, x1)
+
+    def read_labels(self, location: StoreLocation, name: str, level: int, y0: int, y1: int, x0: int,
+                    x1: int) -> np.ndarray | None:
+        """Region [y0:y1, x0:x1] of the image's label image `name` at the level of the
+        same shape as the image's `level`, (y, x) uint32 instance ids; None when the
+        image has no such label image (e.g. an ingested archive with boxes only)."""
+        key = f"{location.uri}#labels/{name}"
+        if key not in self._labels:
+            image = self.get(location)
+            self._labels[key] = image.open_labels(name) if name in image.labels() else None
+        labels = self._labels[key]
+        if labels is None or level >= len(labels.levels):
+            return None
+        if labels.levels[level].shape != self.get(location).levels[level].shape:
+            return None
+        return labels.read_region(level, y0, y1, x0, x1)

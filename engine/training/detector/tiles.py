@@ -37,12 +37,15 @@ class ArchiveLabelError(GrainflowError, ValueError):
 
 @dataclass(frozen=True)
 class TileSpec:
-    """One training/validation tile.
+    """One training/validation tile and the ground truth that touches it.
 
     image: the OME-Zarr image; level: pyramid level read; (y0, x0, y1, x1): the tile,
-    half open, in pixels of that level; scale: level-0 pixels per level pixel (y, x).
-    classes: N int64 class indices; boxes: N x 4 float32 xyxy in tile pixels (x right,
-    y down), already clipped to the tile. material: the image's material (for reports).
+    half open, in pixels of that level; scale: level-0 pixels per level pixel (y, x);
+    material: the image's material (for reports). For each defect whose box meets the
+    tile: classes (N int64 class indices), instance_ids (N int64, values in the image's
+    `defects` label image), boxes (N x 4 float32 xyxy in tile pixels, x right, y down,
+    whole: they may reach past the tile's edges) and areas (N float32, the defect's mask
+    area in pixels of `level`).
     """
 
     image_id: str
@@ -55,7 +58,9 @@ class TileSpec:
     scale: tuple[float, float] = (1.0, 1.0)
     material: str | None = None
     classes: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
+    instance_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32), compare=False)
+    areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32), compare=False)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -67,14 +72,50 @@ class TileSpec:
         """A name for the tile in logs and Ultralytics' `im_file` (not a file path)."""
         return f"{self.image_id}:L{self.level}:y{self.y0}:x{self.x0}"
 
-    def yolo_labels(self) -> tuple[np.ndarray, np.ndarray]:
-        """Labels in Ultralytics' YOLO format: (N x 1 float32 classes, N x 4 float32
-        normalised xywh, centre x/y and width/height as fractions of the tile)."""
+    @property
+    def is_cut(self) -> bool:
+        """Whether a tile edge cuts some defect's box (its clipped box is then only an
+        estimate; `labels_from_mask` gives the exact one)."""
         h, w = self.shape
-        b = self.boxes.astype(np.float32).reshape(-1, 4)
-        xywh = np.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
-                         (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], axis=1)
-        return self.classes.astype(np.float32).reshape(-1, 1), xywh.astype(np.float32)
+        b = self.boxes
+        return bool(len(b)) and bool(((b[:, 0] < 0) | (b[:, 1] < 0) | (b[:, 2] > w) | (b[:, 3] > h)).any())
+
+    def clipped_labels(self) -> tuple[np.ndarray, np.ndarray]:
+        """(M int64 classes, M x 4 float32 xyxy tile pixels): boxes clipped to the tile,
+        kept by the `MIN_VISIBLE` / `MIN_SIDE_PX` rule. From metadata only."""
+        h, w = self.shape
+        kept, idx = clip_boxes(self.boxes, (0, 0, w, h))
+        return self.classes[idx], kept
+
+    def labels_from_mask(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(M int64 classes, M x 4 float32 xyxy): each defect's box fitted to its mask
+        pixels inside the tile. labels: the tile's (H, W) region of the `defects` label
+        image. A defect is kept when at least `MIN_VISIBLE` of its mask area and
+        `MIN_SIDE_PX` pixels each way lie in the tile: a thin diagonal crack cut by an
+        edge gets the box of the piece that is there, not of the empty corner its whole
+        box would leave.
+        """
+        classes, boxes = [], []
+        for cls, iid, area in zip(self.classes, self.instance_ids, self.areas):
+            ys, xs = np.nonzero(labels == iid)
+            if len(ys) == 0 or len(ys) < MIN_VISIBLE * area:
+                continue
+            box = (xs.min(), ys.min(), xs.max() + 1, ys.max() + 1)
+            if box[2] - box[0] < MIN_SIDE_PX or box[3] - box[1] < MIN_SIDE_PX:
+                continue
+            classes.append(cls)
+            boxes.append(box)
+        return np.asarray(classes, np.int64), np.asarray(boxes, np.float32).reshape(-1, 4)
+
+
+def yolo_format(classes: np.ndarray, boxes: np.ndarray, shape: tuple[int, int]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels in Ultralytics' YOLO format: (N x 1 float32 classes, N x 4 float32
+    normalised xywh: centre x/y and width/height as fractions of the tile's (h, w))."""
+    h, w = shape
+    b = np.asarray(boxes, np.float32).reshape(-1, 4)
+    xywh = np.stack([(b[:, 0] + b[:, 2]) / 2 / w, (b[:, 1] + b[:, 3]) / 2 / h,
+                     (b[:, 2] - b[:, 0]) / w, (b[:, 3] - b[:, 1]) / h], axis=1)
+    return np.asarray(classes, np.float32).reshape(-1, 1), xywh.astype(np.float32)
 
 
 def grid_starts(length: int, tile: int, overlap: int = 0) -> list[int]:
@@ -167,8 +208,19 @@ def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None =
     return out
 
 
-def image_boxes(truth: pd.DataFrame, entry: ImageEntry, class_index: dict[str, int]) -> tuple[np.ndarray, np.ndarray]:
-    """Ground-truth boxes of one image in its level's pixels: (N x 4 float64 xyxy, N int64 classes)."""
+@dataclass(frozen=True)
+class ImageTruth:
+    """Ground truth of one image in pixels of its level: boxes N x 4 float64 xyxy,
+    classes N int64, instance_ids N int64, areas N float64 (mask area)."""
+
+    boxes: np.ndarray
+    classes: np.ndarray
+    instance_ids: np.ndarray
+    areas: np.ndarray
+
+
+def image_truth(truth: pd.DataFrame, entry: ImageEntry, class_index: dict[str, int]) -> ImageTruth:
+    """The ground-truth rows of one image, scaled from level 0 to the entry's level."""
     rows = truth[truth["image_id"] == entry.image_id]
     unknown = sorted(set(rows["defect_class"]) - set(class_index))
     if unknown:
@@ -178,14 +230,18 @@ def image_boxes(truth: pd.DataFrame, entry: ImageEntry, class_index: dict[str, i
     sy, sx = entry.scale
     boxes = np.stack([rows["x0"] / sx, rows["y0"] / sy, rows["x1"] / sx, rows["y1"] / sy], axis=1) if len(rows) else (
         np.zeros((0, 4)))
-    classes = np.array([class_index[c] for c in rows["defect_class"]], np.int64)
-    return np.asarray(boxes, np.float64).reshape(-1, 4), classes
+    return ImageTruth(
+        boxes=np.asarray(boxes, np.float64).reshape(-1, 4),
+        classes=np.array([class_index[c] for c in rows["defect_class"]], np.int64),
+        instance_ids=rows["instance_id"].to_numpy(np.int64),
+        areas=rows["area_px"].to_numpy(np.float64) / (sy * sx),
+    )
 
 
 def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str, ...], *, tile: int,
                overlap: int = 0, image_ids: list[str] | None = None, pixel_size_nm: float | None = None,
                truth: pd.DataFrame | None = None) -> list[TileSpec]:
-    """Tiles of side `tile` (level pixels) covering each image, with their clipped boxes.
+    """Tiles of side `tile` (level pixels) covering each image, with the defects they meet.
 
     Images smaller than `tile` give one tile of their own size (Ultralytics pads them;
     nothing is resized, so a defect keeps its size in pixels). Tiles without defects are
@@ -196,14 +252,17 @@ def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str,
     class_index = {name: i for i, name in enumerate(class_names)}
     tiles = []
     for entry in image_entries(archive, image_ids=image_ids, pixel_size_nm=pixel_size_nm):
-        boxes, classes = image_boxes(truth, entry, class_index)
+        t = image_truth(truth, entry, class_index)
         h, w = entry.shape
         th, tw = min(tile, h), min(tile, w)
         for y0 in grid_starts(h, th, min(overlap, th - 1)):
             for x0 in grid_starts(w, tw, min(overlap, tw - 1)):
-                kept, idx = clip_boxes(boxes, (x0, y0, x0 + tw, y0 + th))
+                b = t.boxes
+                meets = (b[:, 0] < x0 + tw) & (b[:, 2] > x0) & (b[:, 1] < y0 + th) & (b[:, 3] > y0)
+                shifted = (b[meets] - np.array([x0, y0, x0, y0])).astype(np.float32)
                 tiles.append(TileSpec(entry.image_id, entry.image, entry.level, y0, x0, y0 + th, x0 + tw,
-                                      entry.scale, entry.material, classes[idx], kept))
+                                      entry.scale, entry.material, t.classes[meets], t.instance_ids[meets],
+                                      shifted, t.areas[meets].astype(np.float32)))
     return tiles
 
 

@@ -1,0 +1,298 @@
+"""Training samples planned from an archive's metadata: light specs, never pixels.
+
+The driver reads only the archive's catalog (one Parquet row per image) and, when labels
+are wanted, its ground truth (one Parquet row per defect instance). From those it lays a
+grid of tiles over every pyramid level a tile fits in and describes each tile as a
+`SampleSpec`: which image, which level, where, with which class labels. A spec is a few
+hundred bytes of plain values; the pixels are read later, inside a Ray task
+(`engine.data.training_samples`), the way torchgeo's samplers yield boxes and leave
+reading to the dataset.
+
+Coordinates: (y, x) is a tile's top-left corner in pixels of its own pyramid level k
+(level 0 = full resolution; level k has ceil(H / 2**k) x ceil(W / 2**k) pixels, as
+`engine.stores.pyramid` builds it). Ground-truth boxes are level-0 pixels.
+"""
+
+from __future__ import annotations
+
+import math
+import zlib
+from dataclasses import asdict, dataclass, field, fields
+from typing import Any, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+
+from engine.errors import GrainflowError
+from engine.stores.catalog import image_uri, read_catalog, read_table
+from engine.stores.ngff import to_nanometres
+from engine.stores.uri import StoreLocation, resolve
+
+TRUTH_FILE = "ground_truth.parquet"  # engine.synth.truth.TRUTH_FILE; not imported to keep synth out of workers
+MASK_KINDS = (None, "semantic", "instance")
+
+
+class SamplePlanError(GrainflowError, ValueError):
+    """A sample layout or an archive that cannot give the samples asked for."""
+
+
+@dataclass(frozen=True)
+class SampleLayout:
+    """What one training sample looks like.
+
+    tile: side of the (detail) tile in pixels of its level.
+    context_tile: side of the context tile (fusion models), in pixels of level
+      k + context_offset, centred on the detail tile (engine.models.fusion's geometry);
+      None for single-view models.
+    context_offset: pyramid levels between detail and context (2: 4x the pixel size).
+    mask: None (no labels), "semantic" (per-pixel defect class, 0 = background) or
+      "instance" (per-pixel instance id, plus tight boxes per instance: SAM prompts).
+    levels: pyramid levels to sample; None takes every level that holds a whole tile,
+      so a model sees each specimen at several pixel sizes.
+    stride: grid step in pixels (default: `tile`, non-overlapping tiles).
+    require_instances: keep only tiles that ground truth says contain a defect (a SAM
+      sample without a box has nothing to learn from).
+    max_per_image: at most this many tiles per image, a seeded random subset (None: all).
+    """
+
+    tile: int
+    context_tile: int | None = None
+    context_offset: int = 2
+    mask: str | None = None
+    levels: tuple[int, ...] | None = None
+    stride: int | None = None
+    require_instances: bool = False
+    max_per_image: int | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.tile, int) or self.tile < 8:
+            raise SamplePlanError(f"SampleLayout.tile must be an integer >= 8 pixels, got {self.tile!r}")
+        if self.mask not in MASK_KINDS:
+            raise SamplePlanError(f"SampleLayout.mask {self.mask!r} is not one of {MASK_KINDS}")
+        if self.levels is not None:
+            object.__setattr__(self, "levels", tuple(int(v) for v in self.levels))
+            if any(v < 0 for v in self.levels):
+                raise SamplePlanError(f"SampleLayout.levels must be >= 0, got {self.levels}")
+        stride = self.step
+        if stride < 1:
+            raise SamplePlanError(f"SampleLayout.stride must be >= 1, got {stride}")
+        if self.context_tile is not None:
+            # engine.models.fusion.context_origin needs whole context pixels: the detail
+            # tile's corner and centre must land on the coarser grid.
+            d = self.context_offset
+            if d < 1:
+                raise SamplePlanError(f"SampleLayout.context_offset must be >= 1, got {d}")
+            if self.tile % 2 ** (d + 1) or stride % 2**d or self.context_tile % 2 or self.context_tile < 2:
+                raise SamplePlanError(
+                    f"SampleLayout: with context_offset {d} the tile ({self.tile}) must be a multiple of "
+                    f"{2 ** (d + 1)}, the stride ({stride}) a multiple of {2**d} and the context tile "
+                    f"({self.context_tile}) even, so the context tile starts on a whole pixel"
+                )
+        if self.max_per_image is not None and self.max_per_image < 1:
+            raise SamplePlanError(f"SampleLayout.max_per_image must be >= 1, got {self.max_per_image}")
+
+    @property
+    def step(self) -> int:
+        return self.tile if self.stride is None else int(self.stride)
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """One training sample, planned: where to read it and what its labels are.
+
+    image_uri: the OME-Zarr image (absolute URI). level, y, x: the detail tile's level
+    and top-left corner in level pixels; tile: its side. context_tile: 0 for none, else
+    the context tile's side at level + context_offset. material / material_index,
+    grade_index: the image's catalog labels (-1 where unknown or unlabelled).
+    pixel_size_nm: edge of one pixel of this level, nm. seed: the sample's own seed
+    (augmentation draws). instance_ids / instance_classes: ground-truth instances whose
+    level-0 box meets the tile, and each one's segmentation class (1-based; 0 is
+    background).
+    """
+
+    image_id: str
+    image_uri: str
+    level: int
+    y: int
+    x: int
+    tile: int
+    modality: str
+    pixel_size_nm: float
+    material: str | None = None
+    material_index: int = -1
+    grade_index: int = -1
+    context_tile: int = 0
+    context_offset: int = 2
+    seed: int = 0
+    instance_ids: tuple[int, ...] = field(default=())
+    instance_classes: tuple[int, ...] = field(default=())
+
+    def to_row(self) -> dict[str, Any]:
+        """A plain dict (lists, str, int, float) for ray.data.from_items."""
+        row = asdict(self)
+        row["instance_ids"] = list(self.instance_ids)
+        row["instance_classes"] = list(self.instance_classes)
+        row["material"] = self.material or ""
+        return row
+
+    @classmethod
+    def from_row(cls, row: dict[str, Any]) -> SampleSpec:
+        """Inverse of to_row; numpy scalars and arrays (a Ray batch's row) are accepted."""
+        kw = {}
+        for f in fields(cls):
+            v = row[f.name]
+            if f.name in ("instance_ids", "instance_classes"):
+                kw[f.name] = tuple(int(i) for i in np.asarray(v if v is not None else [], dtype=np.int64).ravel())
+            elif f.name in ("image_id", "image_uri", "modality"):
+                kw[f.name] = str(v)
+            elif f.name == "material":
+                kw[f.name] = str(v) or None
+            elif f.name == "pixel_size_nm":
+                kw[f.name] = float(v)
+            else:
+                kw[f.name] = int(v)
+        return cls(**kw)
+
+
+def level_shape(height: int, width: int, level: int) -> tuple[int, int]:
+    """(h, w) of pyramid level `level` of an H x W image: each level halves, rounding up."""
+    h, w = int(height), int(width)
+    for _ in range(level):
+        h, w = (h + 1) // 2, (w + 1) // 2
+    return h, w
+
+
+def sample_seed(seed: int, image_id: str, level: int, y: int, x: int) -> int:
+    """A stable 31-bit seed per sample, the same on every machine and run."""
+    return zlib.crc32(f"{seed}/{image_id}/{level}/{y}/{x}".encode()) & 0x7FFFFFFF
+
+
+def read_truth(archive: str | StoreLocation) -> pd.DataFrame | None:
+    """The archive's ground-truth table (one row per defect instance), or None if absent."""
+    location = resolve(archive).join(TRUTH_FILE)
+    if not location.exists():
+        return None
+    return read_table(location).to_pandas()
+
+
+def _index(value: Any, names: Sequence[str], what: str, image_id: str) -> int:
+    if value is None or (not isinstance(value, str) and pd.isna(value)):
+        return -1
+    try:
+        return list(names).index(str(value))
+    except ValueError:
+        raise SamplePlanError(
+            f"image {image_id!r}: {what} {value!r} is not one the model knows ({', '.join(names)})"
+        ) from None
+
+
+def plan_samples(
+    archive: str | StoreLocation,
+    layout: SampleLayout,
+    *,
+    materials: Sequence[str],
+    grades: Sequence[str],
+    defect_classes: Sequence[str] = (),
+    seed: int = 0,
+    image_ids: Iterable[str] | None = None,
+) -> list[SampleSpec]:
+    """Specs of every sample `layout` lays over the archive, ordered by image, level, y, x.
+
+    Reads the catalog and, when the layout wants masks or instances, the ground truth;
+    never an image. `materials`, `grades` and `defect_classes` are the model's label
+    orders (its config's); a catalog label outside them is an error naming the image.
+    `image_ids` restricts the plan to those images.
+    """
+    archive = resolve(archive)
+    catalog = read_catalog(archive)
+    if image_ids is not None:
+        wanted = set(image_ids)
+        catalog = catalog[catalog["image_id"].isin(wanted)]
+    truth = None
+    if layout.mask is not None or layout.require_instances:
+        truth = read_truth(archive)
+        if truth is None:
+            raise SamplePlanError(
+                f"{archive}: no {TRUTH_FILE}; a layout with masks (mask={layout.mask!r}) needs the "
+                "ground truth's instance classes"
+            )
+    by_image = {} if truth is None else {k: g for k, g in truth.groupby("image_id", sort=False)}
+    rng = np.random.default_rng([int(seed), 0x5A3])
+    specs: list[SampleSpec] = []
+    for row in catalog.itertuples(index=False):
+        specs.extend(_plan_image(archive, row, layout, by_image.get(row.image_id), materials, grades,
+                                 defect_classes, seed, rng))
+    return specs
+
+
+def _plan_image(archive, row, layout, truth, materials, grades, defect_classes, seed, rng) -> list[SampleSpec]:
+    n_levels = int(row.levels)
+    levels = range(n_levels) if layout.levels is None else [v for v in layout.levels if v < n_levels]
+    material_index = _index(row.material, materials, "material", row.image_id)
+    grade_index = _index(row.quality_grade, grades, "quality grade", row.image_id)
+    px0 = to_nanometres(float(row.pixel_size_x), str(row.unit))
+    uri = image_uri(archive, row.image_id).uri
+    boxes = classes = ids = None
+    if truth is not None and len(truth):
+        boxes = truth[["y0", "x0", "y1", "x1"]].to_numpy(np.int64)
+        ids = truth["instance_id"].to_numpy(np.int64)
+        classes = np.array([_index(c, defect_classes, "defect class", row.image_id) + 1
+                            for c in truth["defect_class"]], np.int64)
+    out = []
+    for level in levels:
+        h, w = level_shape(row.height, row.width, level)
+        t, s, f = layout.tile, layout.step, 2**level
+        for y in range(0, h - t + 1, s):
+            for x in range(0, w - t + 1, s):
+                inst_ids: tuple[int, ...] = ()
+                inst_classes: tuple[int, ...] = ()
+                if boxes is not None:
+                    # level-0 footprint of the tile, half open, against half-open boxes
+                    y0, y1, x0, x1 = y * f, (y + t) * f, x * f, (x + t) * f
+                    hit = (boxes[:, 0] < y1) & (boxes[:, 2] > y0) & (boxes[:, 1] < x1) & (boxes[:, 3] > x0)
+                    inst_ids = tuple(int(i) for i in ids[hit])
+                    inst_classes = tuple(int(c) for c in classes[hit])
+                if layout.require_instances and not inst_ids:
+                    continue
+                out.append(SampleSpec(
+                    image_id=str(row.image_id), image_uri=uri, level=level, y=y, x=x, tile=t,
+                    modality=str(row.modality), pixel_size_nm=px0 * f,
+                    material=None if material_index < 0 else str(row.material),
+                    material_index=material_index, grade_index=grade_index,
+                    context_tile=layout.context_tile or 0, context_offset=layout.context_offset,
+                    seed=sample_seed(seed, str(row.image_id), level, y, x),
+                    instance_ids=inst_ids, instance_classes=inst_classes,
+                ))
+    if layout.max_per_image is not None and len(out) > layout.max_per_image:
+        keep = np.sort(rng.choice(len(out), layout.max_per_image, replace=False))
+        out = [out[i] for i in keep]
+    return out
+
+
+def split_specs(specs: Sequence[SampleSpec], val_fraction: float, *, seed: int = 0,
+                min_each: int = 1) -> tuple[list[SampleSpec], list[SampleSpec]]:
+    """(train, val): a seeded random `val_fraction` of the specs held out, order kept.
+
+    Tiles of the same images end up on both sides, so validation measures fit, not
+    generalisation to new specimens (hold out a whole archive for that). Each side gets
+    at least `min_each` specs (one per training worker, so none iterates nothing).
+    """
+    if not 0.0 <= val_fraction < 1.0:
+        raise SamplePlanError(f"val_fraction must be in [0, 1), got {val_fraction}")
+    n = len(specs)
+    if val_fraction == 0.0:
+        return list(specs), []
+    n_val = max(math.ceil(val_fraction * n), min_each)
+    if n - n_val < min_each:
+        raise SamplePlanError(
+            f"{n} samples cannot be split into train and validation with at least {min_each} each "
+            f"(val_fraction {val_fraction}); use a larger archive, smaller tiles or val_fraction=0"
+        )
+    val_idx = set(np.random.default_rng([int(seed), 0x7A1]).choice(n, n_val, replace=False).tolist())
+    return [s for i, s in enumerate(specs) if i not in val_idx], [s for i, s in enumerate(specs) if i in val_idx]
+
+
+__all__ = [
+    "SampleLayout", "SamplePlanError", "SampleSpec", "level_shape", "plan_samples",
+    "read_truth", "sample_seed", "split_specs",
+]

@@ -1,0 +1,196 @@
+"""The training loop every Ray Train worker runs (one loop for all families; see tasks).
+
+Per worker:
+
+1. build the model from its registered config, seeded alike on every rank;
+2. resume: when Ray Train hands over a checkpoint (`ray.train.get_checkpoint()`, after a
+   worker died and the group was restarted, or when a run of the same name is started
+   again), load weights, optimizer state and history, and continue at the next epoch;
+3. wrap in DDP (`ray.train.torch.prepare_model`: gloo on CPU, NCCL on GPUs; the device
+   comes from Ray, nothing assumes CUDA);
+4. per epoch: iterate this worker's shard of the "train" dataset with
+   `iter_torch_batches` (augmented per epoch by the task's collate function), then the
+   "val" shard without augmentation; add up the task's metric sums over all workers;
+   rank 0 writes a checkpoint, every rank calls `ray.train.report` (a barrier), and rank
+   0 logs the epoch's metrics to MLflow.
+
+Metrics per epoch: train_* and val_* (the task's), train_samples_per_s (all workers'
+training samples over the slowest worker's training wall time, s), epoch (1-based).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine.data.sample_plan import SampleLayout
+from engine.training.checkpointing import OPTIMIZER_FILE, TrainingState, load_training_state, save_training_state
+from engine.training.tasks import Task, make_task
+
+
+@dataclass(frozen=True)
+class LoopConfig:
+    """Everything a worker needs, as plain values (it travels as train_loop_config).
+
+    lr: AdamW learning rate; weight_decay: AdamW's decoupled decay; max_grad_norm:
+    gradient clipping (None: off); augment_strength: engine.augment strength, 0 = off;
+    shuffle_buffer: rows in each worker's local shuffle buffer (>= batch_size);
+    tracking_uri / mlflow_run_id: where rank 0 logs metrics (None: not logged);
+    validate: whether a "val" dataset was given;
+    progress_dir: a local folder where each rank appends JSON lines (`rank<r>.jsonl`:
+    {"event": "start" | "checkpoint", "epoch", "pid", "time"}), for monitors and tests.
+    """
+
+    family: str
+    model_name: str
+    layout: SampleLayout
+    epochs: int
+    batch_size: int
+    lr: float
+    weight_decay: float = 1e-4
+    max_grad_norm: float | None = 1.0
+    seed: int = 0
+    augment_strength: float = 0.5
+    shuffle_buffer: int = 64
+    overrides: dict[str, Any] = field(default_factory=dict)
+    task_options: dict[str, Any] = field(default_factory=dict)
+    tracking_uri: str | None = None
+    mlflow_run_id: str | None = None
+    progress_dir: str | None = None
+    validate: bool = True
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> LoopConfig:
+        d = dict(d)
+        layout = d["layout"]
+        d["layout"] = layout if isinstance(layout, SampleLayout) else SampleLayout(**layout)
+        return cls(**d)
+
+
+def _progress(cfg: LoopConfig, rank: int, event: str, epoch: int) -> None:
+    if not cfg.progress_dir:
+        return
+    path = Path(cfg.progress_dir) / f"rank{rank}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("a") as f:
+        f.write(json.dumps({"event": event, "epoch": epoch, "pid": os.getpid(), "time": time.time()}) + "\n")
+
+
+def _all_sums(sums: dict[str, float], seconds: float) -> tuple[dict[str, float], float]:
+    """Sums added over all workers, and the slowest worker's seconds.
+
+    all_gather_object rather than all_reduce of a tensor: a worker that saw no batch has
+    no keys, and this stays correct then.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return sums, seconds
+    gathered: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(gathered, (sums, seconds))
+    total: dict[str, float] = {}
+    for part, _ in gathered:
+        for k, v in part.items():
+            total[k] = total.get(k, 0.0) + v
+    return total, max(s for _, s in gathered)
+
+
+def _run_epoch(task: Task, model: torch.nn.Module, shard, collate, cfg: LoopConfig, device: torch.device,
+               optimizer: torch.optim.Optimizer | None, shuffle_seed: int | None) -> tuple[dict[str, float], float]:
+    """One pass over a shard; trains when `optimizer` is given. Returns (metric sums, seconds)."""
+    sums: dict[str, float] = {}
+    start = time.perf_counter()
+    shuffle = dict(local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size),
+                   local_shuffle_seed=shuffle_seed) if shuffle_seed is not None else {}
+    batches = shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, prefetch_batches=2, **shuffle)
+    for batch in batches:
+        batch = task.to_device(batch, device)
+        if optimizer is not None:
+            loss, stats = task.step(model, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            if cfg.max_grad_norm:
+                torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
+            optimizer.step()
+        else:
+            with torch.no_grad():
+                _, stats = task.step(model, batch)
+        for k, v in stats.items():
+            sums[k] = sums.get(k, 0.0) + float(v)
+    return sums, time.perf_counter() - start
+
+
+def train_loop_per_worker(config: dict[str, Any]) -> None:
+    """Ray Train's per-worker function (module doc); `config` is LoopConfig.to_dict()."""
+    import ray.train
+    import ray.train.torch
+    from ray.train import Checkpoint
+
+    from engine.models import create_model
+    from engine.training import mlflow_metrics
+
+    cfg = LoopConfig.from_dict(config)
+    rank = ray.train.get_context().get_world_rank()
+    task = make_task(cfg.family, cfg.task_options)
+
+    torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
+    model = create_model(cfg.family, cfg.model_name, **cfg.overrides)
+    state = TrainingState(cfg.family, cfg.model_name)
+    optimizer_state = None
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as directory:
+            state = load_training_state(directory, model)
+            optimizer_state = torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+    _progress(cfg, rank, "start", state.epoch)
+
+    model = ray.train.torch.prepare_model(
+        model, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
+    bare = getattr(model, "module", model)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    if optimizer_state is not None:
+        optimizer.load_state_dict(optimizer_state)  # moves the state onto the parameters' device
+    device = ray.train.torch.get_device()
+    train_shard = ray.train.get_dataset_shard("train")
+    val_shard = ray.train.get_dataset_shard("val") if cfg.validate else None
+
+    for epoch in range(state.epoch, cfg.epochs):
+        model.train()
+        collate = task.collate(cfg.layout, epoch=epoch, seed=cfg.seed, augment_strength=cfg.augment_strength)
+        sums, seconds = _run_epoch(task, model, train_shard, collate, cfg, device, optimizer,
+                                   shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank)
+        sums, seconds = _all_sums(sums, seconds)
+        metrics: dict[str, float] = {f"train_{k}": v for k, v in task.metrics(sums).items()}
+        metrics["train_samples_per_s"] = sums.get("n", 0.0) / seconds if seconds > 0 else 0.0
+        if val_shard is not None:
+            # The bare model: evaluation needs no gradient sync, and DDP's forward could
+            # broadcast buffers, a collective every rank would have to match.
+            bare.eval()
+            val_collate = task.collate(cfg.layout, epoch=epoch, seed=cfg.seed, augment_strength=0.0)
+            vsums, _ = _run_epoch(task, bare, val_shard, val_collate, cfg, device, None, shuffle_seed=None)
+            vsums, _ = _all_sums(vsums, 0.0)
+            metrics.update({f"val_{k}": v for k, v in task.metrics(vsums).items()})
+        metrics["epoch"] = epoch + 1
+        state.epoch = epoch + 1
+        state.history.append(metrics)
+
+        with tempfile.TemporaryDirectory(prefix="grainflow-ckpt-") as tmp:
+            ckpt = None
+            if rank == 0:
+                save_training_state(tmp, bare, optimizer, state)
+                ckpt = Checkpoint.from_directory(tmp)
+            ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
+        # After the report: the checkpoint is in storage, so the epoch counts as done.
+        if rank == 0 and cfg.tracking_uri and cfg.mlflow_run_id:
+            mlflow_metrics.log_metrics(cfg.tracking_uri, cfg.mlflow_run_id, metrics, step=epoch + 1)
+        _progress(cfg, rank, "checkpoint", epoch + 1)

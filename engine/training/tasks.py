@@ -1,0 +1,245 @@
+"""What each model family learns: its samples, its batches, its loss and its metrics.
+
+One generic loop (engine.training.loop) trains every family; a `Task` supplies the
+family-specific parts:
+
+- `layout`: the samples to plan (tile size, context tile, mask kind);
+- `collate`: a per-epoch batch builder for that layout (engine.training.collate);
+- `step`: forward pass, loss (a scalar to minimise) and metric *sums* over the batch;
+- `metrics`: sums (added up over batches and over workers) -> epoch metrics.
+
+Sums, not means, cross the workers, so an epoch's metrics weigh every sample alike
+whatever batch or worker it fell in.
+
+Losses:
+- classifier: cross-entropy of material + cross-entropy of quality grade;
+- fusion: the same two, plus per-pixel cross-entropy of the defect segmentation;
+- segmenter (SAM): per box, binary cross-entropy + dice between the predicted mask
+  logits (upsampled to the tile) and the instance mask, plus the squared error of
+  SAM's own IoU estimate against the mask's actual IoU (as SAM was trained).
+Targets of -1 (material or grade unknown) are ignored.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Mapping
+
+import torch
+from torch.nn import functional as F
+
+from engine.data.sample_plan import SampleLayout
+from engine.errors import UnknownNameError
+
+Stats = dict[str, torch.Tensor]
+
+
+def _ce(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(mean loss over labelled rows, correct count, labelled count); target -1 ignored."""
+    valid = target >= 0
+    n = valid.sum()
+    if int(n) == 0:
+        return logits.sum() * 0.0, n.float(), n.float()
+    loss = F.cross_entropy(logits[valid], target[valid])
+    correct = (logits[valid].argmax(dim=1) == target[valid]).sum()
+    return loss, correct.float(), n.float()
+
+
+def _ratio(num: float, den: float, empty: float = 0.0) -> float:
+    return float(num) / float(den) if den > 0 else empty
+
+
+class Task:
+    """Base of the per-family tasks (see module doc)."""
+
+    family: ClassVar[str] = ""
+    # DDP must look for parameters a step leaves without gradient (SAM's decoder has
+    # mask tokens that a single-mask output never uses).
+    find_unused_parameters: ClassVar[bool] = False
+
+    def __init__(self, options: Mapping[str, Any] | None = None):
+        self.options = dict(options or {})
+
+    def layout(self, input_size: int, model_args: Mapping[str, Any], *, tile: int | None = None,
+               levels: tuple[int, ...] | None = None, max_per_image: int | None = None) -> SampleLayout:
+        raise NotImplementedError
+
+    def collate(self, layout: SampleLayout, *, epoch: int, seed: int, augment_strength: float):
+        raise NotImplementedError
+
+    def step(self, model: torch.nn.Module, batch: dict[str, Any]) -> tuple[torch.Tensor, Stats]:
+        raise NotImplementedError
+
+    def metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
+        raise NotImplementedError
+
+    @staticmethod
+    def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
+        out = {}
+        for k, v in batch.items():
+            if isinstance(v, torch.Tensor):
+                out[k] = v.to(device, non_blocking=True)
+            elif isinstance(v, list):
+                out[k] = [t.to(device, non_blocking=True) for t in v]
+            else:
+                out[k] = v
+        return out
+
+    def _augment(self, cls, *, epoch: int, seed: int, strength: float):
+        return cls(strength=strength, seed=seed, epoch=epoch) if strength > 0 else None
+
+
+class ClassifierTask(Task):
+    """Material and quality grade from one tile."""
+
+    family = "classifier"
+
+    def layout(self, input_size, model_args, *, tile=None, levels=None, max_per_image=None):
+        return SampleLayout(tile or input_size, levels=levels, max_per_image=max_per_image)
+
+    def collate(self, layout, *, epoch, seed, augment_strength):
+        from engine.augment import AugmentBatch
+        from engine.training.collate import ClassifierCollate
+
+        return ClassifierCollate(self._augment(AugmentBatch, epoch=epoch, seed=seed, strength=augment_strength))
+
+    def _heads(self, out, batch) -> tuple[torch.Tensor, Stats]:
+        lm, cm, nm = _ce(out["material"], batch["material"])
+        lg, cg, ng = _ce(out["grade"], batch["grade"])
+        n = torch.tensor(float(batch["material"].shape[0]), device=lm.device)
+        loss = lm + lg
+        stats = {"n": n, "loss": loss.detach() * n, "material_loss": lm.detach() * n, "grade_loss": lg.detach() * n,
+                 "material_correct": cm, "material_n": nm, "grade_correct": cg, "grade_n": ng}
+        return loss, stats
+
+    def step(self, model, batch):
+        return self._heads(model(batch["image"]), batch)
+
+    def metrics(self, sums):
+        n = sums["n"]
+        return {
+            "loss": _ratio(sums["loss"], n), "material_loss": _ratio(sums["material_loss"], n),
+            "grade_loss": _ratio(sums["grade_loss"], n),
+            "material_acc": _ratio(sums["material_correct"], sums["material_n"]),
+            "grade_acc": _ratio(sums["grade_correct"], sums["grade_n"]),
+        }
+
+
+class FusionTask(ClassifierTask):
+    """Material, grade and per-pixel defect class from a detail tile and its context."""
+
+    family = "fusion"
+
+    def layout(self, input_size, model_args, *, tile=None, levels=None, max_per_image=None):
+        t = tile or input_size
+        return SampleLayout(t, context_tile=int(self.options.get("context_tile") or t),
+                            context_offset=int(model_args.get("context_level_offset", 2)),
+                            mask="semantic", levels=levels, max_per_image=max_per_image)
+
+    def collate(self, layout, *, epoch, seed, augment_strength):
+        from engine.training.collate import FusionCollate, PairedAugment
+
+        return FusionCollate(self._augment(PairedAugment, epoch=epoch, seed=seed, strength=augment_strength),
+                             context_offset=layout.context_offset)
+
+    def step(self, model, batch):
+        out = model(batch["image"], batch["context"])
+        loss, stats = self._heads(out, batch)
+        seg_logits, target = out["segmentation"], batch["mask"]
+        ls = F.cross_entropy(seg_logits, target)
+        pred = seg_logits.argmax(dim=1)
+        fg_pred, fg_true = pred > 0, target > 0
+        n = stats["n"]
+        stats.update(
+            loss=(loss + ls).detach() * n, seg_loss=ls.detach() * n,
+            pixels=torch.tensor(float(target.numel()), device=ls.device),
+            pixel_correct=(pred == target).sum().float(),
+            defect_intersection=(fg_pred & fg_true).sum().float(),
+            defect_union=(fg_pred | fg_true).sum().float(),
+        )
+        return loss + ls, stats
+
+    def metrics(self, sums):
+        out = super().metrics(sums)
+        out.update(
+            seg_loss=_ratio(sums["seg_loss"], sums["n"]),
+            pixel_acc=_ratio(sums["pixel_correct"], sums["pixels"]),
+            # no defect pixel predicted nor present: perfect agreement
+            defect_iou=_ratio(sums["defect_intersection"], sums["defect_union"], empty=1.0),
+        )
+        return out
+
+
+class SegmenterTask(Task):
+    """SAM: one mask per ground-truth box prompt."""
+
+    family = "segmenter"
+    find_unused_parameters = True
+
+    def layout(self, input_size, model_args, *, tile=None, levels=None, max_per_image=None):
+        return SampleLayout(tile or input_size, mask="instance", require_instances=True, levels=levels,
+                            max_per_image=max_per_image)
+
+    def collate(self, layout, *, epoch, seed, augment_strength):
+        from engine.augment import AugmentBatch
+        from engine.training.collate import SegmenterCollate
+
+        return SegmenterCollate(self._augment(AugmentBatch, epoch=epoch, seed=seed, strength=augment_strength),
+                                max_boxes=int(self.options.get("max_boxes", 16)), seed=seed)
+
+    def step(self, model, batch):
+        images, boxes, masks = batch["image"], batch["boxes"], batch["masks"]
+        outputs = model(images, boxes)
+        sam = getattr(model, "module", model)  # under DDP the Segmenter is .module
+        h, w = images.shape[-2:]
+        size = sam.input_size(h, w)
+        logits, targets, iou_pred = [], [], []
+        for out, target in zip(outputs, masks):
+            if target.shape[0] == 0:
+                continue
+            up = sam.sam.postprocess_masks(out.low_res_logits, size, (h, w))[:, 0]  # N x H x W
+            logits.append(up)
+            targets.append(target)
+            iou_pred.append(out.iou[:, 0])
+        dev = images.device
+        n_img = torch.tensor(float(images.shape[0]), device=dev)
+        if not logits:
+            # Every box fell out of frame: a zero loss that still touches every
+            # parameter, so DDP's gradient all-reduce sees the same graph on all ranks.
+            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            zeros = torch.zeros((), device=dev)
+            return zero, {"n": n_img, "boxes": zeros, "loss": zeros, "bce": zeros, "dice": zeros,
+                          "iou_mse": zeros, "iou": zeros}
+        logit, target, iou_hat = torch.cat(logits), torch.cat(targets), torch.cat(iou_pred)
+        bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none").mean(dim=(1, 2))
+        prob = torch.sigmoid(logit)
+        inter = (prob * target).sum(dim=(1, 2))
+        dice = 1.0 - (2.0 * inter + 1.0) / (prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1.0)
+        hard = logit > 0
+        truth = target > 0.5
+        union = (hard | truth).sum(dim=(1, 2)).float()
+        iou = torch.where(union > 0, (hard & truth).sum(dim=(1, 2)).float() / union.clamp(min=1), torch.ones_like(union))
+        iou_mse = (iou_hat - iou.detach()) ** 2
+        per_box = bce + dice + iou_mse
+        loss = per_box.mean()
+        k = torch.tensor(float(len(per_box)), device=dev)
+        return loss, {"n": n_img, "boxes": k, "loss": per_box.detach().sum(), "bce": bce.detach().sum(),
+                      "dice": dice.detach().sum(), "iou_mse": iou_mse.detach().sum(), "iou": iou.detach().sum()}
+
+    def metrics(self, sums):
+        k = sums["boxes"]
+        return {"loss": _ratio(sums["loss"], k), "bce": _ratio(sums["bce"], k), "dice_loss": _ratio(sums["dice"], k),
+                "iou_mse": _ratio(sums["iou_mse"], k), "mask_iou": _ratio(sums["iou"], k)}
+
+
+TASKS: dict[str, type[Task]] = {t.family: t for t in (ClassifierTask, FusionTask, SegmenterTask)}
+
+
+def make_task(family: str, options: Mapping[str, Any] | None = None) -> Task:
+    """The task for a model family; detectors train through Ultralytics, not here."""
+    if family not in TASKS:
+        raise UnknownNameError(
+            f"no Ray Train task for model family {family!r}; trainable families: {', '.join(TASKS)} "
+            "(detectors train through engine.models.detector)"
+        )
+    return TASKS[family](options)

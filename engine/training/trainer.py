@@ -1,0 +1,325 @@
+"""`train`: plan the samples, run the Ray Train loop, register the result.
+
+    from engine.training import train
+    result = train("fusion", "fusion_tiny", "s3://lab/archive", storage_path="/runs",
+                   epochs=5, num_workers=2, register_as="fusion-prod")
+    result.history[-1]["val_defect_iou"], result.checkpoint_path, result.model_version
+
+On the driver: the samples are planned from the archive's catalog and ground truth
+(no pixels), split into train and validation, and handed to a TorchTrainer as Ray
+Datasets that read their pixels in Ray tasks. The workers run engine.training.loop.
+Checkpoints go to `<storage_path>/<run_name>/epoch_NNNN/` after every epoch; a worker
+that dies makes Ray Train restart the worker group (up to `max_failures` times), and the
+loop resumes from the latest checkpoint. Starting `train` again with the same
+`run_name` and `storage_path` resumes that run the same way.
+
+Metrics go to MLflow (one run per training run in the `grainflow-training`
+experiment), at the registry's tracking URI when a registry is given, else at
+`tracking_uri` resolved by engine.registry's rules. With `register_as`, the final
+model file is registered with its config, final metrics and sha256, and optionally
+promoted to `production`.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import tempfile
+import time
+import uuid
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.data.sample_plan import SampleLayout, SampleSpec, plan_samples, split_specs
+from engine.errors import GrainflowError
+from engine.training.loop import LoopConfig
+
+
+class TrainingError(GrainflowError):
+    """A training run that cannot start or did not finish."""
+
+
+@dataclass(frozen=True)
+class TrainResult:
+    """What a finished run produced.
+
+    history: one dict of metrics per epoch (train_*, val_*, train_samples_per_s, epoch).
+    checkpoint_path: the final checkpoint directory in storage (local path or URI).
+    model_sha256: sha256 of the final checkpoint's model.safetensors.
+    model_version: the registered version ("name/version" in `.ref`), or None.
+    run_id: the MLflow run holding the per-epoch metrics.
+    seconds: wall time of the Ray Train run (workers start to last report), s.
+    """
+
+    family: str
+    model_name: str
+    run_name: str
+    history: list[dict[str, float]]
+    checkpoint_path: str
+    model_sha256: str
+    run_id: str | None
+    tracking_uri: str
+    train_samples: int
+    val_samples: int
+    seconds: float
+    model_version: Any = None
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        """The last epoch's metrics."""
+        return self.history[-1] if self.history else {}
+
+    def summary(self) -> dict[str, Any]:
+        """A JSON-serialisable summary (what jobs.finetune prints)."""
+        mv = self.model_version
+        return {
+            "family": self.family, "model": self.model_name, "run_name": self.run_name,
+            "epochs": len(self.history), "metrics": self.metrics,
+            "history": self.history, "checkpoint": self.checkpoint_path, "sha256": self.model_sha256,
+            "mlflow_run_id": self.run_id, "tracking_uri": self.tracking_uri,
+            "train_samples": self.train_samples, "val_samples": self.val_samples,
+            "seconds": round(self.seconds, 3),
+            "model_version": None if mv is None else mv.ref,
+            "aliases": [] if mv is None else list(mv.aliases),
+        }
+
+
+def _label_orders(family: str, args: dict[str, Any]) -> dict[str, tuple[str, ...]]:
+    """The model's class orders: its config's, else the defaults the builder fills in."""
+    from engine.models import labels
+
+    return {
+        "materials": tuple(args.get("materials") or labels.material_names()),
+        "grades": tuple(args.get("grades") or labels.GRADES),
+        "defect_classes": tuple(args.get("defect_classes") or labels.defect_class_names()),
+    }
+
+
+def _storage(storage_path: str | os.PathLike) -> str:
+    """Ray Train's storage_path: an absolute local path, or an s3:// URI as given."""
+    text = os.fspath(storage_path)
+    if "://" in text and not text.startswith("file://"):
+        return text
+    if text.startswith("file://"):
+        text = text[len("file://"):]
+    return os.path.abspath(os.path.expanduser(text))
+
+
+def _auto_gpu(num_workers: int) -> bool:
+    """GPUs when the cluster has one for every worker; CPUs otherwise."""
+    import ray
+
+    return ray.cluster_resources().get("GPU", 0) >= num_workers
+
+
+def plan_training(
+    family: str,
+    model_name: str,
+    archive: str,
+    *,
+    val_archive: str | None = None,
+    val_fraction: float = 0.2,
+    tile_size: int | None = None,
+    levels: Sequence[int] | None = None,
+    max_samples_per_image: int | None = None,
+    num_workers: int = 2,
+    seed: int = 0,
+    overrides: dict[str, Any] | None = None,
+    task_options: dict[str, Any] | None = None,
+) -> tuple[SampleLayout, list[SampleSpec], list[SampleSpec]]:
+    """(layout, train specs, val specs) for a model: metadata only, no pixels.
+
+    Validation tiles come from `val_archive` when given, else a seeded `val_fraction`
+    of the archive's tiles (val_fraction=0: no validation).
+    """
+    from engine.models import get_config
+    from engine.training.tasks import make_task
+
+    config = get_config(family, model_name)  # unknown names list the valid ones
+    task = make_task(family, task_options)
+    args = {**config.args, **(overrides or {})}
+    layout = task.layout(config.input_size, args, tile=tile_size,
+                         levels=None if levels is None else tuple(levels), max_per_image=max_samples_per_image)
+    orders = _label_orders(family, args)
+    specs = plan_samples(archive, layout, seed=seed, **orders)
+    if val_archive is not None:
+        train_specs = specs
+        val_specs = plan_samples(val_archive, layout, seed=seed + 1, **orders)
+    else:
+        train_specs, val_specs = split_specs(specs, val_fraction, seed=seed, min_each=num_workers)
+    if len(train_specs) < num_workers:
+        raise TrainingError(
+            f"{archive}: {len(train_specs)} training samples for {num_workers} workers; every worker needs at "
+            f"least one (layout: tile {layout.tile}, levels {layout.levels or 'all'})"
+        )
+    if val_specs and len(val_specs) < num_workers:
+        raise TrainingError(f"{val_archive}: {len(val_specs)} validation samples for {num_workers} workers")
+    return layout, train_specs, val_specs
+
+
+def train(
+    family: str,
+    model_name: str,
+    archive: str,
+    *,
+    storage_path: str | os.PathLike,
+    epochs: int,
+    num_workers: int = 2,
+    use_gpu: bool | None = None,
+    batch_size: int = 16,
+    lr: float = 1e-3,
+    weight_decay: float = 1e-4,
+    augment: bool | float = True,
+    seed: int = 0,
+    val_fraction: float = 0.2,
+    val_archive: str | None = None,
+    tile_size: int | None = None,
+    levels: Sequence[int] | None = None,
+    max_samples_per_image: int | None = None,
+    max_failures: int = 2,
+    keep_checkpoints: int | None = None,
+    run_name: str | None = None,
+    registry: Any = None,
+    tracking_uri: str | None = None,
+    register_as: str | None = None,
+    promote: bool = False,
+    overrides: dict[str, Any] | None = None,
+    task_options: dict[str, Any] | None = None,
+    progress_dir: str | os.PathLike | None = None,
+) -> TrainResult:
+    """Train a registered model on an archive with Ray Train (module doc).
+
+    family / model_name: "classifier" | "fusion" | "segmenter" and a registered config
+      (engine.models.list_models(family)).
+    archive, val_archive: archive URIs (local path, file://, s3://).
+    storage_path: where checkpoints go (local path or s3:// URI); the run lives in
+      `<storage_path>/<run_name>`.
+    epochs: total epochs (a resumed run counts the ones already done).
+    num_workers: DDP workers; use_gpu: None picks GPUs when the cluster has one per worker.
+    batch_size: rows per worker per step; lr, weight_decay: AdamW's.
+    augment: True (strength 0.5), False, or a strength in [0, 1] (engine.augment).
+    val_fraction: share of the archive's tiles held out for validation when no
+      val_archive is given (0: none).
+    tile_size, levels, max_samples_per_image: override the sample layout (default: the
+      config's input size, every pyramid level a tile fits in, all tiles).
+    max_failures: worker-group restarts Ray Train may make (FailureConfig).
+    keep_checkpoints: how many checkpoints to keep in storage (None: all).
+    registry / tracking_uri: an engine.registry.ModelRegistry, whose tracking URI the
+      metrics use too; else metrics go to `tracking_uri` (engine.registry's resolution).
+    register_as: register the final model under this name; promote: also make it
+      `register_as@production`.
+    overrides: builder-argument overrides of the model config.
+    task_options: per-family extras (segmenter: max_boxes; fusion: context_tile).
+    progress_dir: local folder for per-rank progress lines (see loop.LoopConfig).
+    """
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from engine.data.training_samples import training_dataset
+    from engine.training import mlflow_metrics
+    from engine.training.checkpointing import MODEL_FILE, read_state
+    from engine.training.loop import train_loop_per_worker
+
+    if epochs < 1 or num_workers < 1 or batch_size < 1:
+        raise TrainingError(f"epochs ({epochs}), num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
+    strength = (0.5 if augment else 0.0) if isinstance(augment, bool) else float(augment)
+    if not 0.0 <= strength <= 1.0:
+        raise TrainingError(f"augment strength must be in [0, 1], got {augment!r}")
+    if promote and not register_as:
+        raise TrainingError("promote needs register_as (the registered name to promote)")
+
+    layout, train_specs, val_specs = plan_training(
+        family, model_name, archive, val_archive=val_archive, val_fraction=val_fraction, tile_size=tile_size,
+        levels=levels, max_samples_per_image=max_samples_per_image, num_workers=num_workers, seed=seed,
+        overrides=overrides, task_options=task_options)
+
+    if not ray.is_initialized():
+        ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+    if use_gpu is None:
+        use_gpu = _auto_gpu(num_workers)
+    if registry is None and register_as:
+        from engine.registry import ModelRegistry
+
+        registry = ModelRegistry(tracking_uri)
+    uri = registry.tracking_uri if registry is not None else mlflow_metrics.tracking_uri(tracking_uri)
+    run_name = run_name or f"{family}-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
+    storage = _storage(storage_path)
+
+    datasets = {"train": training_dataset(train_specs, layout)}
+    if val_specs:
+        datasets["val"] = training_dataset(val_specs, layout)
+    run_id = mlflow_metrics.start_run(uri, run_name=run_name, params={
+        "family": family, "model": model_name, "archive": str(archive), "val_archive": str(val_archive),
+        "epochs": epochs, "num_workers": num_workers, "use_gpu": use_gpu, "batch_size": batch_size, "lr": lr,
+        "weight_decay": weight_decay, "augment_strength": strength, "seed": seed, "tile": layout.tile,
+        "context_tile": layout.context_tile, "train_samples": len(train_specs), "val_samples": len(val_specs),
+        "storage_path": storage,
+    }, tags={"grainflow.family": family, "grainflow.model": model_name})
+
+    loop_config = LoopConfig(
+        family=family, model_name=model_name, layout=layout, epochs=epochs, batch_size=batch_size, lr=lr,
+        weight_decay=weight_decay, seed=seed, augment_strength=strength, overrides=dict(overrides or {}),
+        task_options=dict(task_options or {}), tracking_uri=uri, mlflow_run_id=run_id,
+        progress_dir=None if progress_dir is None else os.path.abspath(progress_dir), validate=bool(val_specs),
+    )
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config.to_dict(),
+        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+        run_config=RunConfig(
+            name=run_name, storage_path=storage,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+        ),
+        datasets=datasets,
+    )
+    start = time.perf_counter()
+    try:
+        result = trainer.fit()
+        if getattr(result, "error", None) is not None:
+            raise TrainingError(f"training run {run_name!r} failed: {result.error}") from result.error
+        if result.checkpoint is None:
+            raise TrainingError(f"training run {run_name!r} finished without a checkpoint")
+    except BaseException:
+        mlflow_metrics.end_run(uri, run_id, "FAILED")
+        raise
+    seconds = time.perf_counter() - start
+
+    from engine.models.checkpoint import read_sidecar, verify_sha256
+
+    with tempfile.TemporaryDirectory(prefix="grainflow-final-") as tmp:
+        local = Path(result.checkpoint.to_directory(tmp))
+        state = read_state(local)
+        model_file = local / MODEL_FILE
+        digest = verify_sha256(model_file, read_sidecar(model_file))  # intact after the trip through storage
+        version = None
+        if register_as:
+            final = {k: float(v) for k, v in state.history[-1].items()
+                     if isinstance(v, (int, float)) and math.isfinite(float(v))}
+            version = registry.register(
+                register_as, model_file, family=family,
+                config={"model": _model_config(local / MODEL_FILE), "training": {
+                    "archive": str(archive), "epochs": state.epoch, "batch_size": batch_size, "lr": lr,
+                    "weight_decay": weight_decay, "num_workers": num_workers, "augment_strength": strength,
+                    "seed": seed, "tile": layout.tile, "context_tile": layout.context_tile,
+                    "train_samples": len(train_specs), "val_samples": len(val_specs), "run_name": run_name,
+                }},
+                metrics=final, tags={"training_run": run_id},
+            )
+            if promote:
+                version = registry.promote(register_as, version.version)
+    mlflow_metrics.end_run(uri, run_id, "FINISHED")
+    return TrainResult(
+        family=family, model_name=model_name, run_name=run_name, history=state.history,
+        checkpoint_path=str(result.checkpoint.path), model_sha256=digest, run_id=run_id, tracking_uri=uri,
+        train_samples=len(train_specs), val_samples=len(val_specs), seconds=seconds, model_version=version,
+    )
+
+
+def _model_config(path: Path) -> dict[str, Any]:
+    from engine.models.checkpoint import read_config
+
+    return read_config(path).to_dict()
