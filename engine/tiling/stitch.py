@@ -1,0 +1,198 @@
+"""Stitching per-tile results into per-image results, in level-0 coordinates.
+
+Boxes (all xyxy, edge coordinates, see `engine.tiling.transform`):
+
+1. *Ownership*: a tile keeps a box only if the box's centre lies in its core (half-open
+   ``[x0, x1) x [y0, y1)`` in level 0). Cores partition the image, so a defect the model
+   sees twice (in one tile's core and in its neighbour's halo) is kept once.
+2. *Border merge*: a defect cut by a core border can leave a piece in each tile whose
+   centres fall on either side. Two boxes are merged (their union, the higher score)
+   when they share a class, come from tiles whose cores touch along a border line L,
+   each reaches L from its own side (within `touch` pixels, or beyond it into the
+   halo), and their extents *along* L overlap by at least `min_overlap` of the shorter
+   one. Merging is transitive (union-find), so a defect cut at a corner into four
+   pieces becomes one box. Two objects that sit near a border without reaching it are
+   never merged, nor are two that reach it at different places along it.
+3. *NMS*: class-aware greedy non-maximum suppression in level-0 coordinates removes
+   what is left of duplicates (e.g. two full views of one defect centred on a border).
+
+Masks: `crop_to_core` cuts a tile's mask to its core, so each tile writes only its own
+chunk-aligned core and every output chunk has exactly one writer.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from dataclasses import dataclass, field
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class TileBoxes:
+    """Detections of one tile, already mapped to level 0 (`TileSpec.boxes_to_level0`).
+
+    core: the tile's core, level-0 xyxy (`TileSpec.core_level0()`).
+    boxes: N x 4 float xyxy in level-0 pixels; scores: N floats; classes: N ints.
+    """
+
+    core: tuple[float, float, float, float]
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+
+
+@dataclass(frozen=True)
+class StitchedBoxes:
+    """One image's objects: boxes N x 4 float64 level-0 xyxy, scores N, classes N int64;
+    parts: N ints, how many tile boxes were merged into each object."""
+
+    boxes: np.ndarray
+    scores: np.ndarray
+    classes: np.ndarray
+    parts: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64))
+
+    def __len__(self) -> int:
+        return len(self.boxes)
+
+
+def crop_to_core(array: np.ndarray, halo: tuple[int, int, int, int]) -> np.ndarray:
+    """The core of a (..., H, W) tile array read with `halo` (top, bottom, left, right)."""
+    top, bottom, left, right = (int(v) for v in halo)
+    h, w = array.shape[-2:]
+    if top + bottom > h or left + right > w:
+        raise ValueError(f"halo {tuple(halo)} is larger than the tile {array.shape[-2:]}")
+    return array[..., top : h - bottom, left : w - right]
+
+
+def owned(boxes: np.ndarray, core: tuple[float, float, float, float]) -> np.ndarray:
+    """Boolean mask of the boxes (N x 4 level-0 xyxy) whose centre lies in `core` (half open)."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
+    x0, y0, x1, y1 = core
+    return (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
+
+
+def stitch_boxes(tiles, *, iou_threshold: float = 0.5, touch: float = 1.0, min_overlap: float = 0.5) -> StitchedBoxes:
+    """Per-tile detections (an iterable of `TileBoxes`) -> one set of objects for the image.
+
+    touch: how close (level-0 pixels) a box edge must come to a border to count as cut.
+    min_overlap: overlap along the border, as a fraction of the shorter box, to merge.
+    """
+    boxes, scores, classes, cores = [], [], [], []
+    for t in tiles:
+        b = np.asarray(t.boxes, dtype=np.float64).reshape(-1, 4)
+        keep = owned(b, t.core)
+        boxes.append(b[keep])
+        scores.append(np.asarray(t.scores, dtype=np.float64).reshape(-1)[keep])
+        classes.append(np.asarray(t.classes, dtype=np.int64).reshape(-1)[keep])
+        cores.append(np.broadcast_to(np.asarray(t.core, dtype=np.float64), (int(keep.sum()), 4)))
+    if not boxes:
+        return StitchedBoxes(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+    b, s, c, k = (np.concatenate(v) for v in (boxes, scores, classes, cores))
+    groups = _border_groups(b, c, k, touch=touch, min_overlap=min_overlap)
+    mb, ms, mc, parts = _merge_groups(b, s, c, groups)
+    keep = nms(mb, ms, mc, iou_threshold)
+    return StitchedBoxes(mb[keep], ms[keep], mc[keep], parts[keep])
+
+
+def _border_groups(boxes, classes, cores, *, touch: float, min_overlap: float) -> np.ndarray:
+    """Union-find group id per box, joining pieces of one defect cut by core borders."""
+    parent = np.arange(len(boxes))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    # Bucket border-reaching boxes by the border line they reach and the side they come
+    # from: only boxes on opposite sides of one line can be pieces of one defect.
+    lines: dict[tuple[str, float], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for i, ((x0, y0, x1, y1), (cx0, cy0, cx1, cy1)) in enumerate(zip(boxes, cores)):
+        if x1 >= cx1 - touch:
+            lines[("x", cx1)][0].append(i)
+        if x0 <= cx0 + touch:
+            lines[("x", cx0)][1].append(i)
+        if y1 >= cy1 - touch:
+            lines[("y", cy1)][0].append(i)
+        if y0 <= cy0 + touch:
+            lines[("y", cy0)][1].append(i)
+    for (axis, _), (before, after) in lines.items():
+        if not before or not after:
+            continue
+        a, b = np.array(before), np.array(after)
+        # Along-line extent: y for a vertical line (axis "x"), x for a horizontal one.
+        lo, hi = (1, 3) if axis == "x" else (0, 2)
+        ba, bb = boxes[a][:, None, :], boxes[b][None, :, :]
+        ka, kb = cores[a][:, None, :], cores[b][None, :, :]
+        overlap = np.minimum(ba[..., hi], bb[..., hi]) - np.maximum(ba[..., lo], bb[..., lo])
+        shorter = np.minimum(ba[..., hi] - ba[..., lo], bb[..., hi] - bb[..., lo])
+        cores_touch = (ka[..., lo] <= kb[..., hi]) & (kb[..., lo] <= ka[..., hi])
+        same = classes[a][:, None] == classes[b][None, :]
+        hit = same & cores_touch & (overlap > 0) & (overlap >= min_overlap * shorter)
+        for i, j in zip(*np.nonzero(hit)):
+            ri, rj = find(int(a[i])), find(int(b[j]))
+            if ri != rj:
+                parent[max(ri, rj)] = min(ri, rj)
+    return np.array([find(i) for i in range(len(boxes))], dtype=np.int64)
+
+
+def _merge_groups(boxes, scores, classes, groups):
+    ids, inverse, counts = np.unique(groups, return_inverse=True, return_counts=True)
+    n = len(ids)
+    out = np.empty((n, 4))
+    out[:, :2] = np.inf
+    out[:, 2:] = -np.inf
+    np.minimum.at(out[:, 0], inverse, boxes[:, 0])
+    np.minimum.at(out[:, 1], inverse, boxes[:, 1])
+    np.maximum.at(out[:, 2], inverse, boxes[:, 2])
+    np.maximum.at(out[:, 3], inverse, boxes[:, 3])
+    best = np.full(n, -np.inf)
+    np.maximum.at(best, inverse, scores)
+    cls = np.zeros(n, np.int64)
+    cls[inverse] = classes  # one class per group: merging is class-aware
+    return out, best, cls, counts.astype(np.int64)
+
+
+def box_iou(box: np.ndarray, others: np.ndarray) -> np.ndarray:
+    """IoU of one xyxy box with each of M boxes (M x 4)."""
+    ix = np.clip(np.minimum(box[2], others[:, 2]) - np.maximum(box[0], others[:, 0]), 0, None)
+    iy = np.clip(np.minimum(box[3], others[:, 3]) - np.maximum(box[1], others[:, 1]), 0, None)
+    inter = ix * iy
+    area = (box[2] - box[0]) * (box[3] - box[1])
+    areas = (others[:, 2] - others[:, 0]) * (others[:, 3] - others[:, 1])
+    union = area + areas - inter
+    return np.divide(inter, union, out=np.zeros_like(inter), where=union > 0)
+
+
+def nms(boxes: np.ndarray, scores: np.ndarray, classes: np.ndarray, iou_threshold: float = 0.5) -> np.ndarray:
+    """Indices of the boxes kept by class-aware greedy NMS, best score first.
+
+    Candidates for suppression are found through boxes sorted by x0 (a box can only
+    overlap boxes whose x0 lies within the widest box's width of its own), so an image
+    with many objects costs about N log N, not N**2.
+    """
+    boxes = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    scores = np.asarray(scores, dtype=np.float64).reshape(-1)
+    classes = np.asarray(classes).reshape(-1)
+    kept: list[int] = []
+    for cls in np.unique(classes):
+        idx = np.nonzero(classes == cls)[0]
+        b = boxes[idx]
+        by_x = np.argsort(b[:, 0], kind="stable")
+        x0_sorted = b[by_x, 0]
+        widest = float((b[:, 2] - b[:, 0]).max()) if len(b) else 0.0
+        alive = np.ones(len(idx), bool)
+        for i in np.lexsort((idx, -scores[idx])):  # score descending, index breaks ties
+            if not alive[i]:
+                continue
+            kept.append(int(idx[i]))
+            lo = np.searchsorted(x0_sorted, b[i, 0] - widest, "left")
+            hi = np.searchsorted(x0_sorted, b[i, 2], "right")
+            cand = by_x[lo:hi]
+            cand = cand[alive[cand] & (cand != i)]
+            if len(cand):
+                alive[cand[box_iou(b[i], b[cand]) > iou_threshold]] = False
+    kept.sort(key=lambda j: (-scores[j], j))
+    return np.array(kept, dtype=np.int64)
