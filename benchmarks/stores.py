@@ -99,7 +99,7 @@ def readers(path: Path, regions, batch: int):
     }
 
 
-def s3_ratio(workdir: Path, regions, batch: int, repeats: int) -> dict:
+def s3_ratio(workdir: Path, tile: int, n_tiles: int, batch: int, repeats: int) -> dict:
     import s3fs
     from moto.server import ThreadedMotoServer
 
@@ -117,7 +117,7 @@ def s3_ratio(workdir: Path, regions, batch: int, repeats: int) -> dict:
         fs = s3fs.S3FileSystem()
         fs.call_s3("create_bucket", Bucket="grainflow-bench")
         fs.put(str(local), "grainflow-bench/a.ome.zarr", recursive=True)
-        regions = [r for r in regions if r[1] <= side and r[3] <= side]
+        regions = tile_regions(side, tile, n_tiles, seed=2)
         nbytes = sum((y1 - y0) * (x1 - x0) * 2 for y0, y1, x0, x1 in regions)
         out = {"image": f"{side}x{side} uint16 ({side * side * 2 / 2**20:.0f} MiB)", "tiles": len(regions)}
         for name, uri in (("local", local), ("s3", "s3://grainflow-bench/a.ome.zarr")):
@@ -195,7 +195,7 @@ def main() -> None:
         "engine_over_faster_peer": round(rates["engine_read_regions"] / rates[faster_peer], 3),
     }
     if not args.skip_s3:
-        result["s3"] = s3_ratio(args.workdir, regions, args.batch, args.repeats)
+        result["s3"] = s3_ratio(args.workdir, args.tile, args.tiles, args.batch, args.repeats)
     if not args.skip_synth:
         result["synth_one_core"] = synth_rate(args.workdir, args.synth_size, n_images=12)
     print(json.dumps(result, indent=2))
