@@ -1,0 +1,83 @@
+"""Fine-tune a model on an archive with Ray Train; prints a JSON summary as its last line.
+
+    python -m jobs.finetune --model fusion:fusion_tiny --archive s3://lab/archive \\
+        --storage s3://lab/runs --epochs 5 --workers 2 --register fusion --promote
+
+`--model FAMILY:NAME` names a registered config (classifier, fusion or segmenter;
+`grainflow models` lists them). Submitted as a Ray job it joins that cluster
+(RAY_ADDRESS); run directly it starts a local Ray. Exit status: 0 done, 2 bad input
+(the message names it), 1 anything else. See engine.training.train for the arguments.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m jobs.finetune", description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True, help="FAMILY:NAME, e.g. fusion:fusion_tiny")
+    p.add_argument("--archive", required=True, help="archive URI (local path, file://, s3://)")
+    p.add_argument("--storage", required=True, help="checkpoint storage (local path or s3:// URI)")
+    p.add_argument("--epochs", type=int, default=5)
+    p.add_argument("--workers", type=int, default=2, help="DDP workers")
+    p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="use GPUs (auto: when the cluster has one per worker)")
+    p.add_argument("--batch-size", type=int, default=16, help="rows per worker per step")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--augment", type=float, default=0.5, help="augmentation strength in [0, 1]; 0 turns it off")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--val-archive", default=None, help="validation archive (default: hold out --val-fraction of the tiles)")
+    p.add_argument("--val-fraction", type=float, default=0.2)
+    p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: the model's input size)")
+    p.add_argument("--max-samples-per-image", type=int, default=None)
+    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed")
+    p.add_argument("--run-name", default=None, help="run name in storage; an existing run's name resumes it")
+    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the embedded store)")
+    p.add_argument("--register", default=None, metavar="NAME", help="register the final model under NAME")
+    p.add_argument("--promote", action="store_true", help="make the registered version NAME@production")
+    args = p.parse_args(argv)
+    family, sep, name = args.model.partition(":")
+    if not sep or not family or not name:
+        p.error(f"--model must be FAMILY:NAME (e.g. fusion:fusion_tiny), got {args.model!r}")
+    args.family, args.model_name = family, name
+    if args.promote and not args.register:
+        p.error("--promote needs --register NAME")
+    return args
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parse_args(argv)
+
+    import ray
+
+    from engine.errors import GrainflowError
+    from engine.runtime import configure_offline
+    from engine.training import train
+
+    configure_offline()
+    ray.init()  # RAY_ADDRESS (a submitted job) joins that cluster; otherwise a local Ray
+    try:
+        result = train(
+            args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
+            num_workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
+            batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
+            val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
+            max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
+            run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,
+            promote=args.promote,
+        )
+    except GrainflowError as exc:
+        print(f"finetune: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        # Before printing: workers' log lines reach the driver asynchronously and must
+        # not land after the summary line.
+        ray.shutdown()
+    print(json.dumps(result.summary(), sort_keys=True), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
