@@ -80,6 +80,12 @@ class TileSpec:
         return self.transform.level0_origin(self.y0, self.x0)
 
     @property
+    def read_origin0(self) -> tuple[float, float]:
+        """Level-0 edge coordinates (y, x) of the read array's top-left corner."""
+        y0, _, x0, _ = self.read_region
+        return self.transform.to_level0(y0, x0)
+
+    @property
     def key(self) -> TileKey:
         """(image_id, level, y, x) with level-0 y, x: the ledger / skip-set key."""
         y, x = self.origin0
