@@ -6,7 +6,8 @@ and put together in image pixels. They are compared with the archive's ground-tr
 boxes, whole (not cut by tiles), with Ultralytics' matching rule (a prediction, in
 order of score, takes the unclaimed box of its class it overlaps most, per IoU
 threshold) and Ultralytics' `ap_per_class` (COCO's 101-point interpolated AP), so the
-figures read like those of Ultralytics' validator.
+figures read like those of Ultralytics' validator; as there, a flawless detector scores
+0.995 (the precision envelope ends at recall 1 with precision 0).
 """
 
 from __future__ import annotations
