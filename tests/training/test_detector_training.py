@@ -171,6 +171,20 @@ class TestArchiveTileDataset:
             ds[i]
         assert files_under(archive) == before and files_under(tmp_path) == set()
 
+    def test_pickles_for_spawned_workers(self, tiles):
+        """On a GPU the loader's workers are spawned: the dataset crosses by pickle and
+        reopens its stores there (its open readers stay behind)."""
+        import pickle
+
+        from engine.training.detector.dataset import ArchiveTileDataset
+
+        ds = ArchiveTileDataset(tiles, class_names=NAMES, imgsz=128, augment=False)
+        i = next(i for i, t in enumerate(tiles) if t.is_cut)
+        a = ds[i]
+        b = pickle.loads(pickle.dumps(ds))[i]
+        assert np.array_equal(a["img"].numpy(), b["img"].numpy())
+        assert np.array_equal(a["bboxes"].numpy(), b["bboxes"].numpy()) and np.array_equal(a["cls"], b["cls"])
+
     def test_disk_cache_is_refused(self, tiles):
         from engine.training.detector.dataset import ArchiveTileDataset
 

@@ -1,25 +1,27 @@
 """Detection accuracy on whole images of an archive: AP per class and per material.
 
-The detector sees each image the way the pipeline will: at one pyramid level, in tiles
-with a halo, predictions kept where their centre falls in the tile's own (core) part
-and put together in image pixels. They are compared with the archive's ground-truth
-boxes, whole (not cut by tiles), with Ultralytics' matching rule (a prediction, in
-order of score, takes the unclaimed box of its class it overlaps most, per IoU
-threshold) and Ultralytics' `ap_per_class` (COCO's 101-point interpolated AP), so the
-figures read like those of Ultralytics' validator; as there, a flawless detector scores
-0.995 (the precision envelope ends at recall 1 with precision 0).
+The detector sees each image the way the pipeline does: at one pyramid level, cut by
+engine.tiling's `TileGrid` into chunk-aligned cores read with a halo, and its per-tile
+boxes put together with engine.tiling's `stitch_boxes` (a box belongs to the core that
+holds its centre; pieces of one defect cut by a core border are merged; NMS) in
+level-0 pixels. They are compared with the archive's ground-truth boxes, whole (not cut
+by tiles), with Ultralytics' matching rule (a prediction, in order of score, takes the
+unclaimed box of its class it overlaps most, per IoU threshold) and Ultralytics'
+`ap_per_class` (COCO's 101-point interpolated AP), so the figures read like those of
+Ultralytics' validator; as there, a flawless detector scores 0.995 (the precision
+envelope ends at recall 1 with precision 0).
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import numpy as np
 
 from engine.stores.uri import StoreLocation, resolve
 from engine.training.detector.pixels import ImageCache
-from engine.training.detector.tiles import grid_starts, image_entries, image_truth, read_ground_truth
+from engine.training.detector.tiles import image_entries, image_truth, read_ground_truth
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
@@ -84,43 +86,39 @@ def box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
 
 
-def _owned(starts: list[int], size: int, length: int) -> list[tuple[float, float]]:
-    """The part of each tile along one axis that owns detections: from the middle of the
-    overlap with the previous tile to the middle of the overlap with the next one."""
-    cuts = [0.0] + [(starts[i] + size + starts[i + 1]) / 2 for i in range(len(starts) - 1)] + [float(length)]
-    return list(zip(cuts[:-1], cuts[1:]))
+def grid_tile(chunks: tuple[int, int], tile: int) -> tuple[int, int]:
+    """The core size for a wanted side `tile`: the largest multiple of each chunk side
+    not above it (at least one chunk), as engine.tiling's grids require."""
+    return tuple(max(c, (tile // c) * c) for c in chunks)
 
 
-def predict_image(detector, reader: ImageCache, image: StoreLocation, level: int, shape: tuple[int, int], *,
-                  tile: int = 1024, halo: int = 128, batch: int = 4, conf: float = 0.001, iou: float = 0.7,
+def predict_image(detector, reader: ImageCache, image_id: str, image: StoreLocation, level: int, *,
+                  tile: int = 1024, halo: int = 64, batch: int = 4, conf: float = 0.001, iou: float = 0.7,
                   max_det: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Detections in one image: (N x 4 float32 xyxy in pixels of `level`, N scores, N classes),
-    sorted by score.
+    """Detections in one image: (N x 4 float64 xyxy in level-0 pixels, N scores, N int64
+    classes), sorted by score.
 
-    Tiles of side `tile` overlap by 2 * `halo`; a detection is kept by the tile whose
-    owned part holds its centre, so a defect up to ~`halo` pixels across that a tile edge
-    cuts is reported once, whole, by a neighbour. Images up to `tile` are one tile.
+    The level is cut into cores of about `tile` pixels (chunk multiples) read with
+    `halo` pixels of context on each side; tiles of one read shape go to the detector
+    `batch` at a time. An image up to `tile` pixels a side is one tile.
     """
-    h, w = shape
-    th, tw = min(tile, h), min(tile, w)
-    ys, xs = grid_starts(h, th, min(2 * halo, th - 1)), grid_starts(w, tw, min(2 * halo, tw - 1))
-    own_y, own_x = _owned(ys, th, h), _owned(xs, tw, w)
-    windows = [(y0, x0, oy, ox) for y0, oy in zip(ys, own_y) for x0, ox in zip(xs, own_x)]
-    boxes, scores, classes = [], [], []
-    for i in range(0, len(windows), batch):
-        part = windows[i:i + batch]
-        pixels = reader.get(image).read_regions(level, [(y0, y0 + th, x0, x0 + tw) for y0, x0, _, _ in part])
-        for (y0, x0, (oy0, oy1), (ox0, ox1)), det in zip(part, detector.predict(np.stack(pixels), conf=conf, iou=iou,
-                                                                                max_det=max_det)):
-            b = det.boxes + np.array([x0, y0, x0, y0], np.float32)
-            cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-            keep = (cy >= oy0) & (cy < oy1) & (cx >= ox0) & (cx < ox1)
-            boxes.append(b[keep])
-            scores.append(det.scores[keep])
-            classes.append(det.classes[keep])
-    b, s, c = np.concatenate(boxes), np.concatenate(scores), np.concatenate(classes)
-    order = np.argsort(-s, kind="stable")
-    return b[order], s[order], c[order]
+    from engine.tiling import TileBoxes, TileGrid, stitch_boxes
+
+    img = reader.get(image)
+    grid = TileGrid.from_image(img, image_id, level, tile=grid_tile(img.levels[level].chunks, tile), halo=halo)
+    by_shape: dict[tuple[int, int], list] = {}
+    for spec in grid:
+        by_shape.setdefault(spec.read_shape, []).append(spec)
+    found = []
+    for group in by_shape.values():
+        for part in (group[i:i + batch] for i in range(0, len(group), batch)):
+            pixels = img.read_regions(level, [spec.read_region for spec in part])
+            dets = detector.predict(np.stack(pixels), conf=conf, iou=iou, max_det=max_det)
+            found.extend(TileBoxes(spec.core_level0(), spec.boxes_to_level0(d.boxes), d.scores, d.classes)
+                         for spec, d in zip(part, dets))
+    stitched = stitch_boxes(found, iou_threshold=iou)
+    order = np.argsort(-stitched.scores, kind="stable")
+    return stitched.boxes[order], stitched.scores[order], stitched.classes[order].astype(np.int64)
 
 
 def _ap50(tp, conf, pred_cls, target_cls, names) -> tuple[dict[str, float], dict[str, float]]:
@@ -141,14 +139,15 @@ def _mean(values) -> float:
 
 
 def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list[str] | None = None,
-                      pixel_size_nm: float | None = None, tile: int = 1024, halo: int = 128, batch: int = 4,
+                      pixel_size_nm: float | None = None, tile: int = 1024, halo: int = 64, batch: int = 4,
                       conf: float = 0.001, iou: float = 0.7, max_det: int = 300) -> DetectionEvaluation:
     """AP@0.5 (and 0.5:0.95) of `detector` on the images of `archive`, per class and per material.
 
     detector: an engine.models `Detector`; image_ids: a subset (default all catalog
     images); pixel_size_nm: read each image at the level nearest it (default level 0,
-    the scale engine.synth sizes defects in). conf is low on purpose (0.001, as
-    Ultralytics validates): AP integrates over every score.
+    the scale engine.synth sizes defects in); tile, halo: the grid (`predict_image`).
+    conf is low on purpose (0.001, as Ultralytics validates): AP integrates over every
+    score. Boxes are compared in level-0 pixels.
     """
     from engine.runtime import configure_offline
 
@@ -160,10 +159,12 @@ def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list
     reader = ImageCache()
     tps, confs, pcls, tcls, pmat, tmat = [], [], [], [], [], []
     entries = image_entries(archive, image_ids=image_ids, pixel_size_nm=pixel_size_nm)
+    if not entries:
+        raise ValueError(f"{archive}: no images to evaluate")
     for entry in entries:
-        t = image_truth(truth, entry, class_index)
-        true_boxes, true_cls = t.boxes, t.classes
-        boxes, scores, classes = predict_image(detector, reader, entry.image, entry.level, entry.shape, tile=tile,
+        gt = image_truth(truth, replace(entry, scale=(1.0, 1.0)), class_index)  # level-0 boxes
+        true_boxes, true_cls = gt.boxes, gt.classes
+        boxes, scores, classes = predict_image(detector, reader, entry.image_id, entry.image, entry.level, tile=tile,
                                                halo=halo, batch=batch, conf=conf, iou=iou, max_det=max_det)
         tps.append(match_predictions(boxes, classes, true_boxes, true_cls))
         confs.append(scores)
@@ -172,8 +173,6 @@ def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list
         material = entry.material or "unknown"
         pmat.append(np.full(len(scores), material, object))
         tmat.append(np.full(len(true_cls), material, object))
-    if not entries:
-        raise ValueError(f"{archive}: no images to evaluate")
     tp, cf, pc, tc = (np.concatenate(x) for x in (tps, confs, pcls, tcls))
     pm, tm = np.concatenate(pmat), np.concatenate(tmat)
     ap50, ap = _ap50(tp, cf, pc, tc, names)
