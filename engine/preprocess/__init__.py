@@ -1,12 +1,29 @@
 """Per-modality preprocessing and resampling to a pixel size.
 
 - `fit.fit_preprocessing(image, modality)`: per-image `PreprocessParams` from a coarse level;
-- `apply.apply(params, tile, origin, scale)`: a tile's raw pixels -> float32 [0, 1];
+- `normalise.apply(params, tile, origin, scale)`: a tile's raw pixels -> float32 [0, 1];
 - `resample`: tiles resampled onto a global output grid at a target pixel size.
+
+Names are imported on first use, so a Ray read task that only resamples does not pay
+for importing dask.
 """
 
-from engine.preprocess.apply import apply
-from engine.preprocess.fit import coarse_level, fit_preprocessing
-from engine.preprocess.params import Background, PreprocessParams, method_for
+from __future__ import annotations
 
-__all__ = ["Background", "PreprocessParams", "apply", "coarse_level", "fit_preprocessing", "method_for"]
+import importlib
+
+_EXPORTS = {
+    "apply": "engine.preprocess.normalise",
+    "coarse_level": "engine.preprocess.fit",
+    "fit_preprocessing": "engine.preprocess.fit",
+    "Background": "engine.preprocess.params",
+    "PreprocessParams": "engine.preprocess.params",
+    "method_for": "engine.preprocess.params",
+}
+__all__ = sorted(_EXPORTS)
+
+
+def __getattr__(name: str):
+    if name not in _EXPORTS:
+        raise AttributeError(f"module 'engine.preprocess' has no attribute {name!r}")
+    return getattr(importlib.import_module(_EXPORTS[name]), name)

@@ -61,7 +61,7 @@ def _cell(pos: np.ndarray, origin: float, spacing: float, n: int) -> tuple[np.nd
 class PreprocessParams:
     """How to map one image's raw pixels to float32 [0, 1]; small, picklable, stored per image.
 
-    method: 'SEM', 'TEM', 'optical' or 'default' (see `engine.preprocess.apply`).
+    method: 'SEM', 'TEM', 'optical' or 'default' (see `engine.preprocess.normalise`).
     low, high: raw values (after flattening, for optical) mapped to 0 and 1.
     background: optical illumination field (None for other methods); flattening divides
     by it and multiplies by `background_level`, which keeps raw intensity units.

@@ -1,0 +1,124 @@
+"""`ZarrTileDatasource`: every tile of an archive's OME-Zarr images as a Ray dataset.
+
+    ds = ray.data.read_datasource(ZarrTileDatasource("s3://lab/archive", target_pixel_size_nm=20.0, halo=32))
+
+The driver plans from metadata only (`engine.data.tile_plan`): the catalog, then each
+image's zarr.json files; no pixel is read there. Each read task is a `ReadSpec` (an
+image, a level and a rectangle of tile indices, with any tiles to skip) bound as a
+default argument of its read function; the task opens the store itself and yields
+blocks of tiles (`engine.data.tile_read`, which documents the columns). A tile whose
+read fails becomes a row with an empty tile and an `error`; the task goes on.
+
+Resuming: pass the keys of finished tiles as `skip`, each ``(image_id, level, y, x)``
+with y, x the level-0 pixel of the core's top-left corner, exactly the `image_id`,
+`level`, `y`, `x` columns of the rows this datasource yields.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Iterable
+
+import numpy as np
+from ray.data.block import BlockMetadata
+from ray.data.datasource import Datasource, ReadTask
+
+from engine.data.tile_plan import ImageTiles, ReadSpec, plan_image, plan_reads
+from engine.data.tile_read import read_tiles
+from engine.errors import MetadataError
+from engine.stores.catalog import read_catalog
+from engine.stores.image import open_image
+from engine.stores.uri import resolve
+from engine.tiling.grid import TileKey
+
+DEFAULT_TARGET_BYTES = 64 * 2**20
+DEFAULT_MAX_TASKS = 20_000
+DEFAULT_TOLERANCE = 1.5
+
+
+class ZarrTileDatasource(Datasource):
+    """Chunk-aligned tiles (with halo) of every image in an archive, at a target pixel size.
+
+    archive: the archive's URI (its catalog.parquet lists the images).
+    target_pixel_size_nm: the model's pixel size; each image is read at its nearest
+        pyramid level, or resampled when no level is within `tolerance` (a factor).
+    tile_size: core edge in delivered pixels, rounded up to whole chunks of the source
+        level (None: one chunk). halo: pixels of context around each core (clipped at
+        the image's edge).
+    target_bytes: bytes of tiles per read task and per block; max_tasks caps the number
+        of tasks (tasks then grow, blocks do not).
+    skip: keys of tiles already done, see the module docstring.
+    image_ids: read only these images (default: the whole catalog).
+    tile_dtype: dtype of the `tile` column; default the common dtype of the images
+        (uint8 and uint16 images give uint16): one dataset has one tile type.
+    """
+
+    def __init__(self, archive, *, target_pixel_size_nm: float, tile_size: int | None = None, halo: int = 0,
+                 target_bytes: int = DEFAULT_TARGET_BYTES, max_tasks: int = DEFAULT_MAX_TASKS,
+                 tolerance: float = DEFAULT_TOLERANCE, skip: Iterable[TileKey] | None = None,
+                 image_ids: Iterable[str] | None = None, tile_dtype: str | None = None,
+                 storage_options: dict[str, Any] | None = None):
+        super().__init__()
+        self.archive = resolve(archive, storage_options=storage_options)
+        self.target_pixel_size_nm = float(target_pixel_size_nm)
+        if tile_size is not None and tile_size < 1:
+            raise ValueError(f"tile_size must be positive, got {tile_size}")
+        if halo < 0:
+            raise ValueError(f"halo must be >= 0, got {halo}")
+        self.tile_size, self.halo = tile_size, int(halo)
+        self.target_bytes, self.max_tasks, self.tolerance = int(target_bytes), int(max_tasks), float(tolerance)
+        self.skip = frozenset(tuple(k) for k in (skip or ()))
+        self.image_ids = None if image_ids is None else tuple(image_ids)
+        self.tile_dtype = tile_dtype
+        self._images: list[ImageTiles] | None = None
+
+    def get_name(self) -> str:
+        return "ZarrTiles"
+
+    def images(self) -> list[ImageTiles]:
+        """The per-image plans (computed once, from metadata)."""
+        if self._images is None:
+            self._images = self._plan_images()
+        return self._images
+
+    def _plan_images(self) -> list[ImageTiles]:
+        catalog = read_catalog(self.archive)
+        if self.image_ids is not None:
+            unknown = sorted(set(self.image_ids) - set(catalog["image_id"]))
+            if unknown:
+                raise MetadataError(f"{self.archive}: images {unknown} are not in the catalog")
+            catalog = catalog[catalog["image_id"].isin(self.image_ids)]
+        rows = catalog[["image_id", "uri", "modality"]].to_dict("records")
+        locations = [self.archive.join(r["uri"]) for r in rows]
+        # Metadata reads are latency-bound on object stores: overlap them.
+        with ThreadPoolExecutor(max_workers=8) as pool:
+            opened = list(pool.map(open_image, locations))
+        dtype = self.tile_dtype or (str(np.result_type(*[im.dtype for im in opened])) if opened else "uint16")
+        return [
+            plan_image(image, r["image_id"], loc, r["modality"], target_nm=self.target_pixel_size_nm,
+                       tolerance=self.tolerance, tile_size=self.tile_size, halo=self.halo, tile_dtype=dtype)
+            for image, r, loc in zip(opened, rows, locations)
+        ]
+
+    def read_specs(self) -> list[ReadSpec]:
+        return plan_reads(self.images(), target_bytes=self.target_bytes, max_tasks=self.max_tasks, skip=self.skip)
+
+    def estimate_inmemory_data_size(self) -> int:
+        return int(sum(im.n_tiles * im.tile_bytes for im in self.images()))
+
+    def get_read_tasks(self, parallelism: int, per_task_row_limit: int | None = None,
+                       data_context=None) -> list[ReadTask]:
+        # `parallelism` is not used: the task count follows target_bytes and max_tasks,
+        # which are what bound worker memory and planning cost.
+        tasks = []
+        for spec in self.read_specs():
+            meta = BlockMetadata(num_rows=spec.n_tiles, size_bytes=int(spec.n_tiles * spec.tiles.tile_bytes),
+                                 input_files=None, exec_stats=None)
+            tasks.append(ReadTask(lambda spec=spec: read_tiles(spec), meta, per_task_row_limit=per_task_row_limit))
+        return tasks
+
+    def __getstate__(self):
+        # The plan is driver state; a copy on a worker replans if it ever needs to.
+        state = dict(self.__dict__)
+        state["_images"] = None
+        return state
