@@ -111,6 +111,16 @@ class TestTilePlan:
                     assert hit and classes[hit[0]] == cls
             assert np.all((boxes[:, :2] >= 0) & (boxes[:, 2:] <= [w, h]))
 
+    def test_background_is_limited_and_defects_kept(self, archive):
+        from engine.training.detector.tiles import limit_background
+
+        tiles = plan_tiles(archive, NAMES, tile=128, overlap=32)
+        labelled = [t for t in tiles if not t.is_background]
+        kept = limit_background(tiles, 0.5, seed=0)
+        assert [t for t in kept if not t.is_background] == labelled
+        assert sum(t.is_background for t in kept) == min(round(0.5 * len(labelled)), len(tiles) - len(labelled))
+        assert limit_background(tiles, 0.5, seed=0) == kept and limit_background(tiles, None, seed=0) == tiles
+
     def test_split_is_by_image_and_seeded(self):
         ids = [f"im{i}" for i in range(10)]
         train, val = split_images(ids, 0.3, seed=1)

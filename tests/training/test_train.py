@@ -1,0 +1,132 @@
+"""Ray Train end to end: 2 CPU workers (DDP over gloo) train the fusion model on an archive.
+
+One run serves every test here (a Ray Train run costs tens of seconds on 2 cores), and it
+is the hard case: a worker is SIGKILLed after epoch 1's checkpoint, Ray Train restarts the
+worker group, and the loop resumes from the checkpoint. Loss, checkpoints, MLflow metrics
+and the registered model are then checked on what that run produced.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from engine.models import load_model
+from engine.training import mlflow_metrics, train
+from engine.training.checkpointing import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, read_state
+
+EPOCHS = 3
+RUN = "fusion-fault"
+
+
+def _progress(directory: Path, rank: int) -> list[dict]:
+    path = directory / f"rank{rank}.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _kill_after_first_checkpoint(progress: Path, run_dir: Path, killed: list, stop: threading.Event) -> None:
+    """SIGKILL rank 1's process once epoch 1's checkpoint is registered.
+
+    Registered means listed in Ray Train's checkpoint_manager_snapshot.json: the
+    controller collects reports on its ~2 s poll, and a worker that dies before that
+    poll takes its last report with it (the run would then resume one epoch earlier).
+    """
+    snapshot = run_dir / "checkpoint_manager_snapshot.json"
+    while not stop.is_set():
+        events = [e for e in _progress(progress, 1) if e["event"] == "checkpoint" and e["epoch"] >= 1]
+        if events and snapshot.exists() and "epoch_0001" in snapshot.read_text():
+            os.kill(events[0]["pid"], signal.SIGKILL)
+            killed.append({**events[0], "killed_at": time.time()})
+            return
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def fusion_run(ray_session, train_archive, registry, tmp_path_factory):
+    base = tmp_path_factory.mktemp("fusion-run")
+    progress, storage = base / "progress", base / "storage"
+    killed: list = []
+    stop = threading.Event()
+    killer = threading.Thread(target=_kill_after_first_checkpoint,
+                              args=(progress, storage / RUN, killed, stop), daemon=True)
+    killer.start()
+    start = time.perf_counter()
+    try:
+        result = train(
+            "fusion", "fusion_tiny", str(train_archive), storage_path=storage, epochs=EPOCHS, num_workers=2,
+            batch_size=8, lr=3e-3, seed=1, max_samples_per_image=12, max_failures=2, run_name=RUN,
+            registry=registry, register_as="fusion-test", progress_dir=progress,
+        )
+    finally:
+        stop.set()
+        killer.join(5)
+    return result, storage, progress, killed, time.perf_counter() - start
+
+
+class TestFusionTraining:
+    def test_loss_falls(self, fusion_run):
+        result, _, _, _, seconds = fusion_run
+        assert [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
+        losses = [h["train_loss"] for h in result.history]
+        assert losses[-1] < 0.85 * losses[0], losses
+        assert (result.train_samples, result.val_samples) == (38, 10)  # 4 images x 12 tiles, 20 % held out
+        for h in result.history:
+            assert h["train_samples_per_s"] > 0
+            assert 0.0 <= h["val_material_acc"] <= 1.0 and 0.0 <= h["val_defect_iou"] <= 1.0
+        print(f"fusion_tiny, 2 CPU workers, {EPOCHS} epochs with one restart: {seconds:.1f} s; "
+              f"{result.history[-1]['train_samples_per_s']:.1f} samples/s in the last epoch")
+
+    def test_a_checkpoint_per_epoch_in_storage(self, fusion_run):
+        result, storage, _, _, _ = fusion_run
+        run = Path(storage) / RUN
+        for epoch in range(1, EPOCHS + 1):
+            d = run / f"epoch_{epoch:04d}"
+            for name in (MODEL_FILE, MODEL_FILE + ".sha256", OPTIMIZER_FILE, STATE_FILE):
+                assert (d / name).is_file(), d / name
+            state = read_state(d)
+            assert state.epoch == epoch and len(state.history) == epoch
+        assert result.checkpoint_path == str(run / f"epoch_{EPOCHS:04d}")
+        model = load_model(Path(result.checkpoint_path) / MODEL_FILE)  # sha256 checked against the sidecar
+        assert model.config.name == "fusion_tiny"
+
+    def test_killed_worker_resumed_from_a_checkpoint(self, fusion_run):
+        _, _, progress, killed, _ = fusion_run
+        assert killed, "the worker was never killed"
+        starts = [e for rank in (0, 1) for e in _progress(progress, rank) if e["event"] == "start"]
+        first = [e for e in starts if e["time"] < killed[0]["killed_at"]]
+        resumed = [e for e in starts if e["time"] > killed[0]["killed_at"]]
+        assert [e["epoch"] for e in first] == [0, 0]
+        # the restarted group (two new processes) started at epoch >= 1, not from scratch
+        assert len(resumed) == 2 and all(e["epoch"] >= 1 for e in resumed), resumed
+        assert killed[0]["pid"] not in {e["pid"] for e in resumed}
+
+    def test_metrics_reached_mlflow(self, fusion_run, tracking_uri):
+        result, _, _, _, _ = fusion_run
+        assert result.tracking_uri == tracking_uri
+        for key in ("train_loss", "val_loss", "train_material_acc", "val_defect_iou", "train_samples_per_s"):
+            steps = {step for step, _ in mlflow_metrics.metric_history(tracking_uri, result.run_id, key)}
+            assert steps == set(range(1, EPOCHS + 1)), key
+        last = dict(mlflow_metrics.metric_history(tracking_uri, result.run_id, "train_loss"))[EPOCHS]
+        assert last == pytest.approx(result.history[-1]["train_loss"])
+        run = mlflow_metrics._client(tracking_uri).get_run(result.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["model"] == "fusion_tiny"
+
+    def test_model_registered_and_fetches_with_its_sha256(self, fusion_run, registry, tmp_path):
+        result, _, _, _, _ = fusion_run
+        mv = result.model_version
+        assert mv is not None and mv.ref == "fusion-test/1" and mv.family == "fusion"
+        assert mv.sha256 == {MODEL_FILE: result.model_sha256}
+        assert mv.metrics["train_loss"] == pytest.approx(result.history[-1]["train_loss"])
+        assert mv.config["model"]["name"] == "fusion_tiny" and mv.config["training"]["epochs"] == EPOCHS
+        assert mv.tags["training_run"] == result.run_id
+        files = registry.fetch("fusion-test/1", tmp_path)
+        model = load_model(files[MODEL_FILE], expected_sha256=result.model_sha256)
+        assert model.config.family == "fusion"
