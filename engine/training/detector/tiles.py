@@ -73,6 +73,11 @@ class TileSpec:
         return f"{self.image_id}:L{self.level}:y{self.y0}:x{self.x0}"
 
     @property
+    def is_background(self) -> bool:
+        """Whether no defect is labelled in this tile (by the metadata rule)."""
+        return len(self.clipped_labels()[0]) == 0
+
+    @property
     def is_cut(self) -> bool:
         """Whether a tile edge cuts some defect's box (its clipped box is then only an
         estimate; `labels_from_mask` gives the exact one)."""
@@ -264,6 +269,24 @@ def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str,
                                       entry.scale, entry.material, t.classes[meets], t.instance_ids[meets],
                                       shifted, t.areas[meets].astype(np.float32)))
     return tiles
+
+
+def limit_background(tiles: list[TileSpec], ratio: float | None, seed: int) -> list[TileSpec]:
+    """All tiles that show a defect, and at most `ratio` times as many without one
+    (a seeded choice, plan order kept); ratio=None keeps every tile.
+
+    Defects are sparse: most tiles of an archive show none, and on a CPU budget they
+    would take most of each epoch. Some are kept so the model still sees plain
+    microstructure (grain boundaries, pearlite, graphite) and learns it is no defect.
+    """
+    if ratio is None:
+        return list(tiles)
+    if ratio < 0:
+        raise ValueError(f"background ratio must be >= 0 or None, got {ratio}")
+    empty = [i for i, t in enumerate(tiles) if t.is_background]
+    n_keep = min(len(empty), round(ratio * (len(tiles) - len(empty))))
+    keep = set(np.random.default_rng(seed).choice(empty, size=n_keep, replace=False).tolist()) if n_keep else set()
+    return [t for i, t in enumerate(tiles) if not t.is_background or i in keep]
 
 
 def split_images(image_ids: list[str], val_fraction: float, seed: int) -> tuple[list[str], list[str]]:

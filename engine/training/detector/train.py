@@ -23,7 +23,7 @@ import torch
 
 from engine.stores.catalog import read_catalog
 from engine.stores.uri import StoreLocation, resolve
-from engine.training.detector.tiles import plan_tiles, split_images
+from engine.training.detector.tiles import limit_background, plan_tiles, split_images
 
 CHECKPOINT_NAME = "detector.safetensors"
 RESULT_NAME = "result.json"
@@ -150,6 +150,7 @@ def train_detector(
     seed: int = 0,
     overlap: int | None = None,
     pixel_size_nm: float | None = None,
+    background_ratio: float | None = None,
     workers: int = 2,
     hyperparameters: dict[str, Any] | None = None,
     evaluate: bool = True,
@@ -163,7 +164,9 @@ def train_detector(
     imgsz: tile side in pixels (a multiple of 32; default the config's input_size);
     training tiles overlap by `overlap` pixels (default imgsz // 4) so a defect a tile
     edge cuts is whole in a neighbour. pixel_size_nm: read each image at the pyramid
-    level nearest it (default level 0). device: None picks cuda when present, else cpu.
+    level nearest it (default level 0). background_ratio: train on every tile with a
+    defect and at most this many times as many without (None: all tiles).
+    device: None picks cuda when present, else cpu.
     workers: data-loading processes on GPU (Ultralytics uses none on CPU).
     hyperparameters: further Ultralytics train arguments (lr0, mosaic, scale, ...).
     out_dir receives `detector.safetensors` (+ .sha256), `result.json` and Ultralytics'
@@ -197,8 +200,8 @@ def train_detector(
     train_ids, val_ids = _splits(archive, val_location, val_fraction, seed)
     names = detector.names
     tiles = {
-        "train": plan_tiles(archive, names, tile=imgsz, overlap=overlap, image_ids=train_ids,
-                            pixel_size_nm=pixel_size_nm),
+        "train": limit_background(plan_tiles(archive, names, tile=imgsz, overlap=overlap, image_ids=train_ids,
+                                             pixel_size_nm=pixel_size_nm), background_ratio, seed),
         "val": plan_tiles(val_location or archive, names, tile=imgsz, overlap=0, image_ids=val_ids,
                           pixel_size_nm=pixel_size_nm),
     }
