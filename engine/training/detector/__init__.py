@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from engine.training.detector.tiles import ArchiveLabelError, TileSpec, plan_tiles, split_images
+from engine.training.detector.tiles import ArchiveLabelError, TrainingTile, plan_tiles, split_images
 
 if TYPE_CHECKING:
     from engine.training.detector.evaluate import DetectionEvaluation
@@ -44,6 +44,6 @@ def evaluate_detector(detector, archive, **kwargs: Any) -> DetectionEvaluation:
 
 
 __all__ = [
-    "ArchiveLabelError", "TileSpec", "evaluate_detector", "plan_tiles", "split_images",
+    "ArchiveLabelError", "TrainingTile", "evaluate_detector", "plan_tiles", "split_images",
     "train_detector", "train_detector_on_ray",
 ]

@@ -21,7 +21,7 @@ from ultralytics.cfg import get_cfg
 from ultralytics.data.dataset import YOLODataset
 
 from engine.training.detector.pixels import ImageCache, to_uint8
-from engine.training.detector.tiles import TileSpec, yolo_format
+from engine.training.detector.tiles import TrainingTile, yolo_format
 
 # engine.synth writes each defect's mask into this label image beside the pixels.
 DEFECT_LABELS = "defects"
@@ -41,7 +41,7 @@ class ArchiveTileDataset(YOLODataset):
     write .npy copies of the tiles, the second dataset this class exists to avoid.
     """
 
-    def __init__(self, tiles: Sequence[TileSpec], *, class_names: Sequence[str], imgsz: int, augment: bool,
+    def __init__(self, tiles: Sequence[TrainingTile], *, class_names: Sequence[str], imgsz: int, augment: bool,
                  hyp=None, rect: bool = False, batch_size: int = 16, stride: int = 32, pad: float = 0.0,
                  cache: bool | str | None = False, prefix: str = ""):
         if isinstance(cache, str) and cache.lower() == "disk":
@@ -53,6 +53,7 @@ class ArchiveTileDataset(YOLODataset):
             raise ValueError("tile plan holds the same tile twice")
         self._order = list(tiles)
         self._reader = ImageCache()
+        self._exact: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # mask-fitted labels by tile key
         data = {"names": dict(enumerate(class_names)), "nc": len(class_names), "channels": 1}
         super().__init__(
             img_path="<archive tiles>", imgsz=imgsz, cache=cache or False, augment=augment,
@@ -77,7 +78,7 @@ class ArchiveTileDataset(YOLODataset):
             })
         return labels
 
-    def tile(self, index: int) -> TileSpec:
+    def tile(self, index: int) -> TrainingTile:
         """The plan entry behind item `index` (rect mode reorders items by aspect ratio)."""
         return self._tiles[self.im_files[index]]
 
@@ -91,13 +92,19 @@ class ArchiveTileDataset(YOLODataset):
 
         `get_labels` gave clipped boxes (metadata only: the plan holds no pixels). When an
         edge cuts a defect and the image has its `defects` label image, this tile's boxes
-        are fitted to the mask pixels inside it, read now, beside the tile's pixels.
+        are fitted to the mask pixels inside it, read the first time the tile is used
+        (a few small arrays per tile are then kept).
         """
-        tile = self._tiles[label["im_file"]]
+        key = label["im_file"]
+        tile = self._tiles[key]
         if tile.is_cut:
-            mask = self._reader.read_labels(tile.image, DEFECT_LABELS, tile.level, tile.y0, tile.y1, tile.x0, tile.x1)
-            if mask is not None:
-                label["cls"], label["bboxes"] = yolo_format(*tile.labels_from_mask(mask), tile.shape)
+            if key not in self._exact:
+                mask = self._reader.read_labels(tile.image, DEFECT_LABELS, tile.level, tile.y0, tile.y1, tile.x0,
+                                                tile.x1)
+                self._exact[key] = None if mask is None else yolo_format(*tile.labels_from_mask(mask), tile.shape)
+            if self._exact[key] is not None:
+                cls, xywh = self._exact[key]
+                label["cls"], label["bboxes"] = cls.copy(), xywh.copy()
         return super().update_labels_info(label)
 
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):

@@ -21,7 +21,7 @@ import numpy as np
 
 from engine.stores.uri import StoreLocation, resolve
 from engine.training.detector.pixels import ImageCache
-from engine.training.detector.tiles import image_entries, image_truth, read_ground_truth
+from engine.training.detector.tiles import image_entries, image_truth, read_ground_truth, truth_by_image
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
@@ -155,7 +155,7 @@ def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list
     archive = resolve(archive)
     names = tuple(detector.names)
     class_index = {n: i for i, n in enumerate(names)}
-    truth = read_ground_truth(archive)
+    truth = truth_by_image(read_ground_truth(archive))
     reader = ImageCache()
     tps, confs, pcls, tcls, pmat, tmat = [], [], [], [], [], []
     entries = image_entries(archive, image_ids=image_ids, pixel_size_nm=pixel_size_nm)

@@ -1,7 +1,7 @@
 """Tile plans for detector training: which pixels a sample reads and which boxes it holds.
 
 Planning reads the archive's catalog and ground truth only (and, when a pixel size is
-asked for, each image's pyramid metadata); no pixel is read here. A `TileSpec` is a
+asked for, each image's pyramid metadata); no pixel is read here. A `TrainingTile` is a
 small frozen value that says where a tile lies and what boxes it carries; the dataset
 (`engine.training.detector.dataset`) reads the pixels when a batch needs them.
 
@@ -36,7 +36,7 @@ class ArchiveLabelError(GrainflowError, ValueError):
 
 
 @dataclass(frozen=True)
-class TileSpec:
+class TrainingTile:
     """One training/validation tile and the ground truth that touches it.
 
     image: the OME-Zarr image; level: pyramid level read; (y0, x0, y1, x1): the tile,
@@ -224,9 +224,17 @@ class ImageTruth:
     areas: np.ndarray
 
 
-def image_truth(truth: pd.DataFrame, entry: ImageEntry, class_index: dict[str, int]) -> ImageTruth:
-    """The ground-truth rows of one image, scaled from level 0 to the entry's level."""
-    rows = truth[truth["image_id"] == entry.image_id]
+def truth_by_image(truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
+    """The ground-truth table split into one frame per image id (one pass over the table)."""
+    return {str(k): g for k, g in truth.groupby("image_id", sort=False)}
+
+
+def image_truth(truth: dict[str, pd.DataFrame], entry: ImageEntry, class_index: dict[str, int]) -> ImageTruth:
+    """The ground-truth rows of one image (from `truth_by_image`), scaled from level 0 to
+    the entry's level. An image without rows has no defects."""
+    rows = truth.get(entry.image_id)
+    if rows is None:
+        rows = pd.DataFrame({c: [] for c in ("defect_class", "x0", "y0", "x1", "y1", "instance_id", "area_px")})
     unknown = sorted(set(rows["defect_class"]) - set(class_index))
     if unknown:
         raise ArchiveLabelError(
@@ -245,7 +253,7 @@ def image_truth(truth: pd.DataFrame, entry: ImageEntry, class_index: dict[str, i
 
 def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str, ...], *, tile: int,
                overlap: int = 0, image_ids: list[str] | None = None, pixel_size_nm: float | None = None,
-               truth: pd.DataFrame | None = None) -> list[TileSpec]:
+               truth: pd.DataFrame | None = None) -> list[TrainingTile]:
     """Tiles of side `tile` (level pixels) covering each image, with the defects they meet.
 
     Images smaller than `tile` give one tile of their own size (Ultralytics pads them;
@@ -253,7 +261,7 @@ def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str,
     kept: they teach the model the microstructure that is not a defect.
     """
     archive = resolve(archive)
-    truth = read_ground_truth(archive) if truth is None else truth
+    truth = truth_by_image(read_ground_truth(archive) if truth is None else truth)
     class_index = {name: i for i, name in enumerate(class_names)}
     tiles = []
     for entry in image_entries(archive, image_ids=image_ids, pixel_size_nm=pixel_size_nm):
@@ -265,13 +273,13 @@ def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str,
                 b = t.boxes
                 meets = (b[:, 0] < x0 + tw) & (b[:, 2] > x0) & (b[:, 1] < y0 + th) & (b[:, 3] > y0)
                 shifted = (b[meets] - np.array([x0, y0, x0, y0])).astype(np.float32)
-                tiles.append(TileSpec(entry.image_id, entry.image, entry.level, y0, x0, y0 + th, x0 + tw,
-                                      entry.scale, entry.material, t.classes[meets], t.instance_ids[meets],
-                                      shifted, t.areas[meets].astype(np.float32)))
+                tiles.append(TrainingTile(
+                    entry.image_id, entry.image, entry.level, y0, x0, y0 + th, x0 + tw, entry.scale, entry.material,
+                    t.classes[meets], t.instance_ids[meets], shifted, t.areas[meets].astype(np.float32)))
     return tiles
 
 
-def limit_background(tiles: list[TileSpec], ratio: float | None, seed: int) -> list[TileSpec]:
+def limit_background(tiles: list[TrainingTile], ratio: float | None, seed: int) -> list[TrainingTile]:
     """All tiles that show a defect, and at most `ratio` times as many without one
     (a seeded choice, plan order kept); ratio=None keeps every tile.
 

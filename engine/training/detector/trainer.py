@@ -28,7 +28,7 @@ from ultralytics.utils import callbacks as ul_callbacks
 from ultralytics.utils.torch_utils import unwrap_model
 
 from engine.training.detector.dataset import ArchiveTileDataset
-from engine.training.detector.tiles import TileSpec
+from engine.training.detector.tiles import TrainingTile
 
 SPLITS = ("train", "val")
 
@@ -43,7 +43,7 @@ class ArchiveDetectionTrainer(DetectionTrainer):
     validation metrics.
     """
 
-    def __init__(self, detector, tiles: dict[str, Sequence[TileSpec]], overrides: dict):
+    def __init__(self, detector, tiles: dict[str, Sequence[TrainingTile]], overrides: dict):
         missing = [s for s in SPLITS if not tiles.get(s)]
         if missing:
             raise ValueError(f"no tiles for split(s) {missing}; need both {SPLITS}")
