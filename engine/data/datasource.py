@@ -7,7 +7,8 @@ image's zarr.json files; no pixel is read there. Each read task is a `ReadSpec` 
 image, a level and a rectangle of tile indices, with any tiles to skip) bound as a
 default argument of its read function; the task opens the store itself and yields
 blocks of tiles (`engine.data.tile_read`, which documents the columns). A tile whose
-read fails becomes a row with an empty tile and an `error`; the task goes on.
+core cannot be read becomes a row with an empty tile and an `error` naming the bad
+chunk; the task goes on (a bad chunk in a neighbour's halo only trims that halo).
 
 Resuming: pass the keys of finished tiles as `skip`, each ``(image_id, level, y, x)``
 with y, x the level-0 pixel of the core's top-left corner, exactly the `image_id`,

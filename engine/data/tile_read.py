@@ -10,7 +10,10 @@ y, x           int64           level-0 pixel of the tile core's top-left corner:
 tile           (H, W) array    core plus halo, the dataset's `tile_dtype`; raw values
                                (resampled tiles are rounded to it); (0, 0) on error
 halo           int32 (4,)      (top, bottom, left, right) halo in tile pixels; the core
-                               is tile[top:H - bottom, left:W - right]
+                               is tile[top:H - bottom, left:W - right]. Smaller than
+                               asked at the image's edge, and 0 on a side whose halo
+                               holds an undecodable chunk (the chunk's own tile is
+                               the error row; its neighbours still complete)
 origin         float64 (2,)    level-0 edge coordinates (y, x) of tile[0, 0]'s corner
 scale          float64 (2,)    level-0 pixels per tile pixel (y, x): tile edge (u, v)
                                lies at level-0 origin + (u, v) * scale
@@ -23,6 +26,7 @@ error          str or null     "<ExceptionType>: <message>" when the read failed
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Iterator
 
 import numpy as np
@@ -51,40 +55,80 @@ def read_tiles(spec: ReadSpec) -> Iterator:
                  if (r, c) not in spec.skip]
         if not tiles:
             continue
-        if image is None:
-            pixels: list[np.ndarray | Exception] = [failure] * len(tiles)
-        else:
-            pixels = _read(image, tiles)
-        rows = [_row(spec, t, p) for t, p in zip(tiles, pixels)]
+        read = [(t, failure) for t in tiles] if image is None else _read(image, tiles)
+        rows = [_row(spec, t, p) for t, p in read]
         table = BlockAccessor.batch_to_block({name: [r[i] for r in rows] for i, name in enumerate(COLUMNS)})
         # A block without failures would type `error` as null; keep one schema for all blocks.
         yield table.set_column(table.schema.get_field_index("error"), "error",
                                pa.array([r[-1] for r in rows], pa.string()))
 
 
-def _read(image, tiles: list[TileSpec]) -> list[np.ndarray | Exception]:
-    """Each tile's read region; a failing tile gets its exception instead of pixels.
+def _read(image, tiles: list[TileSpec]) -> list[tuple[TileSpec, np.ndarray] | tuple[TileSpec, Exception]]:
+    """Each tile with its pixels, or with the exception that stopped its read.
 
     The block's tiles are read as one region (their halos overlap, so each chunk is
     fetched once) and sliced; only when that fails is each tile read alone, to find
-    which tiles the bad chunks belong to.
+    the tiles the bad chunks belong to.
     """
     regions = [t.read_region for t in tiles]
     y0, y1 = min(r[0] for r in regions), max(r[1] for r in regions)
     x0, x1 = min(r[2] for r in regions), max(r[3] for r in regions)
-    level = tiles[0].level
     try:
-        union = image.read_region(level, y0, y1, x0, x1)
-        return [union[a - y0 : b - y0, c - x0 : d - x0] for a, b, c, d in regions]
+        union = image.read_region(tiles[0].level, y0, y1, x0, x1)
+        return [(t, union[a - y0 : b - y0, c - x0 : d - x0]) for t, (a, b, c, d) in zip(tiles, regions)]
     except Exception:
-        pass
-    out: list[np.ndarray | Exception] = []
-    for region in regions:
-        try:
-            out.append(image.read_region(level, *region))
-        except Exception as exc:
-            out.append(exc)
-    return out
+        return [_read_alone(image, t) for t in tiles]
+
+
+def _read_alone(image, tile: TileSpec) -> tuple[TileSpec, np.ndarray | Exception]:
+    """One tile; a bad chunk in its halo only costs that side of the halo, not the tile.
+
+    The tile is an error only when its core cannot be read. Otherwise each halo strip
+    (top and bottom spanning the full width, left and right the core's rows) is read on
+    its own and a side whose strip fails gets halo 0, which the row's `halo` column
+    records, so the chunk's owner alone carries the error.
+    """
+    level = tile.level
+    try:
+        return tile, image.read_region(level, *tile.read_region)
+    except Exception as exc:
+        if not any(tile.halo):
+            return tile, exc
+        failure = exc
+    try:
+        core = image.read_region(level, *tile.core)
+    except Exception:
+        return tile, failure
+    top, bottom, left, right = tile.halo
+    ry0, ry1, rx0, rx1 = tile.read_region
+    strips = {
+        "top": (ry0, tile.y0, rx0, rx1), "bottom": (tile.y1, ry1, rx0, rx1),
+        "left": (tile.y0, tile.y1, rx0, tile.x0), "right": (tile.y0, tile.y1, tile.x1, rx1),
+    }
+    got = {}
+    for side, (a, b, c, d) in strips.items():
+        if a < b and c < d:
+            try:
+                got[side] = image.read_region(level, a, b, c, d)
+            except Exception:
+                pass
+    halo = (top if "top" in got else 0, bottom if "bottom" in got else 0,
+            left if "left" in got else 0, right if "right" in got else 0)
+    reduced = replace(tile, halo=halo)
+    out = np.empty(reduced.read_shape, core.dtype)
+    t, b, lft, r = halo
+    out[t : t + tile.height, lft : lft + tile.width] = core
+    if lft:
+        out[t : t + tile.height, :lft] = got["left"]
+    if r:
+        out[t : t + tile.height, lft + tile.width :] = got["right"]
+    # top and bottom strips span the full read width; keep the columns still in the tile
+    cols = slice(left - lft, left + tile.width + r)
+    if t:
+        out[:t] = got["top"][:, cols]
+    if b:
+        out[t + tile.height :] = got["bottom"][:, cols]
+    return reduced, out
 
 
 def _row(spec: ReadSpec, tile: TileSpec, pixels: np.ndarray | Exception) -> tuple:
