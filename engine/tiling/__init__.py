@@ -8,10 +8,12 @@ Geometry only: nothing here reads or holds pixels.
 """
 
 from engine.tiling.grid import TileGrid, TileKey, TileSpec
-from engine.tiling.stitch import StitchedBoxes, TileBoxes, crop_to_core, nms, owned, stitch_boxes
+from engine.tiling.stitch import (
+    StitchedBoxes, TileBoxes, crop_to_core, nms, owned, stitch_boxes, tile_boxes_to_level0, tile_core_level0,
+)
 from engine.tiling.transform import LevelTransform
 
 __all__ = [
     "LevelTransform", "StitchedBoxes", "TileBoxes", "TileGrid", "TileKey", "TileSpec",
-    "crop_to_core", "nms", "owned", "stitch_boxes",
+    "crop_to_core", "nms", "owned", "stitch_boxes", "tile_boxes_to_level0", "tile_core_level0",
 ]

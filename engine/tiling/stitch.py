@@ -56,6 +56,24 @@ class StitchedBoxes:
         return len(self.boxes)
 
 
+def tile_boxes_to_level0(boxes: np.ndarray, origin, scale) -> np.ndarray:
+    """N x 4 xyxy boxes in tile pixels -> level-0 xyxy float64, for a tile placed by
+    `origin` (level-0 y, x of its top-left corner) and `scale` (level-0 pixels per tile
+    pixel, y and x): the datasource's `origin` and `scale` columns."""
+    b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
+    (oy, ox), (sy, sx) = origin, scale
+    return b * np.array([sx, sy, sx, sy]) + np.array([ox, oy, ox, oy])
+
+
+def tile_core_level0(origin, scale, halo, shape) -> tuple[float, float, float, float]:
+    """The core (level-0 xyxy) of a tile of `shape` (H, W) read with `halo` and placed by
+    `origin` and `scale` (see `tile_boxes_to_level0`): what `stitch_boxes` needs per tile."""
+    (oy, ox), (sy, sx) = origin, scale
+    top, bottom, left, right = (int(v) for v in halo)
+    h, w = shape
+    return (float(ox + left * sx), float(oy + top * sy), float(ox + (w - right) * sx), float(oy + (h - bottom) * sy))
+
+
 def crop_to_core(array: np.ndarray, halo: tuple[int, int, int, int]) -> np.ndarray:
     """The core of a (..., H, W) tile array read with `halo` (top, bottom, left, right)."""
     top, bottom, left, right = (int(v) for v in halo)

@@ -5,7 +5,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.tiling import LevelTransform, TileBoxes, TileGrid, crop_to_core, nms, owned, stitch_boxes
+from engine.tiling import (
+    LevelTransform, TileBoxes, TileGrid, crop_to_core, nms, owned, stitch_boxes, tile_boxes_to_level0, tile_core_level0,
+)
 
 
 def _detect(grid: TileGrid, objects: list[tuple[float, float, float, float, int]]) -> list[TileBoxes]:
@@ -83,6 +85,17 @@ class TestStitchBoxes:
                 objects.append((float(round(x0)), float(round(y0)), float(round(x0)) + 50, float(round(y0)) + 40, gx % 3))
         result = stitch_boxes(_detect(grid, objects))
         assert _as_set(result) == set(objects)
+
+
+class TestPlacement:
+    def test_row_placement_matches_the_spec(self):
+        """A datasource row's origin, scale and halo place boxes and cores like its TileSpec."""
+        grid = TileGrid("a", 2, (50, 70), (8, 8), (16, 16), 5, LevelTransform(factor=(4.0, 4.0)))
+        boxes = np.array([[0.0, 1.0, 3.5, 7.0], [10.0, 2.0, 12.0, 20.0]])
+        for spec in grid:
+            origin, scale = spec.read_origin0, spec.transform.factor
+            assert tile_core_level0(origin, scale, spec.halo, spec.read_shape) == spec.core_level0()
+            np.testing.assert_array_equal(tile_boxes_to_level0(boxes, origin, scale), spec.boxes_to_level0(boxes))
 
 
 class TestOwnedAndNms:
