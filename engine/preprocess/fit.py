@@ -23,6 +23,8 @@ and may clip at the ends of the range, which is the point of a robust stretch.
 
 from __future__ import annotations
 
+import math
+
 import dask
 import dask.array as da
 import numpy as np
@@ -79,6 +81,12 @@ def fit_preprocessing(image, modality: str | None, *, line_damping: float = 0.0,
 
 def _fit_optical(image, level: int, coarse: da.Array, bg_level: int) -> PreprocessParams:
     source = coarse_array(image, bg_level)
+    # An image without a pyramid has no small level: block-average it (chunk by chunk)
+    # down to about BACKGROUND_PIXELS first, trimming the last partial block.
+    k = max(1, math.ceil(max(source.shape) / BACKGROUND_PIXELS))
+    ky, kx = min(k, source.shape[0]), min(k, source.shape[1])
+    if k > 1:
+        source = da.coarsen(np.mean, source, {0: ky, 1: kx}, trim_excess=True)
     h, w = source.shape
     # Light smoothing (dask-image, one block: the level is small) takes out texture and
     # noise; a robust low-order polynomial then models the illumination. A polynomial has
@@ -92,8 +100,8 @@ def _fit_optical(image, level: int, coarse: da.Array, bg_level: int) -> Preproce
     nodes = _robust_polynomial(field, rows, cols)
     nodes = np.maximum(nodes, 1e-3 * max(float(np.median(field)), 1e-6))  # never divide by ~zero
     # Nodes sit on pixel centres of the background level; store them in level-0 edge coordinates.
-    origin = transform.to_level0(rows[0] + 0.5, cols[0] + 0.5)
-    far = transform.to_level0(rows[-1] + 0.5, cols[-1] + 0.5)
+    origin = transform.to_level0((rows[0] + 0.5) * ky, (cols[0] + 0.5) * kx)
+    far = transform.to_level0((rows[-1] + 0.5) * ky, (cols[-1] + 0.5) * kx)
     spacing = ((far[0] - origin[0]) / max(gy - 1, 1) or 1.0, (far[1] - origin[1]) / max(gx - 1, 1) or 1.0)
     background = Background(tuple(map(tuple, nodes.tolist())), origin, spacing)
     level_value = float(np.median(nodes))

@@ -167,3 +167,23 @@ class TestFitReadsTheCoarseLevelOnly:
         assert params.level == coarse_level(image, 300) == 2
         assert seen and set(seen) <= {2, 3}
         assert 0 not in seen and 1 not in seen
+
+
+def test_flattening_without_a_pyramid(tmp_path):
+    """An image with one level (no small level to fit on) is block-averaged for its background."""
+    import zarr
+
+    from engine.stores.ngff import multiscales_v05
+
+    shape = (600, 1100)
+    pixels = np.clip(_texture(shape, seed=8) * _vignette(shape) * 160, 0, 255).astype(np.uint8)
+    group = zarr.open_group(str(tmp_path / "flat.ome.zarr"), mode="w", zarr_format=3)
+    group.create_array("0", data=pixels, chunks=(200, 200))
+    ms = multiscales_v05(name="flat", unit="nanometer", pixel_size=(1.0, 1.0), n_levels=1, centre_shift=True)
+    group.attrs.update({"ome": {"version": "0.5", "multiscales": [ms]}})
+    image = open_image(tmp_path / "flat.ome.zarr")
+    params = fit_preprocessing(image, "optical", max_pixels=256)
+    truth = _vignette(shape) * 160
+    field = params.background.evaluate(np.arange(shape[0]) + 0.5, np.arange(shape[1]) + 0.5)
+    ratio = field / truth
+    assert ratio.max() / ratio.min() < 1.25  # the field follows the vignette (about 6x across)
