@@ -15,6 +15,7 @@ Nothing in it runs code when loaded. Ray Train copies the directory to the run's
 from __future__ import annotations
 
 import json
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,7 @@ from typing import Any
 import torch
 
 from engine.models.checkpoint import load_into, load_state_dict, save_checkpoint
+from engine.models.errors import UnsafeCheckpointError
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
@@ -75,6 +77,17 @@ def load_training_state(directory: str | Path, model: torch.nn.Module,
     weights = load_state_dict(directory / MODEL_FILE)
     load_into(model, weights, source=directory / MODEL_FILE)
     if optimizer is not None:
-        opt: dict[str, Any] = torch.load(directory / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
-        optimizer.load_state_dict(opt)
+        optimizer.load_state_dict(read_optimizer_state(directory))
     return state
+
+
+def read_optimizer_state(directory: str | Path) -> dict[str, Any]:
+    """The optimizer state dict, read weights-only: a pickle holding anything but
+    tensors, numbers, strings and containers raises UnsafeCheckpointError unexecuted."""
+    path = Path(directory) / OPTIMIZER_FILE
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        raise UnsafeCheckpointError(
+            f"{path}: refused: its pickle holds objects other than tensors and plain values ({exc})".split("\n")[0]
+        ) from None

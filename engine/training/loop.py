@@ -7,7 +7,8 @@ Per worker:
    worker died and the group was restarted, or when a run of the same name is started
    again), load weights, optimizer state and history, and continue at the next epoch;
 3. wrap in DDP (`ray.train.torch.prepare_model`: gloo on CPU, NCCL on GPUs; the device
-   comes from Ray, nothing assumes CUDA);
+   comes from Ray, nothing assumes CUDA), or, for tasks whose graph varies between
+   steps (SAM), keep the bare model and all-reduce its gradients after backward;
 4. per epoch: iterate this worker's shard of the "train" dataset with
    `iter_torch_batches` (augmented per epoch by the task's collate function), then the
    "val" shard without augmentation; add up the task's metric sums over all workers;
@@ -31,7 +32,7 @@ from typing import Any
 import torch
 
 from engine.data.sample_plan import SampleLayout
-from engine.training.checkpointing import OPTIMIZER_FILE, TrainingState, load_training_state, save_training_state
+from engine.training.checkpointing import TrainingState, load_training_state, read_optimizer_state, save_training_state
 from engine.training.tasks import Task, make_task
 
 
@@ -105,6 +106,40 @@ def _all_sums(sums: dict[str, float], seconds: float) -> tuple[dict[str, float],
     return total, max(s for _, s in gathered)
 
 
+def _broadcast_parameters(model: torch.nn.Module) -> None:
+    """Rank 0's parameters and buffers on every rank (what DDP's constructor does)."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        for t in [*model.parameters(), *model.buffers()]:
+            dist.broadcast(t.data, src=0)
+
+
+def _average_gradients(model: torch.nn.Module) -> None:
+    """Mean gradient over all workers, in one flat all-reduce after backward.
+
+    A parameter without a gradient on this rank counts as zero, so every rank sends
+    the same layout whatever its graph was. Buffers are not synchronised: tasks using
+    this path have no batch-norm statistics (SAM uses layer norm).
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return
+    params = [p for p in model.parameters() if p.requires_grad]
+    for p in params:
+        if p.grad is None:
+            p.grad = torch.zeros_like(p)
+    flat = torch.cat([p.grad.reshape(-1) for p in params])
+    dist.all_reduce(flat)
+    flat /= dist.get_world_size()
+    offset = 0
+    for p in params:
+        n = p.numel()
+        p.grad.copy_(flat[offset:offset + n].view_as(p))
+        offset += n
+
+
 def _run_epoch(task: Task, model: torch.nn.Module, shard, collate, cfg: LoopConfig, device: torch.device,
                optimizer: torch.optim.Optimizer | None, shuffle_seed: int | None) -> tuple[dict[str, float], float]:
     """One pass over a shard; trains when `optimizer` is given. Returns (metric sums, seconds)."""
@@ -119,6 +154,8 @@ def _run_epoch(task: Task, model: torch.nn.Module, shard, collate, cfg: LoopConf
             loss, stats = task.step(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
+            if task.gradient_sync == "allreduce":
+                _average_gradients(model)
             if cfg.max_grad_norm:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
             optimizer.step()
@@ -151,11 +188,14 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_training_state(directory, model)
-            optimizer_state = torch.load(Path(directory) / OPTIMIZER_FILE, map_location="cpu", weights_only=True)
+            optimizer_state = read_optimizer_state(directory)
     _progress(cfg, rank, "start", state.epoch)
 
-    model = ray.train.torch.prepare_model(
-        model, parallel_strategy_kwargs={"find_unused_parameters": task.find_unused_parameters})
+    if task.gradient_sync == "ddp":
+        model = ray.train.torch.prepare_model(model)
+    else:
+        model = ray.train.torch.prepare_model(model, parallel_strategy=None)  # to the device only
+        _broadcast_parameters(model)
     bare = getattr(model, "module", model)
     optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:

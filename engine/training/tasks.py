@@ -53,9 +53,11 @@ class Task:
     """Base of the per-family tasks (see module doc)."""
 
     family: ClassVar[str] = ""
-    # DDP must look for parameters a step leaves without gradient (SAM's decoder has
-    # mask tokens that a single-mask output never uses).
-    find_unused_parameters: ClassVar[bool] = False
+    # How workers agree on gradients: "ddp" (DistributedDataParallel's bucketed
+    # all-reduce, overlapped with backward) or "allreduce" (one all-reduce of all
+    # gradients after backward; for models whose graph changes from step to step, which
+    # DDP's hooks cannot follow).
+    gradient_sync: ClassVar[str] = "ddp"
 
     def __init__(self, options: Mapping[str, Any] | None = None):
         self.options = dict(options or {})
@@ -174,7 +176,10 @@ class SegmenterTask(Task):
     """SAM: one mask per ground-truth box prompt."""
 
     family = "segmenter"
-    find_unused_parameters = True
+    # SAM's decoder runs once per image that has boxes (a varying number of times per
+    # step; none for an image without boxes) and a single-mask output leaves the other
+    # mask tokens unused: DDP's per-parameter hooks refuse such graphs.
+    gradient_sync = "allreduce"
 
     def layout(self, input_size, model_args, *, tile=None, levels=None, max_per_image=None):
         return SampleLayout(tile or input_size, mask="instance", require_instances=True, levels=levels,

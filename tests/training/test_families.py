@@ -1,0 +1,53 @@
+"""The classifier and the small SAM train on Ray Train too: 2 CPU workers, one epoch each."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+
+from engine.training import TrainingError, train
+
+
+def finite(metrics: dict[str, float]) -> bool:
+    return all(math.isfinite(v) for v in metrics.values())
+
+
+class TestClassifierTraining:
+    def test_one_epoch(self, ray_session, train_archive, tracking_uri, tmp_path):
+        result = train("classifier", "resnet10t", str(train_archive), storage_path=tmp_path, epochs=1,
+                       num_workers=2, batch_size=8, tracking_uri=tracking_uri)
+        m = result.metrics
+        assert finite(m) and m["epoch"] == 1
+        assert {"train_loss", "train_material_acc", "train_grade_acc", "val_loss", "val_material_acc"} <= set(m)
+        assert (result.train_samples, result.val_samples) == (16, 4)
+        assert result.model_version is None  # not registered unless asked
+
+
+class TestSegmenterTraining:
+    def test_one_epoch(self, ray_session, train_archive, tracking_uri, tmp_path):
+        result = train("segmenter", "sam_tiny", str(train_archive), storage_path=tmp_path, epochs=1,
+                       num_workers=2, batch_size=2, tile_size=128, tracking_uri=tracking_uri,
+                       task_options={"max_boxes": 4})
+        m = result.metrics
+        assert finite(m) and 0.0 <= m["train_mask_iou"] <= 1.0 and 0.0 <= m["val_mask_iou"] <= 1.0
+        assert m["train_loss"] > 0
+
+
+class TestTrainArguments:
+    def test_detector_is_not_a_ray_train_family(self, train_archive, tmp_path):
+        with pytest.raises(Exception, match="trainable families: classifier, fusion, segmenter"):
+            train("detector", "yolov8n_tiny", str(train_archive), storage_path=tmp_path, epochs=1)
+
+    def test_unknown_model_lists_the_valid_ones(self, train_archive, tmp_path):
+        with pytest.raises(Exception, match="valid fusion models: .*fusion_tiny"):
+            train("fusion", "fusion_huge", str(train_archive), storage_path=tmp_path, epochs=1)
+
+    def test_too_few_samples_for_the_workers(self, train_archive, tmp_path):
+        with pytest.raises(TrainingError, match="needs at least one|at least 8 each"):
+            train("classifier", "resnet10t", str(train_archive), storage_path=tmp_path, epochs=1,
+                  num_workers=8, max_samples_per_image=1, val_fraction=0.0)
+
+    def test_promote_needs_a_name(self, train_archive, tmp_path):
+        with pytest.raises(TrainingError, match="promote needs register_as"):
+            train("fusion", "fusion_tiny", str(train_archive), storage_path=tmp_path, epochs=1, promote=True)
