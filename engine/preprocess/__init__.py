@@ -2,6 +2,7 @@
 
 - `fit.fit_preprocessing(image, modality)`: per-image `PreprocessParams` from a coarse level;
 - `normalise.apply(params, tile, origin, scale)`: a tile's raw pixels -> float32 [0, 1];
+- `batch.preprocess_batch(batch, params)`: the same for a batch of datasource rows;
 - `resample`: tiles resampled onto a global output grid at a target pixel size.
 
 Names are imported on first use, so a Ray read task that only resamples does not pay
@@ -19,6 +20,7 @@ _EXPORTS = {
     "Background": "engine.preprocess.params",
     "PreprocessParams": "engine.preprocess.params",
     "method_for": "engine.preprocess.params",
+    "preprocess_batch": "engine.preprocess.batch",
 }
 __all__ = sorted(_EXPORTS)
 

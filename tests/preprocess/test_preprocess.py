@@ -187,3 +187,26 @@ def test_flattening_without_a_pyramid(tmp_path):
     field = params.background.evaluate(np.arange(shape[0]) + 0.5, np.arange(shape[1]) + 0.5)
     ratio = field / truth
     assert ratio.max() / ratio.min() < 1.25  # the field follows the vignette (about 6x across)
+
+
+class TestPreprocessBatch:
+    def test_rows_of_a_batch(self, images):
+        from engine.preprocess import preprocess_batch
+
+        image = images["optical"]
+        params = fit_preprocessing(image, "optical")
+        a, b = image.read_region(0, 0, 64, 0, 64), image.read_region(0, 100, 130, 200, 260)
+        batch = {
+            "image_id": np.array(["o", "o", "o"], dtype=object),
+            "tile": np.array([a, b, np.zeros((0, 0), a.dtype)], dtype=object),
+            "origin": np.array([[0.0, 0.0], [100.0, 200.0], [0.0, 0.0]]),
+            "scale": np.ones((3, 2)),
+            "error": np.array([None, None, "CorruptChunkError: chunk 0/c/0/0"], dtype=object),
+        }
+        out = preprocess_batch(batch, {"o": params})
+        np.testing.assert_array_equal(out["tile"][0], apply(params, a, (0, 0), 1))
+        np.testing.assert_array_equal(out["tile"][1], apply(params, b, (100, 200), 1))
+        assert out["tile"][2].shape == (0, 0) and out["error"] is batch["error"]
+        same = preprocess_batch({**batch, "tile": np.stack([a, a, a]), "error": np.array([None] * 3)},
+                                lambda image_id: params)
+        assert same["tile"].shape == (3, 64, 64) and same["tile"].dtype == np.float32
