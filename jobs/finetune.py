@@ -57,7 +57,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.training import train
 
     configure_offline()
-    ray.init()  # RAY_ADDRESS (a submitted job) joins that cluster; otherwise a local Ray
+    # train() plans the samples first, so bad input fails before any Ray starts, then
+    # calls ray.init() with no arguments: under `ray job submit` (RAY_ADDRESS set) that
+    # joins the cluster, otherwise it starts a local Ray.
     try:
         result = train(
             args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
@@ -74,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must
         # not land after the summary line.
-        ray.shutdown()
+        if ray.is_initialized():
+            ray.shutdown()
     print(json.dumps(result.summary(), sort_keys=True), flush=True)
     return 0
 

@@ -1,0 +1,60 @@
+"""jobs.finetune as a process of its own, joining the test session's Ray like a submitted job.
+
+It trains the classifier (resnet10t) for one epoch on 2 CPU workers: this is also the
+classifier's Ray Train test.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import math
+from pathlib import Path
+
+import pytest
+
+from jobs.finetune import parse_args
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+class TestArguments:
+    def test_model_must_be_family_and_name(self, capsys):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "fusion_tiny", "--archive", "a", "--storage", "s"])
+        assert "FAMILY:NAME" in capsys.readouterr().err
+
+    def test_promote_needs_register(self, capsys):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "fusion:fusion_tiny", "--archive", "a", "--storage", "s", "--promote"])
+        assert "--promote needs --register" in capsys.readouterr().err
+
+
+class TestFinetuneJob:
+    def test_runs_and_prints_a_json_summary(self, ray_session, train_archive, tracking_uri, tmp_path):
+        env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}
+        cmd = [sys.executable, "-m", "jobs.finetune", "--model", "classifier:resnet10t",
+               "--archive", str(train_archive), "--storage", str(tmp_path / "runs"), "--epochs", "1",
+               "--workers", "2", "--batch-size", "8", "--tracking-uri", tracking_uri,
+               "--register", "clf-job", "--promote", "--max-samples-per-image", "3"]
+        proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        summary = json.loads(proc.stdout.strip().splitlines()[-1])
+        assert summary["model"] == "resnet10t" and summary["epochs"] == 1
+        assert summary["model_version"] == "clf-job/1" and summary["aliases"] == ["production"]
+        assert Path(summary["checkpoint"]).is_dir() and len(summary["sha256"]) == 64
+        assert summary["train_samples"] + summary["val_samples"] == 12
+        m = summary["metrics"]
+        assert {"train_loss", "train_material_acc", "train_grade_acc", "val_loss", "val_material_acc"} <= set(m)
+        assert all(math.isfinite(v) for v in m.values())
+
+    def test_bad_input_exits_2_naming_it(self, tmp_path):
+        cmd = [sys.executable, "-m", "jobs.finetune", "--model", "fusion:fusion_huge",
+               "--archive", str(tmp_path), "--storage", str(tmp_path / "runs")]
+        # the model name is checked before any Ray starts
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=60,
+                              env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+        assert proc.returncode == 2, proc.stderr[-2000:]
+        assert "fusion_huge" in proc.stderr and "fusion_tiny" in proc.stderr
