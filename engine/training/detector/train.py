@@ -183,8 +183,6 @@ def train_detector(
 
     archive = resolve(archive)
     val_location = resolve(val_archive) if val_archive is not None else None
-    out_dir = Path(out_dir).resolve()
-    out_dir.mkdir(parents=True, exist_ok=True)
     imgsz = int(imgsz or get_config("detector", model).input_size)
     if imgsz <= 0 or imgsz % 32:
         raise ValueError(f"imgsz must be a positive multiple of 32 (YOLO's largest stride), got {imgsz}")
@@ -194,6 +192,8 @@ def train_detector(
         raise ValueError(f"batch must be an integer >= 2 (BatchNorm needs two samples), got {batch!r}")
     overlap = imgsz // 4 if overlap is None else int(overlap)
     dev = resolve_device(device)
+    out_dir = Path(out_dir).resolve()
+    out_dir.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(seed)  # the detector's initial weights
     detector = create_detector(model)
