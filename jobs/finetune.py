@@ -58,8 +58,8 @@ def main(argv: list[str] | None = None) -> int:
 
     configure_offline()
     # train() plans the samples first, so bad input fails before any Ray starts, then
-    # calls ray.init() with no arguments: under `ray job submit` (RAY_ADDRESS set) that
-    # joins the cluster, otherwise it starts a local Ray.
+    # connects (engine.training.trainer.ensure_ray): under `ray job submit` (RAY_ADDRESS
+    # set) ray.init() joins that cluster, otherwise a local Ray starts.
     try:
         result = train(
             args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,

@@ -22,7 +22,6 @@ Targets of -1 (material or grade unknown) are ignored.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from typing import Any, ClassVar, Mapping
 
 import torch

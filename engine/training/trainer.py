@@ -97,14 +97,55 @@ def _label_orders(family: str, args: dict[str, Any]) -> dict[str, tuple[str, ...
     }
 
 
-def _storage(storage_path: str | os.PathLike) -> str:
-    """Ray Train's storage_path: an absolute local path, or an s3:// URI as given."""
+def _storage(storage_path: str | os.PathLike):
+    """(storage_path, storage_filesystem, URI prefix) for Ray Train's RunConfig.
+
+    A local path becomes absolute. An s3:// URI is passed to Ray Train as it is (pyarrow
+    resolves endpoint, region and credentials from the standard AWS environment in each
+    process), unless the engine config names an endpoint or region (engine.config
+    `[s3]`): then a pyarrow S3FileSystem with those settings is given explicitly. No
+    credentials are put in it; every process finds its own, as it does for the archive.
+    """
     text = os.fspath(storage_path)
+    if text.startswith("s3://"):
+        from engine.stores.uri import resolve
+
+        location = resolve(text)
+        options = location.storage_options
+        endpoint = options.get("endpoint_url")
+        region = options.get("client_kwargs", {}).get("region_name")
+        if not endpoint and not region:
+            return text, None, "s3://"  # Ray's checkpoint paths come back without the scheme
+        import pyarrow.fs
+
+        kwargs = {"endpoint_override": endpoint} if endpoint else {}
+        if region:
+            kwargs["region"] = region
+        return location.path, pyarrow.fs.S3FileSystem(**kwargs), "s3://"
     if "://" in text and not text.startswith("file://"):
-        return text
+        raise TrainingError(f"storage_path {text!r}: use a local path, file:// or s3:// URI")
     if text.startswith("file://"):
         text = text[len("file://"):]
-    return os.path.abspath(os.path.expanduser(text))
+    return os.path.abspath(os.path.expanduser(text)), None, ""
+
+
+def ensure_ray(num_workers: int) -> None:
+    """Connect to Ray if this process is not connected yet.
+
+    With RAY_ADDRESS (a submitted job, a cluster) `ray.init()` joins that cluster. Without
+    it a new local Ray starts (address="local": never some other Ray that happens to run
+    on the machine) with at least num_workers + 2 logical CPUs: each training worker
+    holds one CPU slot for the whole run, and Ray Data's read tasks need slots of their
+    own, or on a small machine the trainer would starve its own data pipeline.
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    if os.environ.get("RAY_ADDRESS"):
+        ray.init()
+    else:
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 2))
 
 
 def _auto_gpu(num_workers: int) -> bool:
@@ -214,7 +255,6 @@ def train(
     task_options: per-family extras (segmenter: max_boxes; fusion: context_tile).
     progress_dir: local folder for per-rank progress lines (see loop.LoopConfig).
     """
-    import ray
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -236,8 +276,7 @@ def train(
         levels=levels, max_samples_per_image=max_samples_per_image, num_workers=num_workers, seed=seed,
         overrides=overrides, task_options=task_options)
 
-    if not ray.is_initialized():
-        ray.init()  # joins RAY_ADDRESS when set, else starts a local Ray
+    ensure_ray(num_workers)
     if use_gpu is None:
         use_gpu = _auto_gpu(num_workers)
     if registry is None and register_as:
@@ -246,7 +285,7 @@ def train(
         registry = ModelRegistry(tracking_uri)
     uri = registry.tracking_uri if registry is not None else mlflow_metrics.tracking_uri(tracking_uri)
     run_name = run_name or f"{family}-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage = _storage(storage_path)
+    storage, storage_fs, storage_prefix = _storage(storage_path)
 
     datasets = {"train": training_dataset(train_specs, layout)}
     if val_specs:
@@ -256,7 +295,7 @@ def train(
         "epochs": epochs, "num_workers": num_workers, "use_gpu": use_gpu, "batch_size": batch_size, "lr": lr,
         "weight_decay": weight_decay, "augment_strength": strength, "seed": seed, "tile": layout.tile,
         "context_tile": layout.context_tile, "train_samples": len(train_specs), "val_samples": len(val_specs),
-        "storage_path": storage,
+        "storage_path": os.fspath(storage_path) if storage_prefix else storage,
     }, tags={"grainflow.family": family, "grainflow.model": model_name})
 
     loop_config = LoopConfig(
@@ -270,7 +309,7 @@ def train(
         train_loop_config=loop_config.to_dict(),
         scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
         run_config=RunConfig(
-            name=run_name, storage_path=storage,
+            name=run_name, storage_path=storage, storage_filesystem=storage_fs,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
         ),
@@ -314,7 +353,7 @@ def train(
     mlflow_metrics.end_run(uri, run_id, "FINISHED")
     return TrainResult(
         family=family, model_name=model_name, run_name=run_name, history=state.history,
-        checkpoint_path=str(result.checkpoint.path), model_sha256=digest, run_id=run_id, tracking_uri=uri,
+        checkpoint_path=storage_prefix + str(result.checkpoint.path), model_sha256=digest, run_id=run_id, tracking_uri=uri,
         train_samples=len(train_specs), val_samples=len(val_specs), seconds=seconds, model_version=version,
     )
 
