@@ -11,6 +11,7 @@ are then evaluated on whole held-out images (`evaluate.evaluate_detector`).
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -217,6 +218,8 @@ def train_detector(
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started
+    with contextlib.suppress(OSError):  # Ultralytics' weights/ folder: empty, weights stay in memory
+        trainer.wdir.rmdir()
     if trainer.best_state is None:
         raise RuntimeError(f"training on {archive} produced no validated weights (no finite validation fitness)")
 
