@@ -153,7 +153,8 @@ def instance_targets(instances: np.ndarray, spec: SampleSpec) -> tuple[np.ndarra
 
 class _ImageCache:
     """The last few opened images of this worker process: opening reads Zarr metadata
-    and sets up a reader per level, worth keeping between batches of one image."""
+    and sets up a reader per level, worth keeping between batches of one image. An
+    archive is taken to be immutable while it is being trained on."""
 
     def __init__(self, size: int = 16):
         self.size = size

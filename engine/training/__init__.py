@@ -6,7 +6,8 @@
 Modules: `trainer` (the `train` entry point and TrainResult), `loop` (what each worker
 runs), `tasks` (per-family loss and metrics), `collate` (per-epoch augmentation and
 tensors), `checkpointing` (checkpoint directory layout), `mlflow_metrics` (metrics on
-MLflow). Samples come from engine.data (sample_plan, training_samples).
+MLflow). Samples come from engine.data (sample_plan, training_samples). YOLO detectors
+train through Ultralytics' own trainer instead (engine.training.detector).
 """
 
 from engine.training.trainer import TrainingError, TrainResult, plan_training, train

@@ -17,6 +17,11 @@ Per worker:
 
 Metrics per epoch: train_* and val_* (the task's), train_samples_per_s (all workers'
 training samples over the slowest worker's training wall time, s), epoch (1-based).
+
+Resume granularity: Ray Train's controller collects reports on a poll (about every 2 s).
+A worker that dies after `report` returned but before that poll takes the report with
+it, and the run resumes from the checkpoint before; the redone epoch is then logged to
+MLflow a second time at the same step.
 """
 
 from __future__ import annotations
