@@ -27,7 +27,7 @@ import os
 import tempfile
 import time
 import uuid
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -64,7 +64,6 @@ class TrainResult:
     val_samples: int
     seconds: float
     model_version: Any = None
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -259,6 +258,7 @@ def train(
     from ray.train.torch import TorchTrainer
 
     from engine.data.training_samples import training_dataset
+    from engine.models.checkpoint import read_config, read_sidecar, verify_sha256
     from engine.training import mlflow_metrics
     from engine.training.checkpointing import MODEL_FILE, read_state
     from engine.training.loop import train_loop_per_worker
@@ -322,43 +322,39 @@ def train(
             raise TrainingError(f"training run {run_name!r} failed: {result.error}") from result.error
         if result.checkpoint is None:
             raise TrainingError(f"training run {run_name!r} finished without a checkpoint")
+        seconds = time.perf_counter() - start
+        with tempfile.TemporaryDirectory(prefix="grainflow-final-") as tmp:
+            local = Path(result.checkpoint.to_directory(tmp))
+            state = read_state(local)
+            # the file is checked against the digest written beside it at save time:
+            # intact after its trip through storage
+            digest = verify_sha256(local / MODEL_FILE, read_sidecar(local / MODEL_FILE))
+            version = None
+            if register_as:
+                version = registry.register(
+                    register_as, local / MODEL_FILE, family=family,
+                    config={"model": read_config(local / MODEL_FILE).to_dict(), "training": {
+                        "archive": str(archive), "epochs": state.epoch, "batch_size": batch_size, "lr": lr,
+                        "weight_decay": weight_decay, "num_workers": num_workers, "augment_strength": strength,
+                        "seed": seed, "tile": layout.tile, "context_tile": layout.context_tile,
+                        "train_samples": len(train_specs), "val_samples": len(val_specs), "run_name": run_name,
+                    }},
+                    metrics=_finite(state.history[-1]), tags={"training_run": run_id},
+                )
+                if promote:
+                    version = registry.promote(register_as, version.version)
     except BaseException:
         mlflow_metrics.end_run(uri, run_id, "FAILED")
         raise
-    seconds = time.perf_counter() - start
-
-    from engine.models.checkpoint import read_sidecar, verify_sha256
-
-    with tempfile.TemporaryDirectory(prefix="grainflow-final-") as tmp:
-        local = Path(result.checkpoint.to_directory(tmp))
-        state = read_state(local)
-        model_file = local / MODEL_FILE
-        digest = verify_sha256(model_file, read_sidecar(model_file))  # intact after the trip through storage
-        version = None
-        if register_as:
-            final = {k: float(v) for k, v in state.history[-1].items()
-                     if isinstance(v, (int, float)) and math.isfinite(float(v))}
-            version = registry.register(
-                register_as, model_file, family=family,
-                config={"model": _model_config(local / MODEL_FILE), "training": {
-                    "archive": str(archive), "epochs": state.epoch, "batch_size": batch_size, "lr": lr,
-                    "weight_decay": weight_decay, "num_workers": num_workers, "augment_strength": strength,
-                    "seed": seed, "tile": layout.tile, "context_tile": layout.context_tile,
-                    "train_samples": len(train_specs), "val_samples": len(val_specs), "run_name": run_name,
-                }},
-                metrics=final, tags={"training_run": run_id},
-            )
-            if promote:
-                version = registry.promote(register_as, version.version)
     mlflow_metrics.end_run(uri, run_id, "FINISHED")
     return TrainResult(
         family=family, model_name=model_name, run_name=run_name, history=state.history,
-        checkpoint_path=storage_prefix + str(result.checkpoint.path), model_sha256=digest, run_id=run_id, tracking_uri=uri,
-        train_samples=len(train_specs), val_samples=len(val_specs), seconds=seconds, model_version=version,
+        checkpoint_path=storage_prefix + str(result.checkpoint.path), model_sha256=digest, run_id=run_id,
+        tracking_uri=uri, train_samples=len(train_specs), val_samples=len(val_specs), seconds=seconds,
+        model_version=version,
     )
 
 
-def _model_config(path: Path) -> dict[str, Any]:
-    from engine.models.checkpoint import read_config
-
-    return read_config(path).to_dict()
+def _finite(metrics: dict[str, Any]) -> dict[str, float]:
+    """The numeric, finite entries (what the registry accepts as metrics)."""
+    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and math.isfinite(float(v))}
