@@ -148,7 +148,7 @@ def _average_gradients(model: torch.nn.Module) -> None:
 def _run_epoch(task: Task, model: torch.nn.Module, shard, collate, cfg: LoopConfig, device: torch.device,
                optimizer: torch.optim.Optimizer | None, shuffle_seed: int | None) -> tuple[dict[str, float], float]:
     """One pass over a shard; trains when `optimizer` is given. Returns (metric sums, seconds)."""
-    sums: dict[str, float] = {}
+    sums: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
     shuffle = dict(local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size),
                    local_shuffle_seed=shuffle_seed) if shuffle_seed is not None else {}
@@ -167,9 +167,9 @@ def _run_epoch(task: Task, model: torch.nn.Module, shard, collate, cfg: LoopConf
         else:
             with torch.no_grad():
                 _, stats = task.step(model, batch)
-        for k, v in stats.items():
-            sums[k] = sums.get(k, 0.0) + float(v)
-    return sums, time.perf_counter() - start
+        for k, v in stats.items():  # tensors on the device: no host sync per batch
+            sums[k] = sums[k] + v.detach() if k in sums else v.detach()
+    return {k: float(v) for k, v in sums.items()}, time.perf_counter() - start
 
 
 def train_loop_per_worker(config: dict[str, Any]) -> None:
