@@ -83,6 +83,17 @@ def ingest(
     console.print(f"ingested {len(rows)} images from {len(files)} files into [bold]{archive}[/bold]")
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def train(ctx: typer.Context) -> None:
+    """Fine-tune a model on an archive (the arguments of `python -m jobs.finetune`; see --help)."""
+    from jobs.finetune import main as finetune
+
+    raise typer.Exit(finetune(list(ctx.args)))
+
+
 @app.command()
 def catalog(
     archive: str = typer.Argument(..., help="Archive URI."),

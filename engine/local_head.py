@@ -18,6 +18,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
@@ -39,6 +40,7 @@ class LocalHead:
     dashboard_url: str
     token_path: Path
     base_dir: Path
+    session_dir: Path
     process: subprocess.Popen
 
     def client_env(self) -> dict[str, str]:
@@ -60,6 +62,7 @@ class LocalHead:
         except ProcessLookupError:
             pass
         self.process.wait()
+        shutil.rmtree(self.session_dir, ignore_errors=True)
 
     def __enter__(self) -> LocalHead:
         return self
@@ -71,22 +74,24 @@ class LocalHead:
 def start_local_head(base_dir: str | Path, *, num_cpus: int | None = None, timeout_s: float = 90.0) -> LocalHead:
     """Start a head on free loopback ports; returns once the Jobs API answers.
 
-    `base_dir` holds the token file, the head's log and Ray's session files. Its name
-    must not be `ray`, and jobs must not run from a folder that contains one: Python
-    would import it as the `ray` package.
+    `base_dir` holds the token file and the head's log. Ray's session files go to a short
+    folder under the system temp dir: Ray's Unix sockets live there and a socket path
+    may not exceed 107 bytes. Jobs must not run from a folder that contains a folder
+    named `ray`: Python would import it as the `ray` package.
     """
     base = Path(base_dir).resolve()
     base.mkdir(parents=True, exist_ok=True)
     token_path = base / "auth_token"
     token_path.write_text(secrets.token_hex(32))
     token_path.chmod(0o600)
+    session_dir = Path(tempfile.mkdtemp(prefix="gfhead-"))
     port, dashboard_port = free_port(), free_port()
     ray_bin = shutil.which("ray", path=str(Path(sys.executable).parent)) or "ray"
     cmd = [
         ray_bin, "start", "--head", "--block", "--disable-usage-stats",
         "--node-ip-address", "127.0.0.1", "--port", str(port),
         "--dashboard-host", "127.0.0.1", "--dashboard-port", str(dashboard_port),
-        "--temp-dir", str(base / "session"),
+        "--temp-dir", str(session_dir),
         # Ray's fixed default ports collide with any other Ray on the machine (a test
         # session's, a second head): take free ones.
         "--dashboard-agent-listen-port", str(free_port()), "--dashboard-agent-grpc-port", str(free_port()),
@@ -101,7 +106,7 @@ def start_local_head(base_dir: str | Path, *, num_cpus: int | None = None, timeo
     env.pop("RAY_ADDRESS", None)
     log = open(base / "head.log", "wb")
     process = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True, cwd=base)
-    head = LocalHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", token_path, base, process)
+    head = LocalHead(f"127.0.0.1:{port}", f"http://127.0.0.1:{dashboard_port}", token_path, base, session_dir, process)
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         if process.poll() is not None:

@@ -3,8 +3,10 @@
     python -m jobs.finetune --model fusion:fusion_tiny --archive s3://lab/archive \\
         --storage s3://lab/runs --epochs 5 --workers 2 --register fusion --promote
 
-`--model FAMILY:NAME` names a registered config (classifier, fusion or segmenter;
-`grainflow models` lists them). Submitted as a Ray job it joins that cluster
+`--model FAMILY:NAME` names a registered config (classifier, fusion, segmenter or
+detector). Classifier, fusion and segmenter train on Ray Train (DDP); a YOLO detector
+trains through Ultralytics' trainer as one Ray task, on a GPU node when there is one,
+and writes its checkpoint to --storage (a local path). Submitted as a Ray job it joins that cluster
 (RAY_ADDRESS); run directly it starts a local Ray. Exit status: 0 done, 2 bad input
 (the message names it), 1 anything else. See engine.training.train for the arguments.
 """
@@ -61,15 +63,18 @@ def main(argv: list[str] | None = None) -> int:
     # connects (engine.training.trainer.ensure_ray): under `ray job submit` (RAY_ADDRESS
     # set) ray.init() joins that cluster, otherwise a local Ray starts.
     try:
-        result = train(
-            args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
-            num_workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
-            batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
-            val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
-            max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
-            run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,
-            promote=args.promote,
-        )
+        if args.family == "detector":
+            summary = _train_detector(args)
+        else:
+            summary = train(
+                args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
+                num_workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
+                batch_size=args.batch_size, lr=args.lr, augment=args.augment, seed=args.seed,
+                val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
+                max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
+                run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,
+                promote=args.promote,
+            ).summary()
     except GrainflowError as exc:
         print(f"finetune: {exc}", file=sys.stderr)
         return 2
@@ -78,8 +83,33 @@ def main(argv: list[str] | None = None) -> int:
         # not land after the summary line.
         if ray.is_initialized():
             ray.shutdown()
-    print(json.dumps(result.summary(), sort_keys=True), flush=True)
+    print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0
+
+
+def _train_detector(args: argparse.Namespace) -> dict:
+    from engine.errors import GrainflowError
+    from engine.registry import ModelRegistry
+    from engine.stores.uri import resolve
+    from engine.training.detector import train_detector_on_ray
+    from engine.training.trainer import ensure_ray
+
+    storage = resolve(args.storage)
+    if storage.scheme != "file":
+        raise GrainflowError(f"{storage}: detector runs write their checkpoint to a local --storage path")
+    ensure_ray(1)
+    registry = ModelRegistry(args.tracking_uri) if args.register else None
+    val = {"val_archive": args.val_archive} if args.val_archive else {"val_fraction": args.val_fraction}
+    result = train_detector_on_ray(
+        args.archive, out_dir=storage.join(args.run_name or f"detector-{args.model_name}").path,
+        model=args.model_name, epochs=args.epochs, batch=args.batch_size, seed=args.seed,
+        num_gpus={"auto": None, "yes": 1, "no": 0}[args.gpu], register_as=args.register, registry=registry,
+        **({"imgsz": args.tile} if args.tile else {}), **val,
+    )
+    if args.promote and result.registered:
+        name, _, version = result.registered.partition("/")
+        registry.promote(name, int(version))
+    return {"family": "detector", **result.to_dict()}
 
 
 if __name__ == "__main__":

@@ -55,21 +55,27 @@ def s3_bucket(s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session(tmp_path_factory):
+def ray_session():
     """One local Ray for the whole test session (never one per test).
 
     Four logical CPUs on a 2-core machine: Ray Train's workers and Ray Data's read tasks
     each hold a CPU slot, and with only two slots a 2-worker trainer would starve its
     own data pipeline.
     """
+    import shutil
+    import tempfile
+
     import ray
 
     from engine.runtime import configure_offline
 
     configure_offline()
+    # A short session folder: Ray's Unix socket paths must stay under 107 bytes.
+    temp_dir = tempfile.mkdtemp(prefix="gfray-")
     ray.init(
-        num_cpus=4, include_dashboard=False, log_to_driver=False,
-        _temp_dir=str(tmp_path_factory.mktemp("ray")), runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}},
+        num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir,
+        runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}},
     )
     yield ray
     ray.shutdown()
+    shutil.rmtree(temp_dir, ignore_errors=True)
