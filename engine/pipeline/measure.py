@@ -1,0 +1,167 @@
+"""Measurements of defects from their instance masks, in physical units.
+
+Conventions:
+
+- Pixel sizes are in nanometres, per axis ``(y, x)`` (one number: square pixels). A
+  mask pixel is a ``py x px`` nm rectangle, so a mask of ``n`` pixels has area
+  ``n * py * px`` nm². 1 µm² = 10**6 nm², 1 mm² = 10**12 nm².
+- Shape comes from second moments (`skimage.measure.regionprops` with ``spacing``):
+  the covariance of the pixel centres, plus ``p**2 / 12`` per axis, which is the
+  variance of a uniform pixel square: a mask is measured as the union of its pixel
+  squares, not as a cloud of points. So a one-pixel-wide line has a width of one
+  pixel rather than zero, and a disc of radius r measures 2r across.
+  The axes are those of the ellipse with the same second moments: length
+  ``4 * sqrt(eigenvalue)``.
+- Orientation: the major axis's angle from the image's +x axis (columns, rightwards),
+  counter-clockwise as the image is displayed (row 0 at the top), in degrees in
+  ``[0, 180)`` (an axis has no direction). NaN when the two axes are equal (a disc has
+  no orientation).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+from skimage.measure import regionprops
+
+NM2_PER_UM2 = 1e6
+NM2_PER_MM2 = 1e12
+# Relative difference of the two moment eigenvalues below which no orientation is given.
+_ISOTROPIC = 1e-6
+
+
+class Measurements(NamedTuple):
+    """Per-object measurements, N each, float64, in mask order.
+
+    area_px: pixels in the mask. area_nm2 / area_um2: area in nm² / µm².
+    equivalent_diameter_nm: diameter of the disc of the same area, nm.
+    major_axis_nm / minor_axis_nm: axes of the ellipse with the same second moments, nm.
+    aspect_ratio: major / minor (>= 1). orientation_deg: see the module doc, [0, 180) or NaN.
+    centroid: N x 2 (y, x), in pixels of the mask's array, pixel-centre coordinates
+    (pixel (i, j) has its centre at (i, j)).
+    An empty mask gives zeros for area and NaN for the rest.
+    """
+
+    area_px: np.ndarray
+    area_nm2: np.ndarray
+    area_um2: np.ndarray
+    equivalent_diameter_nm: np.ndarray
+    major_axis_nm: np.ndarray
+    minor_axis_nm: np.ndarray
+    aspect_ratio: np.ndarray
+    orientation_deg: np.ndarray
+    centroid: np.ndarray
+
+    @classmethod
+    def empty(cls, n: int = 0) -> Measurements:
+        nan = np.full(n, np.nan)
+        return cls(np.zeros(n), np.zeros(n), np.zeros(n), nan.copy(), nan.copy(), nan.copy(), nan.copy(),
+                   nan.copy(), np.full((n, 2), np.nan))
+
+
+def pixel_size_yx(pixel_size_nm) -> tuple[float, float]:
+    """(y, x) pixel size in nm from one number or a pair; positive and finite, else ValueError."""
+    p = np.broadcast_to(np.asarray(pixel_size_nm, dtype=np.float64).reshape(-1), (2,))
+    if not np.all(np.isfinite(p)) or np.any(p <= 0):
+        raise ValueError(f"pixel_size_nm must be positive and finite, got {pixel_size_nm!r}")
+    return float(p[0]), float(p[1])
+
+
+def measure_mask(mask: np.ndarray, pixel_size_nm) -> Measurements:
+    """Measurements of one (H, W) boolean mask (all its pixels are one object, connected or not)."""
+    return measure_masks(np.asarray(mask, dtype=bool)[None], pixel_size_nm)
+
+
+def measure_masks(masks: np.ndarray, pixel_size_nm) -> Measurements:
+    """Measurements of N possibly overlapping objects.
+
+    masks: N x H x W bool (e.g. one SAM mask per box); pixel_size_nm: nm per pixel, one
+    number or (y, x). Each mask is measured on its own bounding crop.
+    """
+    masks = np.asarray(masks, dtype=bool)
+    if masks.ndim != 3:
+        raise ValueError(f"masks: expected N x H x W, got shape {masks.shape}")
+    py, px = pixel_size_yx(pixel_size_nm)
+    out = Measurements.empty(len(masks))
+    for i, mask in enumerate(masks):
+        rows, cols = np.any(mask, axis=1), np.any(mask, axis=0)
+        if not rows.any():
+            continue
+        y0, y1 = np.flatnonzero(rows)[[0, -1]]
+        x0, x1 = np.flatnonzero(cols)[[0, -1]]
+        _fill(out, i, mask[y0 : y1 + 1, x0 : x1 + 1].astype(np.uint8), (y0, x0), py, px)
+    return out
+
+
+def measure_labels(labels: np.ndarray, pixel_size_nm) -> tuple[np.ndarray, Measurements]:
+    """(label values, measurements) of every object in an (H, W) integer label image
+    (0 = background), in increasing label order."""
+    labels = np.asarray(labels)
+    if labels.ndim != 2 or labels.dtype.kind not in "ui":
+        raise ValueError(f"labels: expected an (H, W) integer array, got {labels.dtype} {labels.shape}")
+    py, px = pixel_size_yx(pixel_size_nm)
+    props = regionprops(labels, spacing=(py, px))
+    out = Measurements.empty(len(props))
+    values = np.array([p.label for p in props], dtype=np.int64)
+    for i, p in enumerate(props):
+        _from_props(out, i, p, (0, 0), py, px)
+    return values, out
+
+
+def _fill(out: Measurements, i: int, crop: np.ndarray, offset, py: float, px: float) -> None:
+    (p,) = regionprops(crop, spacing=(py, px))
+    _from_props(out, i, p, offset, py, px)
+
+
+def _from_props(out: Measurements, i: int, p, offset, py: float, px: float) -> None:
+    n = float(p.num_pixels)
+    area = n * py * px
+    # regionprops' 2-D inertia tensor is [[var_x, -cov_xy], [-cov_xy, var_y]] of the
+    # pixel centres in physical units; add each pixel square's own variance.
+    t = p.inertia_tensor
+    cov = np.array([[t[1, 1] + py * py / 12.0, -t[0, 1]], [-t[0, 1], t[0, 0] + px * px / 12.0]])
+    evals, evecs = np.linalg.eigh(cov)  # ascending
+    minor_var, major_var = max(evals[0], 0.0), max(evals[1], 0.0)
+    major, minor = 4.0 * np.sqrt(major_var), 4.0 * np.sqrt(minor_var)
+    vy, vx = evecs[:, 1]
+    if major_var - minor_var <= _ISOTROPIC * major_var:
+        angle = np.nan
+    else:
+        # rows grow downwards on screen, so "up" is -y
+        angle = float(np.degrees(np.arctan2(-vy, vx))) % 180.0
+        if angle >= 180.0 - 1e-9:
+            angle = 0.0
+    cy, cx = p.centroid  # physical, from the crop's pixel-centre origin
+    out.area_px[i] = n
+    out.area_nm2[i] = area
+    out.area_um2[i] = area / NM2_PER_UM2
+    out.equivalent_diameter_nm[i] = np.sqrt(4.0 * area / np.pi)
+    out.major_axis_nm[i] = major
+    out.minor_axis_nm[i] = minor
+    out.aspect_ratio[i] = major / minor if minor > 0 else np.inf
+    out.orientation_deg[i] = angle
+    out.centroid[i] = (offset[0] + cy / py, offset[1] + cx / px)
+
+
+def area_mm2(shape_or_pixels, pixel_size_nm) -> float:
+    """Imaged area in mm² of an (H, W) shape, or of a pixel count, at `pixel_size_nm`."""
+    py, px = pixel_size_yx(pixel_size_nm)
+    n = float(np.prod(shape_or_pixels)) if np.ndim(shape_or_pixels) else float(shape_or_pixels)
+    if n < 0:
+        raise ValueError(f"pixel count must be >= 0, got {shape_or_pixels!r}")
+    return n * py * px / NM2_PER_MM2
+
+
+def defect_density_per_mm2(count, area_mm2_value) -> float | np.ndarray:
+    """Defects per mm²: count / imaged area (mm²). NaN where the area is 0.
+
+    Per image: sum the per-tile counts and the per-tile core areas first (cores partition
+    the image, so the areas add up to the image's), then divide.
+    """
+    count = np.asarray(count, dtype=np.float64)
+    area = np.asarray(area_mm2_value, dtype=np.float64)
+    if np.any(count < 0) or np.any(area < 0):
+        raise ValueError(f"count and area must be >= 0, got {count!r}, {area!r}")
+    out = np.divide(count, area, out=np.full(np.broadcast(count, area).shape, np.nan), where=area > 0)
+    return float(out) if out.ndim == 0 else out
