@@ -1,0 +1,134 @@
+"""Ensembles in the model registry: register members and a bundle; load a bundle.
+
+A bundle (`engine.registry.bundle`) names one fixed version per role ("detector",
+"segmenter", "classifier", "fusion"; a detector is required). Its version tags say
+how the ensemble runs those members:
+
+    input.<role>     the member's input mode ("raw", "tile", "image"; engine.pipeline.inputs)
+    pixel_size_nm    the pixel size the members were trained at (the datasource's target)
+
+Loading fetches each member through `ModelRegistry.fetch` (every file checked against
+the sha256 recorded at registration; a changed file is refused with
+ArtifactIntegrityError) and rebuilds it from safetensors with
+`engine.models.checkpoint.load_model`, which checks the digest again as it reads, so a
+file swapped between fetch and load is refused too. Ultralytics .pt detectors go through
+`load_detector_checkpoint` (unpickled only after their digest matches).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+from engine.pipeline.ensemble import ROLES, EnsembleModels
+from engine.pipeline.inputs import check_inputs
+from engine.registry.errors import RegistryError
+
+TAG_INPUT = "input."
+TAG_PIXEL_SIZE = "pixel_size_nm"
+_CLASS_OF = {"detector": "Detector", "segmenter": "Segmenter", "classifier": "Classifier", "fusion": "FusionModel"}
+
+
+@dataclass(frozen=True)
+class LoadedBundle:
+    """Members loaded from a bundle, with the bundle's input modes and pixel size.
+
+    models.versions holds each role's "name/version" and "bundle": the bundle's own.
+    """
+
+    ref: str
+    models: EnsembleModels
+    inputs: dict[str, str]
+    pixel_size_nm: float | None
+
+
+def bundle_tags(inputs: Mapping[str, str] | None = None, pixel_size_nm: float | None = None) -> dict[str, str]:
+    """Version tags for `register_bundle` (module doc); modes are checked here."""
+    tags = {f"{TAG_INPUT}{role}": mode for role, mode in check_inputs(inputs).items()}
+    if pixel_size_nm is not None:
+        if not float(pixel_size_nm) > 0:
+            raise ValueError(f"pixel_size_nm must be positive, got {pixel_size_nm!r}")
+        tags[TAG_PIXEL_SIZE] = repr(float(pixel_size_nm))
+    return tags
+
+
+def load_bundle(ref: str, registry=None, *, cache_dir: str | Path | None = None,
+                map_location: str = "cpu") -> LoadedBundle:
+    """Fetch, verify and load the members of the bundle `ref` (`name`, `name@alias`,
+    `name/version`). cache_dir: where member files go (`<cache_dir>/<name>/<version>`;
+    default the registry's cache). registry: a ModelRegistry (default: the embedded one).
+    """
+    if registry is None:
+        from engine.registry import ModelRegistry
+
+        registry = ModelRegistry()
+    version = registry.get(ref)  # an alias resolved once: every member below is of this version
+    members = registry.get_bundle(version.ref)
+    unknown = sorted(set(members) - set(ROLES))
+    if unknown:
+        raise RegistryError(f"{version.ref}: bundle roles {unknown} are not ensemble roles ({', '.join(ROLES)})")
+    if "detector" not in members:
+        raise RegistryError(f"{version.ref}: bundle has no 'detector' member (members: {sorted(members)})")
+    loaded = {}
+    for role, mv in members.items():
+        dest = None if cache_dir is None else Path(cache_dir) / mv.name / str(mv.version)
+        files = registry.fetch(mv, dest)
+        loaded[role] = load_member(role, mv, files, map_location=map_location)
+    tags = version.tags
+    inputs = {k[len(TAG_INPUT):]: v for k, v in tags.items() if k.startswith(TAG_INPUT)}
+    try:
+        inputs = check_inputs(inputs)
+    except ValueError as exc:
+        raise RegistryError(f"{version.ref}: bad input tag: {exc}") from None
+    pixel_size = float(tags[TAG_PIXEL_SIZE]) if TAG_PIXEL_SIZE in tags else None
+    versions = {role: mv.ref for role, mv in members.items()} | {"bundle": version.ref}
+    return LoadedBundle(version.ref, EnsembleModels(**loaded, versions=versions), inputs, pixel_size)
+
+
+def load_member(role: str, mv, files: Mapping[str, Path], *, map_location: str = "cpu"):
+    """The model of one fetched member version (`files`: stored name -> local path)."""
+    from engine.models.checkpoint import load_model
+    from engine.models.detector import load_detector_checkpoint
+
+    weights = {n: p for n, p in files.items() if n.endswith((".safetensors", ".pt"))}
+    if len(weights) != 1:
+        raise RegistryError(f"{mv.ref}: expected one .safetensors (or Ultralytics .pt) file, "
+                            f"found {sorted(files)}")
+    (name, path), = weights.items()
+    digest = mv.sha256[name]
+    if name.endswith(".pt"):
+        if role != "detector":
+            raise RegistryError(f"{mv.ref}: {name}: .pt files are accepted for detectors only; save "
+                                f"{role} models as safetensors (engine.models.save_checkpoint)")
+        model = load_detector_checkpoint(path, digest)
+    else:
+        model = load_model(path, expected_sha256=digest, map_location=map_location)
+    if type(model).__name__ != _CLASS_OF[role]:
+        raise RegistryError(f"{mv.ref}: bundle role {role!r} needs a {_CLASS_OF[role]}, but {name} holds a "
+                            f"{type(model).__name__}")
+    return model
+
+
+def register_ensemble(registry, models: EnsembleModels, name: str, *, workdir: str | Path,
+                      inputs: Mapping[str, str] | None = None, pixel_size_nm: float | None = None,
+                      promote: bool = True, tags: Mapping[str, str] | None = None):
+    """Save each member as safetensors under `workdir`, register it as `<name>-<role>`,
+    then register the bundle `name` over those versions (promoted to production when
+    `promote`). Returns the bundle's ModelVersion."""
+    from engine.models import save_checkpoint
+
+    workdir = Path(workdir)
+    refs = {}
+    for role, model in models.members().items():
+        path = workdir / role / f"{role}.safetensors"
+        save_checkpoint(model, path)
+        mv = registry.register(f"{name}-{role}", path, family=role, config=model.config.to_dict(),
+                               tags=dict(tags or {}))
+        if promote:
+            registry.promote(mv.name, mv.version)
+        refs[role] = mv.ref
+    bundle = registry.register_bundle(name, refs, tags={**dict(tags or {}), **bundle_tags(inputs, pixel_size_nm)})
+    if promote:
+        bundle = registry.promote(name, bundle.version)
+    return bundle

@@ -1,0 +1,109 @@
+"""Tiny model sets for tests and the demo.
+
+- `untrained_tiny_models(seed)`: the tiny configs with seeded random weights, built in
+  seconds. Their detections are noise (use a low `EnsembleConfig.conf` to get any),
+  which is all that tests of plumbing, determinism, parity and registry round trips need.
+- `train_demo_models(archive, registry=..., out_dir=...)`: trains the tiny configs on an
+  archive with the engine's own trainers (YOLO through
+  `engine.training.detector.train_detector`; the classifier, SAM and optionally the
+  fusion model through Ray Train, `engine.training.train`), registers each member and a
+  bundle over them, and promotes them. `make demo` calls it when the registry has no
+  bundle. On 2 CPU cores with the defaults it takes a few minutes, so tests keep to
+  untrained models (the one test that trains is marked slow).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.pipeline.ensemble import EnsembleModels
+
+TINY = {"detector": "yolov8n_tiny", "segmenter": "sam_tiny", "classifier": "resnet10t", "fusion": "fusion_tiny"}
+DEMO_BUNDLE = "grainflow-demo"
+
+
+def untrained_tiny_models(seed: int = 0, *, fusion: bool = False) -> EnsembleModels:
+    """The tiny configs (`TINY`) with random weights drawn from `seed` (same seed, same weights)."""
+    import torch
+
+    from engine.models import create_classifier, create_detector, create_fusion, create_segmenter
+    from engine.runtime import configure_offline
+
+    configure_offline()
+    torch.manual_seed(seed)
+    return EnsembleModels(
+        detector=create_detector(TINY["detector"]), segmenter=create_segmenter(TINY["segmenter"]),
+        classifier=create_classifier(TINY["classifier"]), fusion=create_fusion(TINY["fusion"]) if fusion else None,
+    )
+
+
+@dataclass(frozen=True)
+class DemoModels:
+    """What `train_demo_models` registered: bundle (its "name/version"), members (role ->
+    "name/version"), metrics (role -> final metrics), seconds (role -> training time)."""
+
+    bundle: str
+    members: dict[str, str]
+    metrics: dict[str, dict[str, Any]] = field(default_factory=dict)
+    seconds: dict[str, float] = field(default_factory=dict)
+
+    @property
+    def production_ref(self) -> str:
+        """The ref a job names: `<bundle name>@production`."""
+        return f"{self.bundle.split('/')[0]}@production"
+
+
+def train_demo_models(
+    archive: str | Path,
+    *,
+    registry,
+    out_dir: str | Path,
+    name: str = DEMO_BUNDLE,
+    detector_epochs: int = 15,
+    epochs: int = 3,
+    fusion: bool = False,
+    num_workers: int = 1,
+    seed: int = 0,
+    pixel_size_nm: float | None = None,
+) -> DemoModels:
+    """Train the tiny models on `archive`, register them and a bundle `name`; promote all.
+
+    registry: an engine.registry.ModelRegistry (checkpoints are registered there and
+    metrics logged to its tracking URI). out_dir: checkpoints and Ultralytics' run
+    folder. detector_epochs: YOLO epochs (Ultralytics, local); epochs: for the Ray Train
+    members; num_workers: Ray Train workers each (starts a local Ray when none is
+    connected). Members are named `<name>-<role>`; the bundle's tags record the input
+    modes the trainers used (engine.pipeline.inputs.DEFAULT_INPUTS) and `pixel_size_nm`.
+    """
+    from engine.pipeline.bundle import bundle_tags
+    from engine.training import train
+    from engine.training.detector import train_detector
+
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    members, metrics, seconds = {}, {}, {}
+
+    start = time.perf_counter()
+    det = train_detector(str(archive), out_dir=out / "detector", model=TINY["detector"], epochs=detector_epochs,
+                         seed=seed, pixel_size_nm=pixel_size_nm, register_as=f"{name}-detector", registry=registry)
+    version = registry.get(det.registered)
+    registry.promote(version.name, version.version)
+    members["detector"], metrics["detector"] = version.ref, det.flat_metrics()
+    seconds["detector"] = time.perf_counter() - start
+
+    roles = ["classifier", "segmenter"] + (["fusion"] if fusion else [])
+    for role in roles:
+        start = time.perf_counter()
+        result = train(role, TINY[role], str(archive), storage_path=out / "runs", epochs=epochs,
+                       num_workers=num_workers, seed=seed, registry=registry, register_as=f"{name}-{role}",
+                       promote=True, run_name=f"{name}-{role}-{int(time.time())}")
+        members[role] = result.model_version.ref
+        metrics[role] = dict(result.metrics)
+        seconds[role] = time.perf_counter() - start
+
+    bundle = registry.register_bundle(name, members, tags=bundle_tags(None, pixel_size_nm))
+    bundle = registry.promote(name, bundle.version)
+    return DemoModels(bundle=bundle.ref, members=members, metrics=metrics, seconds=seconds)

@@ -1,0 +1,572 @@
+"""The ensemble: detect defects, segment each box, classify the tile, measure.
+
+    ens = Ensemble(EnsembleModels(detector, segmenter, classifier))     # model objects
+    ens = Ensemble.from_registry("grainflow-demo@production", registry)  # a registered bundle
+    out = ens(batch)              # datasource columns in, one result row per tile out
+    res = analyze_tile(pixels, "SEM", 12.5, ensemble=ens)               # one tile -> TileResult
+
+One class serves the batch job (a class-based `map_batches` UDF: Ray Data builds it in
+each actor from `fn_constructor_kwargs`, e.g. ``{"bundle": ref, "registry": registry}``)
+and the online endpoint; nothing here knows about Ray. Both go through
+`Ensemble.analyze`, so a tile gets the same answer whichever way it comes.
+
+Steps per batch of tiles (`engine.data.tile_read` columns; see `results` for the output):
+
+1. Inputs: each member gets the tile on the intensity scale it was trained on
+   (`engine.pipeline.inputs`: "raw", "tile" or "image"; per-image `PreprocessParams`
+   are given as ``params``, a mapping or function image_id -> params; an image without
+   any falls back to a per-tile percentile stretch).
+2. Detect: YOLO on the whole tile (core + halo), `conf`, `iou`, `max_det`.
+3. Segment: SAM with every detected box as a prompt, one encoder pass per tile. A mask
+   is cut to its box (SAM's box-prompted masks can bleed past the box); an empty mask
+   falls back to the box itself (flagged `mask_from_box`).
+4. Classify: the classifier on the tile's core; the fusion model on the core (detail)
+   and a context view. Material and grade probabilities are the mean of the members'
+   softmax outputs. Images are graded later, from their tiles' rows.
+5. Measure: detections whose box centre lies in the core (`engine.tiling.owned`) are
+   kept and measured from their masks in physical units (`engine.pipeline.measure`).
+
+Batching: tiles of one shape go through a model together, `max_batch` at a time. A
+batched matrix product may round differently from a single one, so outputs can differ
+in the last bits between batch compositions (detections agree; scores to ~1e-7);
+``max_batch=1`` makes every tile's computation the same whatever the batch, bit for bit.
+A model failing on a group is retried tile by tile, and a tile it still fails on becomes
+an error row naming the member; the other tiles go on.
+
+Fusion's context view (a tile two pyramid levels coarser, centred on the detail tile,
+as engine.training feeds it) is taken from a `context` column when the batch has one;
+otherwise it is made from the tile itself: the tile (core + halo) block-averaged by
+2**offset and mirrored outward where the context reaches past it. That sees less
+surroundings than training did; the datasource does not deliver context tiles yet.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Mapping, Sequence
+
+import numpy as np
+import torch
+
+from engine.pipeline import inputs as inp
+from engine.pipeline.measure import area_mm2, defect_density_per_mm2, measure_masks
+from engine.pipeline.results import TileResult, to_columns
+from engine.tiling.stitch import owned, tile_boxes_to_level0, tile_core_level0
+
+ROLES = ("detector", "segmenter", "classifier", "fusion")
+_FAMILY_OF = {"detector": "Detector", "segmenter": "Segmenter", "classifier": "Classifier", "fusion": "FusionModel"}
+MIN_CLASSIFY_PX = 32  # smallest side the timm backbones take (stride 32): smaller inputs are mirrored out
+
+
+@dataclass(frozen=True)
+class EnsembleConfig:
+    """How the ensemble runs.
+
+    conf: detector score threshold; iou: the detector's NMS IoU; max_det: most boxes per
+    tile. max_batch: tiles per model call (1: bit-identical results whatever the batch).
+    inputs: input mode per role (`engine.pipeline.inputs`); None: the bundle's, else
+    `DEFAULT_INPUTS`. mask_to_box: cut SAM masks to their box.
+    """
+
+    conf: float = 0.25
+    iou: float = 0.7
+    max_det: int = 100
+    max_batch: int = 16
+    inputs: Mapping[str, str] | None = None
+    mask_to_box: bool = True
+
+    def __post_init__(self):
+        if not 0.0 <= self.conf <= 1.0 or not 0.0 <= self.iou <= 1.0:
+            raise ValueError(f"conf and iou must be in [0, 1], got conf={self.conf}, iou={self.iou}")
+        if self.max_det < 1 or self.max_batch < 1:
+            raise ValueError(f"max_det and max_batch must be >= 1, got {self.max_det}, {self.max_batch}")
+        if self.inputs is not None:
+            inp.check_inputs(self.inputs)
+
+
+@dataclass
+class EnsembleModels:
+    """The members (engine.models objects). The detector is required; a missing segmenter
+    means box masks; missing classifier and fusion mean no material or grade.
+
+    versions: role -> "name/version" for registered members (plus "bundle"); members
+    without an entry are named "<config name> (unregistered)".
+    """
+
+    detector: torch.nn.Module
+    segmenter: torch.nn.Module | None = None
+    classifier: torch.nn.Module | None = None
+    fusion: torch.nn.Module | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+
+    def members(self) -> dict[str, torch.nn.Module]:
+        return {role: m for role in ROLES if (m := getattr(self, role)) is not None}
+
+
+@dataclass
+class TileInput:
+    """One tile as the ensemble takes it (one datasource row).
+
+    tile: (H, W) raw pixels (core + halo); halo: (top, bottom, left, right) pixels;
+    origin: level-0 (y, x) of tile[0, 0]'s corner; scale: level-0 pixels per tile pixel
+    (y, x); pixel_size_nm: the tile's pixel size (x axis), nm; context: optional raw
+    context tile for fusion (see module doc); error: the read's error, passed through.
+    """
+
+    image_id: str
+    tile: np.ndarray
+    pixel_size_nm: float
+    level: int = 0
+    y: int = 0
+    x: int = 0
+    halo: tuple[int, int, int, int] = (0, 0, 0, 0)
+    origin: tuple[float, float] | None = None
+    scale: tuple[float, float] = (1.0, 1.0)
+    modality: str = ""
+    error: str | None = None
+    context: np.ndarray | None = None
+
+    def __post_init__(self):
+        self.halo = tuple(int(v) for v in np.asarray(self.halo).reshape(4))
+        self.scale = tuple(float(v) for v in np.asarray(self.scale, dtype=np.float64).reshape(2))
+        if self.origin is None:  # (y, x) is the core's corner; the halo lies before it
+            self.origin = (self.y - self.halo[0] * self.scale[0], self.x - self.halo[2] * self.scale[1])
+        self.origin = tuple(float(v) for v in np.asarray(self.origin, dtype=np.float64).reshape(2))
+
+
+def resolve_device(device: str | torch.device | None = None) -> torch.device:
+    """None -> cuda when this process sees a GPU, else cpu (decided per actor)."""
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+class Ensemble:
+    """Detector -> segmenter -> classifier/fusion -> measurements, on batches of tiles.
+
+    models: an `EnsembleModels`; or bundle (+ registry): a registered bundle ref, fetched,
+    sha256-verified and loaded in this process (`engine.pipeline.bundle`). cache_dir:
+    where fetched files go (default the registry's cache). params: image_id ->
+    `PreprocessParams` (mapping or function) for members in "image" input mode.
+    device: None picks cuda when present, else cpu.
+    """
+
+    def __init__(self, models: EnsembleModels | None = None, *, bundle: str | None = None, registry=None,
+                 config: EnsembleConfig | None = None, params=None, device: str | torch.device | None = None,
+                 cache_dir=None):
+        from engine.runtime import configure_offline
+
+        configure_offline()  # an actor may be the first to touch Ultralytics in its process
+        if (models is None) == (bundle is None):
+            raise ValueError("Ensemble: give either models (EnsembleModels) or bundle (a registry ref), not both")
+        config = config or EnsembleConfig()
+        bundle_inputs: dict[str, str] = {}
+        self.pixel_size_nm: float | None = None
+        if bundle is not None:
+            from engine.pipeline.bundle import load_bundle
+
+            loaded = load_bundle(bundle, registry, cache_dir=cache_dir)
+            models, bundle_inputs, self.pixel_size_nm = loaded.models, loaded.inputs, loaded.pixel_size_nm
+        if not isinstance(models, EnsembleModels):
+            raise TypeError(f"models: expected EnsembleModels, got {type(models).__name__}")
+        self.config = config
+        self.inputs = inp.check_inputs(config.inputs if config.inputs is not None else bundle_inputs)
+        self._params = inp.params_lookup(params)
+        self.device = resolve_device(device)
+        for role, model in models.members().items():
+            if type(model).__name__ != _FAMILY_OF[role]:
+                raise TypeError(f"models.{role}: expected a {_FAMILY_OF[role]}, got {type(model).__name__}")
+            model.to(self.device).eval()
+        self.models = models
+        self.class_names: tuple[str, ...] = tuple(models.detector.names)
+        self.materials, self.grades = self._label_sets(models)
+        self.model_versions = self._versions(models)
+
+    @classmethod
+    def from_registry(cls, ref: str, registry, **kwargs) -> Ensemble:
+        """The ensemble a registered bundle names (`ModelRegistry.get_bundle`): members
+        fetched, checked against their recorded sha256, loaded from safetensors."""
+        return cls(bundle=ref, registry=registry, **kwargs)
+
+    # ------------------------------------------------------------------ describing
+
+    @staticmethod
+    def _label_sets(models: EnsembleModels) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        sets = {role: (tuple(m.materials), tuple(m.grades))
+                for role in ("classifier", "fusion") if (m := getattr(models, role)) is not None}
+        if len(set(sets.values())) > 1:
+            raise ValueError(f"classifier and fusion disagree on their material/grade classes: {sets}")
+        return next(iter(sets.values())) if sets else ((), ())
+
+    @staticmethod
+    def _versions(models: EnsembleModels) -> dict[str, str]:
+        out = dict(models.versions)
+        for role, model in models.members().items():
+            if role not in out:
+                config = getattr(model, "config", None)
+                out[role] = f"{getattr(config, 'name', type(model).__name__)} (unregistered)"
+        return dict(sorted(out.items()))
+
+    def describe(self) -> dict[str, Any]:
+        """What a run records beside its outputs: versions, label sets, inputs, config."""
+        return {"model_versions": self.model_versions, "class_names": list(self.class_names),
+                "materials": list(self.materials), "grades": list(self.grades), "inputs": dict(self.inputs),
+                "pixel_size_nm": self.pixel_size_nm, "device": str(self.device),
+                "config": {"conf": self.config.conf, "iou": self.config.iou, "max_det": self.config.max_det,
+                           "max_batch": self.config.max_batch, "mask_to_box": self.config.mask_to_box}}
+
+    # ------------------------------------------------------------------ entry points
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        """A batch of datasource rows (dict of columns) -> one result row per tile
+        (`engine.pipeline.results` columns)."""
+        return to_columns(self.analyze(tiles_from_batch(batch)), n_materials=len(self.materials),
+                          n_grades=len(self.grades))
+
+    def analyze_tile(self, pixels: np.ndarray, modality: str, pixel_size_nm: float, **kwargs) -> TileResult:
+        """One tile; see `analyze_tile`."""
+        return analyze_tile(pixels, modality, pixel_size_nm, ensemble=self, **kwargs)
+
+    def analyze(self, tiles: Sequence[TileInput], *, params=None) -> list[TileResult]:
+        """The ensemble on a list of tiles (module doc), one TileResult each, in order.
+
+        params: image_id -> PreprocessParams for this call (default: the constructor's).
+        """
+        lookup = self._params if params is None else inp.params_lookup(params)
+        errors: dict[int, str] = {}
+        work: dict[int, _Work] = {}
+        for i, t in enumerate(tiles):
+            if t.error is not None:
+                errors[i] = str(t.error)
+                continue
+            try:
+                work[i] = _Work.of(t, lookup(t.image_id) if "image" in self.inputs.values() else None)
+            except Exception as exc:
+                errors[i] = f"{type(exc).__name__}: {exc}"
+        self._detect(work, errors)
+        self._segment(work, errors)
+        self._classify(work, errors)
+        out = []
+        for i, t in enumerate(tiles):
+            if i in errors:
+                out.append(TileResult.failed(
+                    image_id=str(t.image_id), level=int(t.level), y=int(t.y), x=int(t.x), modality=str(t.modality or ""),
+                    pixel_size_nm=float(t.pixel_size_nm), error=errors[i], n_materials=len(self.materials),
+                    n_grades=len(self.grades), model_versions=self.model_versions))
+            else:
+                out.append(self._result(work[i]))
+        return out
+
+    # ------------------------------------------------------------------ steps
+
+    def _run(self, role: str, inputs: dict[int, Any], key: Callable[[Any], Any], fn: Callable[[list], list],
+             errors: dict[int, str]) -> dict[int, Any]:
+        """fn over inputs grouped by `key` (tiles of one shape), max_batch at a time; a
+        failing group is retried one by one and the tiles still failing become errors."""
+        groups: dict[Any, list[int]] = {}
+        for i, v in inputs.items():
+            groups.setdefault(key(v), []).append(i)
+        out: dict[int, Any] = {}
+        step = self.config.max_batch
+        for idx in groups.values():
+            for start in range(0, len(idx), step):
+                chunk = idx[start : start + step]
+                try:
+                    out.update(zip(chunk, fn([inputs[i] for i in chunk]), strict=True))
+                except Exception as exc:
+                    if len(chunk) == 1:
+                        errors[chunk[0]] = f"{type(exc).__name__}: {role}: {exc}"
+                        continue
+                    for i in chunk:
+                        try:
+                            out[i] = fn([inputs[i]])[0]
+                        except Exception as exc1:
+                            errors[i] = f"{type(exc1).__name__}: {role}: {exc1}"
+        return out
+
+    def _input(self, w: _Work, role: str) -> np.ndarray:
+        return w.normalised(self.inputs[role])
+
+    def _detect(self, work: dict[int, _Work], errors: dict[int, str]) -> None:
+        det, c = self.models.detector, self.config
+        inputs = {i: self._input(w, "detector") for i, w in work.items()}
+        found = self._run("detector", inputs, lambda a: a.shape,
+                          lambda xs: det.predict(np.stack(xs), conf=c.conf, iou=c.iou, max_det=c.max_det), errors)
+        for i in list(work):
+            if i in errors:
+                del work[i]
+            else:
+                d = found[i]
+                work[i].boxes = np.asarray(d.boxes, np.float64).reshape(-1, 4)
+                work[i].scores = np.asarray(d.scores, np.float64).reshape(-1)
+                work[i].classes = np.asarray(d.classes, np.int64).reshape(-1)
+
+    def _segment(self, work: dict[int, _Work], errors: dict[int, str]) -> None:
+        sam = self.models.segmenter
+        for w in work.values():
+            w.masks, w.mask_scores = _box_masks(w.boxes, w.shape), np.full(len(w.boxes), np.nan)
+        if sam is None:
+            return
+        todo = {i: (self._input(w, "segmenter"), w.boxes.astype(np.float32)) for i, w in work.items() if len(w.boxes)}
+
+        def run(items):
+            segs = sam.segment(np.stack([a for a, _ in items]), [b for _, b in items])
+            return [(s.masks, s.iou) for s in segs]
+
+        got = self._run("segmenter", todo, lambda v: v[0].shape, run, errors)
+        for i in list(work):
+            if i in errors:
+                del work[i]
+            elif i in got:
+                w = work[i]
+                masks, iou = got[i]
+                masks = np.asarray(masks, bool)
+                if self.config.mask_to_box:
+                    masks = masks & w.masks  # w.masks holds the box masks here
+                empty = ~masks.reshape(len(masks), -1).any(axis=1)
+                masks[empty] = w.masks[empty]
+                w.masks = masks
+                w.mask_scores = np.where(empty, np.nan, np.asarray(iou, np.float64))
+
+    def _classify(self, work: dict[int, _Work], errors: dict[int, str]) -> None:
+        probs: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
+        clf, fus = self.models.classifier, self.models.fusion
+        if clf is not None:
+            x = {i: _at_least(w.core_input(self.inputs["classifier"]), MIN_CLASSIFY_PX) for i, w in work.items()}
+            probs.append(self._run("classifier", x, lambda a: a.shape, lambda xs: self._softmax(clf, xs), errors))
+        if fus is not None:
+            offset = int(fus.context_level_offset)
+            x = {i: tuple(_at_least(a, MIN_CLASSIFY_PX) for a in w.fusion_inputs(self.inputs["fusion"], offset))
+                 for i, w in work.items()}
+            probs.append(self._run("fusion", x, lambda v: (v[0].shape, v[1].shape),
+                                   lambda xs: self._softmax(fus, [a for a, _ in xs], [b for _, b in xs]), errors))
+        for i in list(work):
+            if i in errors:
+                del work[i]
+                continue
+            w = work[i]
+            if probs:
+                w.material_probs = np.mean([p[i][0] for p in probs], axis=0).astype(np.float32)
+                w.grade_probs = np.mean([p[i][1] for p in probs], axis=0).astype(np.float32)
+            else:
+                w.material_probs = np.zeros(0, np.float32)
+                w.grade_probs = np.zeros(0, np.float32)
+
+    @torch.inference_mode()
+    def _softmax(self, model, xs: list[np.ndarray], contexts: list[np.ndarray] | None = None) -> list:
+        t = torch.from_numpy(np.stack(xs)[:, None]).to(self.device)
+        out = model(t) if contexts is None else model(t, torch.from_numpy(np.stack(contexts)[:, None]).to(self.device))
+        m = torch.softmax(out["material"].float(), dim=1).cpu().numpy()
+        g = torch.softmax(out["grade"].float(), dim=1).cpu().numpy()
+        return list(zip(m, g))
+
+    def _result(self, w: _Work) -> TileResult:
+        t = w.tile
+        core = tile_core_level0(t.origin, t.scale, t.halo, w.shape)
+        level0 = tile_boxes_to_level0(w.boxes, t.origin, t.scale)
+        keep = owned(level0, core) if len(level0) else np.zeros(0, bool)
+        py = float(t.pixel_size_nm) * t.scale[0] / t.scale[1]  # tile pixel (y, x), nm
+        px = float(t.pixel_size_nm)
+        p0 = px / t.scale[1]  # level-0 pixel, nm (square)
+        masks = w.masks[keep]
+        m = measure_masks(masks, (py, px))
+        centroid = np.asarray(t.origin) + (m.centroid + 0.5) * np.asarray(t.scale)
+        top, bottom, left, right = t.halo
+        h, wdt = w.shape
+        core_slice = (slice(top, h - bottom), slice(left, wdt - right))
+        labels = np.zeros(w.shape, np.uint32)
+        for j in range(len(masks) - 1, -1, -1):  # lowest score first: the best ends on top
+            labels[masks[j]] = j + 1
+        classes = np.zeros(w.shape, np.uint8)
+        for j in range(len(w.masks) - 1, -1, -1):
+            classes[w.masks[j]] = w.classes[j] + 1
+        core_area = area_mm2((h - top - bottom, wdt - left - right), (py, px))
+        n = int(keep.sum())
+        if len(w.material_probs):
+            material = self.materials[int(np.argmax(w.material_probs))]
+            grade = self.grades[int(np.argmax(w.grade_probs))]
+        else:
+            material = grade = ""
+        return TileResult(
+            image_id=str(t.image_id), level=int(t.level), y=int(t.y), x=int(t.x), modality=str(t.modality or ""),
+            pixel_size_nm=px, error=None, boxes=w.boxes[keep], boxes_level0=level0[keep],
+            boxes_nm=level0[keep] * p0, scores=w.scores[keep], classes=w.classes[keep],
+            mask_scores=w.mask_scores[keep], mask_from_box=np.isnan(w.mask_scores[keep]),
+            area_nm2=m.area_nm2, area_um2=m.area_um2, equivalent_diameter_nm=m.equivalent_diameter_nm,
+            major_axis_nm=m.major_axis_nm, minor_axis_nm=m.minor_axis_nm, aspect_ratio=m.aspect_ratio,
+            orientation_deg=m.orientation_deg, centroid_level0=centroid.reshape(-1, 2),
+            core_labels=np.ascontiguousarray(labels[core_slice]), core_classes=np.ascontiguousarray(classes[core_slice]),
+            core_area_mm2=core_area, defect_density_per_mm2=float(defect_density_per_mm2(n, core_area)),
+            material_probs=w.material_probs if len(w.material_probs) else np.full(len(self.materials), np.nan, np.float32),
+            grade_probs=w.grade_probs if len(w.grade_probs) else np.full(len(self.grades), np.nan, np.float32),
+            material=material, grade=grade, model_versions=dict(self.model_versions),
+        )
+
+
+@dataclass
+class _Work:
+    """One tile on its way through the steps."""
+
+    tile: TileInput
+    raw: np.ndarray
+    params: Any
+    shape: tuple[int, int]
+    core: tuple[slice, slice]
+    cache: dict[str, np.ndarray] = field(default_factory=dict)
+    boxes: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    classes: np.ndarray | None = None
+    masks: np.ndarray | None = None
+    mask_scores: np.ndarray | None = None
+    material_probs: np.ndarray | None = None
+    grade_probs: np.ndarray | None = None
+
+    @classmethod
+    def of(cls, t: TileInput, params) -> _Work:
+        raw = np.asarray(t.tile)
+        if raw.ndim != 2 or raw.size == 0:
+            raise ValueError(f"tile of {t.image_id} at (level {t.level}, y {t.y}, x {t.x}): expected a non-empty "
+                             f"(H, W) array, got shape {raw.shape}")
+        if raw.dtype.kind not in "uif":
+            raise TypeError(f"tile of {t.image_id}: expected integer or float pixels, got dtype {raw.dtype}")
+        if not (np.isfinite(t.pixel_size_nm) and t.pixel_size_nm > 0):
+            raise ValueError(f"tile of {t.image_id}: pixel_size_nm must be positive, got {t.pixel_size_nm}")
+        h, w = raw.shape
+        top, bottom, left, right = t.halo
+        if min(t.halo) < 0 or top + bottom >= h or left + right >= w:
+            raise ValueError(f"tile of {t.image_id}: halo {t.halo} leaves no core in a {h} x {w} tile")
+        return cls(t, raw, params, (h, w), (slice(top, h - bottom), slice(left, w - right)))
+
+    def normalised(self, mode: str) -> np.ndarray:
+        """The whole tile, float32 [0, 1], in `mode` (cached per mode)."""
+        if mode not in self.cache:
+            self.cache[mode] = inp.normalise(self.raw, mode, params=self.params, origin=self.tile.origin,
+                                             scale=self.tile.scale)
+        return self.cache[mode]
+
+    def core_input(self, mode: str) -> np.ndarray:
+        """The core on `mode`'s scale; "tile" stretches the core by its own percentiles,
+        as the classifier's training stretched each training tile."""
+        if mode == "tile":
+            return inp.tile_stretch(self.raw[self.core])
+        return np.ascontiguousarray(self.normalised(mode)[self.core])
+
+    def fusion_inputs(self, mode: str, offset: int) -> tuple[np.ndarray, np.ndarray]:
+        """(detail, context) for the fusion model: the core, and a view 2**offset coarser
+        of the same size centred on it (the batch's own `context` when given)."""
+        s = 2**offset
+        top, _, left, _ = self.tile.halo
+        if mode == "tile":
+            context = (np.asarray(self.tile.context, np.float64) if self.tile.context is not None
+                       else _context_view(self.raw.astype(np.float64), self.core, s))
+            # as in training: both views stretched by the context's percentiles
+            return inp.tile_stretch(self.raw[self.core], reference=context), inp.tile_stretch(context)
+        full = self.normalised(mode)
+        if self.tile.context is not None:
+            context = inp.normalise(np.asarray(self.tile.context), mode, params=self.params,
+                                    origin=self.tile.origin, scale=tuple(v * s for v in self.tile.scale))
+        else:
+            context = _context_view(full.astype(np.float64), self.core, s).astype(np.float32)
+        return np.ascontiguousarray(full[self.core]), context
+
+
+def _box_masks(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """N x H x W bool: the pixels each xyxy box (edge coordinates) overlaps."""
+    h, w = shape
+    out = np.zeros((len(boxes), h, w), bool)
+    for j, (x0, y0, x1, y1) in enumerate(boxes):
+        # at least one pixel: a degenerate box still marks where the detector looked
+        r0 = int(np.clip(np.floor(y0), 0, h - 1))
+        c0 = int(np.clip(np.floor(x0), 0, w - 1))
+        out[j, r0 : int(np.clip(np.ceil(y1), r0 + 1, h)), c0 : int(np.clip(np.ceil(x1), c0 + 1, w))] = True
+    return out
+
+
+def _at_least(a: np.ndarray, n: int) -> np.ndarray:
+    """`a` mirrored out at the bottom/right to at least n x n (small edge cores)."""
+    ph, pw = max(0, n - a.shape[0]), max(0, n - a.shape[1])
+    if ph or pw:
+        a = np.pad(a, ((0, ph), (0, pw)), mode="symmetric")
+    return np.ascontiguousarray(a, dtype=np.float32)
+
+
+def _context_view(tile: np.ndarray, core: tuple[slice, slice], s: int) -> np.ndarray:
+    """A (h, w) view s times coarser than `tile`, centred on its core (h, w the core's
+    shape): the tile block-averaged by s (blocks aligned to the core's corner), mirrored
+    outward where the view reaches past the tile."""
+    h, w = core[0].stop - core[0].start, core[1].stop - core[1].start
+    oy, ox = core[0].start % s, core[1].start % s
+    ny, nx = (tile.shape[0] - oy) // s, (tile.shape[1] - ox) // s
+    if ny < 1 or nx < 1:
+        coarse = np.full((1, 1), float(tile.mean()))
+        cy, cx = 0.5, 0.5
+    else:
+        coarse = tile[oy : oy + ny * s, ox : ox + nx * s].reshape(ny, s, nx, s).mean(axis=(1, 3))
+        # the core's centre in coarse pixels
+        cy = (core[0].start - oy + h / 2) / s
+        cx = (core[1].start - ox + w / 2) / s
+    y0, x0 = int(round(cy - h / 2)), int(round(cx - w / 2))
+    pad_y = (max(0, -y0), max(0, y0 + h - coarse.shape[0]))
+    pad_x = (max(0, -x0), max(0, x0 + w - coarse.shape[1]))
+    padded = np.pad(coarse, (pad_y, pad_x), mode="symmetric")
+    y0, x0 = y0 + pad_y[0], x0 + pad_x[0]
+    return padded[y0 : y0 + h, x0 : x0 + w]
+
+
+def _column(batch: Mapping[str, Any], name: str, n: int, default=None):
+    if name in batch:
+        col = batch[name]
+        if len(col) != n:
+            raise ValueError(f"batch column {name!r} has {len(col)} rows, the batch {n}")
+        return col
+    return [default] * n
+
+
+def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
+    """Datasource rows (a dict of columns, `engine.data.tile_read`) -> TileInputs.
+
+    Needed: image_id, tile, pixel_size (or pixel_size_nm). Optional: level, y, x, halo,
+    origin, scale, modality, error, context. `tile` may be one (B, H, W) array or B
+    arrays of their own shapes.
+    """
+    for name in ("image_id", "tile"):
+        if name not in batch:
+            raise KeyError(f"batch: missing column {name!r} (columns: {sorted(batch)})")
+    size_col = "pixel_size" if "pixel_size" in batch else "pixel_size_nm"
+    if size_col not in batch:
+        raise KeyError(f"batch: missing column 'pixel_size' (nm per tile pixel; columns: {sorted(batch)})")
+    n = len(batch["image_id"])
+    cols = {name: _column(batch, name, n, default) for name, default in (
+        ("tile", None), (size_col, None), ("level", 0), ("y", 0), ("x", 0), ("halo", (0, 0, 0, 0)),
+        ("origin", None), ("scale", (1.0, 1.0)), ("modality", ""), ("error", None), ("context", None))}
+    out = []
+    for i in range(n):
+        error = cols["error"][i]
+        out.append(TileInput(
+            image_id=str(batch["image_id"][i]), tile=cols["tile"][i], pixel_size_nm=float(cols[size_col][i]),
+            level=int(cols["level"][i]), y=int(cols["y"][i]), x=int(cols["x"][i]), halo=cols["halo"][i],
+            origin=cols["origin"][i], scale=cols["scale"][i], modality=str(cols["modality"][i] or ""),
+            error=None if error is None or (isinstance(error, float) and np.isnan(error)) else str(error),
+            context=cols["context"][i]))
+    return out
+
+
+def analyze_tile(pixels: np.ndarray, modality: str, pixel_size_nm: float, *, ensemble: Ensemble, params=None,
+                 image_id: str = "", level: int = 0, y: int = 0, x: int = 0, halo=(0, 0, 0, 0), origin=None,
+                 scale=(1.0, 1.0), context: np.ndarray | None = None) -> TileResult:
+    """The ensemble on one tile: what the online endpoint calls.
+
+    pixels: (H, W) raw pixels (uint8/uint16 as stored, or float in [0, 1]); modality:
+    "SEM", "TEM", "optical", ...; pixel_size_nm: nm per pixel (x). params: this image's
+    `PreprocessParams` for members in "image" input mode (None: per-tile stretch).
+    The rest places the tile as a datasource row does (defaults: a whole image at
+    level 0, no halo). Same code path as `Ensemble.__call__`, so the same pixels give
+    the same answer (see the module doc on batching).
+    """
+    tile = TileInput(image_id=image_id, tile=np.asarray(pixels), pixel_size_nm=float(pixel_size_nm), level=level,
+                     y=y, x=x, halo=halo, origin=origin, scale=scale, modality=modality, context=context)
+    return ensemble.analyze([tile], params=None if params is None else (lambda _image_id: params))[0]
+
+
+__all__ = ["Ensemble", "EnsembleConfig", "EnsembleModels", "TileInput", "analyze_tile", "resolve_device",
+           "tiles_from_batch"]

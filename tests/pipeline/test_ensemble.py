@@ -1,0 +1,253 @@
+"""The ensemble on datasource batches: result format, determinism, batch/one-tile parity,
+error rows, input modes, and the class as a Ray Data actor-pool UDF."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from engine.pipeline import COLUMNS, Ensemble, EnsembleConfig, TileResult, analyze_tile
+from engine.pipeline.results import DETECTION_COLUMNS, from_columns
+from engine.tiling import owned, tile_core_level0
+
+from .conftest import TEST_CONFIG, read_batch, take
+
+# Columns compared within float tolerance between batch compositions (see the module
+# doc of engine.pipeline.ensemble); everything else must be equal.
+_FLOAT_DETECTION = {"boxes", "boxes_level0", "boxes_nm", "scores", "mask_scores", "area_nm2", "area_um2",
+                    "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm", "aspect_ratio", "orientation_deg",
+                    "centroid_level0"}
+
+
+def assert_same(a: TileResult, b: TileResult, *, exact: bool):
+    assert (a.image_id, a.level, a.y, a.x, a.error) == (b.image_id, b.level, b.y, b.x, b.error)
+    np.testing.assert_array_equal(a.classes, b.classes)
+    for name in DETECTION_COLUMNS:
+        x, y = getattr(a, name), getattr(b, name)
+        if exact or name not in _FLOAT_DETECTION:
+            np.testing.assert_array_equal(x, y, err_msg=name)
+        else:
+            np.testing.assert_allclose(x, y, rtol=1e-4, atol=1e-3, err_msg=name)
+    if exact:
+        np.testing.assert_array_equal(a.core_labels, b.core_labels)
+        np.testing.assert_array_equal(a.material_probs, b.material_probs)
+    else:
+        assert np.mean(a.core_labels != b.core_labels) < 1e-3
+        np.testing.assert_allclose(a.material_probs, b.material_probs, atol=1e-5)
+    assert (a.material, a.grade) == (b.material, b.grade)
+
+
+def single(ensemble, batch, i) -> TileResult:
+    """Row i of a datasource batch through `analyze_tile`, the online endpoint's call."""
+    return analyze_tile(batch["tile"][i], batch["modality"][i], batch["pixel_size"][i], ensemble=ensemble,
+                        image_id=batch["image_id"][i], level=batch["level"][i], y=batch["y"][i], x=batch["x"][i],
+                        halo=batch["halo"][i], origin=batch["origin"][i], scale=batch["scale"][i])
+
+
+@pytest.fixture(scope="module")
+def out(ensemble, tiles):
+    return ensemble(tiles)
+
+
+class TestResults:
+    def test_one_row_per_tile_with_every_column(self, tiles, out):
+        n = len(tiles["image_id"])
+        assert n == 12 and len({t.shape for t in tiles["tile"]}) > 1, "fixture: tiles of several shapes"
+        assert list(out) == list(COLUMNS)
+        assert all(len(v) == n for v in out.values())
+        for name in ("image_id", "level", "y", "x", "modality"):
+            np.testing.assert_array_equal(out[name], tiles[name])
+        assert out["material_probs"].shape == (n, 12) and out["grade_probs"].shape == (n, 4)
+
+    def test_detections_are_well_formed(self, ensemble, tiles, out):
+        assert out["n_defects"].sum() > 0, "no detections: nothing downstream of the detector was exercised"
+        for i, r in enumerate(from_columns(out)):
+            n = r.n_defects
+            assert r.error is None
+            assert r.boxes.shape == r.boxes_level0.shape == r.boxes_nm.shape == (n, 4)
+            for name in DETECTION_COLUMNS:
+                assert len(getattr(r, name)) == n, name
+            assert np.all(np.diff(r.scores) <= 0) and np.all((r.classes >= 0) & (r.classes < 5))
+            origin, scale, halo = tiles["origin"][i], tiles["scale"][i], tiles["halo"][i]
+            np.testing.assert_allclose(r.boxes_level0, r.boxes * np.r_[scale[::-1], scale[::-1]]
+                                       + np.r_[origin[::-1], origin[::-1]])
+            core = tile_core_level0(origin, scale, halo, tiles["tile"][i].shape)
+            assert owned(r.boxes_level0, core).all(), "a box whose centre lies outside the core"
+            p0 = tiles["pixel_size"][i] / scale[1]
+            np.testing.assert_allclose(r.boxes_nm, r.boxes_level0 * p0)
+            # measurements: positive areas in nm2, consistent units, centroids in the box
+            assert np.all(r.area_nm2 > 0)
+            np.testing.assert_allclose(r.area_um2, r.area_nm2 / 1e6)
+            np.testing.assert_allclose(r.equivalent_diameter_nm, np.sqrt(4 * r.area_nm2 / np.pi))
+            assert np.all(r.aspect_ratio >= 1)
+            cy, cx = r.centroid_level0.T if n else (np.zeros(0), np.zeros(0))
+            b = r.boxes_level0
+            assert np.all((cx >= b[:, 0] - 1e-9) & (cx <= b[:, 2] + 1e-9) & (cy >= b[:, 1] - 1e-9) & (cy <= b[:, 3] + 1e-9))
+            # core masks: the core's shape, labels index this row's detections
+            h, w = tiles["tile"][i].shape
+            top, bottom, left, right = halo
+            assert r.core_labels.shape == r.core_classes.shape == (h - top - bottom, w - left - right)
+            assert r.core_labels.dtype == np.uint32 and r.core_classes.dtype == np.uint8
+            assert r.core_labels.max(initial=0) <= n and r.core_classes.max(initial=0) <= 5
+            px = tiles["pixel_size"][i]
+            assert r.core_area_mm2 == pytest.approx(r.core_labels.size * px * px / 1e12)
+            assert r.defect_density_per_mm2 == pytest.approx(n / r.core_area_mm2)
+
+    def test_classification_and_versions(self, ensemble, out):
+        np.testing.assert_allclose(out["material_probs"].sum(axis=1), 1.0, rtol=1e-5)
+        np.testing.assert_allclose(out["grade_probs"].sum(axis=1), 1.0, rtol=1e-5)
+        for i in range(len(out["material"])):
+            assert out["material"][i] == ensemble.materials[int(np.argmax(out["material_probs"][i]))]
+            assert out["grade"][i] in ensemble.grades
+        versions = json.loads(out["model_versions"][0])
+        assert versions == {"classifier": "resnet10t (unregistered)", "detector": "yolov8n_tiny (unregistered)",
+                            "fusion": "fusion_tiny (unregistered)", "segmenter": "sam_tiny (unregistered)"}
+        assert ensemble.describe()["class_names"] == ["pore", "crack", "inclusion", "scratch", "void"]
+
+    def test_a_tile_without_detections(self, tiny_models, tiles):
+        ens = Ensemble(tiny_models, config=EnsembleConfig(conf=1.0))
+        r = from_columns(ens(take(tiles, [0])))[0]
+        assert r.n_defects == 0 and r.error is None and not r.core_labels.any()
+        assert r.defect_density_per_mm2 == 0.0 and r.material != ""
+
+
+class TestDeterminism:
+    def test_same_batch_twice_gives_identical_output(self, ensemble, tiles, out):
+        again = ensemble(tiles)
+        for a, b in zip(from_columns(out), from_columns(again)):
+            assert_same(a, b, exact=True)
+
+    def test_batch_and_one_tile_at_a_time_agree(self, ensemble, tiles, out):
+        for i, a in enumerate(from_columns(out)):
+            assert_same(a, single(ensemble, tiles, i), exact=False)
+
+    def test_max_batch_1_is_bit_identical_to_one_tile_at_a_time(self, tiny_models, tiles):
+        ens = Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG, max_batch=1))
+        rows = [0, 5, 6]  # an interior tile, an edge tile, another image
+        got = from_columns(ens(take(tiles, rows)))
+        for a, i in zip(got, rows):
+            assert_same(a, single(ens, tiles, i), exact=True)
+
+
+class TestErrors:
+    def test_error_rows_pass_through_and_others_complete(self, ensemble, tiles, out):
+        batch = take(tiles, range(4))
+        tile = batch["tile"].copy()
+        tile[1] = np.zeros((0, 0), tile[0].dtype)
+        error = batch["error"].copy()
+        error[1] = "CorruptChunkError: images/synth-00000.ome.zarr/0: chunk c/0/1 cannot be decoded"
+        got = from_columns(ensemble({**batch, "tile": tile, "error": error}))
+        bad = got[1]
+        assert bad.error == error[1] and bad.n_defects == 0 and bad.core_labels.shape == (0, 0)
+        assert np.isnan(bad.material_probs).all() and bad.material == "" and np.isnan(bad.defect_density_per_mm2)
+        assert (bad.image_id, bad.y, bad.x) == (batch["image_id"][1], batch["y"][1], batch["x"][1])
+        for i in (0, 2, 3):
+            assert_same(got[i], from_columns(out)[i], exact=False)
+
+    def test_a_bad_tile_becomes_an_error_row_naming_it(self, ensemble, tiles):
+        batch = take(tiles, range(2))
+        halo = batch["halo"].copy()
+        halo[0] = (200, 200, 0, 0)
+        got = from_columns(ensemble({**batch, "halo": halo}))
+        assert got[0].error.startswith("ValueError: ") and "leaves no core" in got[0].error
+        assert batch["image_id"][0] in got[0].error
+        assert got[1].error is None
+
+    def test_a_member_failing_on_one_tile_fails_that_tile_only(self, tiny_models, tiles, monkeypatch):
+        ens = Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG))
+        real = ens.models.classifier.forward
+
+        def flaky(x):  # fails on any batch holding the flat tile (stretched to 0.5 everywhere)
+            if bool((x == 0.5).flatten(1).all(dim=1).any()):
+                raise RuntimeError("simulated failure")
+            return real(x)
+
+        monkeypatch.setattr(ens.models.classifier, "forward", flaky)
+        batch = take(tiles, [0, 1, 2])
+        tile = batch["tile"].copy()
+        tile[1] = np.full_like(tile[1], 1000)
+        got = from_columns(ens({**batch, "tile": tile}))
+        assert got[1].error == "RuntimeError: classifier: simulated failure"
+        assert got[0].error is None and got[2].error is None
+
+    def test_missing_columns_are_named(self, ensemble, tiles):
+        with pytest.raises(KeyError, match="pixel_size"):
+            ensemble({k: v for k, v in take(tiles, [0]).items() if k != "pixel_size"})
+
+
+class TestInputs:
+    def test_each_member_gets_its_input_mode(self, tiny_models, tiles, archive, monkeypatch):
+        """detector "image": the image's PreprocessParams, or the per-tile stretch for an
+        image without; segmenter "raw": the stored values by the dtype's maximum."""
+        from engine.pipeline.inputs import tile_stretch
+        from engine.preprocess import apply, fit_preprocessing
+        from engine.stores.image import open_image
+
+        batch = take(tiles, [0, 6])  # one tile of each image
+        image_id = str(batch["image_id"][0])
+        params = fit_preprocessing(open_image(archive / "images" / f"{image_id}.ome.zarr"), batch["modality"][0])
+        cfg = EnsembleConfig(**dict(TEST_CONFIG, inputs={"detector": "image", "segmenter": "raw"}))
+        ens = Ensemble(tiny_models, config=cfg, params={image_id: params})
+        seen = {}
+        for role, method in (("detector", "predict"), ("segmenter", "segment")):
+            real = getattr(getattr(ens.models, role), method)
+
+            def spy(x, *args, _real=real, _role=role, **kwargs):
+                seen.setdefault(_role, []).extend(np.asarray(x))
+                return _real(x, *args, **kwargs)
+
+            monkeypatch.setattr(getattr(ens.models, role), method, spy)
+        got = from_columns(ens(batch))
+        assert all(r.error is None for r in got)
+        expect = apply(params, batch["tile"][0], tuple(batch["origin"][0]), tuple(batch["scale"][0]))
+        np.testing.assert_array_equal(seen["detector"][0], expect)
+        np.testing.assert_array_equal(seen["detector"][1], tile_stretch(batch["tile"][1]))  # no params: fallback
+        raw = np.asarray(batch["tile"][1], np.float32) / np.float32(65535)
+        assert any(np.array_equal(x, raw) for x in seen["segmenter"])
+        # analyze_tile takes the parameters per call and answers the same
+        assert_same(single_with(ens, batch, 0, params), got[0], exact=False)
+
+    def test_unknown_modes_and_roles_are_refused(self):
+        with pytest.raises(ValueError, match="valid modes"):
+            EnsembleConfig(inputs={"detector": "zscore"})
+        with pytest.raises(ValueError, match="valid roles"):
+            EnsembleConfig(inputs={"counter": "raw"})
+
+    def test_models_or_bundle(self, tiny_models):
+        with pytest.raises(ValueError, match="not both"):
+            Ensemble()
+        with pytest.raises(TypeError, match="expected a Detector"):
+            from engine.pipeline import EnsembleModels
+
+            Ensemble(EnsembleModels(detector=tiny_models.classifier))
+
+
+def single_with(ensemble, batch, i, params) -> TileResult:
+    return analyze_tile(batch["tile"][i], batch["modality"][i], batch["pixel_size"][i], ensemble=ensemble,
+                        params=params, image_id=batch["image_id"][i], level=batch["level"][i], y=batch["y"][i],
+                        x=batch["x"][i], halo=batch["halo"][i], origin=batch["origin"][i], scale=batch["scale"][i])
+
+
+class TestRayData:
+    def test_actor_pool_udf_gives_the_direct_answers(self, ray_session, archive, tiny_models, tmp_path, out, tiles):
+        """The batch job's use: map_batches(Ensemble, ...) over the datasource in an actor
+        pool; every tile comes back once, with the answer a direct call gives."""
+        import ray
+
+        from engine.data.datasource import ZarrTileDatasource
+        from engine.stores.catalog import read_catalog
+
+        pixel = float(read_catalog(str(archive))["pixel_size_x"].min())
+        ds = ray.data.read_datasource(ZarrTileDatasource(str(archive), target_pixel_size_nm=pixel, halo=16,
+                                                         tolerance=10.0))
+        result = ds.map_batches(Ensemble, fn_constructor_kwargs={"models": tiny_models,
+                                                                 "config": EnsembleConfig(**TEST_CONFIG)},
+                                batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+        rows = result.take_all()
+        assert len(rows) == len(tiles["image_id"])
+        direct = {(r.image_id, r.y, r.x): r for r in from_columns(out)}
+        for row in rows:
+            got = TileResult.from_row(row)
+            assert_same(got, direct[(got.image_id, got.y, got.x)], exact=False)
