@@ -1,0 +1,700 @@
+"""Where a reprocessing job's results go: per-tile outputs, then per-image finishing.
+
+Layout under the job's output URI ``<out>`` (any store URI; ``<id>`` is the image id,
+percent-encoded when it holds characters a path cannot)::
+
+    detections/image_id=<id>/tile-<level>-<y>-<x>.parquet   one row per detection (tile sink)
+    errors/image_id=<id>/tile-<level>-<y>-<x>.parquet       one row per failed tile (tile sink)
+    ledger/<digest>.parquet                                 finished tiles (engine.data.ledger)
+    objects/image_id=<id>/part-0.parquet                    stitched objects (finishing)
+    tiles/image_id=<id>/part-0.parquet                      one row per tile (finishing)
+    summary.parquet                                         one row per image (the driver)
+    labels/<id>.ome.zarr/labels/<name>                      label images, when not beside the image
+
+Tile files are named by the tile's key, so a tile done twice (a retried task, a killed
+actor, a rerun) overwrites its own file and never adds rows. Read the partitioned
+tables with `read_output` (it types `image_id` as a string).
+
+**Per tile** (`WriteTileOutputs`, a Ray Data map_batches function after the ensemble):
+for each result row (`engine.pipeline.results` columns plus the datasource's `origin`,
+`scale`, `halo`) it writes the detections file (`DETECTION_SCHEMA`; the tile's own
+values, the `TILE_META` JSON, ride in the file's Parquet metadata, so a tile without
+detections still records its core area and probabilities), the tile's core into the
+label images, and, once all tiles of the batch are written, the batch's ledger file.
+A row with an `error` gets an errors file (`ERROR_SCHEMA`: exception type, message and
+the undecodable chunks' keys) instead and is not ledgered, so a rerun tries it again.
+
+**Label images** (`LabelTarget`): two OME-Zarr label images per image, written
+chunk-aligned from each tile's core so every chunk has exactly one writer:
+
+- ``<name>`` (default ``predicted_defects``): instance ids, unique within the image:
+  detection ``i`` (0-based, the row order of its tile's detections file, best score
+  first) of the tile in grid row ``r``, column ``c`` is ``(r * n_cols + c) * id_stride +
+  i + 1`` with ``id_stride`` the ensemble's ``max_det``; 0 is background. The detections
+  and objects tables carry these ids (`label_id`, `label_ids`). uint32 when every id
+  fits, else uint64.
+- ``<name>_classes``: defect class + 1 (0 none) from every detection the tile saw, so
+  classes join across core borders without gaps (`core_classes`).
+
+They lie at the resolution of the pyramid level the tiles were read from (the level
+nearest the model's pixel size; the job's metadata and each level's NGFF transforms say
+which), with that level's chunks: its tile cores are whole chunks there. Tiles resampled
+to the model's pixel size are mapped back to the level's pixels by nearest neighbour.
+The job creates the arrays (no pixels) before any tile runs (`create_label_arrays`);
+`finish_image` adds the pyramid (nearest-neighbour, chunk by chunk) and the NGFF
+metadata, so a viewer sees the label image only when it is complete.
+
+**Per image** (`finish_image`, a Ray task per image after all tiles): stitches the
+image's tile detections into objects in level-0 coordinates (`engine.tiling.stitch`:
+pieces of a defect cut by a core border become one object), writes the objects and
+tiles tables, the label pyramid and metadata, removes files a previous run left for
+tiles whose state changed, and returns the image's summary row (`SUMMARY_COLUMNS`).
+Rerunning it rewrites the same files.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import urllib.parse
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from engine.data.ledger import Ledger, put_file, table_bytes
+from engine.stores.uri import StoreLocation, resolve
+from engine.tiling.grid import TileKey, TileSpec
+
+DETECTIONS, ERRORS, OBJECTS, TILES = "detections", "errors", "objects", "tiles"
+SUMMARY_FILE = "summary.parquet"
+LABELS_DIR = "labels"
+DEFAULT_LABEL_NAME = "predicted_defects"
+TILE_META = b"grainflow.tile"
+_WRITE_THREADS = 8  # per batch: object-store writes are latency-bound
+
+DETECTION_SCHEMA = pa.schema([
+    ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()),  # the tile's key (with image_id)
+    ("detection", pa.int32()), ("label_id", pa.int64()),
+    ("class", pa.int64()), ("class_name", pa.string()), ("score", pa.float64()),
+    ("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()),  # level-0 px
+    ("x0_nm", pa.float64()), ("y0_nm", pa.float64()), ("x1_nm", pa.float64()), ("y1_nm", pa.float64()),
+    ("mask_score", pa.float64()), ("mask_from_box", pa.bool_()),
+    ("area_nm2", pa.float64()), ("area_um2", pa.float64()), ("equivalent_diameter_nm", pa.float64()),
+    ("major_axis_nm", pa.float64()), ("minor_axis_nm", pa.float64()), ("aspect_ratio", pa.float64()),
+    ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
+])
+"""Per detection: box corners in level-0 pixels (edge coordinates) and in nm from the
+image's corner; measurements as `engine.pipeline.results`; centroid in level-0 pixels."""
+
+ERROR_SCHEMA = pa.schema([
+    ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()), ("modality", pa.string()),
+    ("exception", pa.string()), ("message", pa.string()), ("chunk_keys", pa.list_(pa.string())),
+])
+
+OBJECT_SCHEMA = pa.schema([
+    ("object_id", pa.int64()), ("class", pa.int64()), ("class_name", pa.string()), ("score", pa.float64()),
+    ("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()),
+    ("x0_nm", pa.float64()), ("y0_nm", pa.float64()), ("x1_nm", pa.float64()), ("y1_nm", pa.float64()),
+    ("parts", pa.int64()), ("label_ids", pa.list_(pa.int64())),
+    ("area_nm2", pa.float64()), ("area_um2", pa.float64()), ("equivalent_diameter_nm", pa.float64()),
+    ("major_axis_nm", pa.float64()), ("minor_axis_nm", pa.float64()), ("aspect_ratio", pa.float64()),
+    ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
+])
+"""Per stitched object (ids 0.. best score first). An object of several tile pieces
+(`parts` > 1) has the union of their boxes, the best score, the pieces' label ids, an
+area-weighted centroid, and the shape measurements of its largest piece (each piece is
+measured over its own tile's core and halo, so these are a lower bound for the whole)."""
+
+TILE_SCHEMA = pa.schema([
+    ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()), ("status", pa.string()),
+    ("core_x0", pa.float64()), ("core_y0", pa.float64()), ("core_x1", pa.float64()), ("core_y1", pa.float64()),
+    ("n_defects", pa.int32()), ("core_area_mm2", pa.float64()), ("defect_density_per_mm2", pa.float64()),
+    ("material", pa.string()), ("grade", pa.string()),
+    ("material_probs", pa.list_(pa.float32())), ("grade_probs", pa.list_(pa.float32())), ("error", pa.string()),
+])
+"""Per tile: status "done" or "error"; the core in level-0 pixels (NaN for error rows,
+whose core the ensemble never saw); tile detections (before stitching) and density."""
+
+SUMMARY_COLUMNS = (
+    "image_id", "modality", "level", "pixel_size_nm", "tiles_planned", "tiles_done", "tiles_error", "complete",
+    "core_area_mm2", "material", "material_prob", "grade", "grade_prob", "material_probs", "grade_probs",
+    "n_detections", "n_defects", "defect_density_per_mm2", "defect_counts", "model_versions", "labels_uri",
+)
+"""Per image: level and pixel_size_nm are those the model saw (nm per tile pixel);
+material and grade are the argmax of the tiles' probabilities averaged
+with core-area weights; n_defects counts stitched objects (defect_counts per class name,
+JSON), density = n_defects / core area of the done tiles; model_versions is JSON."""
+
+
+# ---------------------------------------------------------------------------- naming
+
+
+def partition(image_id: str) -> str:
+    """The hive partition folder of an image: ``image_id=<id>`` (percent-encoded)."""
+    return f"image_id={urllib.parse.quote(str(image_id), safe='')}"
+
+
+def tile_file(level: int, y: int, x: int) -> str:
+    return f"tile-{int(level)}-{int(y)}-{int(x)}.parquet"
+
+
+def tile_location(out: StoreLocation, table: str, key: TileKey) -> StoreLocation:
+    image_id, level, y, x = key
+    return out.join(table, partition(image_id), tile_file(level, y, x))
+
+
+def read_output(out: str | StoreLocation, table: str, *, image_id: str | None = None) -> pa.Table:
+    """A partitioned output table (`DETECTIONS`, `ERRORS`, `OBJECTS`, `TILES`) with its
+    `image_id` column (a string); an empty table of the right schema when none exist."""
+    import pyarrow.dataset as ds
+
+    schemas = {DETECTIONS: DETECTION_SCHEMA, ERRORS: ERROR_SCHEMA, OBJECTS: OBJECT_SCHEMA, TILES: TILE_SCHEMA}
+    if table not in schemas:
+        raise ValueError(f"unknown output table {table!r}; tables are {sorted(schemas)}")
+    out = resolve(out)
+    base = out.join(table) if image_id is None else out.join(table, partition(image_id))
+    fs = base.filesystem()
+    full = pa.schema([("image_id", pa.string()), *schemas[table]])
+    files = sorted(p for p in fs.find(base.path) if p.endswith(".parquet")) if fs.exists(base.path) else []
+    if not files:
+        return full.empty_table()
+    # Hive values are percent-decoded by pyarrow (segment_encoding="uri"), as `partition` encodes.
+    part = ds.partitioning(pa.schema([("image_id", pa.string())]), flavor="hive")
+    dataset = ds.dataset(files, schema=full, format="parquet", filesystem=_arrow_fs(fs), partitioning=part,
+                         partition_base_dir=out.join(table).path)
+    return dataset.to_table().select(full.names)
+
+
+def _arrow_fs(fs):
+    from pyarrow.fs import FSSpecHandler, PyFileSystem
+
+    return PyFileSystem(FSSpecHandler(fs))
+
+
+# ---------------------------------------------------------------------------- label images
+
+
+@dataclass(frozen=True)
+class LabelTarget:
+    """Where and how one image's tiles write their label cores.
+
+    root: the OME-Zarr group holding ``labels/`` (the image itself, or
+    ``<out>/labels/<id>.ome.zarr``). tiles: the image's tile plan
+    (`engine.data.tile_plan.ImageTiles`: grid, resampling, rows and columns).
+    id_stride: ids reserved per tile (the ensemble's max_det). dtype: "uint32" or "uint64".
+    image: the image's own location (for its metadata). note: why labels are not beside
+    the image, when they are not. write: False keeps the ids (detections still get
+    image-unique `label_id`s) but writes no label image.
+    """
+
+    image_id: str
+    root: StoreLocation
+    name: str
+    tiles: Any  # ImageTiles
+    id_stride: int
+    dtype: str
+    image: StoreLocation
+    note: str = ""
+    write: bool = True
+
+    @property
+    def classes_name(self) -> str:
+        return f"{self.name}_classes"
+
+    @property
+    def names(self) -> tuple[str, str]:
+        return (self.name, self.classes_name)
+
+    @property
+    def grid(self):
+        return self.tiles.grid
+
+    @property
+    def uri(self) -> str:
+        return self.root.join(LABELS_DIR, self.name).uri
+
+    def spec(self, key: TileKey) -> tuple[int, TileSpec]:
+        """(tile index in the grid, row-major; the tile's spec) of a ledger key."""
+        rc = self.grid.index_of_key(tuple(key))
+        if rc is None:
+            raise KeyError(f"{self.image_id}: tile {tuple(key)} is not a tile of the planned grid")
+        return rc[0] * self.grid.n_cols + rc[1], self.grid.tile_at(*rc)
+
+    def base(self, key: TileKey) -> int:
+        """Label id offset of a tile: its detection i gets base + i + 1."""
+        return self.spec(key)[0] * self.id_stride
+
+
+def label_dtype(n_tiles: int, id_stride: int) -> str:
+    """uint32 when every id (at most n_tiles * id_stride) fits, else uint64."""
+    return "uint32" if n_tiles * id_stride < 2**32 - 1 else "uint64"
+
+
+def create_label_arrays(target: LabelTarget, *, overwrite: bool = False) -> None:
+    """The label images' level-0 arrays (shape and chunks of the tiles' level; no pixels).
+
+    An existing array of the same shape, chunks and dtype is kept (a resumed job writes
+    into it) unless `overwrite`; anything else is replaced.
+    """
+    import zarr
+
+    grid = target.grid
+    group = zarr.open_group(target.root.zarr_store(read_only=False), mode="a", zarr_format=3)
+    if target.root != target.image and "grainflow" not in group.attrs:
+        group.attrs.update({"grainflow": {"source_image": target.image.uri, "image_id": target.image_id}})
+    labels = group.require_group(LABELS_DIR)
+    for name, dtype in ((target.name, target.dtype), (target.classes_name, "uint8")):
+        node = labels.require_group(name)
+        if not overwrite and "0" in node:
+            arr = node["0"]
+            if (tuple(arr.shape) == tuple(grid.shape) and tuple(arr.chunks) == tuple(grid.chunks)
+                    and np.dtype(arr.dtype) == np.dtype(dtype)):
+                continue
+        # A fresh array: its metadata (multiscales) is written again by finishing.
+        node.attrs.put({})
+        node.create_array("0", shape=grid.shape, chunks=grid.chunks, dtype=dtype, fill_value=0,
+                          dimension_names=["y", "x"], overwrite=True)
+
+
+def core_to_level(target: LabelTarget, spec: TileSpec, core: np.ndarray) -> np.ndarray:
+    """A tile's core mask (as the ensemble gives it) on the level's core pixels.
+
+    Read at the level as it is, the core is already those pixels. Resampled, output
+    pixel j of the core's window covers level-0 [j * step, (j + 1) * step): each level
+    pixel takes the output pixel its centre falls in (nearest neighbour).
+    """
+    core = np.asarray(core)
+    out = target.tiles.output
+    if out is None:
+        if core.shape != (spec.height, spec.width):
+            raise ValueError(f"{target.image_id} tile {spec.key}: core mask {core.shape} differs from the core "
+                             f"{(spec.height, spec.width)}")
+        return core
+    x0, y0, x1, y1 = spec.core_level0()
+    j0, j1, i0, i1 = out.core_window((y0, y1, x0, x1))
+    if core.shape != (j1 - j0, i1 - i0):
+        raise ValueError(f"{target.image_id} tile {spec.key}: core mask {core.shape} differs from its output "
+                         f"window {(j1 - j0, i1 - i0)}")
+    if core.size == 0:
+        return np.zeros((spec.height, spec.width), core.dtype)
+    t = spec.transform
+    cy = np.array([t.to_level0(v + 0.5, 0)[0] for v in range(spec.y0, spec.y1)])
+    cx = np.array([t.to_level0(0, u + 0.5)[1] for u in range(spec.x0, spec.x1)])
+    rows = np.clip(np.floor(cy / out.step[0]).astype(np.int64) - j0, 0, core.shape[0] - 1)
+    cols = np.clip(np.floor(cx / out.step[1]).astype(np.int64) - i0, 0, core.shape[1] - 1)
+    return core[rows[:, None], cols[None, :]]
+
+
+class _LabelArrays:
+    """Open level-0 label arrays per image (opened on first use in each process)."""
+
+    def __init__(self):
+        self._open: dict[tuple[str, str], Any] = {}
+
+    def get(self, target: LabelTarget, name: str):
+        import zarr
+
+        key = (target.image_id, name)
+        if key not in self._open:
+            group = zarr.open_group(target.root.zarr_store(read_only=False), mode="r+")
+            self._open[key] = group[f"{LABELS_DIR}/{name}/0"]
+        return self._open[key]
+
+
+# ---------------------------------------------------------------------------- the tile sink
+
+
+def _split_error(error: str) -> tuple[str, str, list[str]]:
+    """"<Type>: <message>" -> (type, message, chunk keys named by a CorruptChunkError)."""
+    kind, sep, message = str(error).partition(": ")
+    if not sep or not re.fullmatch(r"[A-Za-z_][\w.]*", kind):
+        kind, message = "Error", str(error)
+    chunks = []
+    m = re.search(r"chunk (.+?) cannot be decoded", message)
+    if m:
+        chunks = [c.strip() for c in m.group(1).split(",") if c.strip()]
+    return kind, message, chunks
+
+
+def _error_or_none(e) -> str | None:
+    if e is None or (isinstance(e, (float, np.floating)) and np.isnan(e)):
+        return None
+    return str(e)
+
+
+def _json_floats(a) -> list[float | None]:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).reshape(-1)]
+
+
+class WriteTileOutputs:
+    """Ray Data map_batches function: write each result row's outputs, then the ledger.
+
+    out: the job's output URI. labels: image_id -> `LabelTarget` (None or a missing image:
+    no label images). class_names: the detector's classes (for `class_name`).
+    Returns one small row per tile (image_id, level, y, x, ok, n_defects): what the
+    driver counts; no pixels go back.
+
+    Pass an instance (not the class): it runs as Ray tasks, which Ray retries on failure;
+    a retried batch rewrites the same files and the same ledger file.
+    """
+
+    def __init__(self, out: str | StoreLocation, *, labels: Mapping[str, LabelTarget] | None = None,
+                 class_names: Sequence[str] = ()):
+        self.out = resolve(out)
+        self.labels = dict(labels or {})
+        self.class_names = tuple(class_names)
+        self._arrays: _LabelArrays | None = None
+
+    def __getstate__(self):
+        state = dict(self.__dict__)
+        state["_arrays"] = None  # open arrays stay in their process
+        return state
+
+    def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
+        from engine.pipeline.results import from_columns
+
+        if self._arrays is None:
+            self._arrays = _LabelArrays()
+        # An all-null error column comes back from Arrow as float NaN: that means no error.
+        batch = dict(batch)
+        batch["error"] = np.array([_error_or_none(e) for e in batch["error"]], dtype=object)
+        results = from_columns(batch)
+        placement = [(np.asarray(batch["origin"][i], np.float64), np.asarray(batch["scale"][i], np.float64),
+                      tuple(int(v) for v in np.asarray(batch["halo"][i]).reshape(4))) for i in range(len(results))]
+        with ThreadPoolExecutor(max_workers=min(_WRITE_THREADS, max(1, len(results)))) as pool:
+            list(pool.map(lambda args: self._write(*args), zip(results, placement)))
+        done = [r for r in results if r.error is None]
+        # Last: only now are this batch's tiles complete.
+        Ledger(self.out).record([(r.image_id, r.level, r.y, r.x) for r in done], [r.n_defects for r in done])
+        return {
+            "image_id": np.array([r.image_id for r in results], dtype=object),
+            "level": np.array([r.level for r in results], np.int32),
+            "y": np.array([r.y for r in results], np.int64), "x": np.array([r.x for r in results], np.int64),
+            "ok": np.array([r.error is None for r in results], bool),
+            "n_defects": np.array([r.n_defects for r in results], np.int32),
+        }
+
+    def _write(self, r, placement) -> None:
+        key = (r.image_id, r.level, r.y, r.x)
+        if r.error is not None:
+            kind, message, chunks = _split_error(r.error)
+            table = pa.table({"level": [r.level], "y": [r.y], "x": [r.x], "modality": [r.modality],
+                              "exception": [kind], "message": [message], "chunk_keys": [chunks]}, schema=ERROR_SCHEMA)
+            put_file(tile_location(self.out, ERRORS, key), table_bytes(table))
+            return
+        target = self.labels.get(r.image_id)
+        base = 0
+        if target is not None:
+            index, spec = target.spec(key)
+            base = index * target.id_stride
+            if r.n_defects > target.id_stride:
+                raise ValueError(f"{r.image_id} tile {key}: {r.n_defects} detections exceed the {target.id_stride} "
+                                 f"label ids reserved per tile")
+            if target.write:
+                self._write_labels(target, spec, r, base)
+        put_file(tile_location(self.out, DETECTIONS, key), table_bytes(self._detections(r, base, placement)))
+
+    def _write_labels(self, target: LabelTarget, spec: TileSpec, r, base: int) -> None:
+        y0, y1, x0, x1 = spec.core
+        local = core_to_level(target, spec, r.core_labels)
+        ids = np.where(local > 0, local.astype(np.uint64) + np.uint64(base), 0).astype(target.dtype)
+        classes = core_to_level(target, spec, r.core_classes).astype(np.uint8)
+        self._arrays.get(target, target.name)[y0:y1, x0:x1] = ids
+        self._arrays.get(target, target.classes_name)[y0:y1, x0:x1] = classes
+
+    def _detections(self, r, base: int, placement) -> pa.Table:
+        from engine.tiling.stitch import tile_core_level0
+
+        n = r.n_defects
+        b0, bn = r.boxes_level0.reshape(-1, 4), r.boxes_nm.reshape(-1, 4)
+        names = [self.class_names[c] if 0 <= c < len(self.class_names) else str(c) for c in r.classes.tolist()]
+        cols = {
+            "level": np.full(n, r.level, np.int32), "y": np.full(n, r.y, np.int64), "x": np.full(n, r.x, np.int64),
+            "detection": np.arange(n, dtype=np.int32), "label_id": base + np.arange(n, dtype=np.int64) + 1,
+            "class": r.classes.astype(np.int64), "class_name": names, "score": r.scores,
+            "x0": b0[:, 0], "y0": b0[:, 1], "x1": b0[:, 2], "y1": b0[:, 3],
+            "x0_nm": bn[:, 0], "y0_nm": bn[:, 1], "x1_nm": bn[:, 2], "y1_nm": bn[:, 3],
+            "mask_score": r.mask_scores, "mask_from_box": r.mask_from_box,
+            "area_nm2": r.area_nm2, "area_um2": r.area_um2, "equivalent_diameter_nm": r.equivalent_diameter_nm,
+            "major_axis_nm": r.major_axis_nm, "minor_axis_nm": r.minor_axis_nm, "aspect_ratio": r.aspect_ratio,
+            "orientation_deg": r.orientation_deg,
+            "centroid_y": r.centroid_level0.reshape(-1, 2)[:, 0], "centroid_x": r.centroid_level0.reshape(-1, 2)[:, 1],
+        }
+        origin, scale, halo = placement
+        h, w = r.core_labels.shape
+        core = tile_core_level0(origin, scale, halo, (h + halo[0] + halo[1], w + halo[2] + halo[3]))
+        meta = {
+            "level": r.level, "y": r.y, "x": r.x, "modality": r.modality, "pixel_size_nm": r.pixel_size_nm,
+            "core_level0": list(core), "n_defects": n, "core_area_mm2": r.core_area_mm2,
+            "defect_density_per_mm2": r.defect_density_per_mm2, "material": r.material, "grade": r.grade,
+            "material_probs": _json_floats(r.material_probs), "grade_probs": _json_floats(r.grade_probs),
+            "model_versions": r.model_versions, "label_base": base,
+        }
+        table = pa.table(cols, schema=DETECTION_SCHEMA)
+        return table.replace_schema_metadata({TILE_META: json.dumps(meta, sort_keys=True).encode()})
+
+
+# ---------------------------------------------------------------------------- per-image finishing
+
+
+@dataclass
+class _Tile:
+    key: tuple[int, int, int]
+    table: pa.Table
+    meta: dict[str, Any]
+
+
+def _read_tile(location: StoreLocation) -> tuple[pa.Table, dict[str, Any]]:
+    with location.filesystem().open(location.path, "rb") as f:
+        table = pq.read_table(f)
+    meta = json.loads((table.schema.metadata or {}).get(TILE_META, b"{}"))
+    return table.replace_schema_metadata(None), meta
+
+
+def _list_tile_files(out: StoreLocation, table: str, image_id: str) -> dict[tuple[int, int, int], StoreLocation]:
+    base = out.join(table, partition(image_id))
+    fs = base.filesystem()
+    if not fs.exists(base.path):
+        return {}
+    found = {}
+    for p in fs.ls(base.path, detail=False):
+        m = re.fullmatch(r"tile-(\d+)-(\d+)-(\d+)\.parquet", p.rsplit("/", 1)[-1])
+        if m:
+            found[tuple(int(v) for v in m.groups())] = base.join(m.group(0))
+    return found
+
+
+def stitch_objects(tiles: Sequence[_Tile], *, iou_threshold: float = 0.5):
+    """Objects from the tiles' detections: `engine.tiling.stitch_boxes`' rule, keeping
+    which detections each object was made of.
+
+    Returns (boxes (K, 4) level-0 xyxy, scores (K,), classes (K,), members: K arrays of
+    row indices into the concatenated detections), objects best score first.
+    """
+    # engine.tiling.stitch_boxes returns the objects only; the same steps are run here to
+    # keep each object's pieces (their label ids and measurements).
+    from engine.tiling.stitch import _border_groups, _merge_groups, nms, owned
+
+    boxes, scores, classes, cores = [], [], [], []
+    for t in tiles:
+        tb = t.table
+        b = np.stack([tb[c].to_numpy(zero_copy_only=False) for c in ("x0", "y0", "x1", "y1")], axis=1) \
+            if tb.num_rows else np.zeros((0, 4))
+        core = tuple(t.meta["core_level0"])
+        boxes.append(b.reshape(-1, 4))
+        scores.append(tb["score"].to_numpy(zero_copy_only=False) if tb.num_rows else np.zeros(0))
+        classes.append(tb["class"].to_numpy(zero_copy_only=False).astype(np.int64) if tb.num_rows else np.zeros(0, np.int64))
+        cores.append(np.broadcast_to(np.asarray(core, np.float64), (tb.num_rows, 4)))
+    if not boxes or not sum(len(b) for b in boxes):
+        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), []
+    b, s, c, k = (np.concatenate(v) for v in (boxes, scores, classes, cores))
+    # the tile sink only writes owned detections; kept as a guard, as stitch_boxes does
+    keep_rows = np.nonzero(np.concatenate([owned(bb, tuple(kk[0])) if len(bb) else np.zeros(0, bool)
+                                           for bb, kk in zip(boxes, cores)]))[0]
+    b, s, c, k = b[keep_rows], s[keep_rows], c[keep_rows], k[keep_rows]
+    groups = _border_groups(b, c, k, touch=1.0, min_overlap=0.5)
+    mb, ms, mc, _ = _merge_groups(b, s, c, groups)
+    ids, inverse = np.unique(groups, return_inverse=True)
+    kept = nms(mb, ms, mc, iou_threshold)
+    members = [keep_rows[np.nonzero(inverse == g)[0]] for g in kept]
+    return mb[kept], ms[kept], mc[kept], members
+
+
+def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm) -> pa.Table:
+    area = detections["area_nm2"].to_numpy(zero_copy_only=False) if detections.num_rows else np.zeros(0)
+    rows: dict[str, list] = {name: [] for name in OBJECT_SCHEMA.names}
+    shape_cols = ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
+                  "aspect_ratio", "orientation_deg")
+    col = {name: detections[name].to_numpy(zero_copy_only=False) for name in
+           (*shape_cols, "centroid_y", "centroid_x", "label_id")} if detections.num_rows else {}
+    py, px = pixel_nm
+    for j, (box, score, cls, rows_j) in enumerate(zip(boxes, scores, classes, members)):
+        rows_j = np.sort(rows_j)
+        a = np.nan_to_num(area[rows_j], nan=0.0)
+        largest = rows_j[int(np.argmax(a))] if len(rows_j) else None
+        w = a if a.sum() > 0 else np.ones(len(rows_j))
+        rows["object_id"].append(j)
+        rows["class"].append(int(cls))
+        rows["class_name"].append(class_names[int(cls)] if 0 <= cls < len(class_names) else str(int(cls)))
+        rows["score"].append(float(score))
+        for name, v in zip(("x0", "y0", "x1", "y1"), box):
+            rows[name].append(float(v))
+        for name, v, p in zip(("x0_nm", "y0_nm", "x1_nm", "y1_nm"), box, (px, py, px, py)):
+            rows[name].append(float(v) * p)
+        rows["parts"].append(int(len(rows_j)))
+        rows["label_ids"].append([int(v) for v in col["label_id"][rows_j]] if len(rows_j) else [])
+        for name in shape_cols:
+            rows[name].append(float(col[name][largest]) if largest is not None else math.nan)
+        for name in ("centroid_y", "centroid_x"):
+            rows[name].append(float(np.average(col[name][rows_j], weights=w)) if len(rows_j) else math.nan)
+    return pa.table(rows, schema=OBJECT_SCHEMA)
+
+
+def _weighted_probs(metas: Sequence[dict], key: str, n: int) -> np.ndarray:
+    acc, total = np.zeros(n), 0.0
+    for m in metas:
+        p = np.array([np.nan if v is None else v for v in m[key]], np.float64)
+        area = m.get("core_area_mm2")
+        if len(p) != n or not np.isfinite(p).all() or area is None or not np.isfinite(area):
+            continue
+        acc += area * p
+        total += area
+    return acc / total if total > 0 else np.full(n, np.nan)
+
+
+def write_label_pyramid(target: LabelTarget, class_names: Sequence[str]) -> int:
+    """Coarser levels of both label images (nearest neighbour, chunk by chunk) and their
+    NGFF metadata, placed like the image's level they were written at. Returns the levels."""
+    import zarr
+
+    from engine.stores.image import open_image
+    from engine.stores.ngff import multiscales_v05
+    from engine.stores.pyramid import n_levels_for, write_next_level
+
+    image = open_image(target.image)
+    level = target.grid.level
+    ms = image.multiscale
+    iy, ix = ms.axis_index("y"), ms.axis_index("x")
+    lv = ms.levels[level]
+    pixel = (lv.scale[iy], lv.scale[ix])
+    shift = (lv.translation[iy], lv.translation[ix]) if lv.translation else (0.0, 0.0)
+    group = zarr.open_group(target.root.zarr_store(read_only=False), mode="r+")
+    labels = group[LABELS_DIR]
+    n = 1
+    for name in target.names:
+        node = labels[name]
+        finer = node["0"]
+        n = n_levels_for(tuple(finer.shape), int(max(finer.chunks)))
+        for k in range(1, n):
+            coarser = node.create_array(str(k), shape=((finer.shape[0] + 1) // 2, (finer.shape[1] + 1) // 2),
+                                        chunks=finer.chunks, dtype=finer.dtype, fill_value=0,
+                                        dimension_names=["y", "x"], overwrite=True)
+            write_next_level(finer, coarser, labels=True)
+            finer = coarser
+        meta = multiscales_v05(name=name, unit=image.unit, pixel_size=pixel, n_levels=n, centre_shift=False)
+        if any(shift):  # nearest levels keep pixel 0 where the source level has it
+            for ds in meta["datasets"]:
+                ds["coordinateTransformations"].append({"type": "translation", "translation": list(shift)})
+        image_label: dict[str, Any] = {"source": {"image": "../../"}}
+        if name == target.classes_name:
+            image_label["properties"] = [{"label-value": i + 1, "class": c} for i, c in enumerate(class_names)]
+        node.attrs.update({"ome": {"version": "0.5", "multiscales": [meta], "image-label": image_label},
+                           "grainflow": {"source_level": level, "image_id": target.image_id}})
+    attrs = dict(labels.attrs)
+    ome = dict(attrs.get("ome", {}))
+    names = list(ome.get("labels", []))
+    names += [nm for nm in target.names if nm not in names]
+    labels.attrs.update({"ome": {**ome, "version": "0.5", "labels": names}})
+    return n
+
+
+def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, int]], *,
+                 label_target: LabelTarget | None = None, class_names: Sequence[str] = (),
+                 materials: Sequence[str] = (), grades: Sequence[str] = (),
+                 iou_threshold: float = 0.5) -> dict[str, Any]:
+    """One image after all its tiles ran: objects, tiles table, labels; its summary row.
+
+    plan: the image's `engine.data.tile_plan.ImageTiles`. done: (level, y, x) of its
+    ledgered tiles, the only detection files read. Every errors file of a tile not in
+    `done` is current (a job runs every tile not ledgered), an errors file of a done tile
+    is stale and removed, as is a detections file of a tile not done (an earlier run's).
+    Idempotent: a second call writes the same files.
+    """
+    out = resolve(out)
+    image_id = plan.image_id
+    done_set = {tuple(int(v) for v in k) for k in done}
+    done = sorted(done_set)
+    error_files = _list_tile_files(out, ERRORS, image_id)
+    errors = sorted(k for k in error_files if k not in done_set)
+    with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
+        read = list(pool.map(lambda k: _read_tile(tile_location(out, DETECTIONS, (image_id, *k))), done))
+        error_rows = list(pool.map(lambda k: _read_tile(error_files[k])[0], errors))
+    tiles = [_Tile(k, t, m) for k, (t, m) in zip(done, read)]
+    detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
+    boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
+    level0_nm = tuple(plan.grid.transform.pixel_size_nm)
+    objects = _objects_table(detections, boxes, scores, classes, members, list(class_names), level0_nm)
+    put_file(out.join(OBJECTS, partition(image_id), "part-0.parquet"), table_bytes(objects))
+    put_file(out.join(TILES, partition(image_id), "part-0.parquet"), table_bytes(_tiles_table(tiles, errors, error_rows)))
+
+    fs = out.filesystem()
+    for k in sorted(set(error_files) & done_set):
+        fs.rm(error_files[k].path)
+    for k, loc in _list_tile_files(out, DETECTIONS, image_id).items():
+        if k not in done_set:
+            fs.rm(loc.path)
+
+    labels_uri = ""
+    if label_target is not None and label_target.write:
+        write_label_pyramid(label_target, class_names)
+        labels_uri = label_target.uri
+    metas = [t.meta for t in tiles]
+    mp = _weighted_probs(metas, "material_probs", len(materials))
+    gp = _weighted_probs(metas, "grade_probs", len(grades))
+    area = float(sum(m["core_area_mm2"] for m in metas if m.get("core_area_mm2") is not None))
+    counts = {name: int(np.sum(classes == i)) for i, name in enumerate(class_names)}
+    versions = next((m["model_versions"] for m in metas if m.get("model_versions")), {})
+    has_m = len(mp) > 0 and bool(np.isfinite(mp).all())
+    has_g = len(gp) > 0 and bool(np.isfinite(gp).all())
+    return {
+        "image_id": image_id, "modality": plan.modality, "level": int(plan.grid.level),
+        "pixel_size_nm": float(plan.pixel_size_nm), "tiles_planned": int(plan.n_tiles), "tiles_done": len(done),
+        "tiles_error": len(errors), "complete": len(done) == int(plan.n_tiles), "core_area_mm2": area,
+        "material": materials[int(np.argmax(mp))] if has_m else "",
+        "material_prob": float(np.max(mp)) if has_m else math.nan,
+        "grade": grades[int(np.argmax(gp))] if has_g else "",
+        "grade_prob": float(np.max(gp)) if has_g else math.nan,
+        "material_probs": [float(v) for v in mp], "grade_probs": [float(v) for v in gp],
+        "n_detections": int(detections.num_rows), "n_defects": int(len(boxes)),
+        "defect_density_per_mm2": float(len(boxes) / area) if area > 0 else math.nan,
+        "defect_counts": json.dumps(counts, sort_keys=True), "model_versions": json.dumps(versions, sort_keys=True),
+        "labels_uri": labels_uri,
+    }
+
+
+def _tiles_table(tiles: Sequence[_Tile], errors, error_rows) -> pa.Table:
+    rows = []
+    for t in tiles:
+        m = t.meta
+        x0, y0, x1, y1 = m["core_level0"]
+        rows.append({"level": t.key[0], "y": t.key[1], "x": t.key[2], "status": "done", "core_x0": x0, "core_y0": y0,
+                     "core_x1": x1, "core_y1": y1, "n_defects": m["n_defects"], "core_area_mm2": m["core_area_mm2"],
+                     "defect_density_per_mm2": m["defect_density_per_mm2"], "material": m["material"],
+                     "grade": m["grade"], "material_probs": [math.nan if v is None else v for v in m["material_probs"]],
+                     "grade_probs": [math.nan if v is None else v for v in m["grade_probs"]], "error": None})
+    for k, e in zip(errors, error_rows):
+        msg = e.to_pylist()[0]
+        rows.append({"level": k[0], "y": k[1], "x": k[2], "status": "error", "core_x0": math.nan,
+                     "core_y0": math.nan, "core_x1": math.nan, "core_y1": math.nan, "n_defects": 0,
+                     "core_area_mm2": math.nan, "defect_density_per_mm2": math.nan, "material": "", "grade": "",
+                     "material_probs": [], "grade_probs": [], "error": f"{msg['exception']}: {msg['message']}"})
+    rows.sort(key=lambda r: (r["level"], r["y"], r["x"]))
+    return pa.Table.from_pylist(rows, schema=TILE_SCHEMA)
+
+
+def summary_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
+    """The summary rows of `finish_image`, sorted by image id, as a table."""
+    schema = pa.schema([
+        ("image_id", pa.string()), ("modality", pa.string()), ("level", pa.int32()), ("pixel_size_nm", pa.float64()),
+        ("tiles_planned", pa.int64()), ("tiles_done", pa.int64()), ("tiles_error", pa.int64()),
+        ("complete", pa.bool_()), ("core_area_mm2", pa.float64()), ("material", pa.string()),
+        ("material_prob", pa.float64()), ("grade", pa.string()), ("grade_prob", pa.float64()),
+        ("material_probs", pa.list_(pa.float64())), ("grade_probs", pa.list_(pa.float64())),
+        ("n_detections", pa.int64()), ("n_defects", pa.int64()), ("defect_density_per_mm2", pa.float64()),
+        ("defect_counts", pa.string()), ("model_versions", pa.string()), ("labels_uri", pa.string()),
+    ])
+    assert tuple(schema.names) == SUMMARY_COLUMNS
+    return pa.Table.from_pylist(sorted(rows, key=lambda r: r["image_id"]), schema=schema)
+
+
+__all__ = [
+    "DEFAULT_LABEL_NAME", "DETECTIONS", "DETECTION_SCHEMA", "ERRORS", "ERROR_SCHEMA", "LabelTarget", "OBJECTS",
+    "OBJECT_SCHEMA", "SUMMARY_COLUMNS", "SUMMARY_FILE", "TILES", "TILE_SCHEMA", "WriteTileOutputs",
+    "core_to_level", "create_label_arrays", "finish_image", "label_dtype", "partition", "read_output",
+    "stitch_objects", "summary_table", "tile_file", "tile_location", "write_label_pyramid",
+]

@@ -1,0 +1,386 @@
+"""The reprocessing job: every tile of an archive through the ensemble, on Ray Data.
+
+    result = reprocess("s3://lab/archive", "s3://lab/runs/r1", "grainflow-demo@production")
+
+Steps (the driver holds metadata and counters only, never pixels):
+
+1. Models: the ref is resolved once to a fixed version (``name/version``), so every
+   actor loads the same members even if the alias moves during the job; one Ray task
+   loads the bundle and describes it (classes, materials, grades, input modes), which
+   also fails fast on a bad bundle before any tile is read.
+2. Plan: `engine.data.datasource.ZarrTileDatasource` plans tiles from metadata at the
+   model's pixel size (explicit, else the bundle's ``pixel_size_nm`` tag, else each
+   image's level 0: models trained without a pixel size saw native pixels).
+3. Resume: the ledger's finished tiles (`engine.data.ledger`) become the datasource's
+   skip set; `<out>/job.json` records the settings that shape the outputs, and a rerun
+   with other settings is refused rather than mixing two runs' outputs.
+4. Prepare, per image in Ray tasks: the label images' arrays (metadata only,
+   `engine.data.sinks.create_label_arrays`) and, when a member takes its input in
+   "image" mode, the image's preprocessing parameters (`engine.preprocess`), written to
+   ``<out>/preprocess/<id>.json`` and read by the actors on first use.
+5. Tiles: read tasks -> `JobEnsemble` actors (an actor pool; GPUs when the cluster has
+   them) -> `engine.data.sinks.WriteTileOutputs` tasks (outputs, then the ledger). Ray
+   Data restarts a dead actor and retries its batch (``max_restarts``/``max_task_retries``
+   are -1 for actor pools in Ray 2.60); outputs are named by tile, so a redone tile
+   overwrites its own files.
+6. Finish, per image in Ray tasks (`engine.data.sinks.finish_image`): stitched objects,
+   the tiles table, label pyramids and metadata; the driver writes ``summary.parquet``
+   from the small rows they return.
+
+Every step is idempotent: a rerun after an interruption at any point ends with the same
+outputs as an uninterrupted run. See `engine.data.sinks` for the output layout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+import urllib.parse
+from dataclasses import asdict, dataclass, field
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+
+from engine.data.ledger import Ledger, put_file
+from engine.data.sinks import (
+    DEFAULT_LABEL_NAME, DETECTIONS, ERRORS, LABELS_DIR, OBJECTS, SUMMARY_FILE, TILES, LabelTarget, WriteTileOutputs,
+    create_label_arrays, finish_image, label_dtype, summary_table,
+)
+from engine.errors import GrainflowError
+from engine.pipeline.ensemble import Ensemble, EnsembleConfig
+from engine.stores.uri import StoreLocation, resolve
+
+MANIFEST = "job.json"
+PREPROCESS_DIR = "preprocess"
+LABEL_MODES = ("auto", "image", "out", "none")
+DEFAULT_TOLERANCE = 1.5
+_GROUP = 16  # images per prepare task
+# What makes two runs' outputs differ: a resumed run must match the ledger's run on all of them.
+_SETTINGS = ("archive", "bundle", "target_pixel_size_nm", "tolerance", "tile_size", "halo", "labels", "label_name",
+             "config")
+
+
+@dataclass(frozen=True)
+class JobResult:
+    """What a job did. tiles_total: tiles planned; tiles_done: finished by this run;
+    tiles_skipped: finished by an earlier run (the ledger); errors: tiles that failed in
+    this run (the errors table); seconds: the whole job; tiles_per_s: tiles this run
+    processed (done + errors) per second of its tile stage; stage_seconds: per step."""
+
+    tiles_total: int
+    tiles_done: int
+    tiles_skipped: int
+    errors: int
+    seconds: float
+    tiles_per_s: float
+    out: str
+    images: int = 0
+    objects: int = 0
+    bundle: str = ""
+    target_pixel_size_nm: float | None = None
+    stage_seconds: dict[str, float] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class JobEnsemble(Ensemble):
+    """The ensemble as the job's map_batches UDF.
+
+    Adds to `Ensemble.__call__`: tiles go in with their image's own dtype (the
+    datasource delivers one dtype for the whole dataset, uint16 for a mix of uint8 and
+    uint16 images, and the "raw" input mode scales by the dtype's maximum, so a uint8
+    image must arrive as uint8 to get the answer the online endpoint gives), and the
+    datasource's placement columns (origin, scale, halo) pass through to the sink.
+
+    dtypes: image_id -> stored dtype. Other arguments as `Ensemble`.
+    """
+
+    def __init__(self, *, dtypes: Mapping[str, str] | None = None, **kwargs):
+        super().__init__(**kwargs)
+        self._dtypes = {k: np.dtype(v) for k, v in (dtypes or {}).items()}
+
+    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        batch = dict(batch)
+        if self._dtypes:
+            tiles = [np.asarray(t) for t in batch["tile"]]
+            cast = [t.astype(self._dtypes.get(str(i), t.dtype), copy=False) for t, i in zip(tiles, batch["image_id"])]
+            col = np.empty(len(cast), dtype=object)
+            col[:] = cast
+            batch["tile"] = col
+        out = super().__call__(batch)
+        for name in ("origin", "scale", "halo"):
+            out[name] = np.asarray(batch[name])
+        return out
+
+
+class ParamsFromStore:
+    """image_id -> PreprocessParams read from ``<out>/preprocess/<id>.json`` on first use
+    (None when an image has none); what the actors get as `Ensemble(params=...)`."""
+
+    def __init__(self, out: str | StoreLocation):
+        self.out = resolve(out)
+        self._cache: dict[str, Any] = {}
+
+    def __getstate__(self):
+        return {"out": self.out, "_cache": {}}
+
+    def __call__(self, image_id: str):
+        if image_id not in self._cache:
+            loc = _params_location(self.out, image_id)
+            fs = loc.filesystem()
+            self._cache[image_id] = params_from_json(fs.cat_file(loc.path)) if fs.exists(loc.path) else None
+        return self._cache[image_id]
+
+
+def params_to_json(params) -> bytes:
+    return json.dumps(asdict(params), sort_keys=True).encode()
+
+
+def params_from_json(data: bytes):
+    from engine.preprocess.params import Background, PreprocessParams
+
+    d = json.loads(data)
+    bg = d.get("background")
+    if bg is not None:
+        d["background"] = Background(tuple(tuple(float(v) for v in row) for row in bg["values"]),
+                                     tuple(bg["origin"]), tuple(bg["spacing"]))
+    return PreprocessParams(**d)
+
+
+def _params_location(out: StoreLocation, image_id: str) -> StoreLocation:
+    return out.join(PREPROCESS_DIR, f"{urllib.parse.quote(str(image_id), safe='')}.json")
+
+
+# ---------------------------------------------------------------------------- Ray tasks
+
+
+def _describe_bundle(ref: str, registry, config: EnsembleConfig) -> dict[str, Any]:
+    return Ensemble(bundle=ref, registry=registry, config=config, device="cpu").describe()
+
+
+def _prepare_images(out: StoreLocation, plans: list, *, labels: str, label_name: str, id_stride: int,
+                    overwrite: bool, fit: bool) -> list[LabelTarget]:
+    """Label arrays (and preprocessing parameters when `fit`) for a group of images."""
+    targets = []
+    for plan in plans:
+        dtype = label_dtype(plan.n_tiles, id_stride)
+        beside = LabelTarget(plan.image_id, plan.location, label_name, plan, id_stride, dtype, plan.location,
+                             write=labels != "none")
+        aside = LabelTarget(plan.image_id, out.join(LABELS_DIR, f"{urllib.parse.quote(plan.image_id, safe='')}.ome.zarr"),
+                            label_name, plan, id_stride, dtype, plan.location)
+        if labels == "none":
+            target = beside
+        elif labels == "out":
+            target = aside
+            create_label_arrays(target, overwrite=overwrite)
+        else:
+            try:
+                create_label_arrays(beside, overwrite=overwrite)
+                target = beside
+            except Exception as exc:  # read-only store, foreign (Zarr v2) image, no permission
+                if labels == "image":
+                    raise GrainflowError(f"{plan.location}: cannot write label images beside the image "
+                                         f"({type(exc).__name__}: {exc}); use labels='out'") from None
+                target = LabelTarget(**{**asdict_shallow(aside), "note": f"{type(exc).__name__}: {exc}"})
+                create_label_arrays(target, overwrite=overwrite)
+        if fit:
+            loc = _params_location(out, plan.image_id)
+            if overwrite or not loc.exists():
+                from engine.preprocess import fit_preprocessing
+                from engine.stores.image import open_image
+
+                put_file(loc, params_to_json(fit_preprocessing(open_image(plan.location), plan.modality)))
+        targets.append(target)
+    return targets
+
+
+def asdict_shallow(obj) -> dict[str, Any]:
+    """A dataclass's fields as a dict, values as they are (dataclasses.asdict copies deeply)."""
+    return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
+
+
+def _finish(out: StoreLocation, plan, done, target, describe) -> dict[str, Any]:
+    return finish_image(out, plan, done, label_target=target, class_names=describe["class_names"],
+                        materials=describe["materials"], grades=describe["grades"])
+
+
+# ---------------------------------------------------------------------------- the driver
+
+
+def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref: str, *, registry=None,
+              target_pixel_size_nm: float | None = None, tile_size: int | None = None, halo: int = 32,
+              batch_size: int = 8, concurrency: int | None = None, num_gpus: float | None = None,
+              resume: bool = True, labels: str = "auto", label_name: str = DEFAULT_LABEL_NAME,
+              config: EnsembleConfig | None = None, tolerance: float = DEFAULT_TOLERANCE,
+              target_bytes: int | None = None) -> JobResult:
+    """Run the ensemble `models_ref` over every tile of `archive`, write results to `out`.
+
+    archive, out: store URIs (local path, file://, s3://). models_ref: a registered
+    bundle (`name@alias`, `name/version`, `name`); registry: a ModelRegistry (default the
+    embedded one). target_pixel_size_nm: the model's pixel size (module doc for the
+    default). tile_size: core edge in model pixels (rounded up to whole chunks; None: one
+    chunk); halo: context pixels around each core. batch_size: tiles per ensemble call;
+    concurrency: ensemble actors (default: one per GPU, else half the cluster's CPUs);
+    num_gpus: per actor (default: 1, or the share of the cluster's GPUs, when it has
+    any; else 0). resume: skip tiles an earlier run of the same settings finished;
+    False clears `out`'s job outputs first. labels: where label images go: "auto"
+    (beside each image, in its OME-Zarr ``labels/`` group, when the archive can be
+    written; else under ``<out>/labels/``), "image", "out" or "none". config: how the
+    ensemble runs (`EnsembleConfig`; max_det also sets the label ids reserved per tile).
+    tolerance, target_bytes: as `ZarrTileDatasource`.
+
+    Needs a connected Ray (`ray.init()`; the jobs.reprocess entrypoint connects).
+    Raises GrainflowError (or a subclass) for bad input, before any tile runs.
+    """
+    import ray
+
+    from engine.data.datasource import DEFAULT_TARGET_BYTES, ZarrTileDatasource
+    from engine.stores.catalog import read_catalog
+    from engine.stores.ngff import to_nanometres
+
+    if labels not in LABEL_MODES:
+        raise ValueError(f"labels: expected one of {LABEL_MODES}, got {labels!r}")
+    if batch_size < 1 or (concurrency is not None and concurrency < 1):
+        raise ValueError(f"batch_size and concurrency must be >= 1, got {batch_size}, {concurrency}")
+    if not ray.is_initialized():
+        raise GrainflowError("reprocess needs a connected Ray: call ray.init() first (jobs.reprocess does)")
+    started = time.perf_counter()
+    stages: dict[str, float] = {}
+    archive, out = resolve(archive), resolve(out)
+    config = config or EnsembleConfig()
+    if registry is None:
+        from engine.registry import ModelRegistry
+
+        registry = ModelRegistry()
+
+    # 1. models: one fixed version for the whole job
+    pinned = registry.get(models_ref).ref
+    describe = ray.get(ray.remote(num_cpus=1)(_describe_bundle).remote(pinned, registry, config))
+
+    # 2. plan
+    catalog = read_catalog(archive)
+    if target_pixel_size_nm is None:
+        target_pixel_size_nm = describe.get("pixel_size_nm")
+    if target_pixel_size_nm is None:  # native pixels: the finest level-0 size, read at each image's level 0
+        target_pixel_size_nm = min(to_nanometres(float(p), str(u)) for p, u in
+                                   zip(catalog["pixel_size_x"], catalog["unit"])) if len(catalog) else 1.0
+        tolerance = math.inf
+    settings = {"archive": archive.uri, "bundle": pinned, "target_pixel_size_nm": float(target_pixel_size_nm),
+                "tolerance": float(tolerance) if math.isfinite(tolerance) else "inf", "tile_size": tile_size,
+                "halo": int(halo), "labels": labels, "label_name": label_name,
+                "config": {k: v for k, v in describe["config"].items()} | {"inputs": describe["inputs"]}}
+    ledger = Ledger(out)
+    manifest = out.join(MANIFEST)
+    if resume and manifest.exists():
+        before = json.loads(manifest.filesystem().cat_file(manifest.path)).get("settings", {})
+        changed = sorted(k for k in _SETTINGS if before.get(k) != settings.get(k))
+        if changed:
+            diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
+            raise GrainflowError(f"{out}: holds the outputs of a run with other settings ({diff}); resume=False "
+                                 f"(--no-resume) replaces them, or write to another --out")
+    if not resume:
+        _clear(out)
+    put_file(manifest, json.dumps({"settings": settings}, indent=1, sort_keys=True).encode())
+
+    done_before = ledger.keys() if resume else set()
+    source = ZarrTileDatasource(archive, target_pixel_size_nm=target_pixel_size_nm, tile_size=tile_size, halo=halo,
+                                tolerance=tolerance, skip=done_before,
+                                target_bytes=target_bytes or DEFAULT_TARGET_BYTES)
+    plans = source.images()
+    tiles_total = sum(im.n_tiles for im in plans)
+    skipped = _count_planned(plans, done_before)
+    stages["plan"] = time.perf_counter() - started
+
+    # 4. prepare
+    t0 = time.perf_counter()
+    fit = "image" in describe["inputs"].values()
+    prepare = ray.remote(num_cpus=1)(_prepare_images)
+    groups = [plans[i : i + _GROUP] for i in range(0, len(plans), _GROUP)]
+    targets = {t.image_id: t for g in ray.get([prepare.remote(out, g, labels=labels, label_name=label_name,
+                                                              id_stride=config.max_det, overwrite=not resume, fit=fit)
+                                               for g in groups]) for t in g}
+    stages["prepare"] = time.perf_counter() - t0
+
+    # 5. tiles
+    t0 = time.perf_counter()
+    done = errors = 0
+    if tiles_total - skipped > 0:
+        actors, gpus = _resources(concurrency, num_gpus)
+        stored = dict(zip(catalog["image_id"], catalog["dtype"]))
+        dtypes = {im.image_id: str(stored[im.image_id]) for im in plans
+                  if str(stored[im.image_id]) != im.tile_dtype}
+        kwargs = {"bundle": pinned, "registry": registry, "config": config, "dtypes": dtypes,
+                  "params": ParamsFromStore(out) if fit else None}
+        ds = ray.data.read_datasource(source)
+        ds = ds.map_batches(JobEnsemble, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus)
+        ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
+                            batch_size=None, batch_format="numpy")
+        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+            ok = np.asarray(batch["ok"], bool)
+            done += int(ok.sum())
+            errors += int((~ok).sum())
+    stages["tiles"] = time.perf_counter() - t0
+
+    # 6. finish
+    t0 = time.perf_counter()
+    finished = ledger.read(["image_id", "level", "y", "x"])
+    by_image: dict[str, list[tuple[int, int, int]]] = {im.image_id: [] for im in plans}
+    for image_id, level, y, x in zip(*(finished[c].to_pylist() for c in ("image_id", "level", "y", "x"))):
+        if image_id in by_image:
+            by_image[image_id].append((level, y, x))
+    finish = ray.remote(num_cpus=1)(_finish)
+    rows = ray.get([finish.remote(out, im, by_image[im.image_id], targets.get(im.image_id), describe)
+                    for im in plans])
+    from engine.data.ledger import table_bytes
+
+    put_file(out.join(SUMMARY_FILE), table_bytes(summary_table(rows)))
+    stages["finish"] = time.perf_counter() - t0
+
+    seconds = time.perf_counter() - started
+    result = JobResult(
+        tiles_total=tiles_total, tiles_done=done, tiles_skipped=skipped, errors=errors, seconds=seconds,
+        tiles_per_s=(done + errors) / stages["tiles"] if stages["tiles"] > 0 else 0.0, out=out.uri,
+        images=len(plans), objects=int(sum(r["n_defects"] for r in rows)), bundle=pinned,
+        target_pixel_size_nm=float(target_pixel_size_nm), stage_seconds=stages)
+    put_file(manifest, json.dumps({"settings": settings, "result": result.to_dict()}, indent=1,
+                                  sort_keys=True, default=str).encode())
+    return result
+
+
+def _count_planned(plans, keys) -> int:
+    """How many of `keys` are tiles of the plan (a ledger may hold keys of no planned tile)."""
+    by_id = {im.image_id: im for im in plans}
+    n = 0
+    for key in keys:
+        im = by_id.get(key[0])
+        rc = None if im is None else im.grid.index_of_key(tuple(key))
+        n += rc is not None and rc[0] < im.n_rows and rc[1] < im.n_cols
+    return n
+
+
+def _resources(concurrency: int | None, num_gpus: float | None) -> tuple[int, float]:
+    """(actors, GPUs per actor): one actor per GPU by default, else half the CPUs."""
+    import ray
+
+    res = ray.cluster_resources()
+    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    if concurrency is None:
+        concurrency = max(1, int(gpus)) if gpus >= 1 else max(1, int(cpus) // 2)
+    if num_gpus is None:
+        num_gpus = 0.0 if gpus == 0 else min(1.0, gpus / concurrency)
+    return concurrency, float(num_gpus)
+
+
+def _clear(out: StoreLocation) -> None:
+    """Remove a previous job's outputs (only the job's own names) under `out`."""
+    fs = out.filesystem()
+    for name in ("ledger", DETECTIONS, ERRORS, OBJECTS, TILES, SUMMARY_FILE, PREPROCESS_DIR, LABELS_DIR, MANIFEST):
+        loc = out.join(name)
+        if fs.exists(loc.path):
+            fs.rm(loc.path, recursive=True)
+
+
+__all__ = ["JobEnsemble", "JobResult", "LABEL_MODES", "ParamsFromStore", "reprocess"]
