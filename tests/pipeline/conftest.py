@@ -18,6 +18,18 @@ def offline(tmp_path_factory):
     os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics")))
 
 
+@pytest.fixture(scope="package", autouse=True)
+def one_torch_thread():
+    """One intra-op thread while these tests run (restored after): on a shared 2-core
+    machine, torch's second thread mostly spin-waits for a core, several times slower."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 @pytest.fixture(scope="session")
 def archive(tmp_path_factory):
     """Two 256 x 320 images (one optical uint8, one SEM uint16), 128 px chunks: a 2 x 3
@@ -86,8 +98,22 @@ def ensemble(tiny_models):
     return Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG))
 
 
-@pytest.fixture
-def registry(tmp_path):
+@pytest.fixture(scope="session")
+def empty_db(tmp_path_factory):
+    """An MLflow SQLite database with its schema made (~1.5 s of migrations, done once)."""
     from engine.registry import ModelRegistry
 
+    path = tmp_path_factory.mktemp("registry-template") / "m.db"
+    ModelRegistry(tracking_uri=f"sqlite:///{path}").list_models()
+    return path
+
+
+@pytest.fixture
+def registry(empty_db, tmp_path):
+    """A fresh registry per test: a copy of the empty database in this test's tmp_path."""
+    import shutil
+
+    from engine.registry import ModelRegistry
+
+    shutil.copyfile(empty_db, tmp_path / "m.db")
     return ModelRegistry(tracking_uri=f"sqlite:///{tmp_path}/m.db")

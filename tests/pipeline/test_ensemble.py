@@ -231,23 +231,77 @@ def single_with(ensemble, batch, i, params) -> TileResult:
 
 
 class TestRayData:
-    def test_actor_pool_udf_gives_the_direct_answers(self, ray_session, archive, tiny_models, tmp_path, out, tiles):
+    def test_actor_pool_udf_gives_the_direct_answers(self, ray_session, archive, tiny_models, tiles):
         """The batch job's use: map_batches(Ensemble, ...) over the datasource in an actor
         pool; every tile comes back once, with the answer a direct call gives."""
         import ray
 
         from engine.data.datasource import ZarrTileDatasource
+        from engine.pipeline import EnsembleModels
         from engine.stores.catalog import read_catalog
 
-        pixel = float(read_catalog(str(archive))["pixel_size_x"].min())
-        ds = ray.data.read_datasource(ZarrTileDatasource(str(archive), target_pixel_size_nm=pixel, halo=16,
-                                                         tolerance=10.0))
-        result = ds.map_batches(Ensemble, fn_constructor_kwargs={"models": tiny_models,
-                                                                 "config": EnsembleConfig(**TEST_CONFIG)},
-                                batch_size=4, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
+        catalog = read_catalog(str(archive))
+        image_id = str(catalog["image_id"][1])
+        models = EnsembleModels(detector=tiny_models.detector, segmenter=tiny_models.segmenter,
+                                classifier=tiny_models.classifier)
+        config = EnsembleConfig(**TEST_CONFIG)
+        ds = ray.data.read_datasource(ZarrTileDatasource(
+            str(archive), target_pixel_size_nm=float(catalog["pixel_size_x"].min()), halo=16, tolerance=10.0,
+            image_ids=[image_id]))
+        result = ds.map_batches(Ensemble, fn_constructor_kwargs={"models": models, "config": config},
+                                batch_size=3, batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=1))
         rows = result.take_all()
-        assert len(rows) == len(tiles["image_id"])
-        direct = {(r.image_id, r.y, r.x): r for r in from_columns(out)}
+        mine = [i for i in range(len(tiles["image_id"])) if tiles["image_id"][i] == image_id]
+        assert len(rows) == len(mine) == 6
+        direct = {(r.image_id, r.y, r.x): r for r in from_columns(Ensemble(models, config=config)(take(tiles, mine)))}
         for row in rows:
             got = TileResult.from_row(row)
-            assert_same(got, direct[(got.image_id, got.y, got.x)], exact=False)
+            assert_same(got, direct.pop((got.image_id, got.y, got.x)), exact=False)
+        assert not direct
+
+
+class TestFusionContext:
+    def test_context_view_is_centred_on_the_core(self):
+        """Without a context column, fusion's context is the tile block-averaged by 4,
+        centred on the core: the core's own blocks sit in the middle of the view."""
+        from engine.pipeline.ensemble import _context_view
+
+        rng = np.random.default_rng(0)
+        tile = rng.random((96, 96))
+        core = (slice(16, 80), slice(16, 80))  # 64 x 64 core, halo 16
+        view = _context_view(tile, core, 4)
+        assert view.shape == (64, 64)
+        blocks = tile[16:80, 16:80].reshape(16, 4, 16, 4).mean(axis=(1, 3))
+        np.testing.assert_allclose(view[24:40, 24:40], blocks)
+        # the halo's blocks surround them; beyond the tile the view is mirrored
+        np.testing.assert_allclose(view[20:24, 24:40], tile[0:16, 16:80].reshape(4, 4, 16, 4).mean(axis=(1, 3)))
+        np.testing.assert_allclose(view[19], view[20])
+
+    def test_a_given_context_is_used(self, tiny_models, tiles, monkeypatch):
+        from engine.pipeline import EnsembleModels
+
+        ens = Ensemble(EnsembleModels(detector=tiny_models.detector, fusion=tiny_models.fusion),
+                       config=EnsembleConfig(**TEST_CONFIG))
+        seen = []
+        real = ens.models.fusion.forward
+
+        def spy(detail, context):
+            seen.append(context.numpy()[:, 0].copy())
+            return real(detail, context)
+
+        monkeypatch.setattr(ens.models.fusion, "forward", spy)
+        batch = take(tiles, [0])
+        h, w = batch["tile"][0].shape
+        context = np.empty(1, object)
+        context[0] = np.linspace(0, 1000, 128 * 128).reshape(128, 128).astype(np.uint16)
+        r = from_columns(ens({**batch, "context": context}))[0]
+        assert r.error is None and r.material != ""
+        from engine.pipeline.inputs import tile_stretch
+
+        np.testing.assert_array_equal(seen[0][0], tile_stretch(context[0]))
+
+
+def test_an_empty_batch(ensemble, tiles):
+    out = ensemble(take(tiles, []))
+    assert list(out) == list(COLUMNS) and all(len(v) == 0 for v in out.values())
+    assert out["material_probs"].shape == (0, 12)

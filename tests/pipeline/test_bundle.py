@@ -1,0 +1,92 @@
+"""Ensembles through the model registry: register, load with sha256 checks, refuse tampering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from engine.pipeline import Ensemble, EnsembleConfig, EnsembleModels, register_ensemble
+from engine.pipeline.results import from_columns
+from engine.registry import ArtifactIntegrityError, RegistryError
+
+from .conftest import TEST_CONFIG, take
+from .test_ensemble import assert_same
+
+
+@pytest.fixture
+def members(tiny_models) -> EnsembleModels:
+    """Three members (no fusion): enough for a round trip, quicker to register."""
+    return EnsembleModels(detector=tiny_models.detector, segmenter=tiny_models.segmenter,
+                          classifier=tiny_models.classifier)
+
+
+def stored_files(registry, ref: str) -> list[Path]:
+    """The files the registry stored for a version (artifacts live beside the database)."""
+    mv = registry.get(ref)
+    root = Path(registry.tracking_uri.removeprefix("sqlite:///")).parent
+    return [p for p in root.rglob("*") if p.is_file() and mv.run_id in p.parts]
+
+
+class TestFromRegistry:
+    def test_round_trip(self, registry, members, tiles, tmp_path):
+        bundle = register_ensemble(registry, members, "ens", workdir=tmp_path / "work",
+                                   inputs={"classifier": "image"}, pixel_size_nm=20.0)
+        assert bundle.ref == "ens/1" and "production" in bundle.aliases
+        config = EnsembleConfig(**TEST_CONFIG)
+        loaded = Ensemble.from_registry("ens@production", registry, config=config, cache_dir=tmp_path / "cache")
+        assert loaded.model_versions == {"bundle": "ens/1", "classifier": "ens-classifier/1",
+                                         "detector": "ens-detector/1", "segmenter": "ens-segmenter/1"}
+        assert loaded.inputs["classifier"] == "image" and loaded.inputs["detector"] == "raw"
+        assert loaded.pixel_size_nm == 20.0
+        direct = Ensemble(members, config=EnsembleConfig(**dict(TEST_CONFIG, inputs={"classifier": "image"})))
+        batch = take(tiles, [0, 5])
+        a, b = from_columns(loaded(batch)), from_columns(direct(batch))
+        for x, y in zip(a, b):
+            assert_same(x, y, exact=True)  # same weights, same batch: bit for bit
+        assert json.loads(loaded(batch)["model_versions"][0])["bundle"] == "ens/1"
+
+    def test_constructor_kwargs_for_an_actor(self, registry, members, tmp_path):
+        """What the batch job hands map_batches: a ref and a (picklable) registry."""
+        import pickle
+
+        register_ensemble(registry, members, "ens", workdir=tmp_path / "work")
+        kwargs = pickle.loads(pickle.dumps({"bundle": "ens", "registry": registry, "cache_dir": tmp_path / "c"}))
+        ens = Ensemble(**kwargs)
+        assert ens.model_versions["detector"] == "ens-detector/1"
+
+    def test_a_tampered_member_is_refused(self, registry, members, tmp_path):
+        register_ensemble(registry, members, "ens", workdir=tmp_path / "work")
+        (stored,) = [p for p in stored_files(registry, "ens-detector/1") if p.suffix == ".safetensors"]
+        data = bytearray(stored.read_bytes())
+        data[-1] ^= 0xFF  # one flipped bit in the weights
+        stored.write_bytes(bytes(data))
+        with pytest.raises(ArtifactIntegrityError, match="ens-detector/1") as info:
+            Ensemble.from_registry("ens@production", registry, cache_dir=tmp_path / "cache")
+        assert info.value.file == "detector.safetensors"
+        assert not list((tmp_path / "cache").rglob("detector.safetensors")), "a refused file was left behind"
+
+    def test_a_bundle_needs_a_detector(self, registry, members, tmp_path):
+        register_ensemble(registry, EnsembleModels(detector=members.detector, classifier=members.classifier), "a",
+                          workdir=tmp_path / "work")
+        registry.register_bundle("no-detector", {"classifier": "a-classifier/1"})
+        with pytest.raises(RegistryError, match="no 'detector' member"):
+            Ensemble.from_registry("no-detector/1", registry, cache_dir=tmp_path / "cache")
+
+    def test_a_member_in_the_wrong_role_is_refused(self, registry, members, tmp_path):
+        register_ensemble(registry, EnsembleModels(detector=members.detector, classifier=members.classifier), "a",
+                          workdir=tmp_path / "work")
+        registry.register_bundle("swapped", {"detector": "a-classifier/1"})
+        with pytest.raises(RegistryError, match="needs a Detector"):
+            Ensemble.from_registry("swapped/1", registry, cache_dir=tmp_path / "cache")
+
+
+def test_bundle_tags_check_modes():
+    from engine.pipeline.bundle import bundle_tags
+
+    assert bundle_tags({"detector": "image"}, 12.5)["input.detector"] == "image"
+    with pytest.raises(ValueError, match="valid modes"):
+        bundle_tags({"detector": "histogram"})
+    assert np.isclose(float(bundle_tags(None, 12.5)["pixel_size_nm"]), 12.5)
