@@ -246,15 +246,21 @@ class Ensemble:
         self._detect(work, errors)
         self._segment(work, errors)
         self._classify(work, errors)
+        results: dict[int, TileResult] = {}
+        for i, w in work.items():
+            try:
+                results[i] = self._result(w)
+            except Exception as exc:  # a measurement failing on one tile fails that tile only
+                errors[i] = f"{type(exc).__name__}: measure: {exc}"
         out = []
         for i, t in enumerate(tiles):
             if i in errors:
                 out.append(TileResult.failed(
-                    image_id=str(t.image_id), level=int(t.level), y=int(t.y), x=int(t.x), modality=str(t.modality or ""),
-                    pixel_size_nm=float(t.pixel_size_nm), error=errors[i], n_materials=len(self.materials),
-                    n_grades=len(self.grades), model_versions=self.model_versions))
+                    image_id=str(t.image_id), level=int(t.level), y=int(t.y), x=int(t.x),
+                    modality=str(t.modality or ""), pixel_size_nm=float(t.pixel_size_nm), error=errors[i],
+                    n_materials=len(self.materials), n_grades=len(self.grades), model_versions=self.model_versions))
             else:
-                out.append(self._result(work[i]))
+                out.append(results[i])
         return out
 
     # ------------------------------------------------------------------ steps
@@ -395,10 +401,11 @@ class Ensemble:
             area_nm2=m.area_nm2, area_um2=m.area_um2, equivalent_diameter_nm=m.equivalent_diameter_nm,
             major_axis_nm=m.major_axis_nm, minor_axis_nm=m.minor_axis_nm, aspect_ratio=m.aspect_ratio,
             orientation_deg=m.orientation_deg, centroid_level0=centroid.reshape(-1, 2),
-            core_labels=np.ascontiguousarray(labels[core_slice]), core_classes=np.ascontiguousarray(classes[core_slice]),
+            core_labels=np.ascontiguousarray(labels[core_slice]),
+            core_classes=np.ascontiguousarray(classes[core_slice]),
             core_area_mm2=core_area, defect_density_per_mm2=float(defect_density_per_mm2(n, core_area)),
-            material_probs=w.material_probs if len(w.material_probs) else np.full(len(self.materials), np.nan, np.float32),
-            grade_probs=w.grade_probs if len(w.grade_probs) else np.full(len(self.grades), np.nan, np.float32),
+            material_probs=_or_nan(w.material_probs, len(self.materials)),
+            grade_probs=_or_nan(w.grade_probs, len(self.grades)),
             material=material, grade=grade, model_versions=dict(self.model_versions),
         )
 
@@ -468,6 +475,11 @@ class _Work:
         else:
             context = _context_view(full.astype(np.float64), self.core, s).astype(np.float32)
         return np.ascontiguousarray(full[self.core]), context
+
+
+def _or_nan(probs: np.ndarray, n: int) -> np.ndarray:
+    """Probabilities, or n NaNs when no member classified (no classifier, no fusion)."""
+    return probs if len(probs) else np.full(n, np.nan, np.float32)
 
 
 def _box_masks(boxes: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
