@@ -547,9 +547,12 @@ def _weighted_probs(metas: Sequence[dict], key: str, n: int) -> np.ndarray:
     return acc / total if total > 0 else np.full(n, np.nan)
 
 
-def write_label_pyramid(target: LabelTarget, class_names: Sequence[str]) -> int:
+def write_label_pyramid(target: LabelTarget, class_names: Sequence[str],
+                        provenance: Mapping[str, Any] | None = None) -> int:
     """Coarser levels of both label images (nearest neighbour, chunk by chunk) and their
-    NGFF metadata, placed like the image's level they were written at. Returns the levels."""
+    NGFF metadata, placed like the image's level they were written at; `provenance`
+    (e.g. the job's output and bundle) goes into their `grainflow` attributes. Returns
+    the number of levels."""
     import zarr
 
     from engine.stores.image import open_image
@@ -584,7 +587,8 @@ def write_label_pyramid(target: LabelTarget, class_names: Sequence[str]) -> int:
         if name == target.classes_name:
             image_label["properties"] = [{"label-value": i + 1, "class": c} for i, c in enumerate(class_names)]
         node.attrs.update({"ome": {"version": "0.5", "multiscales": [meta], "image-label": image_label},
-                           "grainflow": {"source_level": level, "image_id": target.image_id}})
+                           "grainflow": {"source_level": level, "image_id": target.image_id,
+                                         **dict(provenance or {})}})
     attrs = dict(labels.attrs)
     ome = dict(attrs.get("ome", {}))
     names = list(ome.get("labels", []))
@@ -596,14 +600,15 @@ def write_label_pyramid(target: LabelTarget, class_names: Sequence[str]) -> int:
 def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, int]], *,
                  label_target: LabelTarget | None = None, class_names: Sequence[str] = (),
                  materials: Sequence[str] = (), grades: Sequence[str] = (),
-                 iou_threshold: float = 0.5) -> dict[str, Any]:
+                 provenance: Mapping[str, Any] | None = None, iou_threshold: float = 0.5) -> dict[str, Any]:
     """One image after all its tiles ran: objects, tiles table, labels; its summary row.
 
     plan: the image's `engine.data.tile_plan.ImageTiles`. done: (level, y, x) of its
     ledgered tiles, the only detection files read. Every errors file of a tile not in
     `done` is current (a job runs every tile not ledgered), an errors file of a done tile
     is stale and removed, as is a detections file of a tile not done (an earlier run's).
-    Idempotent: a second call writes the same files.
+    provenance: recorded in the label images' attributes. Idempotent: a second call
+    writes the same files.
     """
     out = resolve(out)
     image_id = plan.image_id
@@ -631,7 +636,7 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
 
     labels_uri = ""
     if label_target is not None and label_target.write:
-        write_label_pyramid(label_target, class_names)
+        write_label_pyramid(label_target, class_names, provenance)
         labels_uri = label_target.uri
     metas = [t.meta for t in tiles]
     mp = _weighted_probs(metas, "material_probs", len(materials))

@@ -160,6 +160,20 @@ def _describe_bundle(ref: str, registry, config: EnsembleConfig) -> dict[str, An
     return Ensemble(bundle=ref, registry=registry, config=config, device="cpu").describe()
 
 
+_DESCRIBED: dict[tuple[str, str, str], dict[str, Any]] = {}
+
+
+def _describe(pinned: str, registry, config: EnsembleConfig) -> dict[str, Any]:
+    """The bundle's description, from one Ray task that loads it (remembered per process:
+    a fixed version with a fixed config always describes the same)."""
+    import ray
+
+    key = (getattr(registry, "tracking_uri", repr(registry)), pinned, repr(config))
+    if key not in _DESCRIBED:
+        _DESCRIBED[key] = ray.get(ray.remote(num_cpus=1)(_describe_bundle).remote(pinned, registry, config))
+    return _DESCRIBED[key]
+
+
 def _prepare_images(out: StoreLocation, plans: list, *, labels: str, label_name: str, id_stride: int,
                     overwrite: bool, fit: bool) -> list[LabelTarget]:
     """Label arrays (and preprocessing parameters when `fit`) for a group of images."""
@@ -201,9 +215,9 @@ def asdict_shallow(obj) -> dict[str, Any]:
     return {f: getattr(obj, f) for f in obj.__dataclass_fields__}
 
 
-def _finish(out: StoreLocation, plan, done, target, describe) -> dict[str, Any]:
+def _finish(out: StoreLocation, plan, done, target, describe, provenance) -> dict[str, Any]:
     return finish_image(out, plan, done, label_target=target, class_names=describe["class_names"],
-                        materials=describe["materials"], grades=describe["grades"])
+                        materials=describe["materials"], grades=describe["grades"], provenance=provenance)
 
 
 # ---------------------------------------------------------------------------- the driver
@@ -257,7 +271,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
 
     # 1. models: one fixed version for the whole job
     pinned = registry.get(models_ref).ref
-    describe = ray.get(ray.remote(num_cpus=1)(_describe_bundle).remote(pinned, registry, config))
+    describe = _describe(pinned, registry, config)
 
     # 2. plan
     catalog = read_catalog(archive)
@@ -285,6 +299,9 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     put_file(manifest, json.dumps({"settings": settings}, indent=1, sort_keys=True).encode())
 
     done_before = ledger.keys() if resume else set()
+    # Label arrays beside the images outlive a run's `out`: start them afresh unless this
+    # run continues one (else chunks of tiles that fail now would keep an older run's ids).
+    fresh = not done_before
     source = ZarrTileDatasource(archive, target_pixel_size_nm=target_pixel_size_nm, tile_size=tile_size, halo=halo,
                                 tolerance=tolerance, skip=done_before,
                                 target_bytes=target_bytes or DEFAULT_TARGET_BYTES)
@@ -299,7 +316,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     prepare = ray.remote(num_cpus=1)(_prepare_images)
     groups = [plans[i : i + _GROUP] for i in range(0, len(plans), _GROUP)]
     targets = {t.image_id: t for g in ray.get([prepare.remote(out, g, labels=labels, label_name=label_name,
-                                                              id_stride=config.max_det, overwrite=not resume, fit=fit)
+                                                              id_stride=config.max_det, overwrite=fresh, fit=fit)
                                                for g in groups]) for t in g}
     stages["prepare"] = time.perf_counter() - t0
 
@@ -332,7 +349,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         if image_id in by_image:
             by_image[image_id].append((level, y, x))
     finish = ray.remote(num_cpus=1)(_finish)
-    rows = ray.get([finish.remote(out, im, by_image[im.image_id], targets.get(im.image_id), describe)
+    provenance = {"job_out": out.uri, "bundle": pinned}
+    rows = ray.get([finish.remote(out, im, by_image[im.image_id], targets.get(im.image_id), describe, provenance)
                     for im in plans])
     from engine.data.ledger import table_bytes
 

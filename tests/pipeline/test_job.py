@@ -1,0 +1,327 @@
+"""The reprocessing job end to end on a small archive: outputs, ledger, labels, resume
+after a killed driver, a corrupt chunk, a killed ensemble actor.
+
+Runs use batch_size=1 so every tile's computation is the same whatever the batching
+(engine.pipeline.ensemble), which makes "identical outputs" exact.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import pytest
+import zarr
+
+from engine.data.ledger import Ledger
+from engine.data.sinks import DETECTIONS, ERRORS, OBJECTS, SUMMARY_FILE, TILES, read_output
+from engine.errors import GrainflowError
+from engine.pipeline import EnsembleConfig
+from engine.pipeline.job import reprocess
+
+from .conftest import TEST_CONFIG
+
+CONFIG = EnsembleConfig(**TEST_CONFIG)
+REF = "tiny@production"
+RUN = {"halo": 16, "batch_size": 1, "concurrency": 1}
+N_TILES = 12  # 3 images of 2 x 2 chunks
+
+
+@pytest.fixture(scope="module")
+def job_archive(tmp_path_factory):
+    from engine.synth.archive import generate_archive
+
+    out = tmp_path_factory.mktemp("job-archive") / "a"
+    generate_archive(out, n_images=3, seed=11, size=256, chunk=128)
+    return out
+
+
+@pytest.fixture(scope="module")
+def job_registry(tmp_path_factory):
+    """A SQLite registry with the tiny untrained ensemble as tiny@production."""
+    from engine.pipeline.bundle import register_ensemble
+    from engine.pipeline.demo_models import untrained_tiny_models
+    from engine.registry import ModelRegistry
+
+    root = tmp_path_factory.mktemp("job-registry")
+    registry = ModelRegistry(tracking_uri=f"sqlite:///{root}/m.db")
+    register_ensemble(registry, untrained_tiny_models(0), "tiny", workdir=root / "w")
+    return registry
+
+
+def run(archive, out, registry, **kwargs):
+    return reprocess(str(archive), str(out), REF, registry=registry, config=CONFIG, **{**RUN, **kwargs})
+
+
+def copy_archive(archive, tmp_path) -> Path:
+    dest = tmp_path / "archive"
+    shutil.copytree(archive, dest)
+    return dest
+
+
+@pytest.fixture(scope="module")
+def clean(ray_session, job_archive, job_registry, tmp_path_factory):
+    """An uninterrupted run, labels beside the images of a copy of the archive: the
+    reference outputs. Returns (archive copy, out, JobResult)."""
+    root = tmp_path_factory.mktemp("job-clean")
+    archive = copy_archive(job_archive, root)
+    out = root / "out"
+    return archive, out, run(archive, out, job_registry)
+
+
+def snapshot(out) -> dict[str, object]:
+    """Every output of a run in a comparable form (tables sorted; label arrays)."""
+    keys = {DETECTIONS: ["image_id", "level", "y", "x", "detection"], OBJECTS: ["image_id", "object_id"],
+            TILES: ["image_id", "level", "y", "x"], ERRORS: ["image_id", "level", "y", "x"]}
+    snap: dict[str, object] = {
+        name: read_output(out, name).to_pandas().sort_values(k).reset_index(drop=True) for name, k in keys.items()}
+    snap["summary"] = pd.read_parquet(Path(out) / SUMMARY_FILE).drop(columns=["labels_uri"])
+    snap["ledger"] = Ledger(out).read().to_pandas()
+    labels = {}
+    for row in snap["summary"].assign(uri=pd.read_parquet(Path(out) / SUMMARY_FILE)["labels_uri"]).itertuples():
+        group = zarr.open_group(str(Path(row.uri).parent), mode="r")  # wherever they were written
+        for name in group.group_keys():
+            if name.startswith("predicted_defects"):
+                for level in group[name].array_keys():
+                    labels[(row.image_id, name, level)] = group[name][level][:]
+    snap["labels"] = labels
+    return snap
+
+
+def assert_same_outputs(a: dict, b: dict) -> None:
+    for name in (DETECTIONS, OBJECTS, TILES, ERRORS, "summary", "ledger"):
+        pd.testing.assert_frame_equal(a[name], b[name], check_exact=True, obj=name)
+    assert a["labels"].keys() == b["labels"].keys()
+    for k in a["labels"]:
+        np.testing.assert_array_equal(a["labels"][k], b["labels"][k], err_msg=str(k))
+
+
+class TestEndToEnd:
+    def test_outputs_ledger_and_labels(self, clean, job_registry):
+        archive, out, result = clean
+        assert (result.tiles_total, result.tiles_done, result.tiles_skipped, result.errors) == (N_TILES, N_TILES, 0, 0)
+        assert result.bundle == "tiny/1" and result.images == 3 and result.tiles_per_s > 0
+
+        # the ledger: every planned tile exactly once
+        ledger = Ledger(out).read().to_pandas()
+        assert len(ledger) == N_TILES and not ledger.duplicated(["image_id", "level", "y", "x"]).any()
+        assert 1 <= len(Ledger(out).files()) <= N_TILES  # one file per written batch
+        catalog = pd.read_parquet(archive / "catalog.parquet")
+        assert set(ledger["image_id"]) == set(catalog["image_id"])
+        assert set(zip(ledger["y"], ledger["x"])) == {(0, 0), (0, 128), (128, 0), (128, 128)}
+
+        # per-tile detections: owned by their tile, label ids unique in the image
+        det = read_output(out, DETECTIONS).to_pandas()
+        assert len(det) == ledger["n_defects"].sum() > 0
+        cx, cy = (det["x0"] + det["x1"]) / 2, (det["y0"] + det["y1"]) / 2
+        assert ((cx >= det["x"]) & (cx < det["x"] + 128) & (cy >= det["y"]) & (cy < det["y"] + 128)).all()
+        assert not det.duplicated(["image_id", "label_id"]).any()
+        assert (det["area_nm2"] > 0).all() and set(det["class_name"]) <= {"pore", "crack", "inclusion", "scratch", "void"}
+
+        # objects: stitched from the detections, every detection in at most one object
+        objects = read_output(out, OBJECTS).to_pandas()
+        assert 0 < len(objects) <= len(det) and result.objects == len(objects)
+        for image_id, group in objects.groupby("image_id"):
+            ids = np.concatenate(group["label_ids"].to_list())
+            assert len(ids) == len(set(ids)) == group["parts"].sum()
+            assert set(ids) <= set(det.loc[det["image_id"] == image_id, "label_id"])
+        assert (objects["x0_nm"] < objects["x1_nm"]).all()
+
+        # tiles and summary
+        tiles = read_output(out, TILES).to_pandas()
+        assert len(tiles) == N_TILES and (tiles["status"] == "done").all()
+        summary = pd.read_parquet(out / SUMMARY_FILE)
+        assert list(summary["image_id"]) == sorted(catalog["image_id"])
+        assert summary["complete"].all() and (summary["tiles_done"] == 4).all()
+        assert summary["material"].isin(["ferritic_steel", "pearlitic_steel", "martensite", "al_alloy_precipitates",
+                                         "ti_alpha_beta", "ni_superalloy", "grey_cast_iron", "nodular_cast_iron",
+                                         "porous_ceramic", "fibre_composite", "thin_film_lattice", "am_alloy"]).all()
+        assert summary["n_defects"].sum() == len(objects)
+        np.testing.assert_allclose(summary["defect_density_per_mm2"], summary["n_defects"] / summary["core_area_mm2"])
+        for row in summary.itertuples():
+            assert sum(json.loads(row.defect_counts).values()) == row.n_defects
+            assert json.loads(row.model_versions)["bundle"] == "tiny/1"
+            probs = np.asarray(row.material_probs)
+            assert abs(probs.sum() - 1) < 1e-4 and row.material_prob == probs.max()
+
+        # label images beside each image: chunk-aligned cores, ids = the detections' ids
+        for image_id in catalog["image_id"]:
+            group = zarr.open_group(str(archive / "images" / f"{image_id}.ome.zarr"), mode="r")
+            assert {"defects", "predicted_defects", "predicted_defects_classes"} <= set(
+                group["labels"].attrs["ome"]["labels"])
+            node = group["labels/predicted_defects"]
+            level0 = node["0"]
+            assert level0.shape == group["0"].shape and level0.chunks == group["0"].chunks
+            assert level0.dtype == np.uint32
+            assert node.attrs["ome"]["image-label"]["source"]["image"] == "../../"
+            assert node.attrs["grainflow"]["bundle"] == "tiny/1"
+            assert [d["path"] for d in node.attrs["ome"]["multiscales"][0]["datasets"]] == ["0", "1"]
+            labels = level0[:]
+            ids = set(np.unique(labels)) - {0}
+            mine = det[det["image_id"] == image_id]
+            assert ids <= set(mine["label_id"])
+            # each id lies inside its own tile's core, which is whole chunks
+            for lid in ids:
+                ys, xs = np.nonzero(labels == lid)
+                row = mine[mine["label_id"] == lid].iloc[0]
+                assert ys.min() >= row["y"] and ys.max() < row["y"] + 128
+                assert xs.min() >= row["x"] and xs.max() < row["x"] + 128
+            np.testing.assert_array_equal(node["1"][:], labels[::2, ::2])
+            classes = group["labels/predicted_defects_classes/0"][:]
+            assert classes.max() <= 5 and ((labels > 0) <= (classes > 0)).all()
+
+        # a rerun has nothing left to do, and rewrites the same outputs
+        before = snapshot(out)
+        again = run(archive, out, job_registry)
+        assert (again.tiles_done, again.tiles_skipped, again.errors) == (0, N_TILES, 0)
+        assert_same_outputs(before, snapshot(out))
+
+    def test_other_settings_are_refused_on_resume(self, clean, job_registry):
+        archive, out, _ = clean
+        with pytest.raises(GrainflowError, match="halo: 16 -> 8"):
+            run(archive, out, job_registry, halo=8)
+
+    def test_unknown_model_is_a_clear_error(self, ray_session, job_archive, job_registry, tmp_path):
+        with pytest.raises(GrainflowError, match="nosuch"):
+            reprocess(str(job_archive), str(tmp_path / "o"), "nosuch@production", registry=job_registry)
+
+
+class TestResume:
+    def test_driver_killed_midway(self, ray_session, clean, job_archive, job_registry, tmp_path):
+        """A driver (python -m jobs.reprocess, joined to this Ray) is killed once some
+        tiles are ledgered; the rerun redoes none of them and ends with the clean outputs."""
+        out = tmp_path / "out"
+        env = dict(os.environ, RAY_ADDRESS=ray_session.get_runtime_context().gcs_address)
+        cmd = [sys.executable, "-m", "jobs.reprocess", "--archive", str(job_archive), "--out", str(out), "--models",
+               REF, "--tracking-uri", job_registry.tracking_uri, "--conf", str(CONFIG.conf), "--max-det",
+               str(CONFIG.max_det), "--halo", "16", "--batch-size", "1", "--concurrency", "1", "--labels", "out"]
+        proc = subprocess.Popen(cmd, env=env, cwd=Path(__file__).parents[2], stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+        ledger = Ledger(out)
+        try:
+            deadline = time.monotonic() + 240
+            while len(ledger.files()) < 3 and proc.poll() is None and time.monotonic() < deadline:
+                time.sleep(0.05)
+        finally:
+            os.killpg(proc.pid, signal.SIGKILL)  # the driver and anything it started itself
+            proc.wait()
+        done = ledger.keys()
+        assert 3 <= len(done) < N_TILES, "the driver must be killed midway"
+        written = {k: _mtime(out, k) for k in done}
+
+        result = run(job_archive, out, job_registry, labels="out")
+        assert result.tiles_skipped == len(done)
+        assert result.tiles_done == N_TILES - len(done) and result.errors == 0
+        assert {k: _mtime(out, k) for k in done} == written  # no ledgered tile was done again
+        assert_same_outputs(snapshot(clean[1]), snapshot(out))
+
+
+def _mtime(out, key) -> int:
+    image_id, level, y, x = key
+    return (Path(out) / DETECTIONS / f"image_id={image_id}" / f"tile-{level}-{y}-{x}.parquet").stat().st_mtime_ns
+
+
+class TestFailures:
+    def test_corrupt_chunk_is_an_error_row(self, ray_session, job_archive, job_registry, tmp_path):
+        archive = copy_archive(job_archive, tmp_path)
+        image_id = sorted(pd.read_parquet(archive / "catalog.parquet")["image_id"])[1]
+        chunk = archive / "images" / f"{image_id}.ome.zarr" / "0" / "c" / "1" / "0"
+        chunk.write_bytes(b"\x00not zstd at all" * 5)
+        out = tmp_path / "out"
+        result = run(archive, out, job_registry, labels="out")
+        assert (result.tiles_done, result.errors) == (N_TILES - 1, 1)
+
+        errors = read_output(out, ERRORS).to_pylist()
+        assert len(errors) == 1
+        e = errors[0]
+        assert (e["image_id"], e["level"], e["y"], e["x"]) == (image_id, 0, 128, 0)
+        assert e["exception"] == "CorruptChunkError" and e["chunk_keys"] == ["0/c/1/0"]
+        assert "0/c/1/0" in e["message"]
+        ledger = Ledger(out).keys()
+        assert len(ledger) == N_TILES - 1 and (image_id, 0, 128, 0) not in ledger
+        tiles = read_output(out, TILES).to_pandas().set_index(["image_id", "y", "x"])
+        assert tiles.loc[(image_id, 128, 0), "status"] == "error"
+        assert (tiles["status"] == "done").sum() == N_TILES - 1
+        summary = pd.read_parquet(out / SUMMARY_FILE).set_index("image_id")
+        assert summary.loc[image_id, "tiles_error"] == 1 and not summary.loc[image_id, "complete"]
+        assert summary["complete"].sum() == 2
+
+        # a rerun tries the failed tile again, and only it
+        again = run(archive, out, job_registry, labels="out")
+        assert (again.tiles_done, again.tiles_skipped, again.errors) == (0, N_TILES - 1, 1)
+        assert len(read_output(out, ERRORS)) == 1
+
+    def test_killed_actor(self, ray_session, clean, job_archive, job_registry, tmp_path):
+        """The ensemble actor's process is killed mid-job: Ray restarts it, the job
+        completes, every tile is written once, outputs as a clean run's."""
+        import psutil
+
+        out = tmp_path / "out"
+        outcome: dict[str, object] = {}
+
+        def job():
+            try:
+                outcome["result"] = run(job_archive, out, job_registry, labels="out")
+            except BaseException as exc:  # reported by the test below
+                outcome["error"] = exc
+
+        thread = threading.Thread(target=job)
+        thread.start()
+        ledger, killed, at_kill = Ledger(out), None, None
+        deadline = time.monotonic() + 240
+        while thread.is_alive() and killed is None and time.monotonic() < deadline:
+            if len(ledger.files()) >= 2:
+                for p in _session_processes(ray_session, psutil):
+                    if "MapWorker(MapBatches(JobEnsemble))" in " ".join(_cmdline(p)):
+                        at_kill = len(ledger.files())
+                        p.kill()
+                        killed = p.pid
+                        break
+            time.sleep(0.05)
+        thread.join(timeout=300)
+        assert killed is not None and at_kill < N_TILES, "the actor must be killed mid-job"
+        assert "error" not in outcome, outcome.get("error")
+        result = outcome["result"]
+        assert result.tiles_done == N_TILES and result.errors == 0
+        assert_same_outputs(snapshot(clean[1]), snapshot(out))
+
+
+def _session_processes(ray_session, psutil):
+    """Processes of this test session's Ray (under its raylet), never anyone else's."""
+    from ray._private import worker
+
+    node = worker._global_node
+    for info in node.all_processes.get("raylet", []):
+        yield from psutil.Process(info.process.pid).children(recursive=True)
+
+
+def _cmdline(p) -> list[str]:
+    try:
+        return p.cmdline()
+    except Exception:
+        return []
+
+
+class TestEntrypoint:
+    def test_bad_input_exits_2_naming_it(self, job_registry, tmp_path, capsys):
+        from jobs.reprocess import main
+
+        code = main(["--archive", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--models",
+                     "nosuch@production", "--tracking-uri", job_registry.tracking_uri])
+        assert code == 2 and "nosuch" in capsys.readouterr().err
+
+    def test_arguments_are_checked(self, capsys):
+        from jobs.reprocess import parse_args
+
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--archive", "a", "--out", "o", "--models", "m", "--conf", "2"])
+        assert exc.value.code == 2 and "--conf" in capsys.readouterr().err
