@@ -39,11 +39,11 @@ def assert_same(a: TileResult, b: TileResult, *, exact: bool):
     assert (a.material, a.grade) == (b.material, b.grade)
 
 
-def single(ensemble, batch, i) -> TileResult:
+def single(ensemble, batch, i, params=None) -> TileResult:
     """Row i of a datasource batch through `analyze_tile`, the online endpoint's call."""
     return analyze_tile(batch["tile"][i], batch["modality"][i], batch["pixel_size"][i], ensemble=ensemble,
-                        image_id=batch["image_id"][i], level=batch["level"][i], y=batch["y"][i], x=batch["x"][i],
-                        halo=batch["halo"][i], origin=batch["origin"][i], scale=batch["scale"][i])
+                        params=params, image_id=batch["image_id"][i], level=batch["level"][i], y=batch["y"][i],
+                        x=batch["x"][i], halo=batch["halo"][i], origin=batch["origin"][i], scale=batch["scale"][i])
 
 
 @pytest.fixture(scope="module")
@@ -207,7 +207,7 @@ class TestInputs:
         raw = np.asarray(batch["tile"][1], np.float32) / np.float32(65535)
         assert any(np.array_equal(x, raw) for x in seen["segmenter"])
         # analyze_tile takes the parameters per call and answers the same
-        assert_same(single_with(ens, batch, 0, params), got[0], exact=False)
+        assert_same(single(ens, batch, 0, params), got[0], exact=False)
 
     def test_unknown_modes_and_roles_are_refused(self):
         with pytest.raises(ValueError, match="valid modes"):
@@ -222,12 +222,6 @@ class TestInputs:
             from engine.pipeline import EnsembleModels
 
             Ensemble(EnsembleModels(detector=tiny_models.classifier))
-
-
-def single_with(ensemble, batch, i, params) -> TileResult:
-    return analyze_tile(batch["tile"][i], batch["modality"][i], batch["pixel_size"][i], ensemble=ensemble,
-                        params=params, image_id=batch["image_id"][i], level=batch["level"][i], y=batch["y"][i],
-                        x=batch["x"][i], halo=batch["halo"][i], origin=batch["origin"][i], scale=batch["scale"][i])
 
 
 class TestRayData:
