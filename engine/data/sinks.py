@@ -266,7 +266,10 @@ def core_to_level(target: LabelTarget, spec: TileSpec, core: np.ndarray) -> np.n
 
     Read at the level as it is, the core is already those pixels. Resampled, output
     pixel j of the core's window covers level-0 [j * step, (j + 1) * step): each level
-    pixel takes the output pixel its centre falls in (nearest neighbour).
+    pixel takes the output pixel its centre falls in (nearest neighbour). At a core's
+    far border that pixel can belong to the next tile's window (a window holds the
+    output pixels that *start* in the core); the level pixel then takes its own
+    window's nearest pixel, so a tile writes only what it computed.
     """
     core = np.asarray(core)
     out = target.tiles.output
