@@ -42,7 +42,8 @@ which), with that level's chunks: its tile cores are whole chunks there. Tiles r
 to the model's pixel size are mapped back to the level's pixels by nearest neighbour.
 The job creates the arrays (no pixels) before any tile runs (`create_label_arrays`);
 `finish_image` adds the pyramid (nearest-neighbour, chunk by chunk) and the NGFF
-metadata, so a viewer sees the label image only when it is complete.
+metadata, so on a first run a viewer sees the label image only once it is complete (a
+resumed run rewrites chunks under the metadata its earlier run left).
 
 **Per image** (`finish_image`, a Ray task per image after all tiles): stitches the
 image's tile detections into objects in level-0 coordinates (`engine.tiling.stitch`:
@@ -59,7 +60,7 @@ import math
 import re
 import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
 
 import numpy as np

@@ -29,6 +29,14 @@ Steps (the driver holds metadata and counters only, never pixels):
 
 Every step is idempotent: a rerun after an interruption at any point ends with the same
 outputs as an uninterrupted run. See `engine.data.sinks` for the output layout.
+
+Label images go beside each image by default (``labels="auto"``): the OME-Zarr
+``labels/`` group is where NGFF viewers and the design look for them, and the label
+image then travels with its image. When the archive cannot be written (a read-only
+bucket, a Zarr v2 image) they go under ``<out>/labels/<id>.ome.zarr`` instead, and the
+summary's ``labels_uri`` says where each image's are. Label images beside the images
+are shared by every run over the archive: the last run to write a name wins, so give
+runs that must coexist their own ``label_name`` (or ``labels="out"``).
 """
 
 from __future__ import annotations
@@ -38,11 +46,11 @@ import math
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
-from typing import Any, Mapping, Sequence
+from typing import Any, Mapping
 
 import numpy as np
 
-from engine.data.ledger import Ledger, put_file
+from engine.data.ledger import Ledger, put_file, table_bytes
 from engine.data.sinks import (
     DEFAULT_LABEL_NAME, DETECTIONS, ERRORS, LABELS_DIR, OBJECTS, SUMMARY_FILE, TILES, LabelTarget, WriteTileOutputs,
     create_label_arrays, finish_image, label_dtype, summary_table,
@@ -273,7 +281,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     pinned = registry.get(models_ref).ref
     describe = _describe(pinned, registry, config)
 
-    # 2. plan
+    # 2. plan (metadata only)
     catalog = read_catalog(archive)
     if target_pixel_size_nm is None:
         target_pixel_size_nm = describe.get("pixel_size_nm")
@@ -285,6 +293,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                 "tolerance": float(tolerance) if math.isfinite(tolerance) else "inf", "tile_size": tile_size,
                 "halo": int(halo), "labels": labels, "label_name": label_name,
                 "config": {k: v for k, v in describe["config"].items()} | {"inputs": describe["inputs"]}}
+    # 3. resume: same settings, or nothing
     ledger = Ledger(out)
     manifest = out.join(MANIFEST)
     if resume and manifest.exists():
@@ -310,7 +319,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     skipped = _count_planned(plans, done_before)
     stages["plan"] = time.perf_counter() - started
 
-    # 4. prepare
+    # 4. prepare: label arrays, preprocessing parameters
     t0 = time.perf_counter()
     fit = "image" in describe["inputs"].values()
     prepare = ray.remote(num_cpus=1)(_prepare_images)
@@ -320,7 +329,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                                                for g in groups]) for t in g}
     stages["prepare"] = time.perf_counter() - t0
 
-    # 5. tiles
+    # 5. tiles: read -> ensemble actors -> sink tasks; the driver counts small rows
     t0 = time.perf_counter()
     done = errors = 0
     if tiles_total - skipped > 0:
@@ -341,7 +350,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
             errors += int((~ok).sum())
     stages["tiles"] = time.perf_counter() - t0
 
-    # 6. finish
+    # 6. finish each image
     t0 = time.perf_counter()
     finished = ledger.read(["image_id", "level", "y", "x"])
     by_image: dict[str, list[tuple[int, int, int]]] = {im.image_id: [] for im in plans}
@@ -352,8 +361,6 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     provenance = {"job_out": out.uri, "bundle": pinned}
     rows = ray.get([finish.remote(out, im, by_image[im.image_id], targets.get(im.image_id), describe, provenance)
                     for im in plans])
-    from engine.data.ledger import table_bytes
-
     put_file(out.join(SUMMARY_FILE), table_bytes(summary_table(rows)))
     stages["finish"] = time.perf_counter() - t0
 

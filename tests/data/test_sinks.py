@@ -280,3 +280,23 @@ def test_partition_names_round_trip(plan, tmp_path):
     sink(batch([TileResult(**{**{f: getattr(r, f) for f in r.__dataclass_fields__}, "image_id": image_id})]))
     assert read_output(tmp_path, DETECTIONS)["image_id"].to_pylist() == [image_id]
     assert read_output(tmp_path, DETECTIONS, image_id=image_id).num_rows == 1
+
+
+class TestS3:
+    def test_tile_sink_and_finishing_on_s3(self, plan, s3_bucket):
+        """Outputs, ledger and label images under an s3:// out (moto), in this process."""
+        out = resolve(f"{s3_bucket}/runs/r1")
+        target = target_for(plan, out)
+        sink = WriteTileOutputs(out, labels={plan.image_id: target}, class_names=CLASSES)
+        sink(batch([result(plan, 0, 0, [(50, 20, 64, 40)]), result(plan, 0, 1, [(64, 22, 80, 38)]),
+                    result(plan, 1, 1, error=CORRUPT)]))
+        assert Ledger(out).keys() == {(plan.image_id, 0, 0, 0), (plan.image_id, 0, 0, 64)}
+        row = finish_image(out, plan, [(0, 0, 0), (0, 0, 64)], label_target=target, class_names=CLASSES,
+                           materials=MATERIALS, grades=GRADES)
+        assert row["n_defects"] == 1 and row["tiles_error"] == 1 and row["labels_uri"].startswith("s3://")
+        assert read_output(out, OBJECTS)["parts"].to_pylist() == [2]
+        assert read_output(out, ERRORS)["chunk_keys"].to_pylist() == [["0/c/1/1"]]
+        group = zarr.open_group(target.root.zarr_store(read_only=True), mode="r")
+        labels = group["labels/predicted_defects/0"][:]
+        assert set(np.unique(labels)) == {0, 1, STRIDE + 1}
+        assert sorted(group["labels/predicted_defects"].array_keys()) == ["0", "1", "2"]
