@@ -186,6 +186,31 @@ class TestEndToEnd:
         assert (again.tiles_done, again.tiles_skipped, again.errors) == (0, N_TILES, 0)
         assert_same_outputs(before, snapshot(out))
 
+    def test_same_detections_as_the_online_call(self, clean, job_registry):
+        """Parity: each tile through `analyze_tile` (the endpoint's call, pixels in their
+        stored dtype) gives the detections the job wrote for it."""
+        from engine.pipeline import Ensemble, analyze_tile
+
+        from .conftest import read_batch
+
+        archive, out, _ = clean
+        ensemble = Ensemble.from_registry("tiny/1", job_registry, config=CONFIG)
+        stored = dict(pd.read_parquet(archive / "catalog.parquet")[["image_id", "dtype"]].values)
+        assert len(set(stored.values())) > 1, "fixture: images of several dtypes"
+        tiles = read_batch(archive, halo=16)
+        det = read_output(out, DETECTIONS).to_pandas().set_index(["image_id", "y", "x"]).sort_index()
+        for i, image_id in enumerate(tiles["image_id"]):
+            r = analyze_tile(tiles["tile"][i].astype(stored[image_id]), tiles["modality"][i], tiles["pixel_size"][i],
+                             ensemble=ensemble, image_id=image_id, level=tiles["level"][i], y=tiles["y"][i],
+                             x=tiles["x"][i], halo=tiles["halo"][i], origin=tiles["origin"][i],
+                             scale=tiles["scale"][i])
+            key = (image_id, int(tiles["y"][i]), int(tiles["x"][i]))
+            mine = det.loc[[key]] if key in det.index else det.iloc[:0]
+            assert len(mine) == r.n_defects, key
+            np.testing.assert_array_equal(mine["class"], r.classes)
+            np.testing.assert_allclose(mine[["x0", "y0", "x1", "y1"]].to_numpy(), r.boxes_level0, atol=1e-3)
+            np.testing.assert_allclose(mine["score"], r.scores, atol=1e-5)
+
     def test_other_settings_are_refused_on_resume(self, clean, job_registry):
         archive, out, _ = clean
         with pytest.raises(GrainflowError, match="halo: 16 -> 8"):
@@ -392,3 +417,27 @@ class TestPrepare:
         from engine.data.datasource import ZarrTileDatasource
 
         return ZarrTileDatasource(job_archive, target_pixel_size_nm=100.0, tolerance=math.inf).images()
+
+
+class TestJobEnsemble:
+    def test_tiles_arrive_in_their_stored_dtype_and_placement_passes_through(self, tiny_models):
+        """The datasource widens a uint8 image's tiles to a mixed archive's uint16; the
+        members' "raw" input scales by the dtype's maximum, so the job narrows them back."""
+        from engine.pipeline.job import JobEnsemble
+
+        seen = []
+
+        class Spy(JobEnsemble):
+            def analyze(self, tiles, *, params=None):
+                seen.extend((t.image_id, t.tile.dtype) for t in tiles)
+                return super().analyze(tiles, params=params)
+
+        ens = Spy(models=tiny_models, config=CONFIG, dtypes={"a": "uint8"})
+        tile = np.random.default_rng(0).integers(0, 255, (2, 48, 48)).astype(np.uint16)
+        origin = np.array([[0.0, 0.0], [0.0, 48.0]])
+        out = ens({"image_id": np.array(["a", "b"], object), "tile": tile, "pixel_size": np.array([10.0, 10.0]),
+                   "origin": origin, "scale": np.ones((2, 2)), "halo": np.zeros((2, 4), np.int32),
+                   "y": np.array([0, 0]), "x": np.array([0, 48])})
+        assert seen == [("a", np.dtype(np.uint8)), ("b", np.dtype(np.uint16))]
+        np.testing.assert_array_equal(out["origin"], origin)
+        assert out["halo"].shape == (2, 4) and len(out["image_id"]) == 2
