@@ -41,18 +41,23 @@ def archive(tmp_path_factory):
     return out
 
 
-def read_batch(archive, *, halo: int = 16) -> dict[str, np.ndarray]:
-    """Every tile of the archive at level 0 as one numpy batch of datasource rows, read
-    in this process with the datasource's own read function (no Ray)."""
+def read_batch(archive, *, halo: int = 16, image_ids=None) -> dict[str, np.ndarray]:
+    """Every tile of the archive's images at level 0 (each at its own pixel size, as the
+    tiny detector is trained) as one numpy batch of datasource rows, read in this
+    process with the datasource's own read function (no Ray)."""
     from ray.data.block import BlockAccessor
 
     from engine.data.datasource import ZarrTileDatasource
     from engine.data.tile_read import read_tiles
     from engine.stores.catalog import read_catalog
 
-    pixel = float(read_catalog(str(archive))["pixel_size_x"].min())
-    ds = ZarrTileDatasource(str(archive), target_pixel_size_nm=pixel, halo=halo, tolerance=10.0)
-    batches = [BlockAccessor.for_block(b).to_batch_format("numpy") for s in ds.read_specs() for b in read_tiles(s)]
+    batches = []
+    for row in read_catalog(str(archive)).itertuples():
+        if image_ids is not None and row.image_id not in image_ids:
+            continue
+        ds = ZarrTileDatasource(str(archive), target_pixel_size_nm=float(row.pixel_size_x), halo=halo,
+                                image_ids=[row.image_id])
+        batches += [BlockAccessor.for_block(b).to_batch_format("numpy") for s in ds.read_specs() for b in read_tiles(s)]
     return concat_batches(batches)
 
 
