@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= out/demo
 
-.PHONY: venv demo test test-all bench clean
+.PHONY: venv browser demo test test-all bench clean
 
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "grainflow needs Python 3.11"'
@@ -20,10 +20,17 @@ demo: $(STAMP)
 	$(VENV)/bin/grainflow synth $(DEMO_DIR)/archive --images 12 --size 512 --seed 7
 	$(VENV)/bin/grainflow catalog $(DEMO_DIR)/archive
 
-test: $(STAMP)
+# The viewer's browser test drives Debian's chromium; Playwright never downloads one.
+browser:
+	@command -v chromium >/dev/null || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  $$SUDO apt-get install -y --no-install-recommends chromium >/dev/null 2>&1 || \
+	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }; }
+
+test: $(STAMP) browser
 	$(PY) -m pytest
 
-test-all: $(STAMP)
+test-all: $(STAMP) browser
 	$(PY) -m pytest -m ''
 
 bench: $(STAMP)

@@ -94,6 +94,17 @@ def train(ctx: typer.Context) -> None:
     raise typer.Exit(finetune(list(ctx.args)))
 
 
+@app.command(
+    context_settings={"allow_extra_args": True, "ignore_unknown_options": True},
+    add_help_option=False,
+)
+def reprocess(ctx: typer.Context) -> None:
+    """Run the ensemble over every tile of an archive (the arguments of `python -m jobs.reprocess`; see --help)."""
+    from jobs.reprocess import main as reprocess_main
+
+    raise typer.Exit(reprocess_main(list(ctx.args)))
+
+
 @app.command()
 def catalog(
     archive: str = typer.Argument(..., help="Archive URI."),
@@ -161,6 +172,20 @@ def _text(value) -> str:
 
 def _unit_symbol(unit: str) -> str:
     return {"nanometer": "nm", "micrometer": "µm", "angstrom": "Å", "millimeter": "mm"}.get(unit, unit)
+
+
+def _register_commands() -> None:
+    """Commands that live beside the code they drive: each module's register(app)."""
+    from engine.reports.cli import register as register_report
+    from engine.serving.cli import register as register_serve
+    from engine.submit_cli import register as register_submit
+    from engine.synth.diffusion.cli import register as register_synthesize
+
+    for register in (register_report, register_serve, register_synthesize, register_submit):
+        register(app)
+
+
+_register_commands()
 
 
 def main() -> None:
