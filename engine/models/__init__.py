@@ -5,6 +5,7 @@
     sam = create_segmenter("sam_vit_b", checkpoint="sam_vit_b_01ec64.pth")
     clf = create_classifier("resnet10t")          # forward(x) -> {"material", "grade"}
     fus = create_fusion("fusion_tiny")            # forward(detail, context) -> {..., "segmentation"}
+    dif = create_diffusion("ddpm_tiny")           # forward(noisy, t, condition) -> predicted noise
     save_checkpoint(clf, "clf.safetensors")       # -> sha256; load_model(path, expected_sha256=...)
 
 Every model is built from a registered YAML config (engine/models/configs/<family>/) with
@@ -53,6 +54,11 @@ def create_fusion(name: str, **overrides):
     return create_model("fusion", name, **overrides)
 
 
+def create_diffusion(name: str, **overrides):
+    """A conditional `DefectDiffusion` UNet over (image, mask) patches (engine.models.diffusion)."""
+    return create_model("diffusion", name, **overrides)
+
+
 def load_detector_checkpoint(path: str | Path, expected_sha256: str):
     """An Ultralytics .pt detector, unpickled only after its sha256 matches (see detector)."""
     from engine.models.detector import load_detector_checkpoint as load
@@ -64,6 +70,7 @@ __all__ = [
     "FAMILIES", "GRADES", "ModelConfig", "defect_class_names", "material_names",
     "build", "create_model", "get_config", "list_models",
     "create_detector", "create_segmenter", "create_classifier", "create_fusion",
+    "create_diffusion",
     "load_detector_checkpoint", "save_checkpoint", "load_model", "load_state_dict",
     "sha256_file", "verify_sha256",
     "CheckpointError", "ChecksumMismatchError", "ModelConfigError", "UnknownModelError", "UnsafeCheckpointError",

@@ -33,6 +33,7 @@ FAMILIES: dict[str, str] = {
     "segmenter": "engine.models.segmenter",
     "classifier": "engine.models.classifier",
     "fusion": "engine.models.fusion",
+    "diffusion": "engine.models.diffusion",
 }
 
 # Label sets a builder may take; filled in at creation when not given, and recorded in
