@@ -1,0 +1,218 @@
+"""The HTML quality report of one reprocessing run.
+
+    path = write_report("s3://lab/runs/r1")          # -> "s3://lab/runs/r1/report.html"
+    run_summary("s3://lab/runs/r1")                  # per-material DataFrame
+
+Sections: the run (archive, outputs, models and versions, date, tiles, run time,
+throughput), per material, per image, defect sizes, density maps, example overlays and,
+when tiles failed, the errors table. Memory stays bounded whatever the archive's size:
+the small tables are read whole, per-image tables one image at a time, and pixels only
+for a few overlays at a coarse pyramid level (`engine.reports.overlay`).
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import pandas as pd
+
+from engine.data.ledger import put_file
+from engine.data.sinks import TILES, read_output
+from engine.errors import GrainflowError
+from engine.reports import figures, html
+from engine.reports.overlay import read_overlay
+from engine.reports.run import Run, load_run
+from engine.reports.tables import (
+    class_names, defect_sizes, error_table, image_table, material_summary, run_header, size_statistics,
+)
+from engine.stores.uri import StoreLocation, resolve
+
+REPORT_FILE = "report.html"
+MAX_DENSITY_MAPS = 12
+MAX_OVERLAYS = 4
+MAX_ERROR_ROWS = 500
+MAX_IMAGE_ROWS = 10_000
+
+
+def write_report(run_uri: str | StoreLocation, *, archive: str | StoreLocation | None = None,
+                 out: str | StoreLocation | None = None) -> str:
+    """Write the report of the run at `run_uri`; returns where it went (a URI or path).
+
+    archive: where the run's archive lies now (default: the one the job recorded).
+    out: the HTML file to write (default ``<run>/report.html``); any store URI.
+    Raises `engine.reports.run.NotARunError` when `run_uri` holds no finished run.
+    """
+    run = load_run(run_uri, archive=archive)
+    target = resolve(out) if out is not None else run.out.join(REPORT_FILE)
+    put_file(target, render_report(run).encode("utf-8"))
+    return target.uri
+
+
+def run_summary(run: str | StoreLocation | Run, *, archive: str | StoreLocation | None = None) -> pd.DataFrame:
+    """The report's per-material summary as a DataFrame (`tables.material_summary`)."""
+    return material_summary(run if isinstance(run, Run) else load_run(run, archive=archive))
+
+
+def render_report(run: Run) -> str:
+    """The report of a loaded run as one self-contained HTML page."""
+    classes = class_names(run)
+    sections = [_header(run), _materials(run), _images(run), _sizes(run, classes), _density(run),
+                _overlays(run, classes)]
+    errors = error_table(run)
+    if len(errors):
+        sections.append(_errors(errors))
+    subtitle = f"run {run.out.uri}" + (f", archive {run.archive.uri}" if run.archive is not None else "")
+    return html.page("grainflow reprocessing report", subtitle, sections)
+
+
+# ---------------------------------------------------------------------------- sections
+
+
+def _header(run: Run) -> str:
+    h = run_header(run)
+    stages = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(h["stage_seconds"].items(), key=lambda kv: kv[0]))
+    items = [("archive", h["archive"]), ("outputs", h["out"]), ("models (bundle)", h["bundle"])]
+    versions = {k: v for k, v in h["model_versions"].items() if k != "bundle"}
+    items += [(f"model: {role}", version) for role, version in versions.items()]
+    items += [
+        ("finished", h["finished_at"]), ("images", h["images"]), ("defects (stitched objects)", h["objects"]),
+        ("tiles planned", h["tiles_total"]), ("tiles done", h["tiles_done"]),
+        ("tiles skipped", h["tiles_skipped"]), ("tile errors", h["errors"]),
+        ("run time (s)", h["seconds"]), ("throughput (tiles/s)", h["tiles_per_s"]),
+        ("throughput (level-0 megapixels/s)", h["megapixels_per_s"]),
+        ("model pixel size (nm)", h["target_pixel_size_nm"]), ("stages", stages or None),
+    ]
+    parts = [html.definitions(items, dl_id="run-header"), html.note(
+        "tiles done: finished by this run; skipped: finished by an earlier run over the same --out (the ledger); "
+        "throughput counts this run's tiles per second of its tile stage; megapixels/s is that rate times the "
+        "mean level-0 area of a tile core.")]
+    if not versions:
+        parts.append(html.note(f"member versions are not recorded by this run; the bundle is {run.bundle}",
+                               warn=True))
+    if run.archive_note:
+        parts.append(html.note(run.archive_note, warn=True))
+    if h["errors"] or not run.summary["complete"].all():
+        incomplete = int((~run.summary["complete"]).sum())
+        parts.append(html.note(f"{incomplete} image(s) are incomplete: {int(run.summary['tiles_error'].sum())} "
+                               f"tile(s) failed (see Errors); rerun the job with the same --out to retry them.",
+                               warn=True))
+    return html.section("run", "Run", parts)
+
+
+def _materials(run: Run) -> str:
+    df = material_summary(run)
+    parts = [html.table(df, table_id="material-summary"), html.note(
+        "material and grade are the classifier's, averaged over each image's tiles; defects are stitched objects; "
+        "mean density is the mean over the material's images of defects per mm² of done tile cores; "
+        "catalog_agrees counts images whose catalog material is the predicted one.")]
+    return html.section("materials", "Summary per material", parts)
+
+
+def _images(run: Run) -> str:
+    df = image_table(run).set_index("image_id")
+    parts = [html.table(df, table_id="image-summary", limit=MAX_IMAGE_ROWS)]
+    if run.catalog is not None:
+        missing = sorted(set(run.catalog["image_id"]) - set(run.summary["image_id"]))
+        if missing:
+            parts.append(html.note(f"{len(missing)} catalog image(s) are not in this run: "
+                                   f"{', '.join(missing[:20])}{' ...' if len(missing) > 20 else ''}", warn=True))
+    return html.section("images", "Images", parts)
+
+
+def _sizes(run: Run, classes: list[str]) -> str:
+    sizes = defect_sizes(run)
+    if not len(sizes):
+        return html.section("sizes", "Defect sizes", [html.note("no measured defects in this run")])
+    stats = size_statistics(sizes)
+    unit, factor = figures.length_unit(sizes["equivalent_diameter_nm"].to_numpy())
+    shown = stats.copy()
+    for col in ("p10_nm", "median_nm", "p90_nm", "mean_nm"):
+        shown[col] = shown[col] * factor
+    shown.columns = ["count"] + [f"{c[:-3]} ({unit})" for c in stats.columns[1:]]
+    shown.index.name = "class"
+    return html.section("sizes", "Defect sizes", [
+        html.table(shown, table_id="size-statistics"),
+        html.image(figures.size_histograms(sizes, classes), "equivalent diameter histograms per defect class",
+                   f"Equivalent diameter (diameter of the circle of the defect's mask area) of every stitched "
+                   f"defect, per class, in {unit}."),
+    ])
+
+
+def _density(run: Run) -> str:
+    s = run.summary.sort_values(["defect_density_per_mm2", "image_id"], ascending=[False, True],
+                                na_position="last")
+    ids = list(s["image_id"][:MAX_DENSITY_MAPS])
+    if not ids:
+        return html.section("density", "Density maps", [html.note("no images in this run")])
+    with ThreadPoolExecutor(max_workers=8) as pool:
+        tables = dict(zip(ids, pool.map(lambda i: read_output(run.out, TILES, image_id=i).to_pandas(), ids)))
+    tables = {i: t for i, t in tables.items() if len(t)}
+    if not tables:
+        return html.section("density", "Density maps", [html.note("no tiles recorded in this run")])
+    extents, pixels = _extents(run, list(tables))
+    shown = f"the {len(tables)} densest of {len(run.summary)} images" if len(run.summary) > len(tables) \
+        else f"all {len(tables)} images"
+    return html.section("density", "Density maps", [html.image(
+        figures.density_maps(tables, extents, pixels), "per-tile defect density maps",
+        f"Defects per mm² of each tile's core (the tile's own detections, before stitching across borders), "
+        f"laid out by tile position; {shown}; failed tiles are grey and crossed out.")])
+
+
+def _extents(run: Run, ids: list[str]):
+    from engine.stores.ngff import to_nanometres
+
+    extents, pixels = {}, {}
+    cat = run.catalog.set_index("image_id") if run.catalog is not None else None
+    for i in ids:
+        if cat is None or i not in cat.index:
+            extents[i] = pixels[i] = None
+            continue
+        row = cat.loc[i]
+        py = to_nanometres(float(row["pixel_size_y"]), str(row["unit"])) / 1000
+        px = to_nanometres(float(row["pixel_size_x"]), str(row["unit"])) / 1000
+        pixels[i] = (py, px)
+        extents[i] = (int(row["height"]) * py, int(row["width"]) * px)
+    return extents, pixels
+
+
+def _overlays(run: Run, classes: list[str]) -> str:
+    if run.catalog is None:
+        return html.section("overlays", "Example overlays", [html.note(
+            "no overlays: the archive is not readable" + (f" ({run.archive_note})" if run.archive_note else ""),
+            warn=True)])
+    s = run.summary.sort_values(["n_defects", "image_id"], ascending=[False, True])
+    ids = [i for i in s["image_id"] if run.image_location(i) is not None][:MAX_OVERLAYS]
+    figs = []
+    notes = []
+    for image_id in ids:
+        try:
+            ov = read_overlay(run.out, image_id, run.image_location(image_id), run.labels_location(image_id))
+        except (GrainflowError, OSError) as exc:  # one unreadable image does not cost the whole report
+            notes.append(html.note(f"{image_id}: no overlay ({type(exc).__name__}: {exc})", warn=True))
+            continue
+        caption = (f"{image_id}: level {ov.level} ({ov.pixel_size_nm[1]:.4g} nm/px), {len(ov.boxes)} defect boxes"
+                   + (f"; outlines from {ov.labels_uri}" if ov.outlines is not None else "")
+                   + (f"; {ov.note}" if ov.note else ""))
+        figs.append(html.image(figures.overlay_figure(ov, classes), f"overlay of {image_id}", caption))
+    if not figs:
+        return html.section("overlays", "Example overlays",
+                            notes or [html.note("no images of this run are in the catalog")])
+    return html.section("overlays", "Example overlays", [
+        html.note(f"The {len(figs)} images with the most defects, at a coarse pyramid level: stitched boxes "
+                  f"coloured by class, predicted label outlines in cyan."),
+        f'<div class="overlays">{"".join(figs)}</div>', *notes])
+
+
+def _errors(errors: pd.DataFrame) -> str:
+    df = pd.DataFrame({
+        "image": errors["image_id"],
+        "tile (level, y, x)": [f"{lv}, {y}, {x}" for lv, y, x in zip(errors["level"], errors["y"], errors["x"])],
+        "exception": errors["exception"], "message": errors["message"],
+        "chunks": [", ".join(k) if k is not None else "" for k in errors["chunk_keys"]],
+    })
+    return html.section("errors", f"Errors ({len(df)} tiles)", [
+        html.table(df, index=False, table_id="errors-table", limit=MAX_ERROR_ROWS),
+        html.note("tiles that failed; they are not in the ledger, so a rerun with the same --out tries them again.")])
+
+
+__all__ = ["REPORT_FILE", "render_report", "run_summary", "write_report"]

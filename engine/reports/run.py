@@ -1,0 +1,171 @@
+"""A finished reprocessing run as the report sees it: manifest, summary, catalog.
+
+A run is the output folder (any store URI) of `engine.pipeline.job.reprocess`; what it
+holds is described in `engine.data.sinks`. `load_run` reads only the small files (the
+manifest ``job.json``, ``summary.parquet`` and the archive's catalog); per-image tables
+and pixels are read later, one image at a time, by the report's sections.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Any
+
+import pandas as pd
+import pyarrow.parquet as pq
+
+from engine.data.sinks import SUMMARY_FILE
+from engine.errors import GrainflowError
+from engine.stores.uri import StoreLocation, resolve
+
+
+# engine.pipeline.job.MANIFEST, named here because importing the job imports torch
+# (seconds) and a report needs none of it; tests/reports checks the two agree.
+MANIFEST = "job.json"
+
+
+class NotARunError(GrainflowError):
+    """A URI that does not hold a finished reprocessing run."""
+
+
+@dataclass(frozen=True)
+class Run:
+    """What a finished run left, plus the archive it read.
+
+    out: the run's output location. settings, result: ``job.json``'s two parts (the
+    job's settings; `JobResult.to_dict()`). summary: ``summary.parquet``, one row per
+    image (`engine.data.sinks.SUMMARY_COLUMNS`), sorted by image id. archive: the
+    archive's location (`--archive`, else the one the job recorded). catalog: its
+    catalog (`engine.stores.catalog`), or None when it cannot be read, with the reason
+    in `archive_note`. finished_at: when the manifest was last written (UTC), if the
+    store says.
+    """
+
+    out: StoreLocation
+    settings: dict[str, Any]
+    result: dict[str, Any]
+    summary: pd.DataFrame
+    archive: StoreLocation | None
+    catalog: pd.DataFrame | None
+    archive_note: str = ""
+    finished_at: datetime | None = None
+
+    @property
+    def bundle(self) -> str:
+        return str(self.settings.get("bundle") or self.result.get("bundle") or "")
+
+    def model_versions(self) -> dict[str, str]:
+        """Role -> registered version of each ensemble member (plus "bundle").
+
+        From the manifest when the job records them (``settings.model_versions``), else
+        from the summary rows (each image's tiles record the versions that ran them);
+        {} when neither has them.
+        """
+        recorded = self.settings.get("model_versions") or self.result.get("model_versions")
+        if isinstance(recorded, dict) and recorded:
+            return {str(k): str(v) for k, v in sorted(recorded.items())}
+        merged: dict[str, str] = {}
+        for text in self.summary.get("model_versions", pd.Series(dtype=object)).dropna().unique():
+            try:
+                versions = json.loads(text)
+            except (TypeError, ValueError):
+                continue
+            for role, version in versions.items():
+                seen = merged.get(role)
+                merged[role] = str(version) if seen in (None, str(version)) else f"{seen}, {version}"
+        return dict(sorted(merged.items()))
+
+    def image_location(self, image_id: str) -> StoreLocation | None:
+        """Where an image of the archive lies (None without a catalog row)."""
+        if self.catalog is None or self.archive is None:
+            return None
+        rows = self.catalog.loc[self.catalog["image_id"] == image_id, "uri"]
+        return self.archive.join(str(rows.iloc[0])) if len(rows) else None
+
+    def labels_location(self, image_id: str) -> StoreLocation | None:
+        """The image's predicted label image (the summary's ``labels_uri``), moved along
+        with the archive when `--archive` names another copy of it; None if none."""
+        rows = self.summary.loc[self.summary["image_id"] == image_id, "labels_uri"]
+        uri = str(rows.iloc[0]) if len(rows) else ""
+        if not uri:
+            return None
+        labels = resolve(uri)
+        recorded = self.settings.get("archive")
+        if self.archive is not None and recorded:
+            recorded_loc = resolve(recorded)
+            if labels.is_within(recorded_loc) and recorded_loc != self.archive:
+                rel = labels.path[len(recorded_loc.path.rstrip("/")):].lstrip("/")
+                return self.archive.join(rel)
+        return labels
+
+
+def load_run(run_uri: str | StoreLocation, *, archive: str | StoreLocation | None = None) -> Run:
+    """Read a finished run's manifest and summary and its archive's catalog.
+
+    archive: the archive to read images and the catalog from (default: the one the job
+    recorded). Raises NotARunError naming `run_uri` when it holds no finished run, and
+    GrainflowError naming `archive` when an archive given here cannot be read (the
+    recorded one may be gone: the report then goes on without it).
+    """
+    out = resolve(run_uri)
+    manifest_loc = out.join(MANIFEST)
+    fs = out.filesystem()
+    if not fs.exists(out.path):
+        raise NotARunError(f"{out.uri}: no such run (nothing is stored there)")
+    if not fs.exists(manifest_loc.path):
+        raise NotARunError(f"{out.uri}: not a grainflow run (no {MANIFEST}; a run is the --out of "
+                           f"`python -m jobs.reprocess`)")
+    try:
+        manifest = json.loads(fs.cat_file(manifest_loc.path))
+    except ValueError as exc:
+        raise NotARunError(f"{manifest_loc.uri}: not readable JSON ({exc})") from None
+    if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
+        raise NotARunError(f"{manifest_loc.uri}: not a grainflow job manifest (no 'settings')")
+    if not isinstance(manifest.get("result"), dict):
+        raise NotARunError(f"{out.uri}: the run has not finished ({MANIFEST} has no result: it is running or was "
+                           f"interrupted; rerun the job with the same --out to finish it)")
+    summary_loc = out.join(SUMMARY_FILE)
+    if not fs.exists(summary_loc.path):
+        raise NotARunError(f"{out.uri}: the run has no {SUMMARY_FILE}")
+    with fs.open(summary_loc.path, "rb") as f:
+        summary = pq.read_table(f).to_pandas().sort_values("image_id").reset_index(drop=True)
+
+    settings = manifest["settings"]
+    catalog, note, where = None, "", None
+    if archive is not None:
+        where = resolve(archive)
+        catalog = _read_catalog(where)  # asked for by name: its faults are the user's to fix
+    elif settings.get("archive"):
+        where = resolve(settings["archive"])
+        try:
+            catalog = _read_catalog(where)
+        except (GrainflowError, OSError) as exc:
+            note = f"the archive {where.uri} cannot be read ({exc}); pass --archive where it lies now"
+    return Run(out=out, settings=settings, result=manifest["result"], summary=summary, archive=where,
+               catalog=catalog, archive_note=note, finished_at=_modified(fs, manifest_loc.path))
+
+
+def _read_catalog(archive: StoreLocation) -> pd.DataFrame:
+    from engine.stores.catalog import read_catalog
+
+    return read_catalog(archive)
+
+
+def _modified(fs, path: str) -> datetime | None:
+    """A file's last modification (UTC) from the store's own listing, if it gives one."""
+    try:
+        info = fs.info(path)
+    except OSError:
+        return None
+    value = info.get("LastModified", info.get("mtime"))
+    if isinstance(value, datetime):
+        return value.astimezone(timezone.utc)
+    if isinstance(value, (int, float)) and math.isfinite(value):
+        return datetime.fromtimestamp(value, timezone.utc)
+    return None
+
+
+__all__ = ["NotARunError", "Run", "load_run"]

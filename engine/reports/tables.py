@@ -1,0 +1,172 @@
+"""The report's numbers as DataFrames: run header, per material, per image, defect sizes.
+
+Every function takes a loaded `engine.reports.run.Run`. Per-image output tables
+(objects) are read one image at a time with `engine.data.sinks.read_output`, keeping only
+the few columns a section needs, so memory grows with the number of objects, not with
+the tables' full width.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from engine.data.sinks import ERRORS, OBJECTS, read_output
+from engine.reports.run import Run
+
+_READ_THREADS = 8  # object-store reads are latency-bound
+
+
+def run_header(run: Run) -> dict[str, Any]:
+    """The run's headline numbers.
+
+    Tile counts, seconds and tiles/s are the manifest's `JobResult` as written.
+    megapixels_per_s: level-0 megapixels of the archive covered per second of the tile
+    stage, i.e. tiles/s times the mean level-0 megapixels of a done tile's core (from the
+    summary's core areas and the catalog's pixel sizes); None without a catalog or tiles.
+    """
+    r = run.result
+    return {
+        "archive": run.archive.uri if run.archive is not None else str(run.settings.get("archive", "")),
+        "out": run.out.uri, "bundle": run.bundle, "model_versions": run.model_versions(),
+        "finished_at": run.finished_at, "images": int(r.get("images", len(run.summary))),
+        "objects": int(r.get("objects", int(run.summary["n_defects"].sum()))),
+        "tiles_total": int(r["tiles_total"]), "tiles_done": int(r["tiles_done"]),
+        "tiles_skipped": int(r["tiles_skipped"]), "errors": int(r["errors"]),
+        "seconds": float(r["seconds"]), "tiles_per_s": float(r["tiles_per_s"]),
+        "megapixels_per_s": _megapixels_per_s(run), "stage_seconds": dict(r.get("stage_seconds", {})),
+        "target_pixel_size_nm": r.get("target_pixel_size_nm", run.settings.get("target_pixel_size_nm")),
+    }
+
+
+def _megapixels_per_s(run: Run) -> float | None:
+    from engine.stores.ngff import to_nanometres
+
+    if run.catalog is None or not len(run.summary):
+        return None
+    cat = run.catalog.set_index("image_id")
+    s = run.summary[run.summary["image_id"].isin(cat.index)]
+    if not len(s) or s["tiles_done"].sum() == 0:
+        return None
+    nm2 = [to_nanometres(float(cat.at[i, "pixel_size_y"]), str(cat.at[i, "unit"]))
+           * to_nanometres(float(cat.at[i, "pixel_size_x"]), str(cat.at[i, "unit"])) for i in s["image_id"]]
+    level0_px = np.nansum(s["core_area_mm2"].to_numpy(np.float64) * 1e12 / np.asarray(nm2))
+    return float(run.result["tiles_per_s"]) * level0_px / float(s["tiles_done"].sum()) / 1e6
+
+
+def image_table(run: Run) -> pd.DataFrame:
+    """One row per image of the run: the summary joined with the catalog's ground truth.
+
+    Columns: image_id, modality, material (predicted), material_prob, grade, grade_prob,
+    catalog_material, catalog_grade (None without a catalog or a value there),
+    tiles_planned, tiles_done, tiles_error, n_defects, defect_density_per_mm2 (per mm²
+    of done tile cores), core_area_mm2, and one column per defect class (count).
+    """
+    s = run.summary
+    out = s[["image_id", "modality", "material", "material_prob", "grade", "grade_prob", "tiles_planned",
+             "tiles_done", "tiles_error", "n_defects", "defect_density_per_mm2", "core_area_mm2"]].copy()
+    if run.catalog is not None:
+        truth = run.catalog.set_index("image_id")[["material", "quality_grade"]]
+        out["catalog_material"] = out["image_id"].map(truth["material"])
+        out["catalog_grade"] = out["image_id"].map(truth["quality_grade"])
+    else:
+        out["catalog_material"] = None
+        out["catalog_grade"] = None
+    counts = pd.DataFrame([_counts(text) for text in s["defect_counts"]], index=s.index).fillna(0).astype(int)
+    return pd.concat([out, counts], axis=1)
+
+
+def _counts(text) -> dict[str, int]:
+    try:
+        return {str(k): int(v) for k, v in json.loads(text).items()}
+    except (TypeError, ValueError):
+        return {}
+
+
+def class_names(run: Run) -> list[str]:
+    """Defect classes in the detector's order (the summary's defect_counts keys)."""
+    names: list[str] = []
+    for text in run.summary["defect_counts"]:
+        names += [k for k in _counts(text) if k not in names]
+    return names
+
+
+def material_summary(run: Run) -> pd.DataFrame:
+    """Per predicted material: images, grade distribution, defects per class, density.
+
+    Index: material (predicted; "(none)" where a run had no classifier or no done
+    tile). Columns: images; ``grade <G>`` images per predicted grade; ``<class>``
+    stitched defects per class; defects (all classes); area_mm2 (done tile cores);
+    mean_density_per_mm2 (mean over the material's images of each image's defects per
+    mm², images without a done tile left out); catalog_agrees (images whose catalog
+    material is the predicted one; NaN when the catalog has no materials).
+    """
+    images = image_table(run)
+    images["material"] = images["material"].replace("", "(none)").fillna("(none)")
+    grades = sorted(g for g in images["grade"].dropna().unique() if g)
+    classes = class_names(run)
+    rows = []
+    for material, group in images.groupby("material", sort=True):
+        row: dict[str, Any] = {"material": material, "images": len(group)}
+        for g in grades:
+            row[f"grade {g}"] = int((group["grade"] == g).sum())
+        for c in classes:
+            row[c] = int(group[c].sum()) if c in group else 0
+        row["defects"] = int(group["n_defects"].sum())
+        row["area_mm2"] = float(group["core_area_mm2"].sum())
+        density = group["defect_density_per_mm2"].to_numpy(np.float64)
+        row["mean_density_per_mm2"] = float(np.nanmean(density)) if np.isfinite(density).any() else math.nan
+        known = group["catalog_material"].notna()
+        row["catalog_agrees"] = int((group.loc[known, "catalog_material"] == material).sum()) if known.any() \
+            else math.nan
+        rows.append(row)
+    columns = ["material", "images", *[f"grade {g}" for g in grades], *classes, "defects", "area_mm2",
+               "mean_density_per_mm2", "catalog_agrees"]
+    return pd.DataFrame(rows, columns=columns).set_index("material")
+
+
+def defect_sizes(run: Run) -> pd.DataFrame:
+    """Every stitched defect's size: image_id, material (predicted), class_name,
+    equivalent_diameter_nm (float64, nm; NaN where no mask was measured dropped)."""
+    material = dict(zip(run.summary["image_id"], run.summary["material"]))
+
+    def one(image_id: str) -> pd.DataFrame:
+        t = read_output(run.out, OBJECTS, image_id=image_id).select(["class_name", "equivalent_diameter_nm"])
+        df = t.to_pandas()
+        df.insert(0, "image_id", image_id)
+        return df
+
+    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
+        parts = list(pool.map(one, [i for i, n in zip(run.summary["image_id"], run.summary["n_defects"]) if n > 0]))
+    if not parts:
+        return pd.DataFrame({"image_id": pd.Series(dtype=str), "material": pd.Series(dtype=str),
+                             "class_name": pd.Series(dtype=str), "equivalent_diameter_nm": pd.Series(dtype=float)})
+    df = pd.concat(parts, ignore_index=True)
+    df.insert(1, "material", df["image_id"].map(material))
+    return df[np.isfinite(df["equivalent_diameter_nm"].to_numpy(np.float64))].reset_index(drop=True)
+
+
+def size_statistics(sizes: pd.DataFrame) -> pd.DataFrame:
+    """Per class: count, and the 10th, 50th and 90th percentile and the mean of the
+    equivalent diameter in nm."""
+    if not len(sizes):
+        return pd.DataFrame(columns=["count", "p10_nm", "median_nm", "p90_nm", "mean_nm"])
+    d = sizes.groupby("class_name")["equivalent_diameter_nm"]
+    return pd.DataFrame({"count": d.size(), "p10_nm": d.quantile(0.1), "median_nm": d.median(),
+                         "p90_nm": d.quantile(0.9), "mean_nm": d.mean()})
+
+
+def error_table(run: Run) -> pd.DataFrame:
+    """Failed tiles: image_id, level, y, x (the tile's key), exception, message, chunk_keys."""
+    t = read_output(run.out, ERRORS).to_pandas()
+    return t[["image_id", "level", "y", "x", "exception", "message", "chunk_keys"]].sort_values(
+        ["image_id", "level", "y", "x"]).reset_index(drop=True)
+
+
+__all__ = ["class_names", "defect_sizes", "error_table", "image_table", "material_summary", "run_header",
+           "size_statistics"]
