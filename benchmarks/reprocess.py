@@ -1,0 +1,460 @@
+"""Reprocessing efficiency: the job end to end against the same ensemble in a bare loop.
+
+    python benchmarks/reprocess.py [--preset tiny small] [--images N] [--size PX] [--rounds 2]
+        [--workers 2] [--threads 1] [--batch-size 4] [--conf 0.001] [--max-det N] [--workdir DIR]
+
+Goal (issue 4): the job's tiles/s >= 0.9 x a bare loop's over tiles already in memory,
+same CPU budget (the model should be the limit, not the engine).
+
+Per preset, once: a synthetic archive (engine.synth.archive.generate_archive, chunks of
+the tile size), the preset's members with seeded random weights registered as a bundle
+in a throwaway SQLite MLflow registry (engine.pipeline.bundle.register_ensemble), and
+every tile the job will plan read through the datasource's own read function
+(engine.data.tile_read.read_tiles, no Ray) and cast to its image's stored dtype (what
+JobEnsemble does), saved as a pickle of batches of --batch-size tiles.
+
+Presets (untrained weights: throughput does not depend on what the weights learned):
+
+- tiny: yolov8n_tiny + sam_tiny + resnet10t, 128-px tiles, halo 16, max_det 8.
+- small: yolov8n + sam_tiny + resnet18, 512-px tiles, halo 32, max_det 32: the model
+  dominates, as on a real archive. (SAM vit_b is far too slow on a 2-core CPU.)
+
+Random weights score low and flat, so the detector keeps max_det boxes at conf 0.001:
+max_det sets how many boxes SAM segments per tile; the JSON gives the measured mean
+(boxes per tile into SAM, and detections per tile kept after core ownership).
+
+Variants, each round in a fresh child process, alternating (job, loop; loop, job; ...)
+to even out drift in a shared machine's load:
+
+- job: ray.init(num_cpus=W + 2) (a slot per ensemble actor, two for Ray Data's read and
+  sink tasks: logical slots, the machine has what it has), then
+  engine.pipeline.job.reprocess(concurrency=W, batch_size=B) from plan to summary,
+  writing every output (Parquet tables, label images, ledger). Timed: the whole call
+  (a cluster already up, as when a job is submitted to one); its stage_seconds say
+  where the time went. The describe task, actor start-up and model loading are in it.
+- loop: W spawned processes, each loads the same bundle (Ensemble.from_registry) and
+  the pickled tiles, waits at a barrier, then takes batches from a shared counter until
+  none are left and runs the ensemble's stages on each (start -> detect -> segment ->
+  classify -> finish -> to_columns: exactly `Ensemble.__call__`, split only to count
+  SAM's boxes). Timed from the barrier to the last batch; results are not written.
+
+Same CPU budget: W model processes (actors or loop workers) with T torch threads each
+in both (OMP_NUM_THREADS / MKL_NUM_THREADS = T and torch.set_num_threads in the loop;
+Ray's workers inherit the variables, checked by a Ray task), at the same niceness (Ray
+would start its workers at 15; RAY_worker_niceness sets them to the loop's), on the
+same machine cores.
+
+Figures: tiles/s per run ("ratio" = median job / median loop, the goal's figure; also
+"ratio_tile_stage" over the job's tile stage alone) and, because the wall clock on a
+shared machine measures the neighbours too, the CPU seconds per tile of each variant's
+whole process tree (psutil: the child, Ray's GCS, raylet, workers and actors, or the
+loop's workers), counting processes that exited during the run through their parents'
+children times (Ray ends the actors before `reprocess` returns): "cpu_ratio" = loop's
+CPU seconds per tile / job's, the robust figure under load. Prints one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import pickle
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+PRESETS = {
+    "tiny": {"detector": "yolov8n_tiny", "segmenter": "sam_tiny", "classifier": "resnet10t", "tile": 128, "halo": 16,
+             "max_det": 8, "images": 4, "size": 1024},
+    "small": {"detector": "yolov8n", "segmenter": "sam_tiny", "classifier": "resnet18", "tile": 512, "halo": 32,
+              "max_det": 32, "images": 4, "size": 2048},
+}
+BUNDLE = "bench"
+VARIANTS = ("job", "loop")
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--preset", nargs="+", choices=sorted(PRESETS), default=["tiny", "small"])
+    p.add_argument("--images", type=int, default=None, help="images in the archive (default: the preset's)")
+    p.add_argument("--size", type=int, default=None, help="image edge in pixels (default: the preset's)")
+    p.add_argument("--rounds", type=int, default=2, help="runs of each variant, order alternating")
+    p.add_argument("--workers", type=int, default=2, help="ensemble actors / loop processes (W)")
+    p.add_argument("--threads", type=int, default=1, help="torch / OpenMP threads per model process (T)")
+    p.add_argument("--batch-size", type=int, default=4, help="tiles per ensemble call, both variants")
+    p.add_argument("--conf", type=float, default=0.001, help="detector score threshold")
+    p.add_argument("--max-det", type=int, default=None, help="boxes per tile (default: the preset's)")
+    p.add_argument("--niceness", type=int, default=0, help="niceness of every model process")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--workdir", type=Path, default=None, help="archives, registry, outputs (default: temporary)")
+    p.add_argument("--run-variant", default=None, help=argparse.SUPPRESS)  # child process: one run
+    return p.parse_args(argv)
+
+
+# ---------------------------------------------------------------- measuring
+
+def tree_cpu_seconds(pid: int, *, reaped: bool = True) -> float:
+    """User + system CPU seconds of process `pid`, its live descendants, and every
+    descendant that exited and was reaped by one of them (the children times of
+    /proc/<pid>/stat: Ray Data's actors end before `reprocess` returns, and the raylet
+    reaps them). Compare two readings: a process alive at the first and reaped by the
+    second is counted in full at both. Other users' processes are not in the tree, so
+    CPU seconds per tile barely depend on the machine's load, unlike wall seconds.
+    (benchmarks/train.py's helper plus the children times; reaped=False: live processes only.)
+    """
+    import psutil
+
+    try:
+        root = psutil.Process(pid)
+        procs = [root, *root.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return float("nan")
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system + ((t.children_user + t.children_system) if reaped else 0.0)
+        except psutil.NoSuchProcess:
+            pass
+    return total
+
+
+def _load() -> dict:
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
+
+
+# ---------------------------------------------------------------- set-up, once per preset
+
+def build_models(preset: dict, seed: int):
+    """The preset's members with weights drawn from `seed`."""
+    import torch
+
+    from engine.models import create_classifier, create_detector, create_segmenter
+    from engine.pipeline import EnsembleModels
+
+    torch.manual_seed(seed)
+    return EnsembleModels(detector=create_detector(preset["detector"]), segmenter=create_segmenter(preset["segmenter"]),
+                          classifier=create_classifier(preset["classifier"]))
+
+
+def job_pixel_size(archive: Path) -> float:
+    """The job's target pixel size for a bundle without a ``pixel_size_nm`` tag: the finest
+    level-0 size, each image read at its own level 0 (engine.pipeline.job)."""
+    from engine.stores.catalog import read_catalog
+    from engine.stores.ngff import to_nanometres
+
+    catalog = read_catalog(str(archive))
+    return min(to_nanometres(float(p), str(u)) for p, u in zip(catalog["pixel_size_x"], catalog["unit"]))
+
+
+def load_tiles(archive: Path, preset: dict, batch_size: int) -> tuple[list[dict], int]:
+    """Every tile the job plans, read in this process by the datasource's own reader, each
+    cast to its image's stored dtype; as batches of `batch_size` rows. Returns (batches, tiles)."""
+    import math
+
+    import numpy as np
+    from ray.data.block import BlockAccessor
+
+    from engine.data.datasource import ZarrTileDatasource
+    from engine.data.tile_read import read_tiles
+    from engine.stores.catalog import read_catalog
+
+    catalog = read_catalog(str(archive))
+    stored = dict(zip(catalog["image_id"], catalog["dtype"]))
+    source = ZarrTileDatasource(str(archive), target_pixel_size_nm=job_pixel_size(archive), tile_size=preset["tile"],
+                                halo=preset["halo"], tolerance=math.inf)
+    rows: dict[str, list] = {}
+    for spec in source.read_specs():
+        for block in read_tiles(spec):
+            batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+            for name, col in batch.items():
+                rows.setdefault(name, []).extend(col)
+    rows["tile"] = [np.asarray(t).astype(stored[str(i)], copy=False) for t, i in zip(rows["tile"], rows["image_id"])]
+    n = len(rows["tile"])
+    batches = []
+    for start in range(0, n, batch_size):
+        batch = {}
+        for name, values in rows.items():
+            part = values[start : start + batch_size]
+            if name == "tile":
+                col = np.empty(len(part), object)
+                col[:] = part
+            else:
+                col = np.asarray(part, dtype=object if isinstance(part[0], (str, type(None))) else None)
+            batch[name] = col
+        batches.append(batch)
+    return batches, n
+
+
+def prepare(args, name: str, work: Path) -> dict:
+    """Archive, registry with the bundle, tiles pickle for one preset; the children's config."""
+    from engine.pipeline.bundle import register_ensemble
+    from engine.registry import ModelRegistry
+    from engine.synth.archive import generate_archive
+
+    preset = dict(PRESETS[name])
+    images = args.images or preset["images"]
+    size = args.size or preset["size"]
+    max_det = args.max_det or preset["max_det"]
+    root = work / name
+    archive = root / "archive"
+    spec = {"n_images": images, "size": size, "chunk": preset["tile"], "seed": args.seed}
+    marker = root / "archive-spec.json"
+    t0 = time.perf_counter()
+    if not (marker.is_file() and json.loads(marker.read_text()) == spec):
+        shutil.rmtree(archive, ignore_errors=True)
+        generate_archive(archive, **spec)
+        marker.write_text(json.dumps(spec))
+    archive_s = time.perf_counter() - t0
+    shutil.rmtree(root / "registry", ignore_errors=True)
+    registry = ModelRegistry(tracking_uri=f"sqlite:///{root / 'registry' / 'm.db'}")
+    (root / "registry").mkdir(parents=True, exist_ok=True)
+    bundle = register_ensemble(registry, build_models(preset, args.seed), BUNDLE, workdir=root / "registry" / "w")
+    batches, n_tiles = load_tiles(archive, preset, args.batch_size)
+    tiles_path = root / "tiles.pkl"
+    tiles_path.write_bytes(pickle.dumps(batches, protocol=pickle.HIGHEST_PROTOCOL))
+    return {
+        "preset": name, "archive": str(archive), "out": str(root / "out"), "tiles_path": str(tiles_path),
+        "tracking_uri": registry.tracking_uri, "bundle": bundle.ref, "tile": preset["tile"], "halo": preset["halo"],
+        "batch_size": args.batch_size, "workers": args.workers, "threads": args.threads, "conf": args.conf,
+        "max_det": max_det, "n_tiles": n_tiles, "seed": args.seed,
+        "describe": {"models": {r: preset[r] for r in ("detector", "segmenter", "classifier")},
+                     "archive": {**spec, "generated_s": round(archive_s, 1)}, "tiles": n_tiles,
+                     "tile_px": preset["tile"], "halo_px": preset["halo"], "batch_size": args.batch_size,
+                     "conf": args.conf, "max_det": max_det, "weights": "untrained, seeded"},
+    }
+
+
+# ---------------------------------------------------------------- the variants (child processes)
+
+def _registry(cfg: dict):
+    from engine.registry import ModelRegistry
+
+    return ModelRegistry(tracking_uri=cfg["tracking_uri"])
+
+
+def _config(cfg: dict):
+    from engine.pipeline import EnsembleConfig
+
+    return EnsembleConfig(conf=cfg["conf"], max_det=cfg["max_det"])
+
+
+def run_job(cfg: dict) -> dict:
+    """One run of the job on a fresh local Ray of W + 2 logical CPUs."""
+    import ray
+
+    from engine.pipeline.job import reprocess
+
+    temp_dir = tempfile.mkdtemp(prefix="gf", dir="/tmp")  # Ray's socket paths must stay short
+    ray.init(address="local", num_cpus=cfg["workers"] + 2, include_dashboard=False, log_to_driver=False,
+             _temp_dir=temp_dir)
+    try:
+        threads = ray.get(ray.remote(num_cpus=1)(_torch_threads).remote())
+        registry = _registry(cfg)
+        pid = os.getpid()
+        live0, cpu0, t0 = tree_cpu_seconds(pid, reaped=False), tree_cpu_seconds(pid), time.perf_counter()
+        result = reprocess(cfg["archive"], cfg["out"], cfg["bundle"], registry=registry, tile_size=cfg["tile"],
+                           halo=cfg["halo"], batch_size=cfg["batch_size"], concurrency=cfg["workers"], num_gpus=0,
+                           resume=False, config=_config(cfg))
+        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(pid) - cpu0
+        live = tree_cpu_seconds(pid, reaped=False) - live0
+    finally:
+        ray.shutdown()
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    n = result.tiles_done + result.errors
+    if result.errors or n != cfg["n_tiles"]:
+        raise SystemExit(f"job: {result.errors} tile errors, {n} tiles of {cfg['n_tiles']}")
+    return {"tiles": n, "wall_s": round(wall, 2), "tiles_per_s": round(n / wall, 3),
+            "tile_stage_tiles_per_s": round(result.tiles_per_s, 3), "tree_cpu_s": round(cpu, 2),
+            "tree_cpu_s_live_processes_only": round(live, 2), "cpu_s_per_tile": round(cpu / n, 4), "job_seconds": round(result.seconds, 2),
+            "stage_seconds": {k: round(v, 2) for k, v in result.stage_seconds.items()},
+            "objects": result.objects, "ray_worker_torch_threads": threads}
+
+
+def _torch_threads() -> int:
+    import torch
+
+    return torch.get_num_threads()
+
+
+def _loop_worker(cfg: dict, counter, start, results, leave) -> None:
+    """One loop process: load the bundle and the tiles, wait at `start`, run batches from
+    the shared `counter` until none are left, report, stay alive until `leave` is set (so
+    the parent can still read this process's CPU time)."""
+    import numpy as np
+    import torch
+
+    from engine.pipeline import Ensemble
+    from engine.pipeline.ensemble import tiles_from_batch
+    from engine.pipeline.results import to_columns
+
+    torch.set_num_threads(cfg["threads"])
+    ens = Ensemble.from_registry(cfg["bundle"], _registry(cfg), config=_config(cfg), device="cpu")
+    with open(cfg["tiles_path"], "rb") as f:
+        batches = pickle.load(f)
+    start.wait()
+    tiles = boxes = kept = 0
+    while True:
+        with counter.get_lock():
+            i = counter.value
+            counter.value += 1
+        if i >= len(batches):
+            break
+        p = ens.detect(ens.start(tiles_from_batch(batches[i])))
+        boxes += sum(len(w.boxes) for w in p.work.values())
+        out = to_columns(ens.finish(ens.classify(ens.segment(p))), n_materials=len(ens.materials),
+                         n_grades=len(ens.grades))
+        if any(e is not None for e in out["error"]):
+            raise SystemExit(f"loop: tile errors: {[e for e in out['error'] if e is not None][:3]}")
+        tiles += len(out["error"])
+        kept += int(np.sum(out["n_defects"]))
+    results.put({"tiles": tiles, "boxes": boxes, "kept": kept, "torch_threads": torch.get_num_threads()})
+    leave.wait()
+
+
+def run_loop(cfg: dict) -> dict:
+    """One run of the bare loop: W spawned processes over the in-memory tiles."""
+    ctx = mp.get_context("spawn")
+    counter, start, results, leave = ctx.Value("i", 0), ctx.Barrier(cfg["workers"] + 1), ctx.Queue(), ctx.Event()
+    procs = [ctx.Process(target=_loop_worker, args=(cfg, counter, start, results, leave)) for _ in range(cfg["workers"])]
+    for p in procs:
+        p.start()
+    pid = os.getpid()
+    try:
+        start.wait(timeout=600)
+        cpu0, t0 = tree_cpu_seconds(pid), time.perf_counter()
+        got = [results.get(timeout=3600) for _ in procs]
+        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(pid) - cpu0
+    finally:
+        leave.set()
+        for p in procs:
+            p.join(timeout=60)
+    n = sum(g["tiles"] for g in got)
+    if n != cfg["n_tiles"]:
+        raise SystemExit(f"loop: {n} tiles of {cfg['n_tiles']}")
+    return {"tiles": n, "wall_s": round(wall, 2), "tiles_per_s": round(n / wall, 3), "tree_cpu_s": round(cpu, 2),
+            "cpu_s_per_tile": round(cpu / n, 4), "tiles_per_worker": [g["tiles"] for g in got],
+            "boxes_per_tile": round(sum(g["boxes"] for g in got) / n, 2),
+            "kept_detections_per_tile": round(sum(g["kept"] for g in got) / n, 2),
+            "worker_torch_threads": [g["torch_threads"] for g in got]}
+
+
+def child(cfg: dict) -> None:
+    """--run-variant: one run, its record as JSON on the last line of stdout."""
+    from engine.runtime import configure_offline
+
+    configure_offline()
+    record = run_job(cfg) if cfg["variant"] == "job" else run_loop(cfg)
+    record["load_1m_after"] = _load()["load_1m"]
+    sys.stdout.write("\n" + json.dumps(record) + "\n")
+
+
+# ---------------------------------------------------------------- orchestration
+
+def run_variant(cfg: dict, variant: str, env: dict) -> dict:
+    load = _load()["load_1m"]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-variant",
+                           json.dumps({**cfg, "variant": variant})],
+                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{variant} run exited with {proc.returncode}")
+    record = json.loads(proc.stdout.strip().splitlines()[-1])
+    return {"load_1m_before": load, **record, "process_s": round(time.perf_counter() - started, 1)}
+
+
+def bench_preset(args, name: str, work: Path, env: dict) -> dict:
+    cfg = prepare(args, name, work)
+    runs: dict[str, list[dict]] = {v: [] for v in VARIANTS}
+    rounds = []
+    for r in range(args.rounds):
+        order = ["job", "loop"] if r % 2 == 0 else ["loop", "job"]
+        for variant in order:
+            runs[variant].append(run_variant(cfg, variant, env))
+        job, loop = runs["job"][-1], runs["loop"][-1]
+        rounds.append({"order": order, "job_tiles_per_s": job["tiles_per_s"], "loop_tiles_per_s": loop["tiles_per_s"],
+                       "ratio": round(job["tiles_per_s"] / loop["tiles_per_s"], 3),
+                       "ratio_tile_stage": round(job["tile_stage_tiles_per_s"] / loop["tiles_per_s"], 3),
+                       "cpu_ratio": round(loop["cpu_s_per_tile"] / job["cpu_s_per_tile"], 3)})
+
+    def med(variant: str, key: str) -> float:
+        return statistics.median(rec[key] for rec in runs[variant])
+
+    stages = {k: round(statistics.median(rec["stage_seconds"][k] for rec in runs["job"]), 2)
+              for k in runs["job"][0]["stage_seconds"]}
+    return {
+        "setup": cfg["describe"],
+        "tiles_per_s": {"job": med("job", "tiles_per_s"), "job_tile_stage": med("job", "tile_stage_tiles_per_s"),
+                        "loop": med("loop", "tiles_per_s")},
+        "ratio": round(med("job", "tiles_per_s") / med("loop", "tiles_per_s"), 3),
+        "ratio_tile_stage": round(med("job", "tile_stage_tiles_per_s") / med("loop", "tiles_per_s"), 3),
+        "cpu_s_per_tile": {"job": med("job", "cpu_s_per_tile"), "loop": med("loop", "cpu_s_per_tile")},
+        "cpu_ratio": round(med("loop", "cpu_s_per_tile") / med("job", "cpu_s_per_tile"), 3),
+        "goal": 0.9,
+        "boxes_per_tile_into_sam": med("loop", "boxes_per_tile"),
+        "kept_detections_per_tile": med("loop", "kept_detections_per_tile"),
+        "job_stage_seconds_median": stages,
+        "rounds": rounds,
+        "runs": runs,
+    }
+
+
+def main(argv=None) -> dict:
+    args = parse_args(argv)
+    if args.run_variant is not None:
+        child(json.loads(args.run_variant))
+        return {}
+    from engine.runtime import configure_offline
+
+    configure_offline()
+    tmp = None
+    if args.workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix="gf-reprocess-bench-")
+        args.workdir = Path(tmp.name)
+    work = args.workdir.resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    # Entry-point settings, inherited by the loop's processes and Ray's workers alike.
+    threads = str(args.threads)
+    os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
+                       "RAY_worker_niceness": str(args.niceness),  # Ray's default is 15; the loop's is ours
+                       "YOLO_CONFIG_DIR": str(work / "ultralytics")})
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    env = {**os.environ, "PYTHONPATH": path}
+    started = time.perf_counter()
+    load_start = _load()
+    saved = os.dup(1)
+    os.dup2(2, 1)  # libraries' logs to stderr; stdout carries only the JSON
+    try:
+        os.nice(args.niceness - os.nice(0))  # the loop's processes inherit it (root may lower it)
+        presets = {name: bench_preset(args, name, work, env) for name in args.preset}
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
+    report = {
+        "benchmark": "reprocess", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
+                    "load_1m_end": _load()["load_1m"]},
+        "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
+                   "ray_logical_cpus": args.workers + 2, "niceness": args.niceness},
+        "rounds": args.rounds, "presets": presets, "total_seconds": round(time.perf_counter() - started, 1),
+    }
+    print(json.dumps(report, indent=2))
+    if tmp is not None:
+        tmp.cleanup()
+    return report
+
+
+if __name__ == "__main__":
+    main()
