@@ -277,7 +277,8 @@ def run_job(cfg: dict) -> dict:
         raise SystemExit(f"job: {result.errors} tile errors, {n} tiles of {cfg['n_tiles']}")
     return {"tiles": n, "wall_s": round(wall, 2), "tiles_per_s": round(n / wall, 3),
             "tile_stage_tiles_per_s": round(result.tiles_per_s, 3), "tree_cpu_s": round(cpu, 2),
-            "tree_cpu_s_live_processes_only": round(live, 2), "cpu_s_per_tile": round(cpu / n, 4), "job_seconds": round(result.seconds, 2),
+            "tree_cpu_s_live_processes_only": round(live, 2), "cpu_s_per_tile": round(cpu / n, 4),
+            "job_seconds": round(result.seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in result.stage_seconds.items()},
             "objects": result.objects, "ray_worker_torch_threads": threads}
 
@@ -327,7 +328,8 @@ def run_loop(cfg: dict) -> dict:
     """One run of the bare loop: W spawned processes over the in-memory tiles."""
     ctx = mp.get_context("spawn")
     counter, start, results, leave = ctx.Value("i", 0), ctx.Barrier(cfg["workers"] + 1), ctx.Queue(), ctx.Event()
-    procs = [ctx.Process(target=_loop_worker, args=(cfg, counter, start, results, leave)) for _ in range(cfg["workers"])]
+    procs = [ctx.Process(target=_loop_worker, args=(cfg, counter, start, results, leave))
+             for _ in range(cfg["workers"])]
     for p in procs:
         p.start()
     pid = os.getpid()
