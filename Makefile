@@ -16,9 +16,9 @@ $(STAMP): pyproject.toml
 
 venv: $(STAMP)
 
+# Synthesise archives, train the tiny models (first run only), reprocess, write the report.
 demo: $(STAMP)
-	$(VENV)/bin/grainflow synth $(DEMO_DIR)/archive --images 12 --size 512 --seed 7
-	$(VENV)/bin/grainflow catalog $(DEMO_DIR)/archive
+	$(PY) -m jobs.demo --dir $(DEMO_DIR)
 
 # The viewer's browser test drives Debian's chromium; Playwright never downloads one.
 browser:

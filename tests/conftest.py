@@ -55,8 +55,11 @@ def s3_bucket(s3_endpoint) -> str:
 
 
 @pytest.fixture(scope="session")
-def ray_session():
+def ray_session(s3_endpoint):
     """One local Ray for the whole test session (never one per test).
+
+    Started after moto's S3 endpoint, so that every Ray worker inherits the AWS_*
+    variables and jobs over s3:// URIs run on this Ray as they would on a cluster.
 
     Four logical CPUs on a 2-core machine: Ray Train's workers and Ray Data's read tasks
     each hold a CPU slot, and with only two slots a 2-worker trainer would starve its

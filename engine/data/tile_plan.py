@@ -21,12 +21,20 @@ from typing import Iterable, Iterator
 
 import numpy as np
 
+from engine.errors import GrainflowError
 from engine.preprocess.resample import OutputGrid
 from engine.stores.ngff import to_nanometres
 from engine.tiling.grid import TileGrid, TileKey
 from engine.tiling.transform import LevelTransform
 
 Rect = tuple[int, int, int, int]  # r0, r1, c0, c1: grid rows and columns, half open
+# Largest source-level tile edge a read task may hold (a 16384^2 uint16 tile is 512 MiB):
+# beyond it, the image's pyramid ends far finer than the target pixel size.
+MAX_SOURCE_TILE = 16384
+
+
+class PlanningError(GrainflowError):
+    """An image whose tiles cannot be planned at the asked pixel size."""
 
 
 def choose_level(image, target_nm: float, tolerance: float) -> tuple[int, bool]:
@@ -108,6 +116,11 @@ def plan_image(image, image_id: str, location, modality: str, *, target_nm: floa
         want = info.chunks if tile_size is None else (tile_size, tile_size)
         level_halo = halo
     tile = tuple(max(1, math.ceil(w / c)) * c for w, c in zip(want, info.chunks))
+    if max(tile) + 2 * level_halo > MAX_SOURCE_TILE:
+        raise PlanningError(
+            f"{image_id}: a tile at {target_nm:.6g} nm per pixel would read {tile[0]} x {tile[1]} px of level "
+            f"{level} ({transform.level_pixel_size_nm[1]:.6g} nm per pixel): the image's pyramid ends too fine "
+            f"for that pixel size; add coarser levels or ask for a finer pixel size")
     grid = TileGrid(image_id, level, info.shape, info.chunks, tile, level_halo, transform)
     n_rows, n_cols = grid.n_rows, grid.n_cols
     if output is not None:

@@ -12,7 +12,7 @@ import pytest
 import zarr
 
 from engine.data.datasource import ZarrTileDatasource
-from engine.data.tile_plan import ReadSpec, choose_level, layout, plan_reads
+from engine.data.tile_plan import PlanningError, ReadSpec, choose_level, layout, plan_reads
 from engine.data.tile_read import COLUMNS, read_tiles
 from engine.preprocess.resample import OutputGrid, resample
 from engine.stores.catalog import CatalogRow, image_uri, write_catalog
@@ -88,6 +88,13 @@ class TestPlanning:
         assert choose_level(image, size0 * 100, 1.5) == (3, True)
         with pytest.raises(ValueError, match="positive"):
             choose_level(image, 0.0, 1.5)
+
+    def test_a_target_far_past_the_coarsest_level_is_refused(self, archive):
+        """Resampling from a pyramid that ends far finer than the target would make read
+        tasks hold gigantic tiles: refused at planning time, naming the image."""
+        image_id, image = next(iter(_images(archive).items()))
+        with pytest.raises(PlanningError, match=rf"{image_id}: a tile at .* would read"):
+            ZarrTileDatasource(archive[0].uri, target_pixel_size_nm=image.pixel_size_nm * 5000, tile_size=512).images()
 
     def test_planning_reads_no_pixels(self, archive, monkeypatch):
         keys = []
