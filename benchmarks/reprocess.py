@@ -372,8 +372,10 @@ def run_variant(cfg: dict, variant: str, env: dict) -> dict:
                           cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
     if proc.returncode != 0:
         raise SystemExit(f"{variant} run exited with {proc.returncode}")
-    record = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {"load_1m_before": load, **record, "process_s": round(time.perf_counter() - started, 1)}
+    record = {"load_1m_before": load, **json.loads(proc.stdout.strip().splitlines()[-1]),
+              "process_s": round(time.perf_counter() - started, 1)}
+    print(f"reprocess benchmark: {cfg['preset']} {variant}: {json.dumps(record)}", file=sys.stderr, flush=True)
+    return record
 
 
 def bench_preset(args, name: str, work: Path, env: dict) -> dict:
