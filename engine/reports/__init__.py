@@ -1,7 +1,7 @@
 """Quality reports of reprocessing runs.
 
 - `report`: `write_report(run_uri)` writes one self-contained HTML page (``<run>/report.html``
-  by default), `run_summary(run_uri)` gives its per-material table as a DataFrame;
+  by default), `run_summary(run_uri)` gives its per-material table as a DataFrame, `overlay_png` one example overlay;
 - `run`: `load_run` reads a finished run's manifest, summary and its archive's catalog;
 - `tables`: the report's numbers (header, per material, per image, sizes, errors);
 - `overlay`: coarse-level pixels, label outlines and boxes for example overlays;
@@ -20,6 +20,7 @@ _EXPORTS = {
     "write_report": "engine.reports.report",
     "run_summary": "engine.reports.report",
     "render_report": "engine.reports.report",
+    "overlay_png": "engine.reports.report",
     "load_run": "engine.reports.run",
     "NotARunError": "engine.reports.run",
     "Run": "engine.reports.run",

@@ -58,9 +58,9 @@ def render_report(run: Run) -> str:
     classes = class_names(run)
     sections = [_header(run), _materials(run), _images(run), _sizes(run, classes), _density(run),
                 _overlays(run, classes)]
-    errors = error_table(run)
-    if len(errors):
-        sections.append(_errors(errors))
+    n_errors = int(run.summary["tiles_error"].sum())
+    if n_errors:
+        sections.append(_errors(error_table(run, limit=MAX_ERROR_ROWS), n_errors))
     subtitle = f"run {run.out.uri}" + (f", archive {run.archive.uri}" if run.archive is not None else "")
     return html.page("grainflow reprocessing report", subtitle, sections)
 
@@ -203,16 +203,35 @@ def _overlays(run: Run, classes: list[str]) -> str:
         f'<div class="overlays">{"".join(figs)}</div>', *notes])
 
 
-def _errors(errors: pd.DataFrame) -> str:
+def _errors(errors: pd.DataFrame, total: int) -> str:
     df = pd.DataFrame({
         "image": errors["image_id"],
         "tile (level, y, x)": [f"{lv}, {y}, {x}" for lv, y, x in zip(errors["level"], errors["y"], errors["x"])],
         "exception": errors["exception"], "message": errors["message"],
         "chunks": [", ".join(k) if k is not None else "" for k in errors["chunk_keys"]],
     })
-    return html.section("errors", f"Errors ({len(df)} tiles)", [
-        html.table(df, index=False, table_id="errors-table", limit=MAX_ERROR_ROWS),
-        html.note("tiles that failed; they are not in the ledger, so a rerun with the same --out tries them again.")])
+    parts = [html.table(df, index=False, table_id="errors-table")]
+    if total > len(df):
+        parts.append(html.note(f"the first {len(df)} of {total} failed tiles; read them all with "
+                               f"engine.data.sinks.read_output(out, 'errors')"))
+    parts.append(html.note("tiles that failed; they are not in the ledger, so a rerun with the same --out tries "
+                           "them again."))
+    return html.section("errors", f"Errors ({total} tiles)", parts)
 
 
-__all__ = ["REPORT_FILE", "render_report", "run_summary", "write_report"]
+def overlay_png(run: str | StoreLocation | Run, image_id: str | None = None, *,
+                archive: str | StoreLocation | None = None) -> bytes:
+    """One example overlay as PNG bytes (for a notebook: ``IPython.display.Image(...)``):
+    `image_id`'s, or that of the image with the most defects."""
+    run = run if isinstance(run, Run) else load_run(run, archive=archive)
+    if image_id is None:
+        image_id = run.summary.sort_values(["n_defects", "image_id"], ascending=[False, True])["image_id"].iloc[0]
+    loc = run.image_location(image_id)
+    if loc is None:
+        raise GrainflowError(f"{run.out.uri}: image {image_id!r} is not in the archive's catalog "
+                             f"({run.archive_note or (run.archive.uri if run.archive else 'no archive')})")
+    overlay = read_overlay(run.out, image_id, loc, run.labels_location(image_id))
+    return figures.overlay_figure(overlay, class_names(run))
+
+
+__all__ = ["REPORT_FILE", "overlay_png", "render_report", "run_summary", "write_report"]

@@ -161,11 +161,25 @@ def size_statistics(sizes: pd.DataFrame) -> pd.DataFrame:
                          "p90_nm": d.quantile(0.9), "mean_nm": d.mean()})
 
 
-def error_table(run: Run) -> pd.DataFrame:
-    """Failed tiles: image_id, level, y, x (the tile's key), exception, message, chunk_keys."""
-    t = read_output(run.out, ERRORS).to_pandas()
-    return t[["image_id", "level", "y", "x", "exception", "message", "chunk_keys"]].sort_values(
-        ["image_id", "level", "y", "x"]).reset_index(drop=True)
+def error_table(run: Run, *, limit: int | None = None) -> pd.DataFrame:
+    """Failed tiles: image_id, level, y, x (the tile's key), exception, message, chunk_keys.
+
+    Read image by image (those whose summary row counts errors), stopping once `limit`
+    rows are in: a run where everything failed does not load millions of rows for a
+    table that shows the first few hundred. The summary's ``tiles_error`` has the total.
+    """
+    columns = ["image_id", "level", "y", "x", "exception", "message", "chunk_keys"]
+    parts, n = [], 0
+    for image_id in run.summary.loc[run.summary["tiles_error"] > 0, "image_id"]:
+        part = read_output(run.out, ERRORS, image_id=image_id).to_pandas()
+        parts.append(part.sort_values(["level", "y", "x"]))
+        n += len(part)
+        if limit is not None and n >= limit:
+            break
+    if not parts:
+        return pd.DataFrame({c: pd.Series(dtype=object) for c in columns})
+    df = pd.concat(parts, ignore_index=True)[columns]
+    return df if limit is None else df.iloc[:limit]
 
 
 __all__ = ["class_names", "defect_sizes", "error_table", "image_table", "material_summary", "run_header",
