@@ -232,20 +232,50 @@ class Ensemble:
 
         params: image_id -> PreprocessParams for this call (default: the constructor's).
         """
+        return self.finish(self.classify(self.segment(self.detect(self.start(tiles, params=params)))))
+
+    # ------------------------------------------------------------------ stages
+    # `analyze` is start -> detect -> segment -> classify -> finish. The stages are public
+    # so that a server can run each in its own process (engine.serving: one deployment per
+    # member); an `EnsemblePass` carries the tiles between them and pickles.
+
+    def start(self, tiles: Sequence[TileInput], *, params=None, warm: bool = False) -> EnsemblePass:
+        """Check each tile and bind its preprocessing parameters (a bad tile becomes an
+        error). warm: compute every member's normalised input now (a preprocessing
+        stage), rather than when each member first needs it."""
         lookup = self._params if params is None else inp.params_lookup(params)
-        errors: dict[int, str] = {}
-        work: dict[int, _Work] = {}
-        for i, t in enumerate(tiles):
+        p = EnsemblePass(list(tiles))
+        for i, t in enumerate(p.tiles):
             if t.error is not None:
-                errors[i] = str(t.error)
+                p.errors[i] = str(t.error)
                 continue
             try:
-                work[i] = _Work.of(t, lookup(t.image_id) if "image" in self.inputs.values() else None)
+                p.work[i] = _Work.of(t, lookup(t.image_id) if "image" in self.inputs.values() else None)
+                if warm:
+                    for role in self.models.members():
+                        p.work[i].normalised(self.inputs[role])
             except Exception as exc:
-                errors[i] = f"{type(exc).__name__}: {exc}"
-        self._detect(work, errors)
-        self._segment(work, errors)
-        self._classify(work, errors)
+                p.errors[i] = f"{type(exc).__name__}: {exc}"
+        return p
+
+    def detect(self, p: EnsemblePass) -> EnsemblePass:
+        """Detector boxes for every live tile of the pass (in place; returns it)."""
+        self._detect(p.work, p.errors)
+        return p
+
+    def segment(self, p: EnsemblePass) -> EnsemblePass:
+        """Segmenter masks for the detected boxes (box masks without a segmenter)."""
+        self._segment(p.work, p.errors)
+        return p
+
+    def classify(self, p: EnsemblePass) -> EnsemblePass:
+        """Material and grade probabilities (classifier and fusion)."""
+        self._classify(p.work, p.errors)
+        return p
+
+    def finish(self, p: EnsemblePass) -> list[TileResult]:
+        """Measurements and one TileResult per tile of the pass, in order."""
+        work, errors = p.work, dict(p.errors)
         results: dict[int, TileResult] = {}
         for i, w in work.items():
             try:
@@ -253,7 +283,7 @@ class Ensemble:
             except Exception as exc:  # a measurement failing on one tile fails that tile only
                 errors[i] = f"{type(exc).__name__}: measure: {exc}"
         out = []
-        for i, t in enumerate(tiles):
+        for i, t in enumerate(p.tiles):
             if i in errors:
                 out.append(TileResult.failed(
                     image_id=str(t.image_id), level=int(t.level), y=int(t.y), x=int(t.x),
@@ -477,6 +507,46 @@ class _Work:
         return np.ascontiguousarray(full[self.core]), context
 
 
+@dataclass
+class EnsemblePass:
+    """Tiles on their way through the ensemble's stages (`Ensemble.start` ... `finish`).
+
+    tiles: the pass's tiles, in order; work: index -> the live tile's state; errors:
+    index -> error message of a tile that failed (it leaves `work`). Picklable, so a
+    pass can go from one server process to the next.
+    """
+
+    tiles: list[TileInput]
+    work: dict[int, _Work] = field(default_factory=dict)
+    errors: dict[int, str] = field(default_factory=dict)
+
+    def __len__(self) -> int:
+        return len(self.tiles)
+
+    @staticmethod
+    def merge(passes: Sequence[EnsemblePass]) -> EnsemblePass:
+        """One pass of all the tiles of `passes` (in order), e.g. several requests batched."""
+        out = EnsemblePass([])
+        for p in passes:
+            base = len(out.tiles)
+            out.tiles += p.tiles
+            out.work.update({base + i: w for i, w in p.work.items()})
+            out.errors.update({base + i: e for i, e in p.errors.items()})
+        return out
+
+    def split(self, sizes: Sequence[int]) -> list[EnsemblePass]:
+        """The inverse of `merge`: passes of `sizes` tiles each."""
+        if sum(sizes) != len(self.tiles):
+            raise ValueError(f"split: sizes {list(sizes)} do not add up to the pass's {len(self.tiles)} tiles")
+        out, base = [], 0
+        for n in sizes:
+            out.append(EnsemblePass(self.tiles[base : base + n],
+                                    {i - base: w for i, w in self.work.items() if base <= i < base + n},
+                                    {i - base: e for i, e in self.errors.items() if base <= i < base + n}))
+            base += n
+        return out
+
+
 def _or_nan(probs: np.ndarray, n: int) -> np.ndarray:
     """Probabilities, or n NaNs when no member classified (no classifier, no fusion)."""
     return probs if len(probs) else np.full(n, np.nan, np.float32)
@@ -580,5 +650,5 @@ def analyze_tile(pixels: np.ndarray, modality: str, pixel_size_nm: float, *, ens
     return ensemble.analyze([tile], params=None if params is None else (lambda _image_id: params))[0]
 
 
-__all__ = ["Ensemble", "EnsembleConfig", "EnsembleModels", "TileInput", "analyze_tile", "resolve_device",
+__all__ = ["Ensemble", "EnsembleConfig", "EnsembleModels", "EnsemblePass", "TileInput", "analyze_tile", "resolve_device",
            "tiles_from_batch"]
