@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Callable
 
 from engine.errors import GrainflowError
@@ -40,3 +42,100 @@ def follow_job(client, job_id: str, *, on_line: Callable[[str], None] = print, p
         if time.monotonic() > deadline:
             raise GrainflowError(f"job {job_id} still {status.value} after {timeout_s:.0f} s")
         time.sleep(poll_s)
+
+
+# ----------------------------------------------------------------- grainflow submit <job>
+
+# job name -> (module run as `python -m`, argument naming where its results land)
+JOBS: dict[str, tuple[str, str]] = {
+    "reprocess": ("jobs.reprocess", "out"),
+    "train": ("jobs.finetune", "storage"),
+    "synthesize": ("jobs.synthesize", "out"),
+}
+# Never reach a model hub from a job (engine.runtime.configure_offline does the same locally).
+OFFLINE_ENV = {"HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "YOLO_OFFLINE": "1"}
+
+
+@dataclass(frozen=True)
+class Submission:
+    """What `prepare_submission` decided: the entrypoint and runtime_env to send, the
+    job's store URIs (argument -> URI) and where its results land."""
+
+    job: str
+    entrypoint: str
+    runtime_env: dict[str, Any]
+    submission_id: str
+    uris: dict[str, str]
+    results: str | None
+
+
+def parse_job_args(job: str, argv: list[str]):
+    """The job's own parser over `argv` (argparse exits 2 on bad arguments, naming them).
+
+    A job module not in this checkout (jobs.synthesize while it is written) is parsed
+    for its store URIs only, without abbreviations, so none slips past the tenant check.
+    """
+    import argparse
+    import importlib
+
+    from engine.tenants import JOB_URI_ARGS
+
+    if job not in JOBS:
+        raise GrainflowError(f"unknown job {job!r}; known: {', '.join(JOBS)}")
+    try:
+        module = importlib.import_module(JOBS[job][0])
+    except ModuleNotFoundError as exc:
+        if exc.name != JOBS[job][0]:
+            raise
+        p = argparse.ArgumentParser(prog=f"python -m {JOBS[job][0]}", allow_abbrev=False)
+        for name in JOB_URI_ARGS[job]:
+            p.add_argument(f"--{name.replace('_', '-')}", dest=name, default=None)
+        return p.parse_known_args(argv)[0]
+    return module.parse_args(argv)
+
+
+def prepare_submission(job: str, argv: list[str], *, tenant: str | None = None, tenants_file: str | None = None,
+                       audit=None, env_vars: dict[str, str] | None = None) -> Submission:
+    """Parse the job's arguments, check its URIs against the tenant's prefixes (refusals
+    and acceptances audited: engine.tenants.check_job), and build what to submit.
+
+    With a tenants file, the job gets GRAINFLOW_TENANT and GRAINFLOW_TENANTS_FILE in its
+    runtime_env and checks again inside (engine.tenants.enforce_job_uris); the file's
+    path must be readable where the job's driver runs (a shared or baked-in path).
+    """
+    import shlex
+    import uuid
+
+    from engine.tenants import SUBMISSION_ID_ENV, TENANT_ENV, TENANTS_FILE_ENV, Tenants, check_job, job_uris
+
+    args = parse_job_args(job, argv)
+    submission_id = f"grainflow-{job}-{uuid.uuid4().hex[:12]}"
+    env = {**OFFLINE_ENV, **(env_vars or {}), SUBMISSION_ID_ENV: submission_id}
+    if tenants_file:
+        tenants_file = str(Path(tenants_file).expanduser().resolve())
+        check_job(job, args, tenant=tenant, tenants=Tenants.load(tenants_file), where="submit", audit=audit,
+                  extra={"submission_id": submission_id})
+        env.update({TENANTS_FILE_ENV: tenants_file, TENANT_ENV: tenant or ""})
+    elif tenant:
+        raise GrainflowError("--tenant needs --tenants-file (or GRAINFLOW_TENANTS_FILE): the file that grants its prefixes")
+    module, results_arg = JOBS[job]
+    uris = job_uris(job, args)
+    return Submission(job, shlex.join(["python", "-m", module, *argv]), {"env_vars": env}, submission_id, uris,
+                      uris.get(results_arg))
+
+
+def job_client(address: str, *, token_path: str | None = None):
+    """A JobSubmissionClient for the dashboard at `address` (http://host:port), sending
+    the cluster token from `token_path` (default RAY_AUTH_TOKEN_PATH) when there is one."""
+    import os
+
+    from ray.job_submission import JobSubmissionClient
+
+    token_path = token_path or os.environ.get("RAY_AUTH_TOKEN_PATH")
+    headers = None
+    if token_path:
+        try:
+            headers = {"Authorization": f"Bearer {Path(token_path).expanduser().read_text().strip()}"}
+        except OSError as exc:
+            raise GrainflowError(f"{token_path}: cannot read the cluster token: {exc}") from None
+    return JobSubmissionClient(address, headers=headers)

@@ -63,6 +63,9 @@ def main(argv: list[str] | None = None) -> int:
     configure_offline()
     started = False
     try:
+        from engine.tenants import enforce_job_uris
+
+        enforce_job_uris("reprocess", args)  # the tenant's prefixes, checked again in the job
         from engine.pipeline.ensemble import EnsembleConfig
         from engine.pipeline.job import reprocess
         from engine.registry import ModelRegistry
