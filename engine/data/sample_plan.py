@@ -30,6 +30,10 @@ from engine.stores.uri import StoreLocation, resolve
 
 TRUTH_FILE = "ground_truth.parquet"  # engine.synth.truth.TRUTH_FILE; not imported to keep synth out of workers
 MASK_KINDS = (None, "semantic", "instance")
+ANCHORS = ("grid", "instances")
+# anchor="instances": a defect is read at the finest level where its box fills at most
+# this share of the tile's side, so the crop shows the whole defect and some context.
+INSTANCE_FILL = 0.75
 
 
 class SamplePlanError(GrainflowError, ValueError):
@@ -53,6 +57,10 @@ class SampleLayout:
     require_instances: keep only tiles that ground truth says contain a defect (a SAM
       sample without a box has nothing to learn from).
     max_per_image: at most this many tiles per image, a seeded random subset (None: all).
+    anchor: "grid" (tiles on a regular grid) or "instances" (one tile per ground-truth
+      instance, centred on its box, at the finest allowed level where the box spans at
+      most INSTANCE_FILL of the tile; the spec lists only that instance: defect crops
+      for generative models). Crops may reach past the image edge (read padded).
     """
 
     tile: int
@@ -63,8 +71,13 @@ class SampleLayout:
     stride: int | None = None
     require_instances: bool = False
     max_per_image: int | None = None
+    anchor: str = "grid"
 
     def __post_init__(self) -> None:
+        if self.anchor not in ANCHORS:
+            raise SamplePlanError(f"SampleLayout.anchor {self.anchor!r} is not one of {ANCHORS}")
+        if self.anchor == "instances" and self.context_tile is not None:
+            raise SamplePlanError("SampleLayout: anchor='instances' crops have no context tile")
         if not isinstance(self.tile, int) or self.tile < 8:
             raise SamplePlanError(f"SampleLayout.tile must be an integer >= 8 pixels, got {self.tile!r}")
         if self.mask not in MASK_KINDS:
@@ -209,7 +222,7 @@ def plan_samples(
         wanted = set(image_ids)
         catalog = catalog[catalog["image_id"].isin(wanted)]
     truth = None
-    if layout.mask is not None or layout.require_instances:
+    if layout.mask is not None or layout.require_instances or layout.anchor == "instances":
         truth = read_truth(archive)
         if truth is None:
             raise SamplePlanError(
@@ -238,6 +251,44 @@ def _plan_image(archive, row, layout, truth, materials, grades, defect_classes, 
         ids = truth["instance_id"].to_numpy(np.int64)
         classes = np.array([_index(c, defect_classes, "defect class", row.image_id) + 1
                             for c in truth["defect_class"]], np.int64)
+    if layout.anchor == "instances":
+        out = _instance_crops(row, layout, list(levels), boxes, ids, classes, material_index, grade_index, px0,
+                              uri, seed)
+    else:
+        out = _grid_tiles(row, layout, levels, boxes, ids, classes, material_index, grade_index, px0, uri, seed)
+    if layout.max_per_image is not None and len(out) > layout.max_per_image:
+        keep = np.sort(rng.choice(len(out), layout.max_per_image, replace=False))
+        out = [out[i] for i in keep]
+    return out
+
+
+def _instance_crops(row, layout, levels, boxes, ids, classes, material_index, grade_index, px0, uri, seed
+                    ) -> list[SampleSpec]:
+    """One tile per instance, centred on its box (SampleLayout.anchor == "instances")."""
+    out: list[SampleSpec] = []
+    if boxes is None or not levels:
+        return out
+    t = layout.tile
+    for box, iid, cls in zip(boxes, ids, classes):
+        side = max(int(box[2] - box[0]), int(box[3] - box[1]))
+        level = next((v for v in levels if side / 2**v <= INSTANCE_FILL * t), levels[-1])
+        f = 2**level
+        cy, cx = (box[0] + box[2]) / (2 * f), (box[1] + box[3]) / (2 * f)
+        y, x = int(round(cy - t / 2)), int(round(cx - t / 2))
+        out.append(SampleSpec(
+            image_id=str(row.image_id), image_uri=uri, level=level, y=y, x=x, tile=t,
+            modality=str(row.modality), pixel_size_nm=px0 * f,
+            material=None if material_index < 0 else str(row.material),
+            material_index=material_index, grade_index=grade_index, context_tile=0,
+            context_offset=layout.context_offset, seed=sample_seed(seed, f"{row.image_id}#{int(iid)}", level, y, x),
+            instance_ids=(int(iid),), instance_classes=(int(cls),),
+        ))
+    return out
+
+
+def _grid_tiles(row, layout, levels, boxes, ids, classes, material_index, grade_index, px0, uri, seed
+                ) -> list[SampleSpec]:
+    """Tiles on a regular grid over every level (SampleLayout.anchor == "grid")."""
     out = []
     for level in levels:
         h, w = level_shape(row.height, row.width, level)
@@ -263,9 +314,6 @@ def _plan_image(archive, row, layout, truth, materials, grades, defect_classes, 
                     seed=sample_seed(seed, str(row.image_id), level, y, x),
                     instance_ids=inst_ids, instance_classes=inst_classes,
                 ))
-    if layout.max_per_image is not None and len(out) > layout.max_per_image:
-        keep = np.sort(rng.choice(len(out), layout.max_per_image, replace=False))
-        out = [out[i] for i in keep]
     return out
 
 

@@ -121,13 +121,14 @@ def diffusion_loss(model: nn.Module, clean: torch.Tensor, condition: torch.Tenso
     timestep and the model's prediction of it.
 
     clean: B x 2 x S x S float32 in [-1, 1]; condition: B int64. `model` may be DDP-wrapped.
-    Noise and timesteps are drawn on clean's device from `generator` (None: torch's global RNG).
+    Noise and timesteps are drawn on the CPU from `generator` (None: torch's global RNG),
+    so a seed gives the same draws on any device, then moved to clean's device.
     """
     bare = getattr(model, "module", model)
     scheduler = scheduler or bare.noise_scheduler()
     b = clean.shape[0]
-    noise = torch.randn(clean.shape, generator=generator, device=clean.device, dtype=clean.dtype)
-    t = torch.randint(0, bare.num_train_timesteps, (b,), generator=generator, device=clean.device)
+    noise = torch.randn(clean.shape, generator=generator, dtype=clean.dtype).to(clean.device)
+    t = torch.randint(0, bare.num_train_timesteps, (b,), generator=generator).to(clean.device)
     noisy = scheduler.add_noise(clean, noise, t)
     return torch.nn.functional.mse_loss(model(noisy, t, condition), noise)
 

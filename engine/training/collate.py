@@ -16,6 +16,8 @@ moves them to its device):
 - mask: B x T x T int64 defect class per pixel (fusion);
 - boxes: list of B tensors N_b x 4 float32 XYXY; masks: list of B tensors N_b x T x T
   float32 in {0, 1}, one per box (segmenter).
+- diffusion: patch B x 2 x T x T float32 in [-1, 1] (image, mask of the crop's defect),
+  defect_class, material B int64 (0-based), modality (tuple of B str), seed B int64.
 """
 
 from __future__ import annotations
@@ -133,3 +135,37 @@ class SegmenterCollate(NumpyBatchCollateFn):
             box_list.append(torch.from_numpy(b))
             mask_list.append(torch.from_numpy((m[None] == k[:, None, None]).astype(np.float32)))
         return {"image": _image_tensor(image), "boxes": box_list, "masks": mask_list}
+
+
+class DiffusionCollate(NumpyBatchCollateFn):
+    """Defect crops (mask="instance", anchor="instances") -> (image, mask) patches.
+
+    Augmentation: with a seed, each row is flipped up-down and/or left-right by draws
+    seeded per (seed, epoch, row seed). Flips only: they keep a defect a plausible
+    defect of its class and keep SEM scan lines horizontal. Rows whose material is
+    unknown (-1) are dropped: the model is conditioned on it.
+    """
+
+    def __init__(self, seed: int | None = None, epoch: int = 0):
+        self.seed, self.epoch = seed, epoch
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, object]:
+        from engine.synth.diffusion.patches import defect_patches, to_model_space
+
+        keep = np.flatnonzero(np.asarray(batch["material_index"]) >= 0)
+        targets = [int(np.asarray(batch["instance_ids"][i]).ravel()[0]) for i in keep]
+        classes = [int(np.asarray(batch["classes"][i]).ravel()[0]) - 1 for i in keep]
+        images, masks = defect_patches(batch["image"][keep], batch["mask"][keep], targets)
+        if self.seed is not None:
+            for j, i in enumerate(keep):
+                flip = np.random.default_rng([self.seed, self.epoch, int(batch["seed"][i])]).random(2) < 0.5
+                axes = tuple(a for a, f in zip((0, 1), flip) if f)
+                if axes:
+                    images[j], masks[j] = np.flip(images[j], axes), np.flip(masks[j], axes)
+        return {
+            "patch": torch.from_numpy(np.ascontiguousarray(to_model_space(images, masks))),
+            "defect_class": torch.as_tensor(classes, dtype=torch.int64),
+            "material": torch.as_tensor(np.asarray(batch["material_index"])[keep], dtype=torch.int64),
+            "modality": tuple(str(batch["modality"][i]) for i in keep),  # a tuple: Task.to_device moves lists
+            "seed": torch.as_tensor(np.asarray(batch["seed"])[keep], dtype=torch.int64),
+        }

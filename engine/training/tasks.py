@@ -17,17 +17,20 @@ Losses:
 - segmenter (SAM): per box, binary cross-entropy + dice between the predicted mask
   logits (upsampled to the tile) and the instance mask, plus the squared error of
   SAM's own IoU estimate against the mask's actual IoU (as SAM was trained).
+- diffusion: DDPM's noise-prediction mean squared error on (image, mask) defect
+  patches, conditioned on (defect class, material, modality).
 Targets of -1 (material or grade unknown) are ignored.
 """
 
 from __future__ import annotations
 
-from typing import Any, ClassVar, Mapping
+from typing import Any, ClassVar, Mapping, Sequence
 
+import numpy as np
 import torch
 from torch.nn import functional as F
 
-from engine.data.sample_plan import SampleLayout
+from engine.data.sample_plan import SampleLayout, SampleSpec
 from engine.errors import UnknownNameError
 
 Stats = dict[str, torch.Tensor]
@@ -73,6 +76,11 @@ class Task:
 
     def metrics(self, sums: Mapping[str, float]) -> dict[str, float]:
         raise NotImplementedError
+
+    def config_overrides(self, specs: Sequence[SampleSpec]) -> dict[str, Any]:
+        """Builder arguments learnt from the training plan (recorded in the checkpoint's
+        config); none for most families."""
+        return {}
 
     @staticmethod
     def to_device(batch: dict[str, Any], device: torch.device) -> dict[str, Any]:
@@ -236,7 +244,51 @@ class SegmenterTask(Task):
                 "iou_mse": _ratio(sums["iou_mse"], k), "mask_iou": _ratio(sums["iou"], k)}
 
 
-TASKS: dict[str, type[Task]] = {t.family: t for t in (ClassifierTask, FusionTask, SegmenterTask)}
+class DiffusionTask(Task):
+    """DDPM on defect crops: one crop per ground-truth defect, centred on it."""
+
+    family = "diffusion"
+
+    def layout(self, input_size, model_args, *, tile=None, levels=None, max_per_image=None):
+        return SampleLayout(tile or input_size, mask="instance", anchor="instances", levels=levels,
+                            max_per_image=max_per_image)
+
+    def collate(self, layout, *, epoch, seed, augment_strength):
+        from engine.training.collate import DiffusionCollate
+
+        return DiffusionCollate(seed if augment_strength > 0 else None, epoch)
+
+    def config_overrides(self, specs):
+        """pixel_size_nm: the median pixel size (nm) of the crops per modality, which
+        generated archives record as their pixel size."""
+        sizes: dict[str, list[float]] = {}
+        for s in specs:
+            sizes.setdefault(s.modality, []).append(s.pixel_size_nm)
+        return {"pixel_size_nm": {k: float(np.median(v)) for k, v in sorted(sizes.items())}}
+
+    def step(self, model, batch):
+        from engine.models.diffusion import diffusion_loss
+
+        bare = getattr(model, "module", model)
+        patch = batch["patch"]
+        dev = patch.device
+        n = torch.tensor(float(patch.shape[0]), device=dev)
+        if patch.shape[0] == 0:  # every row lacked a material: a zero loss on every parameter
+            zero = sum(p.sum() for p in model.parameters()) * 0.0
+            return zero, {"n": n, "loss": torch.zeros((), device=dev)}
+        modality = torch.as_tensor([bare.modalities.index(m) for m in batch["modality"]], device=dev)
+        condition = bare.condition_index(batch["defect_class"], batch["material"], modality)
+        # Noise and timesteps seeded by the batch's rows: reproducible, and different
+        # on every rank (the global RNG is seeded alike on all of them).
+        g = torch.Generator().manual_seed(int(batch["seed"].sum()) & 0x7FFFFFFF)
+        loss = diffusion_loss(model, patch, condition, generator=g)
+        return loss, {"n": n, "loss": loss.detach() * n}
+
+    def metrics(self, sums):
+        return {"loss": _ratio(sums["loss"], sums["n"])}
+
+
+TASKS: dict[str, type[Task]] = {t.family: t for t in (ClassifierTask, FusionTask, SegmenterTask, DiffusionTask)}
 
 
 def make_task(family: str, options: Mapping[str, Any] | None = None) -> Task:

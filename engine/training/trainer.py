@@ -262,6 +262,7 @@ def train(
     from engine.training import mlflow_metrics
     from engine.training.checkpointing import MODEL_FILE, read_state
     from engine.training.loop import train_loop_per_worker
+    from engine.training.tasks import make_task
 
     if epochs < 1 or num_workers < 1 or batch_size < 1:
         raise TrainingError(f"epochs ({epochs}), num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
@@ -276,6 +277,9 @@ def train(
         levels=levels, max_samples_per_image=max_samples_per_image, num_workers=num_workers, seed=seed,
         overrides=overrides, task_options=task_options)
 
+    # What the plan teaches the model's config (diffusion: pixel sizes per modality);
+    # the user's own overrides win.
+    overrides = {**make_task(family, task_options).config_overrides(train_specs), **(overrides or {})}
     ensure_ray(num_workers)
     if use_gpu is None:
         use_gpu = _auto_gpu(num_workers)

@@ -1,0 +1,221 @@
+"""`synthesize`: generate labelled defect samples as Ray tasks and write them as an archive.
+
+    from engine.synth.diffusion.job import synthesize
+    summary = synthesize("diffusion.safetensors", "out/synthetic", n_per_condition=50,
+                         defect_classes=["crack"], materials=["ferritic_steel"], modalities=["SEM"])
+
+On the driver, before any Ray work: the model is resolved and verified (a checkpoint
+file with its sha256 sidecar, or a registry ref), every requested class, material and
+modality is checked against the model's vocabulary (an unknown one raises
+ConditioningError listing the valid ones), and the plan is made (engine.synth.diffusion
+.plan). Samples already in the archive's catalog are skipped, so an interrupted run
+resumes; the settings that fix the pixels must match the archive's (SETTINGS_FILE).
+
+Each batch of the plan is one Ray task requesting `num_cpus` CPUs and, on a cluster with
+GPUs, `num_gpus` (a fraction, so several tasks share one GPU). Pending tasks with a GPU
+request are what the autoscaler sees as demand for its GPU worker group. The model
+reaches workers once through the object store (a worker keeps the last model it loaded).
+As each task finishes the driver rewrites the catalog (with provenance) and the ground
+truth; a failed batch is recorded and the rest goes on.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Sequence
+
+from engine.errors import GrainflowError
+from engine.stores.uri import StoreLocation, resolve
+from engine.synth.diffusion.conditions import Condition, Vocabulary, expand_conditions
+from engine.synth.diffusion.model_source import ModelSource, resolve_model
+from engine.synth.diffusion.plan import SampleBatch, plan_synthesis
+from engine.synth.diffusion.sampler import SAMPLERS
+
+DEFAULT_GPU_FRACTION = 0.25
+
+
+@dataclass(frozen=True)
+class SynthesisSummary:
+    """What a run did: samples written now, skipped (already there), failed batches
+    ({batch_id: error}), the resources each task asked for, and wall seconds."""
+
+    archive: str
+    model_ref: str
+    model_sha256: str
+    conditions: int
+    planned: int
+    written: int
+    skipped: int
+    failed: dict[str, str] = field(default_factory=dict)
+    task_resources: dict[str, float] = field(default_factory=dict)
+    seconds: float = 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        from dataclasses import asdict
+
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class _Request:
+    model: ModelSource
+    conditions: list[Condition]
+    vocabulary: Vocabulary
+    batches: list[SampleBatch]
+    settings: dict[str, Any]
+
+
+def prepare(model: str, *, n_per_condition: int, defect_classes: Sequence[str] | None = None,
+            materials: Sequence[str] | None = None, modalities: Sequence[str] | None = None, seed: int = 0,
+            steps: int = 25, sampler: str = "ddim", batch_size: int = 8, tracking_uri: str | None = None) -> _Request:
+    """Everything checked and planned on the driver, before any Ray work (module doc)."""
+    if sampler not in SAMPLERS:
+        raise GrainflowError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
+    if not isinstance(steps, int) or steps < 1:
+        raise GrainflowError(f"steps must be an integer >= 1, got {steps!r}")
+    source = resolve_model(model, tracking_uri=tracking_uri)
+    config = source.config()
+    vocabulary = Vocabulary.of(config.args)
+    conditions = expand_conditions(vocabulary, defect_classes=defect_classes, materials=materials,
+                                   modalities=modalities)
+    try:
+        batches = plan_synthesis(conditions, n_per_condition, seed=seed, batch_size=batch_size)
+    except ValueError as exc:
+        raise GrainflowError(str(exc)) from None
+    settings = {"model_sha256": source.sha256, "sampler": sampler, "steps": steps, "batch_size": batch_size,
+                "sample_size": int(config.args["sample_size"])}
+    return _Request(source, conditions, vocabulary, batches, settings)
+
+
+# --- worker side -------------------------------------------------------------------
+
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def _load(model_bytes: bytes, sha256: str, device: str):
+    """The model of these bytes on `device`, checked against its digest; cached per worker."""
+    key = f"{sha256}/{device}"
+    if key not in _MODEL_CACHE:
+        from engine.models.checkpoint import load_model
+
+        with tempfile.TemporaryDirectory(prefix="gf-diffusion-") as tmp:
+            path = Path(tmp) / "model.safetensors"
+            path.write_bytes(model_bytes)
+            model = load_model(path, expected_sha256=sha256, map_location=device)
+        _MODEL_CACHE.clear()
+        _MODEL_CACHE[key] = model.eval()
+    return _MODEL_CACHE[key]
+
+
+def generate_batch(model_bytes: bytes, sha256: str, batch: SampleBatch, archive_uri: str,
+                   provenance: dict[str, Any], steps: int, sampler: str) -> list[tuple[dict[str, Any], Any]]:
+    """Generate and write one batch (runs in a Ray task); returns (catalog record, truth
+    row or None) per sample. Uses CUDA when Ray gave this task a GPU."""
+    import torch
+
+    from engine.synth.diffusion.output import write_sample
+    from engine.synth.diffusion.sampler import sample_patches
+
+    import ray
+
+    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    model = _load(model_bytes, sha256, device)
+    vocabulary = Vocabulary.of(model)
+    conditions = [vocabulary.index(s.condition) for s in batch.samples]
+    images, masks = sample_patches(model, conditions, [s.seed for s in batch.samples], steps=steps, method=sampler,
+                                   device=device)
+    archive = resolve(archive_uri)
+    out = []
+    for s, image, mask, cond in zip(batch.samples, images, masks, conditions):
+        px = float(model.pixel_size_nm.get(s.condition.modality, 1.0))
+        out.append(write_sample(archive, s, image, mask, pixel_size_nm=px,
+                                provenance={**provenance, "condition_index": cond}))
+    return out
+
+
+# --- driver ----------------------------------------------------------------------------
+
+def task_resources(num_gpus: float | None, num_cpus: float = 1.0) -> dict[str, float]:
+    """The resource shape of one synthesis task: `num_cpus` CPUs and, when `num_gpus` is
+    None, DEFAULT_GPU_FRACTION of a GPU if the cluster has GPUs now (else none); an
+    explicit fraction is requested as given (on an autoscaling cluster whose GPU group
+    starts empty, give it, so pending tasks ask for GPUs)."""
+    import ray
+
+    if num_gpus is None:
+        num_gpus = DEFAULT_GPU_FRACTION if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+    if not 0.0 <= num_gpus <= 1.0 and not float(num_gpus).is_integer():
+        raise GrainflowError(f"num_gpus must be a fraction in [0, 1] or a whole number, got {num_gpus}")
+    return {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
+
+
+def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
+               defect_classes: Sequence[str] | None = None, materials: Sequence[str] | None = None,
+               modalities: Sequence[str] | None = None, seed: int = 0, steps: int = 25, sampler: str = "ddim",
+               batch_size: int = 8, num_gpus: float | None = None, num_cpus: float = 1.0,
+               max_in_flight: int | None = None, tracking_uri: str | None = None) -> SynthesisSummary:
+    """Generate `n_per_condition` samples of every requested (class, material, modality)
+    (None: all the model knows) into the archive `out` (module doc).
+
+    seed: the run seed (per-sample seeds derive from it); steps, sampler: "ddim" or "dpm"
+    with that many steps; batch_size: samples per task; num_gpus / num_cpus: each task's
+    request (see task_resources); max_in_flight: at most this many tasks submitted at a
+    time (None: all, which shows the autoscaler the whole demand at once).
+    """
+    import ray
+
+    from engine.synth.diffusion.output import check_settings, read_records, read_truth_rows, write_index
+
+    request = prepare(model, n_per_condition=n_per_condition, defect_classes=defect_classes, materials=materials,
+                      modalities=modalities, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
+                      tracking_uri=tracking_uri)
+    archive = resolve(out)
+    check_settings(archive, request.settings)
+    records = {r["image_id"]: r for r in read_records(archive)}
+    truth = {t.image_id: t for t in read_truth_rows(archive) if t.image_id in records}
+    todo = [b for b in request.batches if not all(s.sample_id in records for s in b.samples)]
+    planned = sum(len(b.samples) for b in request.batches)
+    skipped = planned - sum(len(b.samples) for b in todo)
+
+    if not ray.is_initialized():
+        ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local")
+    resources = task_resources(num_gpus, num_cpus)
+    provenance = {"model_ref": request.model.ref, "model_version": request.model.version,
+                  "model_sha256": request.model.sha256, "sampler": sampler, "steps": steps, "run_seed": seed}
+    remote = ray.remote(generate_batch).options(**resources, max_retries=1)
+    model_ref = ray.put(request.model.path.read_bytes())
+    start = time.perf_counter()
+    pending: dict[Any, SampleBatch] = {}
+    queue = list(todo)
+    limit = max_in_flight or len(queue) or 1
+    failed: dict[str, str] = {}
+    written = 0
+    while queue or pending:
+        while queue and len(pending) < limit:
+            b = queue.pop(0)
+            pending[remote.remote(model_ref, request.model.sha256, b, archive.uri, provenance, steps, sampler)] = b
+        done, _ = ray.wait(list(pending), num_returns=1)
+        for ref in done:
+            b = pending.pop(ref)
+            try:
+                results = ray.get(ref)
+            except Exception as exc:  # recorded; the other batches go on
+                failed[b.batch_id] = f"{type(exc).__name__}: {str(exc).splitlines()[-1] if str(exc) else ''}"
+                continue
+            for record, t in results:
+                records[record["image_id"]] = record
+                truth.pop(record["image_id"], None)
+                if t is not None:
+                    truth[t.image_id] = t
+            written += len(results)
+            write_index(archive, records.values(), truth.values())
+    if not records:
+        write_index(archive, [], [])
+    return SynthesisSummary(
+        archive=archive.uri, model_ref=request.model.ref, model_sha256=request.model.sha256,
+        conditions=len(request.conditions), planned=planned, written=written, skipped=skipped, failed=failed,
+        task_resources=resources, seconds=round(time.perf_counter() - start, 3))

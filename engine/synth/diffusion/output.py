@@ -1,0 +1,168 @@
+"""The synthetic archive: generated samples as labelled OME-Zarr, a catalog with provenance.
+
+Layout (an ordinary grainflow archive, engine.stores.catalog, so training reads it as
+it reads any other)::
+
+    <archive>/images/<sample_id>.ome.zarr        image + labels/defects (instance 1)
+    <archive>/catalog.parquet                    the catalog columns + PROVENANCE_COLUMNS
+    <archive>/ground_truth.parquet               one row per non-empty generated mask
+    <archive>/synthesis.json                     the settings that fix the pixels (resume check)
+    <archive>/rejects.parquet                    samples the quality gate refused, with reasons
+
+Images are written before the catalog row that lists them, so a sample in the catalog is
+complete; the catalog is the run's ledger.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict
+from typing import Any, Iterable
+
+import numpy as np
+import pandas as pd
+import pyarrow as pa
+
+from engine.errors import GrainflowError
+from engine.stores.catalog import (
+    CATALOG_FILE, SCHEMA as CATALOG_SCHEMA, CatalogRow, image_uri, read_table, relative_image_path, write_table,
+)
+from engine.stores.uri import StoreLocation, resolve
+from engine.stores.writer import ImageWriter
+from engine.synth.diffusion.plan import PlannedSample
+from engine.synth.truth import TRUTH_FILE, TruthRow, truth_table
+
+SETTINGS_FILE = "synthesis.json"
+REJECTS_FILE = "rejects.parquet"
+LABELS = "defects"  # engine.synth.image.LABELS
+SOURCE = "engine.synth.diffusion"
+# uint8 for optical micrographs, uint16 for electron images, as engine.synth writes them
+DTYPES = {"optical": np.dtype("uint8")}
+DEFAULT_DTYPE = np.dtype("uint16")
+
+PROVENANCE_SCHEMA = pa.schema([
+    ("defect_class", pa.string()), ("model_ref", pa.string()), ("model_version", pa.int64()),
+    ("model_sha256", pa.string()), ("sampler", pa.string()), ("steps", pa.int32()),
+    ("condition_index", pa.int32()), ("run_seed", pa.int64()), ("sample_index", pa.int32()),
+    ("mask_pixels", pa.int64()),
+])
+PROVENANCE_COLUMNS = tuple(PROVENANCE_SCHEMA.names)
+SCHEMA = pa.schema([*CATALOG_SCHEMA, *PROVENANCE_SCHEMA])
+REJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("defect_class", pa.string()), ("reason", pa.string()),
+                            ("predicted_class", pa.string()), ("class_probability", pa.float64()),
+                            ("kid", pa.float64())])
+
+
+class SettingsMismatchError(GrainflowError):
+    """An archive written with other settings than a rerun asks for."""
+
+
+def write_sample(archive: StoreLocation, sample: PlannedSample, image: np.ndarray, mask: np.ndarray, *,
+                 pixel_size_nm: float, provenance: dict[str, Any]) -> tuple[dict[str, Any], TruthRow | None]:
+    """Write one generated patch and its mask; return its catalog record and truth row.
+
+    image: S x S float32 in [0, 1]; mask: S x S bool. The label image holds instance 1
+    where the mask is set. The truth row is None when the mask is empty (nothing to label).
+    """
+    c = sample.condition
+    dtype = DTYPES.get(c.modality, DEFAULT_DTYPE)
+    pixels = np.round(np.clip(image, 0.0, 1.0) * np.iinfo(dtype).max).astype(dtype)
+    labels = mask.astype(np.uint32)
+    location = image_uri(archive, sample.sample_id)
+    s = pixels.shape[0]
+    attributes = {"source": SOURCE, "defect_class": c.defect_class, "material": c.material, "modality": c.modality,
+                  "seed": sample.seed, **{k: v for k, v in provenance.items() if k in ("model_ref", "model_sha256")}}
+    writer = ImageWriter(location, shape=pixels.shape, dtype=dtype, pixel_size=pixel_size_nm, unit="nanometer",
+                         chunk=s, name=sample.sample_id, attributes=attributes)
+    lw = writer.add_labels(LABELS, dtype="uint32", properties=[{"label-value": 1, "class": c.defect_class}])
+    writer.write_tile(0, 0, pixels)
+    lw.write_tile(0, 0, labels)
+    info = writer.close()
+    row = CatalogRow(
+        image_id=sample.sample_id, uri=relative_image_path(sample.sample_id), modality=c.modality,
+        pixel_size_y=info.pixel_size[0], pixel_size_x=info.pixel_size[1], unit=info.unit, height=s, width=s,
+        dtype=info.dtype, levels=info.levels, chunk=info.chunk, checksum=info.checksum, material=c.material,
+        source=SOURCE, seed=sample.seed,
+    )
+    n = int(mask.sum())
+    record = {**asdict(row), **provenance, "defect_class": c.defect_class, "sample_index": sample.index,
+              "mask_pixels": n}
+    truth = None
+    if n:
+        ys, xs = np.nonzero(mask)
+        truth = TruthRow.of(sample.sample_id, 1, c.defect_class, (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1),
+                            n, pixel_size_nm)
+    return record, truth
+
+
+def write_index(archive: StoreLocation, records: Iterable[dict[str, Any]], truth: Iterable[TruthRow]) -> None:
+    """Replace the catalog (with provenance) and the ground truth; ground truth first, so
+    every catalog entry a reader sees has its truth rows."""
+    records = sorted(records, key=lambda r: r["image_id"])
+    write_table(archive.join(TRUTH_FILE), truth_table(truth))
+    write_table(archive.join(CATALOG_FILE), pa.Table.from_pylist(
+        [{k: r.get(k) for k in SCHEMA.names} for r in records], schema=SCHEMA))
+
+
+def read_provenance(archive: str | StoreLocation) -> pd.DataFrame:
+    """The synthetic archive's catalog with its provenance columns (empty when none yet)."""
+    archive = resolve(archive)
+    location = archive.join(CATALOG_FILE)
+    if not location.exists():
+        return SCHEMA.empty_table().to_pandas()
+    table = read_table(location)
+    missing = [n for n in PROVENANCE_COLUMNS if n not in table.column_names]
+    if missing:
+        raise GrainflowError(f"{location}: not a synthetic archive's catalog (no columns {missing})")
+    return table.to_pandas()
+
+
+def read_records(archive: StoreLocation) -> list[dict[str, Any]]:
+    """The catalog's rows as plain dicts (None for nulls), [] when there is no catalog."""
+    location = archive.join(CATALOG_FILE)
+    if not location.exists():
+        return []
+    table = read_table(location)
+    if "model_sha256" not in table.column_names:
+        raise GrainflowError(f"{location}: not a synthetic archive's catalog; write synthetic samples to a new archive")
+    return table.to_pylist()
+
+
+def read_truth_rows(archive: StoreLocation) -> list[TruthRow]:
+    location = archive.join(TRUTH_FILE)
+    if not location.exists():
+        return []
+    return [TruthRow(**r) for r in read_table(location).to_pylist()]
+
+
+def check_settings(archive: StoreLocation, settings: dict[str, Any]) -> None:
+    """Record `settings` (what fixes the pixels: model digest, sampler, steps, batch size,
+    patch size) at the archive, or check a rerun against those already recorded."""
+    location = archive.join(SETTINGS_FILE)
+    fs = location.filesystem()
+    if location.exists():
+        with fs.open(location.path, "r") as f:
+            old = json.load(f)
+        differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+        if differ:
+            raise SettingsMismatchError(
+                f"{archive}: written with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
+                "write to a new archive, or rerun with the same settings to resume")
+        return
+    fs.makedirs(archive.path, exist_ok=True)
+    with fs.open(location.path, "w") as f:
+        json.dump(settings, f, indent=2, sort_keys=True)
+
+
+def write_rejects(archive: StoreLocation, rows: list[dict[str, Any]]) -> None:
+    """The gate's refusals: image_id, defect_class, reason, predicted_class, class_probability, kid."""
+    write_table(archive.join(REJECTS_FILE), pa.Table.from_pylist(
+        [{k: r.get(k) for k in REJECTS_SCHEMA.names} for r in rows], schema=REJECTS_SCHEMA))
+
+
+def read_rejects(archive: str | StoreLocation) -> pd.DataFrame:
+    """The gate's refusals (empty when the archive was not gated or nothing was refused)."""
+    location = resolve(archive).join(REJECTS_FILE)
+    if not location.exists():
+        return REJECTS_SCHEMA.empty_table().to_pandas()
+    return read_table(location).to_pandas()
