@@ -1,9 +1,88 @@
-"""The `grainflow serve` command (registered on the app by engine.cli)."""
+"""The `grainflow serve` command (registered on the app by engine.cli).
+
+    grainflow serve --bundle grainflow-demo --keys keys.json [--config serve.yaml] [--port 8000]
+    grainflow serve keys add --keys keys.json --tenant lab-a --scope analyze
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
 
 import typer
 
 
+def serve_command(
+    ctx: typer.Context,
+    config: Optional[Path] = typer.Option(None, "--config", "-c", help="ServeConfig YAML (engine.serving.config)."),
+    bundle: Optional[str] = typer.Option(None, help="Registered ensemble bundle (overrides the config's)."),
+    keys: Optional[Path] = typer.Option(None, "--keys", help="Keys file (overrides the config's)."),
+    audit_log: Optional[Path] = typer.Option(None, help="Audit log (default $GRAINFLOW_AUDIT_LOG or the user data dir)."),
+    host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds; loopback unless you mean otherwise."),
+    port: int = typer.Option(8000, help="HTTP port."),
+    address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray)."),
+) -> None:
+    """Serve the ensemble over HTTP on Ray Serve; prints the URL and runs until Ctrl-C."""
+    if ctx.invoked_subcommand is not None:
+        return
+    import os
+    import tempfile
+    import time
+
+    import ray
+    from ray import serve
+
+    from engine.errors import GrainflowError
+    from engine.serving.app import run
+    from engine.serving.config import ServeConfig
+
+    cfg = ServeConfig.from_yaml(config) if config else ServeConfig()
+    updates = {k: v for k, v in {"bundle": bundle, "keys_file": str(keys) if keys else None,
+                                 "audit_log": str(audit_log) if audit_log else None}.items() if v is not None}
+    cfg = cfg.model_copy(update=updates)
+    if cfg.keys_file is None:
+        raise GrainflowError("no keys file: pass --keys (create one with `grainflow serve keys add`)")
+    from engine.serving.keys import KeyStore
+
+    if not len(KeyStore.load(cfg.keys_file)):
+        raise GrainflowError(f"{cfg.keys_file}: holds no keys; add one with `grainflow serve keys add`")
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        ray.init(address=address)
+    else:  # a short temp dir: Ray's socket paths must stay under 107 bytes
+        ray.init(_temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"), include_dashboard=False)
+    try:
+        run(cfg, host=host, port=port)
+        typer.echo(f"grainflow is serving {cfg.bundle} at http://{host}:{port}/  (viewer: /, API docs: /docs); "
+                   f"Ctrl-C stops it", err=False)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        pass
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+
+def keys_add(
+    keys: Path = typer.Option(..., "--keys", help="Keys file to create or extend (0600)."),
+    tenant: str = typer.Option(..., help="Tenant the key belongs to."),
+    scope: list[str] = typer.Option(["analyze"], "--scope", help="analyze and/or admin (repeatable)."),
+    rate_per_minute: Optional[float] = typer.Option(None, help="Requests per minute (default: the server's)."),
+) -> None:
+    """Create an API key; it is printed once and stored only as a salted hash."""
+    from engine.serving.keys import add_key
+
+    key_id, key = add_key(keys, tenant, scope, rate_per_minute=rate_per_minute)
+    typer.echo(f"key id {key_id} for tenant {tenant} (scopes: {', '.join(scope)})")
+    typer.echo(key)
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `grainflow` app."""
+    serve_app = typer.Typer(help="Serve the ensemble over HTTP (Ray Serve); `serve keys add` makes API keys.")
+    serve_app.callback(invoke_without_command=True)(serve_command)
+    keys_app = typer.Typer(help="API keys of `grainflow serve`.", no_args_is_help=True)
+    keys_app.command("add")(keys_add)
+    serve_app.add_typer(keys_app, name="keys")
+    app.add_typer(serve_app, name="serve")

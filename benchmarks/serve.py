@@ -1,0 +1,231 @@
+"""Online serving: latency and throughput of the Serve app against the same ensemble in-process.
+
+    python benchmarks/serve.py [--sizes 512 2048] [--clients 1 8 32] [--requests 4] [--warmup 2]
+        [--detector-replicas 1] [--workdir DIR]
+
+Goal (issue 5): Serve adds <= 10 ms p50 at 1 client; no errors at 32 clients.
+GPU goal (full ensemble, SAM vit_b, 2048² in < 1 s p50) needs a GPU machine: not measured here.
+
+Setup, once: the tiny ensemble (yolov8n_tiny + sam_tiny + resnet10t, seeded random
+weights: speed does not depend on what the weights learned; conf 0.001 and max_det 8 so
+every stage has boxes to work on) registered as a bundle in a throwaway SQLite MLflow
+registry; a keys file; procedural SEM images (engine.synth) of each size as 16-bit PNG.
+
+- inprocess: one process, the ensemble loaded once, each request does what the app does
+  for it: decode the PNG (engine.serving.decode), tile and fit (engine.serving.prepare),
+  Ensemble.start(warm) -> detect -> segment -> classify -> finish, build the JSON answer
+  (engine.serving.response). C clients are C threads calling it.
+- serve: ray.init, Serve's HTTP proxy on 127.0.0.1, the app (engine.serving.app) with one
+  replica per stage; C clients are C threads with their own httpx client, each sending
+  --requests requests after --warmup unmeasured ones.
+
+Figures per (size, clients): p50/p99 latency (ms), throughput (requests/s over the
+measured window), errors (non-200 answers). "serve_added_p50_ms_1_client" = serve p50 -
+inprocess p50 at 1 client, per size. JSON on stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import json
+import os
+import socket
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+ENSEMBLE = {"conf": 0.001, "max_det": 8}
+BUNDLE = "bench-serve"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _png(pixels: np.ndarray) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def make_images(sizes) -> dict[int, tuple[bytes, float]]:
+    from engine.synth.image import render_image
+    from engine.synth.plan import plan_archive
+
+    out = {}
+    for size in sizes:
+        plan = plan_archive(n_images=1, seed=7, size=size, chunk=512, materials=["porous_ceramic"],
+                            modalities=["SEM"])[0]
+        out[size] = (_png(np.asarray(render_image(plan)[0])), float(plan.pixel_size_nm))
+    return out
+
+
+def setup(workdir: Path):
+    from engine.pipeline.bundle import register_ensemble
+    from engine.pipeline.demo_models import untrained_tiny_models
+    from engine.registry import ModelRegistry
+    from engine.serving.keys import add_key
+
+    tracking = f"sqlite:///{workdir}/m.db"
+    registry = ModelRegistry(tracking_uri=tracking)
+    register_ensemble(registry, untrained_tiny_models(0), BUNDLE, workdir=workdir / "models")
+    _, key = add_key(workdir / "keys.json", "bench", ["analyze"], rate_per_minute=1e9)
+    return tracking, registry, key
+
+
+def summarise(latencies_s: list[float], errors: int, wall_s: float) -> dict:
+    ms = sorted(v * 1e3 for v in latencies_s)
+    return {"p50_ms": round(statistics.median(ms), 2) if ms else None,
+            "p99_ms": round(float(np.percentile(ms, 99)), 2) if ms else None,
+            "throughput_rps": round(len(ms) / wall_s, 3) if wall_s > 0 else None,
+            "requests": len(ms) + errors, "errors": errors}
+
+
+def run_clients(call, clients: int, requests: int, warmup: int) -> dict:
+    """`clients` threads, each `warmup` unmeasured calls then `requests` measured ones."""
+    barrier = threading.Barrier(clients + 1)
+    lat: list[float] = []
+    errors = [0]
+    lock = threading.Lock()
+
+    def client(i):
+        for _ in range(warmup):
+            call(i)
+        barrier.wait()
+        for _ in range(requests):
+            t = time.perf_counter()
+            ok = call(i)
+            dt = time.perf_counter() - t
+            with lock:
+                if ok:
+                    lat.append(dt)
+                else:
+                    errors[0] += 1
+
+    with ThreadPoolExecutor(clients) as pool:
+        futures = [pool.submit(client, i) for i in range(clients)]
+        barrier.wait()
+        t0 = time.perf_counter()
+        for f in futures:
+            f.result()
+        wall = time.perf_counter() - t0
+    return summarise(lat, errors[0], wall)
+
+
+def inprocess_caller(registry, config, png: bytes, nm: float):
+    from engine.pipeline.ensemble import Ensemble
+    from engine.serving.decode import decode
+    from engine.serving.prepare import TilingSettings, prepare_image
+    from engine.serving.response import build_response
+
+    ens = Ensemble.from_registry(f"{BUNDLE}/1", registry, config=config.ensemble_config())
+    settings = TilingSettings(chunk=config.chunk, tile_size=config.tile_size, halo=config.halo,
+                              target_pixel_size_nm=config.target_pixel_size_nm or ens.pixel_size_nm)
+    lock = threading.Lock()  # one ensemble object: calls one at a time, as one replica per stage
+
+    def call(_i) -> bool:
+        with lock:
+            img = decode(png, "image/png", max_pixels=config.max_pixels)
+            prepared = prepare_image(img.pixels, modality="SEM", pixel_size_nm=nm, settings=settings,
+                                     fit="image" in ens.inputs.values())
+            p = ens.start(prepared.tiles, params=lambda _id: prepared.params, warm=True)
+            results = ens.finish(ens.classify(ens.segment(ens.detect(p))))
+            body = build_response(results, [t.scale for t in prepared.tiles], class_names=ens.class_names,
+                                  materials=ens.materials, grades=ens.grades, image={}, alias="production",
+                                  request_id="x", timings_ms={})
+            json.dumps(body)
+        return True
+
+    return call
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
+    ap.add_argument("--clients", type=int, nargs="+", default=[1, 8, 32])
+    ap.add_argument("--requests", type=int, default=4, help="measured requests per client")
+    ap.add_argument("--warmup", type=int, default=2, help="unmeasured requests per client first")
+    ap.add_argument("--detector-replicas", type=int, default=1)
+    ap.add_argument("--workdir", type=Path, default=None)
+    args = ap.parse_args(argv)
+
+    import httpx
+    import ray
+    import torch
+    from ray import serve
+
+    from engine.runtime import configure_offline
+    from engine.serving.app import APP_NAME, build_app
+    from engine.serving.config import ServeConfig
+
+    configure_offline()
+    torch.set_num_threads(1)  # as each replica runs
+    workdir = args.workdir or Path(tempfile.mkdtemp(prefix="gfbench"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    tracking, registry, key = setup(workdir)
+    images = make_images(args.sizes)
+    config = ServeConfig(bundle=BUNDLE, tracking_uri=tracking, cache_dir=str(workdir / "cache"),
+                         keys_file=str(workdir / "keys.json"), audit_log=str(workdir / "audit.jsonl"),
+                         ensemble=ENSEMBLE, alias_ttl_s=0, max_body_bytes=256 * 2**20,
+                         deployments={"detector": {"num_replicas": args.detector_replicas}})
+    out: dict = {"machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.is_available()},
+                 "settings": {"sizes": args.sizes, "clients": args.clients, "requests_per_client": args.requests,
+                              "warmup_per_client": args.warmup, "ensemble": "yolov8n_tiny + sam_tiny + resnet10t "
+                              "(random weights)", **ENSEMBLE},
+                 "inprocess": {}, "serve": {}}
+
+    for size, (png, nm) in images.items():
+        call = inprocess_caller(registry, config, png, nm)
+        out["inprocess"][str(size)] = {str(c): run_clients(call, c, args.requests, args.warmup)
+                                       for c in args.clients}
+        print(json.dumps({"inprocess": size, **out["inprocess"][str(size)]}), file=sys.stderr)
+
+    ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
+             _temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"))
+    try:
+        port = _free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        t0 = time.perf_counter()
+        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        out["serve_start_s"] = round(time.perf_counter() - t0, 1)
+        url = f"http://127.0.0.1:{port}/v1/analyze"
+        for size, (png, nm) in images.items():
+            out["serve"][str(size)] = {}
+            for c in args.clients:
+                clients = [httpx.Client(timeout=600, headers={"Authorization": f"Bearer {key}"}) for _ in range(c)]
+
+                def call(i, png=png, nm=nm, clients=clients) -> bool:
+                    r = clients[i].post(url, files={"image": ("a.png", png, "image/png")},
+                                        data={"modality": "SEM", "pixel_size_nm": str(nm)})
+                    return r.status_code == 200
+
+                out["serve"][str(size)][str(c)] = run_clients(call, c, args.requests, args.warmup)
+                for cl in clients:
+                    cl.close()
+                print(json.dumps({"serve": size, "clients": c, **out["serve"][str(size)][str(c)]}), file=sys.stderr)
+    finally:
+        serve.shutdown()
+        ray.shutdown()
+
+    out["serve_added_p50_ms_1_client"] = {
+        s: round(out["serve"][s]["1"]["p50_ms"] - out["inprocess"][s]["1"]["p50_ms"], 2)
+        for s in out["serve"] if "1" in out["serve"][s]}
+    out["errors_at_max_clients"] = {s: out["serve"][s][str(max(args.clients))]["errors"] for s in out["serve"]}
+    out["gpu_goal"] = "not measured: no GPU on this machine" if not torch.cuda.is_available() else "see --sam vit_b"
+    print(json.dumps(out, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

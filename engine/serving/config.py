@@ -1,0 +1,146 @@
+"""What the serving application runs with: `ServeConfig`, read from YAML or built in code.
+
+    config = ServeConfig.from_yaml("serve.yaml")      # or ServeConfig(bundle="grainflow-demo", ...)
+
+Everything a replica needs travels in this one object (it pickles and is JSON-able), so
+the same config drives `grainflow serve`, tests and cluster/serve.yaml's arguments.
+
+Fields (units in the names):
+
+- bundle: registry name of the ensemble bundle; deployments load `bundle@production` and,
+  when `split.canary` > 0 and the alias exists, `bundle@canary`.
+- tracking_uri: the MLflow registry (None: the embedded default); cache_dir: where
+  fetched model files go.
+- split: traffic weights per alias (`{"production": 0.9, "canary": 0.1}`); a request's
+  arm is chosen from its `X-Request-ID` (sticky), `engine.serving.versions`.
+- alias_ttl_s: how often replicas look at the registry's aliases again (0: only on
+  reconfigure). `generation`: bump it (serve.run / serve deploy with a new user_config)
+  to make every replica re-read the aliases now.
+- ensemble: `EnsembleConfig` fields (conf, iou, max_det, max_batch, inputs, mask_to_box).
+- tiling: tile_size (core edge, px; None: one chunk of `chunk` px) and halo (px), as the
+  batch job's `reprocess(tile_size=, halo=)`; target_pixel_size_nm (None: the bundle's).
+- limits: max_body_bytes, max_pixels (height x width of one image).
+- keys_file (hashed API keys, `engine.serving.keys`), audit_log (None: $GRAINFLOW_AUDIT_LOG
+  or the default), rate_per_minute (default per-key rate when a key sets none).
+- deployments: per deployment name ("ingress", "preprocess", "detector", "segmenter",
+  "classifier") its `DeploymentSettings` (replicas/autoscaling, CPUs, GPU fraction,
+  batch size and wait).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+DEPLOYMENTS = ("ingress", "preprocess", "detector", "segmenter", "classifier")
+MODEL_DEPLOYMENTS = ("detector", "segmenter", "classifier")
+
+
+class DeploymentSettings(BaseModel):
+    """One deployment's resources and scaling.
+
+    num_replicas: fixed count (ignored when autoscaling is given); autoscaling: Serve's
+    autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...);
+    num_cpus, num_gpus: per replica (a fraction shares a GPU); max_batch_size and
+    batch_wait_timeout_s: @serve.batch on model deployments; health_check_period_s.
+    """
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_replicas: int = Field(1, ge=1)
+    autoscaling: Optional[dict[str, Any]] = None
+    num_cpus: float = Field(0.5, ge=0)
+    num_gpus: float = Field(0.0, ge=0, le=1)
+    max_batch_size: int = Field(8, ge=1)
+    batch_wait_timeout_s: float = Field(0.005, ge=0)
+    max_ongoing_requests: int = Field(32, ge=1)
+    health_check_period_s: float = Field(2.0, gt=0)
+    health_check_timeout_s: float = Field(30.0, gt=0)
+
+    def options(self) -> dict[str, Any]:
+        """Keyword arguments for `Deployment.options`."""
+        out: dict[str, Any] = {
+            "ray_actor_options": {"num_cpus": self.num_cpus, "num_gpus": self.num_gpus},
+            "max_ongoing_requests": self.max_ongoing_requests,
+            "health_check_period_s": self.health_check_period_s,
+            "health_check_timeout_s": self.health_check_timeout_s,
+        }
+        if self.autoscaling:
+            out["autoscaling_config"] = dict(self.autoscaling)  # the autoscaler picks the count
+        else:
+            out["num_replicas"] = self.num_replicas
+        return out
+
+
+class ServeConfig(BaseModel):
+    """See the module docstring."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    bundle: str = "grainflow-demo"
+    tracking_uri: Optional[str] = None
+    cache_dir: Optional[str] = None
+    split: dict[str, float] = Field(default_factory=lambda: {"production": 1.0})
+    alias_ttl_s: float = Field(10.0, ge=0)
+    generation: int = 0
+    ensemble: dict[str, Any] = Field(default_factory=dict)
+    tile_size: Optional[int] = Field(None, ge=16)
+    chunk: int = Field(512, ge=16)
+    halo: int = Field(32, ge=0)
+    target_pixel_size_nm: Optional[float] = Field(None, gt=0)
+    max_body_bytes: int = Field(64 * 2**20, ge=1024)
+    max_pixels: int = Field(4096 * 4096, ge=1)
+    keys_file: Optional[str] = None
+    audit_log: Optional[str] = None
+    rate_per_minute: float = Field(600.0, gt=0)
+    deployments: dict[str, DeploymentSettings] = Field(default_factory=dict)
+
+    @field_validator("split")
+    @classmethod
+    def _check_split(cls, v: dict[str, float]) -> dict[str, float]:
+        if "production" not in v:
+            raise ValueError("split: needs a 'production' weight")
+        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"split: weights must be >= 0 and add up to more than 0, got {v}")
+        return v
+
+    @field_validator("deployments")
+    @classmethod
+    def _check_deployments(cls, v: dict[str, DeploymentSettings]) -> dict[str, DeploymentSettings]:
+        unknown = sorted(set(v) - set(DEPLOYMENTS))
+        if unknown:
+            raise ValueError(f"deployments: unknown {unknown}; valid: {', '.join(DEPLOYMENTS)}")
+        return v
+
+    @field_validator("ensemble")
+    @classmethod
+    def _check_ensemble(cls, v: dict[str, Any]) -> dict[str, Any]:
+        from engine.pipeline.ensemble import EnsembleConfig
+
+        EnsembleConfig(**v)  # raises on unknown or bad fields
+        return v
+
+    def settings(self, name: str) -> DeploymentSettings:
+        return self.deployments.get(name, DeploymentSettings())
+
+    def ensemble_config(self):
+        from engine.pipeline.ensemble import EnsembleConfig
+
+        return EnsembleConfig(**self.ensemble)
+
+    def registry(self):
+        from engine.registry import ModelRegistry
+
+        return ModelRegistry(tracking_uri=self.tracking_uri) if self.tracking_uri else ModelRegistry()
+
+    def user_config(self) -> dict[str, Any]:
+        """What replicas get through `reconfigure`: the parts that may change live."""
+        return {"split": dict(self.split), "generation": self.generation, "alias_ttl_s": self.alias_ttl_s}
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> ServeConfig:
+        data = yaml.safe_load(Path(path).read_text()) or {}
+        return cls(**data)

@@ -1,0 +1,164 @@
+"""Request bodies to pixels: PNG (8/16-bit), TIFF (16-bit included, pixel size from its
+metadata when present) or a raw array with its dtype and shape.
+
+Errors are `UnsupportedMedia` (HTTP 415: not a format the endpoint reads) and
+`BadImage` (HTTP 422: a supported format whose content or fields are wrong); their
+messages name the field at fault.
+"""
+
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.errors import GrainflowError
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
+RAW_TYPES = ("application/octet-stream", "application/x-numpy-raw")
+RAW_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float32")
+_NM_PER = {"nanometer": 1.0, "micrometer": 1e3, "angstrom": 0.1, "millimeter": 1e6}
+
+
+class UnsupportedMedia(GrainflowError):
+    """The upload is not PNG, TIFF or a raw array (HTTP 415)."""
+
+
+class BadImage(GrainflowError):
+    """The upload's content or fields are wrong (HTTP 422)."""
+
+
+@dataclass(frozen=True, eq=False)
+class DecodedImage:
+    """pixels: (H, W) as stored (uint8/uint16/... or float32); pixel_size_nm: from the
+    file's metadata (x axis), None when it has none; format: "png", "tiff" or "raw"."""
+
+    pixels: np.ndarray
+    pixel_size_nm: float | None
+    format: str
+    modality: str | None = None
+
+
+def sniff(data: bytes, content_type: str | None) -> str:
+    """"png", "tiff" or "raw" from the bytes (magic numbers) and the declared type."""
+    if data.startswith(PNG_MAGIC):
+        return "png"
+    if data[:4] in TIFF_MAGICS:
+        return "tiff"
+    if (content_type or "").split(";")[0].strip().lower() in RAW_TYPES:
+        return "raw"
+    raise UnsupportedMedia(f"image: unsupported media type {content_type or 'unknown'!r}; send PNG, TIFF or a raw "
+                           f"array as application/octet-stream with dtype and shape")
+
+
+def decode(data: bytes, content_type: str | None, *, dtype: str | None = None,
+           shape: tuple[int, int] | None = None, max_pixels: int | None = None) -> DecodedImage:
+    """Decode an upload (module doc). max_pixels: refuse larger images before decoding
+    their pixels where the format allows (raises `TooLarge`)."""
+    kind = sniff(data, content_type)
+    if kind == "raw":
+        return _raw(data, dtype, shape, max_pixels)
+    if kind == "png":
+        return _png(data, max_pixels)
+    return _tiff(data, max_pixels)
+
+
+class TooLarge(GrainflowError):
+    """More pixels than the endpoint takes (HTTP 413)."""
+
+
+def _check_pixels(h: int, w: int, max_pixels: int | None) -> None:
+    if max_pixels is not None and h * w > max_pixels:
+        raise TooLarge(f"image: {h} x {w} = {h * w} pixels is over the limit of {max_pixels}")
+
+
+def _gray(a: np.ndarray, where: str) -> np.ndarray:
+    if a.ndim == 3 and a.shape[2] in (3, 4):
+        from engine.stores.ingest.base import to_grayscale
+
+        return to_grayscale(a, f"image ({where})")[0]
+    if a.ndim != 2:
+        raise BadImage(f"image: {where} of shape {a.shape} is not a single-channel 2-D image")
+    return a
+
+
+def _png(data: bytes, max_pixels: int | None) -> DecodedImage:
+    from PIL import Image, UnidentifiedImageError
+
+    try:
+        im = Image.open(io.BytesIO(data))
+        _check_pixels(im.height, im.width, max_pixels)
+        im.load()
+    except TooLarge:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
+        raise BadImage(f"image: not a readable PNG ({type(exc).__name__}: {exc})") from None
+    if im.mode in ("I;16", "I;16B", "I;16L"):
+        a = np.asarray(im, dtype=np.uint16)
+    elif im.mode == "I":
+        a = np.asarray(im).astype(np.uint16)
+    elif im.mode in ("L", "RGB", "RGBA", "LA", "P", "1"):
+        a = np.asarray(im.convert("L") if im.mode in ("P", "1", "LA") else im)
+    else:
+        raise BadImage(f"image: PNG mode {im.mode!r} is not supported; send 8- or 16-bit grayscale")
+    return DecodedImage(_gray(np.ascontiguousarray(a), "PNG"), None, "png")
+
+
+def _tiff(data: bytes, max_pixels: int | None) -> DecodedImage:
+    import tifffile
+
+    from engine.errors import IngestError
+    from engine.stores.ingest.tiff import read_tiff
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            shape = tif.series[0].shape if tif.series else ()
+    except Exception as exc:
+        raise BadImage(f"image: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    if len(shape) >= 2:  # refuse before decoding: (..., y, x) or (y, x, samples)
+        rgb = len(shape) == 3 and shape[-1] in (3, 4)
+        _check_pixels(int(shape[-3] if rgb else shape[-2]), int(shape[-2] if rgb else shape[-1]), max_pixels)
+    try:
+        first = next(iter(read_tiff(io.BytesIO(data))))
+    except IngestError as exc:
+        raise BadImage(f"image: {str(exc).split(': ', 1)[-1]}") from None
+    except StopIteration:
+        raise BadImage("image: TIFF holds no image") from None
+    _check_pixels(*first.pixels.shape[:2], max_pixels)
+    size = None
+    if first.pixel_size is not None and first.unit in _NM_PER:
+        size = float(first.pixel_size[1]) * _NM_PER[first.unit]
+    return DecodedImage(_gray(first.pixels, "TIFF"), size, "tiff", first.modality)
+
+
+def _raw(data: bytes, dtype: str | None, shape, max_pixels: int | None) -> DecodedImage:
+    if dtype is None or shape is None:
+        raise BadImage("image: a raw array needs the fields dtype and shape (e.g. dtype=uint16, shape=512,512)")
+    if dtype not in RAW_DTYPES:
+        raise BadImage(f"dtype: {dtype!r} is not one of {', '.join(RAW_DTYPES)}")
+    h, w = shape
+    if h < 1 or w < 1:
+        raise BadImage(f"shape: {h},{w} must be positive")
+    _check_pixels(h, w, max_pixels)
+    dt = np.dtype(dtype).newbyteorder("<")
+    if len(data) != h * w * dt.itemsize:
+        raise BadImage(f"image: {len(data)} bytes do not hold a {h} x {w} {dtype} array "
+                       f"({h * w * dt.itemsize} bytes, little-endian, row-major)")
+    a = np.frombuffer(data, dtype=dt).reshape(h, w).astype(dt.newbyteorder("="))
+    if a.dtype.kind == "f" and not np.all(np.isfinite(a)):
+        raise BadImage("image: a float32 array must hold finite values")
+    return DecodedImage(a, None, "raw")
+
+
+def parse_shape(text: str | None) -> tuple[int, int] | None:
+    """"512,512" or "512x512" -> (512, 512); None stays None; else BadImage."""
+    if text is None or text == "":
+        return None
+    parts = text.replace("x", ",").split(",")
+    try:
+        h, w = (int(p) for p in parts)
+    except ValueError:
+        raise BadImage(f"shape: {text!r} is not 'height,width'") from None
+    return h, w

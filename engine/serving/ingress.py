@@ -1,0 +1,348 @@
+"""The HTTP ingress: FastAPI routes, API keys, limits, rate, audit, traffic split.
+
+Routes (the OpenAPI schema at /openapi.json documents them):
+
+    GET  /                   the web viewer (engine/serving/viewer.html), no key
+    GET  /healthz            liveness and the versions the aliases point at, no key
+    GET  /v1/models          bundle, split, versions and label names     scope analyze
+    POST /v1/analyze         multipart: image (+ modality, pixel_size_nm, dtype, shape)
+                                                                         scope analyze
+    POST /v1/admin/refresh   read the registry's aliases again now       scope admin
+
+Keys come as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Checks run in
+this order, before the body is read: key (401), scope (403), rate (429 with
+Retry-After), Content-Length (413; 411 without one); then the body: media type (415),
+fields (422), pixel count (413). Every error is JSON (`schemas.ErrorBody`). Every
+request, refused ones included, gets one audit line (engine.audit): time, tenant, key
+id, route, status, request id, alias and model versions, image sha256; never pixels.
+
+`X-Request-ID` (sent, or made here and returned) picks the traffic arm (sticky).
+"""
+
+
+import asyncio
+import hashlib
+import math
+import re
+import threading
+import time
+import uuid
+from importlib import resources
+from typing import Any, Optional
+
+from fastapi import FastAPI, File, Form, Request, Security, UploadFile
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.security import APIKeyHeader
+from ray import serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from engine.serving.config import ServeConfig
+from engine.serving.decode import BadImage, TooLarge, UnsupportedMedia, decode, parse_shape
+from engine.serving.schemas import MODALITIES, AnalyzeResponse, ErrorBody, Health, ModelsResponse
+
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
+_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                405: "method_not_allowed", 411: "length_required", 413: "too_large", 415: "unsupported_media",
+                422: "invalid", 429: "rate_limited", 500: "internal", 503: "unavailable"}
+_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 413, 415, 422, 429)}
+_MAX_ATTEMPTS = 3  # a stage replica that dies mid-request: Serve routes the retry to a live one
+
+api = FastAPI(
+    title="grainflow",
+    version="1",
+    description="Defects, masks, material, grade and measurements of micrographs, by the grainflow ensemble.",
+)
+# Declared for the schema (and /docs); the check itself runs in the middleware below.
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+
+
+def error_response(status: int, detail: str, request_id: str | None = None,
+                   headers: dict[str, str] | None = None) -> JSONResponse:
+    body = ErrorBody(status=status, error=_ERROR_CODES.get(status, "error"), detail=detail, request_id=request_id)
+    return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+class RequestError(Exception):
+    """Refuse the request with `status` and a message naming the field at fault."""
+
+    def __init__(self, status: int, detail: str):
+        super().__init__(detail)
+        self.status, self.detail = status, detail
+
+
+@api.exception_handler(RequestError)
+async def _request_error(request: Request, exc: RequestError):
+    return error_response(exc.status, exc.detail, getattr(request.state, "request_id", None))
+
+
+@api.exception_handler(RequestValidationError)
+async def _validation_error(request: Request, exc: RequestValidationError):
+    parts = []
+    for e in exc.errors():
+        where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "header"))
+        parts.append(f"{where or 'request'}: {e.get('msg')}")
+    return error_response(422, "; ".join(parts) or "malformed request", getattr(request.state, "request_id", None))
+
+
+@api.exception_handler(StarletteHTTPException)
+async def _http_error(request: Request, exc: StarletteHTTPException):
+    return error_response(exc.status_code, str(exc.detail), getattr(request.state, "request_id", None))
+
+
+def _scope_of(path: str) -> str | None:
+    if path.startswith("/v1/admin"):
+        return "admin"
+    if path.startswith("/v1/"):
+        return "analyze"
+    return None
+
+
+@api.middleware("http")
+async def _guard_and_audit(request: Request, call_next):
+    """Key, scope, rate and size checks before the body is read; one audit line after."""
+    ingress: Ingress = request.app.state.ingress
+    started = time.perf_counter()
+    rid = request.headers.get("x-request-id")
+    audit: dict[str, Any] = {"kind": "http", "route": request.url.path, "method": request.method,
+                             "tenant": None, "key_id": None, "models": None, "alias": None, "image_sha256": None,
+                             "client": request.client.host if request.client else None}
+    request.state.audit = audit
+    if rid is not None and not _REQUEST_ID.match(rid):
+        rid_bad, rid = rid, uuid.uuid4().hex
+        request.state.request_id = rid
+        response = error_response(422, f"X-Request-ID: {rid_bad[:40]!r} is not 1-128 characters of "
+                                       f"letters, digits and . _ : -", rid)
+    else:
+        rid = rid or uuid.uuid4().hex
+        request.state.request_id = rid
+        try:
+            response = ingress.refuse(request, audit) or await call_next(request)
+        except Exception as exc:  # a bug: still JSON, still audited
+            audit["error"] = f"{type(exc).__name__}: {exc}"[:500]
+            response = error_response(500, "internal error; the request is logged", rid)
+    response.headers["X-Request-ID"] = rid
+    audit.update(status=response.status_code, request_id=rid,
+                 duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+    ingress.audit(audit)
+    return response
+
+
+def _modality(given: str | None, from_file: str | None) -> str:
+    value = given if given not in (None, "") else (from_file or "SEM")
+    for m in MODALITIES:
+        if value.lower() == m.lower():
+            return m
+    raise RequestError(422, f"modality: {value[:40]!r} is not one of {', '.join(MODALITIES)}")
+
+
+def _pixel_size(given: float | None, from_file: float | None) -> tuple[float, str]:
+    if given is not None:
+        if not (math.isfinite(given) and given > 0):
+            raise RequestError(422, f"pixel_size_nm: {given} must be a positive finite number of nanometres")
+        return float(given), "request"
+    if from_file is not None and math.isfinite(from_file) and from_file > 0:
+        return float(from_file), "tiff metadata"
+    raise RequestError(422, "pixel_size_nm: required, the image carries no pixel size in its metadata")
+
+
+@serve.deployment(name="ingress")
+@serve.ingress(api)
+class Ingress:
+    """The FastAPI app's state in one replica: keys, rate buckets, audit log, arms, handles."""
+
+    def __init__(self, config: dict[str, Any], preprocess, detector, segmenter, classifier):
+        from engine.audit import AuditLog
+        from engine.serving.keys import KeyStore
+        from engine.serving.ratelimit import RateLimiter
+
+        self.config = ServeConfig(**config)
+        self.keys = KeyStore.load(self.config.keys_file)
+        self.rate = RateLimiter()
+        self._audit = AuditLog(self.config.audit_log) if self.config.audit_log else AuditLog.default()
+        self._registry = self.config.registry()
+        self.pre, self.det, self.seg, self.clf = preprocess, detector, segmenter, classifier
+        self._labels: dict[str, dict[str, list[str]]] = {}
+        self._split = dict(self.config.split)
+        self._ttl = self.config.alias_ttl_s
+        self._arms = None
+        self._resolved_at = 0.0
+        self._refreshing = threading.Lock()
+        self.refresh()
+        api.state.ingress = self
+
+    # ------------------------------------------------------------------ versions
+
+    def reconfigure(self, user_config: dict[str, Any]) -> None:
+        """A new split or generation (serve.run / serve deploy): read the aliases now."""
+        self._split = dict(user_config.get("split", self._split))
+        self._ttl = float(user_config.get("alias_ttl_s", self._ttl))
+        self.refresh()
+
+    def refresh(self):
+        from engine.serving.versions import resolve_arms
+
+        self._arms = resolve_arms(self._registry, self.config.bundle, self._split)
+        self._resolved_at = time.monotonic()
+        return self._arms
+
+    def _maybe_refresh(self) -> None:
+        """Past the TTL: re-read the aliases in the background; requests go on meanwhile."""
+        if self._ttl <= 0 or time.monotonic() - self._resolved_at < self._ttl:
+            return
+        if self._refreshing.acquire(blocking=False):
+            def run():
+                try:
+                    self.refresh()
+                except Exception:
+                    self._resolved_at = time.monotonic()  # keep the arms we have; try again after the TTL
+                finally:
+                    self._refreshing.release()
+
+            threading.Thread(target=run, daemon=True).start()
+
+    def check_health(self) -> None:
+        if self._arms is None or "production" not in self._arms.refs:
+            raise RuntimeError("ingress: no production version resolved")
+
+    # ------------------------------------------------------------------ guard
+
+    def refuse(self, request: Request, audit: dict[str, Any]) -> JSONResponse | None:
+        """The refusal for this request (401/403/429/411/413), or None to go on."""
+        scope = _scope_of(request.url.path)
+        if scope is None:
+            return None
+        rid = request.state.request_id
+        auth = request.headers.get("authorization", "")
+        key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
+        principal = self.keys.verify(key)
+        if principal is None:
+            return error_response(401, "missing or invalid API key (send Authorization: Bearer <key> or X-API-Key)",
+                                  rid, {"WWW-Authenticate": "Bearer"})
+        audit.update(tenant=principal.tenant, key_id=principal.key_id)
+        request.state.principal = principal
+        if scope not in principal.scopes:
+            return error_response(403, f"this key lacks the {scope!r} scope (it has: {', '.join(sorted(principal.scopes))})",
+                                  rid)
+        ok, retry = self.rate.allow(principal.key_id, principal.rate_per_minute or self.config.rate_per_minute)
+        if not ok:
+            return error_response(429, f"rate limit of key {principal.key_id} reached; retry in {retry} s", rid,
+                                  {"Retry-After": str(retry)})
+        if request.method == "POST":
+            length = request.headers.get("content-length")
+            if length is None:
+                return error_response(411, "Content-Length: required", rid)
+            try:
+                n = int(length)
+            except ValueError:
+                return error_response(400, f"Content-Length: {length[:20]!r} is not a number", rid)
+            if n > self.config.max_body_bytes:
+                return error_response(413, f"body of {n} bytes is over the limit of {self.config.max_body_bytes}",
+                                      rid)
+        return None
+
+    def audit(self, entry: dict[str, Any]) -> None:
+        self._audit.append(entry)
+
+    # ------------------------------------------------------------------ routes
+
+    @api.get("/", response_class=HTMLResponse, include_in_schema=False)
+    def viewer(self) -> HTMLResponse:
+        return HTMLResponse(resources.files("engine.serving").joinpath("viewer.html").read_text())
+
+    @api.get("/healthz", response_model=Health)
+    def healthz(self) -> dict[str, Any]:
+        """Liveness, and the bundle versions the aliases point at."""
+        self._maybe_refresh()
+        return {"status": "ok", "arms": dict(self._arms.refs)}
+
+    @api.get("/v1/models", response_model=ModelsResponse, responses=_ERRORS)
+    async def models(self, request: Request, key: Optional[str] = Security(_key_header)) -> dict[str, Any]:
+        """The bundle, the traffic split and the member versions each alias serves."""
+        self._maybe_refresh()
+        arms = self._arms
+        members = {}
+        for ref in sorted(set(arms.refs.values())):
+            members[ref] = {role: mv.ref for role, mv in self._registry.get_bundle(ref).items()}
+        labels = await self._labels_of(arms.refs["production"])
+        return {"bundle": self.config.bundle, "split": dict(arms.weights), "arms": dict(arms.refs),
+                "members": members, **labels}
+
+    @api.post("/v1/admin/refresh", response_model=Health, responses=_ERRORS)
+    def admin_refresh(self, key: Optional[str] = Security(_key_header)) -> dict[str, Any]:
+        """Read the registry's aliases again now (this replica); `generation` in the
+        config does it for every replica."""
+        return {"status": "ok", "arms": dict(self.refresh().refs)}
+
+    @api.post("/v1/analyze", response_model=AnalyzeResponse, response_model_by_alias=True, responses=_ERRORS)
+    async def analyze(
+        self,
+        request: Request,
+        image: UploadFile = File(..., description="PNG, TIFF (8/16-bit; pixel size read from its metadata) or "
+                                                  "a raw little-endian array (application/octet-stream)"),
+        modality: Optional[str] = Form(None, description="SEM, TEM or optical (default: the TIFF's, else SEM)"),
+        pixel_size_nm: Optional[float] = Form(None, description="nm per pixel; needed unless the TIFF has it"),
+        dtype: Optional[str] = Form(None, description="raw arrays: uint8, uint16, uint32, int8, int16, int32, float32"),
+        shape: Optional[str] = Form(None, description="raw arrays: height,width"),
+        key: Optional[str] = Security(_key_header),
+    ) -> JSONResponse:
+        """Detections (boxes in px and nm, class, score, RLE masks, measurements), material,
+        grade, the versions that answered and timings, for one micrograph."""
+        t0 = time.perf_counter()
+        rid, audit = request.state.request_id, request.state.audit
+        self._maybe_refresh()
+        data = await image.read()
+        audit["image_sha256"] = hashlib.sha256(data).hexdigest()
+        try:
+            decoded = await asyncio.to_thread(decode, data, image.content_type, dtype=dtype, shape=parse_shape(shape),
+                                              max_pixels=self.config.max_pixels)
+        except UnsupportedMedia as exc:
+            raise RequestError(415, str(exc)) from None
+        except TooLarge as exc:
+            raise RequestError(413, str(exc)) from None
+        except BadImage as exc:
+            raise RequestError(422, str(exc)) from None
+        mod = _modality(modality, decoded.modality)
+        size, source = _pixel_size(pixel_size_nm, decoded.pixel_size_nm)
+        t_decode = time.perf_counter()
+        alias, ref = self._arms.choose(rid)
+        audit.update(alias=alias, models={"bundle": ref})
+        p, scales, level, level_nm, pre_ms = await self._call(self.pre, ref, decoded.pixels, mod, size)
+        t1 = time.perf_counter()
+        p = await self._call(self.det.detect, (ref, p))
+        t2 = time.perf_counter()
+        p = await self._call(self.seg.segment, (ref, p))
+        t3 = time.perf_counter()
+        results = await self._call(self.clf.classify, (ref, p))
+        t4 = time.perf_counter()
+        labels = await self._labels_of(ref)
+        h, w = decoded.pixels.shape
+        info = {"height": int(h), "width": int(w), "dtype": str(decoded.pixels.dtype), "format": decoded.format,
+                "sha256": audit["image_sha256"], "modality": mod, "pixel_size_nm": size,
+                "pixel_size_source": source, "level": level, "level_pixel_size_nm": level_nm}
+        from engine.serving.response import build_response
+
+        timings = {"decode_ms": (t_decode - t0) * 1e3, "preprocess_ms": (t1 - t_decode) * 1e3,
+                   "preprocess_compute_ms": pre_ms, "detect_ms": (t2 - t1) * 1e3, "segment_ms": (t3 - t2) * 1e3,
+                   "classify_measure_ms": (t4 - t3) * 1e3}
+        body = build_response(results, scales, image=info, alias=alias, request_id=rid, timings_ms=timings, **labels)
+        body["timings_ms"]["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
+        audit["models"] = body["model"]["versions"]
+        return JSONResponse(body)
+
+    async def _call(self, method, *args):
+        """A stage call; retried when the replica serving it died (Serve picks a live one)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for attempt in range(_MAX_ATTEMPTS):
+            try:
+                return await method.remote(*args)
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                if attempt == _MAX_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+
+    async def _labels_of(self, ref: str) -> dict[str, list[str]]:
+        if ref not in self._labels:
+            self._labels[ref] = await self._call(self.clf.labels, ref)
+        return self._labels[ref]

@@ -1,0 +1,135 @@
+"""API keys: stored hashed, each mapped to a tenant and scopes.
+
+A key the client sends looks like ``gf_<key id>_<secret>`` (the secret is 32 random
+bytes, url-safe base64). The keys file (JSON, created 0600 by `add_key` /
+``grainflow serve keys add``) holds, per key id, never the secret itself:
+
+    {"keys": [{"id": "k3f9a1c2", "tenant": "lab-a", "scopes": ["analyze"],
+               "salt": "<hex>", "sha256": "<hex of sha256(salt + secret)>",
+               "rate_per_minute": 120, "created": "2026-11-02T10:00:00+00:00"}]}
+
+A salted sha256 is enough here: the secrets are random and 256 bits long, so there is
+nothing to brute-force (a slow hash such as scrypt protects low-entropy passwords and
+would add tens of milliseconds to every request). Comparison is constant-time.
+Scopes: "analyze" (POST /v1/analyze, GET /v1/models) and "admin" (the /v1/admin routes).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import json
+import os
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from engine.errors import GrainflowError
+
+SCOPES = ("analyze", "admin")
+PREFIX = "gf_"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """Who a verified key belongs to."""
+
+    key_id: str
+    tenant: str
+    scopes: frozenset[str]
+    rate_per_minute: float | None = None
+
+
+@dataclass(frozen=True)
+class _Entry:
+    principal: Principal
+    salt: bytes
+    digest: bytes
+
+
+def _digest(salt: bytes, secret: str) -> bytes:
+    return hashlib.sha256(salt + secret.encode()).digest()
+
+
+def split_key(key: str) -> tuple[str, str] | None:
+    """("key id", "secret") of a well-formed key, else None."""
+    if not key.startswith(PREFIX):
+        return None
+    body = key[len(PREFIX):]
+    key_id, sep, secret = body.partition("_")
+    if not sep or not key_id or not secret or not key_id.isalnum():
+        return None
+    return key_id, secret
+
+
+class KeyStore:
+    """The keys of a keys file, looked up by id and checked against their hash."""
+
+    def __init__(self, entries: dict[str, _Entry]):
+        self._entries = entries
+
+    @classmethod
+    def load(cls, path: str | os.PathLike | None) -> KeyStore:
+        """Read a keys file (module doc); None gives a store that refuses every key."""
+        if path is None:
+            return cls({})
+        p = Path(path)
+        try:
+            data = json.loads(p.read_text())
+            entries = {}
+            for k in data["keys"]:
+                scopes = frozenset(k["scopes"])
+                bad = sorted(scopes - set(SCOPES))
+                if bad:
+                    raise ValueError(f"key {k['id']}: unknown scopes {bad}; valid: {', '.join(SCOPES)}")
+                entries[k["id"]] = _Entry(Principal(k["id"], k["tenant"], scopes, k.get("rate_per_minute")),
+                                          bytes.fromhex(k["salt"]), bytes.fromhex(k["sha256"]))
+        except FileNotFoundError:
+            raise GrainflowError(f"{p}: keys file not found; create one with `grainflow serve keys add`") from None
+        except (ValueError, KeyError, TypeError) as exc:
+            raise GrainflowError(f"{p}: not a grainflow keys file ({type(exc).__name__}: {exc})") from None
+        return cls(entries)
+
+    def verify(self, key: str | None) -> Principal | None:
+        """The key's principal, or None when the key is missing, malformed, unknown or wrong."""
+        parts = split_key(key or "")
+        if parts is None:
+            return None
+        entry = self._entries.get(parts[0])
+        if entry is None:
+            return None
+        return entry.principal if hmac.compare_digest(_digest(entry.salt, parts[1]), entry.digest) else None
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+
+def add_key(path: str | os.PathLike, tenant: str, scopes: list[str] | tuple[str, ...] = ("analyze",), *,
+            rate_per_minute: float | None = None) -> tuple[str, str]:
+    """Create a key for `tenant` in the keys file at `path` (created 0600 if absent).
+
+    Returns (key id, the full key): the key is shown this once and stored only hashed.
+    """
+    bad = sorted(set(scopes) - set(SCOPES))
+    if bad or not scopes:
+        raise GrainflowError(f"scopes {list(scopes)}: each must be one of {', '.join(SCOPES)}")
+    if not tenant:
+        raise GrainflowError("tenant: must not be empty")
+    p = Path(path)
+    data = json.loads(p.read_text()) if p.exists() else {"keys": []}
+    key_id = "k" + secrets.token_hex(4)
+    secret = secrets.token_urlsafe(32)
+    salt = secrets.token_bytes(16)
+    entry = {"id": key_id, "tenant": tenant, "scopes": sorted(set(scopes)), "salt": salt.hex(),
+             "sha256": _digest(salt, secret).hex(), "created": datetime.now(timezone.utc).isoformat()}
+    if rate_per_minute is not None:
+        entry["rate_per_minute"] = float(rate_per_minute)
+    data["keys"].append(entry)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        json.dump(data, f, indent=1)
+    os.replace(tmp, p)
+    return key_id, f"{PREFIX}{key_id}_{secret}"

@@ -1,0 +1,87 @@
+"""One uploaded image -> the tiles the batch job would read from it, and its preprocessing.
+
+The image is written as an OME-Zarr image to an in-process memory store (chunks of
+`chunk` px, with its pyramid), then planned and read by the batch job's own code
+(`engine.data.tile_plan.plan_image`, `engine.data.tile_read.read_tiles`) and, when a
+member takes "image" inputs, fitted with `engine.preprocess.fit_preprocessing`. So an
+image uploaded here and the same pixels in an archive read by `jobs.reprocess` (same
+chunk, tile_size, halo and target pixel size) give the ensemble the same tiles and
+parameters, and the same answer. The memory store is removed afterwards.
+
+Large images (2048 x 2048 and more) are tiled like the job: cores of one chunk (or
+tile_size) with a halo, each tile analysed on its own, detections reported by the
+tile whose core holds their box centre.
+"""
+
+from __future__ import annotations
+
+import math
+import uuid
+from dataclasses import dataclass
+
+import numpy as np
+
+from engine.pipeline.ensemble import TileInput, tiles_from_batch
+
+
+@dataclass(frozen=True)
+class TilingSettings:
+    """chunk: storage chunk edge (px); tile_size: core edge (None: one chunk); halo: px;
+    target_pixel_size_nm: the models' pixel size (None: the image's own, read at level 0)."""
+
+    chunk: int = 512
+    tile_size: int | None = None
+    halo: int = 32
+    target_pixel_size_nm: float | None = None
+
+
+@dataclass(frozen=True, eq=False)
+class PreparedImage:
+    """tiles: the image's tiles as datasource rows give them; params: the image's
+    PreprocessParams (None when no member takes "image" inputs); level and
+    pixel_size_nm: the pyramid level read and its pixel size (nm)."""
+
+    tiles: list[TileInput]
+    params: object | None
+    level: int
+    pixel_size_nm: float
+
+
+def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, settings: TilingSettings,
+                  fit: bool, image_id: str = "upload") -> PreparedImage:
+    """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm (square)."""
+    import fsspec
+    from ray.data.block import BlockAccessor
+
+    from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
+    from engine.data.tile_plan import plan_image, plan_reads
+    from engine.data.tile_read import read_tiles
+    from engine.stores.image import open_image
+    from engine.stores.uri import resolve
+    from engine.stores.writer import write_image
+
+    loc = resolve(f"memory://grainflow-serve/{uuid.uuid4().hex}.ome.zarr")
+    try:
+        write_image(loc, np.ascontiguousarray(pixels), pixel_size=float(pixel_size_nm), unit="nanometer",
+                    chunk=settings.chunk, attributes={"modality": modality}, name=image_id)
+        image = open_image(loc)
+        if settings.target_pixel_size_nm is None:  # as the job does for native pixels: level 0
+            target, tolerance = float(pixel_size_nm), math.inf
+        else:
+            target, tolerance = float(settings.target_pixel_size_nm), DEFAULT_TOLERANCE
+        plan = plan_image(image, image_id, loc, modality, target_nm=target, tolerance=tolerance,
+                          tile_size=settings.tile_size, halo=settings.halo, tile_dtype=str(pixels.dtype))
+        tiles: list[TileInput] = []
+        for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
+            for block in read_tiles(spec):
+                tiles += tiles_from_batch(BlockAccessor.for_block(block).to_batch_format("numpy"))
+        params = None
+        if fit:
+            from engine.preprocess import fit_preprocessing
+
+            params = fit_preprocessing(image, modality)
+        return PreparedImage(tiles, params, int(plan.grid.level), float(tiles[0].pixel_size_nm))
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(loc.path):
+            fs.rm(loc.path, recursive=True)

@@ -1,0 +1,120 @@
+"""The ensemble's tile results -> the JSON answer of POST /v1/analyze.
+
+Coordinates: boxes are xyxy edge coordinates in level-0 pixels of the uploaded image
+(`box_px`) and in nm from its top-left corner (`box_nm`); centroids (y, x) likewise.
+Masks are run-length encoded per detection (`rle_encode`): the detection's pixels in
+the tile core that reported it, cropped to their bounding rectangle, placed by
+`origin_px` (level-0 (y, x) of the crop's corner) and `scale` (level-0 px per mask px).
+
+Image-level material and grade follow the batch job's per-image summary
+(`engine.data.sinks`): argmax of the tiles' probabilities averaged with core-area weights.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Sequence
+
+import numpy as np
+
+from engine.pipeline.results import MEASUREMENT_COLUMNS, TileResult
+
+
+def rle_encode(mask: np.ndarray) -> list[int]:
+    """(h, w) bool -> run lengths over the row-major pixels, starting with a run of
+    False (possibly 0): [n_false, n_true, n_false, ...]; they add up to h * w."""
+    flat = np.asarray(mask, bool).ravel()
+    if flat.size == 0:
+        return []
+    change = np.flatnonzero(np.diff(flat.astype(np.int8))) + 1
+    bounds = np.concatenate([[0], change, [flat.size]])
+    runs = np.diff(bounds).tolist()
+    return runs if not flat[0] else [0, *runs]
+
+
+def rle_decode(counts: Sequence[int], size: Sequence[int]) -> np.ndarray:
+    """Inverse of `rle_encode`: (h, w) bool."""
+    flat = np.zeros(int(size[0]) * int(size[1]), bool)
+    pos, value = 0, False
+    for n in counts:
+        if value:
+            flat[pos : pos + n] = True
+        pos += n
+        value = not value
+    return flat.reshape(int(size[0]), int(size[1]))
+
+
+def _num(v) -> float | None:
+    v = float(v)
+    return v if math.isfinite(v) else None
+
+
+def _mask_of(r: TileResult, j: int, scale: tuple[float, float]) -> dict[str, Any]:
+    top, left = float(r.y), float(r.x)  # level-0 corner of the core
+    sel = r.core_labels == j + 1
+    ys, xs = np.nonzero(sel)
+    if len(ys) == 0:
+        return {"origin_px": None, "scale": None, "size": [0, 0], "counts": []}
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    sy, sx = float(scale[0]), float(scale[1])
+    return {"origin_px": [top + y0 * sy, left + x0 * sx], "scale": [sy, sx], "size": [int(y1 - y0), int(x1 - x0)],
+            "counts": rle_encode(sel[y0:y1, x0:x1])}
+
+
+def detections(r: TileResult, class_names: Sequence[str], scale: tuple[float, float]) -> list[dict[str, Any]]:
+    """The detections of one tile; scale: level-0 px per tile px (y, x), the tile's."""
+    out = []
+    for j in range(r.n_defects):
+        c = int(r.classes[j])
+        d = {
+            "tile": [int(r.y), int(r.x)],
+            "class_id": c,
+            "class": class_names[c] if 0 <= c < len(class_names) else str(c),
+            "score": float(r.scores[j]),
+            "box_px": [float(v) for v in r.boxes_level0[j]],
+            "box_nm": [float(v) for v in r.boxes_nm[j]],
+            "mask_score": _num(r.mask_scores[j]),
+            "mask_from_box": bool(r.mask_from_box[j]),
+            "centroid_px": [_num(v) for v in r.centroid_level0[j]],
+            "mask": _mask_of(r, j, scale),
+        }
+        for name in MEASUREMENT_COLUMNS:
+            d[name] = _num(getattr(r, name)[j])
+        out.append(d)
+    return out
+
+
+def _weighted(results: Sequence[TileResult], key: str, n: int) -> np.ndarray:
+    from engine.data.sinks import _weighted_probs  # the job's rule, so both agree
+
+    metas = [{key: [float(v) for v in getattr(r, key)], "core_area_mm2": r.core_area_mm2} for r in results]
+    return _weighted_probs(metas, key, n)
+
+
+def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *, class_names: Sequence[str], materials: Sequence[str],
+                   grades: Sequence[str], image: dict[str, Any], alias: str, request_id: str,
+                   timings_ms: dict[str, float]) -> dict[str, Any]:
+    """The JSON body of a successful POST /v1/analyze (`engine.serving.schemas.AnalyzeResponse`);
+    scales: each result's tile scale (TileInput.scale)."""
+    ok = [r for r in results if r.ok]
+    dets = [d for r, s in zip(results, scales) if r.ok for d in detections(r, class_names, s)]
+    area = float(sum(r.core_area_mm2 for r in ok))
+    mp = _weighted(ok, "material_probs", len(materials))
+    gp = _weighted(ok, "grade_probs", len(grades))
+    has_m, has_g = len(mp) and np.isfinite(mp).all(), len(gp) and np.isfinite(gp).all()
+    versions = dict(results[0].model_versions) if results else {}
+    return {
+        "request_id": request_id,
+        "image": image,
+        "model": {"alias": alias, "bundle": versions.get("bundle"), "versions": versions},
+        "material": {"name": materials[int(np.argmax(mp))] if has_m else None,
+                     "probs": {m: float(p) for m, p in zip(materials, mp)} if has_m else {}},
+        "grade": {"name": grades[int(np.argmax(gp))] if has_g else None,
+                  "probs": {g: float(p) for g, p in zip(grades, gp)} if has_g else {}},
+        "summary": {"n_defects": len(dets), "area_mm2": area,
+                    "defect_density_per_mm2": len(dets) / area if area > 0 else None,
+                    "tiles": len(results), "tiles_failed": len(results) - len(ok)},
+        "detections": dets,
+        "tile_errors": [{"tile": [int(r.y), int(r.x)], "error": r.error} for r in results if not r.ok],
+        "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
+    }

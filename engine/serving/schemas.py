@@ -1,0 +1,117 @@
+"""The HTTP API's response bodies (pydantic), which document it in the OpenAPI schema.
+
+Units are in the field names: `_px` level-0 pixels of the uploaded image (xyxy edge
+coordinates for boxes, (y, x) for points), `_nm` nanometres, `_ms` milliseconds.
+"""
+
+from __future__ import annotations
+
+from typing import Optional
+
+from pydantic import BaseModel, Field
+
+MODALITIES = ("SEM", "TEM", "optical")
+
+
+class ErrorBody(BaseModel):
+    """Every error: its HTTP status, a machine-readable code and a message naming the field at fault."""
+
+    status: int
+    error: str = Field(description="unauthorized, forbidden, too_large, unsupported_media, invalid, "
+                                   "rate_limited, not_found, internal")
+    detail: str
+    request_id: Optional[str] = None
+
+
+class Mask(BaseModel):
+    """Run-length encoded mask (engine.serving.response.rle_encode): row-major runs of
+    (h, w) = size starting with a run of 0s, placed at origin_px with scale level-0 px per mask px."""
+
+    origin_px: Optional[list[float]]
+    scale: Optional[list[float]]
+    size: list[int]
+    counts: list[int]
+
+
+class Detection(BaseModel):
+    tile: list[int] = Field(description="level-0 (y, x) of the core of the tile that reported it")
+    class_id: int
+    class_: str = Field(alias="class")
+    score: float
+    box_px: list[float]
+    box_nm: list[float]
+    mask_score: Optional[float]
+    mask_from_box: bool
+    centroid_px: list[Optional[float]]
+    mask: Mask
+    area_nm2: Optional[float]
+    area_um2: Optional[float]
+    equivalent_diameter_nm: Optional[float]
+    major_axis_nm: Optional[float]
+    minor_axis_nm: Optional[float]
+    aspect_ratio: Optional[float]
+    orientation_deg: Optional[float]
+
+
+class Label(BaseModel):
+    name: Optional[str]
+    probs: dict[str, float]
+
+
+class ModelInfo(BaseModel):
+    alias: str = Field(description="the alias whose arm answered (production, canary)")
+    bundle: Optional[str] = Field(description="the bundle version, name/version")
+    versions: dict[str, str] = Field(description="role -> name/version of every member that answered")
+
+
+class ImageInfo(BaseModel):
+    height: int
+    width: int
+    dtype: str
+    format: str
+    sha256: str
+    modality: str
+    pixel_size_nm: float
+    pixel_size_source: str
+    level: int
+    level_pixel_size_nm: float
+
+
+class Summary(BaseModel):
+    n_defects: int
+    area_mm2: float
+    defect_density_per_mm2: Optional[float]
+    tiles: int
+    tiles_failed: int
+
+
+class TileError(BaseModel):
+    tile: list[int]
+    error: Optional[str]
+
+
+class AnalyzeResponse(BaseModel):
+    request_id: str
+    image: ImageInfo
+    model: ModelInfo
+    material: Label
+    grade: Label
+    summary: Summary
+    detections: list[Detection]
+    tile_errors: list[TileError]
+    timings_ms: dict[str, float]
+
+
+class ModelsResponse(BaseModel):
+    bundle: str
+    split: dict[str, float]
+    arms: dict[str, str] = Field(description="alias -> bundle version it points at")
+    members: dict[str, dict[str, str]] = Field(description="bundle version -> role -> member version")
+    class_names: list[str]
+    materials: list[str]
+    grades: list[str]
+
+
+class Health(BaseModel):
+    status: str
+    arms: dict[str, str]

@@ -1,0 +1,56 @@
+"""Which bundle version answers a request: aliases resolved, traffic split, sticky arms.
+
+`Arms` holds what each alias pointed at when last read (`resolve_arms`) and the split
+weights. A request's arm comes from its request id: sha256(id) mapped to [0, 1) and
+cut by the cumulative weights, so one id always lands on the same arm while the split
+and aliases stay put, and a large number of ids fills the arms in proportion to the
+weights. An alias the registry lacks (no canary yet) gets no traffic: its weight goes
+to the others in proportion.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass
+
+from engine.registry.errors import RegistryError
+
+
+@dataclass(frozen=True)
+class Arms:
+    """alias -> fixed bundle ref ("name/version"), and alias -> weight (resolved aliases only)."""
+
+    refs: dict[str, str]
+    weights: dict[str, float]
+
+    def choose(self, request_id: str) -> tuple[str, str]:
+        """(alias, bundle ref) for this request id."""
+        total = sum(self.weights.values())
+        u = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2.0**64
+        acc = 0.0
+        live = [(a, w) for a, w in sorted(self.weights.items(), key=lambda kv: kv[0] != "production") if w > 0]
+        for alias, w in live:
+            acc += w / total
+            if u < acc:
+                return alias, self.refs[alias]
+        alias = live[-1][0]
+        return alias, self.refs[alias]
+
+
+def resolve_arms(registry, bundle: str, split: dict[str, float]) -> Arms:
+    """Read `bundle@alias` for every alias of the split with a weight > 0.
+
+    production must resolve (RegistryError otherwise); other aliases are dropped when
+    unset.
+    """
+    refs, weights = {}, {}
+    for alias, w in split.items():
+        if w <= 0:
+            continue
+        try:
+            refs[alias] = registry.get(f"{bundle}@{alias}").ref
+            weights[alias] = float(w)
+        except RegistryError:
+            if alias == "production":
+                raise
+    return Arms(refs, weights)

@@ -1,0 +1,197 @@
+"""The running app over real HTTP on 127.0.0.1: answers, parity with the batch job's
+code path, every error status, and the audit log."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import numpy as np
+import pytest
+
+from engine.audit import read_audit
+
+from .conftest import auth, png_bytes, synthetic_image
+
+
+def analyze(client, key, files, data=None, headers=None):
+    return client.post("/v1/analyze", files=files, data=data or {}, headers={**auth(key), **(headers or {})})
+
+
+@pytest.fixture(scope="module")
+def image():
+    return synthetic_image(seed=4, size=256)
+
+
+class TestAnalyze:
+    def test_png_answer_matches_the_batch_path(self, client, served, image, tmp_path):
+        """A 16-bit PNG: detections, masks, material and grade equal `Ensemble.analyze`
+        on the tiles the batch job reads from the same pixels (an archive on disk)."""
+        pixels, nm = image
+        r = analyze(client, served["env"]["analyze_key"], {"image": ("a.png", png_bytes(pixels), "image/png")},
+                    {"modality": "SEM", "pixel_size_nm": str(nm)})
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model"]["alias"] == "production"
+        assert body["model"]["bundle"] == "serve-tiny/1"
+        assert set(body["model"]["versions"]) >= {"detector", "segmenter", "classifier", "bundle"}
+        assert body["image"]["height"] == 256 and body["image"]["dtype"] == "uint16"
+        expected = batch_job_answer(served, pixels, nm, tmp_path)
+        dets = body["detections"]
+        assert len(dets) == sum(t.n_defects for t in expected) > 0
+        want_boxes = np.concatenate([t.boxes_level0 for t in expected])
+        np.testing.assert_allclose([d["box_px"] for d in dets], want_boxes, atol=1e-3)
+        np.testing.assert_allclose([d["box_nm"] for d in dets], want_boxes * nm, rtol=1e-9, atol=1e-3)
+        np.testing.assert_allclose([d["score"] for d in dets], np.concatenate([t.scores for t in expected]),
+                                   atol=1e-5)
+        np.testing.assert_allclose([d["area_nm2"] for d in dets], np.concatenate([t.area_nm2 for t in expected]),
+                                   rtol=1e-6)
+        assert body["material"]["name"] == expected[0].material
+        assert body["grade"]["name"] == expected[0].grade
+        # masks decode to the pixels the ensemble labelled
+        from engine.serving.response import rle_decode
+
+        labels = expected[0].core_labels
+        for j, d in enumerate(dets):
+            m = d["mask"]
+            y0, x0 = (int(v) for v in m["origin_px"])
+            got = np.zeros_like(labels, bool)
+            got[y0 : y0 + m["size"][0], x0 : x0 + m["size"][1]] = rle_decode(m["counts"], m["size"])
+            np.testing.assert_array_equal(got, labels == j + 1)
+
+    def test_tiff_pixel_size_from_metadata(self, client, served, image):
+        import tifffile
+
+        pixels, _ = image
+        buf = io.BytesIO()
+        # 2.5 nm per pixel as TIFF resolution in pixels per centimetre
+        tifffile.imwrite(buf, pixels, resolution=(1e7 / 2.5, 1e7 / 2.5), resolutionunit="CENTIMETER")
+        r = analyze(client, served["env"]["analyze_key"], {"image": ("a.tif", buf.getvalue(), "image/tiff")},
+                    {"modality": "SEM"})
+        assert r.status_code == 200, r.text
+        assert r.json()["image"]["pixel_size_source"] == "tiff metadata"
+        assert r.json()["image"]["pixel_size_nm"] == pytest.approx(2.5)
+        assert r.json()["image"]["dtype"] == "uint16"
+
+    def test_raw_array_same_answer_as_png(self, client, served, image):
+        pixels, nm = image
+        key = served["env"]["analyze_key"]
+        png = analyze(client, key, {"image": ("a.png", png_bytes(pixels), "image/png")},
+                      {"modality": "SEM", "pixel_size_nm": str(nm)}).json()
+        raw = analyze(client, key, {"image": ("a.raw", pixels.astype("<u2").tobytes(), "application/octet-stream")},
+                      {"modality": "SEM", "pixel_size_nm": str(nm), "dtype": "uint16", "shape": "256,256"})
+        assert raw.status_code == 200, raw.text
+        assert raw.json()["image"]["sha256"] != png["image"]["sha256"]
+        assert [d["box_px"] for d in raw.json()["detections"]] == [d["box_px"] for d in png["detections"]]
+
+    def test_models_and_health(self, client, served):
+        h = client.get("/healthz")
+        assert h.status_code == 200 and h.json()["arms"]["production"] == "serve-tiny/1"
+        m = client.get("/v1/models", headers=auth(served["env"]["analyze_key"]))
+        assert m.status_code == 200, m.text
+        assert m.json()["members"]["serve-tiny/1"]["detector"].startswith("serve-tiny-detector/")
+        assert len(m.json()["class_names"]) == 5
+
+
+def batch_job_answer(served, pixels, nm, tmp_path):
+    """What the batch job computes for these pixels: the image written to an archive,
+    read by the job's datasource (default chunk, halo), through Ensemble.analyze."""
+    from engine.pipeline import Ensemble
+    from engine.pipeline.ensemble import tiles_from_batch
+    from engine.stores.catalog import CatalogRow, write_catalog
+    from engine.stores.writer import write_image
+    from tests.pipeline.conftest import read_batch
+
+    archive = tmp_path / "archive"
+    info = write_image(str(archive / "images" / "img.ome.zarr"), pixels, pixel_size=nm, unit="nanometer", chunk=512)
+    write_catalog(str(archive), [CatalogRow(image_id="img", uri="images/img.ome.zarr", modality="SEM",
+                                            pixel_size_y=nm, pixel_size_x=nm, unit="nanometer", height=256,
+                                            width=256, dtype=str(pixels.dtype), levels=info.levels,
+                                            chunk=info.chunk, checksum=info.checksum)])
+    config = served["config"]
+    ens = Ensemble.from_registry("serve-tiny/1", served["env"]["registry"], config=config.ensemble_config())
+    return ens.analyze(tiles_from_batch(read_batch(archive, halo=config.halo)))
+
+
+class TestErrors:
+    def post(self, client, served, **kw):
+        key = kw.pop("key", served["env"]["analyze_key"])
+        files = kw.pop("files", {"image": ("a.png", png_bytes(np.zeros((64, 64), np.uint8)), "image/png")})
+        data = kw.pop("data", {"modality": "SEM", "pixel_size_nm": "5"})
+        return client.post("/v1/analyze", files=files, data=data, headers={**auth(key), **kw.pop("headers", {})})
+
+    def check(self, r, status, words):
+        assert r.status_code == status, r.text
+        body = r.json()
+        assert body["status"] == status and words in body["detail"], body
+        assert r.headers["X-Request-ID"] == body["request_id"]
+
+    def test_401_missing_and_bad_key(self, client, served):
+        r = client.post("/v1/analyze", files={"image": ("a.png", b"x", "image/png")})
+        self.check(r, 401, "API key")
+        self.check(self.post(client, served, key="gf_k0000_nope"), 401, "API key")
+
+    def test_403_wrong_scope(self, client, served):
+        self.check(self.post(client, served, key=served["env"]["admin_key"]), 403, "'analyze' scope")
+        r = client.post("/v1/admin/refresh", headers=auth(served["env"]["analyze_key"]))
+        self.check(r, 403, "'admin' scope")
+        assert client.post("/v1/admin/refresh", headers=auth(served["env"]["admin_key"])).status_code == 200
+
+    def test_413_body_and_pixels(self, client, served):
+        big = b"\0" * (served["config"].max_body_bytes + 1)
+        self.check(self.post(client, served, files={"image": ("a.raw", big, "application/octet-stream")}), 413,
+                   "over the limit")
+        r = self.post(client, served, files={"image": ("a.png", png_bytes(np.zeros((1, 2049 * 2048), np.uint8)),
+                                                       "image/png")})
+        self.check(r, 413, "pixels is over the limit")
+
+    def test_415_unsupported_media(self, client, served):
+        self.check(self.post(client, served, files={"image": ("a.jpg", b"\xff\xd8\xff\xe0JFIF", "image/jpeg")}), 415,
+                   "unsupported media type")
+
+    @pytest.mark.parametrize("data, files, words", [
+        ({"modality": "XRAY", "pixel_size_nm": "5"}, None, "modality"),
+        ({"modality": "SEM", "pixel_size_nm": "-1"}, None, "pixel_size_nm"),
+        ({"modality": "SEM", "pixel_size_nm": "abc"}, None, "pixel_size_nm"),
+        ({"modality": "SEM"}, None, "pixel_size_nm: required"),
+        ({"modality": "SEM", "pixel_size_nm": "5", "dtype": "uint16", "shape": "4,4"},
+         {"image": ("a.raw", b"\0" * 7, "application/octet-stream")}, "do not hold"),
+        ({"modality": "SEM", "pixel_size_nm": "5"}, {"image": ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")},
+         "not a readable PNG"),
+        ({"modality": "SEM", "pixel_size_nm": "5"}, {}, "image"),
+    ])
+    def test_422_malformed_fields(self, client, served, data, files, words):
+        kw = {"data": data} if files is None else {"data": data, "files": files or None}
+        self.check(self.post(client, served, **kw), 422, words)
+
+    def test_429_with_retry_after(self, client, served):
+        key = served["env"]["slow_key"]  # one request a minute
+        codes = [self.post(client, served, key=key).status_code for _ in range(2)]
+        assert codes[0] == 200
+        r = self.post(client, served, key=key)
+        self.check(r, 429, "rate limit")
+        assert int(r.headers["Retry-After"]) >= 1
+
+
+class TestAudit:
+    def test_accepted_and_refused_requests_are_logged(self, client, served, image):
+        pixels, nm = image
+        path = served["env"]["audit_log"]
+        before = len(read_audit(path))
+        ok = analyze(client, served["env"]["analyze_key"], {"image": ("a.png", png_bytes(pixels), "image/png")},
+                     {"modality": "SEM", "pixel_size_nm": str(nm)}, headers={"X-Request-ID": "audit-ok-1"})
+        bad = client.post("/v1/analyze", files={"image": ("a.png", b"x", "image/png")},
+                          headers={"X-Request-ID": "audit-refused-1"})
+        assert (ok.status_code, bad.status_code) == (200, 401)
+        entries = {e["request_id"]: e for e in read_audit(path)[before:]}
+        good = entries["audit-ok-1"]
+        assert good["status"] == 200 and good["tenant"] == "lab-a" and good["route"] == "/v1/analyze"
+        assert good["key_id"] == served["env"]["analyze_key"].split("_", 2)[1]
+        assert good["image_sha256"] == ok.json()["image"]["sha256"]
+        assert good["models"] == ok.json()["model"]["versions"]
+        assert "time" in good
+        refused = entries["audit-refused-1"]
+        assert refused["status"] == 401 and refused["tenant"] is None
+        raw = open(path).read()
+        assert served["env"]["analyze_key"].split("_", 2)[2] not in raw  # secrets never logged
+        assert max(len(line) for line in raw.splitlines()) < 4000  # digests, never pixels

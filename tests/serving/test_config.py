@@ -1,0 +1,88 @@
+"""Configs: cluster/serve.yaml passes Serve's own schema and builds the app; ServeConfig
+refuses bad values with messages naming them; keys are stored hashed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import yaml
+
+from engine.errors import GrainflowError
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_cluster_serve_yaml_is_valid_and_builds():
+    from ray.serve.schema import ServeDeploySchema
+
+    from engine.serving.app import app_builder
+    from engine.serving.config import ServeConfig
+
+    data = yaml.safe_load((ROOT / "cluster" / "serve.yaml").read_text())
+    schema = ServeDeploySchema.model_validate(data)
+    (app,) = schema.applications
+    assert app.import_path == "engine.serving.app:app_builder"
+    config = ServeConfig(**app.args)
+    assert config.settings("segmenter").num_gpus == 0.5
+    assert config.settings("detector").options()["autoscaling_config"]["max_replicas"] == 4
+    app_builder(app.args)  # the deployments bind with these options
+
+
+def test_bad_config_values_are_named():
+    from pydantic import ValidationError
+
+    from engine.serving.config import ServeConfig
+
+    with pytest.raises(ValidationError, match="split"):
+        ServeConfig(split={"canary": 1.0})
+    with pytest.raises(ValidationError, match="deployments"):
+        ServeConfig(deployments={"nosuch": {}})
+    with pytest.raises(ValidationError, match="conf"):
+        ServeConfig(ensemble={"conf": 2})
+
+
+class TestKeys:
+    def test_stored_hashed_and_verified(self, tmp_path):
+        from engine.serving.keys import KeyStore, add_key
+
+        path = tmp_path / "keys.json"
+        key_id, key = add_key(path, "lab-a", ["analyze", "admin"])
+        text = path.read_text()
+        assert key.split("_", 2)[2] not in text and key_id in text
+        assert path.stat().st_mode & 0o777 == 0o600
+        store = KeyStore.load(path)
+        p = store.verify(key)
+        assert (p.tenant, p.key_id, p.scopes) == ("lab-a", key_id, frozenset({"analyze", "admin"}))
+        assert store.verify(key[:-1] + ("A" if key[-1] != "A" else "B")) is None
+        assert store.verify(None) is None and store.verify("nonsense") is None
+
+    def test_bad_keys_file_is_a_clear_error(self, tmp_path):
+        from engine.serving.keys import KeyStore, add_key
+
+        (tmp_path / "k.json").write_text(json.dumps({"keys": [{"id": "x"}]}))
+        with pytest.raises(GrainflowError, match="not a grainflow keys file"):
+            KeyStore.load(tmp_path / "k.json")
+        with pytest.raises(GrainflowError, match="scopes"):
+            add_key(tmp_path / "k2.json", "t", ["root"])
+
+
+def test_rate_limiter_refills():
+    from engine.serving.ratelimit import RateLimiter
+
+    now = [0.0]
+    rl = RateLimiter(clock=lambda: now[0])
+    assert [rl.allow("k", 2)[0] for _ in range(3)] == [True, True, False]
+    assert rl.allow("k", 2)[1] == 30  # one token per 30 s
+    now[0] = 30.0
+    assert rl.allow("k", 2) == (True, 0)
+
+
+def test_split_is_sticky_and_proportional():
+    from engine.serving.versions import Arms
+
+    arms = Arms({"production": "b/1", "canary": "b/2"}, {"production": 0.8, "canary": 0.2})
+    picks = [arms.choose(f"r{i}")[0] for i in range(5000)]
+    assert abs(picks.count("canary") / 5000 - 0.2) < 0.03
+    assert all(arms.choose("same")[0] == arms.choose("same")[0] for _ in range(5))

@@ -1,0 +1,61 @@
+"""The web viewer in a real browser (Debian's chromium, driven by Playwright): paste a
+key, upload a micrograph, see boxes and masks over it, material, grade and the table."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from .conftest import png_bytes, synthetic_image
+
+CHROMIUM = "/usr/bin/chromium"
+ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
+        "--disable-sync", "--no-first-run", "--disable-quic"]
+
+
+@pytest.fixture(scope="module")
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        b = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
+        yield b
+        b.close()
+
+
+def test_upload_shows_overlay_and_table(browser, served, tmp_path):
+    pixels, nm = synthetic_image(seed=4, size=256)
+    path = tmp_path / "micrograph.png"
+    path.write_bytes(png_bytes(pixels))
+    page = browser.new_page()
+    page.goto(served["url"] + "/")
+    page.fill("#key", served["env"]["analyze_key"])
+    page.set_input_files("#file", str(path))
+    page.select_option("#modality", "SEM")
+    page.fill("#pixel_size", str(nm))
+    page.click("#analyze")
+    page.wait_for_selector("#status:has-text('done')", timeout=120_000)
+    rows = page.locator("#measurements tbody tr")
+    n = rows.count()
+    assert n > 0
+    assert page.locator("#summary").inner_text().startswith(f"{n} defects")
+    assert page.locator("#material").inner_text().startswith("material: ")
+    assert page.locator("#grade").inner_text().startswith("grade: ")
+    headers = page.locator("#measurements thead th").all_inner_texts()
+    assert "area µm²" in headers and "eq. diameter nm" in headers
+    # the overlay canvases hold the boxes and masks, drawn over the image's pixels
+    painted = page.evaluate("""() => ['image', 'masks', 'boxes'].map(id => {
+        const c = document.getElementById(id);
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let n = 0; for (let i = 3; i < d.length; i += 4) if (d[i] > 0) n++;
+        return [c.width, c.height, n];
+    })""")
+    (iw, ih, image_px), (_, _, mask_px), (_, _, box_px) = painted
+    assert (iw, ih) == (256, 256) and image_px == 256 * 256
+    assert mask_px > 0 and box_px > 0
+    # a wrong key shows the API's refusal
+    page.fill("#key", "gf_k0_wrong")
+    page.click("#analyze")
+    page.wait_for_selector("#status.error", timeout=60_000)
+    assert page.locator("#status").inner_text().startswith("401")
+    page.close()
