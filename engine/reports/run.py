@@ -40,8 +40,8 @@ class Run:
     image (`engine.data.sinks.SUMMARY_COLUMNS`), sorted by image id. archive: the
     archive's location (`--archive`, else the one the job recorded). catalog: its
     catalog (`engine.stores.catalog`), or None when it cannot be read, with the reason
-    in `archive_note`. finished_at: when the manifest was last written (UTC), if the
-    store says.
+    in `archive_note`. finished_at: the job's ``result.finished_at`` when it records
+    one, else when the manifest was last written (UTC), if the store says.
     """
 
     out: StoreLocation
@@ -144,14 +144,26 @@ def load_run(run_uri: str | StoreLocation, *, archive: str | StoreLocation | Non
             catalog = _read_catalog(where)
         except (GrainflowError, OSError) as exc:
             note = f"the archive {where.uri} cannot be read ({exc}); pass --archive where it lies now"
+    finished = _timestamp(manifest["result"].get("finished_at")) or _modified(fs, manifest_loc.path)
     return Run(out=out, settings=settings, result=manifest["result"], summary=summary, archive=where,
-               catalog=catalog, archive_note=note, finished_at=_modified(fs, manifest_loc.path))
+               catalog=catalog, archive_note=note, finished_at=finished)
 
 
 def _read_catalog(archive: StoreLocation) -> pd.DataFrame:
     from engine.stores.catalog import read_catalog
 
     return read_catalog(archive)
+
+
+def _timestamp(value) -> datetime | None:
+    """An ISO 8601 time the job recorded (``result.finished_at``), as UTC; None if absent."""
+    if not isinstance(value, str):
+        return None
+    try:
+        t = datetime.fromisoformat(value)
+    except ValueError:
+        return None
+    return (t if t.tzinfo else t.replace(tzinfo=timezone.utc)).astimezone(timezone.utc)
 
 
 def _modified(fs, path: str) -> datetime | None:
