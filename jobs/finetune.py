@@ -9,6 +9,8 @@ trains through Ultralytics' trainer as one Ray task, on a GPU node when there is
 and writes its checkpoint to --storage (a local path). Submitted as a Ray job it joins that cluster
 (RAY_ADDRESS); run directly it starts a local Ray. Exit status: 0 done, 2 bad input
 (the message names it), 1 anything else. See engine.training.train for the arguments.
+`--synthetic ARCHIVE --synthetic-ratio R` mixes a synthetic archive (jobs.synthesize)
+into detector or fusion training: R synthetic samples per real training sample.
 """
 
 from __future__ import annotations
@@ -39,6 +41,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the embedded store)")
     p.add_argument("--register", default=None, metavar="NAME", help="register the final model under NAME")
     p.add_argument("--promote", action="store_true", help="make the registered version NAME@production")
+    p.add_argument("--synthetic", default=None, metavar="ARCHIVE",
+                   help="mix in a synthetic archive (jobs.synthesize; gate-rejected samples left out); detector, fusion")
+    p.add_argument("--synthetic-ratio", type=float, default=0.5,
+                   help="synthetic training samples per real one (default 0.5)")
     args = p.parse_args(argv)
     family, sep, name = args.model.partition(":")
     if not sep or not family or not name:
@@ -46,6 +52,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.family, args.model_name = family, name
     if args.promote and not args.register:
         p.error("--promote needs --register NAME")
+    if args.synthetic and family not in ("detector", "fusion"):
+        p.error(f"--synthetic mixes into detector or fusion training, not {family}")
+    if args.synthetic_ratio < 0:
+        p.error(f"--synthetic-ratio must be >= 0, got {args.synthetic_ratio}")
     return args
 
 
@@ -73,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
                 max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
                 run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,
-                promote=args.promote,
+                promote=args.promote, **_synthetic(args),
             ).summary()
     except GrainflowError as exc:
         print(f"finetune: {exc}", file=sys.stderr)
@@ -85,6 +95,13 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0
+
+
+def _synthetic(args: argparse.Namespace) -> dict:
+    """The mixing arguments of engine.training.train / train_detector, when asked for."""
+    if not args.synthetic:
+        return {}
+    return {"synthetic_archive": args.synthetic, "synthetic_ratio": args.synthetic_ratio}
 
 
 def _train_detector(args: argparse.Namespace) -> dict:
@@ -104,7 +121,7 @@ def _train_detector(args: argparse.Namespace) -> dict:
         args.archive, out_dir=storage.join(args.run_name or f"detector-{args.model_name}").path,
         model=args.model_name, epochs=args.epochs, batch=args.batch_size, seed=args.seed,
         num_gpus={"auto": None, "yes": 1, "no": 0}[args.gpu], register_as=args.register, registry=registry,
-        **({"imgsz": args.tile} if args.tile else {}), **val,
+        **({"imgsz": args.tile} if args.tile else {}), **val, **_synthetic(args),
     )
     if args.promote and result.registered:
         name, _, version = result.registered.partition("/")

@@ -168,11 +168,15 @@ def plan_training(
     seed: int = 0,
     overrides: dict[str, Any] | None = None,
     task_options: dict[str, Any] | None = None,
+    synthetic_archive: str | None = None,
+    synthetic_ratio: float = 0.5,
 ) -> tuple[SampleLayout, list[SampleSpec], list[SampleSpec]]:
     """(layout, train specs, val specs) for a model: metadata only, no pixels.
 
     Validation tiles come from `val_archive` when given, else a seeded `val_fraction`
-    of the archive's tiles (val_fraction=0: no validation).
+    of the archive's tiles (val_fraction=0: no validation). With `synthetic_archive`,
+    its gate-accepted samples join the training specs, `synthetic_ratio` per real one
+    (engine.training.mixing).
     """
     from engine.models import get_config
     from engine.training.tasks import make_task
@@ -189,6 +193,12 @@ def plan_training(
         val_specs = plan_samples(val_archive, layout, seed=seed + 1, **orders)
     else:
         train_specs, val_specs = split_specs(specs, val_fraction, seed=seed, min_each=num_workers)
+    if synthetic_archive is not None:
+        from engine.training.mixing import accepted_image_ids, mix_in
+
+        synthetic = plan_samples(synthetic_archive, layout, seed=seed + 2, image_ids=accepted_image_ids(synthetic_archive),
+                                 **orders)
+        train_specs = mix_in(train_specs, synthetic, synthetic_ratio, seed=seed)
     if len(train_specs) < num_workers:
         raise TrainingError(
             f"{archive}: {len(train_specs)} training samples for {num_workers} workers; every worker needs at "
@@ -228,10 +238,12 @@ def train(
     overrides: dict[str, Any] | None = None,
     task_options: dict[str, Any] | None = None,
     progress_dir: str | os.PathLike | None = None,
+    synthetic_archive: str | None = None,
+    synthetic_ratio: float = 0.5,
 ) -> TrainResult:
     """Train a registered model on an archive with Ray Train (module doc).
 
-    family / model_name: "classifier" | "fusion" | "segmenter" and a registered config
+    family / model_name: "classifier" | "fusion" | "segmenter" | "diffusion" and a registered config
       (engine.models.list_models(family)).
     archive, val_archive: archive URIs (local path, file://, s3://).
     storage_path: where checkpoints go (local path or s3:// URI); the run lives in
@@ -253,6 +265,8 @@ def train(
     overrides: builder-argument overrides of the model config.
     task_options: per-family extras (segmenter: max_boxes; fusion: context_tile).
     progress_dir: local folder for per-rank progress lines (see loop.LoopConfig).
+    synthetic_archive / synthetic_ratio: mix a synthetic archive's gate-accepted samples
+      into training, `synthetic_ratio` per real training sample (plan_training).
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -275,7 +289,8 @@ def train(
     layout, train_specs, val_specs = plan_training(
         family, model_name, archive, val_archive=val_archive, val_fraction=val_fraction, tile_size=tile_size,
         levels=levels, max_samples_per_image=max_samples_per_image, num_workers=num_workers, seed=seed,
-        overrides=overrides, task_options=task_options)
+        overrides=overrides, task_options=task_options, synthetic_archive=synthetic_archive,
+        synthetic_ratio=synthetic_ratio)
 
     # What the plan teaches the model's config (diffusion: pixel sizes per modality);
     # the user's own overrides win.
@@ -299,6 +314,7 @@ def train(
         "epochs": epochs, "num_workers": num_workers, "use_gpu": use_gpu, "batch_size": batch_size, "lr": lr,
         "weight_decay": weight_decay, "augment_strength": strength, "seed": seed, "tile": layout.tile,
         "context_tile": layout.context_tile, "train_samples": len(train_specs), "val_samples": len(val_specs),
+        "synthetic_archive": str(synthetic_archive), "synthetic_ratio": synthetic_ratio if synthetic_archive else 0.0,
         "storage_path": os.fspath(storage_path) if storage_prefix else storage,
     }, tags={"grainflow.family": family, "grainflow.model": model_name})
 

@@ -157,6 +157,8 @@ def train_detector(
     evaluate: bool = True,
     register_as: str | None = None,
     registry=None,
+    synthetic_archive: str | StoreLocation | None = None,
+    synthetic_ratio: float = 0.5,
 ) -> DetectorTrainingResult:
     """Train the registered detector config `model` on the defect boxes of `archive`.
 
@@ -174,6 +176,9 @@ def train_detector(
     run folder `ultralytics/` (args.yaml, results.csv; no images, no .pt files).
     register_as: register the checkpoint under this name in `registry` (default: a
     `ModelRegistry()` on the embedded default store).
+    synthetic_archive / synthetic_ratio: add the defect tiles of a synthetic archive
+    (engine.synth.diffusion; gate-rejected samples left out), `synthetic_ratio` per real
+    training tile (engine.training.mixing); validation stays real.
     """
     from engine.runtime import configure_offline
 
@@ -206,6 +211,11 @@ def train_detector(
         "val": plan_tiles(val_location or archive, names, tile=imgsz, overlap=0, image_ids=val_ids,
                           pixel_size_nm=pixel_size_nm),
     }
+    if synthetic_archive is not None:
+        from engine.training.mixing import mix_in, synthetic_detector_tiles
+
+        tiles["train"] = mix_in(tiles["train"], synthetic_detector_tiles(synthetic_archive, names, imgsz),
+                                synthetic_ratio, seed=seed, what="defect tiles")
     overrides = {
         "model": f"grainflow-detector-{model}",  # a label only: setup_model hands over our model
         "task": "detect", "mode": "train", "epochs": epochs, "imgsz": imgsz, "batch": batch,

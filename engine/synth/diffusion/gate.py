@@ -1,0 +1,153 @@
+"""The quality gate: which generated samples may join a training set.
+
+    report = gate_archive("out/synthetic", "out/real_archive")
+
+1. A crop classifier (crop_classifier) is trained on the real archive's defect crops
+   (one per ground-truth defect, centred on it, the patch size of the samples).
+2. Per sample: refused if its mask is empty ("empty mask": nothing is labelled), or if
+   the classifier's most likely class is not the requested one ("classifier disagrees").
+3. Per requested class: KID (kid.py) between the classifier features of the samples
+   that passed and those of the real crops of that class. The class's samples are all
+   refused ("kid") when that distance exceeds the distance between the real crops of the
+   class and the real crops of every other class: generated samples that are further
+   from their class than the other classes are do not look like that class. With fewer
+   than two real crops of a class its KID is not measurable (NaN) and only step 2 applies.
+
+Refusals go to the archive's rejects table (output.REJECTS_FILE) with their reason;
+training (engine.training.mixing) leaves those images out.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import numpy as np
+
+from engine.stores.uri import resolve
+
+
+@dataclass(frozen=True)
+class GateReport:
+    """samples: gated; accepted: passed; rejected: {reason kind: count}; kid /
+    kid_reference: per class, generated-vs-real and real-vs-other-classes KID;
+    classifier_accuracy: the crop classifier on its real training crops;
+    real_crops: {class: count}."""
+
+    samples: int
+    accepted: int
+    rejected: dict[str, int] = field(default_factory=dict)
+    kid: dict[str, float] = field(default_factory=dict)
+    kid_reference: dict[str, float] = field(default_factory=dict)
+    classifier_accuracy: float = float("nan")
+    real_crops: dict[str, int] = field(default_factory=dict)
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def real_crops(archive, size: int, classes: tuple[str, ...], *, max_crops: int = 2000, seed: int = 0
+               ) -> tuple[np.ndarray, np.ndarray]:
+    """(N x 2 x size x size float32 patches in [-1, 1], N int64 class indices) of the
+    archive's defect crops (a seeded subset of at most `max_crops`)."""
+    from engine.data.sample_plan import SampleLayout, plan_samples
+    from engine.data.training_samples import ReadSamples
+    from engine.models import labels
+    from engine.synth.diffusion.patches import defect_patches, to_model_space
+
+    specs = plan_samples(archive, SampleLayout(size, mask="instance", anchor="instances"),
+                         materials=labels.material_names(), grades=labels.GRADES, defect_classes=classes)
+    if len(specs) > max_crops:
+        keep = np.sort(np.random.default_rng(seed).choice(len(specs), max_crops, replace=False))
+        specs = [specs[i] for i in keep]
+    reader = ReadSamples("instance")
+    rows = [reader.read(s) for s in specs]
+    if not rows:
+        return np.zeros((0, 2, size, size), np.float32), np.zeros(0, np.int64)
+    images, masks = defect_patches(np.stack([r["image"] for r in rows]), np.stack([r["mask"] for r in rows]),
+                                   [s.instance_ids[0] for s in specs])
+    return to_model_space(images, masks), np.array([s.instance_classes[0] - 1 for s in specs], np.int64)
+
+
+def synthetic_patches(archive) -> tuple[list[str], list[str], np.ndarray]:
+    """(image ids, requested classes, N x 2 x S x S float32 patches in [-1, 1]) of a
+    synthetic archive, normalised as training reads them (training_samples.normalise_tile)."""
+    from engine.data.training_samples import normalise_tile
+    from engine.stores.image import open_image
+    from engine.synth.diffusion.output import LABELS, read_provenance
+    from engine.synth.diffusion.patches import to_model_space
+
+    archive = resolve(archive)
+    prov = read_provenance(archive)
+    ids, classes, images, masks = [], [], [], []
+    for row in prov.itertuples():
+        loc = archive.join(row.uri)
+        img = open_image(loc)
+        lab = open_image(loc.join("labels", LABELS))
+        h, w = img.shape
+        images.append(normalise_tile(img.read_region(0, 0, h, 0, w)))
+        masks.append(lab.read_region(0, 0, h, 0, w) == 1)
+        ids.append(str(row.image_id))
+        classes.append(str(row.defect_class))
+    if not ids:
+        return [], [], np.zeros((0, 2, 1, 1), np.float32)
+    return ids, classes, to_model_space(np.stack(images), np.stack(masks))
+
+
+def gate_archive(synthetic, real, *, seed: int = 0, max_real_crops: int = 2000, epochs: int = 40) -> GateReport:
+    """Gate a synthetic archive against a real one (module doc); writes the rejects table."""
+    from engine.models import labels
+    from engine.synth.diffusion.crop_classifier import predict, train_crop_classifier
+    from engine.synth.diffusion.kid import kid
+    from engine.synth.diffusion.output import write_rejects
+
+    synthetic = resolve(synthetic)
+    classes = tuple(labels.defect_class_names())
+    ids, wanted, patches = synthetic_patches(synthetic)
+    if not ids:
+        write_rejects(synthetic, [])
+        return GateReport(0, 0)
+    size = patches.shape[-1]
+    x, y = real_crops(real, size, classes, max_crops=max_real_crops, seed=seed)
+    if len(x) < 2:
+        from engine.errors import GrainflowError
+
+        raise GrainflowError(f"{real}: {len(x)} real defect crops; the gate needs an archive with ground truth")
+    clf = train_crop_classifier(x, y, len(classes), epochs=epochs, seed=seed)
+    real_probs, real_feats = predict(clf, x)
+    probs, feats = predict(clf, patches)
+    rejects: dict[str, dict[str, Any]] = {}
+    for i, (image_id, cls) in enumerate(zip(ids, wanted)):
+        k = classes.index(cls)
+        pred = int(probs[i].argmax())
+        base = {"image_id": image_id, "defect_class": cls, "predicted_class": classes[pred],
+                "class_probability": float(probs[i, k]), "kid": None}
+        if not (patches[i, 1] > 0).any():
+            rejects[image_id] = {**base, "reason": "empty mask: the generated sample labels no defect"}
+        elif pred != k:
+            rejects[image_id] = {**base, "reason": f"classifier disagrees: predicted {classes[pred]} "
+                                                   f"(p={probs[i, pred]:.2f}), p({cls})={probs[i, k]:.2f}"}
+    kids, refs = {}, {}
+    for cls in sorted(set(wanted)):
+        k = classes.index(cls)
+        passed = [i for i, (image_id, c) in enumerate(zip(ids, wanted)) if c == cls and image_id not in rejects]
+        real_k, real_other = real_feats[y == k], real_feats[y != k]
+        kids[cls] = kid(feats[passed], real_k, seed=seed) if passed else float("nan")
+        refs[cls] = kid(real_k, real_other, seed=seed)
+        if np.isfinite(kids[cls]) and np.isfinite(refs[cls]) and kids[cls] > refs[cls]:
+            for i in passed:
+                rejects[ids[i]] = {"image_id": ids[i], "defect_class": cls,
+                                   "predicted_class": classes[int(probs[i].argmax())],
+                                   "class_probability": float(probs[i, k]), "kid": kids[cls],
+                                   "reason": f"kid: {kids[cls]:.4f} to real {cls} crops exceeds {refs[cls]:.4f} "
+                                             f"between real {cls} and other classes"}
+    write_rejects(synthetic, sorted(rejects.values(), key=lambda r: r["image_id"]))
+    counts: dict[str, int] = {}
+    for r in rejects.values():
+        kind = r["reason"].split(":")[0]
+        counts[kind] = counts.get(kind, 0) + 1
+    return GateReport(
+        samples=len(ids), accepted=len(ids) - len(rejects), rejected=counts, kid=kids, kid_reference=refs,
+        classifier_accuracy=float((real_probs.argmax(1) == y).mean()),
+        real_crops={c: int((y == i).sum()) for i, c in enumerate(classes)},
+    )

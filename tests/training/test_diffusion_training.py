@@ -1,0 +1,61 @@
+"""The diffusion family on Ray Train: defect-centred crops in, a checkpoint that samples out."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.data.sample_plan import SampleLayout, SamplePlanError, plan_samples
+from engine.data.training_samples import ReadSamples
+from engine.models import labels
+from engine.synth.truth import TRUTH_FILE
+
+ORDERS = dict(materials=labels.material_names(), grades=labels.GRADES, defect_classes=labels.defect_class_names())
+
+
+class TestInstanceCrops:
+    def test_one_crop_per_defect_centred_on_it(self, train_archive):
+        import pandas as pd
+
+        truth = pd.read_parquet(train_archive / TRUTH_FILE)
+        specs = plan_samples(train_archive, SampleLayout(32, mask="instance", anchor="instances"), **ORDERS)
+        assert len(specs) == len(truth)
+        reader = ReadSamples("instance")
+        for spec in specs:
+            row = truth[(truth.image_id == spec.image_id) & (truth.instance_id == spec.instance_ids[0])].iloc[0]
+            assert labels.defect_class_names()[spec.instance_classes[0] - 1] == row.defect_class
+            f = 2**spec.level
+            side = max(row.y1 - row.y0, row.x1 - row.x0) / f
+            assert side <= 0.75 * 32 or spec.level == max(s.level for s in specs if s.image_id == spec.image_id)
+            sample = reader.read(spec)
+            ys, xs = np.nonzero(sample["mask"] == spec.instance_ids[0])
+            assert len(ys), "the crop shows its defect"
+            # the defect's box centre is the crop's centre, within a pixel
+            assert abs((ys.min() + ys.max() + 1) / 2 - 16) <= 1.5 or side > 32
+            assert abs((xs.min() + xs.max() + 1) / 2 - 16) <= 1.5 or side > 32
+
+    def test_instance_anchor_has_no_context(self):
+        with pytest.raises(SamplePlanError, match="no context tile"):
+            SampleLayout(32, context_tile=32, anchor="instances")
+
+
+@pytest.mark.slow
+class TestDiffusionOnRayTrain:
+    def test_trains_checkpoints_and_records_pixel_sizes(self, ray_session, train_archive, tmp_path, tracking_uri):
+        from engine.models import load_model
+        from engine.models.checkpoint import read_config
+        from engine.synth.diffusion.sampler import sample_patches
+        from engine.training import train
+
+        result = train("diffusion", "ddpm_tiny", str(train_archive), storage_path=tmp_path / "runs", epochs=1,
+                       num_workers=2, batch_size=8, tracking_uri=tracking_uri, val_fraction=0.2)
+        assert result.history[-1]["epoch"] == 1
+        assert math.isfinite(result.history[-1]["train_loss"]) and math.isfinite(result.history[-1]["val_loss"])
+        path = f"{result.checkpoint_path}/model.safetensors"
+        config = read_config(path)
+        assert config.family == "diffusion" and set(config.args["pixel_size_nm"]) <= {"SEM", "TEM", "optical"}
+        model = load_model(path, expected_sha256=result.model_sha256)
+        images, masks = sample_patches(model, [0], [1], steps=2)
+        assert images.shape == (1, 32, 32)
