@@ -44,7 +44,7 @@ SUBMISSION_ID_ENV = "GRAINFLOW_SUBMISSION_ID"  # set by the submitter, for the a
 JOB_URI_ARGS: dict[str, tuple[str, ...]] = {
     "reprocess": ("archive", "out"),
     "train": ("archive", "storage", "val_archive"),
-    "synthesize": ("out", "archive", "labels", "checkpoint"),
+    "synthesize": ("out", "gate_real"),
 }
 
 

@@ -1,0 +1,172 @@
+"""The Ray control plane of a local head (engine.local_head): token auth and loopback.
+
+Replays the requests of the published unauthenticated-dashboard attacks against a head
+with token authentication, without the token (refused) and with it (they work, except
+where a browser-borne request is refused anyway):
+
+- CVE-2023-48022 (ShadowRay): an unauthenticated `POST /api/jobs/` whose entrypoint is a
+  shell command, sent by a script (curl-like: no browser headers).
+- CVE-2025-62593: the same job submission sent by a browser page after DNS rebinding:
+  the page's own origin (Host/Origin of the attacker's name), Sec-Fetch-* headers, and a
+  User-Agent that does not start with "Mozilla" (Firefox/Safari let fetch() set it),
+  which slipped past Ray's browser check before 2.52.
+- CVE-2026-27482: unauthenticated DELETE requests (delete a job, shut Serve down), which
+  Ray's browser guard did not cover before 2.54 (it blocked POST/PUT only).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import psutil
+import pytest
+
+from engine.local_head import start_local_head
+
+MARKER = "grainflow-was-here"
+SHELL_JOB = {"entrypoint": f"echo {MARKER}; id"}
+REBOUND_BROWSER = {  # what fetch() on http://rebind.attacker.example:PORT/ sends after rebinding
+    "User-Agent": "curl/8.0 (fetch with an overridden user agent)",
+    "Origin": "http://rebind.attacker.example", "Referer": "http://rebind.attacker.example/",
+    "Sec-Fetch-Site": "same-origin", "Sec-Fetch-Mode": "cors", "Sec-Fetch-Dest": "empty",
+}
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory):
+    h = start_local_head(tmp_path_factory.mktemp("head"), num_cpus=1)
+    yield h
+    h.stop(timeout_s=10)
+
+
+@pytest.fixture(scope="module")
+def token(head) -> str:
+    return head.token_path.read_text().strip()
+
+
+def bearer(token: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {token}"}
+
+
+def wait_terminal(client: httpx.Client, job_id: str, headers, timeout_s: float = 120) -> str:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        status = client.get(f"/api/jobs/{job_id}", headers=headers).json()["status"]
+        if status in ("SUCCEEDED", "FAILED", "STOPPED"):
+            return status
+        time.sleep(0.5)
+    raise AssertionError(f"job {job_id} did not end within {timeout_s} s")
+
+
+class TestTokenFile:
+    def test_only_the_user_can_read_it(self, head):
+        assert (head.token_path.stat().st_mode & 0o777) == 0o600
+        assert len(head.token_path.read_text().strip()) >= 32
+
+
+class TestWithoutTheToken:
+    """Every request class of the three CVEs, and plain API reads, are refused (401)."""
+
+    def test_cve_2023_48022_job_submission_by_a_script(self, head):
+        r = httpx.post(f"{head.dashboard_url}/api/jobs/", json=SHELL_JOB)
+        assert r.status_code == 401 and "authentication" in r.text.lower()
+
+    def test_cve_2025_62593_job_submission_by_a_rebound_browser_page(self, head):
+        host = head.dashboard_url.removeprefix("http://")
+        headers = {**REBOUND_BROWSER, "Host": f"rebind.attacker.example:{host.split(':')[1]}"}
+        r = httpx.post(f"{head.dashboard_url}/api/jobs/", json=SHELL_JOB, headers=headers)
+        assert r.status_code == 401
+
+    @pytest.mark.parametrize("path", ["/api/jobs/raysubmit_anything", "/api/serve/applications/"])
+    @pytest.mark.parametrize("as_browser", [False, True], ids=["script", "browser"])
+    def test_cve_2026_27482_deletes(self, head, path, as_browser):
+        r = httpx.delete(f"{head.dashboard_url}{path}", headers=REBOUND_BROWSER if as_browser else None)
+        assert r.status_code == 401
+
+    @pytest.mark.parametrize("path", ["/api/jobs/", "/api/version", "/api/v0/tasks", "/api/v0/nodes",
+                                      "/api/cluster_status", "/logical/actors", "/api/serve/applications/"])
+    def test_dashboard_api_reads(self, head, path):
+        assert httpx.get(f"{head.dashboard_url}{path}").status_code == 401
+
+    def test_a_wrong_token_is_refused_too(self, head):
+        r = httpx.post(f"{head.dashboard_url}/api/jobs/", json=SHELL_JOB, headers=bearer("0" * 64))
+        assert r.status_code == 403
+
+    def test_joining_the_cluster_without_the_token_fails(self, head):
+        """The GCS (gRPC) refuses a driver that has no token: ray.init fails, no job runs."""
+        env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_AUTH")}
+        env.update({k: v for k, v in head.client_env().items() if not k.startswith("RAY_AUTH")})
+        code = "import ray; ray.init(log_to_driver=False); print('CONNECTED', ray.cluster_resources())"
+        p = subprocess.run([sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir(), capture_output=True,
+                           text=True, timeout=120)
+        assert p.returncode != 0 and "CONNECTED" not in p.stdout
+        assert "auth" in (p.stdout + p.stderr).lower()
+
+
+class TestWithTheToken:
+    def test_submit_follow_and_delete_a_job(self, head, token):
+        with httpx.Client(base_url=head.dashboard_url, timeout=60) as client:
+            r = client.post("/api/jobs/", json=SHELL_JOB, headers=bearer(token))
+            assert r.status_code == 200, r.text
+            job_id = r.json()["submission_id"]
+            assert wait_terminal(client, job_id, bearer(token)) == "SUCCEEDED"
+            logs = client.get(f"/api/jobs/{job_id}/logs", headers=bearer(token)).json()["logs"]
+            assert MARKER in logs
+            assert client.get("/api/jobs/", headers=bearer(token)).status_code == 200
+            # CVE-2026-27482's request, with the token: the job is deleted
+            assert client.delete(f"/api/jobs/{job_id}", headers=bearer(token)).status_code == 200
+            assert client.get(f"/api/jobs/{job_id}", headers=bearer(token)).status_code == 404
+
+    def test_a_rebound_browser_page_is_refused_even_with_the_token(self, head, token):
+        """Defence in depth: Ray 2.60 refuses browser-borne mutations (Sec-Fetch-*)."""
+        r = httpx.post(f"{head.dashboard_url}/api/jobs/", json=SHELL_JOB, headers={**REBOUND_BROWSER, **bearer(token)})
+        assert r.status_code in (403, 405)
+
+    def test_the_jobs_sdk_with_the_token(self, head):
+        from engine.submit import follow_job, job_client, submit_job
+
+        client = job_client(head.dashboard_url, token_path=str(head.token_path))
+        job_id = submit_job(client, entrypoint=f"python -c \"print('{MARKER}')\"")
+        lines: list[str] = []
+        assert follow_job(client, job_id, on_line=lines.append, poll_s=0.5, timeout_s=120) == "SUCCEEDED"
+        assert MARKER in "\n".join(lines)
+
+
+class TestListeningSockets:
+    def test_every_socket_of_the_head_and_a_worker_node_is_loopback(self, head):
+        """Ray's single-machine mode binds the GCS, raylets, agents and dashboard to
+        127.0.0.1 (engine.local_head explains why `--node-ip-address` does not)."""
+        head.add_worker(num_cpus=1, resources={"node-a": 1})
+        sockets = _listening(head.pid) + _listening(head.workers[0].pid)
+        names = {name for name, _ in sockets}
+        assert {"gcs_server", "raylet"} <= names, sockets
+        exposed = [(name, addr) for name, addr in sockets if addr not in ("127.0.0.1", "::ffff:127.0.0.1", "::1")]
+        assert not exposed, f"listening beyond loopback: {exposed}"
+        # the worker node works: a task that needs its resource runs, for a driver with the token
+        code = ("import ray; ray.init(log_to_driver=False); "
+                "print(ray.get(ray.remote(resources={'node-a': 1})(lambda: 'ran on node-a').remote()))")
+        env = {**os.environ, **head.client_env()}
+        p = subprocess.run([sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir(), capture_output=True,
+                           text=True, timeout=180)
+        assert "ran on node-a" in p.stdout, p.stderr[-2000:]
+
+
+def _listening(root_pid: int) -> list[tuple[str, str]]:
+    root = psutil.Process(root_pid)
+    procs = {p.pid: p for p in [root, *root.children(recursive=True)]}
+    out = []
+    for c in psutil.net_connections("inet"):
+        if c.status == psutil.CONN_LISTEN and c.pid in procs:
+            try:
+                name = procs[c.pid].name()
+            except psutil.Error:
+                continue
+            out.append((name, c.laddr.ip))
+    return out
