@@ -166,7 +166,7 @@ def main(argv=None) -> int:
     from ray import serve
 
     from engine.runtime import configure_offline
-    from engine.serving.app import APP_NAME, build_app
+    from engine.serving.app import deploy
     from engine.serving.config import ServeConfig
 
     configure_offline()
@@ -197,7 +197,7 @@ def main(argv=None) -> int:
         port = _free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
-        serve.run(build_app(config), name=APP_NAME, route_prefix="/")
+        deploy(config)
         out["serve_start_s"] = round(time.perf_counter() - t0, 1)
         url = f"http://127.0.0.1:{port}/v1/analyze"
         for size, (png, nm) in images.items():

@@ -52,8 +52,8 @@ def serve_command(
     else:  # a short temp dir: Ray's socket paths must stay under 107 bytes
         ray.init(_temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"), include_dashboard=False)
     try:
-        run(cfg, host=host, port=port)
-        typer.echo(f"grainflow is serving {cfg.bundle} at http://{host}:{port}/  (viewer: /, API docs: /docs); "
+        url = run(cfg, host=host, port=port)
+        typer.echo(f"grainflow is serving {cfg.bundle} at {url}  (viewer: /, API docs: /docs); "
                    f"Ctrl-C stops it", err=False)
         while True:
             time.sleep(3600)

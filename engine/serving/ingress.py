@@ -23,7 +23,6 @@ id, route, status, request id, alias and model versions, image sha256; never pix
 import asyncio
 import hashlib
 import math
-import re
 import threading
 import time
 import uuid
@@ -35,13 +34,13 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
 from fastapi.security import APIKeyHeader
 from ray import serve
+from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.serving.config import ServeConfig
 from engine.serving.decode import BadImage, TooLarge, UnsupportedMedia, decode, parse_shape
 from engine.serving.schemas import MODALITIES, AnalyzeResponse, ErrorBody, Health, ModelsResponse
 
-_REQUEST_ID = re.compile(r"^[A-Za-z0-9._:\-]{1,128}$")
 _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
                 405: "method_not_allowed", 411: "length_required", 413: "too_large", 415: "unsupported_media",
                 422: "invalid", 429: "rate_limited", 500: "internal", 503: "unavailable"}
@@ -108,20 +107,15 @@ async def _guard_and_audit(request: Request, call_next):
                              "tenant": None, "key_id": None, "models": None, "alias": None, "image_sha256": None,
                              "client": request.client.host if request.client else None}
     request.state.audit = audit
-    if rid is not None and not _REQUEST_ID.match(rid):
-        rid_bad, rid = rid, uuid.uuid4().hex
-        request.state.request_id = rid
-        response = error_response(422, f"X-Request-ID: {rid_bad[:40]!r} is not 1-128 characters of "
-                                       f"letters, digits and . _ : -", rid)
-    else:
-        rid = rid or uuid.uuid4().hex
-        request.state.request_id = rid
-        try:
-            response = ingress.refuse(request, audit) or await call_next(request)
-        except Exception as exc:  # a bug: still JSON, still audited
-            audit["error"] = f"{type(exc).__name__}: {exc}"[:500]
-            response = error_response(500, "internal error; the request is logged", rid)
-    response.headers["X-Request-ID"] = rid
+    # Serve's proxy gives every request an id (the client's X-Request-ID, else a new
+    # one) and returns it in the response's X-Request-ID header.
+    rid = (rid or uuid.uuid4().hex)[:128]
+    request.state.request_id = rid
+    try:
+        response = ingress.refuse(request, audit) or await call_next(request)
+    except Exception as exc:  # a bug: still JSON, still audited
+        audit["error"] = f"{type(exc).__name__}: {exc}"[:500]
+        response = error_response(500, "internal error; the request is logged", rid)
     audit.update(status=response.status_code, request_id=rid,
                  duration_ms=round((time.perf_counter() - started) * 1e3, 3))
     ingress.audit(audit)
@@ -307,7 +301,12 @@ class Ingress:
         t_decode = time.perf_counter()
         alias, ref = self._arms.choose(rid)
         audit.update(alias=alias, models={"bundle": ref})
-        p, scales, level, level_nm, pre_ms = await self._call(self.pre, ref, decoded.pixels, mod, size)
+        try:
+            p, scales, level, level_nm, pre_ms = await self._call(self.pre, ref, decoded.pixels, mod, size)
+        except RayTaskError as exc:  # the pixels could not be tiled or fitted: the input's fault
+            cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
+            raise RequestError(422, f"image: cannot be preprocessed ({str(cause).strip().splitlines()[-1][:300]})") \
+                from None
         t1 = time.perf_counter()
         p = await self._call(self.det.detect, (ref, p))
         t2 = time.perf_counter()

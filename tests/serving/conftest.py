@@ -77,14 +77,11 @@ def served(ray_session, serve_env):
     """The running app: {"url", "config", "env", "deploy"(config) -> redeploy}."""
     from ray import serve
 
-    from engine.serving.app import APP_NAME, build_app
+    from engine.serving.app import deploy
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     config = serve_config(serve_env)
-
-    def deploy(cfg):
-        serve.run(build_app(cfg), name=APP_NAME, route_prefix="/")
 
     deploy(config)
     yield {"url": f"http://127.0.0.1:{port}", "config": config, "env": serve_env, "deploy": deploy}

@@ -28,6 +28,9 @@ def test_cluster_serve_yaml_is_valid_and_builds():
     assert config.settings("segmenter").num_gpus == 0.5
     assert config.settings("detector").options()["autoscaling_config"]["max_replicas"] == 4
     app_builder(app.args)  # the deployments bind with these options
+    live = {d.name: d.user_config for d in app.deployments}
+    assert set(live) == {"ingress", "preprocess", "detector", "segmenter", "classifier"}
+    assert all(v == {"split": {"production": 0.9, "canary": 0.1}, "generation": 0, "alias_ttl_s": 30} for v in live.values())
 
 
 def test_bad_config_values_are_named():

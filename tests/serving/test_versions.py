@@ -5,6 +5,7 @@ request id; promote and rollback reach the running replicas through reconfigure
 from __future__ import annotations
 
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -21,6 +22,16 @@ def ask(client, key, rid):
     return r.status_code, (r.json()["model"] if r.status_code == 200 else r.text)
 
 
+def wait_arms(client, arms, timeout_s=120):
+    """Until /healthz shows `arms` (the ingress has reconfigured)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if client.get("/healthz").json()["arms"] == arms:
+            return
+        time.sleep(0.3)
+    raise AssertionError(f"arms never became {arms}: {client.get('/healthz').json()}")
+
+
 @pytest.fixture(scope="module")
 def restore(served):
     yield
@@ -35,6 +46,7 @@ def test_split_rollout_and_rollback(client, served, restore):
     key = env["analyze_key"]
     registry.set_alias(BUNDLE, "canary", 2)
     served["deploy"](serve_config(env, split={"production": 0.5, "canary": 0.5}, generation=1))
+    wait_arms(client, {"production": f"{BUNDLE}/1", "canary": f"{BUNDLE}/2"})
 
     # 50/50: both answer, in proportion; each names the version that answered
     n = 40
@@ -65,12 +77,14 @@ def test_split_rollout_and_rollback(client, served, restore):
     try:
         registry.promote(BUNDLE, 2)
         served["deploy"](serve_config(env, split={"production": 1.0}, generation=2))
+        wait_arms(client, {"production": f"{BUNDLE}/2"})
         during_promotion = len(results)
         after = [ask(client, key, f"after-promote-{i}")[1]["bundle"] for i in range(6)]
         assert set(after) == {f"{BUNDLE}/2"}
 
         assert registry.rollback(BUNDLE).version == 1
         served["deploy"](serve_config(env, split={"production": 1.0, "canary": 0.0}, generation=3))
+        wait_arms(client, {"production": f"{BUNDLE}/1"})
         after = [ask(client, key, f"after-rollback-{i}")[1] for i in range(8)]
         assert {(m["alias"], m["bundle"]) for m in after} == {("production", f"{BUNDLE}/1")}
     finally:
