@@ -89,8 +89,9 @@ def add_node(cluster, name: str, attempts: int = 3):
 
 def start_driver(cluster, archive, out, registry) -> subprocess.Popen:
     """`python -m jobs.reprocess` as its own driver on `cluster` (two ensemble actors)."""
-    env = dict(os.environ, RAY_ADDRESS=cluster.address)
-    env.pop("RAY_AUTH_MODE", None)
+    # Ray 2.60 starts this cluster with token auth (the token in ~/.ray/auth_token unless
+    # RAY_AUTH_TOKEN_PATH says otherwise); the driver must present it.
+    env = dict(os.environ, RAY_ADDRESS=cluster.address, RAY_AUTH_MODE="token")
     cmd = [sys.executable, "-m", "jobs.reprocess", "--archive", str(archive), "--out", str(out), "--models", REF,
            "--tracking-uri", registry.tracking_uri, "--conf", str(CONFIG.conf), "--max-det", str(CONFIG.max_det),
            "--halo", "16", "--batch-size", "1", "--concurrency", "2", "--labels", "out"]
@@ -113,7 +114,9 @@ def ensemble_calls_by_node(cluster) -> dict[str, int]:
     """Finished ensemble actor tasks per node id, from Ray's state API (the dashboard's
     REST endpoint, so this process stays unconnected)."""
     url = f"http://{cluster.webui_url}/api/v0/tasks?detail=1&limit=10000"
-    with urllib.request.urlopen(url, timeout=60) as r:
+    token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
+    headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
+    with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
         tasks = json.load(r)["data"]["result"]["result"]
     counts: dict[str, int] = {}
     for t in tasks:
