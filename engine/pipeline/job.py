@@ -46,6 +46,7 @@ import math
 import time
 import urllib.parse
 from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
 from typing import Any, Mapping
 
 import numpy as np
@@ -370,7 +371,11 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         tiles_per_s=(done + errors) / stages["tiles"] if stages["tiles"] > 0 else 0.0, out=out.uri,
         images=len(plans), objects=int(sum(r["n_defects"] for r in rows)), bundle=pinned,
         target_pixel_size_nm=float(target_pixel_size_nm), stage_seconds=stages)
-    put_file(manifest, json.dumps({"settings": settings, "result": result.to_dict()}, indent=1,
+    # With the result (not the settings: a resume compares settings only): which member
+    # versions answered and when the run ended (UTC), for reports and audits.
+    record = result.to_dict() | {"model_versions": describe.get("model_versions", {}),
+                                 "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    put_file(manifest, json.dumps({"settings": settings, "result": record}, indent=1,
                                   sort_keys=True, default=str).encode())
     return result
 

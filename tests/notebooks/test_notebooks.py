@@ -6,10 +6,12 @@ way a user's notebook joins a cluster: through GRAINFLOW_DASHBOARD_URL and the t
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
 import nbformat
+import pandas as pd
 import pytest
 from nbclient import NotebookClient
 
@@ -50,3 +52,22 @@ def test_02_finetune(tmp_path, local_head):
     assert "status: SUCCEEDED" in text
     assert "train_loss" in text  # the metrics table read back from MLflow
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").rglob("*.safetensors"))
+
+
+def test_01_reprocess_archive(tmp_path, local_head):
+    """The notebook registers the untrained tiny ensemble (no trained one in its fresh
+    registry), submits the job to the head, and shows the summary, an overlay and the report."""
+    env = {**local_head.client_env(), "GRAINFLOW_DASHBOARD_URL": local_head.dashboard_url,
+           "GRAINFLOW_NOTEBOOK_DIR": str(tmp_path), "GRAINFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'registry.db'}",
+           "GRAINFLOW_MODELS": "nb-ensemble@production"}
+    notebook = execute("01_reprocess_archive.ipynb", tmp_path, env)
+    text = text_outputs(notebook)
+    assert "UNTRAINED" in text and "status: SUCCEEDED" in text
+    result = next(json.loads(line) for line in text.splitlines() if line.startswith('{"bundle"'))
+    assert result["tiles_done"] == result["tiles_total"] > 0 and result["errors"] == 0
+    images = [out for cell in notebook.cells for out in cell.get("outputs", []) if "image/png" in out.get("data", {})]
+    assert images, "no overlay image in the notebook's outputs"
+    report = tmp_path / "run" / "report.html"
+    assert report.is_file() and f"report: {report}" in text
+    summary = pd.read_parquet(tmp_path / "run" / "summary.parquet")
+    assert len(summary) == 3 and summary.complete.all()
