@@ -14,8 +14,10 @@ archive where the rare class (default `void`) is at most `--rare-share` (2%) of 
 defect instances: every image without it, plus the fewest images with it. The diffusion
 model trains on that archive's defect crops (Ray Train), generates rare-class samples
 for the archive's materials and modalities, the quality gate filters them, and the
-detector (yolov8n_tiny) trains twice with the same seed: real tiles only, and real
-plus synthetic (`--ratio` synthetic per real tile). Recall of the rare class (IoU 0.5,
+detector (yolov8n_tiny) trains with the same seed on: real tiles only; real plus the
+gate-accepted synthetic tiles (`--ratio` synthetic per real tile; skipped when the gate
+accepts none); real plus all synthetic tiles, ungated. Outputs already in --work are
+reused, so an interrupted run continues. Recall of the rare class (IoU 0.5,
 confidence 0.25) and mAP50 are measured on a held-out archive generated with another
 seed; recall is per class, so the held-out class counts (reported) set only how precise
 each recall figure is.
@@ -118,6 +120,9 @@ def _recall(detector, archive: Path, cls: str, conf: float = 0.25) -> dict:
     from engine.training.detector.evaluate import ImageCache, match_predictions, predict_image
     from engine.training.detector.tiles import image_entries, image_truth, read_ground_truth, truth_by_image
 
+    from engine.stores.uri import resolve
+
+    archive = resolve(archive)
     names = tuple(detector.names)
     index = {n: i for i, n in enumerate(names)}
     truth = truth_by_image(read_ground_truth(archive))
@@ -148,21 +153,31 @@ def rare(args, work: Path) -> dict:
     from engine.training.detector.train import train_detector
     from engine.training.detector.evaluate import evaluate_detector
 
-    _ray(2)
+    # 2 training workers hold a CPU slot each for the whole run and Ray Data's read tasks
+    # need slots of their own (engine.training.trainer.ensure_ray): 4 logical CPUs.
+    _ray(4)
     t0 = time.perf_counter()
     timings = {}
     train_archive, held_out = work / "rare_train", work / "held_out"
-    generate_archive(train_archive, n_images=args.pool, seed=11, size=args.size, chunk=256)
-    cut = _cut_to_rare(train_archive, args.rare, args.rare_share)
-    generate_archive(held_out, n_images=args.held_out, seed=12, size=args.size, chunk=256)
+    # Steps whose outputs are in --work already are reused (a rerun after an interruption).
+    if not (held_out / "catalog.parquet").exists():
+        generate_archive(train_archive, n_images=args.pool, seed=11, size=args.size, chunk=256)
+        cut = _cut_to_rare(train_archive, args.rare, args.rare_share)
+        (work / "cut.json").write_text(json.dumps(cut))
+        generate_archive(held_out, n_images=args.held_out, seed=12, size=args.size, chunk=256)
+    cut = json.loads((work / "cut.json").read_text())
     held_counts = _class_counts(held_out)
     timings["archives_s"] = time.perf_counter() - t0
 
     t = time.perf_counter()
-    result = train("diffusion", "ddpm_tiny", str(train_archive), storage_path=str(work / "runs"),
-                   epochs=args.diffusion_epochs, num_workers=2, batch_size=16, lr=2e-3, val_fraction=0.0,
-                   tracking_uri=f"sqlite:///{work}/mlflow.db")
-    ckpt = Path(result.checkpoint_path) / "model.safetensors"
+    done = work / "diffusion.json"
+    if not done.exists():
+        result = train("diffusion", "ddpm_tiny", str(train_archive), storage_path=str(work / "runs"),
+                       epochs=args.diffusion_epochs, num_workers=2, batch_size=16, lr=2e-3, val_fraction=0.0,
+                       tracking_uri=f"sqlite:///{work}/mlflow.db")
+        done.write_text(json.dumps({"checkpoint": result.checkpoint_path, "loss": result.history[-1]["train_loss"]}))
+    diffusion = json.loads(done.read_text())
+    ckpt = Path(diffusion["checkpoint"]) / "model.safetensors"
     timings["diffusion_train_s"] = time.perf_counter() - t
 
     cat = read_catalog(train_archive)
@@ -177,23 +192,35 @@ def rare(args, work: Path) -> dict:
     gate = gate_archive(syn, train_archive, seed=0).to_dict()
     timings["gate_s"] = time.perf_counter() - t
 
+    # The same samples without the gate's verdict: what mixing them in would do (and the
+    # only synthetic arm there is when the gate refuses every sample).
+    ungated = work / "synthetic_ungated"
+    if not ungated.exists():
+        shutil.copytree(syn, ungated, ignore=shutil.ignore_patterns("rejects.parquet"))
+    arms = [("real_only", {}), ("with_synthetic_ungated", {"synthetic_archive": str(ungated),
+                                                           "synthetic_ratio": args.ratio})]
+    if gate["accepted"]:
+        arms.append(("with_synthetic", {"synthetic_archive": str(syn), "synthetic_ratio": args.ratio}))
     runs = {}
-    for name, extra in (("real_only", {}), ("with_synthetic", {"synthetic_archive": str(syn),
-                                                                 "synthetic_ratio": args.ratio})):
+    for name, extra in arms:
         t = time.perf_counter()
-        r = train_detector(train_archive, out_dir=work / name, model="yolov8n_tiny", epochs=args.detector_epochs,
+        result_file = work / name / "result.json"
+        if not result_file.exists():
+            train_detector(train_archive, out_dir=work / name, model="yolov8n_tiny", epochs=args.detector_epochs,
                            imgsz=args.imgsz, batch=16, seed=0, device="cpu", workers=0, evaluate=False,
                            background_ratio=0.5, **extra)
-        det = load_model(r.checkpoint, expected_sha256=r.sha256)
+        r = json.loads(result_file.read_text())
+        det = load_model(r["checkpoint"], expected_sha256=r["sha256"])
         ev = evaluate_detector(det, held_out)
-        runs[name] = {**_recall(det, held_out, args.rare), "mAP50": ev.map50, "train_tiles": r.train_tiles,
+        runs[name] = {**_recall(det, held_out, args.rare), "mAP50": ev.map50, "train_tiles": r["train_tiles"],
                       "seconds": round(time.perf_counter() - t, 1)}
-    gain = runs["with_synthetic"]["rare_recall"] - runs["real_only"]["rare_recall"]
+    gated = runs.get("with_synthetic")
+    gain = (gated or runs["with_synthetic_ungated"])["rare_recall"] - runs["real_only"]["rare_recall"]
     return {"rare_class": args.rare, "train_archive": cut, "held_out_targets": held_counts,
-            "synthesis": {"written": summary.written, "per_condition": n_per, "conditions": summary.conditions},
-            "gate": gate, "diffusion_final_loss": result.history[-1].get("train_loss"),
+            "synthesis": {"written": summary.written + summary.skipped, "per_condition": n_per, "conditions": summary.conditions},
+            "gate": gate, "diffusion_final_loss": diffusion["loss"],
             "detector_epochs": args.detector_epochs, "diffusion_epochs": args.diffusion_epochs,
-            "real_only": runs["real_only"], "with_synthetic": runs["with_synthetic"],
+            **runs, "gain_from": "with_synthetic" if gated else "with_synthetic_ungated (the gate accepted none)",
             "rare_recall_gain_points": round(100 * gain, 1), "goal_points": 10.0,
             "timings_s": {k: round(v, 1) for k, v in timings.items()}, "torch_threads": torch.get_num_threads()}
 

@@ -46,7 +46,8 @@ def mix_in(real: Sequence[T], synthetic: Sequence[T], ratio: float, *, seed: int
     if ratio == 0:
         return list(real)
     if not synthetic:
-        raise MixingError(f"the synthetic archive gives no {what} to mix in (is the tile larger than its images?)")
+        raise MixingError(f"the synthetic archive gives no {what} to mix in: its quality gate rejected every "
+                          "sample, or no sample labels a defect")
     k = min(len(synthetic), round(ratio * len(real)))
     pick = np.sort(np.random.default_rng([int(seed), 0x5E7]).choice(len(synthetic), k, replace=False))
     return [*real, *(synthetic[i] for i in pick)]

@@ -72,3 +72,16 @@ class TestSyntheticArchive:
         assert mixed[:len(real)] == real
         assert len(extra) == min(9, round(0.1 * len(real))) and len(extra) > 0
         assert all(s.image_id.startswith("v") and s.image_id not in ("v01", "v02", "v03") for s in extra)
+
+
+class TestFinetuneArguments:
+    def test_synthetic_is_for_detector_and_fusion(self, capsys):
+        from jobs.finetune import parse_args
+
+        args = parse_args(["--model", "fusion:fusion_tiny", "--archive", "a", "--storage", "s", "--synthetic", "syn",
+                           "--synthetic-ratio", "0.25"])
+        assert args.synthetic == "syn" and args.synthetic_ratio == 0.25
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--model", "classifier:resnet10t", "--archive", "a", "--storage", "s", "--synthetic", "x"])
+        assert exit_.value.code == 2
+        assert "--synthetic mixes into detector or fusion training, not classifier" in capsys.readouterr().err

@@ -148,7 +148,7 @@ def task_resources(num_gpus: float | None, num_cpus: float = 1.0) -> dict[str, f
 
     if num_gpus is None:
         num_gpus = DEFAULT_GPU_FRACTION if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    if not 0.0 <= num_gpus <= 1.0 and not float(num_gpus).is_integer():
+    if num_gpus < 0 or (num_gpus > 1 and not float(num_gpus).is_integer()):
         raise GrainflowError(f"num_gpus must be a fraction in [0, 1] or a whole number, got {num_gpus}")
     return {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
 

@@ -19,8 +19,10 @@ from engine.synth.diffusion.output import PROVENANCE_COLUMNS, SettingsMismatchEr
 from engine.synth.truth import TRUTH_FILE
 
 REPO = Path(__file__).resolve().parents[3]
+# num_cpus=2: at most two tasks at a time on the 4-CPU test Ray, so only two worker
+# processes pay torch's import
 REQUEST = dict(defect_classes=["crack", "void"], materials=["ferritic_steel"], modalities=["SEM", "optical"],
-               steps=3, batch_size=2, seed=7)
+               steps=3, batch_size=3, seed=7, num_cpus=2)
 
 
 def _pixels(archive: Path) -> dict[str, tuple[np.ndarray, np.ndarray]]:
@@ -45,6 +47,7 @@ class TestSynthesisJob:
     def test_writes_a_labelled_archive(self, written, diffusion_checkpoint):
         out, summary = written
         assert summary.planned == summary.written == 12 and not summary.failed
+        assert summary.task_resources == {"num_cpus": 2.0, "num_gpus": 0.0}  # no GPU in this cluster
         catalog = read_catalog(out)
         assert len(catalog) == 12
         assert set(catalog["modality"]) == {"SEM", "optical"}
@@ -126,8 +129,9 @@ class TestSynthesizeEntrypoint:
         assert "Started a local Ray" not in proc.stderr
         assert not out.exists()
 
-    def test_missing_checkpoint_exits_2(self, tmp_path):
-        proc = subprocess.run(
-            [sys.executable, "-m", "jobs.synthesize", "--model", str(tmp_path / "none.safetensors"),
-             "--out", str(tmp_path / "o"), "-n", "1"], cwd=REPO, capture_output=True, text=True, timeout=120)
-        assert proc.returncode == 2 and "none.safetensors: no such checkpoint file" in proc.stderr
+    def test_missing_checkpoint_is_named(self, tmp_path):
+        from engine.synth.diffusion.model_source import ModelSourceError
+
+        with pytest.raises(ModelSourceError, match="none.safetensors: no such checkpoint file"):
+            synthesize(str(tmp_path / "none.safetensors"), tmp_path / "o", n_per_condition=1)
+        assert not (tmp_path / "o").exists()
