@@ -47,10 +47,10 @@ same machine cores.
 Figures: tiles/s per run ("ratio" = median job / median loop, the goal's figure; also
 "ratio_tile_stage" over the job's tile stage alone) and, because the wall clock on a
 shared machine measures the neighbours too, the CPU seconds per tile of each variant's
-whole process tree (psutil: the child, Ray's GCS, raylet, workers and actors, or the
-loop's workers), counting processes that exited during the run through their parents'
-children times (Ray ends the actors before `reprocess` returns): "cpu_ratio" = loop's
-CPU seconds per tile / job's, the robust figure under load. Prints one JSON object.
+whole process tree (`TreeCpuMeter`: the child, Ray's GCS, raylet, agents, workers and
+actors, or the loop's workers, sampled every 0.2 s so that actors Ray ends before
+`reprocess` returns still count): "cpu_ratio" = loop's CPU seconds per tile / job's,
+the robust figure under load. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -66,6 +66,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -103,30 +104,63 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 # ---------------------------------------------------------------- measuring
 
-def tree_cpu_seconds(pid: int, *, reaped: bool = True) -> float:
-    """User + system CPU seconds of process `pid`, its live descendants, and every
-    descendant that exited and was reaped by one of them (the children times of
-    /proc/<pid>/stat: Ray Data's actors end before `reprocess` returns, and the raylet
-    reaps them). Compare two readings: a process alive at the first and reaped by the
-    second is counted in full at both. Other users' processes are not in the tree, so
-    CPU seconds per tile barely depend on the machine's load, unlike wall seconds.
-    (benchmarks/train.py's helper plus the children times; reaped=False: live processes only.)
-    """
-    import psutil
+class TreeCpuMeter:
+    """CPU seconds (user + system) used by process `pid` and all its descendants between
+    `start()` and `stop()`, other users' processes not included, so CPU seconds per
+    tile barely depend on the machine's load, unlike wall seconds.
 
-    try:
-        root = psutil.Process(pid)
-        procs = [root, *root.children(recursive=True)]
-    except psutil.NoSuchProcess:
-        return float("nan")
-    total = 0.0
-    for proc in procs:
+    The tree is sampled every `interval` seconds (psutil) and each process (pid and
+    start time) counts from its first reading (0 for one born after `start`) to its
+    last. Sampling, rather than reading the tree at the ends as benchmarks/train.py
+    does, because Ray Data ends the actors before `reprocess` returns and the raylet
+    reaps them without accounting (their time never reaches its children times). A
+    process's time after its last sample is lost: at most `interval` per exit.
+    """
+
+    def __init__(self, pid: int, interval: float = 0.2):
+        self.pid, self.interval = pid, interval
+        self._first: dict[tuple[int, float], float] = {}
+        self._last: dict[tuple[int, float], float] = {}
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _sample(self, born_before: bool) -> None:
+        import psutil
+
         try:
-            t = proc.cpu_times()
-            total += t.user + t.system + ((t.children_user + t.children_system) if reaped else 0.0)
+            root = psutil.Process(self.pid)
+            procs = [root, *root.children(recursive=True)]
         except psutil.NoSuchProcess:
-            pass
-    return total
+            return
+        for proc in procs:
+            try:
+                t = proc.cpu_times()
+                key = (proc.pid, proc.create_time())
+            except psutil.NoSuchProcess:
+                continue
+            self._first.setdefault(key, t.user + t.system if born_before else 0.0)
+            self._last[key] = t.user + t.system
+
+    def _run(self) -> None:
+        while not self._done.wait(self.interval):
+            self._sample(False)
+
+    def start(self) -> TreeCpuMeter:
+        self._sample(True)
+        self._thread.start()
+        return self
+
+    def stop(self) -> float:
+        """CPU seconds since start()."""
+        self._done.set()
+        self._thread.join()
+        self._sample(False)
+        return sum(self._last[k] - self._first[k] for k in self._last)
+
+    @property
+    def processes(self) -> int:
+        """Processes seen."""
+        return len(self._last)
 
 
 def _load() -> dict:
@@ -263,12 +297,11 @@ def run_job(cfg: dict) -> dict:
         threads = ray.get(ray.remote(num_cpus=1)(_torch_threads).remote())
         registry = _registry(cfg)
         pid = os.getpid()
-        live0, cpu0, t0 = tree_cpu_seconds(pid, reaped=False), tree_cpu_seconds(pid), time.perf_counter()
+        meter, t0 = TreeCpuMeter(pid).start(), time.perf_counter()
         result = reprocess(cfg["archive"], cfg["out"], cfg["bundle"], registry=registry, tile_size=cfg["tile"],
                            halo=cfg["halo"], batch_size=cfg["batch_size"], concurrency=cfg["workers"], num_gpus=0,
                            resume=False, config=_config(cfg))
-        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(pid) - cpu0
-        live = tree_cpu_seconds(pid, reaped=False) - live0
+        wall, cpu = time.perf_counter() - t0, meter.stop()
     finally:
         ray.shutdown()
         shutil.rmtree(temp_dir, ignore_errors=True)
@@ -277,7 +310,7 @@ def run_job(cfg: dict) -> dict:
         raise SystemExit(f"job: {result.errors} tile errors, {n} tiles of {cfg['n_tiles']}")
     return {"tiles": n, "wall_s": round(wall, 2), "tiles_per_s": round(n / wall, 3),
             "tile_stage_tiles_per_s": round(result.tiles_per_s, 3), "tree_cpu_s": round(cpu, 2),
-            "tree_cpu_s_live_processes_only": round(live, 2), "cpu_s_per_tile": round(cpu / n, 4),
+            "tree_processes": meter.processes, "cpu_s_per_tile": round(cpu / n, 4),
             "job_seconds": round(result.seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in result.stage_seconds.items()},
             "objects": result.objects, "ray_worker_torch_threads": threads}
@@ -335,9 +368,9 @@ def run_loop(cfg: dict) -> dict:
     pid = os.getpid()
     try:
         start.wait(timeout=600)
-        cpu0, t0 = tree_cpu_seconds(pid), time.perf_counter()
+        meter, t0 = TreeCpuMeter(pid).start(), time.perf_counter()
         got = [results.get(timeout=3600) for _ in procs]
-        wall, cpu = time.perf_counter() - t0, tree_cpu_seconds(pid) - cpu0
+        wall, cpu = time.perf_counter() - t0, meter.stop()
     finally:
         leave.set()
         for p in procs:
@@ -346,7 +379,8 @@ def run_loop(cfg: dict) -> dict:
     if n != cfg["n_tiles"]:
         raise SystemExit(f"loop: {n} tiles of {cfg['n_tiles']}")
     return {"tiles": n, "wall_s": round(wall, 2), "tiles_per_s": round(n / wall, 3), "tree_cpu_s": round(cpu, 2),
-            "cpu_s_per_tile": round(cpu / n, 4), "tiles_per_worker": [g["tiles"] for g in got],
+            "tree_processes": meter.processes, "cpu_s_per_tile": round(cpu / n, 4),
+            "tiles_per_worker": [g["tiles"] for g in got],
             "boxes_per_tile": round(sum(g["boxes"] for g in got) / n, 2),
             "kept_detections_per_tile": round(sum(g["kept"] for g in got) / n, 2),
             "worker_torch_threads": [g["torch_threads"] for g in got]}
