@@ -62,7 +62,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.retrain or DEMO_BUNDLE not in registry.list_models():
             _say(f"training the tiny models on {train_archive} (first run only)")
             models = train_demo_models(train_archive, registry=registry, out_dir=root / "models",
-                                       detector_epochs=args.detector_epochs, epochs=args.epochs)
+                                       detector_epochs=args.detector_epochs, epochs=args.epochs,
+                                       # Ultralytics warms up for 3 epochs by default: most of a short run.
+                                       detector_hyperparameters={"warmup_epochs": 0.5})
             for role, seconds in models.seconds.items():
                 _say(f"  {role}: {models.members[role]} in {seconds:.0f} s")
             ref = models.production_ref
