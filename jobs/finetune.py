@@ -73,6 +73,9 @@ def main(argv: list[str] | None = None) -> int:
     # connects (engine.training.trainer.ensure_ray): under `ray job submit` (RAY_ADDRESS
     # set) ray.init() joins that cluster, otherwise a local Ray starts.
     try:
+        from engine.tenants import enforce_job_uris
+
+        enforce_job_uris("train", args)  # the tenant's prefixes, checked again in the job
         if args.family == "detector":
             summary = _train_detector(args)
         else:

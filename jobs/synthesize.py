@@ -69,6 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     from engine.errors import GrainflowError
 
     try:
+        from engine.tenants import enforce_job_uris
+
+        enforce_job_uris("synthesize", args)  # the tenant's prefixes, checked again in the job
         summary = run(args)
     except GrainflowError as exc:
         print(f"synthesize: {exc}", file=sys.stderr)
