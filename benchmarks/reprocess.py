@@ -115,12 +115,16 @@ class TreeCpuMeter:
     does, because Ray Data ends the actors before `reprocess` returns and the raylet
     reaps them without accounting (their time never reaches its children times). A
     process's time after its last sample is lost: at most `interval` per exit.
+    `by_title()`: the same seconds by process title (Ray names a worker after the task
+    or actor it runs: "ray::MapWorker(MapBatches(JobEnsemble))", "ray::_finish", ...),
+    each interval's time given to the title the process had at its end.
     """
 
     def __init__(self, pid: int, interval: float = 0.2):
         self.pid, self.interval = pid, interval
         self._first: dict[tuple[int, float], float] = {}
         self._last: dict[tuple[int, float], float] = {}
+        self._titles: dict[str, float] = {}
         self._done = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
 
@@ -136,10 +140,13 @@ class TreeCpuMeter:
             try:
                 t = proc.cpu_times()
                 key = (proc.pid, proc.create_time())
+                title = _title(proc)
             except psutil.NoSuchProcess:
                 continue
-            self._first.setdefault(key, t.user + t.system if born_before else 0.0)
-            self._last[key] = t.user + t.system
+            now = t.user + t.system
+            before = self._last.get(key, self._first.setdefault(key, now if born_before else 0.0))
+            self._titles[title] = self._titles.get(title, 0.0) + now - before
+            self._last[key] = now
 
     def _run(self) -> None:
         while not self._done.wait(self.interval):
@@ -157,10 +164,31 @@ class TreeCpuMeter:
         self._sample(False)
         return sum(self._last[k] - self._first[k] for k in self._last)
 
+    def by_title(self) -> dict[str, float]:
+        """CPU seconds by process title, largest first (after stop())."""
+        return {k: round(v, 2) for k, v in sorted(self._titles.items(), key=lambda kv: -kv[1]) if v >= 0.05}
+
     @property
     def processes(self) -> int:
         """Processes seen."""
         return len(self._last)
+
+
+def _title(proc) -> str:
+    """A process's title, shortened: Ray workers' "ray::<task or actor>", else the program
+    (and module or script) it runs."""
+    import psutil
+
+    try:
+        cmd = proc.cmdline()
+    except (psutil.AccessDenied, psutil.ZombieProcess):
+        cmd = []
+    if not cmd:
+        return proc.name()
+    if cmd[0].startswith("ray::"):
+        return cmd[0].split()[0][:60]
+    words = [Path(cmd[0]).name] + [Path(w).name for w in cmd[1:3] if not w.startswith("-") or w == "-m"]
+    return " ".join(words)[:60]
 
 
 def _load() -> dict:
@@ -313,7 +341,7 @@ def run_job(cfg: dict) -> dict:
             "tree_processes": meter.processes, "cpu_s_per_tile": round(cpu / n, 4),
             "job_seconds": round(result.seconds, 2),
             "stage_seconds": {k: round(v, 2) for k, v in result.stage_seconds.items()},
-            "objects": result.objects, "ray_worker_torch_threads": threads}
+            "objects": result.objects, "ray_worker_torch_threads": threads, "cpu_s_by_process": meter.by_title()}
 
 
 def _torch_threads() -> int:
@@ -383,7 +411,7 @@ def run_loop(cfg: dict) -> dict:
             "tiles_per_worker": [g["tiles"] for g in got],
             "boxes_per_tile": round(sum(g["boxes"] for g in got) / n, 2),
             "kept_detections_per_tile": round(sum(g["kept"] for g in got) / n, 2),
-            "worker_torch_threads": [g["torch_threads"] for g in got]}
+            "worker_torch_threads": [g["torch_threads"] for g in got], "cpu_s_by_process": meter.by_title()}
 
 
 def child(cfg: dict) -> None:
