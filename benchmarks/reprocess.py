@@ -455,7 +455,7 @@ def bench_preset(args, name: str, work: Path, env: dict) -> dict:
                        "cpu_ratio": round(loop["cpu_s_per_tile"] / job["cpu_s_per_tile"], 3)})
 
     def med(variant: str, key: str) -> float:
-        return statistics.median(rec[key] for rec in runs[variant])
+        return round(statistics.median(rec[key] for rec in runs[variant]), 4)
 
     stages = {k: round(statistics.median(rec["stage_seconds"][k] for rec in runs["job"]), 2)
               for k in runs["job"][0]["stage_seconds"]}
