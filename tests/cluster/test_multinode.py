@@ -59,8 +59,12 @@ def one_node(ray_session, job_archive, job_registry, tmp_path_factory):
 def cluster():
     """Head (1 CPU) + worker nodes a and b (1 CPU each, custom resources node-a/node-b):
     two ensemble actors of 1 CPU cannot share a node."""
+    from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
+    # Cluster records the head's address in /tmp/ray whatever temp_dir says, and fails
+    # on a fresh machine where no Ray has created that folder yet.
+    os.makedirs(get_default_ray_temp_dir(), exist_ok=True)
     temp_dir = tempfile.mkdtemp(prefix="gfc", dir="/tmp")
     c = Cluster(initialize_head=True, connect=False, head_node_args={
         "num_cpus": 1, "resources": {"head": 1}, "temp_dir": temp_dir, "gcs_server_port": free_port(),
