@@ -1,7 +1,7 @@
 """Online serving: latency and throughput of the Serve app against the same ensemble in-process.
 
     python benchmarks/serve.py [--sizes 512 2048] [--clients 1 8 32] [--requests 4] [--warmup 2]
-        [--detector-replicas 1] [--workdir DIR]
+        [--detector-replicas 1] [--batch-wait-ms MS] [--workdir DIR]
 
 Goal (issue 5): Serve adds <= 10 ms p50 at 1 client; no errors at 32 clients.
 GPU goal (full ensemble, SAM vit_b, 2048² in < 1 s p50) needs a GPU machine: not measured here.
@@ -150,6 +150,15 @@ def inprocess_caller(registry, config, png: bytes, nm: float):
     return call
 
 
+def _deployments(args) -> dict:
+    out = {name: {} for name in ("detector", "segmenter", "classifier")}
+    out["detector"]["num_replicas"] = args.detector_replicas
+    if args.batch_wait_ms is not None:
+        for settings in out.values():
+            settings["batch_wait_timeout_s"] = args.batch_wait_ms / 1e3
+    return out
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--sizes", type=int, nargs="+", default=[512, 2048])
@@ -160,6 +169,9 @@ def main(argv=None) -> int:
                     help="client counts for sizes over 1024 px (default: --clients); a 2048² request "
                          "takes seconds on a CPU, so a short run measures fewer there")
     ap.add_argument("--detector-replicas", type=int, default=1)
+    ap.add_argument("--batch-wait-ms", type=float, default=None,
+                    help="@serve.batch wait of the three model deployments (default: the config's, 5 ms): "
+                         "at one client each batched stage waits this long for company")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
 
@@ -184,10 +196,12 @@ def main(argv=None) -> int:
     config = ServeConfig(bundle=BUNDLE, tracking_uri=tracking, cache_dir=str(workdir / "cache"),
                          keys_file=str(workdir / "keys.json"), audit_log=str(workdir / "audit.jsonl"),
                          ensemble=ENSEMBLE, alias_ttl_s=0, max_body_bytes=256 * 2**20,
-                         deployments={"detector": {"num_replicas": args.detector_replicas}})
+                         deployments=_deployments(args))
     out: dict = {"machine": {"cpus": os.cpu_count(), "gpu": torch.cuda.is_available()},
                  "settings": {"sizes": args.sizes, "clients": args.clients, "requests_per_client": args.requests,
-                              "warmup_per_client": args.warmup, "ensemble": "yolov8n_tiny + sam_tiny + resnet10t "
+                              "warmup_per_client": args.warmup,
+                              "batch_wait_ms": config.deployments["detector"].batch_wait_timeout_s * 1e3,
+                              "ensemble": "yolov8n_tiny + sam_tiny + resnet10t "
                               "(random weights)", **ENSEMBLE},
                  "inprocess": {}, "serve": {}}
 

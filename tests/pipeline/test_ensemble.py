@@ -172,6 +172,17 @@ class TestErrors:
         assert got[1].error == "RuntimeError: classifier: simulated failure"
         assert got[0].error is None and got[2].error is None
 
+    @pytest.mark.parametrize("null", [None, float("nan"), np.float32("nan"), np.float64("nan")])
+    def test_a_null_error_column_in_any_form_means_no_error(self, ensemble, tiles, out, null):
+        """Ray Data hands an all-null error column over as None or as NaN of the array's
+        float type; none of those may turn good tiles into error rows."""
+        batch = take(tiles, range(2))
+        error = np.array([null, null], dtype=object if null is None else type(null))
+        got = from_columns(ensemble({**batch, "error": error}))
+        assert [r.error for r in got] == [None, None]
+        for i in range(2):
+            assert_same(got[i], from_columns(out)[i], exact=False)
+
     def test_missing_columns_are_named(self, ensemble, tiles):
         with pytest.raises(KeyError, match="pixel_size"):
             ensemble({k: v for k, v in take(tiles, [0]).items() if k != "pixel_size"})
