@@ -34,6 +34,7 @@ test-all: $(STAMP) browser
 	$(PY) -m pytest -m ''
 
 bench: $(STAMP)
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/stores.py
 
 clean:
