@@ -269,6 +269,13 @@ class TestTrainDetector:
         assert len(r.history) == 2 and all(math.isfinite(v) for row in r.history for v in row.values())
         assert not set(r.train_images) & set(r.val_images) and len(r.val_images) == 2
 
+    def test_one_optimizer_step_per_batch(self, trained):
+        """Ultralytics would accumulate a small archive's batches to 64 images per step."""
+        import yaml
+
+        args = yaml.safe_load((trained["out"] / "ultralytics" / "args.yaml").read_text())
+        assert args["nbs"] == args["batch"] == trained["result"].batch == 8
+
     def test_checkpoint_reloads_through_engine_models_and_predicts(self, trained):
         import engine.models as M
 

@@ -171,7 +171,8 @@ def train_detector(
     defect and at most this many times as many without (None: all tiles).
     device: None picks cuda when present, else cpu.
     workers: data-loading processes on GPU (Ultralytics uses none on CPU).
-    hyperparameters: further Ultralytics train arguments (lr0, mosaic, scale, ...).
+    hyperparameters: further Ultralytics train arguments (lr0, mosaic, scale, ...; `nbs`,
+    the batch gradients are accumulated to, defaults to `batch`).
     out_dir receives `detector.safetensors` (+ .sha256), `result.json` and Ultralytics'
     run folder `ultralytics/` (args.yaml, results.csv; no images, no .pt files).
     register_as: register the checkpoint under this name in `registry` (default: a
@@ -222,6 +223,11 @@ def train_detector(
         "device": ultralytics_device(dev), "seed": seed, "deterministic": True, "workers": workers,
         "project": str(out_dir), "name": "ultralytics", "exist_ok": True, "plots": False, "amp": _amp(dev),
         "val": True, "save": True, "cache": False, "pretrained": False, "verbose": False,
+        # Ultralytics accumulates gradients up to a nominal batch of 64 (`nbs`): on an
+        # archive of a few images that is one optimizer step per epoch. One step per batch
+        # learned far more in the same time (held-out pore AP50 0.81 against 0.15-0.5 after
+        # 10 epochs on 6 images, 2026-12-05).
+        "nbs": batch,
         **DEFAULT_HYPERPARAMETERS, **(hyperparameters or {}),
     }
     trainer = ArchiveDetectionTrainer(detector, tiles, overrides)
