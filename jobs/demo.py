@@ -2,8 +2,8 @@
 
     python -m jobs.demo --dir out/demo
 
-1. Archives: a training archive and a held-out "lab" archive from engine.synth (skipped
-   when they exist: a rerun reuses them).
+1. Archives: a training archive, a small validation archive (YOLO keeps its best epoch
+   on it) and a held-out "lab" archive from engine.synth (a rerun reuses them).
 2. Models: when the demo registry (``<dir>/registry.db``) has no ``grainflow-demo``
    bundle, the tiny configs are trained on the training archive (YOLO through
    Ultralytics, SAM and the classifier through Ray Train), registered and promoted.
@@ -26,10 +26,10 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="out/demo", help="where archives, registry, checkpoints and the run go")
-    p.add_argument("--train-images", type=int, default=10, help="images in the training archive")
+    p.add_argument("--train-images", type=int, default=8, help="images in the training archive")
     p.add_argument("--images", type=int, default=6, help="images in the archive to reprocess")
     p.add_argument("--size", type=int, default=1024, help="image edge in pixels")
-    p.add_argument("--detector-epochs", type=int, default=12)
+    p.add_argument("--detector-epochs", type=int, default=15)
     p.add_argument("--epochs", type=int, default=2, help="epochs of the classifier and SAM")
     p.add_argument("--num-cpus", type=int, default=None, help="CPUs for the embedded Ray (default: all)")
     p.add_argument("--retrain", action="store_true", help="train new models even if the registry has some")
@@ -54,7 +54,8 @@ def main(argv: list[str] | None = None) -> int:
         from engine.registry import ModelRegistry
         from engine.reports import write_report
 
-        train_archive = _archive(root / "train-archive", args.train_images, args.size, seed=7)
+        train_archive = _archive(root / "train-archive", args.train_images, args.size, seed=3)
+        val_archive = _archive(root / "validation-archive", 2, args.size, seed=5)
         lab_archive = _archive(root / "archive", args.images, args.size, seed=8)
         registry = ModelRegistry(f"sqlite:///{root / 'registry.db'}")
         ray.init(address="local", num_cpus=args.num_cpus, include_dashboard=False, log_to_driver=False)
@@ -62,7 +63,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.retrain or DEMO_BUNDLE not in registry.list_models():
             _say(f"training the tiny models on {train_archive} (first run only)")
             models = train_demo_models(train_archive, registry=registry, out_dir=root / "models",
-                                       detector_epochs=args.detector_epochs, epochs=args.epochs,
+                                       detector_epochs=args.detector_epochs, detector_val_archive=val_archive,
+                                       epochs=args.epochs,
                                        # Ultralytics warms up for 3 epochs by default: most of a short run.
                                        detector_hyperparameters={"warmup_epochs": 0.5})
             for role, seconds in models.seconds.items():

@@ -73,6 +73,7 @@ def train_demo_models(
     epochs: int = 3,
     background_ratio: float | None = 0.5,
     detector_hyperparameters: dict[str, Any] | None = None,
+    detector_val_archive: str | Path | None = None,
     fusion: bool = False,
     num_workers: int = 1,
     seed: int = 0,
@@ -85,7 +86,9 @@ def train_demo_models(
     folder. detector_epochs: YOLO epochs (Ultralytics, local); background_ratio: at most
     this many defect-free tiles per tile with a defect in YOLO's training set (None: all;
     fewer background tiles make epochs shorter); detector_hyperparameters: further
-    Ultralytics arguments (e.g. ``{"warmup_epochs": 0.5}`` for short runs); epochs: for the Ray Train members; num_workers: Ray Train workers each (starts a local Ray when none is
+    Ultralytics arguments (e.g. ``{"warmup_epochs": 0.5}`` for short runs);
+    detector_val_archive: YOLO's validation images (default: a fifth of `archive`'s,
+    too few defects on a small archive to pick the best epoch by); epochs: for the Ray Train members; num_workers: Ray Train workers each (starts a local Ray when none is
     connected). Members are named `<name>-<role>`; the bundle's tags record the input
     modes the trainers used (engine.pipeline.inputs.DEFAULT_INPUTS) and `pixel_size_nm`.
     """
@@ -100,7 +103,9 @@ def train_demo_models(
     start = time.perf_counter()
     det = train_detector(str(archive), out_dir=out / "detector", model=TINY["detector"], epochs=detector_epochs,
                          seed=seed, pixel_size_nm=pixel_size_nm, background_ratio=background_ratio,
-                         hyperparameters=detector_hyperparameters, register_as=f"{name}-detector", registry=registry)
+                         hyperparameters=detector_hyperparameters,
+                         val_archive=str(detector_val_archive) if detector_val_archive is not None else None,
+                         register_as=f"{name}-detector", registry=registry)
     version = registry.get(det.registered)
     registry.promote(version.name, version.version)
     members["detector"], metrics["detector"] = version.ref, det.flat_metrics()
