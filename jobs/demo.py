@@ -26,7 +26,9 @@ from pathlib import Path
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m jobs.demo", description=__doc__.split("\n\n")[0])
     p.add_argument("--dir", default="out/demo", help="where archives, registry, checkpoints and the run go")
-    p.add_argument("--train-images", type=int, default=8, help="images in the training archive")
+    p.add_argument("--train-images", type=int, default=12,
+                   help="images in the training archive (12: one of each material, so that no material "
+                        "of the archive to reprocess is new to the detector)")
     p.add_argument("--images", type=int, default=6, help="images in the archive to reprocess")
     p.add_argument("--size", type=int, default=1024, help="image edge in pixels")
     p.add_argument("--detector-epochs", type=int, default=15)
