@@ -63,7 +63,6 @@ import pickle
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -73,6 +72,10 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import (  # noqa: E402
+    child_environment, json_stdout, load_average, run_child, work_folder,
+)
 
 PRESETS = {
     "tiny": {"detector": "yolov8n_tiny", "segmenter": "sam_tiny", "classifier": "resnet10t", "tile": 128, "halo": 16,
@@ -189,11 +192,6 @@ def _title(proc) -> str:
         return cmd[0].split()[0][:60]
     words = [Path(cmd[0]).name] + [Path(w).name for w in cmd[1:3] if not w.startswith("-") or w == "-m"]
     return " ".join(words)[:60]
-
-
-def _load() -> dict:
-    one, five, fifteen = os.getloadavg()
-    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
 
 
 # ---------------------------------------------------------------- set-up, once per preset
@@ -420,24 +418,15 @@ def child(cfg: dict) -> None:
 
     configure_offline()
     record = run_job(cfg) if cfg["variant"] == "job" else run_loop(cfg)
-    record["load_1m_after"] = _load()["load_1m"]
+    record["load_1m_after"] = load_average()["load_1m"]
     sys.stdout.write("\n" + json.dumps(record) + "\n")
 
 
 # ---------------------------------------------------------------- orchestration
 
 def run_variant(cfg: dict, variant: str, env: dict) -> dict:
-    load = _load()["load_1m"]
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-variant",
-                           json.dumps({**cfg, "variant": variant})],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{variant} run exited with {proc.returncode}")
-    record = {"load_1m_before": load, **json.loads(proc.stdout.strip().splitlines()[-1]),
-              "process_s": round(time.perf_counter() - started, 1)}
-    print(f"reprocess benchmark: {cfg['preset']} {variant}: {json.dumps(record)}", file=sys.stderr, flush=True)
-    return record
+    return run_child(__file__, "--run-variant", {**cfg, "variant": variant}, env,
+                     f"reprocess benchmark: {cfg['preset']} {variant}")
 
 
 def bench_preset(args, name: str, work: Path, env: dict) -> dict:
@@ -484,34 +473,17 @@ def main(argv=None) -> dict:
     from engine.runtime import configure_offline
 
     configure_offline()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="gf-reprocess-bench-")
-        args.workdir = Path(tmp.name)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    # Entry-point settings, inherited by the loop's processes and Ray's workers alike.
-    threads = str(args.threads)
-    os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                       "RAY_worker_niceness": str(args.niceness),  # Ray's default is 15; the loop's is ours
-                       "YOLO_CONFIG_DIR": str(work / "ultralytics")})
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": path}
+    work, tmp = work_folder(args.workdir, "gf-reprocess-bench-")
+    env = child_environment(work, args.threads, args.niceness)
     started = time.perf_counter()
-    load_start = _load()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # libraries' logs to stderr; stdout carries only the JSON
-    try:
+    load_start = load_average()
+    with json_stdout():
         os.nice(args.niceness - os.nice(0))  # the loop's processes inherit it (root may lower it)
         presets = {name: bench_preset(args, name, work, env) for name in args.preset}
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
     report = {
         "benchmark": "reprocess", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
-                    "load_1m_end": _load()["load_1m"]},
+                    "load_1m_end": load_average()["load_1m"]},
         "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
                    "ray_logical_cpus": args.workers + 2, "niceness": args.niceness},
         "rounds": args.rounds, "presets": presets, "total_seconds": round(time.perf_counter() - started, 1),

@@ -61,7 +61,6 @@ import os
 import platform
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -72,7 +71,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reprocess import BUNDLE, PRESETS, TreeCpuMeter, _load, _title, build_models  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    child_environment, json_stdout, load_average, run_child, work_folder,
+)
+
+from benchmarks.reprocess import BUNDLE, PRESETS, TreeCpuMeter, _title, build_models  # noqa: E402
 
 GOAL = 0.2  # |large / small - 1| below this
 GIB = 2**30
@@ -323,23 +326,14 @@ def child(cfg: dict) -> None:
 
     configure_offline()
     record = run_job(cfg)
-    record["load_1m_after"] = _load()["load_1m"]
+    record["load_1m_after"] = load_average()["load_1m"]
     sys.stdout.write("\n" + json.dumps(record) + "\n")
 
 
 # ---------------------------------------------------------------- orchestration
 
-def run_child(cfg: dict, env: dict) -> dict:
-    load = _load()["load_1m"]
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-job", json.dumps(cfg)], cwd=ROOT,
-                          env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{cfg['name']} run exited with {proc.returncode}")
-    record = {"load_1m_before": load, **json.loads(proc.stdout.strip().splitlines()[-1]),
-              "process_s": round(time.perf_counter() - started, 1)}
-    print(f"reprocess memory: {cfg['name']}: {json.dumps(record)}", file=sys.stderr, flush=True)
-    return record
+def run_job_child(cfg: dict, env: dict) -> dict:
+    return run_child(__file__, "--run-job", cfg, env, f"reprocess memory: {cfg['name']}")
 
 
 def main(argv=None) -> dict:
@@ -351,22 +345,11 @@ def main(argv=None) -> dict:
 
     configure_offline()
     command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else f"main({argv!r})"
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="gf-reprocess-memory-")
-        args.workdir = Path(tmp.name)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    threads = str(args.threads)
-    os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads, "RAY_worker_niceness": "0",
-                       "YOLO_CONFIG_DIR": str(work / "ultralytics")})
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": path}
+    work, tmp = work_folder(args.workdir, "gf-reprocess-memory-")
+    env = child_environment(work, args.threads, 0)
     started = time.perf_counter()
-    load_start = _load()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # libraries' logs to stderr; stdout carries only the JSON
-    try:
+    load_start = load_average()
+    with json_stdout():  # libraries' logs to stderr; stdout carries only the JSON
         archives = {}
         for name, spec in (("small", args.small), ("large", args.large)):
             n, edge = _shape(spec)
@@ -381,12 +364,8 @@ def main(argv=None) -> dict:
         runs: dict[str, list[dict]] = {"small": [], "large": []}
         for _ in range(args.rounds):
             for name in ("small", "large"):
-                runs[name].append(run_child({**base, "name": name, "archive": str(work / f"archive-{name}"),
-                                             "out": str(work / f"out-{name}")}, env))
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
+                runs[name].append(run_job_child({**base, "name": name, "archive": str(work / f"archive-{name}"),
+                                                 "out": str(work / f"out-{name}")}, env))
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in runs[name]), 3)
@@ -398,7 +377,7 @@ def main(argv=None) -> dict:
         "benchmark": "reprocess_memory", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
-                    "load_1m_end": _load()["load_1m"]},
+                    "load_1m_end": load_average()["load_1m"]},
         "method": {
             "archives": "engine.synth motif (SEM/TEM materials, uint16) rendered once per image at --motif px and "
                         "repeated over level 0 by the engine's OME-Zarr writer, which builds the real pyramid; "

@@ -89,7 +89,11 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from benchmarks.reprocess import PRESETS, TreeCpuMeter, _config, _load, _registry, job_pixel_size  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    child_environment, json_stdout, load_average, run_child, work_folder,
+)
+
+from benchmarks.reprocess import PRESETS, TreeCpuMeter, _config, _registry, job_pixel_size  # noqa: E402
 
 VARIANTS = ("grainflow", "ray_read_zarr", "dask")
 GOAL = 1.2
@@ -527,7 +531,7 @@ def child(cfg: dict) -> None:
 
     configure_offline()
     record = RUNNERS[cfg["variant"]](cfg)
-    record["load_1m_after"] = _load()["load_1m"]
+    record["load_1m_after"] = load_average()["load_1m"]
     sys.stdout.write("\n" + json.dumps(record) + "\n")
 
 
@@ -535,16 +539,7 @@ def child(cfg: dict) -> None:
 
 def run_variant(cfg: dict, variant: str, env: dict, zarr2: Path) -> dict:
     cfg = {**cfg, "variant": variant, "out": str(Path(cfg["outputs_root"]) / variant), "zarr2_site": str(zarr2)}
-    load = _load()["load_1m"]
-    started = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(Path(__file__).resolve()), "--run-variant", json.dumps(cfg)],
-                          cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
-    if proc.returncode != 0:
-        raise SystemExit(f"{variant} run exited with {proc.returncode}")
-    record = {"load_1m_before": load, **json.loads(proc.stdout.strip().splitlines()[-1]),
-              "process_s": round(time.perf_counter() - started, 1)}
-    print(f"reprocess peers: {variant}: {json.dumps(record)}", file=sys.stderr, flush=True)
-    return record
+    return run_child(__file__, "--run-variant", cfg, env, f"reprocess peers: {variant}")
 
 
 def main(argv=None) -> dict:
@@ -558,22 +553,11 @@ def main(argv=None) -> dict:
     command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else f"main({argv!r})"
     variants = list(dict.fromkeys(args.variants))
     zarr2 = zarr2_site(args.zarr2_site) if "ray_read_zarr" in variants else args.zarr2_site
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="gf-reprocess-peers-")
-        args.workdir = Path(tmp.name)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    threads = str(args.threads)
-    os.environ.update({"OMP_NUM_THREADS": threads, "MKL_NUM_THREADS": threads,
-                       "RAY_worker_niceness": str(args.niceness), "YOLO_CONFIG_DIR": str(work / "ultralytics")})
-    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
-    env = {**os.environ, "PYTHONPATH": path}
+    work, tmp = work_folder(args.workdir, "gf-reprocess-peers-")
+    env = child_environment(work, args.threads, args.niceness)
     started = time.perf_counter()
-    load_start = _load()
-    saved = os.dup(1)
-    os.dup2(2, 1)  # libraries' logs to stderr; stdout carries only the JSON
-    try:
+    load_start = load_average()
+    with json_stdout():  # libraries' logs to stderr; stdout carries only the JSON
         os.nice(args.niceness - os.nice(0))
         cfg = prepare(args, work)
         runs: dict[str, list[dict]] = {v: [] for v in variants}
@@ -583,10 +567,6 @@ def main(argv=None) -> dict:
             for variant in order:
                 runs[variant].append(run_variant(cfg, variant, env, zarr2))
             rounds.append({"order": order, **{f"{v}_tiles_per_s": runs[v][-1]["tiles_per_s"] for v in variants}})
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
 
     def med(variant: str, key: str) -> float:
         return round(statistics.median(rec[key] for rec in runs[variant]), 4)
@@ -595,7 +575,7 @@ def main(argv=None) -> dict:
         "benchmark": "reprocess_peers", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
         "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
-                    "load_1m_end": _load()["load_1m"]},
+                    "load_1m_end": load_average()["load_1m"]},
         "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
                    "ray_logical_cpus": args.workers + 2, "dask_threads_per_worker": 1, "niceness": args.niceness},
         "setup": {"preset": args.preset, **cfg["describe"]},

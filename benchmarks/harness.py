@@ -1,0 +1,77 @@
+"""What the reprocessing benchmarks share: the machine's load, the environment their child
+processes run in, a child run that prints one JSON record, and stdout kept for the JSON.
+
+Each variant runs in a fresh child process (`python <script> <flag> '<cfg json>'`) so no
+variant inherits another's Ray, threads or caches; the child's last stdout line is its
+record.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def load_average() -> dict:
+    one, five, fifteen = os.getloadavg()
+    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
+
+
+def work_folder(workdir: Path | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
+    """(the benchmark's working folder, made if missing; the temporary folder to clean up
+    at the end when none was given)."""
+    tmp = None
+    if workdir is None:
+        tmp = tempfile.TemporaryDirectory(prefix=prefix)
+        workdir = Path(tmp.name)
+    work = Path(workdir).resolve()
+    work.mkdir(parents=True, exist_ok=True)
+    return work, tmp
+
+
+def child_environment(work: Path, threads: int, niceness: int) -> dict:
+    """Entry-point settings, set here and inherited by child processes and Ray's workers
+    alike: T torch/BLAS threads, Ray's worker niceness (its default is 15, the children's
+    is ours), Ultralytics' config folder in `work`. Returns the children's environment
+    (the repository on PYTHONPATH)."""
+    os.environ.update({"OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads),
+                       "RAY_worker_niceness": str(niceness), "YOLO_CONFIG_DIR": str(work / "ultralytics")})
+    path = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)
+    return {**os.environ, "PYTHONPATH": path}
+
+
+def run_child(script: str | Path, flag: str, cfg: dict, env: dict, label: str) -> dict:
+    """Run `script flag '<cfg>'` in the repository root; its last stdout line (JSON) with
+    the load before and the process's wall seconds added. Its stderr passes through."""
+    load = load_average()["load_1m"]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, str(Path(script).resolve()), flag, json.dumps(cfg)], cwd=ROOT, env=env,
+                          stdout=subprocess.PIPE, stderr=sys.stderr, text=True)
+    if proc.returncode != 0:
+        raise SystemExit(f"{label} run exited with {proc.returncode}")
+    record = {"load_1m_before": load, **json.loads(proc.stdout.strip().splitlines()[-1]),
+              "process_s": round(time.perf_counter() - started, 1)}
+    print(f"{label}: {json.dumps(record)}", file=sys.stderr, flush=True)
+    return record
+
+
+@contextlib.contextmanager
+def json_stdout():
+    """Within: file descriptor 1 goes to stderr, so libraries' logs (Ray, Ultralytics)
+    stay off stdout, which then carries only the benchmark's JSON."""
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
