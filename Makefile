@@ -11,7 +11,7 @@ $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "grainflow needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
@@ -34,7 +34,6 @@ test-all: $(STAMP) browser
 	$(PY) -m pytest -m ''
 
 bench: $(STAMP)
-	$(PY) -m pip install --quiet -e '.[test,bench]'
 	$(PY) benchmarks/stores.py
 
 clean:

@@ -325,12 +325,6 @@ def _split_error(error: str) -> tuple[str, str, list[str]]:
     return kind, message, chunks
 
 
-def _error_or_none(e) -> str | None:
-    if e is None or (isinstance(e, (float, np.floating)) and np.isnan(e)):
-        return None
-    return str(e)
-
-
 def _json_floats(a) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).reshape(-1)]
 
@@ -360,13 +354,13 @@ class WriteTileOutputs:
         return state
 
     def __call__(self, batch: Mapping[str, Any]) -> dict[str, np.ndarray]:
-        from engine.pipeline.results import from_columns
+        from engine.pipeline.results import error_text, from_columns
 
         if self._arrays is None:
             self._arrays = _LabelArrays()
         # An all-null error column comes back from Arrow as float NaN: that means no error.
         batch = dict(batch)
-        batch["error"] = np.array([_error_or_none(e) for e in batch["error"]], dtype=object)
+        batch["error"] = np.array([error_text(e) for e in batch["error"]], dtype=object)
         results = from_columns(batch)
         placement = [(np.asarray(batch["origin"][i], np.float64), np.asarray(batch["scale"][i], np.float64),
                       tuple(int(v) for v in np.asarray(batch["halo"][i]).reshape(4))) for i in range(len(results))]

@@ -50,7 +50,7 @@ import torch
 
 from engine.pipeline import inputs as inp
 from engine.pipeline.measure import area_mm2, defect_density_per_mm2, measure_masks
-from engine.pipeline.results import TileResult, to_columns
+from engine.pipeline.results import TileResult, error_text, to_columns
 from engine.tiling.stitch import owned, tile_boxes_to_level0, tile_core_level0
 
 ROLES = ("detector", "segmenter", "classifier", "fusion")
@@ -628,17 +628,9 @@ def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
             image_id=str(batch["image_id"][i]), tile=cols["tile"][i], pixel_size_nm=float(cols[size_col][i]),
             level=int(cols["level"][i]), y=int(cols["y"][i]), x=int(cols["x"][i]), halo=cols["halo"][i],
             origin=cols["origin"][i], scale=cols["scale"][i], modality=str(cols["modality"][i] or ""),
-            error=_error_text(error),
+            error=error_text(error),
             context=cols["context"][i]))
     return out
-
-
-def _error_text(error: Any) -> str | None:
-    """A row's error message, or None. Ray Data hands an all-null string column over as
-    None, or as NaN of any float type (Python or numpy) when it came through a float array."""
-    if error is None or (isinstance(error, (float, np.floating)) and np.isnan(error)):
-        return None
-    return str(error)
 
 
 def analyze_tile(pixels: np.ndarray, modality: str, pixel_size_nm: float, *, ensemble: Ensemble, params=None,

@@ -186,6 +186,15 @@ class TileResult:
         return cls(**kwargs)
 
 
+def error_text(value: Any) -> str | None:
+    """A row's error message, or None. Ray Data and Arrow hand an all-null string column
+    over as None, or as NaN of any float type (Python or numpy) when it went through a
+    float array: all of those mean "no error"."""
+    if value is None or (isinstance(value, (float, np.floating)) and np.isnan(value)):
+        return None
+    return str(value)
+
+
 def _empty(name: str) -> np.ndarray:
     shape = (0, _WIDTH[name]) if name in _WIDTH else (0,)
     return np.zeros(shape, _DTYPES[name])

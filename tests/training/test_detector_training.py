@@ -269,8 +269,9 @@ class TestTrainDetector:
         assert len(r.history) == 2 and all(math.isfinite(v) for row in r.history for v in row.values())
         assert not set(r.train_images) & set(r.val_images) and len(r.val_images) == 2
 
-    def test_one_optimizer_step_per_batch(self, trained):
-        """Ultralytics would accumulate a small archive's batches to 64 images per step."""
+    def test_nbs_defaults_to_the_batch(self, trained):
+        """So that every batch is an optimizer step: Ultralytics would accumulate a small
+        archive's batches to 64 images a step (one step an epoch)."""
         import yaml
 
         args = yaml.safe_load((trained["out"] / "ultralytics" / "args.yaml").read_text())

@@ -171,8 +171,12 @@ def train_detector(
     defect and at most this many times as many without (None: all tiles).
     device: None picks cuda when present, else cpu.
     workers: data-loading processes on GPU (Ultralytics uses none on CPU).
-    hyperparameters: further Ultralytics train arguments (lr0, mosaic, scale, ...; `nbs`,
-    the batch gradients are accumulated to, defaults to `batch`).
+    hyperparameters: further Ultralytics train arguments (lr0, mosaic, scale, ...). `nbs`,
+    the batch gradients are accumulated to, defaults to the batch: one optimizer step per
+    batch. Ultralytics scales weight decay per step by batch / nbs and picks its "auto"
+    optimizer by the number of steps, so against its default (nbs 64) a long run gets
+    64 / batch times the total weight decay and may get SGD where it got AdamW; pass
+    `nbs` 64 (or `weight_decay`, `optimizer`) to keep Ultralytics' behaviour.
     out_dir receives `detector.safetensors` (+ .sha256), `result.json` and Ultralytics'
     run folder `ultralytics/` (args.yaml, results.csv; no images, no .pt files).
     register_as: register the checkpoint under this name in `registry` (default: a
@@ -223,13 +227,13 @@ def train_detector(
         "device": ultralytics_device(dev), "seed": seed, "deterministic": True, "workers": workers,
         "project": str(out_dir), "name": "ultralytics", "exist_ok": True, "plots": False, "amp": _amp(dev),
         "val": True, "save": True, "cache": False, "pretrained": False, "verbose": False,
-        # Ultralytics accumulates gradients up to a nominal batch of 64 (`nbs`): on an
-        # archive of a few images that is one optimizer step per epoch. One step per batch
-        # learned far more in the same time (held-out pore AP50 0.81 against 0.15-0.5 after
-        # 10 epochs on 6 images, 2026-12-05).
-        "nbs": batch,
         **DEFAULT_HYPERPARAMETERS, **(hyperparameters or {}),
     }
+    # Ultralytics accumulates gradients up to a nominal batch of 64 (`nbs`): on an archive
+    # of a few images (4 batches of 16 an epoch) that is one optimizer step per epoch, and
+    # 10 epochs learned next to nothing, differently in every process. One step per batch
+    # (2026-12-05, 6 images, 10 epochs): held-out pore AP50 0.81, void 0.58.
+    overrides.setdefault("nbs", overrides["batch"])
     trainer = ArchiveDetectionTrainer(detector, tiles, overrides)
     started = time.perf_counter()
     trainer.train()
