@@ -340,11 +340,14 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                   if str(stored[im.image_id]) != im.tile_dtype}
         kwargs = {"bundle": pinned, "registry": registry, "config": config, "dtypes": dtypes,
                   "params": ParamsFromStore(out) if fit else None}
-        ds = ray.data.read_datasource(source)
+        # Reads and sinks in flight are bounded by the actor count: the model is the limit,
+        # and more of them only start more worker processes as the archive grows (each
+        # holds ~0.5-1 GiB once torch is imported), so the job's memory would too.
+        ds = ray.data.read_datasource(source, concurrency=actors)
         ds = ds.map_batches(JobEnsemble, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus)
         ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
-                            batch_size=None, batch_format="numpy")
+                            batch_size=None, batch_format="numpy", concurrency=actors)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
             ok = np.asarray(batch["ok"], bool)
             done += int(ok.sum())
