@@ -37,18 +37,18 @@ depend on the budget: the figures the issue asks for (mAP@0.5 >= 0.95, material 
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import math
 import os
 import platform
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from benchmarks.harness import json_stdout, work_folder  # noqa: E402
 
 PARTS = ("detector", "classifier", "fusion", "segmenter")
 
@@ -209,33 +209,13 @@ def segmenter_part(args, train, held_out, out) -> dict:
     return r
 
 
-@contextlib.contextmanager
-def stdout_to_stderr():
-    """Send everything written to stdout (Ultralytics' and Ray's logs, from this process
-    and its children) to stderr, so stdout carries only the JSON report."""
-    sys.stdout.flush()
-    saved = os.dup(1)
-    os.dup2(2, 1)
-    try:
-        yield
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     from engine.runtime import configure_offline
 
     configure_offline()
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="grainflow-accuracy-")
-        args.workdir = Path(tmp.name)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    with stdout_to_stderr():
+    work, tmp = work_folder(args.workdir, "grainflow-accuracy-")
+    with json_stdout():
         report = run(args, work)
     print(json.dumps(report, indent=2))
     if tmp is not None:

@@ -1,5 +1,5 @@
-"""What the reprocessing benchmarks share: the machine's load, the environment their child
-processes run in, a child run that prints one JSON record, and stdout kept for the JSON.
+"""What the benchmarks share: the machine's load, a working folder, the environment their
+child processes run in, a child run that prints one JSON record, and stdout kept for the JSON.
 
 Each variant runs in a fresh child process (`python <script> <flag> '<cfg json>'`) so no
 variant inherits another's Ray, threads or caches; the child's last stdout line is its
@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import platform
 import subprocess
 import sys
 import tempfile
@@ -23,6 +24,13 @@ ROOT = Path(__file__).resolve().parents[1]
 def load_average() -> dict:
     one, five, fifteen = os.getloadavg()
     return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
+
+
+def machine(load_start: dict) -> dict:
+    """The report's machine entry: cores, platform, the load when the run started
+    (`load_average()` then) and now."""
+    return {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
+            "load_1m_end": load_average()["load_1m"]}
 
 
 def work_folder(workdir: Path | None, prefix: str) -> tuple[Path, tempfile.TemporaryDirectory | None]:
@@ -63,10 +71,17 @@ def run_child(script: str | Path, flag: str, cfg: dict, env: dict, label: str) -
     return record
 
 
+def command_line(argv: list[str] | None) -> str:
+    """How this run was started, for the report: the command, or the `main(argv)` call."""
+    return " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else f"main({argv!r})"
+
+
 @contextlib.contextmanager
 def json_stdout():
-    """Within: file descriptor 1 goes to stderr, so libraries' logs (Ray, Ultralytics)
-    stay off stdout, which then carries only the benchmark's JSON."""
+    """Within: file descriptor 1 (this process's and its children's) goes to stderr, so
+    libraries' logs (Ray, Ultralytics, torchrun) stay off stdout, which then carries only
+    the benchmark's JSON."""
+    sys.stdout.flush()
     saved = os.dup(1)
     os.dup2(2, 1)
     try:

@@ -60,7 +60,6 @@ import json
 import multiprocessing as mp
 import os
 import pickle
-import platform
 import shutil
 import statistics
 import sys
@@ -74,7 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (  # noqa: E402
-    child_environment, json_stdout, load_average, run_child, work_folder,
+    child_environment, json_stdout, load_average, machine, run_child, work_folder,
 )
 
 PRESETS = {
@@ -482,8 +481,7 @@ def main(argv=None) -> dict:
         presets = {name: bench_preset(args, name, work, env) for name in args.preset}
     report = {
         "benchmark": "reprocess", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
-                    "load_1m_end": load_average()["load_1m"]},
+        "machine": machine(load_start),
         "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
                    "ray_logical_cpus": args.workers + 2, "niceness": args.niceness},
         "rounds": args.rounds, "presets": presets, "total_seconds": round(time.perf_counter() - started, 1),

@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import sys
@@ -72,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (  # noqa: E402
-    child_environment, json_stdout, load_average, run_child, work_folder,
+    child_environment, command_line, json_stdout, load_average, machine, run_child, work_folder,
 )
 
 from benchmarks.reprocess import BUNDLE, PRESETS, TreeCpuMeter, _title, build_models  # noqa: E402
@@ -344,7 +343,7 @@ def main(argv=None) -> dict:
     from engine.runtime import configure_offline
 
     configure_offline()
-    command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else f"main({argv!r})"
+    command = command_line(argv)
     work, tmp = work_folder(args.workdir, "gf-reprocess-memory-")
     env = child_environment(work, args.threads, 0)
     started = time.perf_counter()
@@ -376,8 +375,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "reprocess_memory", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
-                    "load_1m_end": load_average()["load_1m"]},
+        "machine": machine(load_start),
         "method": {
             "archives": "engine.synth motif (SEM/TEM materials, uint16) rendered once per image at --motif px and "
                         "repeated over level 0 by the engine's OME-Zarr writer, which builds the real pyramid; "

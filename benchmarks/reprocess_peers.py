@@ -76,7 +76,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import shutil
 import statistics
 import subprocess
@@ -90,7 +89,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (  # noqa: E402
-    child_environment, json_stdout, load_average, run_child, work_folder,
+    child_environment, command_line, json_stdout, load_average, machine, run_child, work_folder,
 )
 
 from benchmarks.reprocess import PRESETS, TreeCpuMeter, _config, _registry, job_pixel_size  # noqa: E402
@@ -550,7 +549,7 @@ def main(argv=None) -> dict:
     from engine.runtime import configure_offline
 
     configure_offline()
-    command = " ".join([Path(sys.executable).name, *sys.argv]) if argv is None else f"main({argv!r})"
+    command = command_line(argv)
     variants = list(dict.fromkeys(args.variants))
     zarr2 = zarr2_site(args.zarr2_site) if "ray_read_zarr" in variants else args.zarr2_site
     work, tmp = work_folder(args.workdir, "gf-reprocess-peers-")
@@ -574,8 +573,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "reprocess_peers", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), **load_start,
-                    "load_1m_end": load_average()["load_1m"]},
+        "machine": machine(load_start),
         "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
                    "ray_logical_cpus": args.workers + 2, "dask_threads_per_worker": 1, "niceness": args.niceness},
         "setup": {"preset": args.preset, **cfg["describe"]},

@@ -55,7 +55,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime, timezone
 from pathlib import Path
@@ -63,6 +62,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ROOT = Path(__file__).resolve().parents[1]
+
+from benchmarks.harness import json_stdout, load_average, work_folder  # noqa: E402
 FAMILY = "fusion"
 VARIANTS = ("torchrun", "ray_train", "ray_data")
 SOURCES = {"ray_train": "tensors", "ray_data": "dataset"}
@@ -336,7 +337,7 @@ def run_ray(cfgs: dict[str, dict]) -> dict[str, dict]:
     try:
         for variant, cfg in cfgs.items():
             source = SOURCES[variant]
-            load = _load()["load_1m"]
+            load = load_average()["load_1m"]
             datasets = None
             if source == "dataset":
                 n = cfg["samples"]
@@ -389,11 +390,6 @@ def steady(record: dict, key: str = "samples_per_s") -> list[float]:
     return [e[key] for e in record["epochs"][1:]]
 
 
-def _load() -> dict:
-    one, five, fifteen = os.getloadavg()
-    return {"load_1m": round(one, 2), "load_5m": round(five, 2), "load_15m": round(fifteen, 2)}
-
-
 def main(argv=None) -> dict:
     args = parse_args(argv)
     if args.worker_config is not None:
@@ -413,20 +409,9 @@ def main(argv=None) -> dict:
     # the niced workers yield to everyone else's processes and the wall-clock comparison
     # measures the neighbours. Equal priority for both (the raylet reads RAY_<config>).
     os.environ["RAY_worker_niceness"] = str(args.niceness)
-    tmp = None
-    if args.workdir is None:
-        tmp = tempfile.TemporaryDirectory(prefix="grainflow-train-bench-")
-        args.workdir = Path(tmp.name)
-    work = args.workdir.resolve()
-    work.mkdir(parents=True, exist_ok=True)
-    saved = os.dup(1)
-    os.dup2(2, 1)  # Ray's and torchrun's logs to stderr; stdout carries only the JSON
-    try:
+    work, tmp = work_folder(args.workdir, "grainflow-train-bench-")
+    with json_stdout():  # Ray's and torchrun's logs to stderr; stdout carries only the JSON
         report = run(args, work)
-    finally:
-        sys.stdout.flush()
-        os.dup2(saved, 1)
-        os.close(saved)
     print(json.dumps(report, indent=2))
     if tmp is not None:
         tmp.cleanup()
@@ -435,7 +420,7 @@ def main(argv=None) -> dict:
 
 def run(args, work: Path) -> dict:
     started = time.perf_counter()
-    load_start = _load()
+    load_start = load_average()
     arrays, data = prepare_data(args, work)
     base = {"model": args.model, "epochs": args.epochs, "batch_size": args.batch_size, "threads": args.threads,
             "workers": args.workers, "seed": args.seed, "samples": args.samples, "arrays": str(arrays),
@@ -453,7 +438,7 @@ def run(args, work: Path) -> dict:
         cfgs = {v: {**base, "out": str(work / f"{v}-{r}.json")} for v in order}
         for part in (["torchrun"], ray_order) if r % 2 == 0 else (ray_order, ["torchrun"]):
             if part == ["torchrun"]:
-                load = _load()["load_1m"]
+                load = load_average()["load_1m"]
                 runs["torchrun"].append({**run_torchrun(cfgs["torchrun"], env), "load_1m_before": load})
             else:
                 for variant, record in run_ray({v: cfgs[v] for v in part}).items():
@@ -488,13 +473,13 @@ def run(args, work: Path) -> dict:
         "runs": runs,
     }
     if args.engine:
-        load = _load()["load_1m"]
+        load = load_average()["load_1m"]
         record = run_engine(args, work)
         record["load_1m_before"] = load
         eng = statistics.median(steady(record))
         report["engine"] = {"steady_samples_per_s": round(eng, 2), "ratio_to_torchrun_preloaded":
                             round(eng / med["torchrun"], 3), **record}
-    report["machine"]["load_1m_end"] = _load()["load_1m"]
+    report["machine"]["load_1m_end"] = load_average()["load_1m"]
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     return report
 
