@@ -19,9 +19,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Mapping
+from typing import Any, Mapping
 
-from engine.pipeline.ensemble import ROLES, EnsembleModels
+from engine.pipeline.ensemble import ROLES, EnsembleConfig, EnsembleModels, description
 from engine.pipeline.inputs import check_inputs
 from engine.registry.errors import RegistryError
 
@@ -84,6 +84,53 @@ def load_bundle(ref: str, registry=None, *, cache_dir: str | Path | None = None,
     pixel_size = float(tags[TAG_PIXEL_SIZE]) if TAG_PIXEL_SIZE in tags else None
     versions = {role: mv.ref for role, mv in members.items()} | {"bundle": version.ref}
     return LoadedBundle(version.ref, EnsembleModels(**loaded, versions=versions), inputs, pixel_size)
+
+
+def describe_bundle(ref: str, registry, config: EnsembleConfig | None = None) -> dict[str, Any] | None:
+    """The bundle's `Ensemble.describe()` (less the device) from registry metadata alone:
+    no file fetched, no model built, so a driver can plan a job in a fraction of a
+    second. The label sets come from the member configs recorded at registration (a
+    model config, or one under ``"model"`` as `engine.training` registers it: `build`
+    records the resolved ``defect_classes``, ``materials`` and ``grades``).
+
+    None when the metadata cannot say: a member registered without its label sets (an
+    Ultralytics .pt with a hand-written config, say), registered as another family
+    than its role, or classifier and fusion disagreeing (loading the bundle names those
+    errors). Whoever loads the bundle should
+    check its own description against this one (`engine.pipeline.job.JobEnsemble` does):
+    registered configs are what a person said, the files are what runs.
+    """
+    config = config or EnsembleConfig()
+    version = registry.get(ref)
+    members = registry.get_bundle(version.ref)
+    if "detector" not in members or any(mv.family != role for role, mv in members.items()):
+        return None  # load_bundle names what is wrong
+    args = {role: _builder_args(mv.config) for role, mv in members.items()}
+    if any(a is None for a in args.values()):
+        return None
+    class_names = args["detector"].get("defect_classes")
+    labels = {(tuple(a.get("materials") or ()), tuple(a.get("grades") or ()))
+              for role, a in args.items() if role in ("classifier", "fusion")}
+    if not isinstance(class_names, list) or len(labels) > 1 or any(not m or not g for m, g in labels):
+        return None
+    materials, grades = next(iter(labels)) if labels else ((), ())
+    tags = version.tags
+    try:
+        inputs = check_inputs(config.inputs if config.inputs is not None else
+                              {k[len(TAG_INPUT):]: v for k, v in tags.items() if k.startswith(TAG_INPUT)})
+    except ValueError:
+        return None
+    return description(model_versions={role: mv.ref for role, mv in members.items()} | {"bundle": version.ref},
+                       class_names=class_names, materials=materials, grades=grades, inputs=inputs,
+                       pixel_size_nm=float(tags[TAG_PIXEL_SIZE]) if TAG_PIXEL_SIZE in tags else None, config=config)
+
+
+def _builder_args(config: Mapping[str, Any]) -> Mapping[str, Any] | None:
+    """A registered config's builder args (module doc of `describe_bundle`), or None."""
+    for candidate in (config, config.get("model")):
+        if isinstance(candidate, Mapping) and isinstance(candidate.get("args"), Mapping) and "builder" in candidate:
+            return candidate["args"]
+    return None
 
 
 def load_member(role: str, mv, files: Mapping[str, Path], *, map_location: str = "cpu"):

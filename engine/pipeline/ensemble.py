@@ -209,11 +209,9 @@ class Ensemble:
 
     def describe(self) -> dict[str, Any]:
         """What a run records beside its outputs: versions, label sets, inputs, config."""
-        return {"model_versions": self.model_versions, "class_names": list(self.class_names),
-                "materials": list(self.materials), "grades": list(self.grades), "inputs": dict(self.inputs),
-                "pixel_size_nm": self.pixel_size_nm, "device": str(self.device),
-                "config": {"conf": self.config.conf, "iou": self.config.iou, "max_det": self.config.max_det,
-                           "max_batch": self.config.max_batch, "mask_to_box": self.config.mask_to_box}}
+        return description(model_versions=self.model_versions, class_names=self.class_names,
+                           materials=self.materials, grades=self.grades, inputs=self.inputs,
+                           pixel_size_nm=self.pixel_size_nm, config=self.config) | {"device": str(self.device)}
 
     # ------------------------------------------------------------------ entry points
 
@@ -545,6 +543,18 @@ class EnsemblePass:
                                     {i - base: e for i, e in self.errors.items() if base <= i < base + n}))
             base += n
         return out
+
+
+def description(*, model_versions: Mapping[str, str], class_names: Sequence[str], materials: Sequence[str],
+                grades: Sequence[str], inputs: Mapping[str, str], pixel_size_nm: float | None,
+                config: EnsembleConfig) -> dict[str, Any]:
+    """An ensemble's description as plain JSON data (`Ensemble.describe` less the device;
+    `engine.pipeline.bundle.describe_bundle` builds the same from registry metadata)."""
+    return {"model_versions": dict(sorted(model_versions.items())), "class_names": list(class_names),
+            "materials": list(materials), "grades": list(grades), "inputs": dict(inputs),
+            "pixel_size_nm": pixel_size_nm,
+            "config": {"conf": config.conf, "iou": config.iou, "max_det": config.max_det,
+                       "max_batch": config.max_batch, "mask_to_box": config.mask_to_box}}
 
 
 def _or_nan(probs: np.ndarray, n: int) -> np.ndarray:

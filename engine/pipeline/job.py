@@ -5,9 +5,10 @@
 Steps (the driver holds metadata and counters only, never pixels):
 
 1. Models: the ref is resolved once to a fixed version (``name/version``), so every
-   actor loads the same members even if the alias moves during the job; one Ray task
-   loads the bundle and describes it (classes, materials, grades, input modes), which
-   also fails fast on a bad bundle before any tile is read.
+   actor loads the same members even if the alias moves during the job. The driver
+   describes the bundle (classes, materials, grades, input modes) from registry metadata
+   and each actor checks that description against the members it loads; where the
+   metadata does not record the label sets, one Ray task loads the bundle to describe it.
 2. Plan: `engine.data.datasource.ZarrTileDatasource` plans tiles from metadata at the
    model's pixel size (explicit, else the bundle's ``pixel_size_nm`` tag, else each
    image's level 0: models trained without a pixel size saw native pixels).
@@ -23,9 +24,11 @@ Steps (the driver holds metadata and counters only, never pixels):
    Data restarts a dead actor and retries its batch (``max_restarts``/``max_task_retries``
    are -1 for actor pools in Ray 2.60); outputs are named by tile, so a redone tile
    overwrites its own files.
-6. Finish, per image in Ray tasks (`engine.data.sinks.finish_image`): stitched objects,
-   the tiles table, label pyramids and metadata; the driver writes ``summary.parquet``
-   from the small rows they return.
+6. Finish, per image in a Ray task started as soon as the stream has reported the
+   image's last tile (`engine.data.sinks.finish_image`): stitched objects, the tiles
+   table, label pyramids and metadata; the driver writes ``summary.parquet`` from the
+   small rows they return. Finishing overlaps the tile stage, so only the last images'
+   finishing follows it.
 
 Every step is idempotent: a rerun after an interruption at any point ends with the same
 outputs as an uninterrupted run. See `engine.data.sinks` for the output layout.
@@ -103,12 +106,25 @@ class JobEnsemble(Ensemble):
     image must arrive as uint8 to get the answer the online endpoint gives), and the
     datasource's placement columns (origin, scale, halo) pass through to the sink.
 
-    dtypes: image_id -> stored dtype. Other arguments as `Ensemble`.
+    dtypes: image_id -> stored dtype. expect: the description the driver planned with
+    (`engine.pipeline.bundle.describe_bundle`, from registry metadata); an actor whose
+    loaded members describe themselves otherwise refuses to start (GrainflowError naming
+    the difference), so no tile is written under the wrong class names. Other arguments
+    as `Ensemble`.
     """
 
-    def __init__(self, *, dtypes: Mapping[str, str] | None = None, **kwargs):
+    def __init__(self, *, dtypes: Mapping[str, str] | None = None, expect: Mapping[str, Any] | None = None,
+                 **kwargs):
         super().__init__(**kwargs)
         self._dtypes = {k: np.dtype(v) for k, v in (dtypes or {}).items()}
+        if expect is not None:
+            actual = self.describe()
+            differ = sorted(k for k in expect if actual.get(k) != expect[k])
+            if differ:
+                raise GrainflowError(
+                    f"{actual['model_versions'].get('bundle', 'bundle')}: the members' files disagree with their "
+                    f"registered configs on {', '.join(differ)}: "
+                    + "; ".join(f"{k}: registered {expect[k]!r}, loaded {actual.get(k)!r}" for k in differ))
 
     def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         batch = dict(batch)
@@ -166,21 +182,23 @@ def _params_location(out: StoreLocation, image_id: str) -> StoreLocation:
 
 
 def _describe_bundle(ref: str, registry, config: EnsembleConfig) -> dict[str, Any]:
-    return Ensemble(bundle=ref, registry=registry, config=config, device="cpu").describe()
-
-
-_DESCRIBED: dict[tuple[str, str, str], dict[str, Any]] = {}
+    described = Ensemble(bundle=ref, registry=registry, config=config, device="cpu").describe()
+    return {k: v for k, v in described.items() if k != "device"}
 
 
 def _describe(pinned: str, registry, config: EnsembleConfig) -> dict[str, Any]:
-    """The bundle's description, from one Ray task that loads it (remembered per process:
-    a fixed version with a fixed config always describes the same)."""
+    """The bundle's description: from registry metadata when it records the label sets
+    (`describe_bundle`: no model loaded; the actors check it against their models), else
+    from one Ray task that loads the bundle (a worker process importing torch, timm and
+    Ultralytics and loading every member: ~3 CPU-s and a worker slot)."""
     import ray
 
-    key = (getattr(registry, "tracking_uri", repr(registry)), pinned, repr(config))
-    if key not in _DESCRIBED:
-        _DESCRIBED[key] = ray.get(ray.remote(num_cpus=1)(_describe_bundle).remote(pinned, registry, config))
-    return _DESCRIBED[key]
+    from engine.pipeline.bundle import describe_bundle
+
+    described = describe_bundle(pinned, registry, config)
+    if described is None:
+        described = ray.get(ray.remote(num_cpus=1)(_describe_bundle).remote(pinned, registry, config))
+    return described
 
 
 def _prepare_images(out: StoreLocation, plans: list, *, labels: str, label_name: str, id_stride: int,
@@ -330,16 +348,33 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                                                for g in groups]) for t in g}
     stages["prepare"] = time.perf_counter() - t0
 
-    # 5. tiles: read -> ensemble actors -> sink tasks; the driver counts small rows
+    # 5. tiles: read -> ensemble actors -> sink tasks; the driver counts small rows and
+    # 6. finishes each image as soon as its last tile is in (a Ray task per image), so
+    # finishing overlaps the tile stage instead of following it.
     t0 = time.perf_counter()
+    finish = ray.remote(num_cpus=1)(_finish)
+    provenance = {"job_out": out.uri, "bundle": pinned}
+    before: dict[str, list] = {im.image_id: [] for im in plans}
+    for key in done_before:
+        before.get(key[0], []).append(key)
+    progress = {im.image_id: _ImageProgress(im, before[im.image_id]) for im in plans}
+    finishing: dict[str, Any] = {}
+
+    def finish_if_complete(image_id: str) -> None:
+        p = progress[image_id]
+        if image_id not in finishing and p.complete:
+            finishing[image_id] = finish.remote(out, p.plan, p.done, targets.get(image_id), describe, provenance)
+
+    for image_id in progress:
+        finish_if_complete(image_id)
     done = errors = 0
-    if tiles_total - skipped > 0:
+    if len(finishing) < len(plans):
         actors, gpus = _resources(concurrency, num_gpus)
         stored = dict(zip(catalog["image_id"], catalog["dtype"]))
         dtypes = {im.image_id: str(stored[im.image_id]) for im in plans
                   if str(stored[im.image_id]) != im.tile_dtype}
         kwargs = {"bundle": pinned, "registry": registry, "config": config, "dtypes": dtypes,
-                  "params": ParamsFromStore(out) if fit else None}
+                  "params": ParamsFromStore(out) if fit else None, "expect": describe}
         # Reads and sinks in flight are bounded by the actor count: the model is the limit,
         # and more of them only start more worker processes as the archive grows (each
         # holds ~0.5-1 GiB once torch is imported), so the job's memory would too.
@@ -349,22 +384,19 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
                             batch_size=None, batch_format="numpy", concurrency=actors)
         for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            ok = np.asarray(batch["ok"], bool)
-            done += int(ok.sum())
-            errors += int((~ok).sum())
+            for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
+                                                 batch["ok"]):
+                new = progress[str(image_id)].add((int(level), int(y), int(x)), bool(ok))
+                done += new and bool(ok)
+                errors += new and not bool(ok)
+                finish_if_complete(str(image_id))
     stages["tiles"] = time.perf_counter() - t0
 
-    # 6. finish each image
     t0 = time.perf_counter()
-    finished = ledger.read(["image_id", "level", "y", "x"])
-    by_image: dict[str, list[tuple[int, int, int]]] = {im.image_id: [] for im in plans}
-    for image_id, level, y, x in zip(*(finished[c].to_pylist() for c in ("image_id", "level", "y", "x"))):
-        if image_id in by_image:
-            by_image[image_id].append((level, y, x))
-    finish = ray.remote(num_cpus=1)(_finish)
-    provenance = {"job_out": out.uri, "bundle": pinned}
-    rows = ray.get([finish.remote(out, im, by_image[im.image_id], targets.get(im.image_id), describe, provenance)
-                    for im in plans])
+    for image_id, p in progress.items():  # a tile the stream never reported stays unfinished in the tiles table
+        if image_id not in finishing:
+            finishing[image_id] = finish.remote(out, p.plan, p.done, targets.get(image_id), describe, provenance)
+    rows = ray.get([finishing[im.image_id] for im in plans])
     put_file(out.join(SUMMARY_FILE), table_bytes(summary_table(rows)))
     stages["finish"] = time.perf_counter() - t0
 
@@ -381,6 +413,33 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     put_file(manifest, json.dumps({"settings": settings, "result": record}, indent=1,
                                   sort_keys=True, default=str).encode())
     return result
+
+
+class _ImageProgress:
+    """One image's tiles as the stream reports them: complete once every planned tile
+    not finished by an earlier run has come back once (done or failed). done: the
+    (level, y, x) of its finished tiles, earlier runs' included (what `finish_image`
+    reads). A tile reported twice counts once."""
+
+    def __init__(self, plan, before):
+        """before: the ledger keys (image_id, level, y, x) of this image from earlier runs."""
+        self.plan = plan
+        self.done = [(int(k[1]), int(k[2]), int(k[3])) for k in before]
+        self._expected = plan.n_tiles - _count_planned([plan], before)
+        self._seen: set[tuple[int, int, int]] = set()
+
+    def add(self, key: tuple[int, int, int], ok: bool) -> bool:
+        """Record a reported tile; False if it was reported before."""
+        if key in self._seen:
+            return False
+        self._seen.add(key)
+        if ok:
+            self.done.append(key)
+        return True
+
+    @property
+    def complete(self) -> bool:
+        return len(self._seen) >= self._expected
 
 
 def _count_planned(plans, keys) -> int:

@@ -83,6 +83,40 @@ class TestFromRegistry:
             Ensemble.from_registry("swapped/1", registry, cache_dir=tmp_path / "cache")
 
 
+class TestDescribeFromMetadata:
+    """A job plans from registry metadata (no model loaded): it must say what loading says."""
+
+    def test_same_as_the_loaded_ensemble(self, registry, tiny_models, tmp_path):
+        from engine.pipeline.bundle import describe_bundle
+
+        register_ensemble(registry, tiny_models, "ens", workdir=tmp_path / "work", inputs={"fusion": "image"},
+                          pixel_size_nm=20.0)
+        config = EnsembleConfig(**TEST_CONFIG)
+        loaded = Ensemble.from_registry("ens/1", registry, config=config, cache_dir=tmp_path / "cache").describe()
+        described = describe_bundle("ens@production", registry, config)
+        assert described == {k: v for k, v in loaded.items() if k != "device"}
+        assert described["class_names"] == list(tiny_models.detector.names) and len(described["materials"]) == 12
+        assert described["inputs"]["fusion"] == "image" and described["pixel_size_nm"] == 20.0
+
+    def test_unknown_when_a_member_config_lacks_its_labels(self, registry, members, tmp_path):
+        from engine.models import save_checkpoint
+        from engine.pipeline.bundle import describe_bundle
+
+        register_ensemble(registry, members, "ens", workdir=tmp_path / "work")
+        save_checkpoint(members.detector, tmp_path / "d.safetensors")
+        registry.register("hand", tmp_path / "d.safetensors", family="detector", config={"note": "by hand"})
+        registry.register_bundle("by-hand", {"detector": "hand/1", "classifier": "ens-classifier/1"})
+        assert describe_bundle("by-hand/1", registry) is None
+        assert describe_bundle("ens/1", registry) is not None
+
+    def test_unknown_when_a_member_is_in_another_role(self, registry, members, tmp_path):
+        from engine.pipeline.bundle import describe_bundle
+
+        register_ensemble(registry, members, "a", workdir=tmp_path / "work")
+        registry.register_bundle("swapped", {"detector": "a-detector/1", "classifier": "a-segmenter/1"})
+        assert describe_bundle("swapped/1", registry) is None
+
+
 def test_bundle_tags_check_modes():
     from engine.pipeline.bundle import bundle_tags
 

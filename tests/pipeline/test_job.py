@@ -221,6 +221,28 @@ class TestEndToEnd:
             reprocess(str(job_archive), str(tmp_path / "o"), "nosuch@production", registry=job_registry)
 
 
+    def test_registered_labels_that_disagree_with_the_files_are_refused(self, ray_session, job_archive,
+                                                                         job_registry, tmp_path):
+        """The driver plans from registry metadata; an actor whose loaded detector names
+        other classes than its registered config stops the job before any tile is written."""
+        from engine.models import save_checkpoint
+        from engine.pipeline.bundle import load_bundle
+
+        members = load_bundle(REF, job_registry).models
+        save_checkpoint(members.detector, tmp_path / "d.safetensors")
+        config = members.detector.config.to_dict()
+        config["args"] = {**config["args"], "defect_classes": ["not", "what", "the", "file", "says"]}
+        job_registry.register("mislabelled", tmp_path / "d.safetensors", family="detector", config=config)
+        job_registry.register_bundle("mislabelled-ens", {"detector": "mislabelled/1",
+                                                         "segmenter": "tiny-segmenter/1"})
+        out = tmp_path / "out"
+        with pytest.raises(GrainflowError, match="class_names: registered") as info:
+            reprocess(str(job_archive), str(out), "mislabelled-ens/1", registry=job_registry, config=CONFIG,
+                      **RUN)
+        assert "disagree with their registered configs" in str(info.value)
+        assert not (out / DETECTIONS).exists() and not Ledger(out).keys()
+
+
 class TestResume:
     def test_driver_killed_midway(self, ray_session, clean, job_archive, job_registry, tmp_path):
         """A driver (python -m jobs.reprocess, joined to this Ray) is killed once some
