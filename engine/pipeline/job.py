@@ -383,13 +383,21 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus)
         ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
                             batch_size=None, batch_format="numpy", concurrency=actors)
-        for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
-            for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
-                                                 batch["ok"]):
-                new = progress[str(image_id)].add((int(level), int(y), int(x)), bool(ok))
-                done += new and bool(ok)
-                errors += new and not bool(ok)
-                finish_if_complete(str(image_id))
+        try:
+            for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
+                for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
+                                                     batch["ok"]):
+                    new = progress[str(image_id)].add((int(level), int(y), int(x)), bool(ok))
+                    done += new and bool(ok)
+                    errors += new and not bool(ok)
+                    finish_if_complete(str(image_id))
+        except ray.exceptions.RayActorError as exc:
+            if not exc.actor_init_failed:
+                raise
+            # A bad bundle (a refused file, labels that disagree with the plan) stops every
+            # actor in its constructor; Ray keeps only the text of that error.
+            lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
+            raise GrainflowError(f"the ensemble actors could not start: {lines[-1] if lines else exc}") from None
     stages["tiles"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
