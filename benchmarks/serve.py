@@ -136,18 +136,40 @@ def inprocess_caller(registry, config, png: bytes, nm: float):
 
     def call(_i) -> bool:
         with lock:
+            t0 = time.perf_counter()
             img = decode(png, "image/png", max_pixels=config.max_pixels)
+            t1 = time.perf_counter()
             prepared = prepare_image(img.pixels, modality="SEM", pixel_size_nm=nm, settings=settings,
                                      fit="image" in ens.inputs.values())
             p = ens.start(prepared.tiles, params=lambda _id: prepared.params, warm=True)
-            results = ens.finish(ens.classify(ens.segment(ens.detect(p))))
+            t2 = time.perf_counter()
+            p = ens.detect(p)
+            t3 = time.perf_counter()
+            p = ens.segment(p)
+            t4 = time.perf_counter()
+            p = ens.classify(p)
+            t5 = time.perf_counter()
+            results = ens.finish(p)
+            t6 = time.perf_counter()
             body = build_response(results, [t.scale for t in prepared.tiles], class_names=ens.class_names,
                                   materials=ens.materials, grades=ens.grades, image={}, alias="production",
                                   request_id="x", timings_ms={})
             json.dumps(body)
+            t7 = time.perf_counter()
+        marks = (t0, t1, t2, t3, t4, t5, t6, t7)  # the stage names the app's timings_ms uses
+        call.timings.append({name: (b - a) * 1e3 for name, a, b in zip(
+            ("decode_ms", "preprocess_ms", "detect_ms", "segment_ms", "classify_ms", "measure_ms", "respond_ms"),
+            marks, marks[1:])})
         return True
 
+    call.timings = []
     return call
+
+
+def median_timings(timings: list[dict]) -> dict[str, float]:
+    """Per stage, the median over requests (ms)."""
+    keys = sorted({k for t in timings for k in t})
+    return {k: round(statistics.median(t[k] for t in timings if k in t), 2) for k in keys}
 
 
 def _deployments(args) -> dict:
@@ -207,8 +229,12 @@ def main(argv=None) -> int:
 
     for size, (png, nm) in images.items():
         call = inprocess_caller(registry, config, png, nm)
-        out["inprocess"][str(size)] = {str(c): run_clients(call, c, args.requests, args.warmup)
-                                       for c in clients_for(size)}
+        out["inprocess"][str(size)] = {}
+        for c in clients_for(size):
+            call.timings.clear()
+            out["inprocess"][str(size)][str(c)] = run_clients(call, c, args.requests, args.warmup)
+            if c == 1:  # where a lone request's time goes (warm-up calls included)
+                out["inprocess"][str(size)]["stages_1_client"] = median_timings(call.timings)
         print(json.dumps({"inprocess": size, **out["inprocess"][str(size)]}), file=sys.stderr)
 
     ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
@@ -225,12 +251,18 @@ def main(argv=None) -> int:
             for c in clients_for(size):
                 clients = [httpx.Client(timeout=600, headers={"Authorization": f"Bearer {key}"}) for _ in range(c)]
 
-                def call(i, png=png, nm=nm, clients=clients) -> bool:
+                timings: list[dict] = []
+
+                def call(i, png=png, nm=nm, clients=clients, timings=timings) -> bool:
                     r = clients[i].post(url, files={"image": ("a.png", png, "image/png")},
                                         data={"modality": "SEM", "pixel_size_nm": str(nm)})
+                    if r.status_code == 200:
+                        timings.append(r.json()["timings_ms"])
                     return r.status_code == 200
 
                 out["serve"][str(size)][str(c)] = run_clients(call, c, args.requests, args.warmup)
+                if c == 1:  # the ingress's own account of a lone request (ms)
+                    out["serve"][str(size)]["stages_1_client"] = median_timings(timings)
                 for cl in clients:
                     cl.close()
                 print(json.dumps({"serve": size, "clients": c, **out["serve"][str(size)][str(c)]}), file=sys.stderr)
@@ -241,8 +273,11 @@ def main(argv=None) -> int:
     out["serve_added_p50_ms_1_client"] = {
         s: round(out["serve"][s]["1"]["p50_ms"] - out["inprocess"][s]["1"]["p50_ms"], 2)
         for s in out["serve"] if "1" in out["serve"][s]}
-    out["errors_at_max_clients"] = {s: {"clients": max(map(int, out["serve"][s])),
-                                        "errors": out["serve"][s][str(max(map(int, out["serve"][s])))]["errors"]}
+    def most(cells):
+        return str(max(int(c) for c in cells if c.isdigit()))
+
+    out["errors_at_max_clients"] = {s: {"clients": int(most(out["serve"][s])),
+                                        "errors": out["serve"][s][most(out["serve"][s])]["errors"]}
                                     for s in out["serve"]}
     out["gpu_goal"] = "not measured: no GPU on this machine" if not torch.cuda.is_available() else "see --sam vit_b"
     print(json.dumps(out, indent=1))

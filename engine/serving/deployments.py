@@ -5,6 +5,12 @@
     Detector    `Ensemble.detect`      (@serve.batch across requests)
     Segmenter   `Ensemble.segment`     (@serve.batch)
     Classifier  `Ensemble.classify` then `Ensemble.finish` (measurements) (@serve.batch)
+                -> a `StagesAnswer`
+
+The ingress chains the four calls without waiting between them: each stage's
+DeploymentResponse is the next call's argument, so the `EnsemblePass` goes from one
+replica to the next through the object store, never back through the ingress (which
+waits for the classifier's small answer only).
 
 A request names the fixed bundle version that answers it ("name/version", chosen by the
 ingress from the aliases); each replica keeps the ensembles of the versions it has been
@@ -12,6 +18,7 @@ asked for (those the aliases point at are loaded on `reconfigure`, so a promotio
 rollback finds them ready; others are loaded on first use). Every replica loads the
 whole bundle through the registry (sha256-checked) and runs only its stage; the
 `EnsemblePass` carries tiles between stages, so the answer is `Ensemble.analyze`'s.
+Each stage adds its compute time to the pass's ``timings_ms``.
 
 Batching: requests for the same version that arrive together are merged into one pass,
 so the ensemble groups their tiles by shape, `ensemble.max_batch` tiles per model call
@@ -24,6 +31,7 @@ import asyncio
 import threading
 import time
 from collections import OrderedDict
+from dataclasses import dataclass
 from typing import Any
 
 from ray import serve
@@ -31,6 +39,20 @@ from ray import serve
 from engine.serving.config import ServeConfig
 
 MAX_CACHED_VERSIONS = 4
+
+
+@dataclass(frozen=True)
+class StagesAnswer:
+    """What the last stage returns for one request: results: a `TileResult` per tile;
+    scales: each tile's level-0 pixels per tile pixel (y, x); level, level_pixel_size_nm:
+    the pyramid level the tiles were read at and its pixel size (nm); timings_ms:
+    compute milliseconds per stage."""
+
+    results: list
+    scales: list[tuple[float, float]]
+    level: int
+    level_pixel_size_nm: float
+    timings_ms: dict[str, float]
 
 
 class _Stage:
@@ -88,20 +110,24 @@ class _Stage:
     def versions(self) -> list[str]:
         return list(self._ensembles)
 
-    async def _batched(self, items: list[tuple[str, Any]], step: str) -> list[Any]:
-        """Run `step` over requests grouped by version: one merged pass per version."""
+    async def _batched(self, refs: list[str], passes: list[Any], step: str) -> list[Any]:
+        """Run `step` over requests grouped by version: one merged pass per version; each
+        request's pass comes back with the merged pass's compute time under `step`."""
         from engine.pipeline.ensemble import EnsemblePass
 
         def work():
-            out: list[Any] = [None] * len(items)
+            out: list[Any] = [None] * len(passes)
             by_ref: dict[str, list[int]] = {}
-            for i, (ref, _) in enumerate(items):
+            for i, ref in enumerate(refs):
                 by_ref.setdefault(ref, []).append(i)
             for ref, idx in by_ref.items():
+                t0 = time.perf_counter()
                 ens = self.ensemble(ref)
-                passes = [items[i][1] for i in idx]
-                merged = getattr(ens, step)(EnsemblePass.merge(passes))
-                for i, p in zip(idx, merged.split([len(p) for p in passes])):
+                mine = [passes[i] for i in idx]
+                merged = getattr(ens, step)(EnsemblePass.merge(mine))
+                ms = (time.perf_counter() - t0) * 1e3
+                for i, before, p in zip(idx, mine, merged.split([len(p) for p in mine])):
+                    p.timings_ms = {**before.timings_ms, step: ms}
                     out[i] = p
             return out
 
@@ -113,7 +139,7 @@ class Preprocess(_Stage):
     role = "preprocess"
 
     async def __call__(self, ref: str, pixels, modality: str, pixel_size_nm: float):
-        """Raw (H, W) pixels -> (EnsemblePass with warm inputs, tile scales, level, pixel size nm, ms)."""
+        """Raw (H, W) pixels -> the EnsemblePass of their tiles, inputs warm."""
         from engine.serving.prepare import TilingSettings, prepare_image
 
         def work():
@@ -125,8 +151,8 @@ class Preprocess(_Stage):
             prepared = prepare_image(pixels, modality=modality, pixel_size_nm=pixel_size_nm, settings=settings,
                                      fit="image" in ens.inputs.values())
             p = ens.start(prepared.tiles, params=lambda _id: prepared.params, warm=True)
-            return p, [t.scale for t in prepared.tiles], prepared.level, prepared.pixel_size_nm, \
-                (time.perf_counter() - t0) * 1e3
+            p.timings_ms = {"preprocess": (time.perf_counter() - t0) * 1e3}
+            return p
 
         return await asyncio.to_thread(work)
 
@@ -136,9 +162,9 @@ class Detector(_Stage):
     role = "detector"
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def detect(self, items: list[tuple[str, Any]]) -> list[Any]:
-        """(bundle ref, EnsemblePass) per request -> the passes with boxes."""
-        return await self._batched(items, "detect")
+    async def detect(self, refs: list[str], passes: list[Any]) -> list[Any]:
+        """Per request a bundle ref and an EnsemblePass -> the passes with boxes."""
+        return await self._batched(refs, passes, "detect")
 
 
 @serve.deployment(name="segmenter")
@@ -146,9 +172,9 @@ class Segmenter(_Stage):
     role = "segmenter"
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def segment(self, items: list[tuple[str, Any]]) -> list[Any]:
-        """(bundle ref, EnsemblePass) per request -> the passes with masks."""
-        return await self._batched(items, "segment")
+    async def segment(self, refs: list[str], passes: list[Any]) -> list[Any]:
+        """Per request a bundle ref and an EnsemblePass -> the passes with masks."""
+        return await self._batched(refs, passes, "segment")
 
 
 @serve.deployment(name="classifier")
@@ -156,12 +182,19 @@ class Classifier(_Stage):
     role = "classifier"
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def classify(self, items: list[tuple[str, Any]]) -> list[Any]:
-        """(bundle ref, EnsemblePass) per request -> its TileResults (classified, measured)."""
-        passes = await self._batched(items, "classify")
+    async def classify(self, refs: list[str], passes: list[Any]) -> list[StagesAnswer]:
+        """Per request a bundle ref and an EnsemblePass -> its StagesAnswer (classified, measured)."""
+        passes = await self._batched(refs, passes, "classify")
 
         def finish():
-            return [self.ensemble(ref).finish(p) for (ref, _), p in zip(items, passes)]
+            out = []
+            for ref, p in zip(refs, passes):
+                t0 = time.perf_counter()
+                results = self.ensemble(ref).finish(p)
+                timings = {**p.timings_ms, "measure": (time.perf_counter() - t0) * 1e3}
+                out.append(StagesAnswer(results, [t.scale for t in p.tiles], int(p.tiles[0].level),
+                                        float(p.tiles[0].pixel_size_nm), timings))
+            return out
 
         return await asyncio.to_thread(finish)
 

@@ -301,33 +301,48 @@ class Ingress:
         t_decode = time.perf_counter()
         alias, ref = self._arms.choose(rid)
         audit.update(alias=alias, models={"bundle": ref})
-        try:
-            p, scales, level, level_nm, pre_ms = await self._call(self.pre, ref, decoded.pixels, mod, size)
-        except RayTaskError as exc:  # the pixels could not be tiled or fitted: the input's fault
-            cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
-            raise RequestError(422, f"image: cannot be preprocessed ({str(cause).strip().splitlines()[-1][:300]})") \
-                from None
-        t1 = time.perf_counter()
-        p = await self._call(self.det.detect, (ref, p))
-        t2 = time.perf_counter()
-        p = await self._call(self.seg.segment, (ref, p))
-        t3 = time.perf_counter()
-        results = await self._call(self.clf.classify, (ref, p))
-        t4 = time.perf_counter()
+        answer = await self._stages(ref, decoded.pixels, mod, size)
+        t_stages = time.perf_counter()
         labels = await self._labels_of(ref)
         h, w = decoded.pixels.shape
         info = {"height": int(h), "width": int(w), "dtype": str(decoded.pixels.dtype), "format": decoded.format,
                 "sha256": audit["image_sha256"], "modality": mod, "pixel_size_nm": size,
-                "pixel_size_source": source, "level": level, "level_pixel_size_nm": level_nm}
+                "pixel_size_source": source, "level": answer.level, "level_pixel_size_nm": answer.level_pixel_size_nm}
         from engine.serving.response import build_response
 
-        timings = {"decode_ms": (t_decode - t0) * 1e3, "preprocess_ms": (t1 - t_decode) * 1e3,
-                   "preprocess_compute_ms": pre_ms, "detect_ms": (t2 - t1) * 1e3, "segment_ms": (t3 - t2) * 1e3,
-                   "classify_measure_ms": (t4 - t3) * 1e3}
-        body = build_response(results, scales, image=info, alias=alias, request_id=rid, timings_ms=timings, **labels)
+        # decode and the stages' wall time seen here; each stage's compute time in its
+        # replica; stages_ms minus their sum is what the hops between replicas cost
+        timings = {"decode_ms": (t_decode - t0) * 1e3, "stages_ms": (t_stages - t_decode) * 1e3,
+                   **{f"{stage}_ms": ms for stage, ms in answer.timings_ms.items()}}
+        body = build_response(answer.results, answer.scales, image=info, alias=alias, request_id=rid,
+                              timings_ms=timings, **labels)
         body["timings_ms"]["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         audit["models"] = body["model"]["versions"]
         return JSONResponse(body)
+
+    async def _stages(self, ref: str, pixels, modality: str, pixel_size_nm: float):
+        """The four stages, chained: each call's DeploymentResponse is the next call's
+        argument, so the pass goes replica to replica; only the StagesAnswer comes back.
+        A replica that died mid-request: the chain is sent again (Serve picks live ones)."""
+        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+
+        for attempt in range(_MAX_ATTEMPTS):
+            pre = self.pre.remote(ref, pixels, modality, pixel_size_nm)
+            answer = self.clf.classify.remote(ref, self.seg.segment.remote(ref, self.det.detect.remote(ref, pre)))
+            try:
+                return await answer
+            except (RayActorError, ActorDiedError, ActorUnavailableError):
+                if attempt == _MAX_ATTEMPTS - 1:
+                    raise
+                await asyncio.sleep(0.2 * (attempt + 1))
+            except RayTaskError:
+                try:
+                    await pre
+                except RayTaskError as exc:  # the pixels could not be tiled or fitted: the input's fault
+                    cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
+                    raise RequestError(422, f"image: cannot be preprocessed "
+                                            f"({str(cause).strip().splitlines()[-1][:300]})") from None
+                raise
 
     async def _call(self, method, *args):
         """A stage call; retried when the replica serving it died (Serve picks a live one)."""
