@@ -95,6 +95,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--conf", type=float, default=0.001)
     p.add_argument("--max-det", type=int, default=8)
     p.add_argument("--rounds", type=int, default=1, help="runs per archive, small then large")
+    p.add_argument("--object-store-gib", type=float, default=None,
+                   help="Ray's object store size (default: Ray's, 30%% of RAM); its pages count in PSS once "
+                        "the processes that map them have touched them")
     p.add_argument("--interval", type=float, default=0.25, help="memory sampling interval, s")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", type=Path, default=None, help="archives, registry, outputs (default: temporary)")
@@ -270,8 +273,9 @@ def run_job(cfg: dict) -> dict:
     meter = TreeMemoryMeter(os.getpid(), cfg["interval"]).start()
     temp_dir = tempfile.mkdtemp(prefix="gf", dir="/tmp")  # Ray's socket paths must stay short
     try:
+        store = cfg.get("object_store_gib")
         ray.init(address="local", num_cpus=cfg["workers"] + 2, include_dashboard=False, log_to_driver=False,
-                 _temp_dir=temp_dir)
+                 _temp_dir=temp_dir, object_store_memory=int(store * 2**30) if store else None)
         try:
             registry = ModelRegistry(tracking_uri=cfg["tracking_uri"])
             before = meter.now()
@@ -359,7 +363,7 @@ def main(argv=None) -> dict:
         base = {"bundle": bundle, "tracking_uri": tracking_uri, "level": args.level, "chunk": args.chunk,
                 "halo": args.halo, "target_pixel_size_nm": args.pixel_size * 2**args.level,
                 "batch_size": args.batch_size, "workers": args.workers, "conf": args.conf, "max_det": args.max_det,
-                "interval": args.interval}
+                "interval": args.interval, "object_store_gib": args.object_store_gib}
         runs: dict[str, list[dict]] = {"small": [], "large": []}
         for _ in range(args.rounds):
             for name in ("small", "large"):
@@ -384,7 +388,8 @@ def main(argv=None) -> dict:
                    f"{args.pixel_size * 2 ** args.level:g} nm), tiles of {args.chunk} px + {args.halo} px halo, "
                    f"tiny preset models (random weights, conf {args.conf}, max_det {args.max_det}), "
                    f"batch {args.batch_size}, {args.workers} actors x {args.threads} thread(s), Ray of "
-                   f"{args.workers + 2} logical CPUs, every output written",
+                   f"{args.workers + 2} logical CPUs, object store "
+                   f"{f'{args.object_store_gib:g} GiB' if args.object_store_gib else 'Ray default'}, every output written",
             "memory": f"process tree of the child (driver + Ray daemons + workers + actors) sampled every "
                       f"{args.interval} s from before ray.init to after reprocess: sum of PSS (goal figure) "
                       f"and of RSS; peaks",

@@ -99,7 +99,10 @@ class AnalyzeResponse(BaseModel):
     summary: Summary
     detections: list[Detection]
     tile_errors: list[TileError]
-    timings_ms: dict[str, float]
+    timings_ms: dict[str, float] = Field(
+        description="milliseconds: decode_ms and stages_ms (wall time in the ingress), preprocess_ms, detect_ms, "
+                    "segment_ms, classify_ms, measure_ms (compute in each stage's replica; stages_ms minus their "
+                    "sum is what the hops between replicas cost), total_ms")
 
 
 class ModelsResponse(BaseModel):

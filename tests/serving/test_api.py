@@ -36,6 +36,10 @@ class TestAnalyze:
         assert body["model"]["bundle"] == "serve-tiny/1"
         assert set(body["model"]["versions"]) >= {"detector", "segmenter", "classifier", "bundle"}
         assert body["image"]["height"] == 256 and body["image"]["dtype"] == "uint16"
+        # where the time went: each stage's compute in its replica, inside the chain's wall time
+        t = body["timings_ms"]
+        stages = [t[f"{s}_ms"] for s in ("preprocess", "detect", "segment", "classify", "measure")]
+        assert all(v > 0 for v in stages) and sum(stages) <= t["stages_ms"] <= t["total_ms"]
         expected = batch_job_answer(served, pixels, nm, tmp_path)
         dets = body["detections"]
         assert len(dets) == sum(t.n_defects for t in expected) > 0
