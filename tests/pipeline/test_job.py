@@ -441,6 +441,24 @@ class TestPrepare:
         return ZarrTileDatasource(job_archive, target_pixel_size_nm=100.0, tolerance=math.inf).images()
 
 
+def test_an_image_is_complete_once_each_planned_tile_came_back_once(job_archive):
+    """The driver finishes an image when its last tile is in: tiles an earlier run
+    finished are not waited for, a tile reported twice (a retried batch) counts once,
+    and a failed tile completes the image without being among its done tiles."""
+    from engine.data.datasource import ZarrTileDatasource
+    from engine.pipeline.job import _ImageProgress
+
+    plan = ZarrTileDatasource(str(job_archive), target_pixel_size_nm=1.0, tolerance=math.inf,
+                              halo=16).images()[0]
+    keys = [plan.grid.tile_at(r, c).key for r in range(plan.n_rows) for c in range(plan.n_cols)]
+    assert len(keys) == 4
+    progress = _ImageProgress(plan, [keys[0]])  # finished by an earlier run
+    assert progress.add(tuple(keys[1][1:]), True) and not progress.add(tuple(keys[1][1:]), True)
+    assert progress.add(tuple(keys[2][1:]), False) and not progress.complete
+    assert progress.add(tuple(keys[3][1:]), True) and progress.complete
+    assert sorted(progress.done) == sorted(tuple(k[1:]) for k in (keys[0], keys[1], keys[3]))
+
+
 class TestJobEnsemble:
     def test_tiles_arrive_in_their_stored_dtype_and_placement_passes_through(self, tiny_models):
         """The datasource widens a uint8 image's tiles to a mixed archive's uint16; the
