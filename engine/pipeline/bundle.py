@@ -94,11 +94,11 @@ def describe_bundle(ref: str, registry, config: EnsembleConfig | None = None) ->
     records the resolved ``defect_classes``, ``materials`` and ``grades``).
 
     None when the metadata cannot say: a member registered without its label sets (an
-    Ultralytics .pt with a hand-written config, say), registered as another family
-    than its role, or classifier and fusion disagreeing (loading the bundle names those
-    errors). Whoever loads the bundle should
-    check its own description against this one (`engine.pipeline.job.JobEnsemble` does):
-    registered configs are what a person said, the files are what runs.
+    Ultralytics .pt with a hand-written config, say), registered as another family than
+    its role, or classifier and fusion disagreeing (loading the bundle names those
+    errors). Whoever loads the bundle should check its own description against this one
+    (`engine.pipeline.job.JobEnsemble` does): registered configs are what a person said,
+    the files are what runs.
     """
     config = config or EnsembleConfig()
     version = registry.get(ref)

@@ -322,35 +322,32 @@ class Ingress:
 
     async def _stages(self, ref: str, pixels, modality: str, pixel_size_nm: float):
         """The four stages, chained: each call's DeploymentResponse is the next call's
-        argument, so the pass goes replica to replica; only the StagesAnswer comes back.
-        A replica that died mid-request: the chain is sent again (Serve picks live ones)."""
-        from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
+        argument, so the pass goes replica to replica; only the StagesAnswer comes back."""
+        sent = {}
 
-        for attempt in range(_MAX_ATTEMPTS):
-            pre = self.pre.remote(ref, pixels, modality, pixel_size_nm)
-            answer = self.clf.classify.remote(ref, self.seg.segment.remote(ref, self.det.detect.remote(ref, pre)))
+        def chain():
+            sent["pre"] = pre = self.pre.remote(ref, pixels, modality, pixel_size_nm)
+            return self.clf.classify.remote(ref, self.seg.segment.remote(ref, self.det.detect.remote(ref, pre)))
+
+        try:
+            return await self._retrying(chain)
+        except RayTaskError:
             try:
-                return await answer
-            except (RayActorError, ActorDiedError, ActorUnavailableError):
-                if attempt == _MAX_ATTEMPTS - 1:
-                    raise
-                await asyncio.sleep(0.2 * (attempt + 1))
-            except RayTaskError:
-                try:
-                    await pre
-                except RayTaskError as exc:  # the pixels could not be tiled or fitted: the input's fault
-                    cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
-                    raise RequestError(422, f"image: cannot be preprocessed "
-                                            f"({str(cause).strip().splitlines()[-1][:300]})") from None
-                raise
+                await sent["pre"]
+            except RayTaskError as exc:  # the pixels could not be tiled or fitted: the input's fault
+                cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
+                raise RequestError(422, f"image: cannot be preprocessed "
+                                        f"({str(cause).strip().splitlines()[-1][:300]})") from None
+            raise
 
-    async def _call(self, method, *args):
-        """A stage call; retried when the replica serving it died (Serve picks a live one)."""
+    async def _retrying(self, send):
+        """Await `send()` (a stage call or chain), sent again when a replica serving it
+        died (Serve routes the retry to a live one)."""
         from ray.exceptions import ActorDiedError, ActorUnavailableError, RayActorError
 
         for attempt in range(_MAX_ATTEMPTS):
             try:
-                return await method.remote(*args)
+                return await send()
             except (RayActorError, ActorDiedError, ActorUnavailableError):
                 if attempt == _MAX_ATTEMPTS - 1:
                     raise
@@ -358,5 +355,5 @@ class Ingress:
 
     async def _labels_of(self, ref: str) -> dict[str, list[str]]:
         if ref not in self._labels:
-            self._labels[ref] = await self._call(self.clf.labels, ref)
+            self._labels[ref] = await self._retrying(lambda: self.clf.labels.remote(ref))
         return self._labels[ref]
