@@ -17,6 +17,11 @@ request are what the autoscaler sees as demand for its GPU worker group. The mod
 reaches workers once through the object store (a worker keeps the last model it loaded).
 As each task finishes the driver rewrites the catalog (with provenance) and the ground
 truth; a failed batch is recorded and the rest goes on.
+
+Reproducibility: the same seeds and settings write the same pixels. On CPU that also
+needs the same `num_cpus` per task: each task runs torch with that many threads, and the
+thread count changes how sums are split (the last bits of a float, a step of a stored
+uint16 pixel).
 """
 
 from __future__ import annotations
@@ -123,6 +128,10 @@ def generate_batch(model_bytes: bytes, sha256: str, batch: SampleBatch, archive_
     import ray
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    # Ray fixes a worker's OMP_NUM_THREADS when it starts the process, for whatever task
+    # that was, and a reused worker keeps it; torch splits a convolution's sums by thread,
+    # so the count changes the last bits of a sample. It follows this task's CPUs instead.
+    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))))
     model = _load(model_bytes, sha256, device)
     vocabulary = Vocabulary.of(model)
     conditions = [vocabulary.index(s.condition) for s in batch.samples]
@@ -133,7 +142,8 @@ def generate_batch(model_bytes: bytes, sha256: str, batch: SampleBatch, archive_
     for s, image, mask, cond in zip(batch.samples, images, masks, conditions):
         px = float(model.pixel_size_nm.get(s.condition.modality, 1.0))
         out.append(write_sample(archive, s, image, mask, pixel_size_nm=px,
-                                provenance={**provenance, "condition_index": cond}))
+                                provenance={**provenance, "condition_index": cond,
+                                            "torch_threads": torch.get_num_threads()}))
     return out
 
 

@@ -44,9 +44,12 @@ PROVENANCE_SCHEMA = pa.schema([
     ("defect_class", pa.string()), ("model_ref", pa.string()), ("model_version", pa.int64()),
     ("model_sha256", pa.string()), ("sampler", pa.string()), ("steps", pa.int32()),
     ("condition_index", pa.int32()), ("run_seed", pa.int64()), ("sample_index", pa.int32()),
-    ("mask_pixels", pa.int64()),
+    ("mask_pixels", pa.int64()), ("torch_threads", pa.int32()),
 ])
 PROVENANCE_COLUMNS = tuple(PROVENANCE_SCHEMA.names)
+# torch's thread count on CPU fixes a sample's last bits (engine.synth.diffusion.job);
+# recorded since 2026-12, so archives written before lack it
+OPTIONAL_PROVENANCE = ("torch_threads",)
 SCHEMA = pa.schema([*CATALOG_SCHEMA, *PROVENANCE_SCHEMA])
 REJECTS_SCHEMA = pa.schema([("image_id", pa.string()), ("defect_class", pa.string()), ("reason", pa.string()),
                             ("predicted_class", pa.string()), ("class_probability", pa.float64()),
@@ -111,10 +114,14 @@ def read_provenance(archive: str | StoreLocation) -> pd.DataFrame:
     if not location.exists():
         return SCHEMA.empty_table().to_pandas()
     table = read_table(location)
-    missing = [n for n in PROVENANCE_COLUMNS if n not in table.column_names]
+    missing = [n for n in PROVENANCE_COLUMNS if n not in table.column_names and n not in OPTIONAL_PROVENANCE]
     if missing:
         raise GrainflowError(f"{location}: not a synthetic archive's catalog (no columns {missing})")
-    return table.to_pandas()
+    frame = table.to_pandas()
+    for name in OPTIONAL_PROVENANCE:
+        if name not in frame.columns:
+            frame[name] = None
+    return frame
 
 
 def read_records(archive: StoreLocation) -> list[dict[str, Any]]:

@@ -70,6 +70,25 @@ class TestSynthesisJob:
         assert (prov["sampler"] == "ddim").all() and (prov["steps"] == 3).all() and (prov["run_seed"] == 7).all()
         assert prov["seed"].nunique() == 12
         assert (prov["source"] == "engine.synth.diffusion").all()
+        # the thread count changes a sample's last bits: every task ran with its num_cpus,
+        # whichever worker process (started for another task's CPUs) it landed on
+        assert (prov["torch_threads"] == REQUEST["num_cpus"]).all()
+
+    def test_provenance_of_archives_before_thread_counts_and_of_plain_archives(self, written, tmp_path):
+        import pyarrow.parquet as pq
+
+        from engine.errors import GrainflowError
+
+        out, _ = written
+        table = pq.read_table(out / "catalog.parquet")
+        older = tmp_path / "older"
+        older.mkdir()
+        pq.write_table(table.drop_columns(["torch_threads"]), older / "catalog.parquet")
+        prov = read_provenance(older)
+        assert len(prov) == 12 and prov["torch_threads"].isna().all()
+        pq.write_table(table.drop_columns(["sampler"]), older / "catalog.parquet")
+        with pytest.raises(GrainflowError, match="not a synthetic archive's catalog.*sampler"):
+            read_provenance(older)
 
     def test_ground_truth_matches_the_masks(self, written):
         out, _ = written
