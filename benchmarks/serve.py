@@ -41,6 +41,11 @@ from pathlib import Path
 
 import numpy as np
 
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from benchmarks.harness import json_stdout  # noqa: E402
+
 ENSEMBLE = {"conf": 0.001, "max_det": 8}
 BUNDLE = "bench-serve"
 
@@ -196,7 +201,14 @@ def main(argv=None) -> int:
                          "at one client each batched stage waits this long for company")
     ap.add_argument("--workdir", type=Path, default=None)
     args = ap.parse_args(argv)
+    with json_stdout():  # Ray's logs (its shutdown's too) to stderr; stdout carries only the JSON
+        out = measure(args)
+    print(json.dumps(out, indent=1))
+    return 0
 
+
+def measure(args) -> dict:
+    """Every cell of the run (module doc); the JSON object main prints."""
     import httpx
     import ray
     import torch
@@ -280,8 +292,7 @@ def main(argv=None) -> int:
                                         "errors": out["serve"][s][most(out["serve"][s])]["errors"]}
                                     for s in out["serve"]}
     out["gpu_goal"] = "not measured: no GPU on this machine" if not torch.cuda.is_available() else "see --sam vit_b"
-    print(json.dumps(out, indent=1))
-    return 0
+    return out
 
 
 if __name__ == "__main__":
