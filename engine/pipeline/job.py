@@ -335,7 +335,11 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                                 target_bytes=target_bytes or DEFAULT_TARGET_BYTES)
     plans = source.images()
     tiles_total = sum(im.n_tiles for im in plans)
-    skipped = _count_planned(plans, done_before)
+    before: dict[str, list] = {im.image_id: [] for im in plans}
+    for key in done_before:
+        before.get(key[0], []).append(key)
+    progress = {im.image_id: _ImageProgress(im, before[im.image_id]) for im in plans}
+    skipped = sum(p.skipped for p in progress.values())
     stages["plan"] = time.perf_counter() - started
 
     # 4. prepare: label arrays, preprocessing parameters
@@ -354,10 +358,6 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     t0 = time.perf_counter()
     finish = ray.remote(num_cpus=1)(_finish)
     provenance = {"job_out": out.uri, "bundle": pinned}
-    before: dict[str, list] = {im.image_id: [] for im in plans}
-    for key in done_before:
-        before.get(key[0], []).append(key)
-    progress = {im.image_id: _ImageProgress(im, before[im.image_id]) for im in plans}
     finishing: dict[str, Any] = {}
 
     def finish_if_complete(image_id: str) -> None:
@@ -427,13 +427,15 @@ class _ImageProgress:
     """One image's tiles as the stream reports them: complete once every planned tile
     not finished by an earlier run has come back once (done or failed). done: the
     (level, y, x) of its finished tiles, earlier runs' included (what `finish_image`
-    reads). A tile reported twice counts once."""
+    reads); skipped: how many planned tiles an earlier run finished. A tile reported
+    twice counts once."""
 
     def __init__(self, plan, before):
         """before: the ledger keys (image_id, level, y, x) of this image from earlier runs."""
         self.plan = plan
         self.done = [(int(k[1]), int(k[2]), int(k[3])) for k in before]
-        self._expected = plan.n_tiles - _count_planned([plan], before)
+        self.skipped = _count_planned(plan, before)
+        self._expected = plan.n_tiles - self.skipped
         self._seen: set[tuple[int, int, int]] = set()
 
     def add(self, key: tuple[int, int, int], ok: bool) -> bool:
@@ -450,14 +452,12 @@ class _ImageProgress:
         return len(self._seen) >= self._expected
 
 
-def _count_planned(plans, keys) -> int:
-    """How many of `keys` are tiles of the plan (a ledger may hold keys of no planned tile)."""
-    by_id = {im.image_id: im for im in plans}
+def _count_planned(plan, keys) -> int:
+    """How many of `keys` are tiles of `plan` (a ledger may hold keys of no planned tile)."""
     n = 0
     for key in keys:
-        im = by_id.get(key[0])
-        rc = None if im is None else im.grid.index_of_key(tuple(key))
-        n += rc is not None and rc[0] < im.n_rows and rc[1] < im.n_cols
+        rc = plan.grid.index_of_key(tuple(key))
+        n += rc is not None and rc[0] < plan.n_rows and rc[1] < plan.n_cols
     return n
 
 
