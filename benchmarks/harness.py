@@ -1,5 +1,6 @@
 """What the benchmarks share: the machine's load, a working folder, the environment their
-child processes run in, a child run that prints one JSON record, and stdout kept for the JSON.
+child processes run in, a child run that prints one JSON record, stdout kept for the JSON,
+and the parent's part of a run (`run_parent`).
 
 Each variant runs in a fresh child process (`python <script> <flag> '<cfg json>'`) so no
 variant inherits another's Ray, threads or caches; the child's last stdout line is its
@@ -16,7 +17,9 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -90,3 +93,42 @@ def json_stdout():
         sys.stdout.flush()
         os.dup2(saved, 1)
         os.close(saved)
+
+
+@dataclass(frozen=True)
+class ParentRun:
+    """The parent process of a benchmark run: its working folder, its children's
+    environment, when it started (perf_counter) and the machine's load then."""
+
+    work: Path
+    env: dict
+    started: float
+    load_start: dict
+
+    def seconds(self) -> float:
+        return round(time.perf_counter() - self.started, 1)
+
+
+def run_parent(workdir: Path | None, prefix: str, *, threads: int, niceness: int | None,
+               measure: Callable[[ParentRun], dict]) -> dict:
+    """The parent's part of a benchmark: offline entry-point settings, the working folder
+    (`work_folder`; a temporary one is removed at the end), the children's environment
+    (`child_environment`; niceness None: Ray's workers at 0 and this process's niceness
+    left alone, else this process takes it and its children inherit it), then
+    `measure(run)` with the libraries' output on stderr. Prints the report `measure`
+    returns as JSON on stdout and returns it."""
+    from engine.runtime import configure_offline
+
+    configure_offline()
+    work, tmp = work_folder(workdir, prefix)
+    try:
+        run = ParentRun(work, child_environment(work, threads, niceness or 0), time.perf_counter(), load_average())
+        with json_stdout():
+            if niceness is not None:
+                os.nice(niceness - os.nice(0))  # root may lower it too
+            report = measure(run)
+        print(json.dumps(report, indent=2))
+        return report
+    finally:
+        if tmp is not None:
+            tmp.cleanup()

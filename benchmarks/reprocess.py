@@ -73,7 +73,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (  # noqa: E402
-    child_environment, json_stdout, load_average, machine, run_child, work_folder,
+    ParentRun, load_average, machine, run_child, run_parent,
 )
 
 PRESETS = {
@@ -469,27 +469,19 @@ def main(argv=None) -> dict:
     if args.run_variant is not None:
         child(json.loads(args.run_variant))
         return {}
-    from engine.runtime import configure_offline
 
-    configure_offline()
-    work, tmp = work_folder(args.workdir, "gf-reprocess-bench-")
-    env = child_environment(work, args.threads, args.niceness)
-    started = time.perf_counter()
-    load_start = load_average()
-    with json_stdout():
-        os.nice(args.niceness - os.nice(0))  # the loop's processes inherit it (root may lower it)
-        presets = {name: bench_preset(args, name, work, env) for name in args.preset}
-    report = {
-        "benchmark": "reprocess", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "machine": machine(load_start),
-        "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
-                   "ray_logical_cpus": args.workers + 2, "niceness": args.niceness},
-        "rounds": args.rounds, "presets": presets, "total_seconds": round(time.perf_counter() - started, 1),
-    }
-    print(json.dumps(report, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
-    return report
+    def measure(run: ParentRun) -> dict:  # the loop's processes inherit run_parent's niceness
+        presets = {name: bench_preset(args, name, run.work, run.env) for name in args.preset}
+        return {
+            "benchmark": "reprocess", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "machine": machine(run.load_start),
+            "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
+                       "ray_logical_cpus": args.workers + 2, "niceness": args.niceness},
+            "rounds": args.rounds, "presets": presets, "total_seconds": run.seconds(),
+        }
+
+    return run_parent(args.workdir, "gf-reprocess-bench-", threads=args.threads, niceness=args.niceness,
+                      measure=measure)
 
 
 if __name__ == "__main__":

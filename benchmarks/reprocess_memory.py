@@ -71,7 +71,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (  # noqa: E402
-    child_environment, command_line, json_stdout, load_average, machine, run_child, work_folder,
+    ParentRun, command_line, load_average, machine, run_child, run_parent,
 )
 
 from benchmarks.reprocess import BUNDLE, PRESETS, TreeCpuMeter, _title, build_models  # noqa: E402
@@ -344,31 +344,30 @@ def main(argv=None) -> dict:
     if args.run_job is not None:
         child(json.loads(args.run_job))
         return {}
-    from engine.runtime import configure_offline
-
-    configure_offline()
     command = command_line(argv)
-    work, tmp = work_folder(args.workdir, "gf-reprocess-memory-")
-    env = child_environment(work, args.threads, 0)
-    started = time.perf_counter()
-    load_start = load_average()
-    with json_stdout():  # libraries' logs to stderr; stdout carries only the JSON
-        archives = {}
-        for name, spec in (("small", args.small), ("large", args.large)):
-            n, edge = _shape(spec)
-            print(f"reprocess memory: archive {name}: {n} x {edge}^2 uint16", file=sys.stderr, flush=True)
-            archives[name] = make_archive(work / f"archive-{name}", n, edge, args)
-            print(f"reprocess memory: archive {name}: {json.dumps(archives[name])}", file=sys.stderr, flush=True)
-        tracking_uri, bundle = register_bundle(work, args.seed)
-        base = {"bundle": bundle, "tracking_uri": tracking_uri, "level": args.level, "chunk": args.chunk,
-                "halo": args.halo, "target_pixel_size_nm": args.pixel_size * 2**args.level,
-                "batch_size": args.batch_size, "workers": args.workers, "conf": args.conf, "max_det": args.max_det,
-                "interval": args.interval, "object_store_gib": args.object_store_gib}
-        runs: dict[str, list[dict]] = {"small": [], "large": []}
-        for _ in range(args.rounds):
-            for name in ("small", "large"):
-                runs[name].append(run_job_child({**base, "name": name, "archive": str(work / f"archive-{name}"),
-                                                 "out": str(work / f"out-{name}")}, env))
+    return run_parent(args.workdir, "gf-reprocess-memory-", threads=args.threads, niceness=None,
+                      measure=lambda run: measure(args, run, command))
+
+
+def measure(args, run: ParentRun, command: str) -> dict:
+    """Both archives (made or reused), the job on each, the report."""
+    work = run.work
+    archives = {}
+    for name, spec in (("small", args.small), ("large", args.large)):
+        n, edge = _shape(spec)
+        print(f"reprocess memory: archive {name}: {n} x {edge}^2 uint16", file=sys.stderr, flush=True)
+        archives[name] = make_archive(work / f"archive-{name}", n, edge, args)
+        print(f"reprocess memory: archive {name}: {json.dumps(archives[name])}", file=sys.stderr, flush=True)
+    tracking_uri, bundle = register_bundle(work, args.seed)
+    base = {"bundle": bundle, "tracking_uri": tracking_uri, "level": args.level, "chunk": args.chunk,
+            "halo": args.halo, "target_pixel_size_nm": args.pixel_size * 2**args.level,
+            "batch_size": args.batch_size, "workers": args.workers, "conf": args.conf, "max_det": args.max_det,
+            "interval": args.interval, "object_store_gib": args.object_store_gib}
+    runs: dict[str, list[dict]] = {"small": [], "large": []}
+    for _ in range(args.rounds):
+        for name in ("small", "large"):
+            runs[name].append(run_job_child({**base, "name": name, "archive": str(work / f"archive-{name}"),
+                                             "out": str(work / f"out-{name}")}, run.env))
 
     def med(name: str, key: str) -> float:
         return round(statistics.median(r[key] for r in runs[name]), 3)
@@ -379,7 +378,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "reprocess_memory", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "machine": machine(load_start),
+        "machine": machine(run.load_start),
         "method": {
             "archives": "engine.synth motif (SEM/TEM materials, uint16) rendered once per image at --motif px and "
                         "repeated over level 0 by the engine's OME-Zarr writer, which builds the real pyramid; "
@@ -404,11 +403,8 @@ def main(argv=None) -> dict:
         "goal": f"|ratio - 1| < {GOAL}",
         "met": abs(ratio - 1) < GOAL,
         "runs": runs,
-        "total_seconds": round(time.perf_counter() - started, 1),
+        "total_seconds": run.seconds(),
     }
-    print(json.dumps(report, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
     return report
 
 

@@ -89,7 +89,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import (  # noqa: E402
-    child_environment, command_line, json_stdout, load_average, machine, run_child, work_folder,
+    ParentRun, command_line, load_average, machine, run_child, run_parent,
 )
 
 from benchmarks.reprocess import PRESETS, TreeCpuMeter, _config, _registry, job_pixel_size  # noqa: E402
@@ -546,26 +546,23 @@ def main(argv=None) -> dict:
     if args.run_variant is not None:
         child(json.loads(args.run_variant))
         return {}
-    from engine.runtime import configure_offline
-
-    configure_offline()
     command = command_line(argv)
     variants = list(dict.fromkeys(args.variants))
     zarr2 = zarr2_site(args.zarr2_site) if "ray_read_zarr" in variants else args.zarr2_site
-    work, tmp = work_folder(args.workdir, "gf-reprocess-peers-")
-    env = child_environment(work, args.threads, args.niceness)
-    started = time.perf_counter()
-    load_start = load_average()
-    with json_stdout():  # libraries' logs to stderr; stdout carries only the JSON
-        os.nice(args.niceness - os.nice(0))
-        cfg = prepare(args, work)
-        runs: dict[str, list[dict]] = {v: [] for v in variants}
-        rounds = []
-        for r in range(args.rounds):
-            order = variants[r % len(variants):] + variants[: r % len(variants)]
-            for variant in order:
-                runs[variant].append(run_variant(cfg, variant, env, zarr2))
-            rounds.append({"order": order, **{f"{v}_tiles_per_s": runs[v][-1]["tiles_per_s"] for v in variants}})
+    return run_parent(args.workdir, "gf-reprocess-peers-", threads=args.threads, niceness=args.niceness,
+                      measure=lambda run: measure(args, run, command, variants, zarr2))
+
+
+def measure(args, run: ParentRun, command: str, variants: list[str], zarr2: Path) -> dict:
+    """Every variant's runs, rounds rotating the order; the report."""
+    cfg = prepare(args, run.work)
+    runs: dict[str, list[dict]] = {v: [] for v in variants}
+    rounds = []
+    for r in range(args.rounds):
+        order = variants[r % len(variants):] + variants[: r % len(variants)]
+        for variant in order:
+            runs[variant].append(run_variant(cfg, variant, run.env, zarr2))
+        rounds.append({"order": order, **{f"{v}_tiles_per_s": runs[v][-1]["tiles_per_s"] for v in variants}})
 
     def med(variant: str, key: str) -> float:
         return round(statistics.median(rec[key] for rec in runs[variant]), 4)
@@ -573,7 +570,7 @@ def main(argv=None) -> dict:
     report = {
         "benchmark": "reprocess_peers", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "command": command,
-        "machine": machine(load_start),
+        "machine": machine(run.load_start),
         "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
                    "ray_logical_cpus": args.workers + 2, "dask_threads_per_worker": 1, "niceness": args.niceness},
         "setup": {"preset": args.preset, **cfg["describe"]},
@@ -605,11 +602,8 @@ def main(argv=None) -> dict:
                              "class masks as tensor columns); no stitching, label image, ledger or summary",
             "dask": "per-tile detections Parquet and a Zarr label image (level 0 only) per image; no stitching, "
                     "class masks, ledger or summary"},
-        "rounds_detail": rounds, "runs": runs, "total_seconds": round(time.perf_counter() - started, 1),
+        "rounds_detail": rounds, "runs": runs, "total_seconds": run.seconds(),
     })
-    print(json.dumps(report, indent=2))
-    if tmp is not None:
-        tmp.cleanup()
     return report
 
 
