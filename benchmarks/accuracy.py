@@ -3,6 +3,7 @@
     python benchmarks/accuracy.py [--train-images 32] [--val-images 16] [--size 512]
         [--det-epochs 10] [--det-imgsz 128] [--parts detector,classifier,fusion,segmenter]
         [--cls-epochs 2] [--fusion-epochs 2] [--sam-epochs 1] [--lr 1e-3] [--sam-lr 1e-3]
+        [--lr-schedule cosine|constant]
         [--batch-size 16] [--sam-batch-size N] [--augment 0.5] [--workdir DIR] [--seed 0]
 
 Trains on a synthetic archive (seed S) and evaluates on a held-out archive generated
@@ -14,11 +15,11 @@ from each material's range), other microstructures and other defects. Prints JSO
   time on this machine, and what it trained on; the model is picked by Ultralytics'
   validation on a split of the training archive, never on the held-out one;
 - classifier: material and quality-grade accuracy on held-out tiles
-  (engine.training.train("classifier", ...), Ray Train), when that API is present;
+  (engine.training.train("classifier", ...), Ray Train);
 - fusion: the same two accuracies and the defect-segmentation IoU (defect pixels,
   any class) of the fusion model (fusion_tiny: detail + context views);
 - segmenter: mean mask IoU of the small SAM (sam_tiny) on held-out boxes
-  (engine.training.train("segmenter", ...)), when that API is present.
+  (engine.training.train("segmenter", ...)).
 
 For the Ray Train parts the held-out archive is the validation set of the run, so each
 epoch's held-out metrics are in "curve" (the learning curve; figures are those of the
@@ -79,6 +80,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     cls.add_argument("--workers", type=int, default=2, help="Ray Train workers")
     cls.add_argument("--batch-size", type=int, default=16, help="rows per worker per step")
     cls.add_argument("--lr", type=float, default=1e-3, help="AdamW learning rate (classifier, fusion)")
+    cls.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+                     help="engine.training.schedule (cosine: 5%% warm-up, decay to 1%% of the rate)")
     cls.add_argument("--sam-lr", type=float, default=1e-3, help="AdamW learning rate (segmenter)")
     cls.add_argument("--sam-batch-size", type=int, default=None,
                      help="rows per worker per step for the segmenter (default: --batch-size)")
@@ -162,18 +165,17 @@ CURVE_KEYS = ("train_loss", "train_material_acc", "val_material_acc", "val_grade
 
 def _ray_train(family: str, model: str, epochs: int, args, train: Path, held_out: Path, out: Path,
                lr: float, batch_size: int) -> dict:
-    try:
-        from engine.training import train as ray_train
-    except ImportError as exc:  # built by another part of the project; may not be there yet
-        return {"skipped": f"engine.training.train is not available: {exc}"}
+    from engine.training import train as ray_train
+
     result = ray_train(family, model, str(train), storage_path=out, epochs=epochs, num_workers=args.workers,
                        val_archive=str(held_out), seed=args.seed, max_samples_per_image=args.max_samples_per_image,
-                       batch_size=batch_size, lr=lr, augment=args.augment, keep_checkpoints=1,
+                       batch_size=batch_size, lr=lr, lr_schedule=args.lr_schedule, augment=args.augment,
+                       keep_checkpoints=1,
                        tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     last = result.metrics
     curve = [{k: h[k] for k in ("epoch", *CURVE_KEYS) if k in h} for h in result.history]
     return {"model": model, "epochs": epochs, "workers": args.workers, "batch_size_per_worker": batch_size,
-            "lr": lr, "augment": args.augment,
+            "lr": lr, "lr_schedule": args.lr_schedule, "augment": args.augment,
             "optimizer_steps": epochs * math.ceil(math.ceil(result.train_samples / args.workers) / batch_size),
             "train_samples": result.train_samples, "val_samples": result.val_samples,
             "train_seconds": round(result.seconds, 1),
@@ -185,27 +187,24 @@ def _ray_train(family: str, model: str, epochs: int, args, train: Path, held_out
 def classifier_part(args, train, held_out, out) -> dict:
     r = _ray_train("classifier", args.cls_model, args.cls_epochs, args, train, held_out, out, args.lr,
                    args.batch_size)
-    if "held_out" in r:
-        r["material_accuracy"] = r["held_out"].get("material_acc")
-        r["grade_accuracy"] = r["held_out"].get("grade_acc")
+    r["material_accuracy"] = r["held_out"].get("material_acc")
+    r["grade_accuracy"] = r["held_out"].get("grade_acc")
     return r
 
 
 def fusion_part(args, train, held_out, out) -> dict:
     r = _ray_train("fusion", args.fusion_model, args.fusion_epochs, args, train, held_out, out, args.lr,
                    args.batch_size)
-    if "held_out" in r:
-        r["material_accuracy"] = r["held_out"].get("material_acc")
-        r["grade_accuracy"] = r["held_out"].get("grade_acc")
-        r["defect_iou"] = r["held_out"].get("defect_iou")
+    r["material_accuracy"] = r["held_out"].get("material_acc")
+    r["grade_accuracy"] = r["held_out"].get("grade_acc")
+    r["defect_iou"] = r["held_out"].get("defect_iou")
     return r
 
 
 def segmenter_part(args, train, held_out, out) -> dict:
     r = _ray_train("segmenter", args.sam_model, args.sam_epochs, args, train, held_out, out, args.sam_lr,
                    args.sam_batch_size or args.batch_size)
-    if "held_out" in r:
-        r["mean_mask_iou"] = r["held_out"].get("mask_iou")
+    r["mean_mask_iou"] = r["held_out"].get("mask_iou")
     return r
 
 

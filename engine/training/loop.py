@@ -38,6 +38,7 @@ import torch
 
 from engine.data.sample_plan import SampleLayout
 from engine.training.checkpointing import TrainingState, load_training_state, read_optimizer_state, save_training_state
+from engine.training.schedule import learning_rate
 from engine.training.tasks import Task, make_task
 
 
@@ -45,7 +46,10 @@ from engine.training.tasks import Task, make_task
 class LoopConfig:
     """Everything a worker needs, as plain values (it travels as train_loop_config).
 
-    lr: AdamW learning rate; weight_decay: AdamW's decoupled decay; max_grad_norm:
+    lr: AdamW's base learning rate; lr_schedule: engine.training.schedule's name for how
+    it moves over the run, which has epochs x steps_per_epoch optimizer steps per worker
+    (the rate is a function of the step, so a resumed run continues on the same curve);
+    weight_decay: AdamW's decoupled decay; max_grad_norm:
     gradient clipping (None: off); augment_strength: engine.augment strength, 0 = off;
     shuffle_buffer: rows in each worker's local shuffle buffer (>= batch_size);
     tracking_uri / mlflow_run_id: where rank 0 logs metrics (None: not logged);
@@ -60,6 +64,8 @@ class LoopConfig:
     epochs: int
     batch_size: int
     lr: float
+    lr_schedule: str = "constant"
+    steps_per_epoch: int = 1
     weight_decay: float = 1e-4
     max_grad_norm: float | None = 1.0
     seed: int = 0
@@ -146,16 +152,21 @@ def _average_gradients(model: torch.nn.Module) -> None:
 
 
 def _run_epoch(task: Task, model: torch.nn.Module, shard, collate, cfg: LoopConfig, device: torch.device,
-               optimizer: torch.optim.Optimizer | None, shuffle_seed: int | None) -> tuple[dict[str, float], float]:
-    """One pass over a shard; trains when `optimizer` is given. Returns (metric sums, seconds)."""
+               optimizer: torch.optim.Optimizer | None, shuffle_seed: int | None,
+               first_step: int = 0) -> tuple[dict[str, float], float]:
+    """One pass over a shard; trains when `optimizer` is given, its i-th step of the epoch
+    at the schedule's rate for run step `first_step + i`. Returns (metric sums, seconds)."""
+    total_steps = cfg.epochs * cfg.steps_per_epoch
     sums: dict[str, torch.Tensor] = {}
     start = time.perf_counter()
     shuffle = dict(local_shuffle_buffer_size=max(cfg.shuffle_buffer, cfg.batch_size),
                    local_shuffle_seed=shuffle_seed) if shuffle_seed is not None else {}
     batches = shard.iter_torch_batches(batch_size=cfg.batch_size, collate_fn=collate, prefetch_batches=2, **shuffle)
-    for batch in batches:
+    for i, batch in enumerate(batches):
         batch = task.to_device(batch, device)
         if optimizer is not None:
+            for group in optimizer.param_groups:
+                group["lr"] = learning_rate(cfg.lr_schedule, cfg.lr, first_step + i, total_steps)
             loss, stats = task.step(model, batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
@@ -213,10 +224,12 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model.train()
         collate = task.collate(cfg.layout, epoch=epoch, seed=cfg.seed, augment_strength=cfg.augment_strength)
         sums, seconds = _run_epoch(task, model, train_shard, collate, cfg, device, optimizer,
-                                   shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank)
+                                   shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank,
+                                   first_step=epoch * cfg.steps_per_epoch)
         sums, seconds = _all_sums(sums, seconds)
         metrics: dict[str, float] = {f"train_{k}": v for k, v in task.metrics(sums).items()}
         metrics["train_samples_per_s"] = sums.get("n", 0.0) / seconds if seconds > 0 else 0.0
+        metrics["lr"] = optimizer.param_groups[0]["lr"]  # the epoch's last step's
         if val_shard is not None:
             # The bare model: evaluation needs no gradient sync, and DDP's forward could
             # broadcast buffers, a collective every rank would have to match.

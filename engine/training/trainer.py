@@ -34,6 +34,7 @@ from typing import Any, Sequence
 from engine.data.sample_plan import SampleLayout, SampleSpec, plan_samples, split_specs
 from engine.errors import GrainflowError
 from engine.training.loop import LoopConfig
+from engine.training.schedule import SCHEDULES, steps_per_epoch
 
 
 class TrainingError(GrainflowError):
@@ -220,6 +221,7 @@ def train(
     use_gpu: bool | None = None,
     batch_size: int = 16,
     lr: float = 1e-3,
+    lr_schedule: str = "cosine",
     weight_decay: float = 1e-4,
     augment: bool | float = True,
     seed: int = 0,
@@ -250,7 +252,9 @@ def train(
       `<storage_path>/<run_name>`.
     epochs: total epochs (a resumed run counts the ones already done).
     num_workers: DDP workers; use_gpu: None picks GPUs when the cluster has one per worker.
-    batch_size: rows per worker per step; lr, weight_decay: AdamW's.
+    batch_size: rows per worker per step; lr, weight_decay: AdamW's (lr the base rate).
+    lr_schedule: "cosine" (linear warm-up over 5% of the steps, then cosine decay to
+      1% of lr) or "constant" (engine.training.schedule).
     augment: True (strength 0.5), False, or a strength in [0, 1] (engine.augment).
     val_fraction: share of the archive's tiles held out for validation when no
       val_archive is given (0: none).
@@ -285,6 +289,8 @@ def train(
         raise TrainingError(f"augment strength must be in [0, 1], got {augment!r}")
     if promote and not register_as:
         raise TrainingError("promote needs register_as (the registered name to promote)")
+    if lr_schedule not in SCHEDULES:
+        raise TrainingError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
 
     layout, train_specs, val_specs = plan_training(
         family, model_name, archive, val_archive=val_archive, val_fraction=val_fraction, tile_size=tile_size,
@@ -312,14 +318,15 @@ def train(
     run_id = mlflow_metrics.start_run(uri, run_name=run_name, params={
         "family": family, "model": model_name, "archive": str(archive), "val_archive": str(val_archive),
         "epochs": epochs, "num_workers": num_workers, "use_gpu": use_gpu, "batch_size": batch_size, "lr": lr,
-        "weight_decay": weight_decay, "augment_strength": strength, "seed": seed, "tile": layout.tile,
-        "context_tile": layout.context_tile, "train_samples": len(train_specs), "val_samples": len(val_specs),
+        "lr_schedule": lr_schedule, "weight_decay": weight_decay, "augment_strength": strength, "seed": seed,
+        "tile": layout.tile, "context_tile": layout.context_tile, "train_samples": len(train_specs), "val_samples": len(val_specs),
         "synthetic_archive": str(synthetic_archive), "synthetic_ratio": synthetic_ratio if synthetic_archive else 0.0,
         "storage_path": os.fspath(storage_path) if storage_prefix else storage,
     }, tags={"grainflow.family": family, "grainflow.model": model_name})
 
     loop_config = LoopConfig(
         family=family, model_name=model_name, layout=layout, epochs=epochs, batch_size=batch_size, lr=lr,
+        lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch(len(train_specs), num_workers, batch_size),
         weight_decay=weight_decay, seed=seed, augment_strength=strength, overrides=dict(overrides or {}),
         task_options=dict(task_options or {}), tracking_uri=uri, mlflow_run_id=run_id,
         progress_dir=None if progress_dir is None else os.path.abspath(progress_dir), validate=bool(val_specs),
@@ -355,8 +362,8 @@ def train(
                     register_as, local / MODEL_FILE, family=family,
                     config={"model": read_config(local / MODEL_FILE).to_dict(), "training": {
                         "archive": str(archive), "epochs": state.epoch, "batch_size": batch_size, "lr": lr,
-                        "weight_decay": weight_decay, "num_workers": num_workers, "augment_strength": strength,
-                        "seed": seed, "tile": layout.tile, "context_tile": layout.context_tile,
+                        "lr_schedule": lr_schedule, "weight_decay": weight_decay, "num_workers": num_workers,
+                        "augment_strength": strength, "seed": seed, "tile": layout.tile, "context_tile": layout.context_tile,
                         "train_samples": len(train_specs), "val_samples": len(val_specs), "run_name": run_name,
                     }},
                     metrics=_finite(state.history[-1]), tags={"training_run": run_id},

@@ -20,6 +20,7 @@ import pytest
 from engine.models import load_model
 from engine.training import mlflow_metrics, train
 from engine.training.checkpointing import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, read_state
+from engine.training.schedule import learning_rate
 
 EPOCHS = 3
 RUN = "fusion-fault"
@@ -107,6 +108,14 @@ class TestFusionTraining:
         # the restarted group (two new processes) started at epoch >= 1, not from scratch
         assert len(resumed) == 2 and all(e["epoch"] >= 1 for e in resumed), resumed
         assert killed[0]["pid"] not in {e["pid"] for e in resumed}
+
+    def test_resumed_run_kept_to_the_learning_rate_curve(self, fusion_run):
+        # cosine (train's default) over 3 epochs x 3 steps (19 rows per worker, batch 8):
+        # each epoch's last step's rate, the epochs after the restart included
+        result, _, _, _, _ = fusion_run
+        expected = [learning_rate("cosine", 3e-3, 3 * epoch - 1, 3 * EPOCHS) for epoch in range(1, EPOCHS + 1)]
+        assert [h["lr"] for h in result.history] == pytest.approx(expected)
+        assert expected[0] > expected[1] > expected[2]
 
     def test_metrics_reached_mlflow(self, fusion_run, tracking_uri):
         result, _, _, _, _ = fusion_run
