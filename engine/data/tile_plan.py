@@ -28,9 +28,11 @@ from engine.tiling.grid import TileGrid, TileKey
 from engine.tiling.transform import LevelTransform
 
 Rect = tuple[int, int, int, int]  # r0, r1, c0, c1: grid rows and columns, half open
-# Largest source-level tile edge a read task may hold (a 16384^2 uint16 tile is 512 MiB):
-# beyond it, the image's pyramid ends far finer than the target pixel size.
-MAX_SOURCE_TILE = 16384
+# Largest tile edge (px) a read task may hold, read or delivered (a 16384^2 uint16 tile is
+# 512 MiB): a source tile beyond it means the image's pyramid ends far finer than the
+# target pixel size; a delivered one, that its pixels are far coarser than the target
+# (upsampling; often a pixel size recorded in the wrong unit).
+MAX_TILE_EDGE = 16384
 
 
 class PlanningError(GrainflowError):
@@ -116,11 +118,21 @@ def plan_image(image, image_id: str, location, modality: str, *, target_nm: floa
         want = info.chunks if tile_size is None else (tile_size, tile_size)
         level_halo = halo
     tile = tuple(max(1, math.ceil(w / c)) * c for w, c in zip(want, info.chunks))
-    if max(tile) + 2 * level_halo > MAX_SOURCE_TILE:
+    if max(tile) + 2 * level_halo > MAX_TILE_EDGE:
         raise PlanningError(
             f"{image_id}: a tile at {target_nm:.6g} nm per pixel would read {tile[0]} x {tile[1]} px of level "
             f"{level} ({transform.level_pixel_size_nm[1]:.6g} nm per pixel): the image's pyramid ends too fine "
             f"for that pixel size; add coarser levels or ask for a finer pixel size")
+    if output is not None:
+        fy, fx = transform.factor
+        edge = max(min(tile[0] * fy / output.step[0], output.extent[0]),
+                   min(tile[1] * fx / output.step[1], output.extent[1]))
+        if edge + 2 * output.halo > MAX_TILE_EDGE:
+            raise PlanningError(
+                f"{image_id}: a tile resampled to {target_nm:.6g} nm per pixel would be {edge:.6g} px wide: the "
+                f"image's level {level} pixels ({transform.level_pixel_size_nm[1]:.6g} nm) are "
+                f"{transform.level_pixel_size_nm[1] / target_nm:.6g}x coarser than that; check its recorded pixel "
+                f"size or ask for a coarser one")
     grid = TileGrid(image_id, level, info.shape, info.chunks, tile, level_halo, transform)
     n_rows, n_cols = grid.n_rows, grid.n_cols
     if output is not None:

@@ -19,7 +19,8 @@ Fields (units in the names):
 - ensemble: `EnsembleConfig` fields (conf, iou, max_det, max_batch, inputs, mask_to_box).
 - tiling: tile_size (core edge, px; None: one chunk of `chunk` px) and halo (px), as the
   batch job's `reprocess(tile_size=, halo=)`; target_pixel_size_nm (None: the bundle's).
-- limits: max_body_bytes, max_pixels (height x width of one image).
+- limits: max_body_bytes, max_pixels (height x width of one image, as uploaded and once
+  resampled to the models' pixel size).
 - keys_file (hashed API keys, `engine.serving.keys`), audit_log (None: $GRAINFLOW_AUDIT_LOG
   or the default), rate_per_minute (default per-key rate when a key sets none).
 - deployments: per deployment name ("ingress", "preprocess", "detector", "segmenter",

@@ -147,7 +147,8 @@ class Preprocess(_Stage):
             ens = self.ensemble(ref)
             c = self.config
             settings = TilingSettings(chunk=c.chunk, tile_size=c.tile_size, halo=c.halo,
-                                      target_pixel_size_nm=c.target_pixel_size_nm or ens.pixel_size_nm)
+                                      target_pixel_size_nm=c.target_pixel_size_nm or ens.pixel_size_nm,
+                                      max_pixels=c.max_pixels)
             prepared = prepare_image(pixels, modality=modality, pixel_size_nm=pixel_size_nm, settings=settings,
                                      fit="image" in ens.inputs.values())
             p = ens.start(prepared.tiles, params=lambda _id: prepared.params, warm=True)

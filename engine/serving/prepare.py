@@ -27,12 +27,15 @@ from engine.pipeline.ensemble import TileInput, tiles_from_batch
 @dataclass(frozen=True)
 class TilingSettings:
     """chunk: storage chunk edge (px); tile_size: core edge (None: one chunk); halo: px;
-    target_pixel_size_nm: the models' pixel size (None: the image's own, read at level 0)."""
+    target_pixel_size_nm: the models' pixel size (None: the image's own, read at level 0);
+    max_pixels: the most pixels an image may have once resampled to that size (None: no
+    limit), since upsampling a coarse image multiplies its pixels."""
 
     chunk: int = 512
     tile_size: int | None = None
     halo: int = 32
     target_pixel_size_nm: float | None = None
+    max_pixels: int | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,7 +57,7 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
     from ray.data.block import BlockAccessor
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
-    from engine.data.tile_plan import plan_image, plan_reads
+    from engine.data.tile_plan import PlanningError, plan_image, plan_reads
     from engine.data.tile_read import read_tiles
     from engine.stores.image import open_image
     from engine.stores.uri import resolve
@@ -71,6 +74,12 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
             target, tolerance = float(settings.target_pixel_size_nm), DEFAULT_TOLERANCE
         plan = plan_image(image, image_id, loc, modality, target_nm=target, tolerance=tolerance,
                           tile_size=settings.tile_size, halo=settings.halo, tile_dtype=str(pixels.dtype))
+        if plan.output is not None and settings.max_pixels is not None:
+            h, w = plan.output.extent
+            if h * w > settings.max_pixels:
+                raise PlanningError(
+                    f"{image_id}: resampled from {pixel_size_nm:.6g} to {target:.6g} nm per pixel the image would be "
+                    f"{h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
         tiles: list[TileInput] = []
         for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
             for block in read_tiles(spec):

@@ -96,6 +96,13 @@ class TestPlanning:
         with pytest.raises(PlanningError, match=rf"{image_id}: a tile at .* would read"):
             ZarrTileDatasource(archive[0].uri, target_pixel_size_nm=image.pixel_size_nm * 5000, tile_size=512).images()
 
+    def test_a_target_far_finer_than_level_0_is_refused(self, archive):
+        """Upsampling the other way: pixels 5000x coarser than the target (a pixel size
+        recorded in the wrong unit, say) would make each delivered tile gigantic."""
+        image_id, image = next(iter(_images(archive).items()))
+        with pytest.raises(PlanningError, match=rf"{image_id}: a tile resampled to .* px wide: .* 5000x coarser"):
+            ZarrTileDatasource(archive[0].uri, target_pixel_size_nm=image.pixel_size_nm / 5000, tile_size=512).images()
+
     def test_planning_reads_no_pixels(self, archive, monkeypatch):
         keys = []
         real_get = zarr.storage.LocalStore.get
