@@ -7,8 +7,9 @@ Every tile of every image goes through the ensemble on Ray Data; results, label 
 the per-image summary, the errors table and the ledger go under --out (see
 engine.pipeline.job and engine.data.sinks). A rerun with the same arguments resumes:
 tiles the ledger lists are skipped. Submitted as a Ray job it joins that cluster
-(RAY_ADDRESS); run directly it starts a local Ray. Exit status: 0 done (failed tiles are
-in the errors table, and counted), 2 bad input (the message names it), 1 anything else.
+(RAY_ADDRESS); run directly it starts a local Ray. Exit status: 0 done (failed tiles, and
+images whose metadata could not be planned, are in the errors table and counted), 2 bad
+input (the message names it), 1 anything else.
 """
 
 from __future__ import annotations

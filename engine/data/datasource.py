@@ -52,13 +52,16 @@ class ZarrTileDatasource(Datasource):
     image_ids: read only these images (default: the whole catalog).
     tile_dtype: dtype of the `tile` column; default the common dtype of the images
         (uint8 and uint16 images give uint16): one dataset has one tile type.
+    on_image_error: "raise": an image whose metadata cannot be read or whose tiles
+        cannot be planned stops planning; "record": it is left out and `failed()` says
+        why (what the reprocessing job uses).
     """
 
     def __init__(self, archive, *, target_pixel_size_nm: float, tile_size: int | None = None, halo: int = 0,
                  target_bytes: int = DEFAULT_TARGET_BYTES, max_tasks: int = DEFAULT_MAX_TASKS,
                  tolerance: float = DEFAULT_TOLERANCE, skip: Iterable[TileKey] | None = None,
                  image_ids: Iterable[str] | None = None, tile_dtype: str | None = None,
-                 storage_options: dict[str, Any] | None = None):
+                 storage_options: dict[str, Any] | None = None, on_image_error: str = "raise"):
         super().__init__()
         self.archive = resolve(archive, storage_options=storage_options)
         self.target_pixel_size_nm = float(target_pixel_size_nm)
@@ -71,7 +74,11 @@ class ZarrTileDatasource(Datasource):
         self.skip = frozenset(tuple(k) for k in (skip or ()))
         self.image_ids = None if image_ids is None else tuple(image_ids)
         self.tile_dtype = tile_dtype
+        if on_image_error not in ("raise", "record"):
+            raise ValueError(f"on_image_error must be 'raise' or 'record', got {on_image_error!r}")
+        self.on_image_error = on_image_error
         self._images: list[ImageTiles] | None = None
+        self._failed: dict[str, Exception] = {}
 
     def get_name(self) -> str:
         return "ZarrTiles"
@@ -81,6 +88,12 @@ class ZarrTileDatasource(Datasource):
         if self._images is None:
             self._images = self._plan_images()
         return self._images
+
+    def failed(self) -> dict[str, Exception]:
+        """image_id -> why it could not be opened or planned (on_image_error="record");
+        those images are left out of `images()`."""
+        self.images()
+        return dict(self._failed)
 
     def _plan_images(self) -> list[ImageTiles]:
         catalog = read_catalog(self.archive)
@@ -93,13 +106,33 @@ class ZarrTileDatasource(Datasource):
         locations = [self.archive.join(r["uri"]) for r in rows]
         # Metadata reads are latency-bound on object stores: overlap them.
         with ThreadPoolExecutor(max_workers=8) as pool:
-            opened = list(pool.map(open_image, locations))
-        dtype = self.tile_dtype or (str(np.result_type(*[im.dtype for im in opened])) if opened else "uint16")
-        return [
-            plan_image(image, r["image_id"], loc, r["modality"], target_nm=self.target_pixel_size_nm,
-                       tolerance=self.tolerance, tile_size=self.tile_size, halo=self.halo, tile_dtype=dtype)
+            opened = list(pool.map(self._attempt(open_image), locations))
+        readable = [im for im in opened if not isinstance(im, Exception)]
+        dtype = self.tile_dtype or (str(np.result_type(*[im.dtype for im in readable])) if readable else "uint16")
+        plan = self._attempt(plan_image)
+        plans = [
+            image if isinstance(image, Exception) else
+            plan(image, r["image_id"], loc, r["modality"], target_nm=self.target_pixel_size_nm,
+                 tolerance=self.tolerance, tile_size=self.tile_size, halo=self.halo, tile_dtype=dtype)
             for image, r, loc in zip(opened, rows, locations)
         ]
+        self._failed = {r["image_id"]: p for p, r in zip(plans, rows) if isinstance(p, Exception)}
+        return [p for p in plans if not isinstance(p, Exception)]
+
+    def _attempt(self, fn):
+        """fn, returning its exception instead of raising it when errors are recorded: one
+        image with unreadable metadata or an impossible pixel size should not stop a job
+        over thousands (the job records it and goes on)."""
+        if self.on_image_error == "raise":
+            return fn
+
+        def attempt(*args, **kwargs):
+            try:
+                return fn(*args, **kwargs)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, it is this image's
+                return exc
+
+        return attempt
 
     def read_specs(self) -> list[ReadSpec]:
         return plan_reads(self.images(), target_bytes=self.target_bytes, max_tasks=self.max_tasks, skip=self.skip)
@@ -121,5 +154,5 @@ class ZarrTileDatasource(Datasource):
     def __getstate__(self):
         # The plan is driver state; a copy on a worker replans if it ever needs to.
         state = dict(self.__dict__)
-        state["_images"] = None
+        state["_images"], state["_failed"] = None, {}
         return state

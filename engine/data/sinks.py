@@ -5,6 +5,7 @@ percent-encoded when it holds characters a path cannot)::
 
     detections/image_id=<id>/tile-<level>-<y>-<x>.parquet   one row per detection (tile sink)
     errors/image_id=<id>/tile-<level>-<y>-<x>.parquet       one row per failed tile (tile sink)
+    errors/image_id=<id>/image.parquet                      an image that could not be planned (job)
     ledger/<digest>.parquet                                 finished tiles (engine.data.ledger)
     objects/image_id=<id>/part-0.parquet                    stitched objects (finishing)
     tiles/image_id=<id>/part-0.parquet                      one row per tile (finishing)
@@ -51,6 +52,11 @@ pieces of a defect cut by a core border become one object), writes the objects a
 tiles tables, the label pyramid and metadata, removes files a previous run left for
 tiles whose state changed, and returns the image's summary row (`SUMMARY_COLUMNS`).
 Rerunning it rewrites the same files.
+
+**Images that cannot be planned** (metadata unreadable, a pixel size the models' cannot
+be resampled to): the job writes one errors row for the image (`write_image_error`:
+level, y and x null) and a summary row with no tiles (`unplanned_summary_row`), and goes
+on with the others; `finish_image` removes that row once a rerun plans the image.
 """
 
 from __future__ import annotations
@@ -72,6 +78,7 @@ from engine.stores.uri import StoreLocation, resolve
 from engine.tiling.grid import TileKey, TileSpec
 
 DETECTIONS, ERRORS, OBJECTS, TILES = "detections", "errors", "objects", "tiles"
+IMAGE_ERROR_FILE = "image.parquet"
 SUMMARY_FILE = "summary.parquet"
 LABELS_DIR = "labels"
 DEFAULT_LABEL_NAME = "predicted_defects"
@@ -628,6 +635,9 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     fs = out.filesystem()
     for k in sorted(set(error_files) & done_set):
         fs.rm(error_files[k].path)
+    unplanned = out.join(ERRORS, partition(image_id), IMAGE_ERROR_FILE)
+    if fs.exists(unplanned.path):  # an earlier run could not plan this image; this one did
+        fs.rm(unplanned.path)
     for k, loc in _list_tile_files(out, DETECTIONS, image_id).items():
         if k not in done_set:
             fs.rm(loc.path)
@@ -680,6 +690,22 @@ def _tiles_table(tiles: Sequence[_Tile], errors, error_rows) -> pa.Table:
     return pa.Table.from_pylist(rows, schema=TILE_SCHEMA)
 
 
+def write_image_error(out: str | StoreLocation, image_id: str, modality: str, error: BaseException) -> None:
+    """The errors row of an image the job could not plan (level, y, x null)."""
+    row = {"level": None, "y": None, "x": None, "modality": modality, "exception": type(error).__name__,
+           "message": str(error), "chunk_keys": []}
+    put_file(resolve(out).join(ERRORS, partition(image_id), IMAGE_ERROR_FILE),
+             table_bytes(pa.Table.from_pylist([row], schema=ERROR_SCHEMA)))
+
+
+def unplanned_summary_row(image_id: str, modality: str) -> dict[str, Any]:
+    """The summary row of an image the job could not plan: no tiles, not complete."""
+    return {**dict.fromkeys(SUMMARY_COLUMNS), "image_id": image_id, "modality": modality, "tiles_planned": 0,
+            "tiles_done": 0, "tiles_error": 0, "complete": False, "core_area_mm2": 0.0, "material": "", "grade": "",
+            "material_probs": [], "grade_probs": [], "n_detections": 0, "n_defects": 0, "defect_counts": "{}",
+            "model_versions": "{}", "labels_uri": ""}
+
+
 def summary_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """The summary rows of `finish_image`, sorted by image id, as a table."""
     schema = pa.schema([
@@ -699,5 +725,6 @@ __all__ = [
     "DEFAULT_LABEL_NAME", "DETECTIONS", "DETECTION_SCHEMA", "ERRORS", "ERROR_SCHEMA", "LabelTarget", "OBJECTS",
     "OBJECT_SCHEMA", "SUMMARY_COLUMNS", "SUMMARY_FILE", "TILES", "TILE_SCHEMA", "WriteTileOutputs",
     "core_to_level", "create_label_arrays", "finish_image", "label_dtype", "partition", "read_output",
-    "stitch_objects", "summary_table", "tile_file", "tile_location", "write_label_pyramid",
+    "stitch_objects", "summary_table", "tile_file", "tile_location", "unplanned_summary_row", "write_image_error",
+    "write_label_pyramid",
 ]

@@ -57,7 +57,7 @@ import numpy as np
 from engine.data.ledger import Ledger, put_file, table_bytes
 from engine.data.sinks import (
     DEFAULT_LABEL_NAME, DETECTIONS, ERRORS, LABELS_DIR, OBJECTS, SUMMARY_FILE, TILES, LabelTarget, WriteTileOutputs,
-    create_label_arrays, finish_image, label_dtype, summary_table,
+    create_label_arrays, finish_image, label_dtype, summary_table, unplanned_summary_row, write_image_error,
 )
 from engine.errors import GrainflowError
 from engine.pipeline.ensemble import Ensemble, EnsembleConfig
@@ -78,7 +78,10 @@ class JobResult:
     """What a job did. tiles_total: tiles planned; tiles_done: finished by this run;
     tiles_skipped: finished by an earlier run (the ledger); errors: tiles that failed in
     this run (the errors table); seconds: the whole job; tiles_per_s: tiles this run
-    processed (done + errors) per second of its tile stage; stage_seconds: per step."""
+    processed (done + errors) per second of its tile stage; stage_seconds: per step;
+    images: images planned; images_failed: images that could not be (unreadable
+    metadata, a pixel size the models cannot be resampled to): an errors row each, with
+    null level, y and x, and a summary row with no tiles."""
 
     tiles_total: int
     tiles_done: int
@@ -88,6 +91,7 @@ class JobResult:
     tiles_per_s: float
     out: str
     images: int = 0
+    images_failed: int = 0
     objects: int = 0
     bundle: str = ""
     target_pixel_size_nm: float | None = None
@@ -332,8 +336,15 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     fresh = not done_before
     source = ZarrTileDatasource(archive, target_pixel_size_nm=target_pixel_size_nm, tile_size=tile_size, halo=halo,
                                 tolerance=tolerance, skip=done_before,
-                                target_bytes=target_bytes or DEFAULT_TARGET_BYTES)
-    plans = source.images()
+                                target_bytes=target_bytes or DEFAULT_TARGET_BYTES, on_image_error="record")
+    plans, failed = source.images(), source.failed()
+    if failed and not plans:
+        image_id, exc = next(iter(failed.items()))
+        raise GrainflowError(f"{archive}: none of its {len(failed)} image(s) could be planned; the first, "
+                             f"{image_id}: {type(exc).__name__}: {exc}")
+    modalities = dict(zip(catalog["image_id"], catalog["modality"]))
+    for image_id, exc in failed.items():  # recorded; the other images go on
+        write_image_error(out, image_id, str(modalities[image_id]), exc)
     tiles_total = sum(im.n_tiles for im in plans)
     before: dict[str, list] = {im.image_id: [] for im in plans}
     for key in done_before:
@@ -405,6 +416,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         if image_id not in finishing:
             finishing[image_id] = finish.remote(out, p.plan, p.done, targets.get(image_id), describe, provenance)
     rows = ray.get([finishing[im.image_id] for im in plans])
+    rows += [unplanned_summary_row(image_id, str(modalities[image_id])) for image_id in failed]
     put_file(out.join(SUMMARY_FILE), table_bytes(summary_table(rows)))
     stages["finish"] = time.perf_counter() - t0
 
@@ -412,7 +424,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     result = JobResult(
         tiles_total=tiles_total, tiles_done=done, tiles_skipped=skipped, errors=errors, seconds=seconds,
         tiles_per_s=(done + errors) / stages["tiles"] if stages["tiles"] > 0 else 0.0, out=out.uri,
-        images=len(plans), objects=int(sum(r["n_defects"] for r in rows)), bundle=pinned,
+        images=len(plans), images_failed=len(failed), objects=int(sum(r["n_defects"] for r in rows)), bundle=pinned,
         target_pixel_size_nm=float(target_pixel_size_nm), stage_seconds=stages)
     # With the result (not the settings: a resume compares settings only): which member
     # versions answered and when the run ended (UTC), for reports and audits.

@@ -93,9 +93,11 @@ def _header(run: Run) -> str:
         parts.append(html.note(run.archive_note, warn=True))
     if h["errors"] or not run.summary["complete"].all():
         incomplete = int((~run.summary["complete"]).sum())
-        parts.append(html.note(f"{incomplete} image(s) are incomplete: {int(run.summary['tiles_error'].sum())} "
-                               f"tile(s) failed (see Errors); rerun the job with the same --out to retry them.",
-                               warn=True))
+        unplanned = int((run.summary["tiles_planned"] == 0).sum())
+        what = f"{int(run.summary['tiles_error'].sum())} tile(s) failed" + (
+            f" and {unplanned} image(s) could not be planned" if unplanned else "")
+        parts.append(html.note(f"{incomplete} image(s) are incomplete: {what} (see Errors); rerun the job with the "
+                               f"same --out to retry them.", warn=True))
     return html.section("run", "Run", parts)
 
 

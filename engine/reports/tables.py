@@ -162,7 +162,8 @@ def size_statistics(sizes: pd.DataFrame) -> pd.DataFrame:
 
 
 def error_table(run: Run, *, limit: int | None = None) -> pd.DataFrame:
-    """Failed tiles: image_id, level, y, x (the tile's key), exception, message, chunk_keys.
+    """Failed tiles: image_id, level, y, x (the tile's key), exception, message, chunk_keys;
+    an image the job could not plan has one row with level, y and x empty.
 
     Read image by image (those whose summary row counts errors), stopping once `limit`
     rows are in: a run where everything failed does not load millions of rows for a
@@ -170,7 +171,8 @@ def error_table(run: Run, *, limit: int | None = None) -> pd.DataFrame:
     """
     columns = ["image_id", "level", "y", "x", "exception", "message", "chunk_keys"]
     parts, n = [], 0
-    for image_id in run.summary.loc[run.summary["tiles_error"] > 0, "image_id"]:
+    failed = (run.summary["tiles_error"] > 0) | (run.summary["tiles_planned"] == 0)  # a tile, or the whole image
+    for image_id in run.summary.loc[failed, "image_id"]:
         part = read_output(run.out, ERRORS, image_id=image_id).to_pandas()
         parts.append(part.sort_values(["level", "y", "x"]))
         n += len(part)

@@ -14,6 +14,7 @@ import zarr
 from engine.data.datasource import ZarrTileDatasource
 from engine.data.tile_plan import PlanningError, ReadSpec, choose_level, layout, plan_reads
 from engine.data.tile_read import COLUMNS, read_tiles
+from engine.errors import MetadataError
 from engine.preprocess.resample import OutputGrid, resample
 from engine.stores.catalog import CatalogRow, image_uri, write_catalog
 from engine.stores.image import MultiscaleImage, open_image
@@ -102,6 +103,24 @@ class TestPlanning:
         image_id, image = next(iter(_images(archive).items()))
         with pytest.raises(PlanningError, match=rf"{image_id}: a tile resampled to .* px wide: .* 5000x coarser"):
             ZarrTileDatasource(archive[0].uri, target_pixel_size_nm=image.pixel_size_nm / 5000, tile_size=512).images()
+
+    def test_images_that_cannot_be_opened_are_recorded_when_asked(self, archive, tmp_path):
+        """on_image_error="record" (the job's): an image without its metadata is left out
+        and named with its reason; the default stops planning."""
+        import shutil
+
+        location, catalog = archive
+        copy = tmp_path / "archive"
+        shutil.copytree(location.path, copy)
+        broken = sorted(catalog["image_id"])[1]
+        (copy / "images" / f"{broken}.ome.zarr" / "zarr.json").unlink()
+        with pytest.raises(MetadataError, match="zarr.json"):
+            ZarrTileDatasource(str(copy), target_pixel_size_nm=20.0).images()
+        source = ZarrTileDatasource(str(copy), target_pixel_size_nm=20.0, on_image_error="record")
+        failed = source.failed()
+        assert list(failed) == [broken] and isinstance(failed[broken], MetadataError)
+        assert {p.image_id for p in source.images()} == set(catalog["image_id"]) - {broken}
+        assert source.read_specs() and all(spec.tiles.image_id != broken for spec in source.read_specs())
 
     def test_planning_reads_no_pixels(self, archive, monkeypatch):
         keys = []

@@ -313,6 +313,36 @@ class TestFailures:
         assert (again.tiles_done, again.tiles_skipped, again.errors) == (0, N_TILES - 1, 1)
         assert len(read_output(out, ERRORS)) == 1
 
+    def test_image_without_metadata_is_recorded_and_the_others_complete(self, ray_session, job_archive,
+                                                                         job_registry, tmp_path):
+        from engine.reports import write_report
+
+        archive = copy_archive(job_archive, tmp_path)
+        ids = sorted(pd.read_parquet(archive / "catalog.parquet")["image_id"])
+        broken = archive / "images" / f"{ids[0]}.ome.zarr" / "zarr.json"
+        kept = broken.read_bytes()
+        broken.unlink()
+        out = tmp_path / "out"
+        result = run(archive, out, job_registry, labels="out")
+        assert (result.images, result.images_failed, result.tiles_done, result.errors) == (2, 1, N_TILES - 4, 0)
+
+        (e,) = read_output(out, ERRORS).to_pylist()
+        assert e["image_id"] == ids[0] and (e["level"], e["y"], e["x"]) == (None, None, None)
+        assert e["exception"] == "MetadataError" and "zarr.json" in e["message"], e
+        summary = pd.read_parquet(out / SUMMARY_FILE).set_index("image_id")
+        assert list(summary.index) == ids
+        assert summary.loc[ids[0], ["tiles_planned", "tiles_done", "complete"]].tolist() == [0, 0, False]
+        assert summary.loc[ids[1:], "complete"].all()
+        page = Path(write_report(out, archive=archive)).read_text()
+        assert "1 image(s) could not be planned" in page and "MetadataError" in page
+
+        # metadata restored: the rerun plans the image, runs only its tiles, drops the error
+        broken.write_bytes(kept)
+        again = run(archive, out, job_registry, labels="out")
+        assert (again.images_failed, again.tiles_done, again.tiles_skipped) == (0, 4, N_TILES - 4)
+        assert len(read_output(out, ERRORS)) == 0
+        assert pd.read_parquet(out / SUMMARY_FILE)["complete"].all()
+
     def test_killed_actor(self, ray_session, clean, job_archive, job_registry, tmp_path):
         """The ensemble actor's process is killed mid-job: Ray restarts it, the job
         completes, every tile is written once, outputs as a clean run's."""
