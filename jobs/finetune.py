@@ -33,6 +33,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: 5%% warm-up, then cosine decay to 1%% of --lr; constant: --lr throughout "
                         "(classifier, fusion, segmenter, diffusion)")
+    p.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
+                   help="keep the samples in Ray's object store after one read (auto: when they take at most a "
+                        "quarter of it) instead of reading the archive every epoch")
     p.add_argument("--augment", type=float, default=0.5, help="augmentation strength in [0, 1]; 0 turns it off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-archive", default=None, help="validation archive (default: hold out --val-fraction of the tiles)")
@@ -85,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(
                 args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
                 num_workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
-                batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule, augment=args.augment, seed=args.seed,
+                batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                cache={"auto": None, "yes": True, "no": False}[args.cache], augment=args.augment, seed=args.seed,
                 val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
                 max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
                 run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,

@@ -240,6 +240,13 @@ def _columns(rows: list[dict[str, Any]]) -> dict[str, np.ndarray]:
     return out
 
 
+def sample_bytes(layout: SampleLayout) -> int:
+    """About how many bytes one row of `training_dataset` holds: the float32 tile and
+    context, the mask (int32 instance ids at most), a few KB of labels and boxes."""
+    context = 4 * layout.context_tile ** 2 if layout.context_tile else 0
+    return 4 * layout.tile ** 2 + context + 4 * layout.tile ** 2 + 4096
+
+
 def training_dataset(specs: Sequence[SampleSpec], layout: SampleLayout, *,
                      rows_per_task: int = ROWS_PER_READ_TASK):
     """A lazy ray.data.Dataset of the samples `specs` describe (columns: module doc).

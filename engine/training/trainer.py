@@ -36,6 +36,9 @@ from engine.errors import GrainflowError
 from engine.training.loop import LoopConfig
 from engine.training.schedule import SCHEDULES, steps_per_epoch
 
+# Share of the cluster's object store that cached training samples may take (train(cache=None)).
+CACHE_SHARE = 0.25
+
 
 class TrainingError(GrainflowError):
     """A training run that cannot start or did not finish."""
@@ -50,7 +53,8 @@ class TrainResult:
     model_sha256: sha256 of the final checkpoint's model.safetensors.
     model_version: the registered version ("name/version" in `.ref`), or None.
     run_id: the MLflow run holding the per-epoch metrics.
-    seconds: wall time of the Ray Train run (workers start to last report), s.
+    seconds: wall time of the Ray Train run (workers start to last report, and the one
+    read of the samples when they were cached), s. cached: whether they were.
     """
 
     family: str
@@ -65,6 +69,7 @@ class TrainResult:
     val_samples: int
     seconds: float
     model_version: Any = None
+    cached: bool = False
 
     @property
     def metrics(self) -> dict[str, float]:
@@ -80,7 +85,7 @@ class TrainResult:
             "history": self.history, "checkpoint": self.checkpoint_path, "sha256": self.model_sha256,
             "mlflow_run_id": self.run_id, "tracking_uri": self.tracking_uri,
             "train_samples": self.train_samples, "val_samples": self.val_samples,
-            "seconds": round(self.seconds, 3),
+            "seconds": round(self.seconds, 3), "cached": self.cached,
             "model_version": None if mv is None else mv.ref,
             "aliases": [] if mv is None else list(mv.aliases),
         }
@@ -242,6 +247,7 @@ def train(
     progress_dir: str | os.PathLike | None = None,
     synthetic_archive: str | None = None,
     synthetic_ratio: float = 0.5,
+    cache: bool | None = None,
 ) -> TrainResult:
     """Train a registered model on an archive with Ray Train (module doc).
 
@@ -271,11 +277,15 @@ def train(
     progress_dir: local folder for per-rank progress lines (see loop.LoopConfig).
     synthetic_archive / synthetic_ratio: mix a synthetic archive's gate-accepted samples
       into training, `synthetic_ratio` per real training sample (plan_training).
+    cache: read the samples from the archive once and keep them in Ray's object store
+      for every epoch (`Dataset.materialize`; augmentation still differs per epoch, it
+      runs in the workers' collate), instead of reading the archive again each epoch.
+      None: when they take at most CACHE_SHARE of the cluster's object store.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    from engine.data.training_samples import training_dataset
+    from engine.data.training_samples import sample_bytes, training_dataset
     from engine.models.checkpoint import read_config, read_sidecar, verify_sha256
     from engine.training import mlflow_metrics
     from engine.training.checkpointing import MODEL_FILE, read_state
@@ -315,12 +325,16 @@ def train(
     datasets = {"train": training_dataset(train_specs, layout)}
     if val_specs:
         datasets["val"] = training_dataset(val_specs, layout)
+    if cache is None:
+        cache = _fits_object_store((len(train_specs) + len(val_specs)) * sample_bytes(layout))
     run_id = mlflow_metrics.start_run(uri, run_name=run_name, params={
         "family": family, "model": model_name, "archive": str(archive), "val_archive": str(val_archive),
         "epochs": epochs, "num_workers": num_workers, "use_gpu": use_gpu, "batch_size": batch_size, "lr": lr,
         "lr_schedule": lr_schedule, "weight_decay": weight_decay, "augment_strength": strength, "seed": seed,
-        "tile": layout.tile, "context_tile": layout.context_tile, "train_samples": len(train_specs), "val_samples": len(val_specs),
+        "tile": layout.tile, "context_tile": layout.context_tile, "train_samples": len(train_specs),
+        "val_samples": len(val_specs),
         "synthetic_archive": str(synthetic_archive), "synthetic_ratio": synthetic_ratio if synthetic_archive else 0.0,
+        "cached": bool(cache),
         "storage_path": os.fspath(storage_path) if storage_prefix else storage,
     }, tags={"grainflow.family": family, "grainflow.model": model_name})
 
@@ -331,19 +345,21 @@ def train(
         task_options=dict(task_options or {}), tracking_uri=uri, mlflow_run_id=run_id,
         progress_dir=None if progress_dir is None else os.path.abspath(progress_dir), validate=bool(val_specs),
     )
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=loop_config.to_dict(),
-        scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
-        run_config=RunConfig(
-            name=run_name, storage_path=storage, storage_filesystem=storage_fs,
-            failure_config=FailureConfig(max_failures=max_failures),
-            checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
-        ),
-        datasets=datasets,
-    )
-    start = time.perf_counter()
+    start = time.perf_counter()  # with the cached samples' one read
     try:
+        if cache:  # read once, here, before the workers start
+            datasets = {name: ds.materialize() for name, ds in datasets.items()}
+        trainer = TorchTrainer(
+            train_loop_per_worker,
+            train_loop_config=loop_config.to_dict(),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+            run_config=RunConfig(
+                name=run_name, storage_path=storage, storage_filesystem=storage_fs,
+                failure_config=FailureConfig(max_failures=max_failures),
+                checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
+            ),
+            datasets=datasets,
+        )
         result = trainer.fit()
         if getattr(result, "error", None) is not None:
             raise TrainingError(f"training run {run_name!r} failed: {result.error}") from result.error
@@ -363,7 +379,8 @@ def train(
                     config={"model": read_config(local / MODEL_FILE).to_dict(), "training": {
                         "archive": str(archive), "epochs": state.epoch, "batch_size": batch_size, "lr": lr,
                         "lr_schedule": lr_schedule, "weight_decay": weight_decay, "num_workers": num_workers,
-                        "augment_strength": strength, "seed": seed, "tile": layout.tile, "context_tile": layout.context_tile,
+                        "augment_strength": strength, "seed": seed, "tile": layout.tile,
+                        "context_tile": layout.context_tile,
                         "train_samples": len(train_specs), "val_samples": len(val_specs), "run_name": run_name,
                     }},
                     metrics=_finite(state.history[-1]), tags={"training_run": run_id},
@@ -378,8 +395,15 @@ def train(
         family=family, model_name=model_name, run_name=run_name, history=state.history,
         checkpoint_path=storage_prefix + str(result.checkpoint.path), model_sha256=digest, run_id=run_id,
         tracking_uri=uri, train_samples=len(train_specs), val_samples=len(val_specs), seconds=seconds,
-        model_version=version,
+        model_version=version, cached=bool(cache),
     )
+
+
+def _fits_object_store(nbytes: int) -> bool:
+    """Whether `nbytes` of samples may be kept in the object store for a whole run."""
+    import ray
+
+    return nbytes <= CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:

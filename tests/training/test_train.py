@@ -65,6 +65,7 @@ def fusion_run(ray_session, train_archive, registry, tmp_path_factory):
             "fusion", "fusion_tiny", str(train_archive), storage_path=storage, epochs=EPOCHS, num_workers=2,
             batch_size=8, lr=3e-3, seed=1, max_samples_per_image=12, max_failures=2, run_name=RUN,
             registry=registry, register_as="fusion-test", progress_dir=progress,
+            cache=False,  # the archive read every epoch, restarted workers too (jobs.finetune's test: cached)
         )
     finally:
         stop.set()
@@ -127,6 +128,7 @@ class TestFusionTraining:
         assert last == pytest.approx(result.history[-1]["train_loss"])
         run = mlflow_metrics._client(tracking_uri).get_run(result.run_id)
         assert run.info.status == "FINISHED" and run.data.params["model"] == "fusion_tiny"
+        assert run.data.params["cached"] == "False" and not result.cached
 
     def test_model_registered_and_fetches_with_its_sha256(self, fusion_run, registry, tmp_path):
         result, _, _, _, _ = fusion_run
@@ -139,3 +141,11 @@ class TestFusionTraining:
         files = registry.fetch("fusion-test/1", tmp_path)
         model = load_model(files[MODEL_FILE], expected_sha256=result.model_sha256)
         assert model.config.family == "fusion"
+
+
+def test_samples_are_cached_when_they_fit_the_object_store(ray_session):
+    from engine.training.trainer import CACHE_SHARE, _fits_object_store
+
+    store = ray_session.cluster_resources()["object_store_memory"]
+    assert _fits_object_store(int(CACHE_SHARE * store) - 1)
+    assert not _fits_object_store(int(CACHE_SHARE * store) + 1)
