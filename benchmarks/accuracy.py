@@ -166,6 +166,7 @@ CURVE_KEYS = ("train_loss", "train_material_acc", "val_material_acc", "val_grade
 def _ray_train(family: str, model: str, epochs: int, args, train: Path, held_out: Path, out: Path,
                lr: float, batch_size: int) -> dict:
     from engine.training import train as ray_train
+    from engine.training.schedule import steps_per_epoch
 
     result = ray_train(family, model, str(train), storage_path=out, epochs=epochs, num_workers=args.workers,
                        val_archive=str(held_out), seed=args.seed, max_samples_per_image=args.max_samples_per_image,
@@ -176,7 +177,7 @@ def _ray_train(family: str, model: str, epochs: int, args, train: Path, held_out
     curve = [{k: h[k] for k in ("epoch", *CURVE_KEYS) if k in h} for h in result.history]
     return {"model": model, "epochs": epochs, "workers": args.workers, "batch_size_per_worker": batch_size,
             "lr": lr, "lr_schedule": args.lr_schedule, "augment": args.augment,
-            "optimizer_steps": epochs * math.ceil(math.ceil(result.train_samples / args.workers) / batch_size),
+            "optimizer_steps": epochs * steps_per_epoch(result.train_samples, args.workers, batch_size),
             "train_samples": result.train_samples, "val_samples": result.val_samples,
             "train_seconds": round(result.seconds, 1),
             "held_out": {k.removeprefix("val_"): v for k, v in last.items() if k.startswith("val_")},

@@ -30,12 +30,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="use GPUs (auto: when the cluster has one per worker)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per worker per step")
     p.add_argument("--lr", type=float, default=1e-3, help="base learning rate (AdamW)")
+    # engine.training.schedule.SCHEDULES, spelled out: importing engine.training loads torch
     p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                    help="cosine: 5%% warm-up, then cosine decay to 1%% of --lr; constant: --lr throughout "
                         "(classifier, fusion, segmenter, diffusion)")
     p.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
                    help="keep the samples in Ray's object store after one read (auto: when they take at most a "
-                        "quarter of it) instead of reading the archive every epoch")
+                        "quarter of it) instead of reading the archive every epoch (not the detector: Ultralytics "
+                        "reads its own way)")
     p.add_argument("--augment", type=float, default=0.5, help="augmentation strength in [0, 1]; 0 turns it off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-archive", default=None, help="validation archive (default: hold out --val-fraction of the tiles)")

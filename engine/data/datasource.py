@@ -26,7 +26,7 @@ from ray.data.datasource import Datasource, ReadTask
 
 from engine.data.tile_plan import ImageTiles, ReadSpec, plan_image, plan_reads
 from engine.data.tile_read import read_tiles
-from engine.errors import MetadataError
+from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import read_catalog
 from engine.stores.image import open_image
 from engine.stores.uri import resolve
@@ -54,7 +54,8 @@ class ZarrTileDatasource(Datasource):
         (uint8 and uint16 images give uint16): one dataset has one tile type.
     on_image_error: "raise": an image whose metadata cannot be read or whose tiles
         cannot be planned stops planning; "record": it is left out and `failed()` says
-        why (what the reprocessing job uses).
+        why (what the reprocessing job uses). Errors that are not the image's (a store
+        that cannot be reached) stop planning either way.
     """
 
     def __init__(self, archive, *, target_pixel_size_nm: float, tile_size: int | None = None, halo: int = 0,
@@ -78,7 +79,7 @@ class ZarrTileDatasource(Datasource):
             raise ValueError(f"on_image_error must be 'raise' or 'record', got {on_image_error!r}")
         self.on_image_error = on_image_error
         self._images: list[ImageTiles] | None = None
-        self._failed: dict[str, Exception] = {}
+        self._failed: dict[str, GrainflowError] = {}
 
     def get_name(self) -> str:
         return "ZarrTiles"
@@ -89,7 +90,7 @@ class ZarrTileDatasource(Datasource):
             self._images = self._plan_images()
         return self._images
 
-    def failed(self) -> dict[str, Exception]:
+    def failed(self) -> dict[str, GrainflowError]:
         """image_id -> why it could not be opened or planned (on_image_error="record");
         those images are left out of `images()`."""
         self.images()
@@ -107,29 +108,31 @@ class ZarrTileDatasource(Datasource):
         # Metadata reads are latency-bound on object stores: overlap them.
         with ThreadPoolExecutor(max_workers=8) as pool:
             opened = list(pool.map(self._attempt(open_image), locations))
-        readable = [im for im in opened if not isinstance(im, Exception)]
+        readable = [im for im in opened if not isinstance(im, GrainflowError)]
         dtype = self.tile_dtype or (str(np.result_type(*[im.dtype for im in readable])) if readable else "uint16")
         plan = self._attempt(plan_image)
         plans = [
-            image if isinstance(image, Exception) else
+            image if isinstance(image, GrainflowError) else
             plan(image, r["image_id"], loc, r["modality"], target_nm=self.target_pixel_size_nm,
                  tolerance=self.tolerance, tile_size=self.tile_size, halo=self.halo, tile_dtype=dtype)
             for image, r, loc in zip(opened, rows, locations)
         ]
-        self._failed = {r["image_id"]: p for p, r in zip(plans, rows) if isinstance(p, Exception)}
-        return [p for p in plans if not isinstance(p, Exception)]
+        self._failed = {r["image_id"]: p for p, r in zip(plans, rows) if isinstance(p, GrainflowError)}
+        return [p for p in plans if not isinstance(p, GrainflowError)]
 
     def _attempt(self, fn):
-        """fn, returning its exception instead of raising it when errors are recorded: one
-        image with unreadable metadata or an impossible pixel size should not stop a job
-        over thousands (the job records it and goes on)."""
+        """fn, returning its GrainflowError (MetadataError, PlanningError) instead of
+        raising it when errors are recorded: one image with unreadable metadata or an
+        impossible pixel size should not stop a job over thousands (the job records it
+        and goes on). Anything else (a store that cannot be reached, credentials, a bug)
+        is no fault of the image and still stops planning."""
         if self.on_image_error == "raise":
             return fn
 
         def attempt(*args, **kwargs):
             try:
                 return fn(*args, **kwargs)
-            except Exception as exc:  # noqa: BLE001 - whatever it is, it is this image's
+            except GrainflowError as exc:
                 return exc
 
         return attempt

@@ -53,10 +53,12 @@ tiles tables, the label pyramid and metadata, removes files a previous run left 
 tiles whose state changed, and returns the image's summary row (`SUMMARY_COLUMNS`).
 Rerunning it rewrites the same files.
 
-**Images that cannot be planned** (metadata unreadable, a pixel size the models' cannot
+**Images that cannot be planned** (metadata unreadable, a pixel size the models cannot
 be resampled to): the job writes one errors row for the image (`write_image_error`:
 level, y and x null) and a summary row with no tiles (`unplanned_summary_row`), and goes
-on with the others; `finish_image` removes that row once a rerun plans the image.
+on with the others; `finish_image` removes that row once a rerun plans the image. An
+image an earlier run finished and a rerun cannot plan keeps that run's tile outputs (and
+ledger entries); only its summary row says it was not planned this time.
 """
 
 from __future__ import annotations
@@ -722,8 +724,8 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 
 
 __all__ = [
-    "DEFAULT_LABEL_NAME", "DETECTIONS", "DETECTION_SCHEMA", "ERRORS", "ERROR_SCHEMA", "LabelTarget", "OBJECTS",
-    "OBJECT_SCHEMA", "SUMMARY_COLUMNS", "SUMMARY_FILE", "TILES", "TILE_SCHEMA", "WriteTileOutputs",
+    "DEFAULT_LABEL_NAME", "DETECTIONS", "DETECTION_SCHEMA", "ERRORS", "ERROR_SCHEMA", "IMAGE_ERROR_FILE",
+    "LabelTarget", "OBJECTS", "OBJECT_SCHEMA", "SUMMARY_COLUMNS", "SUMMARY_FILE", "TILES", "TILE_SCHEMA", "WriteTileOutputs",
     "core_to_level", "create_label_arrays", "finish_image", "label_dtype", "partition", "read_output",
     "stitch_objects", "summary_table", "tile_file", "tile_location", "unplanned_summary_row", "write_image_error",
     "write_label_pyramid",

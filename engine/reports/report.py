@@ -58,9 +58,10 @@ def render_report(run: Run) -> str:
     classes = class_names(run)
     sections = [_header(run), _materials(run), _images(run), _sizes(run, classes), _density(run),
                 _overlays(run, classes)]
-    n_errors = int(run.summary["tiles_error"].sum())
-    if n_errors:
-        sections.append(_errors(error_table(run, limit=MAX_ERROR_ROWS), n_errors))
+    n_tiles = int(run.summary["tiles_error"].sum())
+    n_images = int((run.summary["tiles_planned"] == 0).sum())  # images that could not be planned
+    if n_tiles or n_images:
+        sections.append(_errors(error_table(run, limit=MAX_ERROR_ROWS), n_tiles, n_images))
     subtitle = f"run {run.out.uri}" + (f", archive {run.archive.uri}" if run.archive is not None else "")
     return html.page("grainflow reprocessing report", subtitle, sections)
 
@@ -74,8 +75,10 @@ def _header(run: Run) -> str:
     items = [("archive", h["archive"]), ("outputs", h["out"]), ("models (bundle)", h["bundle"])]
     versions = {k: v for k, v in h["model_versions"].items() if k != "bundle"}
     items += [(f"model: {role}", version) for role, version in versions.items()]
+    images = h["images"] if not h["images_failed"] else \
+        f"{h['images']} ({h['images_failed']} more could not be planned)"
     items += [
-        ("finished", h["finished_at"]), ("images", h["images"]), ("defects (stitched objects)", h["objects"]),
+        ("finished", h["finished_at"]), ("images", images), ("defects (stitched objects)", h["objects"]),
         ("tiles planned", h["tiles_total"]), ("tiles done", h["tiles_done"]),
         ("tiles skipped", h["tiles_skipped"]), ("tile errors", h["errors"]),
         ("run time (s)", h["seconds"]), ("throughput (tiles/s)", h["tiles_per_s"]),
@@ -205,20 +208,24 @@ def _overlays(run: Run, classes: list[str]) -> str:
         f'<div class="overlays">{"".join(figs)}</div>', *notes])
 
 
-def _errors(errors: pd.DataFrame, total: int) -> str:
+def _errors(errors: pd.DataFrame, tiles: int, images: int) -> str:
+    def where(level, y, x) -> str:
+        return "whole image" if pd.isna(level) else f"{level}, {y}, {x}"
+
     df = pd.DataFrame({
         "image": errors["image_id"],
-        "tile (level, y, x)": [f"{lv}, {y}, {x}" for lv, y, x in zip(errors["level"], errors["y"], errors["x"])],
+        "tile (level, y, x)": [where(lv, y, x) for lv, y, x in zip(errors["level"], errors["y"], errors["x"])],
         "exception": errors["exception"], "message": errors["message"],
         "chunks": [", ".join(k) if k is not None else "" for k in errors["chunk_keys"]],
     })
     parts = [html.table(df, index=False, table_id="errors-table")]
-    if total > len(df):
-        parts.append(html.note(f"the first {len(df)} of {total} failed tiles; read them all with "
+    if tiles + images > len(df):
+        parts.append(html.note(f"the first {len(df)} of {tiles + images} errors; read them all with "
                                f"engine.data.sinks.read_output(out, 'errors')"))
-    parts.append(html.note("tiles that failed; they are not in the ledger, so a rerun with the same --out tries "
-                           "them again."))
-    return html.section("errors", f"Errors ({total} tiles)", parts)
+    parts.append(html.note("tiles that failed, and images that could not be planned (\"whole image\"); they are "
+                           "not in the ledger, so a rerun with the same --out tries them again."))
+    counts = [f"{tiles} tiles"] + ([f"{images} images"] if images else [])
+    return html.section("errors", f"Errors ({', '.join(counts)})", parts)
 
 
 def overlay_png(run: str | StoreLocation | Run, image_id: str | None = None, *,

@@ -15,6 +15,7 @@ from typing import Any
 
 import numpy as np
 import pandas as pd
+import pyarrow as pa
 
 from engine.data.sinks import ERRORS, OBJECTS, read_output
 from engine.reports.run import Run
@@ -35,6 +36,7 @@ def run_header(run: Run) -> dict[str, Any]:
         "archive": run.archive.uri if run.archive is not None else str(run.settings.get("archive", "")),
         "out": run.out.uri, "bundle": run.bundle, "model_versions": run.model_versions(),
         "finished_at": run.finished_at, "images": int(r.get("images", len(run.summary))),
+        "images_failed": int(r.get("images_failed", 0)),
         "objects": int(r.get("objects", int(run.summary["n_defects"].sum()))),
         "tiles_total": int(r["tiles_total"]), "tiles_done": int(r["tiles_done"]),
         "tiles_skipped": int(r["tiles_skipped"]), "errors": int(r["errors"]),
@@ -161,6 +163,9 @@ def size_statistics(sizes: pd.DataFrame) -> pd.DataFrame:
                          "p90_nm": d.quantile(0.9), "mean_nm": d.mean()})
 
 
+_NULLABLE_INTS = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}
+
+
 def error_table(run: Run, *, limit: int | None = None) -> pd.DataFrame:
     """Failed tiles: image_id, level, y, x (the tile's key), exception, message, chunk_keys;
     an image the job could not plan has one row with level, y and x empty.
@@ -173,7 +178,8 @@ def error_table(run: Run, *, limit: int | None = None) -> pd.DataFrame:
     parts, n = [], 0
     failed = (run.summary["tiles_error"] > 0) | (run.summary["tiles_planned"] == 0)  # a tile, or the whole image
     for image_id in run.summary.loc[failed, "image_id"]:
-        part = read_output(run.out, ERRORS, image_id=image_id).to_pandas()
+        # nullable integers: an unplanned image's row has no level, y, x
+        part = read_output(run.out, ERRORS, image_id=image_id).to_pandas(types_mapper=_NULLABLE_INTS.get)
         parts.append(part.sort_values(["level", "y", "x"]))
         n += len(part)
         if limit is not None and n >= limit:

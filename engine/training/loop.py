@@ -16,7 +16,8 @@ Per worker:
    0 logs the epoch's metrics to MLflow.
 
 Metrics per epoch: train_* and val_* (the task's), train_samples_per_s (all workers'
-training samples over the slowest worker's training wall time, s), epoch (1-based).
+training samples over the slowest worker's training wall time, s), lr (the rate of the
+epoch's last step), epoch (1-based).
 
 Resume granularity: Ray Train's controller collects reports on a poll (about every 2 s).
 A worker that dies after `report` returned but before that poll takes the report with
@@ -38,7 +39,7 @@ import torch
 
 from engine.data.sample_plan import SampleLayout
 from engine.training.checkpointing import TrainingState, load_training_state, read_optimizer_state, save_training_state
-from engine.training.schedule import learning_rate
+from engine.training.schedule import check_schedule, learning_rate
 from engine.training.tasks import Task, make_task
 
 
@@ -65,7 +66,7 @@ class LoopConfig:
     batch_size: int
     lr: float
     lr_schedule: str = "constant"
-    steps_per_epoch: int = 1
+    steps_per_epoch: int = 0  # required by any schedule but "constant"
     weight_decay: float = 1e-4
     max_grad_norm: float | None = 1.0
     seed: int = 0
@@ -77,6 +78,11 @@ class LoopConfig:
     mlflow_run_id: str | None = None
     progress_dir: str | None = None
     validate: bool = True
+
+    def __post_init__(self):
+        check_schedule(self.lr_schedule)
+        if self.lr_schedule != "constant" and self.steps_per_epoch < 1:
+            raise ValueError(f"lr_schedule {self.lr_schedule!r} needs steps_per_epoch >= 1, got {self.steps_per_epoch}")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)

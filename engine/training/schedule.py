@@ -5,11 +5,15 @@ state kept between steps, so a run resumed from an epoch's checkpoint continues 
 exactly the curve an uninterrupted run follows, with nothing extra in the checkpoint.
 
 - "constant": the base rate at every step;
-- "cosine": linear warm-up from base/warmup_steps to the base rate over the first
-  `warmup_steps` steps (Goyal et al. 2017: large early steps of a freshly initialised
+- "cosine": linear warm-up over the first `warmup_steps` steps (5% of the run, at
+  least one), rising from base/(warmup_steps + 1) in equal steps to reach the base rate
+  at the step after them (Goyal et al. 2017: large early steps of a freshly initialised
   network, batch-norm statistics still lagging, diverge or stall), then a half cosine
-  down to `final_ratio` x base at the last step (Loshchilov & Hutter 2017, SGDR without
+  down to FINAL_RATIO x base at the last step (Loshchilov & Hutter 2017, SGDR without
   restarts), the usual schedule for training image models from scratch.
+
+The curve is that of the run's length: a run resumed with other epochs, workers or batch
+size (so another number of steps) continues on the new run's curve from where it is.
 """
 
 from __future__ import annotations
@@ -41,7 +45,7 @@ def learning_rate(schedule: str, base_lr: float, step: int, total_steps: int) ->
     step = min(max(step, 0), total_steps - 1)
     warm = warmup_steps(total_steps)
     if step < warm:
-        return base_lr * (step + 1) / warm
+        return base_lr * (step + 1) / (warm + 1)
     progress = (step - warm) / max(1, total_steps - 1 - warm)  # 0 after warm-up .. 1 at the last step
     return base_lr * (FINAL_RATIO + (1.0 - FINAL_RATIO) * 0.5 * (1.0 + math.cos(math.pi * progress)))
 

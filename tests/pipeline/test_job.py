@@ -334,7 +334,9 @@ class TestFailures:
         assert summary.loc[ids[0], ["tiles_planned", "tiles_done", "complete"]].tolist() == [0, 0, False]
         assert summary.loc[ids[1:], "complete"].all()
         page = Path(write_report(out, archive=archive)).read_text()
-        assert "1 image(s) could not be planned" in page and "MetadataError" in page
+        assert "1 image(s) could not be planned" in page and "Errors (0 tiles, 1 images)" in page
+        errors_table = page[page.index('id="errors-table"'):]
+        assert "whole image" in errors_table and "MetadataError" in errors_table
 
         # metadata restored: the rerun plans the image, runs only its tiles, drops the error
         broken.write_bytes(kept)

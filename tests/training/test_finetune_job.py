@@ -47,7 +47,6 @@ class TestFinetuneJob:
         assert Path(summary["checkpoint"]).is_dir() and len(summary["sha256"]) == 64
         assert summary["train_samples"] + summary["val_samples"] == 12
         assert summary["cached"] is True  # --cache auto: a dozen tiles fit the object store
-        assert [h["lr"] for h in summary["history"]] == [pytest.approx(1e-3)]  # a one-step run: the base rate
         m = summary["metrics"]
         assert {"train_loss", "train_material_acc", "train_grade_acc", "val_loss", "val_material_acc"} <= set(m)
         assert all(math.isfinite(v) for v in m.values())

@@ -16,9 +16,9 @@ def test_cosine_warms_up_peaks_at_the_base_rate_and_decays_to_its_floor():
     curve = [learning_rate("cosine", base, s, total) for s in range(total)]
     warm = warmup_steps(total)
     assert warm == 10
-    assert curve[0] == pytest.approx(base / warm)
-    assert all(a < b for a, b in zip(curve[:warm], curve[1:warm]))  # rising during warm-up
-    assert curve[warm - 1] == pytest.approx(base) and curve[warm] == pytest.approx(base)
+    assert curve[0] == pytest.approx(base / (warm + 1))
+    assert all(a < b for a, b in zip(curve[:warm + 1], curve[1:warm + 1]))  # rising up to the peak
+    assert curve[warm - 1] == pytest.approx(base * warm / (warm + 1)) and curve[warm] == pytest.approx(base)
     assert all(a >= b for a, b in zip(curve[warm:], curve[warm + 1:]))  # never rising after it
     assert curve[-1] == pytest.approx(FINAL_RATIO * base)
     assert curve[warm + (total - warm) // 2] == pytest.approx(base * (1 + FINAL_RATIO) / 2, rel=0.02)
@@ -28,6 +28,10 @@ def test_cosine_warms_up_peaks_at_the_base_rate_and_decays_to_its_floor():
 
 def test_a_one_step_run_trains_at_the_base_rate():
     assert learning_rate("cosine", 1e-3, 0, 1) == 1e-3
+
+
+def test_a_short_run_still_warms_up_and_decays():
+    assert [round(learning_rate("cosine", 1.0, s, 3), 6) for s in range(3)] == [0.5, 1.0, FINAL_RATIO]
 
 
 def test_unknown_schedule_named_with_the_valid_ones():

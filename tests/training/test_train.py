@@ -20,7 +20,7 @@ import pytest
 from engine.models import load_model
 from engine.training import mlflow_metrics, train
 from engine.training.checkpointing import MODEL_FILE, OPTIMIZER_FILE, STATE_FILE, read_state
-from engine.training.schedule import learning_rate
+from engine.training.schedule import learning_rate, steps_per_epoch
 
 EPOCHS = 3
 RUN = "fusion-fault"
@@ -111,10 +111,12 @@ class TestFusionTraining:
         assert killed[0]["pid"] not in {e["pid"] for e in resumed}
 
     def test_resumed_run_kept_to_the_learning_rate_curve(self, fusion_run):
-        # cosine (train's default) over 3 epochs x 3 steps (19 rows per worker, batch 8):
-        # each epoch's last step's rate, the epochs after the restart included
+        # cosine (train's default): each epoch's last step's rate, the epochs after the
+        # restart included (3 steps an epoch: 19 rows per worker, batch 8)
         result, _, _, _, _ = fusion_run
-        expected = [learning_rate("cosine", 3e-3, 3 * epoch - 1, 3 * EPOCHS) for epoch in range(1, EPOCHS + 1)]
+        steps = steps_per_epoch(result.train_samples, 2, 8)
+        assert steps == 3
+        expected = [learning_rate("cosine", 3e-3, steps * epoch - 1, steps * EPOCHS) for epoch in range(1, EPOCHS + 1)]
         assert [h["lr"] for h in result.history] == pytest.approx(expected)
         assert expected[0] > expected[1] > expected[2]
 
