@@ -511,15 +511,17 @@ class EnsemblePass:
 
     tiles: the pass's tiles, in order; work: index -> the live tile's state; errors:
     index -> error message of a tile that failed (it leaves `work`). timings_ms: stage
-    name -> milliseconds that stage computed on this pass, for whoever runs the stages
-    to fill and report (the online endpoint does; `merge` and `split` leave it empty).
-    Picklable, so a pass can go from one server process to the next.
+    name -> milliseconds that stage computed on this pass; batch_sizes: stage name -> how
+    many passes (requests) it was merged with, itself included: for whoever runs the
+    stages to fill and report (the online endpoint does; `merge` and `split` leave them
+    empty). Picklable, so a pass can go from one server process to the next.
     """
 
     tiles: list[TileInput]
     work: dict[int, _Work] = field(default_factory=dict)
     errors: dict[int, str] = field(default_factory=dict)
     timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return len(self.tiles)

@@ -46,7 +46,9 @@ class DeploymentSettings(BaseModel):
     num_replicas: fixed count (ignored when autoscaling is given); autoscaling: Serve's
     autoscaling_config (min_replicas, max_replicas, target_ongoing_requests, ...);
     num_cpus, num_gpus: per replica (a fraction shares a GPU); max_batch_size and
-    batch_wait_timeout_s: @serve.batch on model deployments; health_check_period_s.
+    batch_wait_timeout_s: @serve.batch on model deployments (a request waits up to the
+    timeout for others to share its batch while the replica has others of its stage in
+    flight; a lone request goes at once); health_check_period_s.
     """
 
     model_config = ConfigDict(extra="forbid")

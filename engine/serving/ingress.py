@@ -315,7 +315,7 @@ class Ingress:
         timings = {"decode_ms": (t_decode - t0) * 1e3, "stages_ms": (t_stages - t_decode) * 1e3,
                    **{f"{stage}_ms": ms for stage, ms in answer.timings_ms.items()}}
         body = build_response(answer.results, answer.scales, image=info, alias=alias, request_id=rid,
-                              timings_ms=timings, **labels)
+                              timings_ms=timings, batch_sizes=answer.batch_sizes, **labels)
         body["timings_ms"]["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         audit["models"] = body["model"]["versions"]
         return JSONResponse(body)

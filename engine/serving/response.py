@@ -91,11 +91,13 @@ def _weighted(results: Sequence[TileResult], key: str, n: int) -> np.ndarray:
     return _weighted_probs(metas, key, n)
 
 
-def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *, class_names: Sequence[str], materials: Sequence[str],
-                   grades: Sequence[str], image: dict[str, Any], alias: str, request_id: str,
-                   timings_ms: dict[str, float]) -> dict[str, Any]:
+def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *,
+                   class_names: Sequence[str], materials: Sequence[str], grades: Sequence[str],
+                   image: dict[str, Any], alias: str, request_id: str, timings_ms: dict[str, float],
+                   batch_sizes: dict[str, int] | None = None) -> dict[str, Any]:
     """The JSON body of a successful POST /v1/analyze (`engine.serving.schemas.AnalyzeResponse`);
-    scales: each result's tile scale (TileInput.scale)."""
+    scales: each result's tile scale (TileInput.scale); batch_sizes: requests per model
+    stage's batch."""
     ok = [r for r in results if r.ok]
     dets = [d for r, s in zip(results, scales) if r.ok for d in detections(r, class_names, s)]
     area = float(sum(r.core_area_mm2 for r in ok))
@@ -117,4 +119,5 @@ def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, 
         "detections": dets,
         "tile_errors": [{"tile": [int(r.y), int(r.x)], "error": r.error} for r in results if not r.ok],
         "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
+        "batch_sizes": {k: int(v) for k, v in (batch_sizes or {}).items()},
     }

@@ -103,6 +103,9 @@ class AnalyzeResponse(BaseModel):
         description="milliseconds: decode_ms and stages_ms (wall time in the ingress), preprocess_ms, detect_ms, "
                     "segment_ms, classify_ms, measure_ms (compute in each stage's replica; stages_ms minus their "
                     "sum is what the hops between replicas cost), total_ms")
+    batch_sizes: dict[str, int] = Field(
+        description="detect, segment, classify: how many requests shared that stage's batch, this one included "
+                    "(a request waits for company only while the stage's replica has other requests in flight)")
 
 
 class ModelsResponse(BaseModel):

@@ -40,6 +40,7 @@ class TestAnalyze:
         t = body["timings_ms"]
         stages = [t[f"{s}_ms"] for s in ("preprocess", "detect", "segment", "classify", "measure")]
         assert all(v > 0 for v in stages) and sum(stages) <= t["stages_ms"] <= t["total_ms"]
+        assert body["batch_sizes"] == {"detect": 1, "segment": 1, "classify": 1}  # alone: batched with no one
         expected = batch_job_answer(served, pixels, nm, tmp_path)
         dets = body["detections"]
         assert len(dets) == sum(t.n_defects for t in expected) > 0
@@ -118,6 +119,53 @@ def batch_job_answer(served, pixels, nm, tmp_path):
     config = served["config"]
     ens = Ensemble.from_registry("serve-tiny/1", served["env"]["registry"], config=config.ensemble_config())
     return ens.analyze(tiles_from_batch(read_batch(archive, halo=config.halo)))
+
+
+def test_concurrent_requests_each_get_their_own_answer(client, served, image):
+    """Six requests at once: each answered under its own request id with its image's
+    answer, whether a stage batched it with others or not."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pixels, nm = image
+    key = served["env"]["analyze_key"]
+
+    def one(i: int):
+        return analyze(client, key, {"image": ("a.png", png_bytes(pixels), "image/png")},
+                       {"modality": "SEM", "pixel_size_nm": str(nm)}, headers={"X-Request-ID": f"together-{i}"})
+
+    alone = one(-1).json()
+    with ThreadPoolExecutor(6) as pool:
+        responses = list(pool.map(one, range(6)))
+    assert [r.status_code for r in responses] == [200] * 6
+    bodies = [r.json() for r in responses]
+    assert [b["request_id"] for b in bodies] == [f"together-{i}" for i in range(6)]
+    # the same answer to float rounding (a model call over more tiles may sum in another
+    # order: ensemble max_batch > 1)
+    want = np.array([d["box_px"] for d in alone["detections"]])
+    for b in bodies:
+        assert b["material"]["name"] == alone["material"]["name"]
+        np.testing.assert_allclose([d["box_px"] for d in b["detections"]], want, atol=0.01)
+
+
+def test_passes_that_arrive_together_share_a_batch(client, served, image):
+    """@serve.batch across requests, at the stage itself: six preprocessed passes sent to
+    the detector at once (over HTTP the two cores stagger requests so that they seldom
+    meet in a stage). The first may go alone (nothing else in flight yet); the ones
+    queued behind it go together."""
+    from ray import serve
+
+    from engine.serving.app import APP_NAME
+
+    pixels, nm = image
+    ref = client.get("/v1/models", headers=auth(served["env"]["analyze_key"])).json()["arms"]["production"]
+    pre = serve.get_deployment_handle("preprocess", app_name=APP_NAME)
+    det = serve.get_deployment_handle("detector", app_name=APP_NAME)
+    passes = [pre.remote(ref, pixels, "SEM", nm).result() for _ in range(6)]
+    detected = [r.result() for r in [det.detect.remote(ref, p) for p in passes]]
+    sizes = [p.batch_sizes["detect"] for p in detected]
+    assert max(sizes) > 1, sizes
+    for p, q, n in zip(detected, passes, sizes):
+        assert len(p.tiles) == len(q.tiles) and p.batch_sizes == {"detect": n}
 
 
 class TestErrors:
