@@ -206,7 +206,36 @@ def segmenter_part(args, train, held_out, out) -> dict:
     r = _ray_train("segmenter", args.sam_model, args.sam_epochs, args, train, held_out, out, args.sam_lr,
                    args.sam_batch_size or args.batch_size)
     r["mean_mask_iou"] = r["held_out"].get("mask_iou")
+    r["box_prompt_baselines"] = box_prompt_baselines(args, train, held_out)
     return r
+
+
+def box_prompt_baselines(args, train: Path, held_out: Path) -> dict:
+    """Mean mask IoU, over the held-out boxes the segmenter is scored on, of masks that
+    need no model: the prompt box filled, and the ellipse inscribed in it. What a
+    segmenter must beat to have learnt anything beyond its prompt."""
+    import numpy as np
+
+    from engine.data.training_samples import ReadSamples
+    from engine.training.trainer import plan_training
+
+    layout, _, specs = plan_training("segmenter", args.sam_model, str(train), val_archive=str(held_out),
+                                     max_samples_per_image=args.max_samples_per_image, num_workers=args.workers,
+                                     seed=args.seed)
+    reader = ReadSamples(layout.mask)
+    ious: dict[str, list[float]] = {"box": [], "ellipse": []}
+    for spec in specs:
+        row = reader.read(spec)
+        mask = np.asarray(row["mask"])
+        yy, xx = np.mgrid[:mask.shape[0], :mask.shape[1]] + 0.5  # pixel centres
+        for (x0, y0, x1, y1), k in zip(np.asarray(row["boxes"]).reshape(-1, 4), np.asarray(row["instance_ids"])):
+            truth = mask == k
+            box = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
+            ellipse = ((xx - (x0 + x1) / 2) / max((x1 - x0) / 2, 0.5)) ** 2 \
+                + ((yy - (y0 + y1) / 2) / max((y1 - y0) / 2, 0.5)) ** 2 <= 1
+            for name, guess in (("box", box), ("ellipse", ellipse)):
+                ious[name].append(float((guess & truth).sum() / max(1, (guess | truth).sum())))
+    return {f"{name}_mean_iou": round(float(np.mean(v)), 4) for name, v in ious.items()} | {"boxes": len(ious["box"])}
 
 
 def main(argv=None) -> dict:
