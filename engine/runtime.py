@@ -14,3 +14,26 @@ def configure_offline() -> None:
     os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
     # Ultralytics checks connectivity and fetches fonts/assets when online.
     os.environ.setdefault("YOLO_OFFLINE", "1")
+
+
+def use_assigned_cpus() -> int | None:
+    """Inside a Ray task or actor: torch's intra-op threads = the CPUs Ray assigned it.
+
+    Ray sets a worker's OMP_NUM_THREADS when it starts the process, for whatever task
+    or actor that was, and only where the environment sets none: a reused worker keeps
+    another task's count, and a shell that exports OMP_NUM_THREADS=32 gives every 1-CPU
+    actor 32 threads on cores it shares. The count also changes a convolution's last
+    float bits (sums split by thread), which a rerun must not see change. Returns the
+    count set; None outside Ray or with no CPU assigned (nothing changed).
+    """
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    if not cpus:
+        return None
+    import torch
+
+    torch.set_num_threads(max(1, int(cpus)))
+    return torch.get_num_threads()

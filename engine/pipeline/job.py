@@ -114,11 +114,15 @@ class JobEnsemble(Ensemble):
     (`engine.pipeline.bundle.describe_bundle`, from registry metadata); an actor whose
     loaded members describe themselves otherwise refuses to start (GrainflowError naming
     the difference), so no tile is written under the wrong class names. Other arguments
-    as `Ensemble`.
+    as `Ensemble`. In a Ray actor, torch gets as many threads as the actor has CPUs
+    (`engine.runtime.use_assigned_cpus`).
     """
 
     def __init__(self, *, dtypes: Mapping[str, str] | None = None, expect: Mapping[str, Any] | None = None,
                  **kwargs):
+        from engine.runtime import use_assigned_cpus
+
+        use_assigned_cpus()  # the actor's CPUs, not whatever OMP_NUM_THREADS says
         super().__init__(**kwargs)
         self._dtypes = {k: np.dtype(v) for k, v in (dtypes or {}).items()}
         if expect is not None:

@@ -513,3 +513,17 @@ class TestJobEnsemble:
         assert seen == [("a", np.dtype(np.uint8)), ("b", np.dtype(np.uint16))]
         np.testing.assert_array_equal(out["origin"], origin)
         assert out["halo"].shape == (2, 4) and len(out["image_id"]) == 2
+
+    def test_an_actor_runs_torch_on_its_own_cpus_whatever_omp_num_threads_says(self, ray_session, tiny_models):
+        """A shell that exports OMP_NUM_THREADS (Ray then leaves it alone) must not give
+        every 1-CPU ensemble actor that many threads."""
+        import torch
+
+        from engine.pipeline.job import JobEnsemble
+
+        actor = ray_session.remote(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "3"}})(
+            JobEnsemble).remote(models=tiny_models, config=CONFIG)
+        env, threads = ray_session.get(actor.__ray_call__.remote(
+            lambda self: (__import__("os").environ["OMP_NUM_THREADS"], torch.get_num_threads())))
+        assert (env, threads) == ("3", 1)
+        ray_session.kill(actor)

@@ -122,16 +122,14 @@ def generate_batch(model_bytes: bytes, sha256: str, batch: SampleBatch, archive_
     row or None) per sample. Uses CUDA when Ray gave this task a GPU."""
     import torch
 
+    from engine.runtime import use_assigned_cpus
     from engine.synth.diffusion.output import write_sample
     from engine.synth.diffusion.sampler import sample_patches
 
     import ray
 
     device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    # Ray fixes a worker's OMP_NUM_THREADS when it starts the process, for whatever task
-    # that was, and a reused worker keeps it; torch splits a convolution's sums by thread,
-    # so the count changes the last bits of a sample. It follows this task's CPUs instead.
-    torch.set_num_threads(max(1, int(ray.get_runtime_context().get_assigned_resources().get("CPU", 1.0))))
+    use_assigned_cpus()  # a sample's last bits depend on torch's thread count
     model = _load(model_bytes, sha256, device)
     vocabulary = Vocabulary.of(model)
     conditions = [vocabulary.index(s.condition) for s in batch.samples]
