@@ -26,10 +26,10 @@ max_det sets how many boxes SAM segments per tile; the JSON gives the measured m
 Variants, each round in a fresh child process, alternating (job, loop; loop, job; ...)
 to even out drift in a shared machine's load:
 
-- job: ray.init(num_cpus=W + 2) (a slot per ensemble actor, two for Ray Data's read and
-  sink tasks: logical slots, the machine has what it has), then
-  engine.pipeline.job.reprocess(concurrency=W, batch_size=B) from plan to summary,
-  writing every output (Parquet tables, label images, ledger). Timed: the whole call
+- job: ray.init(num_cpus=W x T + 2) (T slots per ensemble actor, two for Ray Data's read
+  and sink tasks: logical slots, the machine has what it has), then
+  engine.pipeline.job.reprocess(concurrency=W, cpus_per_actor=T, batch_size=B) from plan to
+  summary, writing every output (Parquet tables, label images, ledger). Timed: the whole call
   (a cluster already up, as when a job is submitted to one); its stage_seconds say
   where the time went. The describe task, actor start-up and model loading are in it.
 - loop: W spawned processes, each loads the same bundle (Ensemble.from_registry) and
@@ -310,14 +310,14 @@ def _config(cfg: dict):
 
 
 def run_job(cfg: dict) -> dict:
-    """One run of the job on a fresh local Ray of W + 2 logical CPUs."""
+    """One run of the job on a fresh local Ray of W x T + 2 logical CPUs (T per actor)."""
     import ray
 
     from engine.pipeline.job import reprocess
 
     temp_dir = tempfile.mkdtemp(prefix="gf", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(address="local", num_cpus=cfg["workers"] + 2, include_dashboard=False, log_to_driver=False,
-             _temp_dir=temp_dir)
+    ray.init(address="local", num_cpus=cfg["workers"] * cfg["threads"] + 2, include_dashboard=False,
+             log_to_driver=False, _temp_dir=temp_dir)
     try:
         threads = ray.get(ray.remote(num_cpus=1)(_torch_threads).remote())
         registry = _registry(cfg)
@@ -325,7 +325,7 @@ def run_job(cfg: dict) -> dict:
         meter, t0 = TreeCpuMeter(pid).start(), time.perf_counter()
         result = reprocess(cfg["archive"], cfg["out"], cfg["bundle"], registry=registry, tile_size=cfg["tile"],
                            halo=cfg["halo"], batch_size=cfg["batch_size"], concurrency=cfg["workers"], num_gpus=0,
-                           resume=False, config=_config(cfg))
+                           cpus_per_actor=cfg["threads"], resume=False, config=_config(cfg))
         wall, cpu = time.perf_counter() - t0, meter.stop()
     finally:
         ray.shutdown()

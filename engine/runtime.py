@@ -24,13 +24,16 @@ def use_assigned_cpus() -> int | None:
     another task's count, and a shell that exports OMP_NUM_THREADS=32 gives every 1-CPU
     actor 32 threads on cores it shares. The count also changes a convolution's last
     float bits (sums split by thread), which a rerun must not see change. Returns the
-    count set; None outside Ray or with no CPU assigned (nothing changed).
+    count set; None in a driver, outside Ray or with no CPU assigned (nothing changed).
     """
     import ray
 
     if not ray.is_initialized():
         return None
-    cpus = ray.get_runtime_context().get_assigned_resources().get("CPU")
+    context = ray.get_runtime_context()
+    if context.worker.mode != ray.WORKER_MODE:  # a driver: its threads are its own business
+        return None
+    cpus = context.get_assigned_resources().get("CPU")
     if not cpus:
         return None
     import torch

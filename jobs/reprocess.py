@@ -34,6 +34,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--batch-size", type=int, default=8, help="tiles per ensemble call")
     p.add_argument("--concurrency", type=int, default=None, help="ensemble actors (default: one per GPU, else CPUs / 2)")
     p.add_argument("--gpus-per-actor", type=float, default=None, help="default: 1 (or a share) when the cluster has GPUs")
+    p.add_argument("--cpus-per-actor", type=float, default=1.0,
+                   help="CPUs each ensemble actor reserves, and its torch threads")
     p.add_argument("--labels", choices=("auto", "image", "out", "none"), default="auto",
                    help="label images beside each image (auto: when the archive is writable, else under --out)")
     p.add_argument("--conf", type=float, default=None, help="detector score threshold (default: the ensemble's)")
@@ -44,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         v = getattr(args, name)
         if v is not None and v < 1:
             p.error(f"--{name.replace('_', '-')} must be >= 1, got {v}")
+    if not args.cpus_per_actor > 0:
+        p.error(f"--cpus-per-actor must be > 0, got {args.cpus_per_actor}")
     if args.halo < 0:
         p.error(f"--halo must be >= 0, got {args.halo}")
     if args.conf is not None and not 0.0 <= args.conf <= 1.0:
@@ -82,7 +86,8 @@ def main(argv: list[str] | None = None) -> int:
         result = reprocess(
             args.archive, args.out, args.models, registry=registry, target_pixel_size_nm=args.pixel_size,
             tile_size=args.tile, halo=args.halo, batch_size=args.batch_size, concurrency=args.concurrency,
-            num_gpus=args.gpus_per_actor, resume=not args.no_resume, labels=args.labels, config=config,
+            num_gpus=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, resume=not args.no_resume,
+            labels=args.labels, config=config,
         )
     except GrainflowError as exc:
         print(f"reprocess: {exc}", file=sys.stderr)

@@ -261,8 +261,8 @@ def _finish(out: StoreLocation, plan, done, target, describe, provenance) -> dic
 def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref: str, *, registry=None,
               target_pixel_size_nm: float | None = None, tile_size: int | None = None, halo: int = 32,
               batch_size: int = 8, concurrency: int | None = None, num_gpus: float | None = None,
-              resume: bool = True, labels: str = "auto", label_name: str = DEFAULT_LABEL_NAME,
-              config: EnsembleConfig | None = None, tolerance: float = DEFAULT_TOLERANCE,
+              cpus_per_actor: float = 1.0, resume: bool = True, labels: str = "auto",
+              label_name: str = DEFAULT_LABEL_NAME, config: EnsembleConfig | None = None, tolerance: float = DEFAULT_TOLERANCE,
               target_bytes: int | None = None) -> JobResult:
     """Run the ensemble `models_ref` over every tile of `archive`, write results to `out`.
 
@@ -271,9 +271,10 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     embedded one). target_pixel_size_nm: the model's pixel size (module doc for the
     default). tile_size: core edge in model pixels (rounded up to whole chunks; None: one
     chunk); halo: context pixels around each core. batch_size: tiles per ensemble call;
-    concurrency: ensemble actors (default: one per GPU, else half the cluster's CPUs);
-    num_gpus: per actor (default: 1, or the share of the cluster's GPUs, when it has
-    any; else 0). resume: skip tiles an earlier run of the same settings finished;
+    concurrency: ensemble actors (default: one per GPU, else half the cluster's CPUs
+    over cpus_per_actor); num_gpus: per actor (default: 1, or the share of the cluster's
+    GPUs, when it has any; else 0); cpus_per_actor: CPUs each actor reserves, and torch's
+    threads in it. resume: skip tiles an earlier run of the same settings finished;
     False clears `out`'s job outputs first. labels: where label images go: "auto"
     (beside each image, in its OME-Zarr ``labels/`` group, when the archive can be
     written; else under ``<out>/labels/``), "image", "out" or "none". config: how the
@@ -293,6 +294,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         raise ValueError(f"labels: expected one of {LABEL_MODES}, got {labels!r}")
     if batch_size < 1 or (concurrency is not None and concurrency < 1):
         raise ValueError(f"batch_size and concurrency must be >= 1, got {batch_size}, {concurrency}")
+    if not cpus_per_actor > 0:
+        raise ValueError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
     if not ray.is_initialized():
         raise GrainflowError("reprocess needs a connected Ray: call ray.init() first (jobs.reprocess does)")
     started = time.perf_counter()
@@ -384,7 +387,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         finish_if_complete(image_id)
     done = errors = 0
     if len(finishing) < len(plans):
-        actors, gpus = _resources(concurrency, num_gpus)
+        actors, gpus = _resources(concurrency, num_gpus, cpus_per_actor)
         stored = dict(zip(catalog["image_id"], catalog["dtype"]))
         dtypes = {im.image_id: str(stored[im.image_id]) for im in plans
                   if str(stored[im.image_id]) != im.tile_dtype}
@@ -395,7 +398,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         # holds ~0.5-1 GiB once torch is imported), so the job's memory would too.
         ds = ray.data.read_datasource(source, concurrency=actors)
         ds = ds.map_batches(JobEnsemble, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
-                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus)
+                            compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
+                            num_cpus=cpus_per_actor)
         ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
                             batch_size=None, batch_format="numpy", concurrency=actors)
         try:
@@ -477,14 +481,15 @@ def _count_planned(plan, keys) -> int:
     return n
 
 
-def _resources(concurrency: int | None, num_gpus: float | None) -> tuple[int, float]:
-    """(actors, GPUs per actor): one actor per GPU by default, else half the CPUs."""
+def _resources(concurrency: int | None, num_gpus: float | None, cpus_per_actor: float = 1.0) -> tuple[int, float]:
+    """(actors, GPUs per actor): one actor per GPU by default, else half the CPUs
+    (cpus_per_actor each)."""
     import ray
 
     res = ray.cluster_resources()
     gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
     if concurrency is None:
-        concurrency = max(1, int(gpus)) if gpus >= 1 else max(1, int(cpus) // 2)
+        concurrency = max(1, int(gpus)) if gpus >= 1 else max(1, int(cpus / 2 / cpus_per_actor))
     if num_gpus is None:
         num_gpus = 0.0 if gpus == 0 else min(1.0, gpus / concurrency)
     return concurrency, float(num_gpus)

@@ -410,6 +410,9 @@ class TestEntrypoint:
         with pytest.raises(SystemExit) as exc:
             parse_args(["--archive", "a", "--out", "o", "--models", "m", "--conf", "2"])
         assert exc.value.code == 2 and "--conf" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exc:
+            parse_args(["--archive", "a", "--out", "o", "--models", "m", "--cpus-per-actor", "0"])
+        assert exc.value.code == 2 and "--cpus-per-actor" in capsys.readouterr().err
 
 
 class TestPrepare:
@@ -527,3 +530,7 @@ class TestJobEnsemble:
             lambda self: (__import__("os").environ["OMP_NUM_THREADS"], torch.get_num_threads())))
         assert (env, threads) == ("3", 1)
         ray_session.kill(actor)
+        from engine.runtime import use_assigned_cpus
+
+        before = torch.get_num_threads()
+        assert use_assigned_cpus() is None and torch.get_num_threads() == before  # a driver is left alone
