@@ -13,7 +13,10 @@ whatever batch or worker it fell in.
 
 Losses:
 - classifier: cross-entropy of material + cross-entropy of quality grade;
-- fusion: the same two, plus per-pixel cross-entropy of the defect segmentation;
+- fusion: the same two, plus the defect segmentation's per-pixel cross-entropy and
+  the soft dice loss of its defect (any class) probability over the batch: defects are
+  ~1% of the pixels, and cross-entropy alone lets the head settle on all-background
+  (the CE + dice pairing of nnU-Net);
 - segmenter (SAM): per box, binary cross-entropy + dice between the predicted mask
   logits (upsampled to the tile) and the instance mask, plus the squared error of
   SAM's own IoU estimate against the mask's actual IoU (as SAM was trained).
@@ -155,12 +158,16 @@ class FusionTask(ClassifierTask):
         out = model(batch["image"], batch["context"])
         loss, stats = self._heads(out, batch)
         seg_logits, target = out["segmentation"], batch["mask"]
-        ls = F.cross_entropy(seg_logits, target)
+        ce = F.cross_entropy(seg_logits, target)
+        fg_prob = 1.0 - seg_logits.softmax(dim=1)[:, 0]  # any defect class
+        fg_true = target > 0
+        dice = 1.0 - (2.0 * (fg_prob * fg_true).sum() + 1.0) / (fg_prob.sum() + fg_true.sum() + 1.0)
+        ls = ce + dice
         pred = seg_logits.argmax(dim=1)
-        fg_pred, fg_true = pred > 0, target > 0
+        fg_pred = pred > 0
         n = stats["n"]
         stats.update(
-            loss=(loss + ls).detach() * n, seg_loss=ls.detach() * n,
+            loss=(loss + ls).detach() * n, seg_loss=ls.detach() * n, seg_dice_loss=dice.detach() * n,
             pixels=torch.tensor(float(target.numel()), device=ls.device),
             pixel_correct=(pred == target).sum().float(),
             defect_intersection=(fg_pred & fg_true).sum().float(),
@@ -172,6 +179,7 @@ class FusionTask(ClassifierTask):
         out = super().metrics(sums)
         out.update(
             seg_loss=_ratio(sums["seg_loss"], sums["n"]),
+            seg_dice_loss=_ratio(sums["seg_dice_loss"], sums["n"]),
             pixel_acc=_ratio(sums["pixel_correct"], sums["pixels"]),
             # no defect pixel predicted nor present: perfect agreement
             defect_iou=_ratio(sums["defect_intersection"], sums["defect_union"], empty=1.0),

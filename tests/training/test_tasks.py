@@ -87,6 +87,25 @@ class TestFusionTask:
         m = task.metrics(sums_of(stats))
         assert m["loss"] == pytest.approx(m["material_loss"] + m["grade_loss"] + m["seg_loss"], rel=1e-5)
         assert 0.0 <= m["pixel_acc"] <= 1.0 and 0.0 <= m["defect_iou"] <= 1.0
+        assert 0.0 < m["seg_dice_loss"] < 1.0 and m["seg_loss"] > m["seg_dice_loss"]
+
+    def test_an_all_background_segmentation_pays_the_whole_dice_term(self, train_archive):
+        """Defects are ~1% of the pixels: cross-entropy barely punishes a head that calls
+        everything background; the dice term charges it in full."""
+        task = FusionTask()
+        layout = task.layout(64, {"context_level_offset": 2})
+        batch = task.collate(layout, epoch=1, seed=0, augment_strength=0.0)(read_batch(train_archive, layout))
+        real = create_model("fusion", "fusion_tiny")(batch["image"], batch["context"])
+
+        def background(image, context):
+            seg = torch.zeros_like(real["segmentation"])
+            seg[:, 0] = 20.0  # background, confidently, everywhere
+            return {**real, "segmentation": seg}
+
+        _, stats = task.step(background, batch)
+        m = task.metrics(sums_of(stats))
+        assert m["seg_dice_loss"] == pytest.approx(1.0, abs=0.02) and m["defect_iou"] == 0.0
+        assert m["seg_loss"] - m["seg_dice_loss"] < 0.3  # cross-entropy: the defects' few pixels only
 
     def test_views_get_the_same_draws(self, train_archive):
         """Detail and context are turned and re-toned alike: with identical pixels in
