@@ -725,7 +725,8 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
 
 __all__ = [
     "DEFAULT_LABEL_NAME", "DETECTIONS", "DETECTION_SCHEMA", "ERRORS", "ERROR_SCHEMA", "IMAGE_ERROR_FILE",
-    "LabelTarget", "OBJECTS", "OBJECT_SCHEMA", "SUMMARY_COLUMNS", "SUMMARY_FILE", "TILES", "TILE_SCHEMA", "WriteTileOutputs",
+    "LabelTarget", "OBJECTS", "OBJECT_SCHEMA", "SUMMARY_COLUMNS", "SUMMARY_FILE", "TILES", "TILE_SCHEMA",
+    "WriteTileOutputs",
     "core_to_level", "create_label_arrays", "finish_image", "label_dtype", "partition", "read_output",
     "stitch_objects", "summary_table", "tile_file", "tile_location", "unplanned_summary_row", "write_image_error",
     "write_label_pyramid",

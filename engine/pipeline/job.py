@@ -262,7 +262,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
               target_pixel_size_nm: float | None = None, tile_size: int | None = None, halo: int = 32,
               batch_size: int = 8, concurrency: int | None = None, num_gpus: float | None = None,
               cpus_per_actor: float = 1.0, resume: bool = True, labels: str = "auto",
-              label_name: str = DEFAULT_LABEL_NAME, config: EnsembleConfig | None = None, tolerance: float = DEFAULT_TOLERANCE,
+              label_name: str = DEFAULT_LABEL_NAME, config: EnsembleConfig | None = None,
+              tolerance: float = DEFAULT_TOLERANCE,
               target_bytes: int | None = None) -> JobResult:
     """Run the ensemble `models_ref` over every tile of `archive`, write results to `out`.
 
