@@ -96,9 +96,8 @@ def _header(run: Run) -> str:
         parts.append(html.note(run.archive_note, warn=True))
     if h["errors"] or not run.summary["complete"].all():
         incomplete = int((~run.summary["complete"]).sum())
-        unplanned = int((run.summary["tiles_planned"] == 0).sum())
         what = f"{int(run.summary['tiles_error'].sum())} tile(s) failed" + (
-            f" and {unplanned} image(s) could not be planned" if unplanned else "")
+            f" and {h['images_failed']} image(s) could not be planned" if h["images_failed"] else "")
         parts.append(html.note(f"{incomplete} image(s) are incomplete: {what} (see Errors); rerun the job with the "
                                f"same --out to retry them.", warn=True))
     return html.section("run", "Run", parts)
