@@ -25,6 +25,8 @@ from segment_anything.utils.transforms import ResizeLongestSide
 from torch import nn
 from torch.nn import functional as F
 
+from engine.models import box_zoom
+from engine.models.box_zoom import BoxZoom
 from engine.models.tiles import model_device, tiles_to_tensor
 
 # Meta's ImageNet statistics in [0, 255]; the small model keeps them (see module doc).
@@ -44,19 +46,32 @@ class Segmentation(NamedTuple):
 
 
 class SamOutput(NamedTuple):
-    """Differentiable output for one image: low_res_logits N x M x S/4 x S/4 (S = the
-    encoder's img_size; M = 1, or 3 with multimask_output) and iou N x M."""
+    """Differentiable output for the N boxes of one image.
+
+    low_res_logits: N x M x S/4 x S/4 float32 (S = the encoder's img_size; M = 1, or 3
+    with multimask_output); iou: N x M. With box zoom, windows: N x 4 xyxy tile px, and
+    mask k covers window k (see `engine.models.box_zoom`); without, windows is None and
+    the masks cover the resized, padded tile.
+    """
 
     low_res_logits: torch.Tensor
     iou: torch.Tensor
+    windows: torch.Tensor | None = None
 
 
 class Segmenter(nn.Module):
-    """A SAM model with batched box prompts over tiles and over the boxes of each tile."""
+    """A SAM model with batched box prompts over tiles and over the boxes of each tile.
 
-    def __init__(self, sam: Sam):
+    zoom: None (the encoder sees each tile once, resized to img_size) or a BoxZoom (it
+    sees a window around each box: for objects smaller than the embedding grid's cells).
+    """
+
+    ZOOM_CHUNK = 64  # windows per encoder pass with box zoom
+
+    def __init__(self, sam: Sam, zoom: BoxZoom | None = None):
         super().__init__()
         self.sam = sam
+        self.zoom = zoom
         self.img_size = int(sam.image_encoder.img_size)
         self.resize = ResizeLongestSide(self.img_size)
 
@@ -87,44 +102,110 @@ class Segmenter(nn.Module):
         mask_inputs: Sequence[torch.Tensor] | None = None,
         multimask_output: bool = False,
     ) -> list[SamOutput]:
-        """Differentiable SAM pass (for training); the encoder runs once per batch.
+        """Differentiable SAM pass (for training).
 
         images: B x 1 x H x W float32 in [0, 1]. boxes[b]: N_b x 4 float32, xyxy in pixels
         of image b. points[b] (optional): (N_b x P x 2 xy pixels, N_b x P labels: 1
         foreground, 0 background, -1 padding). mask_inputs[b] (optional): N_b x 1 x S/4 x
-        S/4 logits from an earlier pass. Returns one SamOutput per image.
+        S/4 logits from an earlier pass. Returns one SamOutput per image. The encoder runs
+        once per batch: on the B tiles, or with box zoom on the windows of all boxes.
         """
         if images.ndim != 4 or images.shape[1] != 1:
             raise ValueError(f"images: expected B x 1 x H x W, got shape {tuple(images.shape)}")
         if len(boxes) != images.shape[0]:
             raise ValueError(f"boxes: expected one N x 4 tensor per image ({images.shape[0]}), got {len(boxes)}")
+        points = points if points is not None else [None] * len(boxes)
+        mask_inputs = mask_inputs if mask_inputs is not None else [None] * len(boxes)
+        if self.zoom is not None:
+            return self._forward_zoomed(images, boxes, points, mask_inputs, multimask_output)
         h, w = images.shape[-2:]
         embeddings = self.sam.image_encoder(self.preprocess(images))
-        dense_pe = self.sam.prompt_encoder.get_dense_pe()
         out = []
         for b, embedding in enumerate(embeddings):
             if boxes[b].shape[0] == 0:  # the decoder cannot reshape an empty prompt batch
-                m = 3 if multimask_output else 1
-                low = self.sam.prompt_encoder.mask_input_size
-                out.append(SamOutput(embedding.new_zeros((0, m, *low)), embedding.new_zeros((0, m))))
+                out.append(self._no_masks(embedding, multimask_output))
                 continue
             box = self.resize.apply_boxes_torch(boxes[b].to(embedding), (h, w))
             pts = None
-            if points is not None:
+            if points[b] is not None:
                 coords, labels = points[b]
                 pts = (self.resize.apply_coords_torch(coords.to(embedding).contiguous(), (h, w)), labels.to(embedding.device))
-            sparse, dense = self.sam.prompt_encoder(
-                points=pts, boxes=box, masks=None if mask_inputs is None else mask_inputs[b]
-            )
-            logits, iou = self.sam.mask_decoder(
-                image_embeddings=embedding.unsqueeze(0),
-                image_pe=dense_pe,
-                sparse_prompt_embeddings=sparse,
-                dense_prompt_embeddings=dense,
-                multimask_output=multimask_output,
-            )
-            out.append(SamOutput(logits, iou))
+            out.append(SamOutput(*self._decode(embedding, box, pts, mask_inputs[b], multimask_output)))
         return out
+
+    def _forward_zoomed(self, images, boxes, points, mask_inputs, multimask_output) -> list[SamOutput]:
+        counts = [int(b.shape[0]) for b in boxes]
+        if sum(counts) == 0:
+            return [self._no_masks(images, multimask_output) for _ in boxes]
+        all_boxes = torch.cat([b.to(images) for b in boxes])
+        image_index = torch.repeat_interleave(torch.arange(len(boxes), device=images.device),
+                                              torch.tensor(counts, device=images.device))
+        windows = self.zoom.windows(all_boxes)
+        crops = box_zoom.crop(images, image_index, windows, self.img_size)
+        # In chunks: a batch of tiles may hold thousands of boxes, and the encoder's
+        # activations grow with the number of windows.
+        embeddings = torch.cat([self.sam.image_encoder(self.preprocess(c)) for c in crops.split(self.ZOOM_CHUNK)])
+        crop_boxes = box_zoom.to_window(all_boxes, windows, self.img_size)
+        out, start = [], 0
+        for b, n in enumerate(counts):
+            if n == 0:
+                out.append(self._no_masks(images, multimask_output))
+                continue
+            logits, iou = [], []
+            for k in range(start, start + n):
+                pts = None
+                if points[b] is not None:
+                    coords, labels = points[b]
+                    i = k - start
+                    pts = (box_zoom.to_window(coords[i : i + 1].to(images), windows[k : k + 1], self.img_size),
+                           labels[i : i + 1].to(images.device))
+                mask_in = None if mask_inputs[b] is None else mask_inputs[b][k - start : k - start + 1]
+                # One crop, one prompt: the decoder repeats its image embedding per prompt.
+                lo, q = self._decode(embeddings[k], crop_boxes[k : k + 1], pts, mask_in, multimask_output)
+                logits.append(lo)
+                iou.append(q)
+            out.append(SamOutput(torch.cat(logits), torch.cat(iou), windows[start : start + n]))
+            start += n
+        return out
+
+    def _decode(self, embedding, box, pts, mask_in, multimask_output) -> tuple[torch.Tensor, torch.Tensor]:
+        """Mask logits N x M x S/4 x S/4 and IoU estimates N x M for N prompts on one
+        C x h x w image embedding; box, pts in pixels of the S x S encoder input."""
+        sparse, dense = self.sam.prompt_encoder(points=pts, boxes=box, masks=mask_in)
+        return self.sam.mask_decoder(
+            image_embeddings=embedding.unsqueeze(0),
+            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            sparse_prompt_embeddings=sparse,
+            dense_prompt_embeddings=dense,
+            multimask_output=multimask_output,
+        )
+
+    def _no_masks(self, like: torch.Tensor, multimask_output: bool) -> SamOutput:
+        m = 3 if multimask_output else 1
+        low = self.sam.prompt_encoder.mask_input_size
+        windows = like.new_zeros((0, 4)) if self.zoom is not None else None
+        return SamOutput(like.new_zeros((0, m, *low)), like.new_zeros((0, m)), windows)
+
+    def tile_logits(self, out: SamOutput, tile: tuple[int, int]) -> torch.Tensor:
+        """The first mask of each box as N x H x W logits over its tile (H, W)."""
+        if out.windows is None:
+            return self.sam.postprocess_masks(out.low_res_logits, self.input_size(*tile), tile)[:, 0]
+        return box_zoom.paste(out.low_res_logits[:, 0], out.windows, tile, fill=-1e4)
+
+    def loss_frame(self, out: SamOutput, masks: torch.Tensor, tile: tuple[int, int]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Logits and targets, N x h x w each, in the frame a loss compares them in.
+
+        masks: N x H x W float32 in {0, 1}, each box's object on its tile (H, W). Without
+        zoom the frame is the tile; with zoom, each box's S x S window (the object then
+        fills a fair share of the pixels the loss averages over).
+        """
+        if out.windows is None:
+            return self.tile_logits(out, tile), masks
+        s = self.img_size
+        logits = F.interpolate(out.low_res_logits[:, :1], (s, s), mode="bilinear", align_corners=False)[:, 0]
+        index = torch.arange(masks.shape[0], device=masks.device)
+        targets = (box_zoom.crop(masks[:, None], index, out.windows, s)[:, 0] > 0.5).to(logits.dtype)
+        return logits, targets
 
     @torch.inference_mode()
     def segment(self, images, boxes: Sequence[np.ndarray]) -> list[Segmentation]:
@@ -151,14 +232,12 @@ class Segmenter(nn.Module):
             outputs = self.forward(x, prompts)
         finally:
             self.train(was_training)
-        size = self.input_size(h, w)
         result = []
         for out in outputs:
             if out.low_res_logits.shape[0] == 0:
                 result.append(Segmentation(np.zeros((0, h, w), bool), np.zeros((0,), np.float32)))
                 continue
-            logits = self.sam.postprocess_masks(out.low_res_logits, size, (h, w))[:, 0]
-            masks = (logits > self.sam.mask_threshold).cpu().numpy()
+            masks = (self.tile_logits(out, (h, w)) > self.sam.mask_threshold).cpu().numpy()
             result.append(Segmentation(masks, out.iou[:, 0].float().cpu().numpy()))
         return result
 
@@ -185,12 +264,16 @@ def build_sam_small(
     prompt_dim: int = 64,
     decoder_mlp_dim: int = 256,
     decoder_heads: int = 4,
+    zoom_context: float | None = None,
+    zoom_min_side: float = 16.0,
 ) -> Segmenter:
     """A narrow, shallow SAM from segment_anything's modeling classes (trains on CPU).
 
     Same design as Meta's (windowed ViT with relative positions and a few global blocks,
     two-way transformer decoder), scaled down: embeddings grid img_size / patch_size,
     prompt/decoder width prompt_dim (divisible by 8 for the upscaling path).
+    zoom_context: None, or the encoder sees a square window of zoom_context times each
+    box's longer side, at least zoom_min_side tile pixels (`engine.models.box_zoom`).
     """
     grid = img_size // patch_size
     encoder = ImageEncoderViT(
@@ -208,7 +291,8 @@ def build_sam_small(
         transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim, num_heads=decoder_heads),
         transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=prompt_dim,
     )
-    return Segmenter(Sam(encoder, prompt, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD)))
+    zoom = None if zoom_context is None else BoxZoom(zoom_context, zoom_min_side)
+    return Segmenter(Sam(encoder, prompt, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD)), zoom)
 
 
 BUILDERS = {"sam_meta": build_sam_meta, "sam_small": build_sam_small}

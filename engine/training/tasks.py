@@ -18,7 +18,8 @@ Losses:
   ~1% of the pixels, and cross-entropy alone lets the head settle on all-background
   (the CE + dice pairing of nnU-Net);
 - segmenter (SAM): per box, binary cross-entropy + dice between the predicted mask
-  logits (upsampled to the tile) and the instance mask, plus the squared error of
+  logits and the instance mask (over the tile, or with box zoom over the box's window:
+  there the training mask_iou is measured too), plus the squared error of
   SAM's own IoU estimate against the mask's actual IoU (as SAM was trained).
 - diffusion: DDPM's noise-prediction mean squared error on (image, mask) defect
   patches, conditioned on (defect class, material, modality).
@@ -211,14 +212,13 @@ class SegmenterTask(Task):
         images, boxes, masks = batch["image"], batch["boxes"], batch["masks"]
         outputs = model(images, boxes)
         sam = getattr(model, "module", model)  # under DDP the Segmenter is .module
-        h, w = images.shape[-2:]
-        size = sam.input_size(h, w)
+        tile = tuple(images.shape[-2:])
         logits, targets, iou_pred = [], [], []
         for out, target in zip(outputs, masks):
             if target.shape[0] == 0:
                 continue
-            up = sam.sam.postprocess_masks(out.low_res_logits, size, (h, w))[:, 0]  # N x H x W
-            logits.append(up)
+            logit, target = sam.loss_frame(out, target, tile)  # N x h x w each
+            logits.append(logit)
             targets.append(target)
             iou_pred.append(out.iou[:, 0])
         dev = images.device

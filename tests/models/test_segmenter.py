@@ -8,7 +8,7 @@ import torch
 from safetensors.torch import save_file
 
 import engine.models as M
-from engine.models.segmenter import PIXEL_MEAN, PIXEL_STD, Segmentation
+from engine.models.segmenter import PIXEL_MEAN, PIXEL_STD, Segmentation, build_sam_small
 
 
 @pytest.fixture(scope="module")
@@ -17,49 +17,73 @@ def sam():
     return M.create_segmenter("sam_tiny")
 
 
+@pytest.fixture(scope="module", params=["box zoom", "whole tile"])
+def any_sam(request):
+    """sam_tiny as registered (box zoom) and the same model seeing whole tiles (the path
+    Meta's configs take)."""
+    torch.manual_seed(0)
+    if request.param == "box zoom":
+        return M.create_segmenter("sam_tiny")
+    return build_sam_small(zoom_context=None)
+
+
 class TestSegment:
-    def test_one_mask_per_box_with_the_tile_shape(self, sam):
+    def test_one_mask_per_box_with_the_tile_shape(self, any_sam):
         tiles = np.random.default_rng(0).random((3, 100, 130), dtype=np.float32)
         boxes = [np.array([[10, 10, 50, 60], [0, 0, 129, 99]], np.float32), np.zeros((0, 4), np.float32),
                  np.array([[5, 5, 20, 20]], np.float32)]
-        out = sam.segment(tiles, boxes)
+        out = any_sam.segment(tiles, boxes)
         assert len(out) == 3
         for seg, box in zip(out, boxes):
             assert isinstance(seg, Segmentation)
             assert seg.masks.shape == (len(box), 100, 130) and seg.masks.dtype == bool
             assert seg.iou.shape == (len(box),) and seg.iou.dtype == np.float32
 
-    def test_integer_tiles(self, sam):
+    def test_integer_tiles(self, any_sam):
         tiles = np.random.default_rng(1).integers(0, 255, (2, 256, 256), dtype=np.uint8)
-        out = sam.segment(tiles, [np.array([[0, 0, 100, 100]]), np.array([[50, 50, 200, 120]])])
+        out = any_sam.segment(tiles, [np.array([[0, 0, 100, 100]]), np.array([[50, 50, 200, 120]])])
         assert [s.masks.shape for s in out] == [(1, 256, 256), (1, 256, 256)]
 
-    def test_batched_equals_one_by_one(self, sam):
+    def test_batched_equals_one_by_one(self, any_sam):
         # 100 x 130 tiles go through the resize path (longest side to 256).
         tiles = np.random.default_rng(2).random((2, 100, 130), dtype=np.float32)
         boxes = [np.array([[10, 10, 90, 90], [60, 50, 120, 99]]), np.array([[0, 0, 129, 99]])]
-        both = sam.segment(tiles, boxes)
+        both = any_sam.segment(tiles, boxes)
         for i in range(2):
-            (single,) = sam.segment(tiles[i : i + 1], boxes[i : i + 1])
+            (single,) = any_sam.segment(tiles[i : i + 1], boxes[i : i + 1])
             np.testing.assert_allclose(single.iou, both[i].iou, rtol=1e-4, atol=1e-5)
 
-    def test_box_count_and_shape_errors(self, sam):
+    def test_zoomed_masks_stay_in_their_window(self):
+        torch.manual_seed(0)
+        sam = M.create_segmenter("sam_tiny")
+        assert sam.zoom is not None
+        tiles = np.random.default_rng(3).random((1, 256, 256), dtype=np.float32)
+        box = np.array([[100, 120, 110, 126]], np.float32)  # 10 px wide: a 30 px window x 105 +- 15, y 123 +- 15
+        sam.sam.mask_threshold = -1e3  # every pixel the model paints counts
+        try:
+            (seg,) = sam.segment(tiles, [box])
+        finally:
+            sam.sam.mask_threshold = 0.0
+        ys, xs = np.nonzero(seg.masks[0])
+        assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (90, 120, 108, 138)
+
+    def test_box_count_and_shape_errors(self, any_sam):
         tiles = np.zeros((2, 64, 64), np.float32)
         with pytest.raises(ValueError, match="one N x 4 array per image"):
-            sam.segment(tiles, [np.zeros((1, 4))])
+            any_sam.segment(tiles, [np.zeros((1, 4))])
         with pytest.raises(ValueError, match=r"boxes\[1\]"):
-            sam.segment(tiles, [np.zeros((1, 4)), np.zeros((4,))])
+            any_sam.segment(tiles, [np.zeros((1, 4)), np.zeros((4,))])
 
-    def test_grey_is_replicated_and_normalised(self, sam):
-        x = sam.preprocess(torch.full((1, 1, 128, 256), 0.5))
+    def test_grey_is_replicated_and_normalised(self, any_sam):
+        x = any_sam.preprocess(torch.full((1, 1, 128, 256), 0.5))
         assert x.shape == (1, 3, 256, 256)
         for c in range(3):
             expected = (127.5 - PIXEL_MEAN[c]) / PIXEL_STD[c]
             torch.testing.assert_close(x[0, c, :128], torch.full((128, 256), expected))
         assert torch.all(x[0, :, 128:] == 0), "padding below the resized tile"
 
-    def test_forward_is_differentiable_with_multimask(self, sam):
-        out = sam(torch.rand(1, 1, 256, 256), [torch.tensor([[10.0, 10.0, 80.0, 80.0]])], multimask_output=True)
+    def test_forward_is_differentiable_with_multimask(self, any_sam):
+        out = any_sam(torch.rand(1, 1, 256, 256), [torch.tensor([[10.0, 10.0, 80.0, 80.0]])], multimask_output=True)
         assert out[0].low_res_logits.shape == (1, 3, 64, 64) and out[0].iou.shape == (1, 3)
         assert out[0].low_res_logits.requires_grad
 

@@ -145,7 +145,7 @@ class TestSegmenterTask:
         loss, stats = task.step(model, batch)
         loss.backward()
         m = task.metrics(sums_of(stats))
-        assert math.isfinite(float(loss)) and 0.0 <= m["mask_iou"] <= 1.0 and m["dice_loss"] > 0
+        assert math.isfinite(float(loss.detach())) and 0.0 <= m["mask_iou"] <= 1.0 and m["dice_loss"] > 0
 
     def test_no_box_left_gives_a_zero_loss_touching_every_parameter(self):
         task = SegmenterTask()
