@@ -30,7 +30,7 @@ class BoxZoom:
     a window with texture around it).
     """
 
-    context: float = 3.0
+    context: float = 2.0
     min_side: float = 16.0
 
     def __post_init__(self):
