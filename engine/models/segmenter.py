@@ -3,7 +3,9 @@
 Meta's vit_b / vit_l / vit_h are built by segment_anything's own registry with
 checkpoint=None (its loader unpickles fully) and their weights are then read with
 `engine.models.checkpoint.load_state_dict` (torch.load(weights_only=True)). A small
-config built from the same modeling classes trains from scratch on a CPU.
+config built from the same modeling classes trains from scratch on a CPU; it looks at
+each box through a window around it (`engine.models.box_zoom`), because at its 256-px
+input most defects are smaller than one cell of the embedding grid.
 
 Single-channel micrographs are replicated to three channels, scaled to [0, 255] and
 normalised with the model's pixel mean/std: Meta's encoder was trained on RGB photos,
@@ -152,14 +154,14 @@ class Segmenter(nn.Module):
                 out.append(self._no_masks(images, multimask_output))
                 continue
             logits, iou = [], []
-            for k in range(start, start + n):
+            for i in range(n):  # box i of image b, window k of the batch
+                k = start + i
                 pts = None
                 if points[b] is not None:
                     coords, labels = points[b]
-                    i = k - start
                     pts = (box_zoom.to_window(coords[i : i + 1].to(images), windows[k : k + 1], self.img_size),
                            labels[i : i + 1].to(images.device))
-                mask_in = None if mask_inputs[b] is None else mask_inputs[b][k - start : k - start + 1]
+                mask_in = None if mask_inputs[b] is None else mask_inputs[b][i : i + 1]
                 # One crop, one prompt: the decoder repeats its image embedding per prompt.
                 lo, q = self._decode(embeddings[k], crop_boxes[k : k + 1], pts, mask_in, multimask_output)
                 logits.append(lo)
