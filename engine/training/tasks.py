@@ -55,6 +55,14 @@ def _ratio(num: float, den: float, empty: float = 0.0) -> float:
     return float(num) / float(den) if den > 0 else empty
 
 
+def _soft_dice_loss(prob: torch.Tensor, truth: torch.Tensor, dim=None) -> torch.Tensor:
+    """1 - soft Dice of probabilities against a {0, 1} truth (float or bool), with +1
+    smoothing so that an empty truth and an empty prediction agree: over every element
+    (dim None: a scalar) or per row, summing over `dim`."""
+    inter = (prob * truth).sum(dim=dim)
+    return 1.0 - (2.0 * inter + 1.0) / (prob.sum(dim=dim) + truth.sum(dim=dim) + 1.0)
+
+
 class Task:
     """Base of the per-family tasks (see module doc)."""
 
@@ -162,7 +170,7 @@ class FusionTask(ClassifierTask):
         ce = F.cross_entropy(seg_logits, target)
         fg_prob = 1.0 - seg_logits.softmax(dim=1)[:, 0]  # any defect class
         fg_true = target > 0
-        dice = 1.0 - (2.0 * (fg_prob * fg_true).sum() + 1.0) / (fg_prob.sum() + fg_true.sum() + 1.0)
+        dice = _soft_dice_loss(fg_prob, fg_true)
         ls = ce + dice
         pred = seg_logits.argmax(dim=1)
         fg_pred = pred > 0
@@ -232,9 +240,7 @@ class SegmenterTask(Task):
                           "iou_mse": zeros, "iou": zeros}
         logit, target, iou_hat = torch.cat(logits), torch.cat(targets), torch.cat(iou_pred)
         bce = F.binary_cross_entropy_with_logits(logit, target, reduction="none").mean(dim=(1, 2))
-        prob = torch.sigmoid(logit)
-        inter = (prob * target).sum(dim=(1, 2))
-        dice = 1.0 - (2.0 * inter + 1.0) / (prob.sum(dim=(1, 2)) + target.sum(dim=(1, 2)) + 1.0)
+        dice = _soft_dice_loss(torch.sigmoid(logit), target, dim=(1, 2))
         hard = logit > 0
         truth = target > 0.5
         union = (hard | truth).sum(dim=(1, 2)).float()
