@@ -122,6 +122,7 @@ class Segmenter(nn.Module):
             return self._forward_zoomed(images, boxes, points, mask_inputs, multimask_output)
         h, w = images.shape[-2:]
         embeddings = self.sam.image_encoder(self.preprocess(images))
+        dense_pe = self.sam.prompt_encoder.get_dense_pe()
         out = []
         for b, embedding in enumerate(embeddings):
             if boxes[b].shape[0] == 0:  # the decoder cannot reshape an empty prompt batch
@@ -132,7 +133,7 @@ class Segmenter(nn.Module):
             if points[b] is not None:
                 coords, labels = points[b]
                 pts = (self.resize.apply_coords_torch(coords.to(embedding).contiguous(), (h, w)), labels.to(embedding.device))
-            out.append(SamOutput(*self._decode(embedding, box, pts, mask_inputs[b], multimask_output)))
+            out.append(SamOutput(*self._decode(embedding, dense_pe, box, pts, mask_inputs[b], multimask_output)))
         return out
 
     def _forward_zoomed(self, images, boxes, points, mask_inputs, multimask_output) -> list[SamOutput]:
@@ -148,6 +149,7 @@ class Segmenter(nn.Module):
         # activations grow with the number of windows.
         embeddings = torch.cat([self.sam.image_encoder(self.preprocess(c)) for c in crops.split(self.ZOOM_CHUNK)])
         crop_boxes = box_zoom.to_window(all_boxes, windows, self.img_size)
+        dense_pe = self.sam.prompt_encoder.get_dense_pe()  # the same grid for every window
         out, start = [], 0
         for b, n in enumerate(counts):
             if n == 0:
@@ -163,20 +165,21 @@ class Segmenter(nn.Module):
                            labels[i : i + 1].to(images.device))
                 mask_in = None if mask_inputs[b] is None else mask_inputs[b][i : i + 1]
                 # One crop, one prompt: the decoder repeats its image embedding per prompt.
-                lo, q = self._decode(embeddings[k], crop_boxes[k : k + 1], pts, mask_in, multimask_output)
+                lo, q = self._decode(embeddings[k], dense_pe, crop_boxes[k : k + 1], pts, mask_in, multimask_output)
                 logits.append(lo)
                 iou.append(q)
             out.append(SamOutput(torch.cat(logits), torch.cat(iou), windows[start : start + n]))
             start += n
         return out
 
-    def _decode(self, embedding, box, pts, mask_in, multimask_output) -> tuple[torch.Tensor, torch.Tensor]:
+    def _decode(self, embedding, dense_pe, box, pts, mask_in, multimask_output) -> tuple[torch.Tensor, torch.Tensor]:
         """Mask logits N x M x S/4 x S/4 and IoU estimates N x M for N prompts on one
-        C x h x w image embedding; box, pts in pixels of the S x S encoder input."""
+        C x h x w image embedding (dense_pe: the prompt encoder's 1 x C x h x w positional
+        grid); box, pts in pixels of the S x S encoder input."""
         sparse, dense = self.sam.prompt_encoder(points=pts, boxes=box, masks=mask_in)
         return self.sam.mask_decoder(
             image_embeddings=embedding.unsqueeze(0),
-            image_pe=self.sam.prompt_encoder.get_dense_pe(),
+            image_pe=dense_pe,
             sparse_prompt_embeddings=sparse,
             dense_prompt_embeddings=dense,
             multimask_output=multimask_output,
