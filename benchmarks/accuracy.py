@@ -15,7 +15,9 @@ from each material's range), other microstructures and other defects. Prints JSO
   time on this machine, and what it trained on; the model is picked by Ultralytics'
   validation on a split of the training archive, never on the held-out one;
 - classifier: material and quality-grade accuracy on held-out tiles
-  (engine.training.train("classifier", ...), Ray Train);
+  (engine.training.train("classifier", ...), Ray Train), and per held-out image
+  ("per_image": the tiles' probabilities averaged over the image, as the job's
+  per-image summary names its material and grade);
 - fusion: the same two accuracies and the defect-segmentation IoU (defect pixels,
   any class) of the fusion model (fusion_tiny: detail + context views);
 - segmenter: mean mask IoU of the small SAM (sam_tiny) on every held-out box, on the
@@ -191,6 +193,7 @@ def classifier_part(args, train, held_out, out) -> dict:
                    args.batch_size)
     r["material_accuracy"] = r["held_out"].get("material_acc")
     r["grade_accuracy"] = r["held_out"].get("grade_acc")
+    r["per_image"] = per_image_accuracy(args, "classifier", args.cls_model, train, held_out, r["checkpoint_path"])
     return r
 
 
@@ -200,7 +203,50 @@ def fusion_part(args, train, held_out, out) -> dict:
     r["material_accuracy"] = r["held_out"].get("material_acc")
     r["grade_accuracy"] = r["held_out"].get("grade_acc")
     r["defect_iou"] = r["held_out"].get("defect_iou")
+    r["per_image"] = per_image_accuracy(args, "fusion", args.fusion_model, train, held_out, r["checkpoint_path"])
     return r
+
+
+def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out: Path,
+                       checkpoint_dir: str) -> dict:
+    """Material and grade accuracy per held-out *image*: the softmax of every held-out
+    tile (Ray Train's validation tiles, all levels) averaged over the image, argmax — how
+    the job's per-image summary names an image's material and grade
+    (engine.data.sinks averages its tiles' probabilities). Tile-level accuracy is the
+    "held_out" figure; this is the one a user reads in the summary."""
+    import numpy as np
+    import torch
+
+    from engine.data.training_samples import ReadSamples
+    from engine.models import load_model
+    from engine.training.tasks import make_task
+    from engine.training.trainer import plan_training
+
+    model = load_model(Path(checkpoint_dir) / "model.safetensors").eval()
+    layout, _, specs = plan_training(family, model_name, str(train), val_archive=str(held_out),
+                                     max_samples_per_image=args.max_samples_per_image, num_workers=args.workers,
+                                     seed=args.seed)
+    collate = make_task(family).collate(layout, epoch=0, seed=args.seed, augment_strength=0.0)
+    reader = ReadSamples(layout.mask)
+    probs: dict[str, dict[str, list]] = {"material": {}, "grade": {}}
+    truth: dict[str, dict[str, int]] = {"material": {}, "grade": {}}
+    with torch.no_grad():
+        for spec in specs:
+            row = reader.read(spec)
+            batch = collate({k: np.asarray([v]) if np.ndim(v) == 0 or isinstance(v, str)
+                             else np.asarray(v)[None] for k, v in row.items()})
+            out = model(batch["image"], batch["context"]) if "context" in batch else model(batch["image"])
+            for head in probs:
+                probs[head].setdefault(spec.image_id, []).append(torch.softmax(out[head], -1)[0].numpy())
+                truth[head][spec.image_id] = int(batch[head][0])
+    result = {}
+    for head, per_image in probs.items():
+        known = [i for i in per_image if truth[head][i] >= 0]
+        right = [int(np.mean(per_image[i], axis=0).argmax()) == truth[head][i] for i in known]
+        result[f"{head}_accuracy"] = round(float(np.mean(right)), 4) if right else math.nan
+    result["images"] = len(probs["material"])
+    result["tiles"] = len(specs)
+    return result
 
 
 def segmenter_part(args, train, held_out, out) -> dict:

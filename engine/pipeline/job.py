@@ -397,12 +397,12 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         # Reads and sinks in flight are bounded by the actor count: the model is the limit,
         # and more of them only start more worker processes as the archive grows (each
         # holds ~0.5-1 GiB once torch is imported), so the job's memory would too.
-        ds = ray.data.read_datasource(source, concurrency=actors)
+        ds = ray.data.read_datasource(source, compute=ray.data.TaskPoolStrategy(size=actors))
         ds = ds.map_batches(JobEnsemble, fn_constructor_kwargs=kwargs, batch_size=batch_size, batch_format="numpy",
                             compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=gpus,
                             num_cpus=cpus_per_actor)
         ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
-                            batch_size=None, batch_format="numpy", concurrency=actors)
+                            batch_size=None, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=actors))
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
