@@ -100,7 +100,8 @@ COPY = "zarr_v2_copy.zarr"
 # ray.data.read_zarr (Ray 2.60) refuses zarr >= 3; zarr 2.18 does not import with numcodecs >= 0.16.
 ZARR2_PINS = ("zarr==2.18.7", "numcodecs==0.15.1", "asciitree", "fasteners")
 # engine.data.tile_read.COLUMNS, not imported where zarr 2 is (that module imports zarr 3's API)
-TILE_COLUMNS = ("image_id", "level", "y", "x", "tile", "halo", "origin", "scale", "pixel_size", "modality", "error")
+TILE_COLUMNS = ("image_id", "level", "y", "x", "tile", "halo", "origin", "scale", "pixel_size", "pixel_size_y",
+                "modality", "error")
 DEFAULT_ZARR2_SITE = Path.home() / ".cache" / "grainflow" / "bench-zarr2-site"
 
 
@@ -221,7 +222,8 @@ def strip_tiles(row: dict, *, images: dict[str, dict], tile: int, halo: int) -> 
                 "tile": np.ascontiguousarray(band[:, x - left : x + core_w + right], dtype=dtype),
                 "halo": np.asarray((top, bottom, left, right), np.int32),
                 "origin": np.asarray((y - top, x - left), np.float64), "scale": np.ones(2, np.float64),
-                "pixel_size": im["pixel_size_nm"], "modality": im["modality"], "error": None,
+                "pixel_size": im["pixel_size_nm"], "pixel_size_y": im["pixel_size_nm"],  # square pixels
+                "modality": im["modality"], "error": None,
             })
     return out
 

@@ -16,7 +16,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from engine.errors import GrainflowError
+from engine.errors import GrainflowError, error_message
 
 app = typer.Typer(
     name="grainflow",
@@ -195,7 +195,7 @@ def main() -> None:
     try:
         app()
     except GrainflowError as exc:
-        errors.print(f"[bold red]error:[/bold red] {exc}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/bold red] {error_message(exc)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

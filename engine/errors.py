@@ -37,3 +37,11 @@ class IngestError(GrainflowError):
 
 class UnknownNameError(GrainflowError, ValueError):
     """A name (material, modality, model config, ...) that is not registered; the message lists the valid ones."""
+
+
+def error_message(exc: BaseException) -> str:
+    """The text to show a user for `exc`. An error raised inside a Ray task or actor
+    arrives as Ray's RayTaskError (still an instance of the original class), whose text
+    is the remote traceback: its `cause`'s own message is what names the fault."""
+    cause = getattr(exc, "cause", None)
+    return str(cause if isinstance(cause, BaseException) else exc)

@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError
+    from engine.errors import GrainflowError, error_message
     from engine.runtime import configure_offline
 
     configure_offline()
@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{result.tiles_per_s:.2f} tiles/s")
         report = write_report(str(root / "run"), archive=str(lab_archive))
     except GrainflowError as exc:
-        print(f"demo: {exc}", file=sys.stderr)
+        print(f"demo: {error_message(exc)}", file=sys.stderr)
         return 2
     finally:
         if ray.is_initialized():

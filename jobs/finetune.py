@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError
+    from engine.errors import GrainflowError, error_message
     from engine.runtime import configure_offline
     from engine.training import train
 
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
                 promote=args.promote, **_synthetic(args),
             ).summary()
     except GrainflowError as exc:
-        print(f"finetune: {exc}", file=sys.stderr)
+        print(f"finetune: {error_message(exc)}", file=sys.stderr)
         return 2
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -52,8 +53,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--halo must be >= 0, got {args.halo}")
     if args.conf is not None and not 0.0 <= args.conf <= 1.0:
         p.error(f"--conf must be in [0, 1], got {args.conf}")
-    if args.pixel_size is not None and not args.pixel_size > 0:
-        p.error(f"--pixel-size must be positive, got {args.pixel_size}")
+    if args.pixel_size is not None and not (math.isfinite(args.pixel_size) and args.pixel_size > 0):
+        p.error(f"--pixel-size must be a positive number of nm, got {args.pixel_size}")
     return args
 
 
@@ -62,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError
+    from engine.errors import GrainflowError, error_message
     from engine.runtime import configure_offline
 
     configure_offline()
@@ -90,7 +91,7 @@ def main(argv: list[str] | None = None) -> int:
             labels=args.labels, config=config,
         )
     except GrainflowError as exc:
-        print(f"reprocess: {exc}", file=sys.stderr)
+        print(f"reprocess: {error_message(exc)}", file=sys.stderr)
         return 2
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must

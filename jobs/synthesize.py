@@ -66,7 +66,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError
+    from engine.errors import GrainflowError, error_message
 
     try:
         from engine.tenants import enforce_job_uris
@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         enforce_job_uris("synthesize", args)  # the tenant's prefixes, checked again in the job
         summary = run(args)
     except GrainflowError as exc:
-        print(f"synthesize: {exc}", file=sys.stderr)
+        print(f"synthesize: {error_message(exc)}", file=sys.stderr)
         return 2
     finally:
         if ray.is_initialized():

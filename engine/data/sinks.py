@@ -76,6 +76,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.data.ledger import Ledger, put_file, table_bytes
+from engine.errors import MetadataError
 from engine.stores.uri import StoreLocation, resolve
 from engine.tiling.grid import TileKey, TileSpec
 
@@ -249,11 +250,21 @@ def create_label_arrays(target: LabelTarget, *, overwrite: bool = False) -> None
     """The label images' level-0 arrays (shape and chunks of the tiles' level; no pixels).
 
     An existing array of the same shape, chunks and dtype is kept (a resumed job writes
-    into it) unless `overwrite`; anything else is replaced.
+    into it) unless `overwrite`; anything else is replaced. A root that is a Zarr v2
+    group (an NGFF 0.4 image) is refused with MetadataError before anything is written:
+    opened as v3 it would get a zarr.json beside its .zgroup, which readers prefer, and
+    the image would no longer open.
     """
     import zarr
 
     grid = target.grid
+    try:
+        existing = zarr.open_group(target.root.zarr_store(read_only=True), mode="r").metadata.zarr_format
+    except FileNotFoundError:
+        existing = None
+    if existing not in (None, 3):
+        raise MetadataError(f"{target.root}: a Zarr v{existing} image; label images are written beside Zarr v3 "
+                            f"(NGFF 0.5) images only")
     group = zarr.open_group(target.root.zarr_store(read_only=False), mode="a", zarr_format=3)
     if target.root != target.image and "grainflow" not in group.attrs:
         group.attrs.update({"grainflow": {"source_image": target.image.uri, "image_id": target.image_id}})
@@ -393,6 +404,13 @@ class WriteTileOutputs:
             table = pa.table({"level": [r.level], "y": [r.y], "x": [r.x], "modality": [r.modality],
                               "exception": [kind], "message": [message], "chunk_keys": [chunks]}, schema=ERROR_SCHEMA)
             put_file(tile_location(self.out, ERRORS, key), table_bytes(table))
+            target = self.labels.get(r.image_id)
+            if target is not None and target.write:
+                # A tile an interrupted run wrote (not yet in the ledger) that fails now:
+                # its old label ids must not outlive its detections.
+                y0, y1, x0, x1 = target.spec(key)[1].core
+                for name in (target.name, target.classes_name):
+                    self._arrays.get(target, name)[y0:y1, x0:x1] = 0
             return
         target = self.labels.get(r.image_id)
         base = 0

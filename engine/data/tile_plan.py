@@ -81,10 +81,15 @@ class ImageTiles:
     @property
     def pixel_size_nm(self) -> float:
         """x pixel size of the delivered tiles in nm."""
+        return self.pixel_size_yx_nm[1]
+
+    @property
+    def pixel_size_yx_nm(self) -> tuple[float, float]:
+        """(y, x) pixel size of the delivered tiles in nm (they differ where the image's do)."""
         t = self.grid.transform
         if self.output is not None:
-            return self.output.step[1] * t.pixel_size_nm[1]
-        return t.level_pixel_size_nm[1]
+            return (self.output.step[0] * t.pixel_size_nm[0], self.output.step[1] * t.pixel_size_nm[1])
+        return t.level_pixel_size_nm
 
     @property
     def tile_bytes(self) -> int:

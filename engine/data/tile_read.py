@@ -18,6 +18,8 @@ origin         float64 (2,)    level-0 edge coordinates (y, x) of tile[0, 0]'s c
 scale          float64 (2,)    level-0 pixels per tile pixel (y, x): tile edge (u, v)
                                lies at level-0 origin + (u, v) * scale
 pixel_size     float64         tile pixel size in nm (x axis)
+pixel_size_y   float64         tile pixel size in nm (y axis; differs from x only
+                               where the image's pixels are not square)
 modality       str             the catalog's modality
 error          str or null     "<ExceptionType>: <message>" when the read failed; a
                                CorruptChunkError's message names the chunk keys
@@ -37,7 +39,8 @@ from engine.preprocess.resample import cast_pixels, resample
 from engine.stores.image import open_image
 from engine.tiling.grid import TileSpec
 
-COLUMNS = ("image_id", "level", "y", "x", "tile", "halo", "origin", "scale", "pixel_size", "modality", "error")
+COLUMNS = ("image_id", "level", "y", "x", "tile", "halo", "origin", "scale", "pixel_size", "pixel_size_y", "modality",
+           "error")
 
 
 def read_tiles(spec: ReadSpec) -> Iterator:
@@ -145,7 +148,8 @@ def _row(spec: ReadSpec, tile: TileSpec, pixels: np.ndarray | Exception) -> tupl
     else:
         data, halo, origin, scale = _resampled(im, tile, None if error else pixels, dtype)
     return (im.image_id, np.int32(tile.level), np.int64(y), np.int64(x), data, np.asarray(halo, np.int32),
-            np.asarray(origin, np.float64), np.asarray(scale, np.float64), float(im.pixel_size_nm), im.modality, error)
+            np.asarray(origin, np.float64), np.asarray(scale, np.float64), float(im.pixel_size_yx_nm[1]),
+            float(im.pixel_size_yx_nm[0]), im.modality, error)
 
 
 def _resampled(im, tile: TileSpec, pixels: np.ndarray | None, dtype: np.dtype):

@@ -109,7 +109,8 @@ class TileInput:
 
     tile: (H, W) raw pixels (core + halo); halo: (top, bottom, left, right) pixels;
     origin: level-0 (y, x) of tile[0, 0]'s corner; scale: level-0 pixels per tile pixel
-    (y, x); pixel_size_nm: the tile's pixel size (x axis), nm; context: optional raw
+    (y, x); pixel_size_nm: the tile's pixel size (x axis), nm; pixel_size_y_nm: its y
+    pixel size, nm (None: the image's pixels are square); context: optional raw
     context tile for fusion (see module doc); error: the read's error, passed through.
     """
 
@@ -125,6 +126,7 @@ class TileInput:
     modality: str = ""
     error: str | None = None
     context: np.ndarray | None = None
+    pixel_size_y_nm: float | None = None
 
     def __post_init__(self):
         self.halo = tuple(int(v) for v in np.asarray(self.halo).reshape(4))
@@ -399,9 +401,10 @@ class Ensemble:
         core = tile_core_level0(t.origin, t.scale, t.halo, w.shape)
         level0 = tile_boxes_to_level0(w.boxes, t.origin, t.scale)
         keep = owned(level0, core) if len(level0) else np.zeros(0, bool)
-        py = float(t.pixel_size_nm) * t.scale[0] / t.scale[1]  # tile pixel (y, x), nm
-        px = float(t.pixel_size_nm)
-        p0 = px / t.scale[1]  # level-0 pixel, nm (square)
+        px = float(t.pixel_size_nm)  # tile pixel (y, x), nm
+        p0x = px / t.scale[1]  # level-0 pixel (y, x), nm
+        p0y = p0x if t.pixel_size_y_nm is None else float(t.pixel_size_y_nm) / t.scale[0]
+        py = p0y * t.scale[0]
         masks = w.masks[keep]
         m = measure_masks(masks, (py, px))
         centroid = np.asarray(t.origin) + (m.centroid + 0.5) * np.asarray(t.scale)
@@ -424,7 +427,7 @@ class Ensemble:
         return TileResult(
             image_id=str(t.image_id), level=int(t.level), y=int(t.y), x=int(t.x), modality=str(t.modality or ""),
             pixel_size_nm=px, error=None, boxes=w.boxes[keep], boxes_level0=level0[keep],
-            boxes_nm=level0[keep] * p0, scores=w.scores[keep], classes=w.classes[keep],
+            boxes_nm=level0[keep] * np.array([p0x, p0y, p0x, p0y]), scores=w.scores[keep], classes=w.classes[keep],
             mask_scores=w.mask_scores[keep], mask_from_box=np.isnan(w.mask_scores[keep]),
             area_nm2=m.area_nm2, area_um2=m.area_um2, equivalent_diameter_nm=m.equivalent_diameter_nm,
             major_axis_nm=m.major_axis_nm, minor_axis_nm=m.minor_axis_nm, aspect_ratio=m.aspect_ratio,
@@ -622,8 +625,8 @@ def _column(batch: Mapping[str, Any], name: str, n: int, default=None):
 def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
     """Datasource rows (a dict of columns, `engine.data.tile_read`) -> TileInputs.
 
-    Needed: image_id, tile, pixel_size (or pixel_size_nm). Optional: level, y, x, halo,
-    origin, scale, modality, error, context. `tile` may be one (B, H, W) array or B
+    Needed: image_id, tile, pixel_size (or pixel_size_nm). Optional: pixel_size_y, level,
+    y, x, halo, origin, scale, modality, error, context. `tile` may be one (B, H, W) array or B
     arrays of their own shapes.
     """
     for name in ("image_id", "tile"):
@@ -635,7 +638,8 @@ def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
     n = len(batch["image_id"])
     cols = {name: _column(batch, name, n, default) for name, default in (
         ("tile", None), (size_col, None), ("level", 0), ("y", 0), ("x", 0), ("halo", (0, 0, 0, 0)),
-        ("origin", None), ("scale", (1.0, 1.0)), ("modality", ""), ("error", None), ("context", None))}
+        ("origin", None), ("scale", (1.0, 1.0)), ("modality", ""), ("error", None), ("context", None),
+        ("pixel_size_y", None))}
     out = []
     for i in range(n):
         error = cols["error"][i]
@@ -643,8 +647,8 @@ def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
             image_id=str(batch["image_id"][i]), tile=cols["tile"][i], pixel_size_nm=float(cols[size_col][i]),
             level=int(cols["level"][i]), y=int(cols["y"][i]), x=int(cols["x"][i]), halo=cols["halo"][i],
             origin=cols["origin"][i], scale=cols["scale"][i], modality=str(cols["modality"][i] or ""),
-            error=error_text(error),
-            context=cols["context"][i]))
+            error=error_text(error), context=cols["context"][i],
+            pixel_size_y_nm=None if cols["pixel_size_y"][i] is None else float(cols["pixel_size_y"][i])))
     return out
 
 

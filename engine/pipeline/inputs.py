@@ -55,10 +55,14 @@ def params_lookup(params) -> ParamsLookup:
 
 
 def raw_scale(tile: np.ndarray) -> np.ndarray:
-    """(H, W) raw pixels -> float32 [0, 1] by the dtype's maximum (floats clipped)."""
+    """(H, W) raw pixels -> float32 [0, 1] by the dtype's maximum (floats, and signed
+    integers' negative values, clipped: as the detector's training pixels are,
+    `engine.training.detector.pixels.to_uint8`)."""
     a = np.asarray(tile)
-    if a.dtype.kind in "ui":
+    if a.dtype.kind == "u":
         return (a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max)).astype(np.float32)
+    if a.dtype.kind == "i":
+        return np.clip(a.astype(np.float32) / np.float32(np.iinfo(a.dtype).max), 0.0, 1.0)
     if a.dtype.kind == "f":
         return np.clip(np.nan_to_num(a.astype(np.float32), nan=0.0), 0.0, 1.0)
     raise TypeError(f"tile: expected integer or float pixels, got dtype {a.dtype}")

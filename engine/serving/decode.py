@@ -84,15 +84,31 @@ def _gray(a: np.ndarray, where: str) -> np.ndarray:
     return a
 
 
+def _png_header(data: bytes) -> tuple[int, int, int, int] | None:
+    """(height, width, bit depth, colour type) from a PNG's IHDR chunk, None if it has none."""
+    if len(data) < 26 or data[12:16] != b"IHDR":
+        return None
+    return (int.from_bytes(data[20:24], "big"), int.from_bytes(data[16:20], "big"), data[24], data[25])
+
+
 def _png(data: bytes, max_pixels: int | None) -> DecodedImage:
     from PIL import Image, UnidentifiedImageError
 
+    header = _png_header(data)
+    if header is not None:  # from the header, before Pillow (whose own bomb check is a 500 otherwise)
+        _check_pixels(header[0], header[1], max_pixels)
+        if header[2] == 16 and header[3] in (2, 4, 6):
+            # Pillow reads 16-bit colour and grey+alpha PNGs as 8-bit: imagecodecs keeps 16
+            return DecodedImage(_gray(_png16_colour(data), "PNG"), None, "png")
     try:
         im = Image.open(io.BytesIO(data))
         _check_pixels(im.height, im.width, max_pixels)
         im.load()
     except TooLarge:
         raise
+    except Image.DecompressionBombError as exc:
+        size = f"{header[0]} x {header[1]} " if header is not None else ""
+        raise TooLarge(f"image: a {size}PNG is over the decoder's limit ({exc})") from None
     except (UnidentifiedImageError, OSError, ValueError, SyntaxError) as exc:
         raise BadImage(f"image: not a readable PNG ({type(exc).__name__}: {exc})") from None
     if im.mode in ("I;16", "I;16B", "I;16L"):
@@ -104,6 +120,19 @@ def _png(data: bytes, max_pixels: int | None) -> DecodedImage:
     else:
         raise BadImage(f"image: PNG mode {im.mode!r} is not supported; send 8- or 16-bit grayscale")
     return DecodedImage(_gray(np.ascontiguousarray(a), "PNG"), None, "png")
+
+
+def _png16_colour(data: bytes) -> np.ndarray:
+    """A 16-bit RGB(A) or grey+alpha PNG as uint16 (H, W, 3|4) RGB(A) or (H, W) grey."""
+    import imagecodecs
+
+    try:
+        a = imagecodecs.png_decode(data)
+    except imagecodecs.PngError as exc:
+        raise BadImage(f"image: not a readable PNG ({exc})") from None
+    if a.ndim == 3 and a.shape[2] == 2:  # grey + alpha: the alpha is dropped
+        a = a[..., 0]
+    return np.ascontiguousarray(a)
 
 
 def _tiff(data: bytes, max_pixels: int | None) -> DecodedImage:
@@ -127,6 +156,11 @@ def _tiff(data: bytes, max_pixels: int | None) -> DecodedImage:
     except StopIteration:
         raise BadImage("image: TIFF holds no image") from None
     _check_pixels(*first.pixels.shape[:2], max_pixels)
+    if first.pixels.dtype.name not in RAW_DTYPES:
+        raise BadImage(f"image: TIFF of dtype {first.pixels.dtype.name} is not supported; "
+                       f"send one of {', '.join(RAW_DTYPES)}")
+    if first.pixels.dtype.kind == "f" and not np.all(np.isfinite(first.pixels)):
+        raise BadImage("image: a float32 TIFF must hold finite values")
     size = None
     if first.pixel_size is not None and first.unit in _NM_PER:
         size = float(first.pixel_size[1]) * _NM_PER[first.unit]

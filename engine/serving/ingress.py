@@ -89,6 +89,13 @@ async def _http_error(request: Request, exc: StarletteHTTPException):
     return error_response(exc.status_code, str(exc.detail), getattr(request.state, "request_id", None))
 
 
+def _route_path(request: Request) -> str:
+    """The path the routes match: without the app's root_path (Serve's route_prefix, a
+    proxy's path prefix), which ASGI servers leave at the front of scope["path"]."""
+    path, root = request.scope.get("path", ""), request.scope.get("root_path", "")
+    return (path[len(root):] or "/") if root and path.startswith(root) else path
+
+
 def _scope_of(path: str) -> str | None:
     if path.startswith("/v1/admin"):
         return "admin"
@@ -113,6 +120,12 @@ async def _guard_and_audit(request: Request, call_next):
     request.state.request_id = rid
     try:
         response = ingress.refuse(request, audit) or await call_next(request)
+    except asyncio.CancelledError:
+        # the client went away, or Serve's request timeout passed: logged (nginx's 499), then cancelled
+        audit.update(status=499, request_id=rid, error="cancelled before the answer",
+                     duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+        ingress.audit(audit)
+        raise
     except Exception as exc:  # a bug: still JSON, still audited
         audit["error"] = f"{type(exc).__name__}: {exc}"[:500]
         response = error_response(500, "internal error; the request is logged", rid)
@@ -161,7 +174,8 @@ class Ingress:
         self._ttl = self.config.alias_ttl_s
         self._arms = None
         self._resolved_at = 0.0
-        self._refreshing = threading.Lock()
+        self._refreshing = threading.Lock()  # at most one background refresh
+        self._resolving = threading.Lock()  # refreshes one at a time: the last one started wins
         self.refresh()
         api.state.ingress = self
 
@@ -174,11 +188,14 @@ class Ingress:
         self.refresh()
 
     def refresh(self):
+        """Read the aliases for the current split. Serialised, so a slow background
+        refresh begun before a `reconfigure` cannot land after it with the old split."""
         from engine.serving.versions import resolve_arms
 
-        self._arms = resolve_arms(self._registry, self.config.bundle, self._split)
-        self._resolved_at = time.monotonic()
-        return self._arms
+        with self._resolving:
+            self._arms = resolve_arms(self._registry, self.config.bundle, self._split)
+            self._resolved_at = time.monotonic()
+            return self._arms
 
     def _maybe_refresh(self) -> None:
         """Past the TTL: re-read the aliases in the background; requests go on meanwhile."""
@@ -203,7 +220,7 @@ class Ingress:
 
     def refuse(self, request: Request, audit: dict[str, Any]) -> JSONResponse | None:
         """The refusal for this request (401/403/429/411/413), or None to go on."""
-        scope = _scope_of(request.url.path)
+        scope = _scope_of(_route_path(request))
         if scope is None:
             return None
         rid = request.state.request_id
@@ -222,7 +239,7 @@ class Ingress:
         if not ok:
             return error_response(429, f"rate limit of key {principal.key_id} reached; retry in {retry} s", rid,
                                   {"Retry-After": str(retry)})
-        if request.method == "POST":
+        if request.method == "POST" and scope == "analyze":  # admin routes take no body
             length = request.headers.get("content-length")
             if length is None:
                 return error_response(411, "Content-Length: required", rid)
@@ -334,10 +351,11 @@ class Ingress:
         except RayTaskError:
             try:
                 await sent["pre"]
-            except RayTaskError as exc:  # the pixels could not be tiled or fitted: the input's fault
-                cause = exc.as_instanceof_cause() if hasattr(exc, "as_instanceof_cause") else exc
-                raise RequestError(422, f"image: cannot be preprocessed "
-                                        f"({str(cause).strip().splitlines()[-1][:300]})") from None
+            except RayTaskError as exc:
+                cause = getattr(exc, "cause", None)
+                if isinstance(cause, BadImage):  # the pixels could not be tiled or fitted: the input's fault
+                    raise RequestError(422, f"image: cannot be preprocessed ({str(cause)[:300]})") from None
+                # anything else (a bundle that fails to load, memory) is the server's: a 500, audited
             raise
 
     async def _retrying(self, send):

@@ -21,7 +21,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.errors import GrainflowError
 from engine.pipeline.ensemble import TileInput, tiles_from_batch
+from engine.serving.decode import BadImage
 
 
 @dataclass(frozen=True)
@@ -52,45 +54,60 @@ class PreparedImage:
 
 def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, settings: TilingSettings,
                   fit: bool, image_id: str = "upload") -> PreparedImage:
-    """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm (square)."""
+    """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm (square).
+
+    Pixels that cannot be tiled or fitted (a pixel size that would resample them past
+    `max_pixels`, a dtype the store refuses, ...) raise `BadImage` (the input's fault:
+    HTTP 422), its message naming the upload, not the scratch store."""
     import fsspec
+
+    from engine.stores.uri import resolve
+
+    loc = resolve(f"memory://grainflow-serve/{uuid.uuid4().hex}.ome.zarr")
+    try:
+        return _prepare(loc, pixels, modality=modality, pixel_size_nm=pixel_size_nm, settings=settings, fit=fit,
+                        image_id=image_id)
+    except (GrainflowError, ValueError, TypeError) as exc:
+        raise BadImage(str(exc).replace(loc.uri, image_id).replace(loc.path, image_id)) from exc
+    finally:
+        fs = fsspec.filesystem("memory")
+        if fs.exists(loc.path):
+            fs.rm(loc.path, recursive=True)
+
+
+def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_nm: float, settings: TilingSettings, fit: bool,
+             image_id: str) -> PreparedImage:
+    """`prepare_image` through the scratch store `loc` (a StoreLocation)."""
     from ray.data.block import BlockAccessor
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
     from engine.data.tile_plan import PlanningError, plan_image, plan_reads
     from engine.data.tile_read import read_tiles
     from engine.stores.image import open_image
-    from engine.stores.uri import resolve
     from engine.stores.writer import write_image
 
-    loc = resolve(f"memory://grainflow-serve/{uuid.uuid4().hex}.ome.zarr")
-    try:
-        write_image(loc, np.ascontiguousarray(pixels), pixel_size=float(pixel_size_nm), unit="nanometer",
-                    chunk=settings.chunk, attributes={"modality": modality}, name=image_id)
-        image = open_image(loc)
-        if settings.target_pixel_size_nm is None:  # as the job does for native pixels: level 0
-            target, tolerance = float(pixel_size_nm), math.inf
-        else:
-            target, tolerance = float(settings.target_pixel_size_nm), DEFAULT_TOLERANCE
-        plan = plan_image(image, image_id, loc, modality, target_nm=target, tolerance=tolerance,
-                          tile_size=settings.tile_size, halo=settings.halo, tile_dtype=str(pixels.dtype))
-        if plan.output is not None and settings.max_pixels is not None:
-            h, w = plan.output.extent
-            if h * w > settings.max_pixels:
-                raise PlanningError(
-                    f"{image_id}: resampled from {pixel_size_nm:.6g} to {target:.6g} nm per pixel the image would be "
-                    f"{h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
-        tiles: list[TileInput] = []
-        for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
-            for block in read_tiles(spec):
-                tiles += tiles_from_batch(BlockAccessor.for_block(block).to_batch_format("numpy"))
-        params = None
-        if fit:
-            from engine.preprocess import fit_preprocessing
+    write_image(loc, np.ascontiguousarray(pixels), pixel_size=float(pixel_size_nm), unit="nanometer",
+                chunk=settings.chunk, attributes={"modality": modality}, name=image_id)
+    image = open_image(loc)
+    if settings.target_pixel_size_nm is None:  # as the job does for native pixels: level 0
+        target, tolerance = float(pixel_size_nm), math.inf
+    else:
+        target, tolerance = float(settings.target_pixel_size_nm), DEFAULT_TOLERANCE
+    plan = plan_image(image, image_id, loc, modality, target_nm=target, tolerance=tolerance,
+                      tile_size=settings.tile_size, halo=settings.halo, tile_dtype=str(pixels.dtype))
+    if plan.output is not None and settings.max_pixels is not None:
+        h, w = plan.output.extent
+        if h * w > settings.max_pixels:
+            raise PlanningError(
+                f"{image_id}: resampled from {pixel_size_nm:.6g} to {target:.6g} nm per pixel the image would be "
+                f"{h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
+    tiles: list[TileInput] = []
+    for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
+        for block in read_tiles(spec):
+            tiles += tiles_from_batch(BlockAccessor.for_block(block).to_batch_format("numpy"))
+    params = None
+    if fit:
+        from engine.preprocess import fit_preprocessing
 
-            params = fit_preprocessing(image, modality)
-        return PreparedImage(tiles, params, int(plan.grid.level), float(tiles[0].pixel_size_nm))
-    finally:
-        fs = fsspec.filesystem("memory")
-        if fs.exists(loc.path):
-            fs.rm(loc.path, recursive=True)
+        params = fit_preprocessing(image, modality)
+    return PreparedImage(tiles, params, int(plan.grid.level), float(tiles[0].pixel_size_nm))

@@ -24,11 +24,13 @@ class Arms:
     weights: dict[str, float]
 
     def choose(self, request_id: str) -> tuple[str, str]:
-        """(alias, bundle ref) for this request id."""
-        total = sum(self.weights.values())
+        """(alias, bundle ref) for this request id; production when no arm has a weight."""
+        live = [(a, w) for a, w in sorted(self.weights.items(), key=lambda kv: kv[0] != "production") if w > 0]
+        if not live:
+            return "production", self.refs["production"]
+        total = sum(w for _, w in live)
         u = int.from_bytes(hashlib.sha256(request_id.encode()).digest()[:8], "big") / 2.0**64
         acc = 0.0
-        live = [(a, w) for a, w in sorted(self.weights.items(), key=lambda kv: kv[0] != "production") if w > 0]
         for alias, w in live:
             acc += w / total
             if u < acc:
@@ -38,14 +40,17 @@ class Arms:
 
 
 def resolve_arms(registry, bundle: str, split: dict[str, float]) -> Arms:
-    """Read `bundle@alias` for every alias of the split with a weight > 0.
+    """Read `bundle@alias` for production and every other alias of the split with a
+    weight > 0.
 
-    production must resolve (RegistryError otherwise); other aliases are dropped when
-    unset.
+    production must resolve (RegistryError otherwise), whatever its weight: it is what
+    /healthz and /v1/models report, and what answers when no other arm can (a split of
+    production 0, canary 1 before the canary alias is set). Other aliases are dropped
+    when unset.
     """
     refs, weights = {}, {}
     for alias, w in split.items():
-        if w <= 0:
+        if w <= 0 and alias != "production":
             continue
         try:
             refs[alias] = registry.get(f"{bundle}@{alias}").ref

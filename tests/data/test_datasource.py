@@ -344,3 +344,27 @@ class TestS3:
             tile = np.asarray(r["tile"])
             y, x = r["y"] - top, r["x"] - left
             np.testing.assert_array_equal(tile, expected[y : y + tile.shape[0], x : x + tile.shape[1]])
+
+
+@pytest.mark.parametrize("target_nm, tolerance", [(10.0, math.inf), (5.0, 1.1)])
+def test_rows_carry_both_pixel_sizes_of_non_square_pixels(tmp_path, target_nm, tolerance):
+    """Pixels 20 nm tall and 10 nm wide: read as they are, rows say so; resampled to a
+    target, both axes reach it (and `scale` says how many level-0 pixels each is)."""
+    from ray.data.block import BlockAccessor
+
+    from engine.stores.writer import write_image
+
+    location = resolve(tmp_path / "a")
+    pixels = np.arange(64 * 96, dtype=np.uint16).reshape(64, 96)
+    write_image(image_uri(location, "tall"), pixels, pixel_size=(20.0, 10.0), chunk=32)
+    write_catalog(location, [CatalogRow(image_id="tall", uri="images/tall.ome.zarr", modality="SEM", pixel_size_y=20.0,
+                                        pixel_size_x=10.0, unit="nanometer", height=64, width=96, dtype="uint16",
+                                        levels=1, chunk=32, checksum="")])
+    ds = ZarrTileDatasource(location.uri, target_pixel_size_nm=target_nm, tolerance=tolerance)
+    rows = [r for s in ds.read_specs() for b in read_tiles(s)
+            for r in BlockAccessor.for_block(b).iter_rows(public_row_format=False)]
+    assert rows and all(r["error"] is None for r in rows)
+    for r in rows:
+        expected = (20.0, 10.0) if math.isinf(tolerance) else (target_nm, target_nm)
+        assert (r["pixel_size_y"], r["pixel_size"]) == pytest.approx(expected)
+        np.testing.assert_allclose(np.asarray(r["scale"]) * [20.0, 10.0], expected)

@@ -127,6 +127,19 @@ class TestTileSink:
         chunks = Path(target.root.path) / "labels" / "predicted_defects" / "0" / "c"
         assert {str(p.relative_to(chunks)) for p in chunks.rglob("*") if p.is_file()} == {"0/0"}  # zero chunks are not stored; the failed tile wrote none
 
+    def test_a_tile_failing_on_a_rerun_leaves_no_old_labels(self, plan, tmp_path):
+        """Written by an interrupted run (before its ledger entry), failing on the rerun:
+        the tile's label ids go with its detections."""
+        target = target_for(plan, tmp_path)
+        WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)(
+            batch([result(plan, 0, 0, [(10, 10, 20, 30)]), result(plan, 0, 1, [(70, 5, 80, 15)])]))
+        WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)(
+            batch([result(plan, 0, 0, error=CORRUPT)]))
+        group = zarr.open_group(target.root.path, mode="r")
+        for name in ("predicted_defects", "predicted_defects_classes"):
+            labels = group[f"labels/{name}/0"][:]
+            assert not labels[:64, :64].any() and labels[5:15, 70:80].all()  # its neighbour's stay
+
     def test_ids_are_unique_across_tiles(self, plan, tmp_path):
         target = target_for(plan, tmp_path)
         sink = WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)

@@ -106,6 +106,18 @@ class TestResults:
                             "fusion": "fusion_tiny (unregistered)", "segmenter": "sam_tiny (unregistered)"}
         assert ensemble.describe()["class_names"] == ["pore", "crack", "inclusion", "scratch", "void"]
 
+    def test_non_square_pixels_are_measured_in_both_sizes(self, ensemble, tiles, out):
+        """The same tiles from pixels twice as tall as wide: the same detections, with y
+        lengths and areas doubled and the density halved."""
+        tall = dict(tiles, pixel_size_y=np.asarray(tiles["pixel_size"], np.float64) * 2)
+        for a, b in zip(from_columns(out), from_columns(ensemble(tall))):
+            np.testing.assert_array_equal(a.boxes_level0, b.boxes_level0)
+            np.testing.assert_allclose(b.boxes_nm[:, [0, 2]], a.boxes_nm[:, [0, 2]])
+            np.testing.assert_allclose(b.boxes_nm[:, [1, 3]], 2 * a.boxes_nm[:, [1, 3]])
+            np.testing.assert_allclose(b.area_nm2, 2 * a.area_nm2, rtol=1e-6)
+            assert b.core_area_mm2 == pytest.approx(2 * a.core_area_mm2)
+            assert b.defect_density_per_mm2 == pytest.approx(a.defect_density_per_mm2 / 2)
+
     def test_a_tile_without_detections(self, tiny_models, tiles):
         ens = Ensemble(tiny_models, config=EnsembleConfig(conf=1.0))
         r = from_columns(ens(take(tiles, [0])))[0]

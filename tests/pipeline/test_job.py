@@ -439,6 +439,31 @@ class TestPrepare:
         with pytest.raises(GrainflowError, match="cannot write label images beside the image"):
             _prepare_images(out, [plan], labels="image", label_name="p", id_stride=8, overwrite=False, fit=False)
 
+    def test_a_zarr_v2_image_is_left_untouched(self, job_archive, tmp_path):
+        """An NGFF 0.4 (Zarr v2) image: labels go to <out>, and the image still opens."""
+        from dataclasses import replace
+
+        from engine.pipeline.job import _prepare_images
+        from engine.stores.image import open_image
+        from engine.stores.uri import resolve
+
+        path = tmp_path / "v2.ome.zarr"
+        group = zarr.open_group(path, mode="w", zarr_format=2)
+        group.create_array("0", data=np.full((64, 64), 30, np.uint8), chunks=(32, 32))
+        group.attrs.update({"multiscales": [{"version": "0.4", "axes": [
+            {"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [10.0, 10.0]}]}]}]})
+        before = sorted(p.name for p in path.iterdir())
+        plan = replace(self._plan(job_archive), location=resolve(path))
+        out = resolve(tmp_path / "out")
+        (target,) = _prepare_images(out, [plan], labels="auto", label_name="p", id_stride=8, overwrite=False, fit=False)
+        assert target.root == out.join("labels", f"{plan.image_id}.ome.zarr") and "Zarr v2" in target.note
+        assert sorted(p.name for p in path.iterdir()) == before
+        assert open_image(resolve(path)).multiscale.version == "0.4"
+        with pytest.raises(GrainflowError, match="Zarr v2"):
+            _prepare_images(out, [plan], labels="image", label_name="p", id_stride=8, overwrite=False, fit=False)
+        assert sorted(p.name for p in path.iterdir()) == before
+
     def test_existing_label_arrays_are_kept_unless_overwritten(self, job_archive, tmp_path):
         from engine.pipeline.job import _prepare_images
         from engine.stores.uri import resolve

@@ -250,3 +250,43 @@ class TestAudit:
         raw = open(path).read()
         assert served["env"]["analyze_key"].split("_", 2)[2] not in raw  # secrets never logged
         assert max(len(line) for line in raw.splitlines()) < 4000  # digests, never pixels
+
+    def test_a_request_the_client_abandons_is_logged(self, client, served, image):
+        """A client that gives up before the answer (Serve cancels the request) still
+        leaves its audit line: the key was checked and a rate token spent."""
+        import time
+
+        import httpx
+
+        pixels, nm = image
+        path = served["env"]["audit_log"]
+        with pytest.raises(httpx.TimeoutException):
+            httpx.post(f"{served['url']}/v1/analyze", timeout=httpx.Timeout(60, read=0.05),
+                       files={"image": ("a.png", png_bytes(pixels), "image/png")},
+                       data={"modality": "SEM", "pixel_size_nm": str(nm)},
+                       headers={**auth(served["env"]["analyze_key"]), "X-Request-ID": "audit-abandoned-1"})
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            entry = next((e for e in read_audit(path) if e.get("request_id") == "audit-abandoned-1"), None)
+            if entry is not None:
+                break
+            time.sleep(0.2)
+        assert entry is not None, "no audit line for the abandoned request"
+        assert entry["tenant"] == "lab-a" and entry["status"] in (200, 499), entry
+
+
+def test_admin_refresh_needs_no_body(served):
+    """`curl -X POST` sends no Content-Length on a body-less POST; the admin route takes it."""
+    import socket
+    from urllib.parse import urlsplit
+
+    url = urlsplit(served["url"])
+    with socket.create_connection((url.hostname, url.port), timeout=60) as s:
+        s.sendall(f"POST /v1/admin/refresh HTTP/1.1\r\nHost: {url.netloc}\r\nConnection: close\r\n"
+                  f"Authorization: Bearer {served['env']['admin_key']}\r\n\r\n".encode())
+        reply = b""
+        while chunk := s.recv(65536):
+            reply += chunk
+    status_line, _, rest = reply.partition(b"\r\n")
+    assert b" 200 " in status_line, reply[:500]
+    assert json.loads(rest.partition(b"\r\n\r\n")[2])["status"] == "ok"

@@ -89,3 +89,33 @@ def test_split_is_sticky_and_proportional():
     picks = [arms.choose(f"r{i}")[0] for i in range(5000)]
     assert abs(picks.count("canary") / 5000 - 0.2) < 0.03
     assert all(arms.choose("same")[0] == arms.choose("same")[0] for _ in range(5))
+
+
+def test_a_split_without_production_traffic_still_resolves_production(serve_env):
+    """production at weight 0 (all traffic to the canary) is valid: production stays
+    resolved for /healthz and /v1/models, and answers while no other arm can."""
+    from engine.serving.versions import Arms, resolve_arms
+
+    from .conftest import BUNDLE
+
+    arms = resolve_arms(serve_env["registry"], BUNDLE, {"production": 0.0, "canary": 1.0})
+    assert arms.refs["production"] == serve_env["registry"].get(f"{BUNDLE}@production").ref
+    assert Arms({"production": "b/1"}, {"production": 0.0}).choose("r1") == ("production", "b/1")
+    canary_only = Arms({"production": "b/1", "canary": "b/2"}, {"production": 0.0, "canary": 1.0})
+    assert {canary_only.choose(f"r{i}") for i in range(50)} == {("canary", "b/2")}
+
+
+@pytest.mark.parametrize("path, root_path, scope", [
+    ("/v1/analyze", "", "analyze"),
+    ("/lab/v1/analyze", "/lab", "analyze"),  # Serve's route_prefix arrives as root_path, left on the path
+    ("/lab/v1/admin/refresh", "/lab", "admin"),
+    ("/lab/healthz", "/lab", None),
+    ("/lab", "/lab", None),
+])
+def test_keys_are_checked_under_any_route_prefix(path, root_path, scope):
+    from starlette.requests import Request
+
+    from engine.serving.ingress import _route_path, _scope_of
+
+    request = Request({"type": "http", "method": "GET", "path": path, "root_path": root_path, "headers": []})
+    assert _scope_of(_route_path(request)) == scope

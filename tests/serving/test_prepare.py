@@ -2,8 +2,8 @@
 
 Upsampling multiplies pixels: a 512 x 512 upload whose pixel size is 100x the models'
 (often a pixel size given in the wrong unit) would become 51200 x 51200. Preprocessing
-refuses it with the sizes in the message (the ingress answers 422 with it) instead of
-allocating gigabytes in a replica.
+refuses it with the sizes in the message (`BadImage`: the ingress answers 422 with it)
+instead of allocating gigabytes in a replica.
 """
 
 from __future__ import annotations
@@ -11,7 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from engine.data.tile_plan import PlanningError
+from engine.serving.decode import BadImage
 from engine.serving.prepare import TilingSettings, prepare_image
 
 SETTINGS = TilingSettings(chunk=128, halo=8, target_pixel_size_nm=5.0, max_pixels=2048 * 2048)
@@ -31,13 +31,14 @@ def test_a_coarse_upload_is_upsampled_to_the_models_pixel_size():
 
 
 def test_an_upload_over_the_pixel_limit_once_resampled_is_refused():
-    with pytest.raises(PlanningError, match=r"from 50 to 5 nm per pixel .* 2560 x 2560 = 6553600 pixels, over the "
-                                            r"limit of 4194304; check its pixel size"):
+    with pytest.raises(BadImage, match=r"from 50 to 5 nm per pixel .* 2560 x 2560 = 6553600 pixels, over the "
+                                       r"limit of 4194304; check its pixel size") as refused:
         _prepare(50.0)
+    assert "memory://" not in str(refused.value)  # names the upload, not the replica's scratch store
 
 
 def test_a_tile_too_wide_once_upsampled_is_refused_whatever_the_limit():
     unlimited = TilingSettings(chunk=128, halo=8, target_pixel_size_nm=5.0, max_pixels=None)
-    with pytest.raises(PlanningError, match=r"would be 128000 px wide: .* \(5000 nm\) are 1000x coarser"):
+    with pytest.raises(BadImage, match=r"would be 128000 px wide: .* \(5000 nm\) are 1000x coarser"):
         prepare_image(np.zeros((256, 256), np.uint8), modality="SEM", pixel_size_nm=5000.0, settings=unlimited,
                       fit=False)
