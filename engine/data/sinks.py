@@ -117,9 +117,12 @@ OBJECT_SCHEMA = pa.schema([
     ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
 ])
 """Per stitched object (ids 0.. best score first). An object of several tile pieces
-(`parts` > 1) has the union of their boxes, the best score, the pieces' label ids, an
-area-weighted centroid, and the shape measurements of its largest piece (each piece is
-measured over its own tile's core and halo, so these are a lower bound for the whole)."""
+(`parts` > 1) has the union of their boxes, the best score and the pieces' label ids.
+Where the job writes label images, such an object is measured whole: on the union of its
+pieces in the label image (each piece is the part of its mask in its own tile's core, so
+the pieces tile the object without overlap). Without label images it gets an
+area-weighted centroid and the shape measurements of its largest piece (measured over its
+own tile's core and halo: a lower bound for the whole)."""
 
 TILE_SCHEMA = pa.schema([
     ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()), ("status", pa.string()),
@@ -530,7 +533,36 @@ def stitch_objects(tiles: Sequence[_Tile], *, iou_threshold: float = 0.5):
     return mb[kept], ms[kept], mc[kept], members
 
 
-def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm) -> pa.Table:
+class _WholeObjects:
+    """Objects of several pieces measured on the label image the tiles wrote (the
+    tiles' level): the pixels holding any of the pieces' label ids around the object's box."""
+
+    PAD = 8  # level pixels around the box: a mask may reach a little past its prompt box
+
+    def __init__(self, target: LabelTarget):
+        import zarr
+
+        self.array = zarr.open_array(target.root.join(LABELS_DIR, target.name, "0").zarr_store(read_only=True),
+                                     mode="r")
+        self.transform = target.grid.transform
+
+    def __call__(self, box, label_ids) -> tuple[Any, tuple[float, float]]:
+        """(Measurements of one object, its centroid in level-0 edge coordinates (y, x))."""
+        from engine.pipeline.measure import measure_masks
+
+        x0, y0, x1, y1 = box
+        (ly0, lx0), (ly1, lx1) = self.transform.from_level0(y0, x0), self.transform.from_level0(y1, x1)
+        h, w = self.array.shape
+        ly0, lx0 = max(0, int(math.floor(ly0)) - self.PAD), max(0, int(math.floor(lx0)) - self.PAD)
+        ly1, lx1 = min(h, int(math.ceil(ly1)) + self.PAD), min(w, int(math.ceil(lx1)) + self.PAD)
+        mask = np.isin(self.array[ly0:ly1, lx0:lx1], np.asarray(label_ids, np.int64))
+        m = measure_masks(mask[None], self.transform.level_pixel_size_nm)
+        cy, cx = m.centroid[0]
+        return m, self.transform.to_level0(ly0 + cy + 0.5, lx0 + cx + 0.5)
+
+
+def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm,
+                   whole: _WholeObjects | None = None) -> pa.Table:
     area = detections["area_nm2"].to_numpy(zero_copy_only=False) if detections.num_rows else np.zeros(0)
     rows: dict[str, list] = {name: [] for name in OBJECT_SCHEMA.names}
     shape_cols = ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
@@ -553,6 +585,14 @@ def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_
             rows[name].append(float(v) * p)
         rows["parts"].append(int(len(rows_j)))
         rows["label_ids"].append([int(v) for v in col["label_id"][rows_j]] if len(rows_j) else [])
+        if whole is not None and len(rows_j) > 1:
+            m, centroid = whole(box, col["label_id"][rows_j])
+            if m.area_px[0] > 0:
+                for name in shape_cols:
+                    rows[name].append(float(getattr(m, name)[0]))
+                for name, v in zip(("centroid_y", "centroid_x"), centroid):
+                    rows[name].append(float(v))
+                continue
         for name in shape_cols:
             rows[name].append(float(col[name][largest]) if largest is not None else math.nan)
         for name in ("centroid_y", "centroid_x"):
@@ -648,7 +688,8 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
     boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
     level0_nm = tuple(plan.grid.transform.pixel_size_nm)
-    objects = _objects_table(detections, boxes, scores, classes, members, list(class_names), level0_nm)
+    whole = _WholeObjects(label_target) if label_target is not None and label_target.write else None
+    objects = _objects_table(detections, boxes, scores, classes, members, list(class_names), level0_nm, whole)
     put_file(out.join(OBJECTS, partition(image_id), "part-0.parquet"), table_bytes(objects))
     put_file(out.join(TILES, partition(image_id), "part-0.parquet"), table_bytes(_tiles_table(tiles, errors, error_rows)))
 

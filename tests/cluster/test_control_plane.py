@@ -16,13 +16,11 @@ where a browser-borne request is refused anyway):
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
 import tempfile
 import time
-from pathlib import Path
 
 import httpx
 import psutil

@@ -225,7 +225,12 @@ class TestFinish:
             ("pore", 2, [1, STRIDE + 1]), ("crack", 1, [STRIDE + 2])]
         assert (objects[0]["x0"], objects[0]["x1"], objects[0]["y0"], objects[0]["y1"]) == (50, 80, 20, 40)
         assert objects[0]["x1_nm"] == pytest.approx(80 * plan.grid.transform.pixel_size_nm[1])
-        assert objects[0]["area_nm2"] == pytest.approx(14 * 20 * plan.pixel_size_nm**2)  # its largest piece
+        # measured whole on the label image: both pieces (14 x 20 and 16 x 16 px), its centroid theirs
+        assert objects[0]["area_nm2"] == pytest.approx((14 * 20 + 16 * 16) * plan.pixel_size_nm**2)
+        assert objects[0]["centroid_x"] == pytest.approx((280 * 57 + 256 * 72) / 536)
+        assert objects[0]["centroid_y"] == pytest.approx(30)
+        assert objects[0]["equivalent_diameter_nm"] == pytest.approx(2 * np.sqrt(536 / np.pi) * plan.pixel_size_nm)
+        assert objects[1]["area_nm2"] == pytest.approx(16 * plan.pixel_size_nm**2)  # one piece: its own
 
         tiles = read_output(tmp_path, TILES).to_pandas()
         assert tiles["status"].tolist() == ["done", "done", "error"]

@@ -12,7 +12,7 @@ from engine.pipeline import COLUMNS, Ensemble, EnsembleConfig, TileResult, analy
 from engine.pipeline.results import DETECTION_COLUMNS, from_columns
 from engine.tiling import owned, tile_core_level0
 
-from .conftest import TEST_CONFIG, read_batch, take
+from .conftest import TEST_CONFIG, take
 
 # Columns compared within float tolerance between batch compositions (see the module
 # doc of engine.pipeline.ensemble); everything else must be equal.

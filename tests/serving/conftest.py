@@ -8,7 +8,6 @@ end of the package so other test modules are unaffected.
 
 from __future__ import annotations
 
-import os
 import socket
 
 import httpx

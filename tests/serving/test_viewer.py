@@ -3,7 +3,6 @@ key, upload a micrograph, see boxes and masks over it, material, grade and the t
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
 
 from .conftest import png_bytes, synthetic_image
