@@ -145,5 +145,28 @@ class ServeConfig(BaseModel):
 
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServeConfig:
-        data = yaml.safe_load(Path(path).read_text()) or {}
-        return cls(**data)
+        """A ServeConfig YAML, or a Serve config file (as cluster/serve.yaml): the
+        application running `engine.serving.app:app_builder`, its `args` and its first
+        deployment's `user_config`. Errors (GrainflowError) name the file and the field."""
+        from pydantic import ValidationError
+
+        from engine.errors import GrainflowError
+
+        p = Path(path)
+        try:
+            data = yaml.safe_load(p.read_text()) or {}
+        except (OSError, yaml.YAMLError) as exc:
+            raise GrainflowError(f"{p}: cannot read the serve config ({type(exc).__name__}: {exc})") from None
+        if not isinstance(data, dict):
+            raise GrainflowError(f"{p}: expected a mapping of ServeConfig fields, got {type(data).__name__}")
+        if "applications" in data:  # a Serve config file
+            apps = [a for a in data["applications"] or [] if a.get("import_path") == "engine.serving.app:app_builder"]
+            if not apps:
+                raise GrainflowError(f"{p}: no application with import_path engine.serving.app:app_builder")
+            live = next((d.get("user_config") for d in apps[0].get("deployments") or [] if d.get("user_config")), {})
+            data = {**(apps[0].get("args") or {}), **(live or {})}
+        try:
+            return cls(**data)
+        except ValidationError as exc:
+            fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
+            raise GrainflowError(f"{p}: {fields}") from None

@@ -19,6 +19,7 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import math
 import os
 import secrets
 from dataclasses import dataclass
@@ -83,6 +84,9 @@ class KeyStore:
                 bad = sorted(scopes - set(SCOPES))
                 if bad:
                     raise ValueError(f"key {k['id']}: unknown scopes {bad}; valid: {', '.join(SCOPES)}")
+                rate = k.get("rate_per_minute")
+                if rate is not None and not (math.isfinite(float(rate)) and float(rate) > 0):
+                    raise ValueError(f"key {k['id']}: rate_per_minute {rate} must be positive")
                 entries[k["id"]] = _Entry(Principal(k["id"], k["tenant"], scopes, k.get("rate_per_minute")),
                                           bytes.fromhex(k["salt"]), bytes.fromhex(k["sha256"]))
         except FileNotFoundError:
@@ -116,6 +120,9 @@ def add_key(path: str | os.PathLike, tenant: str, scopes: list[str] | tuple[str,
         raise GrainflowError(f"scopes {list(scopes)}: each must be one of {', '.join(SCOPES)}")
     if not tenant:
         raise GrainflowError("tenant: must not be empty")
+    if rate_per_minute is not None and not (math.isfinite(rate_per_minute) and rate_per_minute > 0):
+        raise GrainflowError(f"rate_per_minute: {rate_per_minute} must be a positive number of requests "
+                             f"(leave it out for the server's default)")
     p = Path(path)
     data = json.loads(p.read_text()) if p.exists() else {"keys": []}
     key_id = "k" + secrets.token_hex(4)

@@ -46,6 +46,21 @@ def test_bad_config_values_are_named():
         ServeConfig(ensemble={"conf": 2})
 
 
+def test_serve_config_files_read_or_refused_naming_the_field(tmp_path):
+    """`grainflow serve -c` takes a ServeConfig YAML or a Serve config file such as
+    cluster/serve.yaml; a bad value or a missing file is one line naming it."""
+    from engine.serving.config import ServeConfig
+
+    cluster = ServeConfig.from_yaml(ROOT / "cluster" / "serve.yaml")
+    assert cluster.bundle == "grainflow-demo" and cluster.split == {"production": 0.9, "canary": 0.1}
+    assert cluster.settings("segmenter").num_gpus == 0.5
+    (tmp_path / "bad.yaml").write_text("bundle: b\nmax_pixels: -3\n")
+    with pytest.raises(GrainflowError, match=r"bad.yaml: max_pixels: Input should be greater than or equal to 1"):
+        ServeConfig.from_yaml(tmp_path / "bad.yaml")
+    with pytest.raises(GrainflowError, match="nowhere.yaml: cannot read the serve config"):
+        ServeConfig.from_yaml(tmp_path / "nowhere.yaml")
+
+
 class TestKeys:
     def test_stored_hashed_and_verified(self, tmp_path):
         from engine.serving.keys import KeyStore, add_key
@@ -69,6 +84,15 @@ class TestKeys:
             KeyStore.load(tmp_path / "k.json")
         with pytest.raises(GrainflowError, match="scopes"):
             add_key(tmp_path / "k2.json", "t", ["root"])
+        for rate in (0, -5):  # 0 would silently mean the server's default, -5 a key refused for ever
+            with pytest.raises(GrainflowError, match="rate_per_minute"):
+                add_key(tmp_path / "k3.json", "t", ["analyze"], rate_per_minute=rate)
+        key_id, _ = add_key(tmp_path / "k4.json", "t", ["analyze"], rate_per_minute=5)
+        edited = json.loads((tmp_path / "k4.json").read_text())
+        edited["keys"][0]["rate_per_minute"] = -1  # edited by hand
+        (tmp_path / "k4.json").write_text(json.dumps(edited))
+        with pytest.raises(GrainflowError, match=f"key {key_id}: rate_per_minute -1 must be positive"):
+            KeyStore.load(tmp_path / "k4.json")
 
 
 def test_rate_limiter_refills():
