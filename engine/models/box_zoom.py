@@ -7,6 +7,8 @@ its size. Micrograph defects span orders of magnitude in size, so instead of the
 tile, each box gets a square window of `context` times its longer side (at least
 `min_side` tile pixels), resampled to the encoder's input: every object then spans
 several cells whatever its size. The encoder runs once per box instead of once per tile.
+With `max_aspect` > 1 an elongated box gets an oblong window (stretched to the square
+input), so a thin crack along it is wider in the encoder's pixels.
 
 Coordinates are continuous tile pixels (the tile spans [0, W] x [0, H], pixel (i, j)
 centred at (j + 0.5, i + 0.5)); a window may reach past the tile, where it reads zeros.
@@ -23,27 +25,36 @@ from torchvision.ops import roi_align
 
 @dataclass(frozen=True)
 class BoxZoom:
-    """Square windows around box prompts: side = max(context * longer box side, min_side).
+    """Windows around box prompts, centred on them.
 
-    context: window side / the box's longer side (> 1: the decoder sees the boundary and
-    some background). min_side: smallest window side, tile pixels (a 2-px box still gets
-    a window with texture around it).
+    context: window side / box side (> 1: the decoder sees the boundary and some
+    background). min_side: smallest window side, tile pixels (a 2-px box still gets a
+    window with texture around it). max_aspect: 1 gives square windows of `context`
+    times the box's longer side; above 1 each side is `context` times the box's own
+    side, but at least the longer side / max_aspect, so an elongated box (a crack, a
+    scratch) gets an elongated window, stretched to the square input: its thin defect
+    then spans more embedding cells across than in a square window.
     """
 
     context: float = 2.0
     min_side: float = 16.0
+    max_aspect: float = 1.0
 
     def __post_init__(self):
         if not self.context >= 1.0:
             raise ValueError(f"box zoom context must be >= 1 (window side / box side), got {self.context}")
         if not self.min_side > 0:
             raise ValueError(f"box zoom min_side must be > 0 tile pixels, got {self.min_side}")
+        if not self.max_aspect >= 1.0:
+            raise ValueError(f"box zoom max_aspect must be >= 1 (longer / shorter window side), got {self.max_aspect}")
 
     def windows(self, boxes: torch.Tensor) -> torch.Tensor:
-        """N x 4 xyxy boxes (float32, tile px) -> N x 4 xyxy square windows centred on them."""
+        """N x 4 xyxy boxes (float32, tile px) -> N x 4 xyxy windows centred on them."""
         centre = (boxes[:, :2] + boxes[:, 2:]) / 2
-        side = (boxes[:, 2:] - boxes[:, :2]).amax(dim=1).mul(self.context).clamp(min=self.min_side)
-        half = side[:, None] / 2
+        sides = (boxes[:, 2:] - boxes[:, :2]).mul(self.context)  # N x (w, h)
+        longer = sides.amax(dim=1, keepdim=True)
+        sides = torch.maximum(sides, longer / self.max_aspect).clamp(min=self.min_side)
+        half = sides / 2
         return torch.cat([centre - half, centre + half], dim=1)
 
 
@@ -65,7 +76,7 @@ def to_window(xy: torch.Tensor, windows: torch.Tensor, size: int) -> torch.Tenso
     """
     n = xy.shape[0]
     pairs = xy.reshape(n, -1, 2)
-    scale = (size / (windows[:, 2] - windows[:, 0]))[:, None, None]
+    scale = (size / (windows[:, 2:] - windows[:, :2]))[:, None, :]  # x and y apart: windows may be oblong
     return ((pairs - windows[:, None, :2]) * scale).reshape(xy.shape)
 
 

@@ -271,14 +271,16 @@ def build_sam_small(
     decoder_heads: int = 4,
     zoom_context: float | None = None,
     zoom_min_side: float = 16.0,
+    zoom_max_aspect: float = 1.0,
 ) -> Segmenter:
     """A narrow, shallow SAM from segment_anything's modeling classes (trains on CPU).
 
     Same design as Meta's (windowed ViT with relative positions and a few global blocks,
     two-way transformer decoder), scaled down: embeddings grid img_size / patch_size,
     prompt/decoder width prompt_dim (divisible by 8 for the upscaling path).
-    zoom_context: None, or the encoder sees a square window of zoom_context times each
-    box's longer side, at least zoom_min_side tile pixels (`engine.models.box_zoom`).
+    zoom_context: None, or the encoder sees a window of zoom_context times each box,
+    at least zoom_min_side tile pixels, square (zoom_max_aspect 1) or oblong up to
+    zoom_max_aspect (`engine.models.box_zoom`).
     """
     grid = img_size // patch_size
     encoder = ImageEncoderViT(
@@ -296,7 +298,7 @@ def build_sam_small(
         transformer=TwoWayTransformer(depth=2, embedding_dim=prompt_dim, mlp_dim=decoder_mlp_dim, num_heads=decoder_heads),
         transformer_dim=prompt_dim, iou_head_depth=3, iou_head_hidden_dim=prompt_dim,
     )
-    zoom = None if zoom_context is None else BoxZoom(zoom_context, zoom_min_side)
+    zoom = None if zoom_context is None else BoxZoom(zoom_context, zoom_min_side, zoom_max_aspect)
     return Segmenter(Sam(encoder, prompt, decoder, pixel_mean=list(PIXEL_MEAN), pixel_std=list(PIXEL_STD)), zoom)
 
 

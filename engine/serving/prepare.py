@@ -67,7 +67,7 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
     try:
         return _prepare(loc, pixels, modality=modality, pixel_size_nm=pixel_size_nm, settings=settings, fit=fit,
                         image_id=image_id)
-    except (GrainflowError, ValueError, TypeError) as exc:
+    except GrainflowError as exc:  # what our planning and stores raise about their input; else a bug: 500
         raise BadImage(str(exc).replace(loc.uri, image_id).replace(loc.path, image_id)) from exc
     finally:
         fs = fsspec.filesystem("memory")

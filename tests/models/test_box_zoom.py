@@ -1,4 +1,4 @@
-"""Box zoom: square windows around SAM's box prompts, crops of them, and masks pasted back."""
+"""Box zoom: windows around SAM's box prompts (square or oblong), crops of them, and masks pasted back."""
 
 from __future__ import annotations
 
@@ -18,7 +18,17 @@ class TestWindows:
         w = BoxZoom(context=3.0, min_side=16.0).windows(torch.tensor([[5.0, 5.0, 7.0, 6.0]]))
         torch.testing.assert_close(w, torch.tensor([[-2.0, -2.5, 14.0, 13.5]]))
 
-    @pytest.mark.parametrize("kwargs, match", [({"context": 0.5}, "context must be >= 1"), ({"min_side": 0}, "min_side")])
+    def test_elongated_boxes_get_oblong_windows_up_to_max_aspect(self):
+        zoom = BoxZoom(context=2.0, min_side=4.0, max_aspect=4.0)
+        boxes = torch.tensor([[0.0, 0.0, 10.0, 100.0], [0.0, 0.0, 40.0, 100.0]])  # 1:10 and 2:5
+        w = zoom.windows(boxes)
+        torch.testing.assert_close(w[:, 2:] - w[:, :2], torch.tensor([[50.0, 200.0], [80.0, 200.0]]))
+        torch.testing.assert_close((w[:, :2] + w[:, 2:]) / 2, (boxes[:, :2] + boxes[:, 2:]) / 2)
+        # the box fills the middle half of its window along both axes
+        torch.testing.assert_close(box_zoom.to_window(boxes[1:], w[1:], 64), torch.tensor([[16.0, 16.0, 48.0, 48.0]]))
+
+    @pytest.mark.parametrize("kwargs, match", [({"context": 0.5}, "context must be >= 1"), ({"min_side": 0}, "min_side"),
+                                               ({"max_aspect": 0.5}, "max_aspect")])
     def test_bad_settings_are_named(self, kwargs, match):
         with pytest.raises(ValueError, match=match):
             BoxZoom(**kwargs)
@@ -53,6 +63,17 @@ class TestCropAndPaste:
         inside = torch.zeros(40, 50, dtype=torch.bool)
         inside[4:28, 16:40] = True  # the window: x 16..40, y 4..28
         assert torch.all(back[0][~inside] == -1.0)
+
+    def test_an_oblong_window_pastes_back_where_it_came_from(self):
+        mask = torch.zeros(1, 60, 40)
+        mask[0, 10:50, 18:22] = 1.0  # a 4 x 40 px line
+        box = torch.tensor([[18.0, 10.0, 22.0, 50.0]])
+        windows = BoxZoom(context=1.25, max_aspect=2.0).windows(box)  # 25 x 50 px
+        crop = box_zoom.crop(mask[:, None], torch.tensor([0]), windows, 100)[:, 0]
+        square = box_zoom.crop(mask[:, None], torch.tensor([0]), BoxZoom(context=1.25).windows(box), 100)[:, 0]
+        assert ((crop[0, 50] > 0.5).sum(), (square[0, 50] > 0.5).sum()) == (16, 8)  # the line twice as wide
+        back = box_zoom.paste(crop, windows, (60, 40), fill=-1.0)
+        torch.testing.assert_close((back > 0.5).float(), mask)
 
     def test_window_wholly_off_the_tile_pastes_nothing(self):
         back = box_zoom.paste(torch.ones(1, 8, 8), torch.tensor([[100.0, 100.0, 120.0, 120.0]]), (32, 32), fill=-5.0)
