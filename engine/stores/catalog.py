@@ -115,14 +115,27 @@ def write_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> S
 
 
 def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> StoreLocation:
-    """Add rows to the catalog, replacing rows with the same image id."""
+    """Add rows to the catalog, replacing rows with the same image id.
+
+    Columns beyond `CatalogRow`'s (a synthetic archive's provenance, ...) are kept for
+    the rows not replaced, and are null for the new ones.
+    """
+    import pyarrow.compute as pc
+
     archive = resolve(archive)
+    location = archive.join(CATALOG_FILE)
     new = {r.image_id: r for r in rows}
-    old = [] if not archive.join(CATALOG_FILE).exists() else [
-        CatalogRow(**_from_record(rec)) for rec in read_table(archive.join(CATALOG_FILE)).to_pylist()
-    ]
+    before = read_table(location) if location.exists() else None
+    old = [] if before is None else [CatalogRow(**_from_record(rec)) for rec in before.to_pylist()]
     merged = {r.image_id: r for r in old} | new
-    return write_catalog(archive, merged.values())
+    write_catalog(archive, merged.values())
+    extra = [] if before is None else [n for n in before.column_names if n not in SCHEMA.names]
+    if extra:
+        kept = before.select(["image_id", *extra])
+        kept = kept.filter(pc.invert(pc.is_in(kept["image_id"], pa.array(list(new), pa.string()))))
+        joined = read_table(location).join(kept, "image_id", join_type="left outer").sort_by("image_id")
+        write_table(location, joined.select([*SCHEMA.names, *extra]))
+    return location
 
 
 def read_catalog(archive: str | StoreLocation) -> pd.DataFrame:

@@ -174,9 +174,10 @@ class MultiscaleImage:
         return open_image(self.location.join("labels", name))
 
     def _corrupt_chunk_error(self, level: int, regions: list[Region], exc: Exception) -> CorruptChunkError:
-        """Read each chunk under `regions` alone (with zarr-python) to name the bad ones."""
+        """Read each stored object under `regions` alone (with zarr-python) to name the bad
+        ones: chunks, or for a sharded array its shards (the objects a store holds)."""
         arr = self.array(level)
-        ch, cw = arr.chunks[-2:]
+        ch, cw = (getattr(arr, "shards", None) or arr.chunks)[-2:]
         lead = (0,) * (arr.ndim - 2)
         chunks = sorted({(cy, cx) for y0, y1, x0, x1 in regions
                          for cy in range(y0 // ch, math.ceil(y1 / ch)) for cx in range(x0 // cw, math.ceil(x1 / cw))})

@@ -12,19 +12,27 @@ from typing import Any
 
 from engine.errors import MetadataError
 
-# UDUNITS-2 names the spec allows for space axes, with their size in nanometres.
+# UDUNITS-2 names the spec allows for space axes (those a micrograph can carry, down to
+# atomic-resolution STEM's picometres), with their size in nanometres.
 SPACE_UNITS_NM = {
+    "attometer": 1e-9,
+    "femtometer": 1e-6,
+    "picometer": 1e-3,
     "angstrom": 0.1,
     "nanometer": 1.0,
     "micrometer": 1e3,
     "millimeter": 1e6,
     "centimeter": 1e7,
+    "inch": 2.54e7,
+    "decimeter": 1e8,
+    "foot": 3.048e8,
     "meter": 1e9,
 }
 # Abbreviations instruments write; normalised to the spec's names.
 UNIT_ALIASES = {
-    "a": "angstrom", "å": "angstrom", "nm": "nanometer", "um": "micrometer", "µm": "micrometer",
-    "μm": "micrometer", "micron": "micrometer", "mm": "millimeter", "cm": "centimeter", "m": "meter",
+    "pm": "picometer", "a": "angstrom", "å": "angstrom", "nm": "nanometer", "um": "micrometer", "µm": "micrometer",
+    "μm": "micrometer", "micron": "micrometer", "mm": "millimeter", "cm": "centimeter", "dm": "decimeter",
+    "m": "meter",
 }
 SPATIAL = ("y", "x")
 
@@ -134,7 +142,34 @@ def parse_multiscales(attrs: dict[str, Any], where: str) -> Multiscale:
         levels.append(Level(str(ds["path"]), scale, translation))
     if not levels:
         raise MetadataError(f"{where}: 'multiscales' lists no datasets")
+    levels = _with_shared_transforms(levels, ms.get("coordinateTransformations") or [], len(axes), where)
     return Multiscale(version, axes, tuple(levels), ms.get("name"))
+
+
+def _with_shared_transforms(levels: list[Level], transforms: list[dict], n_axes: int, where: str) -> list[Level]:
+    """Levels with the multiscale's own coordinateTransformations (applied after every
+    dataset's, the spec says) folded in: scale multiplied, translation scaled and added."""
+    if not transforms:
+        return levels
+    scale, shift = (1.0,) * n_axes, (0.0,) * n_axes
+    for t in transforms:
+        values = t.get("scale") if t.get("type") == "scale" else t.get("translation")
+        if t.get("type") not in ("scale", "translation") or values is None or len(values) != n_axes:
+            raise MetadataError(f"{where}: the multiscale's coordinateTransformations need scale/translation "
+                                f"values for {n_axes} axes, got {t}")
+        if t["type"] == "scale":
+            scale = tuple(a * float(b) for a, b in zip(scale, values))
+            shift = tuple(a * float(b) for a, b in zip(shift, values))
+        else:
+            shift = tuple(a + float(b) for a, b in zip(shift, values))
+    out = []
+    for lv in levels:
+        translation = None
+        if lv.translation is not None or any(shift):
+            own = lv.translation or (0.0,) * n_axes
+            translation = tuple(t * s + d for t, s, d in zip(own, scale, shift))
+        out.append(Level(lv.path, tuple(v * s for v, s in zip(lv.scale, scale)), translation))
+    return out
 
 
 def multiscales_v05(

@@ -435,6 +435,17 @@ class TestErrors:
         with pytest.raises(IngestError, match=r"calibrated\.tif.*--modality"):
             ingest_files([path], tmp_path / "a")
 
+    def test_non_finite_pixels_and_bad_chunks_are_refused(self, tmp_path):
+        path = tmp_path / "nan.tif"
+        pixels = _pixels("float32")
+        pixels[3, 3] = np.nan
+        tifffile.imwrite(path, pixels, resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+        with pytest.raises(IngestError, match=r"nan\.tif: 1 pixels are NaN or infinite"):
+            ingest_files([path], tmp_path / "a", modality="SEM", chunk=CHUNK)
+        assert not (tmp_path / "a" / "images").exists() or not any((tmp_path / "a" / "images").iterdir())
+        with pytest.raises(IngestError, match="chunk: 0 px is too small"):
+            ingest_files([path], tmp_path / "b", modality="SEM", chunk=0)
+
     def test_float64_is_refused_naming_the_file(self, tmp_path):
         path = tmp_path / "sim.tif"
         tifffile.imwrite(path, _pixels("float64"), resolution=(1e6, 1e6), resolutionunit="CENTIMETER")

@@ -66,3 +66,28 @@ def test_ome_zarr_py_reads_our_images_and_labels(tmp_path):
     assert len(label_nodes) == 1
     assert label_nodes[0].metadata["name"] == "defects"
     np.testing.assert_array_equal(np.asarray(label_nodes[0].data[0]), labels)
+
+
+def _v04_image(path, unit: str, dataset_scale, shared=None):
+    group = zarr.open_group(path, mode="w", zarr_format=2)
+    group.create_array("0", shape=(64, 64), chunks=(32, 32), dtype="uint16", fill_value=0)
+    ms = {"version": "0.4", "axes": [{"name": "y", "type": "space", "unit": unit},
+                                     {"name": "x", "type": "space", "unit": unit}],
+          "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": dataset_scale}]}]}
+    if shared is not None:
+        ms["coordinateTransformations"] = shared
+    group.attrs["multiscales"] = [ms]
+    return path
+
+
+def test_the_multiscales_own_scale_applies_to_every_level(tmp_path):
+    """NGFF lets a multiscale carry a transform applied after each dataset's."""
+    img = open_image(_v04_image(tmp_path / "a.zarr", "micrometer", [1.0, 2.0],
+                                [{"type": "scale", "scale": [0.5, 0.5]}, {"type": "translation", "translation": [3, 4]}]))
+    assert img.pixel_size_nm == pytest.approx(1000.0)  # x: 2 um x 0.5
+    assert img.levels[0].pixel_size == pytest.approx((0.5, 1.0))
+
+
+def test_atomic_resolution_units(tmp_path):
+    img = open_image(_v04_image(tmp_path / "p.zarr", "picometer", [20.0, 20.0]))
+    assert img.pixel_size_nm == pytest.approx(0.02)

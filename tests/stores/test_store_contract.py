@@ -119,6 +119,21 @@ class TestBadInput:
         assert err.value.chunk_keys == ("0/c/1/0",)
         assert "a.ome.zarr" in str(err.value) and "0/c/1/0" in str(err.value)
 
+    def test_a_corrupt_shard_names_the_shard(self, tmp_path):
+        """In a sharded array the store holds shards; the error names the one to repair."""
+        import zarr
+
+        group = zarr.open_group(tmp_path / "s.ome.zarr", mode="w", zarr_format=3)
+        arr = group.create_array("0", shape=(64, 64), chunks=(16, 16), shards=(32, 32), dtype="uint16", fill_value=0)
+        arr[:] = 1
+        group.attrs["ome"] = {"version": "0.5", "multiscales": [{
+            "axes": [{"name": "y", "type": "space", "unit": "nanometer"}, {"name": "x", "type": "space", "unit": "nanometer"}],
+            "datasets": [{"path": "0", "coordinateTransformations": [{"type": "scale", "scale": [1.0, 1.0]}]}]}]}
+        (tmp_path / "s.ome.zarr" / "0" / "c" / "1" / "0").write_bytes(b"garbage" * 10)
+        with pytest.raises(CorruptChunkError) as err:
+            open_image(tmp_path / "s.ome.zarr").read_region(0, 0, 64, 0, 64)
+        assert err.value.chunk_keys == ("0/c/1/0",)
+
     def test_missing_metadata_names_the_path(self, store_root):
         write_image(store_root.join("a.ome.zarr"), _image(shape=(64, 64)), pixel_size=1.0, chunk=64)
         store_root.filesystem().rm(store_root.join("a.ome.zarr", "zarr.json").path)
@@ -144,6 +159,21 @@ class TestCatalog:
         df = read_catalog(store_root)
         assert list(df.image_id) == ["a", "b", "c"]
         assert df.set_index("image_id").loc["b", "modality"] == "TEM"
+
+    def test_upsert_keeps_the_columns_it_does_not_know(self, store_root):
+        """A synthetic archive's catalog carries provenance columns; adding images keeps them."""
+        import dataclasses
+
+        import pyarrow as pa
+
+        from engine.stores.catalog import CATALOG_FILE, read_table, write_table
+
+        records = [dataclasses.asdict(_row(i)) | {"model_sha256": f"sha-{i}", "run_seed": 7} for i in ("a", "b")]
+        write_table(store_root.join(CATALOG_FILE), pa.Table.from_pylist(records))
+        upsert_catalog(store_root, [_row("b", modality="TEM"), _row("c")])
+        table = read_table(store_root.join(CATALOG_FILE)).to_pydict()
+        assert table["image_id"] == ["a", "b", "c"] and table["modality"][1] == "TEM"
+        assert table["model_sha256"] == ["sha-a", None, None] and table["run_seed"] == [7, None, None]
 
     def test_missing_catalog_names_the_archive(self, store_root):
         with pytest.raises(MetadataError, match="no catalog.parquet"):

@@ -31,6 +31,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
+
 from engine.errors import GrainflowError, IngestError, MetadataError
 from engine.stores.catalog import (
     CATALOG_FILE,
@@ -140,6 +142,8 @@ def ingest_files(
     listing them after the others were written and catalogued; when only one file was
     given, its own error is raised instead (IngestError, UnsupportedDtypeError, ...).
     """
+    if not int(chunk) >= 16:
+        raise IngestError(f"chunk: {chunk} px is too small; give an edge of at least 16 px (default 512)")
     archive = resolve(archive)
     batch = _Batch(
         archive=archive, override=_explicit_pixel_size(pixel_size, unit), modality=_explicit_modality(modality),
@@ -184,6 +188,10 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
         check_pixel_dtype(image.pixels.dtype, where)
         if image.pixels.ndim != 2 or min(image.pixels.shape) < 1:
             raise IngestError(f"{where}: pixels of shape {image.pixels.shape} are not a 2-D image")
+        if image.pixels.dtype.kind == "f" and not np.isfinite(image.pixels).all():
+            bad = int(np.size(image.pixels) - np.isfinite(image.pixels).sum())
+            raise IngestError(f"{where}: {bad} pixels are NaN or infinite; a micrograph's values must be finite "
+                              f"(preprocessing and the models cannot use them)")
         pixel_size, unit, attrs = _pixel_size(image, batch, where)
         modality = _modality(image, batch, where)
         image_id = _unique_id(path, image.part, batch)

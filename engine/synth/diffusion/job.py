@@ -87,6 +87,13 @@ def prepare(model: str, *, n_per_condition: int, defect_classes: Sequence[str] |
     vocabulary = Vocabulary.of(config.args)
     conditions = expand_conditions(vocabulary, defect_classes=defect_classes, materials=materials,
                                    modalities=modalities)
+    calibrated = dict(config.args.get("pixel_size_nm") or {})
+    uncalibrated = sorted({c.modality for c in conditions} - set(calibrated))
+    if uncalibrated:  # its samples would be written with a made-up pixel size
+        raise GrainflowError(
+            f"{model}: no pixel size for {', '.join(uncalibrated)} (the model was trained on crops of "
+            f"{', '.join(sorted(calibrated)) or 'no calibrated modality'}); ask for "
+            f"{'those modalities' if calibrated else 'a model trained on an archive'} only")
     try:
         batches = plan_synthesis(conditions, n_per_condition, seed=seed, batch_size=batch_size)
     except ValueError as exc:
@@ -138,7 +145,7 @@ def generate_batch(model_bytes: bytes, sha256: str, batch: SampleBatch, archive_
     archive = resolve(archive_uri)
     out = []
     for s, image, mask, cond in zip(batch.samples, images, masks, conditions):
-        px = float(model.pixel_size_nm.get(s.condition.modality, 1.0))
+        px = float(model.pixel_size_nm[s.condition.modality])  # prepare() refused uncalibrated modalities
         out.append(write_sample(archive, s, image, mask, pixel_size_nm=px,
                                 provenance={**provenance, "condition_index": cond,
                                             "torch_threads": torch.get_num_threads()}))
@@ -154,11 +161,18 @@ def task_resources(num_gpus: float | None, num_cpus: float = 1.0) -> dict[str, f
     starts empty, give it, so pending tasks ask for GPUs)."""
     import ray
 
+    check_resources(num_gpus, num_cpus)
     if num_gpus is None:
         num_gpus = DEFAULT_GPU_FRACTION if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
-    if num_gpus < 0 or (num_gpus > 1 and not float(num_gpus).is_integer()):
-        raise GrainflowError(f"num_gpus must be a fraction in [0, 1] or a whole number, got {num_gpus}")
     return {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
+
+
+def check_resources(num_gpus: float | None, num_cpus: float) -> None:
+    """GrainflowError for a task shape Ray cannot schedule."""
+    if num_gpus is not None and (num_gpus < 0 or (num_gpus > 1 and not float(num_gpus).is_integer())):
+        raise GrainflowError(f"num_gpus must be a fraction in [0, 1] or a whole number, got {num_gpus}")
+    if not num_cpus > 0:
+        raise GrainflowError(f"num_cpus must be > 0 (each task's torch runs on the CPUs it is given), got {num_cpus}")
 
 
 def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
@@ -181,6 +195,7 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
     request = prepare(model, n_per_condition=n_per_condition, defect_classes=defect_classes, materials=materials,
                       modalities=modalities, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
                       tracking_uri=tracking_uri)
+    check_resources(num_gpus, num_cpus)  # before the archive or Ray is touched
     archive = resolve(out)
     check_settings(archive, request.settings)
     records = {r["image_id"]: r for r in read_records(archive)}

@@ -133,6 +133,20 @@ class TestSynthesisJob:
             synthesize(str(path), tmp_path / "x", n_per_condition=1, materials=["granite"])
         assert not (tmp_path / "x").exists()
 
+    def test_uncalibrated_modalities_and_bad_resources_fail_before_any_work(self, diffusion_checkpoint, tmp_path):
+        from engine.errors import GrainflowError
+        from engine.models import create_diffusion, save_checkpoint
+
+        sem_only = tmp_path / "sem.safetensors"
+        save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5}), sem_only)
+        with pytest.raises(GrainflowError, match="no pixel size for TEM.*trained on crops of SEM"):
+            synthesize(str(sem_only), tmp_path / "x", n_per_condition=1, modalities=["TEM"])
+        path, _ = diffusion_checkpoint
+        for bad, match in (({"num_gpus": 1.5}, "num_gpus"), ({"num_cpus": 0}, "num_cpus"), ({"num_cpus": -1}, "num_cpus")):
+            with pytest.raises(GrainflowError, match=match):
+                synthesize(str(path), tmp_path / "x", n_per_condition=1, **{**REQUEST, **bad})
+        assert not (tmp_path / "x").exists()
+
 
 class TestSynthesizeEntrypoint:
     def test_bad_class_exits_2_naming_the_valid_ones(self, diffusion_checkpoint, tmp_path):
