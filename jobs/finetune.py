@@ -18,6 +18,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import time
+
+
+# Options of the Ray Train loop (engine.training.train) and their defaults; the
+# detector trains through Ultralytics' trainer and refuses them.
+RAY_TRAIN_ONLY = {"workers": 2, "lr_schedule": "cosine", "cache": "auto", "augment": 0.5, "max_samples_per_image": None,
+                  "max_failures": 2}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -26,27 +33,33 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--archive", required=True, help="archive URI (local path, file://, s3://)")
     p.add_argument("--storage", required=True, help="checkpoint storage (local path or s3:// URI)")
     p.add_argument("--epochs", type=int, default=5)
-    p.add_argument("--workers", type=int, default=2, help="DDP workers")
+    p.add_argument("--workers", type=int, default=None, help="DDP workers (default 2)")
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="use GPUs (auto: when the cluster has one per worker)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per worker per step")
-    p.add_argument("--lr", type=float, default=1e-3, help="base learning rate (AdamW)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="base learning rate (default 1e-3, AdamW; the detector: Ultralytics' lr0, default its own)")
     # engine.training.schedule.SCHEDULES, spelled out: importing engine.training loads torch
-    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
+    p.add_argument("--lr-schedule", choices=("cosine", "constant"), default=None,
                    help="cosine: 5%% warm-up, then cosine decay to 1%% of --lr; constant: --lr throughout "
                         "(classifier, fusion, segmenter, diffusion)")
-    p.add_argument("--cache", choices=("auto", "yes", "no"), default="auto",
+    p.add_argument("--cache", choices=("auto", "yes", "no"), default=None,
                    help="keep the samples in Ray's object store after one read (auto: when they take at most a "
                         "quarter of it) instead of reading the archive every epoch (not the detector: Ultralytics "
                         "reads its own way)")
-    p.add_argument("--augment", type=float, default=0.5, help="augmentation strength in [0, 1]; 0 turns it off")
+    p.add_argument("--augment", type=float, default=None,
+                   help="augmentation strength in [0, 1] (default 0.5); 0 turns it off")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-archive", default=None, help="validation archive (default: hold out --val-fraction of the tiles)")
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: the model's input size)")
     p.add_argument("--max-samples-per-image", type=int, default=None)
-    p.add_argument("--max-failures", type=int, default=2, help="worker-group restarts allowed")
-    p.add_argument("--run-name", default=None, help="run name in storage; an existing run's name resumes it")
-    p.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the embedded store)")
+    p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts allowed (default 2)")
+    p.add_argument("--run-name", default=None,
+                   help="run name in storage; an existing run's name resumes it (a detector run of that name is "
+                        "trained again and replaced)")
+    p.add_argument("--tracking-uri", default=None,
+                   help="MLflow tracking URI (default: MLFLOW_TRACKING_URI or the embedded store; the detector uses "
+                        "it for --register only)")
     p.add_argument("--register", default=None, metavar="NAME", help="register the final model under NAME")
     p.add_argument("--promote", action="store_true", help="make the registered version NAME@production")
     p.add_argument("--synthetic", default=None, metavar="ARCHIVE",
@@ -64,6 +77,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--synthetic mixes into detector or fusion training, not {family}")
     if args.synthetic_ratio < 0:
         p.error(f"--synthetic-ratio must be >= 0, got {args.synthetic_ratio}")
+    given = [name for name in RAY_TRAIN_ONLY if getattr(args, name) is not None]
+    if family == "detector" and given:
+        p.error(f"{', '.join('--' + n.replace('_', '-') for n in given)}: Ray Train options (classifier, fusion, "
+                f"segmenter); the detector trains through Ultralytics' trainer")
+    for name, default in RAY_TRAIN_ONLY.items():
+        if getattr(args, name) is None:
+            setattr(args, name, default)
     return args
 
 
@@ -90,7 +110,7 @@ def main(argv: list[str] | None = None) -> int:
             summary = train(
                 args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
                 num_workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
-                batch_size=args.batch_size, lr=args.lr, lr_schedule=args.lr_schedule,
+                batch_size=args.batch_size, lr=1e-3 if args.lr is None else args.lr, lr_schedule=args.lr_schedule,
                 cache={"auto": None, "yes": True, "no": False}[args.cache], augment=args.augment, seed=args.seed,
                 val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
                 max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
@@ -121,19 +141,24 @@ def _train_detector(args: argparse.Namespace) -> dict:
     from engine.registry import ModelRegistry
     from engine.stores.uri import resolve
     from engine.training.detector import train_detector_on_ray
+    from engine.training.detector.train import check_detector_args
     from engine.training.trainer import ensure_ray
 
     storage = resolve(args.storage)
     if storage.scheme != "file":
         raise GrainflowError(f"{storage}: detector runs write their checkpoint to a local --storage path")
+    check_detector_args(args.model_name, imgsz=args.tile, epochs=args.epochs, batch=args.batch_size,
+                        val_fraction=None if args.val_archive else args.val_fraction)  # before Ray starts
     ensure_ray(1)
     registry = ModelRegistry(args.tracking_uri) if args.register else None
     val = {"val_archive": args.val_archive} if args.val_archive else {"val_fraction": args.val_fraction}
+    run_name = args.run_name or f"detector-{args.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train_detector_on_ray(
-        args.archive, out_dir=storage.join(args.run_name or f"detector-{args.model_name}").path,
+        args.archive, out_dir=storage.join(run_name).path,
         model=args.model_name, epochs=args.epochs, batch=args.batch_size, seed=args.seed,
         num_gpus={"auto": None, "yes": 1, "no": 0}[args.gpu], register_as=args.register, registry=registry,
-        **({"imgsz": args.tile} if args.tile else {}), **val, **_synthetic(args),
+        **({"imgsz": args.tile} if args.tile else {}), **({"hyperparameters": {"lr0": args.lr}} if args.lr else {}),
+        **val, **_synthetic(args),
     )
     if args.promote and result.registered:
         name, _, version = result.registered.partition("/")

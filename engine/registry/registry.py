@@ -399,7 +399,8 @@ class ModelRegistry:
     def rollback(self, name: str, alias: str = DEFAULT_ALIAS) -> ModelVersion:
         """Move `name@alias` back to the version it pointed at before its latest move.
 
-        Versions deleted since are skipped. Rolling back again goes one step further back.
+        Versions deleted since, and the current version itself, are skipped. Rolling back
+        again goes one step further back.
         Raises RegistryError when the alias is unset or has no earlier version.
         """
         check_name(name)
@@ -408,7 +409,8 @@ class ModelRegistry:
         rm = self._registered_model(name, ref=ref)
         current = self._alias_version(rm, alias, ref=ref)
         history = aliases.popped(aliases.decode(rm.tags.get(aliases.tag_key(alias))), current)
-        while history and not self._version_exists(name, history[-1]):
+        # deleted versions, and the one it points at now (1 -> 2 -> 1, then 2 deleted), are no step back
+        while history and (history[-1] == current or not self._version_exists(name, history[-1])):
             history.pop()
         if not history:
             raise RegistryError(f"{ref}: nothing to roll back to; no earlier version of this alias is recorded "

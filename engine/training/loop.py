@@ -12,8 +12,8 @@ Per worker:
 4. per epoch: iterate this worker's shard of the "train" dataset with
    `iter_torch_batches` (augmented per epoch by the task's collate function), then the
    "val" shard without augmentation; add up the task's metric sums over all workers;
-   rank 0 writes a checkpoint, every rank calls `ray.train.report` (a barrier), and rank
-   0 logs the epoch's metrics to MLflow.
+   rank 0 logs the epoch's metrics to MLflow and writes a checkpoint, and every rank
+   calls `ray.train.report` (a barrier).
 
 Metrics per epoch: train_* and val_* (the task's), train_samples_per_s (all workers'
 training samples over the slowest worker's training wall time, s), lr (the rate of the
@@ -248,13 +248,15 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         state.epoch = epoch + 1
         state.history.append(metrics)
 
+        # Logged before the report: a worker group killed after the report (the epoch is
+        # done, the run resumes after it) must not take the epoch's metrics with it; one
+        # killed between the two redoes the epoch and logs it again at the same step.
+        if rank == 0 and cfg.tracking_uri and cfg.mlflow_run_id:
+            mlflow_metrics.log_metrics(cfg.tracking_uri, cfg.mlflow_run_id, metrics, step=epoch + 1)
         with tempfile.TemporaryDirectory(prefix="grainflow-ckpt-") as tmp:
             ckpt = None
             if rank == 0:
                 save_training_state(tmp, bare, optimizer, state)
                 ckpt = Checkpoint.from_directory(tmp)
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"epoch_{epoch + 1:04d}")
-        # After the report: the checkpoint is in storage, so the epoch counts as done.
-        if rank == 0 and cfg.tracking_uri and cfg.mlflow_run_id:
-            mlflow_metrics.log_metrics(cfg.tracking_uri, cfg.mlflow_run_id, metrics, step=epoch + 1)
         _progress(cfg, rank, "checkpoint", epoch + 1)

@@ -46,16 +46,41 @@ def _experiment_id(client, uri: str) -> str:
         return exp.experiment_id
 
 
-def start_run(uri: str, *, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None) -> str:
-    """Create a run in the `grainflow-training` experiment with `params`; returns its id."""
+def start_run(uri: str, *, run_name: str, params: Mapping[str, Any], tags: Mapping[str, str] | None = None,
+              resume_key: str | None = None) -> str:
+    """A run in the `grainflow-training` experiment with `params`; returns its id.
+
+    With `resume_key` (a param naming where the run's checkpoints live), an earlier run
+    of the same name and the same value of that param is the same training run resumed:
+    it is reopened, so one MLflow run holds every epoch's metrics. Its params keep their
+    first values (MLflow's params are immutable); values that changed on resuming (more
+    epochs, ...) are recorded as tags `resumed.<param>`.
+    """
     from mlflow.entities import Param
 
     client = _client(uri)
-    run = client.create_run(_experiment_id(client, uri), run_name=run_name, tags=dict(tags or {}))
-    items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
+    experiment = _experiment_id(client, uri)
+    earlier = None
+    if resume_key is not None:
+        runs = client.search_runs([experiment], filter_string=f"attributes.run_name = '{run_name}'",
+                                  order_by=["attributes.start_time DESC"], max_results=20)
+        want = str(params.get(resume_key))[:6000]
+        earlier = next((r for r in runs if r.data.params.get(resume_key) == want), None)
+    if earlier is not None:
+        run_id = earlier.info.run_id
+        client.update_run(run_id, status="RUNNING")
+        old = earlier.data.params
+        new = {str(k): str(v)[:6000] for k, v in params.items()}
+        for k, v in new.items():
+            if k in old and old[k] != v:
+                client.set_tag(run_id, f"resumed.{k}", v)
+        items = [Param(k, v) for k, v in new.items() if k not in old]
+    else:
+        run_id = client.create_run(experiment, run_name=run_name, tags=dict(tags or {})).info.run_id
+        items = [Param(str(k), str(v)[:6000]) for k, v in params.items()]
     for i in range(0, len(items), 100):  # MLflow takes at most 100 params per batch
-        client.log_batch(run.info.run_id, params=items[i:i + 100])
-    return run.info.run_id
+        client.log_batch(run_id, params=items[i:i + 100])
+    return run_id
 
 
 def log_metrics(uri: str, run_id: str, metrics: Mapping[str, float], step: int) -> None:

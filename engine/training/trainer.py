@@ -210,8 +210,16 @@ def plan_training(
             f"{archive}: {len(train_specs)} training samples for {num_workers} workers; every worker needs at "
             f"least one (layout: tile {layout.tile}, levels {layout.levels or 'all'})"
         )
+    if val_archive is not None and not val_specs:
+        raise TrainingError(f"{val_archive}: no {family} validation samples (layout: tile {layout.tile}, levels "
+                            f"{layout.levels or 'all'}{'; a segmenter needs ground-truth defects' if family == 'segmenter' else ''})")
     if val_specs and len(val_specs) < num_workers:
         raise TrainingError(f"{val_archive}: {len(val_specs)} validation samples for {num_workers} workers")
+    if family == "classifier":  # it learns, and is scored on, nothing but the catalog's material and grade
+        for name, where, group in (("training", archive, train_specs), ("validation", val_archive or archive, val_specs)):
+            if group and all(s.material_index < 0 and s.grade_index < 0 for s in group):
+                raise TrainingError(f"{where}: the {name} images have no material or quality_grade in the catalog; "
+                                    f"a classifier learns and is scored on those")
     return layout, train_specs, val_specs
 
 
@@ -301,6 +309,12 @@ def train(
         raise TrainingError("promote needs register_as (the registered name to promote)")
     if lr_schedule not in SCHEDULES:
         raise TrainingError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
+    if keep_checkpoints is not None and keep_checkpoints < 1:
+        raise TrainingError(f"keep_checkpoints must be None (all) or >= 1, got {keep_checkpoints}")
+    if register_as:
+        from engine.registry.refs import check_name
+
+        check_name(register_as)  # before hours of training, not after
 
     layout, train_specs, val_specs = plan_training(
         family, model_name, archive, val_archive=val_archive, val_fraction=val_fraction, tile_size=tile_size,
@@ -336,7 +350,7 @@ def train(
         "synthetic_archive": str(synthetic_archive), "synthetic_ratio": synthetic_ratio if synthetic_archive else 0.0,
         "cached": bool(cache),
         "storage_path": os.fspath(storage_path) if storage_prefix else storage,
-    }, tags={"grainflow.family": family, "grainflow.model": model_name})
+    }, tags={"grainflow.family": family, "grainflow.model": model_name}, resume_key="storage_path")
 
     loop_config = LoopConfig(
         family=family, model_name=model_name, layout=layout, epochs=epochs, batch_size=batch_size, lr=lr,

@@ -144,6 +144,18 @@ class TestAliases:
         MlflowClient(tracking_uri=db_uri).delete_model_version("cls", "2")
         assert registry.rollback("cls").version == 1
 
+    def test_rollback_never_lands_on_the_current_version(self, registry, db_uri, tmp_path):
+        from mlflow import MlflowClient
+
+        for i in (1, 2):
+            _register(registry, tmp_path, data=bytes([i]))
+        for i in (1, 2, 1):
+            registry.promote("cls", i)
+        MlflowClient(tracking_uri=db_uri).delete_model_version("cls", "2")  # 1 -> 2 -> 1, and 2 is gone
+        with pytest.raises(RegistryError, match="nothing to roll back to"):
+            registry.rollback("cls")
+        assert registry.get("cls@production").version == 1
+
     def test_rollback_after_alias_moved_outside_grainflow(self, registry, db_uri, tmp_path):
         from mlflow import MlflowClient
 

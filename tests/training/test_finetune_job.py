@@ -32,6 +32,28 @@ class TestArguments:
         assert "--promote needs --register" in capsys.readouterr().err
 
 
+    def test_ray_train_options_are_refused_for_the_detector(self, capsys):
+        with pytest.raises(SystemExit):
+            parse_args(["--model", "detector:yolov8n_tiny", "--archive", "a", "--storage", "s", "--augment", "0",
+                        "--workers", "4"])
+        assert "--workers, --augment: Ray Train options" in capsys.readouterr().err
+        args = parse_args(["--model", "fusion:fusion_tiny", "--archive", "a", "--storage", "s"])
+        assert (args.workers, args.augment, args.lr_schedule, args.max_failures) == (2, 0.5, "cosine", 2)
+
+    def test_bad_detector_arguments_exit_2_before_ray_starts(self, tmp_path):
+        from engine.synth.archive import generate_archive
+
+        generate_archive(tmp_path / "a", n_images=2, seed=0, size=128, chunk=64)
+        for bad, words in ((["--tile", "100"], "multiple of 32"), (["--val-fraction", "0"], "val_fraction")):
+            proc = subprocess.run(
+                [sys.executable, "-m", "jobs.finetune", "--model", "detector:yolov8n_tiny", "--archive",
+                 str(tmp_path / "a"), "--storage", str(tmp_path / "runs"), *bad],
+                cwd=ROOT, capture_output=True, text=True, timeout=120,
+                env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
+            assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
+            assert "Started a local Ray" not in proc.stderr
+
+
 class TestFinetuneJob:
     def test_runs_and_prints_a_json_summary(self, ray_session, train_archive, tracking_uri, tmp_path):
         env = {**os.environ, "RAY_ADDRESS": ray_session.get_runtime_context().gcs_address}

@@ -144,6 +144,20 @@ class TestFusionTraining:
         model = load_model(files[MODEL_FILE], expected_sha256=result.model_sha256)
         assert model.config.family == "fusion"
 
+    def test_started_again_by_name_it_goes_on_in_the_same_mlflow_run(self, fusion_run, train_archive, tracking_uri):
+        """(Last in this class: it adds an epoch to the run's storage.)"""
+        result, storage, _, _, _ = fusion_run
+        again = train("fusion", "fusion_tiny", str(train_archive), storage_path=storage, epochs=EPOCHS + 1,
+                      num_workers=2, batch_size=8, lr=3e-3, seed=1, max_samples_per_image=12, run_name=RUN,
+                      tracking_uri=tracking_uri, cache=False)
+        assert [h["epoch"] for h in again.history] == list(range(1, EPOCHS + 2))
+        assert again.run_id == result.run_id
+        steps = {step for step, _ in mlflow_metrics.metric_history(tracking_uri, again.run_id, "train_loss")}
+        assert steps == set(range(1, EPOCHS + 2))
+        run = mlflow_metrics._client(tracking_uri).get_run(again.run_id)
+        assert run.info.status == "FINISHED" and run.data.params["epochs"] == str(EPOCHS)
+        assert run.data.tags["resumed.epochs"] == str(EPOCHS + 1)
+
 
 def test_samples_are_cached_when_they_fit_the_object_store(ray_session):
     from engine.training.trainer import CACHE_SHARE, _fits_object_store
@@ -151,3 +165,41 @@ def test_samples_are_cached_when_they_fit_the_object_store(ray_session):
     store = ray_session.cluster_resources()["object_store_memory"]
     assert _fits_object_store(int(CACHE_SHARE * store) - 1)
     assert not _fits_object_store(int(CACHE_SHARE * store) + 1)
+
+
+class TestRefusedBeforeTraining:
+    """Input that would train for nothing, or fail only at the end, is refused at the start."""
+
+    def test_a_validation_archive_without_samples_or_labels(self, train_archive, tmp_path):
+        import shutil
+
+        import pyarrow.compute as pc
+        import pyarrow.parquet as pq
+
+        from engine.training import plan_training
+        from engine.training.trainer import TrainingError
+
+        no_defects, no_labels = tmp_path / "no-defects", tmp_path / "no-labels"
+        for copy in (no_defects, no_labels):
+            shutil.copytree(train_archive, copy)
+        truth = pq.read_table(no_defects / "ground_truth.parquet")
+        pq.write_table(truth.slice(0, 0), no_defects / "ground_truth.parquet")
+        catalog = pq.read_table(no_labels / "catalog.parquet")
+        for name in ("material", "quality_grade"):
+            i = catalog.schema.get_field_index(name)
+            catalog = catalog.set_column(i, name, pc.cast(pc.if_else(True, None, catalog[name]), catalog[name].type))
+        pq.write_table(catalog, no_labels / "catalog.parquet")
+        with pytest.raises(TrainingError, match="no-defects: no segmenter validation samples.*ground-truth defects"):
+            plan_training("segmenter", "sam_tiny", str(train_archive), val_archive=str(no_defects))
+        with pytest.raises(TrainingError, match="no-labels: the validation images have no material or quality_grade"):
+            plan_training("classifier", "resnet10t", str(train_archive), val_archive=str(no_labels))
+
+    def test_a_bad_registered_name_and_keep_checkpoints(self, train_archive, tmp_path):
+        from engine.registry.errors import RegistryError
+        from engine.training.trainer import TrainingError
+
+        with pytest.raises(RegistryError, match="bad model name 'fusion/prod'"):
+            train("fusion", "fusion_tiny", str(train_archive), storage_path=tmp_path, epochs=1, register_as="fusion/prod")
+        with pytest.raises(TrainingError, match="keep_checkpoints"):
+            train("fusion", "fusion_tiny", str(train_archive), storage_path=tmp_path, epochs=1, keep_checkpoints=0)
+        assert not any(tmp_path.iterdir())  # refused before a run folder or Ray

@@ -22,6 +22,7 @@ from typing import Any
 
 import torch
 
+from engine.errors import GrainflowError
 from engine.stores.catalog import read_catalog
 from engine.stores.uri import StoreLocation, resolve
 from engine.training.detector.tiles import limit_background, plan_tiles, split_images
@@ -137,6 +138,29 @@ def _tile_metrics(trainer) -> dict[str, Any]:
     return out
 
 
+class DetectorArgumentError(GrainflowError, ValueError):
+    """A detector training argument out of range (the message names it)."""
+
+
+def check_detector_args(model: str, *, imgsz: int | None, epochs: int, batch: int,
+                        val_fraction: float | None = None) -> int:
+    """The tile side to train at (imgsz, default the config's), after checking the
+    arguments `train_detector` takes; DetectorArgumentError names a bad one. Cheap: the
+    job calls it before starting Ray."""
+    from engine.models import get_config
+
+    imgsz = int(imgsz or get_config("detector", model).input_size)  # an unknown model lists the valid ones
+    if imgsz <= 0 or imgsz % 32:
+        raise DetectorArgumentError(f"imgsz must be a positive multiple of 32 (YOLO's largest stride), got {imgsz}")
+    if not isinstance(epochs, int) or epochs < 1:
+        raise DetectorArgumentError(f"epochs must be an integer >= 1, got {epochs!r}")
+    if not isinstance(batch, int) or batch < 2:
+        raise DetectorArgumentError(f"batch must be an integer >= 2 (BatchNorm needs two samples), got {batch!r}")
+    if val_fraction is not None and not 0.0 < val_fraction < 1.0:
+        raise DetectorArgumentError(f"val_fraction must be in (0, 1) (whole images held out), got {val_fraction}")
+    return imgsz
+
+
 def train_detector(
     archive: str | StoreLocation,
     *,
@@ -188,19 +212,14 @@ def train_detector(
     from engine.runtime import configure_offline
 
     configure_offline()  # before Ultralytics is first imported: it checks connectivity on import
-    from engine.models import create_detector, get_config, save_checkpoint
+    from engine.models import create_detector, save_checkpoint
     from engine.training.detector.evaluate import evaluate_detector
     from engine.training.detector.trainer import ArchiveDetectionTrainer
 
     archive = resolve(archive)
     val_location = resolve(val_archive) if val_archive is not None else None
-    imgsz = int(imgsz or get_config("detector", model).input_size)
-    if imgsz <= 0 or imgsz % 32:
-        raise ValueError(f"imgsz must be a positive multiple of 32 (YOLO's largest stride), got {imgsz}")
-    if not isinstance(epochs, int) or epochs < 1:
-        raise ValueError(f"epochs must be an integer >= 1, got {epochs!r}")
-    if not isinstance(batch, int) or batch < 2:
-        raise ValueError(f"batch must be an integer >= 2 (BatchNorm needs two samples), got {batch!r}")
+    imgsz = check_detector_args(model, imgsz=imgsz, epochs=epochs, batch=batch,
+                                val_fraction=val_fraction if val_archive is None else None)
     overlap = imgsz // 4 if overlap is None else int(overlap)
     dev = resolve_device(device)
     out_dir = Path(out_dir).resolve()
