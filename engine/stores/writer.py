@@ -49,8 +49,9 @@ class _LevelZeroWriter:
     def write_tile(self, y: int, x: int, tile: np.ndarray) -> None:
         """Write an HxW tile at level-0 pixel (y, x); y and x must be chunk multiples."""
         c = self.chunk
-        if y % c or x % c:
-            raise ValueError(f"tile origin ({y}, {x}) is not aligned to the {c}-pixel chunk grid")
+        if y < 0 or x < 0 or y % c or x % c:
+            raise ValueError(f"tile origin ({y}, {x}) is not aligned to the {c}-pixel chunk grid "
+                             f"(non-negative multiples of {c})")
         h, w = tile.shape
         if y + h > self.shape[0] or x + w > self.shape[1]:
             raise ValueError(f"tile {tile.shape} at ({y}, {x}) runs past the image {self.shape}")

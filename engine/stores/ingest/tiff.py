@@ -14,8 +14,9 @@ Where the pixel size comes from, first match wins:
 Layout: the first series of the file is ingested (later series are thumbnails or
 overviews). Each plane of a stack (pages, Z, T, channels) becomes its own image, named
 by its index. RGB(A) is reduced to one channel (see base.to_grayscale); palette-colour
-and other colour spaces are refused. MinIsWhite images are inverted so bright means
-high signal, as in every other format. A data bar below an FEI image is cut off when
+and other colour spaces are refused. MinIsWhite integer images are inverted so bright
+means high signal, as in every other format (a float image has no white point to invert
+about and is kept as stored). A data bar below an FEI image is cut off when
 the FEI metadata says how tall the scanned frame is.
 """
 
