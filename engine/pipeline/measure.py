@@ -5,8 +5,9 @@ Conventions:
 - Pixel sizes are in nanometres, per axis ``(y, x)`` (one number: square pixels). A
   mask pixel is a ``py x px`` nm rectangle, so a mask of ``n`` pixels has area
   ``n * py * px`` nm². 1 µm² = 10**6 nm², 1 mm² = 10**12 nm².
-- Shape comes from second moments (`skimage.measure.regionprops` with ``spacing``):
-  the covariance of the pixel centres, plus ``p**2 / 12`` per axis, which is the
+- Shape comes from second moments (numpy for one mask, `skimage.measure.regionprops`
+  with ``spacing`` for a label image: the same quantities): the covariance of the pixel
+  centres, plus ``p**2 / 12`` per axis, which is the
   variance of a uniform pixel square: a mask is measured as the union of its pixel
   squares, not as a cloud of points. So a one-pixel-wide line has a width of one
   pixel rather than zero, and a disc of radius r measures 2r across.
@@ -110,17 +111,31 @@ def measure_labels(labels: np.ndarray, pixel_size_nm) -> tuple[np.ndarray, Measu
 
 
 def _fill(out: Measurements, i: int, crop: np.ndarray, offset, py: float, px: float) -> None:
-    (p,) = regionprops(crop, spacing=(py, px))
-    _from_props(out, i, p, offset, py, px)
+    """One mask's moments with numpy: the same quantities as regionprops' (see
+    `_from_props`), ~5x faster on the large masks of objects stitched across tiles."""
+    ys, xs = np.nonzero(crop)
+    n = len(ys)
+    cy, cx = ys.mean(), xs.mean()
+    dy, dx = ys - cy, xs - cx
+    var_y, var_x, cov_yx = (dy @ dy) / n * py * py, (dx @ dx) / n * px * px, (dy @ dx) / n * py * px
+    _set(out, i, n, var_y, var_x, cov_yx, (offset[0] + cy, offset[1] + cx), py, px)
 
 
 def _from_props(out: Measurements, i: int, p, offset, py: float, px: float) -> None:
-    n = float(p.num_pixels)
-    area = n * py * px
     # regionprops' 2-D inertia tensor is [[var_x, -cov_xy], [-cov_xy, var_y]] of the
-    # pixel centres in physical units; add each pixel square's own variance.
+    # pixel centres in physical units; its centroid is physical, from pixel (0, 0)'s centre.
     t = p.inertia_tensor
-    cov = np.array([[t[1, 1] + py * py / 12.0, -t[0, 1]], [-t[0, 1], t[0, 0] + px * px / 12.0]])
+    cy, cx = p.centroid
+    _set(out, i, float(p.num_pixels), t[1, 1], t[0, 0], -t[0, 1], (offset[0] + cy / py, offset[1] + cx / px), py, px)
+
+
+def _set(out: Measurements, i: int, n: float, var_y: float, var_x: float, cov_yx: float, centroid, py: float,
+         px: float) -> None:
+    """Row i of `out` from a mask's pixel count, the (physical) variances and covariance
+    of its pixel centres and its centroid (pixels of the measured array)."""
+    area = n * py * px
+    # each pixel square's own variance added to its centre's
+    cov = np.array([[var_y + py * py / 12.0, cov_yx], [cov_yx, var_x + px * px / 12.0]])
     evals, evecs = np.linalg.eigh(cov)  # ascending
     minor_var, major_var = max(evals[0], 0.0), max(evals[1], 0.0)
     major, minor = 4.0 * np.sqrt(major_var), 4.0 * np.sqrt(minor_var)
@@ -132,7 +147,6 @@ def _from_props(out: Measurements, i: int, p, offset, py: float, px: float) -> N
         angle = float(np.degrees(np.arctan2(-vy, vx))) % 180.0
         if angle >= 180.0 - 1e-9:
             angle = 0.0
-    cy, cx = p.centroid  # physical, from the crop's pixel-centre origin
     out.area_px[i] = n
     out.area_nm2[i] = area
     out.area_um2[i] = area / NM2_PER_UM2
@@ -141,7 +155,7 @@ def _from_props(out: Measurements, i: int, p, offset, py: float, px: float) -> N
     out.minor_axis_nm[i] = minor
     out.aspect_ratio[i] = major / minor if minor > 0 else np.inf
     out.orientation_deg[i] = angle
-    out.centroid[i] = (offset[0] + cy / py, offset[1] + cx / px)
+    out.centroid[i] = centroid
 
 
 def area_mm2(shape_or_pixels, pixel_size_nm) -> float:
