@@ -58,14 +58,15 @@ class TestSegment:
         sam = M.create_segmenter("sam_tiny")
         assert sam.zoom is not None
         tiles = np.random.default_rng(3).random((1, 256, 256), dtype=np.float32)
-        box = np.array([[100, 120, 110, 126]], np.float32)  # 10 px wide: a 20 px window x 105 +- 10, y 123 +- 10
+        # 10 x 6 px: a 20 x 16 px window (2x each side, min 16 px), x 105 +- 10, y 123 +- 8
+        box = np.array([[100, 120, 110, 126]], np.float32)
         sam.sam.mask_threshold = -1e3  # every pixel the model paints counts
         try:
             (seg,) = sam.segment(tiles, [box])
         finally:
             sam.sam.mask_threshold = 0.0
         ys, xs = np.nonzero(seg.masks[0])
-        assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (95, 115, 113, 133)
+        assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (95, 115, 115, 131)
 
     def test_box_count_and_shape_errors(self, any_sam):
         tiles = np.zeros((2, 64, 64), np.float32)
