@@ -13,6 +13,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
@@ -57,7 +58,7 @@ def synth(
             out, n_images=images, seed=seed, size=size, chunk=chunk, materials=material, modalities=modality,
             progress=lambda n: progress.advance(task, n),
         )
-    console.print(f"wrote {len(catalog)} images to [bold]{out}[/bold]")
+    console.print(f"wrote {len(catalog)} images to [bold]{escape(str(out))}[/bold]")
     _print_summary(catalog)
 
 
@@ -80,7 +81,7 @@ def ingest(
             files, archive, pixel_size=pixel_size, unit=unit if pixel_size is not None else None,
             modality=modality, material=material, chunk=chunk, progress=lambda n=1: progress.advance(task, n),
         )
-    console.print(f"ingested {len(rows)} images from {len(files)} files into [bold]{archive}[/bold]")
+    console.print(f"ingested {len(rows)} images from {len(files)} files into [bold]{escape(str(archive))}[/bold]")
 
 
 @app.command(

@@ -31,6 +31,7 @@ import argparse
 import json
 import os
 import secrets
+import shlex
 import shutil
 import signal
 import socket
@@ -396,7 +397,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def _print_env(head: LocalHead) -> None:
     for key, value in {**head.client_env(), "GRAINFLOW_DASHBOARD_URL": head.dashboard_url}.items():
-        print(f"export {key}={value}")
+        print(f"export {key}={shlex.quote(str(value))}")
 
 
 if __name__ == "__main__":

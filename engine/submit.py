@@ -23,14 +23,15 @@ def submit_job(client, *, entrypoint: str, retry_s: float = 60.0, **kwargs: Any)
 
 
 def follow_job(client, job_id: str, *, on_line: Callable[[str], None] = print, poll_s: float = 1.0,
-               timeout_s: float = 3600.0) -> str:
+               timeout_s: float | None = None) -> str:
     """Stream a job's log lines to `on_line` until it ends; returns the final status name.
 
     Polls the whole log and forwards what is new, which works from synchronous
-    notebook cells and scripts alike (the SDK's tail is an async generator).
+    notebook cells and scripts alike (the SDK's tail is an async generator). timeout_s:
+    give up (GrainflowError; the job goes on) after this long; None: until it ends.
     """
     seen = 0
-    deadline = time.monotonic() + timeout_s
+    deadline = None if timeout_s is None else time.monotonic() + timeout_s
     while True:
         status = client.get_job_status(job_id)
         logs = client.get_job_logs(job_id)
@@ -39,7 +40,7 @@ def follow_job(client, job_id: str, *, on_line: Callable[[str], None] = print, p
         seen = len(logs)
         if status.is_terminal():
             return str(status.value)
-        if time.monotonic() > deadline:
+        if deadline is not None and time.monotonic() > deadline:
             raise GrainflowError(f"job {job_id} still {status.value} after {timeout_s:.0f} s")
         time.sleep(poll_s)
 
@@ -101,13 +102,18 @@ def prepare_submission(job: str, argv: list[str], *, tenant: str | None = None, 
 
     With a tenants file, the job gets GRAINFLOW_TENANT and GRAINFLOW_TENANTS_FILE in its
     runtime_env and checks again inside (engine.tenants.enforce_job_uris); the file's
-    path must be readable where the job's driver runs (a shared or baked-in path).
+    path must be readable where the job's driver runs (a shared or baked-in path). A
+    tenant without a file is passed to the job alone, which checks it against the file
+    its cluster's nodes name (cluster/aws, cluster/kuberay set GRAINFLOW_TENANTS_FILE).
+    Relative local paths among the job's store arguments are made absolute here: the
+    job's driver runs in another working directory.
     """
     import shlex
     import uuid
 
     from engine.tenants import SUBMISSION_ID_ENV, TENANT_ENV, TENANTS_FILE_ENV, Tenants, check_job, job_uris
 
+    argv = absolute_paths(job, argv)
     args = parse_job_args(job, argv)
     submission_id = f"grainflow-{job}-{uuid.uuid4().hex[:12]}"
     env = {**OFFLINE_ENV, **(env_vars or {}), SUBMISSION_ID_ENV: submission_id}
@@ -117,11 +123,37 @@ def prepare_submission(job: str, argv: list[str], *, tenant: str | None = None, 
                   extra={"submission_id": submission_id})
         env.update({TENANTS_FILE_ENV: tenants_file, TENANT_ENV: tenant or ""})
     elif tenant:
-        raise GrainflowError("--tenant needs --tenants-file (or GRAINFLOW_TENANTS_FILE): the file that grants its prefixes")
+        env[TENANT_ENV] = tenant
     module, results_arg = JOBS[job]
     uris = job_uris(job, args)
     return Submission(job, shlex.join(["python", "-m", module, *argv]), {"env_vars": env}, submission_id, uris,
                       uris.get(results_arg))
+
+
+def absolute_paths(job: str, argv: list[str]) -> list[str]:
+    """`argv` with each relative local path given to one of the job's store arguments
+    (engine.tenants.JOB_URI_ARGS: --archive, --out, ...) made absolute."""
+    import os
+
+    from engine.tenants import JOB_URI_ARGS
+
+    flags = {f"--{name.replace('_', '-')}" for name in JOB_URI_ARGS.get(job, ())}
+
+    def absolute(value: str) -> str:
+        local = "://" not in value and not os.path.isabs(value)
+        return os.path.abspath(os.path.expanduser(value)) if local and value else value
+
+    out, after_flag = [], False
+    for token in argv:
+        flag, eq, value = token.partition("=")
+        if after_flag:
+            out.append(absolute(token))
+        elif eq and flag in flags:
+            out.append(f"{flag}={absolute(value)}")
+        else:
+            out.append(token)
+        after_flag = token in flags
+    return out
 
 
 def job_client(address: str, *, token_path: str | None = None):

@@ -16,6 +16,12 @@ import pandas as pd
 
 from engine.reports.overlay import Overlay
 
+
+def _plain(text: str) -> str:
+    """Text shown as written: matplotlib reads what lies between two '$' as math."""
+    return str(text).replace("$", r"\$")
+
+
 DPI = 96
 _COLOURS = ("#d62728", "#1f77b4", "#2ca02c", "#ff7f0e", "#9467bd", "#8c564b", "#e377c2", "#17becf")
 
@@ -74,7 +80,7 @@ def size_histograms(sizes: pd.DataFrame, classes: Sequence[str], *, bins: int = 
         ax.hist(values, bins=edges, color=class_colour(name, classes), alpha=0.85)
         if log:
             ax.set_xscale("log")
-        ax.set_title(f"{name} (n = {len(values)})", fontsize=10)
+        ax.set_title(_plain(f"{name} (n = {len(values)})"), fontsize=10)
         ax.set_xlabel(f"equivalent diameter ({unit})")
         ax.set_ylabel("defects")
     return _png(fig)
@@ -132,7 +138,7 @@ def density_maps(tiles: dict[str, pd.DataFrame], extents_um: dict[str, tuple[flo
         ax.set_xlim(x_edges[0], x_edges[-1])
         ax.set_ylim(y_edges[-1], y_edges[0])  # image orientation: y down
         ax.set_aspect("equal")
-        ax.set_title(image_id, fontsize=9)
+        ax.set_title(_plain(image_id), fontsize=9)
         ax.set_xlabel(unit, fontsize=8)
         ax.tick_params(labelsize=7)
     if mesh is not None:
@@ -159,7 +165,7 @@ def overlay_figure(overlay: Overlay, classes: Sequence[str]) -> bytes:
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2,
                                edgecolor=class_colour(name, classes)))
     shown = [c for c in classes if c in set(overlay.classes)] + sorted(set(overlay.classes) - set(classes))
-    handles = [Line2D([], [], color=class_colour(c, classes), lw=2, label=c) for c in shown]
+    handles = [Line2D([], [], color=class_colour(c, classes), lw=2, label=_plain(c)) for c in shown]
     if overlay.outlines is not None:
         handles.append(Line2D([], [], color="cyan", lw=2, label="label outlines"))
     if handles:

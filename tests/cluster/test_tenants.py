@@ -110,6 +110,18 @@ class TestBeforeSubmission:
         (entry,) = read_audit(audit)
         assert entry["decision"] == "accepted" and entry["submission_id"] == sub.submission_id
 
+    def test_relative_paths_are_sent_absolute_and_a_tenant_alone_reaches_the_job(self, tmp_path, monkeypatch):
+        """The job's driver runs in the head's working directory, not the submitter's; and a
+        cluster whose nodes name their own tenants file needs only the tenant."""
+        monkeypatch.chdir(tmp_path)
+        sub = prepare_submission("reprocess", ["--archive", "./archive", "--out=runs/r1", *REPROCESS], tenant="lab-a")
+        assert f"--archive {tmp_path / 'archive'} --out={tmp_path / 'runs' / 'r1'} --models" in sub.entrypoint
+        assert sub.results == str(tmp_path / "runs" / "r1")
+        env = sub.runtime_env["env_vars"]
+        assert env["GRAINFLOW_TENANT"] == "lab-a" and "GRAINFLOW_TENANTS_FILE" not in env
+        kept = prepare_submission("reprocess", ["--archive", "s3://lab-a/a", "--out", "/abs/o", *REPROCESS])
+        assert "--archive s3://lab-a/a --out /abs/o" in kept.entrypoint
+
     def test_train_and_synthesize_uris(self, tmp_path):
         from engine.submit import parse_job_args
 

@@ -236,6 +236,18 @@ class TestOtherRuns:
         assert f"the archive {gone} cannot be read" in text
         assert len(page.images) == 2  # sizes and density maps; no overlays without the archive
 
+    def test_dollar_signs_in_names_are_drawn_as_text(self, report_run, tmp_path):
+        """matplotlib reads text between two '$' as math: a class name 'lot$a_b_c$' in a
+        figure title used to abort the whole report."""
+        out = tmp_path / "run"
+        shutil.copytree(report_run.out, out, ignore=shutil.ignore_patterns("report.html"))
+        for f in (out / "objects").rglob("*.parquet"):
+            table = pq.read_table(f)
+            i = table.schema.get_field_index("class_name")
+            pq.write_table(table.set_column(i, "class_name", pa.array(["lot$a_b_c$"] * table.num_rows)), f)
+        text = Path(write_report(str(out))).read_text(encoding="utf-8")
+        assert "lot$a_b_c$" in text
+
     def test_report_of_a_run_on_s3(self, report_run, s3_bucket):
         """The run's files and the archive copied to S3 (moto): the report reads both
         there, with label outlines from the archive's copy, and is written to the run."""
