@@ -8,7 +8,8 @@ A tenants file (TOML) grants prefixes:
     [tenants.lab-b]
     prefixes = ["s3://shared/lab-b/"]
 
-A job's store URIs (--archive, --out, --storage, ...) are checked twice: by the submitter
+A job's store URIs (--archive, --out, --storage, ..., a local --tracking-uri registry,
+synthesize's --model checkpoint: `job_uris`) are checked twice: by the submitter
 (`grainflow submit`, before the job exists) and inside the job (`enforce_job_uris`,
 first thing in its entrypoint), from GRAINFLOW_TENANT and GRAINFLOW_TENANTS_FILE, which
 the submitter puts in the job's runtime_env. Both refusals and acceptances go to the
@@ -121,12 +122,32 @@ class Tenants:
             raise TenantRefused(f"tenant {tenant!r} may not use {'; '.join(outside)} (granted: {granted})")
 
 
+def tracking_store(uri: str) -> str | None:
+    """The local place an MLflow tracking URI reads and writes (a SQLite database file,
+    a file store), or None where it names a server (whose own access control applies)."""
+    if uri.startswith("sqlite:///"):
+        return uri[len("sqlite:///"):]  # sqlite:////abs/m.db -> /abs/m.db
+    if uri.startswith("file:") or "://" not in uri:
+        return uri
+    return None
+
+
 def job_uris(job: str, args) -> dict[str, str]:
-    """The store URIs a parsed job namespace names: argument name -> URI (unset ones left out)."""
+    """The store locations a parsed job namespace names: argument name -> URI (unset ones
+    left out). Besides the store arguments (JOB_URI_ARGS): a `--tracking-uri` that is a
+    local store (a job registers and promotes into it), and synthesize's `--model` when
+    it is a checkpoint path rather than a registry ref (the rule of its model_source)."""
     names = JOB_URI_ARGS.get(job)
     if names is None:
         raise GrainflowError(f"unknown job {job!r}; known: {', '.join(JOB_URI_ARGS)}")
-    return {n: str(getattr(args, n)) for n in names if getattr(args, n, None) not in (None, "")}
+    out = {n: str(getattr(args, n)) for n in names if getattr(args, n, None) not in (None, "")}
+    tracking = getattr(args, "tracking_uri", None)
+    if tracking and (store := tracking_store(str(tracking))) is not None:
+        out["tracking_uri"] = store
+    model = getattr(args, "model", None)
+    if job == "synthesize" and model and (str(model).endswith(".safetensors") or Path(model).expanduser().exists()):
+        out["model"] = str(Path(model).expanduser())
+    return out
 
 
 def check_job(job: str, args, *, tenant: str | None, tenants: Tenants, where: str, audit=None,

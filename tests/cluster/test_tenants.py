@@ -80,7 +80,7 @@ def write_tenants(tmp_path, granted) -> str:
     return str(path)
 
 
-REPROCESS = ["--models", "tiny@production", "--tracking-uri", "sqlite:////nonexistent/m.db"]
+REPROCESS = ["--models", "tiny@production", "--tracking-uri", "http://127.0.0.1:9"]  # a server: its own auth
 
 
 class TestBeforeSubmission:
@@ -121,6 +121,25 @@ class TestBeforeSubmission:
         assert env["GRAINFLOW_TENANT"] == "lab-a" and "GRAINFLOW_TENANTS_FILE" not in env
         kept = prepare_submission("reprocess", ["--archive", "s3://lab-a/a", "--out", "/abs/o", *REPROCESS])
         assert "--archive s3://lab-a/a --out /abs/o" in kept.entrypoint
+
+    def test_a_local_registry_and_checkpoint_are_checked_too(self, tmp_path, monkeypatch):
+        """A job registers and promotes into its --tracking-uri, and synthesize reads its
+        --model checkpoint: lab-a may not use lab-b's."""
+        monkeypatch.setenv("GRAINFLOW_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+        granted = tmp_path / "lab-a"
+        tenants_file = write_tenants(tmp_path, granted)
+        other = tmp_path / "lab-b"
+        train = ["--model", "fusion:fusion_tiny", "--archive", str(granted / "a"), "--storage", str(granted / "r"),
+                 "--register", "fusion", "--promote"]
+        with pytest.raises(TenantRefused, match=f"--tracking-uri {other}/mlflow.db"):
+            prepare_submission("train", [*train, "--tracking-uri", f"sqlite:///{other}/mlflow.db"], tenant="lab-a",
+                               tenants_file=tenants_file)
+        ok = prepare_submission("train", [*train, "--tracking-uri", f"sqlite:///{granted}/mlflow.db"], tenant="lab-a",
+                                tenants_file=tenants_file)
+        assert ok.uris["tracking_uri"] == f"{granted}/mlflow.db"
+        with pytest.raises(TenantRefused, match="--model"):
+            prepare_submission("synthesize", ["--model", str(other / "d.safetensors"), "--out", str(granted / "s"),
+                                              "-n", "2"], tenant="lab-a", tenants_file=tenants_file)
 
     def test_train_and_synthesize_uris(self, tmp_path):
         from engine.submit import parse_job_args
