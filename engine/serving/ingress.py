@@ -16,7 +16,8 @@ fields (422), pixel count (413). Every error is JSON (`schemas.ErrorBody`). Ever
 request, refused ones included, gets one audit line (engine.audit): time, tenant, key
 id, route, status, request id, alias and model versions, image sha256; never pixels.
 
-`X-Request-ID` (sent, or made here and returned) picks the traffic arm (sticky).
+`X-Request-ID` (sent, or made here and returned; at most 128 characters, else 400) picks
+the traffic arm (sticky).
 """
 
 
@@ -46,6 +47,7 @@ _ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: 
                 422: "invalid", 429: "rate_limited", 500: "internal", 503: "unavailable"}
 _ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 413, 415, 422, 429)}
 _MAX_ATTEMPTS = 3  # a stage replica that dies mid-request: Serve routes the retry to a live one
+MAX_REQUEST_ID = 128  # characters of X-Request-ID
 
 api = FastAPI(
     title="grainflow",
@@ -116,10 +118,14 @@ async def _guard_and_audit(request: Request, call_next):
     request.state.audit = audit
     # Serve's proxy gives every request an id (the client's X-Request-ID, else a new
     # one) and returns it in the response's X-Request-ID header.
-    rid = (rid or uuid.uuid4().hex)[:128]
+    too_long = rid is not None and len(rid) > MAX_REQUEST_ID
+    rid = (rid or uuid.uuid4().hex)[:MAX_REQUEST_ID]  # the audit log and the body carry at most this much
     request.state.request_id = rid
     try:
-        response = ingress.refuse(request, audit) or await call_next(request)
+        if too_long:  # refused: the id Serve echoes would differ from the one answered and logged
+            response = error_response(400, f"X-Request-ID: longer than {MAX_REQUEST_ID} characters", rid)
+        else:
+            response = ingress.refuse(request, audit) or await call_next(request)
     except asyncio.CancelledError:
         # the client went away, or Serve's request timeout passed: logged (nginx's 499), then cancelled
         audit.update(status=499, request_id=rid, error="cancelled before the answer",

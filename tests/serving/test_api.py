@@ -219,6 +219,11 @@ class TestErrors:
         kw = {"data": data} if files is None else {"data": data, "files": files or None}
         self.check(self.post(client, served, **kw), 422, words)
 
+    def test_400_request_id_too_long(self, client, served):
+        r = self.post(client, served, headers={"X-Request-ID": "r" * 129})
+        assert r.status_code == 400 and "X-Request-ID: longer than 128" in r.json()["detail"]
+        assert self.post(client, served, headers={"X-Request-ID": "r" * 128}).status_code == 200
+
     def test_429_with_retry_after(self, client, served):
         key = served["env"]["slow_key"]  # one request a minute
         codes = [self.post(client, served, key=key).status_code for _ in range(2)]
