@@ -120,8 +120,6 @@ def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> 
     Columns beyond `CatalogRow`'s (a synthetic archive's provenance, ...) are kept for
     the rows not replaced, and are null for the new ones.
     """
-    import pyarrow.compute as pc
-
     archive = resolve(archive)
     location = archive.join(CATALOG_FILE)
     new = {r.image_id: r for r in rows}
@@ -130,11 +128,15 @@ def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> 
     merged = {r.image_id: r for r in old} | new
     write_catalog(archive, merged.values())
     extra = [] if before is None else [n for n in before.column_names if n not in SCHEMA.names]
-    if extra:
-        kept = before.select(["image_id", *extra])
-        kept = kept.filter(pc.invert(pc.is_in(kept["image_id"], pa.array(list(new), pa.string()))))
-        joined = read_table(location).join(kept, "image_id", join_type="left outer").sort_by("image_id")
-        write_table(location, joined.select([*SCHEMA.names, *extra]))
+    if extra:  # matched by image id in Python: Arrow's join takes no list or struct columns
+        kept = {rec["image_id"]: rec for rec in before.select(["image_id", *extra]).to_pylist()
+                if rec["image_id"] not in new}
+        table = read_table(location)
+        ids = table.column("image_id").to_pylist()
+        for name in extra:
+            values = [kept.get(i, {}).get(name) for i in ids]
+            table = table.append_column(before.schema.field(name), pa.array(values, type=before.schema.field(name).type))
+        write_table(location, table)
     return location
 
 

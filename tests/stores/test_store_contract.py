@@ -169,12 +169,14 @@ class TestCatalog:
 
         from engine.stores.catalog import CATALOG_FILE, read_table, write_table
 
-        records = [dataclasses.asdict(_row(i)) | {"model_sha256": f"sha-{i}", "run_seed": 7} for i in ("a", "b")]
+        records = [dataclasses.asdict(_row(i)) | {"model_sha256": f"sha-{i}", "run_seed": 7, "conditioning": [1, 2]}
+                   for i in ("a", "b")]  # a list column too: Arrow's join would refuse it
         write_table(store_root.join(CATALOG_FILE), pa.Table.from_pylist(records))
         upsert_catalog(store_root, [_row("b", modality="TEM"), _row("c")])
         table = read_table(store_root.join(CATALOG_FILE)).to_pydict()
         assert table["image_id"] == ["a", "b", "c"] and table["modality"][1] == "TEM"
         assert table["model_sha256"] == ["sha-a", None, None] and table["run_seed"] == [7, None, None]
+        assert table["conditioning"] == [[1, 2], None, None]
 
     def test_missing_catalog_names_the_archive(self, store_root):
         with pytest.raises(MetadataError, match="no catalog.parquet"):
