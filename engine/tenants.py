@@ -125,8 +125,10 @@ class Tenants:
 def tracking_store(uri: str) -> str | None:
     """The local place an MLflow tracking URI reads and writes (a SQLite database file,
     a file store), or None where it names a server (whose own access control applies)."""
-    if uri.startswith("sqlite:///"):
-        return uri[len("sqlite:///"):]  # sqlite:////abs/m.db -> /abs/m.db
+    from engine.registry.backend import sqlite_path
+
+    if (db := sqlite_path(uri)) is not None:
+        return str(db)
     if uri.startswith("file:") or "://" not in uri:
         return uri
     return None
@@ -145,8 +147,11 @@ def job_uris(job: str, args) -> dict[str, str]:
     if tracking and (store := tracking_store(str(tracking))) is not None:
         out["tracking_uri"] = store
     model = getattr(args, "model", None)
-    if job == "synthesize" and model and (str(model).endswith(".safetensors") or Path(model).expanduser().exists()):
-        out["model"] = str(Path(model).expanduser())
+    if job == "synthesize" and model:
+        from engine.synth.diffusion.model_source import is_checkpoint_path
+
+        if is_checkpoint_path(str(model)):
+            out["model"] = str(Path(model).expanduser())
     return out
 
 

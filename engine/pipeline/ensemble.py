@@ -401,10 +401,10 @@ class Ensemble:
         core = tile_core_level0(t.origin, t.scale, t.halo, w.shape)
         level0 = tile_boxes_to_level0(w.boxes, t.origin, t.scale)
         keep = owned(level0, core) if len(level0) else np.zeros(0, bool)
-        px = float(t.pixel_size_nm)  # tile pixel (y, x), nm
-        p0x = px / t.scale[1]  # level-0 pixel (y, x), nm
+        px = float(t.pixel_size_nm)  # tile pixel, x, nm
+        p0x = px / t.scale[1]  # level-0 pixel, x and y, nm
         p0y = p0x if t.pixel_size_y_nm is None else float(t.pixel_size_y_nm) / t.scale[0]
-        py = p0y * t.scale[0]
+        py = p0y * t.scale[0]  # tile pixel, y, nm
         masks = w.masks[keep]
         m = measure_masks(masks, (py, px))
         centroid = np.asarray(t.origin) + (m.centroid + 0.5) * np.asarray(t.scale)

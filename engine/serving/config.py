@@ -151,6 +151,7 @@ class ServeConfig(BaseModel):
         from pydantic import ValidationError
 
         from engine.errors import GrainflowError
+        from engine.serving.app import IMPORT_PATH
 
         p = Path(path)
         try:
@@ -160,9 +161,9 @@ class ServeConfig(BaseModel):
         if not isinstance(data, dict):
             raise GrainflowError(f"{p}: expected a mapping of ServeConfig fields, got {type(data).__name__}")
         if "applications" in data:  # a Serve config file
-            apps = [a for a in data["applications"] or [] if a.get("import_path") == "engine.serving.app:app_builder"]
+            apps = [a for a in data["applications"] or [] if a.get("import_path") == IMPORT_PATH]
             if not apps:
-                raise GrainflowError(f"{p}: no application with import_path engine.serving.app:app_builder")
+                raise GrainflowError(f"{p}: no application with import_path {IMPORT_PATH}")
             live = next((d.get("user_config") for d in apps[0].get("deployments") or [] if d.get("user_config")), {})
             data = {**(apps[0].get("args") or {}), **(live or {})}
         try:

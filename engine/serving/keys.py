@@ -85,7 +85,7 @@ class KeyStore:
                 if bad:
                     raise ValueError(f"key {k['id']}: unknown scopes {bad}; valid: {', '.join(SCOPES)}")
                 rate = k.get("rate_per_minute")
-                if rate is not None and not (math.isfinite(float(rate)) and float(rate) > 0):
+                if not _valid_rate(rate):
                     raise ValueError(f"key {k['id']}: rate_per_minute {rate} must be positive")
                 entries[k["id"]] = _Entry(Principal(k["id"], k["tenant"], scopes, k.get("rate_per_minute")),
                                           bytes.fromhex(k["salt"]), bytes.fromhex(k["sha256"]))
@@ -109,6 +109,11 @@ class KeyStore:
         return len(self._entries)
 
 
+def _valid_rate(rate) -> bool:
+    """A key's own rate: None (the server's default) or a positive finite number per minute."""
+    return rate is None or (math.isfinite(float(rate)) and float(rate) > 0)
+
+
 def add_key(path: str | os.PathLike, tenant: str, scopes: list[str] | tuple[str, ...] = ("analyze",), *,
             rate_per_minute: float | None = None) -> tuple[str, str]:
     """Create a key for `tenant` in the keys file at `path` (created 0600 if absent).
@@ -120,7 +125,7 @@ def add_key(path: str | os.PathLike, tenant: str, scopes: list[str] | tuple[str,
         raise GrainflowError(f"scopes {list(scopes)}: each must be one of {', '.join(SCOPES)}")
     if not tenant:
         raise GrainflowError("tenant: must not be empty")
-    if rate_per_minute is not None and not (math.isfinite(rate_per_minute) and rate_per_minute > 0):
+    if not _valid_rate(rate_per_minute):
         raise GrainflowError(f"rate_per_minute: {rate_per_minute} must be a positive number of requests "
                              f"(leave it out for the server's default)")
     p = Path(path)

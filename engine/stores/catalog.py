@@ -102,6 +102,13 @@ def read_table(location: StoreLocation) -> pa.Table:
 def write_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> StoreLocation:
     """Replace the catalog of `archive` with `rows` (sorted by image id)."""
     archive = resolve(archive)
+    location = archive.join(CATALOG_FILE)
+    write_table(location, _catalog_table(archive, rows))
+    return location
+
+
+def _catalog_table(archive: StoreLocation, rows: Iterable[CatalogRow]) -> pa.Table:
+    """`rows` checked (unique ids, known modalities) as a table of SCHEMA, sorted by image id."""
     records = sorted((dataclasses.asdict(r) for r in rows), key=lambda r: r["image_id"])
     ids = [r["image_id"] for r in records]
     if len(set(ids)) != len(ids):
@@ -109,9 +116,7 @@ def write_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> S
     for r in records:
         if r["modality"] not in MODALITIES:
             raise ValueError(f"image {r['image_id']!r}: modality {r['modality']!r} is not one of {MODALITIES}")
-    location = archive.join(CATALOG_FILE)
-    write_table(location, pa.Table.from_pylist(records, schema=SCHEMA))
-    return location
+    return pa.Table.from_pylist(records, schema=SCHEMA)
 
 
 def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> StoreLocation:
@@ -126,17 +131,16 @@ def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> 
     before = read_table(location) if location.exists() else None
     old = [] if before is None else [CatalogRow(**_from_record(rec)) for rec in before.to_pylist()]
     merged = {r.image_id: r for r in old} | new
-    write_catalog(archive, merged.values())
+    table = _catalog_table(archive, merged.values())
     extra = [] if before is None else [n for n in before.column_names if n not in SCHEMA.names]
     if extra:  # matched by image id in Python: Arrow's join takes no list or struct columns
         kept = {rec["image_id"]: rec for rec in before.select(["image_id", *extra]).to_pylist()
                 if rec["image_id"] not in new}
-        table = read_table(location)
         ids = table.column("image_id").to_pylist()
         for name in extra:
             values = [kept.get(i, {}).get(name) for i in ids]
             table = table.append_column(before.schema.field(name), pa.array(values, type=before.schema.field(name).type))
-        write_table(location, table)
+    write_table(location, table)
     return location
 
 

@@ -188,8 +188,8 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
         check_pixel_dtype(image.pixels.dtype, where)
         if image.pixels.ndim != 2 or min(image.pixels.shape) < 1:
             raise IngestError(f"{where}: pixels of shape {image.pixels.shape} are not a 2-D image")
-        if image.pixels.dtype.kind == "f" and not np.isfinite(image.pixels).all():
-            bad = int(np.size(image.pixels) - np.isfinite(image.pixels).sum())
+        bad = int(np.size(image.pixels) - np.isfinite(image.pixels).sum()) if image.pixels.dtype.kind == "f" else 0
+        if bad:
             raise IngestError(f"{where}: {bad} pixels are NaN or infinite; a micrograph's values must be finite "
                               f"(preprocessing and the models cannot use them)")
         pixel_size, unit, attrs = _pixel_size(image, batch, where)

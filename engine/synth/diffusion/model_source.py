@@ -30,6 +30,13 @@ class ModelSource:
         return read_config(self.path)
 
 
+def is_checkpoint_path(model: str) -> bool:
+    """Whether `model` names a checkpoint file (a `.safetensors` path, or any path that
+    exists) rather than a registry ref."""
+    path = Path(model).expanduser()
+    return path.suffix == ".safetensors" or path.exists()
+
+
 def resolve_model(model: str, *, tracking_uri: str | None = None) -> ModelSource:
     """A `.safetensors` path (its `<file>.sha256` sidecar is required and checked), or a
     registry ref (`name`, `name@alias`, `name/version`) fetched and checked by the registry.
@@ -37,7 +44,7 @@ def resolve_model(model: str, *, tracking_uri: str | None = None) -> ModelSource
     from engine.models.checkpoint import read_config, read_sidecar, verify_sha256
 
     path = Path(model).expanduser()
-    if path.suffix == ".safetensors" or path.exists():
+    if is_checkpoint_path(model):
         if not path.is_file():
             raise ModelSourceError(f"{path}: no such checkpoint file")
         digest = read_sidecar(path)
