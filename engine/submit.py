@@ -100,18 +100,19 @@ def prepare_submission(job: str, argv: list[str], *, tenant: str | None = None, 
     """Parse the job's arguments, check its URIs against the tenant's prefixes (refusals
     and acceptances audited: engine.tenants.check_job), and build what to submit.
 
-    With a tenants file, the job gets GRAINFLOW_TENANT and GRAINFLOW_TENANTS_FILE in its
-    runtime_env and checks again inside (engine.tenants.enforce_job_uris); the file's
-    path must be readable where the job's driver runs (a shared or baked-in path). A
-    tenant without a file is passed to the job alone, which checks it against the file
-    its cluster's nodes name (cluster/aws, cluster/kuberay set GRAINFLOW_TENANTS_FILE).
+    The job gets GRAINFLOW_TENANT in its runtime_env and checks again inside
+    (engine.tenants.enforce_job_uris) against the tenants file its cluster's nodes name
+    (cluster/aws, cluster/kuberay set GRAINFLOW_TENANTS_FILE); the submitter's own file
+    goes along as GRAINFLOW_SUBMITTER_TENANTS_FILE, used only where the nodes name none
+    (a local head on the submitter's disk), so a submitter's file never replaces a
+    cluster's.
     Relative local paths among the job's store arguments are made absolute here: the
     job's driver runs in another working directory.
     """
     import shlex
     import uuid
 
-    from engine.tenants import SUBMISSION_ID_ENV, TENANT_ENV, TENANTS_FILE_ENV, Tenants, check_job, job_uris
+    from engine.tenants import SUBMISSION_ID_ENV, SUBMITTER_TENANTS_FILE_ENV, TENANT_ENV, Tenants, check_job, job_uris
 
     argv = absolute_paths(job, argv)
     args = parse_job_args(job, argv)
@@ -121,7 +122,7 @@ def prepare_submission(job: str, argv: list[str], *, tenant: str | None = None, 
         tenants_file = str(Path(tenants_file).expanduser().resolve())
         check_job(job, args, tenant=tenant, tenants=Tenants.load(tenants_file), where="submit", audit=audit,
                   extra={"submission_id": submission_id})
-        env.update({TENANTS_FILE_ENV: tenants_file, TENANT_ENV: tenant or ""})
+        env.update({SUBMITTER_TENANTS_FILE_ENV: tenants_file, TENANT_ENV: tenant or ""})
     elif tenant:
         env[TENANT_ENV] = tenant
     module, results_arg = JOBS[job]

@@ -39,6 +39,9 @@ from engine.stores.uri import StoreLocation, resolve
 
 TENANT_ENV = "GRAINFLOW_TENANT"
 TENANTS_FILE_ENV = "GRAINFLOW_TENANTS_FILE"
+# The submitter's own tenants file, sent apart from TENANTS_FILE_ENV so that it never
+# overrides the file a cluster's nodes name: the cluster's file rules inside the job.
+SUBMITTER_TENANTS_FILE_ENV = "GRAINFLOW_SUBMITTER_TENANTS_FILE"
 SUBMISSION_ID_ENV = "GRAINFLOW_SUBMISSION_ID"  # set by the submitter, for the audit log
 
 # The store-URI arguments of each job entrypoint (argparse dest names).
@@ -177,11 +180,14 @@ def check_job(job: str, args, *, tenant: str | None, tenants: Tenants, where: st
 
 
 def enforce_job_uris(job: str, args) -> None:
-    """The in-job check: with GRAINFLOW_TENANTS_FILE set (the submitter sets it, and a
-    cluster sets it for every job in the head's environment), the job's URIs must lie
-    in GRAINFLOW_TENANT's prefixes; raises TenantRefused (a GrainflowError: exit 2).
-    Without a tenants file (a laptop run) there is nothing to enforce."""
-    path = os.environ.get(TENANTS_FILE_ENV)
+    """The in-job check: with a tenants file named, the job's URIs must lie in
+    GRAINFLOW_TENANT's prefixes; raises TenantRefused (a GrainflowError: exit 2).
+
+    The file is the cluster's (GRAINFLOW_TENANTS_FILE in the nodes' environment: cluster/aws,
+    cluster/kuberay) or else the submitter's (GRAINFLOW_SUBMITTER_TENANTS_FILE, which
+    `grainflow submit --tenants-file` sets: a local head shares the submitter's disk).
+    Without either (a laptop run) there is nothing to enforce."""
+    path = os.environ.get(TENANTS_FILE_ENV) or os.environ.get(SUBMITTER_TENANTS_FILE_ENV)
     if not path:
         return
     sid = os.environ.get(SUBMISSION_ID_ENV)
@@ -189,5 +195,5 @@ def enforce_job_uris(job: str, args) -> None:
     check_job(job, args, tenant=os.environ.get(TENANT_ENV), tenants=Tenants.load(path), where="job", extra=extra)
 
 
-__all__ = ["JOB_URI_ARGS", "TENANTS_FILE_ENV", "TENANT_ENV", "TenantRefused", "Tenants", "check_job",
+__all__ = ["JOB_URI_ARGS", "SUBMITTER_TENANTS_FILE_ENV", "TENANTS_FILE_ENV", "TENANT_ENV", "TenantRefused", "Tenants", "check_job",
            "enforce_job_uris", "job_uris"]

@@ -158,3 +158,17 @@ class TestKubeRay:
         expected = {a["import_path"] for a in yaml.safe_load(serve_yaml.read_text())["applications"]} \
             if serve_yaml.exists() else {"engine.serving.app:app_builder"}
         assert {a["import_path"] for a in apps} == expected
+
+    def test_every_rayservice_pod_has_a_volume_for_the_audit_log(self):
+        """The image runs as `ray`, who cannot create /var/log/...: without a volume there
+        every request's audit line (and so the request) would fail."""
+        (svc,) = [d for d in docs(CLUSTER / "kuberay" / "rayservice.yaml") if d["kind"] == "RayService"]
+        (app,) = yaml.safe_load(svc["spec"]["serveConfigV2"])["applications"]
+        audit_dir = str(Path(app["runtime_env"]["env_vars"]["GRAINFLOW_AUDIT_LOG"]).parent)
+        cluster = svc["spec"]["rayClusterConfig"]
+        pods = [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"]
+                                                                for g in cluster["workerGroupSpecs"]]
+        for pod in pods:
+            volumes = {v["name"] for v in pod["volumes"]}
+            mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
+            assert mounts.get(audit_dir) in volumes, pod["containers"][0]["name"]

@@ -105,7 +105,9 @@ class TestBeforeSubmission:
         sub = prepare_submission("reprocess", argv, tenant="lab-a", tenants_file=tenants_file)
         assert sub.entrypoint.startswith("python -m jobs.reprocess --archive ")
         assert sub.runtime_env["env_vars"]["GRAINFLOW_TENANT"] == "lab-a"
-        assert sub.runtime_env["env_vars"]["GRAINFLOW_TENANTS_FILE"] == tenants_file
+        # sent under its own name: a cluster's GRAINFLOW_TENANTS_FILE is never replaced
+        assert sub.runtime_env["env_vars"]["GRAINFLOW_SUBMITTER_TENANTS_FILE"] == tenants_file
+        assert "GRAINFLOW_TENANTS_FILE" not in sub.runtime_env["env_vars"]
         assert sub.results == str(granted / "o")
         (entry,) = read_audit(audit)
         assert entry["decision"] == "accepted" and entry["submission_id"] == sub.submission_id
@@ -193,3 +195,27 @@ class TestInsideTheJob:
             enforce_job_uris("reprocess", args)
         monkeypatch.setenv("GRAINFLOW_TENANT", "lab-a")
         enforce_job_uris("reprocess", args)  # granted: no error
+
+    def test_the_clusters_tenants_file_rules_over_the_submitters(self, tmp_path, monkeypatch):
+        """A submitter's file path (absent on the cluster) comes along with the job; the
+        nodes' own file is the one checked, and the submitter's serves only where the
+        nodes name none (a local head)."""
+        from jobs.reprocess import parse_args
+
+        from engine.tenants import enforce_job_uris
+
+        monkeypatch.setenv("GRAINFLOW_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
+        (tmp_path / "cluster").mkdir()
+        (tmp_path / "laptop").mkdir()
+        cluster_file = write_tenants(tmp_path / "cluster", tmp_path / "lab-a")
+        submitter_file = write_tenants(tmp_path / "laptop", tmp_path / "elsewhere")
+        monkeypatch.setenv("GRAINFLOW_TENANT", "lab-a")
+        monkeypatch.setenv("GRAINFLOW_TENANTS_FILE", cluster_file)
+        monkeypatch.setenv("GRAINFLOW_SUBMITTER_TENANTS_FILE", str(tmp_path / "not-on-this-node.toml"))
+        args = parse_args(["--archive", str(tmp_path / "lab-a" / "a"), "--out", str(tmp_path / "lab-a" / "o"),
+                           *REPROCESS])
+        enforce_job_uris("reprocess", args)  # the cluster's file grants lab-a: no error
+        monkeypatch.delenv("GRAINFLOW_TENANTS_FILE")
+        monkeypatch.setenv("GRAINFLOW_SUBMITTER_TENANTS_FILE", submitter_file)
+        with pytest.raises(TenantRefused, match="--archive"):
+            enforce_job_uris("reprocess", args)  # the submitter's file grants lab-a only elsewhere
