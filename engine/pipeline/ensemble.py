@@ -43,7 +43,7 @@ surroundings than training did; the datasource does not deliver context tiles ye
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Mapping, Sequence
+from typing import Any, Callable, Iterable, Mapping, Sequence
 
 import numpy as np
 import torch
@@ -257,6 +257,10 @@ class Ensemble:
             except Exception as exc:
                 p.errors[i] = f"{type(exc).__name__}: {exc}"
         return p
+
+    def input_modes(self, roles: Iterable[str]) -> set[str]:
+        """The normalised inputs (`engine.pipeline.inputs` modes) the members in `roles` read."""
+        return {self.inputs[r] for r in roles}
 
     def detect(self, p: EnsemblePass) -> EnsemblePass:
         """Detector boxes for every live tile of the pass (in place; returns it)."""
@@ -551,6 +555,15 @@ class EnsemblePass:
                                     {i - base: e for i, e in self.errors.items() if base <= i < base + n}))
             base += n
         return out
+
+    def keep_inputs(self, modes: Iterable[str]) -> EnsemblePass:
+        """Drop the tiles' normalised inputs other than `modes` (in place; returns the
+        pass): what no later step reads need not travel to the next server process. A
+        step that asks for a dropped input again recomputes it from the raw tile."""
+        keep = set(modes)
+        for w in self.work.values():
+            w.cache = {mode: a for mode, a in w.cache.items() if mode in keep}
+        return self
 
 
 def description(*, model_versions: Mapping[str, str], class_names: Sequence[str], materials: Sequence[str],

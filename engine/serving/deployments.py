@@ -2,15 +2,20 @@
 
     Preprocess  pixels -> tiles (the batch job's tiling and preprocessing fit,
                 `engine.serving.prepare`) -> `Ensemble.start(..., warm=True)`
-    Detector    `Ensemble.detect`      (@serve.batch across requests)
-    Segmenter   `Ensemble.segment`     (@serve.batch)
-    Classifier  `Ensemble.classify` then `Ensemble.finish` (measurements) (@serve.batch)
+    Classifier  `Ensemble.classify`    (@serve.batch across requests)
+    Detector    `Ensemble.detect`      (@serve.batch)
+    Segmenter   `Ensemble.segment` then `Ensemble.finish` (measurements) and the
+                answer's analysis (`engine.serving.response.analysis`) (@serve.batch)
                 -> a `StagesAnswer`
 
 The ingress chains the four calls without waiting between them: each stage's
 DeploymentResponse is the next call's argument, so the `EnsemblePass` goes from one
 replica to the next through the object store, never back through the ingress (which
-waits for the classifier's small answer only).
+waits for the segmenter's small answer only). The classifier goes first because it
+needs nothing the others make, so the segmenter's masks and the tile results (MBs of
+label images) never leave the replica that makes them; each stage drops the normalised
+inputs no later stage reads (`EnsemblePass.keep_inputs`). What a pass carries is what
+a hop costs: ~4 ms per MB on two cores (benchmarks/RESULTS.md).
 
 A request names the fixed bundle version that answers it ("name/version", chosen by the
 ingress from the aliases); each replica keeps the ensembles of the versions it has been
@@ -45,14 +50,13 @@ MAX_CACHED_VERSIONS = 4
 
 @dataclass(frozen=True)
 class StagesAnswer:
-    """What the last stage returns for one request: results: a `TileResult` per tile;
-    scales: each tile's level-0 pixels per tile pixel (y, x); level, level_pixel_size_nm:
-    the pyramid level the tiles were read at and its pixel size (nm); timings_ms:
-    compute milliseconds per stage; batch_sizes: requests per model stage's batch,
-    this one included."""
+    """What the last stage returns for one request: analysis: the answer's parts made
+    from the tile results (`engine.serving.response.analysis`); level,
+    level_pixel_size_nm: the pyramid level the tiles were read at and its pixel size
+    (nm); timings_ms: compute milliseconds per stage; batch_sizes: requests per model
+    stage's batch, this one included."""
 
-    results: list
-    scales: list[tuple[float, float]]
+    analysis: dict[str, Any]
     level: int
     level_pixel_size_nm: float
     timings_ms: dict[str, float]
@@ -129,9 +133,10 @@ class _Stage:
         finally:
             self._in_flight -= 1
 
-    async def _batched(self, refs: list[str], passes: list[Any], step: str) -> list[Any]:
+    async def _batched(self, refs: list[str], passes: list[Any], step: str, then: tuple[str, ...] = ()) -> list[Any]:
         """Run `step` over requests grouped by version: one merged pass per version; each
-        request's pass comes back with the merged pass's compute time under `step`."""
+        request's pass comes back with the merged pass's compute time under `step`,
+        keeping only the inputs that the roles `then` (the later stages) read."""
         from engine.pipeline.ensemble import EnsemblePass
 
         def work():
@@ -143,7 +148,7 @@ class _Stage:
                 t0 = time.perf_counter()
                 ens = self.ensemble(ref)
                 mine = [passes[i] for i in idx]
-                merged = getattr(ens, step)(EnsemblePass.merge(mine))
+                merged = getattr(ens, step)(EnsemblePass.merge(mine)).keep_inputs(ens.input_modes(then))
                 ms = (time.perf_counter() - t0) * 1e3
                 for i, before, p in zip(idx, mine, merged.split([len(p) for p in mine])):
                     p.timings_ms = {**before.timings_ms, step: ms}
@@ -178,6 +183,24 @@ class Preprocess(_Stage):
         return await asyncio.to_thread(work)
 
 
+@serve.deployment(name="classifier")
+class Classifier(_Stage):
+    role = "classifier"
+
+    async def classify(self, ref: str, p: Any) -> Any:
+        """A bundle ref and an EnsemblePass -> the pass with material and grade probabilities."""
+        return await self._through_batch(self._classify, ref, p)
+
+    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
+    async def _classify(self, refs: list[str], passes: list[Any]) -> list[Any]:
+        return await self._batched(refs, passes, "classify", then=("detector", "segmenter"))
+
+    def labels(self, ref: str) -> dict[str, list[str]]:
+        """Class, material and grade names of a version (for /v1/models)."""
+        ens = self.ensemble(ref)
+        return {"class_names": list(ens.class_names), "materials": list(ens.materials), "grades": list(ens.grades)}
+
+
 @serve.deployment(name="detector")
 class Detector(_Stage):
     role = "detector"
@@ -188,47 +211,33 @@ class Detector(_Stage):
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _detect(self, refs: list[str], passes: list[Any]) -> list[Any]:
-        return await self._batched(refs, passes, "detect")
+        return await self._batched(refs, passes, "detect", then=("segmenter",))
 
 
 @serve.deployment(name="segmenter")
 class Segmenter(_Stage):
     role = "segmenter"
 
-    async def segment(self, ref: str, p: Any) -> Any:
-        """A bundle ref and an EnsemblePass -> the pass with masks."""
+    async def segment(self, ref: str, p: Any) -> StagesAnswer:
+        """A bundle ref and an EnsemblePass -> its StagesAnswer (segmented, measured)."""
         return await self._through_batch(self._segment, ref, p)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _segment(self, refs: list[str], passes: list[Any]) -> list[Any]:
-        return await self._batched(refs, passes, "segment")
-
-
-@serve.deployment(name="classifier")
-class Classifier(_Stage):
-    role = "classifier"
-
-    async def classify(self, ref: str, p: Any) -> StagesAnswer:
-        """A bundle ref and an EnsemblePass -> its StagesAnswer (classified, measured)."""
-        return await self._through_batch(self._classify, ref, p)
-
-    @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _classify(self, refs: list[str], passes: list[Any]) -> list[StagesAnswer]:
-        passes = await self._batched(refs, passes, "classify")
+    async def _segment(self, refs: list[str], passes: list[Any]) -> list[StagesAnswer]:
+        passes = await self._batched(refs, passes, "segment")
 
         def finish():
+            from engine.serving.response import analysis
+
             out = []
             for ref, p in zip(refs, passes):
                 t0 = time.perf_counter()
-                results = self.ensemble(ref).finish(p)
+                ens = self.ensemble(ref)
+                analysed = analysis(ens.finish(p), [t.scale for t in p.tiles], class_names=ens.class_names,
+                                    materials=ens.materials, grades=ens.grades)
                 timings = {**p.timings_ms, "measure": (time.perf_counter() - t0) * 1e3}
-                out.append(StagesAnswer(results, [t.scale for t in p.tiles], int(p.tiles[0].level),
-                                        float(p.tiles[0].pixel_size_nm), timings, dict(p.batch_sizes)))
+                out.append(StagesAnswer(analysed, int(p.tiles[0].level), float(p.tiles[0].pixel_size_nm), timings,
+                                        dict(p.batch_sizes)))
             return out
 
         return await asyncio.to_thread(finish)
-
-    def labels(self, ref: str) -> dict[str, list[str]]:
-        """Class, material and grade names of a version (for the response)."""
-        ens = self.ensemble(ref)
-        return {"class_names": list(ens.class_names), "materials": list(ens.materials), "grades": list(ens.grades)}

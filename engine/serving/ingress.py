@@ -326,31 +326,31 @@ class Ingress:
         audit.update(alias=alias, models={"bundle": ref})
         answer = await self._stages(ref, decoded.pixels, mod, size)
         t_stages = time.perf_counter()
-        labels = await self._labels_of(ref)
         h, w = decoded.pixels.shape
         info = {"height": int(h), "width": int(w), "dtype": str(decoded.pixels.dtype), "format": decoded.format,
                 "sha256": audit["image_sha256"], "modality": mod, "pixel_size_nm": size,
                 "pixel_size_source": source, "level": answer.level, "level_pixel_size_nm": answer.level_pixel_size_nm}
-        from engine.serving.response import build_response
+        from engine.serving.response import respond
 
         # decode and the stages' wall time seen here; each stage's compute time in its
         # replica; stages_ms minus their sum is what the hops between replicas cost
         timings = {"decode_ms": (t_decode - t0) * 1e3, "stages_ms": (t_stages - t_decode) * 1e3,
                    **{f"{stage}_ms": ms for stage, ms in answer.timings_ms.items()}}
-        body = build_response(answer.results, answer.scales, image=info, alias=alias, request_id=rid,
-                              timings_ms=timings, batch_sizes=answer.batch_sizes, **labels)
+        body = respond(answer.analysis, image=info, alias=alias, request_id=rid, timings_ms=timings,
+                       batch_sizes=answer.batch_sizes)
         body["timings_ms"]["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         audit["models"] = body["model"]["versions"]
         return JSONResponse(body)
 
     async def _stages(self, ref: str, pixels, modality: str, pixel_size_nm: float):
         """The four stages, chained: each call's DeploymentResponse is the next call's
-        argument, so the pass goes replica to replica; only the StagesAnswer comes back."""
+        argument, so the pass goes replica to replica; only the StagesAnswer comes back
+        (order and why: engine.serving.deployments)."""
         sent = {}
 
         def chain():
             sent["pre"] = pre = self.pre.remote(ref, pixels, modality, pixel_size_nm)
-            return self.clf.classify.remote(ref, self.seg.segment.remote(ref, self.det.detect.remote(ref, pre)))
+            return self.seg.segment.remote(ref, self.det.detect.remote(ref, self.clf.classify.remote(ref, pre)))
 
         try:
             return await self._retrying(chain)

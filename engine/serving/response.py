@@ -91,13 +91,12 @@ def _weighted(results: Sequence[TileResult], key: str, n: int) -> np.ndarray:
     return _weighted_probs(metas, key, n)
 
 
-def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *,
-                   class_names: Sequence[str], materials: Sequence[str], grades: Sequence[str],
-                   image: dict[str, Any], alias: str, request_id: str, timings_ms: dict[str, float],
-                   batch_sizes: dict[str, int] | None = None) -> dict[str, Any]:
-    """The JSON body of a successful POST /v1/analyze (`engine.serving.schemas.AnalyzeResponse`);
-    scales: each result's tile scale (TileInput.scale); batch_sizes: requests per model
-    stage's batch."""
+def analysis(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *,
+             class_names: Sequence[str], materials: Sequence[str], grades: Sequence[str]) -> dict[str, Any]:
+    """The part of the answer that comes from the tile results (model versions, material,
+    grade, summary, detections with RLE masks, tile errors): a few kB where the results'
+    label images are MBs, so the last model stage sends this, not the results.
+    scales: each result's tile scale (TileInput.scale)."""
     ok = [r for r in results if r.ok]
     dets = [d for r, s in zip(results, scales) if r.ok for d in detections(r, class_names, s)]
     area = float(sum(r.core_area_mm2 for r in ok))
@@ -106,9 +105,7 @@ def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, 
     has_m, has_g = len(mp) and np.isfinite(mp).all(), len(gp) and np.isfinite(gp).all()
     versions = dict(results[0].model_versions) if results else {}
     return {
-        "request_id": request_id,
-        "image": image,
-        "model": {"alias": alias, "bundle": versions.get("bundle"), "versions": versions},
+        "model": {"bundle": versions.get("bundle"), "versions": versions},
         "material": {"name": materials[int(np.argmax(mp))] if has_m else None,
                      "probs": {m: float(p) for m, p in zip(materials, mp)} if has_m else {}},
         "grade": {"name": grades[int(np.argmax(gp))] if has_g else None,
@@ -118,6 +115,28 @@ def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, 
                     "tiles": len(results), "tiles_failed": len(results) - len(ok)},
         "detections": dets,
         "tile_errors": [{"tile": [int(r.y), int(r.x)], "error": r.error} for r in results if not r.ok],
+    }
+
+
+def respond(analysed: dict[str, Any], *, image: dict[str, Any], alias: str, request_id: str,
+            timings_ms: dict[str, float], batch_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """The JSON body of a successful POST /v1/analyze (`engine.serving.schemas.AnalyzeResponse`)
+    from `analysis(...)` and what the ingress knows of the request; batch_sizes: requests
+    per model stage's batch."""
+    return {
+        "request_id": request_id,
+        "image": image,
+        **analysed,
+        "model": {"alias": alias, **analysed["model"]},
         "timings_ms": {k: round(v, 3) for k, v in timings_ms.items()},
         "batch_sizes": {k: int(v) for k, v in (batch_sizes or {}).items()},
     }
+
+
+def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *,
+                   class_names: Sequence[str], materials: Sequence[str], grades: Sequence[str],
+                   image: dict[str, Any], alias: str, request_id: str, timings_ms: dict[str, float],
+                   batch_sizes: dict[str, int] | None = None) -> dict[str, Any]:
+    """`respond(analysis(...))` in one call, for a caller that holds the results."""
+    return respond(analysis(results, scales, class_names=class_names, materials=materials, grades=grades),
+                   image=image, alias=alias, request_id=request_id, timings_ms=timings_ms, batch_sizes=batch_sizes)
