@@ -217,22 +217,18 @@ def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out
     import numpy as np
     import torch
 
-    from engine.data.training_samples import ReadSamples
     from engine.models import load_model
     from engine.training.tasks import make_task
-    from engine.training.trainer import plan_training
 
     model = load_model(Path(checkpoint_dir) / "model.safetensors").eval()
-    layout, _, specs = plan_training(family, model_name, str(train), val_archive=str(held_out),
-                                     max_samples_per_image=args.max_samples_per_image, num_workers=args.workers,
-                                     seed=args.seed)
+    layout, rows = held_out_rows(args, family, model_name, train, held_out)
     collate = make_task(family).collate(layout, epoch=0, seed=args.seed, augment_strength=0.0)
-    reader = ReadSamples(layout.mask)
     probs: dict[str, dict[str, list]] = {"material": {}, "grade": {}}
     truth: dict[str, dict[str, int]] = {"material": {}, "grade": {}}
+    tiles = 0
     with torch.no_grad():
-        for spec in specs:
-            row = reader.read(spec)
+        for spec, row in rows:
+            tiles += 1
             batch = collate({k: np.asarray([v]) if np.ndim(v) == 0 or isinstance(v, str)
                              else np.asarray(v)[None] for k, v in row.items()})
             out = model(batch["image"], batch["context"]) if "context" in batch else model(batch["image"])
@@ -245,8 +241,21 @@ def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out
         right = [int(np.mean(per_image[i], axis=0).argmax()) == truth[head][i] for i in known]
         result[f"{head}_accuracy"] = round(float(np.mean(right)), 4) if right else math.nan
     result["images"] = len(probs["material"])
-    result["tiles"] = len(specs)
+    result["tiles"] = tiles
     return result
+
+
+def held_out_rows(args, family: str, model_name: str, train: Path, held_out: Path):
+    """(layout, iterator of (spec, row)): every held-out training sample as Ray Train's
+    validation plans and reads it, read one at a time on this process."""
+    from engine.data.training_samples import ReadSamples
+    from engine.training.trainer import plan_training
+
+    layout, _, specs = plan_training(family, model_name, str(train), val_archive=str(held_out),
+                                     max_samples_per_image=args.max_samples_per_image, num_workers=args.workers,
+                                     seed=args.seed)
+    reader = ReadSamples(layout.mask)
+    return layout, ((spec, reader.read(spec)) for spec in specs)
 
 
 def segmenter_part(args, train, held_out, out) -> dict:
@@ -265,20 +274,14 @@ def tile_frame_mask_iou(args, train: Path, held_out: Path, checkpoint_dir: str) 
     boxes per tile, and with box zoom in each box's window.)"""
     import numpy as np
 
-    from engine.data.training_samples import ReadSamples
     from engine.models import load_model
     from engine.models.labels import defect_class_names
-    from engine.training.trainer import plan_training
 
     model = load_model(Path(checkpoint_dir) / "model.safetensors").eval()
     names = defect_class_names()
-    layout, _, specs = plan_training("segmenter", args.sam_model, str(train), val_archive=str(held_out),
-                                     max_samples_per_image=args.max_samples_per_image, num_workers=args.workers,
-                                     seed=args.seed)
-    reader = ReadSamples(layout.mask)
+    _, rows = held_out_rows(args, "segmenter", args.sam_model, train, held_out)
     scores: dict[str, dict[str, list[float]]] = {}  # guess -> class -> IoUs
-    for spec in specs:
-        row = reader.read(spec)
+    for _, row in rows:
         mask = np.asarray(row["mask"])
         boxes = np.asarray(row["boxes"], np.float32).reshape(-1, 4)
         (seg,) = model.segment(np.asarray(row["image"])[None], [boxes])
