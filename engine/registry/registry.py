@@ -276,15 +276,18 @@ class ModelRegistry:
         """Download a version's files and verify each against its recorded sha256.
 
         Returns {stored name: local path}. Files go to `dest_dir`, by default
-        `<user cache dir>/registry/<name>/<version>`; a file already there with the right
-        digest is reused. Downloads land in a temporary folder inside `dest_dir` and move into
-        place only after every file has matched, so a file that fails the check is never
+        `<user cache dir>/registry/<name>/<version>-<digest of its files' sha256>`: two
+        registries that both hold a "name/version" (a laptop's and a cluster's) never share
+        a folder. A file already there with the right digest is reused. Downloads land in a
+        temporary folder inside `dest_dir` and move into place (atomically, over a stale
+        copy) only after every file has matched, so a file that fails the check is never
         returned nor left where a loader could pick it up: ArtifactIntegrityError names it
-        and both digests.
+        and both digests. Processes fetching into one folder at once (the replicas or
+        actors of one node) each place the same verified bytes; none removes a copy
+        another has just placed.
         """
         mv = ref if isinstance(ref, ModelVersion) else self.get(ref)
-        dest = Path(dest_dir) if dest_dir is not None else (
-            Path(platformdirs.user_cache_dir(backend.APP_NAME)) / "registry" / mv.name / str(mv.version))
+        dest = Path(dest_dir) if dest_dir is not None else default_fetch_dir(mv)
         dest.mkdir(parents=True, exist_ok=True)
 
         out: dict[str, Path] = {}
@@ -293,14 +296,20 @@ class ModelRegistry:
             target = dest / file_name
             if target.is_file() and sha256_file(target) == expected:
                 out[file_name] = target
-                continue
-            target.unlink(missing_ok=True)  # a stale or damaged copy must not outlive a refusal
-            todo.append(file_name)
+            else:
+                todo.append(file_name)
         if not todo:
             return out
 
         with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
-            downloaded = {f: self._download_checked(mv, f, Path(tmp)) for f in todo}
+            try:
+                downloaded = {f: self._download_checked(mv, f, Path(tmp)) for f in todo}
+            except ArtifactIntegrityError as exc:
+                # a stale or damaged copy must not outlive a refusal (a peer's good copy may)
+                target = dest / exc.file
+                if target.is_file() and sha256_file(target) != exc.expected:
+                    target.unlink(missing_ok=True)
+                raise
             for file_name, local in downloaded.items():
                 os.replace(local, dest / file_name)
                 out[file_name] = dest / file_name
@@ -494,6 +503,16 @@ class ModelRegistry:
             if not _is_mlflow_error(exc):
                 raise
             raise RegistryError(f"{what}: {getattr(exc, 'message', exc)}") from exc
+
+
+def default_fetch_dir(mv: ModelVersion) -> Path:
+    """`<user cache dir>/registry/<name>/<version>-<12 hex digits>`: the digits hash the
+    version's {file: sha256} record, so the folder names the bytes, not just the ref."""
+    import hashlib
+    import json
+
+    content = hashlib.sha256(json.dumps(sorted(mv.sha256.items())).encode()).hexdigest()[:12]
+    return Path(platformdirs.user_cache_dir(backend.APP_NAME)) / "registry" / mv.name / f"{mv.version}-{content}"
 
 
 def _check_version(version: Any, name: str) -> int:

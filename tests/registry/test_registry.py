@@ -256,7 +256,27 @@ class TestFetchIntegrity:
         monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
         registry.register("sam-tiny", weights, family="segmenter", config={})
         files = registry.fetch("sam-tiny/1")
-        assert files["model.safetensors"] == tmp_path / "cache/grainflow/registry/sam-tiny/1/model.safetensors"
+        local = files["model.safetensors"]
+        assert local.parent.parent == tmp_path / "cache/grainflow/registry/sam-tiny"
+        assert local.parent.name.startswith("1-") and local.read_bytes() == weights.read_bytes()
+
+    def test_two_registries_with_one_ref_do_not_share_a_cache_folder(self, registry, weights, tmp_path,
+                                                                      monkeypatch):
+        """A laptop's and a cluster's registry both hold "sam-tiny/1" with other bytes:
+        fetching one must not replace (or delete) the copy the other's loader holds."""
+        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+        other = ModelRegistry(tracking_uri=f"sqlite:///{tmp_path / 'other.db'}")
+        (tmp_path / "other").mkdir()
+        other_weights = tmp_path / "other" / weights.name
+        other_weights.write_bytes(weights.read_bytes() + b" ")
+        registry.register("sam-tiny", weights, family="segmenter", config={})
+        other.register("sam-tiny", other_weights, family="segmenter", config={})
+        mine = registry.fetch("sam-tiny/1")[weights.name]
+        theirs = other.fetch("sam-tiny/1")[weights.name]
+        assert mine != theirs
+        assert mine.read_bytes() == weights.read_bytes() and theirs.read_bytes() == other_weights.read_bytes()
+        assert registry.fetch("sam-tiny/1")[weights.name] == mine  # reused, and still the right bytes
+        assert mine.read_bytes() == weights.read_bytes()
 
 
 class TestBundle:
