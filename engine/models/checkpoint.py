@@ -20,10 +20,12 @@ import os
 import pickle
 import re
 from pathlib import Path
+from typing import BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load as safetensors_load
+from safetensors.torch import save_file
 
 from engine.models.errors import CheckpointError, ChecksumMismatchError, UnsafeCheckpointError
 
@@ -73,12 +75,37 @@ def verify_sha256(path: str | Path, expected: str) -> str:
     return actual
 
 
-def _check(path: Path, expected_sha256: str | None) -> None:
+def open_checked(path: str | Path, expected_sha256: str | None = None) -> BinaryIO:
+    """The file opened once for reading, its sha256 checked on this open file against
+    `expected_sha256` or, when not given, the `<file>.sha256` beside it (neither: not
+    checked). Parse what this returns, not the path again: a file replaced after the
+    check (a shared cache, another process) is then never the one loaded."""
+    path = Path(path)
     expected = expected_sha256 if expected_sha256 is not None else read_sidecar(path)
+    if expected is not None and (not isinstance(expected, str) or not _HEX64.match(expected.lower())):
+        raise CheckpointError(f"{path}: expected_sha256 must be 64 hex digits, got {expected!r}")
+    try:
+        f = open(path, "rb")
+    except (FileNotFoundError, IsADirectoryError):
+        raise CheckpointError(f"{path}: no such checkpoint file") from None
     if expected is not None:
-        verify_sha256(path, expected)
-    elif not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
+        h = hashlib.sha256()
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+        if h.hexdigest() != expected.lower():
+            f.close()
+            raise ChecksumMismatchError(str(path), expected.lower(), h.hexdigest())
+        f.seek(0)
+    return f
+
+
+def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
+    """The metadata in a safetensors file's header (8-byte little-endian length, JSON)."""
+    try:
+        n = int.from_bytes(data[:8], "little")
+        return dict(json.loads(data[8 : 8 + n]).get("__metadata__") or {})
+    except (ValueError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
 
 
 def _plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
@@ -153,23 +180,35 @@ def load_state_dict(
     """Tensors of a .safetensors, .pt or .pth checkpoint, read without running its code.
 
     The sha256 is checked against `expected_sha256` or, when not given, against the
-    `<file>.sha256` beside it; with neither, the file is loaded unchecked (both formats
-    here are safe to parse; the digest guards identity, not safety).
+    `<file>.sha256` beside it, on the same read that is parsed (`open_checked`); with
+    neither, the file is loaded unchecked (both formats here are parsed without running
+    code; the digest guards identity, not safety).
     A .pt/.pth whose pickle holds anything but tensors and plain containers (e.g. a
     __reduce__ payload) is refused with UnsafeCheckpointError, before any of it runs.
     A dict holding the state dict under "state_dict" or "model" is unwrapped.
     """
-    path = Path(path)
-    _check(path, expected_sha256)
-    if path.suffix == ".safetensors":
-        try:
-            return load_file(str(path), device=str(map_location))
-        except (SafetensorError, OSError) as exc:
-            raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
-    if path.suffix not in (".pt", ".pth", ".bin"):
+    return _load(Path(path), expected_sha256, map_location)[0]
+
+
+def _load(path: Path, expected_sha256: str | None,
+          map_location: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, safetensors metadata or {}) from one checked read of the file."""
+    if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors, .pt or .pth")
+    with open_checked(path, expected_sha256) as f:
+        if path.suffix == ".safetensors":
+            data = f.read()
+            try:
+                state = safetensors_load(data)
+            except (SafetensorError, OSError) as exc:
+                raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+            return {k: v.to(map_location) for k, v in state.items()}, _safetensors_metadata(data, path)
+        return _load_pickled_state(f, path, map_location), {}
+
+
+def _load_pickled_state(f: BinaryIO, path: Path, map_location) -> dict[str, torch.Tensor]:
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True)
+        obj = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = _unpickler_reason(exc)
         raise UnsafeCheckpointError(
@@ -211,8 +250,12 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None, map_loca
     """
     from engine.models.families import build
 
+    from engine.models.families import ModelConfig
+
     path = Path(path)
-    state = load_state_dict(path, expected_sha256=expected_sha256, map_location=map_location)
-    model = build(read_config(path))
+    state, meta = _load(path, expected_sha256, map_location)  # config and weights from one checked read
+    if path.suffix != ".safetensors" or meta.get("format") != FORMAT or "config" not in meta:
+        raise CheckpointError(f"{path}: not a grainflow checkpoint (metadata format={meta.get('format')!r})")
+    model = build(ModelConfig.from_dict(json.loads(meta["config"])))
     load_into(model, state, source=path)
     return model.to(map_location)

@@ -93,7 +93,10 @@ class Detector(nn.Module):
             if self.in_channels != 1:  # e.g. an RGB-trained Ultralytics checkpoint
                 x = x.expand(-1, self.in_channels, -1, -1)
             raw = self.model(x)[0]
-            kept = non_max_suppression(raw, conf_thres=conf, iou_thres=iou, max_det=max_det, nc=len(self.names))
+            # no time limit: Ultralytics' (2 s + 50 ms a tile) silently returns nothing for
+            # the tiles of a batch it has not reached, so results would depend on the batch
+            kept = non_max_suppression(raw, conf_thres=conf, iou_thres=iou, max_det=max_det, nc=len(self.names),
+                                       max_time_img=float("inf"))
         finally:
             self.train(was_training)
         out = []
@@ -129,12 +132,71 @@ def build_yolo(arch: str, scale: str, defect_classes: list[str], channels: int =
 
 
 def build_yolo_yaml(model_yaml: dict, defect_classes: list[str], channels: int = 1) -> Detector:
-    """YOLO from an Ultralytics model dict (as stored in a model's `.yaml` attribute)."""
+    """YOLO from an Ultralytics model dict (as stored in a model's `.yaml` attribute).
+
+    The dict may come from a checkpoint file's metadata, and Ultralytics builds it by
+    eval()-ing its activation and calling whatever its layers name, so it is checked
+    first (`check_yolo_yaml`): a file cannot run code by naming it.
+    """
     from ultralytics.nn.tasks import DetectionModel
 
+    check_yolo_yaml(model_yaml)
     cfg = copy.deepcopy(model_yaml)
     cfg["nc"] = len(defect_classes)  # set here rather than via nc=, which logs an override
     return Detector(DetectionModel(cfg, ch=channels, verbose=False), defect_classes)
+
+
+def check_yolo_yaml(model_yaml: dict) -> None:
+    """Refuse (ModelConfigError) an Ultralytics model dict that names anything but model
+    layers: `activation` must be None/False or a literal call of a torch.nn module class
+    ("nn.SiLU()", "torch.nn.LeakyReLU(0.1)"); every layer's module a torch.nn,
+    torchvision.ops or ultralytics.nn.modules class; layer arguments plain data."""
+    import ast
+
+    import torchvision
+    import ultralytics.nn.modules as yolo_modules
+
+    def layer_class(name: str, where: str) -> None:
+        for prefix, namespace in (("torch.nn.", nn), ("nn.", nn), ("torchvision.ops.", torchvision.ops)):
+            if name.startswith(prefix):
+                obj = getattr(namespace, name[len(prefix):], None)
+                break
+        else:
+            obj = getattr(yolo_modules, name, None)
+        if not (name.replace(".", "").replace("_", "").isalnum() and isinstance(obj, type)
+                and issubclass(obj, nn.Module)):
+            raise ModelConfigError(f"YOLO model yaml: {where} names {name!r}, which is not a model layer "
+                                   "(torch.nn, torchvision.ops or ultralytics.nn.modules class)")
+
+    if not isinstance(model_yaml, dict):
+        raise ModelConfigError(f"YOLO model yaml: expected a mapping, got {type(model_yaml).__name__}")
+    act = model_yaml.get("activation")
+    if act not in (None, False):
+        try:
+            call = ast.parse(str(act), mode="eval").body
+            assert isinstance(call, ast.Call)
+            [ast.literal_eval(a) for a in call.args]
+            [ast.literal_eval(k.value) for k in call.keywords]
+            name = ast.unparse(call.func)
+        except (AssertionError, SyntaxError, ValueError, TypeError):
+            raise ModelConfigError(f"YOLO model yaml: activation {act!r} is not a call of a torch.nn class "
+                                   "with literal arguments") from None
+        if not name.startswith(("nn.", "torch.nn.")):
+            raise ModelConfigError(f"YOLO model yaml: activation {act!r} is not a torch.nn class")
+        layer_class(name, "activation")
+    for part in ("backbone", "head"):
+        layers = model_yaml.get(part)
+        if not isinstance(layers, list):
+            raise ModelConfigError(f"YOLO model yaml: {part!r} must be a list of [from, repeats, module, args]")
+        for i, layer in enumerate(layers):
+            if not (isinstance(layer, (list, tuple)) and len(layer) == 4 and isinstance(layer[2], str)
+                    and isinstance(layer[3], (list, tuple))):
+                raise ModelConfigError(f"YOLO model yaml: {part}[{i}] is not [from, repeats, module, args]")
+            layer_class(layer[2], f"{part}[{i}]")
+            for a in layer[3]:
+                if not isinstance(a, (str, int, float, bool, list, type(None))):
+                    raise ModelConfigError(f"YOLO model yaml: {part}[{i}] has an argument of type "
+                                           f"{type(a).__name__}")
 
 
 BUILDERS = {"yolo": build_yolo, "yolo_yaml": build_yolo_yaml}
@@ -158,10 +220,14 @@ def load_detector_checkpoint(path: str | Path, expected_sha256: str) -> Detector
         if not isinstance(model, Detector):
             raise CheckpointError(f"{path}: holds a {model.config.family} model, not a detector")
         return model
-    checkpoint.verify_sha256(path, expected_sha256)
-    # Trusted now: the file is byte-for-byte the one recorded. Ultralytics' format needs
+    if expected_sha256 is None:
+        raise CheckpointError(f"{path}: an Ultralytics .pt is a full pickle; it is loaded only with the sha256 "
+                              "(64 hex digits) that a trusted record (the model registry) gives for it")
+    # Checked on the open file that is then unpickled (a file swapped after the check is
+    # never the one read): byte-for-byte the one recorded. Ultralytics' format needs
     # full unpickling (weights_only=True refuses its model classes).
-    ckpt = torch.load(path, map_location="cpu", weights_only=False)
+    with checkpoint.open_checked(path, expected_sha256) as f:
+        ckpt = torch.load(f, map_location="cpu", weights_only=False)
     src = ckpt
     if isinstance(ckpt, dict):  # Ultralytics keeps the EMA weights (the ones it evaluates) beside the raw ones
         src = ckpt["ema"] if ckpt.get("ema") is not None else ckpt.get("model")

@@ -127,3 +127,90 @@ class TestFormats:
         assert checkpoint.read_metadata(path)["run"] == "r1"
         loaded = M.load_model(path)
         assert loaded.grades == ("pass", "fail") and loaded.heads["grade"].out_features == 2
+
+
+class TestConfigCannotRunCode:
+    """A .safetensors file carries its model's config; Ultralytics builds a YOLO config by
+    eval()-ing its activation and calling what its layers name. A file must not run code
+    through either."""
+
+    def _evil(self, tmp_path, edit):
+        import json
+
+        from engine.models.detector import _arch_yaml
+
+        good = tmp_path / "good.safetensors"
+        M.save_checkpoint(M.create_detector("yolov8n_tiny"), good)
+        meta = checkpoint.read_metadata(good)
+        cfg = json.loads(meta["config"])
+        model_yaml = _arch_yaml("yolov8", "n")
+        edit(model_yaml)
+        cfg["builder"] = "yolo_yaml"
+        cfg["args"] = {"model_yaml": model_yaml, "defect_classes": cfg["args"]["defect_classes"], "channels": 1}
+        evil = tmp_path / "evil.safetensors"
+        save_file(M.load_state_dict(good), str(evil), metadata={**meta, "config": json.dumps(cfg)})
+        return evil
+
+    def test_an_activation_that_runs_code_is_refused(self, tmp_path):
+        marker = tmp_path / "ran"
+        evil = self._evil(tmp_path, lambda y: y.update(activation=(
+            f"(__import__('pathlib').Path({str(marker)!r}).write_text('x'), __import__('torch').nn.SiLU())[1]")))
+        with pytest.raises(M.ModelConfigError, match="activation"):
+            M.load_model(evil)
+        assert not marker.exists()
+
+    def test_a_layer_naming_a_function_is_refused(self, tmp_path):
+        # torch_safe_load (a function of ultralytics.nn.tasks) would unpickle any path given
+        evil = self._evil(tmp_path, lambda y: y["head"].append([-1, 1, "torch_safe_load", ["/tmp/x.pt"]]))
+        with pytest.raises(M.ModelConfigError, match="torch_safe_load"):
+            M.load_model(evil)
+
+    def test_plain_activations_and_every_registered_yolo_still_build(self):
+        from engine.models.detector import _arch_yaml, check_yolo_yaml
+
+        for act in ("nn.SiLU()", "torch.nn.LeakyReLU(0.1)", "nn.ReLU(inplace=True)", None):
+            check_yolo_yaml({**_arch_yaml("yolo11", "n"), "activation": act})
+        for arch in ("yolov8", "yolo11"):
+            for scale in ("n", "s", "m"):
+                check_yolo_yaml(_arch_yaml(arch, scale))
+
+
+class TestCheckedReadIsTheLoadedRead:
+    """The digest is checked on the very read that is parsed: a file replaced right after
+    the check (a shared cache, another process) is never the one loaded."""
+
+    def _swap_after_check(self, monkeypatch, replacement):
+        import os
+
+        real = checkpoint.open_checked
+
+        def check_then_swap(path, expected_sha256=None):
+            f = real(path, expected_sha256)
+            os.replace(replacement, path)  # another process replaces the file just now
+            return f
+
+        monkeypatch.setattr(checkpoint, "open_checked", check_then_swap)
+
+    def test_load_model_keeps_the_checked_bytes(self, tmp_path, monkeypatch):
+        torch.manual_seed(0)
+        path = tmp_path / "clf.safetensors"
+        digest = M.save_checkpoint(M.create_classifier("resnet10t"), path)
+        torch.manual_seed(1)
+        M.save_checkpoint(M.create_classifier("resnet10t"), tmp_path / "other.safetensors")
+        expected = M.load_state_dict(path)
+        self._swap_after_check(monkeypatch, tmp_path / "other.safetensors")
+        loaded = M.load_model(path, expected_sha256=digest).state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in expected.items())
+
+    def test_a_pickle_swapped_in_after_the_check_never_runs(self, tmp_path, monkeypatch):
+        from .test_detector import ultralytics_pt
+
+        from engine.models.detector import Detector
+
+        path = tmp_path / "best.pt"
+        digest = ultralytics_pt(M.create_detector("yolov8n_tiny"), path)
+        marker = tmp_path / "pwned"
+        payload = write_payload_checkpoint(tmp_path / "evil.pt", marker)
+        self._swap_after_check(monkeypatch, payload)
+        assert isinstance(M.load_detector_checkpoint(path, digest), Detector)
+        assert not marker.exists()
