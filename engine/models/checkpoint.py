@@ -187,12 +187,14 @@ def load_state_dict(
     __reduce__ payload) is refused with UnsafeCheckpointError, before any of it runs.
     A dict holding the state dict under "state_dict" or "model" is unwrapped.
     """
-    return _load(Path(path), expected_sha256, map_location)[0]
+    return load_checked(path, expected_sha256=expected_sha256, map_location=map_location)[0]
 
 
-def _load(path: Path, expected_sha256: str | None,
-          map_location: str | torch.device) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
-    """(state dict, safetensors metadata or {}) from one checked read of the file."""
+def load_checked(path: str | Path, *, expected_sha256: str | None = None,
+                 map_location: str | torch.device = "cpu") -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """(state dict, the safetensors file's metadata or {}) from one read of the file,
+    checked as `load_state_dict` says."""
+    path = Path(path)
     if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors, .pt or .pth")
     with open_checked(path, expected_sha256) as f:
@@ -253,7 +255,7 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None, map_loca
     from engine.models.families import ModelConfig
 
     path = Path(path)
-    state, meta = _load(path, expected_sha256, map_location)  # config and weights from one checked read
+    state, meta = load_checked(path, expected_sha256=expected_sha256, map_location=map_location)  # config and weights from one checked read
     if path.suffix != ".safetensors" or meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path}: not a grainflow checkpoint (metadata format={meta.get('format')!r})")
     model = build(ModelConfig.from_dict(json.loads(meta["config"])))

@@ -8,6 +8,8 @@ import timm
 import torch
 from torch import nn
 
+from engine.models.errors import check_timm_arch
+
 
 class Classifier(nn.Module):
     """A timm backbone (1 input channel, random init) shared by two linear heads.
@@ -42,6 +44,7 @@ def build_timm_classifier(arch: str, materials: list[str], grades: list[str], dr
 
     pretrained=False always: weights come from our own training or a checkpoint file.
     """
+    check_timm_arch(arch)
     backbone = timm.create_model(arch, pretrained=False, in_chans=1, num_classes=0)
     return Classifier(backbone, materials, grades, drop_rate)
 

@@ -30,3 +30,15 @@ class ChecksumMismatchError(CheckpointError):
 
 class UnsafeCheckpointError(CheckpointError):
     """A pickle that would run code (or build objects) when loaded."""
+
+
+def check_timm_arch(arch: str) -> None:
+    """Refuse a timm architecture name timm does not know, naming close ones."""
+    import difflib
+
+    import timm
+
+    if not timm.is_model(arch):
+        close = difflib.get_close_matches(str(arch), timm.list_models(), n=5, cutoff=0.6)
+        raise ModelConfigError(f"unknown timm architecture {arch!r}" + (f"; close: {', '.join(close)}" if close else
+                                                                        "; see timm.list_models()"))

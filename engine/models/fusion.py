@@ -33,6 +33,8 @@ from torch import nn
 from torch.nn import functional as F
 from torchvision.ops import roi_align
 
+from engine.models.errors import check_timm_arch
+
 
 def context_origin(y: int, x: int, detail_size: int, context_size: int, offset: int = 2) -> tuple[int, int]:
     """Top-left (row, col) in level k + offset pixels of the context tile for a detail
@@ -218,6 +220,7 @@ def build_fusion(
     """timm `arch` (features_only, in_chans=1, pretrained=False) at strides 4..32 by
     default (out_indices into its feature levels), a `repeats`-layer BiFPN of width
     `channels`, and the three heads."""
+    check_timm_arch(arch)
     backbone = timm.create_model(arch, pretrained=False, features_only=True, in_chans=1, out_indices=tuple(out_indices))
     return FusionModel(backbone, channels, repeats, materials, grades, defect_classes, context_level_offset)
 

@@ -307,10 +307,26 @@ BUILDERS = {"sam_meta": build_sam_meta, "sam_small": build_sam_small}
 
 def load_sam_weights(model: Segmenter, path: str | Path, *, expected_sha256: str | None = None) -> Segmenter:
     """Load a SAM state dict into `model`: Meta's .pth (keys of `Sam`, read weights-only)
-    or a safetensors file with the same keys, or our own save (keys prefixed "sam.")."""
-    from engine.models.checkpoint import load_into, load_state_dict
+    or a safetensors file with the same keys, or our own save (keys prefixed "sam.").
 
-    state = load_state_dict(path, expected_sha256=expected_sha256)
+    Our own save records its config: settings without weights (the box zoom) must match
+    `model`'s, or the weights would run another inference than they were trained for
+    (CheckpointError naming them; `engine.models.load_model` rebuilds from the file's own)."""
+    import json
+
+    from engine.models.checkpoint import FORMAT, load_checked, load_into
+    from engine.models.errors import CheckpointError
+
+    state, meta = load_checked(path, expected_sha256=expected_sha256)
+    if meta.get("format") == FORMAT and "config" in meta and getattr(model, "config", None) is not None:
+        recorded = json.loads(meta["config"]).get("args", {})
+        current = json.loads(json.dumps(model.config.to_dict())).get("args", {})  # tuples as the file's lists
+        differ = sorted(k for k in set(recorded) | set(current) if recorded.get(k) != current.get(k))
+        if differ:
+            raise CheckpointError(
+                f"{path}: saved with other settings than this {model.config.name} ("
+                + ", ".join(f"{k}: file {recorded.get(k)!r}, here {current.get(k)!r}" for k in differ)
+                + "); load it with engine.models.load_model, which builds the model the file records")
     prefixed = all(k.startswith("sam.") for k in state)
     load_into(model if prefixed else model.sam, state, source=path)
     return model

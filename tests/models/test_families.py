@@ -75,3 +75,11 @@ class TestLabels:
         det = M.create_detector("yolov8n_tiny")
         assert det.names == labels.defect_class_names()
         assert det.model.yaml["nc"] == 5
+
+
+def test_an_unknown_timm_architecture_names_close_ones():
+    import engine.models as M
+
+    for create in (M.create_classifier, M.create_fusion):
+        with pytest.raises(M.ModelConfigError, match="unknown timm architecture 'resnet10'.*resnet10t"):
+            create("resnet10t" if create is M.create_classifier else "fusion_tiny", arch="resnet10")

@@ -118,3 +118,16 @@ class TestMetaWeights:
         torch.save(model.sam.state_dict(), path)
         loaded = M.create_segmenter("sam_vit_b", checkpoint=path, expected_sha256=M.sha256_file(path))
         assert torch.equal(loaded.sam.image_encoder.pos_embed, model.sam.image_encoder.pos_embed)
+
+
+def test_a_checkpoint_saved_with_other_box_zoom_is_refused_by_create_segmenter(tmp_path):
+    """Box zoom has no weights: loading a file trained without it into a model that zooms
+    would run another inference than the one it learnt, silently."""
+    import engine.models as M
+
+    path = tmp_path / "sam_nozoom.safetensors"
+    M.save_checkpoint(M.create_segmenter("sam_tiny", zoom_context=None), path)
+    with pytest.raises(M.CheckpointError, match="zoom_context: file None"):
+        M.create_segmenter("sam_tiny", checkpoint=path)
+    assert M.create_segmenter("sam_tiny", checkpoint=path, zoom_context=None).zoom is None  # matching: loads
+    assert M.load_model(path).zoom is None
