@@ -19,8 +19,9 @@ from engine.augment.sample import Sample
 class Transform:
     """Applies `apply` with probability `p`.
 
-    The coin is tossed on every call, applied or not, so the draws a later transform
-    sees do not depend on whether an earlier one happened to fire.
+    The coin is tossed on every call, applied or not. A transform that fires draws its
+    own parameters from the same generator, so the draws a later transform sees do
+    depend on whether an earlier one fired; a seed still reproduces the whole chain.
     """
 
     name: ClassVar[str] = "transform"

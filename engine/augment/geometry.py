@@ -102,8 +102,8 @@ class ScaleJitter(Transform):
 
     factor_range: (min, max) of s, dimensionless, drawn log-uniformly.
     pixel_size_range_nm: optional (min, max) pixel size in nm the result must stay
-      within (an instrument class's range); narrows the factor range per image, and an
-      image already outside it is left unscaled.
+      within (an instrument class's range); narrows the factor range per image: an image
+      outside it is pulled into it when factor_range allows, else left unscaled.
     keep_shape: True keeps (H, W): a magnified image is cropped at a random position, a
       shrunk one is placed at a random position in a frame filled with the image's mean
       (no specimen there, and no labels). False returns round(H*s) x round(W*s) pixels.

@@ -34,8 +34,8 @@ class DefocusBlur(Transform):
 
     Physics: with partial spatial coherence (illumination semi-angle alpha) the contrast
     transfer at defocus df is damped by an envelope exp(-(pi alpha df k)^2 ...), roughly
-    Gaussian in spatial frequency k, i.e. a Gaussian point spread of sigma ~ alpha * |df|
-    in real space. Defocus also puts Fresnel fringes at edges, about one Fresnel zone
+    Gaussian in spatial frequency k (cycles per nm), i.e. a Gaussian point spread of
+    sigma = alpha * |df| / sqrt(2) in real space (exp(-2 pi^2 sigma^2 k^2) is its transform). Defocus also puts Fresnel fringes at edges, about one Fresnel zone
     wide, sqrt(lambda |df|); they are approximated by adding a difference of Gaussians
     at that width, of sign set by under- or over-focus (a CTF-like edge ring, not the
     full oscillating CTF, which would need the aberrations and a phase object).
@@ -68,7 +68,7 @@ class DefocusBlur(Transform):
         df = float(rng.uniform(*self.defocus_range_nm)) * (1.0 if rng.random() < 0.5 else -1.0)
         alpha = float(rng.uniform(*self.semi_angle_mrad)) * 1e-3
         amp = float(rng.uniform(*self.fringe_range))
-        sigma_px = min(self.max_sigma_px, alpha * abs(df) / sample.pixel_size_nm)
+        sigma_px = min(self.max_sigma_px, alpha * abs(df) / math.sqrt(2.0) / sample.pixel_size_nm)
         zone_px = min(4.0 * self.max_sigma_px, math.sqrt(self.wavelength_nm * abs(df)) / sample.pixel_size_nm)
         out = _blur(sample.image, sigma_px)
         if amp > 0 and zone_px > 0.3:

@@ -18,7 +18,7 @@ with y, x the level-0 pixel of the core's top-left corner, exactly the `image_id
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
-from typing import Any, Iterable
+from typing import Any, Iterable, Mapping
 
 import numpy as np
 from ray.data.block import BlockMetadata
@@ -80,6 +80,7 @@ class ZarrTileDatasource(Datasource):
         self.on_image_error = on_image_error
         self._images: list[ImageTiles] | None = None
         self._failed: dict[str, GrainflowError] = {}
+        self._excluded: dict[str, GrainflowError] = {}  # found unusable after planning (`exclude`)
 
     def get_name(self) -> str:
         return "ZarrTiles"
@@ -95,6 +96,14 @@ class ZarrTileDatasource(Datasource):
         those images are left out of `images()`."""
         self.images()
         return dict(self._failed)
+
+    def exclude(self, failures: Mapping[str, GrainflowError]) -> None:
+        """Leave these images out from now on (a later step found them unusable, e.g. their
+        preprocessing could not be fitted): they move from `images()` to `failed()`."""
+        self._excluded.update(failures)
+        if self._images is not None:
+            self._images = [im for im in self._images if im.image_id not in self._excluded]
+            self._failed.update(failures)
 
     def _plan_images(self) -> list[ImageTiles]:
         catalog = read_catalog(self.archive)
@@ -118,7 +127,8 @@ class ZarrTileDatasource(Datasource):
             for image, r, loc in zip(opened, rows, locations)
         ]
         self._failed = {r["image_id"]: p for p, r in zip(plans, rows) if isinstance(p, GrainflowError)}
-        return [p for p in plans if not isinstance(p, GrainflowError)]
+        self._failed.update(self._excluded)
+        return [p for p in plans if not isinstance(p, GrainflowError) and p.image_id not in self._excluded]
 
     def _attempt(self, fn):
         """fn, returning its GrainflowError (MetadataError, PlanningError) instead of

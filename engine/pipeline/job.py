@@ -59,7 +59,7 @@ from engine.data.sinks import (
     DEFAULT_LABEL_NAME, DETECTIONS, ERRORS, LABELS_DIR, OBJECTS, SUMMARY_FILE, TILES, LabelTarget, WriteTileOutputs,
     create_label_arrays, finish_image, label_dtype, summary_table, unplanned_summary_row, write_image_error,
 )
-from engine.errors import GrainflowError
+from engine.errors import GrainflowError, error_message
 from engine.pipeline.ensemble import Ensemble, EnsembleConfig
 from engine.stores.uri import StoreLocation, resolve
 
@@ -210,9 +210,11 @@ def _describe(pinned: str, registry, config: EnsembleConfig) -> dict[str, Any]:
 
 
 def _prepare_images(out: StoreLocation, plans: list, *, labels: str, label_name: str, id_stride: int,
-                    overwrite: bool, fit: bool) -> list[LabelTarget]:
-    """Label arrays (and preprocessing parameters when `fit`) for a group of images."""
-    targets = []
+                    overwrite: bool, fit: bool) -> tuple[list[LabelTarget], dict[str, GrainflowError]]:
+    """Label arrays (and preprocessing parameters when `fit`) for a group of images:
+    (targets, image_id -> why its parameters could not be fitted). An image that cannot
+    be fitted (its pixels defeat the fit) is recorded and left out; the others go on."""
+    targets, failed = [], {}
     for plan in plans:
         dtype = label_dtype(plan.n_tiles, id_stride)
         beside = LabelTarget(plan.image_id, plan.location, label_name, plan, id_stride, dtype, plan.location,
@@ -240,9 +242,16 @@ def _prepare_images(out: StoreLocation, plans: list, *, labels: str, label_name:
                 from engine.preprocess import fit_preprocessing
                 from engine.stores.image import open_image
 
-                put_file(loc, params_to_json(fit_preprocessing(open_image(plan.location), plan.modality)))
+                try:
+                    params = fit_preprocessing(open_image(plan.location), plan.modality)
+                except Exception as exc:  # noqa: BLE001 - any failure of this image's fit is this image's
+                    failed[plan.image_id] = GrainflowError(
+                        f"{plan.image_id}: preprocessing parameters could not be fitted: {type(exc).__name__}: "
+                        f"{error_message(exc)}")
+                    continue
+                put_file(loc, params_to_json(params))
         targets.append(target)
-    return targets
+    return targets, failed
 
 
 def asdict_shallow(obj) -> dict[str, Any]:
@@ -366,9 +375,22 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     fit = "image" in describe["inputs"].values()
     prepare = ray.remote(num_cpus=1)(_prepare_images)
     groups = [plans[i : i + _GROUP] for i in range(0, len(plans), _GROUP)]
-    targets = {t.image_id: t for g in ray.get([prepare.remote(out, g, labels=labels, label_name=label_name,
-                                                              id_stride=config.max_det, overwrite=fresh, fit=fit)
-                                               for g in groups]) for t in g}
+    prepared = ray.get([prepare.remote(out, g, labels=labels, label_name=label_name, id_stride=config.max_det,
+                                       overwrite=fresh, fit=fit) for g in groups])
+    targets = {t.image_id: t for g, _ in prepared for t in g}
+    unfit = {image_id: exc for _, f in prepared for image_id, exc in f.items()}
+    if unfit:  # recorded; the other images go on
+        source.exclude(unfit)
+        plans, failed = source.images(), source.failed()
+        for image_id, exc in unfit.items():
+            write_image_error(out, image_id, str(modalities[image_id]), exc)
+            del progress[image_id]
+        tiles_total = sum(im.n_tiles for im in plans)
+        skipped = sum(p.skipped for p in progress.values())
+        if not plans:
+            image_id, exc = next(iter(unfit.items()))
+            raise GrainflowError(f"{archive}: none of its images could be prepared (errors table in {out}); "
+                                 f"the first, {exc}")
     stages["prepare"] = time.perf_counter() - t0
 
     # 5. tiles: read -> ensemble actors -> sink tasks; the driver counts small rows and

@@ -30,6 +30,7 @@ import dask.array as da
 import numpy as np
 from dask_image import ndfilters
 
+from engine.errors import GrainflowError
 from engine.preprocess.params import Background, PreprocessParams, method_for
 from engine.tiling.transform import LevelTransform
 
@@ -92,7 +93,11 @@ def _fit_optical(image, level: int, coarse: da.Array, bg_level: int) -> Preproce
     # noise; a robust low-order polynomial then models the illumination. A polynomial has
     # no edge bias, where heavy Gaussian smoothing with any padding bends the field at
     # the image's borders and corners, exactly where vignetting is strongest.
-    smooth = ndfilters.gaussian_filter(source.rechunk(-1), sigma=max(1.0, max(h, w) / 64), mode="nearest")
+    # sigma per axis at most (n - 1) / 4: dask-image overlaps by 4 sigma, which must fit in
+    # the axis (a strip, a cross-section: a short side of a few pixels; 1 px: no smoothing).
+    sigma = max(1.0, max(h, w) / 64)
+    smooth = ndfilters.gaussian_filter(source.rechunk(-1), sigma=tuple(min(sigma, (n - 1) / 4) for n in (h, w)),
+                                       mode="nearest")
     (field,) = dask.compute(smooth)
     transform = LevelTransform.from_image(image, bg_level)
     gy, gx = min(GRID_NODES, h), min(GRID_NODES, w)
@@ -155,7 +160,11 @@ def _percentiles(arr: da.Array, qs, *, integer: bool) -> list[float]:
     else goes into 65536 bins over its range and reports the bin's centre.
     """
     lo, hi = (float(v) for v in dask.compute(arr.min(), arr.max()))
-    if hi <= lo:
+    if not (np.isfinite(lo) and np.isfinite(hi)):
+        raise GrainflowError(f"the image's pixels include NaN or infinity (min {lo}, max {hi}); "
+                             "preprocessing needs finite values")
+    # flat: equal, or (after optical flattening) apart by rounding only, which 65536 bins cannot split
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi), 1.0):
         return [lo for _ in qs]
     if integer and hi - lo < 2**20:
         bins, width = int(hi - lo) + 1, 1.0

@@ -125,17 +125,20 @@ def _border_groups(boxes, classes, cores, *, touch: float, min_overlap: float) -
         return i
 
     # Bucket border-reaching boxes by the border line they reach and the side they come
-    # from: only boxes on opposite sides of one line can be pieces of one defect.
-    lines: dict[tuple[str, float], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    # from: only boxes on opposite sides of one line can be pieces of one defect. Neighbours
+    # compute a shared border in different float expressions (resampled tiles: origin +
+    # n * a non-integer scale), so lines are matched to within LINE_TOLERANCE px.
+    xs, ys = _line_ids(cores[:, [0, 2]]), _line_ids(cores[:, [1, 3]])
+    lines: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     for i, ((x0, y0, x1, y1), (cx0, cy0, cx1, cy1)) in enumerate(zip(boxes, cores)):
         if x1 >= cx1 - touch:
-            lines[("x", cx1)][0].append(i)
+            lines[("x", xs[i, 1])][0].append(i)
         if x0 <= cx0 + touch:
-            lines[("x", cx0)][1].append(i)
+            lines[("x", xs[i, 0])][1].append(i)
         if y1 >= cy1 - touch:
-            lines[("y", cy1)][0].append(i)
+            lines[("y", ys[i, 1])][0].append(i)
         if y0 <= cy0 + touch:
-            lines[("y", cy0)][1].append(i)
+            lines[("y", ys[i, 0])][1].append(i)
     for (axis, _), (before, after) in lines.items():
         if not before or not after:
             continue
@@ -154,6 +157,22 @@ def _border_groups(boxes, classes, cores, *, touch: float, min_overlap: float) -
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)
     return np.array([find(i) for i in range(len(boxes))], dtype=np.int64)
+
+
+LINE_TOLERANCE = 1e-6  # level-0 px: border coordinates closer than this are one line
+
+
+def _line_ids(edges: np.ndarray) -> np.ndarray:
+    """An integer id per border coordinate (same shape as `edges`), equal for coordinates
+    within LINE_TOLERANCE of each other (runs of sorted values closer than it)."""
+    flat = edges.ravel()
+    if flat.size == 0:
+        return np.zeros(edges.shape, np.int64)
+    order = np.argsort(flat, kind="stable")
+    run = np.concatenate([[0], np.cumsum(np.diff(flat[order]) > LINE_TOLERANCE)])
+    ids = np.empty(flat.size, np.int64)
+    ids[order] = run
+    return ids.reshape(edges.shape)
 
 
 def _merge_groups(boxes, scores, classes, groups):

@@ -27,8 +27,8 @@ class TestDefocusBlur:
     def test_blur_in_nm_scales_with_pixel_size(self):
         t = DefocusBlur(defocus_range_nm=(1000.0, 1000.0), semi_angle_mrad=(1.0, 1.0), fringe_range=(0, 0),
                         max_sigma_px=50.0)
-        # alpha * df = 1 mrad * 1000 nm = 1 nm: 4 px at 0.25 nm/px, 1 px at 1 nm/px
-        for px, sigma in [(0.25, 4.0), (1.0, 1.0)]:
+        # sigma = alpha * df / sqrt(2) = 1 mrad * 1000 nm / sqrt(2) = 0.707 nm: 2.83 px at 0.25 nm/px, 0.707 at 1
+        for px, sigma in [(0.25, 4.0 / 2**0.5), (1.0, 1.0 / 2**0.5)]:
             out = t(_step(px, "TEM"), np.random.default_rng(0))
             assert out.log[-1][1]["sigma_px"] == pytest.approx(sigma)
             assert _edge_width(out.image) == pytest.approx(sigma, rel=0.15)

@@ -345,6 +345,26 @@ class TestFailures:
         assert len(read_output(out, ERRORS)) == 0
         assert pd.read_parquet(out / SUMMARY_FILE)["complete"].all()
 
+    def test_an_image_whose_preprocessing_cannot_be_fitted_is_recorded_and_the_others_complete(
+            self, ray_session, job_archive, job_registry, tmp_path):
+        """A member reads "image" inputs, so every image's preprocessing is fitted before
+        the tiles; one image's coarse level has a corrupt chunk: that image is an errors
+        row, the others are processed (the job used to stop at the first such image)."""
+        archive = copy_archive(job_archive, tmp_path)
+        ids = sorted(pd.read_parquet(archive / "catalog.parquet")["image_id"])
+        for chunk in (archive / "images" / f"{ids[0]}.ome.zarr").glob("*/c/0/0"):  # every level: the fit's too
+            chunk.write_bytes(b"\x00not zstd at all" * 5)
+        out = tmp_path / "out"
+        config = EnsembleConfig(**dict(TEST_CONFIG, inputs={"classifier": "image"}))
+        result = reprocess(str(archive), str(out), REF, registry=job_registry, config=config,
+                           **{**RUN, "labels": "out"})
+        assert (result.images, result.images_failed, result.tiles_done, result.errors) == (2, 1, N_TILES - 4, 0)
+        (e,) = read_output(out, ERRORS).to_pylist()
+        assert e["image_id"] == ids[0] and (e["level"], e["y"], e["x"]) == (None, None, None)
+        assert "preprocessing parameters could not be fitted" in e["message"], e
+        summary = pd.read_parquet(out / SUMMARY_FILE).set_index("image_id")
+        assert summary.loc[ids[1:], "complete"].all() and not summary.loc[ids[0], "complete"]
+
     def test_killed_actor(self, ray_session, clean, job_archive, job_registry, tmp_path):
         """The ensemble actor's process is killed mid-job: Ray restarts it, the job
         completes, every tile is written once, outputs as a clean run's."""
@@ -432,7 +452,7 @@ class TestPrepare:
         (tmp_path / "a-file").write_text("not a folder")
         plan = replace(self._plan(job_archive), location=resolve(tmp_path / "a-file" / "img.ome.zarr"))
         out = resolve(tmp_path / "out")
-        (target,) = _prepare_images(out, [plan], labels="auto", label_name="p", id_stride=8, overwrite=False, fit=False)
+        (target,), _ = _prepare_images(out, [plan], labels="auto", label_name="p", id_stride=8, overwrite=False, fit=False)
         assert target.root == out.join("labels", f"{plan.image_id}.ome.zarr") and "Error" in target.note
         group = zarr.open_group(target.root.path, mode="r")
         assert group["labels/p/0"].shape == plan.grid.shape and group["labels/p_classes/0"].dtype == np.uint8
@@ -456,7 +476,7 @@ class TestPrepare:
         before = sorted(p.name for p in path.iterdir())
         plan = replace(self._plan(job_archive), location=resolve(path))
         out = resolve(tmp_path / "out")
-        (target,) = _prepare_images(out, [plan], labels="auto", label_name="p", id_stride=8, overwrite=False, fit=False)
+        (target,), _ = _prepare_images(out, [plan], labels="auto", label_name="p", id_stride=8, overwrite=False, fit=False)
         assert target.root == out.join("labels", f"{plan.image_id}.ome.zarr") and "Zarr v2" in target.note
         assert sorted(p.name for p in path.iterdir()) == before
         assert open_image(resolve(path)).multiscale.version == "0.4"
@@ -471,7 +491,7 @@ class TestPrepare:
         plan = self._plan(job_archive)
         out = resolve(tmp_path / "out")
         kw = dict(labels="out", label_name="p", id_stride=8, fit=False)
-        (target,) = _prepare_images(out, [plan], overwrite=False, **kw)
+        (target,), _ = _prepare_images(out, [plan], overwrite=False, **kw)
         arr = zarr.open_array(target.root.join("labels", "p", "0").path, mode="r+")
         arr[:128, :128] = 7
         _prepare_images(out, [plan], overwrite=False, **kw)  # a resumed run writes into it

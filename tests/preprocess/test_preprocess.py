@@ -210,3 +210,34 @@ class TestPreprocessBatch:
         same = preprocess_batch({**batch, "tile": np.stack([a, a, a]), "error": np.array([None] * 3)},
                                 lambda image_id: params)
         assert same["tile"].shape == (3, 64, 64) and same["tile"].dtype == np.float32
+
+
+class TestFitOnAwkwardImages:
+    """Images a lab does produce: a blank or saturated optical frame, a thin strip, a float
+    image with NaN pixels. Fits or says what is wrong; never a numpy error."""
+
+    @pytest.mark.parametrize("value", [0, 128, 255])
+    def test_a_flat_optical_frame_fits(self, tmp_path, value):
+        uri = tmp_path / "flat.ome.zarr"
+        write_image(uri, np.full((300, 400), value, np.uint8), pixel_size=1.0, chunk=64)
+        image = open_image(uri)
+        out = apply(fit_preprocessing(image, "optical"), image.read_level(0))
+        assert np.isfinite(out).all()
+
+    @pytest.mark.parametrize("shape", [(128, 4096), (2000, 3), (1, 300)])
+    def test_a_thin_optical_image_fits(self, tmp_path, shape):
+        uri = tmp_path / "strip.ome.zarr"
+        write_image(uri, np.clip(_texture(shape, seed=2) * 200, 0, 255).astype(np.uint8), pixel_size=1.0, chunk=64)
+        image = open_image(uri)
+        out = apply(fit_preprocessing(image, "optical"), image.read_level(0))
+        assert out.shape == shape and np.isfinite(out).all() and out.max() > out.min()
+
+    def test_nan_pixels_are_named(self, tmp_path):
+        from engine.errors import GrainflowError
+
+        pixels = _texture((128, 128), seed=3).astype(np.float32)
+        pixels[5, 7] = np.nan
+        uri = tmp_path / "nan.ome.zarr"
+        write_image(uri, pixels, pixel_size=1.0, chunk=64)
+        with pytest.raises(GrainflowError, match="NaN or infinity"):
+            fit_preprocessing(open_image(uri), "SEM")

@@ -154,3 +154,18 @@ class TestCropToCore:
         assert crop_to_core(a, (1, 2, 3, 4)).shape == (2, 7, 5)
         with pytest.raises(ValueError, match="larger than the tile"):
             crop_to_core(a, (6, 6, 0, 0))
+
+
+def test_pieces_meet_on_a_border_that_neighbours_compute_in_different_floats():
+    """Resampled tiles (a non-integer scale) compute a shared border as origin + n * scale
+    on each side, which can differ in the last bit: still one line, so one object."""
+    from engine.tiling.stitch import TileBoxes, stitch_boxes
+
+    right_of_a, left_of_b = 256.04, 256.03999999999996  # 0.37 px steps: 692 * 0.37 two ways
+    assert right_of_a != left_of_b
+    a = TileBoxes((0.0, 0.0, right_of_a, 256.04), np.array([[right_of_a - 10, 100, right_of_a, 120]]),
+                  np.array([0.9]), np.array([0]))
+    b = TileBoxes((left_of_b, 0.0, 512.08, 256.04), np.array([[left_of_b, 100, left_of_b + 10, 120]]),
+                  np.array([0.8]), np.array([0]))
+    merged = stitch_boxes([a, b])
+    assert len(merged) == 1 and merged.parts.tolist() == [2]
