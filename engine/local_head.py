@@ -39,6 +39,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.parse
 import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
@@ -76,6 +77,13 @@ def _node_env(token_path: Path) -> dict[str, str]:
     # Jobs run `python ...` with the node's PATH: make that this environment's Python.
     env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{env.get('PATH', '')}"
     env.pop("RAY_ADDRESS", None)
+    # `ray start --disable-usage-stats` still posts a "disabled" report to Ray's server
+    # from the dashboard (only clusters made by ray.init skip it): nowhere to post it to.
+    # (A loopback URL already set is kept: a test listens there.)
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    url = env.get("RAY_USAGE_STATS_REPORT_URL", "")
+    if urllib.parse.urlsplit(url).hostname not in ("127.0.0.1", "localhost", "::1"):
+        env["RAY_USAGE_STATS_REPORT_URL"] = "http://127.0.0.1:9/"  # discard port: refused at once
     return env
 
 

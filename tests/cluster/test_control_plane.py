@@ -37,9 +37,47 @@ REBOUND_BROWSER = {  # what fetch() on http://rebind.attacker.example:PORT/ send
 }
 
 
+class _UsageReports:
+    """A loopback HTTP listener that records the paths and bodies posted to it."""
+
+    def __init__(self):
+        import http.server
+        import threading
+
+        posted = self.posted = []
+
+        class Handler(http.server.BaseHTTPRequestHandler):
+            def do_POST(self):
+                posted.append(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+                self.send_response(200)
+                self.end_headers()
+
+            def log_message(self, *args):
+                pass
+
+        self.server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+
 @pytest.fixture(scope="module")
-def head(tmp_path_factory):
-    h = start_local_head(tmp_path_factory.mktemp("head"), num_cpus=1)
+def usage_reports():
+    reports = _UsageReports()
+    yield reports
+    reports.server.shutdown()
+
+
+@pytest.fixture(scope="module")
+def head(tmp_path_factory, usage_reports):
+    saved = os.environ.get("RAY_USAGE_STATS_REPORT_URL")
+    os.environ["RAY_USAGE_STATS_REPORT_URL"] = usage_reports.url  # loopback: the head keeps it
+    try:
+        h = start_local_head(tmp_path_factory.mktemp("head"), num_cpus=1)
+    finally:
+        if saved is None:
+            os.environ.pop("RAY_USAGE_STATS_REPORT_URL")
+        else:
+            os.environ["RAY_USAGE_STATS_REPORT_URL"] = saved
     yield h
     h.stop(timeout_s=10)
 
@@ -154,6 +192,21 @@ class TestListeningSockets:
         p = subprocess.run([sys.executable, "-c", code], env=env, cwd=tempfile.gettempdir(), capture_output=True,
                            text=True, timeout=180)
         assert "ran on node-a" in p.stdout, p.stderr[-2000:]
+
+
+def test_the_usage_report_goes_to_loopback_only(head, usage_reports, monkeypatch):
+    """Ray's dashboard posts a "usage disabled" report even under --disable-usage-stats
+    (to usage-stats.ray.io by default): the head's nodes send it to the URL their
+    environment names, which is never beyond this machine."""
+    from engine.local_head import _node_env
+
+    deadline = time.monotonic() + 60
+    while not usage_reports.posted and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert usage_reports.posted and b"schema_version" in usage_reports.posted[0]  # it obeys the variable
+    for outside in ("https://usage-stats.ray.io/", ""):
+        monkeypatch.setenv("RAY_USAGE_STATS_REPORT_URL", outside)
+        assert _node_env(head.token_path)["RAY_USAGE_STATS_REPORT_URL"] == "http://127.0.0.1:9/"
 
 
 def _listening(root_pid: int) -> list[tuple[str, str]]:
