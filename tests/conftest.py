@@ -9,6 +9,13 @@ import uuid
 import pytest
 
 
+def pytest_configure(config):
+    # Every Ray node the tests start (ray.cluster_utils.Cluster's too) would post Ray's
+    # "usage disabled" report outward; tests talk to 127.0.0.1 only (discard port).
+    os.environ.setdefault("RAY_USAGE_STATS_REPORT_URL", "http://127.0.0.1:9/")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
 def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
