@@ -83,7 +83,11 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         if ray.is_initialized():
             ray.shutdown()
-    _say(f"done in {time.perf_counter() - started:.0f} s; the report:")
+    tracking = f"sqlite:///{(root / 'registry.db').resolve()}"
+    _say(f"done in {time.perf_counter() - started:.0f} s. The models are {ref} in the registry {tracking}:")
+    _say(f"  grainflow serve --tracking-uri {tracking} --bundle {DEMO_BUNDLE} --keys KEYS.json")
+    _say(f"  grainflow reprocess --tracking-uri {tracking} --models {ref} --archive ARCHIVE --out OUT")
+    _say("the report:")
     print(report, flush=True)
     return 0
 

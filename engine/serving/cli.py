@@ -1,6 +1,6 @@
 """The `grainflow serve` command (registered on the app by engine.cli).
 
-    grainflow serve --bundle grainflow-demo --keys keys.json [--config serve.yaml] [--port 8000]
+    grainflow serve --bundle grainflow-demo --keys keys.json [--tracking-uri URI] [--config serve.yaml] [--port 8000]
     grainflow serve keys add --keys keys.json --tenant lab-a --scope analyze
 """
 
@@ -17,6 +17,10 @@ def serve_command(
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="ServeConfig YAML (engine.serving.config)."),
     bundle: Optional[str] = typer.Option(None, help="Registered ensemble bundle (overrides the config's)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="Keys file (overrides the config's)."),
+    tracking_uri: Optional[str] = typer.Option(
+        None, envvar="MLFLOW_TRACKING_URI",
+        help="Model registry (overrides the config's; default: the user data dir's). `make demo` "
+             "registers its models in sqlite:///<repo>/out/demo/registry.db."),
     audit_log: Optional[Path] = typer.Option(None, help="Audit log (default $GRAINFLOW_AUDIT_LOG or the user data dir)."),
     host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds; loopback unless you mean otherwise."),
     port: int = typer.Option(8000, help="HTTP port."),
@@ -38,7 +42,8 @@ def serve_command(
 
     cfg = ServeConfig.from_yaml(config) if config else ServeConfig()
     updates = {k: v for k, v in {"bundle": bundle, "keys_file": str(keys) if keys else None,
-                                 "audit_log": str(audit_log) if audit_log else None}.items() if v is not None}
+                                 "audit_log": str(audit_log) if audit_log else None,
+                                 "tracking_uri": tracking_uri}.items() if v is not None}
     cfg = cfg.model_copy(update=updates)
     if cfg.keys_file is None:
         raise GrainflowError("no keys file: pass --keys (create one with `grainflow serve keys add`)")
@@ -46,6 +51,13 @@ def serve_command(
 
     if not len(KeyStore.load(cfg.keys_file)):
         raise GrainflowError(f"{cfg.keys_file}: holds no keys; add one with `grainflow serve keys add`")
+    from engine.serving.versions import resolve_arms
+
+    try:  # before Ray starts: replicas that cannot load the bundle would only retry
+        resolve_arms(cfg.registry(), cfg.bundle, cfg.split)
+    except GrainflowError as exc:
+        raise GrainflowError(f"{exc} (registry: {cfg.tracking_uri or 'the default in the user data dir'}; "
+                             "--tracking-uri names another)") from None
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
         ray.init(address=address)

@@ -143,3 +143,23 @@ def test_keys_are_checked_under_any_route_prefix(path, root_path, scope):
 
     request = Request({"type": "http", "method": "GET", "path": path, "root_path": root_path, "headers": []})
     assert _scope_of(_route_path(request)) == scope
+
+
+def test_grainflow_serve_names_the_registry_when_the_bundle_is_not_in_it(tmp_path):
+    """`make demo` registers its models in out/demo/registry.db: serve must be pointed
+    there (--tracking-uri or MLFLOW_TRACKING_URI), and says which registry it looked in,
+    before any Ray starts."""
+    import os
+    import subprocess
+    import sys
+
+    from engine.serving.keys import add_key
+
+    add_key(tmp_path / "keys.json", "lab", ["analyze"])
+    empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--bundle", "grainflow-demo", "--keys",
+           str(tmp_path / "keys.json"), "--tracking-uri", empty, "--port", "9"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2, p.stderr[-2000:]
+    assert "grainflow-demo" in p.stderr and empty in p.stderr and "ray" not in p.stdout.lower()
