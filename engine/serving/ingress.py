@@ -301,6 +301,8 @@ class Ingress:
         pixel_size_nm: Optional[float] = Form(None, description="nm per pixel; needed unless the TIFF has it"),
         dtype: Optional[str] = Form(None, description="raw arrays: uint8, uint16, uint32, int8, int16, int32, float32"),
         shape: Optional[str] = Form(None, description="raw arrays: height,width"),
+        preview: bool = Form(False, description="also answer an 8-bit PNG of the image for display "
+                                                "(`preview_png`, engine.serving.preview)"),
         key: Optional[str] = Security(_key_header),
     ) -> JSONResponse:
         """Detections (boxes in px and nm, class, score, RLE masks, measurements), material,
@@ -338,6 +340,10 @@ class Ingress:
                    **{f"{stage}_ms": ms for stage, ms in answer.timings_ms.items()}}
         body = respond(answer.analysis, image=info, alias=alias, request_id=rid, timings_ms=timings,
                        batch_sizes=answer.batch_sizes)
+        if preview:
+            from engine.serving.preview import display_png
+
+            body["preview_png"] = await asyncio.to_thread(display_png, decoded.pixels)
         body["timings_ms"]["total_ms"] = round((time.perf_counter() - t0) * 1e3, 3)
         audit["models"] = body["model"]["versions"]
         return JSONResponse(body)

@@ -106,6 +106,9 @@ class AnalyzeResponse(BaseModel):
     batch_sizes: dict[str, int] = Field(
         description="detect, segment, classify: how many requests shared that stage's batch, this one included "
                     "(a request waits for company only while the stage's replica has other requests in flight)")
+    preview_png: Optional[str] = Field(
+        None, description="with preview=true: base64 8-bit grey PNG of the image, contrast stretched, at most "
+                          "2048 px on its longest side (draw it scaled to image.width x image.height)")
 
 
 class ModelsResponse(BaseModel):

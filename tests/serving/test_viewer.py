@@ -58,3 +58,33 @@ def test_upload_shows_overlay_and_table(browser, served, tmp_path):
     page.wait_for_selector("#status.error", timeout=60_000)
     assert page.locator("#status").inner_text().startswith("401")
     page.close()
+
+
+def test_a_16_bit_tiff_is_shown_with_its_contrast(browser, served, tmp_path):
+    """Browsers decode no TIFF and only the top 8 bits of a 16-bit PNG: the viewer draws
+    the server's 8-bit preview, so a 12-bit TIFF is an image, not a grey box; the
+    modality and pixel size come from the file (`from the file` is the default)."""
+    import tifffile
+
+    pixels, nm = synthetic_image(seed=5, size=256)
+    twelve_bit = (pixels.astype("float64") / max(1, pixels.max()) * 4095).astype("uint16")  # 12 bits of signal
+    path = tmp_path / "micrograph.tif"
+    tifffile.imwrite(path, twelve_bit, resolution=(1e7 / nm, 1e7 / nm), resolutionunit="CENTIMETER")
+    page = browser.new_page()
+    page.add_init_script("""window.formKeys = []; const append = FormData.prototype.append;
+        FormData.prototype.append = function (k, ...rest) { window.formKeys.push(k); return append.call(this, k, ...rest); };""")
+    page.goto(served["url"] + "/")
+    page.fill("#key", served["env"]["analyze_key"])
+    page.set_input_files("#file", str(path))
+    page.click("#analyze")
+    page.wait_for_selector("#status:has-text('done')", timeout=120_000)
+    spread = page.evaluate("""() => {
+        const c = document.getElementById('image');
+        const d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+        let lo = 255, hi = 0; for (let i = 0; i < d.length; i += 4) { lo = Math.min(lo, d[i]); hi = Math.max(hi, d[i]); }
+        return [c.width, c.height, lo, hi];
+    }""")
+    assert spread[:2] == [256, 256] and spread[3] - spread[2] > 150, spread  # full contrast, not flat grey
+    keys = page.evaluate("() => window.formKeys")
+    assert "image" in keys and "modality" not in keys, keys  # the file's modality, not the select's
+    page.close()
