@@ -149,6 +149,7 @@ class LocalHead:
     pid: int = 0
     loopback_only: bool = True
     workers: list[LocalWorker] = field(default_factory=list)
+    stopped: bool = field(default=False, repr=False)
 
     def __post_init__(self) -> None:
         if not self.pid and self.process is not None:
@@ -235,7 +236,11 @@ class LocalHead:
                    Path(state["session_dir"]), None, state["pid"], state["loopback_only"], workers)
 
     def stop(self, timeout_s: float = 30.0) -> None:
-        """Stop the worker nodes, then the head; remove the session folder."""
+        """Stop the worker nodes, then the head; remove the session folder. Once: a second
+        call (an atexit hook after an explicit stop) must not signal a reused pid."""
+        if self.stopped:
+            return
+        self.stopped = True
         for worker in reversed(self.workers):
             worker.stop(timeout_s)
         self.workers.clear()

@@ -44,6 +44,28 @@ def rle_decode(counts: Sequence[int], size: Sequence[int]) -> np.ndarray:
     return flat.reshape(int(size[0]), int(size[1]))
 
 
+def paint_mask(canvas: np.ndarray, mask: dict[str, Any], value) -> np.ndarray:
+    """Set `value` on the pixels of `canvas` (level-0, H x W of the uploaded image) that a
+    detection's `mask` (its answer's "mask": origin_px, scale, size, counts) covers, and
+    return `canvas`. Mask pixel (r, c) covers level-0 [oy + r sy, oy + (r + 1) sy) x
+    [ox + c sx, ox + (c + 1) sx): each canvas pixel takes the mask pixel its centre falls
+    in, so any scale (a bundle at another pixel size than the upload) places it right."""
+    if not mask.get("counts"):
+        return canvas
+    (oy, ox), (sy, sx), (h, w) = mask["origin_px"], mask["scale"], mask["size"]
+    decoded = rle_decode(mask["counts"], (h, w))
+    y0, y1 = max(0, math.floor(oy)), min(canvas.shape[0], math.ceil(oy + h * sy))
+    x0, x1 = max(0, math.floor(ox)), min(canvas.shape[1], math.ceil(ox + w * sx))
+    if y1 <= y0 or x1 <= x0:
+        return canvas
+    rows = np.floor((np.arange(y0, y1) + 0.5 - oy) / sy).astype(np.int64)
+    cols = np.floor((np.arange(x0, x1) + 0.5 - ox) / sx).astype(np.int64)
+    inside = ((rows >= 0) & (rows < h))[:, None] & ((cols >= 0) & (cols < w))[None, :]
+    hit = decoded[np.ix_(np.clip(rows, 0, h - 1), np.clip(cols, 0, w - 1))] & inside
+    canvas[y0:y1, x0:x1][hit] = value
+    return canvas
+
+
 def _num(v) -> float | None:
     v = float(v)
     return v if math.isfinite(v) else None
