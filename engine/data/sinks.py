@@ -5,7 +5,7 @@ percent-encoded when it holds characters a path cannot)::
 
     detections/image_id=<id>/tile-<level>-<y>-<x>.parquet   one row per detection (tile sink)
     errors/image_id=<id>/tile-<level>-<y>-<x>.parquet       one row per failed tile (tile sink)
-    errors/image_id=<id>/image.parquet                      an image that could not be planned (job)
+    errors/image_id=<id>/image.parquet                      an image that could not be planned or prepared (job)
     ledger/<digest>.parquet                                 finished tiles (engine.data.ledger)
     objects/image_id=<id>/part-0.parquet                    stitched objects (finishing)
     tiles/image_id=<id>/part-0.parquet                      one row per tile (finishing)
@@ -752,7 +752,7 @@ def _tiles_table(tiles: Sequence[_Tile], errors, error_rows) -> pa.Table:
 
 
 def write_image_error(out: str | StoreLocation, image_id: str, modality: str, error: BaseException) -> None:
-    """The errors row of an image the job could not plan (level, y, x null)."""
+    """The errors row of an image the job could not plan or prepare (level, y, x null)."""
     row = {"level": None, "y": None, "x": None, "modality": modality, "exception": type(error).__name__,
            "message": str(error), "chunk_keys": []}
     put_file(resolve(out).join(ERRORS, partition(image_id), IMAGE_ERROR_FILE),

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import torch
 from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as safetensors_load
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from engine.models.errors import CheckpointError, ChecksumMismatchError, UnsafeCheckpointError
 
@@ -80,6 +80,11 @@ def open_checked(path: str | Path, expected_sha256: str | None = None) -> Binary
     `expected_sha256` or, when not given, the `<file>.sha256` beside it (neither: not
     checked). Parse what this returns, not the path again: a file replaced after the
     check (a shared cache, another process) is then never the one loaded."""
+    return _open_checked(path, expected_sha256)[0]
+
+
+def _open_checked(path: str | Path, expected_sha256: str | None) -> tuple[BinaryIO, os.stat_result]:
+    """`open_checked`, and the file's stat taken before its bytes were hashed."""
     path = Path(path)
     expected = expected_sha256 if expected_sha256 is not None else read_sidecar(path)
     if expected is not None and (not isinstance(expected, str) or not _HEX64.match(expected.lower())):
@@ -88,6 +93,7 @@ def open_checked(path: str | Path, expected_sha256: str | None = None) -> Binary
         f = open(path, "rb")
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"{path}: no such checkpoint file") from None
+    before = os.fstat(f.fileno())
     if expected is not None:
         h = hashlib.sha256()
         for block in iter(lambda: f.read(1 << 20), b""):
@@ -96,7 +102,7 @@ def open_checked(path: str | Path, expected_sha256: str | None = None) -> Binary
             f.close()
             raise ChecksumMismatchError(str(path), expected.lower(), h.hexdigest())
         f.seek(0)
-    return f
+    return f, before
 
 
 def _safetensors_metadata(data: bytes, path: Path) -> dict[str, str]:
@@ -197,15 +203,34 @@ def load_checked(path: str | Path, *, expected_sha256: str | None = None,
     path = Path(path)
     if path.suffix not in (".safetensors", ".pt", ".pth", ".bin"):
         raise CheckpointError(f"{path}: unknown checkpoint format {path.suffix!r}; expected .safetensors, .pt or .pth")
-    with open_checked(path, expected_sha256) as f:
+    f, before = _open_checked(path, expected_sha256)
+    with f:
         if path.suffix == ".safetensors":
-            data = f.read()
-            try:
-                state = safetensors_load(data)
-            except (SafetensorError, OSError) as exc:
-                raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
-            return {k: v.to(map_location) for k, v in state.items()}, _safetensors_metadata(data, path)
+            return _load_safetensors(f, before, path, map_location)
         return _load_pickled_state(f, path, map_location), {}
+
+
+def _load_safetensors(f: BinaryIO, before: os.stat_result, path: Path,
+                      map_location) -> tuple[dict[str, torch.Tensor], dict[str, str]]:
+    """Tensors and metadata of the open (checked) file `f`. On Linux through the open file
+    descriptor (/proc/self/fd: memory-mapped, straight to `map_location`, whatever the
+    path now names), refused if the file was written to since `before` (its stat ahead
+    of the hash); elsewhere read whole into memory once (twice the file at the peak)."""
+    fd_path = f"/proc/self/fd/{f.fileno()}"
+    try:
+        if os.path.exists(fd_path):
+            state = load_file(fd_path, device=str(map_location))
+            with safe_open(fd_path, framework="pt") as g:
+                meta = dict(g.metadata() or {})
+            after = os.fstat(f.fileno())
+            if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
+                raise CheckpointError(f"{path}: was written to while it was being checked and loaded; refused")
+            return state, meta
+        data = f.read()
+        state = safetensors_load(data)
+    except (SafetensorError, OSError) as exc:
+        raise CheckpointError(f"{path}: not a readable safetensors file: {exc}") from None
+    return {k: v.to(map_location) for k, v in state.items()}, _safetensors_metadata(data, path)
 
 
 def _load_pickled_state(f: BinaryIO, path: Path, map_location) -> dict[str, torch.Tensor]:

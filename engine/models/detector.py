@@ -156,7 +156,12 @@ def check_yolo_yaml(model_yaml: dict) -> None:
     import torchvision
     import ultralytics.nn.modules as yolo_modules
 
+    # Layers whose constructors fetch weights from the internet (torchvision's model zoo).
+    downloads = {"TorchVision"}
+
     def layer_class(name: str, where: str) -> None:
+        if name in downloads:
+            raise ModelConfigError(f"YOLO model yaml: {where} names {name!r}, which downloads weights; refused")
         for prefix, namespace in (("torch.nn.", nn), ("nn.", nn), ("torchvision.ops.", torchvision.ops)):
             if name.startswith(prefix):
                 obj = getattr(namespace, name[len(prefix):], None)

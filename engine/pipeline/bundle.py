@@ -24,6 +24,7 @@ from typing import Any, Mapping
 from engine.pipeline.ensemble import ROLES, EnsembleConfig, EnsembleModels, description
 from engine.pipeline.inputs import check_inputs
 from engine.registry.errors import RegistryError
+from engine.registry.registry import fetch_subdir
 
 TAG_INPUT = "input."
 TAG_PIXEL_SIZE = "pixel_size_nm"
@@ -72,7 +73,7 @@ def load_bundle(ref: str, registry=None, *, cache_dir: str | Path | None = None,
         raise RegistryError(f"{version.ref}: bundle has no 'detector' member (members: {sorted(members)})")
     loaded = {}
     for role, mv in members.items():
-        dest = None if cache_dir is None else Path(cache_dir) / mv.name / str(mv.version)
+        dest = None if cache_dir is None else Path(cache_dir) / fetch_subdir(mv)
         files = registry.fetch(mv, dest)
         loaded[role] = load_member(role, mv, files, map_location=map_location)
     tags = version.tags

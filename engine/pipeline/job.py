@@ -79,9 +79,10 @@ class JobResult:
     tiles_skipped: finished by an earlier run (the ledger); errors: tiles that failed in
     this run (the errors table); seconds: the whole job; tiles_per_s: tiles this run
     processed (done + errors) per second of its tile stage; stage_seconds: per step;
-    images: images planned; images_failed: images that could not be (unreadable
-    metadata, a pixel size the models cannot be resampled to): an errors row each, with
-    null level, y and x, and a summary row with no tiles."""
+    images: images planned and prepared; images_failed: images that could not be
+    (unreadable metadata, a pixel size the models cannot be resampled to, preprocessing
+    that cannot be fitted): an errors row each, with null level, y and x, and a summary
+    row with no tiles."""
 
     tiles_total: int
     tiles_done: int

@@ -164,7 +164,7 @@ def _percentiles(arr: da.Array, qs, *, integer: bool) -> list[float]:
         raise GrainflowError(f"the image's pixels include NaN or infinity (min {lo}, max {hi}); "
                              "preprocessing needs finite values")
     # flat: equal, or (after optical flattening) apart by rounding only, which 65536 bins cannot split
-    if hi - lo <= 1e-9 * max(abs(lo), abs(hi), 1.0):
+    if hi - lo <= 1e-9 * max(abs(lo), abs(hi)):  # relative: an image of 1e-11 A currents is not flat
         return [lo for _ in qs]
     if integer and hi - lo < 2**20:
         bins, width = int(hi - lo) + 1, 1.0

@@ -304,11 +304,12 @@ class ModelRegistry:
         with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
             try:
                 downloaded = {f: self._download_checked(mv, f, Path(tmp)) for f in todo}
-            except ArtifactIntegrityError as exc:
-                # a stale or damaged copy must not outlive a refusal (a peer's good copy may)
-                target = dest / exc.file
-                if target.is_file() and sha256_file(target) != exc.expected:
-                    target.unlink(missing_ok=True)
+            except ArtifactIntegrityError:
+                # stale or damaged copies must not outlive a refusal (a peer's good copy may)
+                for file_name in todo:
+                    target = dest / file_name
+                    if target.is_file() and sha256_file(target) != mv.sha256[file_name]:
+                        target.unlink(missing_ok=True)
                 raise
             for file_name, local in downloaded.items():
                 os.replace(local, dest / file_name)
@@ -505,14 +506,20 @@ class ModelRegistry:
             raise RegistryError(f"{what}: {getattr(exc, 'message', exc)}") from exc
 
 
-def default_fetch_dir(mv: ModelVersion) -> Path:
-    """`<user cache dir>/registry/<name>/<version>-<12 hex digits>`: the digits hash the
-    version's {file: sha256} record, so the folder names the bytes, not just the ref."""
+def fetch_subdir(mv: ModelVersion) -> Path:
+    """`<name>/<version>-<12 hex digits>`: the digits hash the version's {file: sha256}
+    record, so a cache folder names the bytes, not just the ref (two registries that
+    both hold a "name/version" never share one)."""
     import hashlib
     import json
 
     content = hashlib.sha256(json.dumps(sorted(mv.sha256.items())).encode()).hexdigest()[:12]
-    return Path(platformdirs.user_cache_dir(backend.APP_NAME)) / "registry" / mv.name / f"{mv.version}-{content}"
+    return Path(mv.name) / f"{mv.version}-{content}"
+
+
+def default_fetch_dir(mv: ModelVersion) -> Path:
+    """`<user cache dir>/registry/` + `fetch_subdir(mv)`."""
+    return Path(platformdirs.user_cache_dir(backend.APP_NAME)) / "registry" / fetch_subdir(mv)
 
 
 def _check_version(version: Any, name: str) -> int:

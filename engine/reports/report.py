@@ -76,7 +76,7 @@ def _header(run: Run) -> str:
     versions = {k: v for k, v in h["model_versions"].items() if k != "bundle"}
     items += [(f"model: {role}", version) for role, version in versions.items()]
     images = h["images"] if not h["images_failed"] else \
-        f"{h['images']} ({h['images_failed']} more could not be planned)"
+        f"{h['images']} ({h['images_failed']} more could not be planned or prepared)"
     items += [
         ("finished", h["finished_at"]), ("images", images), ("defects (stitched objects)", h["objects"]),
         ("tiles planned", h["tiles_total"]), ("tiles done", h["tiles_done"]),
@@ -97,7 +97,7 @@ def _header(run: Run) -> str:
     if h["errors"] or not run.summary["complete"].all():
         incomplete = int((~run.summary["complete"]).sum())
         what = f"{int(run.summary['tiles_error'].sum())} tile(s) failed" + (
-            f" and {h['images_failed']} image(s) could not be planned" if h["images_failed"] else "")
+            f" and {h['images_failed']} image(s) could not be planned or prepared" if h["images_failed"] else "")
         parts.append(html.note(f"{incomplete} image(s) are incomplete: {what} (see Errors); rerun the job with the "
                                f"same --out to retry them.", warn=True))
     return html.section("run", "Run", parts)
@@ -221,7 +221,7 @@ def _errors(errors: pd.DataFrame, tiles: int, images: int) -> str:
     if tiles + images > len(df):
         parts.append(html.note(f"the first {len(df)} of {tiles + images} errors; read them all with "
                                f"engine.data.sinks.read_output(out, 'errors')"))
-    parts.append(html.note("tiles that failed, and images that could not be planned (\"whole image\"); they are "
+    parts.append(html.note("tiles that failed, and images that could not be planned or prepared (\"whole image\"); they are "
                            "not in the ledger, so a rerun with the same --out tries them again."))
     counts = [f"{tiles} tiles"] + ([f"{images} images"] if images else [])
     return html.section("errors", f"Errors ({', '.join(counts)})", parts)

@@ -18,9 +18,8 @@ def serve_command(
     bundle: Optional[str] = typer.Option(None, help="Registered ensemble bundle (overrides the config's)."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="Keys file (overrides the config's)."),
     tracking_uri: Optional[str] = typer.Option(
-        None, envvar="MLFLOW_TRACKING_URI",
-        help="Model registry (overrides the config's; default: the user data dir's). `make demo` "
-             "registers its models in sqlite:///<repo>/out/demo/registry.db."),
+        None, help="Model registry (overrides the config's, which overrides MLFLOW_TRACKING_URI; default: the "
+                   "user data dir's). `make demo` registers its models in sqlite:///<repo>/out/demo/registry.db."),
     audit_log: Optional[Path] = typer.Option(None, help="Audit log (default $GRAINFLOW_AUDIT_LOG or the user data dir)."),
     host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds; loopback unless you mean otherwise."),
     port: int = typer.Option(8000, help="HTTP port."),
@@ -51,14 +50,15 @@ def serve_command(
 
     if not len(KeyStore.load(cfg.keys_file)):
         raise GrainflowError(f"{cfg.keys_file}: holds no keys; add one with `grainflow serve keys add`")
-    from engine.serving.versions import resolve_arms
-
-    try:  # before Ray starts: replicas that cannot load the bundle would only retry
-        resolve_arms(cfg.registry(), cfg.bundle, cfg.split)
-    except GrainflowError as exc:
-        raise GrainflowError(f"{exc} (registry: {cfg.tracking_uri or 'the default in the user data dir'}; "
-                             "--tracking-uri names another)") from None
     address = address or os.environ.get("RAY_ADDRESS")
+    if not address:  # an embedded Ray reads the registry from here: check it before starting
+        from engine.serving.versions import resolve_arms  # (replicas that cannot load it only retry)
+
+        try:
+            resolve_arms(cfg.registry(), cfg.bundle, cfg.split)
+        except GrainflowError as exc:
+            where = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "the default in the user data dir"
+            raise GrainflowError(f"{exc} (registry: {where}; --tracking-uri names another)") from None
     if address:
         ray.init(address=address)
     else:  # a short temp dir: Ray's socket paths must stay under 107 bytes

@@ -165,6 +165,12 @@ class TestConfigCannotRunCode:
         with pytest.raises(M.ModelConfigError, match="torch_safe_load"):
             M.load_model(evil)
 
+    def test_a_layer_that_downloads_weights_is_refused(self, tmp_path):
+        evil = self._evil(tmp_path, lambda y: y["backbone"].insert(0, [-1, 1, "TorchVision",
+                                                                       ["resnet152", "DEFAULT", True, 2]]))
+        with pytest.raises(M.ModelConfigError, match="downloads weights"):
+            M.load_model(evil)
+
     def test_plain_activations_and_every_registered_yolo_still_build(self):
         from engine.models.detector import _arch_yaml, check_yolo_yaml
 
@@ -179,17 +185,36 @@ class TestCheckedReadIsTheLoadedRead:
     """The digest is checked on the very read that is parsed: a file replaced right after
     the check (a shared cache, another process) is never the one loaded."""
 
+    def _after_check(self, monkeypatch, then):
+        """Run `then(path)` right after the digest check of every checked open (the
+        public `open_checked` goes through `_open_checked` too)."""
+        real = checkpoint._open_checked
+
+        def check_then(path, expected_sha256=None):
+            out = real(path, expected_sha256)
+            then(path)
+            return out
+
+        monkeypatch.setattr(checkpoint, "_open_checked", check_then)
+
     def _swap_after_check(self, monkeypatch, replacement):
         import os
 
-        real = checkpoint.open_checked
+        # another process replaces the file just now
+        self._after_check(monkeypatch, lambda path: os.replace(replacement, path))
 
-        def check_then_swap(path, expected_sha256=None):
-            f = real(path, expected_sha256)
-            os.replace(replacement, path)  # another process replaces the file just now
-            return f
+    def test_a_file_written_in_place_after_the_check_is_refused(self, tmp_path, monkeypatch):
+        path = tmp_path / "clf.safetensors"
+        digest = M.save_checkpoint(M.create_classifier("resnet10t"), path)
 
-        monkeypatch.setattr(checkpoint, "open_checked", check_then_swap)
+        def scribble(p):
+            with open(p, "r+b") as f:
+                f.seek(-4, 2)
+                f.write(b"\xff\xff\xff\xff")
+
+        self._after_check(monkeypatch, scribble)
+        with pytest.raises(M.CheckpointError, match="written to while"):
+            M.load_model(path, expected_sha256=digest)
 
     def test_load_model_keeps_the_checked_bytes(self, tmp_path, monkeypatch):
         torch.manual_seed(0)

@@ -232,6 +232,14 @@ class TestFitOnAwkwardImages:
         out = apply(fit_preprocessing(image, "optical"), image.read_level(0))
         assert out.shape == shape and np.isfinite(out).all() and out.max() > out.min()
 
+    def test_a_float_image_of_tiny_values_is_not_taken_for_flat(self, tmp_path):
+        """Detector currents in amperes (1e-11 .. 1e-10): stretched like any other image."""
+        uri = tmp_path / "amps.ome.zarr"
+        write_image(uri, (_texture((128, 128), seed=6) * 9e-11 + 1e-11).astype(np.float32), pixel_size=1.0, chunk=64)
+        image = open_image(uri)
+        out = apply(fit_preprocessing(image, "SEM"), image.read_level(0))
+        assert out.max() - out.min() > 0.5
+
     def test_nan_pixels_are_named(self, tmp_path):
         from engine.errors import GrainflowError
 

@@ -163,3 +163,11 @@ def test_grainflow_serve_names_the_registry_when_the_bundle_is_not_in_it(tmp_pat
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert p.returncode == 2, p.stderr[-2000:]
     assert "grainflow-demo" in p.stderr and empty in p.stderr and "ray" not in p.stdout.lower()
+    # a config's registry wins over the shell's MLFLOW_TRACKING_URI (an explicit setting first)
+    (tmp_path / "serve.yaml").write_text(f"bundle: grainflow-demo\ntracking_uri: {empty}\n")
+    other = f"sqlite:///{tmp_path / 'other.db'}"
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "-c", str(tmp_path / "serve.yaml"), "--keys",
+           str(tmp_path / "keys.json"), "--port", "9"]
+    p = subprocess.run(cmd, env={**env, "MLFLOW_TRACKING_URI": other}, capture_output=True, text=True, timeout=120,
+                       cwd=tmp_path)
+    assert p.returncode == 2 and empty in p.stderr and other not in p.stderr, p.stderr[-2000:]
