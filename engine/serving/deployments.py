@@ -14,8 +14,8 @@ replica to the next through the object store, never back through the ingress (wh
 waits for the segmenter's small answer only). The classifier goes first because it
 needs nothing the others make, so the segmenter's masks and the tile results (MBs of
 label images) never leave the replica that makes them; each stage drops the normalised
-inputs no later stage reads (`EnsemblePass.keep_inputs`). What a pass carries is what
-a hop costs: ~4 ms per MB on two cores (benchmarks/RESULTS.md).
+inputs no later stage reads (`EnsemblePass.keep_inputs`): 7 MB travel for a 512² image
+where 12 MB did. A hop costs 8-10 ms on two cores, mostly fixed (benchmarks/RESULTS.md).
 
 A request names the fixed bundle version that answers it ("name/version", chosen by the
 ingress from the aliases); each replica keeps the ensembles of the versions it has been
