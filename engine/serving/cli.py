@@ -52,13 +52,18 @@ def serve_command(
         raise GrainflowError(f"{cfg.keys_file}: holds no keys; add one with `grainflow serve keys add`")
     address = address or os.environ.get("RAY_ADDRESS")
     if not address:  # an embedded Ray reads the registry from here: check it before starting
+        from engine.registry.backend import sqlite_path
         from engine.serving.versions import resolve_arms  # (replicas that cannot load it only retry)
 
+        where = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+        db = sqlite_path(where) if where else None
+        if db is not None and not db.is_file():  # opening it would create an empty registry there
+            raise GrainflowError(f"no registry at {where} ({db} does not exist); --tracking-uri names another")
         try:
             resolve_arms(cfg.registry(), cfg.bundle, cfg.split)
         except GrainflowError as exc:
-            where = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or "the default in the user data dir"
-            raise GrainflowError(f"{exc} (registry: {where}; --tracking-uri names another)") from None
+            raise GrainflowError(f"{exc} (registry: {where or 'the default in the user data dir'}; "
+                                 "--tracking-uri names another)") from None
     if address:
         ray.init(address=address)
     else:  # a short temp dir: Ray's socket paths must stay under 107 bytes

@@ -156,7 +156,10 @@ def test_grainflow_serve_names_the_registry_when_the_bundle_is_not_in_it(tmp_pat
     from engine.serving.keys import add_key
 
     add_key(tmp_path / "keys.json", "lab", ["analyze"])
+    from engine.registry import ModelRegistry
+
     empty = f"sqlite:///{tmp_path / 'empty.db'}"
+    ModelRegistry(tracking_uri=empty).list_models()  # a registry with no models in it
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--bundle", "grainflow-demo", "--keys",
            str(tmp_path / "keys.json"), "--tracking-uri", empty, "--port", "9"]
@@ -171,3 +174,8 @@ def test_grainflow_serve_names_the_registry_when_the_bundle_is_not_in_it(tmp_pat
     p = subprocess.run(cmd, env={**env, "MLFLOW_TRACKING_URI": other}, capture_output=True, text=True, timeout=120,
                        cwd=tmp_path)
     assert p.returncode == 2 and empty in p.stderr and other not in p.stderr, p.stderr[-2000:]
+    # a registry file that does not exist is named, not created empty
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--bundle", "grainflow-demo", "--keys",
+           str(tmp_path / "keys.json"), "--tracking-uri", other, "--port", "9"]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert p.returncode == 2 and "does not exist" in p.stderr and not (tmp_path / "other.db").exists()
