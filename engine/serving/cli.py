@@ -66,8 +66,21 @@ def serve_command(
                                  "--tracking-uri names another)") from None
     if address:
         ray.init(address=address)
-    else:  # a short temp dir: Ray's socket paths must stay under 107 bytes
-        ray.init(_temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"), include_dashboard=False)
+    else:
+        # Logical CPU slots for every replica the config starts (default: 5 x 0.5 CPUs): a
+        # 2-core machine has 2 slots and would leave the ingress unscheduled for ever; the
+        # stages take turns on the real cores. GPUs cannot be conjured: refuse instead.
+        import math
+
+        import torch
+
+        cpus, gpus = cfg.resource_demand()
+        if gpus > 0 and not torch.cuda.is_available():
+            raise GrainflowError(f"the serve config asks for {gpus:g} GPU(s) and this machine has none; set "
+                                 "num_gpus: 0 in its deployments")
+        # a short temp dir: Ray's socket paths must stay under 107 bytes
+        ray.init(_temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"), include_dashboard=False,
+                 num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
     try:
         url = run(cfg, host=host, port=port)
         typer.echo(f"grainflow is serving {cfg.bundle} at {url}  (viewer: /, API docs: /docs); "

@@ -129,6 +129,18 @@ class ServeConfig(BaseModel):
     def settings(self, name: str) -> DeploymentSettings:
         return self.deployments.get(name, DeploymentSettings())
 
+    def resource_demand(self) -> tuple[float, float]:
+        """(CPUs, GPUs) the deployments ask for at their starting replica counts (fixed
+        num_replicas, or autoscaling's initial_replicas / min_replicas, Serve's default 1)."""
+        cpus = gpus = 0.0
+        for name in DEPLOYMENTS:
+            s = self.settings(name)
+            auto = s.autoscaling or {}
+            n = s.num_replicas if not s.autoscaling else int(auto.get("initial_replicas") or
+                                                              auto.get("min_replicas", 1) or 0)
+            cpus, gpus = cpus + n * s.num_cpus, gpus + n * s.num_gpus
+        return cpus, gpus
+
     def ensemble_config(self):
         from engine.pipeline.ensemble import EnsembleConfig
 

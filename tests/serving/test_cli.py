@@ -1,0 +1,51 @@
+"""`grainflow serve` as a user runs it: its own embedded Ray, the default deployments."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import httpx
+
+from .conftest import BUNDLE
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_grainflow_serve_comes_up_with_the_default_deployments(serve_env, tmp_path):
+    """The defaults ask for 5 x 0.5 CPUs: on a 2-core machine an embedded Ray with one slot
+    per core left the ingress unscheduled and the command waited for ever."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--bundle", BUNDLE, "--tracking-uri",
+           serve_env["tracking_uri"], "--keys", serve_env["keys_file"], "--audit-log", str(tmp_path / "audit.jsonl"),
+           "--port", str(port)]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            start_new_session=True)
+    try:
+        deadline, health = time.monotonic() + 300, None
+        while time.monotonic() < deadline and proc.poll() is None:
+            try:
+                health = httpx.get(f"http://127.0.0.1:{port}/healthz", timeout=5)
+                if health.status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            time.sleep(2)
+        assert health is not None and health.status_code == 200, "grainflow serve never answered /healthz"
+        assert health.json()["arms"]["production"] == f"{BUNDLE}/1"
+    finally:
+        os.killpg(proc.pid, signal.SIGINT)  # Ctrl-C: serve and Ray shut down
+        try:
+            proc.wait(timeout=120)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
