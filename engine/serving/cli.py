@@ -29,7 +29,6 @@ def serve_command(
     if ctx.invoked_subcommand is not None:
         return
     import os
-    import tempfile
     import time
 
     import ray
@@ -51,36 +50,11 @@ def serve_command(
     if not len(KeyStore.load(cfg.keys_file)):
         raise GrainflowError(f"{cfg.keys_file}: holds no keys; add one with `grainflow serve keys add`")
     address = address or os.environ.get("RAY_ADDRESS")
-    if not address:  # an embedded Ray reads the registry from here: check it before starting
-        from engine.registry.backend import sqlite_path
-        from engine.serving.versions import resolve_arms  # (replicas that cannot load it only retry)
-
-        where = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-        db = sqlite_path(where) if where else None
-        if db is not None and not db.is_file():  # opening it would create an empty registry there
-            raise GrainflowError(f"no registry at {where} ({db} does not exist); --tracking-uri names another")
-        try:
-            resolve_arms(cfg.registry(), cfg.bundle, cfg.split)
-        except GrainflowError as exc:
-            raise GrainflowError(f"{exc} (registry: {where or 'the default in the user data dir'}; "
-                                 "--tracking-uri names another)") from None
     if address:
         ray.init(address=address)
     else:
-        # Logical CPU slots for every replica the config starts (default: 5 x 0.5 CPUs): a
-        # 2-core machine has 2 slots and would leave the ingress unscheduled for ever; the
-        # stages take turns on the real cores. GPUs cannot be conjured: refuse instead.
-        import math
-
-        import torch
-
-        cpus, gpus = cfg.resource_demand()
-        if gpus > 0 and not torch.cuda.is_available():
-            raise GrainflowError(f"the serve config asks for {gpus:g} GPU(s) and this machine has none; set "
-                                 "num_gpus: 0 in its deployments")
-        # a short temp dir: Ray's socket paths must stay under 107 bytes
-        ray.init(_temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"), include_dashboard=False,
-                 num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
+        _check_registry(cfg)
+        _start_embedded_ray(cfg)
     try:
         url = run(cfg, host=host, port=port)
         typer.echo(f"grainflow is serving {cfg.bundle} at {url}  (viewer: /, API docs: /docs); "
@@ -92,6 +66,49 @@ def serve_command(
     finally:
         serve.shutdown()
         ray.shutdown()
+
+
+def _check_registry(cfg) -> None:
+    """Before an embedded Ray starts (it reads the registry from this machine): the
+    registry exists and the config's bundle resolves; else one line naming the registry
+    (replicas that cannot load the bundle would only retry)."""
+    import os
+
+    from engine.errors import GrainflowError
+    from engine.registry.backend import sqlite_path
+    from engine.serving.versions import resolve_arms
+
+    where = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    db = sqlite_path(where) if where else None
+    if db is not None and not db.is_file():  # opening it would create an empty registry there
+        raise GrainflowError(f"no registry at {where} ({db} does not exist); --tracking-uri names another")
+    try:
+        resolve_arms(cfg.registry(), cfg.bundle, cfg.split)
+    except GrainflowError as exc:
+        raise GrainflowError(f"{exc} (registry: {where or 'the default in the user data dir'}; "
+                             "--tracking-uri names another)") from None
+
+
+def _start_embedded_ray(cfg) -> None:
+    """ray.init with a logical CPU slot for every replica the config starts (default 5 x
+    0.5 CPUs): a 2-core machine has 2 slots and would leave the ingress unscheduled for
+    ever; the stages take turns on the real cores. GPUs cannot be conjured: refused."""
+    import math
+    import os
+    import tempfile
+
+    import ray
+    import torch
+
+    from engine.errors import GrainflowError
+
+    cpus, gpus = cfg.resource_demand()
+    if gpus > 0 and not torch.cuda.is_available():
+        raise GrainflowError(f"the serve config asks for {gpus:g} GPU(s) and this machine has none; set "
+                             "num_gpus: 0 in its deployments")
+    # a short temp dir: Ray's socket paths must stay under 107 bytes
+    ray.init(_temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"), include_dashboard=False,
+             num_cpus=max(os.cpu_count() or 1, math.ceil(cpus)))
 
 
 def keys_add(
