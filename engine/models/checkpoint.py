@@ -35,11 +35,21 @@ _HEX64 = re.compile(r"^[0-9a-f]{64}$")
 
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
+        return _sha256_of(f)
+
+
+def _sha256_of(f: BinaryIO) -> str:
+    """Hex sha256 of an open file's bytes from where it stands to its end."""
+    h = hashlib.sha256()
+    for block in iter(lambda: f.read(1 << 20), b""):
+        h.update(block)
     return h.hexdigest()
+
+
+def _check_hex(path: Path, expected) -> None:
+    if not isinstance(expected, str) or not _HEX64.match(expected.lower()):
+        raise CheckpointError(f"{path}: expected_sha256 must be 64 hex digits, got {expected!r}")
 
 
 def sidecar_path(path: str | Path) -> Path:
@@ -64,15 +74,9 @@ def verify_sha256(path: str | Path, expected: str) -> str:
 
     Raises ChecksumMismatchError (naming the file and both digests) when they differ.
     """
-    path = Path(path)
-    if not isinstance(expected, str) or not _HEX64.match(expected.lower()):
-        raise CheckpointError(f"{path}: expected_sha256 must be 64 hex digits, got {expected!r}")
-    if not path.is_file():
-        raise CheckpointError(f"{path}: no such checkpoint file")
-    actual = sha256_file(path)
-    if actual != expected.lower():
-        raise ChecksumMismatchError(str(path), expected.lower(), actual)
-    return actual
+    _check_hex(Path(path), expected)
+    with open_checked(path, expected):
+        return expected.lower()
 
 
 def open_checked(path: str | Path, expected_sha256: str | None = None) -> BinaryIO:
@@ -87,20 +91,18 @@ def _open_checked(path: str | Path, expected_sha256: str | None) -> tuple[Binary
     """`open_checked`, and the file's stat taken before its bytes were hashed."""
     path = Path(path)
     expected = expected_sha256 if expected_sha256 is not None else read_sidecar(path)
-    if expected is not None and (not isinstance(expected, str) or not _HEX64.match(expected.lower())):
-        raise CheckpointError(f"{path}: expected_sha256 must be 64 hex digits, got {expected!r}")
+    if expected is not None:
+        _check_hex(path, expected)
     try:
         f = open(path, "rb")
     except (FileNotFoundError, IsADirectoryError):
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     before = os.fstat(f.fileno())
     if expected is not None:
-        h = hashlib.sha256()
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-        if h.hexdigest() != expected.lower():
+        actual = _sha256_of(f)
+        if actual != expected.lower():
             f.close()
-            raise ChecksumMismatchError(str(path), expected.lower(), h.hexdigest())
+            raise ChecksumMismatchError(str(path), expected.lower(), actual)
         f.seek(0)
     return f, before
 
