@@ -20,7 +20,7 @@ import os
 import pickle
 import re
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -165,9 +165,13 @@ def read_metadata(path: str | Path) -> dict[str, str]:
 
 def read_config(path: str | Path):
     """The ModelConfig recorded in a checkpoint saved by `save_checkpoint`."""
+    return _config_of(read_metadata(path), path)
+
+
+def _config_of(meta: dict[str, str], path) -> Any:
+    """The ModelConfig in a checkpoint's metadata (CheckpointError if it is not ours)."""
     from engine.models.families import ModelConfig
 
-    meta = read_metadata(path)
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path}: not a grainflow checkpoint (metadata format={meta.get('format')!r})")
     return ModelConfig.from_dict(json.loads(meta["config"]))
@@ -279,12 +283,9 @@ def load_model(path: str | Path, *, expected_sha256: str | None = None, map_loca
     """
     from engine.models.families import build
 
-    from engine.models.families import ModelConfig
-
     path = Path(path)
-    state, meta = load_checked(path, expected_sha256=expected_sha256, map_location=map_location)  # config and weights from one checked read
-    if path.suffix != ".safetensors" or meta.get("format") != FORMAT or "config" not in meta:
-        raise CheckpointError(f"{path}: not a grainflow checkpoint (metadata format={meta.get('format')!r})")
-    model = build(ModelConfig.from_dict(json.loads(meta["config"])))
+    # config and weights from one checked read (a .pt has no metadata: not ours)
+    state, meta = load_checked(path, expected_sha256=expected_sha256, map_location=map_location)
+    model = build(_config_of(meta, path))
     load_into(model, state, source=path)
     return model.to(map_location)
