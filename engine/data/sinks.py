@@ -436,7 +436,7 @@ class WriteTileOutputs:
         self._arrays.get(target, target.classes_name)[y0:y1, x0:x1] = classes
 
     def _detections(self, r, base: int, placement) -> pa.Table:
-        from engine.tiling.stitch import tile_core_level0
+        from engine.tiling.stitch import tile_core_level0, tile_read_level0
 
         n = r.n_defects
         b0, bn = r.boxes_level0.reshape(-1, 4), r.boxes_nm.reshape(-1, 4)
@@ -455,10 +455,12 @@ class WriteTileOutputs:
         }
         origin, scale, halo = placement
         h, w = r.core_labels.shape
-        core = tile_core_level0(origin, scale, halo, (h + halo[0] + halo[1], w + halo[2] + halo[3]))
+        shape = (h + halo[0] + halo[1], w + halo[2] + halo[3])
+        core = tile_core_level0(origin, scale, halo, shape)
         meta = {
             "level": r.level, "y": r.y, "x": r.x, "modality": r.modality, "pixel_size_nm": r.pixel_size_nm,
-            "core_level0": list(core), "n_defects": n, "core_area_mm2": r.core_area_mm2,
+            "core_level0": list(core), "read_level0": list(tile_read_level0(origin, scale, shape)),
+            "n_defects": n, "core_area_mm2": r.core_area_mm2,
             "defect_density_per_mm2": r.defect_density_per_mm2, "material": r.material, "grade": r.grade,
             "material_probs": _json_floats(r.material_probs), "grade_probs": _json_floats(r.grade_probs),
             "model_versions": r.model_versions, "label_base": base,
@@ -498,39 +500,26 @@ def _list_tile_files(out: StoreLocation, table: str, image_id: str) -> dict[tupl
 
 
 def stitch_objects(tiles: Sequence[_Tile], *, iou_threshold: float = 0.5):
-    """Objects from the tiles' detections: `engine.tiling.stitch_boxes`' rule, keeping
-    which detections each object was made of.
+    """Objects from the tiles' detections (`engine.tiling.stitch_groups`: the rule of
+    `stitch_boxes`), keeping which detections each object was made of.
 
     Returns (boxes (K, 4) level-0 xyxy, scores (K,), classes (K,), members: K arrays of
-    row indices into the concatenated detections), objects best score first.
+    row indices into the concatenated detections), objects best score first. A tile
+    file from before read regions were recorded is taken as read without halo.
     """
-    # engine.tiling.stitch_boxes returns the objects only; the same steps are run here to
-    # keep each object's pieces (their label ids and measurements).
-    from engine.tiling.stitch import _border_groups, _merge_groups, nms, owned
+    from engine.tiling.stitch import stitch_groups
 
-    boxes, scores, classes, cores = [], [], [], []
-    for t in tiles:
-        tb = t.table
-        b = np.stack([tb[c].to_numpy(zero_copy_only=False) for c in ("x0", "y0", "x1", "y1")], axis=1) \
-            if tb.num_rows else np.zeros((0, 4))
-        core = tuple(t.meta["core_level0"])
-        boxes.append(b.reshape(-1, 4))
-        scores.append(tb["score"].to_numpy(zero_copy_only=False) if tb.num_rows else np.zeros(0))
-        classes.append(tb["class"].to_numpy(zero_copy_only=False).astype(np.int64) if tb.num_rows else np.zeros(0, np.int64))
-        cores.append(np.broadcast_to(np.asarray(core, np.float64), (tb.num_rows, 4)))
-    if not boxes or not sum(len(b) for b in boxes):
-        return np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), []
-    b, s, c, k = (np.concatenate(v) for v in (boxes, scores, classes, cores))
-    # the tile sink only writes owned detections; kept as a guard, as stitch_boxes does
-    keep_rows = np.nonzero(np.concatenate([owned(bb, tuple(kk[0])) if len(bb) else np.zeros(0, bool)
-                                           for bb, kk in zip(boxes, cores)]))[0]
-    b, s, c, k = b[keep_rows], s[keep_rows], c[keep_rows], k[keep_rows]
-    groups = _border_groups(b, c, k, touch=1.0, min_overlap=0.5)
-    mb, ms, mc, _ = _merge_groups(b, s, c, groups)
-    ids, inverse = np.unique(groups, return_inverse=True)
-    kept = nms(mb, ms, mc, iou_threshold)
-    members = [keep_rows[np.nonzero(inverse == g)[0]] for g in kept]
-    return mb[kept], ms[kept], mc[kept], members
+    def column(tb: pa.Table, names, dtype) -> np.ndarray:
+        return np.stack([tb[c].to_numpy(zero_copy_only=False) for c in names], axis=1).astype(dtype)
+
+    boxes = [column(t.table, ("x0", "y0", "x1", "y1"), np.float64) for t in tiles]
+    scores = [t.table["score"].to_numpy(zero_copy_only=False) for t in tiles]
+    classes = [t.table["class"].to_numpy(zero_copy_only=False).astype(np.int64) for t in tiles]
+    cores = [tuple(t.meta["core_level0"]) for t in tiles]
+    reads = [tuple(t.meta.get("read_level0") or t.meta["core_level0"]) for t in tiles]
+    got = stitch_groups(boxes, scores, classes, cores, reads, iou_threshold=iou_threshold)
+    o = got.objects
+    return o.boxes, o.scores, o.classes, got.members
 
 
 class _WholeObjects:
@@ -684,7 +673,7 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
         read = list(pool.map(lambda k: _read_tile(tile_location(out, DETECTIONS, (image_id, *k))), done))
         error_rows = list(pool.map(lambda k: _read_tile(error_files[k])[0], errors))
-    tiles = [_Tile(k, t, m) for k, (t, m) in zip(done, read)]
+    tiles = [_Tile(k, t, _image_core_area(m, plan)) for k, (t, m) in zip(done, read)]
     detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
     boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
     level0_nm = tuple(plan.grid.transform.pixel_size_nm)
@@ -729,6 +718,23 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
         "defect_counts": json.dumps(counts, sort_keys=True), "model_versions": json.dumps(versions, sort_keys=True),
         "labels_uri": labels_uri,
     }
+
+
+def _image_core_area(meta: dict[str, Any], plan) -> dict[str, Any]:
+    """A tile's meta with its core area (and density) taken inside the image: the last
+    pixel of a coarser level, or of a resampled grid, reaches past level 0's edge, so the
+    area the ensemble computed from the tile's pixels counts some outside the image."""
+    from engine.pipeline.measure import NM2_PER_MM2
+
+    shape = getattr(plan, "level0_shape", None)
+    if shape is None or meta.get("core_level0") is None:
+        return meta
+    x0, y0, x1, y1 = meta["core_level0"]
+    h, w = shape
+    py, px = plan.grid.transform.pixel_size_nm
+    area = max(0.0, min(x1, w) - max(x0, 0.0)) * px * max(0.0, min(y1, h) - max(y0, 0.0)) * py / NM2_PER_MM2
+    n = meta.get("n_defects", 0)
+    return {**meta, "core_area_mm2": area, "defect_density_per_mm2": n / area if area > 0 else math.nan}
 
 
 def _tiles_table(tiles: Sequence[_Tile], errors, error_rows) -> pa.Table:

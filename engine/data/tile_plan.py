@@ -63,6 +63,8 @@ class ImageTiles:
     n_rows, n_cols: grid rows and columns planned (a resampled grid's last row or column
     is dropped when it owns no output pixel).
     tile_dtype: the dtype of the `tile` column (shared by all images of a dataset).
+    level0_shape: (y, x) pixels of the image's level 0: where the last cores end (a
+    coarser level's last pixel, or a resampled grid's, can reach past it).
     """
 
     image_id: str
@@ -73,6 +75,7 @@ class ImageTiles:
     n_rows: int
     n_cols: int
     tile_dtype: str
+    level0_shape: tuple[int, int] | None = None
 
     @property
     def n_tiles(self) -> int:
@@ -148,7 +151,8 @@ def plan_image(image, image_id: str, location, modality: str, *, target_nm: floa
         j0, j1, i0, i1 = output.core_window((y0, y1, x0, x1))
         n_rows -= j0 == j1 and n_rows > 1
         n_cols -= i0 == i1 and n_cols > 1
-    return ImageTiles(image_id, location, modality, grid, output, int(n_rows), int(n_cols), tile_dtype)
+    return ImageTiles(image_id, location, modality, grid, output, int(n_rows), int(n_cols), tile_dtype,
+                      tuple(int(v) for v in image.shape))
 
 
 @dataclass(frozen=True)

@@ -157,7 +157,9 @@ def _resampled(im, tile: TileSpec, pixels: np.ndarray | None, dtype: np.dtype):
     out = im.output
     x0, y0, x1, y1 = tile.core_level0()
     window = out.core_window((y0, y1, x0, x1))
-    top, bottom, left, right = out.halo_of(window)
+    # A source side read without its halo (an undecodable chunk there) has no output
+    # halo either: those pixels would only repeat the core's edge.
+    top, bottom, left, right = (h if s else 0 for h, s in zip(out.halo_of(window), tile.halo))
     first = (window[0] - top, window[2] - left)
     shape = (window[1] - window[0] + top + bottom, window[3] - window[2] + left + right)
     origin = (first[0] * out.step[0], first[1] * out.step[1])
@@ -165,5 +167,8 @@ def _resampled(im, tile: TileSpec, pixels: np.ndarray | None, dtype: np.dtype):
         data = np.zeros((0, 0), dtype)
     else:
         ry0, _, rx0, _ = tile.read_region
-        data = cast_pixels(resample(pixels, (ry0, rx0), tile.transform, out.step, first, shape), dtype)
+        # Rounded to the image's own dtype first, as in an archive of that dtype alone:
+        # the dataset's tile dtype may be wider (float32 beside float images).
+        values = cast_pixels(resample(pixels, (ry0, rx0), tile.transform, out.step, first, shape), pixels.dtype)
+        data = values.astype(dtype, copy=False)
     return data, (top, bottom, left, right), origin, out.step

@@ -9,11 +9,13 @@ Geometry only: nothing here reads or holds pixels.
 
 from engine.tiling.grid import TileGrid, TileKey, TileSpec
 from engine.tiling.stitch import (
-    StitchedBoxes, TileBoxes, crop_to_core, nms, owned, stitch_boxes, tile_boxes_to_level0, tile_core_level0,
+    StitchedBoxes, StitchedGroups, TileBoxes, crop_to_core, nms, owned, stitch_boxes, stitch_groups,
+    tile_boxes_to_level0, tile_core_level0, tile_read_level0,
 )
 from engine.tiling.transform import LevelTransform
 
 __all__ = [
-    "LevelTransform", "StitchedBoxes", "TileBoxes", "TileGrid", "TileKey", "TileSpec",
-    "crop_to_core", "nms", "owned", "stitch_boxes", "tile_boxes_to_level0", "tile_core_level0",
+    "LevelTransform", "StitchedBoxes", "StitchedGroups", "TileBoxes", "TileGrid", "TileKey", "TileSpec",
+    "crop_to_core", "nms", "owned", "stitch_boxes", "stitch_groups", "tile_boxes_to_level0", "tile_core_level0",
+    "tile_read_level0",
 ]

@@ -97,6 +97,12 @@ class TileSpec:
         y1, x1 = self.transform.to_level0(self.y1, self.x1)
         return (x0, y0, x1, y1)
 
+    def read_level0(self) -> tuple[float, float, float, float]:
+        """What the tile reads (core plus halo) in level-0 edge coordinates, xyxy."""
+        y0, y1, x0, x1 = self.read_region
+        (ly0, lx0), (ly1, lx1) = self.transform.to_level0(y0, x0), self.transform.to_level0(y1, x1)
+        return (lx0, ly0, lx1, ly1)
+
     def core_physical(self) -> tuple[float, float, float, float]:
         """The core's outer edges in nm, xyxy (NGFF physical space of the image)."""
         x0, y0, x1, y1 = self.core_level0()

@@ -6,13 +6,18 @@ Boxes (all xyxy, edge coordinates, see `engine.tiling.transform`):
    ``[x0, x1) x [y0, y1)`` in level 0). Cores partition the image, so a defect the model
    sees twice (in one tile's core and in its neighbour's halo) is kept once.
 2. *Border merge*: a defect cut by a core border can leave a piece in each tile whose
-   centres fall on either side. Two boxes are merged (their union, the higher score)
-   when they share a class, come from tiles whose cores touch along a border line L,
-   each reaches L from its own side (within `touch` pixels, or beyond it into the
-   halo), and their extents *along* L overlap by at least `min_overlap` of the shorter
-   one. Merging is transitive (union-find), so a defect cut at a corner into four
-   pieces becomes one box. Two objects that sit near a border without reaching it are
-   never merged, nor are two that reach it at different places along it.
+   centres fall on either side. Each tile saw its core and a halo around it, so a piece
+   is *cut* only where it reaches the edge of what its tile read (within `touch` level-0
+   pixels, or a quarter of that side's halo if more): a box that ends inside the halo
+   was seen whole there and is an object of its own, however close to the border. Two
+   cut pieces are merged (their union, the higher score) when they share a class, come
+   from tiles whose cores touch along a border line L, are cut on either side of L, and
+   their extents *along* L overlap. Both pieces then cover the strip of halo both tiles
+   saw, and a slanted defect's pieces may overlap along L only there, so any overlap
+   counts; where several pieces could pair across one border of two tiles, pairs are
+   taken one to one, best overlap first, so two parallel cut scratches stay two objects.
+   Merging is transitive (union-find) across borders, so a defect cut at a corner into
+   four pieces becomes one box.
 3. *NMS*: class-aware greedy non-maximum suppression in level-0 coordinates removes
    what is left of duplicates (e.g. two full views of one defect centred on a border).
 
@@ -34,12 +39,15 @@ class TileBoxes:
 
     core: the tile's core, level-0 xyxy (`TileSpec.core_level0()`).
     boxes: N x 4 float xyxy in level-0 pixels; scores: N floats; classes: N ints.
+    read: what the tile read, core plus halo, level-0 xyxy (`TileSpec.read_level0()`);
+    None: the core (no halo).
     """
 
     core: tuple[float, float, float, float]
     boxes: np.ndarray
     scores: np.ndarray
     classes: np.ndarray
+    read: tuple[float, float, float, float] | None = None
 
 
 @dataclass(frozen=True)
@@ -74,6 +82,14 @@ def tile_core_level0(origin, scale, halo, shape) -> tuple[float, float, float, f
     return (float(ox + left * sx), float(oy + top * sy), float(ox + (w - right) * sx), float(oy + (h - bottom) * sy))
 
 
+def tile_read_level0(origin, scale, shape) -> tuple[float, float, float, float]:
+    """What a tile of `shape` (H, W) placed by `origin` and `scale` read (core and halo),
+    level-0 xyxy (see `tile_boxes_to_level0`)."""
+    (oy, ox), (sy, sx) = origin, scale
+    h, w = shape
+    return (float(ox), float(oy), float(ox + w * sx), float(oy + h * sy))
+
+
 def crop_to_core(array: np.ndarray, halo: tuple[int, int, int, int]) -> np.ndarray:
     """The core of a (..., H, W) tile array read with `halo` (top, bottom, left, right)."""
     top, bottom, left, right = (int(v) for v in halo)
@@ -84,37 +100,74 @@ def crop_to_core(array: np.ndarray, halo: tuple[int, int, int, int]) -> np.ndarr
 
 
 def owned(boxes: np.ndarray, core: tuple[float, float, float, float]) -> np.ndarray:
-    """Boolean mask of the boxes (N x 4 level-0 xyxy) whose centre lies in `core` (half open)."""
+    """Boolean mask of the boxes (N x 4 level-0 xyxy) whose centre lies in `core` (half
+    open): one xyxy core, or N of them (N x 4), one per box."""
     b = np.asarray(boxes, dtype=np.float64).reshape(-1, 4)
     cx, cy = (b[:, 0] + b[:, 2]) / 2, (b[:, 1] + b[:, 3]) / 2
-    x0, y0, x1, y1 = core
+    x0, y0, x1, y1 = np.asarray(core, dtype=np.float64).T
     return (cx >= x0) & (cx < x1) & (cy >= y0) & (cy < y1)
 
 
-def stitch_boxes(tiles, *, iou_threshold: float = 0.5, touch: float = 1.0, min_overlap: float = 0.5) -> StitchedBoxes:
+def stitch_boxes(tiles, *, iou_threshold: float = 0.5, touch: float = 1.0) -> StitchedBoxes:
     """Per-tile detections (an iterable of `TileBoxes`) -> one set of objects for the image.
 
-    touch: how close (level-0 pixels) a box edge must come to a border to count as cut.
-    min_overlap: overlap along the border, as a fraction of the shorter box, to merge.
+    touch: how close (level-0 pixels) a box edge must come to the edge of what its tile
+    read to count as cut, at least (see the module doc).
     """
-    boxes, scores, classes, cores = [], [], [], []
+    boxes, scores, classes, cores, reads = [], [], [], [], []
     for t in tiles:
         b = np.asarray(t.boxes, dtype=np.float64).reshape(-1, 4)
-        keep = owned(b, t.core)
-        boxes.append(b[keep])
-        scores.append(np.asarray(t.scores, dtype=np.float64).reshape(-1)[keep])
-        classes.append(np.asarray(t.classes, dtype=np.int64).reshape(-1)[keep])
-        cores.append(np.broadcast_to(np.asarray(t.core, dtype=np.float64), (int(keep.sum()), 4)))
-    if not boxes:
-        return StitchedBoxes(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
-    b, s, c, k = (np.concatenate(v) for v in (boxes, scores, classes, cores))
-    groups = _border_groups(b, c, k, touch=touch, min_overlap=min_overlap)
+        boxes.append(b)
+        scores.append(np.asarray(t.scores, dtype=np.float64).reshape(-1))
+        classes.append(np.asarray(t.classes, dtype=np.int64).reshape(-1))
+        cores.append(t.core)
+        reads.append(t.core if t.read is None else t.read)
+    merged = stitch_groups(boxes, scores, classes, cores, reads, iou_threshold=iou_threshold, touch=touch)
+    return merged.objects
+
+
+@dataclass(frozen=True)
+class StitchedGroups:
+    """`StitchedBoxes` and which input boxes each object was made of.
+
+    members: one int64 array per object, indices into the tiles' boxes concatenated in
+    input order (every box, owned or not)."""
+
+    objects: StitchedBoxes
+    members: list
+
+
+def stitch_groups(boxes, scores, classes, cores, reads, *, iou_threshold: float = 0.5,
+                  touch: float = 1.0) -> StitchedGroups:
+    """The stitching rule of the module doc over per-tile arrays.
+
+    boxes[t]: N_t x 4 level-0 xyxy of tile t; scores[t], classes[t]: N_t; cores[t],
+    reads[t]: tile t's core and read region, level-0 xyxy. Objects best score first.
+    """
+    sizes = [len(np.asarray(b).reshape(-1, 4)) for b in boxes]
+    if not sum(sizes):
+        empty = StitchedBoxes(np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), np.zeros(0, np.int64))
+        return StitchedGroups(empty, [])
+    b = np.concatenate([np.asarray(v, np.float64).reshape(-1, 4) for v in boxes])
+    s = np.concatenate([np.asarray(v, np.float64).reshape(-1) for v in scores])
+    c = np.concatenate([np.asarray(v, np.int64).reshape(-1) for v in classes])
+    tile = np.repeat(np.arange(len(sizes)), sizes)
+    k = np.asarray(cores, np.float64).reshape(-1, 4)[tile]
+    r = np.asarray(reads, np.float64).reshape(-1, 4)[tile]
+    rows = np.flatnonzero(owned(b, k))
+    b, s, c, k, r, tile = b[rows], s[rows], c[rows], k[rows], r[rows], tile[rows]
+    groups = _border_groups(b, c, k, r, tile, touch=touch)
     mb, ms, mc, parts = _merge_groups(b, s, c, groups)
+    _, inverse = np.unique(groups, return_inverse=True)
     keep = nms(mb, ms, mc, iou_threshold)
-    return StitchedBoxes(mb[keep], ms[keep], mc[keep], parts[keep])
+    members = [rows[np.flatnonzero(inverse == g)] for g in keep]
+    return StitchedGroups(StitchedBoxes(mb[keep], ms[keep], mc[keep], parts[keep]), members)
 
 
-def _border_groups(boxes, classes, cores, *, touch: float, min_overlap: float) -> np.ndarray:
+HALO_TOUCH = 0.25  # of a side's halo: how close to the read edge a cut piece's box may end
+
+
+def _border_groups(boxes, classes, cores, reads, tiles, *, touch: float) -> np.ndarray:
     """Union-find group id per box, joining pieces of one defect cut by core borders."""
     parent = np.arange(len(boxes))
 
@@ -124,22 +177,24 @@ def _border_groups(boxes, classes, cores, *, touch: float, min_overlap: float) -
             i = parent[i]
         return i
 
-    # Bucket border-reaching boxes by the border line they reach and the side they come
-    # from: only boxes on opposite sides of one line can be pieces of one defect. Neighbours
-    # compute a shared border in different float expressions (resampled tiles: origin +
-    # n * a non-integer scale), so lines are matched to within LINE_TOLERANCE px.
-    xs, ys = _line_ids(cores[:, [0, 2]]), _line_ids(cores[:, [1, 3]])
-    lines: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
-    for i, ((x0, y0, x1, y1), (cx0, cy0, cx1, cy1)) in enumerate(zip(boxes, cores)):
-        if x1 >= cx1 - touch:
-            lines[("x", xs[i, 1])][0].append(i)
-        if x0 <= cx0 + touch:
-            lines[("x", xs[i, 0])][1].append(i)
-        if y1 >= cy1 - touch:
-            lines[("y", ys[i, 1])][0].append(i)
-        if y0 <= cy0 + touch:
-            lines[("y", ys[i, 0])][1].append(i)
-    for (axis, _), (before, after) in lines.items():
+    # A box is cut on a side when it reaches the edge of what its tile read there (a
+    # detector's box of a cut object ends a little short of it: a quarter of the halo).
+    reach = np.maximum(touch, HALO_TOUCH * np.abs(reads - cores))
+    cut_hi = boxes[:, 2:] >= reads[:, 2:] - reach[:, 2:]  # right (x), bottom (y)
+    cut_lo = boxes[:, :2] <= reads[:, :2] + reach[:, :2]  # left (x), top (y)
+    # Bucket cut boxes by the border line they are cut at, the side they come from and
+    # their tile: only boxes on opposite sides of one line can be pieces of one defect.
+    # Neighbours compute a shared border in different float expressions (resampled tiles:
+    # origin + n * a non-integer scale), so lines are matched to within LINE_TOLERANCE px.
+    line_ids = {"x": _line_ids(cores[:, [0, 2]]), "y": _line_ids(cores[:, [1, 3]])}
+    sides: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    for axis, a in (("x", 0), ("y", 1)):
+        ids = line_ids[axis]
+        for i in np.flatnonzero(cut_hi[:, a]):
+            sides[(axis, ids[i, 1])][0].append(int(i))
+        for i in np.flatnonzero(cut_lo[:, a]):
+            sides[(axis, ids[i, 0])][1].append(int(i))
+    for (axis, _), (before, after) in sides.items():
         if not before or not after:
             continue
         a, b = np.array(before), np.array(after)
@@ -151,9 +206,20 @@ def _border_groups(boxes, classes, cores, *, touch: float, min_overlap: float) -
         shorter = np.minimum(ba[..., hi] - ba[..., lo], bb[..., hi] - bb[..., lo])
         cores_touch = (ka[..., lo] <= kb[..., hi]) & (kb[..., lo] <= ka[..., hi])
         same = classes[a][:, None] == classes[b][None, :]
-        hit = same & cores_touch & (overlap > 0) & (overlap >= min_overlap * shorter)
-        for i, j in zip(*np.nonzero(hit)):
-            ri, rj = find(int(a[i])), find(int(b[j]))
+        hit = same & cores_touch & (overlap > 0)
+        fraction = np.where(hit, overlap / np.maximum(shorter, 1e-9), -1.0)
+        taken: set[tuple[str, int, int]] = set()
+        for flat in np.argsort(-fraction, axis=None, kind="stable"):
+            i, j = np.unravel_index(flat, fraction.shape)
+            if fraction[i, j] < 0:
+                break
+            # one to one per pair of tiles: a piece pairs with one piece of each neighbour
+            ia, jb = int(a[i]), int(b[j])
+            mine, theirs = ("a", ia, int(tiles[jb])), ("b", jb, int(tiles[ia]))
+            if mine in taken or theirs in taken:
+                continue
+            taken.update((mine, theirs))
+            ri, rj = find(ia), find(jb)
             if ri != rj:
                 parent[max(ri, rj)] = min(ri, rj)
     return np.array([find(i) for i in range(len(boxes))], dtype=np.int64)

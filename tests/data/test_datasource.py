@@ -40,6 +40,13 @@ def _images(archive):
     return {i: open_image(image_uri(location, i)) for i in catalog["image_id"]}
 
 
+def _rows(blocks) -> list[dict]:
+    """Rows of read_tiles' blocks, read in this process (no Ray)."""
+    from ray.data.block import BlockAccessor
+
+    return [row for b in blocks for row in BlockAccessor.for_block(b).to_pandas().to_dict("records")]
+
+
 def _read_all(ds) -> list[dict]:
     import ray
 
@@ -306,6 +313,51 @@ class TestReadThroughRay:
         if halo:
             below = next(r for r in rows if (r["y"], r["x"]) == (128, 128))
             assert tuple(below["halo"]) == (0, 8, 8, 8)  # only the side facing the bad chunk is dropped
+
+    def test_resampled_tile_beside_a_bad_chunk_has_no_halo_there(self, tmp_path):
+        """Resampled, a side whose source halo held the bad chunk gets no output halo
+        either (it would only repeat the core's edge), and the row says so."""
+        out = tmp_path / "bad"
+        catalog = generate_archive(out, n_images=1, seed=3, size=256, chunk=64)
+        image_id = catalog["image_id"][0]
+        pixel = float(catalog["pixel_size_x"][0])
+        (out / "images" / f"{image_id}.ome.zarr" / "0" / "c" / "1" / "2").write_bytes(b"\x00not zstd" * 5)
+        ds = ZarrTileDatasource(out, target_pixel_size_nm=pixel * 1.3, tolerance=1.01, tile_size=64, halo=8)
+        assert ds.images()[0].output is not None
+        rows = [r for s in ds.read_specs() for r in _rows(read_tiles(s))]
+        below = next(r for r in rows if (r["y"], r["x"]) == (128, 128))
+        top, bottom, left, right = below["halo"]
+        assert top == 0 and left == 8  # the bad chunk is above; the left neighbour reads fine
+
+    def test_resampled_tiles_do_not_depend_on_the_other_images_dtypes(self, tmp_path):
+        """A uint16 image resampled beside a float32 one (the dataset's tiles are float32)
+        gives the pixels it gives alone, rounded to its own dtype."""
+        from engine.stores.catalog import relative_image_path
+        from engine.stores.writer import write_image
+
+        rng = np.random.default_rng(1)
+        images = {"a": rng.integers(0, 60000, (128, 128)).astype(np.uint16),
+                  "b": rng.random((128, 128)).astype(np.float32)}
+
+        def archive(path, ids):
+            root = resolve(str(path))
+            rows = []
+            for i in ids:
+                info = write_image(image_uri(root, i), images[i], pixel_size=(10.0, 10.0), unit="nanometer", chunk=64)
+                rows.append(CatalogRow(image_id=i, uri=relative_image_path(i), modality="SEM", pixel_size_y=10.0,
+                                       pixel_size_x=10.0, unit=info.unit, height=128, width=128, dtype=info.dtype,
+                                       levels=info.levels, chunk=info.chunk, checksum=info.checksum))
+            write_catalog(root, rows)
+            return root
+
+        def tiles_of_a(root):
+            ds = ZarrTileDatasource(root.uri, target_pixel_size_nm=13.0, tolerance=1.01, halo=8)
+            return [r["tile"] for s in ds.read_specs() for r in _rows(read_tiles(s)) if r["image_id"] == "a"]
+
+        mixed, alone = tiles_of_a(archive(tmp_path / "mixed", "ab")), tiles_of_a(archive(tmp_path / "alone", "a"))
+        assert mixed[0].dtype == np.float32 and alone[0].dtype == np.uint16
+        for m, a in zip(mixed, alone, strict=True):
+            np.testing.assert_array_equal(m, a.astype(np.float32))
 
     def test_skip_set_honoured(self, archive, ray_session):
         ds = ZarrTileDatasource(archive[0].uri, target_pixel_size_nm=TARGET_NM, tile_size=256)

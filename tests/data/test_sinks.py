@@ -258,6 +258,22 @@ class TestFinish:
         props = group["labels/predicted_defects_classes"].attrs["ome"]["image-label"]["properties"]
         assert props == [{"label-value": 1, "class": "pore"}, {"label-value": 2, "class": "crack"}]
 
+    def test_areas_end_at_the_image_edge(self, plan, tmp_path):
+        """A coarser level's (or a resampled grid's) last pixels reach past level 0's edge:
+        the tiles' core areas, the image's and its density count only the image."""
+        from dataclasses import replace
+
+        target, done = self._run(plan, tmp_path)
+        narrower = replace(plan, level0_shape=(256, 100))  # tile (0, 1)'s core x 64..128 ends at 100
+        row = finish_image(tmp_path, narrower, done, label_target=target, class_names=CLASSES,
+                           materials=MATERIALS, grades=GRADES)
+        px = plan.pixel_size_nm**2 / 1e12
+        assert row["core_area_mm2"] == pytest.approx((64 * 64 + 64 * 36) * px)
+        assert row["defect_density_per_mm2"] == pytest.approx(2 / row["core_area_mm2"])
+        tiles = read_output(tmp_path, TILES).to_pandas().set_index("x")
+        assert tiles.loc[64, "core_area_mm2"] == pytest.approx(64 * 36 * px)
+        assert tiles.loc[64, "defect_density_per_mm2"] == pytest.approx(2 / (64 * 36 * px))
+
     def test_idempotent_and_cleans_stale_files(self, plan, tmp_path):
         target, done = self._run(plan, tmp_path)
         out = resolve(tmp_path)

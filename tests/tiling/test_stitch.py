@@ -23,7 +23,7 @@ def _detect(grid: TileGrid, objects: list[tuple[float, float, float, float, int]
                 boxes.append((cx0, cy0, cx1, cy1))
                 classes.append(cls)
         out.append(TileBoxes(spec.core_level0(), np.array(boxes).reshape(-1, 4), np.linspace(0.9, 0.5, len(boxes)),
-                             np.array(classes, dtype=np.int64)))
+                             np.array(classes, dtype=np.int64), spec.read_level0()))
     return out
 
 
@@ -53,6 +53,39 @@ class TestStitchBoxes:
         right = (67.0, 10.0, 80.0, 30.0, 1)  # starts 3 px after it
         result = stitch_boxes(_detect(grid, [left, right]))
         assert _as_set(result) == {left, right}
+
+    def test_objects_seen_whole_in_the_halo_are_not_pieces(self):
+        """Two separate defects, one reaching past the border into its neighbour's halo
+        and one starting before it: each tile saw both whole, so neither is cut."""
+        grid = TileGrid("a", 0, (256, 256), (64, 64), (128, 128), 32)
+        left = (100.0, 40.0, 134.0, 100.0, 1)   # centre x 117: tile x [0, 128)
+        right = (110.0, 40.0, 160.0, 90.0, 1)   # centre x 135: tile x [128, 256)
+        assert _as_set(stitch_boxes(_detect(grid, [left, right]))) == {left, right}
+
+    def test_slanted_defect_cut_by_a_border_is_one_object(self):
+        """A long diagonal scratch: its two pieces overlap along the border only in the
+        strip both tiles saw (less than half the shorter piece's extent)."""
+        grid = TileGrid("a", 0, (256, 256), (64, 64), (128, 128), 16)
+        tiles = [TileBoxes(spec.core_level0(), np.zeros((0, 4)), np.zeros(0), np.zeros(0, np.int64), spec.read_level0())
+                 for spec in grid]
+        scratch = {0: (0.0, 49.0, 144.0, 70.0), 1: (112.0, 60.0, 256.0, 82.0)}  # as tiles x<128, x>=128 see it
+        for i, box in scratch.items():
+            t = tiles[i]
+            tiles[i] = TileBoxes(t.core, np.array([box]), np.array([0.9]), np.array([4]), t.read)
+        result = stitch_boxes(tiles)
+        assert _as_set(result) == {(0.0, 49.0, 256.0, 82.0, 4)} and result.parts.tolist() == [2]
+
+    def test_parallel_cut_scratches_stay_two_objects(self):
+        """Two parallel slanted scratches cut by one border: each piece pairs with its own
+        continuation, not with the other scratch's piece it also overlaps."""
+        grid = TileGrid("a", 0, (256, 256), (64, 64), (128, 128), 16)
+        pieces = {0: [(0.0, 49.0, 144.0, 70.0), (0.0, 79.0, 144.0, 100.0)],
+                  1: [(112.0, 60.0, 256.0, 82.0), (112.0, 90.0, 256.0, 112.0)]}
+        tiles = []
+        for i, spec in enumerate(grid):
+            b = np.array(pieces.get(i, [])).reshape(-1, 4)
+            tiles.append(TileBoxes(spec.core_level0(), b, np.full(len(b), 0.9), np.full(len(b), 4), spec.read_level0()))
+        assert _as_set(stitch_boxes(tiles)) == {(0.0, 49.0, 256.0, 82.0, 4), (0.0, 79.0, 256.0, 112.0, 4)}
 
     def test_objects_cut_at_different_places_along_a_border_stay_apart(self):
         grid = TileGrid("a", 0, (128, 128), (32, 32), (64, 64), 0)

@@ -114,7 +114,8 @@ def predict_image(detector, reader: ImageCache, image_id: str, image: StoreLocat
         for part in (group[i:i + batch] for i in range(0, len(group), batch)):
             pixels = img.read_regions(level, [spec.read_region for spec in part])
             dets = detector.predict(np.stack(pixels), conf=conf, iou=iou, max_det=max_det)
-            found.extend(TileBoxes(spec.core_level0(), spec.boxes_to_level0(d.boxes), d.scores, d.classes)
+            found.extend(TileBoxes(spec.core_level0(), spec.boxes_to_level0(d.boxes), d.scores, d.classes,
+                                   spec.read_level0())
                          for spec, d in zip(part, dets))
     stitched = stitch_boxes(found, iou_threshold=iou)
     order = np.argsort(-stitched.scores, kind="stable")
