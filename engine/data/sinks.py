@@ -31,9 +31,12 @@ chunk-aligned from each tile's core so every chunk has exactly one writer:
 - ``<name>`` (default ``predicted_defects``): instance ids, unique within the image:
   detection ``i`` (0-based, the row order of its tile's detections file, best score
   first) of the tile in grid row ``r``, column ``c`` is ``(r * n_cols + c) * id_stride +
-  i + 1`` with ``id_stride`` the ensemble's ``max_det``; 0 is background. The detections
-  and objects tables carry these ids (`label_id`, `label_ids`). uint32 when every id
-  fits, else uint64.
+  i + 1`` with ``id_stride`` the ensemble's ``max_det``; 0 is background. A tile also
+  paints, beneath its own detections, the pixels in its core of objects other tiles own
+  (foreign pieces, ids after its detections' in its range), so every object is whole
+  in the image. The detections table carries each detection's `label_id`; the objects
+  table lists all of an object's ids (`label_ids`: its pieces' and the foreign pieces'
+  `finish_image` joined to it). uint32 when every id fits, else uint64.
 - ``<name>_classes``: defect class + 1 (0 none) from every detection the tile saw, so
   classes join across core borders without gaps (`core_classes`).
 
@@ -464,6 +467,9 @@ class WriteTileOutputs:
             "defect_density_per_mm2": r.defect_density_per_mm2, "material": r.material, "grade": r.grade,
             "material_probs": _json_floats(r.material_probs), "grade_probs": _json_floats(r.grade_probs),
             "model_versions": r.model_versions, "label_base": base,
+            # [label id, class, x0, y0, x1, y1] of each foreign piece painted in this core
+            "foreign": [[base + n + k + 1, int(c), *map(float, b)]
+                        for k, (c, b) in enumerate(zip(r.foreign_classes, r.foreign_boxes_level0.reshape(-1, 4)))],
         }
         table = pa.table(cols, schema=DETECTION_SCHEMA)
         return table.replace_schema_metadata({TILE_META: json.dumps(meta, sort_keys=True).encode()})
@@ -522,6 +528,45 @@ def stitch_objects(tiles: Sequence[_Tile], *, iou_threshold: float = 0.5):
     return o.boxes, o.scores, o.classes, got.members
 
 
+FOREIGN_CONTAINED = 0.5  # share of a foreign piece's box inside its object's box, at least
+
+
+def join_foreign_pieces(tiles: Sequence[_Tile], boxes: np.ndarray, classes: np.ndarray):
+    """Each tile's foreign pieces (its core's share of objects other tiles own) joined to
+    the object they belong to: same class, at least FOREIGN_CONTAINED of the piece's box
+    inside the object's, the best IoU among those.
+
+    Returns (boxes grown to hold their pieces (K, 4), the pieces' label ids per object).
+    A piece whose object no tile reported (its owner missed or suppressed it) joins none:
+    its pixels keep an id that no object lists.
+    """
+    from engine.tiling.stitch import box_iou
+
+    boxes = np.array(boxes, np.float64).reshape(-1, 4)
+    joined: list[list[int]] = [[] for _ in range(len(boxes))]
+    pieces = [p for t in tiles for p in t.meta.get("foreign", ())]
+    if not len(boxes) or not pieces:
+        return boxes, joined
+    found = boxes.copy()
+    for label_id, cls, *piece in pieces:
+        piece = np.asarray(piece, np.float64)
+        same = np.flatnonzero(classes == cls)
+        if not len(same):
+            continue
+        b = found[same]
+        inter = (np.clip(np.minimum(piece[2], b[:, 2]) - np.maximum(piece[0], b[:, 0]), 0, None)
+                 * np.clip(np.minimum(piece[3], b[:, 3]) - np.maximum(piece[1], b[:, 1]), 0, None))
+        area = max((piece[2] - piece[0]) * (piece[3] - piece[1]), 1e-9)
+        iou = np.where(inter / area >= FOREIGN_CONTAINED, box_iou(piece, b), -1.0)
+        if iou.max() < 0:
+            continue
+        j = int(same[int(np.argmax(iou))])
+        joined[j].append(int(label_id))
+        boxes[j, :2] = np.minimum(boxes[j, :2], piece[:2])
+        boxes[j, 2:] = np.maximum(boxes[j, 2:], piece[2:])
+    return boxes, joined
+
+
 class _WholeObjects:
     """Objects of several pieces measured on the label image the tiles wrote (the
     tiles' level): the pixels holding any of the pieces' label ids around the object's box."""
@@ -551,7 +596,7 @@ class _WholeObjects:
 
 
 def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm,
-                   whole: _WholeObjects | None = None) -> pa.Table:
+                   whole: _WholeObjects | None = None, foreign_ids=None) -> pa.Table:
     area = detections["area_nm2"].to_numpy(zero_copy_only=False) if detections.num_rows else np.zeros(0)
     rows: dict[str, list] = {name: [] for name in OBJECT_SCHEMA.names}
     shape_cols = ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
@@ -573,9 +618,12 @@ def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_
         for name, v, p in zip(("x0_nm", "y0_nm", "x1_nm", "y1_nm"), box, (px, py, px, py)):
             rows[name].append(float(v) * p)
         rows["parts"].append(int(len(rows_j)))
-        rows["label_ids"].append([int(v) for v in col["label_id"][rows_j]] if len(rows_j) else [])
-        if whole is not None and len(rows_j) > 1:
-            m, centroid = whole(box, col["label_id"][rows_j])
+        ids = [int(v) for v in col["label_id"][rows_j]] if len(rows_j) else []
+        ids += foreign_ids[j] if foreign_ids else []
+        rows["label_ids"].append(ids)
+        # Pieces from several tiles: measured whole on the label image they painted.
+        if whole is not None and len(ids) > 1:
+            m, centroid = whole(box, ids)
             if m.area_px[0] > 0:
                 for name in shape_cols:
                     rows[name].append(float(getattr(m, name)[0]))
@@ -676,9 +724,11 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     tiles = [_Tile(k, t, _image_core_area(m, plan)) for k, (t, m) in zip(done, read)]
     detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
     boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
+    boxes, foreign_ids = join_foreign_pieces(tiles, boxes, classes)
     level0_nm = tuple(plan.grid.transform.pixel_size_nm)
     whole = _WholeObjects(label_target) if label_target is not None and label_target.write else None
-    objects = _objects_table(detections, boxes, scores, classes, members, list(class_names), level0_nm, whole)
+    objects = _objects_table(detections, boxes, scores, classes, members, list(class_names), level0_nm, whole,
+                             foreign_ids)
     put_file(out.join(OBJECTS, partition(image_id), "part-0.parquet"), table_bytes(objects))
     put_file(out.join(TILES, partition(image_id), "part-0.parquet"), table_bytes(_tiles_table(tiles, errors, error_rows)))
 

@@ -415,14 +415,19 @@ class Ensemble:
         top, bottom, left, right = t.halo
         h, wdt = w.shape
         core_slice = (slice(top, h - bottom), slice(left, wdt - right))
+        # Foreign pieces: objects other tiles own, whose pixels in this core only this
+        # tile writes. Painted beneath the tile's own detections.
+        n = int(keep.sum())
+        foreign = [j for j in np.flatnonzero(~keep) if w.masks[j][core_slice].any()]
         labels = np.zeros(w.shape, np.uint32)
-        for j in range(len(masks) - 1, -1, -1):  # lowest score first: the best ends on top
+        for k in range(len(foreign) - 1, -1, -1):  # lowest score first: the best ends on top
+            labels[w.masks[foreign[k]]] = n + k + 1
+        for j in range(len(masks) - 1, -1, -1):
             labels[masks[j]] = j + 1
         classes = np.zeros(w.shape, np.uint8)
         for j in range(len(w.masks) - 1, -1, -1):
             classes[w.masks[j]] = w.classes[j] + 1
         core_area = area_mm2((h - top - bottom, wdt - left - right), (py, px))
-        n = int(keep.sum())
         if len(w.material_probs):
             material = self.materials[int(np.argmax(w.material_probs))]
             grade = self.grades[int(np.argmax(w.grade_probs))]
@@ -442,6 +447,7 @@ class Ensemble:
             material_probs=_or_nan(w.material_probs, len(self.materials)),
             grade_probs=_or_nan(w.grade_probs, len(self.grades)),
             material=material, grade=grade, model_versions=dict(self.model_versions),
+            foreign_boxes_level0=level0[foreign].reshape(-1, 4), foreign_classes=w.classes[foreign].astype(np.int64),
         )
 
 

@@ -39,7 +39,9 @@ orientation_deg            (N,) float64          [0, 180) from +x, counter-clock
                                                  when round
 centroid_level0            (N, 2) float64        (y, x) level-0 edge coordinates
 core_labels                (h, w) uint32         the tile's core: detection i is painted
-                                                 i + 1 (higher scores on top), 0 elsewhere
+                                                 i + 1 (higher scores on top), 0 elsewhere;
+                                                 beneath them, foreign piece k (below) is
+                                                 painted N + k + 1
 core_classes               (h, w) uint8          the core by defect class + 1 (0 none),
                                                  painted from every detection seen in the
                                                  tile, owned or not, so that cores join
@@ -50,20 +52,28 @@ material_probs             (B, M) float32        per tile; NaN rows: not classif
 grade_probs                (B, G) float32        likewise (M, G: `Ensemble.materials/grades`)
 material, grade            str                   argmax names ("" when not classified)
 model_versions             str                   JSON {role: "name/version", ...}
+foreign_boxes_level0       (K, 4) float64        detections whose box centre lies in another
+                                                 tile's core but whose mask reaches into this
+                                                 one's ("foreign pieces": the core's share of
+                                                 an object another tile reports), level-0 xyxy
+                                                 as this tile saw them, best score first
+foreign_classes            (K,) int64            their classes
 =========================  ====================  ============================================
 
 Detections are those whose box centre lies in the tile's core (the rule of
 `engine.tiling.stitch_boxes`), so each defect is reported by one tile; a defect a core
 border cuts is reported in pieces that `stitch_boxes` merges. Measurements come from
 the whole mask in the tile (core and halo), so a piece reaching into the halo is
-measured whole as far as the tile sees it. Error rows have N = 0, empty (0, 0) core
+measured whole as far as the tile sees it. An object's pixels in a neighbour's core are
+painted by that neighbour as a foreign piece, so the cores' label images together hold
+every object whole (the job's `finish_image` joins each foreign piece to its object). Error rows have N = 0, empty (0, 0) core
 masks, NaN probabilities and densities.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from typing import Any, Mapping, Sequence
 
 import numpy as np
@@ -76,12 +86,13 @@ DETECTION_COLUMNS = ("boxes", "boxes_level0", "boxes_nm", "scores", "classes", "
                      *MEASUREMENT_COLUMNS, "centroid_level0")
 COLUMNS = ("image_id", "level", "y", "x", "modality", "pixel_size_nm", "error", "n_defects", *DETECTION_COLUMNS,
            "core_labels", "core_classes", "core_area_mm2", "defect_density_per_mm2", "material_probs",
-           "grade_probs", "material", "grade", "model_versions")
+           "grade_probs", "material", "grade", "model_versions", "foreign_boxes_level0", "foreign_classes")
 
 _DTYPES = {"boxes": np.float64, "boxes_level0": np.float64, "boxes_nm": np.float64, "scores": np.float64,
            "classes": np.int64, "mask_scores": np.float64, "mask_from_box": np.bool_,
-           "centroid_level0": np.float64, **{c: np.float64 for c in MEASUREMENT_COLUMNS}}
-_WIDTH = {"boxes": 4, "boxes_level0": 4, "boxes_nm": 4, "centroid_level0": 2}
+           "centroid_level0": np.float64, **{c: np.float64 for c in MEASUREMENT_COLUMNS},
+           "foreign_boxes_level0": np.float64, "foreign_classes": np.int64}
+_WIDTH = {"boxes": 4, "boxes_level0": 4, "boxes_nm": 4, "centroid_level0": 2, "foreign_boxes_level0": 4}
 
 
 @dataclass(frozen=True, eq=False)
@@ -122,6 +133,8 @@ class TileResult:
     material: str
     grade: str
     model_versions: dict[str, str]
+    foreign_boxes_level0: np.ndarray = field(default_factory=lambda: _empty("foreign_boxes_level0"))
+    foreign_classes: np.ndarray = field(default_factory=lambda: _empty("foreign_classes"))
 
     @property
     def n_defects(self) -> int:

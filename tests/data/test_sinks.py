@@ -50,9 +50,11 @@ def target_for(plan, out, name="predicted_defects") -> LabelTarget:
     return target
 
 
-def result(plan, row, col, boxes=(), *, classes=None, error=None, probs=(0.75, 0.25), core_shape=None) -> TileResult:
+def result(plan, row, col, boxes=(), *, classes=None, error=None, probs=(0.75, 0.25), core_shape=None,
+           foreign=()) -> TileResult:
     """Tile (row, col) of `plan` with detections at level-0 xyxy `boxes` (painted into the
-    core's labels, best first), as the ensemble would report it."""
+    core's labels, best first), as the ensemble would report it; `foreign`: level-0 xyxy
+    boxes of class 0 that other tiles own, painted beneath them."""
     spec = plan.grid.tile_at(row, col)
     y, x = spec.origin0
     versions = {"bundle": "tiny/1"}
@@ -63,6 +65,10 @@ def result(plan, row, col, boxes=(), *, classes=None, error=None, probs=(0.75, 0
     b = np.asarray(boxes, np.float64).reshape(-1, 4)
     n = len(b)
     labels = np.zeros(core_shape or (spec.height, spec.width), np.uint32)
+    f = np.asarray(foreign, np.float64).reshape(-1, 4)
+    for k in range(len(f) - 1, -1, -1):
+        x0, y0, x1, y1 = (f[k] - [x, y, x, y]).clip(0, [spec.width, spec.height] * 2).astype(int)
+        labels[y0:y1, x0:x1] = n + k + 1
     for i in range(n - 1, -1, -1):
         x0, y0, x1, y1 = (b[i] - [x, y, x, y]).clip(0, [spec.width, spec.height] * 2).astype(int)
         labels[y0:y1, x0:x1] = i + 1
@@ -80,7 +86,8 @@ def result(plan, row, col, boxes=(), *, classes=None, error=None, probs=(0.75, 0
         core_labels=labels, core_classes=(labels > 0).astype(np.uint8), core_area_mm2=core_area,
         defect_density_per_mm2=n / core_area, material_probs=np.asarray(probs, np.float32),
         grade_probs=np.asarray(probs[::-1], np.float32), material=MATERIALS[int(np.argmax(probs))],
-        grade=GRADES[int(np.argmax(probs[::-1]))], model_versions=versions)
+        grade=GRADES[int(np.argmax(probs[::-1]))], model_versions=versions, foreign_boxes_level0=f,
+        foreign_classes=np.zeros(len(f), np.int64))
 
 
 def batch(results) -> dict:
@@ -257,6 +264,22 @@ class TestFinish:
         assert node.attrs["grainflow"]["bundle"] == "tiny/1"
         props = group["labels/predicted_defects_classes"].attrs["ome"]["image-label"]["properties"]
         assert props == [{"label-value": 1, "class": "pore"}, {"label-value": 2, "class": "crack"}]
+
+    def test_an_object_reaching_into_a_neighbour_core_is_whole(self, plan, tmp_path):
+        """Tile (0, 0) owns a defect (centre x 60) whose pixels reach x 80; tile (0, 1)
+        paints its share as a foreign piece. The object lists both ids, is measured whole
+        and the label image holds all of it."""
+        target = target_for(plan, tmp_path)
+        sink = WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)
+        sink(batch([result(plan, 0, 0, [(40, 20, 80, 40)]), result(plan, 0, 1, foreign=[(48, 20, 80, 40)])]))
+        finish_image(tmp_path, plan, [(0, 0, 0), (0, 0, 64)], label_target=target, class_names=CLASSES,
+                     materials=MATERIALS, grades=GRADES)
+        (obj,) = read_output(tmp_path, OBJECTS).to_pylist()
+        assert sorted(obj["label_ids"]) == [1, STRIDE + 1] and obj["parts"] == 1
+        assert obj["area_nm2"] == pytest.approx(40 * 20 * plan.pixel_size_nm**2)
+        assert obj["centroid_x"] == pytest.approx(60)
+        labels = zarr.open_group(target.root.path, mode="r")["labels/predicted_defects/0"][:]
+        assert np.isin(labels[20:40, 40:80], obj["label_ids"]).all()
 
     def test_areas_end_at_the_image_edge(self, plan, tmp_path):
         """A coarser level's (or a resampled grid's) last pixels reach past level 0's edge:

@@ -8,7 +8,8 @@ import json
 import numpy as np
 import pytest
 
-from engine.pipeline import COLUMNS, Ensemble, EnsembleConfig, TileResult, analyze_tile
+from engine.models.detector import Detections
+from engine.pipeline import COLUMNS, Ensemble, EnsembleConfig, EnsembleModels, TileResult, analyze_tile
 from engine.pipeline.results import DETECTION_COLUMNS, from_columns
 from engine.tiling import owned, tile_core_level0
 
@@ -90,7 +91,10 @@ class TestResults:
             top, bottom, left, right = halo
             assert r.core_labels.shape == r.core_classes.shape == (h - top - bottom, w - left - right)
             assert r.core_labels.dtype == np.uint32 and r.core_classes.dtype == np.uint8
-            assert r.core_labels.max(initial=0) <= n and r.core_classes.max(initial=0) <= 5
+            assert r.core_labels.max(initial=0) <= n + len(r.foreign_classes) and r.core_classes.max(initial=0) <= 5
+            # foreign pieces: other cores' objects, each painted in this core beneath its own
+            assert not owned(r.foreign_boxes_level0, core).any()
+            assert set(np.unique(r.core_labels[r.core_labels > n])) == set(range(n + 1, n + len(r.foreign_classes) + 1))
             px = tiles["pixel_size"][i]
             assert r.core_area_mm2 == pytest.approx(r.core_labels.size * px * px / 1e12)
             assert r.defect_density_per_mm2 == pytest.approx(n / r.core_area_mm2)
@@ -123,6 +127,43 @@ class TestResults:
         r = from_columns(ens(take(tiles, [0])))[0]
         assert r.n_defects == 0 and r.error is None and not r.core_labels.any()
         assert r.defect_density_per_mm2 == 0.0 and r.material != ""
+
+
+def _threshold_detections(tiles, *, conf, iou, max_det):
+    """Boxes of the connected components of bright pixels: a detector whose answer is known."""
+    from scipy import ndimage
+
+    out = []
+    for tile in tiles:
+        found = ndimage.find_objects(ndimage.label(np.asarray(tile) > 0.5)[0])
+        boxes = np.array([[x.start, y.start, x.stop, y.stop] for y, x in found], np.float32).reshape(-1, 4)
+        out.append(Detections(boxes, np.linspace(0.9, 0.8, len(boxes)).astype(np.float32),
+                              np.zeros(len(boxes), np.int64)))
+    return out
+
+
+def test_a_defect_reaching_into_a_neighbour_core_is_painted_there(tiny_models, monkeypatch):
+    """Two tiles of one row, cores x [0, 64) and [64, 128), halo 16: a disc centred at
+    x 58 belongs to the left tile; the right one paints its share (x >= 64) as a
+    foreign piece beneath its own detections, so the two cores hold its mask whole."""
+    yy, xx = np.mgrid[:64, :128]
+    image = ((yy - 32) ** 2 + (xx - 58) ** 2 <= 12**2).astype(np.uint8) * 255
+    monkeypatch.setattr(tiny_models.detector, "predict", _threshold_detections)
+    ens = Ensemble(EnsembleModels(tiny_models.detector), config=EnsembleConfig(**TEST_CONFIG))
+    batch = {"image_id": np.array(["a", "a"], object), "level": np.zeros(2, np.int32),
+             "y": np.zeros(2, np.int64), "x": np.array([0, 64]), "modality": np.array(["SEM", "SEM"], object),
+             "pixel_size": np.full(2, 10.0), "pixel_size_y": np.full(2, 10.0), "error": np.array([None, None], object),
+             "origin": np.array([[0.0, 0.0], [0.0, 48.0]]), "scale": np.ones((2, 2)),
+             "halo": np.array([[0, 0, 0, 16], [0, 0, 16, 0]], np.int32)}
+    batch["tile"] = np.empty(2, object)
+    batch["tile"][:] = [image[:, :80], image[:, 48:]]
+    left, right = from_columns(ens(batch))
+    assert left.n_defects == 1 and right.n_defects == 0
+    np.testing.assert_array_equal(right.foreign_boxes_level0, [[48, 20, 71, 45]])  # cut where it reads from
+    painted = np.concatenate([left.core_labels == 1, right.core_labels == 1], axis=1)  # foreign id: 0 + 0 + 1
+    box = np.zeros_like(painted)
+    box[20:45, 46:71] = True  # no segmenter: the box is the mask
+    np.testing.assert_array_equal(painted, box)
 
 
 class TestDeterminism:
