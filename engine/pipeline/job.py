@@ -409,7 +409,6 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
 
     for image_id in progress:
         finish_if_complete(image_id)
-    done = errors = 0
     if len(finishing) < len(plans):
         actors, gpus = _resources(concurrency, num_gpus, cpus_per_actor)
         stored = dict(zip(catalog["image_id"], catalog["dtype"]))
@@ -430,9 +429,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
                                                      batch["ok"]):
-                    new = progress[str(image_id)].add((int(level), int(y), int(x)), bool(ok))
-                    done += new and bool(ok)
-                    errors += new and not bool(ok)
+                    progress[str(image_id)].add((int(level), int(y), int(x)), bool(ok))
                     finish_if_complete(str(image_id))
         except ray.exceptions.RayActorError as exc:
             if not exc.actor_init_failed:
@@ -442,6 +439,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise GrainflowError(f"the ensemble actors could not start: {lines[-1] if lines else exc}") from None
     stages["tiles"] = time.perf_counter() - t0
+    counts = [p.counts for p in progress.values()]
+    done, errors = sum(c[0] for c in counts), sum(c[1] for c in counts)
 
     t0 = time.perf_counter()
     for image_id, p in progress.items():  # a tile the stream never reported stays unfinished in the tiles table
@@ -472,7 +471,9 @@ class _ImageProgress:
     not finished by an earlier run has come back once (done or failed). done: the
     (level, y, x) of its finished tiles, earlier runs' included (what `finish_image`
     reads); skipped: how many planned tiles an earlier run finished. A tile reported
-    twice counts once."""
+    twice counts once, and is done if either report says so (Ray may run a task again
+    after a lost worker: a tile that failed the first time and was ledgered the second
+    must be read, or finishing would delete the file the ledger lists)."""
 
     def __init__(self, plan, before):
         """before: the ledger keys (image_id, level, y, x) of this image from earlier runs."""
@@ -481,19 +482,25 @@ class _ImageProgress:
         self.skipped = _count_planned(plan, before)
         self._expected = plan.n_tiles - self.skipped
         self._seen: set[tuple[int, int, int]] = set()
+        self._ok: set[tuple[int, int, int]] = set()
 
     def add(self, key: tuple[int, int, int], ok: bool) -> bool:
         """Record a reported tile; False if it was reported before."""
-        if key in self._seen:
-            return False
+        first = key not in self._seen
         self._seen.add(key)
-        if ok:
+        if ok and key not in self._ok:
+            self._ok.add(key)
             self.done.append(key)
-        return True
+        return first
 
     @property
     def complete(self) -> bool:
         return len(self._seen) >= self._expected
+
+    @property
+    def counts(self) -> tuple[int, int]:
+        """(tiles done, tiles failed) of those this run reported."""
+        return len(self._ok), len(self._seen - self._ok)
 
 
 def _count_planned(plan, keys) -> int:

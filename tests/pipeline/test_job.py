@@ -537,6 +537,10 @@ def test_an_image_is_complete_once_each_planned_tile_came_back_once(job_archive)
     assert progress.add(tuple(keys[2][1:]), False) and not progress.complete
     assert progress.add(tuple(keys[3][1:]), True) and progress.complete
     assert sorted(progress.done) == sorted(tuple(k[1:]) for k in (keys[0], keys[1], keys[3]))
+    assert progress.counts == (2, 1)
+    # Ray ran the failed tile's task again and this time it was ledgered: it is done
+    assert not progress.add(tuple(keys[2][1:]), True)
+    assert sorted(progress.done) == sorted(tuple(k[1:]) for k in keys) and progress.counts == (3, 0)
 
 
 class TestJobEnsemble:
