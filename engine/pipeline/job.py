@@ -334,19 +334,30 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                 "tolerance": float(tolerance) if math.isfinite(tolerance) else "inf", "tile_size": tile_size,
                 "halo": int(halo), "labels": labels, "label_name": label_name,
                 "config": {k: v for k, v in describe["config"].items()} | {"inputs": describe["inputs"]}}
-    # 3. resume: same settings, or nothing
+    # 3. resume: same settings and the same pixels, or nothing
     ledger = Ledger(out)
     manifest = out.join(MANIFEST)
+    checksums = _checksums(catalog)
     if resume and manifest.exists():
-        before = json.loads(manifest.filesystem().cat_file(manifest.path)).get("settings", {})
+        earlier = json.loads(manifest.filesystem().cat_file(manifest.path))
+        before = earlier.get("settings", {})
         changed = sorted(k for k in _SETTINGS if before.get(k) != settings.get(k))
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
             raise GrainflowError(f"{out}: holds the outputs of a run with other settings ({diff}); resume=False "
                                  f"(--no-resume) replaces them, or write to another --out")
+        # An image replaced in the archive (same id, other pixels) would keep the tiles
+        # the ledger holds for its old pixels.
+        old = earlier.get("checksums", {})
+        replaced = sorted(i for i, c in checksums.items() if i in old and old[i] != c)
+        if replaced:
+            raise GrainflowError(
+                f"{out}: {len(replaced)} image(s) of {archive} changed since the run there "
+                f"({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}: other pixel checksums); "
+                f"resume=False (--no-resume) redoes the run, or write to another --out")
     if not resume:
         _clear(out)
-    put_file(manifest, json.dumps({"settings": settings}, indent=1, sort_keys=True).encode())
+    put_file(manifest, json.dumps({"settings": settings, "checksums": checksums}, indent=1, sort_keys=True).encode())
 
     done_before = ledger.keys() if resume else set()
     # Label arrays beside the images outlive a run's `out`: start them afresh unless this
@@ -461,9 +472,14 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     # versions answered and when the run ended (UTC), for reports and audits.
     record = result.to_dict() | {"model_versions": describe.get("model_versions", {}),
                                  "finished_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
-    put_file(manifest, json.dumps({"settings": settings, "result": record}, indent=1,
+    put_file(manifest, json.dumps({"settings": settings, "checksums": checksums, "result": record}, indent=1,
                                   sort_keys=True, default=str).encode())
     return result
+
+
+def _checksums(catalog) -> dict[str, str | None]:
+    """image_id -> the catalog's pixel checksum (None where it records none)."""
+    return {str(i): (c if isinstance(c, str) and c else None) for i, c in zip(catalog["image_id"], catalog["checksum"])}
 
 
 class _ImageProgress:

@@ -133,8 +133,10 @@ class TestEndToEnd:
         assert 0 < len(objects) <= len(det) and result.objects == len(objects)
         for image_id, group in objects.groupby("image_id"):
             ids = np.concatenate(group["label_ids"].to_list())
-            assert len(ids) == len(set(ids)) == group["parts"].sum()
-            assert set(ids) <= set(det.loc[det["image_id"] == image_id, "label_id"])
+            assert len(ids) == len(set(ids))  # an id belongs to one object
+            # an object's ids: its detections' (parts), then foreign pieces other tiles painted
+            mine = set(det.loc[det["image_id"] == image_id, "label_id"])
+            assert [len(set(v) & mine) for v in group["label_ids"]] == group["parts"].tolist()
         assert (objects["x0_nm"] < objects["x1_nm"]).all()
 
         # tiles and summary
@@ -169,13 +171,16 @@ class TestEndToEnd:
             labels = level0[:]
             ids = set(np.unique(labels)) - {0}
             mine = det[det["image_id"] == image_id]
-            assert ids <= set(mine["label_id"])
-            # each id lies inside its own tile's core, which is whole chunks
+            n_found = mine.groupby(["y", "x"]).size()
+            # each id lies inside the core of the tile its range belongs to (whole chunks):
+            # a detection's id, or after them a foreign piece (an object another tile owns)
             for lid in ids:
+                row, col = divmod((lid - 1) // CONFIG.max_det, 2)  # 2 x 2 tiles per image
                 ys, xs = np.nonzero(labels == lid)
-                row = mine[mine["label_id"] == lid].iloc[0]
-                assert ys.min() >= row["y"] and ys.max() < row["y"] + 128
-                assert xs.min() >= row["x"] and xs.max() < row["x"] + 128
+                assert ys.min() >= 128 * row and ys.max() < 128 * (row + 1)
+                assert xs.min() >= 128 * col and xs.max() < 128 * (col + 1)
+                local = (lid - 1) % CONFIG.max_det + 1
+                assert (lid in set(mine["label_id"])) == (local <= n_found.get((128 * row, 128 * col), 0))
             np.testing.assert_array_equal(node["1"][:], labels[::2, ::2])
             classes = group["labels/predicted_defects_classes/0"][:]
             assert classes.max() <= 5 and ((labels > 0) <= (classes > 0)).all()
@@ -215,6 +220,24 @@ class TestEndToEnd:
         archive, out, _ = clean
         with pytest.raises(GrainflowError, match="halo: 16 -> 8"):
             run(archive, out, job_registry, halo=8)
+
+    def test_a_replaced_image_is_refused_on_resume(self, clean, job_registry):
+        """An image replaced in the archive (same id, other pixels: the catalog's checksum
+        changed) would keep the tiles its old pixels gave; the rerun says so and writes
+        nothing."""
+        archive, out, _ = clean
+        path = archive / "catalog.parquet"
+        original = path.read_bytes()
+        catalog = pd.read_parquet(path)
+        catalog.loc[0, "checksum"] = "0" * 64
+        manifest = (out / "job.json").read_bytes()
+        try:
+            catalog.to_parquet(path)
+            with pytest.raises(GrainflowError, match=f"changed since the run there \\({catalog['image_id'][0]}"):
+                run(archive, out, job_registry)
+        finally:
+            path.write_bytes(original)
+        assert (out / "job.json").read_bytes() == manifest
 
     def test_unknown_model_is_a_clear_error(self, ray_session, job_archive, job_registry, tmp_path):
         with pytest.raises(GrainflowError, match="nosuch"):
