@@ -13,8 +13,9 @@ Steps (the driver holds metadata and counters only, never pixels):
    model's pixel size (explicit, else the bundle's ``pixel_size_nm`` tag, else each
    image's level 0: models trained without a pixel size saw native pixels).
 3. Resume: the ledger's finished tiles (`engine.data.ledger`) become the datasource's
-   skip set; `<out>/job.json` records the settings that shape the outputs, and a rerun
-   with other settings is refused rather than mixing two runs' outputs.
+   skip set; `<out>/job.json` records the settings that shape the outputs and each
+   image's pixel checksum, and a rerun with other settings, or over an image replaced
+   since, is refused rather than mixing two runs' outputs.
 4. Prepare, per image in Ray tasks: the label images' arrays (metadata only,
    `engine.data.sinks.create_label_arrays`) and, when a member takes its input in
    "image" mode, the image's preprocessing parameters (`engine.preprocess`), written to
