@@ -156,7 +156,7 @@ def inprocess_caller(registry, config, png: bytes, nm: float):
             t5 = time.perf_counter()
             results = ens.finish(p)
             t6 = time.perf_counter()
-            body = build_response(results, [t.scale for t in prepared.tiles], class_names=ens.class_names,
+            body = build_response(results, prepared.tiles, class_names=ens.class_names,
                                   materials=ens.materials, grades=ens.grades, image={}, alias="production",
                                   request_id="x", timings_ms={})
             json.dumps(body)

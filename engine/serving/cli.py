@@ -2,6 +2,10 @@
 
     grainflow serve --bundle grainflow-demo --keys keys.json [--tracking-uri URI] [--config serve.yaml] [--port 8000]
     grainflow serve keys add --keys keys.json --tenant lab-a --scope analyze
+    grainflow serve keys revoke --keys keys.json k3f9a1c2
+
+A running server reads the keys file again within a second of a change: keys added or
+revoked take effect without a restart (engine.serving.keys).
 """
 
 from __future__ import annotations
@@ -15,7 +19,9 @@ import typer
 def serve_command(
     ctx: typer.Context,
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="ServeConfig YAML (engine.serving.config)."),
-    bundle: Optional[str] = typer.Option(None, help="Registered ensemble bundle (overrides the config's)."),
+    bundle: Optional[str] = typer.Option(
+        None, help="Registered ensemble bundle's NAME (overrides the config's); its production and canary aliases "
+                   "answer as the config's split weighs them."),
     keys: Optional[Path] = typer.Option(None, "--keys", help="Keys file (overrides the config's)."),
     tracking_uri: Optional[str] = typer.Option(
         None, help="Model registry (overrides the config's, which overrides MLFLOW_TRACKING_URI; default: the "
@@ -36,8 +42,13 @@ def serve_command(
 
     from engine.errors import GrainflowError
     from engine.serving.app import run
-    from engine.serving.config import ServeConfig
+    from engine.serving.config import ServeConfig, check_bundle_name
 
+    if bundle is not None:
+        try:
+            check_bundle_name(bundle)
+        except ValueError as exc:
+            raise typer.BadParameter(str(exc), param_hint="--bundle") from None
     cfg = ServeConfig.from_yaml(config) if config else ServeConfig()
     updates = {k: v for k, v in {"bundle": bundle, "keys_file": str(keys) if keys else None,
                                  "audit_log": str(audit_log) if audit_log else None,
@@ -125,11 +136,26 @@ def keys_add(
     typer.echo(key)
 
 
+def keys_revoke(
+    key_id: str = typer.Argument(..., help="Id of the key to revoke (the part after gf_, before the next _)."),
+    keys: Path = typer.Option(..., "--keys", help="Keys file holding it."),
+) -> None:
+    """Revoke an API key: its entry leaves the keys file, and a running server refuses it
+    (401) within a second, without a restart."""
+    from engine.serving.keys import revoke_key
+
+    principal = revoke_key(keys, key_id)
+    typer.echo(f"key id {key_id} of tenant {principal.tenant} revoked")
+
+
 def register(app: typer.Typer) -> None:
     """Add this package's commands to the `grainflow` app."""
     serve_app = typer.Typer(help="Serve the ensemble over HTTP (Ray Serve); `serve keys add` makes API keys.")
     serve_app.callback(invoke_without_command=True)(serve_command)
-    keys_app = typer.Typer(help="API keys of `grainflow serve`.", no_args_is_help=True)
+    keys_app = typer.Typer(help="API keys of `grainflow serve`. A running server reads the keys file again "
+                                "within a second of a change: keys added or revoked take effect without a "
+                                "restart.", no_args_is_help=True)
     keys_app.command("add")(keys_add)
+    keys_app.command("revoke")(keys_revoke)
     serve_app.add_typer(keys_app, name="keys")
     app.add_typer(serve_app, name="serve")

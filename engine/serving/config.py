@@ -78,6 +78,15 @@ class DeploymentSettings(BaseModel):
         return out
 
 
+def check_bundle_name(name: str) -> str:
+    """A bundle's registry name, as `bundle` takes it: the aliases that answer come from
+    `split` (production, canary), so a ref with an alias or a version is refused."""
+    if not name or "@" in name or "/" in name:
+        raise ValueError(f"bundle: {name!r} is not a bundle name; give the name alone (e.g. 'grainflow-demo'): "
+                         f"its production and canary aliases answer as `split` weighs them")
+    return name
+
+
 class ServeConfig(BaseModel):
     """See the module docstring."""
 
@@ -100,6 +109,11 @@ class ServeConfig(BaseModel):
     audit_log: Optional[str] = None
     rate_per_minute: float = Field(600.0, gt=0)
     deployments: dict[str, DeploymentSettings] = Field(default_factory=dict)
+
+    @field_validator("bundle")
+    @classmethod
+    def _check_bundle(cls, v: str) -> str:
+        return check_bundle_name(v)
 
     @field_validator("split")
     @classmethod

@@ -1,14 +1,23 @@
 """Request bodies to pixels: PNG (8/16-bit), TIFF (16-bit included, pixel size from its
 metadata when present) or a raw array with its dtype and shape.
 
-Errors are `UnsupportedMedia` (HTTP 415: not a format the endpoint reads) and
-`BadImage` (HTTP 422: a supported format whose content or fields are wrong); their
-messages name the field at fault.
+Errors are `UnsupportedMedia` (HTTP 415: not a format the endpoint reads),
+`BadImage` (HTTP 422: a supported format whose content or fields are wrong) and
+`TooLarge` (HTTP 413: more pixels than `max_pixels`, refused from the header before any
+pixel is decoded); their messages name the field at fault.
+
+One request is one micrograph: a TIFF holding more than one image plane (a multi-page
+stack, Z/T/C planes, further full-size images) is refused naming the count, where the
+batch ingest (`engine.stores.ingest.tiff`) makes each plane an image of its own; send
+the planes one by one. Colour is reduced to one channel by the ingest's rule
+(`engine.stores.ingest.base.to_grayscale`: equal channels kept, else BT.709 luma; alpha
+dropped), palette PNGs included.
 """
 
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -19,6 +28,7 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 RAW_TYPES = ("application/octet-stream", "application/x-numpy-raw")
 RAW_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float32")
+MAX_TIFF_SAMPLES = 4  # grey, grey + alpha, RGB, RGBA: what the reader turns into one channel
 _NM_PER = {"nanometer": 1.0, "micrometer": 1e3, "angstrom": 0.1, "millimeter": 1e6}
 
 
@@ -115,8 +125,14 @@ def _png(data: bytes, max_pixels: int | None) -> DecodedImage:
         a = np.asarray(im, dtype=np.uint16)
     elif im.mode == "I":
         a = np.asarray(im).astype(np.uint16)
-    elif im.mode in ("L", "RGB", "RGBA", "LA", "P", "1"):
-        a = np.asarray(im.convert("L") if im.mode in ("P", "1", "LA") else im)
+    elif im.mode in ("L", "RGB", "RGBA"):
+        a = np.asarray(im)
+    elif im.mode == "P":  # palette colours through the ingest's luma (in _gray), not Pillow's ITU-R 601 "L"
+        a = np.asarray(im.convert("RGBA" if "transparency" in im.info else "RGB"))
+    elif im.mode == "LA":  # the grey channel; alpha is dropped, as RGBA's is
+        a = np.asarray(im.getchannel("L"))
+    elif im.mode == "1":
+        a = np.asarray(im.convert("L"))
     else:
         raise BadImage(f"image: PNG mode {im.mode!r} is not supported; send 8- or 16-bit grayscale")
     return DecodedImage(_gray(np.ascontiguousarray(a), "PNG"), None, "png")
@@ -136,19 +152,10 @@ def _png16_colour(data: bytes) -> np.ndarray:
 
 
 def _tiff(data: bytes, max_pixels: int | None) -> DecodedImage:
-    import tifffile
-
     from engine.errors import IngestError
     from engine.stores.ingest.tiff import read_tiff
 
-    try:
-        with tifffile.TiffFile(io.BytesIO(data)) as tif:
-            shape = tif.series[0].shape if tif.series else ()
-    except Exception as exc:
-        raise BadImage(f"image: not a readable TIFF ({type(exc).__name__}: {exc})") from None
-    if len(shape) >= 2:  # refuse before decoding: (..., y, x) or (y, x, samples)
-        rgb = len(shape) == 3 and shape[-1] in (3, 4)
-        _check_pixels(int(shape[-3] if rgb else shape[-2]), int(shape[-2] if rgb else shape[-1]), max_pixels)
+    _check_tiff_layout(data, max_pixels)  # from the tags: nothing decoded yet
     try:
         first = next(iter(read_tiff(io.BytesIO(data))))
     except IngestError as exc:
@@ -165,6 +172,53 @@ def _tiff(data: bytes, max_pixels: int | None) -> DecodedImage:
     if first.pixel_size is not None and first.unit in _NM_PER:
         size = float(first.pixel_size[1]) * _NM_PER[first.unit]
     return DecodedImage(_gray(first.pixels, "TIFF"), size, "tiff", first.modality)
+
+
+def _check_tiff_layout(data: bytes, max_pixels: int | None) -> None:
+    """Refuse, from the TIFF's tags alone, what would make the reader decode more than
+    one bounded plane: Y x X over `max_pixels` (`TooLarge`); more than one image plane
+    (the pages, Z, T or C planes of a stack, or further pages holding images of their
+    own: `BadImage` naming the count); more than MAX_TIFF_SAMPLES samples per pixel
+    (`BadImage`). A TIFF that passes decodes at most max_pixels x MAX_TIFF_SAMPLES values.
+
+    Y and X come from the first series' axes by the reader's own rule
+    (`engine.stores.ingest.tiff._shape_yx`), not from positions in its shape, so a
+    grey + alpha ('YXS', S = 2) or planar ('SYX') image counts Y x X pixels. Pages
+    flagged reduced-resolution (thumbnails: NewSubfileType bit 0) are not images of
+    their own; the reader ignores them, and so does the plane count."""
+    import tifffile
+
+    from engine.errors import IngestError
+    from engine.stores.ingest.tiff import _shape_yx
+
+    try:
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            if not tif.series:
+                raise BadImage("image: TIFF holds no readable image; it may be truncated or corrupt")
+            series = tif.series[0]
+            shape, axes = tuple(int(n) for n in series.shape), series.axes
+            y, x = _shape_yx(series, "image")
+            _check_pixels(y, x, max_pixels)
+            samples = shape[axes.index("S")] if "S" in axes else 1
+            planes = math.prod(shape) // (y * x * samples) if y * x else 1
+            # pages outside the first series (tifffile leaves pages of another shape out
+            # of it) that are not flagged thumbnails: images the reader would not analyse
+            first = {p.offset for p in series.pages if p is not None}
+            others = sum(1 for p in tif.pages if p.offset not in first and not getattr(p, "is_reduced", False))
+    except (BadImage, TooLarge):
+        raise
+    except IngestError as exc:
+        raise BadImage(f"image: {str(exc).split(': ', 1)[-1]}") from None
+    except Exception as exc:  # tifffile raises TiffFileError, struct.error, ValueError, ... on bad tags
+        raise BadImage(f"image: not a readable TIFF ({type(exc).__name__}: {exc})") from None
+    if planes + others > 1:
+        where = (f"its first image is {'x'.join(map(str, shape))} with axes {axes!r}" if planes > 1
+                 else f"{others} more pages hold images of their own")
+        raise BadImage(f"image: TIFF holds {planes + others} image planes ({where}); /v1/analyze analyses one "
+                       f"micrograph per request: split the stack and send each page as its own image")
+    if samples > MAX_TIFF_SAMPLES:
+        raise BadImage(f"image: TIFF has {samples} samples per pixel; send grayscale (1), grey + alpha (2), "
+                       f"RGB (3) or RGBA (4)")
 
 
 def _raw(data: bytes, dtype: str | None, shape, max_pixels: int | None) -> DecodedImage:

@@ -233,7 +233,7 @@ class Segmenter(_Stage):
             for ref, p in zip(refs, passes):
                 t0 = time.perf_counter()
                 ens = self.ensemble(ref)
-                analysed = analysis(ens.finish(p), [t.scale for t in p.tiles], class_names=ens.class_names,
+                analysed = analysis(ens.finish(p), p.tiles, class_names=ens.class_names,
                                     materials=ens.materials, grades=ens.grades)
                 timings = {**p.timings_ms, "measure": (time.perf_counter() - t0) * 1e3}
                 out.append(StagesAnswer(analysed, int(p.tiles[0].level), float(p.tiles[0].pixel_size_nm), timings,

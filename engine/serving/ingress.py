@@ -9,12 +9,17 @@ Routes (the OpenAPI schema at /openapi.json documents them):
                                                                          scope analyze
     POST /v1/admin/refresh   read the registry's aliases again now       scope admin
 
-Keys come as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>``. Checks run in
+Keys come as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (the schema's two
+security schemes, either one), checked against the keys file as it is now
+(`engine.serving.keys`: a revoked key is refused within a second). Checks run in
 this order, before the body is read: key (401), scope (403), rate (429 with
 Retry-After), Content-Length (413; 411 without one); then the body: media type (415),
-fields (422), pixel count (413). Every error is JSON (`schemas.ErrorBody`). Every
+fields (422), pixel count (413: as uploaded, and once resampled to the models' pixel
+size by the preprocess stage). Every error is JSON (`schemas.ErrorBody`). Every
 request, refused ones included, gets one audit line (engine.audit): time, tenant, key
-id, route, status, request id, alias and model versions, image sha256; never pixels.
+id, route, status, request id, alias and model versions, image sha256 (of a request
+refused for its fields too); never pixels. A 401 for a well-formed key that is unknown
+or whose secret is wrong logs the key id it claims, with ``key_claimed: true``.
 
 `X-Request-ID` (sent, or made here and returned; at most 128 characters, else 400) picks
 the traffic arm (sticky).
@@ -30,37 +35,49 @@ import uuid
 from importlib import resources
 from typing import Any, Optional
 
-from fastapi import FastAPI, File, Form, Request, Security, UploadFile
+from fastapi import Depends, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import HTMLResponse, JSONResponse
-from fastapi.security import APIKeyHeader
+from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from engine.serving.config import ServeConfig
 from engine.serving.decode import BadImage, TooLarge, UnsupportedMedia, decode, parse_shape
-from engine.serving.schemas import MODALITIES, AnalyzeResponse, ErrorBody, Health, ModelsResponse
+from engine.serving.keys import split_key
+from engine.serving.schemas import ERROR_CODES, MODALITIES, AnalyzeResponse, ErrorBody, Health, ModelsResponse
 
-_ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
-                405: "method_not_allowed", 411: "length_required", 413: "too_large", 415: "unsupported_media",
-                422: "invalid", 429: "rate_limited", 500: "internal", 503: "unavailable"}
-_ERRORS = {code: {"model": ErrorBody} for code in (401, 403, 413, 415, 422, 429)}
+
+def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can refuse with `statuses`."""
+    return {code: {"model": ErrorBody, "description": ERROR_CODES[code]} for code in statuses}
+
+
+# What each route can answer besides 200 (the order of checks: module doc). Every route:
+# 400 (X-Request-ID too long). Keyed routes: 401, 403, 429. /v1/analyze, the one taking
+# a body: 411 (no Content-Length), 400 (one not a number), 413, 415, 422.
+_OPEN_ERRORS = _errors(400)
+_KEYED_ERRORS = _errors(400, 401, 403, 429)
+_ANALYZE_ERRORS = _errors(400, 401, 403, 411, 413, 415, 422, 429)
 _MAX_ATTEMPTS = 3  # a stage replica that dies mid-request: Serve routes the retry to a live one
 MAX_REQUEST_ID = 128  # characters of X-Request-ID
+MAX_KEY_ID = 64  # characters of a refused key's claimed id that the audit line keeps (ours have 9)
 
 api = FastAPI(
     title="grainflow",
     version="1",
     description="Defects, masks, material, grade and measurements of micrographs, by the grainflow ensemble.",
 )
-# Declared for the schema (and /docs); the check itself runs in the middleware below.
-_key_header = APIKeyHeader(name="X-API-Key", auto_error=False)
+# The two ways to send a key, declared for the schema (and /docs) as alternatives; the
+# check itself runs in the middleware below (Authorization: Bearer first).
+_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="an API key: gf_<key id>_<secret>")
+_bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API key>, the same keys as X-API-Key")
 
 
 def error_response(status: int, detail: str, request_id: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(status=status, error=_ERROR_CODES.get(status, "error"), detail=detail, request_id=request_id)
+    body = ErrorBody(status=status, error=ERROR_CODES.get(status, "error"), detail=detail, request_id=request_id)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -141,6 +158,26 @@ async def _guard_and_audit(request: Request, call_next):
     return response
 
 
+async def audit_upload(request: Request) -> None:
+    """Put the uploaded image's sha256 on the request's audit line (`request.state.audit`,
+    set by the middleware). A dependency of /v1/analyze: FastAPI runs it once the form is
+    parsed, before it validates the fields, so a request it refuses for a malformed field
+    (422, the handler never called) still logs the image it carried; the upload is
+    closed by the time an exception handler could read it."""
+    audit = getattr(request.state, "audit", None)
+    if audit is None:
+        return
+    image = (await request.form()).get("image")
+    if not hasattr(image, "read"):  # no upload (absent, or a plain text field)
+        return
+    digest = hashlib.sha256()
+    await image.seek(0)
+    while chunk := await image.read(1 << 20):
+        digest.update(chunk)
+    await image.seek(0)
+    audit["image_sha256"] = digest.hexdigest()
+
+
 def _modality(given: str | None, from_file: str | None) -> str:
     value = given if given not in (None, "") else (from_file or "SEM")
     for m in MODALITIES:
@@ -157,6 +194,20 @@ def _pixel_size(given: float | None, from_file: float | None) -> tuple[float, st
     if from_file is not None and math.isfinite(from_file) and from_file > 0:
         return float(from_file), "tiff metadata"
     raise RequestError(422, "pixel_size_nm: required, the image carries no pixel size in its metadata")
+
+
+def preprocess_refusal(exc: BaseException) -> RequestError | None:
+    """The refusal for an error of the preprocess stage that is the input's fault, else
+    None (the server's: a 500). `exc` is what awaiting the stage raised: a RayTaskError
+    whose `cause` is the stage's own exception (engine.serving.prepare): `TooLarge`
+    (more pixels than max_pixels once resampled) is a 413, as over the limit as sent;
+    `BadImage` (pixels that cannot be tiled or fitted) a 422."""
+    cause = getattr(exc, "cause", exc)
+    if isinstance(cause, TooLarge):
+        return RequestError(413, f"image: too large once resampled ({str(cause)[:300]})")
+    if isinstance(cause, BadImage):
+        return RequestError(422, f"image: cannot be preprocessed ({str(cause)[:300]})")
+    return None
 
 
 @serve.deployment(name="ingress")
@@ -234,6 +285,9 @@ class Ingress:
         key = auth[7:].strip() if auth[:7].lower() == "bearer " else request.headers.get("x-api-key")
         principal = self.keys.verify(key)
         if principal is None:
+            claimed = split_key(key or "")
+            if claimed is not None:  # a well-formed key: log the id it claims, so guesses at a key show
+                audit.update(key_id=claimed[0][:MAX_KEY_ID], key_claimed=True)
             return error_response(401, "missing or invalid API key (send Authorization: Bearer <key> or X-API-Key)",
                                   rid, {"WWW-Authenticate": "Bearer"})
         audit.update(tenant=principal.tenant, key_id=principal.key_id)
@@ -267,14 +321,15 @@ class Ingress:
     def viewer(self) -> HTMLResponse:
         return HTMLResponse(resources.files("engine.serving").joinpath("viewer.html").read_text())
 
-    @api.get("/healthz", response_model=Health)
+    @api.get("/healthz", response_model=Health, responses=_OPEN_ERRORS)
     def healthz(self) -> dict[str, Any]:
         """Liveness, and the bundle versions the aliases point at."""
         self._maybe_refresh()
         return {"status": "ok", "arms": dict(self._arms.refs)}
 
-    @api.get("/v1/models", response_model=ModelsResponse, responses=_ERRORS)
-    async def models(self, request: Request, key: Optional[str] = Security(_key_header)) -> dict[str, Any]:
+    @api.get("/v1/models", response_model=ModelsResponse, responses=_KEYED_ERRORS)
+    async def models(self, request: Request, key: Optional[str] = Security(_key_header),
+                     bearer: Optional[HTTPAuthorizationCredentials] = Security(_bearer)) -> dict[str, Any]:
         """The bundle, the traffic split and the member versions each alias serves."""
         self._maybe_refresh()
         arms = self._arms
@@ -285,13 +340,15 @@ class Ingress:
         return {"bundle": self.config.bundle, "split": dict(arms.weights), "arms": dict(arms.refs),
                 "members": members, **labels}
 
-    @api.post("/v1/admin/refresh", response_model=Health, responses=_ERRORS)
-    def admin_refresh(self, key: Optional[str] = Security(_key_header)) -> dict[str, Any]:
+    @api.post("/v1/admin/refresh", response_model=Health, responses=_KEYED_ERRORS)
+    def admin_refresh(self, key: Optional[str] = Security(_key_header),
+                      bearer: Optional[HTTPAuthorizationCredentials] = Security(_bearer)) -> dict[str, Any]:
         """Read the registry's aliases again now (this replica); `generation` in the
         config does it for every replica."""
         return {"status": "ok", "arms": dict(self.refresh().refs)}
 
-    @api.post("/v1/analyze", response_model=AnalyzeResponse, response_model_by_alias=True, responses=_ERRORS)
+    @api.post("/v1/analyze", response_model=AnalyzeResponse, response_model_by_alias=True, responses=_ANALYZE_ERRORS,
+              dependencies=[Depends(audit_upload)])
     async def analyze(
         self,
         request: Request,
@@ -304,12 +361,14 @@ class Ingress:
         preview: bool = Form(False, description="also answer an 8-bit PNG of the image for display "
                                                 "(`preview_png`, engine.serving.preview)"),
         key: Optional[str] = Security(_key_header),
+        bearer: Optional[HTTPAuthorizationCredentials] = Security(_bearer),
     ) -> JSONResponse:
         """Detections (boxes in px and nm, class, score, RLE masks, measurements), material,
         grade, the versions that answered and timings, for one micrograph."""
         t0 = time.perf_counter()
         rid, audit = request.state.request_id, request.state.audit
         self._maybe_refresh()
+        await image.seek(0)  # audit_upload read it to hash it
         data = await image.read()
         audit["image_sha256"] = hashlib.sha256(data).hexdigest()
         try:
@@ -364,9 +423,9 @@ class Ingress:
             try:
                 await sent["pre"]
             except RayTaskError as exc:
-                cause = getattr(exc, "cause", None)
-                if isinstance(cause, BadImage):  # the pixels could not be tiled or fitted: the input's fault
-                    raise RequestError(422, f"image: cannot be preprocessed ({str(cause)[:300]})") from None
+                refusal = preprocess_refusal(exc)
+                if refusal is not None:
+                    raise refusal from None
                 # anything else (a bundle that fails to load, memory) is the server's: a 500, audited
             raise
 

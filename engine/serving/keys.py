@@ -12,6 +12,13 @@ A salted sha256 is enough here: the secrets are random and 256 bits long, so the
 nothing to brute-force (a slow hash such as scrypt protects low-entropy passwords and
 would add tens of milliseconds to every request). Comparison is constant-time.
 Scopes: "analyze" (POST /v1/analyze, GET /v1/models) and "admin" (the /v1/admin routes).
+
+A running server follows the file: `KeyStore.verify` looks at the file's inode, size and
+mtime at most once a second (`check_every_s`) and reads it again when they changed, so
+a key added, or revoked (`revoke_key`, ``grainflow serve keys revoke``, or its entry
+deleted by hand), takes effect within a second, without a restart. A file that cannot
+be read as a keys file (an edit half saved) keeps the keys read last, and is tried
+again at the next check; a file that is gone refuses every key.
 """
 
 from __future__ import annotations
@@ -19,9 +26,12 @@ from __future__ import annotations
 import hashlib
 import hmac
 import json
+import logging
 import math
 import os
 import secrets
+import threading
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -29,6 +39,7 @@ from pathlib import Path
 from engine.errors import GrainflowError
 
 SCOPES = ("analyze", "admin")
+_log = logging.getLogger(__name__)
 PREFIX = "gf_"
 
 
@@ -65,38 +76,31 @@ def split_key(key: str) -> tuple[str, str] | None:
 
 
 class KeyStore:
-    """The keys of a keys file, looked up by id and checked against their hash."""
+    """The keys of a keys file, looked up by id and checked against their hash; the
+    file is read again when it changes (module doc)."""
 
-    def __init__(self, entries: dict[str, _Entry]):
+    def __init__(self, entries: dict[str, _Entry], path: Path | None = None, *, check_every_s: float = 1.0,
+                 signature: tuple[int, ...] | None = None):
         self._entries = entries
+        self._path = path
+        self._check_every_s = float(check_every_s)
+        self._signature = signature
+        self._checked_at = time.monotonic()
+        self._lock = threading.Lock()
 
     @classmethod
-    def load(cls, path: str | os.PathLike | None) -> KeyStore:
-        """Read a keys file (module doc); None gives a store that refuses every key."""
+    def load(cls, path: str | os.PathLike | None, *, check_every_s: float = 1.0) -> KeyStore:
+        """Read a keys file (module doc); None gives a store that refuses every key.
+        check_every_s: how often, at most, `verify` looks whether the file changed (s)."""
         if path is None:
             return cls({})
         p = Path(path)
-        try:
-            data = json.loads(p.read_text())
-            entries = {}
-            for k in data["keys"]:
-                scopes = frozenset(k["scopes"])
-                bad = sorted(scopes - set(SCOPES))
-                if bad:
-                    raise ValueError(f"key {k['id']}: unknown scopes {bad}; valid: {', '.join(SCOPES)}")
-                rate = k.get("rate_per_minute")
-                if not _valid_rate(rate):
-                    raise ValueError(f"key {k['id']}: rate_per_minute {rate} must be positive")
-                entries[k["id"]] = _Entry(Principal(k["id"], k["tenant"], scopes, k.get("rate_per_minute")),
-                                          bytes.fromhex(k["salt"]), bytes.fromhex(k["sha256"]))
-        except FileNotFoundError:
-            raise GrainflowError(f"{p}: keys file not found; create one with `grainflow serve keys add`") from None
-        except (ValueError, KeyError, TypeError) as exc:
-            raise GrainflowError(f"{p}: not a grainflow keys file ({type(exc).__name__}: {exc})") from None
-        return cls(entries)
+        signature = _signature(p)
+        return cls(_read(p), p, check_every_s=check_every_s, signature=signature)
 
     def verify(self, key: str | None) -> Principal | None:
         """The key's principal, or None when the key is missing, malformed, unknown or wrong."""
+        self._follow_file()
         parts = split_key(key or "")
         if parts is None:
             return None
@@ -105,8 +109,63 @@ class KeyStore:
             return None
         return entry.principal if hmac.compare_digest(_digest(entry.salt, parts[1]), entry.digest) else None
 
+    def _follow_file(self) -> None:
+        """Read the file again if it changed since it was read (one stat a second at most)."""
+        if self._path is None or time.monotonic() - self._checked_at < self._check_every_s:
+            return
+        with self._lock:
+            if time.monotonic() - self._checked_at < self._check_every_s:
+                return  # another thread checked meanwhile
+            self._checked_at = time.monotonic()
+            signature = _signature(self._path)
+            if signature == self._signature:
+                return
+            if signature is None:  # removed: no file, no keys (fail closed)
+                self._entries, self._signature = {}, None
+                return
+            try:
+                entries = _read(self._path)
+            except GrainflowError as exc:  # keep the keys read last; tried again at the next check
+                _log.warning("keys file not reloaded, the keys read last stay in force: %s", exc)
+                return
+            self._entries, self._signature = entries, signature
+
     def __len__(self) -> int:
+        self._follow_file()
         return len(self._entries)
+
+
+def _signature(path: Path) -> tuple[int, ...] | None:
+    """What changes when the keys file is replaced or edited: device, inode, size, mtime
+    and ctime (ns); None when there is no file."""
+    try:
+        st = path.stat()
+    except FileNotFoundError:
+        return None
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns
+
+
+def _read(p: Path) -> dict[str, _Entry]:
+    """The entries of the keys file `p`, by key id; GrainflowError naming the file if it
+    is missing or not a keys file."""
+    try:
+        data = json.loads(p.read_text())
+        entries = {}
+        for k in data["keys"]:
+            scopes = frozenset(k["scopes"])
+            bad = sorted(scopes - set(SCOPES))
+            if bad:
+                raise ValueError(f"key {k['id']}: unknown scopes {bad}; valid: {', '.join(SCOPES)}")
+            rate = k.get("rate_per_minute")
+            if not _valid_rate(rate):
+                raise ValueError(f"key {k['id']}: rate_per_minute {rate} must be positive")
+            entries[k["id"]] = _Entry(Principal(k["id"], k["tenant"], scopes, k.get("rate_per_minute")),
+                                      bytes.fromhex(k["salt"]), bytes.fromhex(k["sha256"]))
+    except FileNotFoundError:
+        raise GrainflowError(f"{p}: keys file not found; create one with `grainflow serve keys add`") from None
+    except (ValueError, KeyError, TypeError) as exc:
+        raise GrainflowError(f"{p}: not a grainflow keys file ({type(exc).__name__}: {exc})") from None
+    return entries
 
 
 def _valid_rate(rate) -> bool:
@@ -138,10 +197,29 @@ def add_key(path: str | os.PathLike, tenant: str, scopes: list[str] | tuple[str,
     if rate_per_minute is not None:
         entry["rate_per_minute"] = float(rate_per_minute)
     data["keys"].append(entry)
+    _write(p, data)
+    return key_id, f"{PREFIX}{key_id}_{secret}"
+
+
+def revoke_key(path: str | os.PathLike, key_id: str) -> Principal:
+    """Remove key `key_id` from the keys file at `path`; returns whom it belonged to.
+    A running server refuses it within a second (module doc)."""
+    p = Path(path)
+    entries = _read(p)  # a file that is not a keys file is left as it is
+    if key_id not in entries:
+        raise GrainflowError(f"{p}: no key {key_id!r}; its keys: {', '.join(sorted(entries)) or 'none'}")
+    data = json.loads(p.read_text())
+    data["keys"] = [k for k in data["keys"] if k["id"] != key_id]
+    _write(p, data)
+    return entries[key_id].principal
+
+
+def _write(p: Path, data: dict) -> None:
+    """Write the keys file whole (0600), replacing it at once: a server reading it
+    meanwhile sees the old file or the new, never half of one."""
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "w") as f:
         json.dump(data, f, indent=1)
     os.replace(tmp, p)
-    return key_id, f"{PREFIX}{key_id}_{secret}"

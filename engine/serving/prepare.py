@@ -23,7 +23,7 @@ import numpy as np
 
 from engine.errors import GrainflowError
 from engine.pipeline.ensemble import TileInput, tiles_from_batch
-from engine.serving.decode import BadImage
+from engine.serving.decode import BadImage, TooLarge
 
 
 @dataclass(frozen=True)
@@ -56,9 +56,11 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
                   fit: bool, image_id: str = "upload") -> PreparedImage:
     """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm (square).
 
-    Pixels that cannot be tiled or fitted (a pixel size that would resample them past
-    `max_pixels`, a dtype the store refuses, ...) raise `BadImage` (the input's fault:
-    HTTP 422), its message naming the upload, not the scratch store."""
+    More pixels than `max_pixels` once resampled to the models' pixel size raise
+    `TooLarge` (HTTP 413, as an upload over the limit as sent). Pixels that cannot be
+    tiled or fitted otherwise (a tile too wide once upsampled, a dtype the store refuses,
+    ...) raise `BadImage` (the input's fault: HTTP 422). Both name the upload, not the
+    scratch store."""
     import fsspec
 
     from engine.stores.uri import resolve
@@ -67,6 +69,8 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
     try:
         return _prepare(loc, pixels, modality=modality, pixel_size_nm=pixel_size_nm, settings=settings, fit=fit,
                         image_id=image_id)
+    except TooLarge:
+        raise
     except GrainflowError as exc:  # what our planning and stores raise about their input; else a bug: 500
         raise BadImage(str(exc).replace(loc.uri, image_id).replace(loc.path, image_id)) from exc
     finally:
@@ -81,7 +85,7 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
     from ray.data.block import BlockAccessor
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
-    from engine.data.tile_plan import PlanningError, plan_image, plan_reads
+    from engine.data.tile_plan import plan_image, plan_reads
     from engine.data.tile_read import read_tiles
     from engine.stores.image import open_image
     from engine.stores.writer import write_image
@@ -98,7 +102,7 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
     if plan.output is not None and settings.max_pixels is not None:
         h, w = plan.output.extent
         if h * w > settings.max_pixels:
-            raise PlanningError(
+            raise TooLarge(  # the pixel limit of the upload as sent (decode), here once resampled
                 f"{image_id}: resampled from {pixel_size_nm:.6g} to {target:.6g} nm per pixel the image would be "
                 f"{h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
     tiles: list[TileInput] = []

@@ -5,6 +5,8 @@ Coordinates: boxes are xyxy edge coordinates in level-0 pixels of the uploaded i
 Masks are run-length encoded per detection (`rle_encode`): the detection's pixels in
 the tile core that reported it, cropped to their bounding rectangle, placed by
 `origin_px` (level-0 (y, x) of the crop's corner) and `scale` (level-0 px per mask px).
+The core's corner is where the tile's boxes put it (`core_corner`): for a tile
+resampled to the models' pixel size, a fraction of a pixel off the tile's key.
 
 Image-level material and grade follow the batch job's per-image summary
 (`engine.data.sinks`): argmax of the tiles' probabilities averaged with core-area weights.
@@ -71,8 +73,18 @@ def _num(v) -> float | None:
     return v if math.isfinite(v) else None
 
 
-def _mask_of(r: TileResult, j: int, scale: tuple[float, float]) -> dict[str, Any]:
-    top, left = float(r.y), float(r.x)  # level-0 corner of the core
+def core_corner(tile) -> tuple[float, float]:
+    """Level-0 (y, x) of the corner of a tile's core (a `TileInput`): its origin plus the
+    top and left halo in tile pixels, the placement its boxes get
+    (`engine.tiling.stitch.tile_core_level0`). The tile's key (y, x) is this corner only
+    where the tile is not resampled: a resampled core starts a fraction of a pixel off it."""
+    (oy, ox), (sy, sx) = tile.origin, tile.scale
+    top, _, left, _ = tile.halo
+    return float(oy + top * sy), float(ox + left * sx)
+
+
+def _mask_of(r: TileResult, j: int, scale: tuple[float, float], corner: tuple[float, float]) -> dict[str, Any]:
+    top, left = float(corner[0]), float(corner[1])
     sel = r.core_labels == j + 1
     ys, xs = np.nonzero(sel)
     if len(ys) == 0:
@@ -83,8 +95,10 @@ def _mask_of(r: TileResult, j: int, scale: tuple[float, float]) -> dict[str, Any
             "counts": rle_encode(sel[y0:y1, x0:x1])}
 
 
-def detections(r: TileResult, class_names: Sequence[str], scale: tuple[float, float]) -> list[dict[str, Any]]:
-    """The detections of one tile; scale: level-0 px per tile px (y, x), the tile's."""
+def detections(r: TileResult, class_names: Sequence[str], scale: tuple[float, float],
+               corner: tuple[float, float]) -> list[dict[str, Any]]:
+    """The detections of one tile; scale: level-0 px per tile px (y, x), the tile's;
+    corner: level-0 (y, x) of its core's corner (`core_corner`)."""
     out = []
     for j in range(r.n_defects):
         c = int(r.classes[j])
@@ -98,7 +112,7 @@ def detections(r: TileResult, class_names: Sequence[str], scale: tuple[float, fl
             "mask_score": _num(r.mask_scores[j]),
             "mask_from_box": bool(r.mask_from_box[j]),
             "centroid_px": [_num(v) for v in r.centroid_level0[j]],
-            "mask": _mask_of(r, j, scale),
+            "mask": _mask_of(r, j, scale, corner),
         }
         for name in MEASUREMENT_COLUMNS:
             d[name] = _num(getattr(r, name)[j])
@@ -113,14 +127,17 @@ def _weighted(results: Sequence[TileResult], key: str, n: int) -> np.ndarray:
     return _weighted_probs(metas, key, n)
 
 
-def analysis(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *,
-             class_names: Sequence[str], materials: Sequence[str], grades: Sequence[str]) -> dict[str, Any]:
+def analysis(results: Sequence[TileResult], tiles: Sequence[Any], *, class_names: Sequence[str],
+             materials: Sequence[str], grades: Sequence[str]) -> dict[str, Any]:
     """The part of the answer that comes from the tile results (model versions, material,
     grade, summary, detections with RLE masks, tile errors): a few kB where the results'
     label images are MBs, so the last model stage sends this, not the results.
-    scales: each result's tile scale (TileInput.scale)."""
+    tiles: the `TileInput`s the results came from, in order: their scale and core corner
+    (`core_corner`) place the masks as the boxes are placed."""
+    if len(results) != len(tiles):
+        raise ValueError(f"analysis: {len(results)} results of {len(tiles)} tiles; give the tile of each result")
     ok = [r for r in results if r.ok]
-    dets = [d for r, s in zip(results, scales) if r.ok for d in detections(r, class_names, s)]
+    dets = [d for r, t in zip(results, tiles) if r.ok for d in detections(r, class_names, t.scale, core_corner(t))]
     area = float(sum(r.core_area_mm2 for r in ok))
     mp = _weighted(ok, "material_probs", len(materials))
     gp = _weighted(ok, "grade_probs", len(grades))
@@ -155,10 +172,10 @@ def respond(analysed: dict[str, Any], *, image: dict[str, Any], alias: str, requ
     }
 
 
-def build_response(results: Sequence[TileResult], scales: Sequence[tuple[float, float]], *,
+def build_response(results: Sequence[TileResult], tiles: Sequence[Any], *,
                    class_names: Sequence[str], materials: Sequence[str], grades: Sequence[str],
                    image: dict[str, Any], alias: str, request_id: str, timings_ms: dict[str, float],
                    batch_sizes: dict[str, int] | None = None) -> dict[str, Any]:
     """`respond(analysis(...))` in one call, for a caller that holds the results."""
-    return respond(analysis(results, scales, class_names=class_names, materials=materials, grades=grades),
+    return respond(analysis(results, tiles, class_names=class_names, materials=materials, grades=grades),
                    image=image, alias=alias, request_id=request_id, timings_ms=timings_ms, batch_sizes=batch_sizes)

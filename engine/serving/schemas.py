@@ -11,14 +11,20 @@ from typing import Optional
 from pydantic import BaseModel, Field
 
 MODALITIES = ("SEM", "TEM", "optical")
+# HTTP status -> ErrorBody.error, every code the app answers; another status (none is
+# expected) answers "error"
+ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+               405: "method_not_allowed", 411: "length_required", 413: "too_large", 415: "unsupported_media",
+               422: "invalid", 429: "rate_limited", 500: "internal", 503: "unavailable"}
 
 
 class ErrorBody(BaseModel):
     """Every error: its HTTP status, a machine-readable code and a message naming the field at fault."""
 
     status: int
-    error: str = Field(description="unauthorized, forbidden, too_large, unsupported_media, invalid, "
-                                   "rate_limited, not_found, internal")
+    error: str = Field(description="machine-readable code, by status: "
+                                   + ", ".join(f"{code} ({status})" for status, code in ERROR_CODES.items())
+                                   + "; any other status: error")
     detail: str
     request_id: Optional[str] = None
 

@@ -214,8 +214,16 @@ class TestErrors:
         ({"modality": "SEM", "pixel_size_nm": "5"}, {"image": ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")},
          "not a readable PNG"),
         ({"modality": "SEM", "pixel_size_nm": "5"}, {}, "image"),
+        ({"modality": "SEM", "pixel_size_nm": "5"}, {"image": ("a.tif", "stack", "image/tiff")},
+         "TIFF holds 3 image planes"),
     ])
     def test_422_malformed_fields(self, client, served, data, files, words):
+        if files and files["image"][1] == "stack":  # a 3-page TIFF: one micrograph per request
+            import tifffile
+
+            buf = io.BytesIO()
+            tifffile.imwrite(buf, np.zeros((3, 32, 32), np.uint16), photometric="minisblack")
+            files = {"image": (files["image"][0], buf.getvalue(), files["image"][2])}
         kw = {"data": data} if files is None else {"data": data, "files": files or None}
         self.check(self.post(client, served, **kw), 422, words)
 
@@ -252,6 +260,27 @@ class TestAudit:
         assert "time" in good
         refused = entries["audit-refused-1"]
         assert refused["status"] == 401 and refused["tenant"] is None
+
+    def test_refused_requests_log_the_image_and_the_key_id_they_claim(self, client, served):
+        """FastAPI's own field validation (422 before the handler) still logs the image's
+        digest; a well-formed key with a wrong secret logs the id it claims."""
+        import hashlib
+
+        path = served["env"]["audit_log"]
+        before = len(read_audit(path))
+        png = png_bytes(np.zeros((8, 8), np.uint8))
+        bad_field = analyze(client, served["env"]["analyze_key"], {"image": ("a.png", png, "image/png")},
+                            {"modality": "SEM", "pixel_size_nm": "abc"}, headers={"X-Request-ID": "audit-422-1"})
+        key_id = served["env"]["analyze_key"].split("_", 2)[1]
+        guessed = analyze(client, f"gf_{key_id}_{'A' * 43}", {"image": ("a.png", png, "image/png")},
+                          {"modality": "SEM", "pixel_size_nm": "5"}, headers={"X-Request-ID": "audit-401-1"})
+        assert (bad_field.status_code, guessed.status_code) == (422, 401)
+        entries = {e["request_id"]: e for e in read_audit(path)[before:]}
+        assert entries["audit-422-1"]["image_sha256"] == hashlib.sha256(png).hexdigest()
+        assert entries["audit-422-1"]["tenant"] == "lab-a"
+        claimed = entries["audit-401-1"]
+        assert (claimed["status"], claimed["tenant"], claimed["key_id"], claimed["key_claimed"]) == \
+            (401, None, key_id, True)
         raw = open(path).read()
         assert served["env"]["analyze_key"].split("_", 2)[2] not in raw  # secrets never logged
         assert max(len(line) for line in raw.splitlines()) < 4000  # digests, never pixels

@@ -44,6 +44,19 @@ def test_bad_config_values_are_named():
         ServeConfig(deployments={"nosuch": {}})
     with pytest.raises(ValidationError, match="conf"):
         ServeConfig(ensemble={"conf": 2})
+    # the aliases that answer come from the split: a bundle is named alone
+    for ref in ("grainflow-demo@production", "grainflow-demo/3"):
+        with pytest.raises(ValidationError, match="give the name alone"):
+            ServeConfig(bundle=ref)
+
+
+def test_grainflow_serve_bundle_takes_a_name(tmp_path):
+    from typer.testing import CliRunner
+
+    from engine.cli import app
+
+    result = CliRunner().invoke(app, ["serve", "--bundle", "grainflow-demo@production", "--keys", "k.json"])
+    assert result.exit_code == 2 and "give the name alone" in result.output
 
 
 def test_serve_config_files_read_or_refused_naming_the_field(tmp_path):
@@ -93,6 +106,44 @@ class TestKeys:
         (tmp_path / "k4.json").write_text(json.dumps(edited))
         with pytest.raises(GrainflowError, match=f"key {key_id}: rate_per_minute -1 must be positive"):
             KeyStore.load(tmp_path / "k4.json")
+
+    def test_the_store_follows_the_file_without_a_restart(self, tmp_path):
+        from engine.serving.keys import KeyStore, add_key, revoke_key
+
+        path = tmp_path / "keys.json"
+        a_id, a = add_key(path, "lab-a", ["analyze"])
+        store = KeyStore.load(path, check_every_s=0)
+        _, b = add_key(path, "lab-b", ["analyze"])
+        assert store.verify(b).tenant == "lab-b"  # added: taken up
+        assert revoke_key(path, a_id).tenant == "lab-a"
+        assert store.verify(a) is None and store.verify(b) is not None  # revoked: refused at once
+        with pytest.raises(GrainflowError, match=f"no key 'k0'; its keys: {b.split('_')[1]}"):
+            revoke_key(path, "k0")
+
+    def test_a_file_half_edited_keeps_the_keys_a_removed_file_refuses_all(self, tmp_path):
+        from engine.serving.keys import KeyStore, add_key
+
+        path = tmp_path / "keys.json"
+        _, a = add_key(path, "lab-a", ["analyze"])
+        store = KeyStore.load(path, check_every_s=0)
+        text = path.read_text()
+        path.write_text(text[: len(text) // 2])  # an editor's save caught half way
+        assert store.verify(a).tenant == "lab-a"
+        path.write_text(text)
+        assert store.verify(a).tenant == "lab-a"
+        path.unlink()
+        assert store.verify(a) is None and len(store) == 0
+
+    def test_the_file_is_looked_at_once_per_interval(self, tmp_path):
+        from engine.serving.keys import KeyStore, add_key, revoke_key
+
+        path = tmp_path / "keys.json"
+        a_id, a = add_key(path, "lab-a", ["analyze"])
+        store = KeyStore.load(path)  # the default: a stat a second at most, not one per request
+        revoke_key(path, a_id)
+        assert store.verify(a) is not None  # within the second: not looked at yet
+        store._checked_at -= 1.0  # a second later
+        assert store.verify(a) is None
 
 
 def test_rate_limiter_refills():

@@ -61,3 +61,97 @@ def test_tiffs_the_stores_cannot_hold_are_refused_naming_the_problem():
     with pytest.raises(BadImage, match="finite"):
         decode(tiff_bytes(nan), "image/tiff")
     assert decode(tiff_bytes(np.ones((8, 8), np.float32)), "image/tiff").pixels.dtype == np.float32
+
+
+def tiff_claiming(height: int, width: int, samples: int = 2) -> bytes:
+    """A ~300-byte TIFF whose tags claim a height x width x samples uint8 image (a
+    16 x 16 one written by tifffile, its ImageLength, ImageWidth and RowsPerStrip tags
+    rewritten): its one strip cannot fill the claimed size, so a reader that decodes it
+    fails with BadImage; only a check of the tags answers TooLarge."""
+    buf = io.BytesIO()
+    tifffile.imwrite(buf, np.zeros((16, 16, samples), np.uint8), photometric="minisblack", planarconfig="contig",
+                     compression="zlib", rowsperstrip=16, metadata=None)
+    data = bytearray(buf.getvalue())
+    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
+        tags = tif.pages[0].tags
+        for code, value in ((256, width), (257, height), (278, height)):
+            struct.pack_into({3: "<H", 4: "<I"}[int(tags[code].dtype)], data, tags[code].valueoffset, value)
+    return bytes(data)
+
+
+class TestTiffLimits:
+    def test_grey_and_alpha_tiff_over_the_limit_is_too_large_before_any_pixel_is_decoded(self):
+        data = tiff_claiming(20000, 2000, samples=2)  # axes YXS: Y x X = 40 M pixels, X x S only 4000
+        assert len(data) < 1000
+        with tifffile.TiffFile(io.BytesIO(data)) as tif:
+            assert tif.series[0].axes == "YXS" and tif.series[0].shape == (20000, 2000, 2)
+        with pytest.raises(TooLarge, match="20000 x 2000 = 40000000 pixels is over the limit of 16777216"):
+            decode(data, "image/tiff", max_pixels=4096 * 4096)
+
+    def test_grey_and_alpha_tiff_within_the_limit_keeps_its_grey_channel(self):
+        grey = np.arange(24 * 32, dtype=np.uint16).reshape(24, 32)
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, np.dstack([grey, np.full_like(grey, 7)]), photometric="minisblack",
+                         planarconfig="contig", metadata=None)
+        np.testing.assert_array_equal(decode(buf.getvalue(), "image/tiff", max_pixels=24 * 32).pixels, grey)
+
+    @pytest.mark.parametrize("imagej", [False, True])
+    def test_a_stack_is_refused_naming_its_page_count(self, imagej):
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, np.zeros((3, 16, 16), np.uint16), imagej=imagej, photometric="minisblack")
+        with pytest.raises(BadImage, match=r"TIFF holds 3 image planes .* send each page as its own image"):
+            decode(buf.getvalue(), "image/tiff", max_pixels=16 * 16)
+
+    def test_pages_of_different_sizes_are_refused_a_flagged_thumbnail_is_not(self):
+        for subfiletype, refused in ((0, True), (1, False)):
+            buf = io.BytesIO()
+            with tifffile.TiffWriter(buf) as w:
+                w.write(np.ones((32, 24), np.uint8), photometric="minisblack", metadata=None)
+                w.write(np.zeros((8, 6), np.uint8), photometric="minisblack", subfiletype=subfiletype, metadata=None)
+            if refused:
+                with pytest.raises(BadImage, match="TIFF holds 2 image planes"):
+                    decode(buf.getvalue(), "image/tiff")
+            else:
+                assert decode(buf.getvalue(), "image/tiff").pixels.shape == (32, 24)
+
+    def test_more_samples_than_a_colour_image_are_refused(self):
+        buf = io.BytesIO()
+        tifffile.imwrite(buf, np.zeros((16, 16, 6), np.uint8), photometric="minisblack", planarconfig="contig",
+                         metadata=None)
+        with pytest.raises(BadImage, match="6 samples per pixel"):
+            decode(buf.getvalue(), "image/tiff")
+
+
+class TestPngColour:
+    """Palette and grey + alpha PNGs become grey by the rule RGB(A) PNGs and the batch
+    ingest use (BT.709 luma, alpha dropped), not Pillow's own ITU-R 601 conversion."""
+
+    COLOURS = np.array([[200, 30, 60], [10, 120, 250], [90, 90, 90]], np.uint8)
+
+    def png(self, image) -> bytes:
+        buf = io.BytesIO()
+        image.save(buf, format="PNG")
+        return buf.getvalue()
+
+    def test_palette_png_gives_the_same_grey_as_the_same_colours_in_rgb(self):
+        from PIL import Image
+
+        index = np.array([[0, 1, 2, 0], [2, 1, 0, 1]], np.uint8)
+        rgb = self.COLOURS[index]
+        pal = Image.fromarray(index, mode="P")
+        pal.putpalette(self.COLOURS.ravel().tolist())
+        assert pal.mode == "P"
+        want = decode(self.png(Image.fromarray(rgb, mode="RGB")), "image/png").pixels
+        got = decode(self.png(pal), "image/png").pixels
+        np.testing.assert_array_equal(got, want)
+        assert got[0, 0] == 68  # BT.709 of (200, 30, 60): 0.2125 R + 0.7154 G + 0.0721 B
+        assert np.asarray(pal.convert("L"))[0, 0] == 84  # Pillow's ITU-R 601 weights, what it was
+        pal.info["transparency"] = 1  # a palette with alpha: dropped, as RGBA's
+        np.testing.assert_array_equal(decode(self.png(pal), "image/png").pixels, want)
+
+    def test_grey_and_alpha_png_keeps_its_grey_channel(self):
+        from PIL import Image
+
+        grey = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
+        la = Image.fromarray(np.dstack([grey, np.full_like(grey, 17)]), mode="LA")
+        np.testing.assert_array_equal(decode(self.png(la), "image/png").pixels, grey)

@@ -1,0 +1,87 @@
+"""Tile results to the answer's detections: masks are placed where the tile's boxes are.
+
+A tile resampled to the models' pixel size is keyed by a whole level-0 pixel (y, x), but
+its core starts at origin + halo x scale, a fraction of a pixel off the key. Boxes are
+placed from origin and scale (`engine.tiling.stitch.tile_boxes_to_level0`); the masks
+must be too, or an overlay draws them up to a pixel away from their boxes.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+
+from engine.pipeline.results import TileResult
+from engine.serving.prepare import TilingSettings, prepare_image
+from engine.serving.response import analysis, core_corner, paint_mask
+from engine.tiling.stitch import tile_boxes_to_level0
+
+
+@pytest.fixture(scope="module")
+def resampled_tiles():
+    """A 300 x 300 upload at 3 nm, tiled at the models' 1.3 nm: 128 px chunks, 8 px halo."""
+    pixels = (np.arange(300 * 300) % 251).astype(np.uint8).reshape(300, 300)
+    settings = TilingSettings(chunk=128, halo=8, target_pixel_size_nm=1.3)
+    return prepare_image(pixels, modality="SEM", pixel_size_nm=3.0, settings=settings, fit=False).tiles
+
+
+def one_detection(tile, box_tile_px: tuple[int, int, int, int]) -> TileResult:
+    """A TileResult for `tile` with one detection whose mask fills `box_tile_px` (xyxy,
+    tile pixels of core + halo, edge coordinates), placed as the ensemble places boxes."""
+    h, w = tile.tile.shape
+    top, bottom, left, right = tile.halo
+    x0, y0, x1, y1 = box_tile_px
+    full = np.zeros((h, w), np.uint32)
+    full[y0:y1, x0:x1] = 1
+    box = np.array([box_tile_px], np.float64)
+    level0 = tile_boxes_to_level0(box, tile.origin, tile.scale)
+    empty = TileResult.failed(image_id="upload", level=int(tile.level), y=int(tile.y), x=int(tile.x), modality="SEM",
+                              pixel_size_nm=float(tile.pixel_size_nm), error="", n_materials=0, n_grades=0,
+                              model_versions={})
+    one = np.ones(1)
+    return dataclasses.replace(
+        empty, error=None, boxes=box, boxes_level0=level0, boxes_nm=level0 * 3.0, scores=one * 0.9,
+        classes=np.zeros(1, np.int64), mask_scores=one, mask_from_box=np.zeros(1, bool),
+        **{name: one for name in ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm",
+                                  "minor_axis_nm", "aspect_ratio", "orientation_deg")},
+        centroid_level0=np.zeros((1, 2)), core_labels=full[top : h - bottom, left : w - right],
+        core_classes=np.zeros((h - top - bottom, w - left - right), np.uint8), core_area_mm2=1.0,
+        defect_density_per_mm2=1.0)
+
+
+class TestMaskPlacement:
+    def test_a_resampled_tiles_mask_starts_at_its_core_corner_not_its_key(self, resampled_tiles):
+        tile = next(t for t in resampled_tiles if (t.y, t.x) == (0, 128))
+        assert tile.scale == pytest.approx((1.3 / 3, 1.3 / 3))
+        corner = core_corner(tile)
+        assert corner == pytest.approx((0.0, 128.2667), abs=1e-4)  # the key says x = 128
+        left = tile.halo[2]
+        result = one_detection(tile, (left, 0, left + 5, 4))  # the core's first 5 x 4 pixels
+        (det,) = analysis([result], [tile], class_names=["void"], materials=[], grades=[])["detections"]
+        assert det["mask"]["origin_px"] == pytest.approx(list(corner), abs=1e-9)
+        # the mask's corner is the box's corner: both placed by the tile's origin and scale
+        assert det["mask"]["origin_px"] == pytest.approx([det["box_px"][1], det["box_px"][0]], abs=1e-9)
+
+    def test_masks_paint_inside_their_boxes_on_every_tile(self, resampled_tiles):
+        for tile in resampled_tiles:
+            top, _, left, _ = tile.halo
+            box = (left + 3, top + 2, left + 40, top + 30)
+            (det,) = analysis([one_detection(tile, box)], [tile], class_names=["void"], materials=[],
+                                   grades=[])["detections"]
+            x0, y0, x1, y1 = det["box_px"]
+            m = det["mask"]
+            oy, ox = m["origin_px"]
+            (sy, sx), (h, w) = m["scale"], m["size"]
+            assert (oy, ox, oy + h * sy, ox + w * sx) == pytest.approx((y0, x0, y1, x1), abs=1e-9)
+            painted = paint_mask(np.zeros((300, 300), bool), m, True)
+            ys, xs = np.nonzero(painted)
+            # each level-0 pixel takes the mask pixel its centre falls in: centres inside the box
+            assert (ys + 0.5 >= y0).all() and (ys + 0.5 <= y1).all() and (xs + 0.5 >= x0).all()
+            assert (xs + 0.5 <= x1).all()
+
+    def test_one_tile_per_result(self, resampled_tiles):
+        tile = resampled_tiles[0]
+        with pytest.raises(ValueError, match="1 results of 2 tiles"):
+            analysis([one_detection(tile, (0, 0, 2, 2))], [tile, tile], class_names=["v"], materials=[], grades=[])
