@@ -16,7 +16,8 @@ model trains on that archive's defect crops (Ray Train), generates rare-class sa
 for the archive's materials and modalities, the quality gate filters them, and the
 detector (yolov8n_tiny) trains with the same seed on: real tiles only; real plus the
 gate-accepted synthetic tiles (`--ratio` synthetic per real tile; skipped when the gate
-accepts none); real plus all synthetic tiles, ungated. Outputs already in --work are
+accepts none); real plus all synthetic tiles, ungated (engine.training.mixing.ungated:
+the explicit opt-out of the gate that training otherwise requires). Outputs already in --work are
 reused, so an interrupted run continues. Recall of the rare class (IoU 0.5,
 confidence >= --recall-conf) and mAP50 are measured on a held-out archive generated with another
 seed; recall is per class, so the held-out class counts (reported) set only how precise
@@ -28,7 +29,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import sys
 import tempfile
 import time
@@ -152,6 +152,7 @@ def rare(args, work: Path) -> dict:
     from engine.training import train
     from engine.training.detector.train import train_detector
     from engine.training.detector.evaluate import evaluate_detector
+    from engine.training.mixing import ungated
 
     # 2 training workers hold a CPU slot each for the whole run and Ray Data's read tasks
     # need slots of their own (engine.training.trainer.ensure_ray): 4 logical CPUs.
@@ -194,10 +195,7 @@ def rare(args, work: Path) -> dict:
 
     # The same samples without the gate's verdict: what mixing them in would do (and the
     # only synthetic arm there is when the gate refuses every sample).
-    ungated = work / "synthetic_ungated"
-    if not ungated.exists():
-        shutil.copytree(syn, ungated, ignore=shutil.ignore_patterns("rejects.parquet"))
-    arms = [("real_only", {}), ("with_synthetic_ungated", {"synthetic_archive": str(ungated),
+    arms = [("real_only", {}), ("with_synthetic_ungated", {"synthetic_archive": ungated(syn),
                                                            "synthetic_ratio": args.ratio})]
     if gate["accepted"]:
         arms.append(("with_synthetic", {"synthetic_archive": str(syn), "synthetic_ratio": args.ratio}))

@@ -30,14 +30,19 @@ class DefectDiffusion(nn.Module):
     conditioning vocabularies, in index order (recorded in the config, so a checkpoint
     keeps its order); num_train_timesteps, beta_schedule: the DDPM noise schedule it is
     trained under; pixel_size_nm: typical level-0 pixel size (nm) of the training
-    patches per modality, written into generated archives (empty until trained).
+    patches per modality, written into generated archives (empty until trained);
+    intensity_range: {condition key: [p1, p99]} of the training crops as fractions of
+    their dtype's full scale, the grey levels generated samples are written with
+    (engine.synth.diffusion.intensity; empty until trained, and in models trained
+    before it was recorded).
     """
 
     channels = 2  # image, mask
 
     def __init__(self, unet: nn.Module, *, sample_size: int, defect_classes: Sequence[str], materials: Sequence[str],
                  modalities: Sequence[str], num_train_timesteps: int, beta_schedule: str,
-                 pixel_size_nm: dict[str, float] | None = None):
+                 pixel_size_nm: dict[str, float] | None = None,
+                 intensity_range: dict[str, list[float]] | None = None):
         super().__init__()
         self.unet = unet
         self.sample_size = int(sample_size)
@@ -47,6 +52,7 @@ class DefectDiffusion(nn.Module):
         self.num_train_timesteps = int(num_train_timesteps)
         self.beta_schedule = str(beta_schedule)
         self.pixel_size_nm = dict(pixel_size_nm or {})
+        self.intensity_range = {k: [float(a), float(b)] for k, (a, b) in (intensity_range or {}).items()}
 
     @property
     def num_conditions(self) -> int:
@@ -86,6 +92,7 @@ def build_unet_diffusion(
     num_train_timesteps: int = 1000,
     beta_schedule: str = "squaredcos_cap_v2",
     pixel_size_nm: dict[str, float] | None = None,
+    intensity_range: dict[str, list[float]] | None = None,
 ) -> DefectDiffusion:
     """A DefectDiffusion from plain arguments (random init; nothing downloaded).
 
@@ -112,7 +119,8 @@ def build_unet_diffusion(
     )
     return DefectDiffusion(unet, sample_size=sample_size, defect_classes=defect_classes, materials=materials,
                            modalities=modalities, num_train_timesteps=num_train_timesteps,
-                           beta_schedule=beta_schedule, pixel_size_nm=pixel_size_nm)
+                           beta_schedule=beta_schedule, pixel_size_nm=pixel_size_nm,
+                           intensity_range=intensity_range)
 
 
 def diffusion_loss(model: nn.Module, clean: torch.Tensor, condition: torch.Tensor, *,

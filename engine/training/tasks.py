@@ -274,11 +274,17 @@ class DiffusionTask(Task):
 
     def config_overrides(self, specs):
         """pixel_size_nm: the median pixel size (nm) of the crops per modality, which
-        generated archives record as their pixel size."""
+        generated archives record as their pixel size. intensity_range: the crops' median
+        p1 / p99 per condition (engine.synth.diffusion.intensity; reads a capped subset
+        of the crops), the grey levels generated samples are written with."""
+        from engine.models import labels
+        from engine.synth.diffusion.intensity import crop_intensity
+
         sizes: dict[str, list[float]] = {}
         for s in specs:
             sizes.setdefault(s.modality, []).append(s.pixel_size_nm)
-        return {"pixel_size_nm": {k: float(np.median(v)) for k, v in sorted(sizes.items())}}
+        return {"pixel_size_nm": {k: float(np.median(v)) for k, v in sorted(sizes.items())},
+                "intensity_range": crop_intensity(specs, labels.defect_class_names())}
 
     def step(self, model, batch):
         from engine.models.diffusion import diffusion_loss

@@ -181,8 +181,9 @@ def plan_training(
 
     Validation tiles come from `val_archive` when given, else a seeded `val_fraction`
     of the archive's tiles (val_fraction=0: no validation). With `synthetic_archive`,
-    its gate-accepted samples join the training specs, `synthetic_ratio` per real one
-    (engine.training.mixing).
+    its gate-accepted samples join the training specs, `synthetic_ratio` per real one,
+    interleaved with them in a permutation seeded by `seed` (engine.training.mixing;
+    an archive the gate has not judged is refused, `mixing.ungated(archive)` opts out).
     """
     from engine.models import get_config
     from engine.training.tasks import make_task
@@ -200,10 +201,9 @@ def plan_training(
     else:
         train_specs, val_specs = split_specs(specs, val_fraction, seed=seed, min_each=num_workers)
     if synthetic_archive is not None:
-        from engine.training.mixing import accepted_image_ids, mix_in
+        from engine.training.mixing import mix_in, synthetic_specs
 
-        synthetic = plan_samples(synthetic_archive, layout, seed=seed + 2, image_ids=accepted_image_ids(synthetic_archive),
-                                 **orders)
+        synthetic = synthetic_specs(synthetic_archive, layout, seed=seed + 2, **orders)
         train_specs = mix_in(train_specs, synthetic, synthetic_ratio, seed=seed)
     if len(train_specs) < num_workers:
         raise TrainingError(
@@ -284,7 +284,8 @@ def train(
     task_options: per-family extras (segmenter: max_boxes; fusion: context_tile).
     progress_dir: local folder for per-rank progress lines (see loop.LoopConfig).
     synthetic_archive / synthetic_ratio: mix a synthetic archive's gate-accepted samples
-      into training, `synthetic_ratio` per real training sample (plan_training).
+      into training, `synthetic_ratio` per real training sample (plan_training); the
+      run's parameters record the asked ratio and the achieved count and ratio.
     cache: read the samples from the archive once and keep them in Ray's object store
       for every epoch (`Dataset.materialize`; augmentation still differs per epoch, it
       runs in the workers' collate), instead of reading the archive again each epoch.
@@ -325,6 +326,15 @@ def train(
     # What the plan teaches the model's config (diffusion: pixel sizes per modality);
     # the user's own overrides win.
     overrides = {**make_task(family, task_options).config_overrides(train_specs), **(overrides or {})}
+    synthetic_params = {"synthetic_archive": str(synthetic_archive),
+                        "synthetic_ratio": synthetic_ratio if synthetic_archive else 0.0}
+    if synthetic_archive is not None:  # what was mixed in, which a small archive caps below the ratio
+        from engine.training.mixing import synthetic_count
+
+        n_syn = synthetic_count(train_specs, synthetic_archive)
+        n_real = len(train_specs) - n_syn
+        synthetic_params.update(synthetic_samples=n_syn,
+                                synthetic_ratio_achieved=round(n_syn / n_real, 4) if n_real else float("nan"))
     ensure_ray(num_workers)
     if use_gpu is None:
         use_gpu = _auto_gpu(num_workers)
@@ -347,7 +357,7 @@ def train(
         "lr_schedule": lr_schedule, "weight_decay": weight_decay, "augment_strength": strength, "seed": seed,
         "tile": layout.tile, "context_tile": layout.context_tile, "train_samples": len(train_specs),
         "val_samples": len(val_specs),
-        "synthetic_archive": str(synthetic_archive), "synthetic_ratio": synthetic_ratio if synthetic_archive else 0.0,
+        **synthetic_params,
         "cached": bool(cache),
         "storage_path": os.fspath(storage_path) if storage_prefix else storage,
     }, tags={"grainflow.family": family, "grainflow.model": model_name}, resume_key="storage_path")

@@ -41,6 +41,25 @@ class TestInstanceCrops:
             SampleLayout(32, context_tile=32, anchor="instances")
 
 
+class TestWhatTrainingRecords:
+    def test_pixel_sizes_and_grey_levels_reach_the_checkpoint(self, train_archive, tmp_path):
+        # generated samples are written with the real crops' grey levels per condition
+        # (engine.synth.diffusion.intensity), recorded in the config as pixel sizes are
+        from engine.models import create_diffusion, load_model, save_checkpoint
+        from engine.synth.diffusion.intensity import crop_intensity
+        from engine.training.tasks import make_task
+
+        specs = plan_samples(train_archive, SampleLayout(32, mask="instance", anchor="instances"), **ORDERS)
+        overrides = make_task("diffusion").config_overrides(specs)
+        modalities = {s.modality for s in specs}
+        assert set(overrides["pixel_size_nm"]) == modalities
+        assert overrides["intensity_range"] == crop_intensity(specs, labels.defect_class_names())
+        assert modalities <= set(overrides["intensity_range"])
+        path = tmp_path / "m.safetensors"
+        digest = save_checkpoint(create_diffusion("ddpm_tiny", **overrides), path)
+        assert load_model(path, expected_sha256=digest).intensity_range == overrides["intensity_range"]
+
+
 @pytest.mark.slow
 class TestDiffusionOnRayTrain:
     def test_trains_checkpoints_and_records_pixel_sizes(self, ray_session, train_archive, tmp_path, tracking_uri):
@@ -56,6 +75,7 @@ class TestDiffusionOnRayTrain:
         path = f"{result.checkpoint_path}/model.safetensors"
         config = read_config(path)
         assert config.family == "diffusion" and set(config.args["pixel_size_nm"]) <= {"SEM", "TEM", "optical"}
+        assert set(config.args["pixel_size_nm"]) <= set(config.args["intensity_range"])
         model = load_model(path, expected_sha256=result.model_sha256)
         images, masks = sample_patches(model, [0], [1], steps=2)
         assert images.shape == (1, 32, 32)

@@ -6,21 +6,23 @@ import pytest
 
 from engine.stores.uri import resolve
 from engine.synth.diffusion.conditions import Condition
-from engine.synth.diffusion.output import write_index, write_rejects, write_sample
+from engine.synth.diffusion.output import GATE_FILE, write_gate_record, write_index, write_rejects, write_sample
 from engine.synth.diffusion.plan import PlannedSample
-from engine.training.mixing import MixingError, accepted_image_ids, mix_in, synthetic_detector_tiles
+from engine.training.mixing import (
+    MixingError, MixingWarning, accepted_image_ids, mix_in, synthetic_count, synthetic_detector_tiles, ungated,
+)
 
 import numpy as np
 
+REJECTED = ("v01", "v02", "v03")
 
-@pytest.fixture(scope="module")
-def synthetic(tmp_path_factory):
-    """Twelve 32 px 'void' samples with a disc mask (one empty), three of them rejected."""
-    archive = resolve(tmp_path_factory.mktemp("mix") / "syn")
+
+def _write_samples(archive, n: int, *, start: int = 0) -> list[dict]:
+    """n 32 px 'void' samples with a disc mask (v00 empty); the catalog lists all written so far."""
     yy, xx = np.mgrid[:32, :32]
     records, truth = [], []
-    for i in range(12):
-        mask = ((yy - 16) ** 2 + (xx - 16) ** 2 < (i + 3) ** 2) if i else np.zeros((32, 32), bool)
+    for i in range(start, start + n):
+        mask = ((yy - 16) ** 2 + (xx - 16) ** 2 < (i % 12 + 3) ** 2) if i else np.zeros((32, 32), bool)
         image = np.where(mask, 0.2, 0.7).astype(np.float32)
         s = PlannedSample(f"v{i:02d}", Condition("void", "ferritic_steel", "SEM"), i, i)
         rec, t = write_sample(archive, s, image, mask, pixel_size_nm=2.0, provenance={
@@ -28,8 +30,23 @@ def synthetic(tmp_path_factory):
             "condition_index": 0})
         records.append(rec)
         truth += [t] if t else []
+    return records, truth
+
+
+def _gate(archive, records, rejected=REJECTED):
+    """What gate_archive records, without training its classifier: every record judged."""
+    write_rejects(archive, [{"image_id": i, "defect_class": "void", "reason": "kid: test"} for i in rejected])
+    write_gate_record(archive, judged={r["image_id"]: r["checksum"] for r in records},
+                      accepted=[r["image_id"] for r in records if r["image_id"] not in rejected], real="real")
+
+
+@pytest.fixture(scope="module")
+def synthetic(tmp_path_factory):
+    """Twelve 32 px 'void' samples with a disc mask (one empty), gated: three rejected."""
+    archive = resolve(tmp_path_factory.mktemp("mix") / "syn")
+    records, truth = _write_samples(archive, 12)
     write_index(archive, records, truth)
-    write_rejects(archive, [{"image_id": f"v{i:02d}", "defect_class": "void", "reason": "kid: test"} for i in (1, 2, 3)])
+    _gate(archive, records)
     return archive
 
 
@@ -37,10 +54,26 @@ class TestMixIn:
     def test_ratio_is_synthetic_per_real(self):
         real, syn = list(range(10)), [f"s{i}" for i in range(20)]
         mixed = mix_in(real, syn, 0.5, seed=0)
-        assert mixed[:10] == real and len(mixed) == 15 and set(mixed[10:]) <= set(syn)
-        assert mix_in(real, syn, 0.5, seed=0) == mixed
-        assert len(mix_in(real, syn, 5.0, seed=0)) == 30  # all there is
+        assert len(mixed) == 15 and sorted(m for m in mixed if isinstance(m, int)) == real
+        assert set(m for m in mixed if isinstance(m, str)) <= set(syn)
+        assert mix_in(real, syn, 0.5, seed=0) == mixed, "a rerun plans the same order"
+        assert mix_in(real, syn, 0.5, seed=1) != mixed
         assert mix_in(real, syn, 0.0, seed=0) == real
+
+    def test_a_capped_ratio_warns_with_the_achieved_one(self):
+        real, syn = list(range(10)), [f"s{i}" for i in range(20)]
+        with pytest.warns(MixingWarning, match="20 samples to mix in, 50 asked for.*mixing 20, an achieved ratio of 2"):
+            assert len(mix_in(real, syn, 5.0, seed=0)) == 30  # all there is
+
+    def test_synthetic_samples_are_spread_over_the_epoch(self):
+        # training reads the list in order through a 64-row shuffle buffer: synthetic
+        # samples appended at the end arrived as one block at the end of every epoch
+        real, syn = [("r", i) for i in range(600)], [("s", i) for i in range(600)]
+        mixed = mix_in(real, syn, 0.5, seed=3)
+        third = len(mixed) // 3
+        for part in (mixed[:third], mixed[third:2 * third], mixed[2 * third:]):
+            share = sum(kind == "s" for kind, _ in part) / len(part)
+            assert abs(share - 1 / 3) < 0.08, share
 
     def test_bad_ratio_and_empty_archive_are_named(self):
         with pytest.raises(MixingError, match="ratio"):
@@ -52,7 +85,39 @@ class TestMixIn:
 class TestSyntheticArchive:
     def test_rejected_samples_are_left_out(self, synthetic):
         ids = accepted_image_ids(synthetic)
-        assert len(ids) == 9 and not {"v01", "v02", "v03"} & set(ids)
+        assert len(ids) == 9 and not set(REJECTED) & set(ids)
+
+    def test_an_archive_never_gated_is_refused_naming_the_command(self, tmp_path):
+        archive = resolve(tmp_path / "ungated")
+        records, truth = _write_samples(archive, 4)
+        write_index(archive, records, truth)
+        with pytest.raises(MixingError, match="never ran.*grainflow synthesize --gate-only --out .*ungated"):
+            accepted_image_ids(archive)
+        with pytest.raises(MixingError, match="never ran"):
+            synthetic_detector_tiles(archive, ["void"], 128)
+        # the explicit opt-out takes every sample, and says so where it is recorded
+        assert accepted_image_ids(archive, gated=False) == ["v00", "v01", "v02", "v03"]
+        assert accepted_image_ids(ungated(archive)) == ["v00", "v01", "v02", "v03"]
+        assert str(ungated(archive)).startswith("ungated:")
+
+    def test_samples_added_or_rewritten_after_gating_are_refused(self, tmp_path):
+        archive = resolve(tmp_path / "grown")
+        records, truth = _write_samples(archive, 4)
+        write_index(archive, records, truth)
+        _gate(archive, records, rejected=())
+        assert len(accepted_image_ids(archive)) == 4
+        more, more_truth = _write_samples(archive, 2, start=4)  # a larger -n after the gate ran
+        write_index(archive, records + more, truth + more_truth)
+        with pytest.raises(MixingError, match="2 of its 6 samples were added or rewritten after the quality gate "
+                                              "ran.*v04.*gate it again"):
+            accepted_image_ids(archive)
+        _gate(archive, records + more, rejected=())
+        assert len(accepted_image_ids(archive)) == 6
+        records[1] = {**records[1], "checksum": "f" * 64}  # a sample rewritten since
+        write_index(archive, records + more, truth + more_truth)
+        with pytest.raises(MixingError, match="1 of its 6 .*v01"):
+            accepted_image_ids(archive)
+        assert (archive.join(GATE_FILE)).exists()
 
     def test_detector_tiles_hold_the_labelled_defect(self, synthetic):
         tiles = synthetic_detector_tiles(synthetic, ["pore", "crack", "inclusion", "scratch", "void"], 128)
@@ -65,13 +130,42 @@ class TestSyntheticArchive:
         from engine.training import plan_training
 
         _, real, val = plan_training("fusion", "fusion_tiny", str(train_archive), tile_size=32, num_workers=1)
-        _, mixed, val2 = plan_training("fusion", "fusion_tiny", str(train_archive), tile_size=32, num_workers=1,
-                                       synthetic_archive=synthetic.uri, synthetic_ratio=0.1)
+        with pytest.warns(MixingWarning, match="9 samples to mix in"):  # fewer than 0.1 x real
+            _, mixed, val2 = plan_training("fusion", "fusion_tiny", str(train_archive), tile_size=32, num_workers=1,
+                                           synthetic_archive=synthetic.uri, synthetic_ratio=0.1)
         assert val2 == val, "validation stays real"
-        extra = mixed[len(real):]
-        assert mixed[:len(real)] == real
+        extra = [s for s in mixed if s not in real]
+        key = lambda s: (s.image_id, s.level, s.y, s.x)  # noqa: E731
+        assert sorted((s for s in mixed if s in real), key=key) == sorted(real, key=key)
         assert len(extra) == min(9, round(0.1 * len(real))) and len(extra) > 0
-        assert all(s.image_id.startswith("v") and s.image_id not in ("v01", "v02", "v03") for s in extra)
+        assert all(s.image_id.startswith("v") and s.image_id not in REJECTED for s in extra)
+        assert synthetic_count(mixed, synthetic.uri) == len(extra)
+        with pytest.warns(MixingWarning):
+            _, again, _ = plan_training("fusion", "fusion_tiny", str(train_archive), tile_size=32, num_workers=1,
+                                        synthetic_archive=synthetic.uri, synthetic_ratio=0.1)
+        assert again == mixed, "the same seed plans the same order"
+
+    def test_fusion_plan_interleaves_real_and_synthetic(self, synthetic, train_archive):
+        from engine.training import plan_training
+
+        _, real, _ = plan_training("fusion", "fusion_tiny", str(train_archive), tile_size=32, num_workers=1,
+                                   val_fraction=0)
+        with pytest.warns(MixingWarning):  # 9 accepted samples, fewer than asked
+            _, mixed, _ = plan_training("fusion", "fusion_tiny", str(train_archive), tile_size=32, num_workers=1,
+                                        val_fraction=0, synthetic_archive=synthetic.uri, synthetic_ratio=1.0)
+        # the 9 accepted samples spread over the epoch (appended, all 9 were in its last third)
+        third = len(mixed) // 3
+        counts = [synthetic_count(part, synthetic.uri) for part in (mixed[:third], mixed[third:2 * third],
+                                                                   mixed[2 * third:])]
+        assert sum(counts) == 9 and all(1 <= c <= 6 for c in counts), counts
+
+    def test_fusion_tile_larger_than_the_samples_is_named(self, synthetic, train_archive):
+        from engine.training import plan_training
+
+        # fusion_tiny's tile is 64 px; the samples are 32 px
+        with pytest.raises(MixingError, match="samples are 32 px at most and the model's training tile is 64 px"):
+            plan_training("fusion", "fusion_tiny", str(train_archive), num_workers=1,
+                          synthetic_archive=synthetic.uri, synthetic_ratio=0.1)
 
 
 class TestFinetuneArguments:

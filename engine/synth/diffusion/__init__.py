@@ -2,8 +2,9 @@
 
 Modules: `conditions` (what may be asked for), `plan` (samples, seeds, batches),
 `sampler` (DDIM / DPM-Solver sampling, deterministic per seed), `patches` (the
-two-channel representation), `output` (the synthetic archive: OME-Zarr, catalog with
-provenance, rejects), `model_source` (checkpoint or registry ref), `job` (the Ray driver,
+two-channel representation), `intensity` (the real crops' grey levels, recorded at
+training and given back to samples), `output` (the synthetic archive: OME-Zarr, catalog
+with provenance, rejects, the gate's record), `model_source` (checkpoint or registry ref), `job` (the Ray driver,
 `synthesize`), `gate` (classifier agreement and KID before samples join training),
 `kid` (kernel inception distance), `crop_classifier` (the gate's classifier and feature
 extractor), `cli` (`grainflow synthesize`). The model itself is engine.models.diffusion;

@@ -4,17 +4,22 @@
 
 1. A crop classifier (crop_classifier) is trained on the real archive's defect crops
    (one per ground-truth defect, centred on it, the patch size of the samples).
-2. Per sample: refused if its mask is empty ("empty mask": nothing is labelled), or if
-   the classifier's most likely class is not the requested one ("classifier disagrees").
+2. Per sample: refused if its mask is empty ("empty mask": nothing is labelled); if the
+   real archive has no crop of the requested class ("no real crops": nothing to compare
+   with, and a classifier that never saw the class cannot agree); or if the classifier's
+   most likely class is not the requested one ("classifier disagrees").
 3. Per requested class: KID (kid.py) between the classifier features of the samples
    that passed and those of the real crops of that class. The class's samples are all
    refused ("kid") when that distance exceeds the distance between the real crops of the
    class and the real crops of every other class: generated samples that are further
-   from their class than the other classes are do not look like that class. With fewer
-   than two real crops of a class its KID is not measurable (NaN) and only step 2 applies.
+   from their class than the other classes are do not look like that class. KID needs
+   two samples a side: where it is not measurable (NaN) the samples that passed step 2
+   are accepted on the classifier's word alone, and the report names that class in
+   `kid_unchecked` with the reason.
 
-Refusals go to the archive's rejects table (output.REJECTS_FILE) with their reason;
-training (engine.training.mixing) leaves those images out.
+Refusals go to the archive's rejects table (output.REJECTS_FILE) with their reason, and
+what the gate judged to output.GATE_FILE; training (engine.training.mixing) takes only
+archives the gate has judged whole, and leaves the refused images out.
 """
 
 from __future__ import annotations
@@ -32,7 +37,8 @@ class GateReport:
     """samples: gated; accepted: passed; rejected: {reason kind: count}; kid /
     kid_reference: per class, generated-vs-real and real-vs-other-classes KID;
     classifier_accuracy: the crop classifier on its real training crops;
-    real_crops: {class: count}."""
+    real_crops: {class: count}; kid_unchecked: {class: why} for the classes whose
+    accepted samples passed on the classifier alone (KID not measurable)."""
 
     samples: int
     accepted: int
@@ -41,6 +47,7 @@ class GateReport:
     kid_reference: dict[str, float] = field(default_factory=dict)
     classifier_accuracy: float = float("nan")
     real_crops: dict[str, int] = field(default_factory=dict)
+    kid_unchecked: dict[str, str] = field(default_factory=dict)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -99,13 +106,18 @@ def gate_archive(synthetic, real, *, seed: int = 0, max_real_crops: int = 2000, 
     from engine.models import labels
     from engine.synth.diffusion.crop_classifier import predict, train_crop_classifier
     from engine.synth.diffusion.kid import kid
-    from engine.synth.diffusion.output import write_rejects
+    from engine.synth.diffusion.output import GATE_FILE, read_provenance, write_gate_record, write_rejects
 
     synthetic = resolve(synthetic)
     classes = tuple(labels.defect_class_names())
+    gate_file = synthetic.join(GATE_FILE)
+    if gate_file.exists():  # an earlier verdict stops counting until this one is recorded whole
+        gate_file.filesystem().rm(gate_file.path)
+    checksums = {str(r.image_id): str(r.checksum) for r in read_provenance(synthetic).itertuples()}
     ids, wanted, patches = synthetic_patches(synthetic)
     if not ids:
         write_rejects(synthetic, [])
+        write_gate_record(synthetic, judged={}, accepted=[], real=resolve(real).uri)
         return GateReport(0, 0)
     size = patches.shape[-1]
     x, y = real_crops(real, size, classes, max_crops=max_real_crops, seed=seed)
@@ -124,16 +136,22 @@ def gate_archive(synthetic, real, *, seed: int = 0, max_real_crops: int = 2000, 
                 "class_probability": float(probs[i, k]), "kid": None}
         if not (patches[i, 1] > 0).any():
             rejects[image_id] = {**base, "reason": "empty mask: the generated sample labels no defect"}
+        elif not (y == k).any():
+            rejects[image_id] = {**base, "reason": f"no real crops: {real} has no real crops of {cls} to compare with"}
         elif pred != k:
             rejects[image_id] = {**base, "reason": f"classifier disagrees: predicted {classes[pred]} "
                                                    f"(p={probs[i, pred]:.2f}), p({cls})={probs[i, k]:.2f}"}
-    kids, refs = {}, {}
+    kids, refs, unchecked = {}, {}, {}
     for cls in sorted(set(wanted)):
         k = classes.index(cls)
         passed = [i for i, (image_id, c) in enumerate(zip(ids, wanted)) if c == cls and image_id not in rejects]
         real_k, real_other = real_feats[y == k], real_feats[y != k]
         kids[cls] = kid(feats[passed], real_k, seed=seed) if passed else float("nan")
         refs[cls] = kid(real_k, real_other, seed=seed)
+        if passed and not (np.isfinite(kids[cls]) and np.isfinite(refs[cls])):
+            unchecked[cls] = (f"KID not measurable ({len(passed)} passing samples, {len(real_k)} real crops of "
+                              f"{cls}, {len(real_other)} of other classes; it needs two a side): accepted on the "
+                              "classifier's agreement alone")
         if np.isfinite(kids[cls]) and np.isfinite(refs[cls]) and kids[cls] > refs[cls]:
             for i in passed:
                 rejects[ids[i]] = {"image_id": ids[i], "defect_class": cls,
@@ -142,6 +160,8 @@ def gate_archive(synthetic, real, *, seed: int = 0, max_real_crops: int = 2000, 
                                    "reason": f"kid: {kids[cls]:.4f} to real {cls} crops exceeds {refs[cls]:.4f} "
                                              f"between real {cls} and other classes"}
     write_rejects(synthetic, sorted(rejects.values(), key=lambda r: r["image_id"]))
+    write_gate_record(synthetic, judged={i: checksums[i] for i in ids}, accepted=[i for i in ids if i not in rejects],
+                      real=resolve(real).uri, kid_unchecked=unchecked)
     counts: dict[str, int] = {}
     for r in rejects.values():
         kind = r["reason"].split(":")[0]
@@ -149,5 +169,5 @@ def gate_archive(synthetic, real, *, seed: int = 0, max_real_crops: int = 2000, 
     return GateReport(
         samples=len(ids), accepted=len(ids) - len(rejects), rejected=counts, kid=kids, kid_reference=refs,
         classifier_accuracy=float((real_probs.argmax(1) == y).mean()),
-        real_crops={c: int((y == i).sum()) for i, c in enumerate(classes)},
+        real_crops={c: int((y == i).sum()) for i, c in enumerate(classes)}, kid_unchecked=unchecked,
     )

@@ -8,8 +8,9 @@ On the driver, before any Ray work: the model is resolved and verified (a checkp
 file with its sha256 sidecar, or a registry ref), every requested class, material and
 modality is checked against the model's vocabulary (an unknown one raises
 ConditioningError listing the valid ones), and the plan is made (engine.synth.diffusion
-.plan). Samples already in the archive's catalog are skipped, so an interrupted run
-resumes; the settings that fix the pixels must match the archive's (SETTINGS_FILE).
+.plan). Samples already in the archive's catalog are never written again: an
+interrupted run resumes, and a run asking for more samples adds only the new ones. The
+settings that fix the pixels must match the archive's (SETTINGS_FILE).
 
 Each batch of the plan is one Ray task requesting `num_cpus` CPUs and, on a cluster with
 GPUs, `num_gpus` (a fraction, so several tasks share one GPU). Pending tasks with a GPU
@@ -18,10 +19,12 @@ reaches workers once through the object store (a worker keeps the last model it 
 As each task finishes the driver rewrites the catalog (with provenance) and the ground
 truth; a failed batch is recorded and the rest goes on.
 
-Reproducibility: the same seeds and settings write the same pixels. On CPU that also
-needs the same `num_cpus` per task: each task runs torch with that many threads, and the
-thread count changes how sums are split (the last bits of a float, a step of a stored
-uint16 pixel).
+Reproducibility: the same seeds and settings write the same pixels, whatever the number
+of samples asked for (plan.py: a sample is computed in a fixed window of indices). The
+settings include torch's thread count and the device: the thread count changes how
+sums are split (the last bits of a float, a step of a stored uint16 pixel) and CUDA
+kernels sum differently from CPU ones. Each task pins torch to the recorded thread count
+(default: its `num_cpus`), and a resume with another count or device is refused.
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from __future__ import annotations
 import os
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -124,29 +127,50 @@ def _load(model_bytes: bytes, sha256: str, device: str):
 
 
 def generate_batch(model_bytes: bytes, sha256: str, batch: SampleBatch, archive_uri: str,
-                   provenance: dict[str, Any], steps: int, sampler: str) -> list[tuple[dict[str, Any], Any]]:
-    """Generate and write one batch (runs in a Ray task); returns (catalog record, truth
-    row or None) per sample. Uses CUDA when Ray gave this task a GPU."""
+                   provenance: dict[str, Any], steps: int, sampler: str, *, threads: int | None = None,
+                   device: str | None = None) -> list[tuple[dict[str, Any], Any]]:
+    """Compute one batch's window and write its samples (runs in a Ray task); returns
+    (catalog record, truth row or None) per written sample.
+
+    threads: torch's intra-op thread count (None: the CPUs Ray assigned the task).
+    device: "cpu" or "cuda", which the task must be able to use (GrainflowError
+    otherwise); None: CUDA when Ray gave this task a GPU, else CPU.
+    """
     import torch
 
     from engine.runtime import use_assigned_cpus
+    from engine.synth.diffusion.intensity import range_for
     from engine.synth.diffusion.output import write_sample
     from engine.synth.diffusion.sampler import sample_patches
 
     import ray
 
-    device = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
-    use_assigned_cpus()  # a sample's last bits depend on torch's thread count
+    auto = "cuda" if ray.get_gpu_ids() and torch.cuda.is_available() else "cpu"
+    if device is None:
+        device = auto
+    elif device != auto:  # the recorded device fixes the pixels; computing elsewhere would not resume them
+        raise GrainflowError(f"batch {batch.batch_id}: the archive's samples are computed on {device}, and this "
+                             f"task can use {auto} only")
+    if threads is None:
+        use_assigned_cpus()
+    else:
+        torch.set_num_threads(int(threads))  # a sample's last bits depend on torch's thread count
     model = _load(model_bytes, sha256, device)
     vocabulary = Vocabulary.of(model)
-    conditions = [vocabulary.index(s.condition) for s in batch.samples]
-    images, masks = sample_patches(model, conditions, [s.seed for s in batch.samples], steps=steps, method=sampler,
+    # The whole window is computed, whichever of its samples are written: the batch a
+    # sample is computed in fixes its bits (plan.py).
+    conditions = [vocabulary.index(s.condition) for s in batch.window]
+    images, masks = sample_patches(model, conditions, [s.seed for s in batch.window], steps=steps, method=sampler,
                                    device=device)
     archive = resolve(archive_uri)
+    wanted = {s.sample_id for s in batch.samples}
     out = []
-    for s, image, mask, cond in zip(batch.samples, images, masks, conditions):
+    for s, image, mask, cond in zip(batch.window, images, masks, conditions):
+        if s.sample_id not in wanted:
+            continue
         px = float(model.pixel_size_nm[s.condition.modality])  # prepare() refused uncalibrated modalities
         out.append(write_sample(archive, s, image, mask, pixel_size_nm=px,
+                                intensity=range_for(model.intensity_range, s.condition),
                                 provenance={**provenance, "condition_index": cond,
                                             "torch_threads": torch.get_num_threads()}))
     return out
@@ -167,6 +191,15 @@ def task_resources(num_gpus: float | None, num_cpus: float = 1.0) -> dict[str, f
     return {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
 
 
+def sampling_threads(num_cpus: float, threads: int | None = None) -> int:
+    """torch's thread count for sampling: `threads`, else the task's whole CPUs (at least 1)."""
+    if threads is None:
+        return max(1, int(num_cpus))
+    if isinstance(threads, bool) or not isinstance(threads, int) or threads < 1:
+        raise GrainflowError(f"threads must be an integer >= 1 (torch's threads per task), got {threads!r}")
+    return threads
+
+
 def check_resources(num_gpus: float | None, num_cpus: float) -> None:
     """GrainflowError for a task shape Ray cannot schedule."""
     if num_gpus is not None and (num_gpus < 0 or (num_gpus > 1 and not float(num_gpus).is_integer())):
@@ -179,34 +212,49 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
                defect_classes: Sequence[str] | None = None, materials: Sequence[str] | None = None,
                modalities: Sequence[str] | None = None, seed: int = 0, steps: int = 25, sampler: str = "ddim",
                batch_size: int = 8, num_gpus: float | None = None, num_cpus: float = 1.0,
-               max_in_flight: int | None = None, tracking_uri: str | None = None) -> SynthesisSummary:
+               max_in_flight: int | None = None, tracking_uri: str | None = None,
+               threads: int | None = None) -> SynthesisSummary:
     """Generate `n_per_condition` samples of every requested (class, material, modality)
     (None: all the model knows) into the archive `out` (module doc).
 
     seed: the run seed (per-sample seeds derive from it); steps, sampler: "ddim" or "dpm"
     with that many steps; batch_size: samples per task; num_gpus / num_cpus: each task's
     request (see task_resources); max_in_flight: at most this many tasks submitted at a
-    time (None: all, which shows the autoscaler the whole demand at once).
+    time (None: all, which shows the autoscaler the whole demand at once); threads:
+    torch's threads per task (None: max(1, int(num_cpus))), recorded with the device in
+    the archive's settings, since both change the pixels.
     """
     import ray
 
-    from engine.synth.diffusion.output import check_settings, read_records, read_truth_rows, write_index
+    from engine.synth.diffusion.output import (
+        check_settings, read_records, read_truth_rows, record_settings, write_index,
+    )
 
     request = prepare(model, n_per_condition=n_per_condition, defect_classes=defect_classes, materials=materials,
                       modalities=modalities, seed=seed, steps=steps, sampler=sampler, batch_size=batch_size,
                       tracking_uri=tracking_uri)
     check_resources(num_gpus, num_cpus)  # before the archive or Ray is touched
+    threads = sampling_threads(num_cpus, threads)
     archive = resolve(out)
-    check_settings(archive, request.settings)
+    # Nothing is written before the folder is known to be a synthetic archive (or none yet).
     records = {r["image_id"]: r for r in read_records(archive)}
+    check_settings(archive, {**request.settings, "torch_threads": threads})  # before Ray starts
     truth = {t.image_id: t for t in read_truth_rows(archive) if t.image_id in records}
-    todo = [b for b in request.batches if not all(s.sample_id in records for s in b.samples)]
+    todo = []
+    for b in request.batches:  # samples in the catalog are never written again (module doc)
+        missing = tuple(s for s in b.samples if s.sample_id not in records)
+        if missing:
+            todo.append(replace(b, samples=missing))
     planned = sum(len(b.samples) for b in request.batches)
     skipped = planned - sum(len(b.samples) for b in todo)
 
     if not ray.is_initialized():
         ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local")
     resources = task_resources(num_gpus, num_cpus)
+    device = "cuda" if resources["num_gpus"] > 0 else "cpu"
+    settings = {**request.settings, "torch_threads": threads, "device": device}
+    if not check_settings(archive, settings):
+        record_settings(archive, settings)
     provenance = {"model_ref": request.model.ref, "model_version": request.model.version,
                   "model_sha256": request.model.sha256, "sampler": sampler, "steps": steps, "run_seed": seed}
     remote = ray.remote(generate_batch).options(**resources, max_retries=1)
@@ -220,7 +268,8 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
     while queue or pending:
         while queue and len(pending) < limit:
             b = queue.pop(0)
-            pending[remote.remote(model_ref, request.model.sha256, b, archive.uri, provenance, steps, sampler)] = b
+            pending[remote.remote(model_ref, request.model.sha256, b, archive.uri, provenance, steps, sampler,
+                                  threads=threads, device=device)] = b
         done, _ = ray.wait(list(pending), num_returns=1)
         for ref in done:
             b = pending.pop(ref)

@@ -8,6 +8,7 @@ it reads any other)::
     <archive>/ground_truth.parquet               one row per non-empty generated mask
     <archive>/synthesis.json                     the settings that fix the pixels (resume check)
     <archive>/rejects.parquet                    samples the quality gate refused, with reasons
+    <archive>/gate.json                          what the gate judged (GATE_FILE; training needs it)
 
 Images are written before the catalog row that lists them, so a sample in the catalog is
 complete; the catalog is the run's ledger.
@@ -34,6 +35,7 @@ from engine.synth.truth import TRUTH_FILE, TruthRow, truth_table
 
 SETTINGS_FILE = "synthesis.json"
 REJECTS_FILE = "rejects.parquet"
+GATE_FILE = "gate.json"
 LABELS = "defects"  # engine.synth.image.LABELS
 SOURCE = "engine.synth.diffusion"
 # uint8 for optical micrographs, uint16 for electron images, as engine.synth writes them
@@ -60,16 +62,35 @@ class SettingsMismatchError(GrainflowError):
     """An archive written with other settings than a rerun asks for."""
 
 
+def to_stored(image: np.ndarray, dtype: np.dtype, intensity: tuple[float, float] | None) -> np.ndarray:
+    """S x S float32 in [0, 1] (the model's normalised crop) -> S x S `dtype` pixels.
+
+    intensity: (p1, p99) of the real crops of the sample's condition as fractions of the
+    dtype's full scale (engine.synth.diffusion.intensity): 0 and 1 map onto them, the
+    inverse of the per-crop normalisation the model learnt, so a sample has the grey
+    levels of a real crop. None (a model saved before intensity ranges were recorded):
+    [0, 1] onto the dtype's full range, as those models' archives were written.
+    """
+    top = np.iinfo(dtype).max
+    x = np.clip(np.asarray(image, np.float64), 0.0, 1.0)
+    if intensity is None:
+        return np.round(x * top).astype(dtype)
+    lo, hi = intensity
+    return np.round(np.clip((lo + x * (hi - lo)) * top, 0, top)).astype(dtype)
+
+
 def write_sample(archive: StoreLocation, sample: PlannedSample, image: np.ndarray, mask: np.ndarray, *,
-                 pixel_size_nm: float, provenance: dict[str, Any]) -> tuple[dict[str, Any], TruthRow | None]:
+                 pixel_size_nm: float, provenance: dict[str, Any],
+                 intensity: tuple[float, float] | None = None) -> tuple[dict[str, Any], TruthRow | None]:
     """Write one generated patch and its mask; return its catalog record and truth row.
 
-    image: S x S float32 in [0, 1]; mask: S x S bool. The label image holds instance 1
-    where the mask is set. The truth row is None when the mask is empty (nothing to label).
+    image: S x S float32 in [0, 1]; mask: S x S bool. intensity: the grey levels 0 and 1
+    map onto (`to_stored`). The label image holds instance 1 where the mask is set. The
+    truth row is None when the mask is empty (nothing to label).
     """
     c = sample.condition
     dtype = DTYPES.get(c.modality, DEFAULT_DTYPE)
-    pixels = np.round(np.clip(image, 0.0, 1.0) * np.iinfo(dtype).max).astype(dtype)
+    pixels = to_stored(image, dtype, intensity)
     labels = mask.astype(np.uint32)
     location = image_uri(archive, sample.sample_id)
     s = pixels.shape[0]
@@ -142,20 +163,32 @@ def read_truth_rows(archive: StoreLocation) -> list[TruthRow]:
     return [TruthRow(**r) for r in read_table(location).to_pylist()]
 
 
-def check_settings(archive: StoreLocation, settings: dict[str, Any]) -> None:
-    """Record `settings` (what fixes the pixels: model digest, sampler, steps, batch size,
-    patch size) at the archive, or check a rerun against those already recorded."""
+def check_settings(archive: StoreLocation, settings: dict[str, Any]) -> bool:
+    """Check a rerun's `settings` (what fixes the pixels: model digest, sampler, steps,
+    batch size, patch size, torch threads, device) against those recorded at the
+    archive; SettingsMismatchError naming each difference. Returns whether settings
+    are recorded there (False: a new archive; `record_settings` once it is known to be
+    one we may write to). Writes nothing."""
+    location = archive.join(SETTINGS_FILE)
+    if not location.exists():
+        return False
+    with location.filesystem().open(location.path, "r") as f:
+        old = json.load(f)
+    differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
+    if differ:
+        def there(k, a):
+            return "not recorded there" if k not in old else f"{a!r} there"
+
+        raise SettingsMismatchError(
+            f"{archive}: written with other settings ({', '.join(f'{k}: {there(k, a)}, {b!r} now' for k, (a, b) in differ.items())}); "
+            "write to a new archive, or rerun with the same settings to resume")
+    return True
+
+
+def record_settings(archive: StoreLocation, settings: dict[str, Any]) -> None:
+    """Write `settings` as the archive's SETTINGS_FILE (a new archive; check_settings first)."""
     location = archive.join(SETTINGS_FILE)
     fs = location.filesystem()
-    if location.exists():
-        with fs.open(location.path, "r") as f:
-            old = json.load(f)
-        differ = {k: (old.get(k), v) for k, v in settings.items() if old.get(k) != v}
-        if differ:
-            raise SettingsMismatchError(
-                f"{archive}: written with other settings ({', '.join(f'{k}: {a!r} there, {b!r} now' for k, (a, b) in differ.items())}); "
-                "write to a new archive, or rerun with the same settings to resume")
-        return
     fs.makedirs(archive.path, exist_ok=True)
     with fs.open(location.path, "w") as f:
         json.dump(settings, f, indent=2, sort_keys=True)
@@ -173,3 +206,25 @@ def read_rejects(archive: str | StoreLocation) -> pd.DataFrame:
     if not location.exists():
         return REJECTS_SCHEMA.empty_table().to_pandas()
     return read_table(location).to_pandas()
+
+
+def write_gate_record(archive: StoreLocation, *, judged: dict[str, str], accepted: Iterable[str], real: str,
+                      kid_unchecked: dict[str, str] | None = None) -> None:
+    """What the gate judged, for training to check (engine.training.mixing): judged
+    {image_id: catalog checksum} (a sample rewritten since has another checksum), the
+    accepted image ids, the real archive it compared with, and {class: why} for classes
+    accepted without a KID check. Written after the rejects table, so a gate
+    interrupted in between leaves the archive ungated."""
+    location = archive.join(GATE_FILE)
+    with location.filesystem().open(location.path, "w") as f:
+        json.dump({"real_archive": str(real), "judged": dict(sorted(judged.items())), "accepted": sorted(accepted),
+                   "kid_unchecked": dict(kid_unchecked or {})}, f, indent=2)
+
+
+def read_gate_record(archive: str | StoreLocation) -> dict[str, Any] | None:
+    """The gate's record (write_gate_record), None when the archive was never gated."""
+    location = resolve(archive).join(GATE_FILE)
+    if not location.exists():
+        return None
+    with location.filesystem().open(location.path, "r") as f:
+        return json.load(f)

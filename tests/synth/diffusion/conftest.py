@@ -9,10 +9,17 @@ from engine.models import create_diffusion, save_checkpoint
 from engine.models.diffusion import diffusion_loss
 
 
+# Grey levels as training records them (engine.synth.diffusion.intensity): one condition
+# of its own, one (material, modality), and per modality.
+INTENSITY = {"crack.ferritic_steel.SEM": [0.30, 0.50], "ferritic_steel.SEM": [0.25, 0.55], "SEM": [0.2, 0.6],
+             "TEM": [0.1, 0.7], "optical": [0.1, 0.9]}
+
+
 def train_tiny(steps: int = 3, seed: int = 0):
     """ddpm_tiny after `steps` AdamW steps on random (image, mask) patches."""
     torch.manual_seed(seed)
-    model = create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5, "TEM": 0.1, "optical": 250.0})
+    model = create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5, "TEM": 0.1, "optical": 250.0},
+                             intensity_range=INTENSITY)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):

@@ -68,3 +68,41 @@ class TestGate:
         accepted = accepted_image_ids(tmp_path / "syn")
         assert wrong_id not in accepted and empty_id not in accepted
         assert len(accepted) == report.accepted
+
+
+@pytest.fixture(scope="module")
+def real_without_scratch(real, tmp_path_factory):
+    """`real` with every scratch left out of its ground truth: a class with no real crop."""
+    import shutil
+
+    import pyarrow.parquet as pq
+    import pyarrow.compute as pc
+
+    out = tmp_path_factory.mktemp("gate") / "no-scratch"
+    shutil.copytree(real, out)
+    truth = pq.read_table(out / "ground_truth.parquet")
+    pq.write_table(truth.filter(pc.not_equal(truth["defect_class"], "scratch")), out / "ground_truth.parquet")
+    return out
+
+
+class TestGateRecords:
+    def test_no_real_crops_and_unmeasurable_kid_are_named(self, real_without_scratch, tmp_path):
+        from engine.synth.diffusion.output import read_gate_record
+
+        x, y = real_crops(real_without_scratch, 32, CLASSES)
+        pore = CLASSES.index("pore")
+        assert not (y == CLASSES.index("scratch")).any() and (y == pore).sum() >= 3
+        first_pore = int(np.flatnonzero(y == pore)[0])
+        # one pore sample (KID needs two) and a scratch, of which the real archive has none
+        _as_synthetic(tmp_path / "syn", np.stack([x[first_pore], x[first_pore]]), ["pore", "scratch"])
+        report = gate_archive(tmp_path / "syn", real_without_scratch, epochs=30)
+        rejects = read_rejects(tmp_path / "syn").set_index("image_id")
+        assert rejects.loc["s001", "reason"] == (f"no real crops: {real_without_scratch} has no real crops of scratch "
+                                                 "to compare with")
+        assert "s000" not in rejects.index, "a real pore crop is a pore"
+        assert np.isnan(report.kid["pore"])
+        assert report.kid_unchecked["pore"].startswith("KID not measurable (1 passing samples")
+        record = read_gate_record(tmp_path / "syn")
+        assert record["kid_unchecked"] == report.kid_unchecked
+        assert sorted(record["judged"]) == ["s000", "s001"] and record["accepted"] == ["s000"]
+        assert accepted_image_ids(tmp_path / "syn") == ["s000"]

@@ -17,6 +17,8 @@ from engine.synth.diffusion.job import synthesize
 from engine.synth.diffusion.output import PROVENANCE_COLUMNS, SettingsMismatchError, read_provenance
 from engine.synth.truth import TRUTH_FILE
 
+from .conftest import INTENSITY
+
 REPO = Path(__file__).resolve().parents[3]
 # num_cpus=2: at most two tasks at a time on the 4-CPU test Ray, so only two worker
 # processes pay torch's import
@@ -57,6 +59,22 @@ class TestSynthesisJob:
             assert img.pixel_size[0] == pytest.approx(250.0 if row.modality == "optical" else 2.5)
             labels = open_image(out / row.uri / "labels" / "defects")
             assert labels.shape == (32, 32)
+
+    def test_samples_have_the_grey_levels_of_real_crops_of_their_condition(self, written):
+        # the model's [0, 1] maps onto the recorded p1..p99 of real crops (as fractions
+        # of full scale), the most specific key the model has for the condition
+        out, _ = written
+        expected = {("crack", "SEM"): INTENSITY["crack.ferritic_steel.SEM"],
+                    ("void", "SEM"): INTENSITY["ferritic_steel.SEM"],
+                    ("crack", "optical"): INTENSITY["optical"], ("void", "optical"): INTENSITY["optical"]}
+        prov = read_provenance(out).set_index("image_id")
+        for image_id, (pixels, _) in _pixels(out).items():
+            row = prov.loc[image_id]
+            lo, hi = expected[(row.defect_class, row.modality)]
+            top = np.iinfo(pixels.dtype).max
+            assert lo * top - 1 <= pixels.min() and pixels.max() <= hi * top + 1, image_id
+            p1, p99 = np.percentile(pixels, [1, 99]) / top
+            assert p99 - p1 > 0.3 * (hi - lo), (image_id, p1, p99)  # the range is used, not a sliver of it
 
     def test_catalog_records_provenance(self, written, diffusion_checkpoint):
         out, _ = written
@@ -127,6 +145,72 @@ class TestSynthesisJob:
         with pytest.raises(SettingsMismatchError, match="steps: 3 there, 5 now"):
             synthesize(str(path), out, n_per_condition=3, **{**REQUEST, "steps": 5})
 
+    def test_rerun_with_another_thread_count_is_refused(self, written, diffusion_checkpoint):
+        # torch's thread count changes a sample's last bits: it is a setting like steps
+        import json
+
+        out, _ = written
+        path, _ = diffusion_checkpoint
+        settings = json.loads((out / "synthesis.json").read_text())
+        assert settings["torch_threads"] == 2 and settings["device"] == "cpu"
+        with pytest.raises(SettingsMismatchError, match="torch_threads: 2 there, 1 now"):
+            synthesize(str(path), out, n_per_condition=3, **{**REQUEST, "num_cpus": 1})
+        with pytest.raises(SettingsMismatchError, match="torch_threads: 2 there, 3 now"):
+            synthesize(str(path), out, n_per_condition=3, **REQUEST, threads=3)
+
+    def test_rerun_on_another_device_is_refused(self, written, diffusion_checkpoint):
+        out, _ = written
+        path, _ = diffusion_checkpoint
+        # a GPU request makes the tasks compute on CUDA: other pixels than the CPU wrote
+        with pytest.raises(SettingsMismatchError, match="device: 'cpu' there, 'cuda' now"):
+            synthesize(str(path), out, n_per_condition=3, **REQUEST, num_gpus=0.5)
+
+    def test_a_task_that_cannot_use_the_recorded_device_refuses(self, ray_session, diffusion_checkpoint, tmp_path):
+        from engine.errors import GrainflowError
+        from engine.synth.diffusion.conditions import Condition
+        from engine.synth.diffusion.job import generate_batch
+        from engine.synth.diffusion.plan import plan_synthesis
+
+        path, digest = diffusion_checkpoint
+        batch = plan_synthesis([Condition("void", "ferritic_steel", "SEM")], 1, seed=0, batch_size=1)[0]
+        with pytest.raises(GrainflowError, match="computed on cuda, and this task can use cpu only"):
+            generate_batch(path.read_bytes(), digest, batch, str(tmp_path / "o"), {}, 1, "ddim", device="cuda")
+
+    def test_more_samples_keep_the_ones_written(self, ray_session, diffusion_checkpoint, tmp_path):
+        # a sample's bits depend on the batch it is computed in: n=2 then n=3 (batch 4)
+        # must compute both in the same window, and never rewrite the first two
+        path, _ = diffusion_checkpoint
+        one = dict(REQUEST, defect_classes=["void"], modalities=["SEM"], batch_size=4)
+        grown, fresh = tmp_path / "grown", tmp_path / "fresh"
+        assert synthesize(str(path), grown, n_per_condition=2, **one).written == 2
+        before = _pixels(grown)
+        checksums = read_catalog(grown).set_index("image_id")["checksum"].to_dict()
+        again = synthesize(str(path), grown, n_per_condition=3, **one)
+        assert (again.written, again.skipped) == (1, 2)
+        synthesize(str(path), fresh, n_per_condition=3, **one)
+        after, reference = _pixels(grown), _pixels(fresh)
+        assert after.keys() == reference.keys() and len(after) == 3
+        for key in before:
+            np.testing.assert_array_equal(after[key][0], before[key][0], err_msg=key)
+        for key in after:
+            np.testing.assert_array_equal(after[key][0], reference[key][0], err_msg=key)
+            np.testing.assert_array_equal(after[key][1], reference[key][1], err_msg=key)
+        new_checksums = read_catalog(grown).set_index("image_id")["checksum"].to_dict()
+        assert {k: new_checksums[k] for k in checksums} == checksums
+        assert new_checksums == read_catalog(fresh).set_index("image_id")["checksum"].to_dict()
+
+    def test_a_real_archive_is_refused_before_anything_is_written(self, diffusion_checkpoint, tmp_path):
+        from engine.errors import GrainflowError
+        from engine.synth.archive import generate_archive
+
+        path, _ = diffusion_checkpoint
+        real = tmp_path / "real"
+        generate_archive(real, n_images=1, seed=0, size=64, chunk=64)
+        before = sorted(p.name for p in real.iterdir())
+        with pytest.raises(GrainflowError, match="not a synthetic archive's catalog"):
+            synthesize(str(path), real, n_per_condition=1, **REQUEST)
+        assert sorted(p.name for p in real.iterdir()) == before, "no synthesis.json left in a real archive"
+
     def test_bad_conditioning_fails_before_any_work(self, diffusion_checkpoint, tmp_path):
         path, _ = diffusion_checkpoint
         with pytest.raises(ConditioningError, match="'granite'.*ferritic_steel"):
@@ -160,6 +244,20 @@ class TestSynthesizeEntrypoint:
         assert "'bubble'" in proc.stderr and "pore, crack, inclusion, scratch, void" in proc.stderr
         assert "Started a local Ray" not in proc.stderr
         assert not out.exists()
+
+    def test_gate_only_needs_a_real_archive_and_no_model(self, tmp_path, capsys):
+        from jobs.synthesize import main, parse_args
+
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--gate-only", "--out", "x"])
+        assert exit_.value.code == 2 and "--gate-only needs --gate-real" in capsys.readouterr().err
+        with pytest.raises(SystemExit) as exit_:
+            parse_args(["--out", "x", "-n", "2"])
+        assert exit_.value.code == 2 and "--model and -n/--samples are required" in capsys.readouterr().err
+        # an archive with no samples yet: the gate judges nothing, quickly, and says so
+        assert main(["--gate-only", "--out", str(tmp_path / "syn"), "--gate-real", str(tmp_path / "real")]) == 0
+        assert '"accepted": 0' in capsys.readouterr().out
+        assert (tmp_path / "syn" / "gate.json").exists()
 
     def test_missing_checkpoint_is_named(self, tmp_path):
         from engine.synth.diffusion.model_source import ModelSourceError
