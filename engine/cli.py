@@ -17,7 +17,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from engine.errors import GrainflowError, error_message
+from engine.errors import GrainflowError, user_error_message
 
 app = typer.Typer(
     name="grainflow",
@@ -40,7 +40,9 @@ def _progress() -> Progress:
 
 @app.command()
 def synth(
-    out: str = typer.Argument(..., help="Archive to write: local path, file://, s3:// or memory:// URI."),
+    out: str = typer.Argument(..., help="Archive to write: local path, file:// or s3:// URI."),
+    overwrite: bool = typer.Option(False, "--overwrite",
+                                   help="Replace the catalog of an existing archive (its images are no longer listed)."),
     images: int = typer.Option(12, "--images", "-n", min=1, help="Number of images."),
     seed: int = typer.Option(0, help="Seed; the same seed writes the same bytes."),
     size: int = typer.Option(512, help="Image height and width in pixels."),
@@ -49,7 +51,15 @@ def synth(
     modality: Optional[list[str]] = typer.Option(None, "--modality", help="Only these modalities (repeatable)."),
 ) -> None:
     """Generate a procedural micrograph archive with ground truth."""
+    from engine.stores.catalog import CATALOG_FILE
+    from engine.stores.uri import durable
     from engine.synth.archive import generate_archive, plan_archive
+
+    location = durable(out, "archive")
+    if location.join(CATALOG_FILE).exists() and not overwrite:
+        raise GrainflowError(f"{location}: already an archive (it has a {CATALOG_FILE}); synth writes a new catalog "
+                             f"and ground truth, so its images would no longer be listed: give a new folder, or "
+                             f"--overwrite to replace them")
 
     plans = plan_archive(n_images=images, seed=seed, size=size, chunk=chunk, materials=material, modalities=modality)
     with _progress() as progress:
@@ -74,6 +84,9 @@ def ingest(
 ) -> None:
     """Convert instrument files to OME-Zarr images and add them to an archive's catalog."""
     from engine.stores.ingest import ingest_files
+    from engine.stores.uri import durable
+
+    durable(archive, "--archive")
 
     with _progress() as progress:
         task = progress.add_task("ingesting", total=len(files))
@@ -195,8 +208,11 @@ def main() -> None:
     configure_offline()
     try:
         app()
-    except GrainflowError as exc:
-        errors.print(f"[bold red]error:[/bold red] {error_message(exc)}", highlight=False, soft_wrap=True)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:  # a bug: its traceback
+            raise
+        errors.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

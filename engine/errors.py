@@ -1,7 +1,9 @@
 """Errors a user can act on.
 
 Every error here carries a message that names the thing at fault (a path, an array, a
-field) and what is wrong with it. The CLI prints these without a traceback; anything
+field) and what is wrong with it. The CLI prints these without a traceback, and so it
+does the errors of the environment a user sets up (`user_error_message`: a path that is
+missing or not writable, a store or registry out of reach, no credentials); anything
 else is a bug and keeps its traceback.
 """
 
@@ -45,3 +47,32 @@ def error_message(exc: BaseException) -> str:
     is the remote traceback: its `cause`'s own message is what names the fault."""
     cause = getattr(exc, "cause", None)
     return str(cause if isinstance(cause, BaseException) else exc)
+
+
+# Errors of the environment rather than of grainflow, by the module their class lives in
+# (no import of the libraries needed): S3 credentials and endpoints, the MLflow registry.
+_ENVIRONMENT_MODULES = ("botocore.", "aiobotocore.", "mlflow.exceptions")
+_HINTS = {
+    "NoCredentialsError": "set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY (or ~/.aws, or [s3] in $GRAINFLOW_CONFIG)",
+    "EndpointConnectionError": "check the S3 endpoint (AWS_ENDPOINT_URL or [s3] endpoint_url in $GRAINFLOW_CONFIG)",
+}
+
+
+def user_error_message(exc: BaseException) -> str | None:
+    """The one line to show a user for `exc` when it is theirs to act on: a
+    GrainflowError's message, or, for an error of their environment (an OSError: a path
+    missing, not writable or a directory, a connection refused; an S3 or MLflow client
+    error), its type and text with a hint where one helps. None: a bug, whose traceback
+    should be seen. Errors raised in Ray tasks are judged by their cause."""
+    cause = getattr(exc, "cause", None)
+    if isinstance(cause, BaseException):
+        exc = cause
+    if isinstance(exc, GrainflowError):
+        return str(exc)
+    environment = isinstance(exc, OSError) or any(
+        c.__module__.startswith(_ENVIRONMENT_MODULES) for c in type(exc).__mro__)
+    if not environment:
+        return None
+    name = type(exc).__name__
+    hint = _HINTS.get(name)
+    return f"{name}: {exc}" + (f" ({hint})" if hint else "")

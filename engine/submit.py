@@ -164,6 +164,10 @@ def job_client(address: str, *, token_path: str | None = None):
 
     from ray.job_submission import JobSubmissionClient
 
+    if not address.startswith(("http://", "https://")):
+        # Without a scheme Ray takes it for a GCS address and waits on it for a minute.
+        raise GrainflowError(f"--address {address!r}: give the cluster dashboard's URL, http://HOST:PORT "
+                             f"(e.g. http://127.0.0.1:8265)")
     token_path = token_path or os.environ.get("RAY_AUTH_TOKEN_PATH")
     headers = None
     if token_path:
@@ -171,4 +175,7 @@ def job_client(address: str, *, token_path: str | None = None):
             headers = {"Authorization": f"Bearer {Path(token_path).expanduser().read_text().strip()}"}
         except OSError as exc:
             raise GrainflowError(f"{token_path}: cannot read the cluster token: {exc}") from None
-    return JobSubmissionClient(address, headers=headers)
+    try:
+        return JobSubmissionClient(address, headers=headers)
+    except ConnectionError as exc:
+        raise GrainflowError(f"no Ray dashboard answers at {address} ({exc}); is the cluster up?") from None

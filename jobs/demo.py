@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError, error_message
+    from engine.errors import user_error_message
     from engine.runtime import configure_offline
 
     configure_offline()
@@ -77,8 +77,11 @@ def main(argv: list[str] | None = None) -> int:
         _say(f"  {result.tiles_done} tiles, {result.objects} defects, {result.errors} errors, "
              f"{result.tiles_per_s:.2f} tiles/s")
         report = write_report(str(root / "run"), archive=str(lab_archive))
-    except GrainflowError as exc:
-        print(f"demo: {error_message(exc)}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:  # a bug: its traceback
+            raise
+        print(f"demo: {message}", file=sys.stderr)
         return 2
     finally:
         if ray.is_initialized():

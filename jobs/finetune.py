@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError, error_message
+    from engine.errors import user_error_message
     from engine.runtime import configure_offline
     from engine.training import train
 
@@ -117,8 +117,11 @@ def main(argv: list[str] | None = None) -> int:
                 run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,
                 promote=args.promote, **_synthetic(args),
             ).summary()
-    except GrainflowError as exc:
-        print(f"finetune: {error_message(exc)}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:  # a bug: its traceback
+            raise
+        print(f"finetune: {message}", file=sys.stderr)
         return 2
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must

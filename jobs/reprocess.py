@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError, error_message
+    from engine.errors import user_error_message
     from engine.runtime import configure_offline
 
     configure_offline()
@@ -76,9 +76,24 @@ def main(argv: list[str] | None = None) -> int:
         from engine.pipeline.job import reprocess
         from engine.registry import ModelRegistry
 
+        from engine.registry.backend import check_existing
+        from engine.registry.errors import RegistryError
+        from engine.registry.schema import BUNDLE_FAMILY
+        from engine.stores.catalog import read_catalog
+
         config = EnsembleConfig(**{k: v for k, v in (("conf", args.conf), ("max_det", args.max_det)) if v is not None})
+        # Bad input fails here, before Ray starts: the archive's catalog, a ref that is
+        # no registered bundle.
+        from engine.stores.uri import durable
+
+        read_catalog(durable(args.archive, "--archive"))
+        durable(args.out, "--out")
+        check_existing(args.tracking_uri)
         registry = ModelRegistry(args.tracking_uri)
-        registry.get(args.models)  # a bad ref fails here, before Ray starts
+        version = registry.get(args.models)
+        if version.family != BUNDLE_FAMILY:
+            raise RegistryError(f"{args.models}: {version.ref} is a {version.family} model, not an ensemble bundle "
+                                f"(register one with engine.pipeline.bundle.register_ensemble, or run `make demo`)")
         if not ray.is_initialized():
             # Under `ray job submit` RAY_ADDRESS is set and ray.init() joins that cluster;
             # otherwise a new local Ray (never another Ray that happens to run here).
@@ -90,8 +105,11 @@ def main(argv: list[str] | None = None) -> int:
             num_gpus=args.gpus_per_actor, cpus_per_actor=args.cpus_per_actor, resume=not args.no_resume,
             labels=args.labels, config=config,
         )
-    except GrainflowError as exc:
-        print(f"reprocess: {error_message(exc)}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:  # a bug: its traceback
+            raise
+        print(f"reprocess: {message}", file=sys.stderr)
         return 2
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must

@@ -85,15 +85,21 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import GrainflowError, error_message
+    from engine.errors import user_error_message
 
     try:
         from engine.tenants import enforce_job_uris
 
+        from engine.stores.uri import durable
+
         enforce_job_uris("synthesize", args)  # the tenant's prefixes, checked again in the job
+        durable(args.out, "--out")  # samples are written by Ray tasks in other processes
         summary = run(args)
-    except GrainflowError as exc:
-        print(f"synthesize: {error_message(exc)}", file=sys.stderr)
+    except Exception as exc:
+        message = user_error_message(exc)
+        if message is None:  # a bug: its traceback
+            raise
+        print(f"synthesize: {message}", file=sys.stderr)
         return 2
     finally:
         if ray.is_initialized():

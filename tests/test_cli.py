@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 
@@ -60,6 +61,44 @@ class TestSynthAndCatalog:
 class TestErrors:
     def test_not_an_archive(self, tmp_path):
         assert_user_error(grainflow("catalog", str(tmp_path)), str(tmp_path), "no catalog.parquet")
+
+    def test_synth_into_an_existing_archive_needs_overwrite(self, small_archive, tmp_path):
+        """Its catalog would be replaced: images ingested there would no longer be listed."""
+        assert_user_error(grainflow("synth", str(small_archive), "--images", "1", "--size", "64", "--chunk", "32"),
+                          "already an archive", "--overwrite")
+        copy = tmp_path / "copy"
+        assert grainflow("synth", str(copy), "-n", "1", "--size", "64", "--chunk", "32").returncode == 0
+        again = grainflow("synth", str(copy), "-n", "2", "--size", "64", "--chunk", "32", "--overwrite")
+        assert again.returncode == 0, again.stderr
+        assert len(json.loads(grainflow("catalog", str(copy), "--json").stdout)) == 2
+
+    def test_data_must_outlive_the_command(self):
+        assert_user_error(grainflow("synth", "memory://scratch/a", "-n", "1", "--size", "64", "--chunk", "32"),
+                          "memory://", "gone when the command ends")
+
+    def test_an_unwritable_place_is_one_line(self, tmp_path):
+        """Errors of the user's environment (here a path through a file) are named in one
+        line, as grainflow's own are, not shown as a traceback."""
+        (tmp_path / "file").write_text("not a folder")
+        assert_user_error(grainflow("synth", str(tmp_path / "file" / "a"), "-n", "1", "--size", "64", "--chunk", "32"),
+                          "NotADirectoryError", str(tmp_path / "file"))
+
+    def test_reprocess_input_is_checked_before_ray_starts(self, small_archive, tmp_path):
+        def reprocess(*args):
+            return subprocess.run([sys.executable, "-m", "jobs.reprocess", *args], capture_output=True, text=True,
+                                  timeout=300, env={**os.environ, "RAY_ADDRESS": ""})
+
+        for args, words in (
+            (["--archive", str(tmp_path), "--out", str(tmp_path / "o"), "--models", "x@production"],
+             "no catalog.parquet"),
+            (["--archive", str(small_archive), "--out", str(tmp_path / "o"), "--models", "x@production",
+              "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"], "no registry at"),
+            (["--archive", str(small_archive), "--out", "memory://o", "--models", "x@production"], "memory://"),
+        ):
+            p = reprocess(*args)
+            assert p.returncode == 2 and words in p.stderr, p.stderr[-2000:]
+            assert "Traceback" not in p.stderr and "Started a local Ray" not in p.stderr
+        assert not (tmp_path / "typo.db").exists()  # a mistyped registry is not created empty
 
     def test_unknown_scheme(self):
         assert_user_error(grainflow("catalog", "gs://bucket/archive"), "unknown scheme 'gs'")

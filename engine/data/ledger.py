@@ -60,9 +60,14 @@ def put_file(location: StoreLocation, data: bytes) -> None:
 
         os.makedirs(location.parent().path, exist_ok=True)
         tmp = f"{location.path}.{os.getpid()}.tmp"
-        with open(tmp, "wb") as f:
-            f.write(data)
-        os.replace(tmp, location.path)
+        try:
+            with open(tmp, "wb") as f:
+                f.write(data)
+            os.replace(tmp, location.path)  # onto a directory: IsADirectoryError
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
     else:
         fs.pipe_file(location.path, data)
 

@@ -74,6 +74,25 @@ def sqlite_path(uri: str) -> Path | None:
     return Path(uri[len(prefix):].split("?", 1)[0])
 
 
+def check_existing(tracking_uri: str | None) -> None:
+    """For a command that only reads models: the registry named by `tracking_uri` (or
+    MLFLOW_TRACKING_URI) must exist. Opening a SQLite URI creates an empty registry, so
+    a mistyped path would otherwise answer "no such model"; a bare file path (MLflow
+    takes it for a file store) gets the sqlite:/// form to use. The default registry in
+    the user data dir may be empty and is not checked."""
+    from engine.registry.errors import RegistryError
+
+    where = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
+    if not where:
+        return
+    if "://" not in where and where.endswith((".db", ".sqlite")):
+        raise RegistryError(f"registry {where!r}: a SQLite registry is named by a URI: "
+                            f"sqlite:///{Path(where).expanduser().resolve()}")
+    db = sqlite_path(where)
+    if db is not None and not db.expanduser().is_file():
+        raise RegistryError(f"no registry at {where} ({db} does not exist); --tracking-uri names another")
+
+
 def default_artifact_location(tracking_uri: str) -> str | None:
     """Artifacts beside a SQLite database; None lets a server (or the DB's default) decide.
 

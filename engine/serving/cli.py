@@ -28,7 +28,7 @@ def serve_command(
                    "user data dir's). `make demo` registers its models in sqlite:///<repo>/out/demo/registry.db."),
     audit_log: Optional[Path] = typer.Option(None, help="Audit log (default $GRAINFLOW_AUDIT_LOG or the user data dir)."),
     host: str = typer.Option("127.0.0.1", help="Address the HTTP proxy binds; loopback unless you mean otherwise."),
-    port: int = typer.Option(8000, help="HTTP port."),
+    port: int = typer.Option(8000, min=1, max=65535, help="HTTP port."),
     address: Optional[str] = typer.Option(None, help="Ray cluster to join (default: RAY_ADDRESS, else an embedded Ray)."),
 ) -> None:
     """Serve the ensemble over HTTP on Ray Serve; prints the URL and runs until Ctrl-C."""
@@ -86,13 +86,11 @@ def _check_registry(cfg) -> None:
     import os
 
     from engine.errors import GrainflowError
-    from engine.registry.backend import sqlite_path
+    from engine.registry.backend import check_existing
     from engine.serving.versions import resolve_arms
 
     where = cfg.tracking_uri or os.environ.get("MLFLOW_TRACKING_URI")
-    db = sqlite_path(where) if where else None
-    if db is not None and not db.is_file():  # opening it would create an empty registry there
-        raise GrainflowError(f"no registry at {where} ({db} does not exist); --tracking-uri names another")
+    check_existing(where)
     try:
         resolve_arms(cfg.registry(), cfg.bundle, cfg.split)
     except GrainflowError as exc:

@@ -161,3 +161,13 @@ def _normalise_path(scheme: str, path: str) -> str:
         parts.append(part)
     joined = "/".join(parts)
     return "/" + joined if absolute or scheme in ("file", "memory") else joined
+
+
+def durable(uri: str | StoreLocation, what: str) -> StoreLocation:
+    """`uri` resolved for a command's data, which must outlive the command and reach
+    Ray's worker processes: memory:// (one process's memory) is refused, naming `what`."""
+    location = resolve(uri)
+    if location.scheme == "memory":
+        raise InvalidURIError(f"{what} {location.uri}: memory:// lives in one process's memory and is gone when the "
+                              f"command ends; give a local path, file:// or s3:// URI")
+    return location

@@ -221,3 +221,15 @@ def _listening(root_pid: int) -> list[tuple[str, str]]:
                 continue
             out.append((name, c.laddr.ip))
     return out
+
+
+def test_submitting_needs_the_dashboard_url():
+    """Without a scheme Ray takes the address for a GCS and waits on it for a minute;
+    nothing listening there is named at once."""
+    from engine.errors import GrainflowError
+    from engine.submit import job_client
+
+    with pytest.raises(GrainflowError, match="http://HOST:PORT"):
+        job_client("127.0.0.1:9")
+    with pytest.raises(GrainflowError, match="no Ray dashboard answers at http://127.0.0.1:9"):
+        job_client("http://127.0.0.1:9")

@@ -77,3 +77,13 @@ class TestLedger:
         assert ledger.keys() == {A, B, C} and len(ledger.files()) == 2
         ledger.clear()
         assert ledger.keys() == set()
+
+
+def test_a_failed_write_leaves_no_temporary_file(tmp_path):
+    from engine.data.ledger import put_file
+    from engine.stores.uri import resolve
+
+    (tmp_path / "report.html").mkdir()  # the target is a folder: the rename fails
+    with pytest.raises(IsADirectoryError):
+        put_file(resolve(str(tmp_path / "report.html")), b"<html>")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["report.html"]

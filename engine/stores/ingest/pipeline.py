@@ -162,7 +162,7 @@ def ingest_files(
             except GrainflowError as exc:
                 error = str(exc) if str(path) in str(exc) else f"{path}: {exc}"
                 failures.append(IngestFailure(str(path), error, type(exc).__name__, exc))
-                logger.warning("ingest failed: %s", error)
+                logger.debug("ingest failed: %s", error)  # raised or returned below; the CLI prints it once
             finally:
                 # Images of a multi-image file written before a failure are kept.
                 rows.extend(written)

@@ -54,7 +54,9 @@ def resolve_model(model: str, *, tracking_uri: str | None = None) -> ModelSource
         source = ModelSource(path.resolve(), digest, path.name, None)
     else:
         from engine.registry import ModelRegistry
+        from engine.registry.backend import check_existing
 
+        check_existing(tracking_uri)  # a mistyped registry is not created empty
         registry = ModelRegistry(tracking_uri)
         mv = registry.get(model)
         if mv.family != "diffusion":
