@@ -136,8 +136,10 @@ def analysis(results: Sequence[TileResult], tiles: Sequence[Any], *, class_names
     (`core_corner`) place the masks as the boxes are placed."""
     if len(results) != len(tiles):
         raise ValueError(f"analysis: {len(results)} results of {len(tiles)} tiles; give the tile of each result")
-    ok = [r for r in results if r.ok]
-    dets = [d for r, t in zip(results, tiles) if r.ok for d in detections(r, class_names, t.scale, core_corner(t))]
+    ok = [(r, t) for r, t in zip(results, tiles) if r.ok]
+    dets = [d for r, t in ok for d in detections(r, class_names, t.scale, core_corner(t))]
+    found = objects([r for r, _ in ok], [t for _, t in ok], class_names)
+    ok = [r for r, _ in ok]
     area = float(sum(r.core_area_mm2 for r in ok))
     mp = _weighted(ok, "material_probs", len(materials))
     gp = _weighted(ok, "grade_probs", len(grades))
@@ -149,12 +151,43 @@ def analysis(results: Sequence[TileResult], tiles: Sequence[Any], *, class_names
                      "probs": {m: float(p) for m, p in zip(materials, mp)} if has_m else {}},
         "grade": {"name": grades[int(np.argmax(gp))] if has_g else None,
                   "probs": {g: float(p) for g, p in zip(grades, gp)} if has_g else {}},
-        "summary": {"n_defects": len(dets), "area_mm2": area,
-                    "defect_density_per_mm2": len(dets) / area if area > 0 else None,
+        "summary": {"n_defects": len(found), "n_detections": len(dets), "area_mm2": area,
+                    "defect_density_per_mm2": len(found) / area if area > 0 else None,
                     "tiles": len(results), "tiles_failed": len(results) - len(ok)},
         "detections": dets,
+        "objects": found,
         "tile_errors": [{"tile": [int(r.y), int(r.x)], "error": r.error} for r in results if not r.ok],
     }
+
+
+def objects(results: Sequence[TileResult], tiles: Sequence[Any], class_names: Sequence[str]) -> list[dict[str, Any]]:
+    """The image's defects: the tiles' detections stitched as the batch job stitches them
+    (`engine.tiling.stitch_groups`: pieces of a defect cut by a tile border are one
+    object), best score first; `detections`: indices into the answer's detections (the
+    results' detections in order) that the object was made of. results, tiles: the
+    successful tiles' results and their `TileInput`s."""
+    from engine.tiling.stitch import stitch_groups, tile_core_level0, tile_read_level0
+
+    shapes = [(r.core_labels.shape[0] + t.halo[0] + t.halo[1], r.core_labels.shape[1] + t.halo[2] + t.halo[3])
+              for r, t in zip(results, tiles)]
+    got = stitch_groups([r.boxes_level0 for r in results], [r.scores for r in results],
+                        [r.classes for r in results],
+                        [tile_core_level0(t.origin, t.scale, t.halo, s) for t, s in zip(tiles, shapes)],
+                        [tile_read_level0(t.origin, t.scale, s) for t, s in zip(tiles, shapes)])
+    o = got.objects
+    if not len(o):
+        return []
+    t = tiles[0]  # level-0 pixel size, nm (x, y): every tile of an image shares it
+    p0x = float(t.pixel_size_nm) / float(t.scale[1])
+    p0y = p0x if t.pixel_size_y_nm is None else float(t.pixel_size_y_nm) / float(t.scale[0])
+    out = []
+    for box, score, c, parts, members in zip(o.boxes, o.scores, o.classes, o.parts, got.members):
+        c = int(c)
+        out.append({"class_id": c, "class": class_names[c] if 0 <= c < len(class_names) else str(c),
+                    "score": float(score), "box_px": [float(v) for v in box],
+                    "box_nm": [float(v) * p for v, p in zip(box, (p0x, p0y, p0x, p0y))], "parts": int(parts),
+                    "detections": [int(i) for i in members]})
+    return out
 
 
 def respond(analysed: dict[str, Any], *, image: dict[str, Any], alias: str, request_id: str,

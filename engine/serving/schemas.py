@@ -84,11 +84,24 @@ class ImageInfo(BaseModel):
 
 
 class Summary(BaseModel):
-    n_defects: int
+    n_defects: int = Field(description="objects: detections stitched across tile borders, as the batch job counts "
+                                       "them (its summary's n_defects)")
+    n_detections: int = Field(description="detections as the tiles reported them (pieces of a defect cut by a tile "
+                                          "border count once each)")
     area_mm2: float
     defect_density_per_mm2: Optional[float]
     tiles: int
     tiles_failed: int
+
+
+class DefectObject(BaseModel):
+    class_id: int
+    class_: str = Field(alias="class")
+    score: float
+    box_px: list[float] = Field(description="xyxy, level-0 pixels of the uploaded image: the union of its pieces")
+    box_nm: list[float]
+    parts: int = Field(description="detections merged into it (more than one: cut by tile borders)")
+    detections: list[int] = Field(description="indices into `detections` of its pieces")
 
 
 class TileError(BaseModel):
@@ -104,6 +117,8 @@ class AnalyzeResponse(BaseModel):
     grade: Label
     summary: Summary
     detections: list[Detection]
+    objects: list[DefectObject] = Field(description="the image's defects: detections stitched across tile borders "
+                                                    "(engine.tiling.stitch), best score first")
     tile_errors: list[TileError]
     timings_ms: dict[str, float] = Field(
         description="milliseconds: decode_ms and stages_ms (wall time in the ingress), preprocess_ms, detect_ms, "

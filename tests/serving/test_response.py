@@ -85,3 +85,22 @@ class TestMaskPlacement:
         tile = resampled_tiles[0]
         with pytest.raises(ValueError, match="1 results of 2 tiles"):
             analysis([one_detection(tile, (0, 0, 2, 2))], [tile, tile], class_names=["v"], materials=[], grades=[])
+
+
+class TestObjects:
+    def test_a_defect_cut_by_a_tile_border_is_one_object(self):
+        """As the batch job counts them: the two tiles each report a piece (two
+        detections), the answer's objects and summary count one defect."""
+        pixels = np.zeros((64, 128), np.uint8)
+        tiles = prepare_image(pixels, modality="SEM", pixel_size_nm=2.0,
+                              settings=TilingSettings(chunk=64, halo=8, target_pixel_size_nm=None),
+                              fit=False).tiles
+        assert [(t.y, t.x) for t in tiles] == [(0, 0), (0, 64)] and tiles[1].halo[2] == 8
+        # a defect over x 40..90, y 10..20: each tile sees it up to the edge of what it read
+        left, right = one_detection(tiles[0], (40, 10, 72, 20)), one_detection(tiles[1], (0, 10, 34, 20))
+        answer = analysis([left, right], tiles, class_names=["crack"], materials=[], grades=[])
+        assert answer["summary"]["n_detections"] == 2 and answer["summary"]["n_defects"] == 1
+        (obj,) = answer["objects"]
+        assert obj["box_px"] == pytest.approx([40, 10, 90, 20]) and obj["parts"] == 2
+        assert obj["box_nm"] == pytest.approx([80, 20, 180, 40]) and sorted(obj["detections"]) == [0, 1]
+        assert obj["class"] == "crack"
