@@ -335,7 +335,9 @@ class Ingress:
         arms = self._arms
         members = {}
         for ref in sorted(set(arms.refs.values())):
-            members[ref] = {role: mv.ref for role, mv in self._registry.get_bundle(ref).items()}
+            # a registry round trip (and a file fetch): off the event loop that serves every request
+            bundle = await asyncio.to_thread(self._registry.get_bundle, ref)
+            members[ref] = {role: mv.ref for role, mv in bundle.items()}
         labels = await self._labels_of(arms.refs["production"])
         return {"bundle": self.config.bundle, "split": dict(arms.weights), "arms": dict(arms.refs),
                 "members": members, **labels}
