@@ -63,7 +63,11 @@ def user_error_message(exc: BaseException) -> str | None:
     GrainflowError's message, or, for an error of their environment (an OSError: a path
     missing, not writable or a directory, a connection refused; an S3 or MLflow client
     error), its type and text with a hint where one helps. None: a bug, whose traceback
-    should be seen. Errors raised in Ray tasks are judged by their cause."""
+    should be seen, as it is for every error but a GrainflowError when GRAINFLOW_DEBUG
+    is set (an OSError can be a bug too). Errors raised in Ray tasks are judged by their
+    cause."""
+    import os
+
     cause = getattr(exc, "cause", None)
     if isinstance(cause, BaseException):
         exc = cause
@@ -71,8 +75,8 @@ def user_error_message(exc: BaseException) -> str | None:
         return str(exc)
     environment = isinstance(exc, OSError) or any(
         c.__module__.startswith(_ENVIRONMENT_MODULES) for c in type(exc).__mro__)
-    if not environment:
+    if not environment or os.environ.get("GRAINFLOW_DEBUG"):
         return None
     name = type(exc).__name__
     hint = _HINTS.get(name)
-    return f"{name}: {exc}" + (f" ({hint})" if hint else "")
+    return f"{name}: {exc}" + (f" ({hint})" if hint else "") + " [GRAINFLOW_DEBUG=1 shows the traceback]"

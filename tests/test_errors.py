@@ -23,7 +23,7 @@ def test_an_error_from_a_ray_task_prints_as_its_own_message(ray_session):
 
 def test_errors_of_the_environment_are_the_users_bugs_are_not():
     assert user_error_message(MetadataError("a: no multiscales")) == "a: no multiscales"
-    assert user_error_message(PermissionError(13, "Permission denied", "/data/x")) == (
+    assert user_error_message(PermissionError(13, "Permission denied", "/data/x")).startswith(
         "PermissionError: [Errno 13] Permission denied: '/data/x'")
     import botocore.exceptions
 
@@ -31,3 +31,9 @@ def test_errors_of_the_environment_are_the_users_bugs_are_not():
     assert message.startswith("NoCredentialsError: Unable to locate credentials") and "AWS_ACCESS_KEY_ID" in message
     assert user_error_message(KeyError("column")) is None  # a bug keeps its traceback
     assert user_error_message(ZeroDivisionError()) is None
+
+
+def test_grainflow_debug_shows_every_traceback_but_grainflows_own(monkeypatch):
+    monkeypatch.setenv("GRAINFLOW_DEBUG", "1")
+    assert user_error_message(FileNotFoundError(2, "No such file", "/x")) is None
+    assert user_error_message(MetadataError("a: no multiscales")) == "a: no multiscales"

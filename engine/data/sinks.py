@@ -423,9 +423,10 @@ class WriteTileOutputs:
         if target is not None:
             index, spec = target.spec(key)
             base = index * target.id_stride
-            if r.n_defects > target.id_stride:
-                raise ValueError(f"{r.image_id} tile {key}: {r.n_defects} detections exceed the {target.id_stride} "
-                                 f"label ids reserved per tile")
+            ids = r.n_defects + len(r.foreign_classes)  # its detections, then the foreign pieces it paints
+            if ids > target.id_stride:
+                raise ValueError(f"{r.image_id} tile {key}: {r.n_defects} detections and {len(r.foreign_classes)} "
+                                 f"foreign pieces exceed the {target.id_stride} label ids reserved per tile")
             if target.write:
                 self._write_labels(target, spec, r, base)
         put_file(tile_location(self.out, DETECTIONS, key), table_bytes(self._detections(r, base, placement)))
@@ -528,43 +529,78 @@ def stitch_objects(tiles: Sequence[_Tile], *, iou_threshold: float = 0.5):
     return o.boxes, o.scores, o.classes, got.members
 
 
-FOREIGN_CONTAINED = 0.5  # share of a foreign piece's box inside its object's box, at least
+FOREIGN_HELD = 0.5  # share of a foreign piece inside its owner's detection, both cut to what both tiles read
 
 
-def join_foreign_pieces(tiles: Sequence[_Tile], boxes: np.ndarray, classes: np.ndarray):
+def join_foreign_pieces(tiles: Sequence[_Tile], boxes: np.ndarray, members):
     """Each tile's foreign pieces (its core's share of objects other tiles own) joined to
-    the object they belong to: same class, at least FOREIGN_CONTAINED of the piece's box
-    inside the object's, the best IoU among those.
+    the object they belong to. The owner is the tile whose core holds the piece's centre;
+    both tiles saw the region their reads share, and there the piece and the owner's
+    detection of that defect are the same pixels. So, both boxes cut to that region, the
+    piece joins the owner's detection of its class that holds at least FOREIGN_HELD of
+    it, the one holding most of it and overlapping it best (containment plus IoU: a
+    slanted scratch's box holds a piece of its end, but so may a small defect's box
+    beside it, which the IoU then tells apart), and with it that detection's object.
 
-    Returns (boxes grown to hold their pieces (K, 4), the pieces' label ids per object).
-    A piece whose object no tile reported (its owner missed or suppressed it) joins none:
-    its pixels keep an id that no object lists.
+    members: per object, row indices into the tiles' detections concatenated (as
+    `stitch_objects` returns them). Returns (boxes grown to hold their pieces' shares of
+    their tiles' cores (K, 4), the pieces' label ids per object, whether each box grew:
+    its owners did not see all of it). A piece whose owner reported no such detection
+    (it missed it, called it another class, or its tile failed) joins none: its pixels
+    keep an id that no object lists.
     """
-    from engine.tiling.stitch import box_iou
+    from engine.tiling.stitch import box_iou, owned
 
     boxes = np.array(boxes, np.float64).reshape(-1, 4)
     joined: list[list[int]] = [[] for _ in range(len(boxes))]
-    pieces = [p for t in tiles for p in t.meta.get("foreign", ())]
-    if not len(boxes) or not pieces:
-        return boxes, joined
-    found = boxes.copy()
-    for label_id, cls, *piece in pieces:
-        piece = np.asarray(piece, np.float64)
-        same = np.flatnonzero(classes == cls)
-        if not len(same):
-            continue
-        b = found[same]
-        inter = (np.clip(np.minimum(piece[2], b[:, 2]) - np.maximum(piece[0], b[:, 0]), 0, None)
-                 * np.clip(np.minimum(piece[3], b[:, 3]) - np.maximum(piece[1], b[:, 1]), 0, None))
-        area = max((piece[2] - piece[0]) * (piece[3] - piece[1]), 1e-9)
-        iou = np.where(inter / area >= FOREIGN_CONTAINED, box_iou(piece, b), -1.0)
-        if iou.max() < 0:
-            continue
-        j = int(same[int(np.argmax(iou))])
-        joined[j].append(int(label_id))
-        boxes[j, :2] = np.minimum(boxes[j, :2], piece[:2])
-        boxes[j, 2:] = np.maximum(boxes[j, 2:], piece[2:])
-    return boxes, joined
+    grown = np.zeros(len(boxes), bool)
+    if not len(boxes) or not any(t.meta.get("foreign") for t in tiles):
+        return boxes, joined, grown
+    object_of = {int(row): j for j, rows in enumerate(members) for row in rows}
+    offsets = np.cumsum([0] + [t.table.num_rows for t in tiles])
+    cores = np.array([t.meta["core_level0"] for t in tiles], np.float64)
+    reads = np.array([t.meta.get("read_level0") or t.meta["core_level0"] for t in tiles], np.float64)
+    for mine, t in enumerate(tiles):
+        for label_id, cls, *piece in t.meta.get("foreign", ()):
+            piece = np.asarray(piece, np.float64)
+            owner = np.flatnonzero(owned(np.broadcast_to(piece, cores.shape), cores))
+            if len(owner) != 1:
+                continue
+            u = int(owner[0])
+            rows = np.arange(offsets[u], offsets[u + 1])
+            rows = rows[tiles[u].table["class"].to_numpy(zero_copy_only=False).astype(np.int64) == int(cls)]
+            if not len(rows):
+                continue
+            theirs = np.stack([tiles[u].table[c].to_numpy(zero_copy_only=False) for c in ("x0", "y0", "x1", "y1")],
+                              axis=1)[rows - offsets[u]].astype(np.float64)
+            seen = (np.maximum(reads[mine, :2], reads[u, :2]), np.minimum(reads[mine, 2:], reads[u, 2:]))
+            mine_b, theirs_b = _clip(piece, seen), _clip(theirs, seen)
+            iou = box_iou(mine_b, theirs_b)
+            held = _area(_clip(theirs_b, (mine_b[:2], mine_b[2:]))) / max(_area(mine_b), 1e-9)
+            score = np.where(held >= FOREIGN_HELD, held + iou, -1.0)
+            k = int(np.argmax(score))
+            j = object_of.get(int(rows[k]))
+            if score[k] < 0 or j is None:
+                continue
+            joined[j].append(int(label_id))
+            # what the piece adds is its share of this tile's core (where it is painted);
+            # beyond, it ends where this tile's read did
+            share = _clip(piece, (cores[mine, :2], cores[mine, 2:]))
+            before = boxes[j].copy()
+            boxes[j, :2] = np.minimum(boxes[j, :2], share[:2])
+            boxes[j, 2:] = np.maximum(boxes[j, 2:], share[2:])
+            grown[j] |= bool((boxes[j] != before).any())
+    return boxes, joined, grown
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    """Areas of xyxy boxes (..., 4); 0 for empty ones."""
+    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+
+
+def _clip(b: np.ndarray, region) -> np.ndarray:
+    """xyxy boxes (..., 4) cut to `region` ((x0, y0), (x1, y1))."""
+    return np.concatenate([np.maximum(b[..., :2], region[0]), np.minimum(b[..., 2:], region[1])], axis=-1)
 
 
 class _WholeObjects:
@@ -596,7 +632,7 @@ class _WholeObjects:
 
 
 def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm,
-                   whole: _WholeObjects | None = None, foreign_ids=None) -> pa.Table:
+                   whole: _WholeObjects | None = None, foreign_ids=None, grown=None) -> pa.Table:
     area = detections["area_nm2"].to_numpy(zero_copy_only=False) if detections.num_rows else np.zeros(0)
     rows: dict[str, list] = {name: [] for name in OBJECT_SCHEMA.names}
     shape_cols = ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
@@ -621,8 +657,9 @@ def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_
         ids = [int(v) for v in col["label_id"][rows_j]] if len(rows_j) else []
         ids += foreign_ids[j] if foreign_ids else []
         rows["label_ids"].append(ids)
-        # Pieces from several tiles: measured whole on the label image they painted.
-        if whole is not None and len(ids) > 1:
+        # Pieces from several tiles, or an object its owner saw only in part (foreign
+        # pieces grew its box): measured whole on the label image the tiles painted.
+        if whole is not None and (len(rows_j) > 1 or (grown is not None and grown[j])):
             m, centroid = whole(box, ids)
             if m.area_px[0] > 0:
                 for name in shape_cols:
@@ -721,14 +758,14 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
         read = list(pool.map(lambda k: _read_tile(tile_location(out, DETECTIONS, (image_id, *k))), done))
         error_rows = list(pool.map(lambda k: _read_tile(error_files[k])[0], errors))
-    tiles = [_Tile(k, t, _image_core_area(m, plan)) for k, (t, m) in zip(done, read)]
+    tiles = [_Tile(k, t, m) for k, (t, m) in zip(done, read)]
     detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
     boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
-    boxes, foreign_ids = join_foreign_pieces(tiles, boxes, classes)
+    boxes, foreign_ids, grown = join_foreign_pieces(tiles, boxes, members)
     level0_nm = tuple(plan.grid.transform.pixel_size_nm)
     whole = _WholeObjects(label_target) if label_target is not None and label_target.write else None
     objects = _objects_table(detections, boxes, scores, classes, members, list(class_names), level0_nm, whole,
-                             foreign_ids)
+                             foreign_ids, grown)
     put_file(out.join(OBJECTS, partition(image_id), "part-0.parquet"), table_bytes(objects))
     put_file(out.join(TILES, partition(image_id), "part-0.parquet"), table_bytes(_tiles_table(tiles, errors, error_rows)))
 
@@ -768,23 +805,6 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
         "defect_counts": json.dumps(counts, sort_keys=True), "model_versions": json.dumps(versions, sort_keys=True),
         "labels_uri": labels_uri,
     }
-
-
-def _image_core_area(meta: dict[str, Any], plan) -> dict[str, Any]:
-    """A tile's meta with its core area (and density) taken inside the image: the last
-    pixel of a coarser level, or of a resampled grid, reaches past level 0's edge, so the
-    area the ensemble computed from the tile's pixels counts some outside the image."""
-    from engine.pipeline.measure import NM2_PER_MM2
-
-    shape = getattr(plan, "level0_shape", None)
-    if shape is None or meta.get("core_level0") is None:
-        return meta
-    x0, y0, x1, y1 = meta["core_level0"]
-    h, w = shape
-    py, px = plan.grid.transform.pixel_size_nm
-    area = max(0.0, min(x1, w) - max(x0, 0.0)) * px * max(0.0, min(y1, h) - max(y0, 0.0)) * py / NM2_PER_MM2
-    n = meta.get("n_defects", 0)
-    return {**meta, "core_area_mm2": area, "defect_density_per_mm2": n / area if area > 0 else math.nan}
 
 
 def _tiles_table(tiles: Sequence[_Tile], errors, error_rows) -> pa.Table:

@@ -75,7 +75,7 @@ class ImageTiles:
     n_rows: int
     n_cols: int
     tile_dtype: str
-    level0_shape: tuple[int, int] | None = None
+    level0_shape: tuple[int, int]
 
     @property
     def n_tiles(self) -> int:

@@ -21,6 +21,9 @@ pixel_size     float64         tile pixel size in nm (x axis)
 pixel_size_y   float64         tile pixel size in nm (y axis; differs from x only
                                where the image's pixels are not square)
 modality       str             the catalog's modality
+extent0        int64 (2,)      (height, width) of the image's level 0, px: where its
+                               last cores end (a coarser level's last pixel, or a
+                               resampled grid's, reaches past it)
 error          str or null     "<ExceptionType>: <message>" when the read failed; a
                                CorruptChunkError's message names the chunk keys
 =============  ==============  =====================================================
@@ -40,7 +43,7 @@ from engine.stores.image import open_image
 from engine.tiling.grid import TileSpec
 
 COLUMNS = ("image_id", "level", "y", "x", "tile", "halo", "origin", "scale", "pixel_size", "pixel_size_y", "modality",
-           "error")
+           "extent0", "error")
 
 
 def read_tiles(spec: ReadSpec) -> Iterator:
@@ -149,7 +152,7 @@ def _row(spec: ReadSpec, tile: TileSpec, pixels: np.ndarray | Exception) -> tupl
         data, halo, origin, scale = _resampled(im, tile, None if error else pixels, dtype)
     return (im.image_id, np.int32(tile.level), np.int64(y), np.int64(x), data, np.asarray(halo, np.int32),
             np.asarray(origin, np.float64), np.asarray(scale, np.float64), float(im.pixel_size_yx_nm[1]),
-            float(im.pixel_size_yx_nm[0]), im.modality, error)
+            float(im.pixel_size_yx_nm[0]), im.modality, np.asarray(im.level0_shape, np.int64), error)
 
 
 def _resampled(im, tile: TileSpec, pixels: np.ndarray | None, dtype: np.dtype):

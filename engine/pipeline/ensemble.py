@@ -111,7 +111,9 @@ class TileInput:
     origin: level-0 (y, x) of tile[0, 0]'s corner; scale: level-0 pixels per tile pixel
     (y, x); pixel_size_nm: the tile's pixel size (x axis), nm; pixel_size_y_nm: its y
     pixel size, nm (None: the image's pixels are square); context: optional raw
-    context tile for fusion (see module doc); error: the read's error, passed through.
+    context tile for fusion (see module doc); error: the read's error, passed through;
+    extent0: (height, width) of the image's level 0, px (None: the core area is the
+    core's pixels; given, it ends at the image's edge).
     """
 
     image_id: str
@@ -127,6 +129,7 @@ class TileInput:
     error: str | None = None
     context: np.ndarray | None = None
     pixel_size_y_nm: float | None = None
+    extent0: tuple[int, int] | None = None
 
     def __post_init__(self):
         self.halo = tuple(int(v) for v in np.asarray(self.halo).reshape(4))
@@ -427,7 +430,12 @@ class Ensemble:
         classes = np.zeros(w.shape, np.uint8)
         for j in range(len(w.masks) - 1, -1, -1):
             classes[w.masks[j]] = w.classes[j] + 1
-        core_area = area_mm2((h - top - bottom, wdt - left - right), (py, px))
+        if t.extent0 is None:
+            core_area = area_mm2((h - top - bottom, wdt - left - right), (py, px))
+        else:  # the core's level-0 box inside the image: its last pixels may reach past the edge
+            x0, y0, x1, y1 = core
+            inside = (max(0.0, min(x1, t.extent0[1]) - max(x0, 0.0)), max(0.0, min(y1, t.extent0[0]) - max(y0, 0.0)))
+            core_area = area_mm2(inside[0] * inside[1], (p0y, p0x))
         if len(w.material_probs):
             material = self.materials[int(np.argmax(w.material_probs))]
             grade = self.grades[int(np.argmax(w.grade_probs))]
@@ -645,7 +653,7 @@ def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
     """Datasource rows (a dict of columns, `engine.data.tile_read`) -> TileInputs.
 
     Needed: image_id, tile, pixel_size (or pixel_size_nm). Optional: pixel_size_y, level,
-    y, x, halo, origin, scale, modality, error, context. `tile` may be one (B, H, W) array or B
+    y, x, halo, origin, scale, modality, error, context, extent0. `tile` may be one (B, H, W) array or B
     arrays of their own shapes.
     """
     for name in ("image_id", "tile"):
@@ -658,7 +666,7 @@ def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
     cols = {name: _column(batch, name, n, default) for name, default in (
         ("tile", None), (size_col, None), ("level", 0), ("y", 0), ("x", 0), ("halo", (0, 0, 0, 0)),
         ("origin", None), ("scale", (1.0, 1.0)), ("modality", ""), ("error", None), ("context", None),
-        ("pixel_size_y", None))}
+        ("pixel_size_y", None), ("extent0", None))}
     out = []
     for i in range(n):
         error = cols["error"][i]
@@ -667,7 +675,8 @@ def tiles_from_batch(batch: Mapping[str, Any]) -> list[TileInput]:
             level=int(cols["level"][i]), y=int(cols["y"][i]), x=int(cols["x"][i]), halo=cols["halo"][i],
             origin=cols["origin"][i], scale=cols["scale"][i], modality=str(cols["modality"][i] or ""),
             error=error_text(error), context=cols["context"][i],
-            pixel_size_y_nm=None if cols["pixel_size_y"][i] is None else float(cols["pixel_size_y"][i])))
+            pixel_size_y_nm=None if cols["pixel_size_y"][i] is None else float(cols["pixel_size_y"][i]),
+            extent0=None if cols["extent0"][i] is None else tuple(int(v) for v in cols["extent0"][i])))
     return out
 
 

@@ -421,6 +421,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
 
     for image_id in progress:
         finish_if_complete(image_id)
+    late: set[str] = set()
     if len(finishing) < len(plans):
         actors, gpus = _resources(concurrency, num_gpus, cpus_per_actor)
         stored = dict(zip(catalog["image_id"], catalog["dtype"]))
@@ -441,7 +442,11 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
                                                      batch["ok"]):
-                    progress[str(image_id)].add((int(level), int(y), int(x)), bool(ok))
+                    p = progress[str(image_id)]
+                    before = len(p.done)
+                    p.add((int(level), int(y), int(x)), bool(ok))
+                    if str(image_id) in finishing and len(p.done) > before:
+                        late.add(str(image_id))  # finished without a tile that Ray then ran again
                     finish_if_complete(str(image_id))
         except ray.exceptions.RayActorError as exc:
             if not exc.actor_init_failed:
@@ -451,6 +456,10 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
             lines = [line.strip() for line in str(exc).splitlines() if line.strip()]
             raise GrainflowError(f"the ensemble actors could not start: {lines[-1] if lines else exc}") from None
     stages["tiles"] = time.perf_counter() - t0
+    for image_id in sorted(late):  # once its first finishing is over (both write the same files)
+        p = progress[image_id]
+        ray.get(finishing[image_id])
+        finishing[image_id] = finish.remote(out, p.plan, p.done, targets.get(image_id), describe, provenance)
     counts = [p.counts for p in progress.values()]
     done, errors = sum(c[0] for c in counts), sum(c[1] for c in counts)
 

@@ -8,16 +8,16 @@ Boxes (all xyxy, edge coordinates, see `engine.tiling.transform`):
 2. *Border merge*: a defect cut by a core border can leave a piece in each tile whose
    centres fall on either side. Each tile saw its core and a halo around it, so a piece
    is *cut* only where it reaches the edge of what its tile read (within `touch` level-0
-   pixels, or a quarter of that side's halo if more): a box that ends inside the halo
-   was seen whole there and is an object of its own, however close to the border. Two
-   cut pieces are merged (their union, the higher score) when they share a class, come
-   from tiles whose cores touch along a border line L, are cut on either side of L, and
-   their extents *along* L overlap. Both pieces then cover the strip of halo both tiles
-   saw, and a slanted defect's pieces may overlap along L only there, so any overlap
-   counts; where several pieces could pair across one border of two tiles, pairs are
-   taken one to one, best overlap first, so two parallel cut scratches stay two objects.
-   Merging is transitive (union-find) across borders, so a defect cut at a corner into
-   four pieces becomes one box.
+   pixels, or half that side's halo if more): a box that ends well inside the halo was
+   seen whole there and is an object of its own, however close to the border. Cut
+   pieces of one class on either side of a border line L, from tiles whose cores touch
+   along L, pair up by their extents along L (both pieces cover the strip both tiles
+   read, where a slanted defect's pieces overlap only partly): mutual best matches by
+   IoU first, so two parallel cut scratches stay two objects; then a piece left over
+   joins the piece across that holds most of its extent (the arms of a U whose bottom
+   the other tile saw whole). Paired pieces are merged (their union, the higher score),
+   transitively (union-find) across borders, so a defect cut at a corner into four
+   pieces becomes one box.
 3. *NMS*: class-aware greedy non-maximum suppression in level-0 coordinates removes
    what is left of duplicates (e.g. two full views of one defect centred on a border).
 
@@ -164,7 +164,8 @@ def stitch_groups(boxes, scores, classes, cores, reads, *, iou_threshold: float 
     return StitchedGroups(StitchedBoxes(mb[keep], ms[keep], mc[keep], parts[keep]), members)
 
 
-HALO_TOUCH = 0.25  # of a side's halo: how close to the read edge a cut piece's box may end
+HALO_TOUCH = 0.5  # of a side's halo: how far short of the read edge a cut piece's box may end
+CONTAINED = 0.5  # share of a leftover piece's extent along the border inside another piece's
 
 
 def _border_groups(boxes, classes, cores, reads, tiles, *, touch: float) -> np.ndarray:
@@ -177,8 +178,15 @@ def _border_groups(boxes, classes, cores, reads, tiles, *, touch: float) -> np.n
             i = parent[i]
         return i
 
-    # A box is cut on a side when it reaches the edge of what its tile read there (a
-    # detector's box of a cut object ends a little short of it: a quarter of the halo).
+    def join(i: int, j: int) -> None:
+        ri, rj = find(int(i)), find(int(j))
+        if ri != rj:
+            parent[max(ri, rj)] = min(ri, rj)
+
+    # A box is cut on a side when it reaches the edge of what its tile read there; a
+    # detector's box of a cut object may end a little short of it (half the halo). An
+    # object seen whole ends inside the halo, and even one taken for cut there merges
+    # only with a cut piece of the neighbour that it overlaps.
     reach = np.maximum(touch, HALO_TOUCH * np.abs(reads - cores))
     cut_hi = boxes[:, 2:] >= reads[:, 2:] - reach[:, 2:]  # right (x), bottom (y)
     cut_lo = boxes[:, :2] <= reads[:, :2] + reach[:, :2]  # left (x), top (y)
@@ -187,7 +195,7 @@ def _border_groups(boxes, classes, cores, reads, tiles, *, touch: float) -> np.n
     # Neighbours compute a shared border in different float expressions (resampled tiles:
     # origin + n * a non-integer scale), so lines are matched to within LINE_TOLERANCE px.
     line_ids = {"x": _line_ids(cores[:, [0, 2]]), "y": _line_ids(cores[:, [1, 3]])}
-    sides: dict[tuple[str, int], tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
+    sides: dict[tuple, tuple[list[int], list[int]]] = defaultdict(lambda: ([], []))
     for axis, a in (("x", 0), ("y", 1)):
         ids = line_ids[axis]
         for i in np.flatnonzero(cut_hi[:, a]):
@@ -195,34 +203,50 @@ def _border_groups(boxes, classes, cores, reads, tiles, *, touch: float) -> np.n
         for i in np.flatnonzero(cut_lo[:, a]):
             sides[(axis, ids[i, 0])][1].append(int(i))
     for (axis, _), (before, after) in sides.items():
-        if not before or not after:
-            continue
-        a, b = np.array(before), np.array(after)
-        # Along-line extent: y for a vertical line (axis "x"), x for a horizontal one.
-        lo, hi = (1, 3) if axis == "x" else (0, 2)
-        ba, bb = boxes[a][:, None, :], boxes[b][None, :, :]
-        ka, kb = cores[a][:, None, :], cores[b][None, :, :]
-        overlap = np.minimum(ba[..., hi], bb[..., hi]) - np.maximum(ba[..., lo], bb[..., lo])
-        shorter = np.minimum(ba[..., hi] - ba[..., lo], bb[..., hi] - bb[..., lo])
-        cores_touch = (ka[..., lo] <= kb[..., hi]) & (kb[..., lo] <= ka[..., hi])
-        same = classes[a][:, None] == classes[b][None, :]
-        hit = same & cores_touch & (overlap > 0)
-        fraction = np.where(hit, overlap / np.maximum(shorter, 1e-9), -1.0)
-        taken: set[tuple[str, int, int]] = set()
-        for flat in np.argsort(-fraction, axis=None, kind="stable"):
-            i, j = np.unravel_index(flat, fraction.shape)
-            if fraction[i, j] < 0:
-                break
-            # one to one per pair of tiles: a piece pairs with one piece of each neighbour
-            ia, jb = int(a[i]), int(b[j])
-            mine, theirs = ("a", ia, int(tiles[jb])), ("b", jb, int(tiles[ia]))
-            if mine in taken or theirs in taken:
-                continue
-            taken.update((mine, theirs))
-            ri, rj = find(ia), find(jb)
-            if ri != rj:
-                parent[max(ri, rj)] = min(ri, rj)
+        before, after = np.array(before, np.int64), np.array(after, np.int64)
+        # one tile on each side at a time (a line runs along many tiles)
+        for ta in np.unique(tiles[before]) if len(before) else ():
+            for tb in np.unique(tiles[after]) if len(after) else ():
+                a, b = before[tiles[before] == ta], after[tiles[after] == tb]
+                _pair_pieces(boxes, classes, cores, a, b, axis, join)
     return np.array([find(i) for i in range(len(boxes))], dtype=np.int64)
+
+
+def _pair_pieces(boxes, classes, cores, a, b, axis: str, join) -> None:
+    """Join the cut pieces `a` of one tile with the cut pieces `b` of its neighbour across
+    one border line (`axis` "x": a vertical line).
+
+    Each piece covers the strip both tiles read, so a defect's two pieces overlap along
+    the line there, but a slanted one's only partly. First, mutual best matches by IoU of
+    their extents along the line (a diagonal scratch's pieces; two parallel scratches
+    stay two). Then a piece left over joins the piece across that holds most of its
+    extent (one arm of a U whose bottom the other tile saw whole)."""
+    lo, hi = (1, 3) if axis == "x" else (0, 2)  # along the line: y for a vertical one
+    ba, bb = boxes[a][:, None, :], boxes[b][None, :, :]
+    ka, kb = cores[a][:, None, :], cores[b][None, :, :]
+    overlap = np.minimum(ba[..., hi], bb[..., hi]) - np.maximum(ba[..., lo], bb[..., lo])
+    length_a, length_b = ba[..., hi] - ba[..., lo], bb[..., hi] - bb[..., lo]
+    cores_touch = (ka[..., lo] <= kb[..., hi]) & (kb[..., lo] <= ka[..., hi])
+    ok = (classes[a][:, None] == classes[b][None, :]) & cores_touch & (overlap > 0)
+    if not ok.any():
+        return
+    iou = np.where(ok, overlap / np.maximum(length_a + length_b - overlap, 1e-9), -1.0)
+    best_b, best_a = iou.argmax(axis=1), iou.argmax(axis=0)
+    paired_a, paired_b = np.zeros(len(a), bool), np.zeros(len(b), bool)
+    for i, j in enumerate(best_b):
+        if iou[i, j] > 0 and best_a[j] == i:
+            join(a[i], b[j])
+            paired_a[i] = paired_b[j] = True
+    contained_a = np.where(ok, overlap / np.maximum(length_a, 1e-9), 0.0)  # of a's extent, inside b's
+    contained_b = np.where(ok, overlap / np.maximum(length_b, 1e-9), 0.0)
+    for i in np.flatnonzero(~paired_a):
+        held = contained_a[i] >= CONTAINED
+        if held.any():
+            join(a[i], b[int(np.argmax(np.where(held, iou[i], -1.0)))])
+    for j in np.flatnonzero(~paired_b):
+        held = contained_b[:, j] >= CONTAINED
+        if held.any():
+            join(b[j], a[int(np.argmax(np.where(held, iou[:, j], -1.0)))])
 
 
 LINE_TOLERANCE = 1e-6  # level-0 px: border coordinates closer than this are one line

@@ -266,36 +266,43 @@ class TestFinish:
         assert props == [{"label-value": 1, "class": "pore"}, {"label-value": 2, "class": "crack"}]
 
     def test_an_object_reaching_into_a_neighbour_core_is_whole(self, plan, tmp_path):
-        """Tile (0, 0) owns a defect (centre x 60) whose pixels reach x 80; tile (0, 1)
-        paints its share as a foreign piece. The object lists both ids, is measured whole
-        and the label image holds all of it."""
+        """Tile (0, 0) owns a defect over x 36..76 (centre 56) and, reading 16 px into its
+        neighbour, sees it whole; tile (0, 1), reading from x 48, sees x 48..76 (centre 62,
+        not its own) and paints its share as a foreign piece. The object lists both ids,
+        keeps its owner's measurements, and the label image holds all of it."""
         target = target_for(plan, tmp_path)
         sink = WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)
-        sink(batch([result(plan, 0, 0, [(40, 20, 80, 40)]), result(plan, 0, 1, foreign=[(48, 20, 80, 40)])]))
+        cols = batch([result(plan, 0, 0, [(36, 20, 76, 40)]), result(plan, 0, 1, foreign=[(48, 20, 76, 40)])])
+        cols["origin"][1] = (0, 48)  # read with 16 px of halo towards each other
+        cols["halo"][0], cols["halo"][1] = (0, 0, 0, 16), (0, 0, 16, 0)
+        sink(cols)
         finish_image(tmp_path, plan, [(0, 0, 0), (0, 0, 64)], label_target=target, class_names=CLASSES,
                      materials=MATERIALS, grades=GRADES)
         (obj,) = read_output(tmp_path, OBJECTS).to_pylist()
         assert sorted(obj["label_ids"]) == [1, STRIDE + 1] and obj["parts"] == 1
+        assert (obj["x0"], obj["x1"]) == (36, 76)
         assert obj["area_nm2"] == pytest.approx(40 * 20 * plan.pixel_size_nm**2)
-        assert obj["centroid_x"] == pytest.approx(60)
+        assert obj["centroid_x"] == pytest.approx(56)
         labels = zarr.open_group(target.root.path, mode="r")["labels/predicted_defects/0"][:]
-        assert np.isin(labels[20:40, 40:80], obj["label_ids"]).all()
+        assert np.isin(labels[20:40, 36:76], obj["label_ids"]).all()
+        assert set(np.unique(labels[20:40, 64:76])) == {STRIDE + 1}  # painted by the neighbour
 
-    def test_areas_end_at_the_image_edge(self, plan, tmp_path):
-        """A coarser level's (or a resampled grid's) last pixels reach past level 0's edge:
-        the tiles' core areas, the image's and its density count only the image."""
-        from dataclasses import replace
-
-        target, done = self._run(plan, tmp_path)
-        narrower = replace(plan, level0_shape=(256, 100))  # tile (0, 1)'s core x 64..128 ends at 100
-        row = finish_image(tmp_path, narrower, done, label_target=target, class_names=CLASSES,
-                           materials=MATERIALS, grades=GRADES)
-        px = plan.pixel_size_nm**2 / 1e12
-        assert row["core_area_mm2"] == pytest.approx((64 * 64 + 64 * 36) * px)
-        assert row["defect_density_per_mm2"] == pytest.approx(2 / row["core_area_mm2"])
-        tiles = read_output(tmp_path, TILES).to_pandas().set_index("x")
-        assert tiles.loc[64, "core_area_mm2"] == pytest.approx(64 * 36 * px)
-        assert tiles.loc[64, "defect_density_per_mm2"] == pytest.approx(2 / (64 * 36 * px))
+    def test_a_foreign_piece_joins_its_owners_detection_not_a_neighbour_of_it(self, plan, tmp_path):
+        """The owner reports a long slanted defect (box x 10..76, y 10..60, reaching the
+        border only at its lower end) and a small one beside that end; the neighbour's
+        two foreign pieces each join their own defect, compared where both tiles read."""
+        target = target_for(plan, tmp_path)
+        sink = WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)
+        cols = batch([result(plan, 0, 0, [(10, 10, 76, 60), (50, 28, 74, 40)]),
+                      result(plan, 0, 1, foreign=[(48, 28, 74, 40), (48, 48, 76, 60)])])
+        cols["origin"][1] = (0, 48)
+        cols["halo"][0], cols["halo"][1] = (0, 0, 0, 16), (0, 0, 16, 0)
+        sink(cols)
+        finish_image(tmp_path, plan, [(0, 0, 0), (0, 0, 64)], label_target=target, class_names=CLASSES,
+                     materials=MATERIALS, grades=GRADES)
+        objects = {o["x0"]: o for o in read_output(tmp_path, OBJECTS).to_pylist()}
+        assert sorted(objects[10]["label_ids"]) == [1, STRIDE + 2]   # the slanted one: the piece of its end
+        assert sorted(objects[50]["label_ids"]) == [2, STRIDE + 1]   # the small one: the piece beside it
 
     def test_idempotent_and_cleans_stale_files(self, plan, tmp_path):
         target, done = self._run(plan, tmp_path)

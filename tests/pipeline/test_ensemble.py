@@ -10,6 +10,7 @@ import pytest
 
 from engine.models.detector import Detections
 from engine.pipeline import COLUMNS, Ensemble, EnsembleConfig, EnsembleModels, TileResult, analyze_tile
+from engine.pipeline.ensemble import TileInput
 from engine.pipeline.results import DETECTION_COLUMNS, from_columns
 from engine.tiling import owned, tile_core_level0
 
@@ -164,6 +165,17 @@ def test_a_defect_reaching_into_a_neighbour_core_is_painted_there(tiny_models, m
     box = np.zeros_like(painted)
     box[20:45, 46:71] = True  # no segmenter: the box is the mask
     np.testing.assert_array_equal(painted, box)
+
+
+def test_core_areas_end_at_the_image_edge(tiny_models):
+    """A 37 x 45 image read at level 3 (8 level-0 px a pixel): its one tile's pixels
+    cover 40 x 48 level-0 px, the core area counts the 37 x 45 of the image."""
+    ens = Ensemble(EnsembleModels(tiny_models.detector), config=EnsembleConfig(**TEST_CONFIG))
+    tile = np.zeros((5, 6), np.uint8)
+    (inside,) = ens.analyze([TileInput("a", tile, 80.0, level=3, scale=(8.0, 8.0), extent0=(37, 45))])
+    (whole,) = ens.analyze([TileInput("a", tile, 80.0, level=3, scale=(8.0, 8.0))])
+    assert inside.core_area_mm2 == pytest.approx(37 * 45 * 10.0**2 / 1e12)
+    assert whole.core_area_mm2 == pytest.approx(40 * 48 * 10.0**2 / 1e12)
 
 
 class TestDeterminism:

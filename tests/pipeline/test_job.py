@@ -440,12 +440,15 @@ def _cmdline(p) -> list[str]:
 
 
 class TestEntrypoint:
-    def test_bad_input_exits_2_naming_it(self, job_registry, tmp_path, capsys):
+    def test_bad_input_exits_2_naming_it(self, job_archive, job_registry, tmp_path, capsys):
         from jobs.reprocess import main
 
-        code = main(["--archive", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--models",
+        code = main(["--archive", str(job_archive), "--out", str(tmp_path / "o"), "--models",
                      "nosuch@production", "--tracking-uri", job_registry.tracking_uri])
         assert code == 2 and "nosuch" in capsys.readouterr().err
+        code = main(["--archive", str(tmp_path / "nowhere"), "--out", str(tmp_path / "o"), "--models",
+                     "nosuch@production", "--tracking-uri", job_registry.tracking_uri])
+        assert code == 2 and "nowhere: no catalog.parquet" in capsys.readouterr().err
 
     def test_arguments_are_checked(self, capsys):
         from jobs.reprocess import parse_args

@@ -87,6 +87,38 @@ class TestStitchBoxes:
             tiles.append(TileBoxes(spec.core_level0(), b, np.full(len(b), 0.9), np.full(len(b), 4), spec.read_level0()))
         assert _as_set(stitch_boxes(tiles)) == {(0.0, 49.0, 256.0, 82.0, 4), (0.0, 79.0, 256.0, 112.0, 4)}
 
+    @staticmethod
+    def _two_tiles(pieces: dict[int, list[tuple[float, float, float, float]]]) -> list[TileBoxes]:
+        """Tiles x [0, 128) and [128, 256) of one row (halo 16) reporting class-4 `pieces`."""
+        grid = TileGrid("a", 0, (128, 256), (64, 64), (128, 128), 16)
+        tiles = []
+        for i, spec in enumerate(grid):
+            b = np.array(pieces.get(i, [])).reshape(-1, 4)
+            tiles.append(TileBoxes(spec.core_level0(), b, np.linspace(0.9, 0.8, len(b)), np.full(len(b), 4),
+                                   spec.read_level0()))
+        return tiles
+
+    def test_a_u_whose_bottom_one_tile_saw_whole_is_one_object(self):
+        """The left tile sees the U's bottom joining both arms (one piece); the right
+        tile sees two arms: all three are one defect."""
+        tiles = self._two_tiles({0: [(60.0, 20.0, 144.0, 100.0)],
+                                 1: [(112.0, 20.0, 200.0, 40.0), (112.0, 80.0, 200.0, 100.0)]})
+        result = stitch_boxes(tiles)
+        assert _as_set(result) == {(60.0, 20.0, 200.0, 100.0, 4)} and result.parts.tolist() == [3]
+
+    def test_a_small_cut_defect_beside_a_long_one_is_not_swapped_with_it(self):
+        """A long crack and a small pore of one class both cut by the border, the pore
+        beside the crack along it: each piece pairs with its own continuation."""
+        tiles = self._two_tiles({0: [(40.0, 10.0, 144.0, 110.0), (100.0, 40.0, 144.0, 50.0)],
+                                 1: [(112.0, 40.0, 150.0, 50.0), (112.0, 10.0, 220.0, 110.0)]})
+        assert _as_set(stitch_boxes(tiles)) == {(40.0, 10.0, 220.0, 110.0, 4), (100.0, 40.0, 150.0, 50.0, 4)}
+
+    def test_a_cut_box_ending_short_of_the_read_edge_is_still_a_piece(self):
+        """A detector's box of a cut object ends a few pixels short of where its tile
+        read (here 6 px, of a 16 px halo)."""
+        tiles = self._two_tiles({0: [(60.0, 40.0, 138.0, 60.0)], 1: [(118.0, 40.0, 200.0, 60.0)]})
+        assert _as_set(stitch_boxes(tiles)) == {(60.0, 40.0, 200.0, 60.0, 4)}
+
     def test_objects_cut_at_different_places_along_a_border_stay_apart(self):
         grid = TileGrid("a", 0, (128, 128), (32, 32), (64, 64), 0)
         upper = (60.0, 5.0, 70.0, 15.0, 1)
