@@ -100,6 +100,7 @@ def main(argv: list[str] | None = None) -> int:
     # train() plans the samples first, so bad input fails before any Ray starts, then
     # connects (engine.training.trainer.ensure_ray): under `ray job submit` (RAY_ADDRESS
     # set) ray.init() joins that cluster, otherwise a local Ray starts.
+    connected = ray.is_initialized()  # a Ray the caller connected stays connected
     try:
         from engine.tenants import enforce_job_uris
 
@@ -126,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must
         # not land after the summary line.
-        if ray.is_initialized():
+        if ray.is_initialized() and not connected:
             ray.shutdown()
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 0

@@ -87,10 +87,10 @@ def main(argv: list[str] | None = None) -> int:
 
     from engine.errors import user_error_message
 
+    connected = ray.is_initialized()  # a Ray the caller connected stays connected
     try:
-        from engine.tenants import enforce_job_uris
-
         from engine.stores.uri import durable
+        from engine.tenants import enforce_job_uris
 
         enforce_job_uris("synthesize", args)  # the tenant's prefixes, checked again in the job
         durable(args.out, "--out")  # samples are written by Ray tasks in other processes
@@ -102,7 +102,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"synthesize: {message}", file=sys.stderr)
         return 2
     finally:
-        if ray.is_initialized():
+        if ray.is_initialized() and not connected:
             ray.shutdown()
     print(json.dumps(summary, sort_keys=True, default=str), flush=True)
     return 1 if summary.get("failed") else 0

@@ -29,6 +29,7 @@ from typing import Any
 
 import numpy as np
 
+from engine.errors import GrainflowError
 from engine.stores.uri import resolve
 
 
@@ -108,7 +109,12 @@ def gate_archive(synthetic, real, *, seed: int = 0, max_real_crops: int = 2000, 
     from engine.synth.diffusion.kid import kid
     from engine.synth.diffusion.output import GATE_FILE, read_provenance, write_gate_record, write_rejects
 
+    from engine.stores.catalog import CATALOG_FILE
+
     synthetic = resolve(synthetic)
+    if not synthetic.join(CATALOG_FILE).exists():  # a typo would otherwise be "gated": 0 samples
+        raise GrainflowError(f"{synthetic}: no {CATALOG_FILE}; not a synthetic archive to gate "
+                             f"(`grainflow synthesize --out` writes one)")
     classes = tuple(labels.defect_class_names())
     gate_file = synthetic.join(GATE_FILE)
     if gate_file.exists():  # an earlier verdict stops counting until this one is recorded whole
@@ -122,8 +128,6 @@ def gate_archive(synthetic, real, *, seed: int = 0, max_real_crops: int = 2000, 
     size = patches.shape[-1]
     x, y = real_crops(real, size, classes, max_crops=max_real_crops, seed=seed)
     if len(x) < 2:
-        from engine.errors import GrainflowError
-
         raise GrainflowError(f"{real}: {len(x)} real defect crops; the gate needs an archive with ground truth")
     clf = train_crop_classifier(x, y, len(classes), epochs=epochs, seed=seed)
     real_probs, real_feats = predict(clf, x)

@@ -254,10 +254,10 @@ class TestSynthesizeEntrypoint:
         with pytest.raises(SystemExit) as exit_:
             parse_args(["--out", "x", "-n", "2"])
         assert exit_.value.code == 2 and "--model and -n/--samples are required" in capsys.readouterr().err
-        # an archive with no samples yet: the gate judges nothing, quickly, and says so
-        assert main(["--gate-only", "--out", str(tmp_path / "syn"), "--gate-real", str(tmp_path / "real")]) == 0
-        assert '"accepted": 0' in capsys.readouterr().out
-        assert (tmp_path / "syn" / "gate.json").exists()
+        # a folder that is no synthetic archive (a typo) is named, not "gated" with 0 samples
+        assert main(["--gate-only", "--out", str(tmp_path / "syn"), "--gate-real", str(tmp_path / "real")]) == 2
+        assert "syn: no catalog.parquet" in capsys.readouterr().err
+        assert not (tmp_path / "syn").exists()
 
     def test_missing_checkpoint_is_named(self, tmp_path):
         from engine.synth.diffusion.model_source import ModelSourceError
@@ -265,3 +265,15 @@ class TestSynthesizeEntrypoint:
         with pytest.raises(ModelSourceError, match="none.safetensors: no such checkpoint file"):
             synthesize(str(tmp_path / "none.safetensors"), tmp_path / "o", n_per_condition=1)
         assert not (tmp_path / "o").exists()
+
+
+def test_the_entrypoint_leaves_a_ray_it_did_not_start(ray_session, tmp_path):
+    """Called in a process already connected to Ray (a notebook, a test session), a job
+    entrypoint leaves that Ray as it was, even when it fails."""
+    from jobs.finetune import main as finetune
+    from jobs.synthesize import main as synthesize
+
+    assert synthesize(["--gate-only", "--out", str(tmp_path / "nothing"), "--gate-real", str(tmp_path / "no")]) == 2
+    assert finetune(["--model", "fusion:fusion_tiny", "--archive", str(tmp_path / "no"), "--storage",
+                     str(tmp_path / "runs")]) == 2
+    assert ray_session.is_initialized()
