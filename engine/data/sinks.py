@@ -506,25 +506,41 @@ def _list_tile_files(out: StoreLocation, table: str, image_id: str) -> dict[tupl
     return found
 
 
+@dataclass(frozen=True)
+class _TileArrays:
+    """The tiles' detections and placement as arrays, one entry per tile: boxes (N_t, 4)
+    level-0 xyxy, scores (N_t,), classes (N_t,) int64, cores and reads level-0 xyxy (a
+    tile file from before read regions were recorded: its core, as read without halo)."""
+
+    boxes: list
+    scores: list
+    classes: list
+    cores: list
+    reads: list
+
+    @classmethod
+    def of(cls, tiles: Sequence[_Tile]) -> _TileArrays:
+        def column(tb: pa.Table, names, dtype) -> np.ndarray:
+            return np.stack([tb[c].to_numpy(zero_copy_only=False) for c in names], axis=1).astype(dtype)
+
+        return cls([column(t.table, ("x0", "y0", "x1", "y1"), np.float64) for t in tiles],
+                   [t.table["score"].to_numpy(zero_copy_only=False) for t in tiles],
+                   [t.table["class"].to_numpy(zero_copy_only=False).astype(np.int64) for t in tiles],
+                   [tuple(t.meta["core_level0"]) for t in tiles],
+                   [tuple(t.meta.get("read_level0") or t.meta["core_level0"]) for t in tiles])
+
+
 def stitch_objects(tiles: Sequence[_Tile], *, iou_threshold: float = 0.5):
     """Objects from the tiles' detections (`engine.tiling.stitch_groups`: the rule of
     `stitch_boxes`), keeping which detections each object was made of.
 
     Returns (boxes (K, 4) level-0 xyxy, scores (K,), classes (K,), members: K arrays of
-    row indices into the concatenated detections), objects best score first. A tile
-    file from before read regions were recorded is taken as read without halo.
+    row indices into the concatenated detections), objects best score first.
     """
     from engine.tiling.stitch import stitch_groups
 
-    def column(tb: pa.Table, names, dtype) -> np.ndarray:
-        return np.stack([tb[c].to_numpy(zero_copy_only=False) for c in names], axis=1).astype(dtype)
-
-    boxes = [column(t.table, ("x0", "y0", "x1", "y1"), np.float64) for t in tiles]
-    scores = [t.table["score"].to_numpy(zero_copy_only=False) for t in tiles]
-    classes = [t.table["class"].to_numpy(zero_copy_only=False).astype(np.int64) for t in tiles]
-    cores = [tuple(t.meta["core_level0"]) for t in tiles]
-    reads = [tuple(t.meta.get("read_level0") or t.meta["core_level0"]) for t in tiles]
-    got = stitch_groups(boxes, scores, classes, cores, reads, iou_threshold=iou_threshold)
+    a = _TileArrays.of(tiles)
+    got = stitch_groups(a.boxes, a.scores, a.classes, a.cores, a.reads, iou_threshold=iou_threshold)
     o = got.objects
     return o.boxes, o.scores, o.classes, got.members
 
@@ -558,8 +574,8 @@ def join_foreign_pieces(tiles: Sequence[_Tile], boxes: np.ndarray, members):
         return boxes, joined, grown
     object_of = {int(row): j for j, rows in enumerate(members) for row in rows}
     offsets = np.cumsum([0] + [t.table.num_rows for t in tiles])
-    cores = np.array([t.meta["core_level0"] for t in tiles], np.float64)
-    reads = np.array([t.meta.get("read_level0") or t.meta["core_level0"] for t in tiles], np.float64)
+    a = _TileArrays.of(tiles)
+    cores, reads = np.array(a.cores, np.float64), np.array(a.reads, np.float64)
     for mine, t in enumerate(tiles):
         for label_id, cls, *piece in t.meta.get("foreign", ()):
             piece = np.asarray(piece, np.float64)
@@ -567,12 +583,10 @@ def join_foreign_pieces(tiles: Sequence[_Tile], boxes: np.ndarray, members):
             if len(owner) != 1:
                 continue
             u = int(owner[0])
-            rows = np.arange(offsets[u], offsets[u + 1])
-            rows = rows[tiles[u].table["class"].to_numpy(zero_copy_only=False).astype(np.int64) == int(cls)]
-            if not len(rows):
+            same = a.classes[u] == int(cls)
+            if not same.any():
                 continue
-            theirs = np.stack([tiles[u].table[c].to_numpy(zero_copy_only=False) for c in ("x0", "y0", "x1", "y1")],
-                              axis=1)[rows - offsets[u]].astype(np.float64)
+            rows, theirs = offsets[u] + np.flatnonzero(same), a.boxes[u][same]
             seen = (np.maximum(reads[mine, :2], reads[u, :2]), np.minimum(reads[mine, 2:], reads[u, 2:]))
             mine_b, theirs_b = _clip(piece, seen), _clip(theirs, seen)
             iou = box_iou(mine_b, theirs_b)
