@@ -138,6 +138,12 @@ class TileInput:
             self.origin = (self.y - self.halo[0] * self.scale[0], self.x - self.halo[2] * self.scale[1])
         self.origin = tuple(float(v) for v in np.asarray(self.origin, dtype=np.float64).reshape(2))
 
+    @property
+    def level0_pixel_size_nm(self) -> tuple[float, float]:
+        """(y, x) size of a level-0 pixel of the tile's image, nm."""
+        p0x = float(self.pixel_size_nm) / self.scale[1]
+        return (p0x if self.pixel_size_y_nm is None else float(self.pixel_size_y_nm) / self.scale[0]), p0x
+
 
 def resolve_device(device: str | torch.device | None = None) -> torch.device:
     """None -> cuda when this process sees a GPU, else cpu (decided per actor)."""
@@ -409,8 +415,7 @@ class Ensemble:
         level0 = tile_boxes_to_level0(w.boxes, t.origin, t.scale)
         keep = owned(level0, core) if len(level0) else np.zeros(0, bool)
         px = float(t.pixel_size_nm)  # tile pixel, x, nm
-        p0x = px / t.scale[1]  # level-0 pixel, x and y, nm
-        p0y = p0x if t.pixel_size_y_nm is None else float(t.pixel_size_y_nm) / t.scale[0]
+        p0y, p0x = t.level0_pixel_size_nm
         py = p0y * t.scale[0]  # tile pixel, y, nm
         masks = w.masks[keep]
         m = measure_masks(masks, (py, px))

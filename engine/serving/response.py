@@ -83,6 +83,11 @@ def core_corner(tile) -> tuple[float, float]:
     return float(oy + top * sy), float(ox + left * sx)
 
 
+def _class_name(c: int, class_names: Sequence[str]) -> str:
+    """The name of class index `c` (its number for one the model does not name)."""
+    return class_names[c] if 0 <= c < len(class_names) else str(c)
+
+
 def _mask_of(r: TileResult, j: int, scale: tuple[float, float], corner: tuple[float, float]) -> dict[str, Any]:
     top, left = float(corner[0]), float(corner[1])
     sel = r.core_labels == j + 1
@@ -105,7 +110,7 @@ def detections(r: TileResult, class_names: Sequence[str], scale: tuple[float, fl
         d = {
             "tile": [int(r.y), int(r.x)],
             "class_id": c,
-            "class": class_names[c] if 0 <= c < len(class_names) else str(c),
+            "class": _class_name(c, class_names),
             "score": float(r.scores[j]),
             "box_px": [float(v) for v in r.boxes_level0[j]],
             "box_nm": [float(v) for v in r.boxes_nm[j]],
@@ -177,13 +182,11 @@ def objects(results: Sequence[TileResult], tiles: Sequence[Any], class_names: Se
     o = got.objects
     if not len(o):
         return []
-    t = tiles[0]  # level-0 pixel size, nm (x, y): every tile of an image shares it
-    p0x = float(t.pixel_size_nm) / float(t.scale[1])
-    p0y = p0x if t.pixel_size_y_nm is None else float(t.pixel_size_y_nm) / float(t.scale[0])
+    p0y, p0x = tiles[0].level0_pixel_size_nm  # every tile of an image shares it
     out = []
     for box, score, c, parts, members in zip(o.boxes, o.scores, o.classes, o.parts, got.members):
         c = int(c)
-        out.append({"class_id": c, "class": class_names[c] if 0 <= c < len(class_names) else str(c),
+        out.append({"class_id": c, "class": _class_name(c, class_names),
                     "score": float(score), "box_px": [float(v) for v in box],
                     "box_nm": [float(v) * p for v, p in zip(box, (p0x, p0y, p0x, p0y))], "parts": int(parts),
                     "detections": [int(i) for i in members]})
