@@ -79,6 +79,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.data.ledger import Ledger, put_file, table_bytes
+from engine.data.objects import (DETECTION_SCHEMA, OBJECT_SCHEMA, TileDetections, WholeObjects, image_objects,
+                                 stitch_objects, tile_detections)
 from engine.errors import MetadataError
 from engine.stores.uri import StoreLocation, resolve
 from engine.tiling.grid import TileKey, TileSpec
@@ -91,41 +93,10 @@ DEFAULT_LABEL_NAME = "predicted_defects"
 TILE_META = b"grainflow.tile"
 _WRITE_THREADS = 8  # per batch: object-store writes are latency-bound
 
-DETECTION_SCHEMA = pa.schema([
-    ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()),  # the tile's key (with image_id)
-    ("detection", pa.int32()), ("label_id", pa.int64()),
-    ("class", pa.int64()), ("class_name", pa.string()), ("score", pa.float64()),
-    ("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()),  # level-0 px
-    ("x0_nm", pa.float64()), ("y0_nm", pa.float64()), ("x1_nm", pa.float64()), ("y1_nm", pa.float64()),
-    ("mask_score", pa.float64()), ("mask_from_box", pa.bool_()),
-    ("area_nm2", pa.float64()), ("area_um2", pa.float64()), ("equivalent_diameter_nm", pa.float64()),
-    ("major_axis_nm", pa.float64()), ("minor_axis_nm", pa.float64()), ("aspect_ratio", pa.float64()),
-    ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
-])
-"""Per detection: box corners in level-0 pixels (edge coordinates) and in nm from the
-image's corner; measurements as `engine.pipeline.results`; centroid in level-0 pixels."""
-
 ERROR_SCHEMA = pa.schema([
     ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()), ("modality", pa.string()),
     ("exception", pa.string()), ("message", pa.string()), ("chunk_keys", pa.list_(pa.string())),
 ])
-
-OBJECT_SCHEMA = pa.schema([
-    ("object_id", pa.int64()), ("class", pa.int64()), ("class_name", pa.string()), ("score", pa.float64()),
-    ("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()),
-    ("x0_nm", pa.float64()), ("y0_nm", pa.float64()), ("x1_nm", pa.float64()), ("y1_nm", pa.float64()),
-    ("parts", pa.int64()), ("label_ids", pa.list_(pa.int64())),
-    ("area_nm2", pa.float64()), ("area_um2", pa.float64()), ("equivalent_diameter_nm", pa.float64()),
-    ("major_axis_nm", pa.float64()), ("minor_axis_nm", pa.float64()), ("aspect_ratio", pa.float64()),
-    ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
-])
-"""Per stitched object (ids 0.. best score first). An object of several tile pieces
-(`parts` > 1) has the union of their boxes, the best score and the pieces' label ids.
-Where the job writes label images, such an object is measured whole: on the union of its
-pieces in the label image (each piece is the part of its mask in its own tile's core, so
-the pieces tile the object without overlap). Without label images it gets an
-area-weighted centroid and the shape measurements of its largest piece (measured over its
-own tile's core and halo: a lower bound for the whole)."""
 
 TILE_SCHEMA = pa.schema([
     ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()), ("status", pa.string()),
@@ -351,10 +322,6 @@ def _split_error(error: str) -> tuple[str, str, list[str]]:
     return kind, message, chunks
 
 
-def _json_floats(a) -> list[float | None]:
-    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).reshape(-1)]
-
-
 class WriteTileOutputs:
     """Ray Data map_batches function: write each result row's outputs, then the ledger.
 
@@ -429,7 +396,9 @@ class WriteTileOutputs:
                                  f"foreign pieces exceed the {target.id_stride} label ids reserved per tile")
             if target.write:
                 self._write_labels(target, spec, r, base)
-        put_file(tile_location(self.out, DETECTIONS, key), table_bytes(self._detections(r, base, placement)))
+        table, meta = tile_detections(r, base, placement, self.class_names)
+        table = table.replace_schema_metadata({TILE_META: json.dumps(meta, sort_keys=True).encode()})
+        put_file(tile_location(self.out, DETECTIONS, key), table_bytes(table))
 
     def _write_labels(self, target: LabelTarget, spec: TileSpec, r, base: int) -> None:
         y0, y1, x0, x1 = spec.core
@@ -439,51 +408,7 @@ class WriteTileOutputs:
         self._arrays.get(target, target.name)[y0:y1, x0:x1] = ids
         self._arrays.get(target, target.classes_name)[y0:y1, x0:x1] = classes
 
-    def _detections(self, r, base: int, placement) -> pa.Table:
-        from engine.tiling.stitch import tile_core_level0, tile_read_level0
-
-        n = r.n_defects
-        b0, bn = r.boxes_level0.reshape(-1, 4), r.boxes_nm.reshape(-1, 4)
-        names = [self.class_names[c] if 0 <= c < len(self.class_names) else str(c) for c in r.classes.tolist()]
-        cols = {
-            "level": np.full(n, r.level, np.int32), "y": np.full(n, r.y, np.int64), "x": np.full(n, r.x, np.int64),
-            "detection": np.arange(n, dtype=np.int32), "label_id": base + np.arange(n, dtype=np.int64) + 1,
-            "class": r.classes.astype(np.int64), "class_name": names, "score": r.scores,
-            "x0": b0[:, 0], "y0": b0[:, 1], "x1": b0[:, 2], "y1": b0[:, 3],
-            "x0_nm": bn[:, 0], "y0_nm": bn[:, 1], "x1_nm": bn[:, 2], "y1_nm": bn[:, 3],
-            "mask_score": r.mask_scores, "mask_from_box": r.mask_from_box,
-            "area_nm2": r.area_nm2, "area_um2": r.area_um2, "equivalent_diameter_nm": r.equivalent_diameter_nm,
-            "major_axis_nm": r.major_axis_nm, "minor_axis_nm": r.minor_axis_nm, "aspect_ratio": r.aspect_ratio,
-            "orientation_deg": r.orientation_deg,
-            "centroid_y": r.centroid_level0.reshape(-1, 2)[:, 0], "centroid_x": r.centroid_level0.reshape(-1, 2)[:, 1],
-        }
-        origin, scale, halo = placement
-        h, w = r.core_labels.shape
-        shape = (h + halo[0] + halo[1], w + halo[2] + halo[3])
-        core = tile_core_level0(origin, scale, halo, shape)
-        meta = {
-            "level": r.level, "y": r.y, "x": r.x, "modality": r.modality, "pixel_size_nm": r.pixel_size_nm,
-            "core_level0": list(core), "read_level0": list(tile_read_level0(origin, scale, shape)),
-            "n_defects": n, "core_area_mm2": r.core_area_mm2,
-            "defect_density_per_mm2": r.defect_density_per_mm2, "material": r.material, "grade": r.grade,
-            "material_probs": _json_floats(r.material_probs), "grade_probs": _json_floats(r.grade_probs),
-            "model_versions": r.model_versions, "label_base": base,
-            # [label id, class, x0, y0, x1, y1] of each foreign piece painted in this core
-            "foreign": [[base + n + k + 1, int(c), *map(float, b)]
-                        for k, (c, b) in enumerate(zip(r.foreign_classes, r.foreign_boxes_level0.reshape(-1, 4)))],
-        }
-        table = pa.table(cols, schema=DETECTION_SCHEMA)
-        return table.replace_schema_metadata({TILE_META: json.dumps(meta, sort_keys=True).encode()})
-
-
 # ---------------------------------------------------------------------------- per-image finishing
-
-
-@dataclass
-class _Tile:
-    key: tuple[int, int, int]
-    table: pa.Table
-    meta: dict[str, Any]
 
 
 def _read_tile(location: StoreLocation) -> tuple[pa.Table, dict[str, Any]]:
@@ -504,188 +429,6 @@ def _list_tile_files(out: StoreLocation, table: str, image_id: str) -> dict[tupl
         if m:
             found[tuple(int(v) for v in m.groups())] = base.join(m.group(0))
     return found
-
-
-@dataclass(frozen=True)
-class _TileArrays:
-    """The tiles' detections and placement as arrays, one entry per tile: boxes (N_t, 4)
-    level-0 xyxy, scores (N_t,), classes (N_t,) int64, cores and reads level-0 xyxy (a
-    tile file from before read regions were recorded: its core, as read without halo)."""
-
-    boxes: list
-    scores: list
-    classes: list
-    cores: list
-    reads: list
-
-    @classmethod
-    def of(cls, tiles: Sequence[_Tile]) -> _TileArrays:
-        def column(tb: pa.Table, names, dtype) -> np.ndarray:
-            return np.stack([tb[c].to_numpy(zero_copy_only=False) for c in names], axis=1).astype(dtype)
-
-        return cls([column(t.table, ("x0", "y0", "x1", "y1"), np.float64) for t in tiles],
-                   [t.table["score"].to_numpy(zero_copy_only=False) for t in tiles],
-                   [t.table["class"].to_numpy(zero_copy_only=False).astype(np.int64) for t in tiles],
-                   [tuple(t.meta["core_level0"]) for t in tiles],
-                   [tuple(t.meta.get("read_level0") or t.meta["core_level0"]) for t in tiles])
-
-
-def stitch_objects(tiles: Sequence[_Tile], *, iou_threshold: float = 0.5):
-    """Objects from the tiles' detections (`engine.tiling.stitch_groups`: the rule of
-    `stitch_boxes`), keeping which detections each object was made of.
-
-    Returns (boxes (K, 4) level-0 xyxy, scores (K,), classes (K,), members: K arrays of
-    row indices into the concatenated detections), objects best score first.
-    """
-    from engine.tiling.stitch import stitch_groups
-
-    a = _TileArrays.of(tiles)
-    got = stitch_groups(a.boxes, a.scores, a.classes, a.cores, a.reads, iou_threshold=iou_threshold)
-    o = got.objects
-    return o.boxes, o.scores, o.classes, got.members
-
-
-FOREIGN_HELD = 0.5  # share of a foreign piece inside its owner's detection, both cut to what both tiles read
-
-
-def join_foreign_pieces(tiles: Sequence[_Tile], boxes: np.ndarray, members):
-    """Each tile's foreign pieces (its core's share of objects other tiles own) joined to
-    the object they belong to. The owner is the tile whose core holds the piece's centre;
-    both tiles saw the region their reads share, and there the piece and the owner's
-    detection of that defect are the same pixels. So, both boxes cut to that region, the
-    piece joins the owner's detection of its class that holds at least FOREIGN_HELD of
-    it, the one holding most of it and overlapping it best (containment plus IoU: a
-    slanted scratch's box holds a piece of its end, but so may a small defect's box
-    beside it, which the IoU then tells apart), and with it that detection's object.
-
-    members: per object, row indices into the tiles' detections concatenated (as
-    `stitch_objects` returns them). Returns (boxes grown to hold their pieces' shares of
-    their tiles' cores (K, 4), the pieces' label ids per object, whether each box grew:
-    its owners did not see all of it). A piece whose owner reported no such detection
-    (it missed it, called it another class, or its tile failed) joins none: its pixels
-    keep an id that no object lists.
-    """
-    from engine.tiling.stitch import box_iou, owned
-
-    boxes = np.array(boxes, np.float64).reshape(-1, 4)
-    joined: list[list[int]] = [[] for _ in range(len(boxes))]
-    grown = np.zeros(len(boxes), bool)
-    if not len(boxes) or not any(t.meta.get("foreign") for t in tiles):
-        return boxes, joined, grown
-    object_of = {int(row): j for j, rows in enumerate(members) for row in rows}
-    offsets = np.cumsum([0] + [t.table.num_rows for t in tiles])
-    a = _TileArrays.of(tiles)
-    cores, reads = np.array(a.cores, np.float64), np.array(a.reads, np.float64)
-    for mine, t in enumerate(tiles):
-        for label_id, cls, *piece in t.meta.get("foreign", ()):
-            piece = np.asarray(piece, np.float64)
-            owner = np.flatnonzero(owned(np.broadcast_to(piece, cores.shape), cores))
-            if len(owner) != 1:
-                continue
-            u = int(owner[0])
-            same = a.classes[u] == int(cls)
-            if not same.any():
-                continue
-            rows, theirs = offsets[u] + np.flatnonzero(same), a.boxes[u][same]
-            seen = (np.maximum(reads[mine, :2], reads[u, :2]), np.minimum(reads[mine, 2:], reads[u, 2:]))
-            mine_b, theirs_b = _clip(piece, seen), _clip(theirs, seen)
-            iou = box_iou(mine_b, theirs_b)
-            held = _area(_clip(theirs_b, (mine_b[:2], mine_b[2:]))) / max(_area(mine_b), 1e-9)
-            score = np.where(held >= FOREIGN_HELD, held + iou, -1.0)
-            k = int(np.argmax(score))
-            j = object_of.get(int(rows[k]))
-            if score[k] < 0 or j is None:
-                continue
-            joined[j].append(int(label_id))
-            # what the piece adds is its share of this tile's core (where it is painted);
-            # beyond, it ends where this tile's read did
-            share = _clip(piece, (cores[mine, :2], cores[mine, 2:]))
-            before = boxes[j].copy()
-            boxes[j, :2] = np.minimum(boxes[j, :2], share[:2])
-            boxes[j, 2:] = np.maximum(boxes[j, 2:], share[2:])
-            grown[j] |= bool((boxes[j] != before).any())
-    return boxes, joined, grown
-
-
-def _area(b: np.ndarray) -> np.ndarray:
-    """Areas of xyxy boxes (..., 4); 0 for empty ones."""
-    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
-
-
-def _clip(b: np.ndarray, region) -> np.ndarray:
-    """xyxy boxes (..., 4) cut to `region` ((x0, y0), (x1, y1))."""
-    return np.concatenate([np.maximum(b[..., :2], region[0]), np.minimum(b[..., 2:], region[1])], axis=-1)
-
-
-class _WholeObjects:
-    """Objects of several pieces measured on the label image the tiles wrote (the
-    tiles' level): the pixels holding any of the pieces' label ids around the object's box."""
-
-    PAD = 8  # level pixels around the box: a mask may reach a little past its prompt box
-
-    def __init__(self, target: LabelTarget):
-        import zarr
-
-        self.array = zarr.open_array(target.root.join(LABELS_DIR, target.name, "0").zarr_store(read_only=True),
-                                     mode="r")
-        self.transform = target.grid.transform
-
-    def __call__(self, box, label_ids) -> tuple[Any, tuple[float, float]]:
-        """(Measurements of one object, its centroid in level-0 edge coordinates (y, x))."""
-        from engine.pipeline.measure import measure_masks
-
-        x0, y0, x1, y1 = box
-        (ly0, lx0), (ly1, lx1) = self.transform.from_level0(y0, x0), self.transform.from_level0(y1, x1)
-        h, w = self.array.shape
-        ly0, lx0 = max(0, int(math.floor(ly0)) - self.PAD), max(0, int(math.floor(lx0)) - self.PAD)
-        ly1, lx1 = min(h, int(math.ceil(ly1)) + self.PAD), min(w, int(math.ceil(lx1)) + self.PAD)
-        mask = np.isin(self.array[ly0:ly1, lx0:lx1], np.asarray(label_ids, np.int64))
-        m = measure_masks(mask[None], self.transform.level_pixel_size_nm)
-        cy, cx = m.centroid[0]
-        return m, self.transform.to_level0(ly0 + cy + 0.5, lx0 + cx + 0.5)
-
-
-def _objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm,
-                   whole: _WholeObjects | None = None, foreign_ids=None, grown=None) -> pa.Table:
-    area = detections["area_nm2"].to_numpy(zero_copy_only=False) if detections.num_rows else np.zeros(0)
-    rows: dict[str, list] = {name: [] for name in OBJECT_SCHEMA.names}
-    shape_cols = ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
-                  "aspect_ratio", "orientation_deg")
-    col = {name: detections[name].to_numpy(zero_copy_only=False) for name in
-           (*shape_cols, "centroid_y", "centroid_x", "label_id")} if detections.num_rows else {}
-    py, px = pixel_nm
-    for j, (box, score, cls, rows_j) in enumerate(zip(boxes, scores, classes, members)):
-        rows_j = np.sort(rows_j)
-        a = np.nan_to_num(area[rows_j], nan=0.0)
-        largest = rows_j[int(np.argmax(a))] if len(rows_j) else None
-        w = a if a.sum() > 0 else np.ones(len(rows_j))
-        rows["object_id"].append(j)
-        rows["class"].append(int(cls))
-        rows["class_name"].append(class_names[int(cls)] if 0 <= cls < len(class_names) else str(int(cls)))
-        rows["score"].append(float(score))
-        for name, v in zip(("x0", "y0", "x1", "y1"), box):
-            rows[name].append(float(v))
-        for name, v, p in zip(("x0_nm", "y0_nm", "x1_nm", "y1_nm"), box, (px, py, px, py)):
-            rows[name].append(float(v) * p)
-        rows["parts"].append(int(len(rows_j)))
-        ids = [int(v) for v in col["label_id"][rows_j]] if len(rows_j) else []
-        ids += foreign_ids[j] if foreign_ids else []
-        rows["label_ids"].append(ids)
-        # Pieces from several tiles, or an object its owner saw only in part (foreign
-        # pieces grew its box): measured whole on the label image the tiles painted.
-        if whole is not None and (len(rows_j) > 1 or (grown is not None and grown[j])):
-            m, centroid = whole(box, ids)
-            if m.area_px[0] > 0:
-                for name in shape_cols:
-                    rows[name].append(float(getattr(m, name)[0]))
-                for name, v in zip(("centroid_y", "centroid_x"), centroid):
-                    rows[name].append(float(v))
-                continue
-        for name in shape_cols:
-            rows[name].append(float(col[name][largest]) if largest is not None else math.nan)
-        for name in ("centroid_y", "centroid_x"):
-            rows[name].append(float(np.average(col[name][rows_j], weights=w)) if len(rows_j) else math.nan)
-    return pa.table(rows, schema=OBJECT_SCHEMA)
 
 
 def _weighted_probs(metas: Sequence[dict], key: str, n: int) -> np.ndarray:
@@ -772,14 +515,16 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     with ThreadPoolExecutor(max_workers=_WRITE_THREADS) as pool:
         read = list(pool.map(lambda k: _read_tile(tile_location(out, DETECTIONS, (image_id, *k))), done))
         error_rows = list(pool.map(lambda k: _read_tile(error_files[k])[0], errors))
-    tiles = [_Tile(k, t, m) for k, (t, m) in zip(done, read)]
-    detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
-    boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
-    boxes, foreign_ids, grown = join_foreign_pieces(tiles, boxes, members)
-    level0_nm = tuple(plan.grid.transform.pixel_size_nm)
-    whole = _WholeObjects(label_target) if label_target is not None and label_target.write else None
-    objects = _objects_table(detections, boxes, scores, classes, members, list(class_names), level0_nm, whole,
-                             foreign_ids, grown)
+    tiles = [TileDetections(k, t, m) for k, (t, m) in zip(done, read)]
+    whole = None
+    if label_target is not None and label_target.write:
+        import zarr
+
+        labels = zarr.open_array(label_target.root.join(LABELS_DIR, label_target.name, "0")
+                                 .zarr_store(read_only=True), mode="r")
+        whole = WholeObjects(labels, label_target.grid.transform)
+    objects = image_objects(tiles, class_names, tuple(plan.grid.transform.pixel_size_nm), whole,
+                            iou_threshold=iou_threshold)
     put_file(out.join(OBJECTS, partition(image_id), "part-0.parquet"), table_bytes(objects))
     put_file(out.join(TILES, partition(image_id), "part-0.parquet"), table_bytes(_tiles_table(tiles, errors, error_rows)))
 
@@ -801,6 +546,7 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     mp = _weighted_probs(metas, "material_probs", len(materials))
     gp = _weighted_probs(metas, "grade_probs", len(grades))
     area = float(sum(m["core_area_mm2"] for m in metas if m.get("core_area_mm2") is not None))
+    classes = objects["class"].to_numpy(zero_copy_only=False)
     counts = {name: int(np.sum(classes == i)) for i, name in enumerate(class_names)}
     versions = next((m["model_versions"] for m in metas if m.get("model_versions")), {})
     has_m = len(mp) > 0 and bool(np.isfinite(mp).all())
@@ -814,14 +560,14 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
         "grade": grades[int(np.argmax(gp))] if has_g else "",
         "grade_prob": float(np.max(gp)) if has_g else math.nan,
         "material_probs": [float(v) for v in mp], "grade_probs": [float(v) for v in gp],
-        "n_detections": int(detections.num_rows), "n_defects": int(len(boxes)),
-        "defect_density_per_mm2": float(len(boxes) / area) if area > 0 else math.nan,
+        "n_detections": sum(t.table.num_rows for t in tiles), "n_defects": objects.num_rows,
+        "defect_density_per_mm2": float(objects.num_rows / area) if area > 0 else math.nan,
         "defect_counts": json.dumps(counts, sort_keys=True), "model_versions": json.dumps(versions, sort_keys=True),
         "labels_uri": labels_uri,
     }
 
 
-def _tiles_table(tiles: Sequence[_Tile], errors, error_rows) -> pa.Table:
+def _tiles_table(tiles: Sequence[TileDetections], errors, error_rows) -> pa.Table:
     rows = []
     for t in tiles:
         m = t.meta

@@ -166,31 +166,51 @@ def analysis(results: Sequence[TileResult], tiles: Sequence[Any], *, class_names
 
 
 def objects(results: Sequence[TileResult], tiles: Sequence[Any], class_names: Sequence[str]) -> list[dict[str, Any]]:
-    """The image's defects: the tiles' detections stitched as the batch job stitches them
-    (`engine.tiling.stitch_groups`: pieces of a defect cut by a tile border are one
-    object), best score first; `detections`: indices into the answer's detections (the
-    results' detections in order) that the object was made of. results, tiles: the
-    successful tiles' results and their `TileInput`s."""
-    from engine.tiling.stitch import stitch_groups, tile_core_level0, tile_read_level0
+    """The image's defects as the batch job reports them (`engine.data.objects.image_objects`):
+    pieces of a defect cut by a tile border stitched into one object, the pieces other
+    tiles painted of it joined, and an object of several pieces measured whole on the
+    tiles' cores side by side. Best score first; `detections`: indices into the answer's
+    detections (the results' detections in order) it was made of. results, tiles: the
+    successful tiles' results and their `TileInput`s (one image: one scale)."""
+    from engine.data.objects import TileDetections, TileLabels, WholeObjects, image_objects, tile_detections
 
-    shapes = [(r.core_labels.shape[0] + t.halo[0] + t.halo[1], r.core_labels.shape[1] + t.halo[2] + t.halo[3])
-              for r, t in zip(results, tiles)]
-    got = stitch_groups([r.boxes_level0 for r in results], [r.scores for r in results],
-                        [r.classes for r in results],
-                        [tile_core_level0(t.origin, t.scale, t.halo, s) for t, s in zip(tiles, shapes)],
-                        [tile_read_level0(t.origin, t.scale, s) for t, s in zip(tiles, shapes)])
-    o = got.objects
-    if not len(o):
+    if not results:
         return []
-    p0y, p0x = tiles[0].level0_pixel_size_nm  # every tile of an image shares it
+    # each tile's label ids after the previous tiles' detections and foreign pieces
+    bases = np.cumsum([0] + [r.n_defects + len(r.foreign_classes) for r in results])[:-1]
+    tiled = [TileDetections((r.level, r.y, r.x), *tile_detections(r, int(base), (t.origin, t.scale, t.halo),
+                                                                   class_names))
+             for r, t, base in zip(results, tiles, bases)]
+    level0_nm = tiles[0].level0_pixel_size_nm  # every tile of an image shares it
+    labels = TileLabels([r.core_labels for r in results], [core_corner(t) for t in tiles], tiles[0].scale, bases)
+    whole = WholeObjects(labels, labels.transform(level0_nm))
+    table = image_objects(tiled, class_names, level0_nm, whole)
+    row_of = {int(i): k for k, i in enumerate(np.concatenate([t.table["label_id"].to_numpy() for t in tiled]))}
     out = []
-    for box, score, c, parts, members in zip(o.boxes, o.scores, o.classes, o.parts, got.members):
-        c = int(c)
-        out.append({"class_id": c, "class": _class_name(c, class_names),
-                    "score": float(score), "box_px": [float(v) for v in box],
-                    "box_nm": [float(v) * p for v, p in zip(box, (p0x, p0y, p0x, p0y))], "parts": int(parts),
-                    "detections": [int(i) for i in members]})
+    for o in table.to_pylist():
+        c, box = int(o["class"]), [o[k] for k in ("x0", "y0", "x1", "y1")]
+        d = {"class_id": c, "class": _class_name(c, class_names), "score": float(o["score"]), "box_px": box,
+             "box_nm": [o[k] for k in ("x0_nm", "y0_nm", "x1_nm", "y1_nm")],
+             "parts": int(o["parts"]), "detections": [row_of[i] for i in o["label_ids"] if i in row_of],
+             "centroid_px": [_num(o["centroid_y"]), _num(o["centroid_x"])],
+             "mask": _object_mask(whole, box, o["label_ids"])}
+        for name in MEASUREMENT_COLUMNS:
+            d[name] = _num(o[name])
+        out.append(d)
     return out
+
+
+def _object_mask(whole, box, label_ids) -> dict[str, Any]:
+    """The RLE mask (as a detection's) of every pixel of one object: its pieces in their
+    own tiles' cores and the parts other tiles painted of it."""
+    ly0, lx0, mask = whole.mask(box, label_ids)
+    ys, xs = np.nonzero(mask)
+    if not len(ys):
+        return {"origin_px": None, "scale": None, "size": [0, 0], "counts": []}
+    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    top, left = whole.transform.to_level0(ly0 + y0, lx0 + x0)
+    return {"origin_px": [float(top), float(left)], "scale": [float(f) for f in whole.transform.factor],
+            "size": [int(y1 - y0), int(x1 - x0)], "counts": rle_encode(mask[y0:y1, x0:x1])}
 
 
 def respond(analysed: dict[str, Any], *, image: dict[str, Any], alias: str, request_id: str,

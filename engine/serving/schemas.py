@@ -98,10 +98,22 @@ class DefectObject(BaseModel):
     class_id: int
     class_: str = Field(alias="class")
     score: float
-    box_px: list[float] = Field(description="xyxy, level-0 pixels of the uploaded image: the union of its pieces")
+    box_px: list[float] = Field(description="xyxy, level-0 pixels of the uploaded image: the union of its "
+                                             "pieces, and of the parts other tiles painted of it")
     box_nm: list[float]
     parts: int = Field(description="detections merged into it (more than one: cut by tile borders)")
     detections: list[int] = Field(description="indices into `detections` of its pieces")
+    centroid_px: list[Optional[float]] = Field(description="(y, x) of the whole object")
+    mask: Mask = Field(description="all of its pixels: its pieces' and those other tiles painted of it")
+    area_nm2: Optional[float] = Field(description="measurements of the whole object: an object of several pieces, "
+                                                  "or one its owner tile saw only in part, is measured on the union "
+                                                  "of its pieces' masks; else its detection's")
+    area_um2: Optional[float]
+    equivalent_diameter_nm: Optional[float]
+    major_axis_nm: Optional[float]
+    minor_axis_nm: Optional[float]
+    aspect_ratio: Optional[float]
+    orientation_deg: Optional[float]
 
 
 class TileError(BaseModel):

@@ -12,11 +12,13 @@ import dataclasses
 
 import numpy as np
 import pytest
+import zarr
 
 from engine.pipeline.results import TileResult
 from engine.serving.prepare import TilingSettings, prepare_image
 from engine.serving.response import analysis, core_corner, paint_mask
 from engine.tiling.stitch import tile_boxes_to_level0
+from tests.data.test_sinks import plan  # noqa: F401  (fixture: a 256 px archive image planned in 64 px tiles)
 
 
 @pytest.fixture(scope="module")
@@ -104,3 +106,62 @@ class TestObjects:
         assert obj["box_px"] == pytest.approx([40, 10, 90, 20]) and obj["parts"] == 2
         assert obj["box_nm"] == pytest.approx([80, 20, 180, 40]) and sorted(obj["detections"]) == [0, 1]
         assert obj["class"] == "crack"
+
+
+class TestObjectsAsTheJob:
+    """For the same tile results the answer's objects are the batch job's objects table
+    (engine.data.objects for both): boxes, parts, and an object of several pieces, or one
+    reaching into a neighbour's core, measured whole on the tiles' labels."""
+
+    CASES = {
+        # a defect cut by the border x = 64, a piece in each tile; a small one beside it
+        "cut": ([[(50, 20, 64, 40)], [(64, 22, 80, 38), (100, 40, 104, 44)]], [[], []], None),
+        # tile (0, 0) sees x 36..76 whole reading 16 px on; its neighbour paints x 64..76
+        "reaching": ([[(36, 20, 76, 40)], []], [[], [(48, 20, 76, 40)]], 16),
+        # a long slanted defect and a small one beside its end, each with its piece across
+        # the neighbour sees 3 px more of it than its owner did: the object grows to x 79
+        "grown": ([[(36, 20, 76, 40)], []], [[], [(48, 20, 79, 40)]], 16),
+        "slanted": ([[(10, 10, 76, 60), (50, 28, 74, 40)], []], [[], [(48, 28, 74, 40), (48, 48, 76, 60)]], 16),
+    }
+
+    @pytest.mark.parametrize("case", sorted(CASES))
+    def test_objects_equal_the_jobs(self, case, plan, tmp_path):
+        from engine.data.sinks import OBJECTS, WriteTileOutputs, finish_image, read_output
+        from engine.pipeline.ensemble import TileInput
+        from engine.serving.response import objects, rle_decode
+        from tests.data.test_sinks import CLASSES, GRADES, MATERIALS, batch, result, target_for
+
+        boxes, foreign, halo = self.CASES[case]
+        results = [result(plan, 0, c, b, classes=[0] * len(b), foreign=f)
+                   for c, (b, f) in enumerate(zip(boxes, foreign))]
+        cols = batch(results)
+        if halo:  # read with `halo` px towards each other
+            cols["origin"][1] = (0, 64 - halo)
+            cols["halo"][0], cols["halo"][1] = (0, 0, 0, halo), (0, 0, halo, 0)
+        target = target_for(plan, tmp_path)
+        WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)(cols)
+        finish_image(tmp_path, plan, [(0, 0, 0), (0, 0, 64)], label_target=target, class_names=CLASSES,
+                     materials=MATERIALS, grades=GRADES)
+        job = read_output(tmp_path, OBJECTS).to_pylist()
+        job_labels = zarr.open_group(target.root.path, mode="r")["labels/predicted_defects/0"][:]
+
+        tiles = [TileInput(plan.image_id, np.zeros((64 + h[0] + h[1], 64 + h[2] + h[3]), np.uint16),
+                           plan.pixel_size_nm, y=r.y, x=r.x, halo=h, origin=o, modality=plan.modality)
+                 for r, o, h in zip(results, cols["origin"], cols["halo"])]
+        answer = objects(results, tiles, CLASSES)
+        assert len(answer) == len(job) > 0
+        for a, j in zip(answer, job):
+            assert a["class"] == j["class_name"] and a["score"] == pytest.approx(j["score"])
+            assert a["box_px"] == pytest.approx([j["x0"], j["y0"], j["x1"], j["y1"]])
+            assert a["box_nm"] == pytest.approx([j["x0_nm"], j["y0_nm"], j["x1_nm"], j["y1_nm"]])
+            assert a["parts"] == j["parts"]
+            assert a["centroid_px"] == pytest.approx([j["centroid_y"], j["centroid_x"]])
+            for name in ("area_nm2", "equivalent_diameter_nm", "major_axis_nm", "aspect_ratio", "orientation_deg"):
+                assert a[name] == pytest.approx(j[name]), name
+            # its mask: every pixel the job's label image holds of it, in either tile's core
+            m, got = a["mask"], np.zeros_like(job_labels, bool)
+            (y0, x0), (h, w) = (int(v) for v in m["origin_px"]), m["size"]
+            got[y0 : y0 + h, x0 : x0 + w] = rle_decode(m["counts"], m["size"])
+            np.testing.assert_array_equal(got, np.isin(job_labels, j["label_ids"]))
+        if case == "grown":  # measured on the pixels both tiles painted: 28 + 15 columns of 20
+            assert answer[0]["box_px"][2] == 79 and answer[0]["area_nm2"] == pytest.approx(43 * 20 * plan.pixel_size_nm**2)

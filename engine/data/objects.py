@@ -1,0 +1,355 @@
+"""An image's objects from its tiles' detections: one rule for the batch job's finishing
+and the online endpoint, so both report the same objects for the same tile results.
+
+A tile's detections are a `DETECTION_SCHEMA` table plus the tile's own values (`meta`:
+its core and read region in level-0 pixels, its core's area and class probabilities, the
+foreign pieces it painted); `tile_detections` makes both from a `TileResult`.
+`stitch_objects` merges pieces of a defect cut by a tile border (`engine.tiling.stitch`),
+`join_foreign_pieces` adds the pieces other tiles painted of objects they do not own,
+and `objects_table` writes one row per object (`OBJECT_SCHEMA`), measuring an object of
+several pieces whole on a label image (`WholeObjects`: the job's label image in its
+store, or the endpoint's tiles' cores in memory).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+import pyarrow as pa
+
+from engine.tiling.transform import LevelTransform
+
+DETECTION_SCHEMA = pa.schema([
+    ("level", pa.int32()), ("y", pa.int64()), ("x", pa.int64()),  # the tile's key (with image_id)
+    ("detection", pa.int32()), ("label_id", pa.int64()),
+    ("class", pa.int64()), ("class_name", pa.string()), ("score", pa.float64()),
+    ("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()),  # level-0 px
+    ("x0_nm", pa.float64()), ("y0_nm", pa.float64()), ("x1_nm", pa.float64()), ("y1_nm", pa.float64()),
+    ("mask_score", pa.float64()), ("mask_from_box", pa.bool_()),
+    ("area_nm2", pa.float64()), ("area_um2", pa.float64()), ("equivalent_diameter_nm", pa.float64()),
+    ("major_axis_nm", pa.float64()), ("minor_axis_nm", pa.float64()), ("aspect_ratio", pa.float64()),
+    ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
+])
+"""Per detection: box corners in level-0 pixels (edge coordinates) and in nm from the
+image's corner; measurements as `engine.pipeline.results`; centroid in level-0 pixels."""
+
+OBJECT_SCHEMA = pa.schema([
+    ("object_id", pa.int64()), ("class", pa.int64()), ("class_name", pa.string()), ("score", pa.float64()),
+    ("x0", pa.float64()), ("y0", pa.float64()), ("x1", pa.float64()), ("y1", pa.float64()),
+    ("x0_nm", pa.float64()), ("y0_nm", pa.float64()), ("x1_nm", pa.float64()), ("y1_nm", pa.float64()),
+    ("parts", pa.int64()), ("label_ids", pa.list_(pa.int64())),
+    ("area_nm2", pa.float64()), ("area_um2", pa.float64()), ("equivalent_diameter_nm", pa.float64()),
+    ("major_axis_nm", pa.float64()), ("minor_axis_nm", pa.float64()), ("aspect_ratio", pa.float64()),
+    ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
+])
+"""Per stitched object (ids 0.. best score first). An object of several tile pieces
+(`parts` > 1) has the union of their boxes, the best score and the pieces' label ids.
+Where the job writes label images, such an object is measured whole: on the union of its
+pieces in the label image (each piece is the part of its mask in its own tile's core, so
+the pieces tile the object without overlap). Without label images it gets an
+area-weighted centroid and the shape measurements of its largest piece (measured over its
+own tile's core and halo: a lower bound for the whole)."""
+
+
+def json_floats(a) -> list[float | None]:
+    return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).reshape(-1)]
+
+
+def tile_detections(r, base: int, placement, class_names: Sequence[str]) -> tuple[pa.Table, dict[str, Any]]:
+    """One tile's detections (`DETECTION_SCHEMA`, label ids from `base` + 1) and its own
+    values (core and read region in level-0 px, area, probabilities, foreign pieces:
+    the `TILE_META` the job writes beside them) from its `TileResult` r; placement: the
+    tile's (origin, scale, halo) as the datasource gave them."""
+    from engine.tiling.stitch import tile_core_level0, tile_read_level0
+
+    n = r.n_defects
+    b0, bn = r.boxes_level0.reshape(-1, 4), r.boxes_nm.reshape(-1, 4)
+    names = [class_names[c] if 0 <= c < len(class_names) else str(c) for c in r.classes.tolist()]
+    cols = {
+        "level": np.full(n, r.level, np.int32), "y": np.full(n, r.y, np.int64), "x": np.full(n, r.x, np.int64),
+        "detection": np.arange(n, dtype=np.int32), "label_id": base + np.arange(n, dtype=np.int64) + 1,
+        "class": r.classes.astype(np.int64), "class_name": names, "score": r.scores,
+        "x0": b0[:, 0], "y0": b0[:, 1], "x1": b0[:, 2], "y1": b0[:, 3],
+        "x0_nm": bn[:, 0], "y0_nm": bn[:, 1], "x1_nm": bn[:, 2], "y1_nm": bn[:, 3],
+        "mask_score": r.mask_scores, "mask_from_box": r.mask_from_box,
+        "area_nm2": r.area_nm2, "area_um2": r.area_um2, "equivalent_diameter_nm": r.equivalent_diameter_nm,
+        "major_axis_nm": r.major_axis_nm, "minor_axis_nm": r.minor_axis_nm, "aspect_ratio": r.aspect_ratio,
+        "orientation_deg": r.orientation_deg,
+        "centroid_y": r.centroid_level0.reshape(-1, 2)[:, 0], "centroid_x": r.centroid_level0.reshape(-1, 2)[:, 1],
+    }
+    origin, scale, halo = placement
+    h, w = r.core_labels.shape
+    shape = (h + halo[0] + halo[1], w + halo[2] + halo[3])
+    core = tile_core_level0(origin, scale, halo, shape)
+    meta = {
+        "level": r.level, "y": r.y, "x": r.x, "modality": r.modality, "pixel_size_nm": r.pixel_size_nm,
+        "core_level0": list(core), "read_level0": list(tile_read_level0(origin, scale, shape)),
+        "n_defects": n, "core_area_mm2": r.core_area_mm2,
+        "defect_density_per_mm2": r.defect_density_per_mm2, "material": r.material, "grade": r.grade,
+        "material_probs": json_floats(r.material_probs), "grade_probs": json_floats(r.grade_probs),
+        "model_versions": r.model_versions, "label_base": base,
+        # [label id, class, x0, y0, x1, y1] of each foreign piece painted in this core
+        "foreign": [[base + n + k + 1, int(c), *map(float, b)]
+                    for k, (c, b) in enumerate(zip(r.foreign_classes, r.foreign_boxes_level0.reshape(-1, 4)))],
+    }
+    return pa.table(cols, schema=DETECTION_SCHEMA), meta
+
+
+@dataclass
+class TileDetections:
+    """One tile's detections: key (level, y, x), table (`DETECTION_SCHEMA`), meta (the
+    tile's values, `tile_detections`)."""
+
+    key: tuple[int, int, int]
+    table: pa.Table
+    meta: dict[str, Any]
+
+
+@dataclass(frozen=True)
+class _TileArrays:
+    """The tiles' detections and placement as arrays, one entry per tile: boxes (N_t, 4)
+    level-0 xyxy, scores (N_t,), classes (N_t,) int64, cores and reads level-0 xyxy (a
+    tile file from before read regions were recorded: its core, as read without halo)."""
+
+    boxes: list
+    scores: list
+    classes: list
+    cores: list
+    reads: list
+
+    @classmethod
+    def of(cls, tiles: Sequence[TileDetections]) -> _TileArrays:
+        def column(tb: pa.Table, names, dtype) -> np.ndarray:
+            return np.stack([tb[c].to_numpy(zero_copy_only=False) for c in names], axis=1).astype(dtype)
+
+        return cls([column(t.table, ("x0", "y0", "x1", "y1"), np.float64) for t in tiles],
+                   [t.table["score"].to_numpy(zero_copy_only=False) for t in tiles],
+                   [t.table["class"].to_numpy(zero_copy_only=False).astype(np.int64) for t in tiles],
+                   [tuple(t.meta["core_level0"]) for t in tiles],
+                   [tuple(t.meta.get("read_level0") or t.meta["core_level0"]) for t in tiles])
+
+
+def stitch_objects(tiles: Sequence[TileDetections], *, iou_threshold: float = 0.5):
+    """Objects from the tiles' detections (`engine.tiling.stitch_groups`: the rule of
+    `stitch_boxes`), keeping which detections each object was made of.
+
+    Returns (boxes (K, 4) level-0 xyxy, scores (K,), classes (K,), members: K arrays of
+    row indices into the concatenated detections), objects best score first.
+    """
+    from engine.tiling.stitch import stitch_groups
+
+    a = _TileArrays.of(tiles)
+    got = stitch_groups(a.boxes, a.scores, a.classes, a.cores, a.reads, iou_threshold=iou_threshold)
+    o = got.objects
+    return o.boxes, o.scores, o.classes, got.members
+
+
+FOREIGN_HELD = 0.5  # share of a foreign piece inside its owner's detection, both cut to what both tiles read
+
+
+def join_foreign_pieces(tiles: Sequence[TileDetections], boxes: np.ndarray, members):
+    """Each tile's foreign pieces (its core's share of objects other tiles own) joined to
+    the object they belong to. The owner is the tile whose core holds the piece's centre;
+    both tiles saw the region their reads share, and there the piece and the owner's
+    detection of that defect are the same pixels. So, both boxes cut to that region, the
+    piece joins the owner's detection of its class that holds at least FOREIGN_HELD of
+    it, the one holding most of it and overlapping it best (containment plus IoU: a
+    slanted scratch's box holds a piece of its end, but so may a small defect's box
+    beside it, which the IoU then tells apart), and with it that detection's object.
+
+    members: per object, row indices into the tiles' detections concatenated (as
+    `stitch_objects` returns them). Returns (boxes grown to hold their pieces' shares of
+    their tiles' cores (K, 4), the pieces' label ids per object, whether each box grew:
+    its owners did not see all of it). A piece whose owner reported no such detection
+    (it missed it, called it another class, or its tile failed) joins none: its pixels
+    keep an id that no object lists.
+    """
+    from engine.tiling.stitch import box_iou, owned
+
+    boxes = np.array(boxes, np.float64).reshape(-1, 4)
+    joined: list[list[int]] = [[] for _ in range(len(boxes))]
+    grown = np.zeros(len(boxes), bool)
+    if not len(boxes) or not any(t.meta.get("foreign") for t in tiles):
+        return boxes, joined, grown
+    object_of = {int(row): j for j, rows in enumerate(members) for row in rows}
+    offsets = np.cumsum([0] + [t.table.num_rows for t in tiles])
+    a = _TileArrays.of(tiles)
+    cores, reads = np.array(a.cores, np.float64), np.array(a.reads, np.float64)
+    for mine, t in enumerate(tiles):
+        for label_id, cls, *piece in t.meta.get("foreign", ()):
+            piece = np.asarray(piece, np.float64)
+            owner = np.flatnonzero(owned(np.broadcast_to(piece, cores.shape), cores))
+            if len(owner) != 1:
+                continue
+            u = int(owner[0])
+            same = a.classes[u] == int(cls)
+            if not same.any():
+                continue
+            rows, theirs = offsets[u] + np.flatnonzero(same), a.boxes[u][same]
+            seen = (np.maximum(reads[mine, :2], reads[u, :2]), np.minimum(reads[mine, 2:], reads[u, 2:]))
+            mine_b, theirs_b = _clip(piece, seen), _clip(theirs, seen)
+            iou = box_iou(mine_b, theirs_b)
+            held = _area(_clip(theirs_b, (mine_b[:2], mine_b[2:]))) / max(_area(mine_b), 1e-9)
+            score = np.where(held >= FOREIGN_HELD, held + iou, -1.0)
+            k = int(np.argmax(score))
+            j = object_of.get(int(rows[k]))
+            if score[k] < 0 or j is None:
+                continue
+            joined[j].append(int(label_id))
+            # what the piece adds is its share of this tile's core (where it is painted);
+            # beyond, it ends where this tile's read did
+            share = _clip(piece, (cores[mine, :2], cores[mine, 2:]))
+            before = boxes[j].copy()
+            boxes[j, :2] = np.minimum(boxes[j, :2], share[:2])
+            boxes[j, 2:] = np.maximum(boxes[j, 2:], share[2:])
+            grown[j] |= bool((boxes[j] != before).any())
+    return boxes, joined, grown
+
+
+def _area(b: np.ndarray) -> np.ndarray:
+    """Areas of xyxy boxes (..., 4); 0 for empty ones."""
+    return np.clip(b[..., 2] - b[..., 0], 0, None) * np.clip(b[..., 3] - b[..., 1], 0, None)
+
+
+def _clip(b: np.ndarray, region) -> np.ndarray:
+    """xyxy boxes (..., 4) cut to `region` ((x0, y0), (x1, y1))."""
+    return np.concatenate([np.maximum(b[..., :2], region[0]), np.minimum(b[..., 2:], region[1])], axis=-1)
+
+
+class WholeObjects:
+    """Objects of several pieces measured on a label image (instance ids): the pixels
+    holding any of the pieces' label ids around the object's box.
+
+    labels: (H, W) integer ids at one level's pixels, anything sliceable with a `shape`
+    (the job's label image in its store, `TileLabels` for the endpoint's tiles);
+    transform: that level's `engine.tiling.transform.LevelTransform`.
+    """
+
+    PAD = 8  # level pixels around the box: a mask may reach a little past its prompt box
+
+    def __init__(self, labels, transform):
+        self.array = labels
+        self.transform = transform
+
+    def mask(self, box, label_ids) -> tuple[int, int, np.ndarray]:
+        """(y, x) of a window around level-0 xyxy `box` in the label image's pixels, and
+        the (h, w) bool mask of the pixels there holding any of `label_ids`."""
+        x0, y0, x1, y1 = box
+        (ly0, lx0), (ly1, lx1) = self.transform.from_level0(y0, x0), self.transform.from_level0(y1, x1)
+        h, w = self.array.shape
+        ly0, lx0 = max(0, int(math.floor(ly0)) - self.PAD), max(0, int(math.floor(lx0)) - self.PAD)
+        ly1, lx1 = min(h, int(math.ceil(ly1)) + self.PAD), min(w, int(math.ceil(lx1)) + self.PAD)
+        return ly0, lx0, np.isin(self.array[ly0:ly1, lx0:lx1], np.asarray(label_ids, np.int64))
+
+    def __call__(self, box, label_ids) -> tuple[Any, tuple[float, float]]:
+        """(Measurements of one object, its centroid in level-0 edge coordinates (y, x))."""
+        from engine.pipeline.measure import measure_masks
+
+        ly0, lx0, mask = self.mask(box, label_ids)
+        m = measure_masks(mask[None], self.transform.level_pixel_size_nm)
+        cy, cx = m.centroid[0]
+        return m, self.transform.to_level0(ly0 + cy + 0.5, lx0 + cx + 0.5)
+
+
+class TileLabels:
+    """Tiles' core label images side by side as one label image over their grid, with ids
+    unique in the image (each tile's ids offset by its base, as the job's label image
+    holds them), assembled only where sliced: for tiles held in memory (the endpoint).
+
+    cores: per tile (h_t, w_t) integer labels (0 background, detection j is j + 1, then
+    the foreign pieces); corners: level-0 (y, x) of each core's corner; scale: level-0 px
+    per tile px (y, x), the same for every tile; bases: per tile, the offset of its ids.
+    """
+
+    def __init__(self, cores: Sequence[np.ndarray], corners, scale, bases):
+        scale = np.asarray(scale, np.float64).reshape(2)
+        corners = np.asarray(corners, np.float64).reshape(-1, 2)
+        self.cores, self.bases = list(cores), [int(b) for b in bases]
+        self.scale = (float(scale[0]), float(scale[1]))
+        # a resampled image's pixels may start a fraction of a level-0 pixel off its corner
+        first = corners.min(axis=0) if len(corners) else np.zeros(2)
+        shift = first - np.round(first / scale) * scale
+        self.shift = (float(shift[0]), float(shift[1]))
+        self.at = np.round((corners - shift) / scale).astype(np.int64)  # (T, 2) each core's (y, x) in the grid
+        ends = [(y + c.shape[0], x + c.shape[1]) for (y, x), c in zip(self.at, self.cores)]
+        self.shape = (max((e[0] for e in ends), default=0), max((e[1] for e in ends), default=0))
+
+    def transform(self, level0_pixel_size_nm) -> LevelTransform:
+        """The grid's placement: level-0 px = grid px * scale + shift."""
+        return LevelTransform(factor=self.scale, shift=self.shift,
+                              pixel_size_nm=tuple(float(v) for v in level0_pixel_size_nm))
+
+    def __getitem__(self, key) -> np.ndarray:
+        ys, xs = key
+        y0, y1, _ = ys.indices(self.shape[0])
+        x0, x1, _ = xs.indices(self.shape[1])
+        out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), np.int64)
+        for (ty, tx), core, base in zip(self.at, self.cores, self.bases):
+            a0, a1 = max(y0, ty), min(y1, ty + core.shape[0])
+            b0, b1 = max(x0, tx), min(x1, tx + core.shape[1])
+            if a1 > a0 and b1 > b0:
+                piece = core[a0 - ty : a1 - ty, b0 - tx : b1 - tx].astype(np.int64)
+                out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = np.where(piece > 0, piece + base, 0)
+        return out
+
+
+def objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm,
+                   whole: WholeObjects | None = None, foreign_ids=None, grown=None) -> pa.Table:
+    """One `OBJECT_SCHEMA` row per object (boxes (K, 4) level-0 xyxy, scores, classes and
+    members as `stitch_objects` returns them) from the tiles' detections concatenated.
+    pixel_nm: (y, x) level-0 pixel size, nm; whole: where given, an object of several
+    pieces, or one that foreign pieces grew (grown (K,) bool; foreign_ids: their label ids
+    per object, `join_foreign_pieces`), is measured whole on its label image."""
+    area = detections["area_nm2"].to_numpy(zero_copy_only=False) if detections.num_rows else np.zeros(0)
+    rows: dict[str, list] = {name: [] for name in OBJECT_SCHEMA.names}
+    shape_cols = ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
+                  "aspect_ratio", "orientation_deg")
+    col = {name: detections[name].to_numpy(zero_copy_only=False) for name in
+           (*shape_cols, "centroid_y", "centroid_x", "label_id")} if detections.num_rows else {}
+    py, px = pixel_nm
+    for j, (box, score, cls, rows_j) in enumerate(zip(boxes, scores, classes, members)):
+        rows_j = np.sort(rows_j)
+        a = np.nan_to_num(area[rows_j], nan=0.0)
+        largest = rows_j[int(np.argmax(a))] if len(rows_j) else None
+        w = a if a.sum() > 0 else np.ones(len(rows_j))
+        rows["object_id"].append(j)
+        rows["class"].append(int(cls))
+        rows["class_name"].append(class_names[int(cls)] if 0 <= cls < len(class_names) else str(int(cls)))
+        rows["score"].append(float(score))
+        for name, v in zip(("x0", "y0", "x1", "y1"), box):
+            rows[name].append(float(v))
+        for name, v, p in zip(("x0_nm", "y0_nm", "x1_nm", "y1_nm"), box, (px, py, px, py)):
+            rows[name].append(float(v) * p)
+        rows["parts"].append(int(len(rows_j)))
+        ids = [int(v) for v in col["label_id"][rows_j]] if len(rows_j) else []
+        ids += foreign_ids[j] if foreign_ids else []
+        rows["label_ids"].append(ids)
+        # Pieces from several tiles, or an object its owner saw only in part (foreign
+        # pieces grew its box): measured whole on the label image the tiles painted.
+        if whole is not None and (len(rows_j) > 1 or (grown is not None and grown[j])):
+            m, centroid = whole(box, ids)
+            if m.area_px[0] > 0:
+                for name in shape_cols:
+                    rows[name].append(float(getattr(m, name)[0]))
+                for name, v in zip(("centroid_y", "centroid_x"), centroid):
+                    rows[name].append(float(v))
+                continue
+        for name in shape_cols:
+            rows[name].append(float(col[name][largest]) if largest is not None else math.nan)
+        for name in ("centroid_y", "centroid_x"):
+            rows[name].append(float(np.average(col[name][rows_j], weights=w)) if len(rows_j) else math.nan)
+    return pa.table(rows, schema=OBJECT_SCHEMA)
+
+
+def image_objects(tiles: Sequence[TileDetections], class_names: Sequence[str], pixel_nm,
+                  whole: WholeObjects | None = None, *, iou_threshold: float = 0.5) -> pa.Table:
+    """An image's objects (`OBJECT_SCHEMA`) from its tiles' detections: stitched across
+    tile borders, joined with the foreign pieces, measured whole where `whole` is given."""
+    boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
+    boxes, foreign_ids, grown = join_foreign_pieces(tiles, boxes, members)
+    detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
+    return objects_table(detections, boxes, scores, classes, members, list(class_names), pixel_nm, whole,
+                         foreign_ids, grown)
