@@ -37,7 +37,7 @@ from typing import Any, Optional
 
 from fastapi import Depends, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import HTMLResponse, JSONResponse
+from fastapi.responses import HTMLResponse, JSONResponse, Response
 from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
 from ray import serve
 from ray.exceptions import RayTaskError
@@ -123,6 +123,10 @@ def _scope_of(path: str) -> str | None:
     return None
 
 
+# what Starlette's call_next raises when the app sent no response (it saw the client disconnect)
+_NOTHING_SENT = "No response returned."
+
+
 @api.middleware("http")
 async def _guard_and_audit(request: Request, call_next):
     """Key, scope, rate and size checks before the body is read; one audit line after."""
@@ -149,7 +153,14 @@ async def _guard_and_audit(request: Request, call_next):
                      duration_ms=round((time.perf_counter() - started) * 1e3, 3))
         ingress.audit(audit)
         raise
-    except Exception as exc:  # a bug: still JSON, still audited
+    except Exception as exc:
+        if isinstance(exc, RuntimeError) and str(exc) == _NOTHING_SENT:
+            # the client left while its body was read, so the app answered nothing: nginx's 499
+            audit.update(status=499, request_id=rid, error="the client went away before the answer",
+                         duration_ms=round((time.perf_counter() - started) * 1e3, 3))
+            ingress.audit(audit)
+            return Response(status_code=499)
+        # a bug: still JSON, still audited
         audit["error"] = f"{type(exc).__name__}: {exc}"[:500]
         response = error_response(500, "internal error; the request is logged", rid)
     audit.update(status=response.status_code, request_id=rid,
