@@ -80,3 +80,16 @@ def user_error_message(exc: BaseException) -> str | None:
     name = type(exc).__name__
     hint = _HINTS.get(name)
     return f"{name}: {exc}" + (f" ({hint})" if hint else "") + " [GRAINFLOW_DEBUG=1 shows the traceback]"
+
+
+def exit_code_for(exc: BaseException, prog: str) -> int:
+    """For a job's main, inside its `except Exception as exc:`: print `prog: <one line>`
+    to stderr and return exit code 2 when `exc` is the user's to act on
+    (`user_error_message`); re-raise it, traceback and all, when it is a bug."""
+    import sys
+
+    message = user_error_message(exc)
+    if message is None:
+        raise  # the exception being handled: called only from an except block
+    print(f"{prog}: {message}", file=sys.stderr)
+    return 2

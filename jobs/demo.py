@@ -43,7 +43,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import user_error_message
+    from engine.errors import exit_code_for
     from engine.runtime import configure_offline
 
     configure_offline()
@@ -78,11 +78,7 @@ def main(argv: list[str] | None = None) -> int:
              f"{result.tiles_per_s:.2f} tiles/s")
         report = write_report(str(root / "run"), archive=str(lab_archive))
     except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:  # a bug: its traceback
-            raise
-        print(f"demo: {message}", file=sys.stderr)
-        return 2
+        return exit_code_for(exc, "demo")  # a user's error: one line, exit 2; a bug: its traceback
     finally:
         if ray.is_initialized():
             ray.shutdown()

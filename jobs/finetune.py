@@ -92,7 +92,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import user_error_message
+    from engine.errors import exit_code_for
     from engine.runtime import configure_offline
     from engine.training import train
 
@@ -119,11 +119,7 @@ def main(argv: list[str] | None = None) -> int:
                 promote=args.promote, **_synthetic(args),
             ).summary()
     except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:  # a bug: its traceback
-            raise
-        print(f"finetune: {message}", file=sys.stderr)
-        return 2
+        return exit_code_for(exc, "finetune")  # a user's error: one line, exit 2; a bug: its traceback
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must
         # not land after the summary line.

@@ -63,7 +63,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import user_error_message
+    from engine.errors import exit_code_for
     from engine.runtime import configure_offline
 
     configure_offline()
@@ -106,11 +106,7 @@ def main(argv: list[str] | None = None) -> int:
             labels=args.labels, config=config,
         )
     except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:  # a bug: its traceback
-            raise
-        print(f"reprocess: {message}", file=sys.stderr)
-        return 2
+        return exit_code_for(exc, "reprocess")  # a user's error: one line, exit 2; a bug: its traceback
     finally:
         # Before printing: workers' log lines reach the driver asynchronously and must
         # not land after the summary line. A Ray the caller connected stays connected.

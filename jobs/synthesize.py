@@ -85,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import ray
 
-    from engine.errors import user_error_message
+    from engine.errors import exit_code_for
 
     connected = ray.is_initialized()  # a Ray the caller connected stays connected
     try:
@@ -96,11 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         durable(args.out, "--out")  # samples are written by Ray tasks in other processes
         summary = run(args)
     except Exception as exc:
-        message = user_error_message(exc)
-        if message is None:  # a bug: its traceback
-            raise
-        print(f"synthesize: {message}", file=sys.stderr)
-        return 2
+        return exit_code_for(exc, "synthesize")  # a user's error: one line, exit 2; a bug: its traceback
     finally:
         if ray.is_initialized() and not connected:
             ray.shutdown()
