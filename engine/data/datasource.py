@@ -27,9 +27,9 @@ from ray.data.datasource import Datasource, ReadTask
 from engine.data.tile_plan import ImageTiles, ReadSpec, plan_image, plan_reads
 from engine.data.tile_read import read_tiles
 from engine.errors import GrainflowError, MetadataError
-from engine.stores.catalog import read_catalog
-from engine.stores.image import open_image
-from engine.stores.uri import resolve
+from engine.stores.catalog import CATALOG_FILE, read_catalog, row_problems
+from engine.stores.image import MultiscaleImage, open_image
+from engine.stores.uri import StoreLocation, resolve
 from engine.tiling.grid import TileKey
 
 DEFAULT_TARGET_BYTES = 64 * 2**20
@@ -112,11 +112,14 @@ class ZarrTileDatasource(Datasource):
             if unknown:
                 raise MetadataError(f"{self.archive}: images {unknown} are not in the catalog")
             catalog = catalog[catalog["image_id"].isin(self.image_ids)]
-        rows = catalog[["image_id", "uri", "modality"]].to_dict("records")
-        locations = [self.archive.join(r["uri"]) for r in rows]
+        rows = catalog[["image_id", "uri", "modality", "pixel_size_x", "pixel_size_y", "unit", "dtype"]].to_dict(
+            "records")
+        # A row with impossible values (a pixel size of 0, an unknown unit or modality, a
+        # uri outside the archive) is that image's error, not the job's.
+        locations = [self._attempt(self._location)(r) for r in rows]
         # Metadata reads are latency-bound on object stores: overlap them.
         with ThreadPoolExecutor(max_workers=8) as pool:
-            opened = list(pool.map(self._attempt(open_image), locations))
+            opened = list(pool.map(self._attempt(_open_checked), locations, rows))
         readable = [im for im in opened if not isinstance(im, GrainflowError)]
         dtype = self.tile_dtype or (str(np.result_type(*[im.dtype for im in readable])) if readable else "uint16")
         plan = self._attempt(plan_image)
@@ -130,6 +133,14 @@ class ZarrTileDatasource(Datasource):
         self._failed.update(self._excluded)
         return [p for p in plans if not isinstance(p, GrainflowError) and p.image_id not in self._excluded]
 
+    def _location(self, row: dict) -> StoreLocation:
+        """Where the catalog row's image lies; MetadataError naming the row when its values
+        cannot be planned with (`engine.stores.catalog.row_problems`)."""
+        problems = row_problems(row)
+        if problems:
+            raise MetadataError(f"{self.archive.join(CATALOG_FILE)}: row {row['image_id']!r}: {'; '.join(problems)}")
+        return self.archive.join(row["uri"])
+
     def _attempt(self, fn):
         """fn, returning its GrainflowError (MetadataError, PlanningError) instead of
         raising it when errors are recorded: one image with unreadable metadata or an
@@ -140,6 +151,8 @@ class ZarrTileDatasource(Datasource):
             return fn
 
         def attempt(*args, **kwargs):
+            if args and isinstance(args[0], GrainflowError):  # an earlier step's error for this image
+                return args[0]
             try:
                 return fn(*args, **kwargs)
             except GrainflowError as exc:
@@ -169,3 +182,13 @@ class ZarrTileDatasource(Datasource):
         state = dict(self.__dict__)
         state["_images"], state["_failed"] = None, {}
         return state
+
+
+def _open_checked(location: StoreLocation, row: dict) -> MultiscaleImage:
+    """The image at `location`, refused (MetadataError) when its stored dtype is not the
+    one its catalog row says: the job casts each image's tiles from the catalog's dtype."""
+    image = open_image(location)
+    if str(image.dtype) != str(row["dtype"]):
+        raise MetadataError(f"{location}: stored as {image.dtype} but the catalog says {row['dtype']}; "
+                            f"correct the catalog's dtype for image {row['image_id']!r}")
+    return image

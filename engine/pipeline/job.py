@@ -299,7 +299,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     import ray
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, ZarrTileDatasource
-    from engine.stores.catalog import read_catalog
+    from engine.stores.catalog import read_catalog, row_problems
     from engine.stores.ngff import to_nanometres
 
     if labels not in LABEL_MODES:
@@ -328,15 +328,28 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     if target_pixel_size_nm is None:
         target_pixel_size_nm = describe.get("pixel_size_nm")
     if target_pixel_size_nm is None:  # native pixels: the finest level-0 size, read at each image's level 0
-        target_pixel_size_nm = min(to_nanometres(float(p), str(u)) for p, u in
-                                   zip(catalog["pixel_size_x"], catalog["unit"])) if len(catalog) else 1.0
+        usable = [r for r in catalog.to_dict("records") if not row_problems(r)]  # the others are recorded below
+        target_pixel_size_nm = min((to_nanometres(float(r["pixel_size_x"]), str(r["unit"])) for r in usable),
+                                   default=1.0)
         tolerance = math.inf
     settings = {"archive": archive.uri, "bundle": pinned, "target_pixel_size_nm": float(target_pixel_size_nm),
                 "tolerance": float(tolerance) if math.isfinite(tolerance) else "inf", "tile_size": tile_size,
                 "halo": int(halo), "labels": labels, "label_name": label_name,
                 "config": {k: v for k, v in describe["config"].items()} | {"inputs": describe["inputs"]}}
-    # 3. resume: same settings and the same pixels, or nothing
     ledger = Ledger(out)
+    done_before = ledger.keys() if resume else set()
+    # Label arrays beside the images outlive a run's `out`: start them afresh unless this
+    # run continues one (else chunks of tiles that fail now would keep an older run's ids).
+    fresh = not done_before
+    source = ZarrTileDatasource(archive, target_pixel_size_nm=target_pixel_size_nm, tile_size=tile_size, halo=halo,
+                                tolerance=tolerance, skip=done_before,
+                                target_bytes=target_bytes or DEFAULT_TARGET_BYTES, on_image_error="record")
+    plans, failed = source.images(), source.failed()
+    if failed and not plans:  # before anything in `out` is touched: an earlier run's outputs stay
+        image_id, exc = next(iter(failed.items()))
+        raise GrainflowError(f"{archive}: none of its {len(failed)} image(s) could be planned; the first, "
+                             f"{image_id}: {type(exc).__name__}: {exc}")
+    # 3. resume: same settings and the same pixels, or nothing
     manifest = out.join(MANIFEST)
     checksums = _checksums(catalog)
     if resume and manifest.exists():
@@ -360,18 +373,6 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         _clear(out)
     put_file(manifest, json.dumps({"settings": settings, "checksums": checksums}, indent=1, sort_keys=True).encode())
 
-    done_before = ledger.keys() if resume else set()
-    # Label arrays beside the images outlive a run's `out`: start them afresh unless this
-    # run continues one (else chunks of tiles that fail now would keep an older run's ids).
-    fresh = not done_before
-    source = ZarrTileDatasource(archive, target_pixel_size_nm=target_pixel_size_nm, tile_size=tile_size, halo=halo,
-                                tolerance=tolerance, skip=done_before,
-                                target_bytes=target_bytes or DEFAULT_TARGET_BYTES, on_image_error="record")
-    plans, failed = source.images(), source.failed()
-    if failed and not plans:
-        image_id, exc = next(iter(failed.items()))
-        raise GrainflowError(f"{archive}: none of its {len(failed)} image(s) could be planned; the first, "
-                             f"{image_id}: {type(exc).__name__}: {exc}")
     modalities = dict(zip(catalog["image_id"], catalog["modality"]))
     for image_id, exc in failed.items():  # recorded; the other images go on
         write_image_error(out, image_id, str(modalities[image_id]), exc)

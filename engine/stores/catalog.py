@@ -156,7 +156,46 @@ def read_catalog(archive: str | StoreLocation) -> pd.DataFrame:
         raise MetadataError(f"{location}: catalog lacks columns {missing}")
     # Nullable integer columns (seed) stay integers; missing strings read as NA.
     nullable = {pa.int64(): pd.Int64Dtype(), pa.int32(): pd.Int32Dtype()}
-    return table.select(SCHEMA.names).to_pandas(types_mapper=nullable.get)
+    frame = table.select(SCHEMA.names).to_pandas(types_mapper=nullable.get)
+    # Every output is keyed by image id: rows without one, or two rows of one, are a
+    # catalog no job can run on.
+    ids = frame["image_id"]
+    empty = [i for i, v in enumerate(ids) if not isinstance(v, str) or not v.strip()]
+    if empty:
+        raise MetadataError(f"{location}: rows {empty[:5]}{' ...' if len(empty) > 5 else ''} have no image_id")
+    dup = sorted(ids[ids.duplicated()].unique())
+    if dup:
+        raise MetadataError(f"{location}: duplicate image ids {dup[:5]}{' ...' if len(dup) > 5 else ''}")
+    return frame
+
+
+def row_problems(row: dict[str, Any]) -> list[str]:
+    """What is wrong with one catalog row's values (empty when nothing): its modality,
+    pixel sizes, unit, uri (a path inside the archive) and dtype, each named with the
+    value found, so a job can record the image and go on with the others."""
+    import math
+
+    from engine.stores.dtypes import check_pixel_dtype
+    from engine.stores.ngff import normalise_unit
+
+    problems = []
+    if row.get("modality") not in MODALITIES:
+        problems.append(f"modality {row.get('modality')!r} is not one of {', '.join(MODALITIES)}")
+    for name in ("pixel_size_x", "pixel_size_y"):
+        v = row.get(name)
+        if not isinstance(v, (int, float)) or not math.isfinite(v) or v <= 0:
+            problems.append(f"{name} {v!r} must be a positive number")
+    for name, check in (("unit", normalise_unit), ("dtype", lambda v: check_pixel_dtype(v, "dtype"))):
+        try:
+            check(row.get(name))
+        except Exception as exc:  # unknown unit, not a dtype numpy knows, one grainflow does not keep
+            problems.append(f"{name} {row.get(name)!r}: {str(exc).removeprefix('dtype: ')}")
+    uri = row.get("uri")
+    if not isinstance(uri, str) or not uri.strip():
+        problems.append(f"uri {uri!r} must name the image's path in the archive")
+    elif "://" in uri or uri.startswith("/"):
+        problems.append(f"uri {uri!r} must be a path relative to the archive")
+    return problems
 
 
 def _from_record(record: dict[str, Any]) -> dict[str, Any]:

@@ -60,7 +60,10 @@ class MultiscaleImage:
         self.group = open_group(location)
         self.multiscale: Multiscale = parse_multiscales(dict(self.group.attrs), str(location))
         self.unit = self.multiscale.spatial_unit(str(location))
-        self.levels = tuple(self._level_info(i) for i in range(len(self.multiscale.levels)))
+        levels: list[LevelInfo] = []
+        for i in range(len(self.multiscale.levels)):
+            levels.append(self._level_info(i, levels[0] if levels else None))
+        self.levels = tuple(levels)
         self.dtype = self.levels[0].dtype
         self._readers: dict[int, ArrayReader] = {}
 
@@ -98,13 +101,15 @@ class MultiscaleImage:
             self._readers[level] = open_reader(self.location, self.array(level), self.levels[level].path)
         return self._readers[level]
 
-    def _level_info(self, index: int) -> LevelInfo:
+    def _level_info(self, index: int, level0: LevelInfo | None) -> LevelInfo:
         level = self.multiscale.levels[index]
         where = f"{self.location}/{level.path}"
         try:
             arr = self.group[level.path]
         except KeyError:
             raise MetadataError(f"{where}: listed in multiscales but no array is stored there") from None
+        except Exception as exc:  # its zarr.json unreadable: empty, not JSON, not an array's
+            raise MetadataError(f"{where}: the array's metadata cannot be read ({type(exc).__name__}: {exc})") from None
         if not isinstance(arr, zarr.Array):
             raise MetadataError(f"{where}: expected an array, found a group")
         names = [a.name for a in self.multiscale.axes]
@@ -114,10 +119,27 @@ class MultiscaleImage:
         if extra:
             raise MetadataError(f"{where}: axes {extra} have size > 1; grainflow reads single-channel 2-D images")
         dtype = check_pixel_dtype(arr.dtype, where) if not self._is_label() else np.dtype(arr.dtype)
+        if min(arr.shape[-2:]) < 1:
+            raise MetadataError(f"{where}: the array is empty (shape {tuple(arr.shape)})")
+        if level0 is not None:
+            self._check_against_level0(index, level0, arr.shape[-2:], dtype, where)
         return LevelInfo(
             index, level.path, tuple(arr.shape[-2:]), tuple(arr.chunks[-2:]), str(dtype),
             self.multiscale.pixel_size(index),
         )
+
+    def _check_against_level0(self, index: int, first: LevelInfo, shape, dtype, where: str) -> None:
+        """A coarser level holds the same image: level 0's dtype, and level 0's extent over
+        its scale factor (to a pixel: pyramids round either way); else its tiles would be
+        placed outside the image or read with another dtype."""
+        if str(dtype) != first.dtype:
+            raise MetadataError(f"{where}: dtype {dtype} differs from level 0's {first.dtype}")
+        s0, sk = self.multiscale.pixel_size(0), self.multiscale.pixel_size(index)
+        expected = [n0 * a / b for n0, a, b in zip(first.shape, s0, sk)]
+        if any(abs(n - e) > 1 for n, e in zip(shape, expected)):
+            raise MetadataError(f"{where}: shape {tuple(int(v) for v in shape)} does not match level 0's "
+                                f"{tuple(first.shape)} at this level's scale (expected about "
+                                f"{tuple(round(e, 1) for e in expected)})")
 
     def _is_label(self) -> bool:
         ome = self.group.attrs.get("ome", self.group.attrs)

@@ -7,6 +7,7 @@ metadata under the `ome` key of zarr.json; v0.4 puts `multiscales` at the top of
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import Any
 
@@ -37,12 +38,13 @@ UNIT_ALIASES = {
 SPATIAL = ("y", "x")
 
 
-def normalise_unit(unit: str) -> str:
-    """A spatial unit as the spec names it ('nm' -> 'nanometer'); unknown units raise."""
-    key = unit.strip()
-    name = UNIT_ALIASES.get(key.lower(), key.lower())
+def normalise_unit(unit: str, where: str | None = None) -> str:
+    """A spatial unit as the spec names it ('nm' -> 'nanometer'); unknown units raise,
+    naming `where` (the image or catalog row) when given."""
+    name = UNIT_ALIASES.get(unit.strip().lower(), unit.strip().lower()) if isinstance(unit, str) else None
     if name not in SPACE_UNITS_NM:
-        raise MetadataError(f"unknown spatial unit {unit!r}; expected one of {sorted(SPACE_UNITS_NM)}")
+        at = f"{where}: " if where else ""
+        raise MetadataError(f"{at}unknown spatial unit {unit!r}; expected one of {sorted(SPACE_UNITS_NM)}")
     return name
 
 
@@ -91,7 +93,7 @@ class Multiscale:
             raise MetadataError(
                 f"{where}: y and x axes need one shared spatial unit (e.g. 'nanometer'), found {sorted(map(str, units))}"
             )
-        return normalise_unit(units.pop())
+        return normalise_unit(units.pop(), where)
 
     def pixel_size(self, level: int) -> tuple[float, float]:
         """(y, x) pixel size of `level` in `spatial_unit()`."""
@@ -102,8 +104,17 @@ class Multiscale:
 def parse_multiscales(attrs: dict[str, Any], where: str) -> Multiscale:
     """The first multiscale image described by a group's attributes.
 
-    `where` (the group URI) goes into every error message.
+    `where` (the group URI) goes into every error message: metadata of the wrong shape
+    or type (a list where an object belongs, a scale of strings) is a MetadataError too,
+    and every level's scale must be positive and finite, its translation finite.
     """
+    try:
+        return _parse_multiscales(attrs, where)
+    except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
+        raise MetadataError(f"{where}: malformed 'multiscales' metadata ({type(exc).__name__}: {exc})") from None
+
+
+def _parse_multiscales(attrs: dict[str, Any], where: str) -> Multiscale:
     if "ome" in attrs:
         ome = attrs["ome"]
         version = str(ome.get("version", ""))
@@ -143,6 +154,11 @@ def parse_multiscales(attrs: dict[str, Any], where: str) -> Multiscale:
     if not levels:
         raise MetadataError(f"{where}: 'multiscales' lists no datasets")
     levels = _with_shared_transforms(levels, ms.get("coordinateTransformations") or [], len(axes), where)
+    for i, lv in enumerate(levels):
+        if not all(math.isfinite(v) and v > 0 for v in lv.scale):
+            raise MetadataError(f"{where}: dataset {i} ({lv.path!r}) scale {list(lv.scale)} must be positive and finite")
+        if lv.translation is not None and not all(math.isfinite(v) for v in lv.translation):
+            raise MetadataError(f"{where}: dataset {i} ({lv.path!r}) translation {list(lv.translation)} must be finite")
     return Multiscale(version, axes, tuple(levels), ms.get("name"))
 
 

@@ -129,6 +129,61 @@ class TestPlanning:
         assert {p.image_id for p in source.images()} == set(catalog["image_id"]) - {broken}
         assert source.read_specs() and all(spec.tiles.image_id != broken for spec in source.read_specs())
 
+    def test_catalog_rows_that_cannot_be_planned_are_that_images_errors(self, archive, tmp_path):
+        """A catalog row with impossible values is recorded for its image, naming the
+        column and value, and the other images are planned; a catalog whose dtype is not
+        the stored one is refused (the job would cast the pixels and wrap them)."""
+        import shutil
+
+        import pyarrow.parquet as pq
+
+        location, catalog = archive
+        copy = tmp_path / "archive"
+        shutil.copytree(location.path, copy)
+        table = pq.read_table(copy / "catalog.parquet").to_pandas()
+        ids = sorted(table["image_id"])
+        table.loc[table["image_id"] == ids[0], "pixel_size_x"] = 0.0
+        table.loc[table["image_id"] == ids[1], "modality"] = "XRAY"
+        table.loc[table["image_id"] == ids[1], "unit"] = "furlong"
+        table.loc[table["image_id"] == ids[2], "dtype"] = "float32" if table["dtype"].iloc[2] != "float32" else "uint8"
+        table.to_parquet(copy / "catalog.parquet")
+        with pytest.raises(MetadataError, match=rf"row '{ids[0]}': pixel_size_x 0.0 must be a positive number"):
+            ZarrTileDatasource(str(copy), target_pixel_size_nm=20.0).images()
+        source = ZarrTileDatasource(str(copy), target_pixel_size_nm=20.0, on_image_error="record")
+        assert source.images() == [] and sorted(source.failed()) == ids
+        failed = {i: str(e) for i, e in source.failed().items()}
+        assert "modality 'XRAY' is not one of SEM, TEM, optical" in failed[ids[1]]
+        assert "unit 'furlong'" in failed[ids[1]]
+        assert f"stored as {catalog['dtype'].iloc[2]} but the catalog says" in failed[ids[2]]
+
+        table.loc[table["image_id"] == ids[0], "pixel_size_x"] = 1.0
+        table.loc[:, "modality"] = "SEM"
+        table.loc[table["image_id"] == ids[1], "unit"] = "nanometer"
+        table.loc[table["image_id"] == ids[1], "uri"] = "../../elsewhere.ome.zarr"
+        table.to_parquet(copy / "catalog.parquet")
+        source = ZarrTileDatasource(str(copy), target_pixel_size_nm=20.0, on_image_error="record")
+        assert [p.image_id for p in source.images()] == [ids[0]]
+        assert "outside the allowed root" in str(source.failed()[ids[1]])
+
+    def test_a_catalog_with_duplicate_or_missing_ids_is_refused(self, archive, tmp_path):
+        """Every output is keyed by image id: such a catalog is no job's input."""
+        import shutil
+
+        import pyarrow.parquet as pq
+
+        location, _ = archive
+        copy = tmp_path / "archive"
+        shutil.copytree(location.path, copy)
+        table = pq.read_table(copy / "catalog.parquet").to_pandas()
+        table.loc[1, "image_id"] = table.loc[0, "image_id"]
+        table.to_parquet(copy / "catalog.parquet")
+        with pytest.raises(MetadataError, match=rf"catalog.parquet: duplicate image ids \['{table.loc[0, 'image_id']}'\]"):
+            ZarrTileDatasource(str(copy), target_pixel_size_nm=20.0, on_image_error="record").images()
+        table.loc[1, "image_id"] = None
+        table.to_parquet(copy / "catalog.parquet")
+        with pytest.raises(MetadataError, match=r"catalog.parquet: rows \[1\] have no image_id"):
+            ZarrTileDatasource(str(copy), target_pixel_size_nm=20.0, on_image_error="record").images()
+
     def test_planning_reads_no_pixels(self, archive, monkeypatch):
         keys = []
         real_get = zarr.storage.LocalStore.get

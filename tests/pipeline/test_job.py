@@ -239,6 +239,27 @@ class TestEndToEnd:
             path.write_bytes(original)
         assert (out / "job.json").read_bytes() == manifest
 
+    def test_an_archive_nothing_of_which_can_be_planned_leaves_the_outputs(self, clean, job_registry):
+        """Planning comes before anything in --out is touched: a rerun with --no-resume
+        over a catalog whose pixel sizes are all 0 names the first image's row and
+        leaves the earlier run's outputs as they were."""
+        archive, out, _ = clean
+        path = archive / "catalog.parquet"
+        original = path.read_bytes()
+        catalog = pd.read_parquet(path)
+        catalog["pixel_size_x"] = 0.0
+        before, manifest = snapshot(out), (out / "job.json").read_bytes()
+        try:
+            catalog.to_parquet(path)
+            with pytest.raises(GrainflowError, match=r"none of its 3 image\(s\) could be planned; the first, "
+                                                     rf"{sorted(catalog['image_id'])[0]}: MetadataError: .*row .*"
+                                                     r"pixel_size_x 0.0 must be a positive number"):
+                run(archive, out, job_registry, resume=False)
+        finally:
+            path.write_bytes(original)
+        assert (out / "job.json").read_bytes() == manifest
+        assert_same_outputs(snapshot(out), before)
+
     def test_unknown_model_is_a_clear_error(self, ray_session, job_archive, job_registry, tmp_path):
         with pytest.raises(GrainflowError, match="nosuch"):
             reprocess(str(job_archive), str(tmp_path / "o"), "nosuch@production", registry=job_registry)

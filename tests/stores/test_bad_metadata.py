@@ -91,3 +91,75 @@ def test_bad_pixel_size_and_unit(tmp_path):
         ImageWriter(tmp_path / "a.zarr", shape=(8, 8), dtype="uint8", pixel_size=0.0)
     with pytest.raises(MetadataError, match="unknown spatial unit 'furlong'"):
         ImageWriter(tmp_path / "a.zarr", shape=(8, 8), dtype="uint8", pixel_size=1.0, unit="furlong")
+
+
+def _pyramid(path, levels, scales, unit="nanometer"):
+    """A v0.5 image with arrays `levels` at paths 0.., each with its (y, x) scale."""
+    group = zarr.open_group(str(path), mode="w", zarr_format=3)
+    for i, data in enumerate(levels):
+        group.create_array(str(i), data=data, chunks=(32, 32))
+    axes = [{"name": n, "type": "space", "unit": unit} for n in ("y", "x")]
+    group.attrs.update({"ome": {"version": "0.5", "multiscales": [{"axes": axes, "datasets": [
+        {"path": str(i), "coordinateTransformations": [{"type": "scale", "scale": s}]} for i, s in enumerate(scales)]}]}})
+
+
+@pytest.mark.parametrize("damage, message", [
+    ({"scale": [0, 0]}, r"dataset 0 \('0'\) scale \[0.0, 0.0\] must be positive and finite"),
+    ({"scale": [-1, 1]}, r"scale \[-1.0, 1.0\] must be positive"),
+    ({"scale": [float("nan"), 1]}, r"scale \[nan, 1.0\] must be positive and finite"),
+    ({"scale": ["a", "b"]}, r"malformed 'multiscales' metadata \(ValueError"),
+    ({"coordinateTransformations": None}, r"malformed 'multiscales' metadata \(TypeError"),
+    ({"no_path": True}, r"malformed 'multiscales' metadata \(KeyError: 'path'\)"),
+    ({"datasets": "dict"}, r"malformed 'multiscales' metadata"),
+    ({"multiscales": "dict"}, r"malformed 'multiscales' metadata"),
+    ({"unit": 7}, r"i\.zarr: unknown spatial unit 7"),
+    ({"unit": "furlong"}, r"i\.zarr: unknown spatial unit 'furlong'"),
+])
+def test_malformed_multiscales_name_the_image_and_field(tmp_path, damage, message):
+    """Metadata of the wrong shape, type or value: a MetadataError naming the image (so a
+    job records that image and goes on), never a KeyError or a math domain error."""
+    _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8)], [[1.0, 1.0]], unit=damage.get("unit", "nanometer"))
+    group = zarr.open_group(str(tmp_path / "i.zarr"), mode="r+")
+    ome = dict(group.attrs["ome"])
+    ms = dict(ome["multiscales"][0])
+    ds = dict(ms["datasets"][0])
+    if "scale" in damage:
+        ds["coordinateTransformations"] = [{"type": "scale", "scale": damage["scale"]}]
+    if "coordinateTransformations" in damage:
+        ds["coordinateTransformations"] = None
+    if "no_path" in damage:
+        del ds["path"]
+    ms["datasets"] = {"0": ds} if damage.get("datasets") else [ds]
+    ome["multiscales"] = {"0": ms} if damage.get("multiscales") else [ms]
+    group.attrs["ome"] = ome
+    with pytest.raises(MetadataError, match=rf"i\.zarr.*{message}" if "unit" not in damage else message):
+        open_image(tmp_path / "i.zarr")
+
+
+def test_a_level_whose_shape_contradicts_its_scale(tmp_path):
+    """Level 1 says it is 2x coarser but holds 128 x 128 of a 64 x 64 image: its tiles
+    would be placed outside the image."""
+    _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8), np.zeros((128, 128), np.uint8)],
+             [[1.0, 1.0], [2.0, 2.0]])
+    with pytest.raises(MetadataError, match=r"i\.zarr/1: shape \(128, 128\) does not match level 0's \(64, 64\)"):
+        open_image(tmp_path / "i.zarr")
+    _pyramid(tmp_path / "ok.zarr", [np.zeros((65, 65), np.uint8), np.zeros((33, 33), np.uint8)],
+             [[1.0, 1.0], [2.0, 2.0]])
+    assert open_image(tmp_path / "ok.zarr").levels[1].shape == (33, 33)  # rounded up: one pixel is fine
+
+
+def test_a_level_of_another_dtype(tmp_path):
+    _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8), np.zeros((32, 32), np.float32)],
+             [[1.0, 1.0], [2.0, 2.0]])
+    with pytest.raises(MetadataError, match=r"i\.zarr/1: dtype float32 differs from level 0's uint8"):
+        open_image(tmp_path / "i.zarr")
+
+
+def test_unreadable_or_empty_level_arrays(tmp_path):
+    _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8)], [[1.0, 1.0]])
+    (tmp_path / "i.zarr" / "0" / "zarr.json").write_text("not json")
+    with pytest.raises(MetadataError, match=r"i\.zarr/0: the array's metadata cannot be read"):
+        open_image(tmp_path / "i.zarr")
+    _pyramid(tmp_path / "e.zarr", [np.zeros((0, 64), np.uint8)], [[1.0, 1.0]])
+    with pytest.raises(MetadataError, match=r"e\.zarr/0: the array is empty"):
+        open_image(tmp_path / "e.zarr")
