@@ -195,6 +195,33 @@ class TestArchiveTileDataset:
         assert np.array_equal(a["img"].numpy(), b["img"].numpy())
         assert np.array_equal(a["bboxes"].numpy(), b["bboxes"].numpy()) and np.array_equal(a["cls"], b["cls"])
 
+    def test_vertical_mirrors_only_where_the_material_allows(self, tiles):
+        """flipud=1, no other transform: a tile of a material with no up comes mirrored
+        top to bottom, boxes too; an AM alloy's never (its build direction stays up)."""
+        import dataclasses
+
+        from ultralytics.cfg import get_cfg
+
+        from engine.training.detector.dataset import ArchiveTileDataset
+
+        labelled = [t for t in tiles if len(t.classes)][:4]
+        mixed = [dataclasses.replace(t, material=m) for t, m in
+                 zip(labelled, ("ferritic_steel", "am_alloy", "porous_ceramic", "am_alloy"))]
+        still = {"flipud": 1.0, "fliplr": 0.0, "mosaic": 0.0, "mixup": 0.0, "cutmix": 0.0, "degrees": 0.0,
+                 "translate": 0.0, "scale": 0.0, "shear": 0.0, "perspective": 0.0, "hsv_h": 0.0, "hsv_s": 0.0,
+                 "hsv_v": 0.0}
+        plain = ArchiveTileDataset(mixed, class_names=NAMES, imgsz=128, augment=False)
+        flipped = ArchiveTileDataset(mixed, class_names=NAMES, imgsz=128, augment=True, hyp=get_cfg(overrides=still))
+        for i, t in enumerate(mixed):
+            a, b = plain[i], flipped[i]
+            mirror = t.material != "am_alloy"
+            want = a["img"].flip(1) if mirror else a["img"]
+            assert np.array_equal(b["img"].numpy(), want.numpy()), t.material
+            boxes = a["bboxes"].numpy().copy()
+            if mirror:
+                boxes[:, 1] = 1 - boxes[:, 1]
+            np.testing.assert_allclose(np.sort(b["bboxes"].numpy(), axis=0), np.sort(boxes, axis=0), atol=1e-5)
+
     def test_disk_cache_is_refused(self, tiles):
         from engine.training.detector.dataset import ArchiveTileDataset
 

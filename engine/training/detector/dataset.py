@@ -14,12 +14,15 @@ only after `engine.runtime.configure_offline()`, as `train_detector` does.
 
 from __future__ import annotations
 
+import copy
+import random
 from typing import Sequence
 
 import numpy as np
 from ultralytics.cfg import get_cfg
 from ultralytics.data.dataset import YOLODataset
 
+from engine.augment.symmetry import material_symmetry
 from engine.training.detector.pixels import ImageCache, to_uint8
 from engine.training.detector.tiles import TrainingTile, yolo_format
 
@@ -55,9 +58,15 @@ class ArchiveTileDataset(YOLODataset):
         self._reader = ImageCache()
         self._exact: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # mask-fitted labels by tile key
         data = {"names": dict(enumerate(class_names)), "nc": len(class_names), "channels": 1}
+        hyp = copy.copy(hyp if hyp is not None else get_cfg())
+        # Vertical mirrors are drawn here, tile by tile, where the tile's material allows
+        # one (engine.augment.symmetry: an AM alloy's build direction stays up); Ultralytics'
+        # own flip would mirror every tile, and every mosaic of them.
+        self._flipud = float(getattr(hyp, "flipud", 0.0) or 0.0) if augment else 0.0
+        hyp.flipud = 0.0
         super().__init__(
             img_path="<archive tiles>", imgsz=imgsz, cache=cache or False, augment=augment,
-            hyp=hyp if hyp is not None else get_cfg(), prefix=prefix, rect=rect, batch_size=batch_size,
+            hyp=hyp, prefix=prefix, rect=rect, batch_size=batch_size,
             stride=stride, pad=pad, single_cls=False, classes=None, fraction=1.0, data=data, task="detect",
         )
 
@@ -106,6 +115,19 @@ class ArchiveTileDataset(YOLODataset):
                 cls, xywh = self._exact[key]
                 label["cls"], label["bboxes"] = cls.copy(), xywh.copy()
         return super().update_labels_info(label)
+
+    def get_image_and_label(self, index: int) -> dict:
+        """Ultralytics' item (pixels and instances) of one tile, mirrored top to bottom
+        with probability `flipud` where the tile's material allows a vertical mirror,
+        before mosaic and the other transforms (so each tile of a mosaic is judged by
+        its own material). Draws from Python's `random`, which Ultralytics seeds."""
+        label = super().get_image_and_label(index)
+        if self._flipud > 0 and "vflip" in material_symmetry(self.tile(index).material) and \
+                random.random() < self._flipud:
+            instances = label["instances"]
+            instances.flipud(1 if instances.normalized else label["img"].shape[0])
+            label["img"] = np.ascontiguousarray(np.flipud(label["img"]))
+        return label
 
     def load_image(self, i: int, rect_mode: bool = True, resize_short: bool = False):
         """(H x W x 1 uint8 tile, original (h, w), loaded (h, w)).

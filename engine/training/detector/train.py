@@ -30,9 +30,10 @@ from engine.training.detector.tiles import limit_background, plan_tiles, split_i
 CHECKPOINT_NAME = "detector.safetensors"
 RESULT_NAME = "result.json"
 
-# Ultralytics' defaults, changed where micrographs differ from photographs. Vertical flips:
-# a micrograph has no up; quarter turns are not used because SEM scan lines and drift have
-# a direction (engine.augment applies turns only where a material's symmetry allows).
+# Ultralytics' defaults, changed where micrographs differ from photographs. Vertical flips
+# where the tile's material allows them (`ArchiveTileDataset` draws them per tile: most
+# microstructures have no up, an AM alloy's build direction does); quarter turns are not
+# used because SEM scan lines and drift have a direction.
 # Colour jitter does nothing to one channel. Plots are off: they would render fonts (a
 # font download when missing) and write images beside the run.
 DEFAULT_HYPERPARAMETERS: dict[str, Any] = {"flipud": 0.5, "fliplr": 0.5, "degrees": 0.0, "hsv_h": 0.0, "hsv_s": 0.0}
