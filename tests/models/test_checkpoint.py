@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import pytest
 import torch
 from safetensors.torch import save_file
@@ -223,8 +226,20 @@ class TestCheckedReadIsTheLoadedRead:
         torch.manual_seed(1)
         M.save_checkpoint(M.create_classifier("resnet10t"), tmp_path / "other.safetensors")
         expected = M.load_state_dict(path)
-        self._swap_after_check(monkeypatch, tmp_path / "other.safetensors")
+        other = M.load_state_dict(tmp_path / "other.safetensors")
+        assert not all(torch.equal(other[k], v) for k, v in expected.items())
+        swapped = []
+
+        def swap(p):
+            os.replace(tmp_path / "other.safetensors", p)
+            swapped.append(Path(p))
+
+        self._after_check(monkeypatch, swap)
         loaded = M.load_model(path, expected_sha256=digest).state_dict()
+        # the other file did replace the checked one, after its check ...
+        assert swapped == [path] and M.sha256_file(path) != digest
+        # ... and what was loaded is still the checked bytes
+        assert loaded.keys() == expected.keys()
         assert all(torch.equal(loaded[k], v) for k, v in expected.items())
 
     def test_a_pickle_swapped_in_after_the_check_never_runs(self, tmp_path, monkeypatch):

@@ -60,8 +60,34 @@ class TestPredict:
         np.testing.assert_array_equal(a.classes, b.classes)
 
     def test_high_threshold_gives_empty_arrays(self, detector):
+        (everything,) = detector.predict(np.zeros((1, 64, 64), np.float32), conf=0.0)
+        assert len(everything.scores) > 0 and everything.scores.max() < 0.999
         (dets,) = detector.predict(np.zeros((1, 64, 64), np.float32), conf=0.999)
+        assert len(dets.scores) == 0
         assert_well_formed(dets, 64, 64)
+
+    def test_conf_keeps_exactly_the_detections_scoring_above_it(self, detector):
+        tile = np.random.default_rng(3).random((1, 128, 128), dtype=np.float32)
+        (everything,) = detector.predict(tile, conf=0.0, max_det=1000)
+        levels = np.unique(everything.scores)
+        assert len(levels) >= 3
+        # halfway between two scores the model gives, so no score sits on the threshold
+        c = float(levels[len(levels) // 2 - 1] + levels[len(levels) // 2]) / 2
+        (dets,) = detector.predict(tile, conf=c, max_det=1000)
+        above = everything.scores > c
+        assert 0 < len(dets.scores) == above.sum() < len(everything.scores)
+        assert np.all(dets.scores >= c)
+        # NMS lets a box be suppressed only by a higher-scoring one, so the survivors are the same boxes
+        np.testing.assert_array_equal(dets.boxes, everything.boxes[above])
+        np.testing.assert_array_equal(dets.classes, everything.classes[above])
+
+    def test_iou_is_the_nms_overlap_limit(self, detector):
+        """A lower iou suppresses more boxes. (The overlap of the returned boxes is not
+        checked against iou: NMS runs before boxes are clamped to the tile, as in
+        Ultralytics, and clamping can raise the overlap of boxes that reach past an edge.)"""
+        tile = np.random.default_rng(3).random((1, 128, 128), dtype=np.float32)
+        counts = [len(detector.predict(tile, conf=0.0, iou=iou, max_det=1000)[0].scores) for iou in (0.1, 0.7, 1.0)]
+        assert 0 < counts[0] < counts[1] < counts[2], counts
 
     def test_keeps_training_mode(self, detector):
         detector.train()

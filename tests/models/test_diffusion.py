@@ -41,6 +41,40 @@ class TestDefectDiffusion:
         b = diffusion_loss(model, clean, cond, generator=torch.Generator().manual_seed(3))
         assert torch.equal(a, b)
 
+    def test_loss_is_the_mse_of_the_predicted_noise(self):
+        """The same-seeded draws (noise, then timesteps) give the loss by hand."""
+        torch.manual_seed(0)
+        model = M.create_diffusion("ddpm_tiny")
+        clean = torch.rand(3, 2, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        cond = torch.tensor([0, 7, model.num_conditions - 1])
+        loss = diffusion_loss(model, clean, cond, generator=torch.Generator().manual_seed(4))
+        g = torch.Generator().manual_seed(4)
+        noise = torch.randn(clean.shape, generator=g)
+        t = torch.randint(0, model.num_train_timesteps, (3,), generator=g)
+        noisy = model.noise_scheduler().add_noise(clean, noise, t)
+        torch.testing.assert_close(loss, torch.nn.functional.mse_loss(model(noisy, t, cond), noise))
+
+    def test_a_model_that_predicts_the_added_noise_has_zero_loss(self):
+        """Whatever the draws: a (DDP-style wrapped) model that recovers the noise from
+        the noisy image, x_t = sqrt(a_t) x_0 + sqrt(1 - a_t) eps, scores 0."""
+        torch.manual_seed(0)
+        inner = M.create_diffusion("ddpm_tiny")
+        clean = torch.rand(4, 2, 32, 32, generator=torch.Generator().manual_seed(1)) * 2 - 1
+        abar = inner.noise_scheduler().alphas_cumprod
+
+        class Oracle(torch.nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.module = inner
+
+            def forward(self, noisy, t, condition):
+                a = abar[t].view(-1, 1, 1, 1).to(noisy.dtype)
+                return (noisy - a.sqrt() * clean) / (1 - a).sqrt()
+
+        loss = diffusion_loss(Oracle(), clean, torch.zeros(4, dtype=torch.long),
+                              generator=torch.Generator().manual_seed(5))
+        assert float(loss) < 1e-6
+
     def test_condition_index_is_one_row_per_triple(self):
         model = M.create_diffusion("ddpm_tiny")
         n_c, n_m, n_d = len(model.defect_classes), len(model.materials), len(model.modalities)

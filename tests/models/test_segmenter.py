@@ -52,21 +52,31 @@ class TestSegment:
         for i in range(2):
             (single,) = any_sam.segment(tiles[i : i + 1], boxes[i : i + 1])
             np.testing.assert_allclose(single.iou, both[i].iou, rtol=1e-4, atol=1e-5)
+            np.testing.assert_array_equal(single.masks, both[i].masks)
+            # box j's mask is the one that box alone gets: masks are in the order of the boxes
+            for j, box in enumerate(boxes[i]):
+                (alone,) = any_sam.segment(tiles[i : i + 1], [box[None]])
+                np.testing.assert_array_equal(alone.masks[0], both[i].masks[j])
+                np.testing.assert_allclose(alone.iou[0], both[i].iou[j], rtol=1e-4, atol=1e-5)
 
     def test_zoomed_masks_stay_in_their_window(self):
         torch.manual_seed(0)
         sam = M.create_segmenter("sam_tiny")
         assert sam.zoom is not None
         tiles = np.random.default_rng(3).random((1, 256, 256), dtype=np.float32)
-        # 10 x 6 px: a 20 x 16 px window (2x each side, min 16 px), x 105 +- 10, y 123 +- 8
-        box = np.array([[100, 120, 110, 126]], np.float32)
+        # 10 x 6 px: a 20 x 16 px window (2x each side, min 16 px), x 105 +- 10, y 123 +- 8;
+        # 20 x 20 px far away: a 40 x 40 px window, x 40 +- 20, y 200 +- 20
+        boxes = np.array([[100, 120, 110, 126], [30, 190, 50, 210]], np.float32)
         sam.sam.mask_threshold = -1e3  # every pixel the model paints counts
         try:
-            (seg,) = sam.segment(tiles, [box])
+            (seg,) = sam.segment(tiles, [boxes])
         finally:
             sam.sam.mask_threshold = 0.0
-        ys, xs = np.nonzero(seg.masks[0])
-        assert (xs.min(), xs.max() + 1, ys.min(), ys.max() + 1) == (95, 115, 115, 131)
+        extents = []
+        for mask in seg.masks:
+            ys, xs = np.nonzero(mask)
+            extents.append((xs.min(), xs.max() + 1, ys.min(), ys.max() + 1))
+        assert extents == [(95, 115, 115, 131), (20, 60, 180, 220)]
 
     def test_box_count_and_shape_errors(self, any_sam):
         tiles = np.zeros((2, 64, 64), np.float32)

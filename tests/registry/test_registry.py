@@ -300,6 +300,26 @@ class TestBundle:
         registry.promote("ensemble", b2.version)
         assert registry.get_bundle("ensemble")["detector"].ref == "det/2"
 
+    def test_member_registered_again_with_other_files_is_refused(self, registry, db_uri, tmp_path):
+        """A bundle pins its members' file digests, not just their version numbers: det/1
+        deleted and registered again (version 1 again, other bytes) no longer fits."""
+        from mlflow import MlflowClient
+
+        def register_det(data: bytes) -> ModelVersion:
+            return registry.register("det", {"best.pt": make_file(tmp_path, "best.pt", data)},
+                                     family="detector", config={})
+
+        first = register_det(b"d1")
+        registry.register_bundle("ensemble", {"detector": "det/1"})
+        assert registry.get_bundle("ensemble/1")["detector"].sha256 == first.sha256
+
+        MlflowClient(tracking_uri=db_uri).delete_registered_model("det")
+        again = register_det(b"other bytes")
+        assert again.ref == "det/1" and again.sha256 != first.sha256
+        with pytest.raises(RegistryError, match=r"ensemble/1: member 'detector' det/1 no longer has the files "
+                                                r"the bundle pinned"):
+            registry.get_bundle("ensemble/1")
+
     def test_bundle_errors(self, registry, tmp_path):
         _register(registry, tmp_path, name="det", family="detector")
         with pytest.raises(RegistryError, match="det@production: model 'det' has no alias 'production'"):
@@ -346,6 +366,22 @@ class TestBackend:
         assert reg.artifact_location == (home / "artifacts").as_uri()
         v = _register(reg, tmp_path)
         assert stored_artifact(reg.tracking_uri, v.run_id, next(iter(v.sha256))).is_relative_to(home / "artifacts")
+
+    def test_quiet_defaults_only_where_the_user_has_not_chosen(self, db_uri, monkeypatch):
+        import os
+
+        quiet = ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+        for key in quiet:
+            monkeypatch.setenv(key, "-")  # recorded, so what ModelRegistry() sets is undone after
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # this user wants the bars
+        ModelRegistry(db_uri)
+        assert {k: os.environ.get(k) for k in quiet} == {
+            "MLFLOW_DISABLE_TELEMETRY": "true",
+            "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true",  # the user's value kept
+            "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+        }
 
     def test_pickles_for_ray(self, registry, tmp_path):
         _register(registry, tmp_path)

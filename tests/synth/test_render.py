@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import tracemalloc
 
 import numpy as np
@@ -61,6 +62,35 @@ class TestChunkIndependence:
             y0, x0, y1, x1 = dm.box
             assert np.array_equal(labels[y0:y1, x0:x1] == d.instance_id, dm.mask)
             assert (labels == d.instance_id).sum() == dm.area > 0
+
+    def test_each_mask_row_moves_against_its_row_shift(self):
+        """Row r samples the specimen at x + row_shift(r), so a blob's pixels in row r sit
+        row_shift(r) to the left of where an undistorted scan puts them: each row's centre
+        of the label moves by -row_shift(r) (to within the pixel grid's rounding)."""
+        plan = one_plan("ferritic_steel", "SEM", (256, 256), seed=15)
+        im = plan.imaging
+        undistorted = dataclasses.replace(im, jitter_px=0.0, drift_px=0.0, glitch_px=0.0)
+        _, labels = render_image(plan)
+        blobs = [d for d in plan.defects if not d.is_line]
+        assert blobs
+        for d in blobs:
+            y0, x0, y1, x1 = d.window
+            shift = im.row_shift(np.arange(y0, y1))
+            got = labels[y0:y1, x0:x1] == d.instance_id
+            flat = np.zeros_like(got)
+            dm = rasterise(d, undistorted)
+            by0, bx0, by1, bx1 = dm.box
+            flat[by0 - y0 : by1 - y0, bx0 - x0 : bx1 - x0] = dm.mask
+            rows = (got.sum(axis=1) >= 3) & (flat.sum(axis=1) >= 3)
+            cols = np.arange(x0, x1) + 0.5
+
+            def centre(m):
+                return (m[rows] * cols).sum(axis=1) / m[rows].sum(axis=1)
+
+            # the test means something only where the scan moved rows by more than a pixel
+            assert rows.sum() > 10 and np.abs(shift[rows]).mean() > 1.0
+            moved = centre(got) - centre(flat)
+            np.testing.assert_allclose(moved, -shift[rows], atol=0.75)
 
 
 class TestLargeImages:

@@ -6,10 +6,14 @@ The classifier's Ray Train run is the one jobs.finetune makes (test_finetune_job
 from __future__ import annotations
 
 import math
+from pathlib import Path
 
 import pytest
+import torch
 
+import engine.models as M
 from engine.training import TrainingError, train
+from engine.training.checkpointing import MODEL_FILE
 
 
 def finite(metrics: dict[str, float]) -> bool:
@@ -24,6 +28,18 @@ class TestSegmenterTraining:
         m = result.metrics
         assert finite(m) and 0.0 <= m["train_mask_iou"] <= 1.0 and 0.0 <= m["val_mask_iou"] <= 1.0
         assert m["train_loss"] > 0
+        # the weights it wrote are trained ones: not those the loop started from
+        torch.manual_seed(0)  # the loop seeds with train()'s seed (0) before building the model
+        seed_model = M.create_segmenter("sam_tiny")
+        start = seed_model.state_dict()
+        trained = M.load_model(Path(result.checkpoint_path) / MODEL_FILE).state_dict()
+        # a random buffer no step touches is the same: the same seeded start ...
+        key = "sam.prompt_encoder.pe_layer.positional_encoding_gaussian_matrix"
+        assert torch.equal(trained[key], start[key])
+        # ... and the parameters moved
+        params = [k for k, _ in seed_model.named_parameters()]
+        moved = [k for k in params if not torch.equal(trained[k], start[k])]
+        assert len(moved) > len(params) // 2, f"only {len(moved)} of {len(params)} parameters changed"
 
 
 class TestTrainArguments:
