@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 
@@ -46,11 +46,16 @@ class AugmentBatch:
         return self._cache[key]
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return self.augment(batch, self.pipeline)
+
+    def augment(self, batch: dict[str, np.ndarray],
+                pipeline: Callable[[str, str | None], Compose]) -> dict[str, np.ndarray]:
+        """The batch augmented by `pipeline(modality, material)` per row (see class doc)."""
         for col in ("image", "modality", "pixel_size_nm"):
             if col not in batch:
                 raise SampleError(f"augmentation batch has no {col!r} column; columns: {', '.join(batch)}")
         n = len(batch["image"])
-        out_rows = [self._row(batch, i) for i in range(n)]
+        out_rows = [self._row(batch, i, pipeline) for i in range(n)]
         out = dict(batch)
         out["image"] = _stack([s.image for s in out_rows])
         out["pixel_size_nm"] = np.array([s.pixel_size_nm for s in out_rows], np.float64)
@@ -61,7 +66,7 @@ class AugmentBatch:
                 out[col] = _ragged([getattr(s, col) for s in out_rows])
         return out
 
-    def _row(self, batch: dict[str, np.ndarray], i: int) -> Sample:
+    def _row(self, batch: dict[str, np.ndarray], i: int, pipeline: Callable[[str, str | None], Compose]) -> Sample:
         image = to_unit_float(batch["image"][i])
         boxes = _get(batch, "boxes", i)
         sample = Sample(
@@ -72,7 +77,7 @@ class AugmentBatch:
         material = _get(batch, "material", i)
         row_seed = int(batch["seed"][i]) if "seed" in batch else zlib.crc32(np.ascontiguousarray(image).tobytes())
         rng = np.random.default_rng([self.seed, self.epoch, row_seed])
-        return self.pipeline(sample.modality, None if material is None else str(material))(sample, rng)
+        return pipeline(sample.modality, None if material is None else str(material))(sample, rng)
 
 
 def _get(batch: dict[str, np.ndarray], col: str, i: int) -> Any:

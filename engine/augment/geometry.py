@@ -96,17 +96,27 @@ class ScaleJitter(Transform):
 
     Physics: the same specimen imaged by an instrument (or magnification) with another
     pixel size; pixel_size_nm becomes pixel_size_nm / s exactly, so measurements in nm
-    stay right. s > 1 magnifies (smaller pixels), s < 1 shrinks with a Gaussian
-    anti-alias prefilter (sigma = (1/s - 1) / 2 input pixels) standing in for the larger
-    pixel's footprint.
+    stay right (AugmentBatch returns the new pixel size in its pixel_size_nm column).
+    s > 1 magnifies (smaller pixels), s < 1 shrinks with a Gaussian anti-alias
+    prefilter (sigma = (1/s - 1) / 2 input pixels) standing in for the larger pixel's
+    footprint.
+
+    Tie to the pixel size: models read the pyramid level nearest their pixel size, so
+    at inference a tile's pixel size lies within a factor sqrt(2) of the model's; the
+    jitter imitates that spread (build_pipeline: s up to 1.25 at strength 1) and
+    pixel_size_range_nm, when set, bounds the result in nm. build_pipeline leaves
+    pixel_size_range_nm unset: it does not know the model's pixel size.
 
     factor_range: (min, max) of s, dimensionless, drawn log-uniformly.
     pixel_size_range_nm: optional (min, max) pixel size in nm the result must stay
       within (an instrument class's range); narrows the factor range per image: an image
       outside it is pulled into it when factor_range allows, else left unscaled.
-    keep_shape: True keeps (H, W): a magnified image is cropped at a random position, a
-      shrunk one is placed at a random position in a frame filled with the image's mean
-      (no specimen there, and no labels). False returns round(H*s) x round(W*s) pixels.
+    keep_shape: True keeps (H, W) and only magnifies: s is drawn from factor_range cut
+      to s >= 1 and the magnified image is cropped at a random position. A tile has no
+      specimen beyond its edges, so shrinking it would need made-up pixels there (a flat
+      frame, or mirrored copies of objects left unlabelled); coarser scales come from
+      the archive's pyramid levels instead. A factor_range entirely below 1 therefore
+      needs keep_shape=False, which returns round(H*s) x round(W*s) pixels.
     Mapping (pixel-edge coordinates): x_out = s * x_in - offset_x, same for y.
     """
 
@@ -120,9 +130,15 @@ class ScaleJitter(Transform):
         check_range("ScaleJitter", "factor_range", self.factor_range, lo=1e-3, hi=1e3)
         if self.pixel_size_range_nm is not None:
             check_range("ScaleJitter", "pixel_size_range_nm", self.pixel_size_range_nm, lo=1e-9)
+        if self.keep_shape and self.factor_range[1] < 1.0:
+            raise ValueError(f"ScaleJitter.factor_range {self.factor_range} only shrinks; with keep_shape=True "
+                             "a tile is only magnified (no specimen beyond its edges): use keep_shape=False")
 
     def factor_bounds(self, pixel_size_nm: float) -> tuple[float, float]:
+        """(min, max) of s for an image of this pixel size (nm); (1, 1) when none fits."""
         lo, hi = self.factor_range
+        if self.keep_shape:
+            lo = max(lo, 1.0)
         if self.pixel_size_range_nm is not None:
             pmin, pmax = self.pixel_size_range_nm
             lo, hi = max(lo, pixel_size_nm / pmax), min(hi, pixel_size_nm / pmin)
@@ -136,7 +152,7 @@ class ScaleJitter(Transform):
         u = rng.random(2)  # drawn always, so the stream does not depend on s
         if self.keep_shape:
             oh, ow = h, w
-            # s >= 1: crop offset in [0, n*s - n]; s < 1: placement in [n*s - n, 0]
+            # s >= 1 (factor_bounds): crop offset in [0, n*s - n], every output pixel on the specimen
             oy = float(u[0] * (h * s - h))
             ox = float(u[1] * (w * s - w))
         else:
@@ -160,7 +176,11 @@ def _source_centres(n_out: int, s: float, offset: float) -> np.ndarray:
 
 def resample_image(image: np.ndarray, s: float, out_shape: tuple[int, int],
                    offset: tuple[float, float]) -> np.ndarray:
-    """Separable linear resampling of a float32 (H, W) image by s; outside the source -> mean."""
+    """Separable linear resampling of a float32 (H, W) image by s; outside the source -> mean.
+
+    ScaleJitter never samples outside the source with keep_shape (it only magnifies
+    then); with keep_shape=False the output is exactly the scaled source.
+    """
     src = image
     if s < 1.0:
         src = ndimage.gaussian_filter(image, (1.0 / s - 1.0) / 2.0, mode="reflect")

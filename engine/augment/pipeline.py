@@ -89,7 +89,9 @@ def _sym(x: float, s: float) -> tuple[float, float]:
 
 
 def _common_head(material: str | None, s: float) -> list[Transform]:
-    return [Dihedral(material=material), ScaleJitter(p=0.5, factor_range=_sym(0.25, s))]
+    # zoom in only (ScaleJitter keep_shape); up to 1.25 at s = 1, inside the factor
+    # sqrt(2) by which the pyramid level a model reads may differ from its pixel size
+    return [Dihedral(material=material), ScaleJitter(p=0.5, factor_range=(1.0, 1.0 + 0.25 * s))]
 
 
 def _intensity(s: float) -> Transform:
@@ -113,7 +115,7 @@ def _sem(material: str | None, s: float) -> list[Transform]:
 
 def _tem(material: str | None, s: float) -> list[Transform]:
     return [*_common_head(material, s),
-            create_transform("defocus", p=0.5, defocus_range_nm=(50.0, 50.0 + 1950.0 * s),
+            create_transform("defocus", p=0.5, defocus_range_px=(100.0, 100.0 + 2400.0 * s),
                              fringe_range=(0.0, 0.3 * s)),
             create_transform("illumination", p=0.3, vignetting_range=(0.0, 0.15 * s),
                              gradient_range=(0.0, 0.1 * s)),

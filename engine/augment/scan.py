@@ -19,20 +19,18 @@ from engine.augment.base import Transform, check_range
 from engine.augment.sample import Sample, relabel
 
 
-def shift_rows(sample: Sample, shifts: np.ndarray, box_rule: str = "envelope") -> Sample:
+def shift_rows(sample: Sample, shifts: np.ndarray) -> Sample:
     """Move row r of the scene right by shifts[r] pixels (float, (H,)).
 
     Image: linear interpolation along the row, edge pixels repeated where a row samples
     beyond the frame (the scan keeps reading the specimen there). Mask: nearest
-    neighbour with the same sampling. Boxes without an instance mask (which rows of the
-    box the object reaches its sides in is unknown) follow `box_rule`: "envelope" widens
-    each box by the extremes of the shifts over its rows, so it still contains the
-    object (right for smooth shifts such as drift, where it is the sheared box);
-    "mean" translates it by the mean shift over its rows (right for zero-mean line
-    noise, which roughens an object's edges rather than moving the object).
+    neighbour with the same sampling. Boxes of an instance mask are recomputed from the
+    moved mask (sample.relabel); other boxes (which rows of the box the object reaches
+    its sides in is unknown) are widened by the extremes of the shifts over their rows,
+    the envelope, so they still contain the object wherever along its rows it lies
+    (for smooth shifts such as drift this is the sheared box; for line jitter the box
+    grows by the jitter's extremes, the price of not knowing the object's outline).
     """
-    if box_rule not in ("envelope", "mean"):
-        raise ValueError(f"shift_rows: box_rule must be 'envelope' or 'mean'; got {box_rule!r}")
     h, w = sample.shape
     shifts = np.asarray(shifts, np.float64).reshape(h)
     x = np.arange(w, dtype=np.float64)[None, :] - shifts[:, None]  # source index coordinate
@@ -54,9 +52,8 @@ def shift_rows(sample: Sample, shifts: np.ndarray, box_rule: str = "envelope") -
             r0 = int(np.clip(np.floor(y0), 0, h - 1))
             r1 = int(np.clip(np.ceil(y1), r0 + 1, h))
             rows = shifts[r0:r1]
-            lo, hi = (rows.min(), rows.max()) if box_rule == "envelope" else (rows.mean(), rows.mean())
-            out[k, 0] = x0 + lo
-            out[k, 2] = x1 + hi
+            out[k, 0] = x0 + rows.min()
+            out[k, 2] = x1 + rows.max()
         return out
 
     return relabel(sample, image, mask, move).replace(scan_lines=True)
@@ -74,8 +71,8 @@ class ScanLineJitter(Transform):
     sigma_range_px: (min, max) of the per-line offset's standard deviation, in pixels
       (deflection noise is a fraction of the scan width, so it is fixed in pixels, not nm).
     glitch_prob: chance per line of a slip; glitch_px: largest slip, pixels.
-    Boxes without a mask move by the mean offset of their rows (see shift_rows), so they
-    match the mask's box to within the jitter itself (under a pixel at sigma <= 0.3 px).
+    Boxes without an instance mask take the envelope of their rows' offsets (see
+    shift_rows), so they still enclose the object; with one they are recomputed from it.
     """
 
     name: ClassVar[str] = "scan_jitter"
@@ -96,7 +93,7 @@ class ScanLineJitter(Transform):
         shifts = rng.normal(0.0, 1.0, h) * sigma
         slips = rng.random(h) < self.glitch_prob
         shifts += np.where(slips, rng.uniform(-self.glitch_px, self.glitch_px, h), 0.0)
-        out = shift_rows(sample, shifts, box_rule="mean")
+        out = shift_rows(sample, shifts)
         return out.logged(self.name, sigma_px=sigma, glitches=int(slips.sum()))
 
 

@@ -11,6 +11,8 @@ Input columns are those of engine.data.training_samples. Outputs (torch, CPU; th
 moves them to its device):
 
 - image: B x 1 x T x T float32 in [0, 1];
+- pixel_size_nm: B float32, nm per pixel of `image` after augmentation (scale jitter
+  changes it; classifier, fusion, segmenter);
 - context: B x 1 x Tc x Tc float32 (fusion);
 - material, grade: B int64, -1 where unknown (ignored by the losses);
 - mask: B x T x T int64 defect class per pixel (fusion);
@@ -22,33 +24,58 @@ moves them to its device):
 
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 from ray.data.collate_fn import NumpyBatchCollateFn
 
-from engine.augment import AugmentBatch, Compose, ScaleJitter, build_pipeline
+from engine.augment import AugmentBatch, Compose, ScaleJitter, UnevenIllumination, build_pipeline
 
 
 @dataclass
 class PairedAugment(AugmentBatch):
     """AugmentBatch for two views of one region (fusion's detail and context tiles).
 
-    Both views are augmented with the same per-row seed and hence the same draws, so
-    a flip or quarter turn (about each tile's centre, which is the same point of the
-    specimen) and the grey-level changes agree between them. Scale jitter is left out:
-    it crops at a random offset of each tile's own pixels, which would move the detail
-    tile off the centre of its context; sampling several pyramid levels already varies
-    the scale.
+    `views` augments both with the same per-row seed and hence the same draws, so a flip
+    or quarter turn (about each tile's centre, which is the same point of the specimen)
+    agrees between them, and so do the grey levels: the detail tile is normalised with
+    the context's percentiles (one grey level is one signal in both), the intensity map
+    is a function of the grey level alone (augment.intensity), the noise's black level
+    and dose are shared, and the illumination is one field at two scales (the detail
+    view sees the central part of the context's field, UnevenIllumination.view_fraction).
+    Scale jitter is left out: it crops at a random offset of each tile's own pixels,
+    which would move the detail tile off the centre of its context; sampling several
+    pyramid levels already varies the scale.
     """
 
-    def pipeline(self, modality: str, material: str | None) -> Compose:
-        key = (modality, material)
+    def pipeline(self, modality: str, material: str | None, view_fraction: float = 1.0) -> Compose:
+        """The pipeline without scale jitter; view_fraction: this view's side as a fraction
+        of the outer (context) view's, in nm, for the illumination field."""
+        key = (modality, material, view_fraction)
         if key not in self._cache:
-            full = build_pipeline(modality, material, self.strength)
-            self._cache[key] = Compose(tuple(t for t in full.transforms if not isinstance(t, ScaleJitter)))
+            if view_fraction == 1.0:
+                full = build_pipeline(modality, material, self.strength)
+                self._cache[key] = Compose(tuple(t for t in full.transforms if not isinstance(t, ScaleJitter)))
+            else:
+                outer = self.pipeline(modality, material)
+                self._cache[key] = Compose(tuple(
+                    dataclasses.replace(t, view_fraction=t.view_fraction * view_fraction)
+                    if isinstance(t, UnevenIllumination) else t for t in outer.transforms))
         return self._cache[key]
+
+    def views(self, detail: dict[str, np.ndarray], context: dict[str, np.ndarray],
+              detail_fraction: float) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
+        """(detail, context) batches (AugmentBatch columns) augmented alike.
+
+        detail_fraction: the detail tile's side over the context tile's, both in nm
+        (detail px * T / (context px * Tc)); the detail is centred in its context.
+        """
+        if not 0.0 < detail_fraction <= 1.0:
+            raise ValueError(f"PairedAugment.views: detail_fraction must be in (0, 1]; got {detail_fraction}")
+        out_detail = self.augment(detail, lambda m, mat: self.pipeline(m, mat, detail_fraction))
+        return out_detail, self.augment(context, self.pipeline)
 
 
 def _views(batch: dict[str, np.ndarray], image: str, pixel_scale: float = 1.0) -> dict[str, np.ndarray]:
@@ -66,6 +93,11 @@ def _image_tensor(images: np.ndarray) -> torch.Tensor:
                                                  dtype=np.float32)).unsqueeze(1)
 
 
+def _pixel_size(pixel_size_nm: np.ndarray) -> torch.Tensor:
+    # float32: every accelerator backend takes it (MPS has no float64)
+    return torch.from_numpy(np.asarray(pixel_size_nm, np.float32).copy())
+
+
 def _labels(batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
     return {"material": torch.from_numpy(np.asarray(batch["material_index"], np.int64)),
             "grade": torch.from_numpy(np.asarray(batch["grade_index"], np.int64))}
@@ -78,10 +110,11 @@ class ClassifierCollate(NumpyBatchCollateFn):
         self.augment = augment
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        image = batch["image"]
+        image, px = batch["image"], batch["pixel_size_nm"]
         if self.augment is not None:
-            image = self.augment(_views(batch, "image"))["image"]
-        return {"image": _image_tensor(image), **_labels(batch)}
+            out = self.augment(_views(batch, "image"))
+            image, px = out["image"], out["pixel_size_nm"]
+        return {"image": _image_tensor(image), "pixel_size_nm": _pixel_size(px), **_labels(batch)}
 
 
 class FusionCollate(NumpyBatchCollateFn):
@@ -93,12 +126,15 @@ class FusionCollate(NumpyBatchCollateFn):
         self.context_offset = context_offset
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, torch.Tensor]:
-        image, context, mask = batch["image"], batch["context"], batch["mask"]
+        image, context, mask, px = batch["image"], batch["context"], batch["mask"], batch["pixel_size_nm"]
         if self.augment is not None:
-            detail = self.augment({**_views(batch, "image"), "mask": mask})
-            image, mask = detail["image"], detail["mask"]
-            context = self.augment(_views(batch, "context", 2.0**self.context_offset))["image"]
-        return {"image": _image_tensor(image), "context": _image_tensor(context),
+            scale = 2.0**self.context_offset
+            fraction = np.shape(image[0])[-1] / (np.shape(context[0])[-1] * scale)
+            detail, outer = self.augment.views({**_views(batch, "image"), "mask": mask},
+                                               _views(batch, "context", scale), fraction)
+            image, mask, px = detail["image"], detail["mask"], detail["pixel_size_nm"]
+            context = outer["image"]
+        return {"image": _image_tensor(image), "context": _image_tensor(context), "pixel_size_nm": _pixel_size(px),
                 "mask": torch.from_numpy(np.asarray(np.stack(list(mask)) if mask.dtype == object else mask,
                                                     dtype=np.int64)),
                 **_labels(batch)}
@@ -118,11 +154,12 @@ class SegmenterCollate(NumpyBatchCollateFn):
         self.seed = seed
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, object]:
-        image, mask = batch["image"], batch["mask"]
+        image, mask, px = batch["image"], batch["mask"], batch["pixel_size_nm"]
         boxes, ids = batch["boxes"], batch["instance_ids"]
         if self.augment is not None:
             out = self.augment({**_views(batch, "image"), "mask": mask, "boxes": boxes, "instance_ids": ids})
             image, mask, boxes, ids = out["image"], out["mask"], out["boxes"], out["instance_ids"]
+            px = out["pixel_size_nm"]
         box_list, mask_list = [], []
         for i in range(len(image)):
             b = np.asarray(boxes[i], np.float32).reshape(-1, 4)
@@ -134,7 +171,8 @@ class SegmenterCollate(NumpyBatchCollateFn):
             m = np.asarray(mask[i])
             box_list.append(torch.from_numpy(b))
             mask_list.append(torch.from_numpy((m[None] == k[:, None, None]).astype(np.float32)))
-        return {"image": _image_tensor(image), "boxes": box_list, "masks": mask_list}
+        return {"image": _image_tensor(image), "pixel_size_nm": _pixel_size(px), "boxes": box_list,
+                "masks": mask_list}
 
 
 class DiffusionCollate(NumpyBatchCollateFn):

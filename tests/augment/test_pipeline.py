@@ -12,6 +12,7 @@ from .conftest import make_scene
 
 MODALITIES = ("SEM", "TEM", "optical")
 PIXEL_NM = {"SEM": 5.0, "TEM": 0.2, "optical": 400.0}
+INTENSITY_ONLY = ("defocus", "diffraction", "illumination", "intensity", "shot_noise")
 
 
 def _scene(modality: str, seed: int = 0) -> Sample:
@@ -50,6 +51,20 @@ class TestEveryTransform:
         assert a.log == b.log and len(a.log) == 1 and a.log[0][0] == name
         assert s.log == () and np.array_equal(s.image, _scene(modality).image)
         assert pickle.loads(pickle.dumps(t)) == t
+
+    @pytest.mark.parametrize("name", INTENSITY_ONLY)
+    @pytest.mark.parametrize("modality", MODALITIES)
+    def test_intensity_transforms_leave_labels_alone(self, name, modality):
+        """optics, intensity and noise change grey levels only: geometry, mask, boxes,
+        classes and pixel size stay as they were."""
+        s = _scene(modality)
+        for seed in range(3):
+            out = create_transform(name)(s, np.random.default_rng(seed))
+            assert out.log[-1][0] == name
+            np.testing.assert_array_equal(out.mask, s.mask)
+            np.testing.assert_array_equal(out.boxes, s.boxes)
+            np.testing.assert_array_equal(out.classes, s.classes)
+            assert out.pixel_size_nm == s.pixel_size_nm and out.image.shape == s.image.shape
 
     @pytest.mark.parametrize("name", sorted(TRANSFORMS))
     def test_p_zero_is_identity(self, name):
@@ -142,12 +157,37 @@ class TestAugmentBatch:
         aug = AugmentBatch(strength=1.0, seed=3)
         whole = aug(batch)
         halves = [aug({k: v[sl] for k, v in batch.items()}) for sl in (slice(0, 2), slice(2, 4))]
-        np.testing.assert_array_equal(whole["image"], np.concatenate([h["image"] for h in halves]))
+        for col in ("image", "mask", "pixel_size_nm"):
+            np.testing.assert_array_equal(whole[col], np.concatenate([h[col] for h in halves]))
+        for col in ("boxes", "classes"):
+            for i, got in enumerate(np.concatenate([h[col] for h in halves])):
+                np.testing.assert_array_equal(whole[col][i], got)
         assert whole["image"].dtype == np.float32 and whole["image"].shape == batch["image"].shape
         assert whole["mask"].shape == batch["mask"].shape
         assert whole["image_id"].tolist() == batch["image_id"].tolist()
         for i in range(4):
             assert whole["boxes"][i].shape[1] == 4 and len(whole["classes"][i]) == len(whole["boxes"][i])
+
+    def test_every_column_is_the_rows_own_augmentation(self):
+        """Each row's image, mask, boxes, classes and pixel size are those of the row's
+        pipeline run with the Generator seeded by (seed, epoch, row seed)."""
+        batch = self._batch(6)
+        aug = AugmentBatch(strength=1.0, seed=3, epoch=2)
+        out = aug(batch)
+        pipe = build_pipeline("SEM", "am_alloy", 1.0)
+        for i in range(6):
+            s = Sample(batch["image"][i].astype(np.float32) / 65535, "SEM", 5.0, mask=batch["mask"][i],
+                       boxes=batch["boxes"][i], classes=batch["classes"][i])
+            want = pipe(s, np.random.default_rng([3, 2, int(batch["seed"][i])]))
+            np.testing.assert_array_equal(out["image"][i], want.image)
+            np.testing.assert_array_equal(out["mask"][i], want.mask)
+            np.testing.assert_array_equal(out["boxes"][i], want.boxes)
+            np.testing.assert_array_equal(out["classes"][i], want.classes)
+            assert out["pixel_size_nm"][i] == want.pixel_size_nm
+        # the draws moved masks and changed pixel sizes (scale jitter), so a column left
+        # as it came in would be caught above
+        assert any(not np.array_equal(out["mask"][i], batch["mask"][i]) for i in range(6))
+        assert (out["pixel_size_nm"] < 5.0).any()
 
     def test_epoch_changes_draws(self):
         batch = self._batch(2)
