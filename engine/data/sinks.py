@@ -50,8 +50,9 @@ metadata, so on a first run a viewer sees the label image only once it is comple
 resumed run rewrites chunks under the metadata its earlier run left).
 
 **Per image** (`finish_image`, a Ray task per image after all tiles): stitches the
-image's tile detections into objects in level-0 coordinates (`engine.tiling.stitch`:
-pieces of a defect cut by a core border become one object), writes the objects and
+image's tile detections into objects in level-0 coordinates (`engine.data.objects`, the
+online endpoint's rule too: pieces of a defect cut by a core border become one object,
+measured whole on the label image), writes the objects and
 tiles tables, the label pyramid and metadata, removes files a previous run left for
 tiles whose state changed, and returns the image's summary row (`SUMMARY_COLUMNS`).
 Rerunning it rewrites the same files.
