@@ -3,7 +3,9 @@
 - `report`: `write_report(run_uri)` writes one self-contained HTML page (``<run>/report.html``
   by default), `run_summary(run_uri)` gives its per-material table as a DataFrame, `overlay_png` one example overlay;
 - `run`: `load_run` reads a finished run's manifest, summary and its archive's catalog;
-- `tables`: the report's numbers (header, per material, per image, sizes, errors);
+- `tables`: the report's numbers (header, per material, per image, errors, class order);
+- `sizes`: defect size distributions, binned image by image (memory independent of the run's size);
+- `density`: stitched defects counted per tile core, for the density maps;
 - `overlay`: coarse-level pixels, label outlines and boxes for example overlays;
 - `figures`: the figures as PNG bytes (matplotlib's Agg canvas, no pyplot);
 - `html`: the page's escaped building blocks;
@@ -23,6 +25,7 @@ _EXPORTS = {
     "overlay_png": "engine.reports.report",
     "load_run": "engine.reports.run",
     "NotARunError": "engine.reports.run",
+    "MalformedRunError": "engine.reports.run",
     "Run": "engine.reports.run",
 }
 

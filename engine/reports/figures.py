@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from engine.reports.overlay import Overlay
+from engine.reports.sizes import BINS_PER_DECADE, EDGES_NM, SizeDistributions
 
 
 def _plain(text: str) -> str:
@@ -52,54 +53,54 @@ def length_unit(values_nm: np.ndarray) -> tuple[str, float]:
     return ("µm", 1e-3) if finite.size and float(np.median(finite)) >= 1000 else ("nm", 1.0)
 
 
-def size_histograms(sizes: pd.DataFrame, classes: Sequence[str], *, bins: int = 30) -> bytes:
-    """Equivalent-diameter histograms, one panel per defect class present, shared bins.
+def size_histograms(sizes: SizeDistributions, classes: Sequence[str], *, max_bins: int = 40) -> bytes:
+    """Equivalent-diameter histograms, one panel per defect class with a measured size.
 
-    sizes: `engine.reports.tables.defect_sizes` rows. Bins are log-spaced when the
-    diameters span more than a decade (defect sizes are closer to log-normal than to
-    normal), linear otherwise.
+    sizes: `engine.reports.sizes.size_distributions` of the run (fixed log bins in nm).
+    Panels share their bins: the fixed bins merged in groups so that at most `max_bins`
+    span the sizes present; the x axis is logarithmic when they span more than a decade
+    (defect sizes are closer to log-normal than to normal).
     """
-    d_nm = sizes["equivalent_diameter_nm"].to_numpy(np.float64)
-    unit, factor = length_unit(d_nm)
-    d = d_nm * factor
-    present = [c for c in classes if (sizes["class_name"] == c).any()]
-    present += sorted(set(sizes["class_name"]) - set(present))
-    lo, hi = float(d.min()), float(d.max())
-    log = lo > 0 and hi / lo > 10
-    if hi <= lo:
-        lo, hi = lo * 0.9 if lo > 0 else lo - 1, hi * 1.1 if hi > 0 else hi + 1
-    edges = np.geomspace(lo, hi, bins + 1) if log else np.linspace(lo, hi, bins + 1)
+    present = [name for name in sizes.classes if sizes.classes[name].measured]
+    unit, factor = length_unit(np.array([sizes.median_nm()]))
+    counts = np.array([sizes.classes[name].counts for name in present])  # (classes, fine bins)
+    used = np.flatnonzero(counts.sum(axis=0))
+    first, last = int(used[0]), int(used[-1])
+    # the coarsest grouping is a divisor of the bins per decade, so display edges stay
+    # the same round values (10^(k/10), ...) in every report
+    group = next(g for g in (1, 2, 4, 5, 10, 20, 25, 50, 100) if BINS_PER_DECADE % g == 0
+                 and (last // g - first // g + 1) <= max_bins)
+    # the fixed bins (100 per decade over 8 decades) are a whole number of groups
+    lo, hi_fine = first // group * group, (last // group + 1) * group
+    edges = EDGES_NM[lo:hi_fine + 1:group] * factor
+    log = edges[-1] / edges[0] > 10
     ncols = min(3, len(present))
     nrows = math.ceil(len(present) / ncols)
     fig = _figure(3.6 * ncols, 2.6 * nrows)
     axes = fig.subplots(nrows, ncols, squeeze=False)
     for ax in axes.ravel()[len(present):]:
         ax.set_visible(False)
-    for ax, name in zip(axes.ravel(), present):
-        values = d[(sizes["class_name"] == name).to_numpy()]
-        ax.hist(values, bins=edges, color=class_colour(name, classes), alpha=0.85)
+    for ax, name, row in zip(axes.ravel(), present, counts):
+        fine = row[lo:hi_fine]
+        shown = np.add.reduceat(fine, np.arange(0, len(fine), group))
+        ax.stairs(shown, edges, fill=True, color=class_colour(name, classes), alpha=0.85)
         if log:
             ax.set_xscale("log")
-        ax.set_title(_plain(f"{name} (n = {len(values)})"), fontsize=10)
+        c = sizes.classes[name]
+        title = f"{name} (n = {c.measured})" + (f", {c.missing} without size" if c.missing else "")
+        ax.set_title(_plain(title), fontsize=10)
         ax.set_xlabel(f"equivalent diameter ({unit})")
         ax.set_ylabel("defects")
     return _png(fig)
 
 
-def density_maps(tiles: dict[str, pd.DataFrame], extents_um: dict[str, tuple[float, float] | None],
-                 pixel_um: dict[str, tuple[float, float] | None]) -> bytes:
-    """Per-tile defect density heat maps, one panel per image, laid out by tile position.
-
-    tiles: image_id -> its tiles table (`engine.data.sinks.TILE_SCHEMA` rows: key y, x in
-    level-0 pixels, status, defect_density_per_mm2). extents_um: image_id -> (height,
-    width) of level 0 in µm, or None (then axes are in level-0 pixels up to the last
-    core's end). pixel_um: image_id -> level-0 (y, x) pixel size in µm, or None. One
-    colour scale for all panels, so images compare; failed tiles are grey and crossed.
-    """
+def draw_density_maps(counts: dict[str, pd.DataFrame], extents_um: dict[str, tuple[float, float] | None],
+                      pixel_um: dict[str, tuple[float, float] | None]):
+    """`density_maps` as a matplotlib Figure (for tests and notebooks)."""
     from matplotlib.colors import Normalize
 
-    ids = list(tiles)
-    values = np.concatenate([t["defect_density_per_mm2"].to_numpy(np.float64) for t in tiles.values()])
+    ids = list(counts)
+    values = np.concatenate([t["object_density_per_mm2"].to_numpy(np.float64) for t in counts.values()])
     finite = values[np.isfinite(values)]
     norm = Normalize(0.0, float(finite.max()) if finite.size and finite.max() > 0 else 1.0)
     ncols = min(4, len(ids))
@@ -110,7 +111,7 @@ def density_maps(tiles: dict[str, pd.DataFrame], extents_um: dict[str, tuple[flo
         ax.set_visible(False)
     mesh = None
     for ax, image_id in zip(axes.ravel(), ids):
-        t = tiles[image_id]
+        t = counts[image_id]
         ys, xs = np.unique(t["y"].to_numpy()), np.unique(t["x"].to_numpy())
         px = pixel_um.get(image_id)
         if extents_um.get(image_id) is not None and px is not None:
@@ -120,12 +121,12 @@ def density_maps(tiles: dict[str, pd.DataFrame], extents_um: dict[str, tuple[flo
             h = max(float(np.nanmax(t["core_y1"])) if t["core_y1"].notna().any() else 0, ys[-1] + 1)
             w = max(float(np.nanmax(t["core_x1"])) if t["core_x1"].notna().any() else 0, xs[-1] + 1)
             sy = sx = 1.0
-            unit = "px"
+            unit = "level-0 px"
         grid = np.full((len(ys), len(xs)), np.nan)
         failed = np.zeros_like(grid, bool)
         r = np.searchsorted(ys, t["y"].to_numpy())
         c = np.searchsorted(xs, t["x"].to_numpy())
-        grid[r, c] = t["defect_density_per_mm2"].to_numpy(np.float64)
+        grid[r, c] = t["object_density_per_mm2"].to_numpy(np.float64)
         failed[r, c] = (t["status"] != "done").to_numpy()
         y_edges = np.append(ys, h) * sy
         x_edges = np.append(xs, w) * sx
@@ -138,24 +139,66 @@ def density_maps(tiles: dict[str, pd.DataFrame], extents_um: dict[str, tuple[flo
         ax.set_xlim(x_edges[0], x_edges[-1])
         ax.set_ylim(y_edges[-1], y_edges[0])  # image orientation: y down
         ax.set_aspect("equal")
-        ax.set_title(_plain(image_id), fontsize=9)
-        ax.set_xlabel(unit, fontsize=8)
+        n = int(t["n_objects"].sum())
+        ax.set_title(_plain(f"{image_id} ({n} defect{'' if n == 1 else 's'})"), fontsize=9)
+        ax.set_xlabel(f"x ({unit})", fontsize=8)
+        ax.set_ylabel(f"y ({unit})", fontsize=8)
         ax.tick_params(labelsize=7)
     if mesh is not None:
-        fig.colorbar(mesh, ax=axes.ravel().tolist(), label="defects per mm² (tile detections)", shrink=0.8)
-    return _png(fig)
+        fig.colorbar(mesh, ax=axes.ravel().tolist(), label="defects per mm² (stitched objects)", shrink=0.8)
+    return fig
 
 
-def overlay_figure(overlay: Overlay, classes: Sequence[str]) -> bytes:
-    """The coarse level in grey, label outlines in cyan, stitched boxes coloured by class."""
+def density_maps(counts: dict[str, pd.DataFrame], extents_um: dict[str, tuple[float, float] | None],
+                 pixel_um: dict[str, tuple[float, float] | None]) -> bytes:
+    """Per-tile defect density heat maps, one panel per image, laid out by tile position.
+
+    counts: image_id -> its tiles table with the stitched objects counted per tile
+    (`engine.reports.density.TileCounts.tiles`: key y, x in level-0 pixels, status,
+    n_objects, object_density_per_mm2). extents_um: image_id -> (height, width) of level
+    0 in µm, or None (then axes are in level-0 pixels up to the last core's end).
+    pixel_um: image_id -> level-0 (y, x) pixel size in µm, or None. One colour scale for
+    all panels, so images compare; failed tiles are grey and crossed; each panel's title
+    gives its defect count (the tables' count for the image).
+    """
+    return _png(draw_density_maps(counts, extents_um, pixel_um))
+
+
+def scale_bar(width_px: int, pixel_nm: float, *, fraction: float = 0.2) -> tuple[float, str] | None:
+    """(length in pixels, label) of a scale bar about `fraction` of an image `width_px`
+    wide at `pixel_nm` nm per pixel: a round 1, 2 or 5 x 10^k nm, labelled in nm, µm or
+    mm ("500 nm", "20 µm"); None when the pixel size is unknown (not finite, <= 0)."""
+    if not (isinstance(pixel_nm, (int, float)) and math.isfinite(pixel_nm) and pixel_nm > 0) or width_px <= 0:
+        return None
+    target = width_px * pixel_nm * fraction
+    k = math.floor(math.log10(target))
+    length_nm = max(m * 10.0 ** k for m in (1, 2, 5) if m * 10.0 ** k <= target)
+    for unit, per in (("mm", 1e6), ("µm", 1e3), ("nm", 1.0)):
+        if length_nm >= per:
+            value = length_nm / per
+            break
+    else:
+        unit, value = "nm", length_nm
+    text = f"{value:.0f}" if value >= 1 else f"{value:g}"
+    return length_nm / pixel_nm, f"{text} {unit}"
+
+
+# NaN/inf pixels: a colour no grey, outline or class colour takes
+NONFINITE_RGB = (1.0, 0.0, 1.0)
+
+
+def draw_overlay(overlay: Overlay, classes: Sequence[str]):
+    """`overlay_figure` as a matplotlib Figure (for tests and notebooks)."""
     from matplotlib.lines import Line2D
-    from matplotlib.patches import Rectangle
+    from matplotlib.patches import Patch, Rectangle
 
     h, w = overlay.image.shape
     side = 6.0
     fig = _figure(side, side * h / w + 0.6 if w else side)
     ax = fig.add_subplot()
     rgb = np.repeat(overlay.image[..., None], 3, axis=2)
+    if overlay.nonfinite is not None:
+        rgb[overlay.nonfinite] = NONFINITE_RGB
     if overlay.outlines is not None:
         # blended, so the defect under a dense outline stays visible
         rgb[overlay.outlines] = 0.35 * rgb[overlay.outlines] + 0.65 * np.array([0.0, 1.0, 1.0])
@@ -168,10 +211,30 @@ def overlay_figure(overlay: Overlay, classes: Sequence[str]) -> bytes:
     handles = [Line2D([], [], color=class_colour(c, classes), lw=2, label=_plain(c)) for c in shown]
     if overlay.outlines is not None:
         handles.append(Line2D([], [], color="cyan", lw=2, label="label outlines"))
+    if overlay.nonfinite is not None:
+        handles.append(Patch(color=NONFINITE_RGB, label="no data (NaN/inf)"))
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.7)
+    bar = scale_bar(w, overlay.pixel_size_nm[1])
+    if bar is not None:
+        length, label = bar
+        # lower left, white on a dark box so it reads on any image
+        x, y = 0.04 * w, h - 0.05 * h
+        ax.add_patch(Rectangle((x - 0.01 * w, y - 0.075 * h), length + 0.02 * w, 0.1 * h, color="black",
+                               alpha=0.55, lw=0))
+        ax.plot([x, x + length], [y, y], color="white", lw=3, solid_capstyle="butt")
+        ax.text(x + length / 2, y - 0.02 * h, label, color="white", ha="center", va="bottom", fontsize=8)
+    ax.set_xlim(-0.5, w - 0.5)
+    ax.set_ylim(h - 0.5, -0.5)
     ax.set_axis_off()
-    return _png(fig)
+    return fig
 
 
-__all__ = ["class_colour", "density_maps", "length_unit", "overlay_figure", "size_histograms"]
+def overlay_figure(overlay: Overlay, classes: Sequence[str]) -> bytes:
+    """The coarse level in grey (NaN/inf pixels in magenta), label outlines in cyan,
+    stitched boxes coloured by class, a scale bar from the level's pixel size."""
+    return _png(draw_overlay(overlay, classes))
+
+
+__all__ = ["NONFINITE_RGB", "class_colour", "density_maps", "draw_density_maps", "draw_overlay", "length_unit",
+           "overlay_figure", "scale_bar", "size_histograms"]

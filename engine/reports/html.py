@@ -37,8 +37,11 @@ def esc(value: Any) -> str:
 
 
 def fmt(value: Any, digits: int = 4) -> str:
-    """A cell's text: integers as they are, floats to `digits` significant digits,
-    missing values as an en dash, datetimes in ISO form (UTC), lists joined."""
+    """A cell's text: integers as they are, floats in plain digits (never scientific
+    notation: a reader compares columns digit by digit) rounded to `digits` significant
+    digits but keeping every digit left of the point (36000.0 -> "36000", 9999.6 ->
+    "10000", 0.000355 -> "0.000355"), missing values as an en dash, datetimes in ISO form
+    (UTC), lists joined."""
     if value is None or (isinstance(value, float) and math.isnan(value)) or value is pd.NA or value is pd.NaT:
         return "–"
     if isinstance(value, (bool, np.bool_)):
@@ -46,15 +49,35 @@ def fmt(value: Any, digits: int = 4) -> str:
     if isinstance(value, (int, np.integer)):
         return str(int(value))
     if isinstance(value, (float, np.floating)):
-        v = float(value)
-        if v != 0 and (abs(v) >= 10 ** digits or abs(v) < 1e-3):
-            return f"{v:.{digits - 1}e}"
-        return f"{v:.{digits}g}" if abs(v) < 10 ** digits else f"{v:.0f}"
+        return plain_number(float(value), digits)
     if isinstance(value, datetime):
         return value.strftime("%Y-%m-%d %H:%M:%S %Z").strip()
     if isinstance(value, (list, tuple, np.ndarray)):
         return ", ".join(fmt(v, digits) for v in value)
     return str(value)
+
+
+def plain_number(v: float, digits: int = 4) -> str:
+    """`v` in plain decimal digits, `digits` significant ones (all of its integer part)."""
+    if math.isnan(v):
+        return "–"
+    if math.isinf(v):
+        return "∞" if v > 0 else "−∞"
+    if v == 0:
+        return "0"
+    decimals = max(0, digits - 1 - math.floor(math.log10(abs(v))))
+    text = f"{v:.{decimals}f}"
+    if "." in text:
+        text = text.rstrip("0").rstrip(".")
+    return "0" if text in ("-0", "") else text
+
+
+def duration(seconds: Any) -> str:
+    """Seconds as h:mm:ss (36000 -> "10:00:00"); an en dash when not a finite number."""
+    if not isinstance(seconds, (int, float, np.integer, np.floating)) or not math.isfinite(seconds) or seconds < 0:
+        return "–"
+    s = int(round(float(seconds)))
+    return f"{s // 3600}:{s // 60 % 60:02d}:{s % 60:02d}"
 
 
 def _is_num(value: Any) -> bool:
@@ -108,4 +131,4 @@ def page(title: str, subtitle: str, sections: Sequence[str]) -> str:
             f"<h1>{esc(title)}</h1><p class=\"note\">{esc(subtitle)}</p>{''.join(sections)}</body></html>\n")
 
 
-__all__ = ["definitions", "esc", "fmt", "image", "note", "page", "section", "table"]
+__all__ = ["definitions", "duration", "esc", "fmt", "image", "note", "page", "plain_number", "section", "table"]

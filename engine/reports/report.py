@@ -13,18 +13,19 @@ for a few overlays at a coarse pyramid level (`engine.reports.overlay`).
 from __future__ import annotations
 
 from concurrent.futures import ThreadPoolExecutor
+from itertools import islice
 
+import numpy as np
 import pandas as pd
 
 from engine.data.ledger import put_file
-from engine.data.sinks import TILES, read_output
 from engine.errors import GrainflowError
 from engine.reports import figures, html
+from engine.reports.density import image_tile_counts
 from engine.reports.overlay import read_overlay
 from engine.reports.run import Run, load_run
-from engine.reports.tables import (
-    class_names, defect_sizes, error_table, image_table, material_summary, run_header, size_statistics,
-)
+from engine.reports.sizes import BINS_PER_DECADE, EXACT_MAX, size_distributions
+from engine.reports.tables import class_names, error_table, image_table, material_summary, run_header
 from engine.stores.uri import StoreLocation, resolve
 
 REPORT_FILE = "report.html"
@@ -71,7 +72,8 @@ def render_report(run: Run) -> str:
 
 def _header(run: Run) -> str:
     h = run_header(run)
-    stages = ", ".join(f"{k} {v:.1f} s" for k, v in sorted(h["stage_seconds"].items(), key=lambda kv: kv[0]))
+    stages = ", ".join(f"{k} {html.plain_number(float(v), 3)} s"
+                       for k, v in sorted(h["stage_seconds"].items(), key=lambda kv: kv[0]))
     items = [("archive", h["archive"]), ("outputs", h["out"]), ("models (bundle)", h["bundle"])]
     versions = {k: v for k, v in h["model_versions"].items() if k != "bundle"}
     items += [(f"model: {role}", version) for role, version in versions.items()]
@@ -81,7 +83,7 @@ def _header(run: Run) -> str:
         ("finished", h["finished_at"]), ("images", images), ("defects (stitched objects)", h["objects"]),
         ("tiles planned", h["tiles_total"]), ("tiles done", h["tiles_done"]),
         ("tiles skipped", h["tiles_skipped"]), ("tile errors", h["errors"]),
-        ("run time (s)", h["seconds"]), ("throughput (tiles/s)", h["tiles_per_s"]),
+        ("run time (h:mm:ss)", html.duration(h["seconds"])), ("throughput (tiles/s)", h["tiles_per_s"]),
         ("throughput (level-0 megapixels/s)", h["megapixels_per_s"]),
         ("model pixel size (nm)", h["target_pixel_size_nm"]), ("stages", stages or None),
     ]
@@ -124,21 +126,30 @@ def _images(run: Run) -> str:
 
 
 def _sizes(run: Run, classes: list[str]) -> str:
-    sizes = defect_sizes(run)
-    if not len(sizes):
-        return html.section("sizes", "Defect sizes", [html.note("no measured defects in this run")])
-    stats = size_statistics(sizes)
-    unit, factor = figures.length_unit(sizes["equivalent_diameter_nm"].to_numpy())
+    sizes = size_distributions(run, classes)
+    missing = [html.note(f"{name}: {n} of {total} defects have no measured size and are not shown", warn=True)
+               for name, (n, total) in sizes.missing().items()]
+    if not sizes.measured:
+        what = "no measured defects in this run" if not missing else "no defect of this run has a measured size"
+        return html.section("sizes", "Defect sizes", [html.note(what), *missing])
+    stats = sizes.statistics()
+    unit, factor = figures.length_unit(np.array([sizes.median_nm()]))
     shown = stats.copy()
     for col in ("p10_nm", "median_nm", "p90_nm", "mean_nm"):
         shown[col] = shown[col] * factor
-    shown.columns = ["count"] + [f"{c[:-3]} ({unit})" for c in stats.columns[1:]]
+    shown.columns = ["count", "no size"] + [f"{c[:-3]} ({unit})" for c in stats.columns[2:]]
     shown.index.name = "class"
     return html.section("sizes", "Defect sizes", [
         html.table(shown, table_id="size-statistics"),
+        html.note(f"count: defects with a measured size; no size: defects without one (no mask was measured), "
+                  f"left out of the statistics and histograms. Percentiles are exact for a class of up to "
+                  f"{EXACT_MAX} measured defects; beyond, they are read from {BINS_PER_DECADE} log-spaced bins per "
+                  f"decade (within one bin, {100 * (10 ** (1 / BINS_PER_DECADE) - 1):.1f} %). The mean is exact."),
         html.image(figures.size_histograms(sizes, classes), "equivalent diameter histograms per defect class",
                    f"Equivalent diameter (diameter of the circle of the defect's mask area) of every stitched "
-                   f"defect, per class, in {unit}."),
+                   f"defect with a measured size, per class, in {unit}."
+                   + "".join(f" {name}: {n} of {total} defects have no measured size and are not shown."
+                             for name, (n, total) in sizes.missing().items())),
     ])
 
 
@@ -149,17 +160,28 @@ def _density(run: Run) -> str:
     if not ids:
         return html.section("density", "Density maps", [html.note("no images in this run")])
     with ThreadPoolExecutor(max_workers=8) as pool:
-        tables = dict(zip(ids, pool.map(lambda i: read_output(run.out, TILES, image_id=i).to_pandas(), ids)))
-    tables = {i: t for i, t in tables.items() if len(t)}
-    if not tables:
+        counts = dict(zip(ids, pool.map(lambda i: image_tile_counts(run, i), ids)))
+    counts = {i: c for i, c in counts.items() if len(c.tiles)}
+    if not counts:
         return html.section("density", "Density maps", [html.note("no tiles recorded in this run")])
-    extents, pixels = _extents(run, list(tables))
-    shown = f"the {len(tables)} densest of {len(run.summary)} images" if len(run.summary) > len(tables) \
-        else f"all {len(tables)} images"
+    extents, pixels = _extents(run, list(counts))
+    shown = f"the {len(counts)} densest of {len(run.summary)} images" if len(run.summary) > len(counts) \
+        else f"all {len(counts)} images"
+    moved = {i: c.moved for i, c in counts.items() if c.moved}
+    unplaced = {i: c.unplaced for i, c in counts.items() if c.unplaced}
+    caption = (f"Stitched defects (the objects the tables count) per mm² of each tile's core, laid out by tile "
+               f"position: each defect is counted once, in the tile whose core holds its centroid, so a map's "
+               f"total (in its title) is the image's defect count in the tables; {shown}; failed tiles are grey "
+               f"and crossed out.")
+    if moved:
+        caption += (" Defects whose centroid lies in a failed tile are counted in the nearest done tile: "
+                    + ", ".join(f"{i}: {n}" for i, n in moved.items()) + ".")
+    if unplaced:
+        caption += (" Defects without a position (not on the map): "
+                    + ", ".join(f"{i}: {n}" for i, n in unplaced.items()) + ".")
     return html.section("density", "Density maps", [html.image(
-        figures.density_maps(tables, extents, pixels), "per-tile defect density maps",
-        f"Defects per mm² of each tile's core (the tile's own detections, before stitching across borders), "
-        f"laid out by tile position; {shown}; failed tiles are grey and crossed out.")])
+        figures.density_maps({i: c.tiles for i, c in counts.items()}, extents, pixels),
+        "per-tile defect density maps", caption)])
 
 
 def _extents(run: Run, ids: list[str]):
@@ -185,7 +207,7 @@ def _overlays(run: Run, classes: list[str]) -> str:
             "no overlays: the archive is not readable" + (f" ({run.archive_note})" if run.archive_note else ""),
             warn=True)])
     s = run.summary.sort_values(["n_defects", "image_id"], ascending=[False, True])
-    ids = [i for i in s["image_id"] if run.image_location(i) is not None][:MAX_OVERLAYS]
+    ids = list(islice((i for i in s["image_id"] if run.image_location(i) is not None), MAX_OVERLAYS))
     figs = []
     notes = []
     for image_id in ids:
@@ -194,7 +216,8 @@ def _overlays(run: Run, classes: list[str]) -> str:
         except (GrainflowError, OSError) as exc:  # one unreadable image does not cost the whole report
             notes.append(html.note(f"{image_id}: no overlay ({type(exc).__name__}: {exc})", warn=True))
             continue
-        caption = (f"{image_id}: level {ov.level} ({ov.pixel_size_nm[1]:.4g} nm/px), {len(ov.boxes)} defect boxes"
+        caption = (f"{image_id}: level {ov.level} ({html.plain_number(ov.pixel_size_nm[1])} nm/px), "
+                   f"{len(ov.boxes)} defect boxes"
                    + (f"; outlines from {ov.labels_uri}" if ov.outlines is not None else "")
                    + (f"; {ov.note}" if ov.note else ""))
         figs.append(html.image(figures.overlay_figure(ov, classes), f"overlay of {image_id}", caption))
@@ -203,7 +226,8 @@ def _overlays(run: Run, classes: list[str]) -> str:
                             notes or [html.note("no images of this run are in the catalog")])
     return html.section("overlays", "Example overlays", [
         html.note(f"The {len(figs)} images with the most defects, at a coarse pyramid level: stitched boxes "
-                  f"coloured by class, predicted label outlines in cyan."),
+                  f"coloured by class, predicted label outlines in cyan, pixels without data (NaN or inf) in "
+                  f"magenta; the scale bar's length is from the level's pixel size."),
         f'<div class="overlays">{"".join(figs)}</div>', *notes])
 
 

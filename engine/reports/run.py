@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import math
 from dataclasses import dataclass
+from functools import cached_property
 from datetime import datetime, timezone
 from typing import Any
 
@@ -18,17 +19,32 @@ import pandas as pd
 import pyarrow.parquet as pq
 
 from engine.data.sinks import SUMMARY_FILE
-from engine.errors import GrainflowError
+from engine.errors import GrainflowError, MetadataError
 from engine.stores.uri import StoreLocation, resolve
 
 
 # engine.pipeline.job.MANIFEST, named here because importing the job imports torch
 # (seconds) and a report needs none of it; tests/reports checks the two agree.
 MANIFEST = "job.json"
+# engine.stores.catalog.CATALOG_FILE: what marks an archive (named here for the same reason)
+CATALOG_FILE = "catalog.parquet"
+
+# The `JobResult` numbers the report's header shows; a manifest without them was not
+# written by a finished job (or was edited), and says so instead of a KeyError.
+RESULT_NUMBERS = ("tiles_total", "tiles_done", "tiles_skipped", "errors", "seconds", "tiles_per_s")
+# The summary columns (`engine.data.sinks.SUMMARY_COLUMNS`) the report reads; the others
+# (model_versions, ...) are optional.
+SUMMARY_NEEDED = ("image_id", "modality", "tiles_planned", "tiles_done", "tiles_error", "complete", "core_area_mm2",
+                  "material", "material_prob", "grade", "grade_prob", "n_defects", "defect_density_per_mm2",
+                  "defect_counts", "labels_uri")
 
 
 class NotARunError(GrainflowError):
     """A URI that does not hold a finished reprocessing run."""
+
+
+class MalformedRunError(NotARunError, MetadataError):
+    """A run whose manifest or summary is there but cannot be used; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -78,12 +94,20 @@ class Run:
                 merged[role] = str(version) if seen in (None, str(version)) else f"{seen}, {version}"
         return dict(sorted(merged.items()))
 
+    @cached_property
+    def _image_uris(self) -> dict[str, str]:
+        # Built once: looking an image up must not scan the catalog (a report asks for
+        # many images of an archive of tens of thousands).
+        if self.catalog is None:
+            return {}
+        return dict(zip(self.catalog["image_id"].astype(str), self.catalog["uri"].astype(str)))
+
     def image_location(self, image_id: str) -> StoreLocation | None:
         """Where an image of the archive lies (None without a catalog row)."""
-        if self.catalog is None or self.archive is None:
+        if self.archive is None:
             return None
-        rows = self.catalog.loc[self.catalog["image_id"] == image_id, "uri"]
-        return self.archive.join(str(rows.iloc[0])) if len(rows) else None
+        uri = self._image_uris.get(str(image_id))
+        return self.archive.join(uri) if uri is not None else None
 
     def labels_location(self, image_id: str) -> StoreLocation | None:
         """The image's predicted label image (the summary's ``labels_uri``), moved along
@@ -106,7 +130,9 @@ def load_run(run_uri: str | StoreLocation, *, archive: str | StoreLocation | Non
     """Read a finished run's manifest and summary and its archive's catalog.
 
     archive: the archive to read images and the catalog from (default: the one the job
-    recorded). Raises NotARunError naming `run_uri` when it holds no finished run, and
+    recorded). Raises NotARunError naming `run_uri` when it holds no finished run (an
+    archive, an empty folder, a job still running or interrupted), MalformedRunError
+    naming the file when its manifest or summary cannot be used, and
     GrainflowError naming `archive` when an archive given here cannot be read (the
     recorded one may be gone: the report then goes on without it).
     """
@@ -116,22 +142,26 @@ def load_run(run_uri: str | StoreLocation, *, archive: str | StoreLocation | Non
     if not fs.exists(out.path):
         raise NotARunError(f"{out.uri}: no such run (nothing is stored there)")
     if not fs.exists(manifest_loc.path):
+        if fs.exists(out.join(CATALOG_FILE).path):
+            raise NotARunError(f"{out.uri}: not a grainflow run: this is an archive (it has {CATALOG_FILE}); pass "
+                               f"the job's --out (the folder its outputs went to), and this folder as --archive "
+                               f"if it moved")
         raise NotARunError(f"{out.uri}: not a grainflow run (no {MANIFEST}; a run is the --out of "
                            f"`python -m jobs.reprocess`)")
     try:
         manifest = json.loads(fs.cat_file(manifest_loc.path))
     except ValueError as exc:
-        raise NotARunError(f"{manifest_loc.uri}: not readable JSON ({exc})") from None
+        raise MalformedRunError(f"{manifest_loc.uri}: not readable JSON ({exc})") from None
     if not isinstance(manifest, dict) or not isinstance(manifest.get("settings"), dict):
-        raise NotARunError(f"{manifest_loc.uri}: not a grainflow job manifest (no 'settings')")
-    if not isinstance(manifest.get("result"), dict):
-        raise NotARunError(f"{out.uri}: the run has not finished ({MANIFEST} has no result: it is running or was "
-                           f"interrupted; rerun the job with the same --out to finish it)")
-    summary_loc = out.join(SUMMARY_FILE)
-    if not fs.exists(summary_loc.path):
-        raise NotARunError(f"{out.uri}: the run has no {SUMMARY_FILE}")
-    with fs.open(summary_loc.path, "rb") as f:
-        summary = pq.read_table(f).to_pandas().sort_values("image_id").reset_index(drop=True)
+        raise MalformedRunError(f"{manifest_loc.uri}: not a grainflow job manifest (no 'settings')")
+    if manifest.get("result") is None:
+        # A job writes its manifest's result last: without one the job is either still
+        # running (a second job on the same --out would race it) or was interrupted.
+        raise NotARunError(f"{out.uri}: the run has not finished ({MANIFEST} has no result). If its job is still "
+                           f"running, wait for it to finish; if it was interrupted, rerun it with the same --out "
+                           f"to finish it")
+    _check_result(manifest["result"], manifest_loc)
+    summary = _read_summary(out.join(SUMMARY_FILE), fs)
 
     settings = manifest["settings"]
     catalog, note, where = None, "", None
@@ -147,6 +177,42 @@ def load_run(run_uri: str | StoreLocation, *, archive: str | StoreLocation | Non
     finished = _timestamp(manifest["result"].get("finished_at")) or _modified(fs, manifest_loc.path)
     return Run(out=out, settings=settings, result=manifest["result"], summary=summary, archive=where,
                catalog=catalog, archive_note=note, finished_at=finished)
+
+
+def _check_result(result: Any, manifest_loc: StoreLocation) -> None:
+    """Raise MalformedRunError naming the manifest unless its result has the numbers
+    the report shows (`RESULT_NUMBERS`, each a finite number)."""
+    if not isinstance(result, dict):
+        raise MalformedRunError(f"{manifest_loc.uri}: 'result' is {type(result).__name__}, not an object")
+    missing = [k for k in RESULT_NUMBERS if k not in result]
+    if missing:
+        raise MalformedRunError(f"{manifest_loc.uri}: the job's result lacks {', '.join(missing)} (not written by a "
+                                f"finished grainflow job, or edited since)")
+    bad = [f"{k}={result[k]!r}" for k in RESULT_NUMBERS
+           if isinstance(result[k], bool) or not isinstance(result[k], (int, float)) or not math.isfinite(result[k])]
+    if bad:
+        raise MalformedRunError(f"{manifest_loc.uri}: the job's result has values that are not numbers: "
+                                f"{', '.join(bad)}")
+
+
+def _read_summary(summary_loc: StoreLocation, fs) -> pd.DataFrame:
+    """summary.parquet sorted by image id; MalformedRunError naming it when it is missing,
+    not Parquet, or lacks a column the report reads (`SUMMARY_NEEDED`)."""
+    import pyarrow as pa
+
+    if not fs.exists(summary_loc.path):
+        raise MalformedRunError(f"{summary_loc.uri}: missing (the job's manifest says it finished; its outputs are "
+                                f"incomplete)")
+    try:
+        with fs.open(summary_loc.path, "rb") as f:
+            table = pq.read_table(f)
+    except (pa.ArrowException, OSError) as exc:
+        raise MalformedRunError(f"{summary_loc.uri}: not a readable Parquet table ({type(exc).__name__}: {exc})") \
+            from None
+    missing = [c for c in SUMMARY_NEEDED if c not in table.column_names]
+    if missing:
+        raise MalformedRunError(f"{summary_loc.uri}: not a grainflow run summary (no column(s) {', '.join(missing)})")
+    return table.to_pandas().sort_values("image_id").reset_index(drop=True)
 
 
 def _read_catalog(archive: StoreLocation) -> pd.DataFrame:
@@ -180,4 +246,4 @@ def _modified(fs, path: str) -> datetime | None:
     return None
 
 
-__all__ = ["NotARunError", "Run", "load_run"]
+__all__ = ["MalformedRunError", "NotARunError", "Run", "load_run"]

@@ -1,26 +1,22 @@
-"""The report's numbers as DataFrames: run header, per material, per image, defect sizes.
+"""The report's numbers as DataFrames: run header, per material, per image, errors.
 
-Every function takes a loaded `engine.reports.run.Run`. Per-image output tables
-(objects) are read one image at a time with `engine.data.sinks.read_output`, keeping only
-the few columns a section needs, so memory grows with the number of objects, not with
-the tables' full width.
+Every function takes a loaded `engine.reports.run.Run`. Per-image output tables are
+read one image at a time with `engine.data.sinks.read_output`. Defect sizes are in
+`engine.reports.sizes`, per-tile counts for the density maps in `engine.reports.density`.
 """
 
 from __future__ import annotations
 
 import json
 import math
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
 import numpy as np
 import pandas as pd
 import pyarrow as pa
 
-from engine.data.sinks import ERRORS, OBJECTS, read_output
+from engine.data.sinks import ERRORS, read_output
 from engine.reports.run import Run
-
-_READ_THREADS = 8  # object-store reads are latency-bound
 
 
 def run_header(run: Run) -> dict[str, Any]:
@@ -91,11 +87,41 @@ def _counts(text) -> dict[str, int]:
 
 
 def class_names(run: Run) -> list[str]:
-    """Defect classes in the detector's order (the summary's defect_counts keys)."""
-    names: list[str] = []
+    """Defect classes in the detector's order, so each keeps its colour from run to run.
+
+    The order is the one the run recorded in its class label images (the
+    ``<labels>_classes`` image's ``image-label.properties``, label value i + 1 = class i
+    of the detector), read from the first image that has one; classes of the summary's
+    defect_counts not found there follow by name. A run without label images (or whose
+    label images cannot be read) has no recorded order: its classes are by name (the
+    summary's defect_counts keys, which the job writes sorted).
+    """
+    names: list[str] = [] if run.summary.empty else _recorded_classes(run)
+    counted: set[str] = set()
     for text in run.summary["defect_counts"]:
-        names += [k for k in _counts(text) if k not in names]
-    return names
+        counted.update(_counts(text))
+    return names + sorted(counted - set(names))
+
+
+def _recorded_classes(run: Run) -> list[str]:
+    """The detector's classes from the first class label image of the run; [] if none."""
+    from engine.errors import GrainflowError
+
+    for image_id, uri in zip(run.summary["image_id"], run.summary["labels_uri"]):
+        if not uri:
+            continue
+        try:
+            labels = run.labels_location(image_id)
+            if labels is None:
+                continue
+            meta_loc = labels.parent().join(f"{labels.name}_classes", "zarr.json")  # zarr v3 group metadata
+            meta = json.loads(meta_loc.filesystem().cat_file(meta_loc.path))
+            props = meta["attributes"]["ome"]["image-label"]["properties"]
+            pairs = sorted((int(p["label-value"]), str(p["class"])) for p in props)
+        except (GrainflowError, OSError, ValueError, KeyError, TypeError):
+            return []  # the report still has the summary's classes; one try is enough
+        return [name for _, name in pairs]
+    return []
 
 
 def material_summary(run: Run) -> pd.DataFrame:
@@ -132,37 +158,6 @@ def material_summary(run: Run) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns).set_index("material")
 
 
-def defect_sizes(run: Run) -> pd.DataFrame:
-    """Every stitched defect's size: image_id, material (predicted), class_name,
-    equivalent_diameter_nm (float64, nm; NaN where no mask was measured dropped)."""
-    material = dict(zip(run.summary["image_id"], run.summary["material"]))
-
-    def one(image_id: str) -> pd.DataFrame:
-        t = read_output(run.out, OBJECTS, image_id=image_id).select(["class_name", "equivalent_diameter_nm"])
-        df = t.to_pandas()
-        df.insert(0, "image_id", image_id)
-        return df
-
-    with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:
-        parts = list(pool.map(one, [i for i, n in zip(run.summary["image_id"], run.summary["n_defects"]) if n > 0]))
-    if not parts:
-        return pd.DataFrame({"image_id": pd.Series(dtype=str), "material": pd.Series(dtype=str),
-                             "class_name": pd.Series(dtype=str), "equivalent_diameter_nm": pd.Series(dtype=float)})
-    df = pd.concat(parts, ignore_index=True)
-    df.insert(1, "material", df["image_id"].map(material))
-    return df[np.isfinite(df["equivalent_diameter_nm"].to_numpy(np.float64))].reset_index(drop=True)
-
-
-def size_statistics(sizes: pd.DataFrame) -> pd.DataFrame:
-    """Per class: count, and the 10th, 50th and 90th percentile and the mean of the
-    equivalent diameter in nm."""
-    if not len(sizes):
-        return pd.DataFrame(columns=["count", "p10_nm", "median_nm", "p90_nm", "mean_nm"])
-    d = sizes.groupby("class_name")["equivalent_diameter_nm"]
-    return pd.DataFrame({"count": d.size(), "p10_nm": d.quantile(0.1), "median_nm": d.median(),
-                         "p90_nm": d.quantile(0.9), "mean_nm": d.mean()})
-
-
 _NULLABLE_INTS = {pa.int32(): pd.Int32Dtype(), pa.int64(): pd.Int64Dtype()}
 
 
@@ -190,5 +185,4 @@ def error_table(run: Run, *, limit: int | None = None) -> pd.DataFrame:
     return df if limit is None else df.iloc[:limit]
 
 
-__all__ = ["class_names", "defect_sizes", "error_table", "image_table", "material_summary", "run_header",
-           "size_statistics"]
+__all__ = ["class_names", "error_table", "image_table", "material_summary", "run_header"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 
 import nbformat
@@ -51,6 +52,11 @@ def test_02_finetune(tmp_path, local_head):
     text = text_outputs(notebook)
     assert "status: SUCCEEDED" in text
     assert "train_loss" in text  # the metrics table read back from MLflow
+    # one row per epoch, numbered as MLflow's step records it (1..EPOCHS), not list positions
+    [table] = [out["data"]["text/plain"] for cell in notebook.cells if "get_metric_history" in cell.source
+               for out in cell.get("outputs", []) if out.get("output_type") == "execute_result"]
+    first_block = table.split("\n\n")[0]  # pandas wraps wide frames into blocks
+    assert re.findall(r"^(\d+)\s", first_block, re.M) == ["1", "2"], table
     assert (tmp_path / "runs").is_dir() and any((tmp_path / "runs").rglob("*.safetensors"))
 
 

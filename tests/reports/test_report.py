@@ -168,7 +168,8 @@ class TestReportPage:
                           ("tiles skipped", "tiles_skipped"), ("tile errors", "errors"), ("images", "images"),
                           ("defects (stitched objects)", "objects")):
             assert int(h[name]) == result[key], name
-        assert float(h["run time (s)"]) == pytest.approx(result["seconds"], rel=1e-3)
+        hours, minutes, seconds = (int(v) for v in h["run time (h:mm:ss)"].split(":"))
+        assert hours * 3600 + minutes * 60 + seconds == round(result["seconds"])
         assert float(h["throughput (tiles/s)"]) == pytest.approx(result["tiles_per_s"], rel=1e-3)
         assert (result["tiles_done"], result["errors"]) == (11, 1)
         # member versions, as each image's tiles recorded them
@@ -298,4 +299,6 @@ class TestCommand:
         cli = grainflow("report", uri)
         assert cli.returncode == 2, cli.stderr
         assert uri in cli.stderr and "Traceback" not in cli.stderr
-        assert ("no such run" if what == "missing" else "not a grainflow run") in cli.stderr
+        assert ("no such run" if what == "missing" else "this is an archive") in cli.stderr
+        if what == "not a run":
+            assert "pass the job's --out" in cli.stderr
