@@ -188,7 +188,7 @@ def _open_checked(location: StoreLocation, row: dict) -> MultiscaleImage:
     """The image at `location`, refused (MetadataError) when its stored dtype is not the
     one its catalog row says: the job casts each image's tiles from the catalog's dtype."""
     image = open_image(location)
-    if str(image.dtype) != str(row["dtype"]):
+    if np.dtype(image.dtype) != np.dtype(row["dtype"]):  # '<u2' is uint16
         raise MetadataError(f"{location}: stored as {image.dtype} but the catalog says {row['dtype']}; "
                             f"correct the catalog's dtype for image {row['image_id']!r}")
     return image

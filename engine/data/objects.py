@@ -274,8 +274,8 @@ class TileLabels:
         shift = first - np.round(first / scale) * scale
         self.shift = (float(shift[0]), float(shift[1]))
         self.at = np.round((corners - shift) / scale).astype(np.int64)  # (T, 2) each core's (y, x) in the grid
-        ends = [(y + c.shape[0], x + c.shape[1]) for (y, x), c in zip(self.at, self.cores)]
-        self.shape = (max((e[0] for e in ends), default=0), max((e[1] for e in ends), default=0))
+        self.end = self.at + np.array([c.shape for c in self.cores], np.int64).reshape(-1, 2)  # (T, 2)
+        self.shape = tuple(int(v) for v in self.end.max(axis=0)) if len(self.cores) else (0, 0)
 
     def transform(self, level0_pixel_size_nm) -> LevelTransform:
         """The grid's placement: level-0 px = grid px * scale + shift."""
@@ -287,12 +287,14 @@ class TileLabels:
         y0, y1, _ = ys.indices(self.shape[0])
         x0, x1, _ = xs.indices(self.shape[1])
         out = np.zeros((max(y1 - y0, 0), max(x1 - x0, 0)), np.int64)
-        for (ty, tx), core, base in zip(self.at, self.cores, self.bases):
+        # only the cores the window meets (an object's window meets a few of many tiles)
+        hits = np.flatnonzero((self.at[:, 0] < y1) & (self.end[:, 0] > y0) & (self.at[:, 1] < x1) & (self.end[:, 1] > x0))
+        for t in hits:
+            (ty, tx), core, base = self.at[t], self.cores[t], self.bases[t]
             a0, a1 = max(y0, ty), min(y1, ty + core.shape[0])
             b0, b1 = max(x0, tx), min(x1, tx + core.shape[1])
-            if a1 > a0 and b1 > b0:
-                piece = core[a0 - ty : a1 - ty, b0 - tx : b1 - tx].astype(np.int64)
-                out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = np.where(piece > 0, piece + base, 0)
+            piece = core[a0 - ty : a1 - ty, b0 - tx : b1 - tx].astype(np.int64)
+            out[a0 - y0 : a1 - y0, b0 - x0 : b1 - x0] = np.where(piece > 0, piece + base, 0)
         return out
 
 

@@ -123,7 +123,8 @@ def _scope_of(path: str) -> str | None:
     return None
 
 
-# what Starlette's call_next raises when the app sent no response (it saw the client disconnect)
+# what Starlette's call_next raises when the app sent no response (after a client
+# disconnect; a 499 only when the request says the client is gone)
 _NOTHING_SENT = "No response returned."
 
 
@@ -154,7 +155,7 @@ async def _guard_and_audit(request: Request, call_next):
         ingress.audit(audit)
         raise
     except Exception as exc:
-        if isinstance(exc, RuntimeError) and str(exc) == _NOTHING_SENT:
+        if isinstance(exc, RuntimeError) and str(exc) == _NOTHING_SENT and await _disconnected(request):
             # the client left while its body was read, so the app answered nothing: nginx's 499
             audit.update(status=499, request_id=rid, error="the client went away before the answer",
                          duration_ms=round((time.perf_counter() - started) * 1e3, 3))
@@ -167,6 +168,14 @@ async def _guard_and_audit(request: Request, call_next):
                  duration_ms=round((time.perf_counter() - started) * 1e3, 3))
     ingress.audit(audit)
     return response
+
+
+async def _disconnected(request: Request) -> bool:
+    """Whether the client has gone (Starlette's `is_disconnected`; False if it cannot tell)."""
+    try:
+        return await request.is_disconnected()
+    except Exception:  # a receive channel already closed: nothing to tell
+        return False
 
 
 async def audit_upload(request: Request) -> None:

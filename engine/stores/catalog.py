@@ -193,8 +193,8 @@ def row_problems(row: dict[str, Any]) -> list[str]:
     uri = row.get("uri")
     if not isinstance(uri, str) or not uri.strip():
         problems.append(f"uri {uri!r} must name the image's path in the archive")
-    elif "://" in uri or uri.startswith("/"):
-        problems.append(f"uri {uri!r} must be a path relative to the archive")
+    elif "://" in uri or uri.startswith("/") or ".." in uri.replace("\\", "/").split("/"):
+        problems.append(f"uri {uri!r} must be a path inside the archive, relative to it")
     return problems
 
 

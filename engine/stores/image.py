@@ -7,6 +7,8 @@ must have size 1 at every level: grainflow's images are single-channel 2-D micro
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,6 +23,8 @@ from engine.stores.dtypes import check_pixel_dtype
 from engine.stores.ngff import Multiscale, parse_multiscales, to_nanometres
 from engine.stores.pixels import ArrayReader, Region, open_reader
 from engine.stores.uri import StoreLocation, resolve
+
+_log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -62,8 +66,18 @@ class MultiscaleImage:
         self.unit = self.multiscale.spatial_unit(str(location))
         levels: list[LevelInfo] = []
         for i in range(len(self.multiscale.levels)):
-            levels.append(self._level_info(i, levels[0] if levels else None))
+            try:
+                levels.append(self._level_info(i, levels[0] if levels else None))
+            except MetadataError as exc:
+                if not levels:
+                    raise
+                # A coarser level unlike level 0 (missing, another dtype, a shape its scale
+                # does not give) is left out with the levels below it: they are shortcuts
+                # to coarser pixels, which a job then resamples from a finer level.
+                _log.warning("%s; level %d and coarser are not used", exc, i)
+                break
         self.levels = tuple(levels)
+        self.multiscale = dataclasses.replace(self.multiscale, levels=self.multiscale.levels[: len(levels)])
         self.dtype = self.levels[0].dtype
         self._readers: dict[int, ArrayReader] = {}
 
@@ -108,7 +122,9 @@ class MultiscaleImage:
             arr = self.group[level.path]
         except KeyError:
             raise MetadataError(f"{where}: listed in multiscales but no array is stored there") from None
-        except Exception as exc:  # its zarr.json unreadable: empty, not JSON, not an array's
+        except (ValueError, TypeError) as exc:  # its zarr.json unreadable: empty, not JSON, not an array's
+            # (zarr's errors are ValueErrors; a store's OSError, e.g. expired credentials,
+            # is not the image's fault and goes on up)
             raise MetadataError(f"{where}: the array's metadata cannot be read ({type(exc).__name__}: {exc})") from None
         if not isinstance(arr, zarr.Array):
             raise MetadataError(f"{where}: expected an array, found a group")

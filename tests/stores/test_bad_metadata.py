@@ -136,30 +136,53 @@ def test_malformed_multiscales_name_the_image_and_field(tmp_path, damage, messag
         open_image(tmp_path / "i.zarr")
 
 
-def test_a_level_whose_shape_contradicts_its_scale(tmp_path):
+def test_a_level_whose_shape_contradicts_its_scale_is_not_used(tmp_path, caplog):
     """Level 1 says it is 2x coarser but holds 128 x 128 of a 64 x 64 image: its tiles
-    would be placed outside the image."""
-    _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8), np.zeros((128, 128), np.uint8)],
-             [[1.0, 1.0], [2.0, 2.0]])
-    with pytest.raises(MetadataError, match=r"i\.zarr/1: shape \(128, 128\) does not match level 0's \(64, 64\)"):
-        open_image(tmp_path / "i.zarr")
+    would be placed outside the image. It is left out (with the levels below it), named
+    in a warning; level 0 still opens."""
+    _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8), np.zeros((128, 128), np.uint8),
+                                   np.zeros((16, 16), np.uint8)], [[1.0, 1.0], [2.0, 2.0], [4.0, 4.0]])
+    image = open_image(tmp_path / "i.zarr")
+    assert [lv.shape for lv in image.levels] == [(64, 64)] and len(image.multiscale.levels) == 1
+    assert "i.zarr/1: shape (128, 128) does not match level 0's (64, 64)" in caplog.text
+    assert "level 1 and coarser are not used" in caplog.text
     _pyramid(tmp_path / "ok.zarr", [np.zeros((65, 65), np.uint8), np.zeros((33, 33), np.uint8)],
              [[1.0, 1.0], [2.0, 2.0]])
     assert open_image(tmp_path / "ok.zarr").levels[1].shape == (33, 33)  # rounded up: one pixel is fine
 
 
-def test_a_level_of_another_dtype(tmp_path):
+def test_a_level_of_another_dtype_is_not_used(tmp_path, caplog):
+    """A float32 mean level under a uint8 level 0 (some converters write them)."""
     _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8), np.zeros((32, 32), np.float32)],
              [[1.0, 1.0], [2.0, 2.0]])
-    with pytest.raises(MetadataError, match=r"i\.zarr/1: dtype float32 differs from level 0's uint8"):
-        open_image(tmp_path / "i.zarr")
+    assert [lv.dtype for lv in open_image(tmp_path / "i.zarr").levels] == ["uint8"]
+    assert "i.zarr/1: dtype float32 differs from level 0's uint8" in caplog.text
 
 
-def test_unreadable_or_empty_level_arrays(tmp_path):
+def test_level_0_unlike_its_metadata_is_refused(tmp_path):
     _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8)], [[1.0, 1.0]])
     (tmp_path / "i.zarr" / "0" / "zarr.json").write_text("not json")
     with pytest.raises(MetadataError, match=r"i\.zarr/0: the array's metadata cannot be read"):
         open_image(tmp_path / "i.zarr")
+
+
+def test_a_store_error_on_a_level_is_not_called_bad_metadata(tmp_path, monkeypatch):
+    """Expired credentials or a dropped connection are the store's, not the image's:
+    they go on up (a job stops planning instead of recording every image as bad)."""
+    _pyramid(tmp_path / "i.zarr", [np.zeros((64, 64), np.uint8)], [[1.0, 1.0]])
+    real = zarr.Group.__getitem__
+
+    def denied(self, key):
+        if key == "0":
+            raise PermissionError("AccessDenied (expired token)")
+        return real(self, key)
+
+    monkeypatch.setattr(zarr.Group, "__getitem__", denied)
+    with pytest.raises(PermissionError, match="expired token"):
+        open_image(tmp_path / "i.zarr")
+
+
+def test_an_empty_level_0(tmp_path):
     _pyramid(tmp_path / "e.zarr", [np.zeros((0, 64), np.uint8)], [[1.0, 1.0]])
     with pytest.raises(MetadataError, match=r"e\.zarr/0: the array is empty"):
         open_image(tmp_path / "e.zarr")

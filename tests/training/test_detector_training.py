@@ -212,6 +212,9 @@ class TestArchiveTileDataset:
                  "hsv_v": 0.0}
         plain = ArchiveTileDataset(mixed, class_names=NAMES, imgsz=128, augment=False)
         flipped = ArchiveTileDataset(mixed, class_names=NAMES, imgsz=128, augment=True, hyp=get_cfg(overrides=still))
+        # Ultralytics rebuilds the transforms from the trainer's settings when it turns
+        # mosaic off for the last epochs (for all of a run of <= 10 epochs)
+        flipped.close_mosaic(get_cfg(overrides=still))
         for i, t in enumerate(mixed):
             a, b = plain[i], flipped[i]
             mirror = t.material != "am_alloy"

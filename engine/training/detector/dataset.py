@@ -58,12 +58,11 @@ class ArchiveTileDataset(YOLODataset):
         self._reader = ImageCache()
         self._exact: dict[str, tuple[np.ndarray, np.ndarray] | None] = {}  # mask-fitted labels by tile key
         data = {"names": dict(enumerate(class_names)), "nc": len(class_names), "channels": 1}
-        hyp = copy.copy(hyp if hyp is not None else get_cfg())
+        hyp = hyp if hyp is not None else get_cfg()
         # Vertical mirrors are drawn here, tile by tile, where the tile's material allows
         # one (engine.augment.symmetry: an AM alloy's build direction stays up); Ultralytics'
-        # own flip would mirror every tile, and every mosaic of them.
+        # own flip would mirror every tile, and every mosaic of them (`build_transforms`).
         self._flipud = float(getattr(hyp, "flipud", 0.0) or 0.0) if augment else 0.0
-        hyp.flipud = 0.0
         super().__init__(
             img_path="<archive tiles>", imgsz=imgsz, cache=cache or False, augment=augment,
             hyp=hyp, prefix=prefix, rect=rect, batch_size=batch_size,
@@ -115,6 +114,15 @@ class ArchiveTileDataset(YOLODataset):
                 cls, xywh = self._exact[key]
                 label["cls"], label["bboxes"] = cls.copy(), xywh.copy()
         return super().update_labels_info(label)
+
+    def build_transforms(self, hyp=None):
+        """Ultralytics' transforms without its vertical flip (drawn per tile in
+        `get_image_and_label`). Ultralytics builds them again from the trainer's own
+        settings when it turns mosaic off for the last epochs (`close_mosaic`), so the
+        flip is taken out here, where both pass."""
+        hyp = copy.copy(hyp)
+        hyp.flipud = 0.0
+        return super().build_transforms(hyp)
 
     def get_image_and_label(self, index: int) -> dict:
         """Ultralytics' item (pixels and instances) of one tile, mirrored top to bottom
