@@ -39,7 +39,19 @@ class Mask(BaseModel):
     counts: list[int]
 
 
-class Detection(BaseModel):
+class Measured(BaseModel):
+    """A defect's shape measurements (engine.pipeline.measure), null where its mask is empty."""
+
+    area_nm2: Optional[float]
+    area_um2: Optional[float]
+    equivalent_diameter_nm: Optional[float]
+    major_axis_nm: Optional[float]
+    minor_axis_nm: Optional[float]
+    aspect_ratio: Optional[float]
+    orientation_deg: Optional[float]
+
+
+class Detection(Measured):
     tile: list[int] = Field(description="level-0 (y, x) of the core of the tile that reported it")
     class_id: int
     class_: str = Field(alias="class")
@@ -50,13 +62,6 @@ class Detection(BaseModel):
     mask_from_box: bool
     centroid_px: list[Optional[float]]
     mask: Mask
-    area_nm2: Optional[float]
-    area_um2: Optional[float]
-    equivalent_diameter_nm: Optional[float]
-    major_axis_nm: Optional[float]
-    minor_axis_nm: Optional[float]
-    aspect_ratio: Optional[float]
-    orientation_deg: Optional[float]
 
 
 class Label(BaseModel):
@@ -94,7 +99,11 @@ class Summary(BaseModel):
     tiles_failed: int
 
 
-class DefectObject(BaseModel):
+class DefectObject(Measured):
+    """A defect as the batch job reports it. Its measurements are the whole object's: one
+    of several pieces, or one its owner tile saw only in part, is measured on the union
+    of its pieces' masks; else they are its detection's."""
+
     class_id: int
     class_: str = Field(alias="class")
     score: float
@@ -105,15 +114,6 @@ class DefectObject(BaseModel):
     detections: list[int] = Field(description="indices into `detections` of its pieces")
     centroid_px: list[Optional[float]] = Field(description="(y, x) of the whole object")
     mask: Mask = Field(description="all of its pixels: its pieces' and those other tiles painted of it")
-    area_nm2: Optional[float] = Field(description="measurements of the whole object: an object of several pieces, "
-                                                  "or one its owner tile saw only in part, is measured on the union "
-                                                  "of its pieces' masks; else its detection's")
-    area_um2: Optional[float]
-    equivalent_diameter_nm: Optional[float]
-    major_axis_nm: Optional[float]
-    minor_axis_nm: Optional[float]
-    aspect_ratio: Optional[float]
-    orientation_deg: Optional[float]
 
 
 class TileError(BaseModel):
