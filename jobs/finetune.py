@@ -24,7 +24,7 @@ import time
 # Options of the Ray Train loop (engine.training.train) and their defaults; the
 # detector trains through Ultralytics' trainer and refuses them.
 RAY_TRAIN_ONLY = {"workers": 2, "lr_schedule": "cosine", "cache": "auto", "augment": 0.5, "max_samples_per_image": None,
-                  "max_failures": 2}
+                  "max_failures": 2, "inputs": "tile"}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -48,6 +48,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "reads its own way)")
     p.add_argument("--augment", type=float, default=None,
                    help="augmentation strength in [0, 1] (default 0.5); 0 turns it off")
+    # engine.pipeline.inputs' modes a trained model can expect (engine.data.sample_plan.NORMALISATIONS)
+    p.add_argument("--inputs", choices=("tile", "image"), default=None,
+                   help="how tiles are normalised for the model, and so what it expects at inference: tile (each "
+                        "tile's percentile stretch, the default) or image (the image's per-modality preprocessing, "
+                        "fitted once per image: every tile of an image alike); recorded on the registered version")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--val-archive", default=None, help="validation archive (default: hold out --val-fraction of the tiles)")
     p.add_argument("--val-fraction", type=float, default=0.2)
@@ -116,7 +121,7 @@ def main(argv: list[str] | None = None) -> int:
                 val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
                 max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
                 run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,
-                promote=args.promote, **_synthetic(args),
+                promote=args.promote, inputs=args.inputs, **_synthetic(args),
             ).summary()
     except Exception as exc:
         return exit_code_for(exc, "finetune")  # a user's error: one line, exit 2; a bug: its traceback

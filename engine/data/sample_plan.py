@@ -30,6 +30,7 @@ from engine.stores.uri import StoreLocation, resolve
 
 TRUTH_FILE = "ground_truth.parquet"  # engine.synth.truth.TRUTH_FILE; not imported to keep synth out of workers
 MASK_KINDS = (None, "semantic", "instance")
+NORMALISATIONS = ("tile", "image")  # engine.pipeline.inputs' modes a trained model can expect
 ANCHORS = ("grid", "instances")
 # anchor="instances": a defect is read at the finest level where its box fills at most
 # this share of the tile's side, so the crop shows the whole defect and some context.
@@ -61,6 +62,9 @@ class SampleLayout:
       instance, centred on its box, at the finest allowed level where the box spans at
       most INSTANCE_FILL of the tile; the spec lists only that instance: defect crops
       for generative models). Crops may reach past the image edge (read padded).
+    normalisation: how tiles reach the model (engine.pipeline.inputs' modes): "tile"
+      (each tile's own percentile stretch) or "image" (the image's engine.preprocess
+      parameters, fitted once per image: every tile of an image treated alike).
     """
 
     tile: int
@@ -72,6 +76,7 @@ class SampleLayout:
     require_instances: bool = False
     max_per_image: int | None = None
     anchor: str = "grid"
+    normalisation: str = "tile"
 
     def __post_init__(self) -> None:
         if self.anchor not in ANCHORS:
@@ -80,6 +85,8 @@ class SampleLayout:
             raise SamplePlanError("SampleLayout: anchor='instances' crops have no context tile")
         if not isinstance(self.tile, int) or self.tile < 8:
             raise SamplePlanError(f"SampleLayout.tile must be an integer >= 8 pixels, got {self.tile!r}")
+        if self.normalisation not in NORMALISATIONS:
+            raise SamplePlanError(f"SampleLayout.normalisation {self.normalisation!r} is not one of {NORMALISATIONS}")
         if self.mask not in MASK_KINDS:
             raise SamplePlanError(f"SampleLayout.mask {self.mask!r} is not one of {MASK_KINDS}")
         if self.levels is not None:

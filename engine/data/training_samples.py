@@ -24,12 +24,18 @@ Output columns, B rows (numpy, as `iter_batches(batch_format="numpy")` hands the
 - material_index, grade_index (int64, -1 unknown): classification targets;
 - image_id (str), level, y, x (int64): where the sample came from.
 
-Intensity preprocessing, for now: a robust percentile normalisation per sample,
-(v - p1) / (p99 - p1) clipped to [0, 1], percentiles of the context tile when there is
-one (the larger field of view gives steadier statistics), else of the detail tile. It
-removes the differences of dtype (uint8 optical, uint16 SEM/TEM, float) and of detector
-gain between instruments. Per-image, per-modality preprocessing (engine.preprocess)
-will replace it; models trained on this normalisation expect it at inference.
+Intensity preprocessing, by the layout's `normalisation` (the input mode the trained
+model then expects at inference, engine.pipeline.inputs):
+
+- "tile": a robust percentile normalisation per sample, (v - p1) / (p99 - p1) clipped
+  to [0, 1], percentiles of the context tile when there is one (the larger field of
+  view gives steadier statistics), else of the detail tile. It removes the differences
+  of dtype (uint8 optical, uint16 SEM/TEM, float) and of detector gain between
+  instruments, but treats two tiles of one image differently.
+- "image": the image's per-modality engine.preprocess parameters, fitted once per image
+  (in each read task, from the image's metadata and coarse pixels) and applied to the
+  detail and the context tile at their own level-0 places, as the batch job and the
+  endpoint apply them: every tile of an image treated alike.
 """
 
 from __future__ import annotations
@@ -54,14 +60,15 @@ def normalise_tile(tile: np.ndarray, *, reference: np.ndarray | None = None,
 
     (v - p_low) / (p_high - p_low), clipped, the percentiles taken over `reference`
     (default: the tile itself). A flat reference (p_high == p_low, no signal) maps to 0.5.
-    NaN pixels become 0.
+    Non-finite pixels (NaN, inf) become 0 and do not count in the percentiles.
     """
-    ref = tile if reference is None else reference
-    lo, hi = np.percentile(np.asarray(ref, dtype=np.float64), [low, high])
+    ref = np.asarray(tile if reference is None else reference, dtype=np.float64)
+    finite = ref[np.isfinite(ref)]  # a NaN or inf pixel must not make the percentiles NaN
+    lo, hi = np.percentile(finite, [low, high]) if finite.size else (np.nan, np.nan)
     if not (np.isfinite(lo) and np.isfinite(hi)) or hi <= lo:
         return np.full(np.shape(tile), 0.5, np.float32)
     out = (np.asarray(tile, dtype=np.float32) - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(np.nan_to_num(out, nan=0.0), 0.0, 1.0).astype(np.float32, copy=False)
+    return np.clip(np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0), 0.0, 1.0).astype(np.float32, copy=False)
 
 
 def context_origin(y: int, x: int, detail: int, context: int, offset: int) -> tuple[int, int]:
@@ -182,8 +189,9 @@ class ReadSamples:
     inside the task.
     """
 
-    def __init__(self, mask: str | None = None):
+    def __init__(self, mask: str | None = None, normalisation: str = "tile"):
         self.mask = mask
+        self.normalisation = normalisation
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         n = len(batch["image_id"])
@@ -196,8 +204,16 @@ class ReadSamples:
         t = spec.tile
         detail = read_window(image, spec.level, spec.y, spec.x, t, t)
         row: dict[str, Any] = {}
-        if spec.context_tile:
-            context = read_context(image, spec)
+        context = read_context(image, spec) if spec.context_tile else None
+        if self.normalisation == "image":
+            from engine.preprocess import apply
+
+            params = _PARAMS.get(image, spec.modality)
+            row["image"] = apply(params, detail, *_placement(image, spec.level, spec.y, spec.x))
+            if context is not None:
+                cy, cx = context_origin(spec.y, spec.x, spec.tile, spec.context_tile, spec.context_offset)
+                row["context"] = apply(params, context, *_placement(image, spec.level + spec.context_offset, cy, cx))
+        elif context is not None:
             row["image"] = normalise_tile(detail, reference=context)
             row["context"] = normalise_tile(context, reference=context)
         else:
@@ -217,6 +233,40 @@ class ReadSamples:
         )
         return row
 
+
+def _placement(image: MultiscaleImage, level: int, y: int, x: int) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(level-0 (y, x) of pixel (y, x)'s corner, level-0 pixels per pixel) at `level`;
+    a level past the stored pyramid (a context tile block-averaged from the coarsest
+    one, `read_context`) is its 2x means."""
+    from engine.tiling.transform import LevelTransform
+
+    stored = min(level, len(image.levels) - 1)
+    f = 2 ** (level - stored)
+    t = LevelTransform.from_image(image, stored)
+    return t.to_level0(y * f, x * f), (t.factor[0] * f, t.factor[1] * f)
+
+
+class _ParamsCache:
+    """The engine.preprocess parameters of the last few images of this worker process,
+    fitted once each (from the image's coarse level) for every tile read from it."""
+
+    def __init__(self, size: int = 64):
+        self.size = size
+        self._params: OrderedDict[str, Any] = OrderedDict()
+
+    def get(self, image: MultiscaleImage, modality: str):
+        from engine.preprocess import fit_preprocessing
+
+        key = image.location.uri
+        if key not in self._params:
+            self._params[key] = fit_preprocessing(image, modality)
+            if len(self._params) > self.size:
+                self._params.popitem(last=False)
+        self._params.move_to_end(key)
+        return self._params[key]
+
+
+_PARAMS = _ParamsCache()
 
 _RAGGED = ("boxes", "instance_ids", "classes")
 _DTYPES = {"pixel_size_nm": np.float64, "seed": np.int64, "material_index": np.int64,
@@ -260,4 +310,5 @@ def training_dataset(specs: Sequence[SampleSpec], layout: SampleLayout, *,
         raise ValueError("training_dataset: no sample specs (the plan found no tiles; check the layout)")
     rows = [s.to_row() for s in specs]
     ds = ray.data.from_items(rows, override_num_blocks=max(1, math.ceil(len(rows) / rows_per_task)))
-    return ds.map_batches(ReadSamples(layout.mask), batch_format="numpy", batch_size=rows_per_task)
+    return ds.map_batches(ReadSamples(layout.mask, layout.normalisation), batch_format="numpy",
+                          batch_size=rows_per_task)

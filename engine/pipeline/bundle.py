@@ -54,6 +54,19 @@ def bundle_tags(inputs: Mapping[str, str] | None = None, pixel_size_nm: float | 
     return tags
 
 
+def member_inputs(registry, members: Mapping[str, str]) -> dict[str, str]:
+    """role -> the input mode each member was trained with, for `bundle_tags`: the
+    version's TRAINED_INPUT_TAG (engine.training records it), else the role's default
+    (engine.pipeline.inputs.DEFAULT_INPUTS). members: role -> member ref."""
+    from engine.pipeline.inputs import DEFAULT_INPUTS, TRAINED_INPUT_TAG
+
+    out = {}
+    for role, ref in members.items():
+        mode = registry.get(ref).tags.get(TRAINED_INPUT_TAG)
+        out[role] = mode if mode is not None else DEFAULT_INPUTS.get(role, "tile")
+    return out
+
+
 def load_bundle(ref: str, registry=None, *, cache_dir: str | Path | None = None,
                 map_location: str = "cpu") -> LoadedBundle:
     """Fetch, verify and load the members of the bundle `ref` (`name`, `name@alias`,

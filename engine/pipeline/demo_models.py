@@ -93,9 +93,9 @@ def train_demo_models(
     too few defects on a small archive to pick the best epoch by); epochs: for the Ray
     Train members; num_workers: Ray Train workers each (starts a local Ray when none is
     connected). Members are named `<name>-<role>`; the bundle's tags record the input
-    modes the trainers used (engine.pipeline.inputs.DEFAULT_INPUTS) and `pixel_size_nm`.
+    modes the members were trained with (`member_inputs`) and `pixel_size_nm`.
     """
-    from engine.pipeline.bundle import bundle_tags
+    from engine.pipeline.bundle import bundle_tags, member_inputs
     from engine.training import train
     from engine.training.detector import train_detector
 
@@ -124,6 +124,6 @@ def train_demo_models(
         metrics[role] = dict(result.metrics)
         seconds[role] = time.perf_counter() - start
 
-    bundle = registry.register_bundle(name, members, tags=bundle_tags(None, pixel_size_nm))
+    bundle = registry.register_bundle(name, members, tags=bundle_tags(member_inputs(registry, members), pixel_size_nm))
     bundle = registry.promote(name, bundle.version)
     return DemoModels(bundle=bundle.ref, members=members, metrics=metrics, seconds=seconds)

@@ -13,8 +13,10 @@ chosen per member (`InputMode`), not once for the ensemble:
   so every tile of an image is treated alike; `engine.preprocess.apply`). An image with
   no parameters falls back to the ``"tile"`` stretch.
 
-`DEFAULT_INPUTS` follows how engine.training trains each family today. A bundle can
-name other modes (registry tags ``input.<role>``, see `engine.pipeline.bundle`).
+`DEFAULT_INPUTS` follows how engine.training trains each family by default ("tile";
+`train(..., inputs="image")` trains on the image's parameters instead and tags the
+version). A bundle names its members' modes (registry tags ``input.<role>``, see
+`engine.pipeline.bundle`; `member_inputs` reads them from the members' tags).
 """
 
 from __future__ import annotations
@@ -26,6 +28,9 @@ import numpy as np
 InputMode = Literal["raw", "tile", "image"]
 INPUT_MODES: tuple[str, ...] = ("raw", "tile", "image")
 DEFAULT_INPUTS: dict[str, str] = {"detector": "raw", "segmenter": "tile", "classifier": "tile", "fusion": "tile"}
+# A registered model version's tag: the input mode it was trained with (engine.training
+# records it; `engine.pipeline.bundle.member_inputs` reads it for a bundle's modes).
+TRAINED_INPUT_TAG = "input"
 
 ParamsLookup = Callable[[str], object | None]
 

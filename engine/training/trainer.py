@@ -22,6 +22,7 @@ promoted to `production`.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import os
 import tempfile
@@ -33,6 +34,7 @@ from typing import Any, Sequence
 
 from engine.data.sample_plan import SampleLayout, SampleSpec, plan_samples, split_specs
 from engine.errors import GrainflowError
+from engine.pipeline.inputs import TRAINED_INPUT_TAG
 from engine.training.loop import LoopConfig
 from engine.training.schedule import SCHEDULES, steps_per_epoch
 
@@ -176,6 +178,7 @@ def plan_training(
     task_options: dict[str, Any] | None = None,
     synthetic_archive: str | None = None,
     synthetic_ratio: float = 0.5,
+    inputs: str = "tile",
 ) -> tuple[SampleLayout, list[SampleSpec], list[SampleSpec]]:
     """(layout, train specs, val specs) for a model: metadata only, no pixels.
 
@@ -193,6 +196,7 @@ def plan_training(
     args = {**config.args, **(overrides or {})}
     layout = task.layout(config.input_size, args, tile=tile_size,
                          levels=None if levels is None else tuple(levels), max_per_image=max_samples_per_image)
+    layout = dataclasses.replace(layout, normalisation=inputs)
     orders = _label_orders(family, args)
     specs = plan_samples(archive, layout, seed=seed, **orders)
     if val_archive is not None:
@@ -256,6 +260,7 @@ def train(
     synthetic_archive: str | None = None,
     synthetic_ratio: float = 0.5,
     cache: bool | None = None,
+    inputs: str = "tile",
 ) -> TrainResult:
     """Train a registered model on an archive with Ray Train (module doc).
 
@@ -290,6 +295,10 @@ def train(
       for every epoch (`Dataset.materialize`; augmentation still differs per epoch, it
       runs in the workers' collate), instead of reading the archive again each epoch.
       None: when they take at most CACHE_SHARE of the cluster's object store.
+    inputs: how tiles are normalised for the model, the input mode it then expects at
+      inference (engine.pipeline.inputs): "tile" (each tile's percentile stretch) or
+      "image" (the image's engine.preprocess parameters: tiles of an image alike);
+      recorded on the registered version (tag `input`), which bundles read.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -321,7 +330,7 @@ def train(
         family, model_name, archive, val_archive=val_archive, val_fraction=val_fraction, tile_size=tile_size,
         levels=levels, max_samples_per_image=max_samples_per_image, num_workers=num_workers, seed=seed,
         overrides=overrides, task_options=task_options, synthetic_archive=synthetic_archive,
-        synthetic_ratio=synthetic_ratio)
+        synthetic_ratio=synthetic_ratio, inputs=inputs)
 
     # What the plan teaches the model's config (diffusion: pixel sizes per modality);
     # the user's own overrides win.
@@ -355,8 +364,8 @@ def train(
         "family": family, "model": model_name, "archive": str(archive), "val_archive": str(val_archive),
         "epochs": epochs, "num_workers": num_workers, "use_gpu": use_gpu, "batch_size": batch_size, "lr": lr,
         "lr_schedule": lr_schedule, "weight_decay": weight_decay, "augment_strength": strength, "seed": seed,
-        "tile": layout.tile, "context_tile": layout.context_tile, "train_samples": len(train_specs),
-        "val_samples": len(val_specs),
+        "tile": layout.tile, "context_tile": layout.context_tile, "inputs": layout.normalisation,
+        "train_samples": len(train_specs), "val_samples": len(val_specs),
         **synthetic_params,
         "cached": bool(cache),
         "storage_path": os.fspath(storage_path) if storage_prefix else storage,
@@ -404,10 +413,11 @@ def train(
                         "archive": str(archive), "epochs": state.epoch, "batch_size": batch_size, "lr": lr,
                         "lr_schedule": lr_schedule, "weight_decay": weight_decay, "num_workers": num_workers,
                         "augment_strength": strength, "seed": seed, "tile": layout.tile,
-                        "context_tile": layout.context_tile,
+                        "context_tile": layout.context_tile, "inputs": layout.normalisation,
                         "train_samples": len(train_specs), "val_samples": len(val_specs), "run_name": run_name,
                     }},
-                    metrics=_finite(state.history[-1]), tags={"training_run": run_id},
+                    metrics=_finite(state.history[-1]),
+                    tags={"training_run": run_id, TRAINED_INPUT_TAG: layout.normalisation},
                 )
                 if promote:
                     version = registry.promote(register_as, version.version)

@@ -36,6 +36,17 @@ class TestNormaliseTile:
         flat = tile.ravel().astype(np.float64)
         assert np.all(np.diff(out.ravel()[np.argsort(flat, kind="stable")]) >= 0)
 
+    def test_a_non_finite_pixel_does_not_flatten_the_tile(self):
+        """One NaN (or inf) pixel: the others keep their stretch, it becomes 0 (it had
+        made the percentiles NaN and the whole tile mid-grey)."""
+        tile = np.linspace(0, 1000, 64 * 64, dtype=np.float32).reshape(64, 64)
+        for bad in (np.nan, np.inf):
+            t = tile.copy()
+            t[3, 5] = bad
+            out = normalise_tile(t)
+            assert out[3, 5] == 0 and out.min() == 0 and out.max() == 1 and np.isfinite(out).all()
+            assert out[32, 32] == pytest.approx(normalise_tile(tile)[32, 32], abs=1e-3)
+
     def test_reference_sets_the_scale_and_flat_tiles_are_mid_grey(self):
         ref = np.linspace(0, 1000, 10_000).reshape(100, 100)
         out = normalise_tile(np.full((4, 4), 505.0), reference=ref)
@@ -98,6 +109,39 @@ class TestReadSamples:
             expected[instances == i] = defect_class_names().index(truth.loc[(spec.image_id, int(i)), "defect_class"]) + 1
         assert row["mask"].dtype == np.uint8 and np.array_equal(row["mask"], expected)
         assert expected.any()
+
+    def test_image_normalisation_is_the_images_preprocessing_at_each_tiles_place(self, small_archive):
+        """normalisation="image": detail and context go through the image's
+        engine.preprocess parameters (fitted once per image), placed at their own level-0
+        corners, exactly as the batch job's "image" input mode applies them; so one raw
+        value is one input value in every tile of an image (no per-tile stretch)."""
+        from engine.pipeline.inputs import normalise
+        from engine.preprocess import fit_preprocessing
+        from engine.tiling.transform import LevelTransform
+
+        archive, _ = small_archive
+        layout = SampleLayout(64, context_tile=64, mask="semantic", normalisation="image")
+        specs = plan(archive, layout)
+        reader = ReadSamples("semantic", "image")
+        by_image = {}
+        for spec in specs:
+            by_image.setdefault(spec.image_id, []).append(spec)
+        image_id, group = max(by_image.items(), key=lambda kv: len(kv[1]))
+        image = open_image(group[0].image_uri)
+        params = fit_preprocessing(image, group[0].modality)
+        seen = {}
+        for spec in group[:6]:
+            row = reader.read(spec)
+            t = LevelTransform.from_image(image, spec.level)
+            detail = image.read_region(spec.level, spec.y, spec.y + 64, spec.x, spec.x + 64)
+            want = normalise(detail, "image", params=params, origin=t.to_level0(spec.y, spec.x), scale=t.factor)
+            np.testing.assert_array_equal(row["image"], want)
+            assert row["context"].shape == (64, 64) and np.isfinite(row["context"]).all()
+            if params.background is None:  # no illumination field: a raw value maps alike everywhere
+                for v, out in zip(detail.ravel()[:200], row["image"].ravel()[:200]):
+                    assert seen.setdefault((spec.level, int(v)), float(out)) == pytest.approx(float(out), abs=1e-6)
+        with pytest.raises(Exception, match="normalisation 'per-batch' is not one of"):
+            SampleLayout(64, normalisation="per-batch")
 
     def test_instance_sample_has_tight_boxes(self, small_archive):
         archive, _ = small_archive

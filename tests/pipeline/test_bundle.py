@@ -124,3 +124,26 @@ def test_bundle_tags_check_modes():
     with pytest.raises(ValueError, match="valid modes"):
         bundle_tags({"detector": "histogram"})
     assert np.isclose(float(bundle_tags(None, 12.5)["pixel_size_nm"]), 12.5)
+
+
+def test_a_bundle_runs_each_member_the_way_it_was_trained(registry, members, tmp_path):
+    """`member_inputs`: the input mode a member version was trained with (its `input`
+    tag, which engine.training records) becomes the bundle's mode for that role; a
+    member without one keeps the role's default."""
+    from engine.models import save_checkpoint
+    from engine.pipeline.bundle import bundle_tags, member_inputs
+    from engine.pipeline.inputs import DEFAULT_INPUTS, TRAINED_INPUT_TAG
+
+    refs = {}
+    for role, model in members.members().items():
+        path = tmp_path / f"{role}.safetensors"
+        save_checkpoint(model, path)
+        tags = {TRAINED_INPUT_TAG: "image"} if role == "classifier" else {}
+        refs[role] = registry.register(f"m-{role}", path, family=role, config=model.config.to_dict(), tags=tags).ref
+    modes = member_inputs(registry, refs)
+    assert modes == {"detector": DEFAULT_INPUTS["detector"], "segmenter": DEFAULT_INPUTS["segmenter"],
+                     "classifier": "image"}
+    bundle = registry.register_bundle("m", refs, tags=bundle_tags(modes))
+    config = EnsembleConfig(**TEST_CONFIG)
+    loaded = Ensemble.from_registry(bundle.ref, registry, config=config, cache_dir=tmp_path / "cache")
+    assert loaded.inputs["classifier"] == "image" and loaded.inputs["segmenter"] == "tile"

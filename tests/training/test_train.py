@@ -66,6 +66,7 @@ def fusion_run(ray_session, train_archive, registry, tmp_path_factory):
             batch_size=8, lr=3e-3, seed=1, max_samples_per_image=12, max_failures=2, run_name=RUN,
             registry=registry, register_as="fusion-test", progress_dir=progress,
             cache=False,  # the archive read every epoch, restarted workers too (jobs.finetune's test: cached)
+            inputs="image",  # each image's engine.preprocess parameters, detail and context alike
         )
     finally:
         stop.set()
@@ -140,6 +141,8 @@ class TestFusionTraining:
         assert mv.metrics["train_loss"] == pytest.approx(result.history[-1]["train_loss"])
         assert mv.config["model"]["name"] == "fusion_tiny" and mv.config["training"]["epochs"] == EPOCHS
         assert mv.tags["training_run"] == result.run_id
+        # trained on each image's preprocessing: a bundle of it runs it in "image" mode
+        assert mv.tags["input"] == "image" and mv.config["training"]["inputs"] == "image"
         files = registry.fetch("fusion-test/1", tmp_path)
         model = load_model(files[MODEL_FILE], expected_sha256=result.model_sha256)
         assert model.config.family == "fusion"
