@@ -89,6 +89,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     cls.add_argument("--sam-batch-size", type=int, default=None,
                      help="rows per worker per step for the segmenter (default: --batch-size)")
     cls.add_argument("--augment", type=float, default=0.5, help="engine.augment strength, 0 = off")
+    cls.add_argument("--inputs", choices=("tile", "image"), default="tile",
+                     help="tile normalisation the Ray Train members train on (engine.training.train's inputs): each "
+                          "tile's percentile stretch, or the image's engine.preprocess parameters")
     cls.add_argument("--max-samples-per-image", type=int, default=8)
     args = p.parse_args(argv)
     args.parts = [x.strip() for x in args.parts.split(",") if x.strip()]
@@ -174,12 +177,12 @@ def _ray_train(family: str, model: str, epochs: int, args, train: Path, held_out
     result = ray_train(family, model, str(train), storage_path=out, epochs=epochs, num_workers=args.workers,
                        val_archive=str(held_out), seed=args.seed, max_samples_per_image=args.max_samples_per_image,
                        batch_size=batch_size, lr=lr, lr_schedule=args.lr_schedule, augment=args.augment,
-                       keep_checkpoints=1,
+                       keep_checkpoints=1, inputs=args.inputs,
                        tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     last = result.metrics
     curve = [{k: h[k] for k in ("epoch", *CURVE_KEYS) if k in h} for h in result.history]
     return {"model": model, "epochs": epochs, "workers": args.workers, "batch_size_per_worker": batch_size,
-            "lr": lr, "lr_schedule": args.lr_schedule, "augment": args.augment,
+            "lr": lr, "lr_schedule": args.lr_schedule, "augment": args.augment, "inputs": args.inputs,
             "optimizer_steps": epochs * steps_per_epoch(result.train_samples, args.workers, batch_size),
             "train_samples": result.train_samples, "val_samples": result.val_samples,
             "train_seconds": round(result.seconds, 1), "checkpoint_path": result.checkpoint_path,
@@ -253,8 +256,8 @@ def held_out_rows(args, family: str, model_name: str, train: Path, held_out: Pat
 
     layout, _, specs = plan_training(family, model_name, str(train), val_archive=str(held_out),
                                      max_samples_per_image=args.max_samples_per_image, num_workers=args.workers,
-                                     seed=args.seed)
-    reader = ReadSamples(layout.mask)
+                                     seed=args.seed, inputs=args.inputs)
+    reader = ReadSamples(layout.mask, layout.normalisation)
     return layout, ((spec, reader.read(spec)) for spec in specs)
 
 
