@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import sys
+from enum import Enum
 from pathlib import Path
 from typing import Optional
 
@@ -186,6 +187,82 @@ def _text(value) -> str:
 
 def _unit_symbol(unit: str) -> str:
     return {"nanometer": "nm", "micrometer": "µm", "angstrom": "Å", "millimeter": "mm"}.get(unit, unit)
+
+
+class Alias(str, Enum):
+    """The aliases serving splits traffic between (engine.serving.config); a typo such as
+    `prod` would otherwise make an alias nothing reads."""
+
+    production = "production"
+    canary = "canary"
+
+
+registry_app = typer.Typer(
+    help="Registered models and the aliases jobs and `grainflow serve` read (NAME@production, NAME@canary).",
+    no_args_is_help=True,
+)
+app.add_typer(registry_app, name="registry")
+
+_TRACKING_URI_HELP = "Model registry (default: MLFLOW_TRACKING_URI, else the user data dir's); a named one must exist."
+
+
+def _alias_option():
+    return typer.Option(Alias.production, "--alias",
+                        help="Alias to move (canary's traffic share is the serve config's split).")
+
+
+def _open_registry(tracking_uri: Optional[str]):
+    """The registry named by `tracking_uri` (or MLFLOW_TRACKING_URI), refused when it does
+    not exist: opening a SQLite URI would create an empty one, and a mistyped path would
+    then answer "no registered model"."""
+    from engine.registry import ModelRegistry
+    from engine.registry.backend import check_existing
+
+    check_existing(tracking_uri)
+    return ModelRegistry(tracking_uri)
+
+
+@registry_app.command("list")
+def registry_list(
+    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI_HELP),
+) -> None:
+    """List registered models and bundles: each version, its family and the aliases on it."""
+    registry = _open_registry(tracking_uri)
+    names = registry.list_models()
+    if not names:
+        console.print(f"no registered models in {escape(registry.tracking_uri)}", highlight=False)
+        return
+    table = Table(title=f"{len(names)} registered models in {escape(registry.tracking_uri)}")
+    for col in ("name", "version", "family", "aliases"):
+        table.add_column(col)
+    for name in names:
+        for mv in registry.versions(name):
+            table.add_row(escape(name), str(mv.version), escape(mv.family), escape(", ".join(mv.aliases)) or "-")
+    console.print(table)
+
+
+@registry_app.command("promote")
+def registry_promote(
+    name: str = typer.Argument(..., help="Registered model or bundle name."),
+    version: int = typer.Argument(..., min=1, help="Version to point the alias at."),
+    alias: Alias = _alias_option(),
+    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI_HELP),
+) -> None:
+    """Point NAME@ALIAS at VERSION (the move is recorded, so `rollback` can undo it)."""
+    mv = _open_registry(tracking_uri).promote(name, version, alias.value)
+    console.print(f"{escape(name)}@{alias.value} -> {escape(mv.ref)}", highlight=False)
+
+
+@registry_app.command("rollback")
+def registry_rollback(
+    name: str = typer.Argument(..., help="Registered model or bundle name."),
+    alias: Alias = _alias_option(),
+    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI_HELP),
+) -> None:
+    """Move NAME@ALIAS back to the version it pointed at before its latest move (run it
+    again to go further back)."""
+    mv = _open_registry(tracking_uri).rollback(name, alias.value)
+    console.print(f"{escape(name)}@{alias.value} -> {escape(mv.ref)}", highlight=False)
 
 
 def _register_commands() -> None:

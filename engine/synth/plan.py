@@ -81,11 +81,12 @@ def _check_names(kind: str, names: Iterable[str] | None, valid: Sequence[str]) -
     if isinstance(names, str):
         names = [names]
     names = tuple(names)
+    kinds = kind[:-1] + "ies" if kind.endswith("y") else kind + "s"  # modality -> modalities
     bad = [n for n in names if n not in valid]
     if bad:
-        raise SynthArgumentError(f"unknown {kind} {', '.join(map(repr, bad))}; valid {kind}s: {', '.join(valid)}")
+        raise SynthArgumentError(f"unknown {kind} {', '.join(map(repr, bad))}; valid {kinds}: {', '.join(valid)}")
     if not names:
-        raise SynthArgumentError(f"no {kind}s given; valid {kind}s: {', '.join(valid)}")
+        raise SynthArgumentError(f"no {kinds} given; valid {kinds}: {', '.join(valid)}")
     return tuple(dict.fromkeys(names))
 
 
