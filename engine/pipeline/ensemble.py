@@ -524,11 +524,22 @@ class _Work:
             return inp.tile_stretch(self.raw[self.core], reference=context), inp.tile_stretch(context)
         full = self.normalised(mode)
         if self.tile.context is not None:
-            context = inp.normalise(np.asarray(self.tile.context), mode, params=self.params,
-                                    origin=self.tile.origin, scale=tuple(v * s for v in self.tile.scale))
+            raw = np.asarray(self.tile.context)
+            scale = tuple(v * s for v in self.tile.scale)
+            context = inp.normalise(raw, mode, params=self.params, origin=self._context_origin(raw.shape, scale),
+                                    scale=scale)
         else:
             context = _context_view(full.astype(np.float64), self.core, s).astype(np.float32)
         return np.ascontiguousarray(full[self.core]), context
+
+    def _context_origin(self, shape: tuple[int, ...], scale: tuple[float, float]) -> tuple[float, float]:
+        """Level-0 (y, x) of the top-left corner of a context tile of `shape` (pixels of
+        `scale` level-0 pixels each) centred on the core: it lies elsewhere than the
+        detail tile's origin, and image-mode flattening evaluates the illumination there."""
+        (oy, ox), (sy, sx) = self.tile.origin, self.tile.scale
+        cy = oy + (self.core[0].start + self.core[0].stop) / 2 * sy
+        cx = ox + (self.core[1].start + self.core[1].stop) / 2 * sx
+        return cy - shape[-2] / 2 * scale[0], cx - shape[-1] / 2 * scale[1]
 
 
 @dataclass

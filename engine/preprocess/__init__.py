@@ -1,6 +1,7 @@
 """Per-modality preprocessing and resampling to a pixel size.
 
-- `fit.fit_preprocessing(image, modality)`: per-image `PreprocessParams` from a coarse level;
+- `fit.fit_preprocessing(image, modality)`: per-image `PreprocessParams` from a strided
+  sample of level 0 (`sample.scan_level`, chunk by chunk);
 - `normalise.apply(params, tile, origin, scale)`: a tile's raw pixels -> float32 [0, 1];
 - `batch.preprocess_batch(batch, params)`: the same for a batch of datasource rows;
 - `resample`: tiles resampled onto a global output grid at a target pixel size.

@@ -9,7 +9,8 @@ level-0 pixels (`scale`): pixel (i, j) covers level-0 ``origin + (i, j) * scale`
 which also cover resampled tiles.
 
 Every step except SEM line damping depends only on a pixel's value and its level-0
-position, so a pixel maps to the same output in every tile that holds it.
+position, so a pixel maps to the same output in every tile that holds it. Non-finite
+pixels (NaN, inf: dead or masked pixels of float images) map to 0, as the fit ignores them.
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from engine.preprocess.params import PreprocessParams
 
 def apply(params: PreprocessParams, tile: np.ndarray, origin: tuple[float, float] = (0.0, 0.0),
           scale: float | tuple[float, float] = (1.0, 1.0)) -> np.ndarray:
-    """(H, W) raw pixels of any numeric dtype -> (H, W) float32 in [0, 1].
+    """(H, W) raw pixels of any numeric dtype -> (H, W) float32 in [0, 1]; NaN and inf -> 0.
 
     origin: (y, x) level-0 edge coordinates of the tile's top-left corner.
     scale: level-0 pixels per tile pixel, one number or (y, x).
@@ -33,6 +34,12 @@ def apply(params: PreprocessParams, tile: np.ndarray, origin: tuple[float, float
     x = values.astype(np.float64)
     if x.size == 0:
         return x.astype(np.float32)
+    bad = ~np.isfinite(x) if values.dtype.kind == "f" else None
+    if bad is not None and bad.any():
+        # `low` maps to 0 and keeps SEM line damping's row medians finite
+        x[bad] = params.low
+    else:
+        bad = None
     sy, sx = (scale, scale) if np.isscalar(scale) else scale
     if params.background is not None:
         ys = origin[0] + (np.arange(x.shape[0]) + 0.5) * sy
@@ -41,6 +48,8 @@ def apply(params: PreprocessParams, tile: np.ndarray, origin: tuple[float, float
     if params.line_damping > 0:
         x = x - params.line_damping * _line_offsets(x)[:, None]
     out = (x - params.low) / (params.high - params.low)
+    if bad is not None:
+        out[bad] = 0.0
     return np.clip(out, 0.0, 1.0).astype(np.float32)
 
 

@@ -39,15 +39,22 @@ class Background:
         """The field at level-0 positions ys (H,) x xs (W,) -> H x W float64.
 
         Element-wise bilinear weights (no matrix products), so a pixel gets the same
-        value bit for bit whichever tile it is evaluated in.
+        value bit for bit whichever tile it is evaluated in: each row is interpolated
+        between node rows first (H x gx, from that row's position only), then along x.
+        Two H x W temporaries at most, so a large block costs little beyond its output.
         """
         grid = self.array()
         a0, ta = _cell(ys, self.origin[0], self.spacing[0], grid.shape[0])
         b0, tb = _cell(xs, self.origin[1], self.spacing[1], grid.shape[1])
         a1, b1 = np.minimum(a0 + 1, grid.shape[0] - 1), np.minimum(b0 + 1, grid.shape[1] - 1)
-        ta, tb = ta[:, None], tb[None, :]
-        return ((1 - ta) * ((1 - tb) * grid[np.ix_(a0, b0)] + tb * grid[np.ix_(a0, b1)])
-                + ta * ((1 - tb) * grid[np.ix_(a1, b0)] + tb * grid[np.ix_(a1, b1)]))
+        ta = ta[:, None]
+        rows = (1 - ta) * grid[a0] + ta * grid[a1]  # H x gx
+        out = rows[:, b0]
+        out *= 1 - tb
+        right = rows[:, b1]
+        right *= tb
+        out += right
+        return out
 
 
 def _cell(pos: np.ndarray, origin: float, spacing: float, n: int) -> tuple[np.ndarray, np.ndarray]:
@@ -66,7 +73,8 @@ class PreprocessParams:
     background: optical illumination field (None for other methods); flattening divides
     by it and multiplies by `background_level`, which keeps raw intensity units.
     line_damping: 0..1, SEM scan-line offset removal (0 = off).
-    level: the pyramid level the parameters were fitted on.
+    level: the pyramid level the intensity statistics were sampled from (0 since they
+    come from a strided sample of level 0; older parameters may name a coarse level).
     """
 
     method: str

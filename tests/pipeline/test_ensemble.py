@@ -369,6 +369,28 @@ class TestFusionContext:
 
         np.testing.assert_array_equal(seen[0][0], tile_stretch(context[0]))
 
+    def test_a_given_context_is_flattened_where_it_lies(self):
+        """Image mode: a context tile is flattened by the illumination at its own place (a
+        view 4x coarser centred on the core, so its corner is far from the detail tile's).
+        Raw pixels that are the illumination itself come out flat in both views."""
+        from engine.pipeline.ensemble import _Work
+        from engine.preprocess import Background, PreprocessParams
+
+        # illumination rising from 100 to 200 along x over level-0 x 0..4096
+        params = PreprocessParams("optical", 0.0, 300.0, background_level=150.0,
+                                  background=Background(((100.0, 200.0), (100.0, 200.0)), (0.0, 0.0), (4096.0, 4096.0)))
+        h = w = 256
+        halo, s, y0, x0 = 16, 4, 1024, 1024  # the core's corner, level 0
+        centres = lambda origin, n, step: origin + (np.arange(n) + 0.5) * step  # noqa: E731
+        field = params.background.evaluate
+        detail = field(centres(y0 - halo, h + 2 * halo, 1), centres(x0 - halo, w + 2 * halo, 1))
+        cy, cx = y0 + h / 2, x0 + w / 2  # the context is centred on the core: corner (640, 640)
+        context = field(centres(cy - h / 2 * s, h, s), centres(cx - w / 2 * s, w, s))
+        t = TileInput("img", detail, 100.0, y=y0, x=x0, halo=(halo,) * 4, modality="optical", context=context)
+        core, ctx = _Work.of(t, params).fusion_inputs("image", 2)
+        np.testing.assert_allclose(core, 0.5, atol=1e-6)
+        np.testing.assert_allclose(ctx, 0.5, atol=1e-6)
+
 
 def test_an_empty_batch(ensemble, tiles):
     out = ensemble(take(tiles, []))

@@ -1,4 +1,4 @@
-"""Preprocessing: fitted once per image from a coarse level, applied to tiles alike."""
+"""Preprocessing: fitted once per image from a sample of level 0, applied to tiles alike."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ import pickle
 import numpy as np
 import pytest
 
-from engine.preprocess import PreprocessParams, apply, coarse_level, fit_preprocessing, method_for
+from engine.preprocess import PreprocessParams, apply, fit_preprocessing, method_for
 from engine.stores.image import MultiscaleImage, open_image
 from engine.stores.writer import write_image
 from engine.tiling import TileGrid
@@ -146,9 +146,11 @@ class TestApply:
         assert row_noise(damped) < row_noise(plain) / 3
 
 
-class TestFitReadsTheCoarseLevelOnly:
+class TestFitReadsLevel0ChunkByChunk:
     @pytest.mark.parametrize("modality", ["SEM", "TEM", "optical", "default"])
     def test_levels_read(self, images, modality, monkeypatch):
+        """Statistics come from level 0 (where tiles have their noise), read through its
+        zarr array chunk by chunk, never as one region or a whole level."""
         image = images[modality]
         seen = []
         real_array = MultiscaleImage.array
@@ -158,15 +160,13 @@ class TestFitReadsTheCoarseLevelOnly:
             return real_array(self, level)
 
         def no_region_reads(self, *args, **kwargs):
-            raise AssertionError("fit_preprocessing read pixels through read_regions")
+            raise AssertionError("fit_preprocessing read pixels through read_regions or read_level")
 
         monkeypatch.setattr(MultiscaleImage, "array", spy_array)
         monkeypatch.setattr(MultiscaleImage, "read_regions", no_region_reads)
+        monkeypatch.setattr(MultiscaleImage, "read_level", no_region_reads)
         params = fit_preprocessing(image, modality, max_pixels=300)
-        # 768 x 1024 -> 384 x 512 -> 192 x 256 (first level within 300 pixels) -> 96 x 128
-        assert params.level == coarse_level(image, 300) == 2
-        assert seen and set(seen) <= {2, 3}
-        assert 0 not in seen and 1 not in seen
+        assert params.level == 0 and set(seen) == {0}
 
 
 def test_flattening_without_a_pyramid(tmp_path):
@@ -240,12 +240,11 @@ class TestFitOnAwkwardImages:
         out = apply(fit_preprocessing(image, "SEM"), image.read_level(0))
         assert out.max() - out.min() > 0.5
 
-    def test_nan_pixels_are_named(self, tmp_path):
+    def test_an_image_without_finite_pixels_is_named(self, tmp_path):
         from engine.errors import GrainflowError
 
-        pixels = _texture((128, 128), seed=3).astype(np.float32)
-        pixels[5, 7] = np.nan
         uri = tmp_path / "nan.ome.zarr"
-        write_image(uri, pixels, pixel_size=1.0, chunk=64)
-        with pytest.raises(GrainflowError, match="NaN or infinity"):
-            fit_preprocessing(open_image(uri), "SEM")
+        write_image(uri, np.full((128, 128), np.nan, np.float32), pixel_size=1.0, chunk=64)
+        for modality in ("SEM", "TEM", "optical"):
+            with pytest.raises(GrainflowError, match="no finite pixels"):
+                fit_preprocessing(open_image(uri), modality)
