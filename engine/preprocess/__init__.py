@@ -7,7 +7,7 @@
 - `resample`: tiles resampled onto a global output grid at a target pixel size.
 
 Names are imported on first use, so a Ray read task that only resamples does not pay
-for importing dask.
+for importing the fitting code (scipy).
 """
 
 from __future__ import annotations
