@@ -135,7 +135,8 @@ def keys_add(
 
 
 def keys_revoke(
-    key_id: str = typer.Argument(..., help="Id of the key to revoke (the part after gf_, before the next _)."),
+    key_id: str = typer.Argument(..., help="Id of the key to revoke (`keys list`; the part after gf_, before the "
+                                           "next _), or the whole key."),
     keys: Path = typer.Option(..., "--keys", help="Keys file holding it."),
 ) -> None:
     """Revoke an API key: its entry leaves the keys file, and a running server refuses it
@@ -144,6 +145,18 @@ def keys_revoke(
 
     principal = revoke_key(keys, key_id)
     typer.echo(f"key id {key_id} of tenant {principal.tenant} revoked")
+
+
+def keys_list(keys: Path = typer.Option(..., "--keys", help="Keys file to read.")) -> None:
+    """List the keys of a keys file: id, tenant, scopes and rate (never a secret)."""
+    from engine.serving.keys import list_keys
+
+    principals = list_keys(keys)
+    if not principals:
+        typer.echo(f"{keys}: no keys")
+    for k in principals:
+        rate = "server default" if k.rate_per_minute is None else f"{k.rate_per_minute:g}/min"
+        typer.echo(f"{k.key_id}  tenant {k.tenant}  scopes {','.join(sorted(k.scopes))}  rate {rate}")
 
 
 def register(app: typer.Typer) -> None:
@@ -155,5 +168,6 @@ def register(app: typer.Typer) -> None:
                                 "restart.", no_args_is_help=True)
     keys_app.command("add")(keys_add)
     keys_app.command("revoke")(keys_revoke)
+    keys_app.command("list")(keys_list)
     serve_app.add_typer(keys_app, name="keys")
     app.add_typer(serve_app, name="serve")

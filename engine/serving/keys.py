@@ -201,10 +201,20 @@ def add_key(path: str | os.PathLike, tenant: str, scopes: list[str] | tuple[str,
     return key_id, f"{PREFIX}{key_id}_{secret}"
 
 
+def list_keys(path: str | os.PathLike) -> list[Principal]:
+    """Whom the keys of the keys file at `path` belong to (ids, tenants, scopes, rates;
+    never a secret: the file holds none), by key id."""
+    return [e.principal for _, e in sorted(_read(Path(path)).items())]
+
+
 def revoke_key(path: str | os.PathLike, key_id: str) -> Principal:
-    """Remove key `key_id` from the keys file at `path`; returns whom it belonged to.
-    A running server refuses it within a second (module doc)."""
+    """Remove key `key_id` (or the key a full `gf_<id>_<secret>` names) from the keys file
+    at `path`; returns whom it belonged to. A running server refuses it within a second
+    (module doc)."""
     p = Path(path)
+    parts = split_key(key_id)
+    if parts is not None:  # the whole key pasted: its id is its second part
+        key_id = parts[0]
     entries = _read(p)  # a file that is not a keys file is left as it is
     if key_id not in entries:
         raise GrainflowError(f"{p}: no key {key_id!r}; its keys: {', '.join(sorted(entries)) or 'none'}")

@@ -120,6 +120,28 @@ class TestKeys:
         with pytest.raises(GrainflowError, match=f"no key 'k0'; its keys: {b.split('_')[1]}"):
             revoke_key(path, "k0")
 
+    def test_keys_are_listed_without_secrets_and_revoked_by_id_or_whole_key(self, tmp_path):
+        """`grainflow serve keys list` shows ids, tenants, scopes and rates; a key can be
+        revoked by its id or by the whole key as it was handed out."""
+        import subprocess
+        import sys
+
+        from engine.serving.keys import add_key, list_keys, revoke_key
+
+        path = tmp_path / "keys.json"
+        a_id, a = add_key(path, "lab-a", ["analyze", "admin"], rate_per_minute=30)
+        b_id, b = add_key(path, "lab-b", ["analyze"])
+        assert [(k.key_id, k.tenant, k.scopes, k.rate_per_minute) for k in list_keys(path)] == sorted([
+            (a_id, "lab-a", frozenset({"analyze", "admin"}), 30.0), (b_id, "lab-b", frozenset({"analyze"}), None)])
+        cli = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "keys", "list", "--keys", str(path)],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert f"{a_id}  tenant lab-a  scopes admin,analyze  rate 30/min" in cli.stdout
+        assert f"{b_id}  tenant lab-b  scopes analyze  rate server default" in cli.stdout
+        assert a.split("_", 2)[2] not in cli.stdout and b.split("_", 2)[2] not in cli.stdout
+        assert revoke_key(path, a).tenant == "lab-a"  # the whole key
+        assert [k.key_id for k in list_keys(path)] == [b_id]
+
     def test_a_file_half_edited_keeps_the_keys_a_removed_file_refuses_all(self, tmp_path):
         from engine.serving.keys import KeyStore, add_key
 
