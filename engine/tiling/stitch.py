@@ -203,18 +203,28 @@ def _border_groups(boxes, classes, cores, reads, tiles, *, touch: float) -> np.n
         for i in np.flatnonzero(cut_lo[:, a]):
             sides[(axis, ids[i, 0])][1].append(int(i))
     for (axis, _), (before, after) in sides.items():
-        before, after = np.array(before, np.int64), np.array(after, np.int64)
-        # one tile on each side at a time (a line runs along many tiles)
-        for ta in np.unique(tiles[before]) if len(before) else ():
-            for tb in np.unique(tiles[after]) if len(after) else ():
-                a, b = before[tiles[before] == ta], after[tiles[after] == tb]
-                _pair_pieces(boxes, classes, cores, a, b, axis, join)
+        if not before or not after:
+            continue
+        # one tile on each side at a time (a line runs along many tiles), and only tiles
+        # whose cores meet along the line: pieces of others cannot be one defect
+        lo, hi = (1, 3) if axis == "x" else (0, 2)  # along the line: y for a vertical one
+        ga, gb = _by_tile(np.array(before, np.int64), tiles), _by_tile(np.array(after, np.int64), tiles)
+        ka, kb = cores[[g[0] for g in ga]], cores[[g[0] for g in gb]]
+        meet = (ka[:, None, lo] <= kb[None, :, hi]) & (kb[None, :, lo] <= ka[:, None, hi])
+        for i, j in zip(*np.nonzero(meet)):
+            _pair_pieces(boxes, classes, ga[i], gb[j], axis, join)
     return np.array([find(i) for i in range(len(boxes))], dtype=np.int64)
 
 
-def _pair_pieces(boxes, classes, cores, a, b, axis: str, join) -> None:
-    """Join the cut pieces `a` of one tile with the cut pieces `b` of its neighbour across
-    one border line (`axis` "x": a vertical line).
+def _by_tile(pieces: np.ndarray, tiles: np.ndarray) -> list[np.ndarray]:
+    """`pieces` (box indices) grouped by their tile, tiles in increasing order."""
+    tile_ids, which = np.unique(tiles[pieces], return_inverse=True)
+    return [pieces[which == k] for k in range(len(tile_ids))]
+
+
+def _pair_pieces(boxes, classes, a, b, axis: str, join) -> None:
+    """Join the cut pieces `a` of one tile with the cut pieces `b` of a neighbour whose
+    core meets it along one border line (`axis` "x": a vertical line).
 
     Each piece covers the strip both tiles read, so a defect's two pieces overlap along
     the line there, but a slanted one's only partly. First, mutual best matches by IoU of
@@ -223,11 +233,9 @@ def _pair_pieces(boxes, classes, cores, a, b, axis: str, join) -> None:
     extent (one arm of a U whose bottom the other tile saw whole)."""
     lo, hi = (1, 3) if axis == "x" else (0, 2)  # along the line: y for a vertical one
     ba, bb = boxes[a][:, None, :], boxes[b][None, :, :]
-    ka, kb = cores[a][:, None, :], cores[b][None, :, :]
     overlap = np.minimum(ba[..., hi], bb[..., hi]) - np.maximum(ba[..., lo], bb[..., lo])
     length_a, length_b = ba[..., hi] - ba[..., lo], bb[..., hi] - bb[..., lo]
-    cores_touch = (ka[..., lo] <= kb[..., hi]) & (kb[..., lo] <= ka[..., hi])
-    ok = (classes[a][:, None] == classes[b][None, :]) & cores_touch & (overlap > 0)
+    ok = (classes[a][:, None] == classes[b][None, :]) & (overlap > 0)
     if not ok.any():
         return
     iou = np.where(ok, overlap / np.maximum(length_a + length_b - overlap, 1e-9), -1.0)
