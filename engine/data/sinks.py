@@ -137,9 +137,11 @@ def tile_location(out: StoreLocation, table: str, key: TileKey) -> StoreLocation
     return out.join(table, partition(image_id), tile_file(level, y, x))
 
 
-def read_output(out: str | StoreLocation, table: str, *, image_id: str | None = None) -> pa.Table:
+def read_output(out: str | StoreLocation, table: str, *, image_id: str | None = None,
+                columns: Sequence[str] | None = None) -> pa.Table:
     """A partitioned output table (`DETECTIONS`, `ERRORS`, `OBJECTS`, `TILES`) with its
-    `image_id` column (a string); an empty table of the right schema when none exist."""
+    `image_id` column (a string); an empty table of the right schema when none exist.
+    columns: only these, in this order (the others are not read)."""
     import pyarrow.dataset as ds
 
     schemas = {DETECTIONS: DETECTION_SCHEMA, ERRORS: ERROR_SCHEMA, OBJECTS: OBJECT_SCHEMA, TILES: TILE_SCHEMA}
@@ -150,13 +152,14 @@ def read_output(out: str | StoreLocation, table: str, *, image_id: str | None = 
     fs = base.filesystem()
     full = pa.schema([("image_id", pa.string()), *schemas[table]])
     files = sorted(p for p in fs.find(base.path) if p.endswith(".parquet")) if fs.exists(base.path) else []
+    names = full.names if columns is None else list(columns)
     if not files:
-        return full.empty_table()
+        return full.empty_table().select(names)
     # Hive values are percent-decoded by pyarrow (segment_encoding="uri"), as `partition` encodes.
     part = ds.partitioning(pa.schema([("image_id", pa.string())]), flavor="hive")
     dataset = ds.dataset(files, schema=full, format="parquet", filesystem=_arrow_fs(fs), partitioning=part,
                          partition_base_dir=out.join(table).path)
-    return dataset.to_table().select(full.names)
+    return dataset.to_table(columns=names)
 
 
 def _arrow_fs(fs):

@@ -85,7 +85,7 @@ def image_tile_counts(run: Run, image_id: str) -> TileCounts:
     """`tile_object_counts` of one image of the run, from its tiles and objects tables;
     an object without a centroid (no measured mask) is placed at its box's centre."""
     tiles = read_output(run.out, TILES, image_id=image_id).to_pandas()
-    o = read_output(run.out, OBJECTS, image_id=image_id).select(["centroid_y", "centroid_x", "y0", "x0", "y1", "x1"])
+    o = read_output(run.out, OBJECTS, image_id=image_id, columns=["centroid_y", "centroid_x", "y0", "x0", "y1", "x1"])
     col = {k: o[k].to_numpy(zero_copy_only=False).astype(np.float64) for k in o.column_names}
     cy = np.where(np.isfinite(col["centroid_y"]), col["centroid_y"], (col["y0"] + col["y1"]) / 2)
     cx = np.where(np.isfinite(col["centroid_x"]), col["centroid_x"], (col["x0"] + col["x1"]) / 2)

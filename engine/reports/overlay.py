@@ -110,7 +110,7 @@ def read_overlay(out: StoreLocation, image_id: str, image_loc: StoreLocation, la
     h0, w0 = image.shape
     scale = (h0 / info.shape[0], w0 / info.shape[1])
 
-    objects = read_output(out, OBJECTS, image_id=image_id).select(["class_name", "x0", "y0", "x1", "y1"])
+    objects = read_output(out, OBJECTS, image_id=image_id, columns=["class_name", "x0", "y0", "x1", "y1"])
     boxes = np.stack([objects[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in ("x0", "y0", "x1", "y1")],
                      axis=1) if objects.num_rows else np.zeros((0, 4))
     boxes = boxes / np.array([scale[1], scale[0], scale[1], scale[0]])

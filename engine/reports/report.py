@@ -127,8 +127,9 @@ def _images(run: Run) -> str:
 
 def _sizes(run: Run, classes: list[str]) -> str:
     sizes = size_distributions(run, classes)
+    unmeasured = sizes.missing()
     missing = [html.note(f"{name}: {n} of {total} defects have no measured size and are not shown", warn=True)
-               for name, (n, total) in sizes.missing().items()]
+               for name, (n, total) in unmeasured.items()]
     if not sizes.measured:
         what = "no measured defects in this run" if not missing else "no defect of this run has a measured size"
         return html.section("sizes", "Defect sizes", [html.note(what), *missing])
@@ -149,7 +150,7 @@ def _sizes(run: Run, classes: list[str]) -> str:
                    f"Equivalent diameter (diameter of the circle of the defect's mask area) of every stitched "
                    f"defect with a measured size, per class, in {unit}."
                    + "".join(f" {name}: {n} of {total} defects have no measured size and are not shown."
-                             for name, (n, total) in sizes.missing().items())),
+                             for name, (n, total) in unmeasured.items())),
     ])
 
 

@@ -20,14 +20,13 @@ import pyarrow.parquet as pq
 
 from engine.data.sinks import SUMMARY_FILE
 from engine.errors import GrainflowError, MetadataError
+from engine.stores.catalog import CATALOG_FILE
 from engine.stores.uri import StoreLocation, resolve
 
 
 # engine.pipeline.job.MANIFEST, named here because importing the job imports torch
 # (seconds) and a report needs none of it; tests/reports checks the two agree.
 MANIFEST = "job.json"
-# engine.stores.catalog.CATALOG_FILE: what marks an archive (named here for the same reason)
-CATALOG_FILE = "catalog.parquet"
 
 # The `JobResult` numbers the report's header shows; a manifest without them was not
 # written by a finished job (or was edited), and says so instead of a KeyError.

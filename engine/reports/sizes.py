@@ -140,7 +140,7 @@ def size_distributions(run: Run, classes: Sequence[str] = ()) -> SizeDistributio
     found: dict[str, ClassSizes] = {name: ClassSizes() for name in classes}
 
     def read(image_id: str):
-        return read_output(run.out, OBJECTS, image_id=image_id).select(["class_name", "equivalent_diameter_nm"])
+        return read_output(run.out, OBJECTS, image_id=image_id, columns=["class_name", "equivalent_diameter_nm"])
 
     ids = [i for i, n in zip(run.summary["image_id"], run.summary["n_defects"]) if n > 0]
     with ThreadPoolExecutor(max_workers=_READ_THREADS) as pool:

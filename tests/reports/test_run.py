@@ -100,11 +100,3 @@ class TestCommand:
         assert cli.returncode == 2, cli.stderr
         assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
         assert str(named) in cli.stderr
-
-
-class TestNames:
-    def test_catalog_name_is_the_archives(self):
-        from engine.reports.run import CATALOG_FILE
-        from engine.stores.catalog import CATALOG_FILE as ARCHIVE_CATALOG
-
-        assert CATALOG_FILE == ARCHIVE_CATALOG
