@@ -33,7 +33,7 @@ model then expects at inference, engine.pipeline.inputs):
   of dtype (uint8 optical, uint16 SEM/TEM, float) and of detector gain between
   instruments, but treats two tiles of one image differently.
 - "image": the image's per-modality engine.preprocess parameters, fitted once per image
-  (in each read task, from the image's metadata and coarse pixels) and applied to the
+  (in each read task, from a strided sample of its level 0) and applied to the
   detail and the context tile at their own level-0 places, as the batch job and the
   endpoint apply them: every tile of an image treated alike.
 """
@@ -248,7 +248,7 @@ def _placement(image: MultiscaleImage, level: int, y: int, x: int) -> tuple[tupl
 
 class _ParamsCache:
     """The engine.preprocess parameters of the last few images of this worker process,
-    fitted once each (from the image's coarse level) for every tile read from it."""
+    fitted once each (`engine.preprocess.fit_preprocessing`) for every tile read from it."""
 
     def __init__(self, size: int = 64):
         self.size = size

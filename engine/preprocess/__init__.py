@@ -16,7 +16,6 @@ import importlib
 
 _EXPORTS = {
     "apply": "engine.preprocess.normalise",
-    "coarse_level": "engine.preprocess.fit",
     "fit_preprocessing": "engine.preprocess.fit",
     "Background": "engine.preprocess.params",
     "PreprocessParams": "engine.preprocess.params",

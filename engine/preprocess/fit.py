@@ -42,7 +42,8 @@ from scipy import ndimage
 
 from engine.errors import GrainflowError
 from engine.preprocess.params import Background, PreprocessParams, method_for
-from engine.preprocess.sample import Scan, SampleBlock, chunk_grid, scan_level, spread_indices
+from engine.preprocess.sample import Scan, SampleBlock, scan_level, spread_indices
+from engine.stores.image import chunk_grid
 from engine.tiling.transform import LevelTransform
 
 COARSE_PIXELS = 1024  # the strided sample holds about COARSE_PIXELS**2 pixels
@@ -52,14 +53,6 @@ GRID_NODES = 32  # most background nodes per axis
 POLY_DEGREE = 3  # of the illumination model
 PERCENTILES = {"SEM": (0.5, 99.5), "optical": (1.0, 99.0), "default": (1.0, 99.0)}
 TEM_SIGMAS = 3.0
-
-
-def coarse_level(image, max_pixels: int = COARSE_PIXELS) -> int:
-    """The finest level whose larger side is at most `max_pixels` (else the coarsest)."""
-    for info in image.levels:
-        if max(info.shape) <= max_pixels:
-            return info.index
-    return len(image.levels) - 1
 
 
 def fit_preprocessing(image, modality: str | None, *, line_damping: float = 0.0,

@@ -22,6 +22,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from engine.stores.image import chunk_grid
+
 WORKERS = 4  # chunks decoded at once (reads release the GIL; memory is ~WORKERS chunks)
 
 
@@ -51,11 +53,6 @@ class Scan:
         parts = [(b.values if transform is None else transform(b)).ravel() for b in self.blocks]
         values = np.concatenate(parts) if parts else np.zeros(0)
         return values[np.isfinite(values)]
-
-
-def chunk_grid(arr) -> tuple[int, int]:
-    """(y, x) size of the objects a level's store holds: its shards, else its chunks."""
-    return tuple(int(v) for v in (getattr(arr, "shards", None) or arr.chunks)[-2:])
 
 
 def spread_indices(n: int, m: int) -> np.ndarray:

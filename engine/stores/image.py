@@ -27,6 +27,11 @@ from engine.stores.uri import StoreLocation, resolve
 _log = logging.getLogger(__name__)
 
 
+def chunk_grid(arr: zarr.Array) -> tuple[int, int]:
+    """(y, x) size of the objects a level's store holds: its shards, else its chunks."""
+    return tuple(int(v) for v in (getattr(arr, "shards", None) or arr.chunks)[-2:])
+
+
 @dataclass(frozen=True)
 class LevelInfo:
     """One pyramid level: shape and chunks in (y, x) pixels, pixel size in the image unit."""
@@ -215,7 +220,7 @@ class MultiscaleImage:
         """Read each stored object under `regions` alone (with zarr-python) to name the bad
         ones: chunks, or for a sharded array its shards (the objects a store holds)."""
         arr = self.array(level)
-        ch, cw = (getattr(arr, "shards", None) or arr.chunks)[-2:]
+        ch, cw = chunk_grid(arr)
         lead = (0,) * (arr.ndim - 2)
         chunks = sorted({(cy, cx) for y0, y1, x0, x1 in regions
                          for cy in range(y0 // ch, math.ceil(y1 / ch)) for cx in range(x0 // cw, math.ceil(x1 / cw))})
