@@ -54,6 +54,11 @@ area-weighted centroid and the shape measurements of its largest piece (measured
 own tile's core and halo: a lower bound for the whole)."""
 
 
+def class_name(c: int, class_names: Sequence[str]) -> str:
+    """The name of class index `c` (its number for one the model does not name)."""
+    return class_names[c] if 0 <= c < len(class_names) else str(c)
+
+
 def json_floats(a) -> list[float | None]:
     return [None if not np.isfinite(v) else float(v) for v in np.asarray(a, np.float64).reshape(-1)]
 
@@ -67,7 +72,7 @@ def tile_detections(r, base: int, placement, class_names: Sequence[str]) -> tupl
 
     n = r.n_defects
     b0, bn = r.boxes_level0.reshape(-1, 4), r.boxes_nm.reshape(-1, 4)
-    names = [class_names[c] if 0 <= c < len(class_names) else str(c) for c in r.classes.tolist()]
+    names = [class_name(c, class_names) for c in r.classes.tolist()]
     cols = {
         "level": np.full(n, r.level, np.int32), "y": np.full(n, r.y, np.int64), "x": np.full(n, r.x, np.int64),
         "detection": np.arange(n, dtype=np.int32), "label_id": base + np.arange(n, dtype=np.int64) + 1,
@@ -132,16 +137,18 @@ class _TileArrays:
                    [tuple(t.meta.get("read_level0") or t.meta["core_level0"]) for t in tiles])
 
 
-def stitch_objects(tiles: Sequence[TileDetections], *, iou_threshold: float = 0.5):
+def stitch_objects(tiles: Sequence[TileDetections], *, iou_threshold: float = 0.5,
+                   arrays: _TileArrays | None = None):
     """Objects from the tiles' detections (`engine.tiling.stitch_groups`: the rule of
     `stitch_boxes`), keeping which detections each object was made of.
 
     Returns (boxes (K, 4) level-0 xyxy, scores (K,), classes (K,), members: K arrays of
-    row indices into the concatenated detections), objects best score first.
+    row indices into the concatenated detections), objects best score first. arrays: the
+    tiles' `_TileArrays`, when the caller has them already.
     """
     from engine.tiling.stitch import stitch_groups
 
-    a = _TileArrays.of(tiles)
+    a = arrays or _TileArrays.of(tiles)
     got = stitch_groups(a.boxes, a.scores, a.classes, a.cores, a.reads, iou_threshold=iou_threshold)
     o = got.objects
     return o.boxes, o.scores, o.classes, got.members
@@ -150,7 +157,8 @@ def stitch_objects(tiles: Sequence[TileDetections], *, iou_threshold: float = 0.
 FOREIGN_HELD = 0.5  # share of a foreign piece inside its owner's detection, both cut to what both tiles read
 
 
-def join_foreign_pieces(tiles: Sequence[TileDetections], boxes: np.ndarray, members):
+def join_foreign_pieces(tiles: Sequence[TileDetections], boxes: np.ndarray, members,
+                        arrays: _TileArrays | None = None):
     """Each tile's foreign pieces (its core's share of objects other tiles own) joined to
     the object they belong to. The owner is the tile whose core holds the piece's centre;
     both tiles saw the region their reads share, and there the piece and the owner's
@@ -161,8 +169,8 @@ def join_foreign_pieces(tiles: Sequence[TileDetections], boxes: np.ndarray, memb
     beside it, which the IoU then tells apart), and with it that detection's object.
 
     members: per object, row indices into the tiles' detections concatenated (as
-    `stitch_objects` returns them). Returns (boxes grown to hold their pieces' shares of
-    their tiles' cores (K, 4), the pieces' label ids per object, whether each box grew:
+    `stitch_objects` returns them); arrays: the tiles' `_TileArrays`, when the caller has
+    them. Returns (boxes grown to hold their pieces' shares of their tiles' cores (K, 4), the pieces' label ids per object, whether each box grew:
     its owners did not see all of it). A piece whose owner reported no such detection
     (it missed it, called it another class, or its tile failed) joins none: its pixels
     keep an id that no object lists.
@@ -176,7 +184,7 @@ def join_foreign_pieces(tiles: Sequence[TileDetections], boxes: np.ndarray, memb
         return boxes, joined, grown
     object_of = {int(row): j for j, rows in enumerate(members) for row in rows}
     offsets = np.cumsum([0] + [t.table.num_rows for t in tiles])
-    a = _TileArrays.of(tiles)
+    a = arrays or _TileArrays.of(tiles)
     cores, reads = np.array(a.cores, np.float64), np.array(a.reads, np.float64)
     for mine, t in enumerate(tiles):
         for label_id, cls, *piece in t.meta.get("foreign", ()):
@@ -319,7 +327,7 @@ def objects_table(detections: pa.Table, boxes, scores, classes, members, class_n
         w = a if a.sum() > 0 else np.ones(len(rows_j))
         rows["object_id"].append(j)
         rows["class"].append(int(cls))
-        rows["class_name"].append(class_names[int(cls)] if 0 <= cls < len(class_names) else str(int(cls)))
+        rows["class_name"].append(class_name(int(cls), class_names))
         rows["score"].append(float(score))
         for name, v in zip(("x0", "y0", "x1", "y1"), box):
             rows[name].append(float(v))
@@ -350,8 +358,9 @@ def image_objects(tiles: Sequence[TileDetections], class_names: Sequence[str], p
                   whole: WholeObjects | None = None, *, iou_threshold: float = 0.5) -> pa.Table:
     """An image's objects (`OBJECT_SCHEMA`) from its tiles' detections: stitched across
     tile borders, joined with the foreign pieces, measured whole where `whole` is given."""
-    boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold)
-    boxes, foreign_ids, grown = join_foreign_pieces(tiles, boxes, members)
+    arrays = _TileArrays.of(tiles)  # for both steps
+    boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold, arrays=arrays)
+    boxes, foreign_ids, grown = join_foreign_pieces(tiles, boxes, members, arrays)
     detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
     return objects_table(detections, boxes, scores, classes, members, list(class_names), pixel_nm, whole,
                          foreign_ids, grown)

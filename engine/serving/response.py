@@ -83,11 +83,6 @@ def core_corner(tile) -> tuple[float, float]:
     return float(oy + top * sy), float(ox + left * sx)
 
 
-def _class_name(c: int, class_names: Sequence[str]) -> str:
-    """The name of class index `c` (its number for one the model does not name)."""
-    return class_names[c] if 0 <= c < len(class_names) else str(c)
-
-
 def _mask_of(r: TileResult, j: int, scale: tuple[float, float], corner: tuple[float, float]) -> dict[str, Any]:
     top, left = float(corner[0]), float(corner[1])
     sel = r.core_labels == j + 1
@@ -104,13 +99,15 @@ def detections(r: TileResult, class_names: Sequence[str], scale: tuple[float, fl
                corner: tuple[float, float]) -> list[dict[str, Any]]:
     """The detections of one tile; scale: level-0 px per tile px (y, x), the tile's;
     corner: level-0 (y, x) of its core's corner (`core_corner`)."""
+    from engine.data.objects import class_name
+
     out = []
     for j in range(r.n_defects):
         c = int(r.classes[j])
         d = {
             "tile": [int(r.y), int(r.x)],
             "class_id": c,
-            "class": _class_name(c, class_names),
+            "class": class_name(c, class_names),
             "score": float(r.scores[j]),
             "box_px": [float(v) for v in r.boxes_level0[j]],
             "box_nm": [float(v) for v in r.boxes_nm[j]],
@@ -172,7 +169,9 @@ def objects(results: Sequence[TileResult], tiles: Sequence[Any], class_names: Se
     tiles' cores side by side. Best score first; `detections`: indices into the answer's
     detections (the results' detections in order) it was made of. results, tiles: the
     successful tiles' results and their `TileInput`s (one image: one scale)."""
-    from engine.data.objects import TileDetections, TileLabels, WholeObjects, image_objects, tile_detections
+    from engine.data.objects import (
+        TileDetections, TileLabels, WholeObjects, class_name, image_objects, tile_detections,
+    )
 
     if not results:
         return []
@@ -189,7 +188,7 @@ def objects(results: Sequence[TileResult], tiles: Sequence[Any], class_names: Se
     out = []
     for o in table.to_pylist():
         c, box = int(o["class"]), [o[k] for k in ("x0", "y0", "x1", "y1")]
-        d = {"class_id": c, "class": _class_name(c, class_names), "score": float(o["score"]), "box_px": box,
+        d = {"class_id": c, "class": class_name(c, class_names), "score": float(o["score"]), "box_px": box,
              "box_nm": [o[k] for k in ("x0_nm", "y0_nm", "x1_nm", "y1_nm")],
              "parts": int(o["parts"]), "detections": [row_of[i] for i in o["label_ids"] if i in row_of],
              "centroid_px": [_num(o["centroid_y"]), _num(o["centroid_x"])],
