@@ -83,16 +83,23 @@ def core_corner(tile) -> tuple[float, float]:
     return float(oy + top * sy), float(ox + left * sx)
 
 
-def _mask_of(r: TileResult, j: int, scale: tuple[float, float], corner: tuple[float, float]) -> dict[str, Any]:
-    top, left = float(corner[0]), float(corner[1])
-    sel = r.core_labels == j + 1
+def _rle_mask(sel: np.ndarray, corner_of, scale) -> dict[str, Any]:
+    """The answer's RLE mask of the True pixels of `sel` (h, w): cropped to their extent,
+    placed at `corner_of(y, x)` (level-0 (y, x) of pixel (y, x)'s corner), `scale`
+    level-0 px per mask px (y, x)."""
     ys, xs = np.nonzero(sel)
     if len(ys) == 0:
         return {"origin_px": None, "scale": None, "size": [0, 0], "counts": []}
     y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
+    top, left = corner_of(y0, x0)
+    return {"origin_px": [float(top), float(left)], "scale": [float(scale[0]), float(scale[1])],
+            "size": [int(y1 - y0), int(x1 - x0)], "counts": rle_encode(sel[y0:y1, x0:x1])}
+
+
+def _mask_of(r: TileResult, j: int, scale: tuple[float, float], corner: tuple[float, float]) -> dict[str, Any]:
+    top, left = float(corner[0]), float(corner[1])
     sy, sx = float(scale[0]), float(scale[1])
-    return {"origin_px": [top + y0 * sy, left + x0 * sx], "scale": [sy, sx], "size": [int(y1 - y0), int(x1 - x0)],
-            "counts": rle_encode(sel[y0:y1, x0:x1])}
+    return _rle_mask(r.core_labels == j + 1, lambda y, x: (top + y * sy, left + x * sx), (sy, sx))
 
 
 def detections(r: TileResult, class_names: Sequence[str], scale: tuple[float, float],
@@ -203,13 +210,7 @@ def _object_mask(whole, box, label_ids) -> dict[str, Any]:
     """The RLE mask (as a detection's) of every pixel of one object: its pieces in their
     own tiles' cores and the parts other tiles painted of it."""
     ly0, lx0, mask = whole.mask(box, label_ids)
-    ys, xs = np.nonzero(mask)
-    if not len(ys):
-        return {"origin_px": None, "scale": None, "size": [0, 0], "counts": []}
-    y0, y1, x0, x1 = ys.min(), ys.max() + 1, xs.min(), xs.max() + 1
-    top, left = whole.transform.to_level0(ly0 + y0, lx0 + x0)
-    return {"origin_px": [float(top), float(left)], "scale": [float(f) for f in whole.transform.factor],
-            "size": [int(y1 - y0), int(x1 - x0)], "counts": rle_encode(mask[y0:y1, x0:x1])}
+    return _rle_mask(mask, lambda y, x: whole.transform.to_level0(ly0 + y, lx0 + x), whole.transform.factor)
 
 
 def respond(analysed: dict[str, Any], *, image: dict[str, Any], alias: str, request_id: str,
