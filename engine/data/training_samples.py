@@ -42,7 +42,7 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
@@ -158,27 +158,31 @@ def instance_targets(instances: np.ndarray, spec: SampleSpec) -> tuple[np.ndarra
     return boxes[present], ids[present], np.asarray(spec.instance_classes, np.int64)[present]
 
 
-class _ImageCache:
-    """The last few opened images of this worker process: opening reads Zarr metadata
-    and sets up a reader per level, worth keeping between batches of one image. An
-    archive is taken to be immutable while it is being trained on."""
+class _Recent:
+    """The last `size` values made by this worker process, by key: an opened image (its
+    Zarr metadata and a reader per level) or its fitted preprocessing, worth keeping
+    between batches of one image. An archive is taken to be immutable while it is being
+    trained on."""
 
-    def __init__(self, size: int = 16):
+    def __init__(self, size: int):
         self.size = size
-        self._images: OrderedDict[str, MultiscaleImage] = OrderedDict()
+        self._values: OrderedDict[str, Any] = OrderedDict()
 
-    def get(self, uri: str) -> MultiscaleImage:
-        if uri in self._images:
-            self._images.move_to_end(uri)
-            return self._images[uri]
-        image = open_image(uri)
-        self._images[uri] = image
-        if len(self._images) > self.size:
-            self._images.popitem(last=False)
-        return image
+    def get(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._values:
+            self._values[key] = make()
+            if len(self._values) > self.size:
+                self._values.popitem(last=False)
+        self._values.move_to_end(key)
+        return self._values[key]
 
 
-_CACHE = _ImageCache()
+_IMAGES = _Recent(16)  # uri -> MultiscaleImage
+_PARAMS = _Recent(64)  # uri -> engine.preprocess parameters (`fit_preprocessing`)
+
+
+def _open(uri: str) -> MultiscaleImage:
+    return _IMAGES.get(uri, lambda: open_image(uri))
 
 
 class ReadSamples:
@@ -200,15 +204,15 @@ class ReadSamples:
         return _columns(rows)
 
     def read(self, spec: SampleSpec) -> dict[str, Any]:
-        image = _CACHE.get(spec.image_uri)
+        image = _open(spec.image_uri)
         t = spec.tile
         detail = read_window(image, spec.level, spec.y, spec.x, t, t)
         row: dict[str, Any] = {}
         context = read_context(image, spec) if spec.context_tile else None
         if self.normalisation == "image":
-            from engine.preprocess import apply
+            from engine.preprocess import apply, fit_preprocessing
 
-            params = _PARAMS.get(image, spec.modality)
+            params = _PARAMS.get(image.uri, lambda: fit_preprocessing(image, spec.modality))
             row["image"] = apply(params, detail, *_placement(image, spec.level, spec.y, spec.x))
             if context is not None:
                 cy, cx = context_origin(spec.y, spec.x, spec.tile, spec.context_tile, spec.context_offset)
@@ -219,7 +223,7 @@ class ReadSamples:
         else:
             row["image"] = normalise_tile(detail)
         if self.mask is not None:
-            labels = _CACHE.get(image.location.join("labels", LABELS).uri)
+            labels = _open(image.location.join("labels", LABELS).uri)
             instances = read_window(labels, spec.level, spec.y, spec.x, t, t, pad="zero")
             if self.mask == "semantic":
                 row["mask"] = semantic_mask(instances, spec)
@@ -246,27 +250,6 @@ def _placement(image: MultiscaleImage, level: int, y: int, x: int) -> tuple[tupl
     return t.to_level0(y * f, x * f), (t.factor[0] * f, t.factor[1] * f)
 
 
-class _ParamsCache:
-    """The engine.preprocess parameters of the last few images of this worker process,
-    fitted once each (`engine.preprocess.fit_preprocessing`) for every tile read from it."""
-
-    def __init__(self, size: int = 64):
-        self.size = size
-        self._params: OrderedDict[str, Any] = OrderedDict()
-
-    def get(self, image: MultiscaleImage, modality: str):
-        from engine.preprocess import fit_preprocessing
-
-        key = image.location.uri
-        if key not in self._params:
-            self._params[key] = fit_preprocessing(image, modality)
-            if len(self._params) > self.size:
-                self._params.popitem(last=False)
-        self._params.move_to_end(key)
-        return self._params[key]
-
-
-_PARAMS = _ParamsCache()
 
 _RAGGED = ("boxes", "instance_ids", "classes")
 _DTYPES = {"pixel_size_nm": np.float64, "seed": np.int64, "material_index": np.int64,
