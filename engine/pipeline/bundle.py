@@ -55,16 +55,13 @@ def bundle_tags(inputs: Mapping[str, str] | None = None, pixel_size_nm: float | 
 
 
 def member_inputs(registry, members: Mapping[str, str]) -> dict[str, str]:
-    """role -> the input mode each member was trained with, for `bundle_tags`: the
-    version's TRAINED_INPUT_TAG (engine.training records it), else the role's default
-    (engine.pipeline.inputs.DEFAULT_INPUTS). members: role -> member ref."""
-    from engine.pipeline.inputs import DEFAULT_INPUTS, TRAINED_INPUT_TAG
+    """role -> the input mode its member was trained with (the version's TRAINED_INPUT_TAG,
+    which engine.training records), for the members that record one; `bundle_tags` gives
+    the others their role's default. members: role -> member ref."""
+    from engine.pipeline.inputs import TRAINED_INPUT_TAG
 
-    out = {}
-    for role, ref in members.items():
-        mode = registry.get(ref).tags.get(TRAINED_INPUT_TAG)
-        out[role] = mode if mode is not None else DEFAULT_INPUTS.get(role, "tile")
-    return out
+    modes = {role: registry.get(ref).tags.get(TRAINED_INPUT_TAG) for role, ref in members.items()}
+    return {role: mode for role, mode in modes.items() if mode is not None}
 
 
 def load_bundle(ref: str, registry=None, *, cache_dir: str | Path | None = None,

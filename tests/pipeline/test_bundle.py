@@ -141,9 +141,10 @@ def test_a_bundle_runs_each_member_the_way_it_was_trained(registry, members, tmp
         tags = {TRAINED_INPUT_TAG: "image"} if role == "classifier" else {}
         refs[role] = registry.register(f"m-{role}", path, family=role, config=model.config.to_dict(), tags=tags).ref
     modes = member_inputs(registry, refs)
-    assert modes == {"detector": DEFAULT_INPUTS["detector"], "segmenter": DEFAULT_INPUTS["segmenter"],
-                     "classifier": "image"}
-    bundle = registry.register_bundle("m", refs, tags=bundle_tags(modes))
+    assert modes == {"classifier": "image"}
+    tags = bundle_tags(modes)
+    assert tags["input.detector"] == DEFAULT_INPUTS["detector"] and tags["input.classifier"] == "image"
+    bundle = registry.register_bundle("m", refs, tags=tags)
     config = EnsembleConfig(**TEST_CONFIG)
     loaded = Ensemble.from_registry(bundle.ref, registry, config=config, cache_dir=tmp_path / "cache")
     assert loaded.inputs["classifier"] == "image" and loaded.inputs["segmenter"] == "tile"
