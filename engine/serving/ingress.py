@@ -12,7 +12,7 @@ Routes (the OpenAPI schema at /openapi.json documents them):
 Keys come as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (the schema's two
 security schemes, either one), checked against the keys file as it is now
 (`engine.serving.keys`: a revoked key is refused within a second). Checks run in
-this order, before the body is read: key (401), scope (403), rate (429 with
+this order, before the app reads the body: key (401), scope (403), rate (429 with
 Retry-After), Content-Length (413; 411 without one); then the body: media type (415),
 fields (422), pixel count (413: as uploaded, and once resampled to the models' pixel
 size by the preprocess stage). Every error is JSON (`schemas.ErrorBody`). Every
@@ -23,6 +23,13 @@ or whose secret is wrong logs the key id it claims, with ``key_claimed: true``.
 
 `X-Request-ID` (sent, or made here and returned; at most 128 characters, else 400) picks
 the traffic arm (sticky).
+
+"Before the app reads the body" is not before anything reads it: Serve's HTTP proxy
+takes a request's body into memory as it arrives, and these checks run once an ingress
+replica takes the request, so with every replica busy a huge upload, keyed or not, sits
+in the proxy's memory. Anywhere but loopback the endpoint belongs behind a front proxy
+that refuses bodies over `max_body_bytes` itself (cluster/kuberay/rayservice.yaml's
+Ingress: nginx's proxy-body-size).
 """
 
 
@@ -130,7 +137,7 @@ _NOTHING_SENT = "No response returned."
 
 @api.middleware("http")
 async def _guard_and_audit(request: Request, call_next):
-    """Key, scope, rate and size checks before the body is read; one audit line after."""
+    """Key, scope, rate and size checks before the app reads the body; one audit line after."""
     ingress: Ingress = request.app.state.ingress
     started = time.perf_counter()
     rid = request.headers.get("x-request-id")

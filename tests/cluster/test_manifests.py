@@ -172,3 +172,21 @@ class TestKubeRay:
             volumes = {v["name"] for v in pod["volumes"]}
             mounts = {m["mountPath"]: m["name"] for c in pod["containers"] for m in c["volumeMounts"]}
             assert mounts.get(audit_dir) in volumes, pod["containers"][0]["name"]
+
+    def test_the_ingress_refuses_bodies_the_app_would_refuse(self):
+        """Serve's proxy buffers a body before the app's size check runs, so the Ingress in
+        front of the RayService must refuse what the app would: same limit, same service."""
+        from engine.serving.config import ServeConfig
+
+        documents = docs(CLUSTER / "kuberay" / "rayservice.yaml")
+        (svc,) = [d for d in documents if d["kind"] == "RayService"]
+        (ingress,) = [d for d in documents if d["kind"] == "Ingress"]
+        serve_config = yaml.safe_load(svc["spec"]["serveConfigV2"])
+        (app,) = serve_config["applications"]
+        limit = app["args"].get("max_body_bytes", ServeConfig.model_fields["max_body_bytes"].default)
+        size = ingress["metadata"]["annotations"]["nginx.ingress.kubernetes.io/proxy-body-size"]
+        units = {"k": 2**10, "m": 2**20, "g": 2**30}
+        assert int(size[:-1]) * units[size[-1].lower()] == limit
+        backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
+        assert backends == [{"name": f"{svc['metadata']['name']}-serve-svc",
+                             "port": {"number": serve_config["http_options"]["port"]}}]
