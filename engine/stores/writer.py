@@ -2,11 +2,18 @@
 
 The multiscales metadata is written last, so a reader never sees an image whose
 pyramid is half built: until `close()` the group has no `multiscales`.
+
+Writing over an existing image never destroys it before the new one is complete: the
+new image goes to a hidden sibling (`.<name>.partial-<hex>`) and `close()` swaps it in
+(see `_commit`). An error or interrupt before then leaves the old image as it was.
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import os
+import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,11 +26,19 @@ from engine.stores.pyramid import n_levels_for, write_next_level
 from engine.stores.uri import StoreLocation, resolve
 
 DEFAULT_CHUNK = 512
+_ROOT_METADATA = "zarr.json"
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
 class ImageInfo:
-    """What `ImageWriter.close()` wrote; feeds a catalog row."""
+    """What `ImageWriter.close()` wrote; feeds a catalog row.
+
+    `replaced`: where the image this one replaced was moved aside, when the writer was
+    asked to keep it (`keep_replaced=True`, local disk only); the caller deletes it with
+    `remove_image` once nothing (a catalog row) describes it any more. Else None.
+    """
 
     uri: str
     shape: tuple[int, int]
@@ -33,6 +48,7 @@ class ImageInfo:
     pixel_size: tuple[float, float]
     unit: str
     checksum: str
+    replaced: str | None = None
 
 
 class _LevelZeroWriter:
@@ -104,6 +120,11 @@ class ImageWriter:
 
     `pixel_size` is the level-0 pixel size in `unit` (one number, or (y, x)).
     `attributes` are stored beside the NGFF metadata under the `grainflow` key.
+
+    An image already at `uri` stays whole and readable until `close()` swaps the new one
+    in; with `keep_replaced` (local disk) it is moved aside rather than deleted, and
+    `info.replaced` says where. Leaving the `with` block by an exception, or `abort()`,
+    removes what was written and leaves any old image as it was.
     """
 
     def __init__(
@@ -117,6 +138,7 @@ class ImageWriter:
         chunk: int = DEFAULT_CHUNK,
         name: str | None = None,
         attributes: dict[str, Any] | None = None,
+        keep_replaced: bool = False,
     ):
         self.location = resolve(uri)
         if len(shape) != 2 or min(shape) < 1:
@@ -131,7 +153,10 @@ class ImageWriter:
         self.chunk = int(chunk)
         self.name = name or self.location.name
         self.attributes = dict(attributes or {})
-        self.group = zarr.open_group(self.location.zarr_store(read_only=False), mode="w", zarr_format=3)
+        self.keep_replaced = keep_replaced
+        self._staging = _staging_for(self.location)
+        self._complete = False
+        self.group = zarr.open_group(self._staging.zarr_store(read_only=False), mode="w", zarr_format=3)
         self._image = _LevelZeroWriter(self.group, self.shape, self.dtype, self.chunk, labels=False)
         self._labels: dict[str, tuple[LabelWriter, dict[str, Any]]] = {}
         self.info: ImageInfo | None = None
@@ -175,18 +200,34 @@ class ImageWriter:
         if self.attributes:
             attrs["grainflow"] = self.attributes
         self.group.attrs.update(attrs)
+        # From here the image is complete: should the swap fail, it stays where it was
+        # written rather than being cleaned up with a half-written one.
+        self._complete = True
+        replaced = _commit(self._staging, self.location, keep_replaced=self.keep_replaced)
         self.info = ImageInfo(
             uri=self.location.uri, shape=self.shape, dtype=str(self.dtype), levels=n, chunk=self.chunk,
             pixel_size=self.pixel_size, unit=self.unit, checksum=self._image.checksum(),
+            replaced=None if replaced is None else replaced.uri,
         )
         return self.info
+
+    def abort(self) -> None:
+        """Remove what this writer wrote; an image it was to replace is left untouched."""
+        if not self._complete:
+            remove_image(self._staging)
 
     def __enter__(self) -> ImageWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        if exc_type is None:
+        if exc_type is not None:
+            _abort_quietly(self)
+            return
+        try:
             self.close()
+        except BaseException:
+            _abort_quietly(self)
+            raise
 
 
 def write_image(
@@ -199,16 +240,112 @@ def write_image(
     labels: dict[str, np.ndarray] | None = None,
     attributes: dict[str, Any] | None = None,
     name: str | None = None,
+    keep_replaced: bool = False,
 ) -> ImageInfo:
-    """Write an in-memory (y, x) array (and optional same-shape label arrays) as OME-Zarr v0.5."""
+    """Write an in-memory (y, x) array (and optional same-shape label arrays) as OME-Zarr v0.5.
+
+    An image already at `uri` is replaced only once the new one is complete; see
+    `ImageWriter` for `keep_replaced`.
+    """
     if pixels.ndim != 2:
         raise ValueError(f"{uri}: expected a 2-D (y, x) array, got shape {pixels.shape}")
-    writer = ImageWriter(uri, shape=pixels.shape, dtype=pixels.dtype, pixel_size=pixel_size, unit=unit,
-                         chunk=chunk, name=name, attributes=attributes)
-    label_writers = {k: (writer.add_labels(k, dtype=v.dtype), v) for k, v in (labels or {}).items()}
-    for y in range(0, pixels.shape[0], chunk):
-        for x in range(0, pixels.shape[1], chunk):
-            writer.write_tile(y, x, pixels[y : y + chunk, x : x + chunk])
-            for lw, arr in label_writers.values():
-                lw.write_tile(y, x, arr[y : y + chunk, x : x + chunk])
-    return writer.close()
+    with ImageWriter(uri, shape=pixels.shape, dtype=pixels.dtype, pixel_size=pixel_size, unit=unit,
+                     chunk=chunk, name=name, attributes=attributes, keep_replaced=keep_replaced) as writer:
+        label_writers = {k: (writer.add_labels(k, dtype=v.dtype), v) for k, v in (labels or {}).items()}
+        for y in range(0, pixels.shape[0], chunk):
+            for x in range(0, pixels.shape[1], chunk):
+                writer.write_tile(y, x, pixels[y : y + chunk, x : x + chunk])
+                for lw, arr in label_writers.values():
+                    lw.write_tile(y, x, arr[y : y + chunk, x : x + chunk])
+    return writer.info
+
+
+def remove_image(uri: str | StoreLocation) -> None:
+    """Delete an image (a replaced one `ImageInfo.replaced` names); nothing there is fine."""
+    location = resolve(uri)
+    fs = location.filesystem()
+    if fs.exists(location.path):
+        fs.rm(location.path, recursive=True)
+
+
+def _staging_for(target: StoreLocation) -> StoreLocation:
+    """Where the writer puts the image until `close()`.
+
+    A hidden sibling on local disk, where moving it into place is a rename; elsewhere
+    the target itself when nothing is there yet (on an object store moving is a second
+    write of every chunk, and a first write has no old image to protect).
+    """
+    if target.scheme != "file":
+        fs = target.filesystem()
+        fs.invalidate_cache(target.path)  # s3fs caches listings: another writer may have added it since
+        if not fs.exists(target.path):
+            return target
+    return target.parent().join(f".{target.name}.partial-{uuid.uuid4().hex[:12]}")
+
+
+def _commit(staged: StoreLocation, target: StoreLocation, *, keep_replaced: bool) -> StoreLocation | None:
+    """Put the complete image at `staged` in place at `target`; return the old image's
+    aside location when kept (local disk and `keep_replaced` only), else None."""
+    if staged == target:
+        return None
+    if target.scheme == "file":
+        # Two renames within one folder: the old image leaves and the new one arrives
+        # whole; there is never a half-old, half-new image at `target`.
+        aside = None
+        if os.path.lexists(target.path):
+            aside = target.parent().join(f".{target.name}.replaced-{uuid.uuid4().hex[:12]}")
+            os.rename(target.path, aside.path)
+        try:
+            os.rename(staged.path, target.path)
+        except BaseException:
+            if aside is not None:
+                os.rename(aside.path, target.path)
+            raise
+        if aside is not None and not keep_replaced:
+            remove_image(aside)
+            return None
+        return aside
+    _copy_over(staged, target)
+    return None
+
+
+def _copy_over(staged: StoreLocation, target: StoreLocation) -> None:
+    """Replace the image at `target` by the complete one at `staged` on a store without
+    rename (S3, memory://).
+
+    S3 cannot swap many keys at once. Writing under a new name and pointing the catalog
+    at it would be atomic, but would break the `images/<id>.ome.zarr` layout that tools
+    and users rely on. So the slow part (decoding, level 0, the pyramid) happens beside
+    the old image, which stays readable throughout; only this copy, done by the store
+    server-side, is exposed. The target's root zarr.json goes first and comes back last,
+    so during the copy a reader finds no image rather than a mix of old and new chunks;
+    if the copy is cut short the complete new image is still at `staged`.
+    """
+    fs = target.filesystem()
+    fs.invalidate_cache(staged.path)  # written through zarr's own filesystem instance
+    fs.invalidate_cache(target.path)
+
+    def relative(root: StoreLocation) -> dict[str, str]:
+        prefix = root.path.rstrip("/") + "/"
+        found = fs.find(root.path) if fs.exists(root.path) else []
+        return {p[len(prefix):]: p for p in found if p.startswith(prefix)}
+
+    new, old = relative(staged), relative(target)
+    if _ROOT_METADATA in old:
+        fs.rm_file(old[_ROOT_METADATA])
+    keys = sorted(k for k in new if k != _ROOT_METADATA)
+    if keys:
+        fs.copy([new[k] for k in keys], [target.join(k).path for k in keys])
+    stale = [path for k, path in old.items() if k not in new and k != _ROOT_METADATA]
+    if stale:  # an old image's extra pyramid levels, labels, ...
+        fs.rm(stale)
+    fs.copy(new[_ROOT_METADATA], target.join(_ROOT_METADATA).path)
+    fs.rm(staged.path, recursive=True)
+
+
+def _abort_quietly(writer: ImageWriter) -> None:
+    # Called while another exception propagates: that one is what the user must see.
+    try:
+        writer.abort()
+    except Exception as exc:  # a store error while cleaning up
+        logger.warning("%s: could not remove the partly written image: %s", writer.location, exc)

@@ -239,7 +239,7 @@ class TestTiffResolutionTags:
         assert math.isclose(_nm(image.pixel_size[0], image.unit), 3.7, rel_tol=1e-9)
 
         cat = _row(archive, row.image_id)
-        assert (cat.modality, cat.material, cat.source, cat["dtype"]) == ("optical", "ferritic steel", path.name, dtype)
+        assert (cat.modality, cat.material, cat.source, cat["dtype"]) == ("optical", "ferritic steel", str(path.resolve()), dtype)
         assert (cat.height, cat.width) == pixels.shape
         assert cat.acquired_at == datetime(2024, 3, 14, 10, 11, 12, tzinfo=timezone.utc)
         assert image.attributes["pixel_size_source"].startswith("TIFF XResolution")
@@ -260,6 +260,27 @@ class TestTiffResolutionTags:
         image = read_instrument_file(path)
         assert image.pixel_size is None
         assert any("72" in n for n in image.notes)
+
+    @pytest.mark.parametrize("resolution,unit,imagej", [
+        (72.0, "INCH", True),  # ImageJ saving an image it opened from a 72 dpi PNG: unit 'inch'
+        (150.0, "INCH", False), (300.0, "INCH", False), (600.0, "INCH", False), (1200.0, "INCH", False),
+        (72.0, "CENTIMETER", False),  # the dpi number written per cm
+        (72 / 2.54, "CENTIMETER", False),  # 72 dpi converted to cm (GIMP with a cm unit)
+        (300 / 2.54, "CENTIMETER", True),
+    ])
+    def test_screen_and_print_dpi_is_no_pixel_size(self, tmp_path, resolution, unit, imagej):
+        path = tmp_path / "exported.tif"
+        if imagej:
+            tifffile.imwrite(path, _pixels("uint8"), imagej=True, resolution=(resolution, resolution),
+                             metadata={"unit": "inch" if unit == "INCH" else "cm"})
+        else:
+            tifffile.imwrite(path, _pixels("uint8"), resolution=(resolution, resolution), resolutionunit=unit)
+        image = read_instrument_file(path)
+        assert (image.pixel_size, image.unit) == (None, None)
+        assert any("not a calibration" in n for n in image.notes)
+        # ingest then asks for the pixel size, and says why the file's resolution was not used
+        with pytest.raises(IngestError, match=r"exported\.tif: no pixel size.*screen/print.*--pixel-size"):
+            ingest_files([path], tmp_path / "a", modality="optical")
 
     def test_imagej_unit_and_resolution(self, tmp_path):
         path = tmp_path / "ij.tif"
@@ -287,6 +308,36 @@ class TestTiffResolutionTags:
             np.testing.assert_array_equal(_stored(tmp_path / "a", r.image_id)[1], stack[k])
             assert math.isclose(_nm(r.pixel_size_x, r.unit), 5.0, rel_tol=1e-9)
 
+    def test_pages_of_different_sizes_each_become_an_image(self, tmp_path):
+        """An acquisition macro appending micrographs of several sizes to one TIFF, with a thumbnail."""
+        shapes = [(40, 50), (80, 100), (40, 50), (30, 33)]
+        pages = [_pixels("uint16", shape=shape, seed=k) for k, shape in enumerate(shapes)]
+        path = tmp_path / "session.tif"
+        with tifffile.TiffWriter(path) as tw:
+            for k, page in enumerate(pages):
+                tw.write(page, resolution=(1e7 / 5, 1e7 / 5), resolutionunit="CENTIMETER")
+                if k == 1:
+                    tw.write(page[::4, ::4], subfiletype=1)  # reduced-resolution preview: not an image
+        rows = ingest_files([path], tmp_path / "a", modality="SEM", chunk=CHUNK)
+        assert [r.image_id for r in rows] == ["session_0", "session_1", "session_2", "session_3"]
+        assert sorted(read_catalog(tmp_path / "a").image_id) == [r.image_id for r in rows]
+        for r, page in zip(rows, pages):
+            image, stored = _stored(tmp_path / "a", r.image_id)
+            np.testing.assert_array_equal(stored, page)
+            assert math.isclose(_nm(r.pixel_size_x, r.unit), 5.0, rel_tol=1e-9)
+            assert any("reduced-resolution" in n for n in image.attributes["notes"])
+
+    def test_a_page_half_the_size_of_another_is_still_an_image(self, tmp_path):
+        """tifffile files such a page as a pyramid level unless the page says it is reduced."""
+        big, half = _pixels("uint8", shape=(64, 64), seed=1), _pixels("uint8", shape=(32, 32), seed=2)
+        path = tmp_path / "two.tif"
+        with tifffile.TiffWriter(path) as tw:
+            for page in (big, half):
+                tw.write(page, metadata=None, resolution=(1e7 / 5, 1e7 / 5), resolutionunit="CENTIMETER")
+        images = list(read_instrument_images(path))
+        assert [i.part for i in images] == ["0", "1"]
+        np.testing.assert_array_equal(images[1].pixels, half)
+
     def test_rgb_with_equal_channels_keeps_one_losslessly(self, tmp_path):
         gray = _pixels("uint8")
         path = tmp_path / "export.tif"
@@ -306,6 +357,23 @@ class TestTiffResolutionTags:
         assert any("BT.709" in n for n in image.attributes["notes"])
 
 
+    def test_colour_conversion_works_in_bounded_memory(self):
+        """A large colour image is converted in blocks, never as a float64 copy of the whole."""
+        import tracemalloc
+
+        from engine.stores.ingest.base import to_grayscale
+
+        rgb = np.random.default_rng(0).integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
+        tracemalloc.start()
+        try:
+            gray, note = to_grayscale(rgb, "big.tif")
+            peak = tracemalloc.get_traced_memory()[1]
+        finally:
+            tracemalloc.stop()
+        assert "BT.709" in note and gray.shape == (2048, 2048) and gray.dtype == np.uint8
+        assert peak < 4 * gray.nbytes  # the output and one block's arithmetic (whole-image float64: 32x)
+
+
 class TestSemVendorTiff:
     def test_fei_pixel_size_modality_and_data_bar(self, tmp_path):
         frame = _pixels("uint16", shape=(40, 50))
@@ -320,7 +388,7 @@ class TestSemVendorTiff:
         assert math.isclose(_nm(row.pixel_size_y, row.unit), 3.1, rel_tol=1e-9)
         assert row.acquired_at == datetime(2024, 3, 14, 10, 11, 12, tzinfo=timezone.utc)
         attrs = image.attributes
-        assert attrs["modality"] == "SEM" and attrs["source"] == "helios.tif"
+        assert attrs["modality"] == "SEM" and attrs["source"] == str(path.resolve())
         assert attrs["source_format"] == "TIFF (FEI/Thermo Fisher)"
         assert attrs["pixel_size_source"].startswith("FEI metadata [Scan]")
         assert attrs["original_metadata"]["FEI.Scan.PixelWidth"] == 2.5e-9
@@ -516,6 +584,95 @@ class TestArchive:
         assert df.image_id.tolist() == ["same"] == [first[0].image_id] == [second[0].image_id]
         assert df.checksum.iloc[0] == second[0].checksum != first[0].checksum
         np.testing.assert_array_equal(_stored(archive, "same")[1], _pixels("uint16", seed=9))
+
+    def test_same_file_name_from_another_folder_is_another_image(self, tmp_path):
+        """Instruments write img001.tif in every session folder; ingested in separate runs."""
+        day1, day2 = tmp_path / "day1" / "img001.tif", tmp_path / "day2" / "img001.tif"
+        for path, value in ((day1, 11), (day2, 22)):
+            path.parent.mkdir()
+            tifffile.imwrite(path, np.full((40, 50), value, np.uint8), resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+        archive = tmp_path / "a"
+        ingest_files([day1], archive, modality="SEM", material="steel A", chunk=CHUNK)
+        ingest_files([day2], archive, modality="SEM", material="steel B", chunk=CHUNK)
+        df = read_catalog(archive).set_index("image_id")
+        assert df.source.to_dict() == {"img001": str(day1), "img001-2": str(day2)}
+        assert df.material.to_dict() == {"img001": "steel A", "img001-2": "steel B"}
+        assert _stored(archive, "img001")[1][0, 0] == 11 and _stored(archive, "img001-2")[1][0, 0] == 22
+
+        # re-ingesting either file replaces its own image, whatever the order or batch
+        tifffile.imwrite(day2, np.full((40, 50), 33, np.uint8), resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+        [row] = ingest_files([day2], archive, modality="SEM", chunk=CHUNK)
+        assert row.image_id == "img001-2"
+        again = ingest_files([day2, day1], archive, modality="SEM", chunk=CHUNK)
+        assert [r.image_id for r in again] == ["img001-2", "img001"]
+        assert sorted(read_catalog(archive).image_id) == ["img001", "img001-2"]
+        assert _stored(archive, "img001")[1][0, 0] == 11 and _stored(archive, "img001-2")[1][0, 0] == 33
+
+    def test_an_image_recorded_by_file_name_only_is_not_overwritten(self, tmp_path, caplog):
+        """Archives from before full paths were recorded: which folder is unknown, so keep it."""
+        import dataclasses
+
+        from engine.stores.catalog import upsert_catalog
+
+        old, new = tmp_path / "old" / "img.tif", tmp_path / "new" / "img.tif"
+        for path, value in ((old, 1), (new, 2)):
+            path.parent.mkdir()
+            tifffile.imwrite(path, np.full((40, 50), value, np.uint8), resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+        archive = tmp_path / "a"
+        [row] = ingest_files([old], archive, modality="SEM", chunk=CHUNK)
+        upsert_catalog(resolve(archive), [dataclasses.replace(row, source="img.tif")])
+        [row] = ingest_files([new], archive, modality="SEM", chunk=CHUNK)
+        assert row.image_id == "img-2" and "folder was not recorded" in caplog.text
+        assert _stored(archive, "img")[1][0, 0] == 1 and _stored(archive, "img-2")[1][0, 0] == 2
+
+    def test_interrupted_reingest_keeps_the_catalogued_image(self, tmp_path, monkeypatch):
+        import errno
+
+        import engine.stores.writer as writer
+
+        path = tmp_path / "a.tif"
+        first = _pixels("uint16", seed=1)
+        tifffile.imwrite(path, first, resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+        archive = tmp_path / "arch"
+        [row] = ingest_files([path], archive, modality="SEM", chunk=CHUNK)
+
+        def disk_full(*args, **kwargs):  # fails while the new image's pyramid is built
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        tifffile.imwrite(path, _pixels("uint16", seed=2), resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+        monkeypatch.setattr(writer, "write_next_level", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            ingest_files([path], archive, modality="SEM", chunk=CHUNK)
+        assert _row(archive, "a").checksum == row.checksum
+        np.testing.assert_array_equal(_stored(archive, "a")[1], first)
+        assert sorted(p.name for p in (archive / "images").iterdir()) == ["a.ome.zarr"]
+
+    def test_replaced_image_is_deleted_only_after_the_catalog_is_updated(self, tmp_path, monkeypatch):
+        import engine.stores.ingest.pipeline as pipeline
+
+        path = tmp_path / "a.tif"
+        tifffile.imwrite(path, _pixels("uint16", seed=1), resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+        archive = tmp_path / "arch"
+        ingest_files([path], archive, modality="SEM", chunk=CHUNK)
+        tifffile.imwrite(path, _pixels("uint16", seed=2), resolution=(1e6, 1e6), resolutionunit="CENTIMETER")
+
+        def catalog_unwritable(*args, **kwargs):
+            raise OSError("catalog.parquet: permission denied")
+
+        monkeypatch.setattr(pipeline, "upsert_catalog", catalog_unwritable)
+        with pytest.raises(OSError, match="permission denied"):
+            ingest_files([path], archive, modality="SEM", chunk=CHUNK)
+        # the catalog still describes the old image, which is kept beside the new one
+        old_checksum = _row(archive, "a").checksum
+        kept = [p for p in (archive / "images").iterdir() if p.name != "a.ome.zarr"]
+        assert len(kept) == 1 and kept[0].name.startswith(".a.ome.zarr")
+        assert write_image(tmp_path / "x.ome.zarr", open_image(kept[0]).read_level(0), pixel_size=1.0,
+                           chunk=CHUNK).checksum == old_checksum
+
+        monkeypatch.undo()
+        [row] = ingest_files([path], archive, modality="SEM", chunk=CHUNK)
+        np.testing.assert_array_equal(_stored(archive, "a")[1], _pixels("uint16", seed=2))
+        assert _row(archive, "a").checksum == row.checksum != old_checksum
 
     def test_colliding_stems_get_distinct_ids(self, tmp_path):
         tif, emd = tmp_path / "grain 7.tif", tmp_path / "grain 7.emd"

@@ -107,6 +107,55 @@ class TestImageRoundTrip:
         np.testing.assert_array_equal(image.read_region(0, 100, 300, 250, 260), pixels[100:300, 250:260])
 
 
+class TestReplacingAnImage:
+    """Writing over an image keeps the old one whole until the new one is complete."""
+
+    @staticmethod
+    def _listing(location):
+        fs = location.filesystem()
+        fs.invalidate_cache()
+        return sorted(p.rstrip("/").rsplit("/", 1)[-1] for p in fs.ls(location.path, detail=False))
+
+    def test_old_image_readable_until_the_new_one_is_closed(self, store_root):
+        old, new = _image(shape=(256, 256), seed=1), _image(shape=(64, 128), seed=2)
+        labels = {"defects": (old > 30000).astype(np.uint8)}
+        write_image(store_root.join("a.ome.zarr"), old, pixel_size=1.0, chunk=64, labels=labels)
+        with ImageWriter(store_root.join("a.ome.zarr"), shape=new.shape, dtype=new.dtype, pixel_size=2.0, chunk=64) as w:
+            w.write_tile(0, 0, new[:, :64])
+            w.write_tile(0, 64, new[:, 64:])
+            np.testing.assert_array_equal(open_image(store_root.join("a.ome.zarr")).read_level(0), old)
+        image = open_image(store_root.join("a.ome.zarr"))
+        np.testing.assert_array_equal(image.read_level(0), new)
+        assert (len(image.levels), image.labels(), image.pixel_size) == (2, [], (2.0, 2.0))
+        # nothing of the old image is left behind: not its third level, not its labels
+        assert self._listing(store_root.join("a.ome.zarr")) == ["0", "1", "zarr.json"]
+        assert self._listing(store_root) == ["a.ome.zarr"]
+
+    @pytest.mark.parametrize("fail_in", ["tiles", "pyramid"])
+    def test_a_failed_rewrite_leaves_the_old_image(self, store_root, monkeypatch, fail_in):
+        import errno
+
+        import engine.stores.writer as writer
+
+        old = _image(shape=(256, 256), seed=1)
+        write_image(store_root.join("a.ome.zarr"), old, pixel_size=1.0, chunk=64)
+
+        def disk_full(*args, **kwargs):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+        if fail_in == "pyramid":
+            monkeypatch.setattr(writer, "write_next_level", disk_full)
+        with pytest.raises(OSError, match="No space left"):
+            with ImageWriter(store_root.join("a.ome.zarr"), shape=(256, 256), dtype="uint16", pixel_size=1.0, chunk=64) as w:
+                w.write_tile(0, 0, _image(shape=(64, 64), seed=3))
+                if fail_in == "tiles":
+                    disk_full()
+        image = open_image(store_root.join("a.ome.zarr"))
+        np.testing.assert_array_equal(image.read_level(0), old)
+        assert image.pixel_size == (1.0, 1.0)
+        assert self._listing(store_root) == ["a.ome.zarr"]  # the half-written copy is cleaned up
+
+
 class TestBadInput:
     def test_corrupt_chunk_names_its_key(self, store_root):
         write_image(store_root.join("a.ome.zarr"), _image(shape=(256, 256)), pixel_size=1.0, chunk=128)

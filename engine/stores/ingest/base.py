@@ -32,6 +32,8 @@ class InstrumentImage:
     is taken as UTC. `metadata`: a JSON-safe summary of the file's own metadata.
     `part`: which image of a multi-image file this is (plane index or detector name), None
     when the file holds one image. `notes`: conversions applied on the way in.
+    `calibration_note`: why a pixel size the file seems to give was not taken (a
+    screen/print dpi, ...), so a refusal for want of a pixel size can say so; else None.
     """
 
     pixels: np.ndarray
@@ -45,6 +47,7 @@ class InstrumentImage:
     pixel_size_source: str | None = None
     part: str | None = None
     notes: tuple[str, ...] = ()
+    calibration_note: str | None = None
 
 
 Reader = Callable[[Path], Iterator[InstrumentImage]]
@@ -177,8 +180,12 @@ def native(pixels: np.ndarray) -> np.ndarray:
     return pixels
 
 
-# ITU-R BT.709 luma, as scikit-image's rgb2gray uses.
+# ITU-R BT.709 luma, as scikit-image's rgb2gray uses; in 1/10000 for exact integer sums.
 _LUMA = np.array([0.2125, 0.7154, 0.0721])
+_LUMA_INT = np.array([2125, 7154, 721])
+# Pixels converted at a time: the arithmetic's temporaries stay a few MB
+# however large the image (whole, a 6000 x 6000 RGB took 1.2 GB in float64).
+_BLOCK_PIXELS = 1 << 18
 
 
 def to_grayscale(rgb: np.ndarray, where: str) -> tuple[np.ndarray, str]:
@@ -186,19 +193,39 @@ def to_grayscale(rgb: np.ndarray, where: str) -> tuple[np.ndarray, str]:
 
     Micrographs saved as RGB usually have three equal channels (a grayscale detector
     image exported as colour); those lose nothing and keep one channel. Other colour
-    images (optical micrographs, false-colour maps) become BT.709 luma, rounded for
-    integer types. Alpha is dropped.
+    images (optical micrographs, false-colour maps) become BT.709 luma: for integer
+    types computed exactly and rounded half up, for floats in float32 (float64 for
+    float64 input). Alpha is dropped. Works in blocks of rows, so memory beyond the
+    output is bounded.
     """
     if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
         raise IngestError(f"{where}: expected a (y, x, 3|4) colour image, got shape {rgb.shape}")
     channels = rgb[..., :3]
-    if np.array_equal(channels[..., 0], channels[..., 1]) and np.array_equal(channels[..., 0], channels[..., 2]):
+    rows = max(1, _BLOCK_PIXELS // max(1, rgb.shape[1]))
+    blocks = [slice(y, y + rows) for y in range(0, rgb.shape[0], rows)]
+    if all(_equal_channels(channels[b]) for b in blocks):
         return np.ascontiguousarray(channels[..., 0]), "RGB with three equal channels: kept one channel"
-    luma = channels.astype(np.float64) @ _LUMA
-    if np.issubdtype(rgb.dtype, np.integer):
-        info = np.iinfo(rgb.dtype)
-        luma = np.clip(np.floor(luma + 0.5), info.min, info.max)
-    return luma.astype(rgb.dtype), "RGB converted to grayscale (BT.709 luma: 0.2125 R + 0.7154 G + 0.0721 B)"
+    out = np.empty(rgb.shape[:2], rgb.dtype)
+    for b in blocks:
+        out[b] = _luma(channels[b])
+    return out, "RGB converted to grayscale (BT.709 luma: 0.2125 R + 0.7154 G + 0.0721 B)"
+
+
+def _equal_channels(block: np.ndarray) -> bool:
+    return bool(np.array_equal(block[..., 0], block[..., 1]) and np.array_equal(block[..., 0], block[..., 2]))
+
+
+def _luma(block: np.ndarray) -> np.ndarray:
+    """BT.709 luma of a (rows, x, 3) block, in the block's dtype."""
+    if np.issubdtype(block.dtype, np.integer):
+        # Integer sums in 1/10000: exact, so rounding never depends on float error.
+        # int32 holds 10000 * 65535; wider types need int64.
+        acc = np.int32 if block.dtype.itemsize <= 2 else np.int64
+        total = block.astype(acc) @ _LUMA_INT.astype(acc)
+        info = np.iinfo(block.dtype)
+        return np.clip((total + 5000) // 10000, info.min, info.max).astype(block.dtype)
+    work = np.float64 if block.dtype.itemsize >= 8 else np.float32
+    return (block.astype(work) @ _LUMA.astype(work)).astype(block.dtype)
 
 
 def json_safe_summary(metadata: Any, *, max_entries: int = 400, max_text: int = 200) -> dict[str, Any]:

@@ -12,9 +12,15 @@ Decisions (the CLI's `grainflow ingest` documents the same):
 - Stored unit: nanometer, or micrometer for pixels of 1 µm and over.
 - Image ids: the file stem with anything outside [A-Za-z0-9._-] replaced by '_', plus
   '_<part>' for a file holding several images (a stack's plane index, an EMD detector
-  name). Ingesting the same file name again replaces its image and catalog row; a
-  different file whose stem collides (a.tif and a.dm3, or two a.tif in one batch) gets
-  '-2', '-3', ...
+  name). The catalog's `source` (and the image's `source` attribute) is the file's
+  resolved full path. Ingesting the same file (the same full path) again replaces its
+  image and catalog row; a different file whose stem collides (a.tif and a.dm3, or
+  img001.tif of two session folders, in one batch or in two) gets '-2', '-3', ...
+  An image recorded by an older grainflow with only its file name is never assumed to
+  be the file being ingested: it is kept, and a warning names the new id.
+- Re-ingest is safe: the new image is written beside the old one and swapped in when
+  complete (engine.stores.writer); the old one is deleted only after the catalog row
+  describing the new one is written.
 - A batch goes on past a bad file: good files are written and catalogued, then
   IngestBatchError (an IngestError) lists every failed file with its reason. The catalog
   is upserted every few files and when the batch ends or breaks, so an interrupted batch
@@ -47,7 +53,7 @@ from engine.stores.dtypes import check_pixel_dtype
 from engine.stores.ingest.base import InstrumentImage, calibrated, reader_for
 from engine.stores.ngff import to_nanometres
 from engine.stores.uri import StoreLocation, resolve
-from engine.stores.writer import DEFAULT_CHUNK, write_image
+from engine.stores.writer import DEFAULT_CHUNK, remove_image, write_image
 
 logger = logging.getLogger(__name__)
 
@@ -90,8 +96,10 @@ class _Batch:
     modality: str | None
     material: str | None
     chunk: int
-    existing: dict[str, str | None]
+    existing: dict[str, str | None]  # image id -> recorded source of the archive's images
     taken: set[str] = field(default_factory=set)
+    # Old images swapped out by re-ingest, deleted once the catalog describes their successors.
+    replaced: list[str] = field(default_factory=list)
 
 
 def read_instrument_images(path: str | Path) -> Iterator[InstrumentImage]:
@@ -168,18 +176,29 @@ def ingest_files(
                 rows.extend(written)
                 pending.extend(written)
             if len(pending) >= FLUSH_EVERY:
-                upsert_catalog(archive, pending)
-                pending = []
+                _flush(batch, pending)
             if progress is not None:
                 progress(1)
     finally:
-        if pending:
-            upsert_catalog(archive, pending)
+        _flush(batch, pending)
     if failures and total == 1:
         raise failures[0].exception
     if failures:
         raise IngestBatchError(failures, rows, total)
     return rows
+
+
+def _flush(batch: _Batch, pending: list[CatalogRow]) -> None:
+    """Catalog the pending rows, then delete the images they replaced (emptying both)."""
+    if pending:
+        upsert_catalog(batch.archive, pending)
+        pending.clear()
+    while batch.replaced:
+        old = batch.replaced.pop()
+        try:
+            remove_image(old)
+        except OSError as exc:  # the new image is written and catalogued: only space is lost
+            logger.warning("could not delete the replaced image %s: %s", old, exc)
 
 
 def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
@@ -195,11 +214,12 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
         pixel_size, unit, attrs = _pixel_size(image, batch, where)
         modality = _modality(image, batch, where)
         image_id = _unique_id(path, image.part, batch)
+        source = str(path)  # resolved by ingest_files: how a later run recognises this file
         attributes = {
             "modality": modality,
             "modality_source": "argument" if batch.modality else "file",
             "instrument": image.instrument,
-            "source": path.name,
+            "source": source,
             "source_format": image.source_format,
             "part": image.part,
             "material": batch.material,
@@ -210,16 +230,18 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
         }
         info = write_image(
             image_uri(batch.archive, image_id), image.pixels, pixel_size=pixel_size, unit=unit,
-            chunk=batch.chunk, attributes=attributes, name=image_id,
+            chunk=batch.chunk, attributes=attributes, name=image_id, keep_replaced=True,
         )
+        if info.replaced is not None:
+            batch.replaced.append(info.replaced)
         written.append(CatalogRow(
             image_id=image_id, uri=relative_image_path(image_id), modality=modality,
             pixel_size_y=info.pixel_size[0], pixel_size_x=info.pixel_size[1], unit=info.unit,
             height=info.shape[0], width=info.shape[1], dtype=info.dtype, levels=info.levels, chunk=info.chunk,
             checksum=info.checksum, material=batch.material, instrument=image.instrument,
-            acquired_at=image.acquired_at, source=path.name,
+            acquired_at=image.acquired_at, source=source,
         ))
-        batch.existing[image_id] = path.name
+        batch.existing[image_id] = source
 
 
 def _pixel_size(image: InstrumentImage, batch: _Batch, where: str) -> tuple[tuple[float, float], str, dict[str, Any]]:
@@ -227,8 +249,9 @@ def _pixel_size(image: InstrumentImage, batch: _Batch, where: str) -> tuple[tupl
     from_file = image.pixel_size is not None and image.unit is not None
     if batch.override is None:
         if not from_file:
+            why = f"; {image.calibration_note}" if image.calibration_note else ""
             raise IngestError(
-                f"{where}: no pixel size in the file's metadata ({image.source_format or 'unknown format'}); "
+                f"{where}: no pixel size in the file's metadata ({image.source_format or 'unknown format'}{why}); "
                 "pass --pixel-size (and --unit, default nm) to give one"
             )
         return image.pixel_size, image.unit, {"pixel_size_source": image.pixel_size_source or "file"}
@@ -291,7 +314,8 @@ def sanitise_id(text: str) -> str:
 
 
 def _unique_id(path: Path, part: str | None, batch: _Batch) -> str:
-    """The file's image id; a clash with a different source file gets '-2', '-3', ..."""
+    """The file's image id: the one the archive already has for this file (same full
+    path), else the first of '<stem>', '<stem>-2', '<stem>-3', ... not taken by another."""
     stem = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if stem.lower().endswith(suffix):
@@ -300,16 +324,31 @@ def _unique_id(path: Path, part: str | None, batch: _Batch) -> str:
     else:
         stem = path.stem
     base = sanitise_id(stem + (f"_{part}" if part else ""))
-    candidate, n = base, 1
-    while candidate in batch.taken or (candidate in batch.existing and batch.existing[candidate] != path.name):
-        n += 1
-        candidate = f"{base}-{n}"
+    source = str(path)
+    variant = re.compile(re.escape(base) + r"(?:-([0-9]+))?")
+    ours = sorted(
+        (int(m.group(1) or 1), image_id) for image_id, recorded in batch.existing.items()
+        if recorded == source and image_id not in batch.taken and (m := variant.fullmatch(image_id))
+    )
+    if ours:
+        candidate = ours[0][1]
+    else:
+        candidate, n = base, 1
+        while candidate in batch.taken or candidate in batch.existing:
+            n += 1
+            candidate = f"{base}-{n}"
+        if batch.existing.get(base) == path.name:
+            logger.warning(
+                "%s: the archive's image %r came from a file of this name whose folder was not recorded "
+                "(an older grainflow); it is kept, and this file is ingested as %r", path, base, candidate,
+            )
     batch.taken.add(candidate)
     return candidate
 
 
 def _existing_sources(archive: StoreLocation) -> dict[str, str | None]:
-    """image_id -> source file name of the archive's catalog ({} for a new archive)."""
+    """image_id -> recorded source of the archive's catalog ({} for a new archive): the
+    file's full path, or only its name for images ingested by older versions."""
     location = archive.join(CATALOG_FILE)
     if not location.exists():
         return {}

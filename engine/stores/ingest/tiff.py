@@ -8,12 +8,17 @@ Where the pixel size comes from, first match wins:
    pixels per that unit.
 4. Generic XResolution/YResolution with ResolutionUnit inch, centimetre (or tifffile's
    millimetre/micrometre). Resolution is pixels *per* unit, so a pixel is 1/resolution.
-   72 or 96 per inch is what image software writes when it knows nothing, and a
-   "pixel" over 1 mm is no micrograph calibration: both count as no pixel size.
 
-Layout: the first series of the file is ingested (later series are thumbnails or
-overviews). Each plane of a stack (pages, Z, T, channels) becomes its own image, named
-by its index. RGB(A) is reduced to one channel (see base.to_grayscale); palette-colour
+3 and 4 are the same tags, and image software fills them with its screen or print
+setting whatever the image shows: 72, 96, 150, 200, 240, 300, 600 or 1200 per inch, the
+same numbers per centimetre, or a dpi converted to centimetres (72 dpi = 28.35 /cm).
+Those, and a "pixel" over 1 mm, count as no pixel size, with a note saying so
+(`InstrumentImage.calibration_note`): the user must pass --pixel-size.
+
+Layout: every image of the file is ingested: each series (tifffile's grouping of pages
+of one shape), and each plane of a stack (pages, Z, T, channels), becomes its own
+image, numbered in file order. Reduced-resolution pages (thumbnails, pyramid levels)
+are skipped with a note. RGB(A) is reduced to one channel (see base.to_grayscale); palette-colour
 and other colour spaces are refused. MinIsWhite integer images are inverted so bright
 means high signal, as in every other format (a float image has no white point to invert
 about and is kept as stored). A data bar below an FEI image is cut off when
@@ -48,7 +53,10 @@ from engine.stores.ingest.base import (
 from engine.stores.ingest.sem_metadata import VendorCalibration, from_fei, from_zeiss
 
 EXTENSIONS = (".tif", ".tiff")
-_DEFAULT_DPI = (72.0, 96.0)
+# Screen and print resolutions (per inch, or the same numbers per cm) that editors,
+# scanners and office programs write; no micrograph calibration lands on them exactly.
+_DISPLAY_DPI = (72.0, 96.0, 150.0, 200.0, 240.0, 300.0, 600.0, 1200.0)
+_CM_PER_INCH = 2.54
 _RESUNIT_NAMES = {2: "inch", 3: "cm", 4: "mm", 5: "µm"}
 _MAX_PIXEL_NM = 1e6  # 1 mm: larger "pixels" are page-layout resolutions, not calibrations
 
@@ -78,8 +86,19 @@ class _Found:
     source: str
 
 
+@dataclass(frozen=True)
+class _Series:
+    """One series to ingest, with what its first page says about all its planes."""
+
+    series: tifffile.TiffPageSeries
+    calibration: _Calibration
+    photometric: int
+    metadata: dict[str, Any]
+    notes: tuple[str, ...]
+
+
 def read_tiff(path: Path) -> Iterator[InstrumentImage]:
-    """Yield each (y, x) plane of the first series of a TIFF file."""
+    """Yield each (y, x) plane of every full-resolution series of a TIFF file, in file order."""
     where = str(path)
     try:
         tif = tifffile.TiffFile(path)
@@ -90,30 +109,18 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
             all_series = tif.series
             if not all_series:
                 raise IngestError(f"{where}: TIFF file holds no readable image; it may be truncated or corrupt")
-            series = all_series[0]
-            page = series.keyframe
-            shape_yx = _shape_yx(series, where)
-            cal, vendor_meta = _calibration(tif, page, shape_yx, where)
-            photometric = int(page.photometric)
-            metadata = _summary(tif, page, vendor_meta)
+            kept, skipped = _image_series(all_series, where)
+            # Every series is checked before the first image is yielded, so a file with an
+            # unsupported one fails whole rather than half ingested.
+            layouts = [_layout(tif, series, k, len(kept), skipped, where) for k, series in enumerate(kept)]
         except IngestError:
             raise
         except Exception as exc:  # malformed tags surface here, in assorted types
             raise IngestError(f"{where}: unreadable TIFF structure or metadata ({type(exc).__name__}: {exc})") from None
-        if photometric == tifffile.PHOTOMETRIC.PALETTE:
-            raise IngestError(f"{where}: palette-colour TIFF is not supported; export the micrograph as grayscale")
-        if photometric not in (0, 1, 2, 6):  # MINISWHITE, MINISBLACK, RGB, YCBCR
-            raise IngestError(
-                f"{where}: TIFF photometric interpretation {photometric} is not supported; "
-                "export the micrograph as grayscale or RGB"
-            )
-        notes = [] if cal.note is None else [cal.note]
-        if len(all_series) > 1:
-            shape = "x".join(map(str, series.shape))
-            notes.append(f"file holds {len(all_series)} image series; the first ({shape} {series.axes}) was ingested")
-        planes = _planes(series, where)
+        planes = [(layout, load) for layout in layouts for load in _planes(layout.series, where)]
         count = len(planes)
-        for index, load in enumerate(planes):
+        for index, (layout, load) in enumerate(planes):
+            cal, photometric = layout.calibration, layout.photometric
             try:
                 raw = load()
             except Exception as exc:  # codecs and truncated files raise assorted types
@@ -128,10 +135,52 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
             yield InstrumentImage(
                 pixels=np.ascontiguousarray(pixels), pixel_size=cal.pixel_size, unit=cal.unit,
                 modality=cal.modality, instrument=cal.instrument, acquired_at=cal.acquired_at,
-                metadata=metadata, source_format=_format_name(tif), pixel_size_source=cal.source,
+                metadata=layout.metadata, source_format=_format_name(tif), pixel_size_source=cal.source,
                 part=None if count == 1 else f"{index:0{len(str(count - 1))}d}",
-                notes=tuple(notes + plane_notes),
+                notes=layout.notes + tuple(plane_notes), calibration_note=cal.note,
             )
+
+
+def _image_series(all_series: list[tifffile.TiffPageSeries], where: str) -> tuple[list[tifffile.TiffPageSeries], int]:
+    """The series that are images in their own right, in file order, and how many
+    reduced-resolution ones (thumbnails, pyramid levels) were left out.
+
+    tifffile files a page that is half (a third, a quarter) the size of an earlier one
+    as a pyramid level of it, even when the page does not say it is reduced; such a
+    page is an image of its own (an acquisition at another size) and is kept.
+    """
+    kept, skipped = [], 0
+    for series in all_series:
+        for k, level in enumerate(series.levels):  # levels[0] is the series itself
+            page = level.keyframe
+            if page.is_reduced or (k > 0 and page.is_subifd):
+                skipped += 1
+            else:
+                kept.append(level)
+    if not kept:
+        raise IngestError(f"{where}: TIFF file holds only reduced-resolution (thumbnail) images")
+    return kept, skipped
+
+
+def _layout(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, k: int, n: int, skipped: int,
+            where: str) -> _Series:
+    """Series `k` of the `n` to ingest, checked: calibration, photometric, metadata, notes."""
+    page = series.keyframe
+    cal, vendor_meta = _calibration(tif, page, _shape_yx(series, where), where)
+    photometric = int(page.photometric)
+    if photometric == tifffile.PHOTOMETRIC.PALETTE:
+        raise IngestError(f"{where}: palette-colour TIFF is not supported; export the micrograph as grayscale")
+    if photometric not in (0, 1, 2, 6):  # MINISWHITE, MINISBLACK, RGB, YCBCR
+        raise IngestError(
+            f"{where}: TIFF photometric interpretation {photometric} is not supported; "
+            "export the micrograph as grayscale or RGB"
+        )
+    notes = [] if cal.note is None else [cal.note]
+    if n > 1:
+        notes.append(f"series {k + 1} of {n} in the file ({'x'.join(map(str, series.shape))} {series.axes})")
+    if skipped:
+        notes.append(f"{skipped} reduced-resolution page series (thumbnail or pyramid level) of the file not ingested")
+    return _Series(series, cal, photometric, _summary(tif, page, vendor_meta), tuple(notes))
 
 
 def _shape_yx(series: tifffile.TiffPageSeries, where: str) -> tuple[int, int]:
@@ -258,40 +307,58 @@ def _from_ome(root: ET.Element | None, where: str) -> _Found | None:
     return None if cal is None else _Found(cal[0], cal[1], f"OME-XML PhysicalSizeX/Y ({x_unit})")
 
 
-def _from_imagej(tif: tifffile.TiffFile, page, where: str) -> _Found | None:
+def _from_imagej(tif: tifffile.TiffFile, page, where: str) -> _Found | str | None:
+    """Pixel size from the ImageJ unit and X/YResolution; a note when it is no calibration."""
     meta = tif.imagej_metadata if tif.is_imagej else None
     if not meta or "unit" not in meta:
         return None
     # ImageJ escapes µ in its description text.
     unit = str(meta["unit"]).replace("\\u00B5", "µ").replace("\\u00b5", "µ")
-    sizes = _pixel_sizes_from_resolution(page)
-    if sizes is None:
-        return None
-    cal = calibrated(sizes[0], sizes[1], unit, where)
-    if cal is None:
-        return None
-    return _Found(cal[0], cal[1], f"ImageJ unit {unit!r} with X/YResolution")
+    return _from_resolution(page, unit, f"ImageJ unit {unit!r} with X/YResolution", where)
 
 
 def _from_resolution_tags(page, where: str) -> _Found | str | None:
-    """Pixel size from X/YResolution; a string (a note) when the tags look like defaults."""
+    """Pixel size from X/YResolution and ResolutionUnit; a note when it is no calibration."""
     unit_code = int(page.tags.valueof(296, default=2))
     if unit_code not in _RESUNIT_NAMES:
         return None
+    unit = _RESUNIT_NAMES[unit_code]
+    return _from_resolution(page, unit, f"TIFF XResolution/YResolution (pixels per {unit})", where)
+
+
+def _from_resolution(page, unit: str, source: str, where: str) -> _Found | str | None:
+    """X/YResolution read as pixels per `unit`: the pixel size found, a note (str) saying
+    why it is a display/print setting and not a calibration, or None (no usable tags)."""
     sizes = _pixel_sizes_from_resolution(page)
     if sizes is None:
         return None
-    unit = _RESUNIT_NAMES[unit_code]
-    per_unit = (1 / sizes[0], 1 / sizes[1])
-    if unit == "inch" and all(any(math.isclose(r, d) for d in _DEFAULT_DPI) for r in per_unit):
-        return f"resolution tags {per_unit[1]:g}x{per_unit[0]:g} per inch look like a display default; ignored"
     cal = calibrated(sizes[0], sizes[1], unit, where)
     if cal is None:
         return None
+    per_unit = (1 / sizes[0], 1 / sizes[1])
+    unit_nm = length_unit_nm(unit, where)
+    dpi = [_display_dpi(r, unit_nm) for r in per_unit]
+    if None not in dpi:
+        return (f"resolution {per_unit[1]:g}x{per_unit[0]:g} pixels per {unit}: a screen/print setting "
+                f"({dpi[1]:g} dpi) that image software writes, not a calibration; ignored")
     size_nm = max(cal[0]) * (1e3 if cal[1] == "micrometer" else 1.0)
     if size_nm > _MAX_PIXEL_NM:
-        return f"resolution tags give {size_nm / 1e6:g} mm pixels: a page layout, not a calibration; ignored"
-    return _Found(cal[0], cal[1], f"TIFF XResolution/YResolution (pixels per {unit})")
+        return f"resolution {per_unit[1]:g} pixels per {unit} gives {size_nm / 1e6:g} mm pixels: a page layout, not a calibration; ignored"
+    return _Found(cal[0], cal[1], source)
+
+
+def _display_dpi(per_unit: float, unit_nm: float | None) -> float | None:
+    """The screen/print dpi that a resolution of `per_unit` pixels per unit (of `unit_nm`
+    nm) is, or None. Per cm, software writes the dpi number itself or converts it."""
+    if unit_nm is None:
+        return None
+    if math.isclose(unit_nm, _CM_PER_INCH * 1e7):
+        readings = (per_unit,)
+    elif math.isclose(unit_nm, 1e7):
+        readings = (per_unit, per_unit * _CM_PER_INCH)
+    else:
+        return None
+    return next((d for d in _DISPLAY_DPI for r in readings if math.isclose(r, d, rel_tol=1e-4)), None)
 
 
 def _pixel_sizes_from_resolution(page) -> tuple[float, float] | None:
