@@ -4,11 +4,13 @@
 
     rows = ingest_files(["a.tif", "b.dm4"], "s3://lab/archive", material="ferritic steel")
     image = read_instrument_file("a.tif")      # pixels, pixel_size (y, x), unit, modality, ...
+    np.asarray(image.pixels)                   # a large TIFF plane comes as a BandedPlane, read in bands
 
 Readers are chosen by file extension from one registry (`supported_extensions()`); the
 rules for pixel sizes, modality, ids and failures are in `pipeline`'s docstring.
 """
 
+from engine.stores.ingest.bands import BandedPlane
 from engine.stores.ingest.base import InstrumentImage, register_reader, supported_extensions
 from engine.stores.ingest.pipeline import (
     IngestBatchError,
@@ -20,6 +22,7 @@ from engine.stores.ingest.pipeline import (
 )
 
 __all__ = [
+    "BandedPlane",
     "IngestBatchError",
     "IngestFailure",
     "InstrumentImage",

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from engine.errors import IngestError
+from engine.stores.ingest.bands import BandedPlane
 
 
 @dataclass(frozen=True, eq=False)
@@ -25,7 +26,9 @@ class InstrumentImage:
     """One 2-D micrograph as an instrument file describes it.
 
     `pixels`: (y, x) array, native byte order, dtype as stored (RGB already reduced to
-    one channel, see `to_grayscale`). `pixel_size`: (y, x) size of one pixel in `unit`
+    one channel, see `to_grayscale`); for a plane too large to decode whole (a stitched
+    mosaic), a `BandedPlane` that decodes it a band of rows at a time (`np.asarray`
+    decodes it whole). `pixel_size`: (y, x) size of one pixel in `unit`
     (a UDUNITS name: 'nanometer' or 'micrometer'), or None when the file carries no
     calibration. `modality`: 'SEM', 'TEM' or 'optical' when the file says, else None.
     `acquired_at`: timezone-aware; instruments write wall-clock time without a zone, which
@@ -36,7 +39,7 @@ class InstrumentImage:
     screen/print dpi, ...), so a refusal for want of a pixel size can say so; else None.
     """
 
-    pixels: np.ndarray
+    pixels: np.ndarray | BandedPlane
     pixel_size: tuple[float, float] | None
     unit: str | None
     modality: str | None = None
@@ -188,7 +191,7 @@ _LUMA_INT = np.array([2125, 7154, 721])
 _BLOCK_PIXELS = 1 << 18
 
 
-def to_grayscale(rgb: np.ndarray, where: str) -> tuple[np.ndarray, str]:
+def to_grayscale(rgb: np.ndarray, where: str, *, equal_channels: bool | None = None) -> tuple[np.ndarray, str]:
     """A (y, x, 3|4) colour image as (y, x) in the same dtype, and a note saying what was done.
 
     Micrographs saved as RGB usually have three equal channels (a grayscale detector
@@ -197,18 +200,32 @@ def to_grayscale(rgb: np.ndarray, where: str) -> tuple[np.ndarray, str]:
     types computed exactly and rounded half up, for floats in float32 (float64 for
     float64 input). Alpha is dropped. Works in blocks of rows, so memory beyond the
     output is bounded.
+
+    `equal_channels`: whether the whole image's channels are equal, when the caller
+    knows (an image converted band by band is checked whole first, see
+    `has_equal_channels`, so that every band is converted alike); None checks `rgb`.
     """
     if rgb.ndim != 3 or rgb.shape[-1] not in (3, 4):
         raise IngestError(f"{where}: expected a (y, x, 3|4) colour image, got shape {rgb.shape}")
     channels = rgb[..., :3]
-    rows = max(1, _BLOCK_PIXELS // max(1, rgb.shape[1]))
-    blocks = [slice(y, y + rows) for y in range(0, rgb.shape[0], rows)]
-    if all(_equal_channels(channels[b]) for b in blocks):
+    if equal_channels is None:
+        equal_channels = has_equal_channels(rgb)
+    if equal_channels:
         return np.ascontiguousarray(channels[..., 0]), "RGB with three equal channels: kept one channel"
     out = np.empty(rgb.shape[:2], rgb.dtype)
-    for b in blocks:
+    for b in _row_blocks(rgb):
         out[b] = _luma(channels[b])
     return out, "RGB converted to grayscale (BT.709 luma: 0.2125 R + 0.7154 G + 0.0721 B)"
+
+
+def has_equal_channels(rgb: np.ndarray) -> bool:
+    """Whether R, G and B of a (y, x, 3|4) image are equal everywhere (checked in blocks)."""
+    return all(_equal_channels(rgb[b]) for b in _row_blocks(rgb))
+
+
+def _row_blocks(rgb: np.ndarray) -> list[slice]:
+    rows = max(1, _BLOCK_PIXELS // max(1, rgb.shape[1]))
+    return [slice(y, y + rows) for y in range(0, rgb.shape[0], rows)]
 
 
 def _equal_channels(block: np.ndarray) -> bool:

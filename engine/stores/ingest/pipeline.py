@@ -18,6 +18,9 @@ Decisions (the CLI's `grainflow ingest` documents the same):
   img001.tif of two session folders, in one batch or in two) gets '-2', '-3', ...
   An image recorded by an older grainflow with only its file name is never assumed to
   be the file being ingested: it is kept, and a warning names the new id.
+- Memory: a TIFF plane over `tiff_planes.STREAM_BYTES` decoded (a stitched mosaic)
+  is read, checked and written a band of chunk rows at a time; smaller images are
+  read whole. Both give the same pixels and checksum.
 - Re-ingest is safe: the new image is written beside the old one and swapped in when
   complete (engine.stores.writer); the old one is deleted only after the catalog row
   describing the new one is written.
@@ -50,10 +53,11 @@ from engine.stores.catalog import (
     upsert_catalog,
 )
 from engine.stores.dtypes import check_pixel_dtype
+from engine.stores.ingest.bands import BandedPlane, as_banded
 from engine.stores.ingest.base import InstrumentImage, calibrated, reader_for
 from engine.stores.ngff import to_nanometres
 from engine.stores.uri import StoreLocation, resolve
-from engine.stores.writer import DEFAULT_CHUNK, remove_image, write_image
+from engine.stores.writer import DEFAULT_CHUNK, ImageInfo, ImageWriter, remove_image
 
 logger = logging.getLogger(__name__)
 
@@ -207,10 +211,6 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
         check_pixel_dtype(image.pixels.dtype, where)
         if image.pixels.ndim != 2 or min(image.pixels.shape) < 1:
             raise IngestError(f"{where}: pixels of shape {image.pixels.shape} are not a 2-D image")
-        bad = int(np.size(image.pixels) - np.isfinite(image.pixels).sum()) if image.pixels.dtype.kind == "f" else 0
-        if bad:
-            raise IngestError(f"{where}: {bad} pixels are NaN or infinite; a micrograph's values must be finite "
-                              f"(preprocessing and the models cannot use them)")
         pixel_size, unit, attrs = _pixel_size(image, batch, where)
         modality = _modality(image, batch, where)
         image_id = _unique_id(path, image.part, batch)
@@ -228,8 +228,8 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
             "notes": list(image.notes),
             "original_metadata": image.metadata,
         }
-        info = write_image(
-            image_uri(batch.archive, image_id), image.pixels, pixel_size=pixel_size, unit=unit,
+        info = _write_pixels(
+            image_uri(batch.archive, image_id), as_banded(image.pixels), where, pixel_size=pixel_size, unit=unit,
             chunk=batch.chunk, attributes=attributes, name=image_id, keep_replaced=True,
         )
         if info.replaced is not None:
@@ -242,6 +242,27 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
             acquired_at=image.acquired_at, source=source,
         ))
         batch.existing[image_id] = source
+
+
+def _write_pixels(uri: StoreLocation, plane: BandedPlane, where: str, **writer_args: Any) -> ImageInfo:
+    """Write `plane` as the image at `uri` a band of chunk rows at a time, so a large
+    TIFF plane is never held whole. NaN or infinite values abort it with an IngestError
+    (an image already at `uri` is left as it was)."""
+    bad = 0
+    with ImageWriter(uri, shape=plane.shape, dtype=plane.dtype, **writer_args) as writer:
+        y = 0
+        for band in plane.bands(writer.chunk):
+            if band.dtype.kind == "f":
+                bad += int(band.size - np.count_nonzero(np.isfinite(band)))
+            if not bad:  # once refused, the rest is only counted, for the message
+                writer.write_tile(y, 0, band)
+            y += band.shape[0]
+        if bad:
+            raise IngestError(f"{where}: {bad} pixels are NaN or infinite; a micrograph's values must be finite "
+                              f"(preprocessing and the models cannot use them)")
+        if y != plane.shape[0]:
+            raise IngestError(f"{where}: the file gave {y} rows of pixels, not the {plane.shape[0]} it declares")
+    return writer.info
 
 
 def _pixel_size(image: InstrumentImage, batch: _Batch, where: str) -> tuple[tuple[float, float], str, dict[str, Any]]:

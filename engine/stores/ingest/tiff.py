@@ -22,7 +22,8 @@ are skipped with a note. RGB(A) is reduced to one channel (see base.to_grayscale
 and other colour spaces are refused. MinIsWhite integer images are inverted so bright
 means high signal, as in every other format (a float image has no white point to invert
 about and is kept as stored). A data bar below an FEI image is cut off when
-the FEI metadata says how tall the scanned frame is.
+the FEI metadata says how tall the scanned frame is. Pixels are read, converted and
+cut in `tiff_planes`, which reads a large plane (a stitched mosaic) in bands.
 """
 
 from __future__ import annotations
@@ -35,7 +36,6 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import tifffile
 
 from engine.errors import IngestError
@@ -45,12 +45,11 @@ from engine.stores.ingest.base import (
     calibrated,
     json_safe_summary,
     length_unit_nm,
-    native,
     parse_datetime,
     register_reader,
-    to_grayscale,
 )
 from engine.stores.ingest.sem_metadata import VendorCalibration, from_fei, from_zeiss
+from engine.stores.ingest.tiff_planes import Conversion, SeriesRef, plane_loaders
 
 EXTENSIONS = (".tif", ".tiff")
 # Screen and print resolutions (per inch, or the same numbers per cm) that editors,
@@ -91,8 +90,9 @@ class _Series:
     """One series to ingest, with what its first page says about all its planes."""
 
     series: tifffile.TiffPageSeries
+    ref: SeriesRef
     calibration: _Calibration
-    photometric: int
+    conversion: Conversion
     metadata: dict[str, Any]
     notes: tuple[str, ...]
 
@@ -112,28 +112,30 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
             kept, skipped = _image_series(all_series, where)
             # Every series is checked before the first image is yielded, so a file with an
             # unsupported one fails whole rather than half ingested.
-            layouts = [_layout(tif, series, k, len(kept), skipped, where) for k, series in enumerate(kept)]
+            layouts = [_layout(tif, ref, series, k, len(kept), skipped, where) for k, (ref, series) in enumerate(kept)]
         except IngestError:
             raise
         except Exception as exc:  # malformed tags surface here, in assorted types
             raise IngestError(f"{where}: unreadable TIFF structure or metadata ({type(exc).__name__}: {exc})") from None
-        planes = [(layout, load) for layout in layouts for load in _planes(layout.series, where)]
+        planes = [
+            (layout, load)
+            for layout in layouts
+            for load in plane_loaders(path, layout.series, layout.ref, layout.conversion, where)
+        ]
         count = len(planes)
         for index, (layout, load) in enumerate(planes):
-            cal, photometric = layout.calibration, layout.photometric
+            cal = layout.calibration
             try:
-                raw = load()
+                pixels, plane_notes = load()
+            except IngestError:
+                raise
             except Exception as exc:  # codecs and truncated files raise assorted types
                 raise IngestError(
                     f"{where}: pixel data of plane {index} cannot be decoded ({type(exc).__name__}: {exc}); "
                     "the file may be truncated or corrupt"
                 ) from None
-            pixels, plane_notes = _to_2d(native(raw), photometric, where)
-            if cal.image_rows is not None and pixels.shape[0] > cal.image_rows:
-                plane_notes.append(f"FEI data bar cut off: kept the top {cal.image_rows} of {pixels.shape[0]} rows")
-                pixels = pixels[: cal.image_rows]
             yield InstrumentImage(
-                pixels=np.ascontiguousarray(pixels), pixel_size=cal.pixel_size, unit=cal.unit,
+                pixels=pixels, pixel_size=cal.pixel_size, unit=cal.unit,
                 modality=cal.modality, instrument=cal.instrument, acquired_at=cal.acquired_at,
                 metadata=layout.metadata, source_format=_format_name(tif), pixel_size_source=cal.source,
                 part=None if count == 1 else f"{index:0{len(str(count - 1))}d}",
@@ -141,29 +143,30 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
             )
 
 
-def _image_series(all_series: list[tifffile.TiffPageSeries], where: str) -> tuple[list[tifffile.TiffPageSeries], int]:
-    """The series that are images in their own right, in file order, and how many
-    reduced-resolution ones (thumbnails, pyramid levels) were left out.
+def _image_series(all_series: list[tifffile.TiffPageSeries],
+                  where: str) -> tuple[list[tuple[SeriesRef, tifffile.TiffPageSeries]], int]:
+    """The series that are images in their own right, in file order, with where each is,
+    and how many reduced-resolution ones (thumbnails, pyramid levels) were left out.
 
     tifffile files a page that is half (a third, a quarter) the size of an earlier one
     as a pyramid level of it, even when the page does not say it is reduced; such a
     page is an image of its own (an acquisition at another size) and is kept.
     """
     kept, skipped = [], 0
-    for series in all_series:
+    for i, series in enumerate(all_series):
         for k, level in enumerate(series.levels):  # levels[0] is the series itself
             page = level.keyframe
             if page.is_reduced or (k > 0 and page.is_subifd):
                 skipped += 1
             else:
-                kept.append(level)
+                kept.append((SeriesRef(i, k), level))
     if not kept:
         raise IngestError(f"{where}: TIFF file holds only reduced-resolution (thumbnail) images")
     return kept, skipped
 
 
-def _layout(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, k: int, n: int, skipped: int,
-            where: str) -> _Series:
+def _layout(tif: tifffile.TiffFile, ref: SeriesRef, series: tifffile.TiffPageSeries, k: int, n: int,
+            skipped: int, where: str) -> _Series:
     """Series `k` of the `n` to ingest, checked: calibration, photometric, metadata, notes."""
     page = series.keyframe
     cal, vendor_meta = _calibration(tif, page, _shape_yx(series, where), where)
@@ -180,7 +183,8 @@ def _layout(tif: tifffile.TiffFile, series: tifffile.TiffPageSeries, k: int, n: 
         notes.append(f"series {k + 1} of {n} in the file ({'x'.join(map(str, series.shape))} {series.axes})")
     if skipped:
         notes.append(f"{skipped} reduced-resolution page series (thumbnail or pyramid level) of the file not ingested")
-    return _Series(series, cal, photometric, _summary(tif, page, vendor_meta), tuple(notes))
+    conversion = Conversion(photometric, cal.image_rows)
+    return _Series(series, ref, cal, conversion, _summary(tif, page, vendor_meta), tuple(notes))
 
 
 def _shape_yx(series: tifffile.TiffPageSeries, where: str) -> tuple[int, int]:
@@ -188,57 +192,6 @@ def _shape_yx(series: tifffile.TiffPageSeries, where: str) -> tuple[int, int]:
     if "Y" not in axes or "X" not in axes:
         raise IngestError(f"{where}: TIFF series has axes {axes!r}; a micrograph needs Y and X")
     return int(series.shape[axes.index("Y")]), int(series.shape[axes.index("X")])
-
-
-def _planes(series: tifffile.TiffPageSeries, where: str) -> list:
-    """Loaders, one per (y, x) plane, each returning a YX or YXS array.
-
-    Pages are read one at a time where the series is one plane per page, so a long
-    stack is never held whole.
-    """
-    key_axes = series.keyframe.axes
-    pages = list(series.pages)
-    per_page = int(np.prod(series.keyframe.shape))
-    if len(pages) > 1 and all(p is not None for p in pages) and per_page * len(pages) == int(np.prod(series.shape)):
-        return [lambda p=p: _yxs(p.asarray(), key_axes, where) for p in pages]
-    # One page holding several planes (or planar RGB): read it once, on first use, so a
-    # decoding error surfaces where per-plane errors do.
-    plane_ndim = 3 if "S" in series.axes else 2
-    n_planes = int(np.prod(series.shape[: len(series.shape) - plane_ndim])) if len(series.shape) > plane_ndim else 1
-    cache: list[np.ndarray] = []
-
-    def plane(i: int) -> np.ndarray:
-        if not cache:
-            data = _yxs(series.asarray(), series.axes, where)
-            cache.append(data.reshape((-1,) + data.shape[data.ndim - plane_ndim :]))
-        return cache[0][i]
-
-    return [lambda i=i: plane(i) for i in range(n_planes)]
-
-
-def _yxs(data: np.ndarray, axes: str, where: str) -> np.ndarray:
-    """`data` with samples (S) last, so planes are [..., Y, X(, S)]."""
-    if data.ndim != len(axes):
-        raise IngestError(f"{where}: TIFF data of shape {data.shape} does not match its axes {axes!r}")
-    if "S" in axes and axes.index("S") != len(axes) - 1:
-        data = np.moveaxis(data, axes.index("S"), -1)
-    return data
-
-
-def _to_2d(data: np.ndarray, photometric: int, where: str) -> tuple[np.ndarray, list[str]]:
-    notes: list[str] = []
-    if data.ndim == 3:
-        if photometric in (2, 6):
-            data, note = to_grayscale(data, where)
-        else:  # grayscale with extra samples (alpha, masks)
-            data, note = data[..., 0], f"kept sample 0 of {data.shape[-1]} (extra samples dropped)"
-        notes.append(note)
-    if data.ndim != 2:
-        raise IngestError(f"{where}: TIFF plane has shape {data.shape}; expected a (y, x) image")
-    if photometric == 0 and np.issubdtype(data.dtype, np.integer):
-        data = np.iinfo(data.dtype).max - data if np.issubdtype(data.dtype, np.unsignedinteger) else ~data
-        notes.append("MinIsWhite image inverted so that high values are bright")
-    return data, notes
 
 
 def _calibration(tif: tifffile.TiffFile, page, shape: tuple[int, int], where: str) -> tuple[_Calibration, dict]:
