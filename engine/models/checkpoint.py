@@ -177,7 +177,7 @@ def _config_of(meta: dict[str, str], path) -> Any:
     return ModelConfig.from_dict(json.loads(meta["config"]))
 
 
-def _unpickler_reason(exc: Exception) -> str:
+def unpickler_reason(exc: Exception) -> str:
     """The line of torch's weights-only error that says what was refused (e.g.
     "Unsupported global: GLOBAL io.open ..."), without its advice to load unsafely."""
     for line in str(exc).splitlines():
@@ -243,7 +243,7 @@ def _load_pickled_state(f: BinaryIO, path: Path, map_location) -> dict[str, torc
     try:
         obj = torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
-        reason = _unpickler_reason(exc)
+        reason = unpickler_reason(exc)
         raise UnsafeCheckpointError(
             f"{path}: refused: its pickle holds objects other than tensors (it could run code "
             f"when loaded); only weights-only checkpoints are accepted ({reason})"

@@ -11,7 +11,7 @@ import torch
 import engine.models as M
 from engine.models.detector import Detections, build_yolo
 
-from .payloads import write_payload_checkpoint
+from .payloads import CreatesFile, write_payload_checkpoint
 
 
 @pytest.fixture(scope="module")
@@ -143,6 +143,26 @@ class TestUltralyticsCheckpoint:
         ultralytics_pt(detector, tmp_path / "best.pt")
         with pytest.raises(M.CheckpointError, match="64 hex digits"):
             M.load_detector_checkpoint(tmp_path / "best.pt", None)
+
+    def test_a_registered_pt_that_carries_code_is_refused(self, detector, tmp_path):
+        """The digest says the file is the one registered, not that it is safe: a .pt
+        whose pickle calls anything but a model's classes never runs, digest or not."""
+        marker = tmp_path / "pwned"
+        path = tmp_path / "best.pt"
+        digest = ultralytics_pt(detector, path, train_args={"imgsz": 128, "note": CreatesFile(marker)})
+        with pytest.raises(M.UnsafeCheckpointError, match="best.pt.*open"):
+            M.load_detector_checkpoint(path, digest)
+        assert not marker.exists()
+
+    def test_a_pt_holding_a_real_ultralytics_model_loads(self, tmp_path):
+        """What `YOLO(...).save()` writes (Ultralytics' own classes, half precision) loads
+        through the allowlist."""
+        from ultralytics import YOLO
+
+        path = tmp_path / "y8.pt"
+        YOLO("yolov8n.yaml").save(path)
+        loaded = M.load_detector_checkpoint(path, M.sha256_file(path))
+        assert len(loaded.predict(np.zeros((1, 64, 64), np.float32), conf=0.0, max_det=3)) == 1
 
     def test_not_a_detector(self, tmp_path):
         path = tmp_path / "other.pt"
