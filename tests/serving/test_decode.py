@@ -5,6 +5,7 @@ ingress before any model; the HTTP statuses are checked in test_api)."""
 from __future__ import annotations
 
 import io
+import math
 import struct
 import zlib
 
@@ -13,7 +14,7 @@ import numpy as np
 import pytest
 import tifffile
 
-from engine.serving.decode import BadImage, TooLarge, decode
+from engine.serving.decode import MAX_TIFF_PAGES, MAX_TIFF_TILE_SIDE, BadImage, TooLarge, UnsupportedMedia, decode
 
 
 def png_header_only(width: int, height: int) -> bytes:
@@ -47,9 +48,19 @@ def test_16_bit_colour_pngs_keep_their_16_bits():
     np.testing.assert_allclose(luma, expected, atol=1)  # BT.709 luma at 16 bits, as the archive ingest does
 
 
-def tiff_bytes(pixels: np.ndarray) -> bytes:
+def tiff_bytes(pixels: np.ndarray, **kwargs) -> bytes:
     buf = io.BytesIO()
-    tifffile.imwrite(buf, pixels)
+    tifffile.imwrite(buf, pixels, **kwargs)
+    return buf.getvalue()
+
+
+def tiff_pages(*pages: tuple[np.ndarray, dict]) -> bytes:
+    """A TIFF of one page per (pixels, TiffWriter.write keywords), without tifffile's
+    shape metadata, so each page is read for what its tags say."""
+    buf = io.BytesIO()
+    with tifffile.TiffWriter(buf) as w:
+        for pixels, kwargs in pages:
+            w.write(pixels, **{"photometric": "minisblack", "metadata": None, **kwargs})
     return buf.getvalue()
 
 
@@ -63,6 +74,23 @@ def test_tiffs_the_stores_cannot_hold_are_refused_naming_the_problem():
     assert decode(tiff_bytes(np.ones((8, 8), np.float32)), "image/tiff").pixels.dtype == np.float32
 
 
+def with_tags(data: bytes, values: dict[int, int], page: int = 0) -> bytes:
+    """`data` with the one-value integer tags of page `page` rewritten in place."""
+    out = bytearray(data)
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        tags = tif.pages[page].tags
+        for code, value in values.items():
+            struct.pack_into({3: "<H", 4: "<I", 16: "<Q"}[int(tags[code].dtype)], out, tags[code].valueoffset, value)
+    return bytes(out)
+
+
+def with_segment(data: bytes, payload: bytes) -> bytes:
+    """`data` (a TIFF of one strip or tile) with `payload` appended as that segment."""
+    with tifffile.TiffFile(io.BytesIO(data)) as tif:
+        offsets, counts = (324, 325) if tif.pages[0].is_tiled else (273, 279)
+    return with_tags(data + payload, {offsets: len(data), counts: len(payload)})
+
+
 def tiff_claiming(height: int, width: int, samples: int = 2) -> bytes:
     """A ~300-byte TIFF whose tags claim a height x width x samples uint8 image (a
     16 x 16 one written by tifffile, its ImageLength, ImageWidth and RowsPerStrip tags
@@ -71,12 +99,7 @@ def tiff_claiming(height: int, width: int, samples: int = 2) -> bytes:
     buf = io.BytesIO()
     tifffile.imwrite(buf, np.zeros((16, 16, samples), np.uint8), photometric="minisblack", planarconfig="contig",
                      compression="zlib", rowsperstrip=16, metadata=None)
-    data = bytearray(buf.getvalue())
-    with tifffile.TiffFile(io.BytesIO(bytes(data))) as tif:
-        tags = tif.pages[0].tags
-        for code, value in ((256, width), (257, height), (278, height)):
-            struct.pack_into({3: "<H", 4: "<I"}[int(tags[code].dtype)], data, tags[code].valueoffset, value)
-    return bytes(data)
+    return with_tags(buf.getvalue(), {256: width, 257: height, 278: height})
 
 
 class TestTiffLimits:
@@ -102,17 +125,30 @@ class TestTiffLimits:
         with pytest.raises(BadImage, match=r"TIFF holds 3 image planes .* send each page as its own image"):
             decode(buf.getvalue(), "image/tiff", max_pixels=16 * 16)
 
-    def test_pages_of_different_sizes_are_refused_a_flagged_thumbnail_is_not(self):
-        for subfiletype, refused in ((0, True), (1, False)):
-            buf = io.BytesIO()
-            with tifffile.TiffWriter(buf) as w:
-                w.write(np.ones((32, 24), np.uint8), photometric="minisblack", metadata=None)
-                w.write(np.zeros((8, 6), np.uint8), photometric="minisblack", subfiletype=subfiletype, metadata=None)
-            if refused:
-                with pytest.raises(BadImage, match="TIFF holds 2 image planes"):
-                    decode(buf.getvalue(), "image/tiff")
-            else:
-                assert decode(buf.getvalue(), "image/tiff").pixels.shape == (32, 24)
+    def test_a_smaller_page_is_a_preview_a_page_as_large_is_another_image(self):
+        """Only pages as large as the first image count as images of their own; a
+        smaller one is a preview (flagged reduced-resolution or not) and is ignored."""
+        image = np.arange(32 * 24, dtype=np.uint16).reshape(32, 24)
+        previews = [(np.zeros((8, 6), np.uint8), {"subfiletype": 1}),
+                    (np.zeros((8, 6), np.uint8), {}),
+                    (np.zeros((8, 6, 3), np.uint8), {"photometric": "rgb"})]  # a camera's RGB thumbnail, unflagged
+        for preview, kwargs in previews:
+            data = tiff_pages((image, {}), (preview, kwargs))
+            np.testing.assert_array_equal(decode(data, "image/tiff").pixels, image)
+        for other in (np.zeros((32, 24), np.uint8), np.zeros((40, 30), np.uint16)):  # as large, larger
+            with pytest.raises(BadImage, match=r"TIFF holds 2 image planes \(1 more page holds an image at least as "
+                                               r"large as the first, 32 x 24\)"):
+                decode(tiff_pages((image, {}), (other, {})), "image/tiff")
+
+    def test_a_flagged_thumbnail_first_does_not_hide_an_image_over_the_limit(self):
+        buf = io.BytesIO()
+        with tifffile.TiffWriter(buf) as w:
+            w.write(np.zeros((8, 8), np.uint8), photometric="minisblack", subfiletype=1, metadata=None)
+            w.write(np.zeros((16, 16, 2), np.uint8), photometric="minisblack", planarconfig="contig",
+                    compression="zlib", rowsperstrip=16, metadata=None)
+        data = with_tags(buf.getvalue(), {256: 2000, 257: 20000, 278: 20000}, page=1)
+        with pytest.raises(TooLarge, match="20000 x 2000 = 40000000 pixels is over the limit"):
+            decode(data, "image/tiff", max_pixels=4096 * 4096)
 
     def test_more_samples_than_a_colour_image_are_refused(self):
         buf = io.BytesIO()
@@ -120,6 +156,117 @@ class TestTiffLimits:
                          metadata=None)
         with pytest.raises(BadImage, match="6 samples per pixel"):
             decode(buf.getvalue(), "image/tiff")
+
+
+class TestTiffBombs:
+    """TIFFs whose few bytes decode to far more than their tags (and max_pixels) allow
+    are refused from their tags and stream headers, before any pixel is decoded."""
+
+    def test_a_tile_larger_than_its_image_is_refused(self):
+        data = tiff_bytes(np.zeros((16, 16), np.uint16), tile=(16, 16), compression="zlib", metadata=None)
+        payload = zlib.compress(bytes(2048 * 2048 * 2), 9)  # 8 KB inflating to a 2048 x 2048 uint16 tile
+        bomb = with_tags(with_segment(data, payload), {322: 2048, 323: 2048})
+        with pytest.raises(BadImage, match="TIFF tile of 2048 x 2048 pixels is larger than its 16 x 16 image rounded "
+                                           f"up to 16 pixels and than {MAX_TIFF_TILE_SIDE} x {MAX_TIFF_TILE_SIDE}"):
+            decode(bomb, "image/tiff", max_pixels=4096 * 4096)
+
+    def test_a_tile_over_max_pixels_is_too_large(self):
+        odd = np.arange(17 * 17, dtype=np.uint16).reshape(17, 17)  # 289 pixels in one 32 x 32 tile
+        with pytest.raises(TooLarge, match="TIFF tile of 1024 pixels is over the limit of 300"):
+            decode(tiff_bytes(odd, tile=(32, 32), compression="zlib"), "image/tiff", max_pixels=300)
+
+    @pytest.mark.parametrize("shape, tile", [((40, 40), (16, 16)), ((17, 17), (32, 32)), ((20, 30), (256, 256))])
+    def test_tiles_up_to_the_image_or_a_writers_default_size_are_read(self, shape, tile):
+        """A tile may pad the image to 16 pixels, or be a GDAL/libvips default 256 x 256
+        on a small image."""
+        pixels = np.arange(math.prod(shape), dtype=np.uint16).reshape(shape)
+        data = tiff_bytes(pixels, tile=tile, compression="zlib")
+        np.testing.assert_array_equal(decode(data, "image/tiff", max_pixels=256 * 256).pixels, pixels)
+
+    def test_a_jpeg_stream_larger_than_its_strip_is_refused(self):
+        data = tiff_bytes(np.zeros((64, 64), np.uint8), compression="jpeg", rowsperstrip=64, metadata=None)
+        bomb = with_segment(data, imagecodecs.jpeg8_encode(np.zeros((1024, 1024), np.uint8), level=10))
+        with pytest.raises(BadImage, match="JPEG strip 0 of the TIFF is 1024 x 1024, larger than the 64 x 64 its tags "
+                                           "give"):
+            decode(bomb, "image/tiff", max_pixels=4096 * 4096)
+
+    @pytest.mark.parametrize("layout", [{"rowsperstrip": 16}, {"tile": (32, 32)}])
+    def test_jpeg_tiffs_in_strips_and_tiles_are_read(self, layout):
+        ramp = np.add.outer(np.arange(60), np.arange(50)).astype(np.uint8) * 2
+        data = tiff_bytes(ramp, compression="jpeg", compressionargs={"level": 95}, **layout)
+        pixels = decode(data, "image/tiff", max_pixels=60 * 50).pixels
+        assert pixels.shape == (60, 50)
+        assert np.abs(pixels.astype(int) - ramp).max() <= 8  # lossy
+
+    @pytest.mark.parametrize("compression, name", [("jpeg2000", r"JPEG2000 \(34712\)"),
+                                                   ("jpegxl", r"JPEGXL \(50002\)")])
+    def test_compressions_decoding_at_their_own_size_are_refused_naming_them(self, compression, name):
+        data = tiff_bytes(np.zeros((16, 16), np.uint8), compression=compression, metadata=None)
+        refusal = f"TIFF compression {name} is not supported by /v1/analyze; send the TIFF uncompressed or compressed"
+        with pytest.raises(UnsupportedMedia, match=refusal + " with Deflate, JPEG, LZMA, LZW"):
+            decode(data, "image/tiff")
+
+    @pytest.mark.parametrize("where", ["pages", "subifds"])
+    def test_a_long_ifd_chain_is_refused_parsing_no_more_than_the_limit(self, where, monkeypatch):
+        buf = io.BytesIO()
+        with tifffile.TiffWriter(buf) as w:
+            if where == "subifds":
+                w.write(np.zeros((4, 4), np.uint8), subifds=MAX_TIFF_PAGES, metadata=None)
+            for _ in range(MAX_TIFF_PAGES if where == "subifds" else 1000):
+                w.write(np.zeros((1, 1), np.uint8), contiguous=False, metadata=None)
+        parsed = []
+        init = tifffile.TiffPage.__init__
+
+        def counting(self, *args, **kwargs):
+            parsed.append(1)
+            init(self, *args, **kwargs)
+
+        monkeypatch.setattr(tifffile.TiffPage, "__init__", counting)
+        with pytest.raises(BadImage, match=f"TIFF holds more than {MAX_TIFF_PAGES} pages; /v1/analyze analyses one "
+                                           f"micrograph per request"):
+            decode(buf.getvalue(), "image/tiff")
+        assert len(parsed) <= MAX_TIFF_PAGES + 2  # the first page on opening, then the count up to one past the limit
+
+    def test_ome_xml_declaring_a_huge_stack_is_refused_before_its_planes_are_listed(self):
+        xml = ('<?xml version="1.0" encoding="UTF-8"?><OME xmlns="http://www.openmicroscopy.org/Schemas/OME/2016-06">'
+               '<Image ID="Image:0"><Pixels ID="Pixels:0" DimensionOrder="XYZCT" Type="uint8" SizeX="8" SizeY="8" '
+               'SizeZ="1" SizeC="1" SizeT="1000000"><TiffData IFD="0" PlaneCount="1000000"/></Pixels></Image></OME>')
+        data = tiff_bytes(np.zeros((8, 8), np.uint8), description=xml, metadata=None)
+        with pytest.raises(BadImage, match="TIFF's OME-XML declares 1000000 image planes"):
+            decode(data, "image/tiff")
+
+
+class TestTiffImageAgreesWithIngest:
+    """The endpoint analyses the image the batch ingest yields first, and checks its
+    limits on that one."""
+
+    IMAGE = np.arange(32 * 48, dtype=np.uint16).reshape(32, 48)
+    LAYOUTS = {
+        "flagged thumbnail first": [(np.zeros((8, 12), np.uint16), {"subfiletype": 1}), (IMAGE, {})],
+        "unflagged RGB thumbnail after": [(IMAGE, {}), (np.zeros((8, 12, 3), np.uint8), {"photometric": "rgb"})],
+        "unflagged half-size page after": [(IMAGE, {}), (np.zeros((16, 24), np.uint16), {})],
+        "reduced SubIFD level": [(IMAGE, {"subifds": 1}), (np.zeros((16, 24), np.uint16), {"subfiletype": 1})],
+    }
+
+    @pytest.mark.parametrize("layout", list(LAYOUTS))
+    def test_the_endpoint_reads_the_ingests_first_image(self, layout):
+        from engine.stores.ingest.tiff import read_tiff
+
+        data = tiff_pages(*self.LAYOUTS[layout])
+        first = next(iter(read_tiff(io.BytesIO(data))))
+        np.testing.assert_array_equal(first.pixels, self.IMAGE)
+        np.testing.assert_array_equal(decode(data, "image/tiff", max_pixels=32 * 48).pixels, self.IMAGE)
+
+
+def test_a_tiff_over_the_ingests_streaming_size_decodes_whole(monkeypatch):
+    """Ingest streams planes over STREAM_BYTES by reopening their file; an upload is
+    bytes in memory and must come back as the whole array."""
+    from engine.stores.ingest import tiff_planes
+
+    monkeypatch.setattr(tiff_planes, "STREAM_BYTES", 1024)
+    pixels = (np.arange(256 * 256) % 4000).astype(np.uint16).reshape(256, 256)
+    got = decode(tiff_bytes(pixels, tile=(64, 64), compression="zlib"), "image/tiff", max_pixels=1 << 20)
+    assert isinstance(got.pixels, np.ndarray) and np.array_equal(got.pixels, pixels)
 
 
 class TestPngColour:

@@ -102,7 +102,9 @@ def plane_loaders(path: Path, series: tifffile.TiffPageSeries, ref: SeriesRef, c
 def _page_plane(path: Path, ref: SeriesRef, page_no: int, page, conversion: Conversion,
                 where: str) -> tuple[np.ndarray | BandedPlane, list[str]]:
     key = page.keyframe
-    if key.nbytes > STREAM_BYTES:
+    # Bands reopen the file for each pass: only a file on disk can be (an upload in
+    # memory, the endpoint's, is decoded whole, within the endpoint's pixel limit).
+    if key.nbytes > STREAM_BYTES and isinstance(path, (str, Path)):
         if _bandable(page):
             return _banded(path, ref, page_no, key, conversion, where)
         logger.warning(
