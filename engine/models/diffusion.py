@@ -6,7 +6,9 @@ it generates comes with its label. It is conditioned on (defect class, material,
 modality) through one class embedding whose index combines the three
 (`condition_index`): the embedding table has len(classes) x len(materials) x
 len(modalities) rows, which for 5 x 12 x 3 = 180 rows is small and lets every
-combination learn its own look.
+combination learn its own look. Only the combinations the training crops show are
+learnt; the config records their keys (`trained_conditions`) and synthesis asks for
+those only (engine.synth.diffusion.conditions).
 
 Training follows DDPM (epsilon prediction, `DDPMScheduler` with the config's
 `num_train_timesteps` and `beta_schedule`); sampling uses DDIM or DPM-Solver++
@@ -21,6 +23,7 @@ import torch
 from torch import nn
 
 DEFAULT_MODALITIES = ("SEM", "TEM", "optical")
+DEFAULT_NUM_TRAIN_TIMESTEPS = 1000
 
 
 class DefectDiffusion(nn.Module):
@@ -29,12 +32,18 @@ class DefectDiffusion(nn.Module):
     sample_size: patch side in pixels; defect_classes / materials / modalities: the
     conditioning vocabularies, in index order (recorded in the config, so a checkpoint
     keeps its order); num_train_timesteps, beta_schedule: the DDPM noise schedule it is
-    trained under; pixel_size_nm: typical level-0 pixel size (nm) of the training
-    patches per modality, written into generated archives (empty until trained);
-    intensity_range: {condition key: [p1, p99]} of the training crops as fractions of
-    their dtype's full scale, the grey levels generated samples are written with
-    (engine.synth.diffusion.intensity; empty until trained, and in models trained
-    before it was recorded).
+    trained under. What training records of its crops (engine.training.tasks
+    DiffusionTask.config_overrides; all empty or None in a model never trained):
+    pixel_size_nm: {key: nm}, the median pixel size of the training crops at the
+    pyramid level each was read at (large defects are read at coarse levels), per
+    condition key with `<material>.<modality>` and `<modality>` fallbacks
+    (engine.synth.diffusion.calibration), which generated samples are written with;
+    models trained before it was recorded per condition hold modality keys only.
+    intensity_range: {key: [p1, p99]} of the training crops as fractions of their
+    dtype's full scale, keyed alike, the grey levels generated samples are written with
+    (engine.synth.diffusion.intensity; empty in models trained before it was recorded).
+    trained_conditions: sorted keys (`pore.ferritic_steel.SEM`) of the conditions the
+    training crops teach; None in models saved before it was recorded.
     """
 
     channels = 2  # image, mask
@@ -42,7 +51,8 @@ class DefectDiffusion(nn.Module):
     def __init__(self, unet: nn.Module, *, sample_size: int, defect_classes: Sequence[str], materials: Sequence[str],
                  modalities: Sequence[str], num_train_timesteps: int, beta_schedule: str,
                  pixel_size_nm: dict[str, float] | None = None,
-                 intensity_range: dict[str, list[float]] | None = None):
+                 intensity_range: dict[str, list[float]] | None = None,
+                 trained_conditions: Sequence[str] | None = None):
         super().__init__()
         self.unet = unet
         self.sample_size = int(sample_size)
@@ -53,6 +63,7 @@ class DefectDiffusion(nn.Module):
         self.beta_schedule = str(beta_schedule)
         self.pixel_size_nm = dict(pixel_size_nm or {})
         self.intensity_range = {k: [float(a), float(b)] for k, (a, b) in (intensity_range or {}).items()}
+        self.trained_conditions = None if trained_conditions is None else tuple(sorted(trained_conditions))
 
     @property
     def num_conditions(self) -> int:
@@ -89,10 +100,11 @@ def build_unet_diffusion(
     modalities: list[str] | None = None,
     norm_num_groups: int = 8,
     attention_head_dim: int = 8,
-    num_train_timesteps: int = 1000,
+    num_train_timesteps: int = DEFAULT_NUM_TRAIN_TIMESTEPS,
     beta_schedule: str = "squaredcos_cap_v2",
     pixel_size_nm: dict[str, float] | None = None,
     intensity_range: dict[str, list[float]] | None = None,
+    trained_conditions: list[str] | None = None,
 ) -> DefectDiffusion:
     """A DefectDiffusion from plain arguments (random init; nothing downloaded).
 
@@ -109,6 +121,11 @@ def build_unet_diffusion(
         raise ValueError(f"attention has {len(attention)} entries for {levels} levels of block_out_channels")
     if sample_size % 2 ** (levels - 1):
         raise ValueError(f"sample_size {sample_size} is not divisible by 2**{levels - 1} ({levels} levels)")
+    if trained_conditions is not None:  # a key outside the vocabulary names no embedding row
+        known = {f"{c}.{m}.{d}" for c in defect_classes for m in materials for d in modalities}
+        unknown = sorted(set(trained_conditions) - known)
+        if unknown:
+            raise ValueError(f"trained_conditions {unknown} are not class.material.modality keys of the vocabulary")
     down = tuple("AttnDownBlock2D" if a else "DownBlock2D" for a in attention)
     up = tuple("AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attention))
     unet = UNet2DModel(
@@ -120,7 +137,7 @@ def build_unet_diffusion(
     return DefectDiffusion(unet, sample_size=sample_size, defect_classes=defect_classes, materials=materials,
                            modalities=modalities, num_train_timesteps=num_train_timesteps,
                            beta_schedule=beta_schedule, pixel_size_nm=pixel_size_nm,
-                           intensity_range=intensity_range)
+                           intensity_range=intensity_range, trained_conditions=trained_conditions)
 
 
 def diffusion_loss(model: nn.Module, clean: torch.Tensor, condition: torch.Tensor, *,

@@ -30,7 +30,6 @@ from __future__ import annotations
 
 from typing import Any, ClassVar, Mapping, Sequence
 
-import numpy as np
 import torch
 from torch.nn import functional as F
 
@@ -273,18 +272,21 @@ class DiffusionTask(Task):
         return DiffusionCollate(seed if augment_strength > 0 else None, epoch)
 
     def config_overrides(self, specs):
-        """pixel_size_nm: the median pixel size (nm) of the crops per modality, which
-        generated archives record as their pixel size. intensity_range: the crops' median
-        p1 / p99 per condition (engine.synth.diffusion.intensity; reads a capped subset
-        of the crops), the grey levels generated samples are written with."""
+        """What the model's config records of the crops, per condition (keys as in
+        engine.synth.diffusion.calibration): pixel_size_nm, the crops' median pixel size
+        (nm) at the level each is read at, which generated samples are written with;
+        intensity_range, their median p1 / p99 (engine.synth.diffusion.intensity; reads a
+        capped subset of the crops), the grey levels samples are written with; and
+        trained_conditions, the keys of the conditions the crops teach, which synthesis
+        keeps requests to."""
         from engine.models import labels
+        from engine.synth.diffusion.calibration import crop_pixel_sizes, trained_conditions
         from engine.synth.diffusion.intensity import crop_intensity
 
-        sizes: dict[str, list[float]] = {}
-        for s in specs:
-            sizes.setdefault(s.modality, []).append(s.pixel_size_nm)
-        return {"pixel_size_nm": {k: float(np.median(v)) for k, v in sorted(sizes.items())},
-                "intensity_range": crop_intensity(specs, labels.defect_class_names())}
+        classes = labels.defect_class_names()
+        return {"pixel_size_nm": crop_pixel_sizes(specs, classes),
+                "intensity_range": crop_intensity(specs, classes),
+                "trained_conditions": trained_conditions(specs, classes)}
 
     def step(self, model, batch):
         from engine.models.diffusion import diffusion_loss

@@ -92,6 +92,19 @@ class TestDefectDiffusion:
         loaded = M.load_model(path, expected_sha256=M.save_checkpoint(model, path))
         assert loaded.pixel_size_nm == {"SEM": 3.0} and loaded.modalities == ("SEM", "TEM", "optical")
 
+    def test_config_records_the_trained_conditions(self, tmp_path):
+        import pytest
+
+        from engine.models.errors import ModelConfigError
+
+        assert M.create_diffusion("ddpm_tiny").trained_conditions is None  # never trained: not recorded
+        model = M.create_diffusion("ddpm_tiny", trained_conditions=["pore.ferritic_steel.SEM", "crack.martensite.TEM"])
+        path = tmp_path / "d.safetensors"
+        loaded = M.load_model(path, expected_sha256=M.save_checkpoint(model, path))
+        assert loaded.trained_conditions == ("crack.martensite.TEM", "pore.ferritic_steel.SEM")
+        with pytest.raises((ValueError, ModelConfigError), match="pore.granite.SEM"):
+            M.create_diffusion("ddpm_tiny", trained_conditions=["pore.granite.SEM"])
+
     def test_builds_from_config_only(self):
         # the realistic config builds offline too (no hub id anywhere)
         model = M.create_diffusion("ddpm_64")

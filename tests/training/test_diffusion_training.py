@@ -52,12 +52,40 @@ class TestWhatTrainingRecords:
         specs = plan_samples(train_archive, SampleLayout(32, mask="instance", anchor="instances"), **ORDERS)
         overrides = make_task("diffusion").config_overrides(specs)
         modalities = {s.modality for s in specs}
-        assert set(overrides["pixel_size_nm"]) == modalities
+        assert modalities <= set(overrides["pixel_size_nm"])
         assert overrides["intensity_range"] == crop_intensity(specs, labels.defect_class_names())
         assert modalities <= set(overrides["intensity_range"])
         path = tmp_path / "m.safetensors"
         digest = save_checkpoint(create_diffusion("ddpm_tiny", **overrides), path)
-        assert load_model(path, expected_sha256=digest).intensity_range == overrides["intensity_range"]
+        loaded = load_model(path, expected_sha256=digest)
+        assert loaded.intensity_range == overrides["intensity_range"]
+        assert loaded.pixel_size_nm == overrides["pixel_size_nm"]
+        assert list(loaded.trained_conditions) == overrides["trained_conditions"]
+
+    def test_each_condition_records_the_pixel_size_of_the_level_its_crops_are_read_at(self, train_archive):
+        # crops are read at the finest level where the defect fits: a condition's samples
+        # must be written at its crops' scale, not at one per modality
+        from engine.training.tasks import make_task
+
+        specs = plan_samples(train_archive, SampleLayout(32, mask="instance", anchor="instances"), **ORDERS)
+        record = make_task("diffusion").config_overrides(specs)["pixel_size_nm"]
+        classes = labels.defect_class_names()
+        by_condition: dict[str, list[float]] = {}
+        for s in specs:
+            if s.material:
+                by_condition.setdefault(f"{classes[s.instance_classes[0] - 1]}.{s.material}.{s.modality}",
+                                        []).append(s.pixel_size_nm)
+        assert by_condition
+        for key, sizes in by_condition.items():
+            assert record[key] == pytest.approx(float(np.median(sizes))), key
+
+    def test_the_conditions_training_saw_are_recorded(self, train_archive):
+        from engine.training.tasks import make_task
+
+        specs = plan_samples(train_archive, SampleLayout(32, mask="instance", anchor="instances"), **ORDERS)
+        classes = labels.defect_class_names()
+        seen = sorted({f"{classes[s.instance_classes[0] - 1]}.{s.material}.{s.modality}" for s in specs if s.material})
+        assert make_task("diffusion").config_overrides(specs)["trained_conditions"] == seen
 
 
 @pytest.mark.slow
@@ -74,8 +102,11 @@ class TestDiffusionOnRayTrain:
         assert math.isfinite(result.history[-1]["train_loss"]) and math.isfinite(result.history[-1]["val_loss"])
         path = f"{result.checkpoint_path}/model.safetensors"
         config = read_config(path)
-        assert config.family == "diffusion" and set(config.args["pixel_size_nm"]) <= {"SEM", "TEM", "optical"}
+        assert config.family == "diffusion"
+        assert {k.rsplit(".", 1)[-1] for k in config.args["pixel_size_nm"]} <= {"SEM", "TEM", "optical"}
         assert set(config.args["pixel_size_nm"]) <= set(config.args["intensity_range"])
+        assert config.args["trained_conditions"] and all(
+            k in config.args["pixel_size_nm"] for k in config.args["trained_conditions"])
         model = load_model(path, expected_sha256=result.model_sha256)
         images, masks = sample_patches(model, [0], [1], steps=2)
         assert images.shape == (1, 32, 32)

@@ -27,7 +27,7 @@ from typing import Mapping, Sequence
 
 import numpy as np
 
-from engine.synth.diffusion.conditions import Condition
+from engine.synth.diffusion.conditions import Condition, lookup
 
 MAX_CROPS_PER_CONDITION = 32  # the medians settle long before; the driver reads these
 
@@ -74,7 +74,9 @@ def crop_intensity(specs: Sequence, defect_classes: Sequence[str], *,
             if s.image_uri not in images:
                 images[s.image_uri] = open_image(s.image_uri)
             p = crop_percentiles(read_window(images[s.image_uri], s.level, s.y, s.x, s.tile, s.tile))
-            keys = [modality] + ([f"{material}.{modality}", Condition(cls, material, modality).key()] if material else [])
+            # crops without a material teach no condition (the model is conditioned on
+            # it) but still tell what their modality looks like
+            keys = Condition(cls, material, modality).lookup_keys() if material else (modality,)
             for key in keys:
                 per_key.setdefault(key, []).append(p)
     return {k: [float(np.median([p[0] for p in v])), float(np.median([p[1] for p in v]))]
@@ -83,10 +85,10 @@ def crop_intensity(specs: Sequence, defect_classes: Sequence[str], *,
 
 def range_for(intensity: Mapping[str, Sequence[float]] | None, condition: Condition) -> tuple[float, float] | None:
     """(p1, p99) as fractions of full scale for `condition`: its own, else its
-    (material, modality)'s, else its modality's; None when the model recorded none
-    (a model trained before intensity ranges were recorded)."""
-    for key in (condition.key(), f"{condition.material}.{condition.modality}", condition.modality):
-        if intensity and key in intensity:
-            lo, hi = (float(v) for v in intensity[key])
-            return lo, hi
-    return None
+    (material, modality)'s, else its modality's (conditions.lookup); None when the model
+    recorded none (a model trained before intensity ranges were recorded)."""
+    found = lookup(intensity, condition)
+    if found is None:
+        return None
+    lo, hi = (float(v) for v in found)
+    return lo, hi

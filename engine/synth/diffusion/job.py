@@ -7,17 +7,24 @@
 On the driver, before any Ray work: the model is resolved and verified (a checkpoint
 file with its sha256 sidecar, or a registry ref), every requested class, material and
 modality is checked against the model's vocabulary (an unknown one raises
-ConditioningError listing the valid ones), and the plan is made (engine.synth.diffusion
-.plan). Samples already in the archive's catalog are never written again: an
-interrupted run resumes, and a run asking for more samples adds only the new ones. The
-settings that fix the pixels must match the archive's (SETTINGS_FILE).
+ConditioningError listing the valid ones) and the request against the conditions the
+model was trained on (conditions.expand_conditions: untrained combinations are left
+out, and a name with none trained is refused; a model saved before training recorded
+them warns, UntrainedConditionsWarning), the sampling steps against the model's noise
+schedule, and the plan is made (engine.synth.diffusion.plan). Samples already in the
+archive's catalog are never written again: an interrupted run resumes, and a run
+asking for more samples adds only the new ones. The settings that fix the pixels must
+match the archive's (SETTINGS_FILE) while it holds a sample; an archive that holds
+none yet (every batch of a run failed) takes the new run's settings.
 
 Each batch of the plan is one Ray task requesting `num_cpus` CPUs and, on a cluster with
 GPUs, `num_gpus` (a fraction, so several tasks share one GPU). Pending tasks with a GPU
 request are what the autoscaler sees as demand for its GPU worker group. The model
 reaches workers once through the object store (a worker keeps the last model it loaded).
 As each task finishes the driver rewrites the catalog (with provenance) and the ground
-truth; a failed batch is recorded and the rest goes on.
+truth; a failed batch (a sampler that produced NaN among them) is recorded and the rest
+goes on. Each sample is written with the pixel size of the real crops of its condition
+(engine.synth.diffusion.calibration).
 
 Reproducibility: the same seeds and settings write the same pixels, whatever the number
 of samples asked for (plan.py: a sample is computed in a fixed window of indices). The
@@ -32,24 +39,28 @@ from __future__ import annotations
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Sequence
 
 from engine.errors import GrainflowError
 from engine.stores.uri import StoreLocation, resolve
-from engine.synth.diffusion.conditions import Condition, Vocabulary, expand_conditions
+from engine.synth.diffusion.calibration import pixel_size_for
+from engine.synth.diffusion.conditions import Condition, UntrainedConditionsWarning, Vocabulary, expand_conditions
 from engine.synth.diffusion.model_source import ModelSource, resolve_model
 from engine.synth.diffusion.plan import SampleBatch, plan_synthesis
-from engine.synth.diffusion.sampler import SAMPLERS
+from engine.synth.diffusion.sampler import SAMPLERS, check_steps
 
 DEFAULT_GPU_FRACTION = 0.25
 
 
 @dataclass(frozen=True)
 class SynthesisSummary:
-    """What a run did: samples written now, skipped (already there), failed batches
-    ({batch_id: error}), the resources each task asked for, and wall seconds."""
+    """What a run did: conditions generated, samples written now, skipped (already
+    there), failed batches ({batch_id: error}), the resources each task asked for, wall
+    seconds, and the keys of the requested combinations left out because the model was
+    not trained on them (untrained)."""
 
     archive: str
     model_ref: str
@@ -61,6 +72,7 @@ class SynthesisSummary:
     failed: dict[str, str] = field(default_factory=dict)
     task_resources: dict[str, float] = field(default_factory=dict)
     seconds: float = 0.0
+    untrained: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         from dataclasses import asdict
@@ -75,27 +87,40 @@ class _Request:
     vocabulary: Vocabulary
     batches: list[SampleBatch]
     settings: dict[str, Any]
+    untrained: list[Condition] = field(default_factory=list)
 
 
 def prepare(model: str, *, n_per_condition: int, defect_classes: Sequence[str] | None = None,
             materials: Sequence[str] | None = None, modalities: Sequence[str] | None = None, seed: int = 0,
             steps: int = 25, sampler: str = "ddim", batch_size: int = 8, tracking_uri: str | None = None) -> _Request:
     """Everything checked and planned on the driver, before any Ray work (module doc)."""
+    from engine.models.diffusion import DEFAULT_NUM_TRAIN_TIMESTEPS
+
     if sampler not in SAMPLERS:
         raise GrainflowError(f"unknown sampler {sampler!r}; valid samplers: {', '.join(SAMPLERS)}")
-    if not isinstance(steps, int) or steps < 1:
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
         raise GrainflowError(f"steps must be an integer >= 1, got {steps!r}")
     source = resolve_model(model, tracking_uri=tracking_uri)
     config = source.config()
+    try:  # here, not in every Ray task (DDIM refuses, DPM-Solver++ writes NaN as blank samples)
+        check_steps(sampler, steps, int(config.args.get("num_train_timesteps", DEFAULT_NUM_TRAIN_TIMESTEPS)))
+    except ValueError as exc:
+        raise GrainflowError(f"{model}: {exc}") from None
     vocabulary = Vocabulary.of(config.args)
-    conditions = expand_conditions(vocabulary, defect_classes=defect_classes, materials=materials,
-                                   modalities=modalities)
+    if vocabulary.trained is None:
+        warnings.warn(f"{model}: the model does not record the conditions it was trained on (saved before they "
+                      "were recorded); every combination of its vocabulary may be asked for, and one its training "
+                      "crops never showed generates samples that look like nothing",
+                      UntrainedConditionsWarning, stacklevel=2)
+    conditions, untrained = expand_conditions(vocabulary, defect_classes=defect_classes, materials=materials,
+                                              modalities=modalities)
     calibrated = dict(config.args.get("pixel_size_nm") or {})
-    uncalibrated = sorted({c.modality for c in conditions} - set(calibrated))
+    uncalibrated = sorted({c.modality for c in conditions if pixel_size_for(calibrated, c) is None})
     if uncalibrated:  # its samples would be written with a made-up pixel size
+        trained_on = sorted({k.rsplit(".", 1)[-1] for k in calibrated})
         raise GrainflowError(
             f"{model}: no pixel size for {', '.join(uncalibrated)} (the model was trained on crops of "
-            f"{', '.join(sorted(calibrated)) or 'no calibrated modality'}); ask for "
+            f"{', '.join(trained_on) or 'no calibrated modality'}); ask for "
             f"{'those modalities' if calibrated else 'a model trained on an archive'} only")
     try:
         batches = plan_synthesis(conditions, n_per_condition, seed=seed, batch_size=batch_size)
@@ -103,7 +128,7 @@ def prepare(model: str, *, n_per_condition: int, defect_classes: Sequence[str] |
         raise GrainflowError(str(exc)) from None
     settings = {"model_sha256": source.sha256, "sampler": sampler, "steps": steps, "batch_size": batch_size,
                 "sample_size": int(config.args["sample_size"])}
-    return _Request(source, conditions, vocabulary, batches, settings)
+    return _Request(source, conditions, vocabulary, batches, settings, untrained)
 
 
 # --- worker side -------------------------------------------------------------------
@@ -168,7 +193,7 @@ def generate_batch(model_bytes: bytes, sha256: str, batch: SampleBatch, archive_
     for s, image, mask, cond in zip(batch.window, images, masks, conditions):
         if s.sample_id not in wanted:
             continue
-        px = float(model.pixel_size_nm[s.condition.modality])  # prepare() refused uncalibrated modalities
+        px = pixel_size_for(model.pixel_size_nm, s.condition)  # prepare() refused uncalibrated ones
         out.append(write_sample(archive, s, image, mask, pixel_size_nm=px,
                                 intensity=range_for(model.intensity_range, s.condition),
                                 provenance={**provenance, "condition_index": cond,
@@ -215,7 +240,8 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
                max_in_flight: int | None = None, tracking_uri: str | None = None,
                threads: int | None = None) -> SynthesisSummary:
     """Generate `n_per_condition` samples of every requested (class, material, modality)
-    (None: all the model knows) into the archive `out` (module doc).
+    (None: all the model knows) the model was trained on into the archive `out`
+    (module doc).
 
     seed: the run seed (per-sample seeds derive from it); steps, sampler: "ddim" or "dpm"
     with that many steps; batch_size: samples per task; num_gpus / num_cpus: each task's
@@ -238,7 +264,10 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
     archive = resolve(out)
     # Nothing is written before the folder is known to be a synthetic archive (or none yet).
     records = {r["image_id"]: r for r in read_records(archive)}
-    check_settings(archive, {**request.settings, "torch_threads": threads})  # before Ray starts
+    # Recorded settings bind only while a sample they fixed is there: an archive every
+    # batch of an earlier run failed on takes a corrected run's settings.
+    if records:
+        check_settings(archive, {**request.settings, "torch_threads": threads})  # before Ray starts
     truth = {t.image_id: t for t in read_truth_rows(archive) if t.image_id in records}
     todo = []
     for b in request.batches:  # samples in the catalog are never written again (module doc)
@@ -253,7 +282,7 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
     resources = task_resources(num_gpus, num_cpus)
     device = "cuda" if resources["num_gpus"] > 0 else "cpu"
     settings = {**request.settings, "torch_threads": threads, "device": device}
-    if not check_settings(archive, settings):
+    if not (records and check_settings(archive, settings)):
         record_settings(archive, settings)
     provenance = {"model_ref": request.model.ref, "model_version": request.model.version,
                   "model_sha256": request.model.sha256, "sampler": sampler, "steps": steps, "run_seed": seed}
@@ -290,4 +319,5 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
     return SynthesisSummary(
         archive=archive.uri, model_ref=request.model.ref, model_sha256=request.model.sha256,
         conditions=len(request.conditions), planned=planned, written=written, skipped=skipped, failed=failed,
-        task_resources=resources, seconds=round(time.perf_counter() - start, 3))
+        task_resources=resources, seconds=round(time.perf_counter() - start, 3),
+        untrained=[c.key() for c in request.untrained])

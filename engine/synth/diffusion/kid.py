@@ -34,3 +34,20 @@ def kid(x: np.ndarray, y: np.ndarray, *, subsets: int = 20, subset_size: int = 5
     rng = np.random.default_rng(seed)
     return float(np.mean([polynomial_mmd2(x[rng.choice(m, k, replace=False)], y[rng.choice(n, k, replace=False)])
                           for _ in range(subsets)]))
+
+
+def null_quantile(x: np.ndarray, quantile: float = 0.95, *, splits: int = 50, seed: int = 0) -> float:
+    """The `quantile` of KID between two random disjoint halves of one feature set x
+    (n x d), over `splits` random splits: how far apart two draws of the same
+    distribution come out at this size, the distance a sample set drawn like x stays
+    within. Halves of x are smaller than x, and KID between smaller sets varies more,
+    so this errs towards accepting. NaN when x has fewer than 4 rows (two a half)."""
+    n = len(x)
+    if n < 4:
+        return float("nan")
+    rng = np.random.default_rng(seed)
+    values = []
+    for i in range(splits):
+        order = rng.permutation(n)
+        values.append(kid(x[order[:n // 2]], x[order[n // 2:]], seed=seed + i))
+    return float(np.quantile(values, quantile))

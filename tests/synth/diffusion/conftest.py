@@ -13,13 +13,19 @@ from engine.models.diffusion import diffusion_loss
 # of its own, one (material, modality), and per modality.
 INTENSITY = {"crack.ferritic_steel.SEM": [0.30, 0.50], "ferritic_steel.SEM": [0.25, 0.55], "SEM": [0.2, 0.6],
              "TEM": [0.1, 0.7], "optical": [0.1, 0.9]}
+# Pixel sizes keyed alike (engine.synth.diffusion.calibration): the crack crops were read
+# four times coarser than the modality's typical crop (large defects, coarse levels).
+PIXEL_SIZE_NM = {"crack.ferritic_steel.SEM": 10.0, "SEM": 2.5, "TEM": 0.1, "optical": 250.0}
+# What training saw: the job tests' request, and a pore in SEM only.
+TRAINED = [f"{c}.ferritic_steel.{m}" for c in ("crack", "void") for m in ("SEM", "optical")] + [
+    "pore.ferritic_steel.SEM"]
 
 
 def train_tiny(steps: int = 3, seed: int = 0):
     """ddpm_tiny after `steps` AdamW steps on random (image, mask) patches."""
     torch.manual_seed(seed)
-    model = create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5, "TEM": 0.1, "optical": 250.0},
-                             intensity_range=INTENSITY)
+    model = create_diffusion("ddpm_tiny", pixel_size_nm=PIXEL_SIZE_NM, intensity_range=INTENSITY,
+                             trained_conditions=TRAINED)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     g = torch.Generator().manual_seed(seed)
     for _ in range(steps):

@@ -1,5 +1,6 @@
 """The quality gate on archives whose right answer is known: real crops written as
-"generated" samples pass; mislabelled and unlabelled ones are refused with the reason."""
+"generated" samples pass; mislabelled, unlabelled, blank and collapsed ones are refused
+with the reason."""
 
 from __future__ import annotations
 
@@ -25,6 +26,12 @@ def real(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="module")
+def crops(real):
+    """(N x 2 x 32 x 32 patches in [-1, 1], N class indices) of the real archive's defects."""
+    return real_crops(real, 32, CLASSES)
+
+
 def _as_synthetic(out, patches, classes):
     """Write (image, mask) patches as a synthetic archive requesting `classes`."""
     archive = resolve(out)
@@ -40,8 +47,8 @@ def _as_synthetic(out, patches, classes):
 
 
 class TestGate:
-    def test_real_crops_pass_and_wrong_ones_are_refused(self, real, tmp_path):
-        x, y = real_crops(real, 32, CLASSES)
+    def test_real_crops_pass_and_wrong_ones_are_refused(self, real, crops, tmp_path):
+        x, y = crops
         assert len(x) > 20 and x.shape[1:] == (2, 32, 32)
         # a crack requested where the patch is a pore, and a sample with an empty mask
         pore, crack = CLASSES.index("pore"), CLASSES.index("crack")
@@ -68,6 +75,75 @@ class TestGate:
         accepted = accepted_image_ids(tmp_path / "syn")
         assert wrong_id not in accepted and empty_id not in accepted
         assert len(accepted) == report.accepted
+
+    @pytest.mark.parametrize("cls", ["pore", "crack", "inclusion"])
+    def test_a_blank_or_noise_image_under_a_real_mask_is_refused(self, real, crops, tmp_path, cls):
+        # the defect-shaped mask of a real crop, over an image showing nothing
+        x, y = crops
+        masks = x[y == CLASSES.index(cls), 1]
+        rng = np.random.default_rng(0)
+        blank = np.stack([np.zeros_like(masks), masks], axis=1)  # mid grey in [-1, 1]
+        noise = np.stack([rng.uniform(-1, 1, masks.shape).astype(np.float32), masks], axis=1)
+        _as_synthetic(tmp_path / "syn", np.concatenate([blank, noise]), [cls] * (2 * len(masks)))
+        report = gate_archive(tmp_path / "syn", real)
+        assert report.accepted == 0 and accepted_image_ids(tmp_path / "syn") == []
+        rejects = read_rejects(tmp_path / "syn")
+        assert len(rejects) == report.samples
+        assert rejects["reason"].str.startswith("no contrast: the image inside the mask stands out").all()
+
+    def test_the_class_is_judged_from_the_image_not_the_mask(self, real, crops, tmp_path):
+        # inclusion images under pore masks, asked for as pores: none is a pore
+        x, y = crops
+        pores, inclusions = x[y == CLASSES.index("pore")], x[y == CLASSES.index("inclusion")]
+        n = min(len(pores), len(inclusions))
+        swapped = np.stack([inclusions[:n, 0], pores[:n, 1]], axis=1)
+        _as_synthetic(tmp_path / "syn", swapped, ["pore"] * n)
+        report = gate_archive(tmp_path / "syn", real)
+        assert report.accepted == 0
+        rejects = read_rejects(tmp_path / "syn")
+        judged = rejects[rejects["reason"].str.startswith("classifier disagrees")]
+        assert (judged["predicted_class"] != "pore").all()
+        assert set(rejects["reason"].str.split(":").str[0]) <= {"classifier disagrees", "no contrast"}
+
+    def test_the_classifier_does_not_read_the_mask(self, crops):
+        from engine.synth.diffusion.crop_classifier import predict, train_crop_classifier
+
+        x, y = crops
+        clf = train_crop_classifier(x, y, len(CLASSES), seed=0)
+        other_masks = x.copy()
+        other_masks[:, 1] = np.roll(x[:, 1], 1, axis=0)  # each image under another crop's mask
+        for a, b in zip(predict(clf, x), predict(clf, other_masks)):
+            np.testing.assert_array_equal(a, b)
+
+    def test_samples_collapsed_onto_one_crop_are_refused_by_kid(self, real, crops, tmp_path):
+        # every "generated" crack is a copy of one real crack: each looks real (the
+        # classifier agrees), the set does not look like real cracks
+        from engine.synth.diffusion.crop_classifier import predict, train_crop_classifier
+        from engine.synth.diffusion.kid import kid
+
+        x, y = crops
+        cracks = x[y == CLASSES.index("crack")]
+        _, feats = predict(train_crop_classifier(x, y, len(CLASSES), seed=0), cracks)
+        # the crack least like the others, as the gate's classifier (same seed) sees them
+        far = int(np.argmax([kid(np.repeat(f[None], len(feats), 0), feats) for f in feats]))
+        _as_synthetic(tmp_path / "syn", np.repeat(cracks[far:far + 1], len(cracks), 0), ["crack"] * len(cracks))
+        report = gate_archive(tmp_path / "syn", real, seed=0)
+        assert report.accepted == 0 and report.kid["crack"] > report.kid_reference["crack"]
+        rejects = read_rejects(tmp_path / "syn")
+        assert rejects["reason"].str.startswith("kid: ").all()
+        assert (rejects["predicted_class"] == "crack").all()
+
+    def test_the_same_seed_gives_the_same_verdicts(self, real, crops, tmp_path):
+        x, y = crops
+        pores = x[y == CLASSES.index("pore")]
+        blank = pores.copy()
+        blank[:, 0] = 0.0
+        _as_synthetic(tmp_path / "syn", np.concatenate([pores, blank]), ["pore"] * (2 * len(pores)))
+        first = gate_archive(tmp_path / "syn", real, seed=5)
+        first_rejects = read_rejects(tmp_path / "syn")
+        second = gate_archive(tmp_path / "syn", real, seed=5)
+        assert first == second
+        assert first_rejects.equals(read_rejects(tmp_path / "syn"))
 
 
 @pytest.fixture(scope="module")

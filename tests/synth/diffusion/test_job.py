@@ -17,7 +17,7 @@ from engine.synth.diffusion.job import synthesize
 from engine.synth.diffusion.output import PROVENANCE_COLUMNS, SettingsMismatchError, read_provenance
 from engine.synth.truth import TRUTH_FILE
 
-from .conftest import INTENSITY
+from .conftest import INTENSITY, TRAINED
 
 REPO = Path(__file__).resolve().parents[3]
 # num_cpus=2: at most two tasks at a time on the 4-CPU test Ray, so only two worker
@@ -56,9 +56,30 @@ class TestSynthesisJob:
             img = open_image(out / row.uri)
             assert img.shape == (32, 32)
             assert np.dtype(img.dtype) == (np.uint8 if row.modality == "optical" else np.uint16)
-            assert img.pixel_size[0] == pytest.approx(250.0 if row.modality == "optical" else 2.5)
             labels = open_image(out / row.uri / "labels" / "defects")
             assert labels.shape == (32, 32)
+        assert summary.untrained == []  # every combination asked for was trained
+
+    def test_samples_have_the_pixel_size_of_real_crops_of_their_condition(self, written):
+        # crack crops were read at a coarser level than the modality's typical crop
+        # (conftest.PIXEL_SIZE_NM): a crack sample is written at their scale, and its
+        # ground truth measures it at that scale too
+        import pandas as pd
+
+        out, _ = written
+        expected = {("crack", "SEM"): 10.0, ("void", "SEM"): 2.5, ("crack", "optical"): 250.0,
+                    ("void", "optical"): 250.0}
+        prov = read_provenance(out).set_index("image_id")
+        truth = pd.read_parquet(out / TRUTH_FILE).set_index("image_id")
+        for row in read_catalog(out).itertuples():
+            px = expected[(prov.loc[row.image_id, "defect_class"], row.modality)]
+            assert open_image(out / row.uri).pixel_size == pytest.approx((px, px)), row.image_id
+            assert row.pixel_size_x == pytest.approx(px)
+            if row.image_id in truth.index:
+                t = truth.loc[row.image_id]
+                assert t.pixel_size_nm == pytest.approx(px)
+                assert t.area_nm2 == pytest.approx(t.area_px * px * px)
+                assert (t.y1_nm - t.y0_nm) == pytest.approx((t.y1 - t.y0) * px)
 
     def test_samples_have_the_grey_levels_of_real_crops_of_their_condition(self, written):
         # the model's [0, 1] maps onto the recorded p1..p99 of real crops (as fractions
@@ -222,7 +243,9 @@ class TestSynthesisJob:
         from engine.models import create_diffusion, save_checkpoint
 
         sem_only = tmp_path / "sem.safetensors"
-        save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5}), sem_only)
+        save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5},
+                                         trained_conditions=["pore.ferritic_steel.SEM", "pore.ferritic_steel.TEM"]),
+                        sem_only)
         with pytest.raises(GrainflowError, match="no pixel size for TEM.*trained on crops of SEM"):
             synthesize(str(sem_only), tmp_path / "x", n_per_condition=1, modalities=["TEM"])
         path, _ = diffusion_checkpoint
@@ -230,6 +253,103 @@ class TestSynthesisJob:
             with pytest.raises(GrainflowError, match=match):
                 synthesize(str(path), tmp_path / "x", n_per_condition=1, **{**REQUEST, **bad})
         assert not (tmp_path / "x").exists()
+
+
+
+
+class TestTrainedConditions:
+    """Only the conditions training saw are generated (conftest.TRAINED)."""
+
+    def test_by_default_every_trained_condition_and_only_those(self, diffusion_checkpoint):
+        from engine.synth.diffusion.job import prepare
+
+        path, _ = diffusion_checkpoint
+        request = prepare(str(path), n_per_condition=1)
+        assert sorted(c.key() for c in request.conditions) == sorted(TRAINED)
+
+    def test_an_untrained_condition_is_refused_naming_the_trained_ones(self, diffusion_checkpoint, tmp_path):
+        path, _ = diffusion_checkpoint
+        with pytest.raises(ConditioningError, match="none with defect class 'scratch'.*trained on these conditions"
+                                                    r".*crack\.ferritic_steel\.SEM") as err:
+            synthesize(str(path), tmp_path / "x", n_per_condition=1, defect_classes=["scratch"],
+                       materials=["porous_ceramic"], modalities=["SEM"])
+        assert all(key in str(err.value) for key in TRAINED)
+        # a known material the model never saw with any class asked for
+        with pytest.raises(ConditioningError, match="none with material 'martensite'"):
+            synthesize(str(path), tmp_path / "x", n_per_condition=1, defect_classes=["crack"],
+                       materials=["ferritic_steel", "martensite"])
+        assert not (tmp_path / "x").exists()
+
+    def test_untrained_combinations_of_trained_names_are_left_out(self, diffusion_checkpoint):
+        from engine.synth.diffusion.job import prepare
+
+        path, _ = diffusion_checkpoint
+        request = prepare(str(path), n_per_condition=1, defect_classes=["pore", "crack"],
+                          materials=["ferritic_steel"], modalities=["SEM", "optical"])
+        assert [c.key() for c in request.conditions] == [
+            "crack.ferritic_steel.SEM", "crack.ferritic_steel.optical", "pore.ferritic_steel.SEM"]
+        assert [c.key() for c in request.untrained] == ["pore.ferritic_steel.optical"]
+
+    def test_a_model_saved_before_they_were_recorded_still_works_with_a_warning(self, tmp_path):
+        from engine.models import create_diffusion, save_checkpoint
+        from engine.synth.diffusion.conditions import UntrainedConditionsWarning
+        from engine.synth.diffusion.job import prepare
+
+        older = tmp_path / "older.safetensors"
+        save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5}), older)
+        with pytest.warns(UntrainedConditionsWarning, match="does not record the conditions it was trained on"):
+            request = prepare(str(older), n_per_condition=1, modalities=["SEM"])
+        assert len(request.conditions) == 5 * 12  # its whole vocabulary in SEM, as before
+
+
+class TestSamplingSteps:
+    @pytest.mark.parametrize("sampler,steps", [("ddim", 1001), ("dpm", 1000)])
+    def test_more_steps_than_the_schedule_fail_before_any_work(self, diffusion_checkpoint, tmp_path, sampler, steps):
+        from engine.errors import GrainflowError
+
+        path, _ = diffusion_checkpoint
+        with pytest.raises(GrainflowError, match=f"steps must be at most {steps - 1} for the {sampler} sampler on "
+                                                 f"the model's 1000 training timesteps.*got {steps}"):
+            synthesize(str(path), tmp_path / "x", n_per_condition=1, **{**REQUEST, "steps": steps, "sampler": sampler})
+        assert not (tmp_path / "x").exists(), "no settings recorded for a run that cannot start"
+
+    def test_the_entrypoint_exits_2_on_too_many_steps(self, diffusion_checkpoint, tmp_path, capsys):
+        from jobs.synthesize import main
+
+        path, _ = diffusion_checkpoint
+        assert main(["--model", str(path), "--out", str(tmp_path / "x"), "-n", "1", "--class", "crack",
+                     "--material", "ferritic_steel", "--modality", "SEM", "--steps", "1001"]) == 2
+        assert "steps must be at most 1000 for the ddim sampler" in capsys.readouterr().err
+        assert not (tmp_path / "x").exists()
+
+    def test_nan_samples_fail_their_batch_and_a_corrected_rerun_takes_the_empty_archive(
+            self, ray_session, diffusion_checkpoint, tmp_path):
+        import json
+
+        import torch
+
+        from engine.models import create_diffusion, save_checkpoint
+
+        broken = tmp_path / "broken.safetensors"
+        model = create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 2.5}, trained_conditions=TRAINED)
+        with torch.no_grad():
+            for p in model.parameters():
+                p.fill_(float("nan"))
+        save_checkpoint(model, broken)
+        one = dict(REQUEST, defect_classes=["void"], modalities=["SEM"], batch_size=2)
+        out = tmp_path / "archive"
+        failed = synthesize(str(broken), out, n_per_condition=2, **one)
+        assert failed.written == 0 and len(failed.failed) == 1
+        assert "NaN" in next(iter(failed.failed.values()))
+        assert len(read_catalog(out)) == 0, "no blank sample with an empty mask is written"
+        # the archive holds no sample: the settings of the failed run do not bind it
+        path, digest = diffusion_checkpoint
+        fixed = synthesize(str(path), out, n_per_condition=2, **{**one, "steps": 4})
+        assert fixed.written == 2 and not fixed.failed
+        settings = json.loads((out / "synthesis.json").read_text())
+        assert settings["model_sha256"] == digest and settings["steps"] == 4
+        with pytest.raises(SettingsMismatchError, match="steps: 4 there, 3 now"):  # now it holds samples
+            synthesize(str(path), out, n_per_condition=2, **one)
 
 
 class TestSynthesizeEntrypoint:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from engine.synth.diffusion.kid import kid, polynomial_mmd2
+from engine.synth.diffusion.kid import kid, null_quantile, polynomial_mmd2
 
 
 class TestKID:
@@ -31,3 +31,23 @@ class TestKID:
 
     def test_too_few_rows_is_nan(self):
         assert np.isnan(kid(np.zeros((1, 4)), np.zeros((5, 4))))
+
+
+class TestNullQuantile:
+    def test_a_draw_of_the_same_distribution_stays_within_it_and_a_shifted_one_does_not(self):
+        # the gate's reference: how far two draws of the real crops of a class lie apart
+        rng = np.random.default_rng(2)
+        real = rng.normal(size=(200, 8))
+        threshold = null_quantile(real, 0.95, seed=0)
+        assert threshold > 0
+        same = [kid(rng.normal(size=(60, 8)), real, seed=i) for i in range(10)]
+        assert sum(v > threshold for v in same) <= 2
+        # a shift far smaller than the distance to another class (here: 3 apart) exceeds it
+        other_class = rng.normal(size=(200, 8)) + 3.0
+        shifted = rng.normal(size=(60, 8)) + 0.5
+        assert threshold < kid(shifted, real) < kid(real, other_class)
+
+    def test_deterministic_per_seed_and_nan_below_four_rows(self):
+        x = np.random.default_rng(3).normal(size=(30, 4))
+        assert null_quantile(x, seed=1) == null_quantile(x, seed=1)
+        assert np.isnan(null_quantile(x[:3]))

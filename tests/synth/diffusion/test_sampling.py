@@ -45,13 +45,54 @@ class TestSampling:
         with pytest.raises(ValueError, match="euler.*ddim, dpm"):
             make_sampler(model, "euler")
 
+    @pytest.mark.parametrize("method,top", [("ddim", 1000), ("dpm", 999)])
+    def test_steps_beyond_one_per_distinct_timestep_are_refused(self, model, method, top):
+        # DPM-Solver++ would repeat a timestep and divide by zero: NaN samples
+        timesteps = make_sampler(model, method, top).timesteps
+        assert len(set(timesteps.tolist())) == len(timesteps) == top
+        with pytest.raises(ValueError, match=f"at most {top} for the {method} sampler on the model's 1000 "
+                                             f"training timesteps.*got {top + 1}"):
+            make_sampler(model, method, top + 1)
+
+    def test_non_finite_samples_are_refused_not_written_as_blanks(self):
+        import torch
+
+        from engine.models import create_diffusion
+        from engine.synth.diffusion.sampler import NonFiniteSampleError
+
+        broken = create_diffusion("ddpm_tiny")
+        with torch.no_grad():
+            broken.unet.conv_out.bias.fill_(float("nan"))
+        with pytest.raises(NonFiniteSampleError, match="NaN or inf in 2 of 2 samples"):
+            sample_patches(broken, [0, 1], [1, 2], steps=2)
+
 
 class TestConditions:
     vocab = Vocabulary(("pore", "crack"), ("steel", "alloy"), ("SEM", "TEM", "optical"))
 
     def test_expands_all_when_not_given(self):
-        conds = expand_conditions(self.vocab, defect_classes=["crack"])
-        assert len(conds) == 6 and {c.defect_class for c in conds} == {"crack"}
+        conds, left_out = expand_conditions(self.vocab, defect_classes=["crack"])
+        assert len(conds) == 6 and {c.defect_class for c in conds} == {"crack"} and left_out == []
+
+    def test_only_trained_conditions_by_default(self):
+        trained = Vocabulary(self.vocab.defect_classes, self.vocab.materials, self.vocab.modalities,
+                             frozenset({"pore.steel.SEM", "crack.alloy.TEM"}))
+        conds, left_out = expand_conditions(trained)
+        assert [c.key() for c in conds] == ["crack.alloy.TEM", "pore.steel.SEM"] and len(left_out) == 10
+        conds, left_out = expand_conditions(trained, modalities=["SEM"])
+        assert [c.key() for c in conds] == ["pore.steel.SEM"]
+
+    @pytest.mark.parametrize("kw,named", [
+        ({"defect_classes": ["crack"], "materials": ["steel"], "modalities": ["SEM"]}, "defect class 'crack'"),
+        ({"modalities": ["optical"]}, "modality 'optical'"),
+        ({"defect_classes": ["pore", "crack"], "materials": ["steel"]}, "defect class 'crack' was"),
+    ])
+    def test_a_name_with_no_trained_condition_is_refused_listing_the_trained_ones(self, kw, named):
+        trained = Vocabulary(self.vocab.defect_classes, self.vocab.materials, self.vocab.modalities,
+                             frozenset({"pore.steel.SEM", "crack.alloy.TEM"}))
+        with pytest.raises(ConditioningError, match=f"none with {named}.*trained on these conditions "
+                                                    r"\(class.material.modality\): crack.alloy.TEM, pore.steel.SEM"):
+            expand_conditions(trained, **kw)
 
     @pytest.mark.parametrize("kw,bad,plural", [
         ({"defect_classes": ["crak"]}, "crak", "defect classes: pore, crack"),
