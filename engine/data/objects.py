@@ -7,8 +7,11 @@ foreign pieces it painted); `tile_detections` makes both from a `TileResult`.
 `stitch_objects` merges pieces of a defect cut by a tile border (`engine.tiling.stitch`),
 `join_foreign_pieces` adds the pieces other tiles painted of objects they do not own,
 and `objects_table` writes one row per object (`OBJECT_SCHEMA`), measuring an object of
-several pieces whole on a label image (`WholeObjects`: the job's label image in its
-store, or the endpoint's tiles' cores in memory).
+several pieces whole from its pieces' pixel moments (`PieceMoments`: each tile records
+the moments of every piece it painted in its core, and the cores partition the image),
+so with or without label images. Tiles written before the moments were recorded fall
+back to a label image (`WholeObjects`: the job's label image in its store, or the
+endpoint's tiles' cores in memory), or, without one, to the largest piece.
 """
 
 from __future__ import annotations
@@ -32,9 +35,18 @@ DETECTION_SCHEMA = pa.schema([
     ("area_nm2", pa.float64()), ("area_um2", pa.float64()), ("equivalent_diameter_nm", pa.float64()),
     ("major_axis_nm", pa.float64()), ("minor_axis_nm", pa.float64()), ("aspect_ratio", pa.float64()),
     ("orientation_deg", pa.float64()), ("centroid_y", pa.float64()), ("centroid_x", pa.float64()),
+    ("piece_px", pa.int64()), ("piece_cy", pa.float64()), ("piece_cx", pa.float64()),
+    ("piece_syy", pa.float64()), ("piece_sxx", pa.float64()), ("piece_syx", pa.float64()),
 ])
 """Per detection: box corners in level-0 pixels (edge coordinates) and in nm from the
-image's corner; measurements as `engine.pipeline.results`; centroid in level-0 pixels."""
+image's corner; measurements as `engine.pipeline.results`; centroid in level-0 pixels.
+
+piece_*: the pixel moments of the detection's piece, its pixels in its own tile's core
+label image (what the label image holds of it; the tiles' cores partition the image):
+piece_px pixels of the tile (int64); piece_cy, piece_cx the mean of their centres in
+level-0 edge coordinates (NaN for 0 pixels); piece_syy, piece_sxx, piece_syx the sums
+over them of (y - cy)², (x - cx)² and (y - cy)(x - cx), level-0 px² (float64). Null in
+files written before they were recorded."""
 
 OBJECT_SCHEMA = pa.schema([
     ("object_id", pa.int64()), ("class", pa.int64()), ("class_name", pa.string()), ("score", pa.float64()),
@@ -47,11 +59,18 @@ OBJECT_SCHEMA = pa.schema([
 ])
 """Per stitched object (ids 0.. best score first). An object of several tile pieces
 (`parts` > 1) has the union of their boxes, the best score and the pieces' label ids.
-Where the job writes label images, such an object is measured whole: on the union of its
-pieces in the label image (each piece is the part of its mask in its own tile's core, so
-the pieces tile the object without overlap). Without label images it gets an
-area-weighted centroid and the shape measurements of its largest piece (measured over its
-own tile's core and halo: a lower bound for the whole)."""
+Such an object, and one its owner saw only in part (pieces other tiles painted grew its
+box), is measured whole, with or without label images: each piece is the part of its
+mask in its own tile's core, so the pieces tile the object without overlap, and the
+sums of their pixel moments (`DETECTION_SCHEMA`'s piece_* columns, the tiles' foreign
+pieces' in their metadata) are the whole object's; measured from those sums with the
+rules of `engine.pipeline.measure`, at the tiles' pixel size, its measurements and
+centroid are those of its whole mask. An object of one piece keeps its detection's
+measurements (its whole mask as its tile saw it, core and halo).
+
+Tiles written before the moments were recorded: such an object is measured on the label
+image where the job wrote one; without one it gets an area-weighted centroid and the
+shape measurements of its largest piece (a lower bound for the whole)."""
 
 
 def class_name(c: int, class_names: Sequence[str]) -> str:
@@ -64,10 +83,11 @@ def json_floats(a) -> list[float | None]:
 
 
 def tile_detections(r, base: int, placement, class_names: Sequence[str]) -> tuple[pa.Table, dict[str, Any]]:
-    """One tile's detections (`DETECTION_SCHEMA`, label ids from `base` + 1) and its own
-    values (core and read region in level-0 px, area, probabilities, foreign pieces:
-    the `TILE_META` the job writes beside them) from its `TileResult` r; placement: the
-    tile's (origin, scale, halo) as the datasource gave them."""
+    """One tile's detections (`DETECTION_SCHEMA`, label ids from `base` + 1, with their
+    pieces' moments) and its own values (core and read region in level-0 px, area,
+    probabilities, foreign pieces and their moments, scale: the `TILE_META` the job
+    writes beside them) from its `TileResult` r; placement: the tile's (origin, scale,
+    halo) as the datasource gave them."""
     from engine.tiling.stitch import tile_core_level0, tile_read_level0
 
     n = r.n_defects
@@ -89,6 +109,11 @@ def tile_detections(r, base: int, placement, class_names: Sequence[str]) -> tupl
     h, w = r.core_labels.shape
     shape = (h + halo[0] + halo[1], w + halo[2] + halo[3])
     core = tile_core_level0(origin, scale, halo, shape)
+    scale = (float(scale[0]), float(scale[1]))
+    # every piece painted in the core: detections (ids 1..n), then foreign pieces
+    moments = _core_moments(r.core_labels, n + len(r.foreign_classes), (core[1], core[0]), scale)
+    for k, name in enumerate(PIECE_COLUMNS):
+        cols[name] = moments[:n, k].astype(np.int64) if k == 0 else moments[:n, k]
     meta = {
         "level": r.level, "y": r.y, "x": r.x, "modality": r.modality, "pixel_size_nm": r.pixel_size_nm,
         "core_level0": list(core), "read_level0": list(tile_read_level0(origin, scale, shape)),
@@ -99,8 +124,40 @@ def tile_detections(r, base: int, placement, class_names: Sequence[str]) -> tupl
         # [label id, class, x0, y0, x1, y1] of each foreign piece painted in this core
         "foreign": [[base + n + k + 1, int(c), *map(float, b)]
                     for k, (c, b) in enumerate(zip(r.foreign_classes, r.foreign_boxes_level0.reshape(-1, 4)))],
+        # their pixel moments, as the detections' piece_* columns (null: NaN), in that order
+        "foreign_moments": [json_floats(m) for m in moments[n:]],
+        "scale": list(scale),  # level-0 px per tile px (y, x): the pixel the moments count
     }
     return pa.table(cols, schema=DETECTION_SCHEMA), meta
+
+
+PIECE_COLUMNS = ("piece_px", "piece_cy", "piece_cx", "piece_syy", "piece_sxx", "piece_syx")
+
+
+def _core_moments(core_labels: np.ndarray, n_ids: int, corner, scale) -> np.ndarray:
+    """(n_ids, 6) float64 moments of labels 1..n_ids of a tile's (h, w) core label image
+    (`PIECE_COLUMNS`): pixels, mean centre in level-0 edge coordinates and m2 in level-0
+    px²; corner: the core's level-0 (y, x), scale: level-0 px per tile px (y, x)."""
+    from engine.pipeline.measure import label_moments
+
+    count, centroid, m2 = label_moments(core_labels, n_ids)
+    sy, sx = scale
+    out = np.empty((n_ids, 6))
+    out[:, 0] = count
+    out[:, 1] = corner[0] + (centroid[:, 0] + 0.5) * sy
+    out[:, 2] = corner[1] + (centroid[:, 1] + 0.5) * sx
+    out[:, 3:] = m2 * np.array([sy * sy, sx * sx, sy * sx])
+    return out
+
+
+def conform_detections(table: pa.Table) -> pa.Table:
+    """A tile's detections as `DETECTION_SCHEMA`, columns a file written before they
+    existed (the piece_* moments) null."""
+    if table.schema.equals(DETECTION_SCHEMA):
+        return table
+    cols = [table[f.name].cast(f.type) if f.name in table.column_names else pa.nulls(table.num_rows, f.type)
+            for f in DETECTION_SCHEMA]
+    return pa.Table.from_arrays(cols, schema=DETECTION_SCHEMA)
 
 
 @dataclass
@@ -227,9 +284,66 @@ def _clip(b: np.ndarray, region) -> np.ndarray:
     return np.concatenate([np.maximum(b[..., :2], region[0]), np.minimum(b[..., 2:], region[1])], axis=-1)
 
 
+class PieceMoments:
+    """The pixel moments of every piece the tiles painted in their cores, by label id:
+    their detections' (`DETECTION_SCHEMA` piece_* columns) and their foreign pieces'
+    (meta ``foreign_moments``), in level-0 units; the moments of an object's pieces
+    summed are its whole mask's, as the cores partition the image.
+
+    rows: label id -> (6,) float64 (`PIECE_COLUMNS`); scale: level-0 px per tile px (y, x),
+    the pixel the moments count (None: the tiles disagree or did not record it).
+    """
+
+    def __init__(self, rows: dict[int, np.ndarray], scale: tuple[float, float] | None):
+        self.rows, self.scale = rows, scale
+
+    @classmethod
+    def of(cls, tiles: Sequence[TileDetections]) -> PieceMoments:
+        """Of the tiles' detections; a tile written before moments were recorded adds none."""
+        found: list[tuple[int, np.ndarray]] = []
+        scales = {tuple(float(v) for v in t.meta["scale"]) for t in tiles if t.meta.get("scale")}
+        for t in tiles:
+            tb = t.table
+            if tb.num_rows and all(c in tb.column_names for c in PIECE_COLUMNS):
+                m = np.stack([tb[c].to_numpy(zero_copy_only=False).astype(np.float64) for c in PIECE_COLUMNS], 1)
+                found += [(int(i), row) for i, row in zip(tb["label_id"].to_numpy(zero_copy_only=False), m)]
+            foreign, moments = t.meta.get("foreign") or [], t.meta.get("foreign_moments")
+            if moments is not None and len(moments) == len(foreign):
+                found += [(int(i), np.array([np.nan if v is None else v for v in row], np.float64))
+                          for (i, *_), row in zip(foreign, moments)]
+        # ids are unique in an image where tiles were given their bases (a sink without
+        # label targets gives none): an id twice names no one piece, so none is kept
+        ids, times = np.unique([i for i, _ in found], return_counts=True)
+        twice = set(ids[times > 1].tolist())
+        return cls({i: row for i, row in found if i not in twice}, scales.pop() if len(scales) == 1 else None)
+
+    def __call__(self, label_ids, pixel_nm) -> tuple[Any, tuple[float, float]] | None:
+        """(Measurements of the object made of pieces `label_ids`, its centroid in level-0
+        edge coordinates (y, x)), measured at the tiles' pixel size (pixel_nm: the level-0
+        (y, x) pixel size, nm); None when a piece's moments are unknown or it has no pixels."""
+        from engine.pipeline.measure import measure_moments, pool_moments
+
+        if self.scale is None or not len(label_ids) or any(int(i) not in self.rows for i in label_ids):
+            return None
+        m = np.stack([self.rows[int(i)] for i in label_ids])
+        if not np.isfinite(m[:, [0, 3, 4, 5]]).all():
+            return None  # a tile file written before the moments (its columns null)
+        n, centroid, m2 = pool_moments(m[:, 0], m[:, 1:3], m[:, 3:])
+        if n == 0:
+            return None
+        sy, sx = self.scale
+        # level-0 px² back to tile px²: the tile pixel is the one measured, as each
+        # detection's own measurements are (its pixel-square term is that pixel's)
+        tile_m2 = m2 / np.array([sy * sy, sx * sx, sy * sx])
+        got = measure_moments([n], centroid[None], tile_m2[None], (pixel_nm[0] * sy, pixel_nm[1] * sx))
+        return got, (float(centroid[0]), float(centroid[1]))
+
+
 class WholeObjects:
     """Objects of several pieces measured on a label image (instance ids): the pixels
-    holding any of the pieces' label ids around the object's box.
+    holding any of the pieces' label ids around the object's box. `objects_table` needs
+    it only for tiles written before their pieces' moments were; the endpoint cuts each
+    object's mask from it (`mask`).
 
     labels: (H, W) integer ids at one level's pixels, anything sliceable with a `shape`
     (the job's label image in its store, `TileLabels` for the endpoint's tiles);
@@ -307,12 +421,14 @@ class TileLabels:
 
 
 def objects_table(detections: pa.Table, boxes, scores, classes, members, class_names, pixel_nm,
-                   whole: WholeObjects | None = None, foreign_ids=None, grown=None) -> pa.Table:
+                   whole: WholeObjects | None = None, foreign_ids=None, grown=None,
+                   pieces: PieceMoments | None = None) -> pa.Table:
     """One `OBJECT_SCHEMA` row per object (boxes (K, 4) level-0 xyxy, scores, classes and
     members as `stitch_objects` returns them) from the tiles' detections concatenated.
-    pixel_nm: (y, x) level-0 pixel size, nm; whole: where given, an object of several
-    pieces, or one that foreign pieces grew (grown (K,) bool; foreign_ids: their label ids
-    per object, `join_foreign_pieces`), is measured whole on its label image."""
+    pixel_nm: (y, x) level-0 pixel size, nm. An object of several pieces, or one that
+    foreign pieces grew (grown (K,) bool; foreign_ids: their label ids per object,
+    `join_foreign_pieces`), is measured whole from its pieces' moments (`pieces`), or,
+    where a piece's are unknown (an older tile file), on the label image `whole`."""
     area = detections["area_nm2"].to_numpy(zero_copy_only=False) if detections.num_rows else np.zeros(0)
     rows: dict[str, list] = {name: [] for name in OBJECT_SCHEMA.names}
     shape_cols = ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
@@ -338,10 +454,16 @@ def objects_table(detections: pa.Table, boxes, scores, classes, members, class_n
         ids += foreign_ids[j] if foreign_ids else []
         rows["label_ids"].append(ids)
         # Pieces from several tiles, or an object its owner saw only in part (foreign
-        # pieces grew its box): measured whole on the label image the tiles painted.
-        if whole is not None and (len(rows_j) > 1 or (grown is not None and grown[j])):
-            m, centroid = whole(box, ids)
-            if m.area_px[0] > 0:
+        # pieces grew its box): measured whole from what the tiles painted of it. The
+        # moments first: no label image to read, and measured at the tiles' pixels like
+        # every detection (a label image of a resampled level holds a nearest-neighbour
+        # copy of them); identical to the label image's measurement otherwise.
+        if len(rows_j) > 1 or (grown is not None and grown[j]):
+            got = pieces(ids, pixel_nm) if pieces is not None else None
+            if got is None and whole is not None:
+                got = whole(box, ids)
+            if got is not None and got[0].area_px[0] > 0:
+                m, centroid = got
                 for name in shape_cols:
                     rows[name].append(float(getattr(m, name)[0]))
                 for name, v in zip(("centroid_y", "centroid_x"), centroid):
@@ -357,10 +479,12 @@ def objects_table(detections: pa.Table, boxes, scores, classes, members, class_n
 def image_objects(tiles: Sequence[TileDetections], class_names: Sequence[str], pixel_nm,
                   whole: WholeObjects | None = None, *, iou_threshold: float = 0.5) -> pa.Table:
     """An image's objects (`OBJECT_SCHEMA`) from its tiles' detections: stitched across
-    tile borders, joined with the foreign pieces, measured whole where `whole` is given."""
+    tile borders, joined with the foreign pieces, measured whole from the pieces' moments
+    (for tiles written before those were recorded: on `whole`, where given)."""
+    tiles = [TileDetections(t.key, conform_detections(t.table), t.meta) for t in tiles]
     arrays = _TileArrays.of(tiles)  # for both steps
     boxes, scores, classes, members = stitch_objects(tiles, iou_threshold=iou_threshold, arrays=arrays)
     boxes, foreign_ids, grown = join_foreign_pieces(tiles, boxes, members, arrays)
     detections = pa.concat_tables([t.table for t in tiles]) if tiles else DETECTION_SCHEMA.empty_table()
     return objects_table(detections, boxes, scores, classes, members, list(class_names), pixel_nm, whole,
-                         foreign_ids, grown)
+                         foreign_ids, grown, PieceMoments.of(tiles))

@@ -20,8 +20,10 @@ tables with `read_output` (it types `image_id` as a string).
 for each result row (`engine.pipeline.results` columns plus the datasource's `origin`,
 `scale`, `halo`) it writes the detections file (`DETECTION_SCHEMA`; the tile's own
 values, the `TILE_META` JSON, ride in the file's Parquet metadata, so a tile without
-detections still records its core area and probabilities), the tile's core into the
-label images, and, once all tiles of the batch are written, the batch's ledger file.
+detections still records its core area and probabilities; both carry the pixel moments
+of every piece the tile painted in its core, which measure stitched objects whole
+without the label images), the tile's core into the label images, and, once all tiles
+of the batch are written, the batch's ledger file.
 A row with an `error` gets an errors file (`ERROR_SCHEMA`: exception type, message and
 the undecodable chunks' keys) instead and is not ledgered, so a rerun tries it again.
 
@@ -52,7 +54,9 @@ resumed run rewrites chunks under the metadata its earlier run left).
 **Per image** (`finish_image`, a Ray task per image after all tiles): stitches the
 image's tile detections into objects in level-0 coordinates (`engine.data.objects`, the
 online endpoint's rule too: pieces of a defect cut by a core border become one object,
-measured whole on the label image), writes the objects and
+measured whole from its pieces' moments, the same with label images or without; tiles
+written before those were recorded are measured on the label image, where there is
+one), writes the objects and
 tiles tables, the label pyramid and metadata, removes files a previous run left for
 tiles whose state changed, and returns the image's summary row (`SUMMARY_COLUMNS`).
 Rerunning it rewrites the same files.
