@@ -26,6 +26,8 @@ from engine.pipeline.measure import measure_mask
 from engine.pipeline.results import MEASUREMENT_COLUMNS
 from engine.stores.uri import resolve
 
+from ..known_detections import threshold_detections
+
 PY, PX = 10.0, 5.0  # nm: pixels twice as tall as wide
 H, W, CHUNK, HALO = 192, 256, 64, 16  # 3 x 4 tiles of one chunk, each read 16 px on
 STRIDE = 16
@@ -54,17 +56,7 @@ class Detector(torch.nn.Module):  # named as the family the ensemble checks for
     config = None
 
     def predict(self, tiles, *, conf=0.25, iou=0.7, max_det=300):
-        from scipy import ndimage
-
-        from engine.models.detector import Detections
-
-        out = []
-        for tile in tiles:
-            found = ndimage.find_objects(ndimage.label(np.asarray(tile) > 0.5)[0])
-            boxes = np.array([[x.start, y.start, x.stop, y.stop] for y, x in found], np.float32).reshape(-1, 4)
-            out.append(Detections(boxes, np.linspace(0.9, 0.8, len(boxes)).astype(np.float32),
-                                  np.zeros(len(boxes), np.int64)))
-        return out
+        return threshold_detections(tiles)
 
 
 class Segmenter(torch.nn.Module):

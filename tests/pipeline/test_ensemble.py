@@ -8,12 +8,12 @@ import json
 import numpy as np
 import pytest
 
-from engine.models.detector import Detections
 from engine.pipeline import COLUMNS, Ensemble, EnsembleConfig, EnsembleModels, TileResult, analyze_tile
 from engine.pipeline.ensemble import TileInput
 from engine.pipeline.results import DETECTION_COLUMNS, from_columns
 from engine.tiling import owned, tile_core_level0
 
+from ..known_detections import threshold_detections
 from .conftest import TEST_CONFIG, take
 
 # Columns compared within float tolerance between batch compositions (see the module
@@ -130,26 +130,13 @@ class TestResults:
         assert r.defect_density_per_mm2 == 0.0 and r.material != ""
 
 
-def _threshold_detections(tiles, *, conf, iou, max_det):
-    """Boxes of the connected components of bright pixels: a detector whose answer is known."""
-    from scipy import ndimage
-
-    out = []
-    for tile in tiles:
-        found = ndimage.find_objects(ndimage.label(np.asarray(tile) > 0.5)[0])
-        boxes = np.array([[x.start, y.start, x.stop, y.stop] for y, x in found], np.float32).reshape(-1, 4)
-        out.append(Detections(boxes, np.linspace(0.9, 0.8, len(boxes)).astype(np.float32),
-                              np.zeros(len(boxes), np.int64)))
-    return out
-
-
 def test_a_defect_reaching_into_a_neighbour_core_is_painted_there(tiny_models, monkeypatch):
     """Two tiles of one row, cores x [0, 64) and [64, 128), halo 16: a disc centred at
     x 58 belongs to the left tile; the right one paints its share (x >= 64) as a
     foreign piece beneath its own detections, so the two cores hold its mask whole."""
     yy, xx = np.mgrid[:64, :128]
     image = ((yy - 32) ** 2 + (xx - 58) ** 2 <= 12**2).astype(np.uint8) * 255
-    monkeypatch.setattr(tiny_models.detector, "predict", _threshold_detections)
+    monkeypatch.setattr(tiny_models.detector, "predict", threshold_detections)
     ens = Ensemble(EnsembleModels(tiny_models.detector), config=EnsembleConfig(**TEST_CONFIG))
     batch = {"image_id": np.array(["a", "a"], object), "level": np.zeros(2, np.int32),
              "y": np.zeros(2, np.int64), "x": np.array([0, 64]), "modality": np.array(["SEM", "SEM"], object),
