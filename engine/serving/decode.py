@@ -1,5 +1,6 @@
 """Request bodies to pixels: PNG (8/16-bit), TIFF (16-bit included, pixel size from its
-metadata when present) or a raw array with its dtype and shape.
+metadata when present, (y, x): a TIFF's XResolution and YResolution may differ) or a raw
+array with its dtype and shape.
 
 Errors are `UnsupportedMedia` (HTTP 415: not a format the endpoint reads),
 `BadImage` (HTTP 422: a supported format whose content or fields are wrong) and
@@ -63,11 +64,13 @@ class BadImage(GrainflowError):
 
 @dataclass(frozen=True, eq=False)
 class DecodedImage:
-    """pixels: (H, W) as stored (uint8/uint16/... or float32); pixel_size_nm: from the
-    file's metadata (x axis), None when it has none; format: "png", "tiff" or "raw"."""
+    """pixels: (H, W) as stored (uint8/uint16/... or float32); pixel_size_yx_nm: (y, x)
+    nm per pixel from the file's metadata, as the batch ingest reads it (the two differ
+    for non-square pixels: a fast-scan SEM, a line-scan camera), None when it has none;
+    format: "png", "tiff" or "raw"."""
 
     pixels: np.ndarray
-    pixel_size_nm: float | None
+    pixel_size_yx_nm: tuple[float, float] | None
     format: str
     modality: str | None = None
 
@@ -190,8 +193,8 @@ def _tiff(data: bytes, max_pixels: int | None) -> DecodedImage:
     if first.pixels.dtype.kind == "f" and not np.all(np.isfinite(first.pixels)):
         raise BadImage("image: a float32 TIFF must hold finite values")
     size = None
-    if first.pixel_size is not None and first.unit in _NM_PER:
-        size = float(first.pixel_size[1]) * _NM_PER[first.unit]
+    if first.pixel_size is not None and first.unit in _NM_PER:  # (y, x), as the ingest stores it
+        size = (float(first.pixel_size[0]) * _NM_PER[first.unit], float(first.pixel_size[1]) * _NM_PER[first.unit])
     return DecodedImage(_gray(first.pixels, "TIFF"), size, "tiff", first.modality)
 
 
@@ -265,14 +268,11 @@ def _check_tiff_layout(data: bytes, max_pixels: int | None) -> None:
 
 
 def _reader_images(all_series: list) -> list:
-    """The tifffile series the batch reader makes images of, in the order it yields them:
-    each series and pyramid level whose first page is not flagged reduced-resolution
-    (NewSubfileType bit 0), SubIFD levels left out. The rule of
-    `engine.stores.ingest.tiff._image_series`, restated rather than imported because that
-    module's private helpers change with the batch ingest; tests hold the two together
-    (`TestTiffImageAgreesWithIngest`)."""
-    return [level for series in all_series for k, level in enumerate(series.levels)
-            if not (level.keyframe.is_reduced or (k > 0 and level.keyframe.is_subifd))]
+    """The tifffile series the batch reader makes images of, in the order it yields them
+    (`engine.stores.ingest.tiff.image_levels`)."""
+    from engine.stores.ingest.tiff import image_levels
+
+    return [level for _, level in image_levels(all_series)]
 
 
 def _plane_count(series, y: int, x: int) -> int:

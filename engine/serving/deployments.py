@@ -52,13 +52,14 @@ MAX_CACHED_VERSIONS = 4
 class StagesAnswer:
     """What the last stage returns for one request: analysis: the answer's parts made
     from the tile results (`engine.serving.response.analysis`); level,
-    level_pixel_size_nm: the pyramid level the tiles were read at and its pixel size
-    (nm); timings_ms: compute milliseconds per stage; batch_sizes: requests per model
-    stage's batch, this one included."""
+    level_pixel_size_nm, level_pixel_size_y_nm: the pyramid level the tiles were read
+    at and its pixel size along x and y (nm); timings_ms: compute milliseconds per
+    stage; batch_sizes: requests per model stage's batch, this one included."""
 
     analysis: dict[str, Any]
     level: int
     level_pixel_size_nm: float
+    level_pixel_size_y_nm: float
     timings_ms: dict[str, float]
     batch_sizes: dict[str, int]
 
@@ -163,8 +164,9 @@ class _Stage:
 class Preprocess(_Stage):
     role = "preprocess"
 
-    async def __call__(self, ref: str, pixels, modality: str, pixel_size_nm: float):
-        """Raw (H, W) pixels -> the EnsemblePass of their tiles, inputs warm."""
+    async def __call__(self, ref: str, pixels, modality: str, pixel_size_nm: float | tuple[float, float]):
+        """Raw (H, W) pixels -> the EnsemblePass of their tiles, inputs warm.
+        pixel_size_nm: nm per pixel, one number (square) or (y, x)."""
         from engine.serving.prepare import TilingSettings, prepare_image
 
         def work():
@@ -236,8 +238,10 @@ class Segmenter(_Stage):
                 analysed = analysis(ens.finish(p), p.tiles, class_names=ens.class_names,
                                     materials=ens.materials, grades=ens.grades)
                 timings = {**p.timings_ms, "measure": (time.perf_counter() - t0) * 1e3}
-                out.append(StagesAnswer(analysed, int(p.tiles[0].level), float(p.tiles[0].pixel_size_nm), timings,
-                                        dict(p.batch_sizes)))
+                first = p.tiles[0]
+                size_y = first.pixel_size_nm if first.pixel_size_y_nm is None else first.pixel_size_y_nm
+                out.append(StagesAnswer(analysed, int(first.level), float(first.pixel_size_nm), float(size_y),
+                                        timings, dict(p.batch_sizes)))
             return out
 
         return await asyncio.to_thread(finish)

@@ -5,8 +5,8 @@ Routes (the OpenAPI schema at /openapi.json documents them):
     GET  /                   the web viewer (engine/serving/viewer.html), no key
     GET  /healthz            liveness and the versions the aliases point at, no key
     GET  /v1/models          bundle, split, versions and label names     scope analyze
-    POST /v1/analyze         multipart: image (+ modality, pixel_size_nm, dtype, shape)
-                                                                         scope analyze
+    POST /v1/analyze         multipart: image (+ modality, pixel_size_nm, pixel_size_y_nm,
+                             dtype, shape)                               scope analyze
     POST /v1/admin/refresh   read the registry's aliases again now       scope admin
 
 Keys come as ``Authorization: Bearer <key>`` or ``X-API-Key: <key>`` (the schema's two
@@ -213,13 +213,28 @@ def _modality(given: str | None, from_file: str | None) -> str:
     raise RequestError(422, f"modality: {value[:40]!r} is not one of {', '.join(MODALITIES)}")
 
 
-def _pixel_size(given: float | None, from_file: float | None) -> tuple[float, str]:
+def _positive(field: str, value: float) -> float:
+    if not (math.isfinite(value) and value > 0):
+        raise RequestError(422, f"{field}: {value} must be a positive finite number of nanometres")
+    return float(value)
+
+
+def _pixel_size(given: float | None, given_y: float | None,
+                from_file: tuple[float, float] | None) -> tuple[tuple[float, float], str]:
+    """((y, x) nm per pixel, where it came from) of an upload: the request's fields
+    (pixel_size_nm, the x size and by default the y size too; pixel_size_y_nm where the
+    pixels are not square), else the TIFF's own (y, x) pair, else a 422 naming the field.
+    The fields replace the file's pair whole: a y size alone, beside the file's x size,
+    would be half of one calibration and half of another, so it is refused."""
+    if given_y is not None and given is None:
+        raise RequestError(422, "pixel_size_y_nm: given without pixel_size_nm; send pixel_size_nm (x, and y for "
+                                "square pixels) with it, or neither to use the TIFF's own pixel size")
     if given is not None:
-        if not (math.isfinite(given) and given > 0):
-            raise RequestError(422, f"pixel_size_nm: {given} must be a positive finite number of nanometres")
-        return float(given), "request"
-    if from_file is not None and math.isfinite(from_file) and from_file > 0:
-        return float(from_file), "tiff metadata"
+        px = _positive("pixel_size_nm", given)
+        py = px if given_y is None else _positive("pixel_size_y_nm", given_y)
+        return (py, px), "request"
+    if from_file is not None and all(math.isfinite(v) and v > 0 for v in from_file):
+        return (float(from_file[0]), float(from_file[1])), "tiff metadata"
     raise RequestError(422, "pixel_size_nm: required, the image carries no pixel size in its metadata")
 
 
@@ -381,10 +396,15 @@ class Ingress:
     async def analyze(
         self,
         request: Request,
-        image: UploadFile = File(..., description="PNG, TIFF (8/16-bit; pixel size read from its metadata) or "
-                                                  "a raw little-endian array (application/octet-stream)"),
+        image: UploadFile = File(..., description="PNG, TIFF (8/16-bit; (y, x) pixel size read from its metadata) "
+                                                  "or a raw little-endian array (application/octet-stream)"),
         modality: Optional[str] = Form(None, description="SEM, TEM or optical (default: the TIFF's, else SEM)"),
-        pixel_size_nm: Optional[float] = Form(None, description="nm per pixel; needed unless the TIFF has it"),
+        pixel_size_nm: Optional[float] = Form(None, description="nm per pixel along x (columns), and along y too "
+                                                                "unless pixel_size_y_nm is given; needed unless the "
+                                                                "TIFF has its pixel size (the fields replace it)"),
+        pixel_size_y_nm: Optional[float] = Form(None, description="nm per pixel along y (rows), for non-square "
+                                                                  "pixels (fast-scan SEM, line-scan camera); only "
+                                                                  "with pixel_size_nm; default: pixel_size_nm"),
         dtype: Optional[str] = Form(None, description="raw arrays: uint8, uint16, uint32, int8, int16, int32, float32"),
         shape: Optional[str] = Form(None, description="raw arrays: height,width"),
         preview: bool = Form(False, description="also answer an 8-bit PNG of the image for display "
@@ -410,17 +430,17 @@ class Ingress:
         except BadImage as exc:
             raise RequestError(422, str(exc)) from None
         mod = _modality(modality, decoded.modality)
-        size, source = _pixel_size(pixel_size_nm, decoded.pixel_size_nm)
+        size, source = _pixel_size(pixel_size_nm, pixel_size_y_nm, decoded.pixel_size_yx_nm)
         t_decode = time.perf_counter()
         alias, ref = self._arms.choose(rid)
         audit.update(alias=alias, models={"bundle": ref})
         answer = await self._stages(ref, decoded.pixels, mod, size)
         t_stages = time.perf_counter()
-        h, w = decoded.pixels.shape
-        info = {"height": int(h), "width": int(w), "dtype": str(decoded.pixels.dtype), "format": decoded.format,
-                "sha256": audit["image_sha256"], "modality": mod, "pixel_size_nm": size,
-                "pixel_size_source": source, "level": answer.level, "level_pixel_size_nm": answer.level_pixel_size_nm}
-        from engine.serving.response import respond
+        from engine.serving.response import image_info, respond
+
+        info = image_info(decoded.pixels, format=decoded.format, sha256=audit["image_sha256"], modality=mod,
+                          pixel_size_yx_nm=size, pixel_size_source=source, level=answer.level,
+                          level_pixel_size_yx_nm=(answer.level_pixel_size_y_nm, answer.level_pixel_size_nm))
 
         # decode and the stages' wall time seen here; each stage's compute time in its
         # replica; stages_ms minus their sum is what the hops between replicas cost
@@ -436,10 +456,10 @@ class Ingress:
         audit["models"] = body["model"]["versions"]
         return JSONResponse(body)
 
-    async def _stages(self, ref: str, pixels, modality: str, pixel_size_nm: float):
+    async def _stages(self, ref: str, pixels, modality: str, pixel_size_nm: tuple[float, float]):
         """The four stages, chained: each call's DeploymentResponse is the next call's
         argument, so the pass goes replica to replica; only the StagesAnswer comes back
-        (order and why: engine.serving.deployments)."""
+        (order and why: engine.serving.deployments). pixel_size_nm: (y, x) nm."""
         sent = {}
 
         def chain():

@@ -11,6 +11,10 @@ parameters, and the same answer. The memory store is removed afterwards.
 Large images (2048 x 2048 and more) are tiled like the job: cores of one chunk (or
 tile_size) with a halo, each tile analysed on its own, detections reported by the
 tile whose core holds their box centre.
+
+Pixels need not be square: the scratch image records the upload's (y, x) pixel size,
+as the batch ingest records a TIFF's, so its tiles carry both sizes and every
+measurement in nm (areas, axes, orientation, image area) is the job's.
 """
 
 from __future__ import annotations
@@ -43,18 +47,42 @@ class TilingSettings:
 @dataclass(frozen=True, eq=False)
 class PreparedImage:
     """tiles: the image's tiles as datasource rows give them; params: the image's
-    PreprocessParams (None when no member takes "image" inputs); level and
-    pixel_size_nm: the pyramid level read and its pixel size (nm)."""
+    PreprocessParams (None when no member takes "image" inputs); level, pixel_size_nm
+    and pixel_size_y_nm: the pyramid level read and its pixel size along x and y (nm;
+    equal for square pixels)."""
 
     tiles: list[TileInput]
     params: object | None
     level: int
     pixel_size_nm: float
+    pixel_size_y_nm: float
 
 
-def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, settings: TilingSettings,
-                  fit: bool, image_id: str = "upload") -> PreparedImage:
-    """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm (square).
+def pixel_size_yx(pixel_size_nm) -> tuple[float, float]:
+    """(y, x) nm from one number (square pixels) or a (y, x) pair; `BadImage` naming the
+    field unless both are positive and finite."""
+    try:
+        values = [float(v) for v in np.asarray(pixel_size_nm, dtype=np.float64).reshape(-1)]
+    except (TypeError, ValueError):
+        values = []
+    if len(values) == 1:
+        values *= 2
+    if len(values) != 2 or not all(math.isfinite(v) and v > 0 for v in values):
+        raise BadImage(f"pixel_size_nm: {pixel_size_nm!r} must be a positive finite number of nanometres or a "
+                       f"(y, x) pair of them")
+    return values[0], values[1]
+
+
+def _sizes(py: float, px: float) -> str:
+    """A pixel size for messages: "5" (square) or "10 x 5 (y x x)"."""
+    return f"{px:.6g}" if py == px else f"{py:.6g} x {px:.6g} (y x x)"
+
+
+def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float | tuple[float, float],
+                  settings: TilingSettings, fit: bool, image_id: str = "upload") -> PreparedImage:
+    """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm: one number
+    for square pixels or (y, x) (not positive and finite: `BadImage`). A target pixel
+    size resamples to square pixels of that size, as the job does.
 
     More pixels than `max_pixels` once resampled to the models' pixel size raise
     `TooLarge` (HTTP 413, as an upload over the limit as sent). Pixels that cannot be
@@ -65,9 +93,10 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
 
     from engine.stores.uri import resolve
 
+    size_yx = pixel_size_yx(pixel_size_nm)
     loc = resolve(f"memory://grainflow-serve/{uuid.uuid4().hex}.ome.zarr")
     try:
-        return _prepare(loc, pixels, modality=modality, pixel_size_nm=pixel_size_nm, settings=settings, fit=fit,
+        return _prepare(loc, pixels, modality=modality, pixel_size_yx_nm=size_yx, settings=settings, fit=fit,
                         image_id=image_id)
     except TooLarge:
         raise
@@ -79,9 +108,9 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
             fs.rm(loc.path, recursive=True)
 
 
-def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_nm: float, settings: TilingSettings, fit: bool,
-             image_id: str) -> PreparedImage:
-    """`prepare_image` through the scratch store `loc` (a StoreLocation)."""
+def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_yx_nm: tuple[float, float],
+             settings: TilingSettings, fit: bool, image_id: str) -> PreparedImage:
+    """`prepare_image` through the scratch store `loc` (a StoreLocation); pixel_size_yx_nm: (y, x) nm."""
     from ray.data.block import BlockAccessor
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
@@ -90,11 +119,12 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
     from engine.stores.image import open_image
     from engine.stores.writer import write_image
 
-    write_image(loc, np.ascontiguousarray(pixels), pixel_size=float(pixel_size_nm), unit="nanometer",
+    py, px = pixel_size_yx_nm
+    write_image(loc, np.ascontiguousarray(pixels), pixel_size=(py, px), unit="nanometer",
                 chunk=settings.chunk, attributes={"modality": modality}, name=image_id)
     image = open_image(loc)
     if settings.target_pixel_size_nm is None:  # as the job does for native pixels: level 0
-        target, tolerance = float(pixel_size_nm), math.inf
+        target, tolerance = px, math.inf  # (the job chooses levels by their x size)
     else:
         target, tolerance = float(settings.target_pixel_size_nm), DEFAULT_TOLERANCE
     plan = plan_image(image, image_id, loc, modality, target_nm=target, tolerance=tolerance,
@@ -103,7 +133,7 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
         h, w = plan.output.extent
         if h * w > settings.max_pixels:
             raise TooLarge(  # the pixel limit of the upload as sent (decode), here once resampled
-                f"{image_id}: resampled from {pixel_size_nm:.6g} to {target:.6g} nm per pixel the image would be "
+                f"{image_id}: resampled from {_sizes(py, px)} to {target:.6g} nm per pixel the image would be "
                 f"{h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
     tiles: list[TileInput] = []
     for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
@@ -114,4 +144,6 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_nm: float, se
         from engine.preprocess import fit_preprocessing
 
         params = fit_preprocessing(image, modality)
-    return PreparedImage(tiles, params, int(plan.grid.level), float(tiles[0].pixel_size_nm))
+    first = tiles[0]
+    return PreparedImage(tiles, params, int(plan.grid.level), float(first.pixel_size_nm),
+                         float(first.pixel_size_nm if first.pixel_size_y_nm is None else first.pixel_size_y_nm))

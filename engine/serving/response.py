@@ -213,11 +213,27 @@ def _object_mask(whole, box, label_ids) -> dict[str, Any]:
     return _rle_mask(mask, lambda y, x: whole.transform.to_level0(ly0 + y, lx0 + x), whole.transform.factor)
 
 
+def image_info(pixels: np.ndarray, *, format: str, sha256: str, modality: str,
+               pixel_size_yx_nm: tuple[float, float], pixel_size_source: str, level: int,
+               level_pixel_size_yx_nm: tuple[float, float]) -> dict[str, Any]:
+    """The answer's "image" (`engine.serving.schemas.ImageInfo`): the upload's (H, W)
+    `pixels` as decoded, its (y, x) pixel size (nm) and where that came from, and the
+    pyramid level the models' tiles were read at with their (y, x) pixel size (nm).
+    Each size is reported as `pixel_size_nm` (x, the one number of square pixels) and
+    `pixel_size_y_nm`."""
+    h, w = pixels.shape
+    return {"height": int(h), "width": int(w), "dtype": str(pixels.dtype), "format": format, "sha256": sha256,
+            "modality": modality, "pixel_size_nm": float(pixel_size_yx_nm[1]),
+            "pixel_size_y_nm": float(pixel_size_yx_nm[0]), "pixel_size_source": pixel_size_source,
+            "level": int(level), "level_pixel_size_nm": float(level_pixel_size_yx_nm[1]),
+            "level_pixel_size_y_nm": float(level_pixel_size_yx_nm[0])}
+
+
 def respond(analysed: dict[str, Any], *, image: dict[str, Any], alias: str, request_id: str,
             timings_ms: dict[str, float], batch_sizes: dict[str, int] | None = None) -> dict[str, Any]:
     """The JSON body of a successful POST /v1/analyze (`engine.serving.schemas.AnalyzeResponse`)
-    from `analysis(...)` and what the ingress knows of the request; batch_sizes: requests
-    per model stage's batch."""
+    from `analysis(...)` and what the ingress knows of the request (image: `image_info`);
+    batch_sizes: requests per model stage's batch."""
     return {
         "request_id": request_id,
         "image": image,

@@ -2,6 +2,8 @@
 
 Units are in the field names: `_px` level-0 pixels of the uploaded image (xyxy edge
 coordinates for boxes, (y, x) for points), `_nm` nanometres, `_ms` milliseconds.
+Measurement conventions (`Measured`'s field descriptions) are those of
+`engine.pipeline.measure`, the batch job's.
 """
 
 from __future__ import annotations
@@ -39,16 +41,35 @@ class Mask(BaseModel):
     counts: list[int]
 
 
-class Measured(BaseModel):
-    """A defect's shape measurements (engine.pipeline.measure), null where its mask is empty."""
+# What the centroids are, for the two models that report one.
+CENTROID_PX = ("(y, x) mean of the mask's pixel centres, level-0 pixels of the uploaded image in edge "
+               "coordinates, as box_px: pixel (i, j) covers [i, i + 1) x [j, j + 1), so its centre is "
+               "(i + 0.5, j + 0.5); null where the mask is empty")
 
-    area_nm2: Optional[float]
-    area_um2: Optional[float]
-    equivalent_diameter_nm: Optional[float]
-    major_axis_nm: Optional[float]
-    minor_axis_nm: Optional[float]
-    aspect_ratio: Optional[float]
-    orientation_deg: Optional[float]
+
+class Measured(BaseModel):
+    """A defect's shape measurements (engine.pipeline.measure, the batch job's), in
+    physical units from the (y, x) pixel size, so right for non-square pixels too; null
+    where its mask is empty."""
+
+    area_nm2: Optional[float] = Field(description="mask area, nm²: its pixel count x py x px, a pixel being a "
+                                                  "py x px nm rectangle ((y, x) pixel size)")
+    area_um2: Optional[float] = Field(description="area_nm2 in µm² (1 µm² = 10⁶ nm²)")
+    equivalent_diameter_nm: Optional[float] = Field(description="diameter of the disc of the same area, nm")
+    major_axis_nm: Optional[float] = Field(
+        description="long axis of the ellipse with the mask's second moments, nm: 4 * sqrt(larger eigenvalue) of "
+                    "the covariance (nm²) of its pixel centres plus p² / 12 per axis (p: the pixel size on that "
+                    "axis, each pixel's own square), so a mask is measured as the union of its pixel squares: a "
+                    "one-pixel-wide line is one pixel wide, a disc of radius r measures 2r")
+    minor_axis_nm: Optional[float] = Field(description="short axis of that ellipse, nm: 4 * sqrt(smaller eigenvalue)")
+    aspect_ratio: Optional[float] = Field(description="major_axis_nm / minor_axis_nm, >= 1")
+    orientation_deg: Optional[float] = Field(
+        description="angle of the major axis from the image's +x axis (columns, rightwards), counter-clockwise as "
+                    "the image is displayed with row 0 at the top (y points down: 45 is up and to the right), in "
+                    "degrees in [0, 180) (an axis has no direction), of the shape in nm, so non-square pixels do "
+                    "not skew it; null (the batch job's NaN) for a round defect: the moment ellipse round within "
+                    "digitisation noise, (major - minor eigenvalue) / major below ROUND_WITHIN / sqrt(n) for a mask "
+                    "of n pixels (engine.pipeline.measure; ROUND_WITHIN = 2)")
 
 
 class Detection(Measured):
@@ -60,7 +81,7 @@ class Detection(Measured):
     box_nm: list[float]
     mask_score: Optional[float]
     mask_from_box: bool
-    centroid_px: list[Optional[float]]
+    centroid_px: list[Optional[float]] = Field(description=CENTROID_PX)
     mask: Mask
 
 
@@ -82,10 +103,15 @@ class ImageInfo(BaseModel):
     format: str
     sha256: str
     modality: str
-    pixel_size_nm: float
-    pixel_size_source: str
-    level: int
-    level_pixel_size_nm: float
+    pixel_size_nm: float = Field(description="nm per pixel along x (columns) of the uploaded image")
+    pixel_size_y_nm: float = Field(description="nm per pixel along y (rows); equal to pixel_size_nm for square "
+                                               "pixels")
+    pixel_size_source: str = Field(description="where the pixel size came from: request (the form's pixel_size_nm "
+                                               "and pixel_size_y_nm) or tiff metadata (the TIFF's (y, x) pair)")
+    level: int = Field(description="the pyramid level the models' tiles were read from (0: as uploaded)")
+    level_pixel_size_nm: float = Field(description="nm per pixel along x of the tiles the models saw (the models' "
+                                                   "pixel size where the image was resampled to it)")
+    level_pixel_size_y_nm: float = Field(description="nm per pixel along y of those tiles")
 
 
 class Summary(BaseModel):
@@ -112,7 +138,7 @@ class DefectObject(Measured):
     box_nm: list[float]
     parts: int = Field(description="detections merged into it (more than one: cut by tile borders)")
     detections: list[int] = Field(description="indices into `detections` of its pieces")
-    centroid_px: list[Optional[float]] = Field(description="(y, x) of the whole object")
+    centroid_px: list[Optional[float]] = Field(description=f"of the whole object: {CENTROID_PX}")
     mask: Mask = Field(description="all of its pixels: its pieces' and those other tiles painted of it")
 
 

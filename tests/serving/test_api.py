@@ -78,8 +78,20 @@ class TestAnalyze:
                     {"modality": "SEM"})
         assert r.status_code == 200, r.text
         assert r.json()["image"]["pixel_size_source"] == "tiff metadata"
-        assert r.json()["image"]["pixel_size_nm"] == pytest.approx(2.5)
+        assert r.json()["image"]["pixel_size_nm"] == r.json()["image"]["pixel_size_y_nm"] == pytest.approx(2.5)
         assert r.json()["image"]["dtype"] == "uint16"
+
+    def test_non_square_pixels_are_reported_as_both_sizes(self, client, served, image):
+        """pixel_size_y_nm beside pixel_size_nm: the image and the tiles the models saw
+        report (y, x); measurements in nm follow them (tests/serving/test_response.py)."""
+        pixels, nm = image
+        r = analyze(client, served["env"]["analyze_key"], {"image": ("a.png", png_bytes(pixels), "image/png")},
+                    {"modality": "SEM", "pixel_size_nm": str(nm), "pixel_size_y_nm": str(2 * nm)})
+        assert r.status_code == 200, r.text
+        info = r.json()["image"]
+        assert (info["pixel_size_y_nm"], info["pixel_size_nm"]) == pytest.approx((2 * nm, nm))
+        assert info["pixel_size_source"] == "request"
+        assert info["level_pixel_size_y_nm"] > 0 and info["level_pixel_size_nm"] > 0
 
     def test_raw_array_same_answer_as_png(self, client, served, image):
         pixels, nm = image
@@ -209,6 +221,10 @@ class TestErrors:
         ({"modality": "SEM", "pixel_size_nm": "-1"}, None, "pixel_size_nm"),
         ({"modality": "SEM", "pixel_size_nm": "abc"}, None, "pixel_size_nm"),
         ({"modality": "SEM"}, None, "pixel_size_nm: required"),
+        ({"modality": "SEM", "pixel_size_nm": "5", "pixel_size_y_nm": "-1"}, None, "pixel_size_y_nm"),
+        ({"modality": "SEM", "pixel_size_nm": "5", "pixel_size_y_nm": "nan"}, None, "pixel_size_y_nm"),
+        ({"modality": "SEM", "pixel_size_nm": "5", "pixel_size_y_nm": "abc"}, None, "pixel_size_y_nm"),
+        ({"modality": "SEM", "pixel_size_y_nm": "5"}, None, "pixel_size_y_nm: given without pixel_size_nm"),
         ({"modality": "SEM", "pixel_size_nm": "5", "dtype": "uint16", "shape": "4,4"},
          {"image": ("a.raw", b"\0" * 7, "application/octet-stream")}, "do not hold"),
         ({"modality": "SEM", "pixel_size_nm": "5"}, {"image": ("a.png", b"\x89PNG\r\n\x1a\nbroken", "image/png")},

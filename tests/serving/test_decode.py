@@ -302,3 +302,26 @@ class TestPngColour:
         grey = np.arange(48, dtype=np.uint8).reshape(6, 8) * 5
         la = Image.fromarray(np.dstack([grey, np.full_like(grey, 17)]), mode="LA")
         np.testing.assert_array_equal(decode(self.png(la), "image/png").pixels, grey)
+
+
+class TestTiffPixelSize:
+    """A TIFF's pixel size is read as the batch ingest reads it: (y, x) in nm, the two
+    differing where XResolution and YResolution do (a fast-scan SEM, a line-scan camera)."""
+
+    @pytest.mark.parametrize("resolution, unit, want", [
+        ((2e6, 1e6), "CENTIMETER", (10.0, 5.0)),  # pixels per cm: x 5 nm, y 10 nm
+        ((4e6, 4e6), "CENTIMETER", (2.5, 2.5)),
+        ((25400.0, 12700.0), "INCH", (2000.0, 1000.0)),  # pixels per inch: x 1 µm, y 2 µm
+    ])
+    def test_both_sizes_as_the_ingest_reads_them(self, resolution, unit, want):
+        from engine.stores.ingest.tiff import read_tiff
+
+        data = tiff_bytes(np.zeros((16, 32), np.uint16), resolution=resolution, resolutionunit=unit)
+        first = next(iter(read_tiff(io.BytesIO(data))))
+        assert decode(data, "image/tiff").pixel_size_yx_nm == pytest.approx(want)
+        nm = {"nanometer": 1.0, "micrometer": 1e3}[first.unit]
+        assert decode(data, "image/tiff").pixel_size_yx_nm == pytest.approx(tuple(v * nm for v in first.pixel_size))
+
+    def test_no_calibration_no_size(self):
+        assert decode(tiff_bytes(np.zeros((16, 32), np.uint16)), "image/tiff").pixel_size_yx_nm is None
+        assert decode(imagecodecs.png_encode(np.zeros((16, 32), np.uint8)), "image/png").pixel_size_yx_nm is None

@@ -68,3 +68,82 @@ class TestPreprocessRefusal:
 
         assert preprocess_refusal(self.from_stage(BadImage("image: no core"))).status == 422
         assert preprocess_refusal(self.from_stage(MemoryError("out of memory"))) is None
+
+
+class TestNonSquarePixels:
+    """An upload's (y, x) pixel size reaches its tiles, so the ensemble measures in nm
+    along each axis (the batch job's path for an archive image of such pixels)."""
+
+    PIXELS = (np.arange(128 * 256, dtype=np.uint32).reshape(128, 256) % 251).astype(np.uint8)
+
+    def test_tiles_carry_both_sizes(self):
+        prepared = prepare_image(self.PIXELS, modality="SEM", pixel_size_nm=(10.0, 5.0), fit=False,
+                                 settings=TilingSettings(chunk=64, halo=8))
+        assert (prepared.pixel_size_y_nm, prepared.pixel_size_nm) == (10.0, 5.0)
+        for t in prepared.tiles:
+            assert (t.pixel_size_y_nm, t.pixel_size_nm) == (10.0, 5.0) and t.level0_pixel_size_nm == (10.0, 5.0)
+
+    def test_one_number_is_square_pixels(self):
+        prepared = prepare_image(self.PIXELS, modality="SEM", pixel_size_nm=5.0, fit=False,
+                                 settings=TilingSettings(chunk=64, halo=8))
+        assert (prepared.pixel_size_y_nm, prepared.pixel_size_nm) == (5.0, 5.0)
+        assert {t.level0_pixel_size_nm for t in prepared.tiles} == {(5.0, 5.0)}
+
+    def test_resampled_to_the_models_square_pixels(self):
+        settings = TilingSettings(chunk=64, halo=8, target_pixel_size_nm=2.5)
+        prepared = prepare_image(self.PIXELS, modality="SEM", pixel_size_nm=(10.0, 5.0), settings=settings, fit=False)
+        assert (prepared.pixel_size_y_nm, prepared.pixel_size_nm) == pytest.approx((2.5, 2.5))
+        for t in prepared.tiles:
+            assert t.level0_pixel_size_nm == pytest.approx((10.0, 5.0))
+        rows = sum(t.tile.shape[0] - t.halo[0] - t.halo[1] for t in prepared.tiles if t.x == 0)
+        cols = sum(t.tile.shape[1] - t.halo[2] - t.halo[3] for t in prepared.tiles if t.y == 0)
+        assert (rows, cols) == (pytest.approx(512, abs=2), pytest.approx(512, abs=2))  # 4x along y, 2x along x
+
+    def test_the_limit_once_resampled_names_both_sizes(self):
+        with pytest.raises(TooLarge, match=r"from 80 x 40 \(y x x\) to 5 nm per pixel .* 4096 x 2048 "):
+            prepare_image(np.zeros((256, 256), np.uint8), modality="SEM", pixel_size_nm=(80.0, 40.0), fit=False,
+                          settings=SETTINGS)
+
+    @pytest.mark.parametrize("size", [0.0, -1.0, float("nan"), float("inf"), (10.0, 0.0), (1.0, 2.0, 3.0), "abc"])
+    def test_a_bad_pixel_size_is_refused_naming_it(self, size):
+        with pytest.raises(BadImage, match="pixel_size_nm: .* must be a positive finite number"):
+            prepare_image(self.PIXELS, modality="SEM", pixel_size_nm=size, settings=SETTINGS, fit=False)
+
+
+class TestPixelSizeFields:
+    """The ingress's (y, x) pixel size from the form fields pixel_size_nm (x, and y unless
+    pixel_size_y_nm is given) or the TIFF's own pair; refusals name the field (422)."""
+
+    @staticmethod
+    def pixel_size(given=None, given_y=None, from_file=None):
+        from engine.serving.ingress import _pixel_size
+
+        return _pixel_size(given, given_y, from_file)
+
+    def test_one_field_is_square_pixels(self):
+        assert self.pixel_size(5.0) == ((5.0, 5.0), "request")
+
+    def test_both_fields_are_y_and_x(self):
+        assert self.pixel_size(5.0, 10.0) == ((10.0, 5.0), "request")
+
+    def test_the_tiffs_pair_without_fields_and_the_fields_over_it(self):
+        assert self.pixel_size(from_file=(10.0, 5.0)) == ((10.0, 5.0), "tiff metadata")
+        assert self.pixel_size(2.0, from_file=(10.0, 5.0)) == ((2.0, 2.0), "request")
+
+    @pytest.mark.parametrize("given, given_y, field", [
+        (None, None, "pixel_size_nm: required"),
+        (None, 10.0, "pixel_size_y_nm: given without pixel_size_nm"),
+        (float("nan"), None, "pixel_size_nm: nan must be a positive"),
+        (5.0, 0.0, "pixel_size_y_nm: 0.0 must be a positive"),
+        (5.0, -2.0, "pixel_size_y_nm: -2.0 must be a positive"),
+        (5.0, float("nan"), "pixel_size_y_nm: nan must be a positive"),
+        (5.0, float("inf"), "pixel_size_y_nm: inf must be a positive"),
+    ])
+    def test_refusals_name_the_field(self, given, given_y, field):
+        from engine.serving.ingress import RequestError
+
+        with pytest.raises(RequestError) as refused:
+            self.pixel_size(given, given_y)
+        assert refused.value.status == 422 and refused.value.detail.startswith(field)
+        with pytest.raises(RequestError, match="pixel_size_y_nm: given without"):  # not the file's x beside it
+            self.pixel_size(None, 10.0, from_file=(10.0, 5.0))

@@ -165,3 +165,200 @@ class TestObjectsAsTheJob:
             np.testing.assert_array_equal(got, np.isin(job_labels, j["label_ids"]))
         if case == "grown":  # measured on the pixels both tiles painted: 28 + 15 columns of 20
             assert answer[0]["box_px"][2] == 79 and answer[0]["area_nm2"] == pytest.approx(43 * 20 * plan.pixel_size_nm**2)
+
+
+def tiff_of_non_square_pixels(path) -> list[np.ndarray]:
+    """Write a 128 x 256 uint16 TIFF of (10, 5) nm (y, x) pixels (XResolution twice
+    YResolution: a fast-scan SEM) to `path`; return its defects' masks: a disc of 600 nm
+    diameter over four tile cores, an ellipse of 240 x 80 nm at 30 degrees over two."""
+    import tifffile
+
+    py, px = TestNonSquarePixels.PIXEL_NM
+    yy, xx = np.mgrid[:128, :256]
+
+    def ellipse(cy, cx, a_nm, b_nm, degrees):  # counter-clockwise from +x as displayed (y down)
+        t = np.radians(degrees)
+        x, y = (xx - cx) * px, -(yy - cy) * py
+        u, v = x * np.cos(t) + y * np.sin(t), -x * np.sin(t) + y * np.cos(t)
+        return (u / a_nm) ** 2 + (v / b_nm) ** 2 <= 1
+
+    masks = [ellipse(64, 128, 300.0, 300.0, 0), ellipse(15, 192, 120.0, 40.0, 30)]
+    pixels = np.where(np.logical_or.reduce(masks), 40000, 0).astype(np.uint16)
+    # pixels per centimetre: x 5 nm -> 2e6, y 10 nm -> 1e6
+    tifffile.imwrite(path, pixels, resolution=(1e7 / px, 1e7 / py), resolutionunit="CENTIMETER")
+    return masks
+
+
+class TestNonSquarePixels:
+    """A TIFF whose pixels are not square, through the endpoint's functions (decode, the
+    ingress's pixel-size fields, preprocessing, the ensemble, the answer) and through
+    the batch job's (ingest, datasource, ensemble, tile sink, finishing): both measure
+    its defects in physical units, and the same. The endpoint once kept the TIFF's x size
+    alone and measured the disc as a 2:1 ellipse of half its area."""
+
+    PIXEL_NM = (10.0, 5.0)  # (y, x)
+    CHUNK, HALO, MAX_DET = 64, 16, 16
+
+    @pytest.fixture(scope="class")
+    def upload(self, tmp_path_factory):
+        path = tmp_path_factory.mktemp("aniso") / "fast-scan.tif"
+        return path, tiff_of_non_square_pixels(path)
+
+    @pytest.fixture(scope="class")
+    def ensemble(self):
+        from engine.pipeline.ensemble import Ensemble, EnsembleConfig, EnsembleModels
+        from tests.data.test_objects import Detector, Segmenter  # boxes and masks of the bright pixels
+
+        return Ensemble(EnsembleModels(Detector(), Segmenter()), config=EnsembleConfig(conf=0.0, max_det=self.MAX_DET),
+                        device="cpu")
+
+    def endpoint(self, path, ensemble, target_nm):
+        """The answer of POST /v1/analyze for the TIFF with no pixel size field, as the
+        ingress and stages build it."""
+        from engine.serving.decode import decode
+        from engine.serving.ingress import _pixel_size
+        from engine.serving.response import image_info, respond
+        from engine.serving.schemas import AnalyzeResponse
+
+        decoded = decode(path.read_bytes(), "image/tiff")
+        size, source = _pixel_size(None, None, decoded.pixel_size_yx_nm)
+        assert (size, source) == (self.PIXEL_NM, "tiff metadata")
+        settings = TilingSettings(chunk=self.CHUNK, halo=self.HALO, target_pixel_size_nm=target_nm)
+        prepared = prepare_image(decoded.pixels, modality="SEM", pixel_size_nm=size, settings=settings, fit=False)
+        analysed = analysis(ensemble.analyze(prepared.tiles), prepared.tiles, class_names=ensemble.class_names,
+                            materials=(), grades=())
+        info = image_info(decoded.pixels, format=decoded.format, sha256="0" * 64, modality="SEM",
+                          pixel_size_yx_nm=size, pixel_size_source=source, level=prepared.level,
+                          level_pixel_size_yx_nm=(prepared.pixel_size_y_nm, prepared.pixel_size_nm))
+        body = respond(analysed, image=info, alias="production", request_id="r", timings_ms={})
+        AnalyzeResponse.model_validate(body)  # the schema takes it
+        return body
+
+    def job(self, path, ensemble, target_nm, out):
+        """(objects rows, summary row) of the batch job over the same file: ingested into
+        an archive, its tiles read by the job's datasource, the tile sink, finishing."""
+        from ray.data.block import BlockAccessor
+
+        from engine.data.datasource import ZarrTileDatasource
+        from engine.data.sinks import (
+            OBJECTS, LabelTarget, WriteTileOutputs, create_label_arrays, finish_image, label_dtype, read_output,
+        )
+        from engine.data.tile_read import read_tiles
+        from engine.stores.ingest.pipeline import ingest_files
+        from engine.stores.uri import resolve
+
+        (row,) = ingest_files([path], out / "archive", modality="SEM", chunk=self.CHUNK)
+        assert (row.pixel_size_y, row.pixel_size_x, row.unit) == (*self.PIXEL_NM, "nanometer")
+        ds = ZarrTileDatasource(str(out / "archive"), target_pixel_size_nm=target_nm or row.pixel_size_x,
+                                halo=self.HALO)
+        (planned,) = ds.images()
+        target = LabelTarget(planned.image_id, resolve(str(out / "labels.ome.zarr")), "predicted_defects", planned,
+                             self.MAX_DET, label_dtype(planned.n_tiles, self.MAX_DET), planned.location)
+        create_label_arrays(target)
+        sink = WriteTileOutputs(str(out / "job"), labels={planned.image_id: target}, class_names=ensemble.class_names)
+        done = []
+        for spec in ds.read_specs():
+            for block in read_tiles(spec):
+                batch = BlockAccessor.for_block(block).to_batch_format("numpy")
+                results = ensemble(batch)
+                results.update({k: batch[k] for k in ("origin", "scale", "halo")})
+                r = sink(results)
+                done += [(int(lv), int(y), int(x)) for lv, y, x, ok in zip(r["level"], r["y"], r["x"], r["ok"]) if ok]
+        summary = finish_image(str(out / "job"), planned, done, label_target=target, class_names=ensemble.class_names)
+        return read_output(str(out / "job"), OBJECTS).to_pylist(), summary
+
+    def test_the_tiff_gives_its_two_sizes(self, upload):
+        from engine.serving.decode import decode
+        from engine.stores.ingest.tiff import read_tiff
+
+        path, _ = upload
+        first = next(iter(read_tiff(path)))
+        assert (tuple(first.pixel_size), first.unit) == (self.PIXEL_NM, "nanometer")  # the batch ingest's reading
+        assert decode(path.read_bytes(), "image/tiff").pixel_size_yx_nm == self.PIXEL_NM
+
+    @pytest.mark.parametrize("target_nm", [None, 2.5], ids=["native", "resampled"])
+    def test_the_answer_measures_the_physical_shapes_as_the_job_does(self, upload, ensemble, target_nm, tmp_path):
+        from engine.pipeline.measure import measure_mask
+
+        path, masks = upload
+        body = self.endpoint(path, ensemble, target_nm)
+        image = body["image"]
+        assert (image["pixel_size_y_nm"], image["pixel_size_nm"]) == self.PIXEL_NM
+        want_level = self.PIXEL_NM if target_nm is None else (target_nm, target_nm)  # resampled: square pixels
+        assert (image["level_pixel_size_y_nm"], image["level_pixel_size_nm"]) == pytest.approx(want_level)
+        area_mm2 = 128 * 256 * self.PIXEL_NM[0] * self.PIXEL_NM[1] / 1e12
+        summary = body["summary"]
+        assert summary["area_mm2"] == pytest.approx(area_mm2)
+        assert summary["n_defects"] == 2 and summary["defect_density_per_mm2"] == pytest.approx(2 / area_mm2)
+
+        truth = [measure_mask(m, self.PIXEL_NM) for m in masks]
+        centres = [t.centroid[0] + 0.5 for t in truth]  # level-0 edge coordinates
+        disc, ellipse = (min(body["objects"], key=lambda o: np.hypot(*(np.array(o["centroid_px"]) - c)))
+                         for c in centres)
+        assert disc["parts"] == 4 and ellipse["parts"] == 2  # cut by tile borders, measured whole
+        # the physical shapes, digitised: a 600 nm disc, a 240 x 80 nm ellipse at 30 degrees
+        assert disc["area_nm2"] == pytest.approx(np.pi * 300**2, rel=0.03)
+        assert disc["major_axis_nm"] == pytest.approx(600, rel=0.03)
+        assert disc["minor_axis_nm"] == pytest.approx(600, rel=0.03)
+        assert disc["aspect_ratio"] == pytest.approx(1, abs=0.03) and disc["orientation_deg"] is None  # round
+        assert ellipse["area_nm2"] == pytest.approx(np.pi * 120 * 40, rel=0.05)
+        assert ellipse["major_axis_nm"] == pytest.approx(240, rel=0.05)
+        assert ellipse["minor_axis_nm"] == pytest.approx(80, rel=0.1)
+        assert ellipse["orientation_deg"] == pytest.approx(30, abs=3)
+        if target_nm is None:  # the models saw the upload's own pixels: the masks' measurements exactly
+            for o, t in zip((disc, ellipse), truth):
+                for name in ("area_nm2", "major_axis_nm", "minor_axis_nm", "aspect_ratio"):
+                    assert o[name] == pytest.approx(getattr(t, name)[0], rel=1e-9), name
+
+        job, job_summary = self.job(path, ensemble, target_nm, tmp_path)
+        assert job_summary["n_defects"] == summary["n_defects"]
+        assert job_summary["core_area_mm2"] == pytest.approx(summary["area_mm2"], rel=1e-9)
+        assert job_summary["defect_density_per_mm2"] == pytest.approx(summary["defect_density_per_mm2"], rel=1e-9)
+        assert len(job) == len(body["objects"])
+        for a, j in zip(body["objects"], job):  # both best score first
+            assert a["parts"] == j["parts"]
+            assert a["box_px"] == pytest.approx([j["x0"], j["y0"], j["x1"], j["y1"]])
+            assert a["box_nm"] == pytest.approx([j["x0_nm"], j["y0_nm"], j["x1_nm"], j["y1_nm"]])
+            assert a["centroid_px"] == pytest.approx([j["centroid_y"], j["centroid_x"]])
+            for name in ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
+                         "aspect_ratio"):
+                assert a[name] == pytest.approx(j[name], rel=1e-9), name
+            want = j["orientation_deg"]
+            assert a["orientation_deg"] == (None if np.isnan(want) else pytest.approx(want))
+
+
+class TestSchemaDocumentsConventions:
+    """The OpenAPI schema states how defects are measured and placed (the conventions of
+    engine.pipeline.measure) and takes and reports both pixel sizes."""
+
+    @pytest.fixture(scope="class")
+    def schema(self):
+        from engine.serving.ingress import api
+
+        return api.openapi()
+
+    def test_measurements_and_centroids_are_described(self, schema):
+        from engine.pipeline.measure import ROUND_WITHIN
+
+        models = schema["components"]["schemas"]
+        for name in ("Detection", "DefectObject"):
+            props = models[name]["properties"]
+            text = {k: props[k].get("description", "") for k in props}
+            for field in ("area_nm2", "area_um2", "equivalent_diameter_nm", "major_axis_nm", "minor_axis_nm",
+                          "aspect_ratio", "orientation_deg", "centroid_px"):
+                assert text[field], f"{name}.{field} has no description"
+            assert "4 * sqrt" in text["major_axis_nm"] and "p² / 12" in text["major_axis_nm"]
+            assert "+x axis" in text["orientation_deg"] and "counter-clockwise" in text["orientation_deg"]
+            assert "y points down" in text["orientation_deg"] and "[0, 180)" in text["orientation_deg"]
+            assert "round" in text["orientation_deg"] and "null" in text["orientation_deg"]
+            assert f"ROUND_WITHIN = {ROUND_WITHIN:g}" in text["orientation_deg"]  # the constant the job uses
+            assert "edge coordinates" in text["centroid_px"] and "(i + 0.5, j + 0.5)" in text["centroid_px"]
+
+    def test_both_pixel_sizes_are_taken_and_reported(self, schema):
+        ref = schema["paths"]["/v1/analyze"]["post"]["requestBody"]["content"]["multipart/form-data"]["schema"]
+        form = schema["components"]["schemas"][ref["$ref"].rsplit("/", 1)[-1]]
+        assert "pixel_size_y_nm" not in form.get("required", [])  # optional: square pixels without it
+        assert "along y" in form["properties"]["pixel_size_y_nm"]["description"]
+        assert "along x" in form["properties"]["pixel_size_nm"]["description"]
+        image = schema["components"]["schemas"]["ImageInfo"]["properties"]
+        assert {"pixel_size_nm", "pixel_size_y_nm", "level_pixel_size_nm", "level_pixel_size_y_nm"} <= set(image)

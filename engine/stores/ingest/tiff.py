@@ -143,26 +143,29 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
             )
 
 
-def _image_series(all_series: list[tifffile.TiffPageSeries],
-                  where: str) -> tuple[list[tuple[SeriesRef, tifffile.TiffPageSeries]], int]:
-    """The series that are images in their own right, in file order, with where each is,
-    and how many reduced-resolution ones (thumbnails, pyramid levels) were left out.
+def image_levels(all_series: list[tifffile.TiffPageSeries]) -> list[tuple[SeriesRef, tifffile.TiffPageSeries]]:
+    """The series (and pyramid levels) of a TIFF that are images in their own right, in
+    file order, with where each is: every level whose first page is not flagged
+    reduced-resolution (NewSubfileType bit 0), SubIFD levels left out. The batch ingest
+    makes each an image; the endpoint analyses the first (`engine.serving.decode`).
 
     tifffile files a page that is half (a third, a quarter) the size of an earlier one
     as a pyramid level of it, even when the page does not say it is reduced; such a
     page is an image of its own (an acquisition at another size) and is kept.
     """
-    kept, skipped = [], 0
-    for i, series in enumerate(all_series):
-        for k, level in enumerate(series.levels):  # levels[0] is the series itself
-            page = level.keyframe
-            if page.is_reduced or (k > 0 and page.is_subifd):
-                skipped += 1
-            else:
-                kept.append((SeriesRef(i, k), level))
+    return [(SeriesRef(i, k), level) for i, series in enumerate(all_series)
+            for k, level in enumerate(series.levels)  # levels[0] is the series itself
+            if not (level.keyframe.is_reduced or (k > 0 and level.keyframe.is_subifd))]
+
+
+def _image_series(all_series: list[tifffile.TiffPageSeries],
+                  where: str) -> tuple[list[tuple[SeriesRef, tifffile.TiffPageSeries]], int]:
+    """`image_levels`, and how many reduced-resolution levels (thumbnails, pyramid
+    levels) were left out; IngestError when none is left."""
+    kept = image_levels(all_series)
     if not kept:
         raise IngestError(f"{where}: TIFF file holds only reduced-resolution (thumbnail) images")
-    return kept, skipped
+    return kept, sum(len(series.levels) for series in all_series) - len(kept)
 
 
 def _layout(tif: tifffile.TiffFile, ref: SeriesRef, series: tifffile.TiffPageSeries, k: int, n: int,
