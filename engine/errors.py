@@ -11,6 +11,20 @@ else is a bug and keeps its traceback.
 class GrainflowError(Exception):
     """Base class of errors caused by input, configuration or environment."""
 
+    def __reduce__(self):
+        # Ray carries a worker's error to the driver pickled. Exception's own reduce
+        # calls cls(*args) with args = (message,), which fails for the subclasses whose
+        # __init__ takes other arguments (CorruptChunkError, ChecksumMismatchError, ...)
+        # and leaves the driver an unpickling error instead of this one.
+        return _rebuild, (type(self), self.args, self.__dict__)
+
+
+def _rebuild(cls: type, args: tuple, state: dict) -> GrainflowError:
+    exc = cls.__new__(cls, *args)
+    exc.args = args
+    exc.__dict__.update(state)
+    return exc
+
 
 class InvalidURIError(GrainflowError, ValueError):
     """A URI with an unknown scheme, a malformed form, or one that escapes its root."""
@@ -41,12 +55,31 @@ class UnknownNameError(GrainflowError, ValueError):
     """A name (material, modality, model config, ...) that is not registered; the message lists the valid ones."""
 
 
+def remote_cause(exc: BaseException) -> BaseException:
+    """The error that names the fault for `exc` raised through Ray. A Ray task's or
+    actor's error arrives as Ray's RayTaskError (still an instance of the original
+    class) with the original in `cause`; a Ray Train run's as a WorkerGroupError
+    (`trainer.fit()`) with each failed worker's error in `worker_failures`
+    {world rank: error}: the lowest rank's GrainflowError, else the lowest rank's
+    error. Followed through nested wrappers; anything else is returned as it is."""
+    for _ in range(8):  # wrappers nest a few deep at most (a Ray Data task in a worker)
+        cause = getattr(exc, "cause", None)
+        failures = getattr(exc, "worker_failures", None)
+        if isinstance(cause, BaseException) and cause is not exc:
+            exc = cause
+        elif isinstance(failures, dict) and failures:
+            errors = [failures[rank] for rank in sorted(failures)]
+            ours = [e for e in errors if isinstance(remote_cause(e), GrainflowError)]
+            exc = (ours or errors)[0]
+        else:
+            break
+    return exc
+
+
 def error_message(exc: BaseException) -> str:
-    """The text to show a user for `exc`. An error raised inside a Ray task or actor
-    arrives as Ray's RayTaskError (still an instance of the original class), whose text
-    is the remote traceback: its `cause`'s own message is what names the fault."""
-    cause = getattr(exc, "cause", None)
-    return str(cause if isinstance(cause, BaseException) else exc)
+    """The text to show a user for `exc`: for an error raised through Ray, whose text is
+    the remote traceback, its `remote_cause`'s own message, which names the fault."""
+    return str(remote_cause(exc))
 
 
 # Errors of the environment rather than of grainflow, by the module their class lives in
@@ -64,13 +97,11 @@ def user_error_message(exc: BaseException) -> str | None:
     missing, not writable or a directory, a connection refused; an S3 or MLflow client
     error), its type and text with a hint where one helps. None: a bug, whose traceback
     should be seen, as it is for every error but a GrainflowError when GRAINFLOW_DEBUG
-    is set (an OSError can be a bug too). Errors raised in Ray tasks are judged by their
-    cause."""
+    is set (an OSError can be a bug too). Errors raised in Ray tasks and Ray Train
+    workers are judged by their `remote_cause`."""
     import os
 
-    cause = getattr(exc, "cause", None)
-    if isinstance(cause, BaseException):
-        exc = cause
+    exc = remote_cause(exc)
     if isinstance(exc, GrainflowError):
         return str(exc)
     environment = isinstance(exc, OSError) or any(

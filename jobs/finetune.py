@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 import time
 
@@ -82,6 +83,17 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         p.error(f"--synthetic mixes into detector or fusion training, not {family}")
     if args.synthetic_ratio < 0:
         p.error(f"--synthetic-ratio must be >= 0, got {args.synthetic_ratio}")
+    # Each of these would otherwise surface only after Ray started, or not at all.
+    if args.lr is not None and not (math.isfinite(args.lr) and args.lr > 0):
+        p.error(f"--lr must be a finite number > 0, got {args.lr}")
+    if args.max_failures is not None and args.max_failures < 0:
+        p.error(f"--max-failures must be >= 0 (Ray Train would read {args.max_failures} as unlimited), "
+                f"got {args.max_failures}")
+    if args.tile is not None and args.tile < 1:
+        p.error(f"--tile must be >= 1 pixel (leave it out for the model's input size), got {args.tile}")
+    scheme = args.storage.partition("://")[0].lower() if "://" in args.storage else ""
+    if scheme not in ("", "file", "s3"):
+        p.error(f"--storage must be a local path, file:// or s3:// URI, got {args.storage!r}")
     given = [name for name in RAY_TRAIN_ONLY if getattr(args, name) is not None]
     if family == "detector" and given:
         p.error(f"{', '.join('--' + n.replace('_', '-') for n in given)}: Ray Train options (classifier, fusion, "
@@ -144,17 +156,29 @@ def _synthetic(args: argparse.Namespace) -> dict:
 def _train_detector(args: argparse.Namespace) -> dict:
     from engine.errors import GrainflowError
     from engine.registry import ModelRegistry
+    from engine.stores.catalog import read_catalog
     from engine.stores.uri import resolve
     from engine.training.detector import train_detector_on_ray
     from engine.training.detector.train import check_detector_args
-    from engine.training.trainer import ensure_ray
+    from engine.training.trainer import check_gpus, ensure_ray
 
+    # Everything that can be checked is checked before Ray starts (the Ray Train
+    # families' train() does the same): the worker would find it only after setup, and
+    # a bad --register name only after the whole training.
     storage = resolve(args.storage)
     if storage.scheme != "file":
         raise GrainflowError(f"{storage}: detector runs write their checkpoint to a local --storage path")
     check_detector_args(args.model_name, imgsz=args.tile, epochs=args.epochs, batch=args.batch_size,
-                        val_fraction=None if args.val_archive else args.val_fraction)  # before Ray starts
+                        val_fraction=None if args.val_archive else args.val_fraction)
+    if args.register:
+        from engine.registry.refs import check_name
+
+        check_name(args.register)
+    for archive in filter(None, (args.archive, args.val_archive)):
+        read_catalog(archive)  # a missing or foreign archive is named here
     ensure_ray(1)
+    if args.gpu == "yes":
+        check_gpus(1)  # a task asking for a GPU no node has or can get would wait forever
     registry = ModelRegistry(args.tracking_uri) if args.register else None
     val = {"val_archive": args.val_archive} if args.val_archive else {"val_fraction": args.val_fraction}
     run_name = args.run_name or f"detector-{args.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -162,7 +186,8 @@ def _train_detector(args: argparse.Namespace) -> dict:
         args.archive, out_dir=storage.join(run_name).path,
         model=args.model_name, epochs=args.epochs, batch=args.batch_size, seed=args.seed,
         num_gpus={"auto": None, "yes": 1, "no": 0}[args.gpu], register_as=args.register, registry=registry,
-        **({"imgsz": args.tile} if args.tile else {}), **({"hyperparameters": {"lr0": args.lr}} if args.lr else {}),
+        **({"imgsz": args.tile} if args.tile is not None else {}),
+        **({"hyperparameters": {"lr0": args.lr}} if args.lr is not None else {}),
         **val, **_synthetic(args),
     )
     if args.promote and result.registered:

@@ -13,6 +13,7 @@ See `schema.py` for how a version is laid out on MLflow's runs and registered mo
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import tempfile
@@ -34,6 +35,8 @@ EXPERIMENT = "grainflow-registry"
 _PAGE = 100
 _AWAIT_READY_S = 300.0
 _BATCH = 100  # MLflow takes at most 100 params or tags per log_batch call
+
+logger = logging.getLogger(__name__)
 
 
 class ModelRegistry:
@@ -80,6 +83,7 @@ class ModelRegistry:
         config: Mapping[str, Any],
         metrics: Mapping[str, float] | None = None,
         tags: Mapping[str, str] | None = None,
+        reuse_identical: bool = False,
     ) -> ModelVersion:
         """Register a new version of `name` and return it (versions count up from 1).
 
@@ -87,14 +91,33 @@ class ModelRegistry:
         The files are logged in a new MLflow run with `config` as params and `metrics` as
         metrics; each file's sha256 is recorded as a run param. No alias is moved: a new
         version reaches `production` only through `promote`.
+
+        reuse_identical: when the latest version of `name` is of this family and holds
+        the same files (names and sha256), return it instead of registering the same
+        bytes again (a training run started again after it finished); logged at INFO.
         """
         check_name(name)
         if not isinstance(family, str) or not family.strip():
             raise RegistryError(f"register {name!r}: family must be a non-empty string")
         if family == schema.BUNDLE_FAMILY:
             raise RegistryError(f"register {name!r}: family 'bundle' is reserved; use register_bundle")
-        return self._register(name, self._artifact_files(name, artifact_path), family=family,
-                              kind=schema.KIND_MODEL, config=config, metrics=metrics, tags=tags)
+        files = self._artifact_files(name, artifact_path)
+        digests = {file_name: sha256_file(path) for file_name, path in files.items()}
+        if reuse_identical:
+            latest = self._latest_version(name)
+            if latest is not None and latest.family == family and latest.sha256 == digests:
+                logger.info("%s: not registered again: the latest version, %s, holds the same files (sha256 %s)",
+                            name, latest.ref, ", ".join(f"{f} {d[:12]}" for f, d in sorted(digests.items())))
+                return latest
+        return self._register(name, files, family=family, kind=schema.KIND_MODEL, config=config, metrics=metrics,
+                              tags=tags, digests=digests)
+
+    def _latest_version(self, name: str) -> ModelVersion | None:
+        """The highest-numbered version of `name`, or None when it has none."""
+        with self._mlflow_errors(f"register {name!r}"):
+            page = self._client.search_model_versions(f"name='{name}'", max_results=1,
+                                                      order_by=["version_number DESC"])
+        return self.get(f"{name}/{page[0].version}") if page else None
 
     def _register(
         self,
@@ -106,6 +129,7 @@ class ModelRegistry:
         config: Mapping[str, Any],
         metrics: Mapping[str, float] | None,
         tags: Mapping[str, str] | None,
+        digests: Mapping[str, str] | None = None,
     ) -> ModelVersion:
         # Validate everything before the first write, so bad input leaves no half-made run.
         params = {schema.PARAM_FAMILY: family,
@@ -114,7 +138,7 @@ class ModelRegistry:
         metric_values = schema.check_metrics(metrics or {}, model=name)
         user_tags = schema.check_user_tags(tags or {}, model=name)
         for file_name, path in files.items():
-            params[schema.PARAM_SHA256 + file_name] = sha256_file(path)
+            params[schema.PARAM_SHA256 + file_name] = digests[file_name] if digests else sha256_file(path)
 
         with self._mlflow_errors(f"register {name!r}"):
             self._ensure_registered_model(name, kind)

@@ -10,24 +10,42 @@
 
 Nothing in it runs code when loaded. Ray Train copies the directory to the run's storage
 (local or S3) and hands it back through `ray.train.get_checkpoint()` after a restart.
+A checkpoint resumes only into the model it was written from: the same family, name,
+builder, input size and builder arguments (`config_differences`).
 """
 
 from __future__ import annotations
 
 import json
 import pickle
+import posixpath
+import re
+import reprlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.models.checkpoint import load_into, load_state_dict, save_checkpoint
-from engine.models.errors import UnsafeCheckpointError
+from engine.models.checkpoint import load_into, load_state_dict, read_config, save_checkpoint
+from engine.models.errors import CheckpointError, UnsafeCheckpointError
+
+if TYPE_CHECKING:
+    from engine.models.families import ModelConfig
+    from engine.stores.uri import StoreLocation
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+# Ray Train's directory of one report: loop.py names it checkpoint_dir_name=epoch_NNNN.
+EPOCH_DIR = re.compile(r"epoch_(\d+)")
+# The model config fields a resumed model must share with its checkpoint (besides its
+# builder arguments); description, tiny and large only describe it.
+COMPARED_FIELDS = ("family", "name", "builder", "input_size")
+_SHORT = reprlib.Repr()  # values in messages: a class order shows its first few names
+_SHORT.maxlist = _SHORT.maxdict = 4
+_SHORT.maxstring = _SHORT.maxother = 40
+_UNSET = object()
 
 
 @dataclass
@@ -71,10 +89,24 @@ def read_state(directory: str | Path) -> TrainingState:
 def load_training_state(directory: str | Path, model: torch.nn.Module,
                         optimizer: torch.optim.Optimizer | None = None) -> TrainingState:
     """Restore model weights (sha256 checked against the sidecar) and optimizer state
-    from a checkpoint directory; returns its TrainingState."""
+    from a checkpoint directory; returns its TrainingState.
+
+    A model with a `.config` (engine.models) must be the one the checkpoint was written
+    from: CheckpointError lists every config key that differs (`config_differences`),
+    where loading would otherwise fail on mismatched weights or, worse, succeed and
+    train a model whose config says something else (another class order, another
+    context level)."""
     directory = Path(directory)
     state = read_state(directory)
     weights = load_state_dict(directory / MODEL_FILE)
+    config = getattr(model, "config", None)
+    if config is not None:
+        differences = config_differences(read_config(directory / MODEL_FILE), config)
+        if differences:
+            raise CheckpointError(
+                f"{directory}: this checkpoint ({state.family}:{state.model}, epoch {state.epoch}) was written by "
+                f"another model config than the one resuming it: {'; '.join(differences)}. Resume with the "
+                f"checkpoint's config, or start a new run (another run name)")
     load_into(model, weights, source=directory / MODEL_FILE)
     if optimizer is not None:
         optimizer.load_state_dict(read_optimizer_state(directory))
@@ -91,3 +123,76 @@ def read_optimizer_state(directory: str | Path) -> dict[str, Any]:
         raise UnsafeCheckpointError(
             f"{path}: refused: its pickle holds objects other than tensors and plain values ({exc})".split("\n")[0]
         ) from None
+
+
+def config_differences(saved: ModelConfig, current: ModelConfig, *, only_args: Any = None) -> list[str]:
+    """What differs between a checkpoint's model config and another, one
+    "key: <checkpoint's> in the checkpoint, <other> now" per key: COMPARED_FIELDS and
+    each builder argument (`args.<name>`; with `only_args`, only those arguments).
+    Values compare as JSON, as the checkpoint stores them (a tuple equals its list)."""
+    out = [f"{key}: {getattr(saved, key)!r} in the checkpoint, {getattr(current, key)!r} now"
+           for key in COMPARED_FIELDS if getattr(saved, key) != getattr(current, key)]
+    keys = set(saved.args) | set(current.args) if only_args is None else set(only_args)
+    for key in sorted(keys):
+        was, now = _plain(saved.args.get(key, _UNSET)), _plain(current.args.get(key, _UNSET))
+        if was != now:
+            out.append(f"args.{key}: {_show(was)} in the checkpoint, {_show(now)} now")
+    return out
+
+
+def _plain(value: Any) -> Any:
+    return value if value is _UNSET else json.loads(json.dumps(value, default=str))
+
+
+def _show(value: Any) -> str:
+    return "unset" if value is _UNSET else _SHORT.repr(value)
+
+
+def latest_checkpoint(run: StoreLocation) -> StoreLocation | None:
+    """The newest `epoch_NNNN` directory with a state.json in a run's storage folder
+    (`<storage_path>/<run_name>`, local or S3), or None when the run has none."""
+    fs = run.filesystem()
+    try:
+        entries = fs.ls(run.path, detail=False)
+    except (FileNotFoundError, NotADirectoryError):
+        return None
+    epochs = []
+    for entry in entries:
+        name = posixpath.basename(str(entry).rstrip("/"))
+        match = EPOCH_DIR.fullmatch(name)
+        if match:
+            epochs.append((int(match.group(1)), name))
+    for _, name in sorted(epochs, reverse=True):
+        directory = run.join(name)
+        if fs.isfile(directory.join(STATE_FILE).path):
+            return directory
+    return None
+
+
+def read_stored_checkpoint(directory: StoreLocation) -> tuple[TrainingState, ModelConfig | None]:
+    """A stored checkpoint's TrainingState and its model file's config, read where it
+    lies (local or S3) without fetching the weights: state.json and the safetensors
+    header only. The config is None when the model file is missing."""
+    from engine.models.families import ModelConfig
+
+    fs = directory.filesystem()
+    state_path = directory.join(STATE_FILE).path
+    try:
+        with fs.open(state_path, "rb") as f:
+            state = TrainingState.from_json(f.read().decode())
+    except (ValueError, KeyError, TypeError) as exc:
+        raise CheckpointError(f"{directory.join(STATE_FILE)}: not a training state ({exc!r})") from None
+    model_path = directory.join(MODEL_FILE)
+    if not fs.isfile(model_path.path):
+        return state, None
+    with fs.open(model_path.path, "rb") as f:
+        # safetensors: an 8-byte little-endian header length, then the JSON header
+        size = int.from_bytes(f.read(8), "little")
+        try:
+            if not 0 < size <= 100 << 20:
+                raise ValueError(f"header length {size}")
+            metadata = json.loads(f.read(size)).get("__metadata__") or {}
+            config = ModelConfig.from_dict(json.loads(metadata["config"]))
+        except (ValueError, KeyError, TypeError, AttributeError) as exc:
+            raise CheckpointError(f"{model_path}: not a grainflow checkpoint ({exc!r})") from None
+    return state, config

@@ -11,7 +11,8 @@ Datasets that read their pixels in Ray tasks. The workers run engine.training.lo
 Checkpoints go to `<storage_path>/<run_name>/epoch_NNNN/` after every epoch; a worker
 that dies makes Ray Train restart the worker group (up to `max_failures` times), and the
 loop resumes from the latest checkpoint. Starting `train` again with the same
-`run_name` and `storage_path` resumes that run the same way.
+`run_name` and `storage_path` resumes that run the same way, with the same model and
+builder arguments only (check_resume, before Ray starts).
 
 Metrics go to MLflow (one run per training run in the `grainflow-training`
 experiment), at the registry's tracking URI when a registry is given, else at
@@ -40,6 +41,17 @@ from engine.training.schedule import SCHEDULES, steps_per_epoch
 
 # Share of the cluster's object store that cached training samples may take (train(cache=None)).
 CACHE_SHARE = 0.25
+
+# Set to 1 where an autoscaler adds GPU nodes on demand (a cluster whose GPU group scales
+# from zero): train(use_gpu=True) then waits for them instead of refusing (check_gpus).
+GPU_AUTOSCALING_ENV = "GRAINFLOW_GPU_AUTOSCALING"
+
+# Worker-group starts Ray Train may retry before the run fails (FailureConfig's
+# controller_failure_limit, unlimited by default; max_failures does not count them).
+# Each start waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) for its
+# resources: about half an hour for an autoscaler to bring nodes up, and a start that
+# can never succeed ends instead of retrying forever.
+WORKER_GROUP_START_RETRIES = 30
 
 
 class TrainingError(GrainflowError):
@@ -136,6 +148,45 @@ def _storage(storage_path: str | os.PathLike):
     return os.path.abspath(os.path.expanduser(text)), None, ""
 
 
+def check_resume(storage_path: str | os.PathLike, run_name: str, family: str, model_name: str,
+                 overrides: dict[str, Any] | None = None) -> None:
+    """Refuse, before Ray starts, to resume `<storage_path>/<run_name>` with another model.
+
+    Ray Train hands a run's latest checkpoint to the workers of any run started under
+    its name. One of another family or model would fail in every worker, after
+    max_failures restarts, and mark the earlier run's MLflow run FAILED; one of this
+    model with other builder arguments (`overrides`) could load and go on training a
+    model its config misdescribes. Reads the latest epoch_*/state.json and the model
+    file's config (its header, not the weights); the workers compare the whole config
+    again when they load it (checkpointing.load_training_state).
+    """
+    from engine.models import get_config
+    from engine.stores.uri import resolve
+    from engine.training.checkpointing import config_differences, latest_checkpoint, read_stored_checkpoint
+
+    run = resolve(storage_path).join(run_name)
+    latest = latest_checkpoint(run)
+    if latest is None:
+        return
+    state, saved = read_stored_checkpoint(latest)
+    if (state.family, state.model) != (family, model_name):
+        raise TrainingError(
+            f"run {run_name!r} in {storage_path} holds a {state.family}:{state.model} checkpoint ({latest.name}), "
+            f"which a run of that name resumes; this one trains {family}:{model_name}. Give another run_name "
+            f"(--run-name), or train {state.family}:{state.model} to resume it")
+    if saved is None:
+        return
+    wanted = get_config(family, model_name)
+    wanted = dataclasses.replace(wanted, args={**wanted.args, **(overrides or {})})
+    # The builder fills in arguments left unset (label orders): the workers compare those.
+    differences = config_differences(saved, wanted, only_args=[k for k, v in wanted.args.items() if v is not None])
+    if differences:
+        raise TrainingError(
+            f"run {run_name!r} in {storage_path}: its checkpoint {latest.name} was written by another "
+            f"{family}:{model_name} config than this run's: {'; '.join(differences)}. Give another run_name "
+            f"(--run-name), or the checkpoint's settings to resume it")
+
+
 def ensure_ray(num_workers: int) -> None:
     """Connect to Ray if this process is not connected yet.
 
@@ -160,6 +211,47 @@ def _auto_gpu(num_workers: int) -> bool:
     import ray
 
     return ray.cluster_resources().get("GPU", 0) >= num_workers
+
+
+def _autoscaler_max_gpus() -> float | None:
+    """The most GPUs the cluster's autoscaler says it can provide, or None when no
+    autoscaler reported its node groups to Ray. It is what Ray Train's own start check
+    reads (ray.train.v2 WorkerGroup._check_cluster_resources_and_raise_if_insufficient);
+    a private Ray API, so any failure to read it counts as "not reported"."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+    return None if most is None else float(most.get("GPU", 0))
+
+
+def check_gpus(num_workers: int) -> None:
+    """Refuse use_gpu=True when the cluster has fewer GPUs than workers and nothing says
+    it can get more: Ray Train V2 would wait for them forever, retrying the worker-group
+    start every minute (see WORKER_GROUP_START_RETRIES), and a local Ray never grows.
+
+    More GPUs are expected when an autoscaler reports GPU node groups to Ray, or when
+    $GRAINFLOW_GPU_AUTOSCALING is 1 (an autoscaler that does not report them, e.g. a
+    cluster-launcher or KubeRay GPU group scaling from zero).
+    """
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= num_workers:
+        return
+    most = _autoscaler_max_gpus()
+    if most is not None and most >= num_workers:
+        return
+    if most is None and os.environ.get(GPU_AUTOSCALING_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return
+    can = (f"its autoscaler can provide at most {most:g}" if most is not None else
+           f"no autoscaler reports GPU nodes it could add (set {GPU_AUTOSCALING_ENV}=1 where one does)")
+    raise TrainingError(
+        f"use_gpu: the run needs {num_workers} GPU{'s' if num_workers != 1 else ''} (one per worker) but the Ray "
+        f"cluster has {have:g} and {can}; train on CPUs (use_gpu=False or None to pick, --gpu no/auto) or with "
+        f"fewer workers")
 
 
 def plan_training(
@@ -192,6 +284,10 @@ def plan_training(
     from engine.training.tasks import make_task
 
     config = get_config(family, model_name)  # unknown names list the valid ones
+    if tile_size is not None and tile_size < 1:
+        # 0 would silently mean "the model's input size" to the task's layout
+        raise TrainingError(f"tile_size must be a whole number of pixels >= 1 (None: the model's input size, "
+                            f"{config.input_size}), got {tile_size!r}")
     task = make_task(family, task_options)
     args = {**config.args, **(overrides or {})}
     layout = task.layout(config.input_size, args, tile=tile_size,
@@ -270,7 +366,8 @@ def train(
     storage_path: where checkpoints go (local path or s3:// URI); the run lives in
       `<storage_path>/<run_name>`.
     epochs: total epochs (a resumed run counts the ones already done).
-    num_workers: DDP workers; use_gpu: None picks GPUs when the cluster has one per worker.
+    num_workers: DDP workers; use_gpu: None picks GPUs when the cluster has one per worker;
+      True refuses a cluster without them that cannot get them (check_gpus).
     batch_size: rows per worker per step; lr, weight_decay: AdamW's (lr the base rate).
     lr_schedule: "cosine" (linear warm-up over 5% of the steps, then cosine decay to
       1% of lr) or "constant" (engine.training.schedule).
@@ -279,7 +376,7 @@ def train(
       val_archive is given (0: none).
     tile_size, levels, max_samples_per_image: override the sample layout (default: the
       config's input size, every pyramid level a tile fits in, all tiles).
-    max_failures: worker-group restarts Ray Train may make (FailureConfig).
+    max_failures: worker-group restarts Ray Train may make (FailureConfig), >= 0.
     keep_checkpoints: how many checkpoints to keep in storage (None: all).
     registry / tracking_uri: an engine.registry.ModelRegistry, whose tracking URI the
       metrics use too; else metrics go to `tracking_uri` (engine.registry's resolution).
@@ -321,10 +418,18 @@ def train(
         raise TrainingError(f"unknown lr_schedule {lr_schedule!r}; valid: {', '.join(SCHEDULES)}")
     if keep_checkpoints is not None and keep_checkpoints < 1:
         raise TrainingError(f"keep_checkpoints must be None (all) or >= 1, got {keep_checkpoints}")
+    if not _positive(lr):
+        raise TrainingError(f"lr must be a finite number > 0, got {lr!r}")
+    if not (_positive(weight_decay) or weight_decay == 0):
+        raise TrainingError(f"weight_decay must be a finite number >= 0, got {weight_decay!r}")
+    if isinstance(max_failures, bool) or not isinstance(max_failures, int) or max_failures < 0:
+        # Ray Train reads -1 as "restart forever"
+        raise TrainingError(f"max_failures must be a whole number >= 0, got {max_failures!r}")
     if register_as:
         from engine.registry.refs import check_name
 
         check_name(register_as)  # before hours of training, not after
+    storage, storage_fs, storage_prefix = _storage(storage_path)  # an unusable URI before Ray starts
 
     layout, train_specs, val_specs = plan_training(
         family, model_name, archive, val_archive=val_archive, val_fraction=val_fraction, tile_size=tile_size,
@@ -344,16 +449,19 @@ def train(
         n_real = len(train_specs) - n_syn
         synthetic_params.update(synthetic_samples=n_syn,
                                 synthetic_ratio_achieved=round(n_syn / n_real, 4) if n_real else float("nan"))
+    if run_name:  # a run of that name in storage is resumed: it must be this model
+        check_resume(storage_path, run_name, family, model_name, overrides)
     ensure_ray(num_workers)
     if use_gpu is None:
         use_gpu = _auto_gpu(num_workers)
+    elif use_gpu:
+        check_gpus(num_workers)
     if registry is None and register_as:
         from engine.registry import ModelRegistry
 
         registry = ModelRegistry(tracking_uri)
     uri = registry.tracking_uri if registry is not None else mlflow_metrics.tracking_uri(tracking_uri)
     run_name = run_name or f"{family}-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
-    storage, storage_fs, storage_prefix = _storage(storage_path)
 
     datasets = {"train": training_dataset(train_specs, layout)}
     if val_specs:
@@ -388,7 +496,8 @@ def train(
             scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
             run_config=RunConfig(
                 name=run_name, storage_path=storage, storage_filesystem=storage_fs,
-                failure_config=FailureConfig(max_failures=max_failures),
+                failure_config=FailureConfig(max_failures=max_failures,
+                                             controller_failure_limit=WORKER_GROUP_START_RETRIES),
                 checkpoint_config=CheckpointConfig(num_to_keep=keep_checkpoints),
             ),
             datasets=datasets,
@@ -418,6 +527,7 @@ def train(
                     }},
                     metrics=_finite(state.history[-1]),
                     tags={"training_run": run_id, TRAINED_INPUT_TAG: layout.normalisation},
+                    reuse_identical=True,  # a finished run started again: its version, not a copy
                 )
                 if promote:
                     version = registry.promote(register_as, version.version)
@@ -438,6 +548,11 @@ def _fits_object_store(nbytes: int) -> bool:
     import ray
 
     return nbytes <= CACHE_SHARE * ray.cluster_resources().get("object_store_memory", 0)
+
+
+def _positive(x: Any) -> bool:
+    """A finite real number > 0 (not a bool)."""
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x) and x > 0
 
 
 def _finite(metrics: dict[str, Any]) -> dict[str, float]:

@@ -190,3 +190,15 @@ class TestKubeRay:
         backends = [p["backend"]["service"] for r in ingress["spec"]["rules"] for p in r["http"]["paths"]]
         assert backends == [{"name": f"{svc['metadata']['name']}-serve-svc",
                              "port": {"number": serve_config["http_options"]["port"]}}]
+
+
+def test_clusters_whose_gpus_start_at_zero_let_training_wait_for_them():
+    """`train --gpu yes` is refused where no GPU can come (engine.training.trainer); the
+    clusters that grow a GPU group from zero say that GPUs will come."""
+    from engine.training.trainer import GPU_AUTOSCALING_ENV
+
+    aws = yaml.safe_load((CLUSTER / "aws" / "gpu-cluster.yaml").read_text())
+    assert f"--env {GPU_AUTOSCALING_ENV}=1" in aws["docker"]["run_options"]
+    (cluster,) = [d for d in docs(CLUSTER / "kuberay" / "raycluster.yaml") if d.get("kind") == "RayCluster"]
+    head = cluster["spec"]["headGroupSpec"]["template"]["spec"]["containers"][0]
+    assert {"name": GPU_AUTOSCALING_ENV, "value": "1"} in head["env"]

@@ -60,6 +60,22 @@ class TestRegister:
         assert [v.version for v in registry.versions("cls")] == [1, 2]
         assert registry.list_models() == ["cls", "det"]
 
+    def test_the_same_files_again_return_the_latest_version(self, registry, tmp_path, caplog):
+        """A finished training run started again registers its unchanged checkpoint: with
+        reuse_identical that is the latest version, not a copy of it."""
+        import logging
+
+        first = _register(registry, tmp_path, data=b"1", reuse_identical=True)
+        with caplog.at_level(logging.INFO, logger="engine.registry.registry"):
+            again = _register(registry, tmp_path, data=b"1", reuse_identical=True)
+        assert again.ref == first.ref == "cls/1"
+        assert "cls: not registered again: the latest version, cls/1, holds the same files" in caplog.text
+        assert _register(registry, tmp_path, data=b"1").ref == "cls/2"  # without it: a new version, as before
+        assert _register(registry, tmp_path, data=b"2", reuse_identical=True).ref == "cls/3"
+        # only the latest counts: the bytes of cls/1 and cls/2 after cls/3 are a new version
+        assert _register(registry, tmp_path, data=b"1", reuse_identical=True).ref == "cls/4"
+        assert _register(registry, tmp_path, data=b"1", family="detector", reuse_identical=True).ref == "cls/5"
+
     def test_config_flattened_to_run_params(self, registry, db_uri, tmp_path):
         from mlflow import MlflowClient
 

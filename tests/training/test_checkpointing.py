@@ -57,3 +57,53 @@ class TestTrainingCheckpoint:
         torch.save({"state": {}, "param_groups": [], "x": Payload()}, tmp_path / OPTIMIZER_FILE)
         with pytest.raises(UnsafeCheckpointError, match=f"{OPTIMIZER_FILE}: refused"):
             load_training_state(tmp_path, model, opt)
+
+    def test_resumes_only_into_the_config_it_was_written_by(self, tmp_path):
+        """A checkpoint loaded into a model built with other arguments would train a model
+        its config misdescribes (another class order) or fail on the weights' shapes:
+        every differing key is named instead, and nothing is loaded."""
+        from engine.models import CheckpointError, labels
+
+        model, opt = trained()
+        save_training_state(tmp_path, model, opt, TrainingState("classifier", "resnet10t", epoch=1))
+        reversed_materials = create_model("classifier", "resnet10t", materials=list(reversed(labels.material_names())))
+        before = {k: v.clone() for k, v in reversed_materials.state_dict().items()}
+        with pytest.raises(CheckpointError, match=r"another model config.*args\.materials: \['ferritic_steel'"):
+            load_training_state(tmp_path, reversed_materials)
+        assert all(torch.equal(v, reversed_materials.state_dict()[k]) for k, v in before.items())
+        with pytest.raises(CheckpointError, match=r"family: 'classifier' in the checkpoint, 'fusion' now; "
+                                                  r"name: 'resnet10t' in the checkpoint, 'fusion_tiny' now"):
+            load_training_state(tmp_path, create_model("fusion", "fusion_tiny"))
+        assert load_training_state(tmp_path, create_model("classifier", "resnet10t")).epoch == 1
+
+
+class TestStoredCheckpoint:
+    """What train() reads of a run's storage before Ray starts (trainer.check_resume)."""
+
+    def test_latest_epoch_state_and_config_without_the_weights(self, tmp_path):
+        from engine.stores.uri import resolve
+        from engine.training.checkpointing import latest_checkpoint, read_stored_checkpoint
+
+        model, opt = trained()
+        for epoch in (2, 10):
+            save_training_state(tmp_path / "r1" / f"epoch_{epoch:04d}", model, opt,
+                                TrainingState("classifier", "resnet10t", epoch=epoch))
+        (tmp_path / "r1" / "epoch_0011").mkdir()  # a checkpoint being written: no state.json yet
+        latest = latest_checkpoint(resolve(tmp_path / "r1"))
+        assert latest.name == "epoch_0010"  # by number
+        state, config = read_stored_checkpoint(latest)
+        assert (state.family, state.model, state.epoch) == ("classifier", "resnet10t", 10)
+        assert config == model.config
+        assert latest_checkpoint(resolve(tmp_path / "r2")) is None
+
+    def test_in_a_bucket(self, s3_bucket, tmp_path):
+        from engine.stores.uri import resolve
+        from engine.training.checkpointing import latest_checkpoint, read_stored_checkpoint
+
+        model, opt = trained()
+        save_training_state(tmp_path / "epoch_0001", model, opt, TrainingState("classifier", "resnet10t", epoch=1))
+        run = resolve(f"{s3_bucket}/runs/r1")
+        run.filesystem().put(str(tmp_path / "epoch_0001"), run.join("epoch_0001").path, recursive=True)
+        state, config = read_stored_checkpoint(latest_checkpoint(run))
+        assert state.epoch == 1 and config.name == "resnet10t"
+        assert latest_checkpoint(resolve(f"{s3_bucket}/runs/other")) is None

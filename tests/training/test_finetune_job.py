@@ -40,6 +40,43 @@ class TestArguments:
         args = parse_args(["--model", "fusion:fusion_tiny", "--archive", "a", "--storage", "s"])
         assert (args.workers, args.augment, args.lr_schedule, args.max_failures) == (2, 0.5, "cosine", 2)
 
+    @pytest.mark.parametrize("bad, words", [
+        (["--lr", "-1"], "--lr must be a finite number > 0, got -1.0"),
+        (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
+        (["--max-failures", "-1"], "--max-failures must be >= 0 (Ray Train would read -1 as unlimited)"),
+        (["--tile", "0"], "--tile must be >= 1 pixel"),
+        (["--storage", "http://host/runs"], "--storage must be a local path, file:// or s3:// URI"),
+        (["--storage", "gs://bucket/runs"], "--storage must be a local path, file:// or s3:// URI"),
+    ])
+    def test_values_ray_would_misread_are_refused(self, capsys, bad, words):
+        """-1 failures is unlimited restarts to Ray Train, --tile 0 was the default tile, a
+        bad learning rate or storage failed only once Ray had started."""
+        with pytest.raises(SystemExit) as info:
+            parse_args(["--model", "fusion:fusion_tiny", "--archive", "a", "--storage", "s", *bad])
+        assert info.value.code == 2 and words in capsys.readouterr().err
+
+    def test_detector_name_and_archive_are_checked_before_ray(self, monkeypatch, capsys, tmp_path):
+        """A bad --register name was found after the whole training, a bad --archive
+        once the Ray task ran."""
+        import engine.training.detector as detector
+        import engine.training.trainer as trainer
+        from engine.synth.archive import generate_archive
+        from jobs import finetune
+
+        def started(*args, **kwargs):
+            raise AssertionError("Ray started")
+
+        monkeypatch.setattr(trainer, "ensure_ray", started)
+        monkeypatch.setattr(detector, "train_detector_on_ray", started)
+        generate_archive(tmp_path / "a", n_images=2, seed=0, size=128, chunk=64)
+        for bad, words in ((["--register", "yolo/prod"], "bad model name 'yolo/prod'"),
+                           (["--archive", str(tmp_path / "nope")], "nope: no catalog.parquet"),
+                           (["--val-archive", str(tmp_path / "nope")], "nope: no catalog.parquet")):
+            argv = ["--model", "detector:yolov8n_tiny", "--archive", str(tmp_path / "a"), "--storage",
+                    str(tmp_path / "runs"), "--batch-size", "4", *bad]
+            assert finetune.main(argv) == 2
+            assert words in capsys.readouterr().err
+
     def test_bad_detector_arguments_exit_2_before_ray_starts(self, tmp_path):
         from engine.synth.archive import generate_archive
 

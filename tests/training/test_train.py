@@ -206,3 +206,102 @@ class TestRefusedBeforeTraining:
         with pytest.raises(TrainingError, match="keep_checkpoints"):
             train("fusion", "fusion_tiny", str(train_archive), storage_path=tmp_path, epochs=1, keep_checkpoints=0)
         assert not any(tmp_path.iterdir())  # refused before a run folder or Ray
+
+
+@pytest.fixture
+def no_ray(monkeypatch):
+    """train() stops where it would connect to Ray: a check that passes this is too late."""
+    import engine.training.trainer as trainer
+
+    class RayStarted(Exception):
+        pass
+
+    def ensure_ray(num_workers):
+        raise RayStarted("the input was not refused before Ray")
+
+    monkeypatch.setattr(trainer, "ensure_ray", ensure_ray)
+    return RayStarted
+
+
+class TestRefusedBeforeRay:
+    """What Ray would misread or only fail on later (a worker, an endless wait) is
+    refused before Ray starts, naming the argument."""
+
+    @pytest.mark.parametrize("kwargs, words", [
+        ({"lr": -1.0}, "lr must be a finite number > 0, got -1.0"),
+        ({"lr": float("nan")}, "lr must be a finite number > 0, got nan"),
+        ({"max_failures": -1}, "max_failures must be a whole number >= 0, got -1"),
+        ({"storage_path": "http://host/runs"}, "storage_path 'http://host/runs': use a local path"),
+        ({"storage_path": "gs://bucket/runs"}, "storage_path 'gs://bucket/runs': use a local path"),
+        ({"tile_size": 0}, "tile_size must be a whole number of pixels >= 1"),
+    ])
+    def test_bad_arguments(self, no_ray, train_archive, tmp_path, kwargs, words):
+        from engine.training.trainer import TrainingError
+
+        kwargs = {"storage_path": tmp_path / "runs", **kwargs}
+        with pytest.raises(TrainingError) as info:
+            train("classifier", "resnet10t", str(train_archive), epochs=1, **kwargs)
+        assert words in str(info.value)
+        assert not (tmp_path / "runs").exists()
+
+    @pytest.fixture
+    def stored_run(self, tmp_path):
+        """`<storage>/r1/epoch_0001`: a fusion_tiny checkpoint, as Ray Train stores it."""
+        import torch
+
+        from engine.models import create_model
+        from engine.training.checkpointing import TrainingState, save_training_state
+
+        model = create_model("fusion", "fusion_tiny")
+        save_training_state(tmp_path / "runs" / "r1" / "epoch_0001", model, torch.optim.AdamW(model.parameters()),
+                            TrainingState("fusion", "fusion_tiny", epoch=1))
+        return tmp_path / "runs"
+
+    def test_resuming_a_run_of_another_model_or_config(self, no_ray, train_archive, stored_run, tracking_uri):
+        """Ray Train would hand the run's checkpoint to the workers, which failed only after
+        every restart (marking the earlier MLflow run FAILED), or loaded it into a model
+        built with other arguments."""
+        from engine.models import labels
+        from engine.training.trainer import TrainingError, check_resume
+
+        common = dict(storage_path=stored_run, epochs=2, run_name="r1", tracking_uri=tracking_uri)
+        with pytest.raises(TrainingError, match="'r1' in .* holds a fusion:fusion_tiny checkpoint .*this one trains "
+                                                "classifier:resnet10t"):
+            train("classifier", "resnet10t", str(train_archive), **common)
+        with pytest.raises(TrainingError, match=r"args\.context_level_offset: 2 in the checkpoint, 1 now"):
+            train("fusion", "fusion_tiny", str(train_archive), overrides={"context_level_offset": 1}, **common)
+        with pytest.raises(TrainingError, match=r"args\.materials: \['ferritic_steel'"):
+            train("fusion", "fusion_tiny", str(train_archive),
+                  overrides={"materials": list(reversed(labels.material_names()))}, **common)
+        with pytest.raises(no_ray):  # the same model resumes
+            train("fusion", "fusion_tiny", str(train_archive), **common)
+        check_resume(stored_run, "r1", "fusion", "fusion_tiny", {"materials": list(labels.material_names())})
+        check_resume(stored_run, "another", "classifier", "resnet10t")  # a new run
+        assert sorted(p.name for p in stored_run.iterdir()) == ["r1"]
+
+    def test_gpus_the_cluster_has_not_and_cannot_get(self, monkeypatch, train_archive, tmp_path):
+        """Ray Train V2 would retry the worker-group start every minute, forever (max_failures
+        does not count it): refused unless an autoscaler will add GPUs."""
+        import ray
+
+        import engine.training.trainer as trainer
+        from engine.training.trainer import GPU_AUTOSCALING_ENV, TrainingError, check_gpus
+
+        monkeypatch.setattr(trainer, "ensure_ray", lambda num_workers: None)
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
+        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: None)
+        monkeypatch.delenv(GPU_AUTOSCALING_ENV, raising=False)
+        with pytest.raises(TrainingError, match=r"use_gpu: the run needs 2 GPUs \(one per worker\) but the Ray cluster "
+                                                r"has 1 and no autoscaler reports GPU nodes it could add"):
+            train("classifier", "resnet10t", str(train_archive), storage_path=tmp_path / "runs", epochs=1,
+                  num_workers=2, use_gpu=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+        assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started (and left FAILED)
+        check_gpus(1)  # enough
+        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: 1.0)  # an autoscaler reported its maximum
+        with pytest.raises(TrainingError, match="its autoscaler can provide at most 1"):
+            check_gpus(2)
+        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: 8.0)
+        check_gpus(2)
+        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: None)
+        monkeypatch.setenv(GPU_AUTOSCALING_ENV, "1")  # an autoscaler that does not report its node groups
+        check_gpus(2)

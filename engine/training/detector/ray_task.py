@@ -64,6 +64,10 @@ def train_detector_on_ray(
 
     if "device" in kwargs:
         raise TypeError("train_detector_on_ray picks the device from the resources Ray grants; pass num_gpus")
+    if register_as is not None:
+        from engine.registry.refs import check_name
+
+        check_name(register_as)  # here, where it is registered after the task's training
     if not ray.is_initialized():
         from engine.runtime import configure_offline
 

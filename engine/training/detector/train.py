@@ -150,7 +150,8 @@ def check_detector_args(model: str, *, imgsz: int | None, epochs: int, batch: in
     job calls it before starting Ray."""
     from engine.models import get_config
 
-    imgsz = int(imgsz or get_config("detector", model).input_size)  # an unknown model lists the valid ones
+    default = get_config("detector", model).input_size  # an unknown model lists the valid ones
+    imgsz = int(default if imgsz is None else imgsz)  # 0 is refused, not read as "the default"
     if imgsz <= 0 or imgsz % 32:
         raise DetectorArgumentError(f"imgsz must be a positive multiple of 32 (YOLO's largest stride), got {imgsz}")
     if not isinstance(epochs, int) or epochs < 1:
@@ -221,6 +222,10 @@ def train_detector(
     val_location = resolve(val_archive) if val_archive is not None else None
     imgsz = check_detector_args(model, imgsz=imgsz, epochs=epochs, batch=batch,
                                 val_fraction=val_fraction if val_archive is None else None)
+    if register_as is not None:
+        from engine.registry.refs import check_name
+
+        check_name(register_as)  # before the training, not after it
     overlap = imgsz // 4 if overlap is None else int(overlap)
     dev = resolve_device(device)
     out_dir = Path(out_dir).resolve()
@@ -288,7 +293,8 @@ def train_detector(
 
 def register_result(result: DetectorTrainingResult, name: str, registry=None, *, archive: str | None = None
                     ) -> DetectorTrainingResult:
-    """Register the result's checkpoint as a new version of `name`; returns the result
+    """Register the result's checkpoint as a new version of `name` (or find it is the
+    latest one already: the same bytes are not registered twice); returns the result
     with `registered` set to "name/version"."""
     from dataclasses import replace
 
@@ -303,7 +309,7 @@ def register_result(result: DetectorTrainingResult, name: str, registry=None, *,
         tags["archive"] = archive
     version = registry.register(name, result.checkpoint, family="detector",
                                 config=read_config(result.checkpoint).to_dict(), metrics=result.flat_metrics(),
-                                tags=tags)
+                                tags=tags, reuse_identical=True)
     return replace(result, registered=f"{version.name}/{version.version}")
 
 
