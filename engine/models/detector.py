@@ -8,7 +8,6 @@ Entry points that build detectors call `engine.runtime.configure_offline()` firs
 from __future__ import annotations
 
 import copy
-import pickle
 from pathlib import Path
 from typing import NamedTuple, Sequence
 
@@ -16,7 +15,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.models.errors import CheckpointError, ModelConfigError, UnsafeCheckpointError
+from engine.models.errors import CheckpointError, ModelConfigError
 from engine.models.tiles import model_device, tiles_to_tensor
 
 # Model YAMLs shipped inside the ultralytics package (cfg/models/...), per architecture.
@@ -209,17 +208,13 @@ BUILDERS = {"yolo": build_yolo, "yolo_yaml": build_yolo_yaml}
 
 
 def load_detector_checkpoint(path: str | Path, expected_sha256: str) -> Detector:
-    """A detector from an Ultralytics .pt file, unpickled only after its sha256 matches.
+    """A detector from an Ultralytics .pt file, read only after its sha256 matches.
 
-    Ultralytics .pt files pickle the model object, and a pickle can run any code when
-    loaded; a registry's sha256 only says the file is the one registered, not that it is
-    safe. So the file is read by torch's weights-only unpickler, allowing besides tensors
-    and plain containers only the globals an Ultralytics model is made of
-    (`_ultralytics_globals`: model classes of ultralytics.nn and torch.nn, numpy arrays);
-    anything else (a __reduce__ payload calling os.system, ...) is refused with
-    UnsafeCheckpointError before it runs. The weights are then moved into a freshly built
-    model, so what we keep (and save as safetensors) holds no unpickled objects. A
-    .safetensors file is loaded through `engine.models.checkpoint.load_model` instead.
+    A registry's sha256 says the file is the one registered, not that it is safe, and an
+    Ultralytics .pt pickles its model objects: it is read without running anything it
+    holds (`engine.models.ultralytics_pt`), and its weights are moved into a model built
+    here from its YAML, so what we keep (and save as safetensors) holds no unpickled
+    objects. A .safetensors file is loaded through `engine.models.checkpoint.load_model`.
     """
     from engine.models import checkpoint
     from engine.models.families import ModelConfig, build
@@ -233,75 +228,21 @@ def load_detector_checkpoint(path: str | Path, expected_sha256: str) -> Detector
     if expected_sha256 is None:
         raise CheckpointError(f"{path}: an Ultralytics .pt is a full pickle; it is loaded only with the sha256 "
                               "(64 hex digits) that a trusted record (the model registry) gives for it")
-    # Checked on the open file that is then unpickled (a file swapped after the check is
-    # never the one read): byte-for-byte the one recorded.
+    from engine.models.ultralytics_pt import read_ultralytics_pt
+
+    # Checked on the open file that is then read (a file swapped after the check is never
+    # the one read): byte-for-byte the one recorded.
     with checkpoint.open_checked(path, expected_sha256) as f:
-        allowed = _ultralytics_globals(f, path)
-        f.seek(0)
-        try:
-            with torch.serialization.safe_globals(allowed):
-                ckpt = torch.load(f, map_location="cpu", weights_only=True)
-        except pickle.UnpicklingError as exc:
-            raise UnsafeCheckpointError(f"{path}: refused: {checkpoint.unpickler_reason(exc)}") from None
-        except (RuntimeError, EOFError, OSError, ValueError) as exc:
-            raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
-    src = ckpt
-    if isinstance(ckpt, dict):  # Ultralytics keeps the EMA weights (the ones it evaluates) beside the raw ones
-        src = ckpt["ema"] if ckpt.get("ema") is not None else ckpt.get("model")
-    if not (isinstance(src, nn.Module) and hasattr(src, "yaml") and hasattr(src, "stride")):
-        raise CheckpointError(f"{path}: not an Ultralytics detection checkpoint (no model with a YAML config)")
-    names = src.names
-    names = [names[i] for i in sorted(names)] if isinstance(names, dict) else list(names)
-    model_yaml = copy.deepcopy(src.yaml)
-    channels = int(model_yaml.get("channels", 3))
-    train_args = (ckpt.get("train_args") or {}) if isinstance(ckpt, dict) else {}
-    imgsz = train_args.get("imgsz", 640)
+        pt = read_ultralytics_pt(f, path)
+    model_yaml = copy.deepcopy(pt.model_yaml)
     config = ModelConfig(
         family="detector", name=path.stem, builder="yolo_yaml",
-        args={"model_yaml": model_yaml, "defect_classes": names, "channels": channels},
-        input_size=int(imgsz if isinstance(imgsz, int) else max(imgsz)),
-        description=f"imported from Ultralytics checkpoint {path.name}",
+        args={"model_yaml": model_yaml, "defect_classes": pt.names, "channels": int(model_yaml.get("channels", 3))},
+        input_size=pt.imgsz, description=f"imported from Ultralytics checkpoint {path.name}",
     )
     det = build(config)
     try:
-        det.model.load_state_dict(src.float().state_dict())
+        det.model.load_state_dict(pt.state_dict)
     except RuntimeError as exc:
         raise CheckpointError(f"{path}: weights do not fit the model its YAML describes: {exc}") from None
     return det
-
-
-# Globals an Ultralytics checkpoint may name: model classes (never functions) of these
-# packages, and numpy's array and scalar constructors (training metrics).
-_MODEL_PACKAGES = ("ultralytics.nn.", "torch.nn.modules.")
-_NUMPY_GLOBALS = {f"{m}.{name}" for m in ("numpy.core.multiarray", "numpy._core.multiarray")
-                  for name in ("_reconstruct", "scalar")} | {"numpy.ndarray", "numpy.dtype"}
-
-
-def _ultralytics_globals(f, path: Path) -> list:
-    """The globals the pickle in `f` names beyond torch's weights-only set, imported, if
-    all are parts of a model (`_MODEL_PACKAGES` classes, numpy arrays); else
-    UnsafeCheckpointError naming the others, before anything is unpickled."""
-    import importlib
-
-    try:
-        names = torch.serialization.get_unsafe_globals_in_checkpoint(f)
-    except Exception as exc:  # not a zip, a truncated file, ...
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
-    allowed, refused = [], []
-    for name in sorted(names):
-        module, _, attr = name.rpartition(".")
-        ok = name in _NUMPY_GLOBALS or name.startswith("numpy.dtypes.") or (module + ".").startswith(_MODEL_PACKAGES)
-        value = None
-        if ok:
-            try:
-                value = getattr(importlib.import_module(module), attr)
-            except (ImportError, AttributeError):
-                ok = False
-        if ok and name not in _NUMPY_GLOBALS and not isinstance(value, type):
-            ok = False  # a function of a model package could still do anything
-        (allowed if ok else refused).append(value if ok else name)
-    if refused:
-        raise UnsafeCheckpointError(
-            f"{path}: refused: its pickle names {', '.join(refused[:5])}{', ...' if len(refused) > 5 else ''}, "
-            "which are not parts of an Ultralytics model (loading it could run code)")
-    return allowed

@@ -154,6 +154,23 @@ class TestUltralyticsCheckpoint:
             M.load_detector_checkpoint(path, digest)
         assert not marker.exists()
 
+    def test_a_model_class_called_with_the_files_arguments_runs_nothing(self, detector, tmp_path):
+        """A model class can be a gadget: AutoBackend(path) unpickles `path` in full. The
+        file's classes are never called: stand-ins take their place."""
+        from ultralytics.nn.autobackend import AutoBackend
+
+        marker = tmp_path / "pwned"
+        stage2 = write_payload_checkpoint(tmp_path / "stage2.pt", marker)
+
+        class CallsAutoBackend:
+            def __reduce__(self):
+                return (AutoBackend, (str(stage2),))
+
+        path = tmp_path / "best.pt"
+        digest = ultralytics_pt(detector, path, train_args={"imgsz": 128, "gadget": CallsAutoBackend()})
+        loaded = M.load_detector_checkpoint(path, digest)
+        assert not marker.exists() and loaded.names == detector.names
+
     def test_a_pt_holding_a_real_ultralytics_model_loads(self, tmp_path):
         """What `YOLO(...).save()` writes (Ultralytics' own classes, half precision) loads
         through the allowlist."""
