@@ -309,7 +309,8 @@ class TestTiffResolutionTags:
             assert math.isclose(_nm(r.pixel_size_x, r.unit), 5.0, rel_tol=1e-9)
 
     def test_pages_of_different_sizes_each_become_an_image(self, tmp_path):
-        """An acquisition macro appending micrographs of several sizes to one TIFF, with a thumbnail."""
+        """An acquisition macro appending micrographs of several sizes to one TIFF, with a
+        flagged thumbnail and an unflagged preview smaller than the first image."""
         shapes = [(40, 50), (80, 100), (40, 50), (30, 33)]
         pages = [_pixels("uint16", shape=shape, seed=k) for k, shape in enumerate(shapes)]
         path = tmp_path / "session.tif"
@@ -319,24 +320,42 @@ class TestTiffResolutionTags:
                 if k == 1:
                     tw.write(page[::4, ::4], subfiletype=1)  # reduced-resolution preview: not an image
         rows = ingest_files([path], tmp_path / "a", modality="SEM", chunk=CHUNK)
-        assert [r.image_id for r in rows] == ["session_0", "session_1", "session_2", "session_3"]
+        assert [r.image_id for r in rows] == ["session_0", "session_1", "session_2"]
         assert sorted(read_catalog(tmp_path / "a").image_id) == [r.image_id for r in rows]
         for r, page in zip(rows, pages):
             image, stored = _stored(tmp_path / "a", r.image_id)
             np.testing.assert_array_equal(stored, page)
             assert math.isclose(_nm(r.pixel_size_x, r.unit), 5.0, rel_tol=1e-9)
-            assert any("reduced-resolution" in n for n in image.attributes["notes"])
+            assert any("2 smaller or reduced-resolution" in n for n in image.attributes["notes"])
 
-    def test_a_page_half_the_size_of_another_is_still_an_image(self, tmp_path):
-        """tifffile files such a page as a pyramid level unless the page says it is reduced."""
-        big, half = _pixels("uint8", shape=(64, 64), seed=1), _pixels("uint8", shape=(32, 32), seed=2)
+    def test_a_smaller_unflagged_page_is_a_preview_not_an_image(self, tmp_path):
+        """A preview written without the reduced-resolution flag, its resolution tags copied
+        from the micrograph (so its pixel size would be 4x wrong): left out, as the
+        endpoint leaves it out."""
+        big, preview = _pixels("uint8", shape=(64, 64), seed=1), _pixels("uint8", shape=(16, 16), seed=2)
         path = tmp_path / "two.tif"
         with tifffile.TiffWriter(path) as tw:
-            for page in (big, half):
+            for page in (big, preview):
                 tw.write(page, metadata=None, resolution=(1e7 / 5, 1e7 / 5), resolutionunit="CENTIMETER")
+        [image] = list(read_instrument_images(path))
+        assert image.part is None
+        np.testing.assert_array_equal(image.pixels, big)
+        assert any("previews" in n for n in image.notes)
+
+    def test_each_ome_image_takes_its_own_pixel_size(self, tmp_path):
+        """An OME-TIFF of an overview and a larger detail acquisition: the second image's
+        pixel size is its own OME Image's, not the file's first."""
+        overview, detail = _pixels("uint16", shape=(40, 50), seed=1), _pixels("uint16", shape=(64, 64), seed=2)
+        path = tmp_path / "session.ome.tif"
+        with tifffile.TiffWriter(path, ome=True) as tw:
+            tw.write(overview, metadata={"axes": "YX", "PhysicalSizeX": 50.0, "PhysicalSizeXUnit": "nm",
+                                         "PhysicalSizeY": 50.0, "PhysicalSizeYUnit": "nm"})
+            tw.write(detail, metadata={"axes": "YX", "PhysicalSizeX": 5.0, "PhysicalSizeXUnit": "nm",
+                                       "PhysicalSizeY": 5.0, "PhysicalSizeYUnit": "nm"})
         images = list(read_instrument_images(path))
         assert [i.part for i in images] == ["0", "1"]
-        np.testing.assert_array_equal(images[1].pixels, half)
+        sizes = [_nm(i.pixel_size[1], i.unit) for i in images]
+        assert math.isclose(sizes[0], 50.0, rel_tol=1e-9) and math.isclose(sizes[1], 5.0, rel_tol=1e-9)
 
     def test_rgb_with_equal_channels_keeps_one_losslessly(self, tmp_path):
         gray = _pixels("uint8")

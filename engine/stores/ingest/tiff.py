@@ -146,22 +146,30 @@ def read_tiff(path: Path) -> Iterator[InstrumentImage]:
 def image_levels(all_series: list[tifffile.TiffPageSeries]) -> list[tuple[SeriesRef, tifffile.TiffPageSeries]]:
     """The series (and pyramid levels) of a TIFF that are images in their own right, in
     file order, with where each is: every level whose first page is not flagged
-    reduced-resolution (NewSubfileType bit 0), SubIFD levels left out. The batch ingest
-    makes each an image; the endpoint analyses the first (`engine.serving.decode`).
-
-    tifffile files a page that is half (a third, a quarter) the size of an earlier one
-    as a pyramid level of it, even when the page does not say it is reduced; such a
-    page is an image of its own (an acquisition at another size) and is kept.
+    reduced-resolution (NewSubfileType bit 0), SubIFD levels left out, and none with
+    fewer pixels than the first kept (a preview or overview written without the flag:
+    its tags are often copied from the main image, so its pixel size would be wrong).
+    The batch ingest makes each an image; the endpoint analyses the first
+    (`engine.serving.decode`).
     """
-    return [(SeriesRef(i, k), level) for i, series in enumerate(all_series)
+    full = [(SeriesRef(i, k), level) for i, series in enumerate(all_series)
             for k, level in enumerate(series.levels)  # levels[0] is the series itself
             if not (level.keyframe.is_reduced or (k > 0 and level.keyframe.is_subifd))]
+    if not full:
+        return []
+    first = _pixel_count(full[0][1])
+    return [(ref, level) for ref, level in full if _pixel_count(level) >= first]
+
+
+def _pixel_count(series: tifffile.TiffPageSeries) -> int:
+    page = series.keyframe
+    return int(page.imagelength) * int(page.imagewidth)
 
 
 def _image_series(all_series: list[tifffile.TiffPageSeries],
                   where: str) -> tuple[list[tuple[SeriesRef, tifffile.TiffPageSeries]], int]:
-    """`image_levels`, and how many reduced-resolution levels (thumbnails, pyramid
-    levels) were left out; IngestError when none is left."""
+    """`image_levels`, and how many levels (previews, thumbnails, pyramid levels) were
+    left out; IngestError when none is left."""
     kept = image_levels(all_series)
     if not kept:
         raise IngestError(f"{where}: TIFF file holds only reduced-resolution (thumbnail) images")
@@ -172,7 +180,7 @@ def _layout(tif: tifffile.TiffFile, ref: SeriesRef, series: tifffile.TiffPageSer
             skipped: int, where: str) -> _Series:
     """Series `k` of the `n` to ingest, checked: calibration, photometric, metadata, notes."""
     page = series.keyframe
-    cal, vendor_meta = _calibration(tif, page, _shape_yx(series, where), where)
+    cal, vendor_meta = _calibration(tif, page, _shape_yx(series, where), where, ref, first=k == 0)
     photometric = int(page.photometric)
     if photometric == tifffile.PHOTOMETRIC.PALETTE:
         raise IngestError(f"{where}: palette-colour TIFF is not supported; export the micrograph as grayscale")
@@ -185,7 +193,8 @@ def _layout(tif: tifffile.TiffFile, ref: SeriesRef, series: tifffile.TiffPageSer
     if n > 1:
         notes.append(f"series {k + 1} of {n} in the file ({'x'.join(map(str, series.shape))} {series.axes})")
     if skipped:
-        notes.append(f"{skipped} reduced-resolution page series (thumbnail or pyramid level) of the file not ingested")
+        notes.append(f"{skipped} smaller or reduced-resolution page series (previews, thumbnails, pyramid levels) "
+                     "of the file not ingested")
     conversion = Conversion(photometric, cal.image_rows)
     return _Series(series, ref, cal, conversion, _summary(tif, page, vendor_meta), tuple(notes))
 
@@ -197,14 +206,18 @@ def _shape_yx(series: tifffile.TiffPageSeries, where: str) -> tuple[int, int]:
     return int(series.shape[axes.index("Y")]), int(series.shape[axes.index("X")])
 
 
-def _calibration(tif: tifffile.TiffFile, page, shape: tuple[int, int], where: str) -> tuple[_Calibration, dict]:
-    """The best pixel-size evidence in the file, and the vendor metadata dict (or {})."""
+def _calibration(tif: tifffile.TiffFile, page, shape: tuple[int, int], where: str, ref: SeriesRef,
+                 *, first: bool) -> tuple[_Calibration, dict]:
+    """The best pixel-size evidence for series `ref` of the file (its key page `page`),
+    and the vendor metadata dict (or {}). Evidence about the file's image (vendor and
+    ImageJ metadata) is taken for the `first` image only; another image takes its own
+    OME-XML Image (by series index) or its own page's resolution tags."""
     vendor: VendorCalibration | None = None
     vendor_meta: dict[str, Any] = {}
-    if tif.is_fei:
+    if first and tif.is_fei:
         vendor_meta = {"FEI": tif.fei_metadata or {}}
         vendor = from_fei(vendor_meta["FEI"], shape, where)
-    elif tif.is_sem:
+    elif first and tif.is_sem:
         vendor_meta = {"CZ_SEM": tif.sem_metadata or {}}
         vendor = from_zeiss(vendor_meta["CZ_SEM"], shape, where)
     ome = _ome_root(tif)
@@ -217,7 +230,8 @@ def _calibration(tif: tifffile.TiffFile, page, shape: tuple[int, int], where: st
     )
     if vendor is not None and vendor.pixel_size is not None:
         return _Calibration(vendor.pixel_size, vendor.unit, vendor.pixel_size_source, **facts), vendor_meta
-    found = _from_ome(ome, where) or _from_imagej(tif, page, where) or _from_resolution_tags(page, where)
+    found = (_from_ome(ome, ref.series if ref.level == 0 else None, where)
+             or (_from_imagej(tif, page, where) if first else None) or _from_resolution_tags(page, where))
     if isinstance(found, _Found):
         return _Calibration(found.pixel_size, found.unit, found.source, **facts), vendor_meta
     return _Calibration(**facts, note=found), vendor_meta
@@ -244,8 +258,12 @@ def _ome_acquired(root: ET.Element | None) -> datetime | None:
     return parse_datetime(date.text) if date is not None else None
 
 
-def _from_ome(root: ET.Element | None, where: str) -> _Found | None:
-    pixels = _ome_element(root, "Pixels")
+def _from_ome(root: ET.Element | None, index: int | None, where: str) -> _Found | None:
+    """Pixel size from the `index`-th OME Image's Pixels (tifffile's series follow the
+    Images in order); None for a pyramid level (index None) or without one."""
+    images = [] if root is None or index is None else [
+        e for e in root.iter() if e.tag == "Image" or e.tag.endswith("}Image")]
+    pixels = _ome_element(images[index], "Pixels") if index is not None and index < len(images) else None
     if pixels is None or pixels.get("PhysicalSizeX") is None:
         return None
     # Units default to µm (OME schema) and y may have its own, so both go through nm.
