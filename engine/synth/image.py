@@ -43,21 +43,22 @@ def write_image(plan: ImagePlan, location: str | StoreLocation,
     """
     h, w = plan.shape
     c = plan.chunk
-    writer = ImageWriter(location, shape=plan.shape, dtype=plan.dtype, pixel_size=plan.pixel_size_nm,
-                         unit="nanometer", chunk=c, name=plan.image_id, attributes=plan.attributes)
     colours = {d.instance_id: CLASS_COLOURS[d.defect_class] for d in plan.defects}
     properties = [{"label-value": d.instance_id, "class": d.defect_class} for d in plan.defects]
-    labels = writer.add_labels(LABELS, dtype="uint32", colors=colours or None, properties=properties or None)
     renderer = ImageRenderer(plan)
-    for y in range(0, h, c):
-        for x in range(0, w, c):
-            pixels, mask = renderer.region(y, x, min(c, h - y), min(c, w - x))
-            writer.write_tile(y, x, pixels)
-            labels.write_tile(y, x, mask)
-            if progress is not None:
-                progress(1)
-        renderer.forget_above(y + c)
-    info = writer.close()
+    # `with`: an error mid-way removes the partly written image (the writer's staging copy)
+    with ImageWriter(location, shape=plan.shape, dtype=plan.dtype, pixel_size=plan.pixel_size_nm,
+                     unit="nanometer", chunk=c, name=plan.image_id, attributes=plan.attributes) as writer:
+        labels = writer.add_labels(LABELS, dtype="uint32", colors=colours or None, properties=properties or None)
+        for y in range(0, h, c):
+            for x in range(0, w, c):
+                pixels, mask = renderer.region(y, x, min(c, h - y), min(c, w - x))
+                writer.write_tile(y, x, pixels)
+                labels.write_tile(y, x, mask)
+                if progress is not None:
+                    progress(1)
+            renderer.forget_above(y + c)
+    info = writer.info
     truth = [TruthRow.of(plan.image_id, iid, plan.defects[iid - 1].defect_class, box, area, plan.pixel_size_nm)
              for iid, (box, area) in sorted(renderer.all_truth().items())]
     return info, truth

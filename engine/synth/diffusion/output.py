@@ -96,12 +96,12 @@ def write_sample(archive: StoreLocation, sample: PlannedSample, image: np.ndarra
     s = pixels.shape[0]
     attributes = {"source": SOURCE, "defect_class": c.defect_class, "material": c.material, "modality": c.modality,
                   "seed": sample.seed, **{k: v for k, v in provenance.items() if k in ("model_ref", "model_sha256")}}
-    writer = ImageWriter(location, shape=pixels.shape, dtype=dtype, pixel_size=pixel_size_nm, unit="nanometer",
-                         chunk=s, name=sample.sample_id, attributes=attributes)
-    lw = writer.add_labels(LABELS, dtype="uint32", properties=[{"label-value": 1, "class": c.defect_class}])
-    writer.write_tile(0, 0, pixels)
-    lw.write_tile(0, 0, labels)
-    info = writer.close()
+    with ImageWriter(location, shape=pixels.shape, dtype=dtype, pixel_size=pixel_size_nm, unit="nanometer",
+                     chunk=s, name=sample.sample_id, attributes=attributes) as writer:
+        lw = writer.add_labels(LABELS, dtype="uint32", properties=[{"label-value": 1, "class": c.defect_class}])
+        writer.write_tile(0, 0, pixels)
+        lw.write_tile(0, 0, labels)
+    info = writer.info
     row = CatalogRow(
         image_id=sample.sample_id, uri=relative_image_path(sample.sample_id), modality=c.modality,
         pixel_size_y=info.pixel_size[0], pixel_size_x=info.pixel_size[1], unit=info.unit, height=s, width=s,
