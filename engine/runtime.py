@@ -40,3 +40,42 @@ def use_assigned_cpus() -> int | None:
 
     torch.set_num_threads(max(1, int(cpus)))
     return torch.get_num_threads()
+
+
+# Set to 1 where an autoscaler adds GPU nodes without reporting its node groups to Ray
+# (a cluster-launcher or KubeRay GPU group scaling from zero): work may wait for GPUs.
+GPU_AUTOSCALING_ENV = "GRAINFLOW_GPU_AUTOSCALING"
+
+
+def autoscaler_max_gpus() -> float | None:
+    """The most GPUs the connected cluster's autoscaler says it can provide, or None when
+    no autoscaler reported its node groups to Ray. It is what Ray Train's own start check
+    reads (ray.train.v2 WorkerGroup._check_cluster_resources_and_raise_if_insufficient);
+    a private Ray API, so any failure to read it counts as "not reported"."""
+    try:
+        from ray._private.state import state
+
+        most = state.get_max_resources_from_cluster_config()
+    except Exception:
+        return None
+    return None if most is None else float(most.get("GPU", 0))
+
+
+def gpu_shortfall(needed: float) -> str | None:
+    """Why the connected Ray cluster cannot give work `needed` GPUs, or None when it has
+    them or can get them: an autoscaler reports GPU node groups enough, or
+    $GRAINFLOW_GPU_AUTOSCALING is 1. Work asking for GPUs that never come waits forever
+    (Ray queues it), so callers refuse it with this reason."""
+    import ray
+
+    have = ray.cluster_resources().get("GPU", 0)
+    if have >= needed:
+        return None
+    most = autoscaler_max_gpus()
+    if most is not None and most >= needed:
+        return None
+    if most is None and os.environ.get(GPU_AUTOSCALING_ENV, "").strip().lower() in ("1", "true", "yes"):
+        return None
+    can = (f"its autoscaler can provide at most {most:g}" if most is not None else
+           f"no autoscaler reports GPU nodes it could add (set {GPU_AUTOSCALING_ENV}=1 where one does)")
+    return f"the Ray cluster has {have:g} and {can}"

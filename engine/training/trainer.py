@@ -42,10 +42,6 @@ from engine.training.schedule import SCHEDULES, steps_per_epoch
 # Share of the cluster's object store that cached training samples may take (train(cache=None)).
 CACHE_SHARE = 0.25
 
-# Set to 1 where an autoscaler adds GPU nodes on demand (a cluster whose GPU group scales
-# from zero): train(use_gpu=True) then waits for them instead of refusing (check_gpus).
-GPU_AUTOSCALING_ENV = "GRAINFLOW_GPU_AUTOSCALING"
-
 # Worker-group starts Ray Train may retry before the run fails (FailureConfig's
 # controller_failure_limit, unlimited by default; max_failures does not count them).
 # Each start waits RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S (60 s by default) for its
@@ -213,45 +209,18 @@ def _auto_gpu(num_workers: int) -> bool:
     return ray.cluster_resources().get("GPU", 0) >= num_workers
 
 
-def _autoscaler_max_gpus() -> float | None:
-    """The most GPUs the cluster's autoscaler says it can provide, or None when no
-    autoscaler reported its node groups to Ray. It is what Ray Train's own start check
-    reads (ray.train.v2 WorkerGroup._check_cluster_resources_and_raise_if_insufficient);
-    a private Ray API, so any failure to read it counts as "not reported"."""
-    try:
-        from ray._private.state import state
-
-        most = state.get_max_resources_from_cluster_config()
-    except Exception:
-        return None
-    return None if most is None else float(most.get("GPU", 0))
-
-
 def check_gpus(num_workers: int) -> None:
     """Refuse use_gpu=True when the cluster has fewer GPUs than workers and nothing says
-    it can get more: Ray Train V2 would wait for them forever, retrying the worker-group
-    start every minute (see WORKER_GROUP_START_RETRIES), and a local Ray never grows.
+    it can get more (`engine.runtime.gpu_shortfall`): Ray Train V2 would wait for them
+    forever, retrying the worker-group start every minute (see
+    WORKER_GROUP_START_RETRIES), and a local Ray never grows."""
+    from engine.runtime import gpu_shortfall
 
-    More GPUs are expected when an autoscaler reports GPU node groups to Ray, or when
-    $GRAINFLOW_GPU_AUTOSCALING is 1 (an autoscaler that does not report them, e.g. a
-    cluster-launcher or KubeRay GPU group scaling from zero).
-    """
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0)
-    if have >= num_workers:
-        return
-    most = _autoscaler_max_gpus()
-    if most is not None and most >= num_workers:
-        return
-    if most is None and os.environ.get(GPU_AUTOSCALING_ENV, "").strip().lower() in ("1", "true", "yes"):
-        return
-    can = (f"its autoscaler can provide at most {most:g}" if most is not None else
-           f"no autoscaler reports GPU nodes it could add (set {GPU_AUTOSCALING_ENV}=1 where one does)")
-    raise TrainingError(
-        f"use_gpu: the run needs {num_workers} GPU{'s' if num_workers != 1 else ''} (one per worker) but the Ray "
-        f"cluster has {have:g} and {can}; train on CPUs (use_gpu=False or None to pick, --gpu no/auto) or with "
-        f"fewer workers")
+    why = gpu_shortfall(num_workers)
+    if why is not None:
+        raise TrainingError(
+            f"use_gpu: the run needs {num_workers} GPU{'s' if num_workers != 1 else ''} (one per worker) but {why}; "
+            f"train on CPUs (use_gpu=False or None to pick, --gpu no/auto) or with fewer workers")
 
 
 def plan_training(

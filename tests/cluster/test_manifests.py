@@ -195,7 +195,7 @@ class TestKubeRay:
 def test_clusters_whose_gpus_start_at_zero_let_training_wait_for_them():
     """`train --gpu yes` is refused where no GPU can come (engine.training.trainer); the
     clusters that grow a GPU group from zero say that GPUs will come."""
-    from engine.training.trainer import GPU_AUTOSCALING_ENV
+    from engine.runtime import GPU_AUTOSCALING_ENV
 
     aws = yaml.safe_load((CLUSTER / "aws" / "gpu-cluster.yaml").read_text())
     assert f"--env {GPU_AUTOSCALING_ENV}=1" in aws["docker"]["run_options"]

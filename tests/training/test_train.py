@@ -284,12 +284,14 @@ class TestRefusedBeforeRay:
         does not count it): refused unless an autoscaler will add GPUs."""
         import ray
 
+        import engine.runtime as runtime
         import engine.training.trainer as trainer
-        from engine.training.trainer import GPU_AUTOSCALING_ENV, TrainingError, check_gpus
+        from engine.runtime import GPU_AUTOSCALING_ENV
+        from engine.training.trainer import TrainingError, check_gpus
 
         monkeypatch.setattr(trainer, "ensure_ray", lambda num_workers: None)
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
-        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: None)
+        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: None)
         monkeypatch.delenv(GPU_AUTOSCALING_ENV, raising=False)
         with pytest.raises(TrainingError, match=r"use_gpu: the run needs 2 GPUs \(one per worker\) but the Ray cluster "
                                                 r"has 1 and no autoscaler reports GPU nodes it could add"):
@@ -297,11 +299,11 @@ class TestRefusedBeforeRay:
                   num_workers=2, use_gpu=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
         assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started (and left FAILED)
         check_gpus(1)  # enough
-        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: 1.0)  # an autoscaler reported its maximum
+        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: 1.0)  # an autoscaler reported its maximum
         with pytest.raises(TrainingError, match="its autoscaler can provide at most 1"):
             check_gpus(2)
-        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: 8.0)
+        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: 8.0)
         check_gpus(2)
-        monkeypatch.setattr(trainer, "_autoscaler_max_gpus", lambda: None)
+        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: None)
         monkeypatch.setenv(GPU_AUTOSCALING_ENV, "1")  # an autoscaler that does not report its node groups
         check_gpus(2)

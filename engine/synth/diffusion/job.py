@@ -280,6 +280,13 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
     if not ray.is_initialized():
         ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local")
     resources = task_resources(num_gpus, num_cpus)
+    if resources["num_gpus"] > 0:  # tasks asking for a GPU that never comes would wait forever
+        from engine.runtime import gpu_shortfall
+
+        why = gpu_shortfall(resources["num_gpus"])
+        if why is not None:
+            raise GrainflowError(f"num_gpus: each synthesis task asks for {resources['num_gpus']:g} GPU but {why}; "
+                                 f"run on CPUs (num_gpus 0)")
     device = "cuda" if resources["num_gpus"] > 0 else "cpu"
     settings = {**request.settings, "torch_threads": threads, "device": device}
     if not (records and check_settings(archive, settings)):

@@ -179,12 +179,33 @@ class TestSynthesisJob:
         with pytest.raises(SettingsMismatchError, match="torch_threads: 2 there, 3 now"):
             synthesize(str(path), out, n_per_condition=3, **REQUEST, threads=3)
 
-    def test_rerun_on_another_device_is_refused(self, written, diffusion_checkpoint):
+    def test_rerun_on_another_device_is_refused(self, written, diffusion_checkpoint, monkeypatch):
+        import engine.runtime as runtime
+
         out, _ = written
         path, _ = diffusion_checkpoint
+        monkeypatch.setattr(runtime, "gpu_shortfall", lambda needed: None)  # as if an autoscaler adds GPUs
         # a GPU request makes the tasks compute on CUDA: other pixels than the CPU wrote
         with pytest.raises(SettingsMismatchError, match="device: 'cpu' there, 'cuda' now"):
             synthesize(str(path), out, n_per_condition=3, **REQUEST, num_gpus=0.5)
+
+    def test_gpus_the_cluster_has_not_and_cannot_get_are_refused(self, ray_session, diffusion_checkpoint,
+                                                                  tmp_path, monkeypatch):
+        """Tasks asking for a GPU no node has, on a cluster no autoscaler grows, would wait
+        forever: refused before any task, naming num_gpus."""
+        import ray
+
+        import engine.runtime as runtime
+        from engine.errors import GrainflowError
+        from engine.runtime import GPU_AUTOSCALING_ENV
+
+        monkeypatch.delenv(GPU_AUTOSCALING_ENV, raising=False)
+        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # a CPU cluster, wherever this runs
+        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: None)
+        path, _ = diffusion_checkpoint
+        with pytest.raises(GrainflowError, match="num_gpus: each synthesis task asks for 0.5 GPU but the Ray "
+                                                 "cluster has 0 and no autoscaler"):
+            synthesize(str(path), tmp_path / "out", n_per_condition=1, **REQUEST, num_gpus=0.5)
 
     def test_a_task_that_cannot_use_the_recorded_device_refuses(self, ray_session, diffusion_checkpoint, tmp_path):
         from engine.errors import GrainflowError
