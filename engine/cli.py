@@ -43,7 +43,8 @@ def _progress() -> Progress:
 def synth(
     out: str = typer.Argument(..., help="Archive to write: local path, file:// or s3:// URI."),
     overwrite: bool = typer.Option(False, "--overwrite",
-                                   help="Replace the catalog of an existing archive (its images are no longer listed)."),
+                                   help="Replace an existing archive: the images its catalog lists and the catalog "
+                                        "are deleted first; other files in the folder are kept."),
     images: int = typer.Option(12, "--images", "-n", min=1, help="Number of images."),
     seed: int = typer.Option(0, help="Seed; the same seed writes the same bytes."),
     size: int = typer.Option(512, help="Image height and width in pixels."),
@@ -52,17 +53,25 @@ def synth(
     modality: Optional[list[str]] = typer.Option(None, "--modality", help="Only these modalities (repeatable)."),
 ) -> None:
     """Generate a procedural micrograph archive with ground truth."""
-    from engine.stores.catalog import CATALOG_FILE
+    from engine.errors import MetadataError
+    from engine.stores.catalog import CATALOG_FILE, remove_catalogued_images
     from engine.stores.uri import durable
     from engine.synth.archive import generate_archive, plan_archive
 
     location = durable(out, "archive")
-    if location.join(CATALOG_FILE).exists() and not overwrite:
+    replacing = location.join(CATALOG_FILE).exists()
+    if replacing and not overwrite:
         raise GrainflowError(f"{location}: already an archive (it has a {CATALOG_FILE}); synth writes a new catalog "
                              f"and ground truth, so its images would no longer be listed: give a new folder, or "
                              f"--overwrite to replace them")
 
     plans = plan_archive(n_images=images, seed=seed, size=size, chunk=chunk, materials=material, modalities=modality)
+    if replacing:  # only once the arguments are known good: a typo must not cost the old archive
+        try:
+            remove_catalogued_images(location)
+        except MetadataError as exc:
+            raise GrainflowError(f"{exc}; --overwrite deletes the images the old catalog lists, so it cannot go on: "
+                                 f"delete the archive yourself or give a new folder") from None
     with _progress() as progress:
         task = progress.add_task("synthesising", total=sum(p.n_chunks for p in plans))
         catalog = generate_archive(

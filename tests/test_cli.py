@@ -66,11 +66,18 @@ class TestErrors:
         """Its catalog would be replaced: images ingested there would no longer be listed."""
         assert_user_error(grainflow("synth", str(small_archive), "--images", "1", "--size", "64", "--chunk", "32"),
                           "already an archive", "--overwrite")
-        copy = tmp_path / "copy"
-        assert grainflow("synth", str(copy), "-n", "1", "--size", "64", "--chunk", "32").returncode == 0
-        again = grainflow("synth", str(copy), "-n", "2", "--size", "64", "--chunk", "32", "--overwrite")
+
+    def test_overwrite_replaces_the_old_images_and_keeps_the_users_files(self, tmp_path):
+        archive = tmp_path / "archive"
+        assert grainflow("synth", str(archive), "-n", "3", "--size", "64", "--chunk", "32").returncode == 0
+        (archive / "notes.txt").write_text("mine")
+        (archive / "images" / "mine.txt").write_text("mine too")
+        again = grainflow("synth", str(archive), "-n", "1", "--size", "64", "--chunk", "32", "--seed", "4", "--overwrite")
         assert again.returncode == 0, again.stderr
-        assert len(json.loads(grainflow("catalog", str(copy), "--json").stdout)) == 2
+        rows = json.loads(grainflow("catalog", str(archive), "--json").stdout)
+        assert [r["image_id"] for r in rows] == ["synth-00000"]
+        assert sorted(p.name for p in (archive / "images").iterdir()) == ["mine.txt", "synth-00000.ome.zarr"]
+        assert (archive / "notes.txt").read_text() == "mine"
 
     def test_data_must_outlive_the_command(self):
         assert_user_error(grainflow("synth", "memory://scratch/a", "-n", "1", "--size", "64", "--chunk", "32"),

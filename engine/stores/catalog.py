@@ -8,12 +8,18 @@ Layout of an archive (any store URI)::
 
 `uri` is relative to the archive root, so an archive can be copied between disk and S3
 as it is.
+
+Writers on local disk take a lock (engine.stores.locks) around each catalog update, so
+concurrent upserts from several processes keep every row. On S3 there is no such lock:
+two upserts at once may lose the rows of the one that wrote first (see
+engine.stores.ingest.pipeline).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import io
+import logging
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable
@@ -22,12 +28,15 @@ import pandas as pd
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from engine.errors import MetadataError
+from engine.errors import InvalidURIError, MetadataError
+from engine.stores.locks import lock_for
 from engine.stores.uri import StoreLocation, resolve
 
 CATALOG_FILE = "catalog.parquet"
 IMAGES_DIR = "images"
 MODALITIES = ("SEM", "TEM", "optical")
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -103,7 +112,9 @@ def write_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> S
     """Replace the catalog of `archive` with `rows` (sorted by image id)."""
     archive = resolve(archive)
     location = archive.join(CATALOG_FILE)
-    write_table(location, _catalog_table(archive, rows))
+    table = _catalog_table(archive, rows)
+    with lock_for(location):
+        write_table(location, table)
     return location
 
 
@@ -128,6 +139,13 @@ def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> 
     archive = resolve(archive)
     location = archive.join(CATALOG_FILE)
     new = {r.image_id: r for r in rows}
+    with lock_for(location):  # another process's upsert between our read and write would be lost
+        _merge_into(archive, location, new)
+    return location
+
+
+def _merge_into(archive: StoreLocation, location: StoreLocation, new: dict[str, CatalogRow]) -> None:
+    """Read the catalog at `location`, put `new` (by image id) into it, write it back."""
     before = read_table(location) if location.exists() else None
     old = [] if before is None else [CatalogRow(**_from_record(rec)) for rec in before.to_pylist()]
     merged = {r.image_id: r for r in old} | new
@@ -141,7 +159,6 @@ def upsert_catalog(archive: str | StoreLocation, rows: Iterable[CatalogRow]) -> 
             values = [kept.get(i, {}).get(name) for i in ids]
             table = table.append_column(before.schema.field(name), pa.array(values, type=before.schema.field(name).type))
     write_table(location, table)
-    return location
 
 
 def read_catalog(archive: str | StoreLocation) -> pd.DataFrame:
@@ -167,6 +184,39 @@ def read_catalog(archive: str | StoreLocation) -> pd.DataFrame:
     if dup:
         raise MetadataError(f"{location}: duplicate image ids {dup[:5]}{' ...' if len(dup) > 5 else ''}")
     return frame
+
+
+def remove_catalogued_images(archive: str | StoreLocation) -> list[str]:
+    """Delete the images the catalog of `archive` lists, then the catalog; return the
+    URIs of the images deleted. This is how an archive is replaced (`grainflow synth
+    --overwrite`), so no image of the old archive is left behind unlisted.
+
+    Only `<archive>/images/*.ome.zarr` folders are deleted: a row whose uri points
+    anywhere else (a hand-edited catalog) is skipped with a warning, and whatever the
+    catalog does not list (the user's own files) is left alone. An unreadable catalog
+    raises MetadataError before anything is deleted.
+    """
+    archive = resolve(archive)
+    location = archive.join(CATALOG_FILE)
+    table = read_table(location)
+    if "uri" not in table.column_names:
+        raise MetadataError(f"{location}: the catalog has no uri column, so which folders are its images is unknown")
+    images, fs = archive.join(IMAGES_DIR), archive.filesystem()
+    fs.invalidate_cache(archive.path)  # s3fs caches listings: they may predate this archive's images
+    removed = []
+    for uri in table.column("uri").to_pylist():
+        try:
+            image = archive.join(uri) if isinstance(uri, str) and uri.strip() else None
+        except InvalidURIError:
+            image = None
+        if image is None or image.parent() != images or not image.name.endswith(".ome.zarr"):
+            logger.warning("%s: not deleting %r, which is not an image folder under %s/", location, uri, IMAGES_DIR)
+            continue
+        if fs.exists(image.path):
+            fs.rm(image.path, recursive=True)
+            removed.append(image.uri)
+    fs.rm_file(location.path)
+    return removed
 
 
 def row_problems(row: dict[str, Any]) -> list[str]:

@@ -4,8 +4,10 @@ The multiscales metadata is written last, so a reader never sees an image whose
 pyramid is half built: until `close()` the group has no `multiscales`.
 
 Writing over an existing image never destroys it before the new one is complete: the
-new image goes to a hidden sibling (`.<name>.partial-<hex>`) and `close()` swaps it in
-(see `_commit`). An error or interrupt before then leaves the old image as it was.
+new image goes to a hidden sibling (`.<name>.partial-<owner>`) and `close()` swaps it in
+(see `_commit`). An error or interrupt before then leaves the old image as it was. The
+sibling's name says which process wrote it, so what a killed process left can be told
+from what a live one is writing (engine.stores.staging).
 """
 
 from __future__ import annotations
@@ -13,7 +15,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import uuid
 from dataclasses import dataclass
 from typing import Any
 
@@ -23,6 +24,7 @@ import zarr
 from engine.stores.dtypes import check_label_dtype, check_pixel_dtype
 from engine.stores.ngff import multiscales_v05, normalise_unit
 from engine.stores.pyramid import n_levels_for, write_next_level
+from engine.stores.staging import PARTIAL, REPLACED, sibling_name
 from engine.stores.uri import StoreLocation, resolve
 
 DEFAULT_CHUNK = 512
@@ -280,7 +282,7 @@ def _staging_for(target: StoreLocation) -> StoreLocation:
         fs.invalidate_cache(target.path)  # s3fs caches listings: another writer may have added it since
         if not fs.exists(target.path):
             return target
-    return target.parent().join(f".{target.name}.partial-{uuid.uuid4().hex[:12]}")
+    return target.parent().join(sibling_name(target.name, PARTIAL))
 
 
 def _commit(staged: StoreLocation, target: StoreLocation, *, keep_replaced: bool) -> StoreLocation | None:
@@ -293,7 +295,7 @@ def _commit(staged: StoreLocation, target: StoreLocation, *, keep_replaced: bool
         # whole; there is never a half-old, half-new image at `target`.
         aside = None
         if os.path.lexists(target.path):
-            aside = target.parent().join(f".{target.name}.replaced-{uuid.uuid4().hex[:12]}")
+            aside = target.parent().join(sibling_name(target.name, REPLACED))
             os.rename(target.path, aside.path)
         try:
             os.rename(staged.path, target.path)

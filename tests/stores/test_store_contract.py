@@ -231,6 +231,25 @@ class TestCatalog:
         with pytest.raises(MetadataError, match="no catalog.parquet"):
             read_catalog(store_root)
 
+    def test_removing_catalogued_images_touches_nothing_else(self, store_root):
+        """How an archive is replaced (`grainflow synth --overwrite`): its images and
+        catalog go; the user's own files, and a row pointing at one, do not."""
+        from engine.stores.catalog import CATALOG_FILE, remove_catalogued_images
+
+        for name in ("a", "b", "mine"):
+            write_image(store_root.join("images", f"{name}.ome.zarr"), _image(shape=(64, 64)), pixel_size=1.0, chunk=64)
+        fs = store_root.filesystem()
+        fs.pipe_file(store_root.join("notes.txt").path, b"the user's")
+        write_catalog(store_root, [_row("a"), _row("b"), _row("notes", uri="notes.txt")])
+
+        removed = remove_catalogued_images(store_root)
+        assert sorted(removed) == [store_root.join("images", f"{n}.ome.zarr").uri for n in ("a", "b")]
+        fs.invalidate_cache()
+        assert not fs.exists(store_root.join(CATALOG_FILE).path)
+        assert not fs.exists(store_root.join("images", "a.ome.zarr").path)
+        assert open_image(store_root.join("images", "mine.ome.zarr")).shape == (64, 64)
+        assert fs.cat_file(store_root.join("notes.txt").path) == b"the user's"
+
     def test_bad_modality_refused(self, store_root):
         with pytest.raises(ValueError, match="modality 'XRAY'"):
             write_catalog(store_root, [_row("a", modality="XRAY")])

@@ -24,6 +24,20 @@ Decisions (the CLI's `grainflow ingest` documents the same):
 - Re-ingest is safe: the new image is written beside the old one and swapped in when
   complete (engine.stores.writer); the old one is deleted only after the catalog row
   describing the new one is written.
+- Concurrent ingests into one archive on local disk are safe: a new image id is taken
+  under a lock (engine.stores.locks) held until its image is in place, an id whose
+  folder already holds another file's image is passed over, and catalog upserts take
+  a lock, so each process's images and rows are kept. A folder that holds this same
+  file but has no catalog row (its ingest was killed, or has not upserted yet) is
+  replaced, not duplicated.
+- On S3 (and memory://) there are no locks: two ingests into one archive at once may
+  pick one id for files of the same name (one image then overwrites the other) and one
+  may lose the other's catalog rows. s3fs and moto do offer create-if-absent writes
+  (If-None-Match), but not every S3-compatible server honours them, and a marker left
+  by a killed writer would never be released. Run one ingest per S3 archive at a time.
+- A hard kill (SIGKILL, OOM) can leave hidden `.<image>.partial-*` and `.replaced-*`
+  folders. Each ingest into a local archive first removes the ones whose writer
+  process is gone (engine.stores.staging has the rule); a live writer's are kept.
 - A batch goes on past a bad file: good files are written and catalogued, then
   IngestBatchError (an IngestError) lists every failed file with its reason. The catalog
   is upserted every few files and when the batch ends or breaks, so an interrupted batch
@@ -32,6 +46,7 @@ Decisions (the CLI's `grainflow ingest` documents the same):
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -45,6 +60,7 @@ import numpy as np
 from engine.errors import GrainflowError, IngestError, MetadataError
 from engine.stores.catalog import (
     CATALOG_FILE,
+    IMAGES_DIR,
     MODALITIES,
     CatalogRow,
     image_uri,
@@ -55,7 +71,9 @@ from engine.stores.catalog import (
 from engine.stores.dtypes import check_pixel_dtype
 from engine.stores.ingest.bands import BandedPlane, as_banded
 from engine.stores.ingest.base import InstrumentImage, calibrated, reader_for
+from engine.stores.locks import Lock, lock_for
 from engine.stores.ngff import to_nanometres
+from engine.stores.staging import remove_stale_siblings
 from engine.stores.uri import StoreLocation, resolve
 from engine.stores.writer import DEFAULT_CHUNK, ImageInfo, ImageWriter, remove_image
 
@@ -157,6 +175,8 @@ def ingest_files(
     if not int(chunk) >= 16:
         raise IngestError(f"chunk: {chunk} px is too small; give an edge of at least 16 px (default 512)")
     archive = resolve(archive)
+    for leftover in remove_stale_siblings(archive.join(IMAGES_DIR)):
+        logger.info("removed %s, left by a writer that was killed", leftover)
     batch = _Batch(
         archive=archive, override=_explicit_pixel_size(pixel_size, unit), modality=_explicit_modality(modality),
         material=material, chunk=int(chunk), existing=_existing_sources(archive),
@@ -213,7 +233,6 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
             raise IngestError(f"{where}: pixels of shape {image.pixels.shape} are not a 2-D image")
         pixel_size, unit, attrs = _pixel_size(image, batch, where)
         modality = _modality(image, batch, where)
-        image_id = _unique_id(path, image.part, batch)
         source = str(path)  # resolved by ingest_files: how a later run recognises this file
         attributes = {
             "modality": modality,
@@ -228,10 +247,14 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
             "notes": list(image.notes),
             "original_metadata": image.metadata,
         }
-        info = _write_pixels(
-            image_uri(batch.archive, image_id), as_banded(image.pixels), where, pixel_size=pixel_size, unit=unit,
-            chunk=batch.chunk, attributes=attributes, name=image_id, keep_replaced=True,
-        )
+        image_id, lock = _unique_id(path, image.part, batch)
+        try:
+            info = _write_pixels(
+                image_uri(batch.archive, image_id), as_banded(image.pixels), where, pixel_size=pixel_size, unit=unit,
+                chunk=batch.chunk, attributes=attributes, name=image_id, keep_replaced=True,
+            )
+        finally:
+            lock.release()  # the image is in place (or nothing was written): its folder now keeps the id
         if info.replaced is not None:
             batch.replaced.append(info.replaced)
         written.append(CatalogRow(
@@ -334,9 +357,12 @@ def sanitise_id(text: str) -> str:
     return clean[:128]
 
 
-def _unique_id(path: Path, part: str | None, batch: _Batch) -> str:
-    """The file's image id: the one the archive already has for this file (same full
-    path), else the first of '<stem>', '<stem>-2', '<stem>-3', ... not taken by another."""
+def _unique_id(path: Path, part: str | None, batch: _Batch) -> tuple[str, Lock]:
+    """The file's image id and the lock that reserves it until its image is written.
+
+    The id the archive already has for this file (same full path), else the first of
+    '<stem>', '<stem>-2', '<stem>-3', ... that neither this batch, the catalog nor a
+    concurrent ingest has taken (see `_reserve`)."""
     stem = path.name
     for suffix in (".ome.tiff", ".ome.tif"):
         if stem.lower().endswith(suffix):
@@ -353,9 +379,15 @@ def _unique_id(path: Path, part: str | None, batch: _Batch) -> str:
     )
     if ours:
         candidate = ours[0][1]
+        lock = lock_for(image_uri(batch.archive, candidate))
+        lock.acquire()  # another ingest of this same file: wait for it, then replace its image
     else:
         candidate, n = base, 1
-        while candidate in batch.taken or candidate in batch.existing:
+        while True:
+            if candidate not in batch.taken and candidate not in batch.existing:
+                lock = _reserve(batch.archive, candidate, source)
+                if lock is not None:
+                    break
             n += 1
             candidate = f"{base}-{n}"
         if batch.existing.get(base) == path.name:
@@ -364,7 +396,36 @@ def _unique_id(path: Path, part: str | None, batch: _Batch) -> str:
                 "(an older grainflow); it is kept, and this file is ingested as %r", path, base, candidate,
             )
     batch.taken.add(candidate)
-    return candidate
+    return candidate, lock
+
+
+def _reserve(archive: StoreLocation, image_id: str, source: str) -> Lock | None:
+    """Lock `image_id` for the ingest of `source` if it is free, else None.
+
+    Free means no other ingest holds its lock and no folder is there, or the folder holds
+    `source`'s own image: one written by an ingest killed before its catalog upsert, or
+    by a concurrent ingest of the same file that has not upserted yet. The catalog this
+    batch read at its start misses both, and the images of other processes' ingests.
+    """
+    target = image_uri(archive, image_id)
+    lock = lock_for(target)
+    if not lock.acquire(blocking=False):
+        return None
+    fs = target.filesystem()
+    fs.invalidate_cache(target.path)  # s3fs caches listings: another writer may have added it since
+    if not fs.exists(target.path) or _recorded_source(target) == source:
+        return lock
+    lock.release()
+    return None
+
+
+def _recorded_source(image: StoreLocation) -> str | None:
+    """The `source` attribute an ingest stored in the image's root zarr.json, if any."""
+    try:
+        meta = json.loads(image.filesystem().cat_file(image.join("zarr.json").path))
+        return meta["attributes"]["grainflow"]["source"]
+    except (OSError, ValueError, KeyError, TypeError):  # no image there, or not one ingest wrote
+        return None
 
 
 def _existing_sources(archive: StoreLocation) -> dict[str, str | None]:
