@@ -47,6 +47,14 @@ def use_assigned_cpus() -> int | None:
 GPU_AUTOSCALING_ENV = "GRAINFLOW_GPU_AUTOSCALING"
 
 
+def cluster_gpus() -> float:
+    """The GPUs of the connected Ray cluster's nodes now (in use or free), 0.0 on a
+    cluster without any; what an autoscaler could add is not counted (gpu_shortfall)."""
+    import ray
+
+    return float(ray.cluster_resources().get("GPU", 0))
+
+
 def autoscaler_max_gpus() -> float | None:
     """The most GPUs the connected cluster's autoscaler says it can provide, or None when
     no autoscaler reported its node groups to Ray. It is what Ray Train's own start check
@@ -66,9 +74,7 @@ def gpu_shortfall(needed: float) -> str | None:
     them or can get them: an autoscaler reports GPU node groups enough, or
     $GRAINFLOW_GPU_AUTOSCALING is 1. Work asking for GPUs that never come waits forever
     (Ray queues it), so callers refuse it with this reason."""
-    import ray
-
-    have = ray.cluster_resources().get("GPU", 0)
+    have = cluster_gpus()
     if have >= needed:
         return None
     most = autoscaler_max_gpus()

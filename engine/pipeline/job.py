@@ -310,6 +310,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         raise ValueError(f"cpus_per_actor must be > 0, got {cpus_per_actor}")
     if not ray.is_initialized():
         raise GrainflowError("reprocess needs a connected Ray: call ray.init() first (jobs.reprocess does)")
+    actors, gpus = _resources(concurrency, num_gpus, cpus_per_actor)  # a GPU that never comes: before any task
     started = time.perf_counter()
     stages: dict[str, float] = {}
     archive, out = resolve(archive), resolve(out)
@@ -424,7 +425,6 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         finish_if_complete(image_id)
     late: set[str] = set()
     if len(finishing) < len(plans):
-        actors, gpus = _resources(concurrency, num_gpus, cpus_per_actor)
         stored = dict(zip(catalog["image_id"], catalog["dtype"]))
         dtypes = {im.image_id: str(stored[im.image_id]) for im in plans
                   if str(stored[im.image_id]) != im.tile_dtype}
@@ -541,15 +541,23 @@ def _count_planned(plan, keys) -> int:
 
 def _resources(concurrency: int | None, num_gpus: float | None, cpus_per_actor: float = 1.0) -> tuple[int, float]:
     """(actors, GPUs per actor): one actor per GPU by default, else half the CPUs
-    (cpus_per_actor each)."""
+    (cpus_per_actor each). A GPU share that no node has and none can get
+    (`engine.runtime.gpu_shortfall`) raises GrainflowError: the actors would wait for it
+    forever. One actor's share is enough: Ray Data starts the pool's actors as GPUs
+    free up, and the tiles go to those that run."""
     import ray
 
-    res = ray.cluster_resources()
-    gpus, cpus = float(res.get("GPU", 0)), float(res.get("CPU", 1))
+    from engine.runtime import cluster_gpus, gpu_shortfall
+
+    gpus, cpus = cluster_gpus(), float(ray.cluster_resources().get("CPU", 1))
     if concurrency is None:
         concurrency = max(1, int(gpus)) if gpus >= 1 else max(1, int(cpus / 2 / cpus_per_actor))
     if num_gpus is None:
         num_gpus = 0.0 if gpus == 0 else min(1.0, gpus / concurrency)
+    why = gpu_shortfall(num_gpus) if num_gpus > 0 else None
+    if why is not None:
+        raise GrainflowError(f"num_gpus (--gpus-per-actor): each ensemble actor asks for {num_gpus:g} GPU but {why}; "
+                             f"run on CPUs (num_gpus=0, --gpus-per-actor 0)")
     return concurrency, float(num_gpus)
 
 

@@ -204,9 +204,9 @@ def ensure_ray(num_workers: int) -> None:
 
 def _auto_gpu(num_workers: int) -> bool:
     """GPUs when the cluster has one for every worker; CPUs otherwise."""
-    import ray
+    from engine.runtime import cluster_gpus
 
-    return ray.cluster_resources().get("GPU", 0) >= num_workers
+    return cluster_gpus() >= num_workers
 
 
 def check_gpus(num_workers: int) -> None:

@@ -307,3 +307,21 @@ class TestRefusedBeforeRay:
         monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: None)
         monkeypatch.setenv(GPU_AUTOSCALING_ENV, "1")  # an autoscaler that does not report its node groups
         check_gpus(2)
+
+
+def test_gpus_the_session_cpu_cluster_has_not_are_refused(ray_session, monkeypatch, train_archive, tmp_path):
+    """use_gpu=True on the session's real Ray (no GPU, no autoscaler): refused at once,
+    before Ray Train or MLflow starts."""
+    from engine.runtime import GPU_AUTOSCALING_ENV
+    from engine.training.trainer import TrainingError
+    from tests.test_runtime import NO_GPU, PROMPTLY_S, raised_within
+
+    if ray_session.cluster_resources().get("GPU"):
+        pytest.skip("the session's Ray has GPUs; this test needs a CPU-only cluster")
+    monkeypatch.delenv(GPU_AUTOSCALING_ENV, raising=False)
+    error = raised_within(PROMPTLY_S, lambda: train(
+        "classifier", "resnet10t", str(train_archive), storage_path=tmp_path / "runs", epochs=1, num_workers=1,
+        use_gpu=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db"))
+    assert isinstance(error, TrainingError), error
+    assert str(error).startswith(f"use_gpu: the run needs 1 GPU (one per worker) but {NO_GPU}; train on CPUs")
+    assert not (tmp_path / "mlflow.db").exists()

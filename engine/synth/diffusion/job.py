@@ -207,12 +207,18 @@ def task_resources(num_gpus: float | None, num_cpus: float = 1.0) -> dict[str, f
     """The resource shape of one synthesis task: `num_cpus` CPUs and, when `num_gpus` is
     None, DEFAULT_GPU_FRACTION of a GPU if the cluster has GPUs now (else none); an
     explicit fraction is requested as given (on an autoscaling cluster whose GPU group
-    starts empty, give it, so pending tasks ask for GPUs)."""
-    import ray
+    starts empty, give it, so pending tasks ask for GPUs). A GPU the connected cluster
+    has not and cannot get (`engine.runtime.gpu_shortfall`) raises GrainflowError: tasks
+    asking for it would wait forever."""
+    from engine.runtime import cluster_gpus, gpu_shortfall
 
     check_resources(num_gpus, num_cpus)
     if num_gpus is None:
-        num_gpus = DEFAULT_GPU_FRACTION if ray.cluster_resources().get("GPU", 0) > 0 else 0.0
+        num_gpus = DEFAULT_GPU_FRACTION if cluster_gpus() > 0 else 0.0
+    why = gpu_shortfall(num_gpus) if num_gpus > 0 else None
+    if why is not None:
+        raise GrainflowError(f"num_gpus (--num-gpus): each synthesis task asks for {num_gpus:g} GPU but {why}; "
+                             f"run on CPUs (num_gpus=0, --num-gpus 0)")
     return {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
 
 
@@ -279,14 +285,7 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
 
     if not ray.is_initialized():
         ray.init(address="auto" if os.environ.get("RAY_ADDRESS") else "local")
-    resources = task_resources(num_gpus, num_cpus)
-    if resources["num_gpus"] > 0:  # tasks asking for a GPU that never comes would wait forever
-        from engine.runtime import gpu_shortfall
-
-        why = gpu_shortfall(resources["num_gpus"])
-        if why is not None:
-            raise GrainflowError(f"num_gpus: each synthesis task asks for {resources['num_gpus']:g} GPU but {why}; "
-                                 f"run on CPUs (num_gpus 0)")
+    resources = task_resources(num_gpus, num_cpus)  # before any task: a GPU that never comes is refused
     device = "cuda" if resources["num_gpus"] > 0 else "cpu"
     settings = {**request.settings, "torch_threads": threads, "device": device}
     if not (records and check_settings(archive, settings)):

@@ -31,13 +31,6 @@ def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any]):
     return dataclasses.replace(result, checkpoint_bytes=data)
 
 
-def cluster_has_gpu() -> bool:
-    """Whether the running Ray cluster offers at least one whole GPU."""
-    import ray
-
-    return ray.cluster_resources().get("GPU", 0) >= 1
-
-
 def train_detector_on_ray(
     archive: str | StoreLocation,
     *,
@@ -52,10 +45,12 @@ def train_detector_on_ray(
     with `checkpoint` in this process's `out_dir`.
 
     num_gpus: None asks for one GPU when the cluster has any (then the task trains on
-    cuda), else none (cpu). num_cpus: CPU slots held; Ray sets the task's thread count
-    (OMP_NUM_THREADS) to it. Other keyword arguments go to `train_detector` (model,
-    epochs, imgsz, batch, val_fraction or val_archive, seed, ...). Uses the Ray this
-    process is connected to, or starts a local one (RAY_ADDRESS joins a cluster).
+    cuda), else none (cpu); GPUs the cluster has not and cannot get
+    (`engine.runtime.gpu_shortfall`) raise TrainingError before the task starts.
+    num_cpus: CPU slots held; Ray sets the task's thread count (OMP_NUM_THREADS) to it.
+    Other keyword arguments go to `train_detector` (model, epochs, imgsz, batch,
+    val_fraction or val_archive, seed, ...). Uses the Ray this process is connected to,
+    or starts a local one (RAY_ADDRESS joins a cluster).
     """
     import ray
 
@@ -73,7 +68,15 @@ def train_detector_on_ray(
 
         configure_offline()  # workers inherit the driver's environment on a local Ray
         ray.init()
-    gpus = (1 if cluster_has_gpu() else 0) if num_gpus is None else num_gpus
+    from engine.runtime import cluster_gpus, gpu_shortfall
+
+    gpus = (1 if cluster_gpus() >= 1 else 0) if num_gpus is None else num_gpus
+    why = gpu_shortfall(gpus) if gpus > 0 else None
+    if why is not None:  # Ray would queue the task forever
+        from engine.training.trainer import TrainingError
+
+        raise TrainingError(f"num_gpus: the detector's training task asks for {gpus:g} GPU{'s' if gpus != 1 else ''} "
+                            f"but {why}; train on CPUs (num_gpus=0, or None to pick; --gpu no/auto)")
     task = ray.remote(_train_in_worker).options(num_cpus=num_cpus, num_gpus=gpus, name="train_detector")
     result = ray.get(task.remote(archive, kwargs))
 

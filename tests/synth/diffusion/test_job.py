@@ -192,20 +192,21 @@ class TestSynthesisJob:
     def test_gpus_the_cluster_has_not_and_cannot_get_are_refused(self, ray_session, diffusion_checkpoint,
                                                                   tmp_path, monkeypatch):
         """Tasks asking for a GPU no node has, on a cluster no autoscaler grows, would wait
-        forever: refused before any task, naming num_gpus."""
-        import ray
-
-        import engine.runtime as runtime
+        forever: refused before any task, naming num_gpus, on the session's CPU-only Ray."""
         from engine.errors import GrainflowError
         from engine.runtime import GPU_AUTOSCALING_ENV
+        from tests.test_runtime import NO_GPU, PROMPTLY_S, raised_within
 
+        if ray_session.cluster_resources().get("GPU"):
+            pytest.skip("the session's Ray has GPUs; this test needs a CPU-only cluster")
         monkeypatch.delenv(GPU_AUTOSCALING_ENV, raising=False)
-        monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 2.0})  # a CPU cluster, wherever this runs
-        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: None)
         path, _ = diffusion_checkpoint
-        with pytest.raises(GrainflowError, match="num_gpus: each synthesis task asks for 0.5 GPU but the Ray "
-                                                 "cluster has 0 and no autoscaler"):
-            synthesize(str(path), tmp_path / "out", n_per_condition=1, **REQUEST, num_gpus=0.5)
+        error = raised_within(PROMPTLY_S, lambda: synthesize(str(path), tmp_path / "out", n_per_condition=1,
+                                                             **REQUEST, num_gpus=0.5))
+        assert isinstance(error, GrainflowError), error
+        assert str(error) == (f"num_gpus (--num-gpus): each synthesis task asks for 0.5 GPU but {NO_GPU}; "
+                              "run on CPUs (num_gpus=0, --num-gpus 0)")
+        assert not (tmp_path / "out").exists()
 
     def test_a_task_that_cannot_use_the_recorded_device_refuses(self, ray_session, diffusion_checkpoint, tmp_path):
         from engine.errors import GrainflowError
