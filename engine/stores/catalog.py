@@ -20,6 +20,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import logging
+import os
+import threading
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable
@@ -89,7 +91,8 @@ def write_table(location: StoreLocation, table: pa.Table) -> None:
     fs = location.filesystem()
     fs.makedirs(location.parent().path, exist_ok=True)
     if location.scheme == "file":
-        tmp = location.path + ".tmp"
+        # A name of this writer's own: two writers of one table must not share a temp file.
+        tmp = f"{location.path}.{os.getpid()}-{threading.get_ident()}.tmp"
         with fs.open(tmp, "wb") as f:
             f.write(buf.getvalue())
         fs.mv(tmp, location.path)
