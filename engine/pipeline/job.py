@@ -285,7 +285,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     chunk); halo: context pixels around each core. batch_size: tiles per ensemble call;
     concurrency: ensemble actors (default: one per GPU, else half the cluster's CPUs
     over cpus_per_actor); num_gpus: per actor (default: 1, or the share of the cluster's
-    GPUs, when it has any; else 0); cpus_per_actor: CPUs each actor reserves, and torch's
+    GPUs, when it has any; else 0; a share no node has and no autoscaler can add is
+    refused); cpus_per_actor: CPUs each actor reserves, and torch's
     threads in it. resume: skip tiles an earlier run of the same settings finished;
     False clears `out`'s job outputs first. labels: where label images go: "auto"
     (beside each image, in its OME-Zarr ``labels/`` group, when the archive can be
