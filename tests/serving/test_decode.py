@@ -14,7 +14,8 @@ import numpy as np
 import pytest
 import tifffile
 
-from engine.serving.decode import MAX_TIFF_PAGES, MAX_TIFF_TILE_SIDE, BadImage, TooLarge, UnsupportedMedia, decode
+from engine.serving.decode import BadImage, TooLarge, UnsupportedMedia, decode
+from engine.serving.tiff_limits import MAX_TIFF_PAGES, MAX_TIFF_TILE_SIDE
 
 
 def png_header_only(width: int, height: int) -> bytes:
