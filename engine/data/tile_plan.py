@@ -10,7 +10,23 @@ Level choice: the level whose pixel size is nearest the model's target (log scal
 factor, e.g. 1.5) of the target. Otherwise tiles are resampled to the target pixel size
 (`engine.preprocess.resample`) from the coarsest level still finer than the target
 (downsampling with anti-aliasing keeps detail), or from level 0 when even level 0 is
-coarser than the target (upsampling).
+coarser than the target (upsampling). Levels are compared by their x pixel size.
+
+Square model pixels: an image whose level-0 pixels are not square (y and x sizes
+differing by more than SQUARE_WITHIN, e.g. a fast-scan SEM's (10, 5) nm) is always
+resampled, since a round pore read at such pixels is a 1:2 ellipse to a detector
+(`choose_square_pixels`):
+- with a target pixel size, to the target on both axes, from the coarsest level no
+  coarser than the target along either axis (downsampling never drops detail along the
+  finer axis), else from level 0 (upsampling);
+- for native pixels (tolerance math.inf: the nearest level read as it is, the job's and
+  the endpoint's mode when the models record no pixel size), to the finer of that
+  level's two sizes, from that level: the coarser axis is upsampled and no detail is
+  dropped (the geometric mean, the coarser size, or the x size where x is the coarser
+  axis, would each drop detail along the finer axis).
+Tiles still carry their origin and (y, x) scale in level-0 pixels, so boxes, masks and
+measurements come back in the image's own pixels and nm. Square images (and those
+within SQUARE_WITHIN) plan as before.
 """
 
 from __future__ import annotations
@@ -39,12 +55,33 @@ class PlanningError(GrainflowError):
     """An image whose tiles cannot be planned at the asked pixel size."""
 
 
-def choose_level(image, target_nm: float, tolerance: float) -> tuple[int, bool]:
-    """(level, resample) for a target pixel size in nm; see the module docstring."""
+# Pixels whose y and x sizes differ by less than this factor are read as square: a 1%
+# stretch changes no detector's answer, and a TIFF's rational resolutions round.
+SQUARE_WITHIN = 1.01
+
+
+def is_square(size_y_nm: float, size_x_nm: float) -> bool:
+    """Whether pixels of (y, x) size (nm, or any one unit) are square to the models,
+    within SQUARE_WITHIN."""
+    return max(size_y_nm, size_x_nm) <= SQUARE_WITHIN * min(size_y_nm, size_x_nm)
+
+
+def _sizes(size_y: float, size_x: float) -> str:
+    """A pixel size for messages: "5" (square) or "10 x 5 (y x x)"."""
+    return f"{size_x:.6g}" if is_square(size_y, size_x) else f"{size_y:.6g} x {size_x:.6g} (y x x)"
+
+
+def _check(target_nm: float, tolerance: float) -> None:
+    """ValueError unless target_nm (nm) and tolerance (a factor) can choose a level."""
     if not (target_nm > 0 and math.isfinite(target_nm)):
         raise ValueError(f"target pixel size must be a positive number of nm, got {target_nm!r}")
     if not tolerance >= 1:
         raise ValueError(f"level tolerance is a factor >= 1, got {tolerance!r}")
+
+
+def choose_level(image, target_nm: float, tolerance: float) -> tuple[int, bool]:
+    """(level, resample) for a target pixel size in nm; see the module docstring."""
+    _check(target_nm, tolerance)
     sizes = [to_nanometres(lv.pixel_size[1], image.unit) for lv in image.levels]
     nearest = image.nearest_level(target_nm, "nanometer")
     ratio = sizes[nearest] / target_nm
@@ -52,6 +89,21 @@ def choose_level(image, target_nm: float, tolerance: float) -> tuple[int, bool]:
         return nearest, False
     finer = [i for i, s in enumerate(sizes) if s <= target_nm]
     return (max(finer, key=lambda i: sizes[i]) if finer else 0), True
+
+
+def choose_square_pixels(image, target_nm: float, tolerance: float) -> tuple[int, float] | None:
+    """(level, square output pixel size in nm) for an image whose level-0 pixels are not
+    square (the module docstring's rule); None for square ones (`choose_level` applies).
+    tolerance math.inf means native pixels: `target_nm` then only picks the level."""
+    if is_square(*LevelTransform.from_image(image, 0).level_pixel_size_nm):
+        return None
+    transforms = [LevelTransform.from_image(image, k) for k in range(len(image.levels))]
+    if math.isinf(tolerance):
+        level = choose_level(image, target_nm, tolerance)[0]
+        return level, min(transforms[level].level_pixel_size_nm)
+    _check(target_nm, tolerance)
+    finer = [k for k, t in enumerate(transforms) if max(t.level_pixel_size_nm) <= target_nm]
+    return (max(finer, key=lambda k: min(transforms[k].level_pixel_size_nm)) if finer else 0), float(target_nm)
 
 
 @dataclass(frozen=True)
@@ -110,15 +162,22 @@ def plan_image(image, image_id: str, location, modality: str, *, target_nm: floa
                tile_size: int | None, halo: int, tile_dtype: str) -> ImageTiles:
     """Plan one image: level, grid and (if needed) resampling, from its metadata.
 
-    tile_size and halo are in pixels of the delivered tiles (the target pixel size when
-    resampling); the core is rounded up to whole chunks of the source level.
+    tile_size and halo are in pixels of the delivered tiles (the output pixel size when
+    resampling); the core is rounded up to whole chunks of the source level. Images of
+    non-square pixels are resampled to square ones (module docstring).
     """
-    level, resampled = choose_level(image, target_nm, tolerance)
+    square = choose_square_pixels(image, target_nm, tolerance)
+    if square is None:
+        level, resampled = choose_level(image, target_nm, tolerance)
+        output_nm = target_nm
+    else:
+        (level, output_nm), resampled = square, True
     info = image.levels[level]
     transform = LevelTransform.from_image(image, level)
+    level_sizes = _sizes(*transform.level_pixel_size_nm)
     output = None
     if resampled:
-        output = OutputGrid.for_image(image.shape, transform.pixel_size_nm, target_nm, halo)
+        output = OutputGrid.for_image(image.shape, transform.pixel_size_nm, output_nm, halo)
         m = (output.step[0] / transform.factor[0], output.step[1] / transform.factor[1])
         want = (info.chunks if tile_size is None else (math.ceil(tile_size * m[0]), math.ceil(tile_size * m[1])))
         level_halo = output.source_halo(transform)
@@ -128,18 +187,19 @@ def plan_image(image, image_id: str, location, modality: str, *, target_nm: floa
     tile = tuple(max(1, math.ceil(w / c)) * c for w, c in zip(want, info.chunks))
     if max(tile) + 2 * level_halo > MAX_TILE_EDGE:
         raise PlanningError(
-            f"{image_id}: a tile at {target_nm:.6g} nm per pixel would read {tile[0]} x {tile[1]} px of level "
-            f"{level} ({transform.level_pixel_size_nm[1]:.6g} nm per pixel): the image's pyramid ends too fine "
+            f"{image_id}: a tile at {output_nm:.6g} nm per pixel would read {tile[0]} x {tile[1]} px of level "
+            f"{level} ({level_sizes} nm per pixel): the image's pyramid ends too fine "
             f"for that pixel size; add coarser levels or ask for a finer pixel size")
     if output is not None:
         fy, fx = transform.factor
+        coarser_nm = transform.level_pixel_size_nm[1] if square is None else max(transform.level_pixel_size_nm)
         edge = max(min(tile[0] * fy / output.step[0], output.extent[0]),
                    min(tile[1] * fx / output.step[1], output.extent[1]))
         if edge + 2 * output.halo > MAX_TILE_EDGE:
             raise PlanningError(
-                f"{image_id}: a tile resampled to {target_nm:.6g} nm per pixel would be {edge:.6g} px wide: the "
-                f"image's level {level} pixels ({transform.level_pixel_size_nm[1]:.6g} nm) are "
-                f"{transform.level_pixel_size_nm[1] / target_nm:.6g}x coarser than that; check its recorded pixel "
+                f"{image_id}: a tile resampled to {output_nm:.6g} nm per pixel would be {edge:.6g} px wide: the "
+                f"image's level {level} pixels ({level_sizes} nm) are "
+                f"{coarser_nm / output_nm:.6g}x coarser than that; check its recorded pixel "
                 f"size or ask for a coarser one")
     grid = TileGrid(image_id, level, info.shape, info.chunks, tile, level_halo, transform)
     n_rows, n_cols = grid.n_rows, grid.n_cols

@@ -14,7 +14,11 @@ tile whose core holds their box centre.
 
 Pixels need not be square: the scratch image records the upload's (y, x) pixel size,
 as the batch ingest records a TIFF's, so its tiles carry both sizes and every
-measurement in nm (areas, axes, orientation, image area) is the job's.
+measurement in nm (areas, axes, orientation, image area) is in physical units. The
+models get square pixels, as in the job: the shared planner resamples an image of
+non-square pixels to the target pixel size on both axes, or without one to the finer of
+its two sizes (`engine.data.tile_plan`), and boxes and masks come back in the upload's
+pixels through each tile's origin and (y, x) scale in level-0 pixels.
 """
 
 from __future__ import annotations
@@ -82,7 +86,8 @@ def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float | t
                   settings: TilingSettings, fit: bool, image_id: str = "upload") -> PreparedImage:
     """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm: one number
     for square pixels or (y, x) (not positive and finite: `BadImage`). A target pixel
-    size resamples to square pixels of that size, as the job does.
+    size resamples to square pixels of that size where no level is near it, as the job
+    does; non-square pixels always reach the models square (module doc).
 
     More pixels than `max_pixels` once resampled to the models' pixel size raise
     `TooLarge` (HTTP 413, as an upload over the limit as sent). Pixels that cannot be
@@ -133,8 +138,8 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_yx_nm: tuple[
         h, w = plan.output.extent
         if h * w > settings.max_pixels:
             raise TooLarge(  # the pixel limit of the upload as sent (decode), here once resampled
-                f"{image_id}: resampled from {_sizes(py, px)} to {target:.6g} nm per pixel the image would be "
-                f"{h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
+                f"{image_id}: resampled from {_sizes(py, px)} to {plan.pixel_size_nm:.6g} nm per pixel the image "
+                f"would be {h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
     tiles: list[TileInput] = []
     for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
         for block in read_tiles(spec):

@@ -453,10 +453,11 @@ class TestS3:
             np.testing.assert_array_equal(tile, expected[y : y + tile.shape[0], x : x + tile.shape[1]])
 
 
-@pytest.mark.parametrize("target_nm, tolerance", [(10.0, math.inf), (5.0, 1.1)])
+@pytest.mark.parametrize("target_nm, tolerance", [(10.0, math.inf), (5.0, 1.1), (10.0, 1.5)])
 def test_rows_carry_both_pixel_sizes_of_non_square_pixels(tmp_path, target_nm, tolerance):
-    """Pixels 20 nm tall and 10 nm wide: read as they are, rows say so; resampled to a
-    target, both axes reach it (and `scale` says how many level-0 pixels each is)."""
+    """Pixels 20 nm tall and 10 nm wide reach the models square: native (tolerance inf),
+    at the finer 10 nm; with a target, at the target on both axes, even where level 0
+    is the target along x. `scale` says how many level-0 pixels each is, per axis."""
     from ray.data.block import BlockAccessor
 
     from engine.stores.writer import write_image
@@ -472,6 +473,6 @@ def test_rows_carry_both_pixel_sizes_of_non_square_pixels(tmp_path, target_nm, t
             for r in BlockAccessor.for_block(b).iter_rows(public_row_format=False)]
     assert rows and all(r["error"] is None for r in rows)
     for r in rows:
-        expected = (20.0, 10.0) if math.isinf(tolerance) else (target_nm, target_nm)
+        expected = (10.0, 10.0) if math.isinf(tolerance) else (target_nm, target_nm)
         assert (r["pixel_size_y"], r["pixel_size"]) == pytest.approx(expected)
         np.testing.assert_allclose(np.asarray(r["scale"]) * [20.0, 10.0], expected)

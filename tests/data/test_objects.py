@@ -4,8 +4,9 @@ without, and as measuring the uncut mask; tile files from before the moments fal
 
 The image is drawn by code (a grain larger than a tile and its halo, a thin slanted
 crack, a small pore across a core border) with non-square pixels, and read by the job's
-planner and reader; the ensemble's detector and segmenter are stand-ins whose answers
-are known: boxes of the bright components, masks of the bright pixels.
+planner (which gives the models square pixels) and reader; the ensemble's detector and
+segmenter are stand-ins whose answers are known: boxes of the bright components, masks
+of the bright pixels.
 """
 
 from __future__ import annotations
@@ -86,7 +87,9 @@ def tiled(tmp_path_factory):
                 chunk=CHUNK, attributes={"modality": "SEM"}, name="img")
     plan = plan_image(open_image(loc), "img", loc, "SEM", target_nm=PX, tolerance=1.5, tile_size=None, halo=HALO,
                       tile_dtype="uint8")
-    assert plan.output is None and plan.n_tiles == 12  # the level's own pixels
+    # the models see square 5 nm pixels (the 10 nm rows upsampled); the objects are
+    # still measured in the image's own (10, 5) nm pixels, as the uncut mask is
+    assert plan.pixel_size_yx_nm == (PX, PX) and plan.output.step == (PX / PY, 1.0) and plan.n_tiles == 12
     ens = Ensemble(EnsembleModels(Detector(), Segmenter()), config=EnsembleConfig(conf=0.0, max_det=STRIDE),
                    device="cpu")
     batches = []

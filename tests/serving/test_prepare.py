@@ -77,11 +77,17 @@ class TestNonSquarePixels:
     PIXELS = (np.arange(128 * 256, dtype=np.uint32).reshape(128, 256) % 251).astype(np.uint8)
 
     def test_tiles_carry_both_sizes(self):
+        """Native pixels (no target): the models see the finer of the two sizes on both
+        axes (the 10 nm rows upsampled, as the job plans them), placed in the upload's
+        (10, 5) nm pixels."""
         prepared = prepare_image(self.PIXELS, modality="SEM", pixel_size_nm=(10.0, 5.0), fit=False,
                                  settings=TilingSettings(chunk=64, halo=8))
-        assert (prepared.pixel_size_y_nm, prepared.pixel_size_nm) == (10.0, 5.0)
+        assert prepared.level == 0 and (prepared.pixel_size_y_nm, prepared.pixel_size_nm) == (5.0, 5.0)
         for t in prepared.tiles:
-            assert (t.pixel_size_y_nm, t.pixel_size_nm) == (10.0, 5.0) and t.level0_pixel_size_nm == (10.0, 5.0)
+            assert (t.pixel_size_y_nm, t.pixel_size_nm) == (5.0, 5.0) and t.level0_pixel_size_nm == (10.0, 5.0)
+        rows = sum(t.tile.shape[0] - t.halo[0] - t.halo[1] for t in prepared.tiles if t.x == 0)
+        cols = sum(t.tile.shape[1] - t.halo[2] - t.halo[3] for t in prepared.tiles if t.y == 0)
+        assert (rows, cols) == (256, 256)  # 1280 x 1280 nm in 5 nm pixels
 
     def test_one_number_is_square_pixels(self):
         prepared = prepare_image(self.PIXELS, modality="SEM", pixel_size_nm=5.0, fit=False,
