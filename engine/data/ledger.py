@@ -20,6 +20,10 @@ deterministically named outputs are overwritten with the same content.
 
 Reading costs one listing and one small read per file; the driver reads only the key
 columns. Tiles that failed (`error` rows) are not ledgered: a rerun tries them again.
+Nor are tiles read with a reduced halo (`halo_reduced` rows, `engine.data.tile_read`: a
+bad chunk beside the core): their outputs are written, but a rerun redoes them, so
+once the chunk is repaired the outputs are an uninterrupted clean run's. The sink
+(`engine.data.sinks.WriteTileOutputs`) decides which tiles it records.
 """
 
 from __future__ import annotations

@@ -26,6 +26,12 @@ without the label images), the tile's core into the label images, and, once all 
 of the batch are written, the batch's ledger file.
 A row with an `error` gets an errors file (`ERROR_SCHEMA`: exception type, message and
 the undecodable chunks' keys) instead and is not ledgered, so a rerun tries it again.
+A row read with a reduced halo (`halo_reduced`, `engine.data.tile_read`: an undecodable
+chunk beside its core) is written like any other, the reason in its `TILE_META`, but
+not ledgered either: its detections lack that side's context and may differ from a
+clean run's, so a rerun redoes it (again with a reduced halo while the chunk stays
+bad; with the whole halo, and so a clean run's outputs, once it is repaired). Redoing a
+tile overwrites its detections file and its label cores, so nothing is counted twice.
 
 **Label images** (`LabelTarget`): two OME-Zarr label images per image, written
 chunk-aligned from each tile's core so every chunk has exactly one writer:
@@ -109,16 +115,23 @@ TILE_SCHEMA = pa.schema([
     ("n_defects", pa.int32()), ("core_area_mm2", pa.float64()), ("defect_density_per_mm2", pa.float64()),
     ("material", pa.string()), ("grade", pa.string()),
     ("material_probs", pa.list_(pa.float32())), ("grade_probs", pa.list_(pa.float32())), ("error", pa.string()),
+    ("halo_reduced", pa.string()),
 ])
 """Per tile: status "done" or "error"; the core in level-0 pixels (NaN for error rows,
-whose core the ensemble never saw); tile detections (before stitching) and density."""
+whose core the ensemble never saw); tile detections (before stitching) and density;
+halo_reduced: for a done tile read without part of its halo (a bad chunk beside its
+core), the sides and the failure; its outputs are this run's best, not a clean run's,
+and a rerun redoes it (null otherwise)."""
 
 SUMMARY_COLUMNS = (
-    "image_id", "modality", "level", "pixel_size_nm", "tiles_planned", "tiles_done", "tiles_error", "complete",
+    "image_id", "modality", "level", "pixel_size_nm", "tiles_planned", "tiles_done", "tiles_error",
+    "tiles_halo_reduced", "complete",
     "core_area_mm2", "material", "material_prob", "grade", "grade_prob", "material_probs", "grade_probs",
     "n_detections", "n_defects", "defect_density_per_mm2", "defect_counts", "model_versions", "labels_uri",
 )
 """Per image: level and pixel_size_nm are those the model saw (nm per tile pixel);
+tiles_halo_reduced: done tiles read without part of their halo (`TILE_SCHEMA`); complete:
+every tile done with its whole halo, so the image's outputs are a clean run's;
 material and grade are the argmax of the tiles' probabilities averaged
 with core-area weights; n_defects counts stitched objects (defect_counts per class name,
 JSON), density = n_defects / core area of the done tiles; model_versions is JSON."""
@@ -335,8 +348,9 @@ class WriteTileOutputs:
 
     out: the job's output URI. labels: image_id -> `LabelTarget` (None or a missing image:
     no label images). class_names: the detector's classes (for `class_name`).
-    Returns one small row per tile (image_id, level, y, x, ok, n_defects): what the
-    driver counts; no pixels go back.
+    Returns one small row per tile (image_id, level, y, x, ok, n_defects, halo_reduced):
+    what the driver counts; no pixels go back. A row's optional `halo_reduced` column
+    (`engine.data.tile_read`) keeps a done tile out of the ledger (module doc).
 
     Pass an instance (not the class): it runs as Ray tasks, which Ray retries on failure;
     a retried batch rewrites the same files and the same ledger file.
@@ -365,9 +379,11 @@ class WriteTileOutputs:
         results = from_columns(batch)
         placement = [(np.asarray(batch["origin"][i], np.float64), np.asarray(batch["scale"][i], np.float64),
                       tuple(int(v) for v in np.asarray(batch["halo"][i]).reshape(4))) for i in range(len(results))]
+        reduced = [error_text(v) for v in batch.get("halo_reduced", [None] * len(results))]
         with ThreadPoolExecutor(max_workers=min(_WRITE_THREADS, max(1, len(results)))) as pool:
-            list(pool.map(lambda args: self._write(*args), zip(results, placement)))
-        done = [r for r in results if r.error is None]
+            list(pool.map(lambda args: self._write(*args), zip(results, placement, reduced)))
+        # A tile read with a reduced halo is written but not finished: a rerun redoes it.
+        done = [r for r, why in zip(results, reduced) if r.error is None and why is None]
         # Last: only now are this batch's tiles complete.
         Ledger(self.out).record([(r.image_id, r.level, r.y, r.x) for r in done], [r.n_defects for r in done])
         return {
@@ -376,9 +392,10 @@ class WriteTileOutputs:
             "y": np.array([r.y for r in results], np.int64), "x": np.array([r.x for r in results], np.int64),
             "ok": np.array([r.error is None for r in results], bool),
             "n_defects": np.array([r.n_defects for r in results], np.int32),
+            "halo_reduced": np.array([r.error is None and why is not None for r, why in zip(results, reduced)], bool),
         }
 
-    def _write(self, r, placement) -> None:
+    def _write(self, r, placement, halo_reduced: str | None = None) -> None:
         key = (r.image_id, r.level, r.y, r.x)
         if r.error is not None:
             kind, message, chunks = _split_error(r.error)
@@ -405,6 +422,7 @@ class WriteTileOutputs:
             if target.write:
                 self._write_labels(target, spec, r, base)
         table, meta = tile_detections(r, base, placement, self.class_names)
+        meta["halo_reduced"] = halo_reduced
         table = table.replace_schema_metadata({TILE_META: json.dumps(meta, sort_keys=True).encode()})
         put_file(tile_location(self.out, DETECTIONS, key), table_bytes(table))
 
@@ -508,7 +526,8 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     """One image after all its tiles ran: objects, tiles table, labels; its summary row.
 
     plan: the image's `engine.data.tile_plan.ImageTiles`. done: (level, y, x) of its
-    ledgered tiles, the only detection files read. Every errors file of a tile not in
+    finished tiles (ledgered, or done by this run with a reduced halo), the only
+    detection files read. Every errors file of a tile not in
     `done` is current (a job runs every tile not ledgered), an errors file of a done tile
     is stale and removed, as is a detections file of a tile not done (an earlier run's).
     provenance: recorded in the label images' attributes. Idempotent: a second call
@@ -551,6 +570,7 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
         write_label_pyramid(label_target, class_names, provenance)
         labels_uri = label_target.uri
     metas = [t.meta for t in tiles]
+    n_reduced = sum(1 for m in metas if m.get("halo_reduced"))
     mp = _weighted_probs(metas, "material_probs", len(materials))
     gp = _weighted_probs(metas, "grade_probs", len(grades))
     area = float(sum(m["core_area_mm2"] for m in metas if m.get("core_area_mm2") is not None))
@@ -562,7 +582,8 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     return {
         "image_id": image_id, "modality": plan.modality, "level": int(plan.grid.level),
         "pixel_size_nm": float(plan.pixel_size_nm), "tiles_planned": int(plan.n_tiles), "tiles_done": len(done),
-        "tiles_error": len(errors), "complete": len(done) == int(plan.n_tiles), "core_area_mm2": area,
+        "tiles_error": len(errors), "tiles_halo_reduced": n_reduced,
+        "complete": len(done) == int(plan.n_tiles) and not n_reduced, "core_area_mm2": area,
         "material": materials[int(np.argmax(mp))] if has_m else "",
         "material_prob": float(np.max(mp)) if has_m else math.nan,
         "grade": grades[int(np.argmax(gp))] if has_g else "",
@@ -584,13 +605,15 @@ def _tiles_table(tiles: Sequence[TileDetections], errors, error_rows) -> pa.Tabl
                      "core_x1": x1, "core_y1": y1, "n_defects": m["n_defects"], "core_area_mm2": m["core_area_mm2"],
                      "defect_density_per_mm2": m["defect_density_per_mm2"], "material": m["material"],
                      "grade": m["grade"], "material_probs": [math.nan if v is None else v for v in m["material_probs"]],
-                     "grade_probs": [math.nan if v is None else v for v in m["grade_probs"]], "error": None})
+                     "grade_probs": [math.nan if v is None else v for v in m["grade_probs"]], "error": None,
+                     "halo_reduced": m.get("halo_reduced")})
     for k, e in zip(errors, error_rows):
         msg = e.to_pylist()[0]
         rows.append({"level": k[0], "y": k[1], "x": k[2], "status": "error", "core_x0": math.nan,
                      "core_y0": math.nan, "core_x1": math.nan, "core_y1": math.nan, "n_defects": 0,
                      "core_area_mm2": math.nan, "defect_density_per_mm2": math.nan, "material": "", "grade": "",
-                     "material_probs": [], "grade_probs": [], "error": f"{msg['exception']}: {msg['message']}"})
+                     "material_probs": [], "grade_probs": [], "error": f"{msg['exception']}: {msg['message']}",
+                     "halo_reduced": None})
     rows.sort(key=lambda r: (r["level"], r["y"], r["x"]))
     return pa.Table.from_pylist(rows, schema=TILE_SCHEMA)
 
@@ -606,7 +629,8 @@ def write_image_error(out: str | StoreLocation, image_id: str, modality: str, er
 def unplanned_summary_row(image_id: str, modality: str) -> dict[str, Any]:
     """The summary row of an image the job could not plan: no tiles, not complete."""
     return {**dict.fromkeys(SUMMARY_COLUMNS), "image_id": image_id, "modality": modality, "tiles_planned": 0,
-            "tiles_done": 0, "tiles_error": 0, "complete": False, "core_area_mm2": 0.0, "material": "", "grade": "",
+            "tiles_done": 0, "tiles_error": 0, "tiles_halo_reduced": 0, "complete": False, "core_area_mm2": 0.0,
+            "material": "", "grade": "",
             "material_probs": [], "grade_probs": [], "n_detections": 0, "n_defects": 0, "defect_counts": "{}",
             "model_versions": "{}", "labels_uri": ""}
 
@@ -616,7 +640,8 @@ def summary_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     schema = pa.schema([
         ("image_id", pa.string()), ("modality", pa.string()), ("level", pa.int32()), ("pixel_size_nm", pa.float64()),
         ("tiles_planned", pa.int64()), ("tiles_done", pa.int64()), ("tiles_error", pa.int64()),
-        ("complete", pa.bool_()), ("core_area_mm2", pa.float64()), ("material", pa.string()),
+        ("tiles_halo_reduced", pa.int64()), ("complete", pa.bool_()), ("core_area_mm2", pa.float64()),
+        ("material", pa.string()),
         ("material_prob", pa.float64()), ("grade", pa.string()), ("grade_prob", pa.float64()),
         ("material_probs", pa.list_(pa.float64())), ("grade_probs", pa.list_(pa.float64())),
         ("n_detections", pa.int64()), ("n_defects", pa.int64()), ("defect_density_per_mm2", pa.float64()),

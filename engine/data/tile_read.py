@@ -26,6 +26,12 @@ extent0        int64 (2,)      (height, width) of the image's level 0, px: where
                                resampled grid's, reaches past it)
 error          str or null     "<ExceptionType>: <message>" when the read failed; a
                                CorruptChunkError's message names the chunk keys
+halo_reduced   str or null     why the tile has less halo than planned: the sides
+                               dropped and the first failure, e.g. "top, left:
+                               CorruptChunkError: ..."; null when the halo is whole
+                               (as planned, clipped only at the image's edge). Such a
+                               tile's outputs differ from a clean run's: the job
+                               writes them but does not ledger the tile
 =============  ==============  =====================================================
 """
 
@@ -43,7 +49,7 @@ from engine.stores.image import open_image
 from engine.tiling.grid import TileSpec
 
 COLUMNS = ("image_id", "level", "y", "x", "tile", "halo", "origin", "scale", "pixel_size", "pixel_size_y", "modality",
-           "extent0", "error")
+           "extent0", "error", "halo_reduced")
 
 
 def read_tiles(spec: ReadSpec) -> Iterator:
@@ -61,16 +67,19 @@ def read_tiles(spec: ReadSpec) -> Iterator:
                  if (r, c) not in spec.skip]
         if not tiles:
             continue
-        read = [(t, failure) for t in tiles] if image is None else _read(image, tiles)
-        rows = [_row(spec, t, p) for t, p in read]
+        read = [(t, failure, None) for t in tiles] if image is None else _read(image, tiles)
+        rows = [_row(spec, t, p, reduced) for t, p, reduced in read]
         table = BlockAccessor.batch_to_block({name: [r[i] for r in rows] for i, name in enumerate(COLUMNS)})
-        # A block without failures would type `error` as null; keep one schema for all blocks.
-        yield table.set_column(table.schema.get_field_index("error"), "error",
-                               pa.array([r[-1] for r in rows], pa.string()))
+        # A block without failures would type these as null; keep one schema for all blocks.
+        for name in ("error", "halo_reduced"):
+            table = table.set_column(table.schema.get_field_index(name), name,
+                                     pa.array([r[COLUMNS.index(name)] for r in rows], pa.string()))
+        yield table
 
 
-def _read(image, tiles: list[TileSpec]) -> list[tuple[TileSpec, np.ndarray] | tuple[TileSpec, Exception]]:
-    """Each tile with its pixels, or with the exception that stopped its read.
+def _read(image, tiles: list[TileSpec]) -> list[tuple[TileSpec, np.ndarray | Exception, str | None]]:
+    """Each tile with its pixels, or with the exception that stopped its read, and why
+    its halo is smaller than planned (None when it is not; see `_read_alone`).
 
     The block's tiles are read as one region (their halos overlap, so each chunk is
     fetched once) and sliced; only when that fails is each tile read alone, to find
@@ -81,43 +90,47 @@ def _read(image, tiles: list[TileSpec]) -> list[tuple[TileSpec, np.ndarray] | tu
     x0, x1 = min(r[2] for r in regions), max(r[3] for r in regions)
     try:
         union = image.read_region(tiles[0].level, y0, y1, x0, x1)
-        return [(t, union[a - y0 : b - y0, c - x0 : d - x0]) for t, (a, b, c, d) in zip(tiles, regions)]
+        return [(t, union[a - y0 : b - y0, c - x0 : d - x0], None) for t, (a, b, c, d) in zip(tiles, regions)]
     except Exception:
         return [_read_alone(image, t) for t in tiles]
 
 
-def _read_alone(image, tile: TileSpec) -> tuple[TileSpec, np.ndarray | Exception]:
+def _read_alone(image, tile: TileSpec) -> tuple[TileSpec, np.ndarray | Exception, str | None]:
     """One tile; a bad chunk in its halo only costs that side of the halo, not the tile.
 
+    Returns (the tile as read, its pixels or the exception, why its halo was reduced).
     The tile is an error only when its core cannot be read. Otherwise each halo strip
     (top and bottom spanning the full width, left and right the core's rows) is read on
     its own and a side whose strip fails gets halo 0, which the row's `halo` column
-    records, so the chunk's owner alone carries the error.
+    records, so the chunk's owner alone carries the error. The third value then names
+    the dropped sides and the first strip's failure ("top, left: <Type>: <message>"):
+    detections made without that context can differ from a clean run's, so the job
+    must not count the tile as finished for good.
     """
     level = tile.level
     try:
-        return tile, image.read_region(level, *tile.read_region)
+        return tile, image.read_region(level, *tile.read_region), None
     except Exception as exc:
         if not any(tile.halo):
-            return tile, exc
+            return tile, exc, None
         failure = exc
     try:
         core = image.read_region(level, *tile.core)
     except Exception:
-        return tile, failure
+        return tile, failure, None
     top, bottom, left, right = tile.halo
     ry0, ry1, rx0, rx1 = tile.read_region
     strips = {
         "top": (ry0, tile.y0, rx0, rx1), "bottom": (tile.y1, ry1, rx0, rx1),
         "left": (tile.y0, tile.y1, rx0, tile.x0), "right": (tile.y0, tile.y1, tile.x1, rx1),
     }
-    got = {}
+    got, lost = {}, {}
     for side, (a, b, c, d) in strips.items():
         if a < b and c < d:
             try:
                 got[side] = image.read_region(level, a, b, c, d)
-            except Exception:
-                pass
+            except Exception as exc:
+                lost[side] = exc
     halo = (top if "top" in got else 0, bottom if "bottom" in got else 0,
             left if "left" in got else 0, right if "right" in got else 0)
     reduced = replace(tile, halo=halo)
@@ -134,10 +147,14 @@ def _read_alone(image, tile: TileSpec) -> tuple[TileSpec, np.ndarray | Exception
         out[:t] = got["top"][:, cols]
     if b:
         out[t + tile.height :] = got["bottom"][:, cols]
-    return reduced, out
+    why = None
+    if lost:
+        first = next(iter(lost.values()))
+        why = f"{', '.join(lost)}: {type(first).__name__}: {first}"
+    return reduced, out, why
 
 
-def _row(spec: ReadSpec, tile: TileSpec, pixels: np.ndarray | Exception) -> tuple:
+def _row(spec: ReadSpec, tile: TileSpec, pixels: np.ndarray | Exception, halo_reduced: str | None = None) -> tuple:
     im = spec.tiles
     dtype = np.dtype(im.tile_dtype)
     y, x = tile.origin0
@@ -152,7 +169,8 @@ def _row(spec: ReadSpec, tile: TileSpec, pixels: np.ndarray | Exception) -> tupl
         data, halo, origin, scale = _resampled(im, tile, None if error else pixels, dtype)
     return (im.image_id, np.int32(tile.level), np.int64(y), np.int64(x), data, np.asarray(halo, np.int32),
             np.asarray(origin, np.float64), np.asarray(scale, np.float64), float(im.pixel_size_yx_nm[1]),
-            float(im.pixel_size_yx_nm[0]), im.modality, np.asarray(im.level0_shape, np.int64), error)
+            float(im.pixel_size_yx_nm[0]), im.modality, np.asarray(im.level0_shape, np.int64), error,
+            None if error else halo_reduced)
 
 
 def _resampled(im, tile: TileSpec, pixels: np.ndarray | None, dtype: np.dtype):

@@ -34,6 +34,14 @@ Steps (the driver holds metadata and counters only, never pixels):
 Every step is idempotent: a rerun after an interruption at any point ends with the same
 outputs as an uninterrupted run. See `engine.data.sinks` for the output layout.
 
+A bad chunk fails the tile whose core holds it (an errors row) and trims the halo of the
+tiles around it on that side (`engine.data.tile_read`). Those neighbours complete, and
+their outputs are this run's, but the tiles table records the reduced halo
+(``halo_reduced``), the summary counts them (``tiles_halo_reduced``; the image is not
+``complete``) and they are not ledgered: a rerun redoes them with the failed tile, so
+once the chunk is repaired the outputs equal a clean run's. While it stays bad, each
+rerun redoes them again (with the same reduced halo) and fails the same tile.
+
 Label images go beside each image by default (``labels="auto"``): the OME-Zarr
 ``labels/`` group is where NGFF viewers and the design look for them, and the label
 image then travels with its image. When the archive cannot be written (a read-only
@@ -62,6 +70,7 @@ from engine.data.sinks import (
 )
 from engine.errors import GrainflowError, error_message
 from engine.pipeline.ensemble import Ensemble, EnsembleConfig
+from engine.pipeline.results import error_text
 from engine.stores.uri import StoreLocation, resolve
 
 MANIFEST = "job.json"
@@ -83,7 +92,8 @@ class JobResult:
     images: images planned and prepared; images_failed: images that could not be
     (unreadable metadata, a pixel size the models cannot be resampled to, preprocessing
     that cannot be fitted): an errors row each, with null level, y and x, and a summary
-    row with no tiles."""
+    row with no tiles. tiles_halo_reduced: of tiles_done, those read without part of
+    their halo (a bad chunk beside them): not ledgered, a rerun redoes them."""
 
     tiles_total: int
     tiles_done: int
@@ -98,6 +108,7 @@ class JobResult:
     bundle: str = ""
     target_pixel_size_nm: float | None = None
     stage_seconds: dict[str, float] = field(default_factory=dict)
+    tiles_halo_reduced: int = 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -110,7 +121,8 @@ class JobEnsemble(Ensemble):
     datasource delivers one dtype for the whole dataset, uint16 for a mix of uint8 and
     uint16 images, and the "raw" input mode scales by the dtype's maximum, so a uint8
     image must arrive as uint8 to get the answer the online endpoint gives), and the
-    datasource's placement columns (origin, scale, halo) pass through to the sink.
+    datasource's placement columns (origin, scale, halo) and its ``halo_reduced`` pass
+    through to the sink (which must not ledger a tile read with a reduced halo).
 
     dtypes: image_id -> stored dtype. expect: the description the driver planned with
     (`engine.pipeline.bundle.describe_bundle`, from registry metadata); an actor whose
@@ -147,6 +159,10 @@ class JobEnsemble(Ensemble):
         out = super().__call__(batch)
         for name in ("origin", "scale", "halo"):
             out[name] = np.asarray(batch[name])
+        if "halo_reduced" in batch:  # null (None, or NaN through a float array) or why
+            reduced = np.empty(len(batch["halo_reduced"]), dtype=object)
+            reduced[:] = [error_text(v) for v in batch["halo_reduced"]]
+            out["halo_reduced"] = reduced
         return out
 
 
@@ -479,7 +495,9 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         tiles_total=tiles_total, tiles_done=done, tiles_skipped=skipped, errors=errors, seconds=seconds,
         tiles_per_s=(done + errors) / stages["tiles"] if stages["tiles"] > 0 else 0.0, out=out.uri,
         images=len(plans), images_failed=len(failed), objects=int(sum(r["n_defects"] for r in rows)), bundle=pinned,
-        target_pixel_size_nm=float(target_pixel_size_nm), stage_seconds=stages)
+        target_pixel_size_nm=float(target_pixel_size_nm), stage_seconds=stages,
+        # from the finished images' files: tiles an earlier run ledgered never have a reduced halo
+        tiles_halo_reduced=int(sum(r["tiles_halo_reduced"] for r in rows)))
     # With the result (not the settings: a resume compares settings only): which member
     # versions answered and when the run ended (UTC), for reports and audits.
     record = result.to_dict() | {"model_versions": describe.get("model_versions", {}),

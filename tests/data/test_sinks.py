@@ -175,6 +175,42 @@ class TestTileSink:
         sink(rows)
         assert open(f, "rb").read() == first and Ledger(tmp_path).files() == ledger
 
+    def test_a_tile_read_with_a_reduced_halo_is_written_but_redone_by_a_rerun(self, plan, tmp_path):
+        """A neighbour of a bad chunk, read without that side's halo, completes (its
+        detections count in this run) but is not ledgered, and the image is not complete;
+        redone with its whole halo it replaces its detections and label core."""
+        target = target_for(plan, tmp_path)
+        sink = WriteTileOutputs(tmp_path, labels={plan.image_id: target}, class_names=CLASSES)
+        kwargs = dict(label_target=target, class_names=CLASSES, materials=MATERIALS, grades=GRADES)
+        cols = batch([result(plan, r, c) for r in range(4) for c in range(4) if (r, c) != (0, 0)]
+                     + [result(plan, 0, 0, [(10, 10, 20, 30)])])
+        why = "bottom: " + CORRUPT
+        cols["halo_reduced"] = np.array([None] * 15 + [why], object)
+        got = sink(cols)
+        assert got["ok"].all() and got["halo_reduced"].tolist() == [False] * 15 + [True]
+        key = (plan.image_id, 0, 0, 0)
+        assert len(Ledger(tmp_path).keys()) == 15 and key not in Ledger(tmp_path).keys()
+        done = [(0, r * 64, c * 64) for r in range(4) for c in range(4)]
+        row = finish_image(tmp_path, plan, done, **kwargs)
+        assert (row["tiles_done"], row["tiles_error"], row["tiles_halo_reduced"], row["complete"]) == (16, 0, 1, False)
+        tiles = read_output(tmp_path, TILES).to_pandas().set_index(["y", "x"])
+        assert tiles.loc[(0, 0), "halo_reduced"] == why and tiles["halo_reduced"].isna().sum() == 15
+        assert len(read_output(tmp_path, OBJECTS)) == 1
+
+        # the rerun: the same tile with its whole halo sees another defect
+        redo = batch([result(plan, 0, 0, [(40, 40, 50, 44)])])
+        redo["halo_reduced"] = np.array([None], object)
+        assert sink(redo)["halo_reduced"].tolist() == [False]
+        assert key in Ledger(tmp_path).keys()
+        row = finish_image(tmp_path, plan, done, **kwargs)
+        assert (row["tiles_done"], row["tiles_halo_reduced"], row["complete"]) == (16, 0, True)
+        assert read_output(tmp_path, TILES)["halo_reduced"].null_count == 16
+        detections = read_output(tmp_path, DETECTIONS).to_pylist()
+        assert [(d["x0"], d["y0"], d["x1"], d["y1"]) for d in detections] == [(40, 40, 50, 44)]
+        assert len(read_output(tmp_path, OBJECTS)) == 1
+        labels = zarr.open_group(target.root.path, mode="r")["labels/predicted_defects/0"][:64, :64]
+        assert not labels[10:30, 10:20].any() and (labels[40:44, 40:50] == 1).all() and labels.sum() == 40
+
     def test_sink_pickles_without_open_arrays(self, plan, tmp_path):
         import pickle
 

@@ -328,14 +328,20 @@ def _mtime(out, key) -> int:
 
 
 class TestFailures:
-    def test_corrupt_chunk_is_an_error_row(self, ray_session, job_archive, job_registry, tmp_path):
+    def test_corrupt_chunk_is_an_error_row_and_a_repaired_rerun_ends_clean(self, ray_session, clean, job_archive,
+                                                                           job_registry, tmp_path):
+        """The chunk's tile fails; its neighbours complete without their halo on its side,
+        which the tiles table records, and stay out of the ledger: a rerun redoes them
+        (again trimmed while the chunk is bad), and once the chunk is repaired the
+        outputs are the clean run's, not the trimmed neighbours' detections."""
         archive = copy_archive(job_archive, tmp_path)
         image_id = sorted(pd.read_parquet(archive / "catalog.parquet")["image_id"])[1]
         chunk = archive / "images" / f"{image_id}.ome.zarr" / "0" / "c" / "1" / "0"
+        good = chunk.read_bytes()
         chunk.write_bytes(b"\x00not zstd at all" * 5)
         out = tmp_path / "out"
         result = run(archive, out, job_registry, labels="out")
-        assert (result.tiles_done, result.errors) == (N_TILES - 1, 1)
+        assert (result.tiles_done, result.errors, result.tiles_halo_reduced) == (N_TILES - 1, 1, 3)
 
         errors = read_output(out, ERRORS).to_pylist()
         assert len(errors) == 1
@@ -343,19 +349,32 @@ class TestFailures:
         assert (e["image_id"], e["level"], e["y"], e["x"]) == (image_id, 0, 128, 0)
         assert e["exception"] == "CorruptChunkError" and e["chunk_keys"] == ["0/c/1/0"]
         assert "0/c/1/0" in e["message"]
-        ledger = Ledger(out).keys()
-        assert len(ledger) == N_TILES - 1 and (image_id, 0, 128, 0) not in ledger
         tiles = read_output(out, TILES).to_pandas().set_index(["image_id", "y", "x"])
         assert tiles.loc[(image_id, 128, 0), "status"] == "error"
         assert (tiles["status"] == "done").sum() == N_TILES - 1
+        # the 2 x 2 image's other tiles each lost the side facing the chunk (row 1, column 0)
+        reduced = tiles["halo_reduced"].dropna()
+        assert {k: v.split(":")[0] for k, v in reduced.items()} == {
+            (image_id, 0, 0): "bottom", (image_id, 0, 128): "bottom", (image_id, 128, 128): "left"}
+        assert all("CorruptChunkError" in v and "0/c/1/0" in v for v in reduced)
+        neighbours = {(image_id, 0, y, x) for _, y, x in reduced.index}
+        ledger = Ledger(out).keys()
+        assert len(ledger) == N_TILES - 4 and not ledger & ({(image_id, 0, 128, 0)} | neighbours)
         summary = pd.read_parquet(out / SUMMARY_FILE).set_index("image_id")
-        assert summary.loc[image_id, "tiles_error"] == 1 and not summary.loc[image_id, "complete"]
-        assert summary["complete"].sum() == 2
+        assert summary.loc[image_id, ["tiles_error", "tiles_halo_reduced"]].tolist() == [1, 3]
+        assert not summary.loc[image_id, "complete"] and summary["complete"].sum() == 2
 
-        # a rerun tries the failed tile again, and only it
+        # a rerun with the chunk still bad redoes the failed tile and its trimmed neighbours
         again = run(archive, out, job_registry, labels="out")
-        assert (again.tiles_done, again.tiles_skipped, again.errors) == (0, N_TILES - 1, 1)
+        assert (again.tiles_done, again.tiles_skipped, again.errors, again.tiles_halo_reduced) == (3, N_TILES - 4, 1, 3)
         assert len(read_output(out, ERRORS)) == 1
+
+        # the chunk repaired: the rerun redoes those four, and the outputs are a clean run's
+        chunk.write_bytes(good)
+        repaired = run(archive, out, job_registry, labels="out")
+        assert (repaired.tiles_done, repaired.tiles_skipped, repaired.errors, repaired.tiles_halo_reduced) == (
+            4, N_TILES - 4, 0, 0)
+        assert_same_outputs(snapshot(clean[1]), snapshot(out))
 
     def test_image_without_metadata_is_recorded_and_the_others_complete(self, ray_session, job_archive,
                                                                          job_registry, tmp_path):
