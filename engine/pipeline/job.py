@@ -11,7 +11,8 @@ Steps (the driver holds metadata and counters only, never pixels):
    metadata does not record the label sets, one Ray task loads the bundle to describe it.
 2. Plan: `engine.data.datasource.ZarrTileDatasource` plans tiles from metadata at the
    model's pixel size (explicit, else the bundle's ``pixel_size_nm`` tag, else each
-   image's level 0: models trained without a pixel size saw native pixels).
+   image's level 0: models trained without a pixel size saw native pixels; an image of
+   non-square pixels is resampled to square ones, `engine.data.tile_plan`).
 3. Resume: the ledger's finished tiles (`engine.data.ledger`) become the datasource's
    skip set; `<out>/job.json` records the settings that shape the outputs and each
    image's pixel checksum, and a rerun with other settings, or over an image replaced
