@@ -172,14 +172,21 @@ def catalog(
 
 def _print_catalog(df) -> None:
     table = Table(title=f"{len(df)} images")
-    for col in ("image_id", "modality", "material", "grade", "shape", "dtype", "pixel size"):
+    for col in ("image_id", "modality", "material", "grade", "shape (y x x)", "dtype", "pixel size (y x x)"):
         table.add_column(col)
     for row in df.itertuples():
         table.add_row(
             row.image_id, row.modality, _text(row.material), _text(row.quality_grade),
-            f"{row.height} x {row.width}", row.dtype, f"{row.pixel_size_x:.4g} {_unit_symbol(row.unit)}",
+            f"{row.height} x {row.width}", row.dtype, _pixel_size(row.pixel_size_y, row.pixel_size_x, row.unit),
         )
     console.print(table)
+
+
+def _pixel_size(size_y: float, size_x: float, unit: str) -> str:
+    """A catalog row's level-0 pixel size: "100 nm", or "200 x 100 nm" (y x x, as the
+    shape column) when the two differ at the digits shown."""
+    y, x = f"{size_y:.4g}", f"{size_x:.4g}"
+    return f"{x} {_unit_symbol(unit)}" if y == x else f"{y} x {x} {_unit_symbol(unit)}"
 
 
 def _print_summary(df) -> None:

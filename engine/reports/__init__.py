@@ -4,6 +4,7 @@
   by default), `run_summary(run_uri)` gives its per-material table as a DataFrame, `overlay_png` one example overlay;
 - `run`: `load_run` reads a finished run's manifest, summary and its archive's catalog;
 - `tables`: the report's numbers (header, per material, per image, errors, class order);
+- `pixels`: the pixel sizes the models saw (per image: level, model pixel, resampling; the header's text);
 - `sizes`: defect size distributions, binned image by image (memory independent of the run's size);
 - `density`: stitched defects counted per tile core, for the density maps;
 - `overlay`: coarse-level pixels, label outlines and boxes for example overlays;

@@ -193,8 +193,13 @@ def draw_overlay(overlay: Overlay, classes: Sequence[str]):
     from matplotlib.patches import Patch, Rectangle
 
     h, w = overlay.image.shape
+    # Pixels are drawn with their physical shape: data coordinates stay pixels (boxes,
+    # outlines and the scale bar are in them) and a pixel is drawn py/px times as tall as
+    # wide, so an image of (200, 100) nm pixels is not squashed to half its height.
+    py, px = overlay.pixel_size_nm
+    aspect = py / px if all(math.isfinite(v) and v > 0 for v in (py, px)) else 1.0
     side = 6.0
-    fig = _figure(side, side * h / w + 0.6 if w else side)
+    fig = _figure(side, side * h * aspect / w + 0.6 if w else side)
     ax = fig.add_subplot()
     rgb = np.repeat(overlay.image[..., None], 3, axis=2)
     if overlay.nonfinite is not None:
@@ -202,7 +207,7 @@ def draw_overlay(overlay: Overlay, classes: Sequence[str]):
     if overlay.outlines is not None:
         # blended, so the defect under a dense outline stays visible
         rgb[overlay.outlines] = 0.35 * rgb[overlay.outlines] + 0.65 * np.array([0.0, 1.0, 1.0])
-    ax.imshow(rgb, interpolation="nearest")
+    ax.imshow(rgb, interpolation="nearest", aspect=aspect)
     for (x0, y0, x1, y1), name in zip(overlay.boxes, overlay.classes):
         # boxes are edge coordinates; imshow puts pixel i's centre at i
         ax.add_patch(Rectangle((x0 - 0.5, y0 - 0.5), x1 - x0, y1 - y0, fill=False, lw=1.2,
@@ -215,7 +220,7 @@ def draw_overlay(overlay: Overlay, classes: Sequence[str]):
         handles.append(Patch(color=NONFINITE_RGB, label="no data (NaN/inf)"))
     if handles:
         ax.legend(handles=handles, loc="upper right", fontsize=7, framealpha=0.7)
-    bar = scale_bar(w, overlay.pixel_size_nm[1])
+    bar = scale_bar(w, px)  # along x, in x pixels
     if bar is not None:
         length, label = bar
         # lower left, white on a dark box so it reads on any image
@@ -232,7 +237,8 @@ def draw_overlay(overlay: Overlay, classes: Sequence[str]):
 
 def overlay_figure(overlay: Overlay, classes: Sequence[str]) -> bytes:
     """The coarse level in grey (NaN/inf pixels in magenta), label outlines in cyan,
-    stitched boxes coloured by class, a scale bar from the level's pixel size."""
+    stitched boxes coloured by class, a scale bar from the level's pixel size; drawn
+    with the pixels' physical aspect (y size / x size)."""
     return _png(draw_overlay(overlay, classes))
 
 

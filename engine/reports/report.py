@@ -23,6 +23,7 @@ from engine.errors import GrainflowError
 from engine.reports import figures, html
 from engine.reports.density import image_tile_counts
 from engine.reports.overlay import read_overlay
+from engine.reports.pixels import image_resampling, is_upsampled, pixel_text
 from engine.reports.run import Run, load_run
 from engine.reports.sizes import BINS_PER_DECADE, EXACT_MAX, size_distributions
 from engine.reports.tables import class_names, error_table, image_table, material_summary, run_header
@@ -85,7 +86,7 @@ def _header(run: Run) -> str:
         ("tiles skipped", h["tiles_skipped"]), ("tile errors", h["errors"]),
         ("run time (h:mm:ss)", html.duration(h["seconds"])), ("throughput (tiles/s)", h["tiles_per_s"]),
         ("throughput (level-0 megapixels/s)", h["megapixels_per_s"]),
-        ("model pixel size (nm)", h["target_pixel_size_nm"]), ("stages", stages or None),
+        ("model pixel size (nm)", h["model_pixel_size"]), ("stages", stages or None),
     ]
     parts = [html.definitions(items, dl_id="run-header"), html.note(
         "tiles done: finished by this run; skipped: finished by an earlier run over the same --out (the ledger); "
@@ -116,7 +117,17 @@ def _materials(run: Run) -> str:
 
 def _images(run: Run) -> str:
     df = image_table(run).set_index("image_id")
-    parts = [html.table(df, table_id="image-summary", limit=MAX_IMAGE_ROWS)]
+    resampled = image_resampling(run)
+    df.insert(df.columns.get_loc("pixel_size_nm") + 1, "resampled", resampled.reindex(df.index).fillna(""))
+    parts = [html.table(df, table_id="image-summary", limit=MAX_IMAGE_ROWS), html.note(
+        "level: the pyramid level the job read; pixel_size_nm: the pixel size the models saw (nm); resampled: how "
+        "the level's pixels were resampled to it (empty: read as stored).")]
+    upsampled = [i for i, text in resampled.items() if is_upsampled(text)]
+    if upsampled:
+        parts.append(html.note(
+            f"{len(upsampled)} image(s) were upsampled: the models saw pixels finer than the archive stores, detail "
+            f"made up by interpolation, which models may read as texture or defects; check their results: "
+            f"{', '.join(upsampled[:20])}{' ...' if len(upsampled) > 20 else ''}", warn=True))
     if run.catalog is not None:
         missing = sorted(set(run.catalog["image_id"]) - set(run.summary["image_id"]))
         if missing:
@@ -217,7 +228,7 @@ def _overlays(run: Run, classes: list[str]) -> str:
         except (GrainflowError, OSError) as exc:  # one unreadable image does not cost the whole report
             notes.append(html.note(f"{image_id}: no overlay ({type(exc).__name__}: {exc})", warn=True))
             continue
-        caption = (f"{image_id}: level {ov.level} ({html.plain_number(ov.pixel_size_nm[1])} nm/px), "
+        caption = (f"{image_id}: level {ov.level} (pixels of {pixel_text(*ov.pixel_size_nm)}), "
                    f"{len(ov.boxes)} defect boxes"
                    + (f"; outlines from {ov.labels_uri}" if ov.outlines is not None else "")
                    + (f"; {ov.note}" if ov.note else ""))

@@ -33,9 +33,9 @@ MANIFEST = "job.json"
 RESULT_NUMBERS = ("tiles_total", "tiles_done", "tiles_skipped", "errors", "seconds", "tiles_per_s")
 # The summary columns (`engine.data.sinks.SUMMARY_COLUMNS`) the report reads; the others
 # (model_versions, ...) are optional.
-SUMMARY_NEEDED = ("image_id", "modality", "tiles_planned", "tiles_done", "tiles_error", "complete", "core_area_mm2",
-                  "material", "material_prob", "grade", "grade_prob", "n_defects", "defect_density_per_mm2",
-                  "defect_counts", "labels_uri")
+SUMMARY_NEEDED = ("image_id", "modality", "level", "pixel_size_nm", "tiles_planned", "tiles_done", "tiles_error",
+                  "complete", "core_area_mm2", "material", "material_prob", "grade", "grade_prob", "n_defects",
+                  "defect_density_per_mm2", "defect_counts", "labels_uri")
 
 
 class NotARunError(GrainflowError):
@@ -109,20 +109,32 @@ class Run:
         return self.archive.join(uri) if uri is not None else None
 
     def labels_location(self, image_id: str) -> StoreLocation | None:
-        """The image's predicted label image (the summary's ``labels_uri``), moved along
-        with the archive when `--archive` names another copy of it; None if none."""
+        """The image's predicted label image (the summary's ``labels_uri``); None if none.
+
+        The job records absolute URIs. One under the job's own --out (``labels="out"``,
+        or an archive it could not write: ``<out>/labels/<id>.ome.zarr``) is taken under
+        the run's folder as it is now, so a run moved, renamed, copied to S3 or
+        downloaded keeps its outlines; one beside the image moves with the archive when
+        `--archive` names another copy of it."""
         rows = self.summary.loc[self.summary["image_id"] == image_id, "labels_uri"]
         uri = str(rows.iloc[0]) if len(rows) else ""
         if not uri:
             return None
         labels = resolve(uri)
-        recorded = self.settings.get("archive")
-        if self.archive is not None and recorded:
+        for recorded, now in ((self.result.get("out"), self.out), (self.settings.get("archive"), self.archive)):
+            if not recorded or now is None:
+                continue
             recorded_loc = resolve(recorded)
-            if labels.is_within(recorded_loc) and recorded_loc != self.archive:
-                rel = labels.path[len(recorded_loc.path.rstrip("/")):].lstrip("/")
-                return self.archive.join(rel)
+            if labels.is_within(recorded_loc):
+                if (recorded_loc.scheme, recorded_loc.path) == (now.scheme, now.path):
+                    return labels
+                return now.join(_relative(labels, recorded_loc))
         return labels
+
+
+def _relative(location: StoreLocation, root: StoreLocation) -> str:
+    """`location`'s path below `root` (`location.is_within(root)`), "" for root itself."""
+    return location.path[len(root.path.rstrip("/")):].lstrip("/")
 
 
 def load_run(run_uri: str | StoreLocation, *, archive: str | StoreLocation | None = None) -> Run:

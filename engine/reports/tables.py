@@ -16,6 +16,7 @@ import pandas as pd
 import pyarrow as pa
 
 from engine.data.sinks import ERRORS, read_output
+from engine.reports.pixels import header_text
 from engine.reports.run import Run
 
 
@@ -23,9 +24,12 @@ def run_header(run: Run) -> dict[str, Any]:
     """The run's headline numbers.
 
     Tile counts, seconds and tiles/s are the manifest's `JobResult` as written.
-    megapixels_per_s: level-0 megapixels of the archive covered per second of the tile
-    stage, i.e. tiles/s times the mean level-0 megapixels of a done tile's core (from the
-    summary's core areas and the catalog's pixel sizes); None without a catalog or tiles.
+    target_pixel_size_nm: the number the job recorded (at native pixels, only the
+    archive's finest level-0 size); model_pixel_size: what the models saw, as text
+    (`engine.reports.pixels.header_text`). megapixels_per_s: level-0 megapixels of the
+    archive covered per second of the tile stage, i.e. tiles/s times the mean level-0
+    megapixels of a done tile's core (from the summary's core areas and the catalog's
+    pixel sizes); None without a catalog or tiles.
     """
     r = run.result
     return {
@@ -39,6 +43,7 @@ def run_header(run: Run) -> dict[str, Any]:
         "seconds": float(r["seconds"]), "tiles_per_s": float(r["tiles_per_s"]),
         "megapixels_per_s": _megapixels_per_s(run), "stage_seconds": dict(r.get("stage_seconds", {})),
         "target_pixel_size_nm": r.get("target_pixel_size_nm", run.settings.get("target_pixel_size_nm")),
+        "model_pixel_size": header_text(run),
     }
 
 
@@ -60,14 +65,18 @@ def _megapixels_per_s(run: Run) -> float | None:
 def image_table(run: Run) -> pd.DataFrame:
     """One row per image of the run: the summary joined with the catalog's ground truth.
 
-    Columns: image_id, modality, material (predicted), material_prob, grade, grade_prob,
+    Columns: image_id, modality, level (the pyramid level the job read), pixel_size_nm
+    (the x size of the pixels the models saw, nm; level and pixel size are empty for an
+    image the job could not plan), material (predicted), material_prob, grade, grade_prob,
     catalog_material, catalog_grade (None without a catalog or a value there),
     tiles_planned, tiles_done, tiles_error, n_defects, defect_density_per_mm2 (per mm²
     of done tile cores), core_area_mm2, and one column per defect class (count).
     """
     s = run.summary
-    out = s[["image_id", "modality", "material", "material_prob", "grade", "grade_prob", "tiles_planned",
-             "tiles_done", "tiles_error", "n_defects", "defect_density_per_mm2", "core_area_mm2"]].copy()
+    out = s[["image_id", "modality", "level", "pixel_size_nm", "material", "material_prob", "grade", "grade_prob",
+             "tiles_planned", "tiles_done", "tiles_error", "n_defects", "defect_density_per_mm2",
+             "core_area_mm2"]].copy()
+    out["level"] = out["level"].astype(pd.Int64Dtype())  # "1", not "1.0", beside an unplanned image's gap
     if run.catalog is not None:
         truth = run.catalog.set_index("image_id")[["material", "quality_grade"]]
         out["catalog_material"] = out["image_id"].map(truth["material"])

@@ -34,6 +34,7 @@ class ReportRun:
     corrupt_image: str
     report: Path
     written: str
+    registry: object  # the ModelRegistry holding tiny@production, for further runs
 
 
 def grainflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
@@ -72,4 +73,26 @@ def report_run(ray_session, tmp_path_factory) -> ReportRun:
 
     # in this process (`grainflow report` runs as a command in test_report.TestCommand)
     where = write_report(str(out))
-    return ReportRun(archive, out, result, corrupt, out / "report.html", where)
+    return ReportRun(archive, out, result, corrupt, out / "report.html", where, registry)
+
+
+@dataclass(frozen=True)
+class LabelsOutRun:
+    """A finished run whose label images went under its own folder (``labels="out"``):
+    its archive (one 256 x 256 image of 2 x 2 tiles) and output folder."""
+
+    archive: Path
+    out: Path
+
+
+@pytest.fixture
+def labels_out_run(report_run, tmp_path) -> LabelsOutRun:
+    """A fresh run for each test (tests move it), with the report run's registry and Ray."""
+    from engine.synth.archive import generate_archive
+    from tests.pipeline.test_job import RUN, run
+
+    archive = tmp_path / "archive"
+    generate_archive(archive, n_images=1, seed=11, size=256, chunk=128)
+    out = tmp_path / "run"
+    run(archive, out, report_run.registry, **{**RUN, "batch_size": 4, "labels": "out"})
+    return LabelsOutRun(archive, out)

@@ -43,15 +43,19 @@ class Img:
     tile: int = 128
     failed: tuple[tuple[int, int], ...] = ()
     material: str = "steel"
+    level: int = 0  # the pyramid level the job read
+    pixel_nm: float | None = None  # the pixel size the models saw; default: the run's pixel_nm
 
 
 def write_run(out: Path, images: dict[str, Img], *, classes=("pore", "crack"), pixel_nm: float = 100.0,
-              halo: int = 16, result: dict | None = None) -> Path:
-    """Write a finished run of `images` to `out` (no archive: settings.archive is empty)."""
+              halo: int = 16, result: dict | None = None, settings: dict | None = None) -> Path:
+    """Write a finished run of `images` to `out` (no archive: settings.archive is empty,
+    unless `settings`, merged into the manifest's, names one)."""
     out.mkdir(parents=True, exist_ok=True)
-    area_mm2 = lambda px: px * (pixel_nm * 1e-6) ** 2  # noqa: E731  (px² -> mm²)
     rows, totals = [], {"tiles_total": 0, "tiles_done": 0, "errors": 0, "objects": 0}
     for image_id, img in images.items():
+        model_nm = img.pixel_nm if img.pixel_nm is not None else pixel_nm
+        area_mm2 = lambda px: px * (model_nm * 1e-6) ** 2  # noqa: E731  (px² -> mm²)
         tiles = []
         for r in range(img.grid[0]):
             for c in range(img.grid[1]):
@@ -80,7 +84,7 @@ def write_run(out: Path, images: dict[str, Img], *, classes=("pore", "crack"), p
         n_done = sum(t["status"] == "done" for t in tiles)
         core = area_mm2(img.tile * img.tile) * n_done
         counts = {name: sum(o.class_name == name for o in img.objects) for name in classes}
-        rows.append({"image_id": image_id, "modality": "sem", "level": 0, "pixel_size_nm": pixel_nm,
+        rows.append({"image_id": image_id, "modality": "sem", "level": img.level, "pixel_size_nm": model_nm,
                      "tiles_planned": len(tiles), "tiles_done": n_done, "tiles_error": len(tiles) - n_done,
                      "complete": n_done == len(tiles), "core_area_mm2": core, "material": img.material,
                      "material_prob": 0.9, "grade": "A", "grade_prob": 0.8, "material_probs": [], "grade_probs": [],
@@ -92,7 +96,7 @@ def write_run(out: Path, images: dict[str, Img], *, classes=("pore", "crack"), p
         totals["errors"] += len(tiles) - n_done
         totals["objects"] += len(img.objects)
     _write(out / SUMMARY_FILE, summary_table(rows))
-    job = {"settings": {"archive": "", "bundle": "b/1"},
+    job = {"settings": {"archive": "", "bundle": "b/1", **(settings or {})},
            "result": {**RESULT, **totals, "images": len(images), **(result or {})}}
     (out / "job.json").write_text(json.dumps(job))
     return out

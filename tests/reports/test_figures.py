@@ -30,6 +30,21 @@ class TestScaleBar:
         x = bar.get_xdata()
         assert (x[1] - x[0]) * 147.3 == pytest.approx(10_000)  # 10 µm at the level's 147.3 nm/px
 
+    def test_non_square_pixels_are_drawn_with_their_physical_shape(self):
+        """(200, 100) nm pixels, 200 x 400 px: 40 µm tall and 40 µm wide, so drawn square
+        (it used to be drawn 1:2, as if its pixels were square); the bar still measures x."""
+        ov = Overlay(image_id="img", image=np.zeros((200, 400), np.float32), level=0, scale=(1.0, 1.0),
+                     boxes=np.zeros((0, 4)), classes=[], outlines=None, pixel_size_nm=(200.0, 100.0))
+        fig = figures.draw_overlay(ov, [])
+        [ax] = fig.axes
+        fig.canvas.draw()
+        box = ax.get_window_extent()
+        assert box.height / box.width == pytest.approx(1.0, rel=0.02)
+        [bar] = [line for line in ax.lines if line.get_color() == "white"]
+        x = bar.get_xdata()
+        assert [t.get_text() for t in ax.texts] == ["5 µm"]
+        assert (x[1] - x[0]) * 100.0 == pytest.approx(5_000)  # 5 µm at the x size, 100 nm/px
+
     def test_no_bar_without_a_pixel_size(self):
         fig = figures.draw_overlay(_overlay(pixel_nm=float("nan")), [])
         assert not fig.axes[0].texts

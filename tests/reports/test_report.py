@@ -17,6 +17,7 @@ import pytest
 
 from engine.data.sinks import SUMMARY_FILE
 from engine.reports import NotARunError, load_run, run_summary, write_report
+from engine.reports.html import plain_number
 
 from .conftest import CORRUPT_CHUNK, CORRUPT_TILE, grainflow
 
@@ -172,6 +173,11 @@ class TestReportPage:
         assert hours * 3600 + minutes * 60 + seconds == round(result["seconds"])
         assert float(h["throughput (tiles/s)"]) == pytest.approx(result["tiles_per_s"], rel=1e-3)
         assert (result["tiles_done"], result["errors"]) == (11, 1)
+        # the tiny bundle records no pixel size: each image ran at its own level 0
+        assert job["settings"]["tolerance"] == "inf"
+        sizes = summary["pixel_size_nm"]
+        span = f"{plain_number(sizes.min())}-{plain_number(sizes.max())} nm"
+        assert h["model pixel size (nm)"] == f"each image's own level 0 ({span})"
         # member versions, as each image's tiles recorded them
         versions = json.loads(summary["model_versions"].iloc[0])
         for role, version in versions.items():
@@ -180,6 +186,13 @@ class TestReportPage:
         # megapixels/s: tiles/s times the mean level-0 megapixels of a done tile (128 x 128 px here)
         assert float(h["throughput (level-0 megapixels/s)"]) == pytest.approx(
             result["tiles_per_s"] * 128 * 128 / 1e6, rel=1e-3)
+
+    def test_images_table_shows_the_level_and_pixel_size_each_image_ran_at(self, page, summary):
+        images = page.table("image-summary").set_index("image_id")
+        for row in summary.itertuples():
+            assert images.at[row.image_id, "level"] == str(row.level) == "0"
+            assert images.at[row.image_id, "pixel_size_nm"] == plain_number(row.pixel_size_nm)
+            assert images.at[row.image_id, "resampled"] == ""  # read as stored
 
     def test_failed_tile_is_in_the_errors_table(self, report_run, page):
         assert "errors" in page.sections
@@ -269,6 +282,22 @@ class TestOtherRuns:
         assert page.table("errors-table").iloc[0]["image"] == report_run.corrupt_image
         overlays = [c for c in page.captions if c.startswith("synth-")]
         assert len(overlays) == 3 and all(f"outlines from {s3_bucket}/archive/images/" in c for c in overlays)
+
+    def test_a_run_with_labels_under_it_keeps_its_outlines_when_moved(self, labels_out_run, tmp_path):
+        """A run written with labels="out" (label images under <out>/labels/), then moved
+        and renamed, as a user moves or downloads a run folder: the summary still records
+        the label images' old absolute URIs, and the report finds them under the run's
+        new folder (it used to look at the old --out and draw no outlines)."""
+        moved = tmp_path / "downloads" / "renamed-run"
+        moved.parent.mkdir()
+        shutil.move(labels_out_run.out, moved)
+        assert not labels_out_run.out.exists()
+        [recorded] = pd.read_parquet(moved / SUMMARY_FILE)["labels_uri"]
+        assert recorded.startswith(f"{labels_out_run.out}/labels/")
+
+        page = Page(Path(write_report(str(moved))).read_text(encoding="utf-8"))
+        [caption] = [c for c in page.captions if c.startswith("synth-")]
+        assert f"outlines from {moved}/labels/" in caption and "not readable" not in caption
 
     def test_unfinished_run_is_refused(self, report_run, tmp_path):
         out = tmp_path / "run"
