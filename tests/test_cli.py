@@ -11,6 +11,9 @@ import numpy as np
 import pytest
 import tifffile
 
+from engine.stores.catalog import CatalogRow, write_catalog
+from engine.stores.uri import resolve
+
 
 def grainflow(*args: str, cwd=None) -> subprocess.CompletedProcess:
     return subprocess.run(
@@ -123,3 +126,24 @@ class TestIngest:
         assert ok.returncode == 0, ok.stderr
         rows = json.loads(grainflow("catalog", str(archive), "--json").stdout)
         assert [(r["image_id"], r["pixel_size_x"], r["unit"]) for r in rows] == [("plain", 2.5, "nanometer")]
+
+def _catalog_row(image_id: str, size_y: float, size_x: float, unit: str = "nanometer") -> CatalogRow:
+    return CatalogRow(image_id=image_id, uri=f"images/{image_id}.ome.zarr", modality="SEM", pixel_size_y=size_y,
+                      pixel_size_x=size_x, unit=unit, height=512, width=256, dtype="uint8", levels=1, chunk=256,
+                      checksum="0")
+
+
+class TestCatalogListing:
+    def test_non_square_pixels_are_listed_y_by_x(self, tmp_path):
+        archive = tmp_path / "archive"
+        rows = [_catalog_row("fast-scan", 200.0, 100.0), _catalog_row("square", 100.0, 100.0),
+                _catalog_row("optical", 1.0, 1.0, "micrometer")]
+        write_catalog(resolve(str(archive)), rows)
+        cli = grainflow("catalog", str(archive))
+        assert cli.returncode == 0, cli.stderr
+        rows = {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
+                for line in cli.stdout.splitlines() if line.startswith("│")}
+        assert rows["fast-scan"][-1] == "200 x 100 nm"
+        assert rows["square"][-1] == "100 nm"
+        assert rows["optical"][-1] == "1 µm"
+        assert rows["fast-scan"][4] == "512 x 256"  # the shape, in the same y x x order
