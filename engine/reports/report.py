@@ -99,9 +99,13 @@ def _header(run: Run) -> str:
         parts.append(html.note(run.archive_note, warn=True))
     if h["errors"] or not run.summary["complete"].all():
         incomplete = int((~run.summary["complete"]).sum())
-        what = f"{int(run.summary['tiles_error'].sum())} tile(s) failed" + (
-            f" and {h['images_failed']} image(s) could not be planned or prepared" if h["images_failed"] else "")
-        parts.append(html.note(f"{incomplete} image(s) are incomplete: {what} (see Errors); rerun the job with the "
+        reduced = int(run.summary["tiles_halo_reduced"].fillna(0).sum()) if "tiles_halo_reduced" in run.summary else 0
+        what = [f"{int(run.summary['tiles_error'].sum())} tile(s) failed (see Errors)"]
+        if reduced:  # done, but their detections lack a side's context: a rerun redoes them
+            what.append(f"{reduced} tile(s) beside them ran without part of their halo")
+        if h["images_failed"]:
+            what.append(f"{h['images_failed']} image(s) could not be planned or prepared")
+        parts.append(html.note(f"{incomplete} image(s) are incomplete: {', '.join(what)}; rerun the job with the "
                                f"same --out to retry them.", warn=True))
     return html.section("run", "Run", parts)
 

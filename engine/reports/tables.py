@@ -69,13 +69,17 @@ def image_table(run: Run) -> pd.DataFrame:
     (the x size of the pixels the models saw, nm; level and pixel size are empty for an
     image the job could not plan), material (predicted), material_prob, grade, grade_prob,
     catalog_material, catalog_grade (None without a catalog or a value there),
-    tiles_planned, tiles_done, tiles_error, n_defects, defect_density_per_mm2 (per mm²
-    of done tile cores), core_area_mm2, and one column per defect class (count).
+    tiles_planned, tiles_done, tiles_error, tiles_halo_reduced (done without part of their
+    halo, beside a bad chunk; 0 for runs that predate the column), n_defects,
+    defect_density_per_mm2 (per mm² of done tile cores), core_area_mm2, and one column
+    per defect class (count).
     """
     s = run.summary
+    if "tiles_halo_reduced" not in s.columns:
+        s = s.assign(tiles_halo_reduced=0)
     out = s[["image_id", "modality", "level", "pixel_size_nm", "material", "material_prob", "grade", "grade_prob",
-             "tiles_planned", "tiles_done", "tiles_error", "n_defects", "defect_density_per_mm2",
-             "core_area_mm2"]].copy()
+             "tiles_planned", "tiles_done", "tiles_error", "tiles_halo_reduced", "n_defects",
+             "defect_density_per_mm2", "core_area_mm2"]].copy()
     out["level"] = out["level"].astype(pd.Int64Dtype())  # "1", not "1.0", beside an unplanned image's gap
     if run.catalog is not None:
         truth = run.catalog.set_index("image_id")[["material", "quality_grade"]]

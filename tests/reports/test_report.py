@@ -205,6 +205,12 @@ class TestReportPage:
         assert CORRUPT_CHUNK in row["message"]
         images = page.table("image-summary").set_index("image_id")
         assert images.at[report_run.corrupt_image, "tiles_error"] == "1"
+        # its neighbours ran without the bad chunk's side of their halo: counted, and said
+        reduced = int(pd.read_parquet(report_run.out / SUMMARY_FILE).set_index("image_id")
+                      .at[report_run.corrupt_image, "tiles_halo_reduced"])
+        assert reduced > 0 and images.at[report_run.corrupt_image, "tiles_halo_reduced"] == str(reduced)
+        text = report_run.report.read_text(encoding="utf-8")
+        assert f"{reduced} tile(s) beside them ran without part of their halo" in text
 
     def test_overlays_read_a_readable_level(self, report_run, page):
         """The image with the corrupt level-0 chunk is still shown, from level 1."""
