@@ -11,6 +11,16 @@ reading to the dataset.
 Coordinates: (y, x) is a tile's top-left corner in pixels of its own pyramid level k
 (level 0 = full resolution; level k has ceil(H / 2**k) x ceil(W / 2**k) pixels, as
 `engine.stores.pyramid` builds it). Ground-truth boxes are level-0 pixels.
+
+Square model pixels: an image whose pixels are not square (`engine.data.tile_plan.is_square`
+of the catalog's y and x sizes, e.g. a fast-scan SEM's (10, 5) nm) reaches the models
+square at inference (`engine.data.tile_plan.choose_square_pixels`: natively, the finer of
+the read level's two sizes), so it is trained that way too: level k's tiles are laid on
+the square grid of min(y, x) * 2**k nm pixels (`engine.preprocess.resample.OutputGrid`:
+pixel j covers level-0 [j * step, (j + 1) * step) per axis), (y, x) and `tile` count
+those pixels, and the reader resamples them from level k. Read as level pixels, a
+round pore would be trained as a 1:2 ellipse and then met round. Square images (within
+SQUARE_WITHIN) plan as before.
 """
 
 from __future__ import annotations
@@ -23,7 +33,9 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 import pandas as pd
 
+from engine.data.tile_plan import is_square
 from engine.errors import GrainflowError
+from engine.preprocess.resample import OutputGrid
 from engine.stores.catalog import image_uri, read_catalog, read_table
 from engine.stores.ngff import to_nanometres
 from engine.stores.uri import StoreLocation, resolve
@@ -121,13 +133,17 @@ class SampleSpec:
     """One training sample, planned: where to read it and what its labels are.
 
     image_uri: the OME-Zarr image (absolute URI). level, y, x: the detail tile's level
-    and top-left corner in level pixels; tile: its side. context_tile: 0 for none, else
-    the context tile's side at level + context_offset. material / material_index,
-    grade_index: the image's catalog labels (-1 where unknown or unlabelled).
-    pixel_size_nm: edge of one pixel of this level, nm. seed: the sample's own seed
+    and top-left corner in level pixels (in square model pixels when `resampled`);
+    tile: its side. context_tile: 0 for none, else the context tile's side at level +
+    context_offset. material / material_index, grade_index: the image's catalog labels
+    (-1 where unknown or unlabelled). pixel_size_nm: edge of one pixel of this level
+    (of the square model pixels when `resampled`), nm. seed: the sample's own seed
     (augmentation draws). instance_ids / instance_classes: ground-truth instances whose
     level-0 box meets the tile, and each one's segmentation class (1-based; 0 is
-    background).
+    background). step_y, step_x: level-0 pixels per tile pixel along y and x when the
+    image's pixels are not square and the tile is resampled to square ones of
+    pixel_size_nm from `level` (module docstring); 0.0 where the tile is the level's
+    own pixels.
     """
 
     image_id: str
@@ -146,6 +162,13 @@ class SampleSpec:
     seed: int = 0
     instance_ids: tuple[int, ...] = field(default=())
     instance_classes: tuple[int, ...] = field(default=())
+    step_y: float = 0.0
+    step_x: float = 0.0
+
+    @property
+    def resampled(self) -> bool:
+        """Whether the tile is resampled to square pixels (the image's are not square)."""
+        return self.step_y > 0
 
     def to_row(self) -> dict[str, Any]:
         """A plain dict (lists, str, int, float) for ray.data.from_items."""
@@ -167,7 +190,7 @@ class SampleSpec:
                 kw[f.name] = str(v)
             elif f.name == "material":
                 kw[f.name] = str(v) or None
-            elif f.name == "pixel_size_nm":
+            elif f.name in ("pixel_size_nm", "step_y", "step_x"):
                 kw[f.name] = float(v)
             else:
                 kw[f.name] = int(v)
@@ -180,6 +203,26 @@ def level_shape(height: int, width: int, level: int) -> tuple[int, int]:
     for _ in range(level):
         h, w = (h + 1) // 2, (w + 1) // 2
     return h, w
+
+
+def level_grid(height: int, width: int, pixel_size_yx_nm: tuple[float, float], level: int
+               ) -> tuple[tuple[float, float], tuple[int, int], float, bool]:
+    """How tiles of `level` of an H x W image of level-0 (y, x) pixel size (nm) are laid.
+
+    Returns (step, extent, pixel_size_nm, resampled): step, (y, x) level-0 pixels per
+    tile pixel; extent, (h, w) tile pixels covering the image; pixel_size_nm, a tile
+    pixel's edge. Square pixels: the level's own, step (2**level, 2**level) (ints),
+    extent `level_shape`. Others: square pixels of the finer of the level's two sizes
+    (engine.data.tile_plan.choose_square_pixels' native rule), on the image's global
+    `OutputGrid` at that size.
+    """
+    py, px = (float(v) for v in pixel_size_yx_nm)
+    f = 2**level
+    if is_square(py, px):
+        return (f, f), level_shape(height, width, level), px * f, False
+    size = min(py, px) * f
+    grid = OutputGrid.for_image((int(height), int(width)), (py, px), size)
+    return grid.step, grid.extent, size, True
 
 
 def sample_seed(seed: int, image_id: str, level: int, y: int, x: int) -> int:
@@ -250,7 +293,9 @@ def _plan_image(archive, row, layout, truth, materials, grades, defect_classes, 
     levels = range(n_levels) if layout.levels is None else [v for v in layout.levels if v < n_levels]
     material_index = _index(row.material, materials, "material", row.image_id)
     grade_index = _index(row.quality_grade, grades, "quality grade", row.image_id)
-    px0 = to_nanometres(float(row.pixel_size_x), str(row.unit))
+    pixel_size_yx = (to_nanometres(float(row.pixel_size_y), str(row.unit)),
+                     to_nanometres(float(row.pixel_size_x), str(row.unit)))
+    grids = {v: level_grid(row.height, row.width, pixel_size_yx, v) for v in levels}
     uri = image_uri(archive, row.image_id).uri
     boxes = classes = ids = None
     if truth is not None and len(truth):
@@ -259,54 +304,62 @@ def _plan_image(archive, row, layout, truth, materials, grades, defect_classes, 
         classes = np.array([_index(c, defect_classes, "defect class", row.image_id) + 1
                             for c in truth["defect_class"]], np.int64)
     if layout.anchor == "instances":
-        out = _instance_crops(row, layout, list(levels), boxes, ids, classes, material_index, grade_index, px0,
-                              uri, seed)
+        out = _instance_crops(row, layout, grids, boxes, ids, classes, material_index, grade_index, uri, seed)
     else:
-        out = _grid_tiles(row, layout, levels, boxes, ids, classes, material_index, grade_index, px0, uri, seed)
+        out = _grid_tiles(row, layout, grids, boxes, ids, classes, material_index, grade_index, uri, seed)
     if layout.max_per_image is not None and len(out) > layout.max_per_image:
         keep = np.sort(rng.choice(len(out), layout.max_per_image, replace=False))
         out = [out[i] for i in keep]
     return out
 
 
-def _instance_crops(row, layout, levels, boxes, ids, classes, material_index, grade_index, px0, uri, seed
+def _steps(grid) -> dict[str, float]:
+    """SampleSpec's step_y / step_x for a `level_grid` (0.0: the level's own pixels)."""
+    (sy, sx), _, _, resampled = grid
+    return {"step_y": float(sy), "step_x": float(sx)} if resampled else {}
+
+
+def _instance_crops(row, layout, grids, boxes, ids, classes, material_index, grade_index, uri, seed
                     ) -> list[SampleSpec]:
     """One tile per instance, centred on its box (SampleLayout.anchor == "instances")."""
     out: list[SampleSpec] = []
+    levels = list(grids)
     if boxes is None or not levels:
         return out
     t = layout.tile
     for box, iid, cls in zip(boxes, ids, classes):
-        side = max(int(box[2] - box[0]), int(box[3] - box[1]))
-        level = next((v for v in levels if side / 2**v <= INSTANCE_FILL * t), levels[-1])
-        f = 2**level
-        cy, cx = (box[0] + box[2]) / (2 * f), (box[1] + box[3]) / (2 * f)
+        h, w = int(box[2] - box[0]), int(box[3] - box[1])
+        # the box's longer side in tile pixels of each level (level-0 pixels / step)
+        level = next((v for v in levels if max(h / grids[v][0][0], w / grids[v][0][1]) <= INSTANCE_FILL * t),
+                     levels[-1])
+        (sy, sx), _, pixel_size_nm, _ = grids[level]
+        cy, cx = (box[0] + box[2]) / (2 * sy), (box[1] + box[3]) / (2 * sx)
         y, x = int(round(cy - t / 2)), int(round(cx - t / 2))
         out.append(SampleSpec(
             image_id=str(row.image_id), image_uri=uri, level=level, y=y, x=x, tile=t,
-            modality=str(row.modality), pixel_size_nm=px0 * f,
+            modality=str(row.modality), pixel_size_nm=pixel_size_nm,
             material=None if material_index < 0 else str(row.material),
             material_index=material_index, grade_index=grade_index, context_tile=0,
             context_offset=layout.context_offset, seed=sample_seed(seed, f"{row.image_id}#{int(iid)}", level, y, x),
-            instance_ids=(int(iid),), instance_classes=(int(cls),),
+            instance_ids=(int(iid),), instance_classes=(int(cls),), **_steps(grids[level]),
         ))
     return out
 
 
-def _grid_tiles(row, layout, levels, boxes, ids, classes, material_index, grade_index, px0, uri, seed
+def _grid_tiles(row, layout, grids, boxes, ids, classes, material_index, grade_index, uri, seed
                 ) -> list[SampleSpec]:
     """Tiles on a regular grid over every level (SampleLayout.anchor == "grid")."""
     out = []
-    for level in levels:
-        h, w = level_shape(row.height, row.width, level)
-        t, s, f = layout.tile, layout.step, 2**level
+    for level, grid in grids.items():
+        (sy, sx), (h, w), pixel_size_nm, _ = grid
+        t, s = layout.tile, layout.step
         for y in range(0, h - t + 1, s):
             for x in range(0, w - t + 1, s):
                 inst_ids: tuple[int, ...] = ()
                 inst_classes: tuple[int, ...] = ()
                 if boxes is not None:
                     # level-0 footprint of the tile, half open, against half-open boxes
-                    y0, y1, x0, x1 = y * f, (y + t) * f, x * f, (x + t) * f
+                    y0, y1, x0, x1 = y * sy, (y + t) * sy, x * sx, (x + t) * sx
                     hit = (boxes[:, 0] < y1) & (boxes[:, 2] > y0) & (boxes[:, 1] < x1) & (boxes[:, 3] > x0)
                     inst_ids = tuple(int(i) for i in ids[hit])
                     inst_classes = tuple(int(c) for c in classes[hit])
@@ -314,12 +367,12 @@ def _grid_tiles(row, layout, levels, boxes, ids, classes, material_index, grade_
                     continue
                 out.append(SampleSpec(
                     image_id=str(row.image_id), image_uri=uri, level=level, y=y, x=x, tile=t,
-                    modality=str(row.modality), pixel_size_nm=px0 * f,
+                    modality=str(row.modality), pixel_size_nm=pixel_size_nm,
                     material=None if material_index < 0 else str(row.material),
                     material_index=material_index, grade_index=grade_index,
                     context_tile=layout.context_tile or 0, context_offset=layout.context_offset,
                     seed=sample_seed(seed, str(row.image_id), level, y, x),
-                    instance_ids=inst_ids, instance_classes=inst_classes,
+                    instance_ids=inst_ids, instance_classes=inst_classes, **_steps(grid),
                 ))
     return out
 
@@ -348,6 +401,6 @@ def split_specs(specs: Sequence[SampleSpec], val_fraction: float, *, seed: int =
 
 
 __all__ = [
-    "SampleLayout", "SamplePlanError", "SampleSpec", "level_shape", "plan_samples",
+    "SampleLayout", "SamplePlanError", "SampleSpec", "level_grid", "level_shape", "plan_samples",
     "read_truth", "sample_seed", "split_specs",
 ]

@@ -9,6 +9,13 @@ tasks: it opens each image's store there, reads the detail tile (and the context
 two levels coarser for fusion models), the `defects` label image under it, and turns
 them into model-ready columns.
 
+Images whose pixels are not square (specs with `resampled`, engine.data.sample_plan's
+module docstring) are trained on square pixels, as the batch job and the endpoint
+deliver them: the detail and context tiles are resampled from their levels with
+engine.preprocess.resample (anti-aliased linear interpolation, rounded to the image's
+dtype: the job's resampled tiles), the label image by nearest neighbour (a label is an
+identity, not a value to blend), and SAM's boxes are in the resampled tile's pixels.
+
 Output columns, B rows (numpy, as `iter_batches(batch_format="numpy")` hands them over):
 
 - image: B x T x T float32 in [0, 1], the detail tile, normalised (see `normalise_tile`);
@@ -20,7 +27,8 @@ Output columns, B rows (numpy, as `iter_batches(batch_format="numpy")` hands the
   (N_i,) int64: mask="instance" only; the tight box of each ground-truth instance
   visible in the tile (the prompt SAM learns from) and its 1-based class;
 - material (str, "" unknown), modality (str), pixel_size_nm (float64, of the tile's
-  level), seed (int64, the sample's own seed): what engine.augment.AugmentBatch reads;
+  level; of its square pixels where resampled), seed (int64, the sample's own seed):
+  what engine.augment.AugmentBatch reads;
 - material_index, grade_index (int64, -1 unknown): classification targets;
 - image_id (str), level, y, x (int64): where the sample came from.
 
@@ -47,7 +55,9 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from engine.data.sample_plan import SampleLayout, SampleSpec
+from engine.preprocess.resample import OutputGrid, cast_pixels, resample
 from engine.stores.image import MultiscaleImage, open_image
+from engine.tiling.transform import LevelTransform
 
 LABELS = "defects"  # engine.synth.image.LABELS: the label image holding defect instances
 LOW_PERCENTILE, HIGH_PERCENTILE = 1.0, 99.0
@@ -109,18 +119,73 @@ def read_window(image: MultiscaleImage, level: int, y: int, x: int, h: int, w: i
     return data
 
 
+def read_resampled(image: MultiscaleImage, level: int, step: tuple[float, float], origin: tuple[int, int],
+                   shape: tuple[int, int]) -> np.ndarray:
+    """Pixels [j, j + h) x [i, i + w) of the image's square-pixel grid `step` ((y, x)
+    level-0 pixels per pixel, engine.preprocess.resample.OutputGrid's convention),
+    sampled from `level`: (h, w) in the image's dtype.
+
+    As the batch job samples its resampled tiles (engine.data.tile_read), so that the
+    pixels are the ones the model meets at inference: `resample` from a level window
+    with `OutputGrid.source_halo` around the tile's footprint, rounded to the image's
+    dtype; output pixels past the image's edge take the edge pixel's value (the job's
+    edge rule, where stored tiles are padded by reflection, `read_window`).
+    """
+    transform = LevelTransform.from_image(image, level)
+    halo = OutputGrid(tuple(float(s) for s in step), (0, 0)).source_halo(transform)
+    top, left = transform.from_level0(origin[0] * step[0], origin[1] * step[1])
+    bottom, right = transform.from_level0((origin[0] + shape[0]) * step[0], (origin[1] + shape[1]) * step[1])
+    height, width = image.levels[level].shape
+    y0, x0 = max(math.floor(top) - halo, 0), max(math.floor(left) - halo, 0)
+    y1, x1 = min(math.ceil(bottom) + halo, height), min(math.ceil(right) + halo, width)
+    window = read_window(image, level, y0, x0, y1 - y0, x1 - x0)
+    return cast_pixels(resample(window, (y0, x0), transform, step, origin, shape), window.dtype)
+
+
+def read_nearest(labels: MultiscaleImage, level: int, step: tuple[float, float], origin: tuple[int, int],
+                 shape: tuple[int, int]) -> np.ndarray:
+    """A label image on the square-pixel grid of `read_resampled`: (h, w), its dtype.
+
+    Each pixel takes the label of `level`'s pixel under its centre (nearest neighbour:
+    labels are identities, never blended); zero (background) past the image's edge.
+    """
+    transform = LevelTransform.from_image(labels, level)
+    index = []
+    for axis in (0, 1):
+        centres = (origin[axis] + np.arange(shape[axis]) + 0.5) * step[axis]  # level-0 edge coordinates
+        index.append(np.floor((centres - transform.shift[axis]) / transform.factor[axis]).astype(np.int64))
+    ys, xs = index
+    window = read_window(labels, level, int(ys[0]), int(xs[0]), int(ys[-1] - ys[0] + 1), int(xs[-1] - xs[0] + 1),
+                         pad="zero")
+    return window[(ys - ys[0])[:, None], (xs - xs[0])[None, :]]
+
+
+def read_detail(image: MultiscaleImage, spec: SampleSpec) -> np.ndarray:
+    """The detail tile of `spec`: T x T in the image's dtype (its level's pixels, or its
+    square pixels resampled from that level)."""
+    t = spec.tile
+    if spec.resampled:
+        return read_resampled(image, spec.level, (spec.step_y, spec.step_x), (spec.y, spec.x), (t, t))
+    return read_window(image, spec.level, spec.y, spec.x, t, t)
+
+
 def read_context(image: MultiscaleImage, spec: SampleSpec) -> np.ndarray:
     """The context tile of `spec`: Tc x Tc float32 at level + context_offset.
 
     When the pyramid stops short of that level (small images have few levels), the
     coarsest stored level is read and block-averaged down by the missing factor, which
     is exactly how engine.stores.pyramid builds levels (2 x 2 means), up to rounding.
+    A resampled spec's context is resampled to square pixels 2**context_offset times
+    the detail's, from that level or the coarsest stored one.
     """
     tc, d = spec.context_tile, spec.context_offset
     target = spec.level + d
     source = min(target, len(image.levels) - 1)
     f = 2 ** (target - source)
     cy, cx = context_origin(spec.y, spec.x, spec.tile, tc, d)
+    if spec.resampled:
+        step = (spec.step_y * 2**d, spec.step_x * 2**d)
+        return read_resampled(image, source, step, (cy, cx), (tc, tc)).astype(np.float32)
     window = read_window(image, source, cy * f, cx * f, tc * f, tc * f).astype(np.float32)
     if f > 1:
         window = window.reshape(tc, f, tc, f).mean(axis=(1, 3), dtype=np.float32)
@@ -206,17 +271,17 @@ class ReadSamples:
     def read(self, spec: SampleSpec) -> dict[str, Any]:
         image = _open(spec.image_uri)
         t = spec.tile
-        detail = read_window(image, spec.level, spec.y, spec.x, t, t)
+        detail = read_detail(image, spec)
         row: dict[str, Any] = {}
         context = read_context(image, spec) if spec.context_tile else None
         if self.normalisation == "image":
             from engine.preprocess import apply, fit_preprocessing
 
             params = _PARAMS.get(image.uri, lambda: fit_preprocessing(image, spec.modality))
-            row["image"] = apply(params, detail, *_placement(image, spec.level, spec.y, spec.x))
+            row["image"] = apply(params, detail, *_placement(image, spec, 0, spec.y, spec.x))
             if context is not None:
                 cy, cx = context_origin(spec.y, spec.x, spec.tile, spec.context_tile, spec.context_offset)
-                row["context"] = apply(params, context, *_placement(image, spec.level + spec.context_offset, cy, cx))
+                row["context"] = apply(params, context, *_placement(image, spec, spec.context_offset, cy, cx))
         elif context is not None:
             row["image"] = normalise_tile(detail, reference=context)
             row["context"] = normalise_tile(context, reference=context)
@@ -224,7 +289,10 @@ class ReadSamples:
             row["image"] = normalise_tile(detail)
         if self.mask is not None:
             labels = _open(image.location.join("labels", LABELS).uri)
-            instances = read_window(labels, spec.level, spec.y, spec.x, t, t, pad="zero")
+            if spec.resampled:
+                instances = read_nearest(labels, spec.level, (spec.step_y, spec.step_x), (spec.y, spec.x), (t, t))
+            else:
+                instances = read_window(labels, spec.level, spec.y, spec.x, t, t, pad="zero")
             if self.mask == "semantic":
                 row["mask"] = semantic_mask(instances, spec)
             else:
@@ -238,12 +306,16 @@ class ReadSamples:
         return row
 
 
-def _placement(image: MultiscaleImage, level: int, y: int, x: int) -> tuple[tuple[float, float], tuple[float, float]]:
-    """(level-0 (y, x) of pixel (y, x)'s corner, level-0 pixels per pixel) at `level`;
-    a level past the stored pyramid (a context tile block-averaged from the coarsest
-    one, `read_context`) is its 2x means."""
-    from engine.tiling.transform import LevelTransform
-
+def _placement(image: MultiscaleImage, spec: SampleSpec, offset: int, y: int, x: int
+               ) -> tuple[tuple[float, float], tuple[float, float]]:
+    """(level-0 (y, x) of pixel (y, x)'s corner, level-0 pixels per pixel) of the spec's
+    tile at level + offset (0: the detail, context_offset: the context); a level past
+    the stored pyramid (a context tile block-averaged from the coarsest one,
+    `read_context`) is its 2x means; a resampled spec's pixels are its square ones."""
+    if spec.resampled:
+        sy, sx = spec.step_y * 2**offset, spec.step_x * 2**offset
+        return (y * sy, x * sx), (sy, sx)
+    level = spec.level + offset
     stored = min(level, len(image.levels) - 1)
     f = 2 ** (level - stored)
     t = LevelTransform.from_image(image, stored)

@@ -1,0 +1,211 @@
+"""Training samples of an image whose pixels are not square get square ones, as inference does.
+
+A fast-scan SEM records (10, 5) nm (y, x) pixels. The batch job and the endpoint resample
+such an image to square pixels (engine.data.tile_plan), so training must too: read as
+level pixels, a round pore is a 1:2 ellipse to the model while it learns, then round when
+it is used. The archive here holds the same scene twice, once at (10, 5) nm and once at
+(5, 5) nm: a 600 nm disc (one `pore` instance) on a gentle ramp.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from engine.data.sample_plan import SampleLayout, SampleSpec, plan_samples
+from engine.data.training_samples import ReadSamples, normalise_tile
+from engine.models.labels import GRADES, defect_class_names, material_names
+from engine.stores.catalog import CatalogRow, image_uri, write_catalog, write_table
+from engine.stores.uri import resolve
+
+LABELS = dict(materials=material_names(), grades=GRADES, defect_classes=defect_class_names())
+FIELD_NM = 1280.0  # both images show 1280 x 1280 nm
+DISC = (640.0, 640.0, 300.0)  # centre y, x and radius, nm
+IMAGES = {"fast-scan": (10.0, 5.0), "square": (5.0, 5.0)}  # (y, x) nm per pixel
+CHUNK = 64
+
+
+def scene(pixel_size_yx: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
+    """(H, W) uint16 pixels and uint32 instance labels of the disc, sampled at the pixel
+    centres of a FIELD_NM square at `pixel_size_yx` nm."""
+    py, px = pixel_size_yx
+    y = (np.arange(round(FIELD_NM / py)) + 0.5)[:, None] * py
+    x = (np.arange(round(FIELD_NM / px)) + 0.5)[None, :] * px
+    cy, cx, r = DISC
+    disc = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
+    pixels = np.where(disc, 40000.0, 4000.0 + 4 * x + 2 * y)
+    return pixels.astype(np.uint16), disc.astype(np.uint32)
+
+
+@pytest.fixture(scope="module")
+def archive(tmp_path_factory):
+    """The two images with their `defects` labels, catalog and ground truth."""
+    from engine.stores.image import open_image
+    from engine.stores.writer import write_image
+    from engine.synth.truth import TRUTH_FILE, TruthRow, truth_table
+
+    location = resolve(tmp_path_factory.mktemp("square-train") / "a")
+    rows, truth = [], []
+    for image_id, size in IMAGES.items():
+        pixels, labels = scene(size)
+        uri = image_uri(location, image_id)
+        write_image(uri, pixels, pixel_size=size, chunk=CHUNK, labels={"defects": labels},
+                    attributes={"modality": "SEM"}, name=image_id)
+        ys, xs = np.nonzero(labels)
+        truth.append(TruthRow.of(image_id, 1, "pore", (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1),
+                                 int(labels.sum()), size[1]))
+        rows.append(CatalogRow(image_id=image_id, uri=f"images/{image_id}.ome.zarr", modality="SEM",
+                               pixel_size_y=size[0], pixel_size_x=size[1], unit="nanometer",
+                               height=pixels.shape[0], width=pixels.shape[1], dtype="uint16",
+                               levels=len(open_image(uri).levels), chunk=CHUNK, checksum="",
+                               material="ferritic_steel", quality_grade="A"))
+    write_catalog(location, rows)
+    write_table(location.join(TRUTH_FILE), truth_table(truth))
+    return location
+
+
+def plan(archive, layout, image_id):
+    return plan_samples(archive, layout, image_ids=[image_id], **LABELS)
+
+
+def extent(mask: np.ndarray) -> tuple[int, int]:
+    """(rows, columns) a non-empty mask spans."""
+    ys, xs = np.nonzero(mask)
+    return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+
+
+class TestPlan:
+    def test_tiles_are_laid_in_square_pixels_over_the_same_field(self, archive):
+        """Each level's tiles are square pixels of the finer size (5 nm * 2**k) and cover
+        the field as the square twin's do: same places in nm, same defects."""
+        layout = SampleLayout(64, mask="semantic")
+        fast, square = plan(archive, layout, "fast-scan"), plan(archive, layout, "square")
+        assert fast and all(s.resampled for s in fast) and not any(s.resampled for s in square)
+        for s in fast:
+            assert s.pixel_size_nm == 5.0 * 2**s.level
+            # the tile's pixels are square: level-0 pixels per tile pixel times their size
+            assert (s.step_y * 10.0, s.step_x * 5.0) == (s.pixel_size_nm, s.pixel_size_nm)
+        where = lambda specs: [(s.level, s.y, s.x, s.pixel_size_nm, s.instance_ids) for s in specs]  # noqa: E731
+        assert where(fast) == where(square)
+        assert any(s.instance_ids for s in fast)
+
+    def test_the_square_pixels_are_the_inference_planners(self, archive):
+        """The pixels a level's samples are trained at are the ones the batch job and the
+        endpoint deliver when reading that level natively (tile_plan's rule and grid)."""
+        from engine.data.tile_plan import choose_square_pixels, plan_image
+        from engine.stores.image import open_image
+
+        image = open_image(image_uri(archive, "fast-scan"))
+        specs = plan(archive, SampleLayout(16), "fast-scan")
+        assert {s.level for s in specs} == set(range(len(image.levels)))
+        for s in specs:
+            level_x_nm = 5.0 * 2**s.level
+            assert choose_square_pixels(image, level_x_nm, math.inf) == (s.level, s.pixel_size_nm)
+            job = plan_image(image, "fast-scan", None, "SEM", target_nm=level_x_nm, tolerance=math.inf,
+                             tile_size=None, halo=0, tile_dtype="uint16")
+            assert (job.grid.level, job.output.step) == (s.level, (s.step_y, s.step_x))
+
+    def test_pixels_square_within_a_percent_plan_as_square_ones(self, tmp_path):
+        """(5.04, 5.0) nm pixels are square to the models (tile_plan.SQUARE_WITHIN): their
+        tiles are the level's own pixels, as before. The plan needs the catalog only."""
+        def catalog_only(name, size_yx):
+            location = resolve(tmp_path / name)
+            write_catalog(location, [CatalogRow(
+                image_id="im", uri="images/im.ome.zarr", modality="SEM", pixel_size_y=size_yx[0],
+                pixel_size_x=size_yx[1], unit="nanometer", height=256, width=256, dtype="uint16", levels=3,
+                chunk=64, checksum="", material="ferritic_steel", quality_grade="A")])
+            return plan_samples(location, SampleLayout(64), **LABELS)
+
+        near, exact = catalog_only("near", (5.04, 5.0)), catalog_only("exact", (5.0, 5.0))
+        assert len(near) == 16 + 4 + 1 and not any(s.resampled for s in near)
+        assert [(s.level, s.y, s.x, s.pixel_size_nm) for s in near] == [
+            (s.level, s.y, s.x, s.pixel_size_nm) for s in exact]
+
+    def test_resampled_specs_round_trip_through_rows(self, archive):
+        for s in plan(archive, SampleLayout(64, context_tile=64, mask="semantic"), "fast-scan"):
+            assert s.resampled and SampleSpec.from_row(s.to_row()) == s
+
+
+class TestRead:
+    def test_a_round_defect_is_round_in_the_sample(self, archive):
+        """The disc's mask spans as many rows as columns (within a pixel), SAM's box is
+        square, and its size in nm is the disc's and the square twin's."""
+        layout = SampleLayout(192, mask="instance", anchor="instances")
+        reader = ReadSamples("instance")
+        size_nm = {}
+        for image_id in IMAGES:
+            (spec,) = plan(archive, layout, image_id)
+            row = reader.read(spec)
+            assert row["pixel_size_nm"] == 5.0 and row["mask"].shape == (192, 192)
+            rows, cols = extent(row["mask"] == 1)
+            assert abs(rows - cols) <= 1
+            (x0, y0, x1, y1), = row["boxes"]
+            assert (x1 - x0, y1 - y0) == (cols, rows)
+            bright_rows, bright_cols = extent(row["image"] > 0.5)  # the pixels show the disc round too
+            assert abs(bright_rows - bright_cols) <= 1
+            size_nm[image_id] = (rows * row["pixel_size_nm"], cols * row["pixel_size_nm"])
+        diameter = 2 * DISC[2]
+        for image_id, (h, w) in size_nm.items():
+            assert abs(h - diameter) <= 5.0 and abs(w - diameter) <= 5.0, (image_id, h, w)
+        assert np.allclose(size_nm["fast-scan"], size_nm["square"], atol=5.0)
+
+    def test_the_detail_is_the_jobs_resampling_of_its_level(self, archive):
+        """The detail tile is what engine.preprocess.resample makes of the whole level
+        (the job's tiles equal that), rounded to the image's dtype; with normalisation
+        "image", the image's preprocessing is applied at the tile's level-0 place."""
+        from engine.pipeline.inputs import normalise
+        from engine.preprocess import fit_preprocessing
+        from engine.preprocess.resample import cast_pixels, resample
+        from engine.stores.image import open_image
+        from engine.tiling.transform import LevelTransform
+
+        image = open_image(image_uri(archive, "fast-scan"))
+        params = fit_preprocessing(image, "SEM")
+        specs = plan(archive, SampleLayout(64, normalisation="image"), "fast-scan")
+        for spec in (specs[0], specs[5], next(s for s in specs if s.level == 1)):
+            height, width = image.levels[spec.level].shape
+            level = image.read_region(spec.level, 0, height, 0, width)
+            transform = LevelTransform.from_image(image, spec.level)
+            step = (spec.step_y, spec.step_x)
+            want = cast_pixels(resample(level, (0, 0), transform, step, (spec.y, spec.x), (64, 64)), level.dtype)
+            np.testing.assert_array_equal(ReadSamples().read(spec)["image"], normalise_tile(want))
+            placed = normalise(want, "image", params=params, origin=(spec.y * step[0], spec.x * step[1]), scale=step)
+            np.testing.assert_array_equal(ReadSamples(None, "image").read(spec)["image"], placed)
+
+    def test_context_and_semantic_mask_are_square_too(self, archive):
+        """A fusion sample: the context (4x the pixel size, resampled from the coarsest
+        level) and the class mask show the disc round, in the same place as the square
+        twin's."""
+        layout = SampleLayout(64, context_tile=64, mask="semantic")
+        pore = defect_class_names().index("pore") + 1
+        rows = {}
+        for image_id in IMAGES:
+            spec = next(s for s in plan(archive, layout, image_id) if s.level == 0 and s.y == 64 and s.x == 64)
+            rows[image_id] = row = ReadSamples("semantic").read(spec)
+            assert row["context"].shape == (64, 64) and row["context"].dtype == np.float32
+            assert set(np.unique(row["mask"])) == {0, pore}
+            rows_, cols_ = extent(row["context"] > 0.5)
+            assert abs(rows_ - cols_) <= 1
+        fast, square = rows["fast-scan"], rows["square"]
+        # nearest neighbour from 10 nm rows: the masks differ at most on the disc's rim
+        assert np.mean(fast["mask"] != square["mask"]) < 0.02
+        assert np.abs(fast["context"] - square["context"]).mean() < 0.05
+
+    def test_a_batch_mixing_square_and_resampled_samples(self, archive):
+        """One batch of both images' specs (as a Ray read task gets it): one set of
+        columns, every pixel size 5 nm * 2**level, each fast-scan sample the square
+        twin's but for the disc's rim, and SAM's boxes those of the masks."""
+        layout = SampleLayout(128, mask="instance", require_instances=True)
+        fast, square = plan(archive, layout, "fast-scan"), plan(archive, layout, "square")
+        assert len(fast) == len(square) == 5  # 2 x 2 tiles at 5 nm, one at 10 nm
+        rows = [s.to_row() for s in fast + square]
+        batch = ReadSamples("instance")({k: [r[k] for r in rows] for k in rows[0]})
+        assert batch["image"].shape == (10, 128, 128)
+        assert batch["pixel_size_nm"].tolist() == [5.0 * 2**s.level for s in fast + square]
+        for mask, boxes in zip(batch["mask"], batch["boxes"]):
+            (x0, y0, x1, y1), = boxes
+            assert (y1 - y0, x1 - x0) == extent(mask == 1)
+        for i in range(5):
+            assert np.mean(batch["mask"][i] != batch["mask"][i + 5]) < 0.02
