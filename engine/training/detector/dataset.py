@@ -3,10 +3,12 @@
 `ArchiveTileDataset` subclasses Ultralytics' `YOLODataset` and replaces only where
 images and labels come from: `get_img_files` and `get_labels` return the tile plan
 (`engine.training.detector.tiles`), and `load_image` reads a tile's pixels from the
-archive when a batch needs them. Everything downstream is Ultralytics' own: mosaic,
-affine and flip augmentation, letterboxing, rectangular validation batches, `Format`
-and `collate_fn`. So no image or label file is written: there is no second copy of the
-archive on disk, not even of the tiles a run uses.
+archive when a batch needs them (an image whose pixels are not square is resampled
+to the tile's square pixels as the batch job resamples it, its `defects` labels by
+nearest neighbour: `TrainingTile.resampled`). Everything downstream is Ultralytics'
+own: mosaic, affine and flip augmentation, letterboxing, rectangular validation
+batches, `Format` and `collate_fn`. So no image or label file is written: there is
+no second copy of the archive on disk, not even of the tiles a run uses.
 
 This module imports Ultralytics at import time (it subclasses its classes); import it
 only after `engine.runtime.configure_offline()`, as `train_detector` does.
@@ -91,9 +93,21 @@ class ArchiveTileDataset(YOLODataset):
         return self._tiles[self.im_files[index]]
 
     def read_tile(self, index: int) -> np.ndarray:
-        """Item `index`'s pixels: (H, W) uint8, read from the archive now."""
+        """Item `index`'s pixels: (H, W) uint8, read from the archive now (resampled to
+        the tile's square pixels where the image's are not square)."""
         t = self.tile(index)
+        if t.resampled:
+            return to_uint8(self._reader.read_resampled(t.image, t.level, t.scale, (t.y0, t.x0), t.shape))
         return to_uint8(self._reader.read(t.image, t.level, t.y0, t.y1, t.x0, t.x1))
+
+    def read_tile_labels(self, tile: TrainingTile) -> np.ndarray | None:
+        """The tile's (H, W) region of the `defects` label image, on the tile's pixels
+        (nearest neighbour on its square grid where resampled); None when the image has
+        no such label image."""
+        if tile.resampled:
+            return self._reader.read_labels_nearest(tile.image, DEFECT_LABELS, tile.level, tile.scale,
+                                                    (tile.y0, tile.x0), tile.shape)
+        return self._reader.read_labels(tile.image, DEFECT_LABELS, tile.level, tile.y0, tile.y1, tile.x0, tile.x1)
 
     def update_labels_info(self, label: dict) -> dict:
         """Exact boxes for defects a tile edge cuts, then Ultralytics' own label packing.
@@ -107,8 +121,7 @@ class ArchiveTileDataset(YOLODataset):
         tile = self._tiles[key]
         if tile.is_cut:
             if key not in self._exact:
-                mask = self._reader.read_labels(tile.image, DEFECT_LABELS, tile.level, tile.y0, tile.y1, tile.x0,
-                                                tile.x1)
+                mask = self.read_tile_labels(tile)
                 self._exact[key] = None if mask is None else yolo_format(*tile.labels_from_mask(mask), tile.shape)
             if self._exact[key] is not None:
                 cls, xywh = self._exact[key]

@@ -4,7 +4,10 @@ The detector sees each image the way the pipeline does: at one pyramid level, cu
 engine.tiling's `TileGrid` into chunk-aligned cores read with a halo, and its per-tile
 boxes put together with engine.tiling's `stitch_boxes` (a box belongs to the core that
 holds its centre; pieces of one defect cut by a core border are merged; NMS) in
-level-0 pixels. They are compared with the archive's ground-truth boxes, whole (not cut
+level-0 pixels. An image whose pixels are not square is seen as the batch job and the
+endpoint deliver it (`engine.data.tile_plan.plan_image`, native pixels): resampled to
+square pixels of the level's finer size, the detector's boxes mapped back to level 0
+per axis. They are compared with the archive's ground-truth boxes, whole (not cut
 by tiles), with Ultralytics' matching rule (a prediction, in order of score, takes the
 unclaimed box of its class it overlaps most, per IoU threshold) and Ultralytics'
 `ap_per_class` (COCO's 101-point interpolated AP), so the figures read like those of
@@ -100,26 +103,81 @@ def predict_image(detector, reader: ImageCache, image_id: str, image: StoreLocat
 
     The level is cut into cores of about `tile` pixels (chunk multiples) read with
     `halo` pixels of context on each side; tiles of one read shape go to the detector
-    `batch` at a time. An image up to `tile` pixels a side is one tile.
+    `batch` at a time. An image up to `tile` pixels a side is one tile. An image whose
+    pixels are not square is planned and resampled as the batch job does (`tile` and
+    `halo` then count its square pixels; `predict_resampled`).
     """
-    from engine.tiling import TileBoxes, TileGrid, stitch_boxes
+    from engine.data.tile_plan import choose_square_pixels
+    from engine.tiling import LevelTransform, TileBoxes, TileGrid, stitch_boxes
 
     img = reader.get(image)
-    grid = TileGrid.from_image(img, image_id, level, tile=grid_tile(img.levels[level].chunks, tile), halo=halo)
-    by_shape: dict[tuple[int, int], list] = {}
-    for spec in grid:
-        by_shape.setdefault(spec.read_shape, []).append(spec)
-    found = []
-    for group in by_shape.values():
-        for part in (group[i:i + batch] for i in range(0, len(group), batch)):
-            pixels = img.read_regions(level, [spec.read_region for spec in part])
-            dets = detector.predict(np.stack(pixels), conf=conf, iou=iou, max_det=max_det)
-            found.extend(TileBoxes(spec.core_level0(), spec.boxes_to_level0(d.boxes), d.scores, d.classes,
-                                   spec.read_level0())
-                         for spec, d in zip(part, dets))
+    level_x_nm = LevelTransform.from_image(img, level).level_pixel_size_nm[1]
+    if choose_square_pixels(img, level_x_nm, math.inf) is not None:
+        found = predict_resampled(detector, reader, image_id, image, level, tile=tile, halo=halo, batch=batch,
+                                  conf=conf, iou=iou, max_det=max_det)
+    else:
+        grid = TileGrid.from_image(img, image_id, level, tile=grid_tile(img.levels[level].chunks, tile), halo=halo)
+        by_shape: dict[tuple[int, int], list] = {}
+        for spec in grid:
+            by_shape.setdefault(spec.read_shape, []).append(spec)
+        found = []
+        for group in by_shape.values():
+            for part in (group[i:i + batch] for i in range(0, len(group), batch)):
+                pixels = img.read_regions(level, [spec.read_region for spec in part])
+                dets = detector.predict(np.stack(pixels), conf=conf, iou=iou, max_det=max_det)
+                found.extend(TileBoxes(spec.core_level0(), spec.boxes_to_level0(d.boxes), d.scores, d.classes,
+                                       spec.read_level0())
+                             for spec, d in zip(part, dets))
     stitched = stitch_boxes(found, iou_threshold=iou)
     order = np.argsort(-stitched.scores, kind="stable")
     return stitched.boxes[order], stitched.scores[order], stitched.classes[order].astype(np.int64)
+
+
+def predict_resampled(detector, reader: ImageCache, image_id: str, image: StoreLocation, level: int, *,
+                      tile: int, halo: int, batch: int, conf: float, iou: float, max_det: int) -> list:
+    """Per-tile detections (engine.tiling `TileBoxes`, level-0 xyxy) of an image whose
+    pixels are not square, on the tiles the batch job reads from `level` natively.
+
+    The plan is the job's (`engine.data.tile_plan.plan_image`, tolerance inf: square
+    pixels of the level's finer size, cores of about `tile` and a `halo` of such
+    pixels); each tile's pixels are the job's resampling of the level
+    (`engine.data.training_samples.read_resampled`, as detector training reads them),
+    and its boxes go back to level 0 with the grid's (y, x) step, as the pipeline's
+    (`tile_boxes_to_level0`).
+    """
+    from engine.data.tile_plan import plan_image
+    from engine.tiling import LevelTransform, TileBoxes, tile_boxes_to_level0, tile_core_level0, tile_read_level0
+
+    img = reader.get(image)
+    level_x_nm = LevelTransform.from_image(img, level).level_pixel_size_nm[1]
+    planned = plan_image(img, image_id, image, "", target_nm=level_x_nm, tolerance=math.inf, tile_size=tile,
+                         halo=halo, tile_dtype=str(img.dtype))
+    if planned.grid.level != level or planned.output is None:
+        raise RuntimeError(f"{image_id}: the batch job's plan reads level {planned.grid.level} "
+                           f"(resampled: {planned.output is not None}), not level {level} resampled")
+    out = planned.output
+    by_shape: dict[tuple[int, int], list] = {}
+    for row in range(planned.n_rows):
+        for col in range(planned.n_cols):
+            x0, y0, x1, y1 = planned.grid.tile_at(row, col).core_level0()
+            window = out.core_window((y0, y1, x0, x1))  # the output pixels this core owns
+            if window[0] == window[1] or window[2] == window[3]:
+                continue
+            top, bottom, left, right = out.halo_of(window)
+            first = (window[0] - top, window[2] - left)
+            shape = (window[1] - window[0] + top + bottom, window[3] - window[2] + left + right)
+            by_shape.setdefault(shape, []).append((first, (top, bottom, left, right)))
+    found = []
+    for shape, group in by_shape.items():
+        for part in (group[i:i + batch] for i in range(0, len(group), batch)):
+            pixels = [reader.read_resampled(image, level, out.step, first, shape) for first, _ in part]
+            dets = detector.predict(np.stack(pixels), conf=conf, iou=iou, max_det=max_det)
+            for (first, tile_halo), d in zip(part, dets):
+                origin = (first[0] * out.step[0], first[1] * out.step[1])
+                found.append(TileBoxes(tile_core_level0(origin, out.step, tile_halo, shape),
+                                       tile_boxes_to_level0(d.boxes, origin, out.step), d.scores, d.classes,
+                                       tile_read_level0(origin, out.step, shape)))
+    return found
 
 
 def _ap50(tp, conf, pred_cls, target_cls, names) -> tuple[dict[str, float], dict[str, float]]:

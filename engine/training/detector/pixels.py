@@ -67,11 +67,19 @@ class ImageCache:
         """Pixels [y0:y1, x0:x1] of `level`, (y, x) in the stored dtype."""
         return self.get(location).read_region(level, y0, y1, x0, x1)
 
-    def read_labels(self, location: StoreLocation, name: str, level: int, y0: int, y1: int, x0: int,
-                    x1: int) -> np.ndarray | None:
-        """Region [y0:y1, x0:x1] of the image's label image `name` at the level of the
-        same shape as the image's `level`, (y, x) uint32 instance ids; None when the
-        image has no such label image (e.g. an ingested archive with boxes only)."""
+    def read_resampled(self, location: StoreLocation, level: int, step: tuple[float, float],
+                       origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray:
+        """Pixels [j, j + h) x [i, i + w) of the image's square-pixel grid `step` ((y, x)
+        level-0 pixels per pixel), resampled from `level` as the batch job resamples
+        (`engine.data.training_samples.read_resampled`): (h, w) in the stored dtype."""
+        from engine.data.training_samples import read_resampled
+
+        return read_resampled(self.get(location), level, step, origin, shape)
+
+    def label_image(self, location: StoreLocation, name: str, level: int):
+        """The image's label image `name` (a `MultiscaleImage`, opened once per process)
+        when it has one whose `level` has the image's `level` shape; else None (e.g. an
+        ingested archive with boxes only)."""
         key = f"{location.uri}#labels/{name}"
         if key not in self._labels:
             image = self.get(location)
@@ -81,4 +89,23 @@ class ImageCache:
             return None
         if labels.levels[level].shape != self.get(location).levels[level].shape:
             return None
-        return labels.read_region(level, y0, y1, x0, x1)
+        return labels
+
+    def read_labels(self, location: StoreLocation, name: str, level: int, y0: int, y1: int, x0: int,
+                    x1: int) -> np.ndarray | None:
+        """Region [y0:y1, x0:x1] of the image's label image `name` at the level of the
+        same shape as the image's `level`, (y, x) uint32 instance ids; None when the
+        image has no such label image (`label_image`)."""
+        labels = self.label_image(location, name, level)
+        return None if labels is None else labels.read_region(level, y0, y1, x0, x1)
+
+    def read_labels_nearest(self, location: StoreLocation, name: str, level: int, step: tuple[float, float],
+                            origin: tuple[int, int], shape: tuple[int, int]) -> np.ndarray | None:
+        """The label image `name` on the square-pixel grid of `read_resampled`: (h, w)
+        uint32 instance ids, each pixel the label under its centre (labels are
+        identities, never blended; `engine.data.training_samples.read_nearest`), 0 past
+        the image's edge; None when the image has no such label image (`label_image`)."""
+        from engine.data.training_samples import read_nearest
+
+        labels = self.label_image(location, name, level)
+        return None if labels is None else read_nearest(labels, level, step, origin, shape)

@@ -7,6 +7,15 @@ small frozen value that says where a tile lies and what boxes it carries; the da
 
 Coordinates: tiles and their boxes are in pixels of the pyramid level they are read
 from; ground truth is in level-0 pixels and is divided by the level's downsampling.
+
+Square model pixels: an image whose pixels are not square (`engine.data.tile_plan.is_square`
+of the catalog's y and x sizes, e.g. a fast-scan SEM's (10, 5) nm) reaches the detector
+square at inference (the batch job and the endpoint resample it, tile_plan's native
+rule), so it is trained that way too: its tiles are laid on the square grid of the
+level's finer pixel size (`engine.data.sample_plan.level_grid`), tile coordinates and
+boxes count those pixels, and the dataset resamples them from the level. Read as level
+pixels, a round pore would be learnt as a 1:2 ellipse and then met round. Square images
+(within tile_plan's SQUARE_WITHIN) plan as before.
 """
 
 from __future__ import annotations
@@ -17,8 +26,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import pandas as pd
 
+from engine.data.sample_plan import level_grid
+from engine.data.tile_plan import is_square
 from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import read_catalog, read_table
+from engine.stores.ngff import to_nanometres
 from engine.stores.uri import StoreLocation, resolve
 
 TRUTH_FILE = "ground_truth.parquet"  # engine.synth.truth.TRUTH_FILE, without importing the synth stack
@@ -40,12 +52,15 @@ class TrainingTile:
     """One training/validation tile and the ground truth that touches it.
 
     image: the OME-Zarr image; level: pyramid level read; (y0, x0, y1, x1): the tile,
-    half open, in pixels of that level; scale: level-0 pixels per level pixel (y, x);
-    material: the image's material (for reports). For each defect whose box meets the
-    tile: classes (N int64 class indices), instance_ids (N int64, values in the image's
-    `defects` label image), boxes (N x 4 float32 xyxy in tile pixels, x right, y down,
-    whole: they may reach past the tile's edges) and areas (N float32, the defect's mask
-    area in pixels of `level`).
+    half open, in pixels of that level, or, when `resampled`, in the square model
+    pixels resampled from it (module docstring); scale: level-0 pixels per tile pixel
+    (y, x), the square grid's step when resampled; material: the image's material (for
+    reports). For each defect whose box meets the tile: classes (N int64 class indices),
+    instance_ids (N int64, values in the image's `defects` label image), boxes (N x 4
+    float32 xyxy in tile pixels, x right, y down, whole: they may reach past the tile's
+    edges) and areas (N float32, the defect's mask area in tile pixels). resampled:
+    whether the image's pixels are not square, so the tile is read on the square grid
+    `scale` (pixel j covers level-0 [j * scale, (j + 1) * scale) per axis) from `level`.
     """
 
     image_id: str
@@ -61,10 +76,11 @@ class TrainingTile:
     instance_ids: np.ndarray = field(default_factory=lambda: np.zeros(0, np.int64), compare=False)
     boxes: np.ndarray = field(default_factory=lambda: np.zeros((0, 4), np.float32), compare=False)
     areas: np.ndarray = field(default_factory=lambda: np.zeros(0, np.float32), compare=False)
+    resampled: bool = False
 
     @property
     def shape(self) -> tuple[int, int]:
-        """(height, width) in pixels of `level`."""
+        """(height, width) in tile pixels (of `level`, or its square resampling)."""
         return self.y1 - self.y0, self.x1 - self.x0
 
     @property
@@ -95,10 +111,10 @@ class TrainingTile:
     def labels_from_mask(self, labels: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """(M int64 classes, M x 4 float32 xyxy): each defect's box fitted to its mask
         pixels inside the tile. labels: the tile's (H, W) region of the `defects` label
-        image. A defect is kept when at least `MIN_VISIBLE` of its mask area and
-        `MIN_SIDE_PX` pixels each way lie in the tile: a thin diagonal crack cut by an
-        edge gets the box of the piece that is there, not of the empty corner its whole
-        box would leave.
+        image (on the tile's square grid when `resampled`). A defect is kept when at
+        least `MIN_VISIBLE` of its mask area and `MIN_SIDE_PX` pixels each way lie in
+        the tile: a thin diagonal crack cut by an edge gets the box of the piece that is
+        there, not of the empty corner its whole box would leave.
         """
         classes, boxes = [], []
         for cls, iid, area in zip(self.classes, self.instance_ids, self.areas):
@@ -172,14 +188,21 @@ def read_ground_truth(archive: StoreLocation) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class ImageEntry:
-    """One catalog image as the planner needs it: where it is and its level geometry."""
+    """One catalog image as the planner needs it: where it is and its level geometry.
+
+    shape: (h, w) tile pixels covering the image: the level's own, or, when `resampled`
+    (the image's pixels are not square), the extent of its square grid at the level's
+    finer pixel size (`engine.data.sample_plan.level_grid`); scale: level-0 pixels per
+    tile pixel (y, x), that grid's step when resampled.
+    """
 
     image_id: str
     image: StoreLocation
     material: str | None
     level: int
-    shape: tuple[int, int]  # (h, w) of `level`
-    scale: tuple[float, float]  # level-0 pixels per level pixel (y, x)
+    shape: tuple[int, int]
+    scale: tuple[float, float]
+    resampled: bool = False
 
 
 def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None = None,
@@ -187,8 +210,9 @@ def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None =
     """Catalog images (all, or `image_ids` in that order) with the level to read.
 
     pixel_size_nm=None reads level 0 (defect sizes in engine.synth are level-0 pixels);
-    a pixel size picks, per image, the level nearest it, which opens each image's
-    metadata (no pixels).
+    a pixel size picks, per image, the level nearest it (by x size, as the batch job
+    does), which opens each image's metadata (no pixels). An image whose catalog pixel
+    sizes are not square gets the level's square grid (`ImageEntry`).
     """
     archive = resolve(archive)
     catalog = read_catalog(archive).set_index("image_id", drop=False)
@@ -201,15 +225,24 @@ def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None =
     for row in catalog.itertuples(index=False):
         location = archive.join(row.uri)
         material = None if pd.isna(row.material) else str(row.material)
-        if pixel_size_nm is None:
-            out.append(ImageEntry(row.image_id, location, material, 0, (int(row.height), int(row.width)), (1.0, 1.0)))
-            continue
-        from engine.stores.image import open_image
+        pixel_size_yx = (to_nanometres(float(row.pixel_size_y), str(row.unit)),
+                         to_nanometres(float(row.pixel_size_x), str(row.unit)))
+        level, img = 0, None
+        if pixel_size_nm is not None:
+            from engine.stores.image import open_image
 
-        img = open_image(location)
-        level = img.nearest_level(pixel_size_nm)
-        h, w = img.levels[level].shape
-        out.append(ImageEntry(row.image_id, location, material, level, (h, w), (img.shape[0] / h, img.shape[1] / w)))
+            img = open_image(location)
+            level = img.nearest_level(pixel_size_nm)
+        if not is_square(*pixel_size_yx):
+            step, extent, _, _ = level_grid(int(row.height), int(row.width), pixel_size_yx, level)
+            out.append(ImageEntry(row.image_id, location, material, level, tuple(extent),
+                                  (float(step[0]), float(step[1])), resampled=True))
+        elif img is None:
+            out.append(ImageEntry(row.image_id, location, material, 0, (int(row.height), int(row.width)), (1.0, 1.0)))
+        else:
+            h, w = img.levels[level].shape
+            out.append(ImageEntry(row.image_id, location, material, level, (h, w),
+                                  (img.shape[0] / h, img.shape[1] / w)))
     return out
 
 
@@ -231,7 +264,8 @@ def truth_by_image(truth: pd.DataFrame) -> dict[str, pd.DataFrame]:
 
 def image_truth(truth: dict[str, pd.DataFrame], entry: ImageEntry, class_index: dict[str, int]) -> ImageTruth:
     """The ground-truth rows of one image (from `truth_by_image`), scaled from level 0 to
-    the entry's level. An image without rows has no defects."""
+    the entry's tile pixels (per axis: `scale` may differ along y and x). An image
+    without rows has no defects."""
     rows = truth.get(entry.image_id)
     if rows is None:
         rows = pd.DataFrame({c: [] for c in ("defect_class", "x0", "y0", "x1", "y1", "instance_id", "area_px")})
@@ -254,7 +288,8 @@ def image_truth(truth: dict[str, pd.DataFrame], entry: ImageEntry, class_index: 
 def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str, ...], *, tile: int,
                overlap: int = 0, image_ids: list[str] | None = None, pixel_size_nm: float | None = None,
                truth: pd.DataFrame | None = None) -> list[TrainingTile]:
-    """Tiles of side `tile` (level pixels) covering each image, with the defects they meet.
+    """Tiles of side `tile` (level pixels; square model pixels for an image whose pixels
+    are not square, module docstring) covering each image, with the defects they meet.
 
     Images smaller than `tile` give one tile of their own size (Ultralytics pads them;
     nothing is resized, so a defect keeps its size in pixels). Tiles without defects are
@@ -275,7 +310,8 @@ def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str,
                 shifted = (b[meets] - np.array([x0, y0, x0, y0])).astype(np.float32)
                 tiles.append(TrainingTile(
                     entry.image_id, entry.image, entry.level, y0, x0, y0 + th, x0 + tw, entry.scale, entry.material,
-                    t.classes[meets], t.instance_ids[meets], shifted, t.areas[meets].astype(np.float32)))
+                    t.classes[meets], t.instance_ids[meets], shifted, t.areas[meets].astype(np.float32),
+                    resampled=entry.resampled))
     return tiles
 
 
