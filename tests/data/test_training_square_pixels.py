@@ -17,63 +17,20 @@ import pytest
 from engine.data.sample_plan import SampleLayout, SampleSpec, plan_samples
 from engine.data.training_samples import ReadSamples, normalise_tile
 from engine.models.labels import GRADES, defect_class_names, material_names
-from engine.stores.catalog import CatalogRow, image_uri, write_catalog, write_table
+from engine.stores.catalog import CatalogRow, image_uri, write_catalog
 from engine.stores.uri import resolve
+from tests.non_square_scene import DISC, IMAGES, extent, write_scene_archive
 
 LABELS = dict(materials=material_names(), grades=GRADES, defect_classes=defect_class_names())
-FIELD_NM = 1280.0  # both images show 1280 x 1280 nm
-DISC = (640.0, 640.0, 300.0)  # centre y, x and radius, nm
-IMAGES = {"fast-scan": (10.0, 5.0), "square": (5.0, 5.0)}  # (y, x) nm per pixel
-CHUNK = 64
-
-
-def scene(pixel_size_yx: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) uint16 pixels and uint32 instance labels of the disc, sampled at the pixel
-    centres of a FIELD_NM square at `pixel_size_yx` nm."""
-    py, px = pixel_size_yx
-    y = (np.arange(round(FIELD_NM / py)) + 0.5)[:, None] * py
-    x = (np.arange(round(FIELD_NM / px)) + 0.5)[None, :] * px
-    cy, cx, r = DISC
-    disc = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
-    pixels = np.where(disc, 40000.0, 4000.0 + 4 * x + 2 * y)
-    return pixels.astype(np.uint16), disc.astype(np.uint32)
 
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """The two images with their `defects` labels, catalog and ground truth."""
-    from engine.stores.image import open_image
-    from engine.stores.writer import write_image
-    from engine.synth.truth import TRUTH_FILE, TruthRow, truth_table
-
-    location = resolve(tmp_path_factory.mktemp("square-train") / "a")
-    rows, truth = [], []
-    for image_id, size in IMAGES.items():
-        pixels, labels = scene(size)
-        uri = image_uri(location, image_id)
-        write_image(uri, pixels, pixel_size=size, chunk=CHUNK, labels={"defects": labels},
-                    attributes={"modality": "SEM"}, name=image_id)
-        ys, xs = np.nonzero(labels)
-        truth.append(TruthRow.of(image_id, 1, "pore", (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1),
-                                 int(labels.sum()), size[1]))
-        rows.append(CatalogRow(image_id=image_id, uri=f"images/{image_id}.ome.zarr", modality="SEM",
-                               pixel_size_y=size[0], pixel_size_x=size[1], unit="nanometer",
-                               height=pixels.shape[0], width=pixels.shape[1], dtype="uint16",
-                               levels=len(open_image(uri).levels), chunk=CHUNK, checksum="",
-                               material="ferritic_steel", quality_grade="A"))
-    write_catalog(location, rows)
-    write_table(location.join(TRUTH_FILE), truth_table(truth))
-    return location
+    return write_scene_archive(tmp_path_factory.mktemp("square-train") / "a")
 
 
 def plan(archive, layout, image_id):
     return plan_samples(archive, layout, image_ids=[image_id], **LABELS)
-
-
-def extent(mask: np.ndarray) -> tuple[int, int]:
-    """(rows, columns) a non-empty mask spans."""
-    ys, xs = np.nonzero(mask)
-    return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
 
 
 class TestPlan:

@@ -5,7 +5,7 @@ such an image to square pixels (engine.data.tile_plan), so detector training and
 evaluation must too: read as level pixels, a round pore is a 1:2 ellipse with a 1:2 box
 to the detector while it learns, then round when it is used. The archive holds the same
 scene twice, at (10, 5) nm and at (5, 5) nm: a 600 nm disc (one `pore`) on a gentle ramp
-(the scene of tests/data/test_training_square_pixels.py).
+(tests/non_square_scene.py).
 """
 
 from __future__ import annotations
@@ -14,19 +14,15 @@ import numpy as np
 import pytest
 
 from engine.runtime import configure_offline
-from engine.stores.catalog import CatalogRow, image_uri, write_catalog, write_table
 from engine.stores.image import open_image
-from engine.stores.uri import resolve
 from engine.training.detector import plan_tiles
 from engine.training.detector.pixels import to_uint8
 from engine.training.detector.tiles import yolo_format
+from engine.stores.catalog import image_uri
+from tests.non_square_scene import DISC, FIELD_NM, extent, write_scene_archive
 
 NAMES = ("pore",)
-FIELD_NM = 1280.0  # both images show 1280 x 1280 nm
-DISC = (640.0, 640.0, 300.0)  # centre y, x and radius, nm
-IMAGES = {"fast-scan": (10.0, 5.0), "square": (5.0, 5.0)}  # (y, x) nm per pixel
-CHUNK = 64
-DISC_VALUE, BRIGHT = 40000, 20000  # the disc's uint16 value; the ramp stays below BRIGHT
+BRIGHT = 20000  # between the ramp and the disc's value
 PERFECT_AP = 0.995  # Ultralytics' ap_per_class of a flawless detector
 
 
@@ -39,48 +35,9 @@ def offline(tmp_path_factory):
     os.environ.setdefault("YOLO_CONFIG_DIR", str(tmp_path_factory.mktemp("ultralytics-config")))
 
 
-def scene(pixel_size_yx: tuple[float, float]) -> tuple[np.ndarray, np.ndarray]:
-    """(H, W) uint16 pixels and uint32 instance labels of the disc, sampled at the pixel
-    centres of a FIELD_NM square at `pixel_size_yx` nm."""
-    py, px = pixel_size_yx
-    y = (np.arange(round(FIELD_NM / py)) + 0.5)[:, None] * py
-    x = (np.arange(round(FIELD_NM / px)) + 0.5)[None, :] * px
-    cy, cx, r = DISC
-    disc = (y - cy) ** 2 + (x - cx) ** 2 <= r**2
-    pixels = np.where(disc, float(DISC_VALUE), 4000.0 + 4 * x + 2 * y)
-    return pixels.astype(np.uint16), disc.astype(np.uint32)
-
-
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    """The two images with their `defects` labels, catalog and ground truth."""
-    from engine.stores.writer import write_image
-    from engine.synth.truth import TRUTH_FILE, TruthRow, truth_table
-
-    location = resolve(tmp_path_factory.mktemp("square-detector") / "a")
-    rows, truth = [], []
-    for image_id, size in IMAGES.items():
-        pixels, labels = scene(size)
-        uri = image_uri(location, image_id)
-        write_image(uri, pixels, pixel_size=size, chunk=CHUNK, labels={"defects": labels},
-                    attributes={"modality": "SEM"}, name=image_id)
-        ys, xs = np.nonzero(labels)
-        truth.append(TruthRow.of(image_id, 1, "pore", (ys.min(), xs.min(), ys.max() + 1, xs.max() + 1),
-                                 int(labels.sum()), size[1]))
-        rows.append(CatalogRow(image_id=image_id, uri=f"images/{image_id}.ome.zarr", modality="SEM",
-                               pixel_size_y=size[0], pixel_size_x=size[1], unit="nanometer",
-                               height=pixels.shape[0], width=pixels.shape[1], dtype="uint16",
-                               levels=len(open_image(uri).levels), chunk=CHUNK, checksum="",
-                               material="ferritic_steel", quality_grade="A"))
-    write_catalog(location, rows)
-    write_table(location.join(TRUTH_FILE), truth_table(truth))
-    return location
-
-
-def extent(mask: np.ndarray) -> tuple[int, int]:
-    """(rows, columns) a non-empty mask spans."""
-    ys, xs = np.nonzero(mask)
-    return int(ys.max() - ys.min() + 1), int(xs.max() - xs.min() + 1)
+    return write_scene_archive(tmp_path_factory.mktemp("square-detector") / "a")
 
 
 def dataset(tiles):
