@@ -36,13 +36,13 @@ LEARNED = ("pore", "void")
 IOU = 0.3
 CONF = 0.02  # a briefly trained detector's scores are low, and their scale varies run to run
 # Judged without a score threshold: the job's best-scored objects, as many as half the
-# held-out defects (31 here). Measured (same archives, 10 epochs; this file run alone,
-# where repeated runs give the same figures; the 0.85 / 0.97 recorded here on 2026-12-05
-# was not reproduced that way): the best 31 gave recall / precision 0.67 / 0.71 at d5ed09c, 0.74 / 0.77 at
-# b4b4a88-acf0110 and 0.63 / 0.65 from ca4e425 (the flip kept through Ultralytics'
-# close_mosaic rebuild), 2026-12-06: the detector's trajectory moves with its
-# augmentation; the precision bound has one object to spare at the lowest. An untrained detector reports
-# nothing near the defects.
+# held-out defects (31 here). Measured 2026-12-06, same archives, 10 epochs, this file
+# run alone (repeated runs give the same figures; the 0.85 / 0.97 recorded here on
+# 2026-12-05 was not reproduced that way): recall / precision of the best 31 were
+# 0.67 / 0.71 at d5ed09c, 0.74 / 0.77 at b4b4a88-acf0110, 0.63 / 0.65 from ca4e425 (the
+# flip kept through Ultralytics' close_mosaic rebuild). The detector's trajectory moves
+# with its augmentation; at the lowest, precision has one object to spare. An untrained
+# detector reports nothing near the defects.
 TOP_FRACTION = 0.5
 MIN_RECALL = 0.4      # of held-out pores and voids
 MIN_PRECISION = 0.6   # of those best objects, any class
