@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 
+from engine.errors import GrainflowError
+
 
 def configure_offline() -> None:
     """No code path may reach a model hub: weights come from files the user supplies.
@@ -85,3 +87,13 @@ def gpu_shortfall(needed: float) -> str | None:
     can = (f"its autoscaler can provide at most {most:g}" if most is not None else
            f"no autoscaler reports GPU nodes it could add (set {GPU_AUTOSCALING_ENV}=1 where one does)")
     return f"the Ray cluster has {have:g} and {can}"
+
+
+def refuse_unmet_gpus(needed: float, request: str, remedy: str, error: type[Exception] = GrainflowError) -> None:
+    """Raise `error` "<request> but <why>; <remedy>" when work asking for `needed` GPUs
+    (0: none) could never get them (`gpu_shortfall`): checked before any task or actor
+    is submitted, since Ray would queue it forever. request names the option and what
+    asks, e.g. "num_gpus: each task asks for 1 GPU"."""
+    why = gpu_shortfall(needed) if needed > 0 else None
+    if why is not None:
+        raise error(f"{request} but {why}; {remedy}")

@@ -567,17 +567,15 @@ def _resources(concurrency: int | None, num_gpus: float | None, cpus_per_actor: 
     free up, and the tiles go to those that run."""
     import ray
 
-    from engine.runtime import cluster_gpus, gpu_shortfall
+    from engine.runtime import cluster_gpus, refuse_unmet_gpus
 
     gpus, cpus = cluster_gpus(), float(ray.cluster_resources().get("CPU", 1))
     if concurrency is None:
         concurrency = max(1, int(gpus)) if gpus >= 1 else max(1, int(cpus / 2 / cpus_per_actor))
     if num_gpus is None:
         num_gpus = 0.0 if gpus == 0 else min(1.0, gpus / concurrency)
-    why = gpu_shortfall(num_gpus) if num_gpus > 0 else None
-    if why is not None:
-        raise GrainflowError(f"num_gpus (--gpus-per-actor): each ensemble actor asks for {num_gpus:g} GPU but {why}; "
-                             f"run on CPUs (num_gpus=0, --gpus-per-actor 0)")
+    refuse_unmet_gpus(num_gpus, f"num_gpus (--gpus-per-actor): each ensemble actor asks for {num_gpus:g} GPU",
+                      "run on CPUs (num_gpus=0, --gpus-per-actor 0)")
     return concurrency, float(num_gpus)
 
 

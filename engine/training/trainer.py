@@ -214,13 +214,12 @@ def check_gpus(num_workers: int) -> None:
     it can get more (`engine.runtime.gpu_shortfall`): Ray Train V2 would wait for them
     forever, retrying the worker-group start every minute (see
     WORKER_GROUP_START_RETRIES), and a local Ray never grows."""
-    from engine.runtime import gpu_shortfall
+    from engine.runtime import refuse_unmet_gpus
 
-    why = gpu_shortfall(num_workers)
-    if why is not None:
-        raise TrainingError(
-            f"use_gpu: the run needs {num_workers} GPU{'s' if num_workers != 1 else ''} (one per worker) but {why}; "
-            f"train on CPUs (use_gpu=False or None to pick, --gpu no/auto) or with fewer workers")
+    refuse_unmet_gpus(num_workers, f"use_gpu: the run needs {num_workers} GPU{'s' if num_workers != 1 else ''} "
+                                   f"(one per worker)",
+                      "train on CPUs (use_gpu=False or None to pick, --gpu no/auto) or with fewer workers",
+                      TrainingError)
 
 
 def plan_training(

@@ -210,15 +210,13 @@ def task_resources(num_gpus: float | None, num_cpus: float = 1.0) -> dict[str, f
     starts empty, give it, so pending tasks ask for GPUs). A GPU the connected cluster
     has not and cannot get (`engine.runtime.gpu_shortfall`) raises GrainflowError: tasks
     asking for it would wait forever."""
-    from engine.runtime import cluster_gpus, gpu_shortfall
+    from engine.runtime import cluster_gpus, refuse_unmet_gpus
 
     check_resources(num_gpus, num_cpus)
     if num_gpus is None:
         num_gpus = DEFAULT_GPU_FRACTION if cluster_gpus() > 0 else 0.0
-    why = gpu_shortfall(num_gpus) if num_gpus > 0 else None
-    if why is not None:
-        raise GrainflowError(f"num_gpus (--num-gpus): each synthesis task asks for {num_gpus:g} GPU but {why}; "
-                             f"run on CPUs (num_gpus=0, --num-gpus 0)")
+    refuse_unmet_gpus(num_gpus, f"num_gpus (--num-gpus): each synthesis task asks for {num_gpus:g} GPU",
+                      "run on CPUs (num_gpus=0, --num-gpus 0)")
     return {"num_cpus": float(num_cpus), "num_gpus": float(num_gpus)}
 
 

@@ -68,15 +68,12 @@ def train_detector_on_ray(
 
         configure_offline()  # workers inherit the driver's environment on a local Ray
         ray.init()
-    from engine.runtime import cluster_gpus, gpu_shortfall
+    from engine.runtime import cluster_gpus, refuse_unmet_gpus
+    from engine.training.trainer import TrainingError
 
     gpus = (1 if cluster_gpus() >= 1 else 0) if num_gpus is None else num_gpus
-    why = gpu_shortfall(gpus) if gpus > 0 else None
-    if why is not None:  # Ray would queue the task forever
-        from engine.training.trainer import TrainingError
-
-        raise TrainingError(f"num_gpus: the detector's training task asks for {gpus:g} GPU{'s' if gpus != 1 else ''} "
-                            f"but {why}; train on CPUs (num_gpus=0, or None to pick; --gpu no/auto)")
+    refuse_unmet_gpus(gpus, f"num_gpus: the detector's training task asks for {gpus:g} GPU{'s' if gpus != 1 else ''}",
+                      "train on CPUs (num_gpus=0, or None to pick; --gpu no/auto)", TrainingError)
     task = ray.remote(_train_in_worker).options(num_cpus=num_cpus, num_gpus=gpus, name="train_detector")
     result = ray.get(task.remote(archive, kwargs))
 
