@@ -66,7 +66,7 @@ def is_square(size_y_nm: float, size_x_nm: float) -> bool:
     return max(size_y_nm, size_x_nm) <= SQUARE_WITHIN * min(size_y_nm, size_x_nm)
 
 
-def _sizes(size_y: float, size_x: float) -> str:
+def pixel_size_text(size_y: float, size_x: float) -> str:
     """A pixel size for messages: "5" (square) or "10 x 5 (y x x)"."""
     return f"{size_x:.6g}" if is_square(size_y, size_x) else f"{size_y:.6g} x {size_x:.6g} (y x x)"
 
@@ -174,7 +174,7 @@ def plan_image(image, image_id: str, location, modality: str, *, target_nm: floa
         (level, output_nm), resampled = square, True
     info = image.levels[level]
     transform = LevelTransform.from_image(image, level)
-    level_sizes = _sizes(*transform.level_pixel_size_nm)
+    level_sizes = pixel_size_text(*transform.level_pixel_size_nm)
     output = None
     if resampled:
         output = OutputGrid.for_image(image.shape, transform.pixel_size_nm, output_nm, halo)

@@ -77,11 +77,6 @@ def pixel_size_yx(pixel_size_nm) -> tuple[float, float]:
     return values[0], values[1]
 
 
-def _sizes(py: float, px: float) -> str:
-    """A pixel size for messages: "5" (square) or "10 x 5 (y x x)"."""
-    return f"{px:.6g}" if py == px else f"{py:.6g} x {px:.6g} (y x x)"
-
-
 def prepare_image(pixels: np.ndarray, *, modality: str, pixel_size_nm: float | tuple[float, float],
                   settings: TilingSettings, fit: bool, image_id: str = "upload") -> PreparedImage:
     """pixels: (H, W) raw (as stored); pixel_size_nm: level-0 pixel size, nm: one number
@@ -119,7 +114,7 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_yx_nm: tuple[
     from ray.data.block import BlockAccessor
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
-    from engine.data.tile_plan import plan_image, plan_reads
+    from engine.data.tile_plan import pixel_size_text, plan_image, plan_reads
     from engine.data.tile_read import read_tiles
     from engine.stores.image import open_image
     from engine.stores.writer import write_image
@@ -138,7 +133,7 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_yx_nm: tuple[
         h, w = plan.output.extent
         if h * w > settings.max_pixels:
             raise TooLarge(  # the pixel limit of the upload as sent (decode), here once resampled
-                f"{image_id}: resampled from {_sizes(py, px)} to {plan.pixel_size_nm:.6g} nm per pixel the image "
+                f"{image_id}: resampled from {pixel_size_text(py, px)} to {plan.pixel_size_nm:.6g} nm per pixel the image "
                 f"would be {h} x {w} = {h * w} pixels, over the limit of {settings.max_pixels}; check its pixel size")
     tiles: list[TileInput] = []
     for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
