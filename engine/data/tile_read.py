@@ -177,12 +177,9 @@ def _resampled(im, tile: TileSpec, pixels: np.ndarray | None, dtype: np.dtype):
     """The tile's own output pixels (plus output halo) sampled from its source read."""
     out = im.output
     x0, y0, x1, y1 = tile.core_level0()
-    window = out.core_window((y0, y1, x0, x1))
     # A source side read without its halo (an undecodable chunk there) has no output
     # halo either: those pixels would only repeat the core's edge.
-    top, bottom, left, right = (h if s else 0 for h, s in zip(out.halo_of(window), tile.halo))
-    first = (window[0] - top, window[2] - left)
-    shape = (window[1] - window[0] + top + bottom, window[3] - window[2] + left + right)
+    first, shape, halo = out.tile_frame((y0, y1, x0, x1), tuple(bool(s) for s in tile.halo))
     origin = (first[0] * out.step[0], first[1] * out.step[1])
     if pixels is None:
         data = np.zeros((0, 0), dtype)
@@ -192,4 +189,4 @@ def _resampled(im, tile: TileSpec, pixels: np.ndarray | None, dtype: np.dtype):
         # the dataset's tile dtype may be wider (float32 beside float images).
         values = cast_pixels(resample(pixels, (ry0, rx0), tile.transform, out.step, first, shape), pixels.dtype)
         data = values.astype(dtype, copy=False)
-    return data, (top, bottom, left, right), origin, out.step
+    return data, halo, origin, out.step

@@ -57,6 +57,18 @@ class OutputGrid:
         (ey, ex), g = self.extent, self.halo
         return (min(g, j0), min(g, ey - j1), min(g, i0), min(g, ex - i1))
 
+    def tile_frame(self, core0: tuple[float, float, float, float], sides: tuple[bool, ...] = (True,) * 4
+                   ) -> tuple[tuple[int, int], tuple[int, int], tuple[int, int, int, int]]:
+        """(first, shape, halo) of the output tile of a core given as level-0 (y0, y1, x0,
+        x1): its first output pixel (j, i), its (H, W) and its (top, bottom, left, right)
+        halo; `sides` (top, bottom, left, right) False drops that side's halo (its source
+        was not read)."""
+        window = self.core_window(core0)
+        top, bottom, left, right = (h if s else 0 for h, s in zip(self.halo_of(window), sides))
+        first = (window[0] - top, window[2] - left)
+        shape = (window[1] - window[0] + top + bottom, window[3] - window[2] + left + right)
+        return first, shape, (top, bottom, left, right)
+
     def source_halo(self, transform: LevelTransform) -> int:
         """Halo (level pixels) a source tile needs so its cores' output halos and filters have data."""
         m = max(self.step[0] / transform.factor[0], self.step[1] / transform.factor[1])

@@ -160,12 +160,9 @@ def predict_resampled(detector, reader: ImageCache, image_id: str, image: StoreL
     for row in range(planned.n_rows):
         for col in range(planned.n_cols):
             x0, y0, x1, y1 = planned.grid.tile_at(row, col).core_level0()
-            window = out.core_window((y0, y1, x0, x1))  # the output pixels this core owns
-            if window[0] == window[1] or window[2] == window[3]:
+            first, shape, (top, bottom, left, right) = out.tile_frame((y0, y1, x0, x1))
+            if shape[0] == top + bottom or shape[1] == left + right:  # the core owns no output pixel
                 continue
-            top, bottom, left, right = out.halo_of(window)
-            first = (window[0] - top, window[2] - left)
-            shape = (window[1] - window[0] + top + bottom, window[3] - window[2] + left + right)
             by_shape.setdefault(shape, []).append((first, (top, bottom, left, right)))
     found = []
     for shape, group in by_shape.items():
