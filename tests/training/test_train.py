@@ -314,7 +314,7 @@ def test_gpus_the_session_cpu_cluster_has_not_are_refused(ray_session, monkeypat
     before Ray Train or MLflow starts."""
     from engine.runtime import GPU_AUTOSCALING_ENV
     from engine.training.trainer import TrainingError
-    from tests.test_runtime import NO_GPU, PROMPTLY_S, raised_within
+    from tests.gpu_refusal import NO_GPU, PROMPTLY_S, raised_within
 
     if ray_session.cluster_resources().get("GPU"):
         pytest.skip("the session's Ray has GPUs; this test needs a CPU-only cluster")

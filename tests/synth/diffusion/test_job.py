@@ -195,7 +195,7 @@ class TestSynthesisJob:
         forever: refused before any task, naming num_gpus, on the session's CPU-only Ray."""
         from engine.errors import GrainflowError
         from engine.runtime import GPU_AUTOSCALING_ENV
-        from tests.test_runtime import NO_GPU, PROMPTLY_S, raised_within
+        from tests.gpu_refusal import NO_GPU, PROMPTLY_S, raised_within
 
         if ray_session.cluster_resources().get("GPU"):
             pytest.skip("the session's Ray has GPUs; this test needs a CPU-only cluster")
