@@ -13,7 +13,10 @@ from typing import Callable, Iterable
 
 import pandas as pd
 
-from engine.stores.catalog import CatalogRow, image_uri, read_catalog, relative_image_path, write_catalog, write_table
+from engine.stores.catalog import (
+    IMAGES_DIR, CatalogRow, image_uri, read_catalog, relative_image_path, write_catalog, write_table,
+)
+from engine.stores.staging import remove_stale_siblings
 from engine.stores.uri import StoreLocation, resolve
 from engine.synth.image import write_image
 from engine.synth.plan import ImagePlan, plan_archive
@@ -41,6 +44,7 @@ def write_archive(out: str | StoreLocation, plans: Iterable[ImagePlan],
                   progress: Callable[[int], None] | None = None) -> pd.DataFrame:
     """Write already planned images (see `plan_archive`) as an archive; return the catalog."""
     archive = resolve(out)
+    remove_stale_siblings(archive.join(IMAGES_DIR))  # what a killed run into this folder left
     rows, truth = [], []
     for plan in plans:
         info, objects = write_image(plan, image_uri(archive, plan.image_id), progress)

@@ -22,9 +22,10 @@ from engine.stores.catalog import image_uri, read_catalog
 from engine.stores.image import open_image
 from engine.stores.ingest import ingest_files
 from engine.stores.locks import FileLock, lock_for
-from engine.stores.staging import REPLACED, sibling_name
+from engine.stores.staging import REPLACED
 from engine.stores.uri import resolve
 from engine.stores.writer import ImageWriter
+from tests.dead_writer import dead_writers_sibling
 
 CHUNK = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -142,9 +143,7 @@ class TestKilledWriter:
         first = _tiff(tmp_path / "a.tif", seed=3, shape=(64, 64))
         archive = tmp_path / "archive"
         ingest_files([tmp_path / "a.tif"], archive, pixel_size=1.0, modality="SEM", chunk=CHUNK)
-        dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
-        dead_pid = int(dead.stdout)  # a process that has exited
-        aside = sibling_name("a.ome.zarr", REPLACED).replace(f"-{os.getpid()}@", f"-{dead_pid}@")
+        aside = dead_writers_sibling("a.ome.zarr", REPLACED)
         images = archive / "images"
         os.rename(images / "a.ome.zarr", images / aside)
 

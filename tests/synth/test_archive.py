@@ -8,12 +8,14 @@ import pytest
 
 from engine.stores.catalog import MODALITIES, image_uri, read_catalog
 from engine.stores.image import open_image
+from engine.stores.staging import PARTIAL
 from engine.stores.uri import resolve
 from engine.synth import DEFECT_CLASSES, MATERIALS
 from engine.synth.archive import generate_archive
 from engine.synth.modality import DTYPES, PIXEL_RANGE_NM
 from engine.synth.plan import plan_archive, total_chunks
 from engine.synth.truth import TRUTH_FILE
+from tests.dead_writer import dead_writers_sibling
 
 N, SIZE, CHUNK, SEED = 24, 96, 64, 11
 
@@ -162,3 +164,13 @@ class TestStores:
         local = generate_archive("memory://synth-test/b", n_images=2, seed=3, size=64, chunk=32)
         assert list(catalog.checksum) == list(local.checksum)
         assert len(read_truth(uri)) == len(read_truth("memory://synth-test/b"))
+
+
+def test_a_killed_runs_half_written_image_is_removed(tmp_path):
+    """`grainflow synth` killed mid-image leaves a hidden partial folder; the next run into
+    that folder removes it, so the archive holds only its catalogued images."""
+    out = tmp_path / "a"
+    leftover = out / "images" / dead_writers_sibling("img-00000.ome.zarr", PARTIAL)
+    (leftover / "0").mkdir(parents=True)
+    catalog = generate_archive(out, n_images=2, seed=3, size=64, chunk=32)
+    assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.ome.zarr" for i in catalog.image_id)

@@ -45,6 +45,8 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from engine.errors import GrainflowError
+from engine.stores.catalog import IMAGES_DIR
+from engine.stores.staging import remove_stale_siblings
 from engine.stores.uri import StoreLocation, resolve
 from engine.synth.diffusion.calibration import pixel_size_for
 from engine.synth.diffusion.conditions import Condition, UntrainedConditionsWarning, Vocabulary, expand_conditions
@@ -272,6 +274,7 @@ def synthesize(model: str, out: str | StoreLocation, *, n_per_condition: int,
     # batch of an earlier run failed on takes a corrected run's settings.
     if records:
         check_settings(archive, {**request.settings, "torch_threads": threads})  # before Ray starts
+    remove_stale_siblings(archive.join(IMAGES_DIR))  # half-written samples of a killed run
     truth = {t.image_id: t for t in read_truth_rows(archive) if t.image_id in records}
     todo = []
     for b in request.batches:  # samples in the catalog are never written again (module doc)

@@ -12,10 +12,12 @@ import pytest
 
 from engine.stores.catalog import read_catalog
 from engine.stores.image import open_image
+from engine.stores.staging import PARTIAL
 from engine.synth.diffusion.conditions import ConditioningError
 from engine.synth.diffusion.job import synthesize
 from engine.synth.diffusion.output import PROVENANCE_COLUMNS, SettingsMismatchError, read_provenance
 from engine.synth.truth import TRUTH_FILE
+from tests.dead_writer import dead_writers_sibling
 
 from .conftest import INTENSITY, TRAINED
 
@@ -152,8 +154,12 @@ class TestSynthesisJob:
         partial = tmp_path / "partial"
         first = synthesize(str(path), partial, n_per_condition=3, **{**REQUEST, "defect_classes": ["crack"]})
         assert first.written == 6
+        # ... and was killed writing its next sample, leaving a hidden half-written folder
+        leftover = partial / "images" / dead_writers_sibling("s-unfinished.ome.zarr", PARTIAL)
+        (leftover / "0").mkdir(parents=True)
         resumed = synthesize(str(path), partial, n_per_condition=3, **REQUEST)
         assert resumed.skipped == 6 and resumed.written == 6
+        assert not leftover.exists()
         after = _pixels(partial)
         assert after.keys() == before.keys()
         for key in before:
