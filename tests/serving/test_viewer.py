@@ -90,3 +90,31 @@ def test_a_16_bit_tiff_is_shown_with_its_contrast(browser, served, tmp_path):
     keys = page.evaluate("() => window.formKeys")
     assert "image" in keys and "modality" not in keys, keys  # the file's modality, not the select's
     page.close()
+
+
+def test_non_square_pixels_are_shown_with_their_physical_shape(browser, served, tmp_path):
+    """A TIFF of 128 rows x 256 columns at 20 nm x 10 nm pixels covers a square of the
+    sample: the viewer shows it square (rows drawn twice as tall), overlays on top of it."""
+    import tifffile
+
+    pixels, _ = synthetic_image(seed=6, size=256)
+    rows = pixels[::2]  # every other row: 20 nm apart where columns are 10 nm
+    path = tmp_path / "stretched.tif"
+    tifffile.imwrite(path, rows, resolution=(1e7 / 10, 1e7 / 20), resolutionunit="CENTIMETER")  # (x, y) px/cm
+    page = browser.new_page()
+    page.goto(served["url"] + "/")
+    page.fill("#key", served["env"]["analyze_key"])
+    page.set_input_files("#file", str(path))
+    page.select_option("#modality", "SEM")
+    page.click("#analyze")
+    page.wait_for_selector("#status:has-text('done')", timeout=120_000)
+    shapes = page.evaluate("""() => ['image', 'masks', 'boxes'].map(id => {
+        const c = document.getElementById(id), r = c.getBoundingClientRect();
+        return [c.width, c.height, r.left, r.top, r.width, r.height];
+    })""")
+    (w, h, *image_box), masks, boxes = shapes
+    assert (w, h) == (256, 128)  # drawn at the image's own pixels
+    left, top, shown_w, shown_h = image_box
+    assert abs(shown_h - shown_w) <= 1, image_box  # shown square, as the sample is
+    assert masks[2:] == image_box and boxes[2:] == image_box  # overlays exactly over it
+    page.close()
