@@ -124,12 +124,14 @@ core), the sides and the failure; its outputs are this run's best, not a clean r
 and a rerun redoes it (null otherwise)."""
 
 SUMMARY_COLUMNS = (
-    "image_id", "modality", "level", "pixel_size_nm", "tiles_planned", "tiles_done", "tiles_error",
-    "tiles_halo_reduced", "complete",
+    "image_id", "modality", "level", "level_pixel_size_y_nm", "level_pixel_size_x_nm", "pixel_size_nm",
+    "tiles_planned", "tiles_done", "tiles_error", "tiles_halo_reduced", "complete",
     "core_area_mm2", "material", "material_prob", "grade", "grade_prob", "material_probs", "grade_probs",
     "n_detections", "n_defects", "defect_density_per_mm2", "defect_counts", "model_versions", "labels_uri",
 )
-"""Per image: level and pixel_size_nm are those the model saw (nm per tile pixel);
+"""Per image: level is the pyramid level read, level_pixel_size_y_nm / _x_nm its stored
+(y, x) pixel size in nm, pixel_size_nm that of the tiles the models saw (square; the
+level's pixels were resampled to it where the two differ);
 tiles_halo_reduced: done tiles read without part of their halo (`TILE_SCHEMA`); complete:
 every tile done with its whole halo, so the image's outputs are a clean run's;
 material and grade are the argmax of the tiles' probabilities averaged
@@ -579,8 +581,10 @@ def finish_image(out: str | StoreLocation, plan, done: Sequence[tuple[int, int, 
     versions = next((m["model_versions"] for m in metas if m.get("model_versions")), {})
     has_m = len(mp) > 0 and bool(np.isfinite(mp).all())
     has_g = len(gp) > 0 and bool(np.isfinite(gp).all())
+    level_nm = plan.grid.transform.level_pixel_size_nm
     return {
         "image_id": image_id, "modality": plan.modality, "level": int(plan.grid.level),
+        "level_pixel_size_y_nm": float(level_nm[0]), "level_pixel_size_x_nm": float(level_nm[1]),
         "pixel_size_nm": float(plan.pixel_size_nm), "tiles_planned": int(plan.n_tiles), "tiles_done": len(done),
         "tiles_error": len(errors), "tiles_halo_reduced": n_reduced,
         "complete": len(done) == int(plan.n_tiles) and not n_reduced, "core_area_mm2": area,
@@ -638,7 +642,8 @@ def unplanned_summary_row(image_id: str, modality: str) -> dict[str, Any]:
 def summary_table(rows: Sequence[Mapping[str, Any]]) -> pa.Table:
     """The summary rows of `finish_image`, sorted by image id, as a table."""
     schema = pa.schema([
-        ("image_id", pa.string()), ("modality", pa.string()), ("level", pa.int32()), ("pixel_size_nm", pa.float64()),
+        ("image_id", pa.string()), ("modality", pa.string()), ("level", pa.int32()),
+        ("level_pixel_size_y_nm", pa.float64()), ("level_pixel_size_x_nm", pa.float64()), ("pixel_size_nm", pa.float64()),
         ("tiles_planned", pa.int64()), ("tiles_done", pa.int64()), ("tiles_error", pa.int64()),
         ("tiles_halo_reduced", pa.int64()), ("complete", pa.bool_()), ("core_area_mm2", pa.float64()),
         ("material", pa.string()),

@@ -10,9 +10,10 @@ and the recorded target is then only the finest level-0 size of the archive. Oth
 the target is the models' pixel size and each image is read at a pyramid level within
 `tolerance` of it, or resampled to it.
 
-Resampling is found by comparing the model pixel with the pixel size of the level read
-(level 0 from the catalog; coarser levels from the image's metadata, one small read per
-image). Model pixels are square (the job resamples images of non-square pixels to
+Resampling is found by comparing the model pixel with the pixel size of the level read:
+the summary's ``level_pixel_size_y_nm`` / ``_x_nm``; runs written before those columns
+take level 0 from the catalog and coarser levels from the image's metadata (one small
+read per image). Model pixels are square (the job resamples images of non-square pixels to
 square ones), so an image whose level pixels are not square is resampled along at
 least one axis.
 """
@@ -75,18 +76,20 @@ def level_pixel_sizes(run: Run) -> dict[str, tuple[float, float] | None]:
     the summary; None where it is unknown (no level recorded: the image was not
     planned; not in the catalog; its metadata not readable).
 
-    Level 0 comes from the catalog; a coarser level from the image's metadata (its
-    ``zarr.json``, read in a thread pool: object stores answer small reads slowly)."""
+    The summary's recorded sizes where the run has them; else level 0 from the catalog
+    and a coarser level from the image's metadata (its ``zarr.json``, read in a thread
+    pool: object stores answer small reads slowly)."""
     from engine.stores.ngff import to_nanometres
 
     levels = _levels(run)
     sizes: dict[str, tuple[float, float] | None] = dict.fromkeys(run.summary["image_id"].astype(str))
+    sizes.update(_recorded_level_sizes(run))
     if run.catalog is None:
         return sizes
     cat = run.catalog.drop_duplicates("image_id").set_index("image_id")
     coarser = []
     for image_id, level in levels.items():
-        if level is None or image_id not in cat.index:
+        if level is None or image_id not in cat.index or sizes[image_id] is not None:
             continue
         if level == 0:
             row = cat.loc[image_id]
@@ -99,6 +102,17 @@ def level_pixel_sizes(run: Run) -> dict[str, tuple[float, float] | None]:
             for (image_id, _), size in zip(coarser, pool.map(lambda il: _read_level_size(run, *il), coarser)):
                 sizes[image_id] = size
     return sizes
+
+
+def _recorded_level_sizes(run: Run) -> dict[str, tuple[float, float]]:
+    """image_id -> (y, x) nm of the level read, as the job recorded it (runs since the
+    summary's level_pixel_size columns; images with no recorded size are left out)."""
+    summary = run.summary
+    if "level_pixel_size_y_nm" not in summary or "level_pixel_size_x_nm" not in summary:
+        return {}
+    return {str(i): (float(y), float(x)) for i, y, x in
+            zip(summary["image_id"], summary["level_pixel_size_y_nm"], summary["level_pixel_size_x_nm"])
+            if _positive(y) and _positive(x)}
 
 
 def _levels(run: Run) -> dict[str, int | None]:

@@ -145,6 +145,7 @@ class TestReprocess:
         summary = pq.read_table(str(out / SUMMARY_FILE)).to_pylist()
         (image,) = summary
         assert image["complete"] and image["pixel_size_nm"] == 5.0  # native: the finer size, on both axes
+        assert (image["level"], image["level_pixel_size_y_nm"], image["level_pixel_size_x_nm"]) == (0, *SIZE_YX)
         assert image["core_area_mm2"] == pytest.approx(H * W * SIZE_YX[0] * SIZE_YX[1] / 1e12)
         tiles = sorted((out / "detections").rglob("*.parquet"))
         assert len(tiles) == (H // CHUNK) * (W // CHUNK)  # cores of one level-0 chunk, 128 x 64 model pixels

@@ -45,6 +45,7 @@ class Img:
     material: str = "steel"
     level: int = 0  # the pyramid level the job read
     pixel_nm: float | None = None  # the pixel size the models saw; default: the run's pixel_nm
+    level_nm: tuple[float, float] | None = None  # (y, x) of the level read, as the job records it; None: not recorded
 
 
 def write_run(out: Path, images: dict[str, Img], *, classes=("pore", "crack"), pixel_nm: float = 100.0,
@@ -84,7 +85,9 @@ def write_run(out: Path, images: dict[str, Img], *, classes=("pore", "crack"), p
         n_done = sum(t["status"] == "done" for t in tiles)
         core = area_mm2(img.tile * img.tile) * n_done
         counts = {name: sum(o.class_name == name for o in img.objects) for name in classes}
+        level_nm = img.level_nm or (None, None)
         rows.append({"image_id": image_id, "modality": "sem", "level": img.level, "pixel_size_nm": model_nm,
+                     "level_pixel_size_y_nm": level_nm[0], "level_pixel_size_x_nm": level_nm[1],
                      "tiles_planned": len(tiles), "tiles_done": n_done, "tiles_error": len(tiles) - n_done,
                      "complete": n_done == len(tiles), "core_area_mm2": core, "material": img.material,
                      "material_prob": 0.9, "grade": "A", "grade_prob": 0.8, "material_probs": [], "grade_probs": [],

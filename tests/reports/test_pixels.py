@@ -78,6 +78,20 @@ class TestTargetPixelSize:
         assert page.header["model pixel size (nm)"] == (
             "25 nm (images read at 20-25 nm: a pyramid level within 1.3x of it is read as stored)")
 
+    def test_the_recorded_level_pixel_sizes_need_no_archive(self, tmp_path):
+        """A run records each level's (y, x) pixel size: the report compares them with the
+        model pixel without opening the archive (here there is none: moved, or on S3 and
+        tens of thousands of images), non-square levels included."""
+        run = write_run(tmp_path / "run", {"stretched": Img(pixel_nm=100.0, level_nm=(200.0, 100.0)),
+                                           "coarse": Img(level=1, pixel_nm=25.0, level_nm=(110.0, 110.0)),
+                                           "as_stored": Img(pixel_nm=20.0, level_nm=(20.0, 20.0))},
+                        settings={"archive": str(tmp_path / "gone"), "target_pixel_size_nm": 25.0, "tolerance": 1.3})
+        page, text = _page(run)
+        images = page.table("image-summary").set_index("image_id")
+        assert images["resampled"].to_dict() == {"as_stored": "", "coarse": "upsampled 4.4x",
+                                                 "stretched": "upsampled 2x in y (to square pixels)"}
+        assert "2 image(s) were upsampled" in text
+
     def test_header_is_the_target_when_every_image_ran_at_it(self, tmp_path):
         run = write_run(tmp_path / "run", {"a": Img(pixel_nm=25.0), "b": Img(pixel_nm=25.0)},
                         settings={"target_pixel_size_nm": 25.0, "tolerance": 1.5})
