@@ -1,12 +1,13 @@
 """Training samples planned from an archive's metadata: light specs, never pixels.
 
-The driver reads only the archive's catalog (one Parquet row per image) and, when labels
-are wanted, its ground truth (one Parquet row per defect instance). From those it lays a
-grid of tiles over every pyramid level a tile fits in and describes each tile as a
-`SampleSpec`: which image, which level, where, with which class labels. A spec is a few
-hundred bytes of plain values; the pixels are read later, inside a Ray task
-(`engine.data.training_samples`), the way torchgeo's samplers yield boxes and leave
-reading to the dataset.
+The driver reads only the archive's catalog (one Parquet row per image), when labels
+are wanted its ground truth (one Parquet row per defect instance), and, for an image
+whose pixels are not square, that image's pyramid metadata (its zarr.json files, never
+a pixel: `level_pixel_sizes`). From those it lays a grid of tiles over every pyramid
+level a tile fits in and describes each tile as a `SampleSpec`: which image, which
+level, where, with which class labels. A spec is a few hundred bytes of plain values;
+the pixels are read later, inside a Ray task (`engine.data.training_samples`), the way
+torchgeo's samplers yield boxes and leave reading to the dataset.
 
 Coordinates: (y, x) is a tile's top-left corner in pixels of its own pyramid level k
 (level 0 = full resolution; level k has ceil(H / 2**k) x ceil(W / 2**k) pixels, as
@@ -16,11 +17,13 @@ Square model pixels: an image whose pixels are not square (`engine.data.tile_pla
 of the catalog's y and x sizes, e.g. a fast-scan SEM's (10, 5) nm) reaches the models
 square at inference (`engine.data.tile_plan.choose_square_pixels`: natively, the finer of
 the read level's two sizes), so it is trained that way too: level k's tiles are laid on
-the square grid of min(y, x) * 2**k nm pixels (`engine.preprocess.resample.OutputGrid`:
-pixel j covers level-0 [j * step, (j + 1) * step) per axis), (y, x) and `tile` count
-those pixels, and the reader resamples them from level k. Read as level pixels, a
-round pore would be trained as a 1:2 ellipse and then met round. Square images (within
-SQUARE_WITHIN) plan as before.
+the square grid of the finer of level k's two pixel sizes, as its NGFF transform gives
+them (min(y, x) * 2**k nm in a halving pyramid, but a foreign OME-Zarr's level may be
+3x coarser; `engine.preprocess.resample.OutputGrid`: pixel j covers level-0
+[j * step, (j + 1) * step) per axis), (y, x) and `tile` count those pixels, and the
+reader resamples them from level k. Read as level pixels, a round pore would be
+trained as a 1:2 ellipse and then met round. Square images (within SQUARE_WITHIN) plan
+as before, from the catalog alone, as the halving pyramid engine.stores.pyramid writes.
 """
 
 from __future__ import annotations
@@ -205,24 +208,45 @@ def level_shape(height: int, width: int, level: int) -> tuple[int, int]:
     return h, w
 
 
-def level_grid(height: int, width: int, pixel_size_yx_nm: tuple[float, float], level: int
+def level_grid(height: int, width: int, pixel_size_yx_nm: tuple[float, float], level: int,
+               level_pixel_size_yx_nm: tuple[float, float] | None = None
                ) -> tuple[tuple[float, float], tuple[int, int], float, bool]:
     """How tiles of `level` of an H x W image of level-0 (y, x) pixel size (nm) are laid.
 
     Returns (step, extent, pixel_size_nm, resampled): step, (y, x) level-0 pixels per
     tile pixel; extent, (h, w) tile pixels covering the image; pixel_size_nm, a tile
     pixel's edge. Square pixels: the level's own, step (2**level, 2**level) (ints),
-    extent `level_shape`. Others: square pixels of the finer of the level's two sizes
-    (engine.data.tile_plan.choose_square_pixels' native rule), on the image's global
-    `OutputGrid` at that size.
+    extent `level_shape` (a halving pyramid). Others: square pixels of the finer of the
+    level's two sizes (engine.data.tile_plan.choose_square_pixels' native rule), on the
+    image's global `OutputGrid` at that size. level_pixel_size_yx_nm: the level's (y, x)
+    pixel size in nm from its NGFF transform (`level_pixel_sizes`), needed for a level
+    above 0 of an image whose pixels are not square: a pyramid need not halve.
     """
     py, px = (float(v) for v in pixel_size_yx_nm)
     f = 2**level
     if is_square(py, px):
         return (f, f), level_shape(height, width, level), px * f, False
-    size = min(py, px) * f
+    if level_pixel_size_yx_nm is None:
+        if level:
+            raise ValueError(f"level_grid: level {level} of an image of non-square pixels ({py:.6g} x {px:.6g} nm) "
+                             "needs the level's pixel size from its metadata (level_pixel_size_yx_nm, "
+                             "see level_pixel_sizes): a pyramid need not halve")
+        level_pixel_size_yx_nm = (py, px)
+    size = float(min(level_pixel_size_yx_nm))
     grid = OutputGrid.for_image((int(height), int(width)), (py, px), size)
     return grid.step, grid.extent, size, True
+
+
+def level_pixel_sizes(image: str | StoreLocation) -> list[tuple[float, float]]:
+    """(y, x) pixel size in nm of each pyramid level of the OME-Zarr image at `image`, as
+    its NGFF coordinate transforms give them (engine.tiling's `LevelTransform`, the
+    sizes the batch job plans with), for the levels it can read. Reads the image's
+    metadata (zarr.json files), no pixels."""
+    from engine.stores.image import open_image
+    from engine.tiling.transform import LevelTransform
+
+    opened = open_image(image)
+    return [LevelTransform.from_image(opened, k).level_pixel_size_nm for k in range(len(opened.levels))]
 
 
 def sample_seed(seed: int, image_id: str, level: int, y: int, x: int) -> int:
@@ -261,8 +285,9 @@ def plan_samples(
 ) -> list[SampleSpec]:
     """Specs of every sample `layout` lays over the archive, ordered by image, level, y, x.
 
-    Reads the catalog and, when the layout wants masks or instances, the ground truth;
-    never an image. `materials`, `grades` and `defect_classes` are the model's label
+    Reads the catalog, when the layout wants masks or instances the ground truth, and
+    the pyramid metadata of each image whose pixels are not square (`level_pixel_sizes`);
+    never a pixel. `materials`, `grades` and `defect_classes` are the model's label
     orders (its config's); a catalog label outside them is an error naming the image.
     `image_ids` restricts the plan to those images.
     """
@@ -289,14 +314,19 @@ def plan_samples(
 
 
 def _plan_image(archive, row, layout, truth, materials, grades, defect_classes, seed, rng) -> list[SampleSpec]:
-    n_levels = int(row.levels)
-    levels = range(n_levels) if layout.levels is None else [v for v in layout.levels if v < n_levels]
     material_index = _index(row.material, materials, "material", row.image_id)
     grade_index = _index(row.quality_grade, grades, "quality grade", row.image_id)
     pixel_size_yx = (to_nanometres(float(row.pixel_size_y), str(row.unit)),
                      to_nanometres(float(row.pixel_size_x), str(row.unit)))
-    grids = {v: level_grid(row.height, row.width, pixel_size_yx, v) for v in levels}
-    uri = image_uri(archive, row.image_id).uri
+    location = image_uri(archive, row.image_id)
+    uri = location.uri
+    if is_square(*pixel_size_yx):  # the catalog tells all (a halving pyramid): no store is opened
+        level_sizes = [None] * int(row.levels)
+    else:  # the square grid of a level is its own pixel size's: read from its transform
+        level_sizes = level_pixel_sizes(location)
+    n_levels = len(level_sizes)
+    levels = range(n_levels) if layout.levels is None else [v for v in layout.levels if v < n_levels]
+    grids = {v: level_grid(row.height, row.width, pixel_size_yx, v, level_sizes[v]) for v in levels}
     boxes = classes = ids = None
     if truth is not None and len(truth):
         boxes = truth[["y0", "x0", "y1", "x1"]].to_numpy(np.int64)
@@ -401,6 +431,6 @@ def split_specs(specs: Sequence[SampleSpec], val_fraction: float, *, seed: int =
 
 
 __all__ = [
-    "SampleLayout", "SamplePlanError", "SampleSpec", "level_grid", "level_shape", "plan_samples",
-    "read_truth", "sample_seed", "split_specs",
+    "SampleLayout", "SamplePlanError", "SampleSpec", "level_grid", "level_pixel_sizes", "level_shape",
+    "plan_samples", "read_truth", "sample_seed", "split_specs",
 ]

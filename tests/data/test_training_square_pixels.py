@@ -4,7 +4,8 @@ A fast-scan SEM records (10, 5) nm (y, x) pixels. The batch job and the endpoint
 such an image to square pixels (engine.data.tile_plan), so training must too: read as
 level pixels, a round pore is a 1:2 ellipse to the model while it learns, then round when
 it is used. The archive here holds the same scene twice, once at (10, 5) nm and once at
-(5, 5) nm: a 600 nm disc (one `pore` instance) on a gentle ramp.
+(5, 5) nm: a 600 nm disc (one `pore` instance) on a gentle ramp; another holds it at
+(10, 5) nm as a foreign OME-Zarr whose level 1 is 3x coarser (tests/non_square_scene.py).
 """
 
 from __future__ import annotations
@@ -166,3 +167,37 @@ class TestRead:
             assert (y1 - y0, x1 - x0) == extent(mask == 1)
         for i in range(5):
             assert np.mean(batch["mask"][i] != batch["mask"][i + 5]) < 0.02
+
+
+@pytest.fixture(scope="module")
+def foreign_archive(tmp_path_factory):
+    return write_scene_archive(tmp_path_factory.mktemp("square-train-foreign") / "a", {},
+                               foreign={"factor-3": (10.0, 5.0)})
+
+
+class TestForeignPyramid:
+    """A valid OME-Zarr whose level 1 is 3x coarser, (30, 15) nm: its level's square pixels
+    are its own finer size, 15 nm, as its NGFF transform and the job say, not 2x level 0's."""
+
+    def test_each_level_is_laid_at_the_pixels_the_job_reads_it_at(self, foreign_archive):
+        from engine.data.tile_plan import choose_square_pixels, plan_image
+        from engine.stores.image import open_image
+
+        image = open_image(image_uri(foreign_archive, "factor-3"))
+        specs = plan(foreign_archive, SampleLayout(16), "factor-3")
+        assert {s.level for s in specs} == {0, 1}
+        for s in specs:
+            level_x_nm = 5.0 * 3**s.level
+            assert s.pixel_size_nm == level_x_nm and (s.step_y * 10.0, s.step_x * 5.0) == (level_x_nm, level_x_nm)
+            assert choose_square_pixels(image, level_x_nm, math.inf) == (s.level, s.pixel_size_nm)
+            job = plan_image(image, "factor-3", None, "SEM", target_nm=level_x_nm, tolerance=math.inf,
+                             tile_size=None, halo=0, tile_dtype="uint16")
+            assert (job.grid.level, job.output.step) == (s.level, (s.step_y, s.step_x))
+
+    def test_a_level_1_sample_shows_the_disc_at_15_nm(self, foreign_archive):
+        """The disc (600 nm) read from level 1 spans 40 square pixels of 15 nm each way."""
+        (spec,) = plan(foreign_archive, SampleLayout(64, levels=(1,), anchor="instances"), "factor-3")
+        row = ReadSamples().read(spec)
+        assert row["pixel_size_nm"] == 15.0 and row["image"].shape == (64, 64)
+        rows, cols = extent(row["image"] > 0.5)
+        assert abs(rows - cols) <= 1 and abs(cols * 15.0 - 2 * DISC[2]) <= 15.0

@@ -3,9 +3,10 @@
 A fast-scan SEM records (10, 5) nm (y, x) pixels. The batch job and the endpoint resample
 such an image to square pixels (engine.data.tile_plan), so detector training and its
 evaluation must too: read as level pixels, a round pore is a 1:2 ellipse with a 1:2 box
-to the detector while it learns, then round when it is used. The archive holds the same
-scene twice, at (10, 5) nm and at (5, 5) nm: a 600 nm disc (one `pore`) on a gentle ramp
-(tests/non_square_scene.py).
+to the detector while it learns, then round when it is used. For a model of a pixel size,
+on the very grid the job reads for it. The archive holds the same scene at (10, 5) nm,
+(5, 10) nm and (5, 5) nm, and at (10, 5) nm as a foreign OME-Zarr whose level 1 is 3x
+coarser: a 600 nm disc (one `pore`) on a gentle ramp (tests/non_square_scene.py).
 """
 
 from __future__ import annotations
@@ -13,13 +14,15 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
+from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
+from engine.data.tile_plan import plan_image, plan_reads
 from engine.runtime import configure_offline
 from engine.stores.image import open_image
 from engine.training.detector import plan_tiles
 from engine.training.detector.pixels import to_uint8
 from engine.training.detector.tiles import yolo_format
 from engine.stores.catalog import image_uri
-from tests.non_square_scene import DISC, FIELD_NM, extent, write_scene_archive
+from tests.non_square_scene import DISC, FIELD_NM, IMAGES, extent, write_scene_archive
 
 NAMES = ("pore",)
 BRIGHT = 20000  # between the ramp and the disc's value
@@ -37,7 +40,8 @@ def offline(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def archive(tmp_path_factory):
-    return write_scene_archive(tmp_path_factory.mktemp("square-detector") / "a")
+    return write_scene_archive(tmp_path_factory.mktemp("square-detector") / "a",
+                               {**IMAGES, "slow-scan": (5.0, 10.0)}, foreign={"factor-3": (10.0, 5.0)})
 
 
 def dataset(tiles):
@@ -53,8 +57,30 @@ def box_px(sample) -> np.ndarray:
     return sample["bboxes"].numpy()[:, 2:] * [w, h]
 
 
+def job_plan(archive, image_id: str, pixel_size_nm: float, *, tile: int, halo: int = 0):
+    """The batch job's plan (`ImageTiles`) of an image for a model of `pixel_size_nm`:
+    the target at the job's tolerance, as jobs.reprocess and the endpoint plan it."""
+    location = image_uri(archive, image_id)
+    return plan_image(open_image(location), image_id, location, "SEM", target_nm=pixel_size_nm,
+                      tolerance=DEFAULT_TOLERANCE, tile_size=tile, halo=halo, tile_dtype="uint16")
+
+
+def job_tiles(plan) -> list[np.ndarray]:
+    """The tiles (core and halo, uint16) the batch job's reader delivers for `plan`."""
+    from ray.data.block import BlockAccessor
+
+    from engine.data.tile_read import read_tiles
+
+    out = []
+    for spec in plan_reads([plan], target_bytes=DEFAULT_TARGET_BYTES, max_tasks=10_000):
+        for block in read_tiles(spec):
+            out += [np.asarray(t) for t in BlockAccessor.for_block(block).to_batch_format("numpy")["tile"]]
+    return out
+
+
 class TestTrainingTiles:
-    @pytest.mark.parametrize("pixel_size_nm, level, nm", [(None, 0, 5.0), (10.0, 1, 10.0)])
+    # 10 nm: from level 0 (10, 5) nm, the level the job reads (level 1 is 20 nm along y)
+    @pytest.mark.parametrize("pixel_size_nm, level, nm", [(None, 0, 5.0), (10.0, 0, 10.0)])
     def test_the_disc_is_round_and_its_box_square(self, archive, pixel_size_nm, level, nm):
         """One tile holding the whole disc: its pixels show it round, its YOLO box is
         square (w == h within a pixel) and as wide as the disc (600 nm)."""
@@ -107,20 +133,64 @@ class TestTrainingTiles:
             np.testing.assert_allclose(label["instances"].bboxes, want[1], atol=1e-6)
 
 
+class TestTargetPixelSize:
+    """A model of a pixel size (train_detector's pixel_size_nm) is trained and evaluated on
+    exactly the pixels the batch job and the endpoint deliver to it."""
+
+    @pytest.mark.parametrize("image_id, pixel_size_nm", [
+        ("slow-scan", 10.0),  # (5, 10) nm: nearest level by x is level 0, the job's 10 nm grid
+        ("fast-scan", 10.0),  # (10, 5) nm: the job reads level 0, not level 1 (20, 10) nm
+        ("fast-scan", 7.0),  # no level is 7 nm: the job resamples to exactly 7
+        ("factor-3", 15.0),  # level 1 is 3x coarser, (30, 15) nm: the job resamples level 0
+    ])
+    def test_training_tiles_are_the_jobs_grid(self, archive, image_id, pixel_size_nm):
+        """The image in one tile: its level, square-grid step and extent are the job's plan
+        for that model; the disc in its pixels is round and 600 nm wide at pixel_size_nm
+        per pixel, and so is its YOLO box."""
+        (tile,) = plan_tiles(archive, NAMES, tile=256, image_ids=[image_id], pixel_size_nm=pixel_size_nm)
+        job = job_plan(archive, image_id, pixel_size_nm, tile=256)
+        assert job.pixel_size_yx_nm == pytest.approx((pixel_size_nm, pixel_size_nm))
+        assert tile.resampled and (tile.level, tile.scale, tile.shape) == (
+            job.grid.level, job.output.step, job.output.extent)
+        ds = dataset([tile])
+        rows, cols = extent(ds.read_tile(0) > to_uint8(np.uint16([BRIGHT]))[0])
+        diameter = 2 * DISC[2]
+        assert abs(rows - cols) <= 1 and abs(cols * pixel_size_nm - diameter) <= pixel_size_nm + 1e-6
+        (w, h), = box_px(ds[0])
+        assert abs(w - h) <= 1 and abs(w * pixel_size_nm - diameter) <= pixel_size_nm + 1e-6
+
+    def test_evaluation_sees_the_jobs_tiles(self, archive):
+        """Evaluating a 10 nm model on the (5, 10) nm image: the detector is shown the very
+        tiles (pixels, core and halo) the batch job's reader delivers for a 10 nm model,
+        and its boxes, mapped back to level 0 per axis, are the ground truth's."""
+        from engine.training.detector import evaluate_detector
+
+        detector = DiscDetector()
+        ev = evaluate_detector(detector, archive, image_ids=["slow-scan"], pixel_size_nm=10.0, tile=64, halo=16)
+        delivered = job_tiles(job_plan(archive, "slow-scan", 10.0, tile=64, halo=16))
+        assert len(delivered) > 1
+        key = lambda t: (t.shape, t.tobytes())  # noqa: E731
+        assert sorted(map(key, detector.tiles)) == sorted(map(key, delivered))
+        assert ev.map50_95 == pytest.approx(PERFECT_AP) and ev.predictions == 1
+
+
 class DiscDetector:
     """Finds the disc by its brightness: one box (tile pixels) around the bright pixels
-    of each tile, score 1, class 0; records the bright extent of each tile it sees."""
+    of each tile, score 1, class 0; records every tile it is given (`tiles`) and the
+    bright extent of each one that shows the disc (`seen`)."""
 
     names = NAMES
 
     def __init__(self):
         self.seen: list[tuple[tuple[int, int], tuple[int, int]]] = []  # (tile shape, bright rows/cols)
+        self.tiles: list[np.ndarray] = []
 
     def predict(self, tiles, *, conf, iou, max_det):
         from engine.models.detector import Detections
 
         out = []
         for tile in tiles:
+            self.tiles.append(np.array(tile))
             bright = tile > BRIGHT
             if not bright.any():
                 out.append(Detections(np.zeros((0, 4), np.float32), np.zeros(0, np.float32), np.zeros(0, np.int64)))

@@ -5,9 +5,10 @@ engine.tiling's `TileGrid` into chunk-aligned cores read with a halo, and its pe
 boxes put together with engine.tiling's `stitch_boxes` (a box belongs to the core that
 holds its centre; pieces of one defect cut by a core border are merged; NMS) in
 level-0 pixels. An image whose pixels are not square is seen as the batch job and the
-endpoint deliver it (`engine.data.tile_plan.plan_image`, native pixels): resampled to
-square pixels of the level's finer size, the detector's boxes mapped back to level 0
-per axis. They are compared with the archive's ground-truth boxes, whole (not cut
+endpoint deliver it (`engine.data.tile_plan.plan_image`) to a model of the evaluated
+pixel size: resampled to square pixels of exactly that size (native pixels, the finer
+of level 0's two sizes, when none is given), the detector's boxes mapped back to level
+0 per axis. They are compared with the archive's ground-truth boxes, whole (not cut
 by tiles), with Ultralytics' matching rule (a prediction, in order of score, takes the
 unclaimed box of its class it overlaps most, per IoU threshold) and Ultralytics'
 `ap_per_class` (COCO's 101-point interpolated AP), so the figures read like those of
@@ -24,7 +25,9 @@ import numpy as np
 
 from engine.stores.uri import StoreLocation, resolve
 from engine.training.detector.pixels import ImageCache
-from engine.training.detector.tiles import image_entries, image_truth, read_ground_truth, truth_by_image
+from engine.training.detector.tiles import (
+    image_entries, image_truth, job_target, read_ground_truth, truth_by_image,
+)
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
 
@@ -96,25 +99,27 @@ def grid_tile(chunks: tuple[int, int], tile: int) -> tuple[int, int]:
 
 
 def predict_image(detector, reader: ImageCache, image_id: str, image: StoreLocation, level: int, *,
-                  tile: int = 1024, halo: int = 64, batch: int = 4, conf: float = 0.001, iou: float = 0.7,
-                  max_det: int = 300) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+                  pixel_size_nm: float | None = None, tile: int = 1024, halo: int = 64, batch: int = 4,
+                  conf: float = 0.001, iou: float = 0.7, max_det: int = 300
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Detections in one image: (N x 4 float64 xyxy in level-0 pixels, N scores, N int64
     classes), sorted by score.
 
     The level is cut into cores of about `tile` pixels (chunk multiples) read with
     `halo` pixels of context on each side; tiles of one read shape go to the detector
     `batch` at a time. An image up to `tile` pixels a side is one tile. An image whose
-    pixels are not square is planned and resampled as the batch job does (`tile` and
-    `halo` then count its square pixels; `predict_resampled`).
+    pixels are not square is planned and resampled as the batch job does for a model of
+    `pixel_size_nm` (`job_target`; `level` must be the level the job reads it from, as
+    `image_entries` picks it; `tile` and `halo` then count its square pixels;
+    `predict_resampled`).
     """
     from engine.data.tile_plan import choose_square_pixels
-    from engine.tiling import LevelTransform, TileBoxes, TileGrid, stitch_boxes
+    from engine.tiling import TileBoxes, TileGrid, stitch_boxes
 
     img = reader.get(image)
-    level_x_nm = LevelTransform.from_image(img, level).level_pixel_size_nm[1]
-    if choose_square_pixels(img, level_x_nm, math.inf) is not None:
-        found = predict_resampled(detector, reader, image_id, image, level, tile=tile, halo=halo, batch=batch,
-                                  conf=conf, iou=iou, max_det=max_det)
+    if choose_square_pixels(img, *job_target(img, level, pixel_size_nm)) is not None:
+        found = predict_resampled(detector, reader, image_id, image, level, pixel_size_nm=pixel_size_nm, tile=tile,
+                                  halo=halo, batch=batch, conf=conf, iou=iou, max_det=max_det)
     else:
         grid = TileGrid.from_image(img, image_id, level, tile=grid_tile(img.levels[level].chunks, tile), halo=halo)
         by_shape: dict[tuple[int, int], list] = {}
@@ -134,23 +139,25 @@ def predict_image(detector, reader: ImageCache, image_id: str, image: StoreLocat
 
 
 def predict_resampled(detector, reader: ImageCache, image_id: str, image: StoreLocation, level: int, *,
-                      tile: int, halo: int, batch: int, conf: float, iou: float, max_det: int) -> list:
+                      pixel_size_nm: float | None = None, tile: int, halo: int, batch: int, conf: float,
+                      iou: float, max_det: int) -> list:
     """Per-tile detections (engine.tiling `TileBoxes`, level-0 xyxy) of an image whose
-    pixels are not square, on the tiles the batch job reads from `level` natively.
+    pixels are not square, on the tiles the batch job reads from `level` for a model of
+    `pixel_size_nm` (`job_target`).
 
-    The plan is the job's (`engine.data.tile_plan.plan_image`, tolerance inf: square
-    pixels of the level's finer size, cores of about `tile` and a `halo` of such
-    pixels); each tile's pixels are the job's resampling of the level
+    The plan is the job's (`engine.data.tile_plan.plan_image`: square pixels of exactly
+    `pixel_size_nm`, or of the level's finer size when None, cores of about `tile` and a
+    `halo` of such pixels); each tile's pixels are the job's resampling of the level
     (`engine.data.training_samples.read_resampled`, as detector training reads them),
     and its boxes go back to level 0 with the grid's (y, x) step, as the pipeline's
     (`tile_boxes_to_level0`).
     """
     from engine.data.tile_plan import plan_image
-    from engine.tiling import LevelTransform, TileBoxes, tile_boxes_to_level0, tile_core_level0, tile_read_level0
+    from engine.tiling import TileBoxes, tile_boxes_to_level0, tile_core_level0, tile_read_level0
 
     img = reader.get(image)
-    level_x_nm = LevelTransform.from_image(img, level).level_pixel_size_nm[1]
-    planned = plan_image(img, image_id, image, "", target_nm=level_x_nm, tolerance=math.inf, tile_size=tile,
+    target_nm, tolerance = job_target(img, level, pixel_size_nm)
+    planned = plan_image(img, image_id, image, "", target_nm=target_nm, tolerance=tolerance, tile_size=tile,
                          halo=halo, tile_dtype=str(img.dtype))
     if planned.grid.level != level or planned.output is None:
         raise RuntimeError(f"{image_id}: the batch job's plan reads level {planned.grid.level} "
@@ -200,7 +207,9 @@ def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list
     """AP@0.5 (and 0.5:0.95) of `detector` on the images of `archive`, per class and per material.
 
     detector: an engine.models `Detector`; image_ids: a subset (default all catalog
-    images); pixel_size_nm: read each image at the level nearest it (default level 0,
+    images); pixel_size_nm: the model's pixel size: each image is read as the batch job
+    reads it for such a model (`image_entries`: a square one at the level nearest it,
+    one whose pixels are not square resampled to exactly that size; default level 0,
     the scale engine.synth sizes defects in); tile, halo: the grid (`predict_image`).
     conf is low on purpose (0.001, as Ultralytics validates): AP integrates over every
     score. Boxes are compared in level-0 pixels.
@@ -220,8 +229,9 @@ def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list
     for entry in entries:
         gt = image_truth(truth, replace(entry, scale=(1.0, 1.0)), class_index)  # level-0 boxes
         true_boxes, true_cls = gt.boxes, gt.classes
-        boxes, scores, classes = predict_image(detector, reader, entry.image_id, entry.image, entry.level, tile=tile,
-                                               halo=halo, batch=batch, conf=conf, iou=iou, max_det=max_det)
+        boxes, scores, classes = predict_image(detector, reader, entry.image_id, entry.image, entry.level,
+                                               pixel_size_nm=pixel_size_nm, tile=tile, halo=halo, batch=batch,
+                                               conf=conf, iou=iou, max_det=max_det)
         tps.append(match_predictions(boxes, classes, true_boxes, true_cls))
         confs.append(scores)
         pcls.append(classes)

@@ -10,12 +10,15 @@ from; ground truth is in level-0 pixels and is divided by the level's downsampli
 
 Square model pixels: an image whose pixels are not square (`engine.data.tile_plan.is_square`
 of the catalog's y and x sizes, e.g. a fast-scan SEM's (10, 5) nm) reaches the detector
-square at inference (the batch job and the endpoint resample it, tile_plan's native
-rule), so it is trained that way too: its tiles are laid on the square grid of the
-level's finer pixel size (`engine.data.sample_plan.level_grid`), tile coordinates and
-boxes count those pixels, and the dataset resamples them from the level. Read as level
-pixels, a round pore would be learnt as a 1:2 ellipse and then met round. Square images
-(within tile_plan's SQUARE_WITHIN) plan as before.
+square at inference (the batch job and the endpoint resample it,
+`engine.data.tile_plan.choose_square_pixels`), so it is trained that way too, on the
+grid the job would read it on: for a model of a pixel size (`pixel_size_nm`), exactly
+that size from the level the job picks (the job's target rule at its tolerance); with
+none, level 0 at its finer size (the native rule, as the job reads a model that records
+no pixel size). Tile coordinates and boxes count those square pixels, and the dataset
+resamples them from the level. Read as level pixels, a round pore would be learnt as a
+1:2 ellipse and then met round. Square images (within tile_plan's SQUARE_WITHIN) plan
+as before.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 import pandas as pd
 
 from engine.data.sample_plan import level_grid
-from engine.data.tile_plan import is_square
+from engine.data.tile_plan import choose_square_pixels, is_square
 from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import read_catalog, read_table
 from engine.stores.ngff import to_nanometres
@@ -191,9 +194,9 @@ class ImageEntry:
     """One catalog image as the planner needs it: where it is and its level geometry.
 
     shape: (h, w) tile pixels covering the image: the level's own, or, when `resampled`
-    (the image's pixels are not square), the extent of its square grid at the level's
-    finer pixel size (`engine.data.sample_plan.level_grid`); scale: level-0 pixels per
-    tile pixel (y, x), that grid's step when resampled.
+    (the image's pixels are not square), the extent of the square grid the batch job
+    reads it on (`image_entries`); scale: level-0 pixels per tile pixel (y, x), that
+    grid's step when resampled.
     """
 
     image_id: str
@@ -207,12 +210,15 @@ class ImageEntry:
 
 def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None = None,
                   pixel_size_nm: float | None = None) -> list[ImageEntry]:
-    """Catalog images (all, or `image_ids` in that order) with the level to read.
+    """Catalog images (all, or `image_ids` in that order) with the level and grid to read,
+    as the batch job and the endpoint read them for a model of `pixel_size_nm`.
 
-    pixel_size_nm=None reads level 0 (defect sizes in engine.synth are level-0 pixels);
-    a pixel size picks, per image, the level nearest it (by x size, as the batch job
-    does), which opens each image's metadata (no pixels). An image whose catalog pixel
-    sizes are not square gets the level's square grid (`ImageEntry`).
+    pixel_size_nm=None reads level 0 (defect sizes in engine.synth are level-0 pixels),
+    from the catalog alone; an image whose pixels are not square gets level 0's square
+    grid at its finer size (`engine.data.sample_plan.level_grid`: the native rule). A
+    pixel size opens each image's metadata (no pixels): a square image is read at the
+    level nearest it (by x size); one whose pixels are not square on the job's square
+    grid of exactly that size (`target_entry`).
     """
     archive = resolve(archive)
     catalog = read_catalog(archive).set_index("image_id", drop=False)
@@ -225,25 +231,59 @@ def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None =
     for row in catalog.itertuples(index=False):
         location = archive.join(row.uri)
         material = None if pd.isna(row.material) else str(row.material)
-        pixel_size_yx = (to_nanometres(float(row.pixel_size_y), str(row.unit)),
-                         to_nanometres(float(row.pixel_size_x), str(row.unit)))
-        level, img = 0, None
         if pixel_size_nm is not None:
             from engine.stores.image import open_image
 
-            img = open_image(location)
-            level = img.nearest_level(pixel_size_nm)
-        if not is_square(*pixel_size_yx):
-            step, extent, _, _ = level_grid(int(row.height), int(row.width), pixel_size_yx, level)
-            out.append(ImageEntry(row.image_id, location, material, level, tuple(extent),
-                                  (float(step[0]), float(step[1])), resampled=True))
-        elif img is None:
+            out.append(target_entry(row.image_id, location, material, open_image(location), pixel_size_nm))
+            continue
+        pixel_size_yx = (to_nanometres(float(row.pixel_size_y), str(row.unit)),
+                         to_nanometres(float(row.pixel_size_x), str(row.unit)))
+        if is_square(*pixel_size_yx):
             out.append(ImageEntry(row.image_id, location, material, 0, (int(row.height), int(row.width)), (1.0, 1.0)))
         else:
-            h, w = img.levels[level].shape
-            out.append(ImageEntry(row.image_id, location, material, level, (h, w),
-                                  (img.shape[0] / h, img.shape[1] / w)))
+            step, extent, _, _ = level_grid(int(row.height), int(row.width), pixel_size_yx, 0)
+            out.append(ImageEntry(row.image_id, location, material, 0, tuple(extent),
+                                  (float(step[0]), float(step[1])), resampled=True))
     return out
+
+
+def job_target(image, level: int, pixel_size_nm: float | None) -> tuple[float, float]:
+    """(target nm, tolerance) the batch job plans an opened image (`MultiscaleImage`) with
+    for a model of `pixel_size_nm`: that size at the job's DEFAULT_TOLERANCE; None, a
+    model that records no pixel size: native pixels of `level` (its x size, tolerance
+    inf), as the job and the endpoint read such a model."""
+    if pixel_size_nm is not None:
+        from engine.data.datasource import DEFAULT_TOLERANCE
+
+        return float(pixel_size_nm), DEFAULT_TOLERANCE
+    from engine.tiling.transform import LevelTransform
+
+    return LevelTransform.from_image(image, level).level_pixel_size_nm[1], math.inf
+
+
+def target_entry(image_id: str, location: StoreLocation, material: str | None, image,
+                 pixel_size_nm: float) -> ImageEntry:
+    """The entry of an opened image (`MultiscaleImage`) for a model of `pixel_size_nm` nm.
+
+    Square pixels: the level nearest that size (by x), its own pixels, as before. Pixels
+    that are not square: the level and square grid the batch job and the endpoint
+    resample such an image on for that model (`engine.data.tile_plan.plan_image` with the
+    target and the job's DEFAULT_TOLERANCE: exactly `pixel_size_nm`, from the coarsest
+    level no coarser along either axis, on the image's global `OutputGrid`). The level's
+    size comes from its NGFF transform, so a pyramid that does not halve is read right.
+    """
+    from engine.preprocess.resample import OutputGrid
+    from engine.tiling.transform import LevelTransform
+
+    square = choose_square_pixels(image, *job_target(image, 0, pixel_size_nm))
+    if square is None:
+        level = image.nearest_level(pixel_size_nm)
+        h, w = image.levels[level].shape
+        return ImageEntry(image_id, location, material, level, (h, w), (image.shape[0] / h, image.shape[1] / w))
+    level, output_nm = square
+    grid = OutputGrid.for_image(image.shape, LevelTransform.from_image(image, level).pixel_size_nm, output_nm)
+    return ImageEntry(image_id, location, material, level, tuple(int(v) for v in grid.extent),
+                      (float(grid.step[0]), float(grid.step[1])), resampled=True)
 
 
 @dataclass(frozen=True)

@@ -192,8 +192,10 @@ def train_detector(
     archive's images (default 0.2; whole images, never tiles of a training image).
     imgsz: tile side in pixels (a multiple of 32; default the config's input_size);
     training tiles overlap by `overlap` pixels (default imgsz // 4) so a defect a tile
-    edge cuts is whole in a neighbour. pixel_size_nm: read each image at the pyramid
-    level nearest it (default level 0). background_ratio: train on every tile with a
+    edge cuts is whole in a neighbour. pixel_size_nm: the model's pixel size; each image
+    is read as the batch job reads it for such a model (a square one at the pyramid level
+    nearest it, one whose pixels are not square resampled to exactly that size:
+    `tiles.image_entries`; default level 0). background_ratio: train on every tile with a
     defect and at most this many times as many without (None: all tiles).
     device: None picks cuda when present, else cpu.
     workers: data-loading processes on GPU (Ultralytics uses none on CPU).
