@@ -473,8 +473,9 @@ def _weighted_probs(metas: Sequence[dict], key: str, n: int) -> np.ndarray:
 
 def write_label_pyramid(target: LabelTarget, class_names: Sequence[str],
                         provenance: Mapping[str, Any] | None = None) -> int:
-    """Coarser levels of both label images (nearest neighbour, chunk by chunk) and their
-    NGFF metadata, placed like the image's level they were written at; `provenance`
+    """Coarser levels of both label images (each pixel its 2x2 block's most frequent label,
+    `engine.stores.pyramid.downsample_labels`, chunk by chunk) and their NGFF metadata,
+    placed like the image's level they were written at; `provenance`
     (e.g. the job's output and bundle) goes into their `grainflow` attributes. Returns
     the number of levels."""
     import zarr
@@ -503,10 +504,16 @@ def write_label_pyramid(target: LabelTarget, class_names: Sequence[str],
                                         dimension_names=["y", "x"], overwrite=True)
             write_next_level(finer, coarser, labels=True)
             finer = coarser
-        meta = multiscales_v05(name=name, unit=image.unit, pixel_size=pixel, n_levels=n, centre_shift=False)
-        if any(shift):  # nearest levels keep pixel 0 where the source level has it
+        # a coarser label pixel stands for its whole block, as the image's mean does: its
+        # centre shifts by half a block, on top of where the source level's pixel 0 sits
+        meta = multiscales_v05(name=name, unit=image.unit, pixel_size=pixel, n_levels=n, centre_shift=True)
+        if any(shift):
             for ds in meta["datasets"]:
-                ds["coordinateTransformations"].append({"type": "translation", "translation": list(shift)})
+                transforms = ds["coordinateTransformations"]
+                if transforms[-1]["type"] == "translation":
+                    transforms[-1]["translation"] = [t + s for t, s in zip(transforms[-1]["translation"], shift)]
+                else:
+                    transforms.append({"type": "translation", "translation": list(shift)})
         image_label: dict[str, Any] = {"source": {"image": "../../"}}
         if name == target.classes_name:
             image_label["properties"] = [{"label-value": i + 1, "class": c} for i, c in enumerate(class_names)]

@@ -198,9 +198,10 @@ def multiscales_v05(
 ) -> dict[str, Any]:
     """A v0.5 `multiscales` entry for a YX image whose level k is 2**k coarser.
 
-    With `centre_shift` (mean downsampling) level k's first pixel centre sits at
-    (2**k - 1) / 2 level-0 pixels, which the translation records; nearest-neighbour
-    levels (labels) keep pixel 0 in place.
+    With `centre_shift` (each coarser pixel stands for its 2x2 block: the image's mean,
+    the labels' most frequent value) level k's first pixel centre sits at (2**k - 1) / 2
+    level-0 pixels, which the translation records; without it (levels that keep every
+    second pixel, as grainflow's label levels did before) pixel 0 stays in place.
     """
     unit = normalise_unit(unit)
     datasets = []

@@ -6,8 +6,9 @@ pyramid is half built: until `close()` the group has no `multiscales`.
 Writing over an existing image never destroys it before the new one is complete: the
 new image goes to a hidden sibling (`.<name>.partial-<owner>`) and `close()` swaps it in
 (see `_commit`). An error or interrupt before then leaves the old image as it was. The
-sibling's name says which process wrote it, so what a killed process left can be told
-from what a live one is writing (engine.stores.staging).
+writer holds a lock on each sibling it makes while the sibling exists, so what a killed
+process left can be told from what a live one is writing (engine.stores.staging); and
+`close()` refuses to swap in a sibling that lost its level arrays meanwhile.
 """
 
 from __future__ import annotations
@@ -21,14 +22,14 @@ from typing import Any
 import numpy as np
 import zarr
 
+from engine.errors import MetadataError
 from engine.stores.dtypes import check_label_dtype, check_pixel_dtype
 from engine.stores.ngff import multiscales_v05, normalise_unit
 from engine.stores.pyramid import n_levels_for, write_next_level
-from engine.stores.staging import PARTIAL, REPLACED, sibling_name
+from engine.stores.staging import PARTIAL, REPLACED, ROOT_METADATA, Sibling
 from engine.stores.uri import StoreLocation, resolve
 
 DEFAULT_CHUNK = 512
-_ROOT_METADATA = "zarr.json"
 
 logger = logging.getLogger(__name__)
 
@@ -39,7 +40,8 @@ class ImageInfo:
 
     `replaced`: where the image this one replaced was moved aside, when the writer was
     asked to keep it (`keep_replaced=True`, local disk only); the caller deletes it with
-    `remove_image` once nothing (a catalog row) describes it any more. Else None.
+    `ImageWriter.remove_replaced()` (after `write_image`, whose writer is gone:
+    `remove_image`) once nothing (a catalog row) describes it any more. Else None.
     """
 
     uri: str
@@ -124,9 +126,12 @@ class ImageWriter:
     `attributes` are stored beside the NGFF metadata under the `grainflow` key.
 
     An image already at `uri` stays whole and readable until `close()` swaps the new one
-    in; with `keep_replaced` (local disk) it is moved aside rather than deleted, and
-    `info.replaced` says where. Leaving the `with` block by an exception, or `abort()`,
-    removes what was written and leaves any old image as it was.
+    in; with `keep_replaced` (local disk) it is moved aside rather than deleted,
+    `info.replaced` says where, and it stays until `remove_replaced()`; should the
+    writer die or be garbage collected first, `engine.stores.staging` keeps it too (with
+    a warning: nothing confirmed that the new image is described). Leaving the `with`
+    block by an exception, or `abort()`, removes what was written and leaves any old
+    image as it was.
     """
 
     def __init__(
@@ -156,10 +161,16 @@ class ImageWriter:
         self.name = name or self.location.name
         self.attributes = dict(attributes or {})
         self.keep_replaced = keep_replaced
-        self._staging = _staging_for(self.location)
+        self._sibling = _sibling_for(self.location)  # None: written in place
+        self._staging = self.location if self._sibling is None else self._sibling.location
+        self._replaced: Sibling | None = None
         self._complete = False
-        self.group = zarr.open_group(self._staging.zarr_store(read_only=False), mode="w", zarr_format=3)
-        self._image = _LevelZeroWriter(self.group, self.shape, self.dtype, self.chunk, labels=False)
+        try:
+            self.group = zarr.open_group(self._staging.zarr_store(read_only=False), mode="w", zarr_format=3)
+            self._image = _LevelZeroWriter(self.group, self.shape, self.dtype, self.chunk, labels=False)
+        except BaseException:
+            _abort_quietly(self)
+            raise
         self._labels: dict[str, tuple[LabelWriter, dict[str, Any]]] = {}
         self.info: ImageInfo | None = None
 
@@ -191,9 +202,11 @@ class ImageWriter:
     def close(self) -> ImageInfo:
         """Build the pyramids, then write the metadata that makes the image readable."""
         n = self._image.build_pyramid()
+        arrays = [str(k) for k in range(n)]
         for name, (writer, image_label) in self._labels.items():
             m = writer.build_pyramid()
-            ms = multiscales_v05(name=name, unit=self.unit, pixel_size=self.pixel_size, n_levels=m, centre_shift=False)
+            arrays += [f"labels/{name}/{k}" for k in range(m)]
+            ms = multiscales_v05(name=name, unit=self.unit, pixel_size=self.pixel_size, n_levels=m, centre_shift=True)
             writer.group.attrs.update({"ome": {"version": "0.5", "multiscales": [ms], "image-label": image_label}})
         if self._labels:
             self.group["labels"].attrs.update({"ome": {"version": "0.5", "labels": list(self._labels)}})
@@ -202,21 +215,33 @@ class ImageWriter:
         if self.attributes:
             attrs["grainflow"] = self.attributes
         self.group.attrs.update(attrs)
+        _check_arrays(self._staging, arrays, self.location)
         # From here the image is complete: should the swap fail, it stays where it was
         # written rather than being cleaned up with a half-written one.
         self._complete = True
-        replaced = _commit(self._staging, self.location, keep_replaced=self.keep_replaced)
+        self._replaced = _commit(self._sibling, self.location, keep_replaced=self.keep_replaced)
         self.info = ImageInfo(
             uri=self.location.uri, shape=self.shape, dtype=str(self.dtype), levels=n, chunk=self.chunk,
             pixel_size=self.pixel_size, unit=self.unit, checksum=self._image.checksum(),
-            replaced=None if replaced is None else replaced.uri,
+            replaced=None if self._replaced is None else self._replaced.location.uri,
         )
         return self.info
 
+    def remove_replaced(self) -> None:
+        """Delete the image this one replaced (`info.replaced`, kept by `keep_replaced`):
+        call it once nothing describes that image any more; nothing kept is fine."""
+        if self._replaced is not None:
+            replaced, self._replaced = self._replaced, None
+            replaced.remove()
+
     def abort(self) -> None:
         """Remove what this writer wrote; an image it was to replace is left untouched."""
-        if not self._complete:
+        if self._complete:
+            return
+        if self._sibling is None:
             remove_image(self._staging)
+        else:
+            self._sibling.remove()
 
     def __enter__(self) -> ImageWriter:
         return self
@@ -270,44 +295,68 @@ def remove_image(uri: str | StoreLocation) -> None:
         fs.rm(location.path, recursive=True)
 
 
-def _staging_for(target: StoreLocation) -> StoreLocation:
-    """Where the writer puts the image until `close()`.
+def _sibling_for(target: StoreLocation) -> Sibling | None:
+    """The hidden sibling the writer puts the image in until `close()`, or None to
+    write at `target` itself.
 
-    A hidden sibling on local disk, where moving it into place is a rename; elsewhere
-    the target itself when nothing is there yet (on an object store moving is a second
+    A sibling on local disk, where moving it into place is a rename; elsewhere the
+    target itself when nothing is there yet (on an object store moving is a second
     write of every chunk, and a first write has no old image to protect).
     """
     if target.scheme != "file":
         fs = target.filesystem()
         fs.invalidate_cache(target.path)  # s3fs caches listings: another writer may have added it since
         if not fs.exists(target.path):
-            return target
-    return target.parent().join(sibling_name(target.name, PARTIAL))
+            return None
+    return Sibling(target, PARTIAL)
 
 
-def _commit(staged: StoreLocation, target: StoreLocation, *, keep_replaced: bool) -> StoreLocation | None:
-    """Put the complete image at `staged` in place at `target`; return the old image's
-    aside location when kept (local disk and `keep_replaced` only), else None."""
-    if staged == target:
+def _check_arrays(staged: StoreLocation, arrays: list[str], target: StoreLocation) -> None:
+    """Refuse to swap in an image at `staged` that lacks any of its `arrays` (paths of
+    level arrays): something deleted the folder while it was written, and zarr
+    recreated only the folders of the chunks written after that."""
+    fs = staged.filesystem()
+    fs.invalidate_cache(staged.path)  # written through zarr's own filesystem instance
+    missing = [a for a in arrays if not fs.exists(staged.join(a, ROOT_METADATA).path)]
+    if missing:
+        raise MetadataError(
+            f"{target}: the new image lacks its level arrays {', '.join(missing)} at {staged}, so it was not "
+            f"swapped in: that folder was deleted while the image was written (by hand, or by a clean-up on "
+            f"another machine or of an older grainflow); any image already at {target} is unchanged; write it again"
+        )
+
+
+def _commit(staged: Sibling | None, target: StoreLocation, *, keep_replaced: bool) -> Sibling | None:
+    """Put the complete image in the sibling `staged` in place at `target` (None: it was
+    written there); return the old image's aside sibling, its lock still held, when
+    kept (local disk and `keep_replaced` only), else None."""
+    if staged is None:
         return None
     if target.scheme == "file":
         # Two renames within one folder: the old image leaves and the new one arrives
         # whole; there is never a half-old, half-new image at `target`.
         aside = None
         if os.path.lexists(target.path):
-            aside = target.parent().join(sibling_name(target.name, REPLACED))
-            os.rename(target.path, aside.path)
+            aside = Sibling(target, REPLACED)  # locked before the rename makes the folder
+            try:
+                os.rename(target.path, aside.location.path)
+            except BaseException:
+                aside.release()
+                raise
         try:
-            os.rename(staged.path, target.path)
+            os.rename(staged.location.path, target.path)
         except BaseException:
             if aside is not None:
-                os.rename(aside.path, target.path)
+                os.rename(aside.location.path, target.path)
+                aside.release()
             raise
+        staged.release()
         if aside is not None and not keep_replaced:
-            remove_image(aside)
+            aside.remove()
             return None
         return aside
-    _copy_over(staged, target)
+    _copy_over(staged.location, target)
+    staged.release()
     return None
 
 
@@ -333,15 +382,15 @@ def _copy_over(staged: StoreLocation, target: StoreLocation) -> None:
         return {p[len(prefix):]: p for p in found if p.startswith(prefix)}
 
     new, old = relative(staged), relative(target)
-    if _ROOT_METADATA in old:
-        fs.rm_file(old[_ROOT_METADATA])
-    keys = sorted(k for k in new if k != _ROOT_METADATA)
+    if ROOT_METADATA in old:
+        fs.rm_file(old[ROOT_METADATA])
+    keys = sorted(k for k in new if k != ROOT_METADATA)
     if keys:
         fs.copy([new[k] for k in keys], [target.join(k).path for k in keys])
-    stale = [path for k, path in old.items() if k not in new and k != _ROOT_METADATA]
+    stale = [path for k, path in old.items() if k not in new and k != ROOT_METADATA]
     if stale:  # an old image's extra pyramid levels, labels, ...
         fs.rm(stale)
-    fs.copy(new[_ROOT_METADATA], target.join(_ROOT_METADATA).path)
+    fs.copy(new[ROOT_METADATA], target.join(ROOT_METADATA).path)
     fs.rm(staged.path, recursive=True)
 
 

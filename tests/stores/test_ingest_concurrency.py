@@ -22,10 +22,9 @@ from engine.stores.catalog import image_uri, read_catalog
 from engine.stores.image import open_image
 from engine.stores.ingest import ingest_files
 from engine.stores.locks import FileLock, lock_for
-from engine.stores.staging import REPLACED
+from engine.stores.staging import REPLACED, sibling_name
 from engine.stores.uri import resolve
 from engine.stores.writer import ImageWriter
-from tests.dead_writer import dead_writers_sibling
 
 CHUNK = 32
 REPO = Path(__file__).resolve().parents[2]
@@ -43,6 +42,28 @@ def _ingest_rounds(files: list[str], archives: list[str], barrier) -> None:
     for path, archive in zip(files, archives):
         barrier.wait(timeout=120)
         ingest_files([path], archive, pixel_size=2.0, modality="SEM", chunk=CHUNK)
+
+
+def _ingest_once(path: str, archive: str, pixel_size: float, barrier) -> None:
+    barrier.wait(timeout=120)
+    ingest_files([path], archive, pixel_size=pixel_size, modality="SEM", chunk=16)
+
+
+def _kill_while_writing(paths: list[Path], archive: Path, image_id: str) -> None:
+    """Ingest `paths` in a subprocess (pixel size 2.5 nm, 16-px chunks) and SIGKILL it
+    once it is writing image `image_id`."""
+    images = archive / "images"
+    code = ("import sys; from engine.stores.ingest import ingest_files; "
+            "ingest_files(sys.argv[2:], sys.argv[1], pixel_size=2.5, modality='SEM', chunk=16)")
+    writer = subprocess.Popen([sys.executable, "-c", code, str(archive), *map(str, paths)], cwd=REPO)
+    try:
+        deadline = time.monotonic() + 60
+        while not (images.is_dir() and any(p.name.startswith(f".{image_id}.ome.zarr.partial-") for p in images.iterdir())):
+            assert writer.poll() is None and time.monotonic() < deadline, "the ingest ended before it was killed"
+            time.sleep(0.02)
+    finally:
+        writer.send_signal(signal.SIGKILL)
+        writer.wait()
 
 
 def _two_writers_rounds(tmp_path: Path, rounds: int):
@@ -104,6 +125,29 @@ class TestConcurrentIngest:
         for archive in archives:
             _assert_both_kept(archive, pixels)
 
+    def test_two_processes_ingesting_one_file_give_one_image(self, tmp_path):
+        """A scheduled ingest overlapping a manual one of the same file, with another
+        pixel size: the second waits for the first and replaces its image, and the one
+        catalog row describes the image that stays."""
+        scan = tmp_path / "scan.tif"
+        pixels = _tiff(scan, seed=5, shape=(256, 256))
+        archive = tmp_path / "archive"
+        spawn = multiprocessing.get_context("spawn")
+        barrier = spawn.Barrier(2)
+        writers = [spawn.Process(target=_ingest_once, args=(str(scan), str(archive), size, barrier))
+                   for size in (2.0, 3.0)]
+        for w in writers:
+            w.start()
+        for w in writers:
+            w.join(timeout=240)
+        assert [w.exitcode for w in writers] == [0, 0]
+        [row] = read_catalog(archive).itertuples()
+        assert (row.image_id, row.source) == ("scan", str(scan))
+        assert sorted(p.name for p in (archive / "images").iterdir()) == ["scan.ome.zarr"]
+        image = open_image(archive / "images" / "scan.ome.zarr")
+        assert image.pixel_size == (row.pixel_size_y, row.pixel_size_x) and row.pixel_size_x in (2.0, 3.0)
+        np.testing.assert_array_equal(image.read_level(0), pixels)
+
 
 class TestKilledWriter:
     def test_the_next_ingest_removes_what_a_killed_one_left(self, tmp_path):
@@ -111,17 +155,7 @@ class TestKilledWriter:
         _tiff(big, seed=1, shape=(1024, 1024))  # 4096 chunks of 16 px: seconds to write
         archive = tmp_path / "archive"
         images = archive / "images"
-        code = ("import sys; from engine.stores.ingest import ingest_files; "
-                "ingest_files([sys.argv[1]], sys.argv[2], pixel_size=1.0, modality='SEM', chunk=16)")
-        writer = subprocess.Popen([sys.executable, "-c", code, str(big), str(archive)], cwd=REPO)
-        try:
-            deadline = time.monotonic() + 60
-            while not (images.is_dir() and any(".partial-" in p.name for p in images.iterdir())):
-                assert writer.poll() is None and time.monotonic() < deadline, "the ingest ended before it was killed"
-                time.sleep(0.02)
-        finally:
-            writer.send_signal(signal.SIGKILL)
-            writer.wait()
+        _kill_while_writing([big], archive, "big")
         assert any(p.name.startswith(".big.ome.zarr.partial-") for p in images.iterdir())
 
         # a writer alive in this process: what it is writing must survive the clean-up
@@ -137,13 +171,36 @@ class TestKilledWriter:
         [row] = ingest_files([big], archive, pixel_size=1.0, modality="SEM", chunk=64)  # the killed file, again
         assert row.image_id == "big"
 
+    def test_a_re_ingest_killed_later_in_its_batch_left_its_image_catalogued(self, tmp_path):
+        """Re-ingesting a.tif with a corrected pixel size in a batch with a large file,
+        killed (OOM) while writing the large one: a's new image is in place and its
+        catalog row, upserted right after the swap, describes it; a later ingest leaves
+        both so and nothing hidden behind."""
+        a = tmp_path / "a.tif"
+        pixels = _tiff(a, seed=6, shape=(64, 64))
+        archive = tmp_path / "archive"
+        images = archive / "images"
+        ingest_files([a], archive, pixel_size=5.0, modality="SEM", chunk=CHUNK)
+        big = tmp_path / "big.tif"
+        _tiff(big, seed=7, shape=(1024, 1024))
+        _kill_while_writing([a, big], archive, "big")
+
+        _tiff(tmp_path / "c.tif", seed=8, shape=(64, 64))
+        ingest_files([tmp_path / "c.tif"], archive, pixel_size=1.0, modality="SEM", chunk=CHUNK)
+        assert sorted(p.name for p in images.iterdir()) == ["a.ome.zarr", "c.ome.zarr"]
+        row = read_catalog(archive).set_index("image_id").loc["a"]
+        image = open_image(images / "a.ome.zarr")
+        assert image.pixel_size == (row.pixel_size_y, row.pixel_size_x) == (2.5, 2.5)
+        assert (row.height, row.width, row.chunk) == (64, 64, 16)
+        np.testing.assert_array_equal(image.read_level(0), pixels)
+
     def test_an_image_moved_aside_by_a_writer_killed_mid_swap_is_put_back(self, tmp_path):
         """Replacing an image renames the old one aside, then the new one in: a kill
         between the two leaves no image at the id. The old one comes back."""
         first = _tiff(tmp_path / "a.tif", seed=3, shape=(64, 64))
         archive = tmp_path / "archive"
         ingest_files([tmp_path / "a.tif"], archive, pixel_size=1.0, modality="SEM", chunk=CHUNK)
-        aside = dead_writers_sibling("a.ome.zarr", REPLACED)
+        aside = sibling_name("a.ome.zarr", REPLACED)
         images = archive / "images"
         os.rename(images / "a.ome.zarr", images / aside)
 
@@ -186,3 +243,17 @@ class TestFileLock:
         """memory:// and S3 have no flock: see engine.stores.ingest.pipeline for what that means."""
         first, second = lock_for(resolve("memory://gf-lock/a.ome.zarr")), lock_for(resolve("memory://gf-lock/a.ome.zarr"))
         assert first.acquire(blocking=False) and second.acquire(blocking=False)
+
+    def test_ingest_into_s3_takes_no_locks(self, s3_bucket, tmp_path):
+        """An ingest and a re-ingest into an S3 archive: no lock files, no hidden folders."""
+        _tiff(tmp_path / "a.tif", seed=9, shape=(64, 64))
+        archive = f"{s3_bucket}/archive"
+        ingest_files([tmp_path / "a.tif"], archive, pixel_size=1.0, modality="SEM", chunk=CHUNK)
+        new = _tiff(tmp_path / "a.tif", seed=10, shape=(32, 64))
+        [row] = ingest_files([tmp_path / "a.tif"], archive, pixel_size=2.0, modality="SEM", chunk=CHUNK)
+        assert read_catalog(archive).image_id.tolist() == ["a"] and row.pixel_size_x == 2.0
+        images = resolve(archive).join("images")
+        fs = images.filesystem()
+        fs.invalidate_cache()
+        assert [p.rsplit("/", 1)[-1] for p in fs.ls(images.path, detail=False)] == ["a.ome.zarr"]
+        np.testing.assert_array_equal(open_image(images.join("a.ome.zarr")).read_level(0), new)

@@ -9,7 +9,7 @@ import pytest
 from engine.errors import CorruptChunkError, InvalidURIError, MetadataError
 from engine.stores.catalog import CatalogRow, read_catalog, upsert_catalog, write_catalog
 from engine.stores.image import open_image
-from engine.stores.pyramid import downsample_mean
+from engine.stores.pyramid import downsample_labels, downsample_mean
 from engine.stores.writer import ImageWriter, write_image
 
 
@@ -80,14 +80,19 @@ class TestImageRoundTrip:
         pixels = _image(shape=(200, 200))
         labels = np.zeros((200, 200), np.uint32)
         labels[10:50, 20:90] = 1
-        labels[120:180, 100:110] = 7
+        labels[121:180, 101:110] = 7  # odd edges: blocks split between the defect and background
         write_image(store_root.join("a.ome.zarr"), pixels, pixel_size=4.0, chunk=64, labels={"defects": labels})
         image = open_image(store_root.join("a.ome.zarr"))
         assert image.labels() == ["defects"]
         mask = image.open_labels("defects")
         np.testing.assert_array_equal(mask.read_level(0), labels)
-        # label pyramids subsample: a value never becomes the average of two ids
+        # label levels take each 2x2 block's own most frequent value, built chunk by chunk as
+        # on the whole array: a value never becomes the average of two ids
         assert set(np.unique(mask.read_level(1))) <= {0, 1, 7}
+        expected = labels
+        for k in range(1, len(mask.levels)):
+            expected = downsample_labels(expected)
+            np.testing.assert_array_equal(mask.read_level(k), expected)
         assert mask.levels[1].pixel_size == (8.0, 8.0)
 
     def test_nearest_level(self, store_root):

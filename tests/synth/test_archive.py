@@ -8,14 +8,13 @@ import pytest
 
 from engine.stores.catalog import MODALITIES, image_uri, read_catalog
 from engine.stores.image import open_image
-from engine.stores.staging import PARTIAL
+from engine.stores.staging import PARTIAL, sibling_name
 from engine.stores.uri import resolve
 from engine.synth import DEFECT_CLASSES, MATERIALS
 from engine.synth.archive import generate_archive
 from engine.synth.modality import DTYPES, PIXEL_RANGE_NM
 from engine.synth.plan import plan_archive, total_chunks
 from engine.synth.truth import TRUTH_FILE
-from tests.dead_writer import dead_writers_sibling
 
 N, SIZE, CHUNK, SEED = 24, 96, 64, 11
 
@@ -170,7 +169,7 @@ def test_a_killed_runs_half_written_image_is_removed(tmp_path):
     """`grainflow synth` killed mid-image leaves a hidden partial folder; the next run into
     that folder removes it, so the archive holds only its catalogued images."""
     out = tmp_path / "a"
-    leftover = out / "images" / dead_writers_sibling("img-00000.ome.zarr", PARTIAL)
+    leftover = out / "images" / sibling_name("img-00000.ome.zarr", PARTIAL)  # its lock not held: a dead writer's
     (leftover / "0").mkdir(parents=True)
     catalog = generate_archive(out, n_images=2, seed=3, size=64, chunk=32)
     assert sorted(p.name for p in (out / "images").iterdir()) == sorted(f"{i}.ome.zarr" for i in catalog.image_id)

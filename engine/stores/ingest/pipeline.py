@@ -22,26 +22,30 @@ Decisions (the CLI's `grainflow ingest` documents the same):
   is read, checked and written a band of chunk rows at a time; smaller images are
   read whole. Both give the same pixels and checksum.
 - Re-ingest is safe: the new image is written beside the old one and swapped in when
-  complete (engine.stores.writer); the old one is deleted only after the catalog row
-  describing the new one is written.
+  complete (engine.stores.writer); the catalog is upserted right after that swap, and
+  only then is the old image deleted. A kill between the swap and the upsert leaves
+  the old image set aside, kept with a warning (engine.stores.staging), not deleted.
 - Concurrent ingests into one archive on local disk are safe: a new image id is taken
   under a lock (engine.stores.locks) held until its image is in place, an id whose
   folder already holds another file's image is passed over, and catalog upserts take
-  a lock, so each process's images and rows are kept. A folder that holds this same
-  file but has no catalog row (its ingest was killed, or has not upserted yet) is
-  replaced, not duplicated.
+  a lock, so each process's images and rows are kept. Ingests of the same file take
+  turns: each holds a lock on the file (by its full path) from reading it until its
+  rows are catalogued, so the second replaces the first's image and row rather than
+  adding an image `<stem>-2` of the same file. A folder that holds this same file but
+  has no catalog row (its ingest was killed) is replaced, not duplicated.
 - On S3 (and memory://) there are no locks: two ingests into one archive at once may
   pick one id for files of the same name (one image then overwrites the other) and one
   may lose the other's catalog rows. s3fs and moto do offer create-if-absent writes
   (If-None-Match), but not every S3-compatible server honours them, and a marker left
   by a killed writer would never be released. Run one ingest per S3 archive at a time.
 - A hard kill (SIGKILL, OOM) can leave hidden `.<image>.partial-*` and `.replaced-*`
-  folders. Each ingest into a local archive first removes the ones whose writer
-  process is gone (engine.stores.staging has the rule); a live writer's are kept.
+  folders. Each ingest into a local archive first removes (or puts back) the ones whose
+  writer is gone, told by a lock the writer held (engine.stores.staging has the rule);
+  a live writer's are kept, in whatever container or PID namespace it runs.
 - A batch goes on past a bad file: good files are written and catalogued, then
   IngestBatchError (an IngestError) lists every failed file with its reason. The catalog
-  is upserted every few files and when the batch ends or breaks, so an interrupted batch
-  keeps what it finished.
+  is upserted every few files, after each image that replaced one, and when the batch
+  ends or breaks, so an interrupted batch keeps what it finished.
 """
 
 from __future__ import annotations
@@ -71,11 +75,11 @@ from engine.stores.catalog import (
 from engine.stores.dtypes import check_pixel_dtype
 from engine.stores.ingest.bands import BandedPlane, as_banded
 from engine.stores.ingest.base import InstrumentImage, calibrated, reader_for
-from engine.stores.locks import Lock, lock_for
+from engine.stores.locks import Lock, lock_for, lock_for_source
 from engine.stores.ngff import to_nanometres
 from engine.stores.staging import remove_stale_siblings
 from engine.stores.uri import StoreLocation, resolve
-from engine.stores.writer import DEFAULT_CHUNK, ImageInfo, ImageWriter, remove_image
+from engine.stores.writer import DEFAULT_CHUNK, ImageWriter
 
 logger = logging.getLogger(__name__)
 
@@ -120,8 +124,9 @@ class _Batch:
     chunk: int
     existing: dict[str, str | None]  # image id -> recorded source of the archive's images
     taken: set[str] = field(default_factory=set)
-    # Old images swapped out by re-ingest, deleted once the catalog describes their successors.
-    replaced: list[str] = field(default_factory=list)
+    pending: list[CatalogRow] = field(default_factory=list)  # written, not yet upserted
+    # Source locks of files whose rows are pending (see `_lock_source`), released by `_flush`.
+    held: list[Lock] = field(default_factory=list)
 
 
 def read_instrument_images(path: str | Path) -> Iterator[InstrumentImage]:
@@ -183,12 +188,12 @@ def ingest_files(
     )
     rows: list[CatalogRow] = []
     failures: list[IngestFailure] = []
-    pending: list[CatalogRow] = []
     unique = list(dict.fromkeys(Path(p).expanduser().resolve() for p in paths))
     total = len(unique)
     try:
         for path in unique:
             written: list[CatalogRow] = []
+            source_lock = _lock_source(path, batch)
             try:
                 _ingest_file(path, batch, written)
             except GrainflowError as exc:
@@ -198,13 +203,16 @@ def ingest_files(
             finally:
                 # Images of a multi-image file written before a failure are kept.
                 rows.extend(written)
-                pending.extend(written)
-            if len(pending) >= FLUSH_EVERY:
-                _flush(batch, pending)
+                if batch.pending:  # the file stays locked until its rows are catalogued
+                    batch.held.append(source_lock)
+                else:
+                    source_lock.release()
+            if len(batch.pending) >= FLUSH_EVERY:
+                _flush(batch)
             if progress is not None:
                 progress(1)
     finally:
-        _flush(batch, pending)
+        _flush(batch)
     if failures and total == 1:
         raise failures[0].exception
     if failures:
@@ -212,17 +220,33 @@ def ingest_files(
     return rows
 
 
-def _flush(batch: _Batch, pending: list[CatalogRow]) -> None:
-    """Catalog the pending rows, then delete the images they replaced (emptying both)."""
-    if pending:
-        upsert_catalog(batch.archive, pending)
-        pending.clear()
-    while batch.replaced:
-        old = batch.replaced.pop()
-        try:
-            remove_image(old)
-        except OSError as exc:  # the new image is written and catalogued: only space is lost
-            logger.warning("could not delete the replaced image %s: %s", old, exc)
+def _flush(batch: _Batch) -> None:
+    """Catalog the pending rows, then let other ingests have their files."""
+    try:
+        if batch.pending:
+            upsert_catalog(batch.archive, batch.pending)
+            batch.pending.clear()
+    finally:
+        while batch.held:
+            batch.held.pop().release()
+
+
+def _lock_source(path: Path, batch: _Batch) -> Lock:
+    """Take the lock on ingesting `path` into this archive, waiting while another ingest
+    has it; the caller holds it until the file's rows are catalogued.
+
+    Before waiting, this batch catalogues its pending rows and lets go of the files it
+    holds, so two batches that each wait for a file the other holds cannot deadlock.
+    After waiting, the catalog is read again: the other ingest recorded the file's
+    image there, which this one then replaces (`_unique_id`).
+    """
+    lock = lock_for_source(batch.archive.join(IMAGES_DIR), str(path))
+    if lock.acquire(blocking=False):
+        return lock
+    _flush(batch)
+    lock.acquire()
+    batch.existing.update(_existing_sources(batch.archive))
+    return lock
 
 
 def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
@@ -249,28 +273,38 @@ def _ingest_file(path: Path, batch: _Batch, written: list[CatalogRow]) -> None:
         }
         image_id, lock = _unique_id(path, image.part, batch)
         try:
-            info = _write_pixels(
+            writer = _write_pixels(
                 image_uri(batch.archive, image_id), as_banded(image.pixels), where, pixel_size=pixel_size, unit=unit,
                 chunk=batch.chunk, attributes=attributes, name=image_id, keep_replaced=True,
             )
         finally:
             lock.release()  # the image is in place (or nothing was written): its folder now keeps the id
-        if info.replaced is not None:
-            batch.replaced.append(info.replaced)
-        written.append(CatalogRow(
+        info = writer.info
+        row = CatalogRow(
             image_id=image_id, uri=relative_image_path(image_id), modality=modality,
             pixel_size_y=info.pixel_size[0], pixel_size_x=info.pixel_size[1], unit=info.unit,
             height=info.shape[0], width=info.shape[1], dtype=info.dtype, levels=info.levels, chunk=info.chunk,
             checksum=info.checksum, material=batch.material, instrument=image.instrument,
             acquired_at=image.acquired_at, source=source,
-        ))
+        )
+        written.append(row)
+        batch.pending.append(row)
         batch.existing[image_id] = source
+        if info.replaced is not None:
+            # The catalog describes the new image before the old one goes: until then a
+            # kill leaves the old one set aside, where the next ingest keeps it.
+            _flush(batch)
+            try:
+                writer.remove_replaced()
+            except OSError as exc:  # the new image is written and catalogued: only space is lost
+                logger.warning("could not delete the replaced image %s: %s", info.replaced, exc)
 
 
-def _write_pixels(uri: StoreLocation, plane: BandedPlane, where: str, **writer_args: Any) -> ImageInfo:
+def _write_pixels(uri: StoreLocation, plane: BandedPlane, where: str, **writer_args: Any) -> ImageWriter:
     """Write `plane` as the image at `uri` a band of chunk rows at a time, so a large
-    TIFF plane is never held whole. NaN or infinite values abort it with an IngestError
-    (an image already at `uri` is left as it was)."""
+    TIFF plane is never held whole; return the closed writer (its `info` says what was
+    written). NaN or infinite values abort it with an IngestError (an image already at
+    `uri` is left as it was)."""
     bad = 0
     with ImageWriter(uri, shape=plane.shape, dtype=plane.dtype, **writer_args) as writer:
         y = 0
@@ -285,7 +319,7 @@ def _write_pixels(uri: StoreLocation, plane: BandedPlane, where: str, **writer_a
                               f"(preprocessing and the models cannot use them)")
         if y != plane.shape[0]:
             raise IngestError(f"{where}: the file gave {y} rows of pixels, not the {plane.shape[0]} it declares")
-    return writer.info
+    return writer
 
 
 def _pixel_size(image: InstrumentImage, batch: _Batch, where: str) -> tuple[tuple[float, float], str, dict[str, Any]]:

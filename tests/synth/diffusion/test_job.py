@@ -12,12 +12,11 @@ import pytest
 
 from engine.stores.catalog import read_catalog
 from engine.stores.image import open_image
-from engine.stores.staging import PARTIAL
+from engine.stores.staging import PARTIAL, sibling_name
 from engine.synth.diffusion.conditions import ConditioningError
 from engine.synth.diffusion.job import synthesize
 from engine.synth.diffusion.output import PROVENANCE_COLUMNS, SettingsMismatchError, read_provenance
 from engine.synth.truth import TRUTH_FILE
-from tests.dead_writer import dead_writers_sibling
 
 from .conftest import INTENSITY, TRAINED
 
@@ -155,7 +154,7 @@ class TestSynthesisJob:
         first = synthesize(str(path), partial, n_per_condition=3, **{**REQUEST, "defect_classes": ["crack"]})
         assert first.written == 6
         # ... and was killed writing its next sample, leaving a hidden half-written folder
-        leftover = partial / "images" / dead_writers_sibling("s-unfinished.ome.zarr", PARTIAL)
+        leftover = partial / "images" / sibling_name("s-unfinished.ome.zarr", PARTIAL)  # its lock not held
         (leftover / "0").mkdir(parents=True)
         resumed = synthesize(str(path), partial, n_per_condition=3, **REQUEST)
         assert resumed.skipped == 6 and resumed.written == 6
