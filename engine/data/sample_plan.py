@@ -1,35 +1,50 @@
 """Training samples planned from an archive's metadata: light specs, never pixels.
 
-The driver reads only the archive's catalog (one Parquet row per image), when labels
-are wanted its ground truth (one Parquet row per defect instance), and, for an image
-whose pixels are not square, that image's pyramid metadata (its zarr.json files, never
-a pixel: `level_pixel_sizes`). From those it lays a grid of tiles over every pyramid
-level a tile fits in and describes each tile as a `SampleSpec`: which image, which
-level, where, with which class labels. A spec is a few hundred bytes of plain values;
-the pixels are read later, inside a Ray task (`engine.data.training_samples`), the way
-torchgeo's samplers yield boxes and leave reading to the dataset.
+The driver reads the archive's catalog (one Parquet row per image), when labels are
+wanted its ground truth (one Parquet row per defect instance), and each image's pyramid
+metadata (its zarr.json files, never a pixel: `stored_pyramid`). From those it lays a
+grid of tiles over every pyramid level a tile fits in and describes each tile as a
+`SampleSpec`: which image, which level, where, with which class labels. A spec is a few
+hundred bytes of plain values; the pixels are read later, inside a Ray task
+(`engine.data.training_samples`), the way torchgeo's samplers yield boxes and leave
+reading to the dataset.
+
+Planning cost: besides the catalog, one small read per image, its group's zarr.json
+(`pyramid_halves`: do the NGFF scales make level k 2**k times coarser, as the halving
+pyramid engine.stores.pyramid writes?); the catalog cannot tell, and a foreign OME-Zarr
+(valid NGFF) may have levels 3x coarser each, with shapes to match. Only an image whose
+pixels are not square, or whose pyramid does not halve, has all its metadata read
+(`pyramid_levels`: its group's and each level's zarr.json, as the batch job's planner
+opens every image). PLAN_THREADS images at a time, since object stores answer small
+reads slowly: at ~50 ms a read about 160 images plan per second, 10 000 in about a
+minute.
 
 Coordinates: (y, x) is a tile's top-left corner in pixels of its own pyramid level k
-(level 0 = full resolution; level k has ceil(H / 2**k) x ceil(W / 2**k) pixels, as
-`engine.stores.pyramid` builds it). Ground-truth boxes are level-0 pixels.
+(level 0 = full resolution; in the halving pyramid `engine.stores.pyramid` builds, level
+k has ceil(H / 2**k) x ceil(W / 2**k) pixels, each 2**k level-0 pixels a side). Ground-
+truth boxes are level-0 pixels.
 
 Square model pixels: an image whose pixels are not square (`engine.data.tile_plan.is_square`
 of the catalog's y and x sizes, e.g. a fast-scan SEM's (10, 5) nm) reaches the models
 square at inference (`engine.data.tile_plan.choose_square_pixels`: natively, the finer of
 the read level's two sizes), so it is trained that way too: level k's tiles are laid on
 the square grid of the finer of level k's two pixel sizes, as its NGFF transform gives
-them (min(y, x) * 2**k nm in a halving pyramid, but a foreign OME-Zarr's level may be
-3x coarser; `engine.preprocess.resample.OutputGrid`: pixel j covers level-0
+them (`engine.preprocess.resample.OutputGrid`: pixel j covers level-0
 [j * step, (j + 1) * step) per axis), (y, x) and `tile` count those pixels, and the
 reader resamples them from level k. Read as level pixels, a round pore would be
 trained as a 1:2 ellipse and then met round. Square images (within SQUARE_WITHIN) plan
-as before, from the catalog alone, as the halving pyramid engine.stores.pyramid writes.
+as before, on their level's own pixels, where level k is 2**k level-0 pixels a side (the
+reader's context tiles, 2**context_offset times coarser, rely on that); a level of
+another factor (a foreign pyramid's 3x) is laid on the square grid of its own pixel
+size as for pixels that are not square, which resamples nothing where its pixels line
+up with that grid (an integer factor, the NGFF block-centre translation).
 """
 
 from __future__ import annotations
 
 import math
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Iterable, Sequence
 
@@ -50,6 +65,9 @@ ANCHORS = ("grid", "instances")
 # anchor="instances": a defect is read at the finest level where its box fills at most
 # this share of the tile's side, so the crop shows the whole defect and some context.
 INSTANCE_FILL = 0.75
+# Images whose metadata is read at once while planning: the reads are latency-bound
+# (object stores), as in the batch job's planner (engine.data.datasource).
+PLAN_THREADS = 8
 
 
 class SamplePlanError(GrainflowError, ValueError):
@@ -208,45 +226,80 @@ def level_shape(height: int, width: int, level: int) -> tuple[int, int]:
     return h, w
 
 
+@dataclass(frozen=True)
+class PyramidLevel:
+    """One stored pyramid level as its NGFF metadata gives it: shape (h, w) pixels;
+    factor (y, x) level-0 pixels per level pixel (2**k in a halving pyramid);
+    pixel_size_yx_nm (y, x) nm (engine.tiling's `LevelTransform`, what the batch job
+    plans with)."""
+
+    shape: tuple[int, int]
+    factor: tuple[float, float]
+    pixel_size_yx_nm: tuple[float, float]
+
+
 def level_grid(height: int, width: int, pixel_size_yx_nm: tuple[float, float], level: int,
-               level_pixel_size_yx_nm: tuple[float, float] | None = None
-               ) -> tuple[tuple[float, float], tuple[int, int], float, bool]:
+               stored: PyramidLevel | None = None) -> tuple[tuple[float, float], tuple[int, int], float, bool]:
     """How tiles of `level` of an H x W image of level-0 (y, x) pixel size (nm) are laid.
 
     Returns (step, extent, pixel_size_nm, resampled): step, (y, x) level-0 pixels per
     tile pixel; extent, (h, w) tile pixels covering the image; pixel_size_nm, a tile
-    pixel's edge. Square pixels: the level's own, step (2**level, 2**level) (ints),
-    extent `level_shape` (a halving pyramid). Others: square pixels of the finer of the
-    level's two sizes (engine.data.tile_plan.choose_square_pixels' native rule), on the
-    image's global `OutputGrid` at that size. level_pixel_size_yx_nm: the level's (y, x)
-    pixel size in nm from its NGFF transform (`level_pixel_sizes`), needed for a level
-    above 0 of an image whose pixels are not square: a pyramid need not halve.
+    pixel's edge. stored: the level as its metadata gives it (`pyramid_levels`); None
+    assumes the halving pyramid engine.stores.pyramid writes (and needs level 0 for
+    pixels that are not square). Square pixels of a level 2**level level-0 pixels a
+    side: the level's own, step (2**level, 2**level) (ints), extent the level's shape.
+    Others (pixels not square, or a level of another factor): square pixels of the
+    finer of the level's two sizes (engine.data.tile_plan.choose_square_pixels' native
+    rule), on the image's global `OutputGrid` at that size.
     """
     py, px = (float(v) for v in pixel_size_yx_nm)
     f = 2**level
-    if is_square(py, px):
-        return (f, f), level_shape(height, width, level), px * f, False
-    if level_pixel_size_yx_nm is None:
+    halves = stored is None or tuple(stored.factor) == (f, f)
+    if is_square(py, px) and halves:
+        shape = level_shape(height, width, level) if stored is None else tuple(int(v) for v in stored.shape)
+        return (f, f), shape, px * f, False
+    if stored is None:
         if level:
             raise ValueError(f"level_grid: level {level} of an image of non-square pixels ({py:.6g} x {px:.6g} nm) "
-                             "needs the level's pixel size from its metadata (level_pixel_size_yx_nm, "
-                             "see level_pixel_sizes): a pyramid need not halve")
-        level_pixel_size_yx_nm = (py, px)
-    size = float(min(level_pixel_size_yx_nm))
+                             "needs the level as its metadata gives it (stored, see pyramid_levels): a pyramid "
+                             "need not halve")
+        size = min(py, px)
+    else:
+        size = float(min(stored.pixel_size_yx_nm))
     grid = OutputGrid.for_image((int(height), int(width)), (py, px), size)
     return grid.step, grid.extent, size, True
 
 
-def level_pixel_sizes(image: str | StoreLocation) -> list[tuple[float, float]]:
-    """(y, x) pixel size in nm of each pyramid level of the OME-Zarr image at `image`, as
-    its NGFF coordinate transforms give them (engine.tiling's `LevelTransform`, the
-    sizes the batch job plans with), for the levels it can read. Reads the image's
-    metadata (zarr.json files), no pixels."""
+def pyramid_halves(image: str | StoreLocation, n_levels: int) -> bool:
+    """Whether the first `n_levels` levels of the OME-Zarr image at `image` are each 2**k
+    level-0 pixels a side (along y and x) by its NGFF scales, as in the pyramid
+    engine.stores.pyramid writes. Reads the group's metadata only (one zarr.json)."""
+    from engine.stores.image import open_group
+    from engine.stores.ngff import parse_multiscales
+
+    location = resolve(image)
+    multiscale = parse_multiscales(dict(open_group(location).attrs), str(location))
+    if len(multiscale.levels) < n_levels:
+        return False
+    y0, x0 = multiscale.pixel_size(0)
+    return all(math.isclose(y / y0, 2**k, rel_tol=1e-9) and math.isclose(x / x0, 2**k, rel_tol=1e-9)
+               for k, (y, x) in ((k, multiscale.pixel_size(k)) for k in range(n_levels)))
+
+
+def pyramid_levels(image: str | StoreLocation) -> list[PyramidLevel]:
+    """Each readable pyramid level of the OME-Zarr image at `image`, as its metadata
+    (zarr.json files, no pixels) gives it: shape, factor and pixel size from the NGFF
+    coordinate transforms, as the batch job reads them."""
     from engine.stores.image import open_image
     from engine.tiling.transform import LevelTransform
 
     opened = open_image(image)
-    return [LevelTransform.from_image(opened, k).level_pixel_size_nm for k in range(len(opened.levels))]
+    out = []
+    for k, info in enumerate(opened.levels):
+        transform = LevelTransform.from_image(opened, k)
+        out.append(PyramidLevel(tuple(int(v) for v in info.shape), tuple(transform.factor),
+                                transform.level_pixel_size_nm))
+    return out
 
 
 def sample_seed(seed: int, image_id: str, level: int, y: int, x: int) -> int:
@@ -286,10 +339,11 @@ def plan_samples(
     """Specs of every sample `layout` lays over the archive, ordered by image, level, y, x.
 
     Reads the catalog, when the layout wants masks or instances the ground truth, and
-    the pyramid metadata of each image whose pixels are not square (`level_pixel_sizes`);
-    never a pixel. `materials`, `grades` and `defect_classes` are the model's label
-    orders (its config's); a catalog label outside them is an error naming the image.
-    `image_ids` restricts the plan to those images.
+    each image's pyramid metadata (`stored_pyramid`, PLAN_THREADS images at a time: the
+    module docstring's planning cost); never a pixel. `materials`, `grades` and
+    `defect_classes` are the model's label orders (its config's); a catalog label
+    outside them is an error naming the image. `image_ids` restricts the plan to those
+    images.
     """
     archive = resolve(archive)
     catalog = read_catalog(archive)
@@ -306,27 +360,40 @@ def plan_samples(
             )
     by_image = {} if truth is None else {k: g for k, g in truth.groupby("image_id", sort=False)}
     rng = np.random.default_rng([int(seed), 0x5A3])
+    rows = list(catalog.itertuples(index=False))
+    with ThreadPoolExecutor(max_workers=PLAN_THREADS) as pool:
+        pyramids = list(pool.map(lambda row: stored_pyramid(archive, row), rows))
     specs: list[SampleSpec] = []
-    for row in catalog.itertuples(index=False):
-        specs.extend(_plan_image(archive, row, layout, by_image.get(row.image_id), materials, grades,
+    for row, pyramid in zip(rows, pyramids):
+        specs.extend(_plan_image(archive, row, pyramid, layout, by_image.get(row.image_id), materials, grades,
                                  defect_classes, seed, rng))
     return specs
 
 
-def _plan_image(archive, row, layout, truth, materials, grades, defect_classes, seed, rng) -> list[SampleSpec]:
+def stored_pyramid(archive: StoreLocation, row) -> list[PyramidLevel] | None:
+    """The pyramid levels of a catalog row's image as its metadata gives them
+    (`pyramid_levels`), or None where the catalog tells them: square pixels and a pyramid
+    that halves (`pyramid_halves`, one small read)."""
+    location = image_uri(archive, row.image_id)
+    square = is_square(to_nanometres(float(row.pixel_size_y), str(row.unit)),
+                       to_nanometres(float(row.pixel_size_x), str(row.unit)))
+    if square and pyramid_halves(location, int(row.levels)):
+        return None
+    return pyramid_levels(location)
+
+
+def _plan_image(archive, row, pyramid, layout, truth, materials, grades, defect_classes, seed, rng
+                ) -> list[SampleSpec]:
     material_index = _index(row.material, materials, "material", row.image_id)
     grade_index = _index(row.quality_grade, grades, "quality grade", row.image_id)
     pixel_size_yx = (to_nanometres(float(row.pixel_size_y), str(row.unit)),
                      to_nanometres(float(row.pixel_size_x), str(row.unit)))
-    location = image_uri(archive, row.image_id)
-    uri = location.uri
-    if is_square(*pixel_size_yx):  # the catalog tells all (a halving pyramid): no store is opened
-        level_sizes = [None] * int(row.levels)
-    else:  # the square grid of a level is its own pixel size's: read from its transform
-        level_sizes = level_pixel_sizes(location)
-    n_levels = len(level_sizes)
+    uri = image_uri(archive, row.image_id).uri
+    if pyramid is None:  # the catalog tells all (square pixels, a halving pyramid)
+        pyramid = [None] * int(row.levels)
+    n_levels = len(pyramid)
     levels = range(n_levels) if layout.levels is None else [v for v in layout.levels if v < n_levels]
-    grids = {v: level_grid(row.height, row.width, pixel_size_yx, v, level_sizes[v]) for v in levels}
+    grids = {v: level_grid(row.height, row.width, pixel_size_yx, v, pyramid[v]) for v in levels}
     boxes = classes = ids = None
     if truth is not None and len(truth):
         boxes = truth[["y0", "x0", "y1", "x1"]].to_numpy(np.int64)
@@ -431,6 +498,7 @@ def split_specs(specs: Sequence[SampleSpec], val_fraction: float, *, seed: int =
 
 
 __all__ = [
-    "SampleLayout", "SamplePlanError", "SampleSpec", "level_grid", "level_pixel_sizes", "level_shape",
-    "plan_samples", "read_truth", "sample_seed", "split_specs",
+    "PLAN_THREADS", "PyramidLevel", "SampleLayout", "SamplePlanError", "SampleSpec", "level_grid", "level_shape",
+    "plan_samples", "pyramid_halves", "pyramid_levels", "read_truth", "sample_seed", "split_specs",
+    "stored_pyramid",
 ]

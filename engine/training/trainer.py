@@ -5,8 +5,8 @@
                    epochs=5, num_workers=2, register_as="fusion-prod")
     result.history[-1]["val_defect_iou"], result.checkpoint_path, result.model_version
 
-On the driver: the samples are planned from the archive's catalog and ground truth
-(no pixels), split into train and validation, and handed to a TorchTrainer as Ray
+On the driver: the samples are planned from the archive's catalog, ground truth and
+images' metadata (no pixels), split into train and validation, and handed to a TorchTrainer as Ray
 Datasets that read their pixels in Ray tasks. The workers run engine.training.loop.
 Checkpoints go to `<storage_path>/<run_name>/epoch_NNNN/` after every epoch; a worker
 that dies makes Ray Train restart the worker group (up to `max_failures` times), and the

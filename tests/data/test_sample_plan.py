@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 
@@ -18,6 +19,17 @@ LABELS = dict(materials=material_names(), grades=GRADES, defect_classes=defect_c
 
 def plan(archive, layout, **kw):
     return plan_samples(archive, layout, **{**LABELS, **kw})
+
+
+def metadata_copy(archive, to):
+    """A copy of `archive` without a pixel: its Parquet tables and its images' zarr.json
+    files only."""
+    def chunks(folder, names):
+        return [n for n in names if not (os.path.isdir(os.path.join(folder, n)) or n == "zarr.json"
+                                         or n.endswith(".parquet"))]
+
+    shutil.copytree(archive, to, ignore=chunks)
+    return to
 
 
 class TestSampleLayout:
@@ -65,13 +77,12 @@ class TestPlanSamples:
         assert pd.Series([s.image_id for s in capped]).value_counts().max() == 3
         assert capped == plan(archive, SampleLayout(64, max_per_image=3), seed=1)  # seeded
 
-    def test_needs_only_catalog_and_ground_truth(self, small_archive, tmp_path):
-        """The driver never reads pixels: with the images gone, the plan is the same."""
+    def test_needs_only_metadata(self, small_archive, tmp_path):
+        """The driver never reads pixels: with every chunk gone (catalog, ground truth and
+        the images' zarr.json files kept), the plan is the same."""
         archive, _ = small_archive
-        bare = tmp_path / "metadata-only"
-        bare.mkdir()
-        for name in ("catalog.parquet", "ground_truth.parquet"):
-            shutil.copy(archive / name, bare / name)
+        bare = metadata_copy(archive, tmp_path / "metadata-only")
+        assert {p.name for p in (bare / "images").rglob("*") if p.is_file()} == {"zarr.json"}
         layout = SampleLayout(64, context_tile=64, mask="semantic")
         full, meta = plan(archive, layout), plan(bare, layout)
         assert len(meta) == len(full) > 0
@@ -103,10 +114,11 @@ class TestPlanSamples:
 
     def test_masks_without_ground_truth_are_refused(self, small_archive, tmp_path):
         archive, _ = small_archive
-        shutil.copy(archive / "catalog.parquet", tmp_path / "catalog.parquet")
-        assert plan(tmp_path, SampleLayout(64))  # labels from the catalog need no truth
+        untruthed = tmp_path / "a"
+        shutil.copytree(archive, untruthed, ignore=shutil.ignore_patterns("ground_truth.parquet"))
+        assert plan(untruthed, SampleLayout(64))  # labels from the catalog need no truth
         with pytest.raises(SamplePlanError, match="ground_truth.parquet"):
-            plan(tmp_path, SampleLayout(64, mask="semantic"))
+            plan(untruthed, SampleLayout(64, mask="semantic"))
 
 
 class TestSampleSpec:

@@ -5,7 +5,8 @@ such an image to square pixels (engine.data.tile_plan), so training must too: re
 level pixels, a round pore is a 1:2 ellipse to the model while it learns, then round when
 it is used. The archive here holds the same scene twice, once at (10, 5) nm and once at
 (5, 5) nm: a 600 nm disc (one `pore` instance) on a gentle ramp; another holds it at
-(10, 5) nm as a foreign OME-Zarr whose level 1 is 3x coarser (tests/non_square_scene.py).
+(10, 5) nm and at (5, 5) nm as foreign OME-Zarrs whose level 1 is 3x coarser
+(tests/non_square_scene.py): a pyramid need not halve, square pixels or not.
 """
 
 from __future__ import annotations
@@ -67,16 +68,19 @@ class TestPlan:
 
     def test_pixels_square_within_a_percent_plan_as_square_ones(self, tmp_path):
         """(5.04, 5.0) nm pixels are square to the models (tile_plan.SQUARE_WITHIN): their
-        tiles are the level's own pixels, as before. The plan needs the catalog only."""
-        def catalog_only(name, size_yx):
+        tiles are the level's own pixels, as before."""
+        from engine.stores.writer import write_image
+
+        def archive_of(name, size_yx):
             location = resolve(tmp_path / name)
+            write_image(image_uri(location, "im"), np.zeros((256, 256), np.uint16), pixel_size=size_yx, chunk=64)
             write_catalog(location, [CatalogRow(
                 image_id="im", uri="images/im.ome.zarr", modality="SEM", pixel_size_y=size_yx[0],
                 pixel_size_x=size_yx[1], unit="nanometer", height=256, width=256, dtype="uint16", levels=3,
                 chunk=64, checksum="", material="ferritic_steel", quality_grade="A")])
             return plan_samples(location, SampleLayout(64), **LABELS)
 
-        near, exact = catalog_only("near", (5.04, 5.0)), catalog_only("exact", (5.0, 5.0))
+        near, exact = archive_of("near", (5.04, 5.0)), archive_of("exact", (5.0, 5.0))
         assert len(near) == 16 + 4 + 1 and not any(s.resampled for s in near)
         assert [(s.level, s.y, s.x, s.pixel_size_nm) for s in near] == [
             (s.level, s.y, s.x, s.pixel_size_nm) for s in exact]
@@ -172,12 +176,54 @@ class TestRead:
 @pytest.fixture(scope="module")
 def foreign_archive(tmp_path_factory):
     return write_scene_archive(tmp_path_factory.mktemp("square-train-foreign") / "a", {},
-                               foreign={"factor-3": (10.0, 5.0)})
+                               foreign={"factor-3": (10.0, 5.0), "factor-3-square": (5.0, 5.0)})
 
 
 class TestForeignPyramid:
     """A valid OME-Zarr whose level 1 is 3x coarser, (30, 15) nm: its level's square pixels
-    are its own finer size, 15 nm, as its NGFF transform and the job say, not 2x level 0's."""
+    are its own finer size, 15 nm, as its NGFF transform and the job say, not 2x level 0's.
+    The same with square pixels, (5, 5) and (15, 15) nm: the catalog looks like that of a
+    halving pyramid, but level 1 holds 85 x 85 pixels of 15 nm, not 128 x 128 of 10 nm."""
+
+    def test_a_square_images_levels_are_planned_at_their_own_pixels(self, foreign_archive):
+        """Level 0 is laid on its own 5 nm pixels, as before; level 1 on the 15 nm pixels
+        the job reads it at natively (as stored: tile_plan's rule), over the whole field;
+        each tile meets the disc where its level-0 footprint does."""
+        from engine.data.tile_plan import plan_image
+        from engine.stores.image import open_image
+
+        image = open_image(image_uri(foreign_archive, "factor-3-square"))
+        specs = plan(foreign_archive, SampleLayout(16, mask="semantic"), "factor-3-square")
+        assert {s.level for s in specs} == {0, 1}
+        for level, level_x_nm in ((0, 5.0), (1, 15.0)):
+            job = plan_image(image, "factor-3-square", None, "SEM", target_nm=level_x_nm, tolerance=math.inf,
+                             tile_size=None, halo=0, tile_dtype="uint16")
+            assert job.grid.level == level and job.output is None and job.pixel_size_nm == level_x_nm
+            on_level = [s for s in specs if s.level == level]
+            assert all(s.pixel_size_nm == level_x_nm for s in on_level)
+            side = max(s.y for s in on_level) + 16  # the tiles reach the field's far edge
+            assert 0 <= 1280.0 - side * level_x_nm < 16 * level_x_nm
+        assert not any(s.resampled for s in specs if s.level == 0)
+        assert all((s.step_y, s.step_x) == (3.0, 3.0) for s in specs if s.level == 1)
+        cy, cx, r = DISC  # the disc's box: [340, 940) nm each way, whole 5 nm pixels
+        for s in specs:
+            y0, y1, x0, x1 = (v * s.pixel_size_nm for v in (s.y, s.y + 16, s.x, s.x + 16))
+            assert bool(s.instance_ids) == (y0 < cy + r and y1 > cy - r and x0 < cx + r and x1 > cx - r), s
+
+    def test_a_level_1_sample_of_square_pixels_is_the_stored_level(self, foreign_archive):
+        """A level-1 crop of the disc shows it 40 pixels (600 nm at 15 nm) wide: the stored
+        level's own pixels, which its square grid resamples unchanged."""
+        from engine.data.training_samples import read_detail
+        from engine.stores.image import open_image
+
+        (spec,) = plan(foreign_archive, SampleLayout(64, levels=(1,), anchor="instances"), "factor-3-square")
+        row = ReadSamples().read(spec)
+        assert row["pixel_size_nm"] == 15.0 and row["image"].shape == (64, 64)
+        rows, cols = extent(row["image"] > 0.5)
+        assert abs(rows - cols) <= 1 and abs(cols * 15.0 - 2 * DISC[2]) <= 15.0
+        image = open_image(spec.image_uri)
+        np.testing.assert_array_equal(read_detail(image, spec),
+                                      image.read_region(1, spec.y, spec.y + 64, spec.x, spec.x + 64))
 
     def test_each_level_is_laid_at_the_pixels_the_job_reads_it_at(self, foreign_archive):
         from engine.data.tile_plan import choose_square_pixels, plan_image

@@ -4,9 +4,11 @@ A fast-scan SEM records (10, 5) nm (y, x) pixels. The batch job and the endpoint
 such an image to square pixels (engine.data.tile_plan), so detector training and its
 evaluation must too: read as level pixels, a round pore is a 1:2 ellipse with a 1:2 box
 to the detector while it learns, then round when it is used. For a model of a pixel size,
-on the very grid the job reads for it. The archive holds the same scene at (10, 5) nm,
-(5, 10) nm and (5, 5) nm, and at (10, 5) nm as a foreign OME-Zarr whose level 1 is 3x
-coarser: a 600 nm disc (one `pore`) on a gentle ramp (tests/non_square_scene.py).
+on the very grid the job reads for it, square images included: where no level is within
+the job's tolerance of that size, the job resamples them to it. The archive holds the
+same scene at (10, 5) nm, (5, 10) nm and (5, 5) nm (levels of 5, 10 and 20 nm), and at
+(10, 5) nm as a foreign OME-Zarr whose level 1 is 3x coarser: a 600 nm disc (one `pore`)
+on a gentle ramp (tests/non_square_scene.py).
 """
 
 from __future__ import annotations
@@ -112,10 +114,13 @@ class TestTrainingTiles:
             checked += 1
         assert checked >= 4
 
-    def test_square_images_read_their_level_pixels_as_before(self, archive):
+    # 14 nm: no level is 14 nm, but level 1 (10 nm) is within the job's tolerance (1.5x)
+    @pytest.mark.parametrize("pixel_size_nm", [10.0, 14.0])
+    def test_square_images_read_their_level_pixels_as_before(self, archive, pixel_size_nm):
         """The square twin's tiles are its level's own pixels and labels, as read
         directly (regression guard: square images train as they did)."""
-        tiles = plan_tiles(archive, NAMES, tile=64, image_ids=["square"], pixel_size_nm=10.0)
+        tiles = plan_tiles(archive, NAMES, tile=64, image_ids=["square"], pixel_size_nm=pixel_size_nm)
+        assert job_plan(archive, "square", pixel_size_nm, tile=64).output is None  # the job reads it as stored
         assert tiles and not any(t.resampled for t in tiles) and all(t.scale == (2.0, 2.0) for t in tiles)
         image = open_image(image_uri(archive, "square"))
         labels = image.open_labels("defects")
@@ -142,6 +147,7 @@ class TestTargetPixelSize:
         ("fast-scan", 10.0),  # (10, 5) nm: the job reads level 0, not level 1 (20, 10) nm
         ("fast-scan", 7.0),  # no level is 7 nm: the job resamples to exactly 7
         ("factor-3", 15.0),  # level 1 is 3x coarser, (30, 15) nm: the job resamples level 0
+        ("square", 40.0),  # (5, 5) nm, levels up to 20 nm, none within 1.5x: the job resamples level 2
     ])
     def test_training_tiles_are_the_jobs_grid(self, archive, image_id, pixel_size_nm):
         """The image in one tile: its level, square-grid step and extent are the job's plan
@@ -172,6 +178,26 @@ class TestTargetPixelSize:
         key = lambda t: (t.shape, t.tobytes())  # noqa: E731
         assert sorted(map(key, detector.tiles)) == sorted(map(key, delivered))
         assert ev.map50_95 == pytest.approx(PERFECT_AP) and ev.predictions == 1
+
+    @pytest.mark.parametrize("pixel_size_nm, level", [
+        (40.0, 2),  # the coarsest level, 20 nm, is 2x finer: downsampled from it
+        (3.0, 0),  # level 0, 5 nm, is 1.67x coarser: upsampled from it
+    ])
+    def test_evaluation_resamples_a_square_image_as_the_job_does(self, archive, pixel_size_nm, level):
+        """No level of the square (5, 5) nm image is within the job's tolerance of the
+        model's pixel size: the detector is shown the very tiles the job's reader delivers
+        (resampled to exactly that size from the level it picks), and its boxes, mapped
+        back to level 0, are the ground truth's."""
+        from engine.training.detector import evaluate_detector
+
+        job = job_plan(archive, "square", pixel_size_nm, tile=64, halo=16)
+        assert job.output is not None and job.grid.level == level
+        detector = DiscDetector()
+        ev = evaluate_detector(detector, archive, image_ids=["square"], pixel_size_nm=pixel_size_nm, tile=64, halo=16)
+        delivered = job_tiles(job)
+        key = lambda t: (t.shape, t.tobytes())  # noqa: E731
+        assert sorted(map(key, detector.tiles)) == sorted(map(key, delivered))
+        assert ev.map50 == pytest.approx(PERFECT_AP) and ev.predictions == 1
 
 
 class DiscDetector:

@@ -4,16 +4,18 @@ The detector sees each image the way the pipeline does: at one pyramid level, cu
 engine.tiling's `TileGrid` into chunk-aligned cores read with a halo, and its per-tile
 boxes put together with engine.tiling's `stitch_boxes` (a box belongs to the core that
 holds its centre; pieces of one defect cut by a core border are merged; NMS) in
-level-0 pixels. An image whose pixels are not square is seen as the batch job and the
-endpoint deliver it (`engine.data.tile_plan.plan_image`) to a model of the evaluated
-pixel size: resampled to square pixels of exactly that size (native pixels, the finer
-of level 0's two sizes, when none is given), the detector's boxes mapped back to level
-0 per axis. They are compared with the archive's ground-truth boxes, whole (not cut
-by tiles), with Ultralytics' matching rule (a prediction, in order of score, takes the
-unclaimed box of its class it overlaps most, per IoU threshold) and Ultralytics'
-`ap_per_class` (COCO's 101-point interpolated AP), so the figures read like those of
-Ultralytics' validator; as there, a flawless detector scores 0.995 (the precision
-envelope ends at recall 1 with precision 0).
+level-0 pixels. An image the batch job resamples for a model of the evaluated pixel
+size (`engine.training.detector.tiles.job_read`: its pixels are not square, or no level
+is within the job's tolerance of that size) is seen as the job and the endpoint deliver
+it (`engine.data.tile_plan.plan_image`): resampled to square pixels of exactly that
+size (native pixels, the finer of level 0's two sizes, when none is given), the
+detector's boxes mapped back to level 0 per axis. They are compared with the
+archive's ground-truth boxes, whole (not cut by tiles), with Ultralytics' matching rule
+(a prediction, in order of score, takes the unclaimed box of its class it overlaps
+most, per IoU threshold) and Ultralytics' `ap_per_class` (COCO's 101-point
+interpolated AP), so the figures read like those of Ultralytics' validator; as there,
+a flawless detector scores 0.995 (the precision envelope ends at recall 1 with
+precision 0).
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ import numpy as np
 from engine.stores.uri import StoreLocation, resolve
 from engine.training.detector.pixels import ImageCache
 from engine.training.detector.tiles import (
-    image_entries, image_truth, job_target, read_ground_truth, truth_by_image,
+    image_entries, image_truth, job_read, job_target, read_ground_truth, truth_by_image,
 )
 
 IOU_THRESHOLDS = np.linspace(0.5, 0.95, 10)
@@ -107,17 +109,16 @@ def predict_image(detector, reader: ImageCache, image_id: str, image: StoreLocat
 
     The level is cut into cores of about `tile` pixels (chunk multiples) read with
     `halo` pixels of context on each side; tiles of one read shape go to the detector
-    `batch` at a time. An image up to `tile` pixels a side is one tile. An image whose
-    pixels are not square is planned and resampled as the batch job does for a model of
-    `pixel_size_nm` (`job_target`; `level` must be the level the job reads it from, as
-    `image_entries` picks it; `tile` and `halo` then count its square pixels;
-    `predict_resampled`).
+    `batch` at a time. An image up to `tile` pixels a side is one tile. An image the
+    batch job resamples for a model of `pixel_size_nm` (`job_read`: pixels that are not
+    square, or no level within the job's tolerance) is planned and resampled as the job
+    does (`level` must be the level the job reads it from, as `image_entries` picks it;
+    `tile` and `halo` then count its square pixels; `predict_resampled`).
     """
-    from engine.data.tile_plan import choose_square_pixels
     from engine.tiling import TileBoxes, TileGrid, stitch_boxes
 
     img = reader.get(image)
-    if choose_square_pixels(img, *job_target(img, level, pixel_size_nm)) is not None:
+    if job_read(img, level, pixel_size_nm)[1] is not None:
         found = predict_resampled(detector, reader, image_id, image, level, pixel_size_nm=pixel_size_nm, tile=tile,
                                   halo=halo, batch=batch, conf=conf, iou=iou, max_det=max_det)
     else:
@@ -141,8 +142,8 @@ def predict_image(detector, reader: ImageCache, image_id: str, image: StoreLocat
 def predict_resampled(detector, reader: ImageCache, image_id: str, image: StoreLocation, level: int, *,
                       pixel_size_nm: float | None = None, tile: int, halo: int, batch: int, conf: float,
                       iou: float, max_det: int) -> list:
-    """Per-tile detections (engine.tiling `TileBoxes`, level-0 xyxy) of an image whose
-    pixels are not square, on the tiles the batch job reads from `level` for a model of
+    """Per-tile detections (engine.tiling `TileBoxes`, level-0 xyxy) of an image the batch
+    job resamples (`job_read`), on the tiles it reads from `level` for a model of
     `pixel_size_nm` (`job_target`).
 
     The plan is the job's (`engine.data.tile_plan.plan_image`: square pixels of exactly
@@ -208,9 +209,10 @@ def evaluate_detector(detector, archive: str | StoreLocation, *, image_ids: list
 
     detector: an engine.models `Detector`; image_ids: a subset (default all catalog
     images); pixel_size_nm: the model's pixel size: each image is read as the batch job
-    reads it for such a model (`image_entries`: a square one at the level nearest it,
-    one whose pixels are not square resampled to exactly that size; default level 0,
-    the scale engine.synth sizes defects in); tile, halo: the grid (`predict_image`).
+    reads it for such a model (`image_entries`: a square one at the level nearest it
+    when that is within the job's tolerance, else, and for pixels that are not square,
+    resampled to exactly that size; default level 0, the scale engine.synth sizes
+    defects in); tile, halo: the grid (`predict_image`).
     conf is low on purpose (0.001, as Ultralytics validates): AP integrates over every
     score. Boxes are compared in level-0 pixels.
     """

@@ -8,17 +8,21 @@ small frozen value that says where a tile lies and what boxes it carries; the da
 Coordinates: tiles and their boxes are in pixels of the pyramid level they are read
 from; ground truth is in level-0 pixels and is divided by the level's downsampling.
 
-Square model pixels: an image whose pixels are not square (`engine.data.tile_plan.is_square`
-of the catalog's y and x sizes, e.g. a fast-scan SEM's (10, 5) nm) reaches the detector
-square at inference (the batch job and the endpoint resample it,
-`engine.data.tile_plan.choose_square_pixels`), so it is trained that way too, on the
-grid the job would read it on: for a model of a pixel size (`pixel_size_nm`), exactly
-that size from the level the job picks (the job's target rule at its tolerance); with
-none, level 0 at its finer size (the native rule, as the job reads a model that records
-no pixel size). Tile coordinates and boxes count those square pixels, and the dataset
-resamples them from the level. Read as level pixels, a round pore would be learnt as a
-1:2 ellipse and then met round. Square images (within tile_plan's SQUARE_WITHIN) plan
-as before.
+The job's pixels: an image is trained and evaluated on the pixels the batch job and the
+endpoint deliver it in (`job_read`, engine.data.tile_plan's rules):
+- for a model of a pixel size (`pixel_size_nm`), the job's plan at its DEFAULT_TOLERANCE:
+  a square image's level nearest that size, as stored, when it is within the tolerance;
+  otherwise (no such level: e.g. levels stop at 40 nm and the model's are 100 nm) exactly
+  that size, resampled from the level the job picks (`choose_level`); an image whose
+  pixels are not square (`engine.data.tile_plan.is_square` of its y and x sizes, e.g. a
+  fast-scan SEM's (10, 5) nm) always exactly that size (`choose_square_pixels`);
+- with none (a model that records no pixel size), level 0: as stored, or, for pixels
+  that are not square, resampled to its finer size (the job's native rule).
+Where resampled, tile coordinates and boxes count the job's output pixels (its
+`engine.preprocess.resample.OutputGrid`) and the dataset resamples them from the level.
+Read otherwise, a defect would be learnt at one size or shape in pixels and met at
+another: a round pore read in (10, 5) nm pixels is a 1:2 ellipse, a 600 nm pore read at
+40 nm is 2.5x the size the job shows a 100 nm model.
 """
 
 from __future__ import annotations
@@ -30,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from engine.data.sample_plan import level_grid
-from engine.data.tile_plan import choose_square_pixels, is_square
+from engine.data.tile_plan import choose_level, choose_square_pixels, is_square
 from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import read_catalog, read_table
 from engine.stores.ngff import to_nanometres
@@ -62,8 +66,10 @@ class TrainingTile:
     instance_ids (N int64, values in the image's `defects` label image), boxes (N x 4
     float32 xyxy in tile pixels, x right, y down, whole: they may reach past the tile's
     edges) and areas (N float32, the defect's mask area in tile pixels). resampled:
-    whether the image's pixels are not square, so the tile is read on the square grid
-    `scale` (pixel j covers level-0 [j * scale, (j + 1) * scale) per axis) from `level`.
+    whether the job resamples the image (its pixels are not square, or no level is
+    within its tolerance of the model's pixel size: `job_read`), so the tile is read on
+    the square grid `scale` (pixel j covers level-0 [j * scale, (j + 1) * scale) per
+    axis) from `level`.
     """
 
     image_id: str
@@ -194,9 +200,9 @@ class ImageEntry:
     """One catalog image as the planner needs it: where it is and its level geometry.
 
     shape: (h, w) tile pixels covering the image: the level's own, or, when `resampled`
-    (the image's pixels are not square), the extent of the square grid the batch job
-    reads it on (`image_entries`); scale: level-0 pixels per tile pixel (y, x), that
-    grid's step when resampled.
+    (the job resamples the image: `job_read`), the extent of the square grid the batch
+    job reads it on; scale: level-0 pixels per tile pixel (y, x), that grid's step when
+    resampled.
     """
 
     image_id: str
@@ -216,9 +222,9 @@ def image_entries(archive: str | StoreLocation, *, image_ids: list[str] | None =
     pixel_size_nm=None reads level 0 (defect sizes in engine.synth are level-0 pixels),
     from the catalog alone; an image whose pixels are not square gets level 0's square
     grid at its finer size (`engine.data.sample_plan.level_grid`: the native rule). A
-    pixel size opens each image's metadata (no pixels): a square image is read at the
-    level nearest it (by x size); one whose pixels are not square on the job's square
-    grid of exactly that size (`target_entry`).
+    pixel size opens each image's metadata (no pixels) and takes the job's plan for it
+    (`target_entry`): the level nearest it as stored where that is within the job's
+    tolerance and the pixels are square, else the job's square grid of exactly that size.
     """
     archive = resolve(archive)
     catalog = read_catalog(archive).set_index("image_id", drop=False)
@@ -261,26 +267,42 @@ def job_target(image, level: int, pixel_size_nm: float | None) -> tuple[float, f
     return LevelTransform.from_image(image, level).level_pixel_size_nm[1], math.inf
 
 
+def job_read(image, level: int, pixel_size_nm: float | None) -> tuple[int, float | None]:
+    """(level, output nm) the batch job and the endpoint read an opened image
+    (`MultiscaleImage`) at for a model of `pixel_size_nm` (`job_target`: `level` counts
+    only when that is None): output nm None when they read the level as stored, else the
+    square pixel size (nm) they resample it to (engine.data.tile_plan.plan_image's rule:
+    `choose_square_pixels` for pixels that are not square, else `choose_level`)."""
+    target_nm, tolerance = job_target(image, level, pixel_size_nm)
+    square = choose_square_pixels(image, target_nm, tolerance)
+    if square is not None:
+        return square
+    level, resampled = choose_level(image, target_nm, tolerance)
+    return level, (float(target_nm) if resampled else None)
+
+
 def target_entry(image_id: str, location: StoreLocation, material: str | None, image,
                  pixel_size_nm: float) -> ImageEntry:
-    """The entry of an opened image (`MultiscaleImage`) for a model of `pixel_size_nm` nm.
+    """The entry of an opened image (`MultiscaleImage`) for a model of `pixel_size_nm` nm:
+    the level and grid the batch job and the endpoint read it on for that model
+    (`job_read`: engine.data.tile_plan.plan_image with the target and the job's
+    DEFAULT_TOLERANCE).
 
-    Square pixels: the level nearest that size (by x), its own pixels, as before. Pixels
-    that are not square: the level and square grid the batch job and the endpoint
-    resample such an image on for that model (`engine.data.tile_plan.plan_image` with the
-    target and the job's DEFAULT_TOLERANCE: exactly `pixel_size_nm`, from the coarsest
-    level no coarser along either axis, on the image's global `OutputGrid`). The level's
-    size comes from its NGFF transform, so a pyramid that does not halve is read right.
+    Read as stored (square pixels, a level within the tolerance): that level, the one
+    nearest the target by x, its own pixels, as before. Resampled (pixels that are not
+    square, or no level within the tolerance): exactly `pixel_size_nm` on the image's
+    global `OutputGrid`, from the level the job picks (for square pixels the coarsest
+    finer than the target, else level 0; for others the coarsest no coarser along either
+    axis). Level sizes come from the NGFF transforms, so a pyramid that does not halve
+    is read right.
     """
     from engine.preprocess.resample import OutputGrid
     from engine.tiling.transform import LevelTransform
 
-    square = choose_square_pixels(image, *job_target(image, 0, pixel_size_nm))
-    if square is None:
-        level = image.nearest_level(pixel_size_nm)
+    level, output_nm = job_read(image, 0, pixel_size_nm)
+    if output_nm is None:
         h, w = image.levels[level].shape
         return ImageEntry(image_id, location, material, level, (h, w), (image.shape[0] / h, image.shape[1] / w))
-    level, output_nm = square
     grid = OutputGrid.for_image(image.shape, LevelTransform.from_image(image, level).pixel_size_nm, output_nm)
     return ImageEntry(image_id, location, material, level, tuple(int(v) for v in grid.extent),
                       (float(grid.step[0]), float(grid.step[1])), resampled=True)
@@ -328,8 +350,8 @@ def image_truth(truth: dict[str, pd.DataFrame], entry: ImageEntry, class_index: 
 def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str, ...], *, tile: int,
                overlap: int = 0, image_ids: list[str] | None = None, pixel_size_nm: float | None = None,
                truth: pd.DataFrame | None = None) -> list[TrainingTile]:
-    """Tiles of side `tile` (level pixels; square model pixels for an image whose pixels
-    are not square, module docstring) covering each image, with the defects they meet.
+    """Tiles of side `tile` (level pixels; the job's square output pixels for an image it
+    resamples, module docstring) covering each image, with the defects they meet.
 
     Images smaller than `tile` give one tile of their own size (Ultralytics pads them;
     nothing is resized, so a defect keeps its size in pixels). Tiles without defects are

@@ -194,9 +194,10 @@ def train_detector(
     training tiles overlap by `overlap` pixels (default imgsz // 4) so a defect a tile
     edge cuts is whole in a neighbour. pixel_size_nm: the model's pixel size; each image
     is read as the batch job reads it for such a model (a square one at the pyramid level
-    nearest it, one whose pixels are not square resampled to exactly that size:
-    `tiles.image_entries`; default level 0). background_ratio: train on every tile with a
-    defect and at most this many times as many without (None: all tiles).
+    nearest it when that is within the job's tolerance, else, and for pixels that are not
+    square, resampled to exactly that size: `tiles.image_entries`; default level 0).
+    background_ratio: train on every tile with a defect and at most this many times as
+    many without (None: all tiles).
     device: None picks cuda when present, else cpu.
     workers: data-loading processes on GPU (Ultralytics uses none on CPU).
     hyperparameters: further Ultralytics train arguments (lr0, mosaic, scale, ...). `nbs`,
