@@ -1,14 +1,19 @@
-"""What a format reader returns, and the one registry that maps file extensions to readers.
+"""What a format reader returns, and the one registry that maps paths to readers.
 
 A reader takes a local path and yields `InstrumentImage`s: one for an ordinary
 micrograph, several for a file that holds a stack or several detectors' images. Readers
 report what the file says (pixel size, modality, ...) and leave decisions about missing
 values to `engine.stores.ingest.pipeline`, which knows the user's arguments.
+
+Files are matched by extension; folders (an OME-Zarr image is one) by a test each folder
+format registers. Any other folder is refused with a hint to pass its files: giving ingest
+a folder of TIFFs is a common slip.
 """
 
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -55,8 +60,26 @@ class InstrumentImage:
 
 Reader = Callable[[Path], Iterator[InstrumentImage]]
 
+
+@dataclass(frozen=True)
+class FolderFormat:
+    """A format whose images are folders. `claims(folder)` says whether a folder is one
+    (it may say yes to a folder the reader then refuses with a reason: a Zarr folder
+    without NGFF metadata); `suffixes` are the names such folders usually end with
+    ('.zarr'), so a missing or file-shaped one gets a message of its own."""
+
+    name: str
+    suffixes: tuple[str, ...]
+    claims: Callable[[Path], bool]
+    reader: Reader
+
+
 _READERS: dict[str, tuple[str, Reader]] = {}
+_FOLDER_FORMATS: list[FolderFormat] = []
 _BUILTINS_LOADED = False
+# Entries of a refused folder looked at to suggest a pattern: enough for any session
+# folder, bounded for one holding a million tiles.
+_FOLDER_SAMPLE = 10_000
 
 
 def register_reader(extensions: tuple[str, ...], format_name: str, reader: Reader) -> None:
@@ -65,19 +88,64 @@ def register_reader(extensions: tuple[str, ...], format_name: str, reader: Reade
         _READERS[ext.lower()] = (format_name, reader)
 
 
+def register_folder_reader(
+    format_name: str, suffixes: tuple[str, ...], claims: Callable[[Path], bool], reader: Reader
+) -> None:
+    """Make `reader` handle folders for which `claims(folder)` is true; formats registered
+    earlier are asked first."""
+    _FOLDER_FORMATS.append(FolderFormat(format_name, tuple(s.lower() for s in suffixes), claims, reader))
+
+
 def supported_extensions() -> tuple[str, ...]:
+    """File extensions with a reader ('.tif', ...); folder formats are not files and not listed."""
     _ensure_builtin_readers()
     return tuple(sorted(_READERS))
 
 
 def reader_for(path: Path) -> Reader:
-    """The reader for `path` by extension; an unknown one gets an IngestError listing the known."""
+    """The reader for `path`: a folder's by the folder formats' tests, a file's by extension.
+
+    IngestError for a folder no format claims (pass its files), a missing or file-shaped
+    path named like a folder format ('x.zarr'), and an unknown extension (listing the known).
+    """
     _ensure_builtin_readers()
-    entry = _READERS.get(path.suffix.lower())
-    if entry is None:
-        known = ", ".join(f"{ext} ({name})" for ext, (name, _) in sorted(_READERS.items()))
-        raise IngestError(f"{path}: unknown file type {path.suffix or '(no extension)'!r}; grainflow ingests {known}")
-    return entry[1]
+    if path.is_dir():
+        for fmt in _FOLDER_FORMATS:
+            if fmt.claims(path):
+                return fmt.reader
+        raise IngestError(f"{path} is a folder; pass its files (e.g. {path / ('*' + _likely_suffix(path))})")
+    suffix = path.suffix.lower()
+    entry = _READERS.get(suffix)
+    if entry is not None:
+        return entry[1]
+    for fmt in _FOLDER_FORMATS:
+        if suffix in fmt.suffixes:
+            if path.exists():
+                raise IngestError(f"{path}: a file, but an {fmt.name} is a folder (a zipped store: unzip it first)")
+            raise IngestError(f"{path}: no such folder")
+    known = ", ".join(f"{ext} ({name})" for ext, (name, _) in sorted(_READERS.items()))
+    folders = "".join(f", and folders: {fmt.name}" for fmt in _FOLDER_FORMATS)
+    raise IngestError(
+        f"{path}: unknown file type {path.suffix or '(no extension)'!r}; grainflow ingests {known}{folders}"
+    )
+
+
+def _likely_suffix(folder: Path) -> str:
+    """The most common suffix in `folder` that ingest reads (a file's extension, a folder
+    format's name ending), for the hint a refused folder gets; '.tif' when there is none."""
+    counts: dict[str, int] = {}
+    folder_suffixes = {s for fmt in _FOLDER_FORMATS for s in fmt.suffixes}
+    try:
+        with os.scandir(folder) as entries:
+            for n, entry in enumerate(entries):
+                if n >= _FOLDER_SAMPLE:
+                    break
+                suffix = os.path.splitext(entry.name)[1].lower()
+                if suffix in _READERS or suffix in folder_suffixes:
+                    counts[suffix] = counts.get(suffix, 0) + 1
+    except OSError:  # unreadable: the hint falls back to the common case
+        pass
+    return max(sorted(counts), key=counts.__getitem__) if counts else ".tif"
 
 
 def _ensure_builtin_readers() -> None:
@@ -85,12 +153,13 @@ def _ensure_builtin_readers() -> None:
     # importing engine.stores.ingest stays cheap and free of side effects.
     global _BUILTINS_LOADED
     if not _BUILTINS_LOADED:
-        from engine.stores.ingest import rsciio_formats, tiff
+        from engine.stores.ingest import ome_zarr, rsciio_formats, tiff
 
         earlier = dict(_READERS)
         tiff.register()
         rsciio_formats.register()
         _READERS.update(earlier)  # a reader registered before first use wins over a built-in
+        ome_zarr.register()  # appended: folder formats registered before first use are asked first
         _BUILTINS_LOADED = True
 
 

@@ -10,9 +10,10 @@ Decisions (the CLI's `grainflow ingest` documents the same):
 - Modality: the same rule; the file's (SEM for FEI/Zeiss TIFF, TEM for DM/EMD unless
   they say SEM) or an explicit `modality`, else refused (pass --modality).
 - Stored unit: nanometer, or micrometer for pixels of 1 µm and over.
-- Image ids: the file stem with anything outside [A-Za-z0-9._-] replaced by '_', plus
-  '_<part>' for a file holding several images (a stack's plane index, an EMD detector
-  name). The catalog's `source` (and the image's `source` attribute) is the file's
+- Image ids: the file stem (an OME-Zarr folder's name less .ome.zarr or .zarr) with
+  anything outside [A-Za-z0-9._-] replaced by '_', plus '_<part>' for a file holding
+  several images (a stack's plane index, an EMD detector name, a bioformats2raw
+  series). The catalog's `source` (and the image's `source` attribute) is the file's
   resolved full path. Ingesting the same file (the same full path) again replaces its
   image and catalog row; a different file whose stem collides (a.tif and a.dm3, or
   img001.tif of two session folders, in one batch or in two) gets '-2', '-3', ...
@@ -20,7 +21,8 @@ Decisions (the CLI's `grainflow ingest` documents the same):
   be the file being ingested: it is kept, and a warning names the new id.
 - Memory: a TIFF plane over `tiff_planes.STREAM_BYTES` decoded (a stitched mosaic)
   is read, checked and written a band of chunk rows at a time; smaller images are
-  read whole. Both give the same pixels and checksum.
+  read whole. Both give the same pixels and checksum. An OME-Zarr image's level 0 is
+  always read in bands (engine.stores.ingest.ome_zarr).
 - Re-ingest is safe: the new image is written beside the old one and swapped in when
   complete (engine.stores.writer); the catalog is upserted right after that swap, and
   only then is the old image deleted. A kill between the swap and the upsert leaves
@@ -130,14 +132,16 @@ class _Batch:
 
 
 def read_instrument_images(path: str | Path) -> Iterator[InstrumentImage]:
-    """Every image in an instrument file, read by the reader registered for its extension.
+    """Every image in an instrument file, or in an OME-Zarr image folder, read by the
+    reader registered for its extension (a folder: for its format).
 
-    Raises IngestError naming the file for an unknown extension or a missing file at
-    once; errors inside the file surface while iterating.
+    Raises IngestError naming the path for an unknown extension, a missing file, or a
+    folder no format claims (a folder of TIFFs) at once; errors inside the file (or an
+    OME-Zarr folder) surface while iterating.
     """
     path = Path(path)
-    reader = reader_for(path)
-    if not path.is_file():
+    reader = reader_for(path)  # a folder gets a reader only if a folder format claims it
+    if not (path.is_file() or path.is_dir()):
         raise IngestError(f"{path}: no such file")
     return reader(path)
 
@@ -398,7 +402,7 @@ def _unique_id(path: Path, part: str | None, batch: _Batch) -> tuple[str, Lock]:
     '<stem>', '<stem>-2', '<stem>-3', ... that neither this batch, the catalog nor a
     concurrent ingest has taken (see `_reserve`)."""
     stem = path.name
-    for suffix in (".ome.tiff", ".ome.tif"):
+    for suffix in (".ome.tiff", ".ome.tif", ".ome.zarr"):
         if stem.lower().endswith(suffix):
             stem = stem[: -len(suffix)]
             break
