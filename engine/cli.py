@@ -84,7 +84,7 @@ def synth(
 
 @app.command()
 def ingest(
-    files: list[Path] = typer.Argument(..., help="Instrument files: TIFF, DM3/DM4, EMD."),
+    files: list[Path] = typer.Argument(..., help="Instrument files (TIFF, DM3/DM4, EMD) or OME-Zarr image folders (NGFF v0.4/v0.5)."),
     archive: str = typer.Option(..., "--archive", "-a", help="Archive to add the images to."),
     pixel_size: Optional[float] = typer.Option(None, help="Pixel size of level 0; needed where a file carries none, and overrides the file's own."),
     unit: str = typer.Option("nanometer", help="Unit of --pixel-size (nm, um, ...)."),
@@ -92,7 +92,7 @@ def ingest(
     material: Optional[str] = typer.Option(None, help="Material label for every file."),
     chunk: int = typer.Option(512, help="Zarr chunk edge in pixels."),
 ) -> None:
-    """Convert instrument files to OME-Zarr images and add them to an archive's catalog."""
+    """Convert instrument files and existing OME-Zarr images into an archive's images and add them to its catalog."""
     from engine.stores.ingest import ingest_files
     from engine.stores.uri import durable
 
@@ -159,26 +159,30 @@ def catalog(
     if as_json:
         console.print_json(json.dumps(info, default=str))
         return
-    table = Table(title=f"{image}  ({img.dtype}, NGFF {img.multiscale.version}, labels: {', '.join(img.labels()) or 'none'})")
-    for col in ("level", "shape (y, x)", "chunks", f"pixel size ({img.unit})"):
+    # catalog and metadata text is the user's data, not rich markup: "[as-built]" would
+    # vanish as an unknown tag and "[/HIP]" raise MarkupError
+    labels = ", ".join(img.labels()) or "none"
+    table = Table(title=escape(f"{image}  ({img.dtype}, NGFF {img.multiscale.version}, labels: {labels})"))
+    for col in ("level", "shape (y, x)", "chunks", escape(f"pixel size ({img.unit})")):
         table.add_column(col)
     for lv in levels:
         table.add_row(str(lv["level"]), f"{lv['shape'][0]} x {lv['shape'][1]}", f"{lv['chunks'][0]} x {lv['chunks'][1]}",
                       f"{lv['pixel_size'][0]:.6g} x {lv['pixel_size'][1]:.6g}")
     console.print(table)
     for key, value in img.attributes.items():
-        console.print(f"  {key}: {value}")
+        console.print(f"  {escape(str(key))}: {escape(str(value))}")
 
 
 def _print_catalog(df) -> None:
+    """One table row per catalog row; every cell escaped, as catalog text is data, not markup."""
     table = Table(title=f"{len(df)} images")
     for col in ("image_id", "modality", "material", "grade", "shape (y x x)", "dtype", "pixel size (y x x)"):
         table.add_column(col)
     for row in df.itertuples():
-        table.add_row(
+        table.add_row(*(escape(cell) for cell in (
             row.image_id, row.modality, _text(row.material), _text(row.quality_grade),
             f"{row.height} x {row.width}", row.dtype, _pixel_size(row.pixel_size_y, row.pixel_size_x, row.unit),
-        )
+        )))
     console.print(table)
 
 
@@ -194,7 +198,7 @@ def _print_summary(df) -> None:
     console.print(f"{len(df)} images, {megapixels:.1f} megapixels at level 0")
     for col in ("modality", "material"):
         counts = df[col].fillna("-").value_counts().sort_index()
-        console.print(f"  {col}: " + ", ".join(f"{k} {v}" for k, v in counts.items()))
+        console.print(f"  {col}: " + ", ".join(f"{escape(str(k))} {v}" for k, v in counts.items()))
 
 
 def _text(value) -> str:

@@ -147,3 +147,40 @@ class TestCatalogListing:
         assert rows["square"][-1] == "100 nm"
         assert rows["optical"][-1] == "1 µm"
         assert rows["fast-scan"][4] == "512 x 256"  # the shape, in the same y x x order
+
+
+def _table_rows(stdout: str) -> dict[str, list[str]]:
+    """image_id -> the cells of its row in `grainflow catalog`'s table."""
+    return {line.split("│")[1].strip(): [cell.strip() for cell in line.split("│")[1:-1]]
+            for line in stdout.splitlines() if line.startswith("│")}
+
+
+class TestCatalogTextIsData:
+    """Catalog and metadata text is printed as written: rich reads "[...]" as markup,
+    so "[as-built]" vanished as an unknown tag and "[/HIP]" crashed the command."""
+
+    def test_materials_with_brackets_in_the_listing_and_summary(self, tmp_path):
+        from dataclasses import replace
+
+        archive = tmp_path / "archive"
+        write_catalog(resolve(str(archive)), [replace(_catalog_row("a", 1.0, 1.0), material="IN718 [as-built]"),
+                                              replace(_catalog_row("b", 1.0, 1.0), material="Ti64 [/HIP]")])
+        cli = grainflow("catalog", str(archive))
+        assert cli.returncode == 0, cli.stderr
+        rows = _table_rows(cli.stdout)
+        assert (rows["a"][2], rows["b"][2]) == ("IN718 [as-built]", "Ti64 [/HIP]")
+        assert "  material: IN718 [as-built] 1, Ti64 [/HIP] 1" in cli.stdout.splitlines()
+
+    def test_an_images_attributes_are_printed_as_written(self, tmp_path):
+        raw = tmp_path / "[raw]"
+        raw.mkdir()
+        tifffile.imwrite(raw / "s1.tif", np.zeros((32, 32), dtype=np.uint8))
+        archive = tmp_path / "archive"
+        ingested = grainflow("ingest", str(raw / "s1.tif"), "--archive", str(archive), "--modality", "SEM",
+                             "--pixel-size", "1", "--material", "Ti64 [/HIP]")
+        assert ingested.returncode == 0, ingested.stderr
+        cli = grainflow("catalog", str(archive), "--image", "s1")
+        assert cli.returncode == 0, cli.stderr
+        lines = cli.stdout.splitlines()
+        assert f"  source: {raw / 's1.tif'}" in lines
+        assert "  material: Ti64 [/HIP]" in lines

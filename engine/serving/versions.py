@@ -14,6 +14,7 @@ import hashlib
 from dataclasses import dataclass
 
 from engine.registry.errors import RegistryError
+from engine.registry.schema import BUNDLE_FAMILY
 
 
 @dataclass(frozen=True)
@@ -46,16 +47,24 @@ def resolve_arms(registry, bundle: str, split: dict[str, float]) -> Arms:
     production must resolve (RegistryError otherwise), whatever its weight: it is what
     /healthz and /v1/models report, and what answers when no other arm can (a split of
     production 0, canary 1 before the canary alias is set). Other aliases are dropped
-    when unset.
+    when unset. An alias that resolves to a version that is no bundle (`bundle` names a
+    member model, a detector say) is a RegistryError naming the ref and its family: the
+    replicas could never load it and would be restarted for ever.
     """
     refs, weights = {}, {}
     for alias, w in split.items():
         if w <= 0 and alias != "production":
             continue
+        ref = f"{bundle}@{alias}"
         try:
-            refs[alias] = registry.get(f"{bundle}@{alias}").ref
-            weights[alias] = float(w)
+            version = registry.get(ref)
         except RegistryError:
             if alias == "production":
                 raise
+            continue
+        if version.family != BUNDLE_FAMILY:
+            raise RegistryError(f"{ref}: {version.ref} is a {version.family} model, not an ensemble bundle; serve "
+                                f"a bundle's name (family 'bundle' in `grainflow registry list`)")
+        refs[alias] = version.ref
+        weights[alias] = float(w)
     return Arms(refs, weights)

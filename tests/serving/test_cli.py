@@ -20,6 +20,30 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+def test_a_member_model_is_refused_before_ray_starts(serve_env, tmp_path):
+    """--bundle naming one of the bundle's member models (a detector): the pre-Ray check
+    let it through and every replica then failed to load it and was restarted for ever.
+    Now one line naming the ref and its family, exit status 2, and no Ray."""
+    member = f"{BUNDLE}-detector"
+    assert serve_env["registry"].get(f"{member}@production").family == "detector"
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
+    cmd = [sys.executable, "-m", "engine.cli", "serve", "--bundle", member, "--tracking-uri",
+           serve_env["tracking_uri"], "--keys", serve_env["keys_file"], "--audit-log", str(tmp_path / "audit.jsonl"),
+           "--port", str(_free_port())]
+    proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+    try:
+        _, stderr = proc.communicate(timeout=120)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the command and any Ray it started
+        proc.communicate()
+        raise AssertionError("grainflow serve --bundle <member model> did not refuse it; it went on serving")
+    assert proc.returncode == 2, stderr
+    assert "Traceback" not in stderr and "Started a local Ray" not in stderr, stderr
+    assert f"{member}@production: {member}/1 is a detector model, not an ensemble bundle" in stderr
+    assert len(stderr.strip().splitlines()) == 1, stderr
+
+
 def test_grainflow_serve_comes_up_with_the_default_deployments(serve_env, tmp_path):
     """The defaults ask for 5 x 0.5 CPUs: on a 2-core machine an embedded Ray with one slot
     per core left the ingress unscheduled and the command waited for ever."""
