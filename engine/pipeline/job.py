@@ -16,7 +16,11 @@ Steps (the driver holds metadata and counters only, never pixels):
 3. Resume: the ledger's finished tiles (`engine.data.ledger`) become the datasource's
    skip set; `<out>/job.json` records the settings that shape the outputs and each
    image's pixel checksum, and a rerun with other settings, or over an image replaced
-   since, is refused rather than mixing two runs' outputs.
+   since, is refused rather than mixing two runs' outputs. A rerun with ``resume=False``
+   removes what the earlier run wrote there, and only that (`engine.pipeline.run_folder`): a user's own
+   files beside the outputs stay. An ``out`` that holds names a run writes (``labels/``,
+   ``tiles/``, ...) but no run's ``job.json`` is someone else's folder: the job refuses
+   it before any work, resumed or not, so nothing there is written over or deleted.
 4. Prepare, per image in Ray tasks: the label images' arrays (metadata only,
    `engine.data.sinks.create_label_arrays`) and, when a member takes its input in
    "image" mode, the image's preprocessing parameters (`engine.preprocess`), written to
@@ -66,16 +70,15 @@ import numpy as np
 
 from engine.data.ledger import Ledger, put_file, table_bytes
 from engine.data.sinks import (
-    DEFAULT_LABEL_NAME, DETECTIONS, ERRORS, LABELS_DIR, OBJECTS, SUMMARY_FILE, TILES, LabelTarget, WriteTileOutputs,
-    create_label_arrays, finish_image, label_dtype, summary_table, unplanned_summary_row, write_image_error,
+    DEFAULT_LABEL_NAME, LABELS_DIR, SUMMARY_FILE, LabelTarget, WriteTileOutputs, create_label_arrays, finish_image,
+    label_dtype, summary_table, unplanned_summary_row, write_image_error,
 )
 from engine.errors import GrainflowError, error_message
 from engine.pipeline.ensemble import Ensemble, EnsembleConfig
 from engine.pipeline.results import error_text
+from engine.pipeline.run_folder import MANIFEST, PREPROCESS_DIR, clear_run, read_manifest, refuse_foreign
 from engine.stores.uri import StoreLocation, resolve
 
-MANIFEST = "job.json"
-PREPROCESS_DIR = "preprocess"
 LABEL_MODES = ("auto", "image", "out", "none")
 DEFAULT_TOLERANCE = 1.5
 _GROUP = 16  # images per prepare task
@@ -305,11 +308,13 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     GPUs, when it has any; else 0; a share no node has and no autoscaler can add is
     refused); cpus_per_actor: CPUs each actor reserves, and torch's
     threads in it. resume: skip tiles an earlier run of the same settings finished;
-    False clears `out`'s job outputs first. labels: where label images go: "auto"
-    (beside each image, in its OME-Zarr ``labels/`` group, when the archive can be
-    written; else under ``<out>/labels/``), "image", "out" or "none". config: how the
-    ensemble runs (`EnsembleConfig`; max_det also sets the label ids reserved per tile).
-    tolerance, target_bytes: as `ZarrTileDatasource`.
+    False first removes what the earlier run wrote to `out` (a user's own files there
+    stay). An `out` that holds names a run writes (labels/, tiles/, ...) but no run's
+    ``job.json`` is refused either way (GrainflowError), before any work. labels: where
+    label images go: "auto" (beside each image, in its OME-Zarr ``labels/`` group, when
+    the archive can be written; else under ``<out>/labels/``), "image", "out" or "none".
+    config: how the ensemble runs (`EnsembleConfig`; max_det also sets the label ids
+    reserved per tile). tolerance, target_bytes: as `ZarrTileDatasource`.
 
     Needs a connected Ray (`ray.init()`; the jobs.reprocess entrypoint connects).
     Raises GrainflowError (or a subclass) for bad input, before any tile runs.
@@ -332,6 +337,9 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     started = time.perf_counter()
     stages: dict[str, float] = {}
     archive, out = resolve(archive), resolve(out)
+    earlier = read_manifest(out)  # the run whose outputs `out` holds, if any
+    if earlier is None:
+        refuse_foreign(out)
     config = config or EnsembleConfig()
     if registry is None:
         from engine.registry import ModelRegistry
@@ -371,9 +379,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     # 3. resume: same settings and the same pixels, or nothing
     manifest = out.join(MANIFEST)
     checksums = _checksums(catalog)
-    if resume and manifest.exists():
-        earlier = json.loads(manifest.filesystem().cat_file(manifest.path))
-        before = earlier.get("settings", {})
+    if resume and earlier is not None:
+        before = earlier["settings"]
         changed = sorted(k for k in _SETTINGS if before.get(k) != settings.get(k))
         if changed:
             diff = ", ".join(f"{k}: {before.get(k)!r} -> {settings.get(k)!r}" for k in changed)
@@ -388,8 +395,8 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                 f"{out}: {len(replaced)} image(s) of {archive} changed since the run there "
                 f"({', '.join(replaced[:3])}{', ...' if len(replaced) > 3 else ''}: other pixel checksums); "
                 f"resume=False (--no-resume) redoes the run, or write to another --out")
-    if not resume:
-        _clear(out)
+    if not resume and earlier is not None:  # else `out` holds no run's names (refused above)
+        clear_run(out, earlier)
     put_file(manifest, json.dumps({"settings": settings, "checksums": checksums}, indent=1, sort_keys=True).encode())
 
     modalities = dict(zip(catalog["image_id"], catalog["modality"]))
@@ -577,15 +584,6 @@ def _resources(concurrency: int | None, num_gpus: float | None, cpus_per_actor: 
     refuse_unmet_gpus(num_gpus, f"num_gpus (--gpus-per-actor): each ensemble actor asks for {num_gpus:g} GPU",
                       "run on CPUs (num_gpus=0, --gpus-per-actor 0)")
     return concurrency, float(num_gpus)
-
-
-def _clear(out: StoreLocation) -> None:
-    """Remove a previous job's outputs (only the job's own names) under `out`."""
-    fs = out.filesystem()
-    for name in ("ledger", DETECTIONS, ERRORS, OBJECTS, TILES, SUMMARY_FILE, PREPROCESS_DIR, LABELS_DIR, MANIFEST):
-        loc = out.join(name)
-        if fs.exists(loc.path):
-            fs.rm(loc.path, recursive=True)
 
 
 __all__ = ["JobEnsemble", "JobResult", "LABEL_MODES", "ParamsFromStore", "reprocess"]

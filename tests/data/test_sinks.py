@@ -22,6 +22,7 @@ from engine.data.sinks import (
     finish_image, label_dtype, partition, read_output, stitch_objects, tile_location,
 )
 from engine.pipeline.results import TileResult, to_columns
+from engine.stores.pyramid import downsample_labels
 from engine.stores.uri import resolve
 
 CLASSES = ("pore", "crack")
@@ -293,10 +294,14 @@ class TestFinish:
         assert group["labels"].attrs["ome"]["labels"] == ["predicted_defects", "predicted_defects_classes"]
         node = group["labels/predicted_defects"]
         assert sorted(node.array_keys()) == ["0", "1", "2"]
-        np.testing.assert_array_equal(node["1"][:], node["0"][::2, ::2])
+        np.testing.assert_array_equal(node["1"][:], downsample_labels(node["0"][:]))  # each 2x2 block's label
         ms = node.attrs["ome"]["multiscales"][0]
         assert [d["coordinateTransformations"][0]["scale"][1] for d in ms["datasets"]] == pytest.approx(
             [plan.pixel_size_nm * 2**k for k in range(3)])
+        # a coarser label pixel stands for its block: placed on the block's centre, as the image's levels
+        shifts = [d["coordinateTransformations"][-1]["translation"][1] if k else 0.0
+                  for k, d in enumerate(ms["datasets"])]
+        assert shifts == pytest.approx([plan.pixel_size_nm * (2**k - 1) / 2 for k in range(3)])
         assert node.attrs["grainflow"]["bundle"] == "tiny/1"
         props = group["labels/predicted_defects_classes"].attrs["ome"]["image-label"]["properties"]
         assert props == [{"label-value": 1, "class": "pore"}, {"label-value": 2, "class": "crack"}]

@@ -1,5 +1,6 @@
 """The reprocessing job end to end on a small archive: outputs, ledger, labels, resume
-after a killed driver, a corrupt chunk, a killed ensemble actor.
+after a killed driver, a corrupt chunk, a killed ensemble actor, and what --out may hold
+besides a run's outputs.
 
 Runs use batch_size=1 so every tile's computation is the same whatever the batching
 (engine.pipeline.ensemble), which makes "identical outputs" exact.
@@ -28,6 +29,7 @@ from engine.data.sinks import DETECTIONS, ERRORS, OBJECTS, SUMMARY_FILE, TILES, 
 from engine.errors import GrainflowError
 from engine.pipeline import EnsembleConfig
 from engine.pipeline.job import reprocess
+from engine.stores.pyramid import downsample_labels
 
 from .conftest import TEST_CONFIG
 
@@ -181,7 +183,7 @@ class TestEndToEnd:
                 assert xs.min() >= 128 * col and xs.max() < 128 * (col + 1)
                 local = (lid - 1) % CONFIG.max_det + 1
                 assert (lid in set(mine["label_id"])) == (local <= n_found.get((128 * row, 128 * col), 0))
-            np.testing.assert_array_equal(node["1"][:], labels[::2, ::2])
+            np.testing.assert_array_equal(node["1"][:], downsample_labels(labels))  # each 2x2 block's label
             classes = group["labels/predicted_defects_classes/0"][:]
             assert classes.max() <= 5 and ((labels > 0) <= (classes > 0)).all()
 
@@ -649,3 +651,130 @@ class TestJobEnsemble:
 
         before = torch.get_num_threads()
         assert use_assigned_cpus() is None and torch.get_num_threads() == before  # a driver is left alone
+
+
+class TestOutFolder:
+    """What --out may hold besides a run's outputs: a user's files there are neither
+    deleted nor written over, and --no-resume replaces a run's outputs, only those."""
+
+    # A project folder that was never a run, holding names a run writes.
+    PROJECT = {"labels/annotations_v3.json": "hand-drawn masks, 3 weeks of work", "tiles/overview.png": "x",
+               "errors/notes.txt": "y", "thesis.tex": "z"}
+    REFUSED = (r"holds files that are not a grainflow run's outputs \({}; no job.json of a run\).*"
+               r"give an empty or new folder")
+
+    @staticmethod
+    def files(root: Path) -> dict[str, str]:
+        """relative path -> text of every file under `root`."""
+        return {p.relative_to(root).as_posix(): p.read_text() for p in root.rglob("*") if p.is_file()}
+
+    @staticmethod
+    def write(root: Path, files: dict[str, str]) -> None:
+        for name, text in files.items():
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            (root / name).write_text(text)
+
+    @pytest.mark.parametrize("resume", [False, True], ids=["no-resume", "resume"])
+    def test_a_folder_that_is_no_run_is_refused_and_left_as_it_was(self, ray_session, job_archive, job_registry,
+                                                                     tmp_path, resume):
+        """--no-resume would delete the user's labels/, tiles/ and errors/; a resume would
+        write its outputs among them: both are refused before any work."""
+        out = tmp_path / "proj"
+        self.write(out, self.PROJECT)
+        with pytest.raises(GrainflowError, match=self.REFUSED.format("errors/, tiles/, labels/")):
+            run(job_archive, out, job_registry, labels="out", resume=resume)
+        assert self.files(out) == self.PROJECT
+
+    def test_a_job_json_that_is_no_runs_manifest_is_no_run(self, ray_session, job_archive, job_registry, tmp_path):
+        out = tmp_path / "proj"
+        project = {**self.PROJECT, "job.json": '{"project": "thesis", "due": "2027-03"}'}
+        self.write(out, project)
+        with pytest.raises(GrainflowError, match=self.REFUSED.format("job.json, errors/, tiles/, labels/")):
+            run(job_archive, out, job_registry, labels="out", resume=False)
+        assert self.files(out) == project
+
+    def test_the_entrypoint_refuses_it_with_exit_2(self, ray_session, job_archive, job_registry, tmp_path, capsys):
+        from jobs.reprocess import main
+
+        out = tmp_path / "proj"
+        self.write(out, self.PROJECT)
+        code = main(["--archive", str(job_archive), "--out", str(out), "--models", REF, "--tracking-uri",
+                     job_registry.tracking_uri, "--concurrency", "1", "--labels", "none", "--no-resume"])
+        err = capsys.readouterr().err
+        assert code == 2 and f"--out {out} holds files that are not a grainflow run's outputs" in err
+        assert self.files(out) == self.PROJECT
+
+    def test_no_resume_replaces_a_runs_outputs_and_keeps_the_users_files(self, ray_session, job_archive,
+                                                                          job_registry, tmp_path):
+        """A run over two images with its label images under --out; a resume after one
+        image left the archive (a resume keeps that image's outputs, and its manifest no
+        longer names it); the user's files beside the outputs. --no-resume leaves no file
+        of either run, the label image of the image that left included, and every file
+        of the user's as it was."""
+        archive = copy_archive(job_archive, tmp_path)
+        catalog_path = archive / "catalog.parquet"
+        catalog = pd.read_parquet(catalog_path).sort_values("image_id").reset_index(drop=True)
+        kept, gone = catalog["image_id"][0], catalog["image_id"][1]
+        out = tmp_path / "out"
+        catalog.iloc[:2].to_parquet(catalog_path)
+        run(archive, out, job_registry, labels="out")
+        catalog.iloc[:1].to_parquet(catalog_path)
+        assert run(archive, out, job_registry, labels="out").tiles_skipped == 4
+        assert (out / "labels" / f"{gone}.ome.zarr").is_dir() and (out / DETECTIONS / f"image_id={gone}").is_dir()
+        earlier = max(p.stat().st_mtime_ns for p in out.rglob("*") if p.is_file())
+        mine = {"notes.txt": "run on the new detector", "labels/mine.json": "my own labels",
+                "tiles/overview.png": "x"}
+        self.write(out, mine)
+        zarr.open_group(str(out / "labels" / "mine.ome.zarr"), mode="w").attrs["by"] = "me"  # no run's mark
+        users = self.files(out / "labels" / "mine.ome.zarr")
+
+        result = run(archive, out, job_registry, labels="out", resume=False)
+        assert (result.tiles_done, result.tiles_skipped, result.images) == (4, 0, 1)
+        assert {name: (out / name).read_text() for name in mine} == mine
+        assert self.files(out / "labels" / "mine.ome.zarr") == users
+        assert {p.name for p in (out / "labels").iterdir()} == {f"{kept}.ome.zarr", "mine.json", "mine.ome.zarr"}
+        for table in (DETECTIONS, OBJECTS):
+            assert [p.name for p in (out / table).iterdir()] == [f"image_id={kept}"]
+        assert {p.name for p in (out / TILES).iterdir()} == {f"image_id={kept}", "overview.png"}
+        assert set(Ledger(out).read()["image_id"].to_pylist()) == {kept}
+        outputs = [p for p in out.rglob("*") if p.is_file() and not p.relative_to(out).as_posix().startswith(
+            tuple(mine) + ("labels/mine.ome.zarr/",))]
+        assert outputs and all(p.stat().st_mtime_ns > earlier for p in outputs)  # every one written by this run
+
+    def test_a_bucket_folder_that_is_no_run_is_refused_and_left_as_it_was(self, ray_session, job_archive,
+                                                                            job_registry, s3_bucket):
+        import s3fs
+
+        fs, uri = s3fs.S3FileSystem(), f"{s3_bucket}/proj"
+        for name, text in self.PROJECT.items():
+            fs.pipe_file(f"{uri}/{name}", text.encode())
+        with pytest.raises(GrainflowError, match=self.REFUSED.format("errors/, tiles/, labels/")):
+            run(job_archive, uri, job_registry, labels="none", resume=False)
+        fs.invalidate_cache()
+        assert {p[len(uri) - len("s3://") + 1:]: fs.cat_file(p).decode() for p in fs.find(uri)} == self.PROJECT
+
+    def test_a_runs_outputs_in_a_bucket_are_cleared_and_the_users_files_stay(self, clean, job_archive, s3_bucket):
+        """The clear --no-resume runs, on a finished run copied into a bucket, with a label
+        image under --out written as a run writes it (for an image the manifest names)."""
+        import s3fs
+
+        from engine.pipeline.job import _prepare_images
+        from engine.pipeline.run_folder import clear_run, read_manifest
+        from engine.stores.uri import resolve
+
+        fs, uri = s3fs.S3FileSystem(), f"{s3_bucket}/runs/r1"
+        fs.put(str(clean[1]) + "/", f"{uri}/", recursive=True)
+        out = resolve(uri)
+        (target,), _ = _prepare_images(out, [TestPrepare()._plan(job_archive)], labels="out", label_name="p",
+                                       id_stride=8, overwrite=False, fit=False)
+        mine = {"notes.txt": "run on the new detector", "labels/mine.json": "my own labels", "tiles/overview.png": "x"}
+        for name, text in mine.items():
+            fs.pipe_file(f"{uri}/{name}", text.encode())
+        fs.invalidate_cache()
+        assert fs.exists(target.root.path) and fs.exists(f"{uri}/{SUMMARY_FILE}") and fs.find(f"{uri}/ledger")
+
+        clear_run(out, read_manifest(out))
+        fs.invalidate_cache()
+        left = {p[len(uri) - len("s3://") + 1:]: p for p in fs.find(uri)}
+        assert sorted(left) == sorted([*mine, "job.json"])
+        assert {name: fs.cat_file(left[name]).decode() for name in mine} == mine
