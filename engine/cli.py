@@ -2,11 +2,16 @@
 
 User mistakes (bad URI, missing metadata, unknown names) print one readable line and
 exit with status 2; anything else is a bug and keeps its traceback.
+
+Text that comes from data (instrument metadata, catalog cells, names, paths, error
+messages quoting them) is printed through `_shown`: control characters appear as
+visible escapes and rich markup is escaped, so a file's tags cannot drive the terminal.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from enum import Enum
 from pathlib import Path
@@ -14,6 +19,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.highlighter import JSONHighlighter
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
@@ -30,6 +36,37 @@ app = typer.Typer(
 # Piped output (CI logs, notebooks) gets a wide fixed width rather than rich's 80 columns.
 console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
+
+
+# C0 controls but tab, DEL and C1 controls. ESC (\x1b) starts a terminal's escape
+# sequences: OSC 52 writes the clipboard, OSC 0 the window title, CSI moves the cursor and
+# erases lines; a terminal that reads C1 takes U+009B for ESC [. CR and backspace
+# overwrite what was printed. Instrument files put any text they like in their tags.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+# What json.dumps writes raw of the above: it escapes C0 controls itself.
+_RAW_IN_JSON = re.compile(r"[\x7f-\x9f]")
+
+
+def _shown(text: object, *, newlines: bool = False) -> str:
+    """`str(text)`, data rather than markup, ready for `console.print`: each control
+    character written as its visible escape (ESC as the four characters \\x1b, a line
+    break as \\n, unless `newlines` keeps line breaks, as a multi-line error message
+    needs), then rich markup escaped, so "[as-built]" is printed as written rather than
+    read as a tag."""
+    control = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
+    visible = control.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
+    return escape(visible)
+
+
+def _print_json(text: str) -> None:
+    """The JSON document `text`, indented (and coloured on a terminal) as
+    `console.print_json` prints it, with DEL and C1 controls written as \\u escapes:
+    print_json writes them raw. The JSON read back is the same."""
+    dumped = json.dumps(json.loads(text), indent=2, ensure_ascii=False)
+    rendered = JSONHighlighter()(_RAW_IN_JSON.sub(lambda m: f"\\u{ord(m.group()):04x}", dumped))
+    rendered.no_wrap, rendered.overflow = True, None
+    console.print(rendered, soft_wrap=True)
 
 
 def _progress() -> Progress:
@@ -78,7 +115,7 @@ def synth(
             out, n_images=images, seed=seed, size=size, chunk=chunk, materials=material, modalities=modality,
             progress=lambda n: progress.advance(task, n),
         )
-    console.print(f"wrote {len(catalog)} images to [bold]{escape(str(out))}[/bold]")
+    console.print(f"wrote {len(catalog)} images to [bold]{_shown(out)}[/bold]")
     _print_summary(catalog)
 
 
@@ -104,7 +141,7 @@ def ingest(
             files, archive, pixel_size=pixel_size, unit=unit if pixel_size is not None else None,
             modality=modality, material=material, chunk=chunk, progress=lambda n=1: progress.advance(task, n),
         )
-    console.print(f"ingested {len(rows)} images from {len(files)} files into [bold]{escape(str(archive))}[/bold]")
+    console.print(f"ingested {len(rows)} images from {len(files)} files into [bold]{_shown(archive)}[/bold]")
 
 
 @app.command(
@@ -143,7 +180,7 @@ def catalog(
     df = read_catalog(archive)
     if image is None:
         if as_json:
-            console.print_json(df.to_json(orient="records", date_format="iso"))
+            _print_json(df.to_json(orient="records", date_format="iso"))
         else:
             _print_catalog(df)
             _print_summary(df)
@@ -157,29 +194,30 @@ def catalog(
     info = {"image_id": image, "uri": img.uri, "ngff": img.multiscale.version, "dtype": img.dtype,
             "unit": img.unit, "labels": img.labels(), "attributes": img.attributes, "levels": levels}
     if as_json:
-        console.print_json(json.dumps(info, default=str))
+        _print_json(json.dumps(info, default=str))
         return
-    # catalog and metadata text is the user's data, not rich markup: "[as-built]" would
-    # vanish as an unknown tag and "[/HIP]" raise MarkupError
+    # catalog and metadata text is the user's data, not rich markup or terminal controls:
+    # "[as-built]" would vanish as an unknown tag, "[/HIP]" raise MarkupError, and a
+    # TIFF tag's ESC sequences drive the terminal (_shown)
     labels = ", ".join(img.labels()) or "none"
-    table = Table(title=escape(f"{image}  ({img.dtype}, NGFF {img.multiscale.version}, labels: {labels})"))
-    for col in ("level", "shape (y, x)", "chunks", escape(f"pixel size ({img.unit})")):
+    table = Table(title=_shown(f"{image}  ({img.dtype}, NGFF {img.multiscale.version}, labels: {labels})"))
+    for col in ("level", "shape (y, x)", "chunks", _shown(f"pixel size ({img.unit})")):
         table.add_column(col)
     for lv in levels:
         table.add_row(str(lv["level"]), f"{lv['shape'][0]} x {lv['shape'][1]}", f"{lv['chunks'][0]} x {lv['chunks'][1]}",
                       f"{lv['pixel_size'][0]:.6g} x {lv['pixel_size'][1]:.6g}")
     console.print(table)
     for key, value in img.attributes.items():
-        console.print(f"  {escape(str(key))}: {escape(str(value))}")
+        console.print(f"  {_shown(key)}: {_shown(value)}")
 
 
 def _print_catalog(df) -> None:
-    """One table row per catalog row; every cell escaped, as catalog text is data, not markup."""
+    """One table row per catalog row; every cell through `_shown`, as catalog text is data."""
     table = Table(title=f"{len(df)} images")
     for col in ("image_id", "modality", "material", "grade", "shape (y x x)", "dtype", "pixel size (y x x)"):
         table.add_column(col)
     for row in df.itertuples():
-        table.add_row(*(escape(cell) for cell in (
+        table.add_row(*(_shown(cell) for cell in (
             row.image_id, row.modality, _text(row.material), _text(row.quality_grade),
             f"{row.height} x {row.width}", row.dtype, _pixel_size(row.pixel_size_y, row.pixel_size_x, row.unit),
         )))
@@ -198,7 +236,7 @@ def _print_summary(df) -> None:
     console.print(f"{len(df)} images, {megapixels:.1f} megapixels at level 0")
     for col in ("modality", "material"):
         counts = df[col].fillna("-").value_counts().sort_index()
-        console.print(f"  {col}: " + ", ".join(f"{escape(str(k))} {v}" for k, v in counts.items()))
+        console.print(f"  {col}: " + ", ".join(f"{_shown(k)} {v}" for k, v in counts.items()))
 
 
 def _text(value) -> str:
@@ -250,14 +288,14 @@ def registry_list(
     registry = _open_registry(tracking_uri)
     names = registry.list_models()
     if not names:
-        console.print(f"no registered models in {escape(registry.tracking_uri)}", highlight=False)
+        console.print(f"no registered models in {_shown(registry.tracking_uri)}", highlight=False)
         return
-    table = Table(title=f"{len(names)} registered models in {escape(registry.tracking_uri)}")
+    table = Table(title=f"{len(names)} registered models in {_shown(registry.tracking_uri)}")
     for col in ("name", "version", "family", "aliases"):
         table.add_column(col)
     for name in names:
         for mv in registry.versions(name):
-            table.add_row(escape(name), str(mv.version), escape(mv.family), escape(", ".join(mv.aliases)) or "-")
+            table.add_row(_shown(name), str(mv.version), _shown(mv.family), _shown(", ".join(mv.aliases)) or "-")
     console.print(table)
 
 
@@ -270,7 +308,7 @@ def registry_promote(
 ) -> None:
     """Point NAME@ALIAS at VERSION (the move is recorded, so `rollback` can undo it)."""
     mv = _open_registry(tracking_uri).promote(name, version, alias.value)
-    console.print(f"{escape(name)}@{alias.value} -> {escape(mv.ref)}", highlight=False)
+    console.print(f"{_shown(name)}@{alias.value} -> {_shown(mv.ref)}", highlight=False)
 
 
 @registry_app.command("rollback")
@@ -282,7 +320,7 @@ def registry_rollback(
     """Move NAME@ALIAS back to the version it pointed at before its latest move (run it
     again to go further back)."""
     mv = _open_registry(tracking_uri).rollback(name, alias.value)
-    console.print(f"{escape(name)}@{alias.value} -> {escape(mv.ref)}", highlight=False)
+    console.print(f"{_shown(name)}@{alias.value} -> {_shown(mv.ref)}", highlight=False)
 
 
 def _register_commands() -> None:
@@ -309,7 +347,7 @@ def main() -> None:
         message = user_error_message(exc)
         if message is None:  # a bug: its traceback
             raise
-        errors.print(f"[bold red]error:[/bold red] {escape(message)}", highlight=False, soft_wrap=True)
+        errors.print(f"[bold red]error:[/bold red] {_shown(message, newlines=True)}", highlight=False, soft_wrap=True)
         sys.exit(2)
 
 

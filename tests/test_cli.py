@@ -184,3 +184,49 @@ class TestCatalogTextIsData:
         lines = cli.stdout.splitlines()
         assert f"  source: {raw / 's1.tif'}" in lines
         assert "  material: Ti64 [/HIP]" in lines
+
+
+class TestTerminalControlsInDataArePrintedVisibly:
+    """Instrument files put any text in their tags: printed raw, ESC ] 52 wrote the
+    user's clipboard and ESC [ 2K erased what the terminal showed. Control characters
+    in data are printed as visible escapes (\\x1b); --json keeps the text exact."""
+
+    def test_escape_sequences_in_a_tiff_model_tag(self, tmp_path):
+        model = "Zeiss \x1b]52;c;ZWNobyBoaQ==\x1b\\ Sigma\x1b[2K 300"
+        tifffile.imwrite(tmp_path / "s1.tif", np.zeros((32, 32), dtype=np.uint8),
+                         extratags=[(272, "s", 0, model, True)])  # 272: the Model tag
+        archive = tmp_path / "archive\x1b[2K"  # the ingest summary names it
+        ingested = grainflow("ingest", str(tmp_path / "s1.tif"), "--archive", str(archive), "--modality", "SEM",
+                             "--pixel-size", "1")
+        assert ingested.returncode == 0, ingested.stderr
+        assert "\x1b" not in ingested.stdout and "archive\\x1b[2K" in ingested.stdout
+
+        described = grainflow("catalog", str(archive), "--image", "s1")
+        assert described.returncode == 0, described.stderr
+        assert "\x1b" not in described.stdout
+        assert "  instrument: Zeiss \\x1b]52;c;ZWNobyBoaQ==\\x1b\\ Sigma\\x1b[2K 300" in described.stdout.splitlines()
+        as_json = grainflow("catalog", str(archive), "--image", "s1", "--json")
+        assert "\x1b" not in as_json.stdout
+        assert json.loads(as_json.stdout)["attributes"]["instrument"] == model
+
+    def test_c1_controls_and_del_in_catalog_cells(self, tmp_path):
+        """U+009B is ESC [ to a terminal that reads C1 controls; json.dumps writes it raw."""
+        from dataclasses import replace
+
+        material = "IN718\x9b2J\x7f [as-built]"
+        archive = tmp_path / "archive"
+        write_catalog(resolve(str(archive)), [replace(_catalog_row("a", 1.0, 1.0), material=material)])
+        listing = grainflow("catalog", str(archive))
+        assert listing.returncode == 0, listing.stderr
+        assert not {"\x9b", "\x7f"} & set(listing.stdout)
+        assert _table_rows(listing.stdout)["a"][2] == "IN718\\x9b2J\\x7f [as-built]"
+        assert "  material: IN718\\x9b2J\\x7f [as-built] 1" in listing.stdout.splitlines()
+        as_json = grainflow("catalog", str(archive), "--json")
+        assert not {"\x9b", "\x7f"} & set(as_json.stdout)
+        assert json.loads(as_json.stdout)[0]["material"] == material
+
+    def test_an_error_quoting_a_path_with_escapes(self, tmp_path):
+        archive = tmp_path / "runs\x1b[2K\x1b]0;title\x07"
+        result = grainflow("catalog", str(archive))
+        assert_user_error(result, "runs\\x1b[2K\\x1b]0;title\\x07", "no catalog.parquet")
+        assert "\x1b" not in result.stderr and "\x07" not in result.stderr

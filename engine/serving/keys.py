@@ -19,6 +19,13 @@ a key added, or revoked (`revoke_key`, ``grainflow serve keys revoke``, or its e
 deleted by hand), takes effect within a second, without a restart. A file that cannot
 be read as a keys file (an edit half saved) keeps the keys read last, and is tried
 again at the next check; a file that is gone refuses every key.
+
+`add_key` and `revoke_key` read, change and replace the file while holding an exclusive
+flock on `.<keys file name>.lock` beside it (`keys_file_lock`), so two admins, or a
+provisioning script adding keys in parallel, take turns: no key printed as created goes
+missing, and a revoked key is never written back by an add that read the file before
+the revoke. A script that edits the file itself should hold the same lock. The keys
+file is local (flock is not reliable over NFS).
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ import logging
 import math
 import os
 import secrets
+import tempfile
 import threading
 import time
 from dataclasses import dataclass
@@ -37,6 +45,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from engine.errors import GrainflowError
+from engine.stores.locks import LOCK_SUFFIX, FileLock
 
 SCOPES = ("analyze", "admin")
 _log = logging.getLogger(__name__)
@@ -188,16 +197,17 @@ def add_key(path: str | os.PathLike, tenant: str, scopes: list[str] | tuple[str,
         raise GrainflowError(f"rate_per_minute: {rate_per_minute} must be a positive number of requests "
                              f"(leave it out for the server's default)")
     p = Path(path)
-    data = json.loads(p.read_text()) if p.exists() else {"keys": []}
-    key_id = "k" + secrets.token_hex(4)
-    secret = secrets.token_urlsafe(32)
-    salt = secrets.token_bytes(16)
-    entry = {"id": key_id, "tenant": tenant, "scopes": sorted(set(scopes)), "salt": salt.hex(),
-             "sha256": _digest(salt, secret).hex(), "created": datetime.now(timezone.utc).isoformat()}
-    if rate_per_minute is not None:
-        entry["rate_per_minute"] = float(rate_per_minute)
-    data["keys"].append(entry)
-    _write(p, data)
+    with keys_file_lock(p):  # read to replace: another add or revoke waits (module doc)
+        data = json.loads(p.read_text()) if p.exists() else {"keys": []}
+        key_id = "k" + secrets.token_hex(4)
+        secret = secrets.token_urlsafe(32)
+        salt = secrets.token_bytes(16)
+        entry = {"id": key_id, "tenant": tenant, "scopes": sorted(set(scopes)), "salt": salt.hex(),
+                 "sha256": _digest(salt, secret).hex(), "created": datetime.now(timezone.utc).isoformat()}
+        if rate_per_minute is not None:
+            entry["rate_per_minute"] = float(rate_per_minute)
+        data["keys"].append(entry)
+        _write(p, data)
     return key_id, f"{PREFIX}{key_id}_{secret}"
 
 
@@ -215,21 +225,46 @@ def revoke_key(path: str | os.PathLike, key_id: str) -> Principal:
     parts = split_key(key_id)
     if parts is not None:  # the whole key pasted: its id is its second part
         key_id = parts[0]
-    entries = _read(p)  # a file that is not a keys file is left as it is
-    if key_id not in entries:
-        raise GrainflowError(f"{p}: no key {key_id!r}; its keys: {', '.join(sorted(entries)) or 'none'}")
-    data = json.loads(p.read_text())
-    data["keys"] = [k for k in data["keys"] if k["id"] != key_id]
-    _write(p, data)
+    with keys_file_lock(p):  # read to replace: another add or revoke waits (module doc)
+        entries = _read(p)  # a file that is not a keys file is left as it is
+        if key_id not in entries:
+            raise GrainflowError(f"{p}: no key {key_id!r}; its keys: {', '.join(sorted(entries)) or 'none'}")
+        data = json.loads(p.read_text())
+        data["keys"] = [k for k in data["keys"] if k["id"] != key_id]
+        _write(p, data)
     return entries[key_id].principal
+
+
+def keys_file_lock(path: str | os.PathLike) -> FileLock:
+    """The lock `add_key` and `revoke_key` hold while they read, change and replace the
+    keys file at `path`: an exclusive flock on `.<name>.lock` in the same folder."""
+    p = Path(path).absolute()  # FileLock creates the lock's folder, which a bare name lacks
+    return FileLock(str(p.with_name(f".{p.name}{LOCK_SUFFIX}")))
 
 
 def _write(p: Path, data: dict) -> None:
     """Write the keys file whole (0600), replacing it at once: a server reading it
-    meanwhile sees the old file or the new, never half of one."""
+    meanwhile sees the old file or the new, never half of one. Called with
+    `keys_file_lock` held; the temp file still gets a name of its own (mkstemp, 0600
+    from the start), so a writer that ignores the lock cannot rename this one's away."""
     p.parent.mkdir(parents=True, exist_ok=True)
-    tmp = p.with_name(p.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as f:
-        json.dump(data, f, indent=1)
-    os.replace(tmp, p)
+    fd, tmp = tempfile.mkstemp(dir=p.parent, prefix=f".{p.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())  # the data on disk before the name points at it
+        os.replace(tmp, p)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    _fsync_folder(p.parent)
+
+
+def _fsync_folder(folder: Path) -> None:
+    """Make the rename into `folder` durable: a key printed as created survives a crash."""
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
