@@ -27,14 +27,19 @@ from ray.data.datasource import Datasource, ReadTask
 from engine.data.tile_plan import ImageTiles, ReadSpec, plan_image, plan_reads
 from engine.data.tile_read import read_tiles
 from engine.errors import GrainflowError, MetadataError
-from engine.stores.catalog import CATALOG_FILE, read_catalog, row_problems
+from engine.stores.catalog import CATALOG_FILE, id_name_problem, read_catalog, row_problems
 from engine.stores.image import MultiscaleImage, open_image
-from engine.stores.uri import StoreLocation, resolve
+from engine.stores.uri import StoreLocation, escaping_link, resolve
 from engine.tiling.grid import TileKey
 
 DEFAULT_TARGET_BYTES = 64 * 2**20
 DEFAULT_MAX_TASKS = 20_000
 DEFAULT_TOLERANCE = 1.5
+# How far below an image's folder symbolic links are looked for (`escaping_link`): the
+# folder, its levels and labels/ group, their arrays and label images, and those
+# label images' levels, which a job writes into. Chunk files lie deeper; listing them
+# all would cost more than planning.
+LINK_DEPTH = 3
 
 
 class ZarrTileDatasource(Datasource):
@@ -55,7 +60,13 @@ class ZarrTileDatasource(Datasource):
     on_image_error: "raise": an image whose metadata cannot be read or whose tiles
         cannot be planned stops planning; "record": it is left out and `failed()` says
         why (what the reprocessing job uses). Errors that are not the image's (a store
-        that cannot be reached) stop planning either way.
+        that cannot be reached) stop planning either way, as do image ids too long for
+        the job's output file names (`engine.stores.catalog.id_name_problem`): the job
+        could not even record those images as failed.
+
+    An image must lie inside the archive: one whose folder (or a folder in it, see
+    `LINK_DEPTH`) is a symbolic link leading outside the archive on local disk cannot
+    be planned, so the job neither reads it nor writes label images into it.
     """
 
     def __init__(self, archive, *, target_pixel_size_nm: float, tile_size: int | None = None, halo: int = 0,
@@ -112,6 +123,12 @@ class ZarrTileDatasource(Datasource):
             if unknown:
                 raise MetadataError(f"{self.archive}: images {unknown} are not in the catalog")
             catalog = catalog[catalog["image_id"].isin(self.image_ids)]
+        too_long = [p for p in map(id_name_problem, catalog["image_id"]) if p]
+        if too_long:  # before any work: the job would fail writing them, after computing every tile
+            shown = "; ".join(too_long[:5]) + (f"; and {len(too_long) - 5} more" if len(too_long) > 5 else "")
+            raise MetadataError(f"{self.archive.join(CATALOG_FILE)}: {len(too_long)} image id(s) too long: {shown}. "
+                                f"Give these images shorter ids in the catalog (their folders are found by "
+                                f"their uri, which can stay); no image was processed")
         rows = catalog[["image_id", "uri", "modality", "pixel_size_x", "pixel_size_y", "unit", "dtype"]].to_dict(
             "records")
         # A row with impossible values (a pixel size of 0, an unknown unit or modality, a
@@ -139,7 +156,16 @@ class ZarrTileDatasource(Datasource):
         problems = row_problems(row)
         if problems:
             raise MetadataError(f"{self.archive.join(CATALOG_FILE)}: row {row['image_id']!r}: {'; '.join(problems)}")
-        return self.archive.join(row["uri"])
+        location = self.archive.join(row["uri"])
+        # join() compares path text: a linked folder passes it wherever it leads, and the
+        # job would read that image and write its label images there.
+        escape = escaping_link(location, self.archive, depth=LINK_DEPTH)
+        if escape is not None:
+            link, target = escape
+            raise MetadataError(f"image {row['image_id']!r}: {link} is a symbolic link to {target}, outside the "
+                                f"archive {self.archive}; an archive's images must lie inside it (copy the image "
+                                f"into the archive instead of linking to it)")
+        return location
 
     def _attempt(self, fn):
         """fn, returning its GrainflowError (MetadataError, PlanningError) instead of

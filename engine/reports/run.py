@@ -9,6 +9,7 @@ and pixels are read later, one image at a time, by the report's sections.
 from __future__ import annotations
 
 import json
+import logging
 import math
 from dataclasses import dataclass
 from functools import cached_property
@@ -21,12 +22,16 @@ import pyarrow.parquet as pq
 from engine.data.sinks import SUMMARY_FILE
 from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import CATALOG_FILE
-from engine.stores.uri import StoreLocation, resolve
+from engine.stores.uri import StoreLocation, escaping_link, resolve
 
+logger = logging.getLogger(__name__)
 
 # engine.pipeline.job.MANIFEST, named here because importing the job imports torch
 # (seconds) and a report needs none of it; tests/reports checks the two agree.
 MANIFEST = "job.json"
+# engine.data.datasource.LINK_DEPTH, named here for the same reason (the datasource
+# imports Ray Data); tests/reports checks the two agree.
+LINK_DEPTH = 3
 
 # The `JobResult` numbers the report's header shows; a manifest without them was not
 # written by a finished job (or was edited), and says so instead of a KeyError.
@@ -102,11 +107,28 @@ class Run:
         return dict(zip(self.catalog["image_id"].astype(str), self.catalog["uri"].astype(str)))
 
     def image_location(self, image_id: str) -> StoreLocation | None:
-        """Where an image of the archive lies (None without a catalog row)."""
+        """Where an image of the archive lies (None without a catalog row).
+
+        Also None, with a warning naming the image, for a row whose image lies outside
+        the archive: a uri that climbs out of it, or a symbolic link that leads out
+        (the job's rule, `engine.data.datasource.ZarrTileDatasource`): a report reads
+        no pixels but the archive's."""
         if self.archive is None:
             return None
         uri = self._image_uris.get(str(image_id))
-        return self.archive.join(uri) if uri is not None else None
+        if uri is None:
+            return None
+        try:
+            location = self.archive.join(uri)
+        except GrainflowError as exc:  # '..' out of the archive
+            logger.warning("image %r: not read: %s", image_id, exc)
+            return None
+        escape = escaping_link(location, self.archive, depth=LINK_DEPTH)
+        if escape is not None:
+            logger.warning("image %r: not read: %s is a symbolic link to %s, outside the archive %s", image_id,
+                           *escape, self.archive.uri)
+            return None
+        return location
 
     def labels_location(self, image_id: str) -> StoreLocation | None:
         """The image's predicted label image (the summary's ``labels_uri``); None if none.

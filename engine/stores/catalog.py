@@ -22,6 +22,7 @@ import io
 import logging
 import os
 import threading
+import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable
@@ -37,6 +38,15 @@ from engine.stores.uri import StoreLocation, resolve
 CATALOG_FILE = "catalog.parquet"
 IMAGES_DIR = "images"
 MODALITIES = ("SEM", "TEM", "optical")
+
+# A file name's limit in bytes on Linux's file systems (NAME_MAX), and most others.
+MAX_NAME_BYTES = 255
+# What the reprocessing job adds to a percent-encoded image id in a file name
+# (engine.data.sinks, engine.pipeline.job): the longest is a preprocessing parameters
+# file being written, `<id>.json.<pid>.tmp` (`put_file`; a pid has at most 7 digits);
+# `image_id=<id>` partitions and `<id>.ome.zarr` label images add less.
+JOB_NAME_EXTRA_BYTES = max(len(".json") + len(".4194304.tmp"), len("image_id="), len(".ome.zarr"))
+MAX_ENCODED_ID_BYTES = MAX_NAME_BYTES - JOB_NAME_EXTRA_BYTES
 
 logger = logging.getLogger(__name__)
 
@@ -249,6 +259,24 @@ def row_problems(row: dict[str, Any]) -> list[str]:
     elif "://" in uri or uri.startswith("/") or ".." in uri.replace("\\", "/").split("/"):
         problems.append(f"uri {uri!r} must be a path inside the archive, relative to it")
     return problems
+
+
+def encoded_id_bytes(image_id: str) -> int:
+    """Bytes of `image_id` percent-encoded, as it is in the job's output file names
+    (`engine.data.sinks.partition`): 3 per byte of UTF-8 outside [A-Za-z0-9_.~-], so
+    9 per CJK character."""
+    return len(urllib.parse.quote(image_id, safe=""))
+
+
+def id_name_problem(image_id: str) -> str | None:
+    """Why the reprocessing job cannot name its outputs after `image_id` (None when it
+    can): percent-encoded, it is longer than a file name may be (`MAX_ENCODED_ID_BYTES`).
+    The job could not even record such an image as failed, so it refuses the catalog."""
+    size = encoded_id_bytes(image_id)
+    if size <= MAX_ENCODED_ID_BYTES:
+        return None
+    return (f"image id {image_id!r} is {size} bytes percent-encoded in the job's output file names, more than "
+            f"the {MAX_ENCODED_ID_BYTES} that fit a file name of {MAX_NAME_BYTES} bytes")
 
 
 def _from_record(record: dict[str, Any]) -> dict[str, Any]:

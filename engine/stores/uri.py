@@ -77,6 +77,14 @@ class StoreLocation:
         if not self.is_within(root):
             raise InvalidURIError(f"{self.uri}: outside the allowed root {root.uri}")
 
+    def real(self) -> StoreLocation:
+        """This location with the symbolic links on its path followed (local disk; other
+        stores have no links: the location itself). `is_within` compares path text, so a
+        link below a root passes it wherever it leads: compare real locations."""
+        if self.scheme != "file":
+            return self
+        return StoreLocation("file", os.path.realpath(self.path), self.storage_options)
+
     def filesystem(self) -> fsspec.AbstractFileSystem:
         """A synchronous fsspec filesystem for this location (cached by fsspec)."""
         if self.scheme == "file":
@@ -161,6 +169,44 @@ def _normalise_path(scheme: str, path: str) -> str:
         parts.append(part)
     joined = "/".join(parts)
     return "/" + joined if absolute or scheme in ("file", "memory") else joined
+
+
+def escaping_link(location: StoreLocation, root: StoreLocation, *, depth: int = 0) -> tuple[str, str] | None:
+    """The first symbolic link that leads outside `root`, as (the link's path, or
+    `location`'s when a folder above it is the link; the real path it leads to), looked
+    for at `location` itself and among the entries of its folders down to `depth`
+    levels below it (0: `location` alone); None when there is none, or the store has no
+    links (not local disk).
+
+    `root`'s own links are followed first, so an archive that is itself a link is fine,
+    and so is a link that stays inside it. A folder reached through a link inside `root`
+    is searched where it really lies. Entries deeper than `depth` are not looked at:
+    listing every chunk file of an image would cost more than planning it.
+    """
+    if location.scheme != "file" or root.scheme != "file":
+        return None
+    boundary = root.real()
+    real = location.real()
+    if not real.is_within(boundary):
+        return location.path, real.path
+    folders = [real.path]
+    for _ in range(depth):
+        below = []
+        for folder in folders:
+            try:
+                entries = list(os.scandir(folder))
+            except OSError:  # not a folder, gone, unreadable: whoever opens it says why
+                continue
+            for entry in entries:
+                if entry.is_symlink():
+                    target = os.path.realpath(entry.path)
+                    if not StoreLocation("file", target).is_within(boundary):
+                        return entry.path, target
+                    below.append(target)
+                elif entry.is_dir(follow_symlinks=False):
+                    below.append(entry.path)
+        folders = below
+    return None
 
 
 def durable(uri: str | StoreLocation, what: str) -> StoreLocation:

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import os
 
 import pandas as pd
 import pytest
@@ -83,6 +85,33 @@ class TestImageLocation:
         assert [f.uri for f in found[:2]] == [str(tmp_path / "archive" / "images" / f"{i}.ome.zarr") for i in ids[:2]]
         assert found[123].uri == str(tmp_path / "archive" / "images" / "img-000123.ome.zarr")
         assert big.image_location("not-there") is None
+
+    def test_an_image_outside_the_archive_is_not_read(self, run_dir, tmp_path, caplog):
+        """The job's rule (tests/data/test_archive_confinement.py): a catalog row whose
+        folder is a link out of the archive, or whose uri climbs out, names no location,
+        so no section of the report reads another lab's pixels."""
+        archive, other = tmp_path / "archive", tmp_path / "lab-b" / "b.ome.zarr"
+        for folder in (archive / "images" / "a.ome.zarr", other):
+            folder.mkdir(parents=True)
+        os.symlink(other, archive / "images" / "b.ome.zarr")
+        os.symlink(archive / "images" / "a.ome.zarr", archive / "images" / "a2.ome.zarr")  # inside: fine
+        catalog = pd.DataFrame({"image_id": ["a", "a2", "b", "c"],
+                                "uri": ["images/a.ome.zarr", "images/a2.ome.zarr", "images/b.ome.zarr",
+                                        "../lab-b/b.ome.zarr"]})
+        run = dataclasses.replace(load_run(str(run_dir)), catalog=catalog, archive=resolve(str(archive)))
+        with caplog.at_level(logging.WARNING, logger="engine.reports.run"):
+            assert run.image_location("a").path == str(archive / "images" / "a.ome.zarr")
+            assert run.image_location("a2").path == str(archive / "images" / "a2.ome.zarr")
+            assert run.image_location("b") is None and run.image_location("c") is None
+        warned = [r.getMessage() for r in caplog.records]
+        assert any(m.startswith("image 'b': not read: ") and f"symbolic link to {other}" in m for m in warned)
+        assert any(m.startswith("image 'c': not read: ") for m in warned)
+
+    def test_link_depth_is_the_jobs(self):
+        from engine.data.datasource import LINK_DEPTH as JOB_LINK_DEPTH
+        from engine.reports.run import LINK_DEPTH
+
+        assert LINK_DEPTH == JOB_LINK_DEPTH
 
 
 class TestCommand:
