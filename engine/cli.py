@@ -295,7 +295,8 @@ def registry_list(
         table.add_column(col)
     for name in names:
         for mv in registry.versions(name):
-            table.add_row(_shown(name), str(mv.version), _shown(mv.family), _shown(", ".join(mv.aliases)) or "-")
+            family = mv.family if mv.family is not None else "(not grainflow's)"  # another tool registered it
+            table.add_row(_shown(name), str(mv.version), _shown(family), _shown(", ".join(mv.aliases)) or "-")
     console.print(table)
 
 

@@ -10,15 +10,23 @@ and only after its sha256 matches a trusted record.
 Every save returns the file's sha256 and writes it beside the file as `<file>.sha256`
 (sha256sum format); loads check it against the digest given or, failing that, the one
 beside the file.
+
+A file that is no checkpoint at all (an HTML login page saved as .pth, a git-lfs pointer,
+an empty or cut-off download) is a CheckpointError saying so (`load_weights_only`);
+UnsafeCheckpointError is kept for a well-formed pickle that would import something a
+weights-only file never needs.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
 import pickle
+import pickletools
 import re
+import zipfile
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -31,6 +39,15 @@ from engine.models.errors import CheckpointError, ChecksumMismatchError, UnsafeC
 
 FORMAT = "grainflow/1"
 _HEX64 = re.compile(r"^[0-9a-f]{64}$")
+# The first bytes of what torch.load reads: a zip archive (torch.save since torch 1.6) or
+# the legacy format, a pickle stream that opens with the PROTO opcode.
+_ZIP_MAGIC = b"PK\x03\x04"
+_PICKLE_PROTO = b"\x80"
+# The legacy format is five pickles (magic number, protocol, system info, the object,
+# storage keys) followed by raw storage bytes: at most these many are scanned.
+_LEGACY_PICKLES = 5
+# Globals a torch.save'd state dict imports; any other in a refused pickle is named.
+_TORCH_GLOBALS = ("torch.", "collections.OrderedDict")
 
 
 def sha256_file(path: str | Path) -> str:
@@ -174,15 +191,26 @@ def _config_of(meta: dict[str, str], path) -> Any:
 
     if meta.get("format") != FORMAT or "config" not in meta:
         raise CheckpointError(f"{path}: not a grainflow checkpoint (metadata format={meta.get('format')!r})")
-    return ModelConfig.from_dict(json.loads(meta["config"]))
+    try:
+        return ModelConfig.from_dict(json.loads(meta["config"]))
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        raise CheckpointError(f"{path}: its recorded model config is damaged ({type(exc).__name__}: {exc}); "
+                              "the file was not written by save_checkpoint or was changed since") from None
 
 
 def unpickler_reason(exc: Exception) -> str:
     """The line of torch's weights-only error that says what was refused (e.g.
-    "Unsupported global: GLOBAL io.open ..."), without its advice to load unsafely."""
-    for line in str(exc).splitlines():
+    "Unsupported global: GLOBAL io.open ...", "Unsupported operand 60"), without its
+    advice to load unsafely."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    for i, line in enumerate(lines):
         if "WeightsUnpickler error:" in line:
-            return line.split("WeightsUnpickler error:", 1)[1].strip().split(". Please use")[0]
+            # torch puts the reason after the marker, or on the next non-empty line
+            reason = line.split("WeightsUnpickler error:", 1)[1].strip() or next((x for x in lines[i + 1:] if x), "")
+            return reason.split(". Please use")[0]
+    for line in lines:
+        if line.lower().startswith(("trying to load unsupported", "unsupported")):
+            return line
     return type(exc).__name__
 
 
@@ -239,17 +267,107 @@ def _load_safetensors(f: BinaryIO, before: os.stat_result, path: Path,
     return {k: v.to(map_location) for k, v in state.items()}, _safetensors_metadata(data, path)
 
 
-def _load_pickled_state(f: BinaryIO, path: Path, map_location) -> dict[str, torch.Tensor]:
+def load_weights_only(f: BinaryIO, path: str | Path, map_location: str | torch.device = "cpu") -> Any:
+    """torch.load(weights_only=True) of the open, seekable file `f` (named `path` in errors).
+
+    What is not a torch file (by its first bytes: neither a zip archive nor a pickle
+    stream) is a CheckpointError naming what it starts with: an HTML page, a git-lfs
+    pointer, an empty file. A pickle torch refuses is scanned without running it
+    (pickletools): a damaged or truncated one is a CheckpointError; a well-formed one that
+    imports what weights-only loading does not allow is an UnsafeCheckpointError.
+    """
+    path = Path(path)
+    head = f.read(64)
+    f.seek(0)
+    if not head.startswith((_ZIP_MAGIC, _PICKLE_PROTO)):
+        raise CheckpointError(f"{path}: not a torch checkpoint: {_what_it_starts_with(head)}")
+    zipped = head.startswith(_ZIP_MAGIC)
     try:
-        obj = torch.load(f, map_location=map_location, weights_only=True)
+        return torch.load(f, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as exc:
         reason = unpickler_reason(exc)
+        f.seek(0)
+        damage, imports = _scan_pickles(f, zipped=zipped)
+        if damage is not None:
+            raise _damaged(path, damage) from None
+        foreign = [name for name in imports if not name.startswith(_TORCH_GLOBALS)]
+        if "Unsupported operand" in reason and not foreign:
+            # a well-formed pickle of tensors, in a protocol the weights-only loader lacks
+            raise CheckpointError(f"{path}: a pickle torch's weights-only loader cannot read ({reason}); "
+                                  "save the tensors with torch.save or safetensors") from None
+        named = f"; it imports {', '.join(foreign[:5])}" if foreign else ""
         raise UnsafeCheckpointError(
             f"{path}: refused: its pickle holds objects other than tensors (it could run code "
-            f"when loaded); only weights-only checkpoints are accepted ({reason})"
+            f"when loaded){named}; only weights-only checkpoints are accepted ({reason})"
         ) from None
-    except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"{path}: not a readable torch checkpoint: {exc}") from None
+    except Exception as exc:
+        # torch's readers meet damaged bytes with many error types (RuntimeError for a
+        # cut-off zip, IndexError or struct.error for a cut-off pickle, ...)
+        f.seek(0)
+        damage, _ = _scan_pickles(f, zipped=zipped)
+        if damage is not None:
+            raise _damaged(path, damage) from None
+        first_line = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable torch checkpoint: {first_line}") from None
+
+
+def _damaged(path: Path, damage: str) -> CheckpointError:
+    return CheckpointError(f"{path}: damaged or truncated torch checkpoint ({damage}); it was not saved or "
+                           "copied completely: download or copy it again")
+
+
+def _what_it_starts_with(head: bytes) -> str:
+    """What a file that is not a torch checkpoint looks like, for the error message."""
+    if not head:
+        return "the file is empty (an interrupted download or copy?)"
+    text = head.lstrip().lower()
+    if text.startswith(b"version https://git-lfs"):
+        guess = "a git-lfs pointer, not the file it stands for (fetch it with `git lfs pull`)"
+    elif text.startswith(b"<"):  # <!DOCTYPE html>, <html>, <?xml ...>
+        guess = "an HTML or XML page (a login or error page saved by a failed download?)"
+    else:
+        guess = "a failed download or a git-lfs pointer?"
+    return f"starts with {head[:24]!r}, neither a zip archive nor a pickle: {guess}"
+
+
+def _scan_pickles(f: BinaryIO, *, zipped: bool) -> tuple[str | None, list[str]]:
+    """(why the torch file's pickle data is malformed, or None; the globals it imports,
+    once each), read by pickletools without running anything. `zipped`: the torch zip
+    format, whose pickle is the archive's data.pkl; else the legacy stream of pickles."""
+    if zipped:
+        try:
+            with zipfile.ZipFile(f) as archive:
+                names = [n for n in archive.namelist() if n.rsplit("/", 1)[-1] == "data.pkl"]
+                if not names:
+                    return "no data.pkl in the zip archive", []
+                stream, count = io.BytesIO(archive.read(names[0])), 1
+        except (zipfile.BadZipFile, OSError, EOFError) as exc:
+            return f"its zip archive cannot be read: {exc}", []
+    else:
+        stream, count = f, _LEGACY_PICKLES
+    imports: list[str] = []
+    for _ in range(count):
+        start = stream.tell()
+        if not stream.read(1):
+            break  # the end of the file, after whole pickles
+        stream.seek(start)
+        recent: list[str] = []  # the last two strings pushed: STACK_GLOBAL's module and name
+        try:
+            for opcode, arg, _pos in pickletools.genops(stream):
+                if opcode.name in ("GLOBAL", "INST"):
+                    imports.append(str(arg).replace(" ", "."))
+                elif opcode.name == "STACK_GLOBAL":
+                    # names fetched from the memo are not followed: "?" (unknown) then
+                    imports.append(".".join(recent) if len(recent) == 2 else "?")
+                if isinstance(arg, str):
+                    recent = [*recent[-1:], arg]
+        except ValueError as exc:  # unknown opcode, cut-off argument, no STOP
+            return f"pickle data from byte {start}: {exc}", imports
+    return None, list(dict.fromkeys(imports))
+
+
+def _load_pickled_state(f: BinaryIO, path: Path, map_location) -> dict[str, torch.Tensor]:
+    obj = load_weights_only(f, path, map_location)
     if isinstance(obj, dict):
         for key in ("state_dict", "model"):
             if isinstance(obj.get(key), dict) and len(obj) <= 3:

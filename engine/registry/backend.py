@@ -12,14 +12,26 @@ URI came from the environment, `MLFLOW_REGISTRY_URI` is set.
 
 MLflow is imported here lazily, inside `make_client`, never when `engine.registry` is
 imported: importing mlflow starts its telemetry client and takes about a second, and every
-Ray worker imports `engine`. Before that first import `quiet_mlflow()` sets two defaults
+Ray worker imports `engine`. Before that first import `quiet_mlflow()` sets these defaults
 for this process (only where the user has not set them):
 
 - `MLFLOW_DISABLE_TELEMETRY=true`: no usage reports (and no network) from the engine;
 - `MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR=false`: no tqdm bars in batch job logs;
 - `MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT=true`: with a server, MLflow prints each run's
   URL to stdout when the run ends, which would corrupt the JSON that jobs and benchmarks
-  print there.
+  print there;
+- `MLFLOW_HTTP_REQUEST_MAX_RETRIES=2` and `MLFLOW_HTTP_REQUEST_TIMEOUT=30` (seconds):
+  MLflow's own defaults (7 retries with exponential backoff, 120 s per request) keep a
+  command silent for about four minutes before it reports a server that is down. Two
+  retries still ride out a brief server restart; set the variables to wait longer.
+
+With a tracking server (an http(s) URI), `make_client` also asks the server's `/health`
+once per process and URI (`check_reachable`, a few seconds at most): a server that is
+down or a mistyped host is a RegistryError naming the URI at once, before any work (or a
+Ray cluster) is started. Any HTTP answer counts as reachable; what it means is left to
+MLflow's own calls.
+
+A SQLite registry copied or moved to another folder: see `relocation.py`.
 """
 
 from __future__ import annotations
@@ -42,7 +54,13 @@ _QUIET_DEFAULTS = {
     "MLFLOW_DISABLE_TELEMETRY": "true",
     "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "30",
 }
+# The /health probe's (connect, read) timeouts in seconds; a live server answers in ms.
+PROBE_TIMEOUT_S = (5.0, 15.0)
+# URIs whose server answered in this process: asked once, not before every client.
+_reachable: set[str] = set()
 
 
 def default_tracking_uri() -> str:
@@ -106,7 +124,8 @@ def default_artifact_location(tracking_uri: str) -> str | None:
 
 
 def quiet_mlflow() -> None:
-    """Set MLflow's telemetry and progress-bar defaults for this process (see module doc)."""
+    """Set MLflow's telemetry, progress-bar, retry and timeout defaults for this process
+    (see module doc)."""
     changed = False
     for key, value in _QUIET_DEFAULTS.items():
         if key not in os.environ:
@@ -121,13 +140,66 @@ def quiet_mlflow() -> None:
 
 
 def make_client(tracking_uri: str, registry_uri: str) -> MlflowClient:
-    """An MlflowClient bound to these URIs; no global MLflow state is touched."""
+    """An MlflowClient bound to these URIs; no global MLflow state is touched. A tracking
+    server that does not answer is a RegistryError here (`check_reachable`)."""
     quiet_mlflow()
     for uri in {tracking_uri, registry_uri}:
         db = sqlite_path(uri)
         if db is not None:
             # SQLite creates the file but not its directory.
             db.expanduser().parent.mkdir(parents=True, exist_ok=True)
+    for uri in dict.fromkeys((tracking_uri, registry_uri)):
+        check_reachable(uri)
     from mlflow import MlflowClient
 
     return MlflowClient(tracking_uri=tracking_uri, registry_uri=registry_uri)
+
+
+def check_reachable(uri: str) -> None:
+    """For an http(s) tracking or registry URI: RegistryError naming it when nothing
+    answers there (connection refused, unknown host, no answer within PROBE_TIMEOUT_S).
+    Other URIs (SQLite, Databricks, ...) are not probed. A server that answered once in
+    this process is not asked again."""
+    if not uri.startswith(("http://", "https://")) or uri in _reachable:
+        return
+    import requests
+
+    from engine.registry.errors import RegistryError
+
+    try:
+        # requests, not MLflow's client: that one retries for minutes, which is what this avoids
+        requests.get(uri.rstrip("/") + "/health", timeout=PROBE_TIMEOUT_S, allow_redirects=False)
+    except requests.exceptions.SSLError:
+        pass  # something speaks TLS there; certificate settings are MLflow's to apply and report
+    except (requests.exceptions.ConnectionError, requests.exceptions.Timeout) as exc:
+        raise RegistryError(
+            f"MLflow tracking server {redact(uri)} is not reachable ({_network_reason(exc)}); start it, or "
+            "name a reachable one with --tracking-uri or MLFLOW_TRACKING_URI"
+        ) from None
+    _reachable.add(uri)
+
+
+def redact(uri: str) -> str:
+    """`uri` without its password (`http://user:secret@host` -> `http://user:***@host`)."""
+    from urllib.parse import urlsplit, urlunsplit
+
+    parts = urlsplit(uri)
+    if parts.password is None:
+        return uri
+    host = parts.netloc.rsplit("@", 1)[1]
+    return urlunsplit(parts._replace(netloc=f"{parts.username}:***@{host}"))
+
+
+def _network_reason(exc: BaseException) -> str:
+    """The socket error inside a requests exception ("Connection refused"), not its chain of reprs."""
+    import re
+
+    import requests
+
+    if isinstance(exc, requests.exceptions.ConnectTimeout):
+        return f"no connection within {PROBE_TIMEOUT_S[0]:g} s"
+    if isinstance(exc, requests.exceptions.Timeout):
+        return f"no answer within {PROBE_TIMEOUT_S[1]:g} s"
+    found = re.search(r"\[Errno -?\d+\] ([^'\")\]]+)", str(exc))
+    return found.group(1).strip() if found else type(exc).__name__
+

@@ -8,7 +8,8 @@
     reg.rollback("sam-tiny")                    # production back to the version before
 
 See `schema.py` for how a version is laid out on MLflow's runs and registered models,
-`aliases.py` for the alias history behind `rollback`, `bundle.py` for ensembles.
+`aliases.py` for the alias history behind `rollback`, `bundle.py` for ensembles,
+`relocation.py` for a SQLite registry copied or moved to another folder.
 """
 
 from __future__ import annotations
@@ -25,11 +26,11 @@ from typing import Any
 
 import platformdirs
 
-from engine.registry import aliases, backend, bundle, schema
+from engine.registry import aliases, backend, bundle, relocation, schema
 from engine.registry.digest import sha256_file
 from engine.registry.errors import ArtifactIntegrityError, RegistryError
 from engine.registry.refs import DEFAULT_ALIAS, ModelRef, check_alias, check_name, parse_ref
-from engine.registry.version import ModelVersion, from_mlflow
+from engine.registry.version import ModelVersion, from_mlflow, not_by_grainflow_error
 
 EXPERIMENT = "grainflow-registry"
 _PAGE = 100
@@ -59,6 +60,7 @@ class ModelRegistry:
         self.artifact_location = artifact_location or backend.default_artifact_location(self.tracking_uri)
         self._client = backend.make_client(self.tracking_uri, self.registry_uri)
         self._experiment_id: str | None = None
+        self._home_checked = False  # relocation.check_artifact_home passed for this registry
 
     def __repr__(self) -> str:
         return f"ModelRegistry(tracking_uri={self.tracking_uri!r})"
@@ -113,11 +115,15 @@ class ModelRegistry:
                               tags=tags, digests=digests)
 
     def _latest_version(self, name: str) -> ModelVersion | None:
-        """The highest-numbered version of `name`, or None when it has none."""
+        """The highest-numbered version of `name` (family None if grainflow did not
+        register it), or None when it has none."""
         with self._mlflow_errors(f"register {name!r}"):
             page = self._client.search_model_versions(f"name='{name}'", max_results=1,
                                                       order_by=["version_number DESC"])
-        return self.get(f"{name}/{page[0].version}") if page else None
+        if not page:
+            return None
+        rm = self._registered_model(name, ref=name)
+        return self._read_version(rm, int(page[0].version), ref=f"{name}/{page[0].version}", strict=False)
 
     def _register(
         self,
@@ -141,6 +147,7 @@ class ModelRegistry:
             params[schema.PARAM_SHA256 + file_name] = digests[file_name] if digests else sha256_file(path)
 
         with self._mlflow_errors(f"register {name!r}"):
+            self._experiment()  # a registry copied away from its artifacts is refused before any write
             self._ensure_registered_model(name, kind)
             run_id = self._log_run(name, files, params, metric_values, user_tags)
             mv = self._client.create_model_version(
@@ -235,10 +242,25 @@ class ModelRegistry:
                     # Another process created it between our lookup and create.
                     self._experiment_id = self._client.get_experiment_by_name(EXPERIMENT).experiment_id
             else:
+                self._check_artifact_home(exp)
                 if exp.lifecycle_stage == "deleted":
                     self._client.restore_experiment(exp.experiment_id)
                 self._experiment_id = exp.experiment_id
         return self._experiment_id
+
+    def _check_artifact_home(self, exp: Any = None) -> None:
+        """Refuse a SQLite registry copied or moved away from its recorded artifact folder
+        (relocation.py), before the first artifact read or write of this instance. `exp`
+        is the registry experiment when already looked up."""
+        if self._home_checked:
+            return
+        if exp is None:
+            exp = self._client.get_experiment_by_name(EXPERIMENT)
+        recorded = None if exp is None else (exp.artifact_location or "").rstrip("/")
+        # a location given to this instance explicitly, and recorded so, is the user's choice
+        if recorded and recorded != (self.artifact_location or "").rstrip("/"):
+            relocation.check_artifact_home(self.tracking_uri, recorded)
+        self._home_checked = True
 
     def _ensure_registered_model(self, name: str, kind: str) -> None:
         try:
@@ -272,7 +294,8 @@ class ModelRegistry:
         return self._read_version(rm, version, ref=str(r))
 
     def versions(self, name: str) -> list[ModelVersion]:
-        """All versions of `name`, oldest first."""
+        """All versions of `name`, oldest first; a version grainflow did not register (one
+        added through MLflow on a shared server) is listed with `family` None."""
         rm = self._registered_model(check_name(name), ref=name)
         numbers: list[int] = []
         token = None
@@ -282,7 +305,7 @@ class ModelRegistry:
             token = page.token
             if not token:
                 break
-        return [self._read_version(rm, v, ref=f"{name}/{v}") for v in sorted(numbers)]
+        return [self._read_version(rm, v, ref=f"{name}/{v}", strict=False) for v in sorted(numbers)]
 
     def list_models(self) -> list[str]:
         """Names of all registered models and bundles, sorted."""
@@ -311,6 +334,8 @@ class ModelRegistry:
         another has just placed.
         """
         mv = ref if isinstance(ref, ModelVersion) else self.get(ref)
+        if not mv.registered_by_grainflow:  # e.g. one listed by `versions`
+            raise not_by_grainflow_error(mv.ref, mv.run_id)
         dest = Path(dest_dir) if dest_dir is not None else default_fetch_dir(mv)
         dest.mkdir(parents=True, exist_ok=True)
 
@@ -325,6 +350,8 @@ class ModelRegistry:
         if not todo:
             return out
 
+        with self._mlflow_errors(mv.ref):
+            self._check_artifact_home()
         with tempfile.TemporaryDirectory(dir=dest, prefix=".fetch-") as tmp:
             try:
                 downloaded = {f: self._download_checked(mv, f, Path(tmp)) for f in todo}
@@ -381,22 +408,27 @@ class ModelRegistry:
             raise RegistryError(f"{ref}: model {rm.name!r} has no alias {alias!r} (aliases: {have})")
         return int(current)
 
-    def _read_version(self, rm: Any, version: int, *, ref: str) -> ModelVersion:
+    def _read_version(self, rm: Any, version: int, *, ref: str, strict: bool = True) -> ModelVersion:
+        """One version; `strict=False` (listings) reads a version grainflow did not
+        register, or one that is not READY, as what MLflow knows of it instead of refusing."""
         try:
             mv = self._client.get_model_version(rm.name, str(version))
         except Exception as exc:
             if not _is_code(exc, "RESOURCE_DOES_NOT_EXIST"):
                 raise
             raise RegistryError(f"{ref}: model {rm.name!r} has no version {version}") from None
-        if mv.status != "READY":
+        if mv.status != "READY" and strict:
             raise RegistryError(f"{ref}: version is {mv.status}, not READY ({mv.status_message})")
-        try:
-            run = self._client.get_run(mv.run_id)
-        except Exception as exc:
-            if not _is_code(exc, "RESOURCE_DOES_NOT_EXIST"):
-                raise
-            raise RegistryError(f"{ref}: its run {mv.run_id} no longer exists") from None
-        return from_mlflow(mv, run, aliases=rm.aliases, ref=ref)
+        run = None
+        if mv.run_id:
+            try:
+                run = self._client.get_run(mv.run_id)
+            except Exception as exc:
+                if not _is_code(exc, "RESOURCE_DOES_NOT_EXIST"):
+                    raise
+                if strict:
+                    raise RegistryError(f"{ref}: its run {mv.run_id} no longer exists") from None
+        return from_mlflow(mv, run, aliases=rm.aliases, ref=ref, strict=strict)
 
     def _version_exists(self, name: str, version: int) -> bool:
         try:
@@ -434,21 +466,30 @@ class ModelRegistry:
         """Move `name@alias` back to the version it pointed at before its latest move.
 
         Versions deleted since, and the current version itself, are skipped. Rolling back
-        again goes one step further back.
-        Raises RegistryError when the alias is unset or has no earlier version.
+        again goes one step further back. An alias that MLflow dropped (deleting the version
+        it pointed at drops its aliases) or that was removed outside grainflow is rolled back
+        from its history: its latest recorded move is undone, so it lands on the newest
+        earlier version that still exists.
+        Raises RegistryError when the alias was never set or has no earlier version.
         """
         check_name(name)
         check_alias(alias)
         ref = f"{name}@{alias}"
         rm = self._registered_model(name, ref=ref)
-        current = self._alias_version(rm, alias, ref=ref)
-        history = aliases.popped(aliases.decode(rm.tags.get(aliases.tag_key(alias))), current)
+        recorded = aliases.decode(rm.tags.get(aliases.tag_key(alias)))
+        if alias in rm.aliases or not recorded:
+            current = self._alias_version(rm, alias, ref=ref)
+            pointing = f"it points at version {current}"
+        else:
+            current = recorded[-1]  # where the alias was last moved, gone with its version
+            pointing = f"it is unset; it last pointed at version {current}"
+        history = aliases.popped(recorded, current)
         # deleted versions, and the one it points at now (1 -> 2 -> 1, then 2 deleted), are no step back
         while history and (history[-1] == current or not self._version_exists(name, history[-1])):
             history.pop()
         if not history:
             raise RegistryError(f"{ref}: nothing to roll back to; no earlier version of this alias is recorded "
-                                f"(it points at version {current})")
+                                f"that still exists ({pointing})")
         target = history[-1]
         # History first, then alias: if the second write fails, the alias is unchanged and
         # its history still ends at the rollback target, so retrying does the same step.
@@ -507,7 +548,16 @@ class ModelRegistry:
             text = self.fetch(mv, tmp)[bundle.FILE_NAME].read_text(encoding="utf-8")
         out: dict[str, ModelVersion] = {}
         for role, member in sorted(bundle.decode(text, ref=mv.ref).items()):
-            got = self.get(member.ref)
+            try:
+                got = self.get(member.ref)
+            except RegistryError as exc:  # the member version was deleted (or its model)
+                given = str(parse_ref(ref) if isinstance(ref, str) else ref)  # "ens" as "ens@production"
+                bundle_ref = mv.ref if given == mv.ref else f"{given} ({mv.ref})"
+                raise RegistryError(
+                    f"bundle {bundle_ref}: member {role!r} ({member.ref}) cannot be read: {exc}. A bundle pins "
+                    f"fixed versions of its members; register and promote a new bundle version whose {role!r} "
+                    f"is an existing {member.name} version"
+                ) from None
             if got.sha256 != member.sha256:
                 raise RegistryError(
                     f"{ref}: member {role!r} {member.ref} no longer has the files the bundle pinned "

@@ -9,15 +9,18 @@
                               "family", "model"}
 
 Nothing in it runs code when loaded. Ray Train copies the directory to the run's storage
-(local or S3) and hands it back through `ray.train.get_checkpoint()` after a restart.
+(local or S3) and hands it back through `ray.train.get_checkpoint()` after a restart: the
+one its `checkpoint_manager_snapshot.json` beside them names as the latest
+(`latest_checkpoint` reads the same).
 A checkpoint resumes only into the model it was written from: the same family, name,
 builder, input size and builder arguments (`config_differences`).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
-import pickle
+import logging
 import posixpath
 import re
 import reprlib
@@ -27,8 +30,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.models.checkpoint import load_into, load_state_dict, read_config, save_checkpoint
-from engine.models.errors import CheckpointError, UnsafeCheckpointError
+from engine.models.checkpoint import load_into, load_state_dict, load_weights_only, read_config, save_checkpoint
+from engine.models.errors import CheckpointError
 
 if TYPE_CHECKING:
     from engine.models.families import ModelConfig
@@ -37,8 +40,12 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
+SIDECAR_FILE = MODEL_FILE + ".sha256"
 # Ray Train's directory of one report: loop.py names it checkpoint_dir_name=epoch_NNNN.
 EPOCH_DIR = re.compile(r"epoch_(\d+)")
+# Ray Train's record of a run's reported checkpoints, in the run's folder; a restarted
+# run resumes from its `latest_checkpoint_result` (ray.train.v2 CheckpointManager).
+RAY_SNAPSHOT_FILE = "checkpoint_manager_snapshot.json"
 # The model config fields a resumed model must share with its checkpoint (besides its
 # builder arguments); description, tiny and large only describe it.
 COMPARED_FIELDS = ("family", "name", "builder", "input_size")
@@ -46,6 +53,8 @@ _SHORT = reprlib.Repr()  # values in messages: a class order shows its first few
 _SHORT.maxlist = _SHORT.maxdict = 4
 _SHORT.maxstring = _SHORT.maxother = 40
 _UNSET = object()
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass
@@ -115,14 +124,11 @@ def load_training_state(directory: str | Path, model: torch.nn.Module,
 
 def read_optimizer_state(directory: str | Path) -> dict[str, Any]:
     """The optimizer state dict, read weights-only: a pickle holding anything but
-    tensors, numbers, strings and containers raises UnsafeCheckpointError unexecuted."""
+    tensors, numbers, strings and containers raises UnsafeCheckpointError unexecuted, a
+    damaged file CheckpointError (engine.models.checkpoint.load_weights_only)."""
     path = Path(directory) / OPTIMIZER_FILE
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as exc:
-        raise UnsafeCheckpointError(
-            f"{path}: refused: its pickle holds objects other than tensors and plain values ({exc})".split("\n")[0]
-        ) from None
+    with open(path, "rb") as f:
+        return load_weights_only(f, path)
 
 
 def config_differences(saved: ModelConfig, current: ModelConfig, *, only_args: Any = None) -> list[str]:
@@ -149,9 +155,20 @@ def _show(value: Any) -> str:
 
 
 def latest_checkpoint(run: StoreLocation) -> StoreLocation | None:
-    """The newest `epoch_NNNN` directory with a state.json in a run's storage folder
-    (`<storage_path>/<run_name>`, local or S3), or None when the run has none."""
+    """The checkpoint a run restarted in `run` (`<storage_path>/<run_name>`, local or S3)
+    resumes from, or None when it starts afresh.
+
+    That is what Ray Train resumes from: the latest checkpoint named in its
+    checkpoint_manager_snapshot.json (None when the snapshot names none), whatever newer
+    epoch folders lie beside it (one cut off while being copied, say). Without a
+    readable snapshot, the newest `epoch_NNNN` folder that is complete: state.json, the
+    model file and its sha256 sidecar, the file matching it. Incomplete or damaged folders
+    passed over are logged as warnings, naming them.
+    """
     fs = run.filesystem()
+    named = _snapshot_checkpoint(run)
+    if named is not _UNSET:
+        return None if named is None else run.join(named)
     try:
         entries = fs.ls(run.path, detail=False)
     except (FileNotFoundError, NotADirectoryError):
@@ -164,8 +181,59 @@ def latest_checkpoint(run: StoreLocation) -> StoreLocation | None:
             epochs.append((int(match.group(1)), name))
     for _, name in sorted(epochs, reverse=True):
         directory = run.join(name)
-        if fs.isfile(directory.join(STATE_FILE).path):
+        if not fs.isfile(directory.join(STATE_FILE).path):
+            continue  # no training state: not (yet) a checkpoint
+        problem = _incomplete(directory)
+        if problem is None:
             return directory
+        logger.warning("%s: passed over as a checkpoint to resume from: %s", directory, problem)
+    return None
+
+
+def _snapshot_checkpoint(run: StoreLocation) -> Any:
+    """The folder name Ray's snapshot in `run` names as the latest checkpoint, None when
+    it names none, or _UNSET when there is no readable snapshot (warned about if it is
+    there but unreadable)."""
+    fs = run.filesystem()
+    path = run.join(RAY_SNAPSHOT_FILE)
+    try:
+        with fs.open(path.path, "rb") as f:
+            snapshot = json.loads(f.read().decode())
+        # a snapshot of another Ray version may name it otherwise: then it says nothing
+        latest = snapshot["latest_checkpoint_result"]
+    except FileNotFoundError:
+        return _UNSET
+    except (ValueError, AttributeError, KeyError, TypeError, OSError) as exc:
+        logger.warning("%s: unreadable (%r); looking for the newest complete epoch folder instead", path, exc)
+        return _UNSET
+    if latest is None:
+        return None
+    name = latest.get("checkpoint_dir_name") if isinstance(latest, dict) else None
+    if not isinstance(name, str) or posixpath.basename(name) != name or name in ("", ".", ".."):
+        logger.warning("%s: names no checkpoint folder (%r); looking for the newest complete epoch folder "
+                       "instead", path, name)
+        return _UNSET
+    return name
+
+
+def _incomplete(directory: StoreLocation) -> str | None:
+    """Why a checkpoint folder cannot be resumed from (a missing file, a model file that
+    does not match its sha256 sidecar), or None when it is complete. Reads the model
+    file once, where it lies."""
+    fs = directory.filesystem()
+    model, sidecar = directory.join(MODEL_FILE), directory.join(SIDECAR_FILE)
+    for needed in (model, sidecar):
+        if not fs.isfile(needed.path):
+            return f"no {needed.name}"
+    with fs.open(sidecar.path, "rb") as f:
+        words = f.read(200).decode(errors="replace").split()
+    expected = words[0].lower() if words else ""
+    digest = hashlib.sha256()
+    with fs.open(model.path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 22), b""):
+            digest.update(block)
+    if digest.hexdigest() != expected:
+        return f"{MODEL_FILE} does not match its sha256 sidecar (a copy cut off, or a damaged file)"
     return None
 
 

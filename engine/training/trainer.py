@@ -152,9 +152,11 @@ def check_resume(storage_path: str | os.PathLike, run_name: str, family: str, mo
     its name. One of another family or model would fail in every worker, after
     max_failures restarts, and mark the earlier run's MLflow run FAILED; one of this
     model with other builder arguments (`overrides`) could load and go on training a
-    model its config misdescribes. Reads the latest epoch_*/state.json and the model
-    file's config (its header, not the weights); the workers compare the whole config
-    again when they load it (checkpointing.load_training_state).
+    model its config misdescribes. Reads the checkpoint Ray Train would resume from
+    (checkpointing.latest_checkpoint: the one its snapshot names, not a newer folder cut
+    off while being copied): its state.json and the model file's config (its header, not
+    the weights); the workers compare the whole config again when they load it
+    (checkpointing.load_training_state).
     """
     from engine.models import get_config
     from engine.stores.uri import resolve
@@ -370,6 +372,7 @@ def train(
 
     from engine.data.training_samples import sample_bytes, training_dataset
     from engine.models.checkpoint import read_config, read_sidecar, verify_sha256
+    from engine.registry import backend
     from engine.training import mlflow_metrics
     from engine.training.checkpointing import MODEL_FILE, read_state
     from engine.training.loop import train_loop_per_worker
@@ -398,6 +401,14 @@ def train(
 
         check_name(register_as)  # before hours of training, not after
     storage, storage_fs, storage_prefix = _storage(storage_path)  # an unusable URI before Ray starts
+    # The registry and the metrics' tracking server before planning or Ray: one that is
+    # down is a RegistryError naming it now, not minutes later with Ray up (engine.registry.backend).
+    if registry is None and register_as:
+        from engine.registry import ModelRegistry
+
+        registry = ModelRegistry(tracking_uri)
+    uri = registry.tracking_uri if registry is not None else mlflow_metrics.tracking_uri(tracking_uri)
+    backend.check_reachable(uri)
 
     layout, train_specs, val_specs = plan_training(
         family, model_name, archive, val_archive=val_archive, val_fraction=val_fraction, tile_size=tile_size,
@@ -424,11 +435,6 @@ def train(
         use_gpu = _auto_gpu(num_workers)
     elif use_gpu:
         check_gpus(num_workers)
-    if registry is None and register_as:
-        from engine.registry import ModelRegistry
-
-        registry = ModelRegistry(tracking_uri)
-    uri = registry.tracking_uri if registry is not None else mlflow_metrics.tracking_uri(tracking_uri)
     run_name = run_name or f"{family}-{model_name}-{time.strftime('%Y%m%d-%H%M%S')}-{uuid.uuid4().hex[:6]}"
 
     datasets = {"train": training_dataset(train_specs, layout)}

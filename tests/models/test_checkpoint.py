@@ -80,6 +80,72 @@ class TestPickleWithCode:
         assert marker.exists()
 
 
+class TestNotACheckpoint:
+    """Files that are no checkpoint at all (a failed download, a git-lfs pointer, a copy
+    cut off) are said to be that, not called code-carrying pickles."""
+
+    @staticmethod
+    def refused(path: Path, *fragments: str) -> str:
+        with pytest.raises(M.CheckpointError) as info:
+            M.load_state_dict(path)
+        assert not isinstance(info.value, M.UnsafeCheckpointError), info.value
+        message = str(info.value)
+        assert message.startswith(f"{path}: ") and "could run code" not in message
+        for fragment in fragments:
+            assert fragment in message, message
+        return message
+
+    def test_an_html_login_page_saved_as_a_sam_checkpoint(self, tmp_path):
+        path = tmp_path / "sam_vit_b.pth"
+        path.write_text("<!DOCTYPE html><html><body>Sign in to continue</body></html>\n")
+        self.refused(path, "not a torch checkpoint", "starts with b'<!DOCTYPE html>", "HTML")
+        with pytest.raises(M.CheckpointError, match="not a torch checkpoint"):  # the path SAM's weights take
+            M.create_segmenter("sam_tiny", checkpoint=path)
+
+    def test_a_git_lfs_pointer(self, tmp_path):
+        path = tmp_path / "best.pt"
+        path.write_text("version https://git-lfs.github.com/spec/v1\noid sha256:" + "ab" * 32 + "\nsize 375042383\n")
+        self.refused(path, "not a torch checkpoint", "git-lfs pointer", "git lfs pull")
+
+    def test_an_empty_file(self, tmp_path):
+        (tmp_path / "w.pt").write_bytes(b"")
+        self.refused(tmp_path / "w.pt", "not a torch checkpoint", "empty")
+
+    @pytest.mark.parametrize("zipped", [True, False], ids=["zip", "legacy"])
+    def test_a_checkpoint_cut_off_halfway(self, tmp_path, zipped):
+        whole = tmp_path / "whole.pt"
+        torch.save({"w": torch.ones(64), "b": torch.zeros(3)}, whole, _use_new_zipfile_serialization=zipped)
+        data = whole.read_bytes()
+        (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
+        self.refused(tmp_path / "cut.pt", "damaged or truncated")
+
+    def test_garbage_after_a_pickle_header(self, tmp_path):
+        (tmp_path / "w.pt").write_bytes(b"\x80\x02not really a pickle at all" * 3)
+        self.refused(tmp_path / "w.pt", "damaged or truncated")
+
+    @pytest.mark.filterwarnings("ignore:Detected pickle protocol 4")  # torch notes the protocol first
+    def test_a_bare_pickle_with_a_payload_is_still_unsafe(self, tmp_path):
+        import pickle
+
+        from .payloads import CreatesFile
+
+        marker = tmp_path / "pwned"
+        path = tmp_path / "raw.pt"
+        path.write_bytes(pickle.dumps({"w": torch.ones(2), "x": CreatesFile(marker)}, protocol=4))
+        with pytest.raises(M.UnsafeCheckpointError, match=r"could run code.*imports (builtins|io)\.open"):
+            M.load_state_dict(path)
+        assert not marker.exists()
+
+    def test_a_damaged_config_in_a_checkpoint(self, tiny, tmp_path):
+        from safetensors.torch import load_file
+
+        path = tmp_path / "clf.safetensors"
+        M.save_checkpoint(tiny, path)
+        save_file(load_file(path), str(path), metadata={"format": checkpoint.FORMAT, "config": "{not json"})
+        with pytest.raises(M.CheckpointError, match="recorded model config is damaged"):
+            M.load_model(path, expected_sha256=M.sha256_file(path))
+
+
 class TestFormats:
     def test_plain_safetensors_file_loads(self, tmp_path):
         path = tmp_path / "weights.safetensors"

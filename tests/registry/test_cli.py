@@ -56,6 +56,37 @@ class TestRegistryCommand:
         assert [[cell.strip() for cell in row] for row in rows] == [
             ["cls", "1", "classifier", "production"], ["cls", "2", "classifier", "canary"]]
 
+    def test_list_shows_versions_registered_outside_grainflow(self, two_versions, db_uri, tmp_path):
+        """On a shared MLflow server other tools register models too: listed, not fatal."""
+        from mlflow import MlflowClient
+
+        client = MlflowClient(tracking_uri=db_uri)
+        run = client.create_run(client.create_experiment("other", artifact_location=(tmp_path / "o").as_uri()))
+        client.create_registered_model("plain")
+        client.create_model_version("plain", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+
+        listing = grainflow("registry", "list", "--tracking-uri", db_uri)
+        assert listing.returncode == 0, listing.stderr
+        rows = [[cell.strip() for cell in line.split("│")[1:-1]]
+                for line in listing.stdout.splitlines() if line.startswith("│")]
+        assert [row[:2] for row in rows] == [["cls", "1"], ["cls", "2"], ["plain", "1"]]
+        assert rows[0][2] == "classifier" and rows[2][2] not in ("classifier", "")
+
+    def test_a_server_that_is_down_is_one_line_at_once(self, monkeypatch):
+        import socket
+        import time
+
+        with socket.socket() as s:  # a port nothing listens on
+            s.bind(("127.0.0.1", 0))
+            port = s.getsockname()[1]
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://127.0.0.1:{port}")
+        for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_REGISTRY_URI"):
+            monkeypatch.delenv(key, raising=False)
+        start = time.monotonic()
+        result = grainflow("registry", "list")
+        assert time.monotonic() - start < 30  # MLflow's own retries took about four minutes
+        assert_one_line_error(result, f"MLflow tracking server http://127.0.0.1:{port} is not reachable")
+
     def test_unknown_name_is_one_line(self, two_versions, db_uri):
         assert_one_line_error(grainflow("registry", "promote", "nope", "1", "--tracking-uri", db_uri),
                               "no registered model 'nope'", "registered: cls")

@@ -3,14 +3,24 @@
 from __future__ import annotations
 
 import pickle
+import socket
+from pathlib import Path
 
 import pytest
 
 from engine.registry import ArtifactIntegrityError, ModelRegistry, ModelVersion, RegistryError
+from engine.registry.backend import sqlite_uri
 from engine.registry.digest import sha256_file
 from tests.registry.conftest import make_file, stored_artifact
 
 CONFIG = {"arch": "resnet18", "num_classes": 12, "head": {"dropout": 0.1, "dims": [256, 12]}}
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on (bound, then closed)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def _register(registry, tmp_path, name="cls", data=b"weights-1", **kw) -> ModelVersion:
@@ -172,6 +182,36 @@ class TestAliases:
             registry.rollback("cls")
         assert registry.get("cls@production").version == 1
 
+    def test_rollback_after_the_current_version_was_deleted(self, registry, db_uri, tmp_path):
+        """Version 2 turned out bad and was deleted (MLflow's UI or client), which drops
+        its aliases: rollback still brings production back to version 1."""
+        from mlflow import MlflowClient
+
+        for i in (1, 2):
+            _register(registry, tmp_path, data=bytes([i]))
+            registry.promote("cls", i)
+        MlflowClient(tracking_uri=db_uri).delete_model_version("cls", "2")
+        with pytest.raises(RegistryError, match="has no alias 'production'"):
+            registry.get("cls@production")
+
+        assert registry.rollback("cls").ref == "cls/1"
+        assert registry.get("cls@production").version == 1
+        assert registry.alias_history("cls") == [1]
+        with pytest.raises(RegistryError, match="nothing to roll back to"):
+            registry.rollback("cls")
+
+    def test_rollback_of_an_alias_deleted_outside_grainflow_undoes_its_latest_move(self, registry, db_uri,
+                                                                                  tmp_path):
+        from mlflow import MlflowClient
+
+        for i in (1, 2, 3):
+            _register(registry, tmp_path, data=bytes([i]))
+            registry.promote("cls", i)
+        client = MlflowClient(tracking_uri=db_uri)
+        client.delete_model_version("cls", "2")
+        client.delete_registered_model_alias("cls", "production")  # version 3 still exists
+        assert registry.rollback("cls").version == 1  # 3 undone, 2 gone
+
     def test_rollback_after_alias_moved_outside_grainflow(self, registry, db_uri, tmp_path):
         from mlflow import MlflowClient
 
@@ -228,6 +268,42 @@ class TestRefErrors:
         client.create_model_version("foreign", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
         with pytest.raises(RegistryError, match="foreign/1: model version was not registered by grainflow"):
             registry.get("foreign/1")
+
+
+class TestVersionsNotByGrainflow:
+    """A shared MLflow server holds versions other tools registered: they are listed,
+    marked, and refused only where their files would be used."""
+
+    @pytest.fixture
+    def foreign(self, registry, db_uri, tmp_path):
+        from mlflow import MlflowClient
+
+        _register(registry, tmp_path)
+        client = MlflowClient(tracking_uri=db_uri)
+        run = client.create_run(client.create_experiment("other", artifact_location=(tmp_path / "o").as_uri()))
+        client.set_terminated(run.info.run_id)
+        client.create_registered_model("plain")
+        client.create_model_version("plain", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)
+        client.create_model_version("cls", f"runs:/{run.info.run_id}/model", run_id=run.info.run_id)  # cls/2
+        return registry
+
+    def test_listed_with_no_family(self, foreign):
+        (plain,) = foreign.versions("plain")
+        assert (plain.ref, plain.family, plain.registered_by_grainflow, plain.sha256) == ("plain/1", None, False, {})
+        assert [(v.ref, v.family) for v in foreign.versions("cls")] == [("cls/1", "classifier"), ("cls/2", None)]
+        assert foreign.list_models() == ["cls", "plain"]
+
+    def test_refused_where_its_files_would_be_used(self, foreign, tmp_path):
+        (plain,) = foreign.versions("plain")
+        for use in (lambda: foreign.get("plain/1"), lambda: foreign.fetch(plain, tmp_path / "f"),
+                    lambda: foreign.fetch("plain/1", tmp_path / "f"), lambda: foreign.promote("plain", 1),
+                    lambda: foreign.register_bundle("ens", {"clf": "plain/1"})):
+            with pytest.raises(RegistryError, match="plain/1: model version was not registered by grainflow"):
+                use()
+
+    def test_a_new_version_after_one_registered_elsewhere(self, foreign, tmp_path):
+        v = _register(foreign, tmp_path, data=b"weights-1", reuse_identical=True)
+        assert (v.ref, v.family) == ("cls/3", "classifier")  # cls/2 is not grainflow's: not reused
 
 
 class TestFetchIntegrity:
@@ -336,6 +412,19 @@ class TestBundle:
                                                 r"the bundle pinned"):
             registry.get_bundle("ensemble/1")
 
+    def test_deleted_member_names_the_bundle_and_role(self, registry, db_uri, tmp_path):
+        from mlflow import MlflowClient
+
+        _register(registry, tmp_path, name="det", data=b"d1", family="detector")
+        _register(registry, tmp_path, name="clf", data=b"c1")
+        registry.promote("ens", registry.register_bundle("ens", {"detector": "det/1", "classifier": "clf/1"}).version)
+        MlflowClient(tracking_uri=db_uri).delete_model_version("clf", "1")
+        with pytest.raises(RegistryError) as info:
+            registry.get_bundle("ens")
+        message = str(info.value)
+        assert message.startswith("bundle ens@production (ens/1): member 'classifier' (clf/1) cannot be read: ")
+        assert "model 'clf' has no version 1" in message and "register and promote a new bundle" in message
+
     def test_bundle_errors(self, registry, tmp_path):
         _register(registry, tmp_path, name="det", family="detector")
         with pytest.raises(RegistryError, match="det@production: model 'det' has no alias 'production'"):
@@ -351,6 +440,56 @@ class TestBundle:
             registry.get_bundle("det/1")
         with pytest.raises(RegistryError, match="'ens' is registered as a bundle, not a model"):
             _register(registry, tmp_path, name="ens")
+
+
+class TestMovedRegistry:
+    """A SQLite registry folder copied elsewhere still records its old artifact folder."""
+
+    def _moved(self, registry, db_uri, tmp_path) -> tuple[Path, Path]:
+        """(old folder, new folder): the registry's folder copied away, the original deleted."""
+        import shutil
+
+        registry.promote("cls", _register(registry, tmp_path).version)
+        old = Path(db_uri.removeprefix("sqlite:///")).parent
+        new = tmp_path / "moved"
+        shutil.copytree(old, new)
+        shutil.rmtree(old)
+        return old, new
+
+    def test_refused_naming_both_folders_and_the_old_one_is_never_written(self, registry, db_uri, tmp_path):
+        old, new = self._moved(registry, db_uri, tmp_path)
+        copy = ModelRegistry(sqlite_uri(new / "mlflow.db"))
+        assert copy.get("cls@production").version == 1  # the records themselves read fine
+        for use in (lambda: copy.fetch("cls@production", tmp_path / "fetched"),
+                    lambda: _register(copy, tmp_path, name="other")):
+            with pytest.raises(RegistryError) as info:
+                use()
+            message = str(info.value)
+            assert f"moved or copied from {old}?" in message
+            assert str(old / "artifacts") in message and str(new / "artifacts") in message
+            assert "repoint_artifacts" in message
+        assert not old.exists()  # nothing written to (or recreated at) the old folder
+        assert copy.list_models() == ["cls"]  # the refused registration left no model behind
+
+    def test_repoint_artifacts_adopts_the_copy(self, registry, db_uri, tmp_path):
+        from engine.registry.relocation import repoint_artifacts
+
+        old, new = self._moved(registry, db_uri, tmp_path)
+        assert repoint_artifacts(new / "mlflow.db") == [(old / "artifacts").as_uri()]
+        copy = ModelRegistry(sqlite_uri(new / "mlflow.db"))
+        assert copy.fetch("cls@production", tmp_path / "fetched")  # read from the copy, sha256 checked
+        v = _register(copy, tmp_path, name="other")
+        assert stored_artifact(copy.tracking_uri, v.run_id, next(iter(v.sha256))).is_relative_to(new / "artifacts")
+        assert not old.exists()
+        assert repoint_artifacts(new / "mlflow.db") == []  # at home now
+
+    def test_artifacts_chosen_elsewhere_are_not_a_move(self, db_uri, tmp_path):
+        chosen = (tmp_path / "bucket-mount").as_uri()
+        _register(ModelRegistry(db_uri, artifact_location=chosen), tmp_path)
+        # opened later without naming the location again: that location is no sign of a move
+        reg = ModelRegistry(db_uri)
+        assert reg.fetch("cls/1", tmp_path / "fetched")
+        assert _register(reg, tmp_path, data=b"w2").version == 2
 
 
 class TestBackend:
@@ -387,17 +526,40 @@ class TestBackend:
         import os
 
         quiet = ("MLFLOW_DISABLE_TELEMETRY", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
-                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT")
+                 "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT", "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+                 "MLFLOW_HTTP_REQUEST_TIMEOUT")
         for key in quiet:
             monkeypatch.setenv(key, "-")  # recorded, so what ModelRegistry() sets is undone after
             monkeypatch.delenv(key)
         monkeypatch.setenv("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "true")  # this user wants the bars
+        monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "300")  # and a patient client
         ModelRegistry(db_uri)
         assert {k: os.environ.get(k) for k in quiet} == {
             "MLFLOW_DISABLE_TELEMETRY": "true",
             "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "true",  # the user's value kept
             "MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT": "true",
+            "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "2",  # not MLflow's 7, minutes of backoff
+            "MLFLOW_HTTP_REQUEST_TIMEOUT": "300",
         }
+
+    def test_a_server_that_is_down_is_an_error_naming_it_at_once(self, monkeypatch):
+        """MLflow's client retries a refused connection for about four minutes; the
+        registry says at once which server it could not reach."""
+        import time
+
+        port = free_port()  # nothing listens there
+        for key in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT"):
+            monkeypatch.setenv(key, "-")  # recorded, so what ModelRegistry() sets is undone after
+            monkeypatch.delenv(key)
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", f"http://user:secret@127.0.0.1:{port}")
+        monkeypatch.delenv("MLFLOW_REGISTRY_URI", raising=False)
+        start = time.monotonic()
+        with pytest.raises(RegistryError) as info:
+            ModelRegistry().list_models()
+        assert time.monotonic() - start < 15
+        message = str(info.value)
+        assert f"MLflow tracking server http://user:***@127.0.0.1:{port} is not reachable" in message
+        assert "Connection refused" in message and "secret" not in message
 
     def test_pickles_for_ray(self, registry, tmp_path):
         _register(registry, tmp_path)

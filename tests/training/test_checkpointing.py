@@ -58,6 +58,17 @@ class TestTrainingCheckpoint:
         with pytest.raises(UnsafeCheckpointError, match=f"{OPTIMIZER_FILE}: refused"):
             load_training_state(tmp_path, model, opt)
 
+    def test_a_cut_off_optimizer_file_is_damaged_not_unsafe(self, tmp_path):
+        from engine.models import CheckpointError
+
+        model, opt = trained()
+        save_training_state(tmp_path, model, opt, TrainingState("classifier", "resnet10t", epoch=1))
+        data = (tmp_path / OPTIMIZER_FILE).read_bytes()
+        (tmp_path / OPTIMIZER_FILE).write_bytes(data[: len(data) // 2])
+        with pytest.raises(CheckpointError, match=f"{OPTIMIZER_FILE}: damaged or truncated") as info:
+            load_training_state(tmp_path, model, opt)
+        assert not isinstance(info.value, UnsafeCheckpointError)
+
     def test_resumes_only_into_the_config_it_was_written_by(self, tmp_path):
         """A checkpoint loaded into a model built with other arguments would train a model
         its config misdescribes (another class order) or fail on the weights' shapes:
