@@ -15,7 +15,10 @@ Fields (units in the names):
   arm is chosen from its `X-Request-ID` (sticky), `engine.serving.versions`.
 - alias_ttl_s: how often replicas look at the registry's aliases again (0: only on
   reconfigure). `generation`: bump it (serve.run / serve deploy with a new user_config)
-  to make every replica re-read the aliases now.
+  to make every replica re-read the aliases now. split, alias_ttl_s and generation are
+  the live settings (`LIVE_FIELDS`): a replica takes a new user_config through
+  `with_live_settings`, which checks it by the same rules as here and refuses it whole
+  (the replica goes on with the settings it has) when any of it is wrong.
 - ensemble: `EnsembleConfig` fields (conf, iou, max_det, max_batch, inputs, mask_to_box).
 - tiling: tile_size (core edge, px; None: one chunk of `chunk` px) and halo (px), as the
   batch job's `reprocess(tile_size=, halo=)`; target_pixel_size_nm (None: the bundle's).
@@ -30,6 +33,7 @@ Fields (units in the names):
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional
 
@@ -38,6 +42,8 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 DEPLOYMENTS = ("ingress", "preprocess", "detector", "segmenter", "classifier")
 MODEL_DEPLOYMENTS = ("detector", "segmenter", "classifier")
+# the fields a running replica takes through `reconfigure` (Serve's user_config)
+LIVE_FIELDS = ("split", "generation", "alias_ttl_s")
 
 
 class DeploymentSettings(BaseModel):
@@ -119,9 +125,10 @@ class ServeConfig(BaseModel):
     @classmethod
     def _check_split(cls, v: dict[str, float]) -> dict[str, float]:
         if "production" not in v:
-            raise ValueError("split: needs a 'production' weight")
-        if any(w < 0 for w in v.values()) or sum(v.values()) <= 0:
-            raise ValueError(f"split: weights must be >= 0 and add up to more than 0, got {v}")
+            raise ValueError(f"split: needs a 'production' weight (0 is allowed: production answers when no other arm "
+                             f"can), got {', '.join(map(repr, v)) or 'no aliases'}")
+        if not all(math.isfinite(w) and w >= 0 for w in v.values()) or sum(v.values()) <= 0:
+            raise ValueError(f"split: weights must be finite, >= 0 and add up to more than 0, got {v}")
         return v
 
     @field_validator("deployments")
@@ -169,6 +176,31 @@ class ServeConfig(BaseModel):
         """What replicas get through `reconfigure`: the parts that may change live."""
         return {"split": dict(self.split), "generation": self.generation, "alias_ttl_s": self.alias_ttl_s}
 
+    def with_live_settings(self, user_config: Any) -> ServeConfig:
+        """This config with a deployment's `user_config` (the live settings: `LIVE_FIELDS`)
+        put over it, checked by the validators a config meets at startup. A user_config
+        reaches the replicas unchecked (`serve deploy` of a hand-edited file), so a
+        replica takes it only through here; `GrainflowError` naming every field at fault
+        (a split without production, a weight that is no number, a field that is not a
+        live setting) when it is wrong."""
+        from pydantic import ValidationError
+
+        from engine.errors import GrainflowError
+
+        if not isinstance(user_config, dict):
+            raise GrainflowError(f"user_config: expected a mapping of {', '.join(LIVE_FIELDS)}, got "
+                                 f"{type(user_config).__name__}")
+        not_live = sorted(str(k) for k in set(user_config) - set(LIVE_FIELDS))
+        if not_live:
+            # a replica would ignore them: refused, so that an edit that cannot take effect says so
+            raise GrainflowError(f"user_config: {', '.join(not_live)}: not live settings (only "
+                                 f"{', '.join(LIVE_FIELDS)} are); set other fields in the application's args")
+        try:
+            return type(self).model_validate({**self.model_dump(), **user_config})
+        except ValidationError as exc:
+            fields = "; ".join(_error_text(e) for e in exc.errors())
+            raise GrainflowError(f"user_config: {fields}") from None
+
     @classmethod
     def from_yaml(cls, path: str | Path) -> ServeConfig:
         """A ServeConfig YAML, or a Serve config file (as cluster/serve.yaml): the
@@ -197,3 +229,13 @@ class ServeConfig(BaseModel):
         except ValidationError as exc:
             fields = "; ".join(f"{'.'.join(map(str, e['loc'])) or 'config'}: {e['msg']}" for e in exc.errors())
             raise GrainflowError(f"{p}: {fields}") from None
+
+
+def _error_text(error: dict[str, Any]) -> str:
+    """One pydantic error as 'field: what is wrong' (a validator's own message, which
+    names its field, without pydantic's 'Value error, ' in front)."""
+    where = ".".join(map(str, error["loc"])) or "config"
+    if error.get("type") == "value_error" and "error" in error.get("ctx", {}):
+        message = str(error["ctx"]["error"])
+        return message if message.startswith(f"{where}:") else f"{where}: {message}"
+    return f"{where}: {error['msg']} (got {error.get('input')!r})"

@@ -2,8 +2,9 @@
 metadata when present, (y, x): a TIFF's XResolution and YResolution may differ) or a raw
 array with its dtype and shape.
 
-Errors are `UnsupportedMedia` (HTTP 415: not a format the endpoint reads),
-`BadImage` (HTTP 422: a supported format whose content or fields are wrong) and
+Errors are `UnsupportedMedia` (HTTP 415: declared as a format the endpoint does not
+read), `BadImage` (HTTP 422: a supported format whose content or fields are wrong: an
+empty upload, bytes that are not the PNG or TIFF they are declared as) and
 `TooLarge` (HTTP 413: more pixels than `max_pixels`, refused from the header before any
 pixel is decoded); their messages name the field at fault.
 
@@ -30,6 +31,12 @@ from engine.errors import GrainflowError
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 TIFF_MAGICS = (b"II*\x00", b"MM\x00*", b"II+\x00", b"MM\x00+")
 RAW_TYPES = ("application/octet-stream", "application/x-numpy-raw")
+# declared media types of the formats read by their bytes' magic numbers
+DECLARED_FORMATS = {"image/png": "PNG", "image/x-png": "PNG", "image/tiff": "TIFF", "image/tif": "TIFF",
+                    "image/x-tiff": "TIFF"}
+# what a file's first bytes say it is, to name a mislabelled upload (a JPEG renamed .png)
+_OTHER_MAGICS = ((b"\xff\xd8\xff", "a JPEG"), (b"GIF8", "a GIF"), (b"BM", "a BMP"), (b"%PDF", "a PDF"),
+                 (b"\x00\x00\x00\x0cjP  ", "a JPEG 2000"), (b"PK\x03\x04", "a ZIP archive"))
 RAW_DTYPES = ("uint8", "uint16", "uint32", "int8", "int16", "int32", "float32")
 _NM_PER = {"nanometer": 1.0, "micrometer": 1e3, "angstrom": 0.1, "millimeter": 1e6}
 
@@ -56,15 +63,38 @@ class DecodedImage:
 
 
 def sniff(data: bytes, content_type: str | None) -> str:
-    """"png", "tiff" or "raw" from the bytes (magic numbers) and the declared type."""
+    """"png", "tiff" or "raw" from the bytes (magic numbers) and the declared type.
+
+    The bytes decide between PNG and TIFF whatever the declared type. An empty upload,
+    or one declared PNG or TIFF whose bytes are neither, is `BadImage` (a supported
+    type, wrong content: 422, naming what the bytes start with); a declared type the
+    endpoint does not read is `UnsupportedMedia` (415)."""
+    if not data:
+        raise BadImage("image: empty (0 bytes); send the file's content")
     if data.startswith(PNG_MAGIC):
         return "png"
     if data[:4] in TIFF_MAGICS:
         return "tiff"
-    if (content_type or "").split(";")[0].strip().lower() in RAW_TYPES:
+    declared = (content_type or "").split(";")[0].strip().lower()
+    if declared in RAW_TYPES:
         return "raw"
+    if declared in DECLARED_FORMATS:
+        raise BadImage(f"image: declared {declared} but its bytes are not a {DECLARED_FORMATS[declared]} "
+                       f"({_first_bytes(data)}); send a whole PNG or TIFF file (other formats converted)")
     raise UnsupportedMedia(f"image: unsupported media type {content_type or 'unknown'!r}; send PNG, TIFF or a raw "
                            f"array as application/octet-stream with dtype and shape")
+
+
+def _first_bytes(data: bytes) -> str:
+    """What `data` starts with, in hex, its length, and the format that suggests if it is
+    a common one, e.g. "starts with ff d8 ff e0 00 10 4a 46, a JPEG; 11 bytes in all"."""
+    head = " ".join(f"{b:02x}" for b in data[:8])
+    what = next((f", {name}" for magic, name in _OTHER_MAGICS if data.startswith(magic)), "")
+    if not what and PNG_MAGIC.startswith(data):
+        what = ", a PNG signature cut short"
+    elif not what and any(m.startswith(data) for m in TIFF_MAGICS):
+        what = ", a TIFF header cut short"
+    return f"starts with {head}{what}; {len(data)} bytes in all"
 
 
 def decode(data: bytes, content_type: str | None, *, dtype: str | None = None,

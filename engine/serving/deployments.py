@@ -35,6 +35,7 @@ so the ensemble groups their tiles by shape, `ensemble.max_batch` tiles per mode
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 import time
 from collections import OrderedDict
@@ -43,9 +44,12 @@ from typing import Any
 
 from ray import serve
 
+from engine.errors import GrainflowError
 from engine.serving.config import ServeConfig
 
 MAX_CACHED_VERSIONS = 4
+# a replica's logs: Serve writes the "ray.serve" logger to the replica's log file
+_log = logging.getLogger("ray.serve")
 
 
 @dataclass(frozen=True)
@@ -91,10 +95,18 @@ class _Stage:
                 method.set_batch_wait_timeout_s(settings.batch_wait_timeout_s)
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """Load the ensembles the split's aliases point at now (`engine.serving.versions`)."""
+        """Load the ensembles the split's aliases point at now (`engine.serving.versions`).
+        Live settings the startup checks would refuse (`ServeConfig.with_live_settings`)
+        are logged and not taken: the replica loads for the split in force, as the
+        ingress, which refuses them too, goes on routing by it."""
         from engine.serving.versions import resolve_arms
 
-        arms = resolve_arms(self._registry, self.config.bundle, user_config.get("split", self.config.split))
+        try:
+            self.config = self.config.with_live_settings(user_config)
+        except GrainflowError as exc:
+            _log.error("%s: live settings refused: %s; still serving with split %s", self.role, exc,
+                       self.config.split)
+        arms = resolve_arms(self._registry, self.config.bundle, self.config.split)
         for ref in arms.refs.values():
             self.ensemble(ref)
 

@@ -22,7 +22,14 @@ refused for its fields too); never pixels. A 401 for a well-formed key that is u
 or whose secret is wrong logs the key id it claims, with ``key_claimed: true``.
 
 `X-Request-ID` (sent, or made here and returned; at most 128 characters, else 400) picks
-the traffic arm (sticky).
+the traffic arm (sticky; a client can pick its arm by its id: fine for A/B, no security
+boundary). Once an arm is chosen every response names it, errors too: headers
+X-Model-Alias and X-Model-Bundle, and `model` in an error's body.
+
+Live settings (split, alias_ttl_s, generation: Serve's user_config) are checked as a
+config is at startup (`ServeConfig.with_live_settings`); a wrong one is refused whole,
+logged, and shown as /healthz's `settings_error`, and the replica goes on with the
+settings it has (a split without production would otherwise fail every health check).
 
 "Before the app reads the body" is not before anything reads it: Serve's HTTP proxy
 takes a request's body into memory as it arrives, and these checks run once an ingress
@@ -35,12 +42,14 @@ Ingress: nginx's proxy-body-size).
 
 import asyncio
 import hashlib
+import logging
 import math
 import threading
 import time
 import uuid
 from importlib import resources
 from typing import Any, Optional
+from urllib.parse import quote
 
 from fastapi import Depends, FastAPI, File, Form, Request, Security, UploadFile
 from fastapi.exceptions import RequestValidationError
@@ -50,23 +59,40 @@ from ray import serve
 from ray.exceptions import RayTaskError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from engine.errors import GrainflowError
 from engine.serving.config import ServeConfig
 from engine.serving.decode import BadImage, TooLarge, UnsupportedMedia, decode, parse_shape
 from engine.serving.keys import split_key
 from engine.serving.schemas import ERROR_CODES, MODALITIES, AnalyzeResponse, ErrorBody, Health, ModelsResponse
 
 
-def _errors(*statuses: int) -> dict[int, dict[str, Any]]:
-    """The OpenAPI `responses` of a route that can refuse with `statuses`."""
-    return {code: {"model": ErrorBody, "description": ERROR_CODES[code]} for code in statuses}
+# a replica's logs: Serve writes the "ray.serve" logger to the replica's log file
+_log = logging.getLogger("ray.serve")
+
+# Headers naming the version that answered, on every response once an arm is chosen
+MODEL_HEADERS = {
+    "X-Model-Alias": {"description": "the alias whose arm answered (production, canary); on every response once an "
+                                     "arm is chosen, errors included", "schema": {"type": "string"}},
+    "X-Model-Bundle": {"description": "the bundle version that answered, name/version (percent-encoded where not "
+                                      "printable ASCII)", "schema": {"type": "string"}},
+}
+
+
+def _errors(*statuses: int, chosen: tuple[int, ...] = ()) -> dict[int, dict[str, Any]]:
+    """The OpenAPI `responses` of a route that can refuse with `statuses`; those in
+    `chosen` can come after an arm is chosen, so they carry `MODEL_HEADERS`."""
+    return {code: {"model": ErrorBody, "description": ERROR_CODES[code],
+                   **({"headers": MODEL_HEADERS} if code in chosen else {})} for code in statuses}
 
 
 # What each route can answer besides 200 (the order of checks: module doc). Every route:
 # 400 (X-Request-ID too long). Keyed routes: 401, 403, 429. /v1/analyze, the one taking
-# a body: 411 (no Content-Length), 400 (one not a number), 413, 415, 422.
+# a body: 411 (no Content-Length), 400 (one not a number), 413, 415, 422; 413 (too large
+# once resampled) and 422 (pixels the preprocess stage cannot tile) after an arm is chosen.
 _OPEN_ERRORS = _errors(400)
 _KEYED_ERRORS = _errors(400, 401, 403, 429)
-_ANALYZE_ERRORS = _errors(400, 401, 403, 411, 413, 415, 422, 429)
+_ANALYZE_ERRORS = {200: {"headers": MODEL_HEADERS},
+                   **_errors(400, 401, 403, 411, 413, 415, 422, 429, chosen=(413, 422))}
 _MAX_ATTEMPTS = 3  # a stage replica that dies mid-request: Serve routes the retry to a live one
 MAX_REQUEST_ID = 128  # characters of X-Request-ID
 MAX_KEY_ID = 64  # characters of a refused key's claimed id that the audit line keeps (ours have 9)
@@ -83,9 +109,21 @@ _bearer = HTTPBearer(auto_error=False, description="Authorization: Bearer <API k
 
 
 def error_response(status: int, detail: str, request_id: str | None = None,
-                   headers: dict[str, str] | None = None) -> JSONResponse:
-    body = ErrorBody(status=status, error=ERROR_CODES.get(status, "error"), detail=detail, request_id=request_id)
+                   headers: dict[str, str] | None = None, model: dict[str, str] | None = None) -> JSONResponse:
+    """The JSON error (`ErrorBody`); model: {alias, bundle} of the arm chosen, if one was."""
+    body = ErrorBody(status=status, error=ERROR_CODES.get(status, "error"), detail=detail, request_id=request_id,
+                     model=model)
     return JSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _chosen(request: Request) -> dict[str, str] | None:
+    """{alias, bundle} of the arm that answers this request, once `analyze` chose it."""
+    return getattr(request.state, "model", None)
+
+
+def _header_value(text: str) -> str:
+    """`text` as an HTTP header value: printable ASCII as it is, else percent-encoded."""
+    return text if text.isascii() and text.isprintable() else quote(text, safe="/@:._-")
 
 
 class RequestError(Exception):
@@ -98,7 +136,7 @@ class RequestError(Exception):
 
 @api.exception_handler(RequestError)
 async def _request_error(request: Request, exc: RequestError):
-    return error_response(exc.status, exc.detail, getattr(request.state, "request_id", None))
+    return error_response(exc.status, exc.detail, getattr(request.state, "request_id", None), model=_chosen(request))
 
 
 @api.exception_handler(RequestValidationError)
@@ -107,12 +145,14 @@ async def _validation_error(request: Request, exc: RequestValidationError):
     for e in exc.errors():
         where = ".".join(str(p) for p in e.get("loc", ()) if p not in ("body", "query", "header"))
         parts.append(f"{where or 'request'}: {e.get('msg')}")
-    return error_response(422, "; ".join(parts) or "malformed request", getattr(request.state, "request_id", None))
+    return error_response(422, "; ".join(parts) or "malformed request", getattr(request.state, "request_id", None),
+                          model=_chosen(request))
 
 
 @api.exception_handler(StarletteHTTPException)
 async def _http_error(request: Request, exc: StarletteHTTPException):
-    return error_response(exc.status_code, str(exc.detail), getattr(request.state, "request_id", None))
+    return error_response(exc.status_code, str(exc.detail), getattr(request.state, "request_id", None),
+                          model=_chosen(request))
 
 
 def _route_path(request: Request) -> str:
@@ -170,7 +210,11 @@ async def _guard_and_audit(request: Request, call_next):
             return Response(status_code=499)
         # a bug: still JSON, still audited
         audit["error"] = f"{type(exc).__name__}: {exc}"[:500]
-        response = error_response(500, "internal error; the request is logged", rid)
+        response = error_response(500, "internal error; the request is logged", rid, model=_chosen(request))
+    chosen = _chosen(request)
+    if chosen is not None:  # every response names the version that answered (module doc)
+        response.headers["X-Model-Alias"] = _header_value(chosen["alias"])
+        response.headers["X-Model-Bundle"] = _header_value(chosen["bundle"])
     audit.update(status=response.status_code, request_id=rid,
                  duration_ms=round((time.perf_counter() - started) * 1e3, 3))
     ingress.audit(audit)
@@ -271,6 +315,7 @@ class Ingress:
         self._labels: dict[str, dict[str, list[str]]] = {}
         self._split = dict(self.config.split)
         self._ttl = self.config.alias_ttl_s
+        self._settings_error: str | None = None  # why the last live settings sent were refused
         self._arms = None
         self._resolved_at = 0.0
         self._refreshing = threading.Lock()  # at most one background refresh
@@ -281,9 +326,21 @@ class Ingress:
     # ------------------------------------------------------------------ versions
 
     def reconfigure(self, user_config: dict[str, Any]) -> None:
-        """A new split or generation (serve.run / serve deploy): read the aliases now."""
-        self._split = dict(user_config.get("split", self._split))
-        self._ttl = float(user_config.get("alias_ttl_s", self._ttl))
+        """A new split or generation (serve.run / serve deploy): read the aliases now.
+        Settings the startup checks would refuse (a split without production, a weight
+        that is no number: `ServeConfig.with_live_settings`) are refused whole: logged,
+        shown as /healthz's settings_error, and this replica goes on with the settings
+        in force (were it to take them, every health check would fail and Serve would
+        replace the replica with the same settings, over and over)."""
+        try:
+            config = self.config.with_live_settings(user_config)
+        except GrainflowError as exc:
+            self._settings_error = f"{exc}; still serving with split {self._split}"
+            _log.error("ingress: live settings refused: %s", self._settings_error)
+            return
+        self.config, self._settings_error = config, None
+        self._split = dict(config.split)
+        self._ttl = config.alias_ttl_s
         self.refresh()
 
     def refresh(self):
@@ -367,7 +424,7 @@ class Ingress:
     def healthz(self) -> dict[str, Any]:
         """Liveness, and the bundle versions the aliases point at."""
         self._maybe_refresh()
-        return {"status": "ok", "arms": dict(self._arms.refs)}
+        return {"status": "ok", "arms": dict(self._arms.refs), "settings_error": self._settings_error}
 
     @api.get("/v1/models", response_model=ModelsResponse, responses=_KEYED_ERRORS)
     async def models(self, request: Request, key: Optional[str] = Security(_key_header),
@@ -389,7 +446,7 @@ class Ingress:
                       bearer: Optional[HTTPAuthorizationCredentials] = Security(_bearer)) -> dict[str, Any]:
         """Read the registry's aliases again now (this replica); `generation` in the
         config does it for every replica."""
-        return {"status": "ok", "arms": dict(self.refresh().refs)}
+        return {"status": "ok", "arms": dict(self.refresh().refs), "settings_error": self._settings_error}
 
     @api.post("/v1/analyze", response_model=AnalyzeResponse, response_model_by_alias=True, responses=_ANALYZE_ERRORS,
               dependencies=[Depends(audit_upload)])
@@ -434,6 +491,7 @@ class Ingress:
         t_decode = time.perf_counter()
         alias, ref = self._arms.choose(rid)
         audit.update(alias=alias, models={"bundle": ref})
+        request.state.model = {"alias": alias, "bundle": ref}  # named by every response from here on
         answer = await self._stages(ref, decoded.pixels, mod, size)
         t_stages = time.perf_counter()
         from engine.serving.response import image_info, respond

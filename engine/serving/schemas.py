@@ -20,6 +20,13 @@ ERROR_CODES = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "
                422: "invalid", 429: "rate_limited", 500: "internal", 503: "unavailable"}
 
 
+class ChosenVersion(BaseModel):
+    """The traffic arm a request was given: its alias and the bundle version it points at."""
+
+    alias: str = Field(description="the alias whose arm answered (production, canary)")
+    bundle: Optional[str] = Field(description="the bundle version, name/version")
+
+
 class ErrorBody(BaseModel):
     """Every error: its HTTP status, a machine-readable code and a message naming the field at fault."""
 
@@ -29,6 +36,10 @@ class ErrorBody(BaseModel):
                                    + "; any other status: error")
     detail: str
     request_id: Optional[str] = None
+    model: Optional[ChosenVersion] = Field(
+        None, description="the version that answered, for an error after the request's arm was chosen (too large "
+                          "once resampled, pixels its preprocessing cannot tile, a stage's failure); null for one "
+                          "refused before (key, rate, size as sent, media type, fields)")
 
 
 class Mask(BaseModel):
@@ -90,9 +101,7 @@ class Label(BaseModel):
     probs: dict[str, float]
 
 
-class ModelInfo(BaseModel):
-    alias: str = Field(description="the alias whose arm answered (production, canary)")
-    bundle: Optional[str] = Field(description="the bundle version, name/version")
+class ModelInfo(ChosenVersion):
     versions: dict[str, str] = Field(description="role -> name/version of every member that answered")
 
 
@@ -183,3 +192,7 @@ class ModelsResponse(BaseModel):
 class Health(BaseModel):
     status: str
     arms: dict[str, str]
+    settings_error: Optional[str] = Field(
+        None, description="why this replica refused the last live settings sent (user_config: split, alias_ttl_s, "
+                          "generation), which it did not take: it goes on with the settings in force; null when "
+                          "it took them")

@@ -34,6 +34,7 @@ class TestAnalyze:
         body = r.json()
         assert body["model"]["alias"] == "production"
         assert body["model"]["bundle"] == "serve-tiny/1"
+        assert (r.headers["X-Model-Alias"], r.headers["X-Model-Bundle"]) == ("production", "serve-tiny/1")
         assert set(body["model"]["versions"]) >= {"detector", "segmenter", "classifier", "bundle"}
         assert body["image"]["height"] == 256 and body["image"]["dtype"] == "uint16"
         # where the time went: each stage's compute in its replica, inside the chain's wall time
@@ -213,8 +214,33 @@ class TestErrors:
         self.check(r, 413, "pixels is over the limit")
 
     def test_415_unsupported_media(self, client, served):
-        self.check(self.post(client, served, files={"image": ("a.jpg", b"\xff\xd8\xff\xe0JFIF", "image/jpeg")}), 415,
-                   "unsupported media type")
+        r = self.post(client, served, files={"image": ("a.jpg", b"\xff\xd8\xff\xe0JFIF", "image/jpeg")})
+        self.check(r, 415, "unsupported media type")
+        # refused before an arm was chosen: no version to name
+        assert r.json()["model"] is None and "X-Model-Alias" not in r.headers
+
+    def test_422_a_jpeg_declared_png_is_named_not_called_unsupported(self, client, served):
+        r = self.post(client, served, files={"image": ("a.png", b"\xff\xd8\xff\xe0\x00\x10JFIF\x00", "image/png")})
+        self.check(r, 422, "declared image/png but its bytes are not a PNG")
+        assert "a JPEG" in r.json()["detail"]
+
+    @pytest.mark.parametrize("shape, sizes, status, words", [
+        # 20 nm rows, 1 nm columns: square 1 nm pixels make 512 x 512 into 10240 x 512, over max_pixels
+        ((512, 512), {"pixel_size_nm": "1", "pixel_size_y_nm": "20"}, 413, "too large once resampled"),
+        # 5000 nm columns, 5 nm rows: a tile resampled to 5 nm would be 64000 px wide
+        ((4, 64), {"pixel_size_nm": "5000", "pixel_size_y_nm": "5"}, 422, "cannot be preprocessed"),
+    ])
+    def test_errors_after_the_arm_is_chosen_name_the_version(self, client, served, shape, sizes, status, words):
+        """The preprocess stage refuses the pixels once the request's version is chosen:
+        the refusal names that version, in the body and the headers, as a 200 does."""
+        png = png_bytes(np.zeros(shape, np.uint8))
+        r = self.post(client, served, files={"image": ("a.png", png, "image/png")}, data={"modality": "SEM", **sizes})
+        self.check(r, status, words)
+        assert r.json()["model"] == {"alias": "production", "bundle": "serve-tiny/1"}
+        assert (r.headers["X-Model-Alias"], r.headers["X-Model-Bundle"]) == ("production", "serve-tiny/1")
+        spec = client.get("/openapi.json").json()  # the schema says so
+        assert "model" in spec["components"]["schemas"]["ErrorBody"]["properties"]
+        assert "X-Model-Bundle" in spec["paths"]["/v1/analyze"]["post"]["responses"][str(status)]["headers"]
 
     @pytest.mark.parametrize("data, files, words", [
         ({"modality": "XRAY", "pixel_size_nm": "5"}, None, "modality"),

@@ -50,6 +50,38 @@ def test_bad_config_values_are_named():
             ServeConfig(bundle=ref)
 
 
+class TestLiveSettings:
+    """A deployment's user_config reaches the replicas unchecked (`serve deploy` of an
+    edited file); `with_live_settings` holds it to the startup rules (the running app's
+    refusal: tests/serving/test_versions.py)."""
+
+    @pytest.mark.parametrize("user_config, words", [
+        ({"split": {"canary": 1.0}}, "split: needs a 'production' weight (0 is allowed"),
+        ({"split": {"Production": 0.9, "canary": 0.1}}, "got 'Production', 'canary'"),
+        ({"split": {"production": "most", "canary": 0.1}}, "split.production: Input should be a valid number"),
+        ({"split": {"production": float("nan")}}, "split: weights must be finite"),
+        ({"split": {"production": 1.0}, "alias_ttl_s": -1}, "alias_ttl_s: Input should be greater than or equal to 0"),
+        ({"split": {"production": 1.0}, "spilt": {"canary": 1.0}}, "spilt: not live settings"),
+        ({"split": {"production": 1.0}, "max_pixels": 1}, "max_pixels: not live settings"),
+        (["production"], "expected a mapping of split, generation, alias_ttl_s, got list"),
+    ])
+    def test_settings_the_startup_refuses_are_refused_naming_the_field(self, user_config, words):
+        from engine.serving.config import ServeConfig
+
+        with pytest.raises(GrainflowError, match=r"^user_config: ") as refused:
+            ServeConfig(bundle="b").with_live_settings(user_config)
+        assert words in str(refused.value)
+
+    def test_good_settings_apply_over_the_config_as_yaml_would_give_them(self):
+        from engine.serving.config import ServeConfig
+
+        config = ServeConfig(bundle="b", max_pixels=1000)
+        live = config.with_live_settings({"split": {"production": "0.9", "canary": "0.1"}, "generation": 3})
+        assert live.split == {"production": 0.9, "canary": 0.1} and live.generation == 3
+        assert live.max_pixels == 1000 and live.alias_ttl_s == config.alias_ttl_s
+        assert config.split == {"production": 1.0}  # the config it came from is unchanged
+
+
 def test_grainflow_serve_bundle_takes_a_name(tmp_path):
     from typer.testing import CliRunner
 

@@ -75,6 +75,52 @@ def test_tiffs_the_stores_cannot_hold_are_refused_naming_the_problem():
     assert decode(tiff_bytes(np.ones((8, 8), np.float32)), "image/tiff").pixels.dtype == np.float32
 
 
+class TestDeclaredType:
+    """What the upload's bytes are decides; a declared PNG or TIFF whose bytes are not
+    one, or an empty upload, is a 422 naming what the bytes are, never a 415 that
+    calls image/png an unsupported type."""
+
+    def jpeg(self) -> bytes:
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(buf, format="JPEG")
+        return buf.getvalue()
+
+    @pytest.mark.parametrize("content_type", ["image/png", "image/png; charset=binary", "IMAGE/PNG"])
+    def test_a_jpeg_declared_png_is_named_a_jpeg(self, content_type):
+        with pytest.raises(BadImage, match=r"image: declared image/png but its bytes are not a PNG "
+                                           r"\(starts with ff d8 ff e0 .*a JPEG; \d+ bytes in all\)"):
+            decode(self.jpeg(), content_type)
+
+    def test_a_png_cut_inside_its_signature(self):
+        png = imagecodecs.png_encode(np.zeros((8, 8), np.uint8))
+        with pytest.raises(BadImage, match=r"not a PNG \(starts with 89 50 4e 47 0d 0a 1a, a PNG signature cut "
+                                           r"short; 7 bytes in all\)"):
+            decode(png[:7], "image/png")
+
+    def test_a_declared_tiff_that_is_none(self):
+        with pytest.raises(BadImage, match=r"declared image/tiff but its bytes are not a TIFF \(starts with "
+                                           r"25 50 44 46 2d 31 2e 37, a PDF; 8 bytes in all\)"):
+            decode(b"%PDF-1.7", "image/tiff")
+
+    @pytest.mark.parametrize("content_type", ["image/png", "image/tiff", "application/octet-stream", None])
+    def test_an_empty_upload_is_empty_whatever_its_type(self, content_type):
+        with pytest.raises(BadImage, match=r"^image: empty"):
+            decode(b"", content_type, dtype="uint8", shape=(1, 1))
+
+    def test_a_type_the_endpoint_does_not_read_is_still_415(self):
+        with pytest.raises(UnsupportedMedia, match="unsupported media type 'image/jpeg'"):
+            decode(self.jpeg(), "image/jpeg")
+        with pytest.raises(UnsupportedMedia, match="unsupported media type 'unknown'"):
+            decode(b"GIF89a", None)
+
+    def test_the_bytes_win_over_the_declared_type(self):
+        png = imagecodecs.png_encode(np.full((4, 6), 7, np.uint8))
+        assert decode(png, "image/tiff").format == "png"
+        assert decode(tiff_bytes(np.zeros((4, 6), np.uint16)), "image/png").format == "tiff"
+
+
 def with_tags(data: bytes, values: dict[int, int], page: int = 0) -> bytes:
     """`data` with the one-value integer tags of page `page` rewritten in place."""
     out = bytearray(data)

@@ -11,7 +11,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from .conftest import BUNDLE, auth, png_bytes, serve_config
+from .conftest import BUNDLE, auth, png_bytes, replica_pids, serve_config
 
 PNG = png_bytes((np.arange(64 * 64).reshape(64, 64) % 251).astype(np.uint8))
 
@@ -94,3 +94,44 @@ def test_split_rollout_and_rollback(client, served, restore):
     assert len(results) > during_promotion > 0, "requests flowed during the switches"
     failed = [r for r in results if r[0] != 200]
     assert not failed, failed[:3]
+
+
+def wait_health(client, done, timeout_s=120):
+    """/healthz's body once `done(body)` holds (the ingress has reconfigured)."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        body = client.get("/healthz").json()
+        if done(body):
+            return body
+        time.sleep(0.3)
+    raise AssertionError(f"/healthz never got there: {client.get('/healthz').json()}")
+
+
+def test_a_live_split_without_production_is_refused_and_serving_goes_on(client, served, restore):
+    """A user_config reaches the replicas unchecked (`serve deploy` of a hand-edited
+    serve.yaml). One the startup checks would refuse, here a split without production,
+    is refused by the replicas, which go on answering with the split in force and say
+    why in /healthz (taken, it failed every health check of the ingress and Serve
+    replaced the replica with the same settings, over and over)."""
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    from engine.serving.app import application_schema
+
+    env = served["env"]
+    before, pids = client.get("/healthz").json()["arms"], replica_pids()
+    app = application_schema(served["config"])
+    for deployment in app["deployments"]:
+        deployment["user_config"] = {**deployment["user_config"], "split": {"canary": 1.0}, "generation": 50}
+    _get_global_client().deploy_apps(ServeDeploySchema(applications=[app]))  # as `serve deploy` sends it
+
+    health = wait_health(client, lambda body: body.get("settings_error"))
+    assert "split: needs a 'production' weight" in health["settings_error"], health
+    assert health["arms"] == before
+    answers = [ask(client, env["analyze_key"], f"refused-split-{i}") for i in range(3)]
+    assert [(code, model["alias"]) for code, model in answers] == [(200, "production")] * 3, answers
+    assert replica_pids() == pids  # no replica lost or replaced
+
+    # good settings afterwards are taken, and the error is gone
+    served["deploy"](serve_config(env, generation=51))
+    assert wait_health(client, lambda body: body.get("settings_error") is None)["arms"] == before
