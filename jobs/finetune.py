@@ -176,6 +176,12 @@ def _train_detector(args: argparse.Namespace) -> dict:
         check_name(args.register)
     for archive in filter(None, (args.archive, args.val_archive)):
         read_catalog(archive)  # a missing or foreign archive is named here
+    if args.synthetic:
+        from engine.training.mixing import accepted_image_ids
+
+        # one that is no synthetic archive, was never gated or changed since: named here,
+        # not ~30 s later from the Ray task
+        accepted_image_ids(args.synthetic)
     ensure_ray(1)
     if args.gpu == "yes":
         check_gpus(1)  # a task asking for a GPU no node has or can get would wait forever

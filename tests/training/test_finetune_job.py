@@ -77,6 +77,29 @@ class TestArguments:
             assert finetune.main(argv) == 2
             assert words in capsys.readouterr().err
 
+    @pytest.mark.parametrize("model", ["detector:yolov8n_tiny", "fusion:fusion_tiny"])
+    def test_a_real_archive_as_synthetic_is_named_before_ray(self, monkeypatch, capsys, tmp_path, model):
+        """It was named as a synthetic archive never gated (gate it, the message said), and
+        for the detector only by the Ray task, ~30 s after Ray started."""
+        import engine.training.detector as detector
+        import engine.training.trainer as trainer
+        from engine.synth.archive import generate_archive
+        from jobs import finetune
+
+        def started(*args, **kwargs):
+            raise AssertionError("Ray started")
+
+        monkeypatch.setattr(trainer, "ensure_ray", started)
+        monkeypatch.setattr(detector, "train_detector_on_ray", started)
+        generate_archive(tmp_path / "a", n_images=2, seed=0, size=128, chunk=64)
+        argv = ["--model", model, "--archive", str(tmp_path / "a"), "--storage", str(tmp_path / "runs"),
+                "--batch-size", "4", "--synthetic", str(tmp_path / "a")]
+        assert finetune.main(argv) == 2
+        err = capsys.readouterr().err
+        assert ("a: not a synthetic archive (its catalog has no diffusion provenance); pass a `grainflow "
+                "synthesize` output") in err
+        assert "quality gate" not in err
+
     def test_bad_detector_arguments_exit_2_before_ray_starts(self, tmp_path):
         from engine.synth.archive import generate_archive
 

@@ -79,18 +79,36 @@ def to_stored(image: np.ndarray, dtype: np.dtype, intensity: tuple[float, float]
     return np.round(np.clip((lo + x * (hi - lo)) * top, 0, top)).astype(dtype)
 
 
+def instance_mask(mask: np.ndarray) -> np.ndarray:
+    """The largest 8-connected part of a generated mask (H x W bool in, H x W bool out;
+    all False for an empty mask). 8-connected so a thin diagonal crack stays one part;
+    among parts of equal size the first in raster order is kept (deterministic)."""
+    from scipy import ndimage
+
+    parts, n = ndimage.label(np.asarray(mask, bool), structure=np.ones((3, 3), bool))
+    if n <= 1:
+        return parts == 1
+    sizes = np.bincount(parts.ravel())[1:]
+    return parts == 1 + int(np.argmax(sizes))
+
+
 def write_sample(archive: StoreLocation, sample: PlannedSample, image: np.ndarray, mask: np.ndarray, *,
                  pixel_size_nm: float, provenance: dict[str, Any],
                  intensity: tuple[float, float] | None = None) -> tuple[dict[str, Any], TruthRow | None]:
     """Write one generated patch and its mask; return its catalog record and truth row.
 
     image: S x S float32 in [0, 1]; mask: S x S bool. intensity: the grey levels 0 and 1
-    map onto (`to_stored`). The label image holds instance 1 where the mask is set. The
-    truth row is None when the mask is empty (nothing to label).
+    map onto (`to_stored`). A sample is one defect: the label image holds instance 1 on
+    the mask's largest connected part (`instance_mask`), and the truth row (box, area)
+    is that part's; specks elsewhere in the generated mask are dropped from both, so one
+    stray pixel does not stretch the box the detector learns. The record's
+    `mask_pixels` counts the instance's pixels. The truth row is None when the mask is
+    empty (nothing to label).
     """
     c = sample.condition
     dtype = DTYPES.get(c.modality, DEFAULT_DTYPE)
     pixels = to_stored(image, dtype, intensity)
+    mask = instance_mask(mask)
     labels = mask.astype(np.uint32)
     location = image_uri(archive, sample.sample_id)
     s = pixels.shape[0]

@@ -362,18 +362,25 @@ def plan_tiles(archive: str | StoreLocation, class_names: list[str] | tuple[str,
     class_index = {name: i for i, name in enumerate(class_names)}
     tiles = []
     for entry in image_entries(archive, image_ids=image_ids, pixel_size_nm=pixel_size_nm):
-        t = image_truth(truth, entry, class_index)
-        h, w = entry.shape
-        th, tw = min(tile, h), min(tile, w)
-        for y0 in grid_starts(h, th, min(overlap, th - 1)):
-            for x0 in grid_starts(w, tw, min(overlap, tw - 1)):
-                b = t.boxes
-                meets = (b[:, 0] < x0 + tw) & (b[:, 2] > x0) & (b[:, 1] < y0 + th) & (b[:, 3] > y0)
-                shifted = (b[meets] - np.array([x0, y0, x0, y0])).astype(np.float32)
-                tiles.append(TrainingTile(
-                    entry.image_id, entry.image, entry.level, y0, x0, y0 + th, x0 + tw, entry.scale, entry.material,
-                    t.classes[meets], t.instance_ids[meets], shifted, t.areas[meets].astype(np.float32),
-                    resampled=entry.resampled))
+        tiles += entry_tiles(entry, image_truth(truth, entry, class_index), tile=tile, overlap=overlap)
+    return tiles
+
+
+def entry_tiles(entry: ImageEntry, truth: ImageTruth, *, tile: int, overlap: int = 0) -> list[TrainingTile]:
+    """Tiles of side `tile` overlapping by `overlap` (tile pixels of `entry`) covering one
+    image, each with the defects of `truth` it meets, boxes in its own pixels."""
+    h, w = entry.shape
+    th, tw = min(tile, h), min(tile, w)
+    tiles = []
+    for y0 in grid_starts(h, th, min(overlap, th - 1)):
+        for x0 in grid_starts(w, tw, min(overlap, tw - 1)):
+            b = truth.boxes
+            meets = (b[:, 0] < x0 + tw) & (b[:, 2] > x0) & (b[:, 1] < y0 + th) & (b[:, 3] > y0)
+            shifted = (b[meets] - np.array([x0, y0, x0, y0])).astype(np.float32)
+            tiles.append(TrainingTile(
+                entry.image_id, entry.image, entry.level, y0, x0, y0 + th, x0 + tw, entry.scale, entry.material,
+                truth.classes[meets], truth.instance_ids[meets], shifted, truth.areas[meets].astype(np.float32),
+                resampled=entry.resampled))
     return tiles
 
 

@@ -212,7 +212,10 @@ def train_detector(
     `ModelRegistry()` on the embedded default store).
     synthetic_archive / synthetic_ratio: add the defect tiles of a synthetic archive
     (engine.synth.diffusion; gate-rejected samples left out), `synthetic_ratio` per real
-    training tile (engine.training.mixing); validation stays real.
+    training tile (engine.training.mixing); validation stays real. The synthetic samples
+    are read at the real tiles' scale: at `pixel_size_nm`, or, with none, at the median
+    level-0 pixel size of the real training images of their modality (a modality no real
+    training image has is refused).
     """
     from engine.runtime import configure_offline
 
@@ -247,8 +250,9 @@ def train_detector(
     if synthetic_archive is not None:
         from engine.training.mixing import mix_in, synthetic_detector_tiles
 
-        tiles["train"] = mix_in(tiles["train"], synthetic_detector_tiles(synthetic_archive, names, imgsz),
-                                synthetic_ratio, seed=seed, what="defect tiles")
+        synthetic = synthetic_detector_tiles(synthetic_archive, names, imgsz, real_archive=archive,
+                                             real_image_ids=train_ids, pixel_size_nm=pixel_size_nm, overlap=overlap)
+        tiles["train"] = mix_in(tiles["train"], synthetic, synthetic_ratio, seed=seed, what="defect tiles")
     overrides = {
         "model": f"grainflow-detector-{model}",  # a label only: setup_model hands over our model
         "task": "detect", "mode": "train", "epochs": epochs, "imgsz": imgsz, "batch": batch,

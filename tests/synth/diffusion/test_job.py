@@ -284,6 +284,47 @@ class TestSynthesisJob:
 
 
 
+class TestWrittenSample:
+    """One sample is one defect: the label image and the truth row are the mask's largest
+    connected part (engine.synth.diffusion.output.write_sample)."""
+
+    @staticmethod
+    def _write(tmp_path, mask):
+        from engine.stores.uri import resolve
+        from engine.synth.diffusion.conditions import Condition
+        from engine.synth.diffusion.output import write_sample
+        from engine.synth.diffusion.plan import PlannedSample
+
+        image = np.where(mask, 0.1, 0.6).astype(np.float32)
+        sample = PlannedSample("syn-pore-0", Condition("pore", "ferritic_steel", "SEM"), 0, 1)
+        record, truth = write_sample(resolve(tmp_path / "syn"), sample, image, mask, pixel_size_nm=2.5,
+                                     provenance={})
+        labels = open_image(tmp_path / "syn" / "images" / "syn-pore-0.ome.zarr" / "labels" / "defects")
+        return record, truth, labels.read_region(0, 0, 32, 0, 32)
+
+    def test_a_stray_speck_is_left_out_of_label_and_box(self, tmp_path):
+        # one far pixel stretched the 6 x 6 pore's box to 19 x 17 (the detector learnt that box)
+        mask = np.zeros((32, 32), bool)
+        mask[12:18, 12:18] = True
+        mask[30, 1] = True
+        record, truth, labels = self._write(tmp_path, mask)
+        blob = np.zeros((32, 32), bool)
+        blob[12:18, 12:18] = True
+        np.testing.assert_array_equal(labels == 1, blob)
+        assert not (labels > 1).any()
+        assert (truth.y0, truth.x0, truth.y1, truth.x1) == (12, 12, 18, 18)
+        assert truth.area_px == record["mask_pixels"] == 36
+
+    def test_a_thin_diagonal_crack_stays_one_defect(self, tmp_path):
+        mask = np.zeros((32, 32), bool)
+        idx = np.arange(4, 24)
+        mask[idx, idx] = True  # touching at corners only
+        mask[2:4, 28:30] = True  # a 2 x 2 speck
+        _, truth, labels = self._write(tmp_path, mask)
+        assert (labels == 1).sum() == 20 and not labels[2:4, 28:30].any()
+        assert (truth.y0, truth.x0, truth.y1, truth.x1) == (4, 4, 24, 24)
+
+
 class TestTrainedConditions:
     """Only the conditions training saw are generated (conftest.TRAINED)."""
 
