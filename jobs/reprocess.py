@@ -74,7 +74,7 @@ def main(argv: list[str] | None = None) -> int:
         enforce_job_uris("reprocess", args)  # the tenant's prefixes, checked again in the job
         from engine.pipeline.ensemble import EnsembleConfig
         from engine.pipeline.job import reprocess
-        from engine.pipeline.run_folder import read_manifest, refuse_foreign
+        from engine.pipeline.run_folder import earlier_run
         from engine.registry import ModelRegistry
 
         from engine.registry.backend import check_existing
@@ -88,9 +88,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.stores.uri import durable
 
         read_catalog(durable(args.archive, "--archive"))
-        out = durable(args.out, "--out")
-        if read_manifest(out) is None:
-            refuse_foreign(out)  # someone else's folder: not written into, not cleared
+        earlier_run(durable(args.out, "--out"))  # someone else's folder: not written into, not cleared
         check_existing(args.tracking_uri)
         registry = ModelRegistry(args.tracking_uri)
         version = registry.get(args.models)

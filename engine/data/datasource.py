@@ -24,7 +24,7 @@ import numpy as np
 from ray.data.block import BlockMetadata
 from ray.data.datasource import Datasource, ReadTask
 
-from engine.data.tile_plan import ImageTiles, ReadSpec, plan_image, plan_reads
+from engine.data.tile_plan import DEFAULT_TOLERANCE, ImageTiles, ReadSpec, plan_image, plan_reads
 from engine.data.tile_read import read_tiles
 from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import CATALOG_FILE, id_name_problem, read_catalog, row_problems
@@ -34,7 +34,6 @@ from engine.tiling.grid import TileKey
 
 DEFAULT_TARGET_BYTES = 64 * 2**20
 DEFAULT_MAX_TASKS = 20_000
-DEFAULT_TOLERANCE = 1.5
 # How far below an image's folder symbolic links are looked for (`escaping_link`): the
 # folder, its levels and labels/ group, their arrays and label images, and those
 # label images' levels, which a job writes into. Chunk files lie deeper; listing them

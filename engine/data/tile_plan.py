@@ -55,6 +55,10 @@ class PlanningError(GrainflowError):
     """An image whose tiles cannot be planned at the asked pixel size."""
 
 
+# A pyramid level within this factor of the target pixel size is read as stored (the
+# batch job's, the endpoint's and detector training's default; `choose_level`).
+DEFAULT_TOLERANCE = 1.5
+
 # Pixels whose y and x sizes differ by less than this factor are read as square: a 1%
 # stretch changes no detector's answer, and a TIFF's rational resolutions round.
 SQUARE_WITHIN = 1.01

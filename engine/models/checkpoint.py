@@ -53,11 +53,11 @@ _TORCH_GLOBALS = ("torch.", "collections.OrderedDict")
 def sha256_file(path: str | Path) -> str:
     """Hex sha256 of a file's bytes."""
     with open(path, "rb") as f:
-        return _sha256_of(f)
+        return sha256_of(f)
 
 
-def _sha256_of(f: BinaryIO) -> str:
-    """Hex sha256 of an open file's bytes from where it stands to its end."""
+def sha256_of(f: BinaryIO) -> str:
+    """Hex sha256 of an open file's bytes (local or fsspec) from where it stands to its end."""
     h = hashlib.sha256()
     for block in iter(lambda: f.read(1 << 20), b""):
         h.update(block)
@@ -116,7 +116,7 @@ def _open_checked(path: str | Path, expected_sha256: str | None) -> tuple[Binary
         raise CheckpointError(f"{path}: no such checkpoint file") from None
     before = os.fstat(f.fileno())
     if expected is not None:
-        actual = _sha256_of(f)
+        actual = sha256_of(f)
         if actual != expected.lower():
             f.close()
             raise ChecksumMismatchError(str(path), expected.lower(), actual)

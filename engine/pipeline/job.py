@@ -69,6 +69,7 @@ from typing import Any, Mapping
 import numpy as np
 
 from engine.data.ledger import Ledger, put_file, table_bytes
+from engine.data.tile_plan import DEFAULT_TOLERANCE
 from engine.data.sinks import (
     DEFAULT_LABEL_NAME, LABELS_DIR, SUMMARY_FILE, LabelTarget, WriteTileOutputs, create_label_arrays, finish_image,
     label_dtype, summary_table, unplanned_summary_row, write_image_error,
@@ -76,11 +77,10 @@ from engine.data.sinks import (
 from engine.errors import GrainflowError, error_message
 from engine.pipeline.ensemble import Ensemble, EnsembleConfig
 from engine.pipeline.results import error_text
-from engine.pipeline.run_folder import MANIFEST, PREPROCESS_DIR, clear_run, read_manifest, refuse_foreign
+from engine.pipeline.run_folder import MANIFEST, PREPROCESS_DIR, clear_run, earlier_run
 from engine.stores.uri import StoreLocation, resolve
 
 LABEL_MODES = ("auto", "image", "out", "none")
-DEFAULT_TOLERANCE = 1.5
 _GROUP = 16  # images per prepare task
 # What makes two runs' outputs differ: a resumed run must match the ledger's run on all of them.
 _SETTINGS = ("archive", "bundle", "target_pixel_size_nm", "tolerance", "tile_size", "halo", "labels", "label_name",
@@ -337,9 +337,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     started = time.perf_counter()
     stages: dict[str, float] = {}
     archive, out = resolve(archive), resolve(out)
-    earlier = read_manifest(out)  # the run whose outputs `out` holds, if any
-    if earlier is None:
-        refuse_foreign(out)
+    earlier = earlier_run(out)  # the run whose outputs `out` holds, if any; not someone else's folder
     config = config or EnsembleConfig()
     if registry is None:
         from engine.registry import ModelRegistry

@@ -47,6 +47,16 @@ def read_manifest(out: StoreLocation) -> dict[str, Any] | None:
     return manifest
 
 
+def earlier_run(out: StoreLocation) -> dict[str, Any] | None:
+    """The manifest of the run whose outputs `out` holds (`read_manifest`), None for a
+    folder that holds nothing a run writes; someone else's folder is refused
+    (`refuse_foreign`)."""
+    earlier = read_manifest(out)
+    if earlier is None:
+        refuse_foreign(out)
+    return earlier
+
+
 def refuse_foreign(out: StoreLocation) -> None:
     """Raise GrainflowError when `out`, which holds no run's manifest, holds any name a
     run writes there (`_OUTPUT_NAMES`): those are someone else's files, which a run would
@@ -72,7 +82,8 @@ def clear_run(out: StoreLocation, manifest: Mapping[str, Any]) -> None:
     stays: the caller replaces it, so an interrupted clear leaves a folder still marked
     as a run's, which the next run clears again."""
     fs = out.filesystem()
-    quoted = {urllib.parse.quote(str(image_id), safe="") for image_id in manifest.get("checksums", {})}
+    quoted = [urllib.parse.quote(str(image_id), safe="") for image_id in manifest.get("checksums", {})]
+    params, label_images = {f"{q}.json" for q in quoted}, {f"{q}.ome.zarr" for q in quoted}
     doomed = [path for path, name in _entries(fs, out)
               if name != MANIFEST and _LEFTOVER.sub("", name) in (SUMMARY_FILE, MANIFEST)]
     for table in _TABLES:
@@ -81,9 +92,9 @@ def clear_run(out: StoreLocation, manifest: Mapping[str, Any]) -> None:
     doomed += [path for path, name in _entries(fs, out.join(LEDGER_DIR))
                if _LEFTOVER.sub("", name).endswith(".parquet")]
     doomed += [path for path, name in _entries(fs, out.join(PREPROCESS_DIR))
-               if _LEFTOVER.sub("", name) in {f"{q}.json" for q in quoted}]
+               if _LEFTOVER.sub("", name) in params]
     doomed += [path for path, name in _entries(fs, out.join(LABELS_DIR))
-               if name in {f"{q}.ome.zarr" for q in quoted} or _is_label_root(fs, path, name)]
+               if name in label_images or _is_label_root(fs, path, name)]
     for path in doomed:
         fs.rm(path, recursive=True)
     if out.scheme == "file":  # folders left empty (an object store has none)
@@ -116,4 +127,4 @@ def _is_label_root(fs, path: str, name: str) -> bool:
             and name == f"{urllib.parse.quote(str(mark['image_id']), safe='')}.ome.zarr")
 
 
-__all__ = ["MANIFEST", "PREPROCESS_DIR", "clear_run", "read_manifest", "refuse_foreign"]
+__all__ = ["MANIFEST", "PREPROCESS_DIR", "clear_run", "earlier_run", "read_manifest", "refuse_foreign"]

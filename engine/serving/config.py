@@ -174,7 +174,7 @@ class ServeConfig(BaseModel):
 
     def user_config(self) -> dict[str, Any]:
         """What replicas get through `reconfigure`: the parts that may change live."""
-        return {"split": dict(self.split), "generation": self.generation, "alias_ttl_s": self.alias_ttl_s}
+        return self.model_dump(include=set(LIVE_FIELDS))
 
     def with_live_settings(self, user_config: Any) -> ServeConfig:
         """This config with a deployment's `user_config` (the live settings: `LIVE_FIELDS`)

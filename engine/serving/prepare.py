@@ -113,8 +113,8 @@ def _prepare(loc, pixels: np.ndarray, *, modality: str, pixel_size_yx_nm: tuple[
     """`prepare_image` through the scratch store `loc` (a StoreLocation); pixel_size_yx_nm: (y, x) nm."""
     from ray.data.block import BlockAccessor
 
-    from engine.data.datasource import DEFAULT_TARGET_BYTES, DEFAULT_TOLERANCE
-    from engine.data.tile_plan import pixel_size_text, plan_image, plan_reads
+    from engine.data.datasource import DEFAULT_TARGET_BYTES
+    from engine.data.tile_plan import DEFAULT_TOLERANCE, pixel_size_text, plan_image, plan_reads
     from engine.data.tile_read import read_tiles
     from engine.stores.image import open_image
     from engine.stores.writer import write_image

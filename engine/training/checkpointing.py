@@ -18,7 +18,6 @@ builder, input size and builder arguments (`config_differences`).
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import posixpath
@@ -30,7 +29,9 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from engine.models.checkpoint import load_into, load_state_dict, load_weights_only, read_config, save_checkpoint
+from engine.models.checkpoint import (
+    load_into, load_state_dict, load_weights_only, read_config, save_checkpoint, sha256_of, sidecar_path,
+)
 from engine.models.errors import CheckpointError
 
 if TYPE_CHECKING:
@@ -40,7 +41,7 @@ if TYPE_CHECKING:
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.pt"
 STATE_FILE = "state.json"
-SIDECAR_FILE = MODEL_FILE + ".sha256"
+SIDECAR_FILE = sidecar_path(MODEL_FILE).name
 # Ray Train's directory of one report: loop.py names it checkpoint_dir_name=epoch_NNNN.
 EPOCH_DIR = re.compile(r"epoch_(\d+)")
 # Ray Train's record of a run's reported checkpoints, in the run's folder; a restarted
@@ -228,11 +229,9 @@ def _incomplete(directory: StoreLocation) -> str | None:
     with fs.open(sidecar.path, "rb") as f:
         words = f.read(200).decode(errors="replace").split()
     expected = words[0].lower() if words else ""
-    digest = hashlib.sha256()
     with fs.open(model.path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 22), b""):
-            digest.update(block)
-    if digest.hexdigest() != expected:
+        digest = sha256_of(f)
+    if digest != expected:
         return f"{MODEL_FILE} does not match its sha256 sidecar (a copy cut off, or a damaged file)"
     return None
 

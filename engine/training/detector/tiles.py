@@ -34,7 +34,7 @@ import numpy as np
 import pandas as pd
 
 from engine.data.sample_plan import level_grid
-from engine.data.tile_plan import choose_level, choose_square_pixels, is_square
+from engine.data.tile_plan import DEFAULT_TOLERANCE, choose_level, choose_square_pixels, is_square
 from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import read_catalog, read_table
 from engine.stores.ngff import to_nanometres
@@ -259,8 +259,6 @@ def job_target(image, level: int, pixel_size_nm: float | None) -> tuple[float, f
     model that records no pixel size: native pixels of `level` (its x size, tolerance
     inf), as the job and the endpoint read such a model."""
     if pixel_size_nm is not None:
-        from engine.data.datasource import DEFAULT_TOLERANCE
-
         return float(pixel_size_nm), DEFAULT_TOLERANCE
     from engine.tiling.transform import LevelTransform
 
