@@ -223,12 +223,14 @@ def _overlays(run: Run, classes: list[str]) -> str:
             "no overlays: the archive is not readable" + (f" ({run.archive_note})" if run.archive_note else ""),
             warn=True)])
     s = run.summary.sort_values(["n_defects", "image_id"], ascending=[False, True])
-    ids = list(islice((i for i in s["image_id"] if run.image_location(i) is not None), MAX_OVERLAYS))
+    # each image's location looked up once: it checks the image's folder for links out of the archive
+    located = ((i, run.image_location(i)) for i in s["image_id"])
+    shown = list(islice(((i, loc) for i, loc in located if loc is not None), MAX_OVERLAYS))
     figs = []
     notes = []
-    for image_id in ids:
+    for image_id, location in shown:
         try:
-            ov = read_overlay(run.out, image_id, run.image_location(image_id), run.labels_location(image_id))
+            ov = read_overlay(run.out, image_id, location, run.labels_location(image_id))
         except (GrainflowError, OSError) as exc:  # one unreadable image does not cost the whole report
             notes.append(html.note(f"{image_id}: no overlay ({type(exc).__name__}: {exc})", warn=True))
             continue
