@@ -10,8 +10,10 @@ DEMO_DIR ?= out/demo
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "grainflow needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test,bench]'
+	# No `pip install --upgrade pip`: the venv's own pip installs this project. --no-compile:
+	# Python writes the bytecode of what is actually imported on first import; compiling all
+	# of torch, Ray and the rest up front took ~30 s of the install on 2 cores.
+	$(PY) -m pip install --quiet --no-compile -e '.[test,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)

@@ -55,10 +55,15 @@ def one_node(ray_session, job_archive, job_registry, tmp_path_factory):
     return snapshot(out)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def cluster():
     """Head (1 CPU) + worker nodes a and b (1 CPU each, custom resources node-a/node-b):
-    two ensemble actors of 1 CPU cannot share a node."""
+    two ensemble actors of 1 CPU cannot share a node.
+
+    One cluster for the module (each start costs ~10 s of both cores): each test counts
+    only its own job's tasks (`earlier_jobs`), and test_worker_node_killed_mid_job, which
+    replaces a worker node, leaves three nodes of the same shape (head + 2 workers).
+    """
     from ray._common.utils import get_default_ray_temp_dir
     from ray.cluster_utils import Cluster
 
@@ -72,6 +77,12 @@ def cluster():
         "dashboard_agent_listen_port": free_port(), "runtime_env_agent_port": free_port(),
         "metrics_export_port": free_port(), "ray_client_server_port": free_port(),
         "object_store_memory": 200 * 1024**2,
+        # A killed raylet refuses the GCS's health check at once, and the GCS declares the
+        # node dead after 5 failed checks (health_check_failure_threshold): 3 s apart by
+        # default, ~15 s during which the killed node's tile waits for its actor's
+        # restart. 1 s apart: the same 5 failures, and a slow but live raylet still has
+        # the default 10 s per check (health_check_timeout_ms) to answer.
+        "_system_config": {"health_check_period_ms": 1000},
     })
     c.workers = {name: add_node(c, name) for name in ("node-a", "node-b")}
     yield c
@@ -114,17 +125,27 @@ def finish(proc: subprocess.Popen, timeout_s: float = 300) -> dict:
     return json.loads(stdout.strip().splitlines()[-1])
 
 
-def ensemble_calls_by_node(cluster) -> dict[str, int]:
-    """Finished ensemble actor tasks per node id, from Ray's state API (the dashboard's
-    REST endpoint, so this process stays unconnected)."""
+def cluster_tasks(cluster) -> list[dict]:
+    """Every task Ray's state API knows of (the dashboard's REST endpoint, so this
+    process stays unconnected)."""
     url = f"http://{cluster.webui_url}/api/v0/tasks?detail=1&limit=10000"
     token = Path(os.environ.get("RAY_AUTH_TOKEN_PATH", Path.home() / ".ray" / "auth_token"))
     headers = {"Authorization": f"Bearer {token.read_text().strip()}"} if token.exists() else {}
     with urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=60) as r:
-        tasks = json.load(r)["data"]["result"]["result"]
+        return json.load(r)["data"]["result"]["result"]
+
+
+def earlier_jobs(cluster) -> set[str]:
+    """The jobs that have run tasks on the (module's shared) cluster so far."""
+    return {t["job_id"] for t in cluster_tasks(cluster)}
+
+
+def ensemble_calls_by_node(cluster, skip_jobs: set[str]) -> dict[str, int]:
+    """Finished ensemble actor tasks per node id, of the jobs not in `skip_jobs`."""
     counts: dict[str, int] = {}
-    for t in tasks:
-        if ENSEMBLE_TASK in t.get("name", "") and t.get("state") == "FINISHED" and t.get("type") == "ACTOR_TASK":
+    for t in cluster_tasks(cluster):
+        if (ENSEMBLE_TASK in t.get("name", "") and t.get("state") == "FINISHED" and t.get("type") == "ACTOR_TASK"
+                and t["job_id"] not in skip_jobs):
             counts[t["node_id"]] = counts.get(t["node_id"], 0) + 1
     return counts
 
@@ -135,22 +156,24 @@ def node_ids(cluster) -> dict[str, str]:
     return ids
 
 
-def test_tiles_on_several_nodes_same_outputs_as_one_node(cluster, one_node, job_archive, job_registry, tmp_path):
+def test_tiles_on_several_nodes_same_outputs_as_one_node(one_node, cluster, job_archive, job_registry, tmp_path):
     out = tmp_path / "out"
+    before = earlier_jobs(cluster)
     result = finish(start_driver(cluster, job_archive, out, job_registry))
     assert (result["tiles_done"], result["errors"]) == (N_TILES, 0)
 
-    by_node = ensemble_calls_by_node(cluster)
+    by_node = ensemble_calls_by_node(cluster, skip_jobs=before)
     assert len(by_node) >= 2, f"the ensemble ran on one node only: {by_node}"
     assert set(by_node) <= set(node_ids(cluster).values())
     assert_same_outputs(one_node, snapshot(out))
 
 
-def test_worker_node_killed_mid_job(cluster, one_node, job_archive, job_registry, tmp_path):
+def test_worker_node_killed_mid_job(one_node, cluster, job_archive, job_registry, tmp_path):
     """A worker node dies once some tiles are written; a fresh node joins (as the
     autoscaler would add one); the job completes with every tile written once and the
     outputs of a clean run."""
     out = tmp_path / "out"
+    before = earlier_jobs(cluster)
     proc = start_driver(cluster, job_archive, out, job_registry)
     ledger = Ledger(out)
     deadline = time.monotonic() + 240
@@ -158,7 +181,7 @@ def test_worker_node_killed_mid_job(cluster, one_node, job_archive, job_registry
         time.sleep(0.1)
     at_kill = len(ledger.keys())
     assert proc.poll() is None and 2 <= at_kill < N_TILES, "the node must be killed mid-job"
-    busy = ensemble_calls_by_node(cluster)
+    busy = ensemble_calls_by_node(cluster, skip_jobs=before)
     # the worker node whose ensemble actor has done the most work, else node-b
     victim = max(cluster.workers, key=lambda n: busy.get(cluster.workers[n].node_id, 0))
     cluster.remove_node(cluster.workers.pop(victim), allow_graceful=False)
