@@ -104,14 +104,23 @@ class TestArguments:
         from engine.synth.archive import generate_archive
 
         generate_archive(tmp_path / "a", n_images=2, seed=0, size=128, chunk=64)
-        for bad, words in ((["--tile", "100"], "multiple of 32"), (["--val-fraction", "0"], "val_fraction")):
-            proc = subprocess.run(
-                [sys.executable, "-m", "jobs.finetune", "--model", "detector:yolov8n_tiny", "--archive",
-                 str(tmp_path / "a"), "--storage", str(tmp_path / "runs"), *bad],
-                cwd=ROOT, capture_output=True, text=True, timeout=120,
-                env={k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"})
-            assert proc.returncode == 2 and words in proc.stderr, proc.stderr[-2000:]
-            assert "Started a local Ray" not in proc.stderr
+        env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+        cases = ((["--tile", "100"], "multiple of 32"), (["--val-fraction", "0"], "val_fraction"))
+        # Both jobs at once: each is mostly a Python start-up importing torch and Ray on
+        # one core, so one after the other would leave the second core idle.
+        running = [(words, subprocess.Popen(
+            [sys.executable, "-m", "jobs.finetune", "--model", "detector:yolov8n_tiny", "--archive",
+             str(tmp_path / "a"), "--storage", str(tmp_path / "runs"), *bad],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)) for bad, words in cases]
+        try:
+            for words, proc in running:
+                _, stderr = proc.communicate(timeout=120)
+                assert proc.returncode == 2 and words in stderr, stderr[-2000:]
+                assert "Started a local Ray" not in stderr
+        finally:
+            for _, proc in running:  # one that failed an assertion or hung must not outlive the test
+                proc.kill()
+                proc.wait()
 
 
 class TestFinetuneJob:
