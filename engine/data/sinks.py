@@ -80,7 +80,6 @@ from __future__ import annotations
 import json
 import math
 import re
-import urllib.parse
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Mapping, Sequence
@@ -93,6 +92,7 @@ from engine.data.ledger import Ledger, put_file, table_bytes
 from engine.data.objects import (DETECTION_SCHEMA, OBJECT_SCHEMA, TileDetections, WholeObjects, image_objects,
                                  stitch_objects, tile_detections)
 from engine.errors import MetadataError
+from engine.stores.catalog import id_file_stem
 from engine.stores.uri import StoreLocation, resolve
 from engine.tiling.grid import TileKey, TileSpec
 
@@ -144,7 +144,7 @@ JSON), density = n_defects / core area of the done tiles; model_versions is JSON
 
 def partition(image_id: str) -> str:
     """The hive partition folder of an image: ``image_id=<id>`` (percent-encoded)."""
-    return f"image_id={urllib.parse.quote(str(image_id), safe='')}"
+    return f"image_id={id_file_stem(image_id)}"
 
 
 def tile_file(level: int, y: int, x: int) -> str:

@@ -61,7 +61,6 @@ from __future__ import annotations
 import json
 import math
 import time
-import urllib.parse
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from typing import Any, Mapping
@@ -78,6 +77,7 @@ from engine.errors import GrainflowError, error_message
 from engine.pipeline.ensemble import Ensemble, EnsembleConfig
 from engine.pipeline.results import error_text
 from engine.pipeline.run_folder import MANIFEST, PREPROCESS_DIR, clear_run, earlier_run
+from engine.stores.catalog import id_file_stem
 from engine.stores.uri import StoreLocation, resolve
 
 LABEL_MODES = ("auto", "image", "out", "none")
@@ -205,7 +205,7 @@ def params_from_json(data: bytes):
 
 
 def _params_location(out: StoreLocation, image_id: str) -> StoreLocation:
-    return out.join(PREPROCESS_DIR, f"{urllib.parse.quote(str(image_id), safe='')}.json")
+    return out.join(PREPROCESS_DIR, f"{id_file_stem(image_id)}.json")
 
 
 # ---------------------------------------------------------------------------- Ray tasks
@@ -241,7 +241,7 @@ def _prepare_images(out: StoreLocation, plans: list, *, labels: str, label_name:
         dtype = label_dtype(plan.n_tiles, id_stride)
         beside = LabelTarget(plan.image_id, plan.location, label_name, plan, id_stride, dtype, plan.location,
                              write=labels != "none")
-        aside = LabelTarget(plan.image_id, out.join(LABELS_DIR, f"{urllib.parse.quote(plan.image_id, safe='')}.ome.zarr"),
+        aside = LabelTarget(plan.image_id, out.join(LABELS_DIR, f"{id_file_stem(plan.image_id)}.ome.zarr"),
                             label_name, plan, id_stride, dtype, plan.location)
         if labels == "none":
             target = beside

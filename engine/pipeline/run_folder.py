@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import json
 import re
-import urllib.parse
 from typing import Any, Mapping
 
 from engine.data.ledger import LEDGER_DIR
 from engine.data.sinks import DETECTIONS, ERRORS, LABELS_DIR, OBJECTS, SUMMARY_FILE, TILES
 from engine.errors import GrainflowError
+from engine.stores.catalog import id_file_stem
 from engine.stores.uri import StoreLocation
 
 MANIFEST = "job.json"
@@ -82,7 +82,7 @@ def clear_run(out: StoreLocation, manifest: Mapping[str, Any]) -> None:
     stays: the caller replaces it, so an interrupted clear leaves a folder still marked
     as a run's, which the next run clears again."""
     fs = out.filesystem()
-    quoted = [urllib.parse.quote(str(image_id), safe="") for image_id in manifest.get("checksums", {})]
+    quoted = [id_file_stem(image_id) for image_id in manifest.get("checksums", {})]
     params, label_images = {f"{q}.json" for q in quoted}, {f"{q}.ome.zarr" for q in quoted}
     doomed = [path for path, name in _entries(fs, out)
               if name != MANIFEST and _LEFTOVER.sub("", name) in (SUMMARY_FILE, MANIFEST)]
@@ -124,7 +124,7 @@ def _is_label_root(fs, path: str, name: str) -> bool:
         return False
     mark = attributes.get("grainflow") if isinstance(attributes, dict) else None
     return (isinstance(mark, dict) and "source_image" in mark and "image_id" in mark
-            and name == f"{urllib.parse.quote(str(mark['image_id']), safe='')}.ome.zarr")
+            and name == f"{id_file_stem(mark['image_id'])}.ome.zarr")
 
 
 __all__ = ["MANIFEST", "PREPROCESS_DIR", "clear_run", "earlier_run", "read_manifest", "refuse_foreign"]

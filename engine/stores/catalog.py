@@ -261,11 +261,19 @@ def row_problems(row: dict[str, Any]) -> list[str]:
     return problems
 
 
+def id_file_stem(image_id: str) -> str:
+    """`image_id` as it names files in a run's outputs: percent-encoded (each byte of
+    UTF-8 outside [A-Za-z0-9_.~-] as %XX), so any id names one file and never a path.
+    The tables' partitions (``image_id=<stem>``, `engine.data.sinks.partition`), the
+    preprocessing parameters (``<stem>.json``) and the label images (``<stem>.ome.zarr``)
+    are all named by it."""
+    return urllib.parse.quote(str(image_id), safe="")
+
+
 def encoded_id_bytes(image_id: str) -> int:
-    """Bytes of `image_id` percent-encoded, as it is in the job's output file names
-    (`engine.data.sinks.partition`): 3 per byte of UTF-8 outside [A-Za-z0-9_.~-], so
-    9 per CJK character."""
-    return len(urllib.parse.quote(image_id, safe=""))
+    """Bytes of `id_file_stem(image_id)`: 3 per byte of UTF-8 outside [A-Za-z0-9_.~-],
+    so 9 per CJK character."""
+    return len(id_file_stem(image_id))
 
 
 def id_name_problem(image_id: str) -> str | None:
