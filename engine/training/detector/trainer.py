@@ -20,6 +20,7 @@ import after `engine.runtime.configure_offline()`.
 
 from __future__ import annotations
 
+import copy
 from typing import Sequence
 
 import torch
@@ -51,6 +52,7 @@ class ArchiveDetectionTrainer(DetectionTrainer):
         self._tiles = {s: list(tiles[s]) for s in SPLITS}
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: int | None = None
+        self._best_validation: tuple[dict, object] | None = None
         super().__init__(overrides=overrides)
         # Integration callbacks were added in __init__ (from the user's Ultralytics settings);
         # their setup hooks run later (on_pretrain_routine_end), so dropping them here is in time.
@@ -91,18 +93,28 @@ class ArchiveDetectionTrainer(DetectionTrainer):
         return None  # no checkpoint to resume from
 
     def save_model(self) -> bool:
-        """Remember the EMA weights when this epoch has the best fitness so far (in memory)."""
+        """Remember the EMA weights when this epoch has the best fitness so far (in memory),
+        with this epoch's validation of them (Ultralytics calls this right after it)."""
         if self.best_fitness is not None and self.best_fitness == self.fitness:
             self.best_state = {k: v.detach().to("cpu", copy=True) for k, v in self.ema.ema.state_dict().items()}
             self.best_epoch = self.epoch
+            self._best_validation = (dict(self.metrics), copy.deepcopy(self.validator.metrics))
         return True
 
     def final_eval(self) -> None:
-        """Validate the best epoch's weights (Ultralytics reloads best.pt here; we keep them in memory)."""
+        """The best epoch's weights in the EMA model and their validation as the trainer's
+        `metrics` (and the validator's per-class `metrics`). Ultralytics validates best.pt
+        once more here; these weights were validated just before they were kept, and a
+        second pass over the same tiles would repeat those numbers for the cost of one
+        more epoch's validation, so the numbers kept with the weights are used (the pass is
+        made only to draw plots, when asked for)."""
         if self.best_state is None:
             return
         self.ema.ema.load_state_dict(self.best_state)
-        self.validator.args.plots = self.args.plots
+        if not self.args.plots:
+            self.metrics, self.validator.metrics = self._best_validation
+            return
+        self.validator.args.plots = True  # the pass draws the best epoch's plots
         metrics = self.validator(trainer=self)
         if metrics is not None:
             metrics.pop("fitness", None)
