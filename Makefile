@@ -7,13 +7,14 @@ DEMO_DIR ?= out/demo
 
 .PHONY: venv browser demo test test-all bench clean
 
+# The venv's own pip installs the project (no `pip install --upgrade pip`, a download and
+# ~7 s). Bytecode is compiled at install (pip's default), not left to first import: where
+# PYTHONDONTWRITEBYTECODE is set, as on this machine, every test process and Ray worker
+# would compile torch and Ray again.
 $(STAMP): pyproject.toml
 	@$(PYTHON) -c 'import sys; assert sys.version_info[:2] == (3, 11), "grainflow needs Python 3.11"'
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	# No `pip install --upgrade pip`: the venv's own pip installs this project. --no-compile:
-	# Python writes the bytecode of what is actually imported on first import; compiling all
-	# of torch, Ray and the rest up front took ~30 s of the install on 2 cores.
-	$(PY) -m pip install --quiet --no-compile -e '.[test,bench]'
+	$(PY) -m pip install --quiet -e '.[test,bench]'
 	touch $(STAMP)
 
 venv: $(STAMP)
