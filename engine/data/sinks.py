@@ -92,7 +92,7 @@ from engine.data.ledger import Ledger, put_file, table_bytes
 from engine.data.objects import (DETECTION_SCHEMA, OBJECT_SCHEMA, TileDetections, WholeObjects, image_objects,
                                  stitch_objects, tile_detections)
 from engine.errors import MetadataError
-from engine.stores.catalog import id_file_stem
+from engine.stores.id_names import id_file_stem
 from engine.stores.uri import StoreLocation, resolve
 from engine.tiling.grid import TileKey, TileSpec
 

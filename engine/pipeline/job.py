@@ -77,7 +77,7 @@ from engine.errors import GrainflowError, error_message
 from engine.pipeline.ensemble import Ensemble, EnsembleConfig
 from engine.pipeline.results import error_text
 from engine.pipeline.run_folder import MANIFEST, PREPROCESS_DIR, clear_run, earlier_run
-from engine.stores.catalog import id_file_stem
+from engine.stores.id_names import id_file_stem
 from engine.stores.uri import StoreLocation, resolve
 
 LABEL_MODES = ("auto", "image", "out", "none")

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from engine.data.ledger import LEDGER_DIR
 from engine.data.sinks import DETECTIONS, ERRORS, LABELS_DIR, OBJECTS, SUMMARY_FILE, TILES
 from engine.errors import GrainflowError
-from engine.stores.catalog import id_file_stem
+from engine.stores.id_names import id_file_stem
 from engine.stores.uri import StoreLocation
 
 MANIFEST = "job.json"

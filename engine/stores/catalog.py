@@ -22,7 +22,6 @@ import io
 import logging
 import os
 import threading
-import urllib.parse
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Iterable
@@ -32,6 +31,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from engine.errors import InvalidURIError, MetadataError
+from engine.stores.id_names import id_file_stem
 from engine.stores.locks import lock_for
 from engine.stores.uri import StoreLocation, resolve
 
@@ -259,15 +259,6 @@ def row_problems(row: dict[str, Any]) -> list[str]:
     elif "://" in uri or uri.startswith("/") or ".." in uri.replace("\\", "/").split("/"):
         problems.append(f"uri {uri!r} must be a path inside the archive, relative to it")
     return problems
-
-
-def id_file_stem(image_id: str) -> str:
-    """`image_id` as it names files in a run's outputs: percent-encoded (each byte of
-    UTF-8 outside [A-Za-z0-9_.~-] as %XX), so any id names one file and never a path.
-    The tables' partitions (``image_id=<stem>``, `engine.data.sinks.partition`), the
-    preprocessing parameters (``<stem>.json``) and the label images (``<stem>.ome.zarr``)
-    are all named by it."""
-    return urllib.parse.quote(str(image_id), safe="")
 
 
 def encoded_id_bytes(image_id: str) -> int:
