@@ -4,6 +4,10 @@ VENV := .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= out/demo
+# Test processes: each runs whole test packages (tests/conftest.py's scheduler); one per
+# core here. TEST_WORKERS=0 runs the suite in this process.
+TEST_WORKERS ?= 2
+PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
 
 .PHONY: venv browser demo test test-all bench clean
 
@@ -31,10 +35,10 @@ browser:
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest
+	$(PY) -m pytest $(PYTEST_PARALLEL)
 
 test-all: $(STAMP) browser
-	$(PY) -m pytest -m ''
+	$(PY) -m pytest $(PYTEST_PARALLEL) -m ''
 
 bench: $(STAMP)
 	$(PY) benchmarks/stores.py

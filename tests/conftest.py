@@ -10,10 +10,51 @@ import pytest
 
 
 def pytest_configure(config):
+    if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1:
+        # Test processes share the machine's cores: one torch thread each (read when
+        # torch starts; subprocesses and this worker's Ray inherit it), where two
+        # threads per process would spin-wait for each other's cores.
+        os.environ.setdefault("OMP_NUM_THREADS", "1")
     # Every Ray node the tests start (ray.cluster_utils.Cluster's too) would post Ray's
     # "usage disabled" report outward; tests talk to 127.0.0.1 only (discard port).
     os.environ.setdefault("RAY_USAGE_STATS_REPORT_URL", "http://127.0.0.1:9/")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+
+
+# The test packages that take longest (minutes each on 2 cores), longest first; the rest
+# follow in collection order. With two workers, starting these first keeps one long
+# package from being left to run alone at the end.
+_LONGEST_PACKAGES = ("pipeline", "serving", "notebooks", "training", "cluster", "data")
+
+
+def _package(nodeid: str) -> str:
+    """The test package a node id belongs to (``tests/<package>/...``), or the module's
+    name for a test file directly under tests/."""
+    parts = nodeid.split("::", 1)[0].split("/")
+    return parts[1] if len(parts) > 2 else parts[-1].removesuffix(".py")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Under pytest-xdist (`make test`) the longest packages are handed out first."""
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        rank = {name: i for i, name in enumerate(_LONGEST_PACKAGES)}
+        items.sort(key=lambda item: rank.get(_package(item.nodeid), len(rank)))
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """`make test` runs the suite in pytest-xdist workers, one test package at a time per
+    worker: a package's session- and package-scoped fixtures (an archive, trained models,
+    a Serve app, a multi-node cluster) are built once, in one worker, not in every one.
+
+    (xdist's own `--dist loadgroup` would do it from marks, but xdist 3.8 cannot rename
+    node ids under pytest 9.2, so its groups are silently ignored.)"""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class PackageScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _package(nodeid)
+
+    return PackageScheduling(config, log)
 
 
 def _free_port() -> int:

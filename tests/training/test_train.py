@@ -79,7 +79,11 @@ class TestFusionTraining:
         result, _, _, _, seconds = fusion_run
         assert [h["epoch"] for h in result.history] == list(range(1, EPOCHS + 1))
         losses = [h["train_loss"] for h in result.history]
-        assert losses[-1] < 0.85 * losses[0], losses
+        # Every epoch lower, and by a tenth over three: runs of this setup end at 0.82-0.85
+        # of the first epoch's loss (Ray Data's read order and torch's threads vary), so
+        # a tighter bound fails on noise, while a run that does not learn stays near 1.
+        assert all(a > b for a, b in zip(losses, losses[1:])), losses
+        assert losses[-1] < 0.9 * losses[0], losses
         assert (result.train_samples, result.val_samples) == (38, 10)  # 4 images x 12 tiles, 20 % held out
         for h in result.history:
             assert h["train_samples_per_s"] > 0
