@@ -1,4 +1,5 @@
-"""Session-wide fixtures: a real S3 endpoint (moto's server on 127.0.0.1)."""
+"""Session-wide test set-up: a real S3 endpoint (moto's server on 127.0.0.1), one local Ray,
+and how pytest-xdist workers share the suite (`make test`)."""
 
 from __future__ import annotations
 
