@@ -67,6 +67,8 @@ def main(argv: list[str] | None = None) -> int:
             models = train_demo_models(train_archive, registry=registry, out_dir=root / "models",
                                        detector_epochs=args.detector_epochs, detector_val_archive=val_archive,
                                        epochs=args.epochs,
+                                       # one worker on every CPU of this embedded Ray: nothing else runs
+                                       cpus_per_worker=max(1, int(ray.cluster_resources().get("CPU", 1))),
                                        # Ultralytics warms up for 3 epochs by default: most of a short run.
                                        detector_hyperparameters={"warmup_epochs": 0.5})
             for role, seconds in models.seconds.items():

@@ -35,6 +35,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--storage", required=True, help="checkpoint storage (local path or s3:// URI)")
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--workers", type=int, default=None, help="DDP workers (default 2)")
+    p.add_argument("--cpus-per-worker", type=int, default=None,
+                   help="CPU slots each worker holds, and its torch threads (default 1; the detector's task: 2)")
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="use GPUs (auto: when the cluster has one per worker)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per worker per step")
     p.add_argument("--lr", type=float, default=None,
@@ -89,6 +91,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.max_failures is not None and args.max_failures < 0:
         p.error(f"--max-failures must be >= 0 (Ray Train would read {args.max_failures} as unlimited), "
                 f"got {args.max_failures}")
+    if args.cpus_per_worker is not None and args.cpus_per_worker < 1:
+        p.error(f"--cpus-per-worker must be >= 1, got {args.cpus_per_worker}")
     if args.tile is not None and args.tile < 1:
         p.error(f"--tile must be >= 1 pixel (leave it out for the model's input size), got {args.tile}")
     scheme = args.storage.partition("://")[0].lower() if "://" in args.storage else ""
@@ -127,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = train(
                 args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
-                num_workers=args.workers, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
+                num_workers=args.workers, cpus_per_worker=args.cpus_per_worker or 1, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
                 batch_size=args.batch_size, lr=1e-3 if args.lr is None else args.lr, lr_schedule=args.lr_schedule,
                 cache={"auto": None, "yes": True, "no": False}[args.cache], augment=args.augment, seed=args.seed,
                 val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
@@ -182,7 +186,8 @@ def _train_detector(args: argparse.Namespace) -> dict:
         # one that is no synthetic archive, was never gated or changed since: named here,
         # not ~30 s later from the Ray task
         accepted_image_ids(args.synthetic)
-    ensure_ray(1)
+    cpus = args.cpus_per_worker or 2
+    ensure_ray(cpus)
     if args.gpu == "yes":
         check_gpus(1)  # a task asking for a GPU no node has or can get would wait forever
     registry = ModelRegistry(args.tracking_uri) if args.register else None
@@ -190,7 +195,7 @@ def _train_detector(args: argparse.Namespace) -> dict:
     run_name = args.run_name or f"detector-{args.model_name}-{time.strftime('%Y%m%d-%H%M%S')}"
     result = train_detector_on_ray(
         args.archive, out_dir=storage.join(run_name).path,
-        model=args.model_name, epochs=args.epochs, batch=args.batch_size, seed=args.seed,
+        model=args.model_name, epochs=args.epochs, batch=args.batch_size, seed=args.seed, num_cpus=cpus,
         num_gpus={"auto": None, "yes": 1, "no": 0}[args.gpu], register_as=args.register, registry=registry,
         **({"imgsz": args.tile} if args.tile is not None else {}),
         **({"hyperparameters": {"lr0": args.lr}} if args.lr is not None else {}),

@@ -78,6 +78,7 @@ def train_demo_models(
     detector_val_archive: str | Path | None = None,
     fusion: bool = False,
     num_workers: int = 1,
+    cpus_per_worker: int = 1,
     seed: int = 0,
     pixel_size_nm: float | None = None,
 ) -> DemoModels:
@@ -92,8 +93,9 @@ def train_demo_models(
     detector_val_archive: YOLO's validation images (default: a fifth of `archive`'s,
     too few defects on a small archive to pick the best epoch by); epochs: for the Ray
     Train members; num_workers: Ray Train workers each (starts a local Ray when none is
-    connected). Members are named `<name>-<role>`; the bundle's tags record the input
-    modes the members were trained with (`member_inputs`) and `pixel_size_nm`.
+    connected) and cpus_per_worker their CPUs (and torch threads). Members are named
+    `<name>-<role>`; the bundle's tags record the input modes the members were trained
+    with (`member_inputs`) and `pixel_size_nm`.
     """
     from engine.pipeline.bundle import bundle_tags, member_inputs
     from engine.training import train
@@ -118,8 +120,8 @@ def train_demo_models(
     for role in roles:
         start = time.perf_counter()
         result = train(role, TINY[role], str(archive), storage_path=out / "runs", epochs=epochs,
-                       num_workers=num_workers, seed=seed, registry=registry, register_as=f"{name}-{role}",
-                       promote=True, run_name=f"{name}-{role}-{int(time.time())}")
+                       num_workers=num_workers, cpus_per_worker=cpus_per_worker, seed=seed, registry=registry,
+                       register_as=f"{name}-{role}", promote=True, run_name=f"{name}-{role}-{int(time.time())}")
         members[role] = result.model_version.ref
         metrics[role] = dict(result.metrics)
         seconds[role] = time.perf_counter() - start

@@ -56,7 +56,8 @@ class LoopConfig:
     tracking_uri / mlflow_run_id: where rank 0 logs metrics (None: not logged);
     validate: whether a "val" dataset was given;
     progress_dir: a local folder where each rank appends JSON lines (`rank<r>.jsonl`:
-    {"event": "start" | "checkpoint", "epoch", "pid", "time"}), for monitors and tests.
+    {"event": "start" | "checkpoint", "epoch", "pid", "time", "threads": torch's}), for
+    monitors and tests.
     """
 
     family: str
@@ -101,7 +102,8 @@ def _progress(cfg: LoopConfig, rank: int, event: str, epoch: int) -> None:
     path = Path(cfg.progress_dir) / f"rank{rank}.jsonl"
     path.parent.mkdir(parents=True, exist_ok=True)
     with path.open("a") as f:
-        f.write(json.dumps({"event": event, "epoch": epoch, "pid": os.getpid(), "time": time.time()}) + "\n")
+        f.write(json.dumps({"event": event, "epoch": epoch, "pid": os.getpid(), "time": time.time(),
+                            "threads": torch.get_num_threads()}) + "\n")
 
 
 def _all_sums(sums: dict[str, float], seconds: float) -> tuple[dict[str, float], float]:
@@ -198,8 +200,11 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from engine.models import create_model
     from engine.training import mlflow_metrics
 
+    from engine.runtime import use_assigned_cpus
+
     cfg = LoopConfig.from_dict(config)
     rank = ray.train.get_context().get_world_rank()
+    use_assigned_cpus()  # torch's threads = the worker's CPU slots (cpus_per_worker)
     task = make_task(cfg.family, cfg.task_options)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)

@@ -185,13 +185,13 @@ def check_resume(storage_path: str | os.PathLike, run_name: str, family: str, mo
             f"(--run-name), or the checkpoint's settings to resume it")
 
 
-def ensure_ray(num_workers: int) -> None:
+def ensure_ray(worker_cpus: int) -> None:
     """Connect to Ray if this process is not connected yet.
 
     With RAY_ADDRESS (a submitted job, a cluster) `ray.init()` joins that cluster. Without
     it a new local Ray starts (address="local": never some other Ray that happens to run
-    on the machine) with at least num_workers + 2 logical CPUs: each training worker
-    holds one CPU slot for the whole run, and Ray Data's read tasks need slots of their
+    on the machine) with at least worker_cpus + 2 logical CPUs: the training workers hold
+    worker_cpus slots for the whole run, and Ray Data's read tasks need slots of their
     own, or on a small machine the trainer would starve its own data pipeline.
     """
     import ray
@@ -201,7 +201,19 @@ def ensure_ray(num_workers: int) -> None:
     if os.environ.get("RAY_ADDRESS"):
         ray.init()
     else:
-        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, num_workers + 2))
+        ray.init(address="local", num_cpus=max(os.cpu_count() or 1, worker_cpus + 2))
+
+
+def _check_cpus_left_for_reads(worker_cpus: int) -> None:
+    """Refuse a run whose workers would hold every CPU slot while Ray Data must read the
+    archive each epoch: its read tasks would wait for a slot that never frees."""
+    import ray
+
+    total = ray.cluster_resources().get("CPU", 0)
+    if total - worker_cpus < 1:
+        raise TrainingError(
+            f"the training workers hold {worker_cpus} CPU slots of the cluster's {total:g}, leaving none for "
+            "reading the archive: use fewer workers or cpus_per_worker, or cache=True")
 
 
 def _auto_gpu(num_workers: int) -> bool:
@@ -301,6 +313,7 @@ def train(
     storage_path: str | os.PathLike,
     epochs: int,
     num_workers: int = 2,
+    cpus_per_worker: int = 1,
     use_gpu: bool | None = None,
     batch_size: int = 16,
     lr: float = 1e-3,
@@ -338,6 +351,9 @@ def train(
     epochs: total epochs (a resumed run counts the ones already done).
     num_workers: DDP workers; use_gpu: None picks GPUs when the cluster has one per worker;
       True refuses a cluster without them that cannot get them (check_gpus).
+    cpus_per_worker: CPU slots each worker holds, and its torch threads (on one machine
+      with one worker, all its cores train one model). Without `cache` the archive is
+      read while the workers hold their slots, so at least one slot must be left over.
     batch_size: rows per worker per step; lr, weight_decay: AdamW's (lr the base rate).
     lr_schedule: "cosine" (linear warm-up over 5% of the steps, then cosine decay to
       1% of lr) or "constant" (engine.training.schedule).
@@ -380,6 +396,8 @@ def train(
 
     if epochs < 1 or num_workers < 1 or batch_size < 1:
         raise TrainingError(f"epochs ({epochs}), num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
+    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
+        raise TrainingError(f"cpus_per_worker must be a whole number >= 1, got {cpus_per_worker!r}")
     strength = (0.5 if augment else 0.0) if isinstance(augment, bool) else float(augment)
     if not 0.0 <= strength <= 1.0:
         raise TrainingError(f"augment strength must be in [0, 1], got {augment!r}")
@@ -430,7 +448,7 @@ def train(
                                 synthetic_ratio_achieved=round(n_syn / n_real, 4) if n_real else float("nan"))
     if run_name:  # a run of that name in storage is resumed: it must be this model
         check_resume(storage_path, run_name, family, model_name, overrides)
-    ensure_ray(num_workers)
+    ensure_ray(num_workers * cpus_per_worker)
     if use_gpu is None:
         use_gpu = _auto_gpu(num_workers)
     elif use_gpu:
@@ -442,9 +460,12 @@ def train(
         datasets["val"] = training_dataset(val_specs, layout)
     if cache is None:
         cache = _fits_object_store((len(train_specs) + len(val_specs)) * sample_bytes(layout))
+    if not cache:
+        _check_cpus_left_for_reads(num_workers * cpus_per_worker)
     run_id = mlflow_metrics.start_run(uri, run_name=run_name, params={
         "family": family, "model": model_name, "archive": str(archive), "val_archive": str(val_archive),
-        "epochs": epochs, "num_workers": num_workers, "use_gpu": use_gpu, "batch_size": batch_size, "lr": lr,
+        "epochs": epochs, "num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
+        "batch_size": batch_size, "lr": lr,
         "lr_schedule": lr_schedule, "weight_decay": weight_decay, "augment_strength": strength, "seed": seed,
         "tile": layout.tile, "context_tile": layout.context_tile, "inputs": layout.normalisation,
         "train_samples": len(train_specs), "val_samples": len(val_specs),
@@ -467,7 +488,8 @@ def train(
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config.to_dict(),
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu),
+            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
+                                         resources_per_worker={"CPU": cpus_per_worker}),
             run_config=RunConfig(
                 name=run_name, storage_path=storage, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=max_failures,

@@ -410,3 +410,30 @@ def test_train_as_ray_task(ray_session, archive, tmp_path):
     detector = M.load_model(result.checkpoint, expected_sha256=result.sha256)
     assert len(detector.predict(np.zeros((1, 128, 128), np.float32), conf=0.0, max_det=3)) == 1
     assert math.isfinite(result.metrics["mAP50"])
+
+
+def test_the_trainer_keeps_the_callers_torch_threads(archive, tmp_path):
+    """Ultralytics sets torch to min(8, cores - 1) threads when it picks the CPU: one core
+    of two idle here, and more threads than a Ray task was granted on a large node. The
+    trainer keeps the caller's count (or the one it is given)."""
+    import torch
+
+    from engine.models import create_detector
+    from engine.training.detector.trainer import ArchiveDetectionTrainer
+
+    detector = create_detector("yolov8n_tiny")
+    tiles = plan_tiles(archive, detector.names, tile=128)
+    ultralytics_pick = min(8, max(1, (os.cpu_count() or 1) - 1))
+    callers = 2 if ultralytics_pick != 2 else 3
+    before = torch.get_num_threads()
+    try:
+        for threads, expected in ((None, callers), (1, 1)):
+            torch.set_num_threads(callers)
+            ArchiveDetectionTrainer(detector, {"train": tiles[:4], "val": tiles[4:6]},
+                                    {"model": "grainflow-detector-yolov8n_tiny", "task": "detect", "mode": "train",
+                                     "device": "cpu", "imgsz": 128, "epochs": 1, "plots": False,
+                                     "project": str(tmp_path), "name": "run"},
+                                    threads=threads)
+            assert torch.get_num_threads() == expected
+    finally:
+        torch.set_num_threads(before)

@@ -238,6 +238,7 @@ class TestRefusedBeforeRay:
         ({"storage_path": "http://host/runs"}, "storage_path 'http://host/runs': use a local path"),
         ({"storage_path": "gs://bucket/runs"}, "storage_path 'gs://bucket/runs': use a local path"),
         ({"tile_size": 0}, "tile_size must be a whole number of pixels >= 1"),
+        ({"cpus_per_worker": 0}, "cpus_per_worker must be a whole number >= 1, got 0"),
     ])
     def test_bad_arguments(self, no_ray, train_archive, tmp_path, kwargs, words):
         from engine.training.trainer import TrainingError
@@ -329,3 +330,28 @@ def test_gpus_the_session_cpu_cluster_has_not_are_refused(ray_session, monkeypat
     assert isinstance(error, TrainingError), error
     assert str(error).startswith(f"use_gpu: the run needs 1 GPU (one per worker) but {NO_GPU}; train on CPUs")
     assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_a_worker_trains_on_the_cpus_it_holds(ray_session, train_archive, tmp_path, tracking_uri):
+    """cpus_per_worker: the worker holds that many CPU slots and torch runs as many threads
+    (whatever OMP_NUM_THREADS the environment exports)."""
+    import json
+
+    train("classifier", "resnet10t", str(train_archive), storage_path=tmp_path / "runs", epochs=1, num_workers=1,
+          cpus_per_worker=2, batch_size=4, max_samples_per_image=2, val_fraction=0.0, tracking_uri=tracking_uri,
+          progress_dir=tmp_path / "progress")
+    lines = [json.loads(line) for line in (tmp_path / "progress" / "rank0.jsonl").read_text().splitlines()]
+    assert [line["event"] for line in lines] == ["start", "checkpoint"]
+    assert {line["threads"] for line in lines} == {2}
+
+
+def test_workers_holding_every_cpu_while_the_archive_is_read_are_refused(ray_session, train_archive, tmp_path):
+    """Without the cache, Ray Data reads the archive each epoch and needs a free CPU slot:
+    a run whose workers hold them all would wait forever. Refused before it starts."""
+    from engine.training.trainer import TrainingError
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    with pytest.raises(TrainingError, match=f"hold {cpus} CPU slots of the cluster's {cpus}, leaving none for reading"):
+        train("classifier", "resnet10t", str(train_archive), storage_path=tmp_path / "runs", epochs=1, num_workers=1,
+              cpus_per_worker=cpus, cache=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
+    assert not (tmp_path / "runs").exists()

@@ -20,9 +20,10 @@ from engine.stores.uri import StoreLocation
 
 def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any]):
     """Runs on the Ray worker: train in a scratch folder, return the result with the bytes."""
-    from engine.runtime import configure_offline
+    from engine.runtime import configure_offline, use_assigned_cpus
 
     configure_offline()
+    use_assigned_cpus()  # train_detector trains on this process's threads: the CPUs Ray granted
     from engine.training.detector.train import train_detector
 
     with tempfile.TemporaryDirectory(prefix="grainflow-detector-") as scratch:
@@ -47,7 +48,7 @@ def train_detector_on_ray(
     num_gpus: None asks for one GPU when the cluster has any (then the task trains on
     cuda), else none (cpu); GPUs the cluster has not and cannot get
     (`engine.runtime.gpu_shortfall`) raise TrainingError before the task starts.
-    num_cpus: CPU slots held; Ray sets the task's thread count (OMP_NUM_THREADS) to it.
+    num_cpus: CPU slots held; the task trains on as many torch threads.
     Other keyword arguments go to `train_detector` (model, epochs, imgsz, batch,
     val_fraction or val_archive, seed, ...). Uses the Ray this process is connected to,
     or starts a local one (RAY_ADDRESS joins a cluster).

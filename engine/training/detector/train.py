@@ -179,6 +179,7 @@ def train_detector(
     pixel_size_nm: float | None = None,
     background_ratio: float | None = None,
     workers: int = 2,
+    threads: int | None = None,
     hyperparameters: dict[str, Any] | None = None,
     evaluate: bool = True,
     register_as: str | None = None,
@@ -200,6 +201,8 @@ def train_detector(
     many without (None: all tiles).
     device: None picks cuda when present, else cpu.
     workers: data-loading processes on GPU (Ultralytics uses none on CPU).
+    threads: torch's threads on CPU (default: this process's count; in
+    `train_detector_on_ray`, the CPUs Ray granted. Ultralytics would take min(8, cores - 1)).
     hyperparameters: further Ultralytics train arguments (lr0, mosaic, scale, ...). `nbs`,
     the batch gradients are accumulated to, defaults to the batch: one optimizer step per
     batch. Ultralytics scales weight decay per step by batch / nbs and picks its "auto"
@@ -266,7 +269,7 @@ def train_detector(
     # 10 epochs learned next to nothing, differently in every process. One step per batch
     # (2026-12-05, 6 images, 10 epochs): held-out pore AP50 0.81, void 0.58.
     overrides.setdefault("nbs", overrides["batch"])
-    trainer = ArchiveDetectionTrainer(detector, tiles, overrides)
+    trainer = ArchiveDetectionTrainer(detector, tiles, overrides, threads=threads)
     started = time.perf_counter()
     trainer.train()
     seconds = time.perf_counter() - started

@@ -39,12 +39,14 @@ class ArchiveDetectionTrainer(DetectionTrainer):
 
     detector: an engine.models `Detector` (trained in place); tiles: {"train": plan,
     "val": plan}; overrides: Ultralytics train arguments (epochs, imgsz, batch, device,
-    project/name for the run folder, hyperparameters). After `train()`, `best_state` holds
+    project/name for the run folder, hyperparameters); threads: torch's intra-op threads
+    for training (default: this process's count before Ultralytics changes it). After `train()`, `best_state` holds
     the EMA weights of the epoch with the best validation fitness and `metrics` their
     validation metrics.
     """
 
-    def __init__(self, detector, tiles: dict[str, Sequence[TrainingTile]], overrides: dict):
+    def __init__(self, detector, tiles: dict[str, Sequence[TrainingTile]], overrides: dict, *,
+                 threads: int | None = None):
         missing = [s for s in SPLITS if not tiles.get(s)]
         if missing:
             raise ValueError(f"no tiles for split(s) {missing}; need both {SPLITS}")
@@ -53,7 +55,12 @@ class ArchiveDetectionTrainer(DetectionTrainer):
         self.best_state: dict[str, torch.Tensor] | None = None
         self.best_epoch: int | None = None
         self._best_validation: tuple[dict, object] | None = None
+        threads = torch.get_num_threads() if threads is None else int(threads)
         super().__init__(overrides=overrides)
+        # Ultralytics' device selection (in __init__) sets torch to min(8, cores - 1)
+        # threads for CPU training: one core idle on a 2-core machine, and on a Ray worker
+        # more threads than the CPUs Ray granted. The caller's count is restored.
+        torch.set_num_threads(max(1, threads))
         # Integration callbacks were added in __init__ (from the user's Ultralytics settings);
         # their setup hooks run later (on_pretrain_routine_end), so dropping them here is in time.
         self.callbacks = ul_callbacks.get_default_callbacks()
