@@ -1,10 +1,12 @@
-"""The small SAM trains on Ray Train too (2 CPU workers, one epoch); train() argument checks.
+"""The small SAM trains on Ray Train too (one worker holding 2 CPUs, one epoch); train()
+argument checks.
 
 The classifier's Ray Train run is the one jobs.finetune makes (test_finetune_job.py).
 """
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -22,9 +24,14 @@ def finite(metrics: dict[str, float]) -> bool:
 
 class TestSegmenterTraining:
     def test_one_epoch(self, ray_session, train_archive, tracking_uri, tmp_path):
-        result = train("segmenter", "sam_tiny", str(train_archive), storage_path=tmp_path, epochs=1,
-                       num_workers=2, batch_size=2, tile_size=128, tracking_uri=tracking_uri,
-                       task_options={"max_boxes": 4})
+        result = train("segmenter", "sam_tiny", str(train_archive), storage_path=tmp_path / "runs", epochs=1,
+                       num_workers=1, cpus_per_worker=2, batch_size=2, tile_size=128, tracking_uri=tracking_uri,
+                       task_options={"max_boxes": 4}, progress_dir=tmp_path / "progress")
+        # the worker holds 2 CPU slots and torch runs as many threads, whatever
+        # OMP_NUM_THREADS the environment exports (make test's processes export 1)
+        lines = [json.loads(line) for line in (tmp_path / "progress" / "rank0.jsonl").read_text().splitlines()]
+        assert [line["event"] for line in lines] == ["start", "checkpoint"]
+        assert {line["threads"] for line in lines} == {2}
         m = result.metrics
         assert finite(m) and 0.0 <= m["train_mask_iou"] <= 1.0 and 0.0 <= m["val_mask_iou"] <= 1.0
         assert m["train_loss"] > 0

@@ -332,19 +332,6 @@ def test_gpus_the_session_cpu_cluster_has_not_are_refused(ray_session, monkeypat
     assert not (tmp_path / "mlflow.db").exists()
 
 
-def test_a_worker_trains_on_the_cpus_it_holds(ray_session, train_archive, tmp_path, tracking_uri):
-    """cpus_per_worker: the worker holds that many CPU slots and torch runs as many threads
-    (whatever OMP_NUM_THREADS the environment exports)."""
-    import json
-
-    train("classifier", "resnet10t", str(train_archive), storage_path=tmp_path / "runs", epochs=1, num_workers=1,
-          cpus_per_worker=2, batch_size=4, max_samples_per_image=2, val_fraction=0.0, tracking_uri=tracking_uri,
-          progress_dir=tmp_path / "progress")
-    lines = [json.loads(line) for line in (tmp_path / "progress" / "rank0.jsonl").read_text().splitlines()]
-    assert [line["event"] for line in lines] == ["start", "checkpoint"]
-    assert {line["threads"] for line in lines} == {2}
-
-
 def test_workers_holding_every_cpu_while_the_archive_is_read_are_refused(ray_session, train_archive, tmp_path):
     """Without the cache, Ray Data reads the archive each epoch and needs a free CPU slot:
     a run whose workers hold them all would wait forever. Refused before it starts."""
