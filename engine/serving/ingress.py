@@ -86,13 +86,15 @@ def _errors(*statuses: int, chosen: tuple[int, ...] = ()) -> dict[int, dict[str,
 
 
 # What each route can answer besides 200 (the order of checks: module doc). Every route:
-# 400 (X-Request-ID too long). Keyed routes: 401, 403, 429. /v1/analyze, the one taking
-# a body: 411 (no Content-Length), 400 (one not a number), 413, 415, 422; 413 (too large
-# once resampled) and 422 (pixels the preprocess stage cannot tile) after an arm is chosen.
-_OPEN_ERRORS = _errors(400)
-_KEYED_ERRORS = _errors(400, 401, 403, 429)
+# 400 (X-Request-ID too long) and 500 (the server's fault, with the same JSON body, logged
+# and audited). Keyed routes: 401, 403, 429. /v1/analyze, the one taking a body: 411 (no
+# Content-Length), 400 (one not a number), 413, 415, 422; 413 (too large once resampled),
+# 422 (pixels the preprocess stage cannot tile) and 500 (a stage's failure) after an arm
+# is chosen.
+_OPEN_ERRORS = _errors(400, 500)
+_KEYED_ERRORS = _errors(400, 401, 403, 429, 500)
 _ANALYZE_ERRORS = {200: {"headers": MODEL_HEADERS},
-                   **_errors(400, 401, 403, 411, 413, 415, 422, 429, chosen=(413, 422))}
+                   **_errors(400, 401, 403, 411, 413, 415, 422, 429, 500, chosen=(413, 422, 500))}
 _MAX_ATTEMPTS = 3  # a stage replica that dies mid-request: Serve routes the retry to a live one
 MAX_REQUEST_ID = 128  # characters of X-Request-ID
 MAX_KEY_ID = 64  # characters of a refused key's claimed id that the audit line keeps (ours have 9)

@@ -122,9 +122,12 @@ class TestOpenAPI:
         def statuses(path, method):
             return sorted(int(c) for c in schema["paths"][path][method]["responses"] if c != "200")
 
-        assert statuses("/v1/analyze", "post") == [400, 401, 403, 411, 413, 415, 422, 429]
-        assert statuses("/v1/models", "get") == [400, 401, 403, 429]
-        assert statuses("/healthz", "get") == [400]
+        assert statuses("/v1/analyze", "post") == [400, 401, 403, 411, 413, 415, 422, 429, 500]
+        assert statuses("/v1/models", "get") == [400, 401, 403, 429, 500]
+        assert statuses("/healthz", "get") == [400, 500]
+        # a stage's failure comes after the arm is chosen: its answer names the version
+        assert set(schema["paths"]["/v1/analyze"]["post"]["responses"]["500"]["headers"]) == {
+            "X-Model-Alias", "X-Model-Bundle"}
 
     def test_the_error_code_description_names_every_code(self, schema):
         description = schema["components"]["schemas"]["ErrorBody"]["properties"]["error"]["description"]
