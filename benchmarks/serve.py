@@ -30,7 +30,6 @@ import argparse
 import io
 import json
 import os
-import socket
 import statistics
 import sys
 import tempfile
@@ -45,15 +44,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from benchmarks.harness import json_stdout  # noqa: E402
+from engine.local_head import free_port  # noqa: E402
 
 ENSEMBLE = {"conf": 0.001, "max_det": 8}
 BUNDLE = "bench-serve"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _png(pixels: np.ndarray) -> bytes:
@@ -252,7 +246,7 @@ def measure(args) -> dict:
     ray.init(num_cpus=max(4, os.cpu_count() or 2), include_dashboard=False, log_to_driver=False,
              _temp_dir=tempfile.mkdtemp(prefix="gf", dir="/tmp"))
     try:
-        port = _free_port()
+        port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         t0 = time.perf_counter()
         deploy(config)

@@ -54,6 +54,8 @@ _SINGLE_MACHINE_ENV = "RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER"
 
 
 def free_port() -> int:
+    """A loopback TCP port nothing listens on now (bound, then closed: another process
+    may still take it before the caller binds it)."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

@@ -4,10 +4,11 @@ and how pytest-xdist workers share the suite (`make test`)."""
 from __future__ import annotations
 
 import os
-import socket
 import uuid
 
 import pytest
+
+from engine.local_head import free_port
 
 
 def pytest_configure(config):
@@ -58,12 +59,6 @@ def pytest_xdist_make_scheduler(config, log):
     return PackageScheduling(config, log)
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def s3_endpoint():
     """moto's S3 server on loopback; the standard AWS_* variables point botocore at it.
@@ -73,7 +68,7 @@ def s3_endpoint():
     """
     from moto.server import ThreadedMotoServer
 
-    port = _free_port()
+    port = free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port)
     server.start()
     endpoint = f"http://127.0.0.1:{port}"

@@ -3,24 +3,17 @@
 from __future__ import annotations
 
 import pickle
-import socket
 from pathlib import Path
 
 import pytest
 
+from engine.local_head import free_port
 from engine.registry import ArtifactIntegrityError, ModelRegistry, ModelVersion, RegistryError
 from engine.registry.backend import sqlite_uri
 from engine.registry.digest import sha256_file
 from tests.registry.conftest import make_file, stored_artifact
 
 CONFIG = {"arch": "resnet18", "num_classes": 12, "head": {"dropout": 0.1, "dims": [256, 12]}}
-
-
-def free_port() -> int:
-    """A loopback port nothing listens on (bound, then closed)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _register(registry, tmp_path, name="cls", data=b"weights-1", **kw) -> ModelVersion:

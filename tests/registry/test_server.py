@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -18,23 +17,18 @@ from pathlib import Path
 
 import pytest
 
+from engine.local_head import free_port
 from engine.registry import ArtifactIntegrityError, ModelRegistry
 from tests.registry.conftest import make_file
 
 pytestmark = pytest.mark.slow
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def mlflow_server(empty_db, tmp_path_factory):
     root = tmp_path_factory.mktemp("mlflow-server")
     shutil.copyfile(empty_db, root / "mlflow.db")
-    port = _free_port()
+    port = free_port()
     mlflow_cli = Path(sys.executable).with_name("mlflow")
     proc = subprocess.Popen(
         [str(mlflow_cli), "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",

@@ -8,20 +8,14 @@ end of the package so other test modules are unaffected.
 
 from __future__ import annotations
 
-import socket
-
 import httpx
 import numpy as np
 import pytest
 
+from engine.local_head import free_port
+
 BUNDLE = "serve-tiny"
 ENSEMBLE = {"conf": 0.001, "max_det": 8}  # random weights score low: keep some boxes
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def synthetic_image(seed: int = 0, size: int = 256) -> tuple[np.ndarray, float]:

@@ -4,20 +4,15 @@ from __future__ import annotations
 
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
 
 import httpx
 
+from engine.local_head import free_port
+
 from .conftest import BUNDLE
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_a_member_model_is_refused_before_ray_starts(serve_env, tmp_path):
@@ -29,7 +24,7 @@ def test_a_member_model_is_refused_before_ray_starts(serve_env, tmp_path):
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--bundle", member, "--tracking-uri",
            serve_env["tracking_uri"], "--keys", serve_env["keys_file"], "--audit-log", str(tmp_path / "audit.jsonl"),
-           "--port", str(_free_port())]
+           "--port", str(free_port())]
     proc = subprocess.Popen(cmd, env=env, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             start_new_session=True)
     try:
@@ -47,7 +42,7 @@ def test_a_member_model_is_refused_before_ray_starts(serve_env, tmp_path):
 def test_grainflow_serve_comes_up_with_the_default_deployments(serve_env, tmp_path):
     """The defaults ask for 5 x 0.5 CPUs: on a 2-core machine an embedded Ray with one slot
     per core left the ingress unscheduled and the command waited for ever."""
-    port = _free_port()
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "MLFLOW_TRACKING_URI")}
     cmd = [sys.executable, "-m", "engine.cli", "serve", "--bundle", BUNDLE, "--tracking-uri",
            serve_env["tracking_uri"], "--keys", serve_env["keys_file"], "--audit-log", str(tmp_path / "audit.jsonl"),

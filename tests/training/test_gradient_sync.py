@@ -6,11 +6,11 @@ unsynchronised ones; here each rank's gradients are known, so the mean is checke
 
 from __future__ import annotations
 
-import socket
 
 import torch
 import torch.multiprocessing as mp
 
+from engine.local_head import free_port
 from engine.training.loop import _average_gradients
 
 
@@ -45,15 +45,9 @@ def _worker(rank: int, port: int, out: str) -> None:
         dist.destroy_process_group()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class TestAverageGradients:
     def test_two_ranks_end_with_the_mean(self, tmp_path):
-        mp.spawn(_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+        mp.spawn(_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
         want = {"a": torch.arange(6.0).view(2, 3) * 1.5,  # (1x + 2x) / 2
                 "b": torch.full((4,), 4.0),  # rank 0 had none: counts as zero
                 "c": torch.zeros(5)}  # no rank had one: zeros, not None
