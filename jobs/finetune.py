@@ -36,7 +36,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--epochs", type=int, default=5)
     p.add_argument("--workers", type=int, default=None, help="DDP workers (default 2)")
     p.add_argument("--cpus-per-worker", type=int, default=None,
-                   help="CPU slots each worker holds, and its torch threads (default 1; the detector's task: 2)")
+                   help="CPU slots each worker holds, and its torch threads (default: 1 on a CPU worker, none "
+                        "beside a GPU; the detector's task: 2)")
     p.add_argument("--gpu", choices=("auto", "yes", "no"), default="auto", help="use GPUs (auto: when the cluster has one per worker)")
     p.add_argument("--batch-size", type=int, default=16, help="rows per worker per step")
     p.add_argument("--lr", type=float, default=None,
@@ -131,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             summary = train(
                 args.family, args.model_name, args.archive, storage_path=args.storage, epochs=args.epochs,
-                num_workers=args.workers, cpus_per_worker=args.cpus_per_worker or 1, use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
+                num_workers=args.workers, cpus_per_worker=args.cpus_per_worker,
+                use_gpu={"auto": None, "yes": True, "no": False}[args.gpu],
                 batch_size=args.batch_size, lr=1e-3 if args.lr is None else args.lr, lr_schedule=args.lr_schedule,
                 cache={"auto": None, "yes": True, "no": False}[args.cache], augment=args.augment, seed=args.seed,
                 val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,

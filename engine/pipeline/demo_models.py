@@ -78,7 +78,7 @@ def train_demo_models(
     detector_val_archive: str | Path | None = None,
     fusion: bool = False,
     num_workers: int = 1,
-    cpus_per_worker: int = 1,
+    cpus_per_worker: int | None = None,
     seed: int = 0,
     pixel_size_nm: float | None = None,
 ) -> DemoModels:

@@ -198,9 +198,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from engine.models import create_model
-    from engine.training import mlflow_metrics
-
     from engine.runtime import use_assigned_cpus
+    from engine.training import mlflow_metrics
 
     cfg = LoopConfig.from_dict(config)
     rank = ray.train.get_context().get_world_rank()

@@ -313,7 +313,7 @@ def train(
     storage_path: str | os.PathLike,
     epochs: int,
     num_workers: int = 2,
-    cpus_per_worker: int = 1,
+    cpus_per_worker: int | None = None,
     use_gpu: bool | None = None,
     batch_size: int = 16,
     lr: float = 1e-3,
@@ -352,8 +352,9 @@ def train(
     num_workers: DDP workers; use_gpu: None picks GPUs when the cluster has one per worker;
       True refuses a cluster without them that cannot get them (check_gpus).
     cpus_per_worker: CPU slots each worker holds, and its torch threads (on one machine
-      with one worker, all its cores train one model). Without `cache` the archive is
-      read while the workers hold their slots, so at least one slot must be left over.
+      with one worker, all its cores train one model); None: Ray Train's default (one on
+      a CPU worker, none beside a GPU). Without `cache` the archive is read while the
+      workers hold their slots, so at least one slot must be left over.
     batch_size: rows per worker per step; lr, weight_decay: AdamW's (lr the base rate).
     lr_schedule: "cosine" (linear warm-up over 5% of the steps, then cosine decay to
       1% of lr) or "constant" (engine.training.schedule).
@@ -396,7 +397,8 @@ def train(
 
     if epochs < 1 or num_workers < 1 or batch_size < 1:
         raise TrainingError(f"epochs ({epochs}), num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
-    if isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1:
+    if cpus_per_worker is not None and (
+            isinstance(cpus_per_worker, bool) or not isinstance(cpus_per_worker, int) or cpus_per_worker < 1):
         raise TrainingError(f"cpus_per_worker must be a whole number >= 1, got {cpus_per_worker!r}")
     strength = (0.5 if augment else 0.0) if isinstance(augment, bool) else float(augment)
     if not 0.0 <= strength <= 1.0:
@@ -448,7 +450,7 @@ def train(
                                 synthetic_ratio_achieved=round(n_syn / n_real, 4) if n_real else float("nan"))
     if run_name:  # a run of that name in storage is resumed: it must be this model
         check_resume(storage_path, run_name, family, model_name, overrides)
-    ensure_ray(num_workers * cpus_per_worker)
+    ensure_ray(num_workers * (cpus_per_worker or 1))
     if use_gpu is None:
         use_gpu = _auto_gpu(num_workers)
     elif use_gpu:
@@ -461,7 +463,8 @@ def train(
     if cache is None:
         cache = _fits_object_store((len(train_specs) + len(val_specs)) * sample_bytes(layout))
     if not cache:
-        _check_cpus_left_for_reads(num_workers * cpus_per_worker)
+        held = cpus_per_worker if cpus_per_worker is not None else (0 if use_gpu else 1)  # Ray Train's default
+        _check_cpus_left_for_reads(num_workers * held)
     run_id = mlflow_metrics.start_run(uri, run_name=run_name, params={
         "family": family, "model": model_name, "archive": str(archive), "val_archive": str(val_archive),
         "epochs": epochs, "num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,
@@ -488,8 +491,9 @@ def train(
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config.to_dict(),
-            scaling_config=ScalingConfig(num_workers=num_workers, use_gpu=use_gpu,
-                                         resources_per_worker={"CPU": cpus_per_worker}),
+            scaling_config=ScalingConfig(
+                num_workers=num_workers, use_gpu=use_gpu,
+                resources_per_worker=None if cpus_per_worker is None else {"CPU": cpus_per_worker}),
             run_config=RunConfig(
                 name=run_name, storage_path=storage, storage_filesystem=storage_fs,
                 failure_config=FailureConfig(max_failures=max_failures,

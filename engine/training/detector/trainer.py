@@ -40,9 +40,9 @@ class ArchiveDetectionTrainer(DetectionTrainer):
     detector: an engine.models `Detector` (trained in place); tiles: {"train": plan,
     "val": plan}; overrides: Ultralytics train arguments (epochs, imgsz, batch, device,
     project/name for the run folder, hyperparameters); threads: torch's intra-op threads
-    for training (default: this process's count before Ultralytics changes it). After `train()`, `best_state` holds
-    the EMA weights of the epoch with the best validation fitness and `metrics` their
-    validation metrics.
+    for training (default: this process's count before Ultralytics changes it). After
+    `train()`, `best_state` holds the EMA weights of the epoch with the best validation
+    fitness and `metrics` their validation metrics.
     """
 
     def __init__(self, detector, tiles: dict[str, Sequence[TrainingTile]], overrides: dict, *,
