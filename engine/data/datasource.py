@@ -29,16 +29,11 @@ from engine.data.tile_read import read_tiles
 from engine.errors import GrainflowError, MetadataError
 from engine.stores.catalog import CATALOG_FILE, id_name_problem, read_catalog, row_problems
 from engine.stores.image import MultiscaleImage, open_image
-from engine.stores.uri import StoreLocation, escaping_link, resolve
+from engine.stores.uri import IMAGE_LINK_DEPTH, StoreLocation, escaping_link, resolve
 from engine.tiling.grid import TileKey
 
 DEFAULT_TARGET_BYTES = 64 * 2**20
 DEFAULT_MAX_TASKS = 20_000
-# How far below an image's folder symbolic links are looked for (`escaping_link`): the
-# folder, its levels and labels/ group, their arrays and label images, and those
-# label images' levels, which a job writes into. Chunk files lie deeper; listing them
-# all would cost more than planning.
-LINK_DEPTH = 3
 
 
 class ZarrTileDatasource(Datasource):
@@ -64,8 +59,9 @@ class ZarrTileDatasource(Datasource):
         could not even record those images as failed.
 
     An image must lie inside the archive: one whose folder (or a folder in it, see
-    `LINK_DEPTH`) is a symbolic link leading outside the archive on local disk cannot
-    be planned, so the job neither reads it nor writes label images into it.
+    `engine.stores.uri.IMAGE_LINK_DEPTH`) is a symbolic link leading outside the archive
+    on local disk cannot be planned, so the job neither reads it nor writes label images
+    into it.
     """
 
     def __init__(self, archive, *, target_pixel_size_nm: float, tile_size: int | None = None, halo: int = 0,
@@ -158,7 +154,7 @@ class ZarrTileDatasource(Datasource):
         location = self.archive.join(row["uri"])
         # join() compares path text: a linked folder passes it wherever it leads, and the
         # job would read that image and write its label images there.
-        escape = escaping_link(location, self.archive, depth=LINK_DEPTH)
+        escape = escaping_link(location, self.archive, depth=IMAGE_LINK_DEPTH)
         if escape is not None:
             link, target = escape
             raise MetadataError(f"image {row['image_id']!r}: {link} is a symbolic link to {target}, outside the "

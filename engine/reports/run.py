@@ -21,17 +21,11 @@ import pyarrow.parquet as pq
 
 from engine.data.sinks import SUMMARY_FILE
 from engine.errors import GrainflowError, MetadataError
+from engine.pipeline.run_folder import MANIFEST  # light: no torch, no Ray
 from engine.stores.catalog import CATALOG_FILE
-from engine.stores.uri import StoreLocation, escaping_link, resolve
+from engine.stores.uri import IMAGE_LINK_DEPTH, StoreLocation, escaping_link, resolve
 
 logger = logging.getLogger(__name__)
-
-# engine.pipeline.job.MANIFEST, named here because importing the job imports torch
-# (seconds) and a report needs none of it; tests/reports checks the two agree.
-MANIFEST = "job.json"
-# engine.data.datasource.LINK_DEPTH, named here for the same reason (the datasource
-# imports Ray Data); tests/reports checks the two agree.
-LINK_DEPTH = 3
 
 # The `JobResult` numbers the report's header shows; a manifest without them was not
 # written by a finished job (or was edited), and says so instead of a KeyError.
@@ -123,7 +117,7 @@ class Run:
         except GrainflowError as exc:  # '..' out of the archive
             logger.warning("image %r: not read: %s", image_id, exc)
             return None
-        escape = escaping_link(location, self.archive, depth=LINK_DEPTH)
+        escape = escaping_link(location, self.archive, depth=IMAGE_LINK_DEPTH)
         if escape is not None:
             logger.warning("image %r: not read: %s is a symbolic link to %s, outside the archive %s", image_id,
                            *escape, self.archive.uri)

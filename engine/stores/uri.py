@@ -171,6 +171,13 @@ def _normalise_path(scheme: str, path: str) -> str:
     return "/" + joined if absolute or scheme in ("file", "memory") else joined
 
 
+# How far below an image's folder `escaping_link` looks when a job or a report checks an
+# image: the folder, its levels and labels/ group, their arrays and label images, and
+# those label images' levels, which a job writes into. Chunk files lie deeper; listing
+# them all would cost more than planning.
+IMAGE_LINK_DEPTH = 3
+
+
 def escaping_link(location: StoreLocation, root: StoreLocation, *, depth: int = 0) -> tuple[str, str] | None:
     """The first symbolic link that leads outside `root`, as (the link's path, or
     `location`'s when a folder above it is the link; the real path it leads to), looked

@@ -313,12 +313,6 @@ class TestOtherRuns:
         with pytest.raises(NotARunError, match=f"{out}: the run has not finished"):
             load_run(str(out))
 
-    def test_manifest_name_is_the_jobs(self):
-        from engine.pipeline.job import MANIFEST as JOB_MANIFEST
-        from engine.reports.run import MANIFEST
-
-        assert MANIFEST == JOB_MANIFEST
-
 
 class TestCommand:
     def test_writes_where_asked(self, report_run, tmp_path):

@@ -107,12 +107,6 @@ class TestImageLocation:
         assert any(m.startswith("image 'b': not read: ") and f"symbolic link to {other}" in m for m in warned)
         assert any(m.startswith("image 'c': not read: ") for m in warned)
 
-    def test_link_depth_is_the_jobs(self):
-        from engine.data.datasource import LINK_DEPTH as JOB_LINK_DEPTH
-        from engine.reports.run import LINK_DEPTH
-
-        assert LINK_DEPTH == JOB_LINK_DEPTH
-
 
 class TestCommand:
     @pytest.mark.parametrize("fault", ["result", "summary"])
@@ -129,3 +123,17 @@ class TestCommand:
         assert cli.returncode == 2, cli.stderr
         assert "Traceback" not in cli.stderr and len(cli.stderr.strip().splitlines()) == 1
         assert str(named) in cli.stderr
+
+
+def test_writing_a_report_imports_neither_torch_nor_ray():
+    """`grainflow report` on a laptop: it reads the run's tables, it loads no model stack
+    (seconds of imports). In a fresh interpreter, since this one has torch loaded."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from engine.reports import load_run, write_report; "
+            "print(sorted(m for m in ('torch', 'ray', 'ultralytics', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
