@@ -57,18 +57,24 @@ def cluster_gpus() -> float:
     return float(ray.cluster_resources().get("GPU", 0))
 
 
-def autoscaler_max_gpus() -> float | None:
-    """The most GPUs the connected cluster's autoscaler says it can provide, or None when
-    no autoscaler reported its node groups to Ray. It is what Ray Train's own start check
-    reads (ray.train.v2 WorkerGroup._check_cluster_resources_and_raise_if_insufficient);
-    a private Ray API, so any failure to read it counts as "not reported"."""
+def autoscaler_max(resource: str) -> float | None:
+    """The most of `resource` ("GPU", "CPU") the connected cluster's autoscaler says it
+    can provide, or None when no autoscaler reported its node groups to Ray. It is what
+    Ray Train's own start check reads (ray.train.v2
+    WorkerGroup._check_cluster_resources_and_raise_if_insufficient); a private Ray API,
+    so any failure to read it counts as "not reported"."""
     try:
         from ray._private.state import state
 
         most = state.get_max_resources_from_cluster_config()
     except Exception:
         return None
-    return None if most is None else float(most.get("GPU", 0))
+    return None if most is None else float(most.get(resource, 0))
+
+
+def autoscaler_max_gpus() -> float | None:
+    """`autoscaler_max("GPU")`."""
+    return autoscaler_max("GPU")
 
 
 def gpu_shortfall(needed: float) -> str | None:

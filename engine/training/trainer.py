@@ -206,10 +206,14 @@ def ensure_ray(worker_cpus: int) -> None:
 
 def _check_cpus_left_for_reads(worker_cpus: int) -> None:
     """Refuse a run whose workers would hold every CPU slot while Ray Data must read the
-    archive each epoch: its read tasks would wait for a slot that never frees."""
+    archive each epoch: its read tasks would wait for a slot that never frees. The slots
+    counted are the cluster's now, or what its autoscaler says it can provide where it
+    reports that (engine.runtime.autoscaler_max)."""
     import ray
 
-    total = ray.cluster_resources().get("CPU", 0)
+    from engine.runtime import autoscaler_max
+
+    total = max(ray.cluster_resources().get("CPU", 0), autoscaler_max("CPU") or 0)
     if total - worker_cpus < 1:
         raise TrainingError(
             f"the training workers hold {worker_cpus} CPU slots of the cluster's {total:g}, leaving none for "
@@ -354,7 +358,9 @@ def train(
     cpus_per_worker: CPU slots each worker holds, and its torch threads (on one machine
       with one worker, all its cores train one model); None: Ray Train's default (one on
       a CPU worker, none beside a GPU). Without `cache` the archive is read while the
-      workers hold their slots, so at least one slot must be left over.
+      workers hold their slots, so at least one slot must be left over (counted on the
+      cluster now, or up to what its autoscaler reports it can add; on an autoscaling
+      cluster that reports nothing, use cache=True or leave this unset).
     batch_size: rows per worker per step; lr, weight_decay: AdamW's (lr the base rate).
     lr_schedule: "cosine" (linear warm-up over 5% of the steps, then cosine decay to
       1% of lr) or "constant" (engine.training.schedule).
@@ -462,9 +468,8 @@ def train(
         datasets["val"] = training_dataset(val_specs, layout)
     if cache is None:
         cache = _fits_object_store((len(train_specs) + len(val_specs)) * sample_bytes(layout))
-    if not cache:
-        held = cpus_per_worker if cpus_per_worker is not None else (0 if use_gpu else 1)  # Ray Train's default
-        _check_cpus_left_for_reads(num_workers * held)
+    if not cache and cpus_per_worker is not None:  # Ray Train's default holds one slot at most: as before
+        _check_cpus_left_for_reads(num_workers * cpus_per_worker)
     run_id = mlflow_metrics.start_run(uri, run_name=run_name, params={
         "family": family, "model": model_name, "archive": str(archive), "val_archive": str(val_archive),
         "epochs": epochs, "num_workers": num_workers, "cpus_per_worker": cpus_per_worker, "use_gpu": use_gpu,

@@ -342,3 +342,16 @@ def test_workers_holding_every_cpu_while_the_archive_is_read_are_refused(ray_ses
         train("classifier", "resnet10t", str(train_archive), storage_path=tmp_path / "runs", epochs=1, num_workers=1,
               cpus_per_worker=cpus, cache=False, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
     assert not (tmp_path / "runs").exists()
+
+
+def test_slots_an_autoscaler_reports_it_can_add_count_for_the_reads(ray_session, monkeypatch):
+    """A cluster that grows: the slots its autoscaler says it can provide are counted."""
+    from engine import runtime
+    from engine.training.trainer import TrainingError, _check_cpus_left_for_reads
+
+    cpus = int(ray_session.cluster_resources()["CPU"])
+    monkeypatch.setattr(runtime, "autoscaler_max", lambda resource: None)  # reports nothing: the slots of now
+    with pytest.raises(TrainingError, match="leaving none for reading"):
+        _check_cpus_left_for_reads(cpus)
+    monkeypatch.setattr(runtime, "autoscaler_max", lambda resource: {"CPU": cpus + 8.0}.get(resource, 0.0))
+    _check_cpus_left_for_reads(cpus)  # 8 more slots can come
