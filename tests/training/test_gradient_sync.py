@@ -6,7 +6,6 @@ unsynchronised ones; here each rank's gradients are known, so the mean is checke
 
 from __future__ import annotations
 
-
 import torch
 import torch.multiprocessing as mp
 
