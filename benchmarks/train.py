@@ -126,6 +126,7 @@ def prepare_data(args, work: Path) -> tuple[Path, dict]:
         "mask": np.stack([r["mask"] for r in rows]).astype(np.uint8),
         "material_index": np.array([r["material_index"] for r in rows], np.int64),
         "grade_index": np.array([r["grade_index"] for r in rows], np.int64),
+        "pixel_size_nm": np.array([r["pixel_size_nm"] for r in rows], np.float64),
     }
     path = work / "arrays.npz"
     np.savez(path, **arrays)
@@ -147,7 +148,8 @@ def _tensor_batches(arrays, rank: int, world: int, batch_size: int, seed: int, e
     for i in range(0, len(mine), batch_size):
         idx = mine[i:i + batch_size]
         yield {"image": arrays["image"][idx].unsqueeze(1), "context": arrays["context"][idx].unsqueeze(1),
-               "mask": arrays["mask"][idx], "material": arrays["material"][idx], "grade": arrays["grade"][idx]}
+               "mask": arrays["mask"][idx], "material": arrays["material"][idx], "grade": arrays["grade"][idx],
+               "pixel_size_nm": arrays["pixel_size_nm"][idx]}
 
 
 def _load_arrays(path: str):
@@ -158,7 +160,8 @@ def _load_arrays(path: str):
     with np.load(path) as z:
         return {"image": torch.from_numpy(z["image"]), "context": torch.from_numpy(z["context"]),
                 "mask": torch.from_numpy(z["mask"].astype(np.int64)),
-                "material": torch.from_numpy(z["material_index"]), "grade": torch.from_numpy(z["grade_index"])}
+                "material": torch.from_numpy(z["material_index"]), "grade": torch.from_numpy(z["grade_index"]),
+                "pixel_size_nm": torch.from_numpy(z["pixel_size_nm"].astype(np.float32))}
 
 
 def tree_cpu_seconds(pid: int) -> float:
@@ -314,7 +317,8 @@ class _Rows:
         ids = np.asarray(batch["id"])
         with np.load(self.path) as z:
             return {"image": z["image"][ids], "context": z["context"][ids], "mask": z["mask"][ids],
-                    "material_index": z["material_index"][ids], "grade_index": z["grade_index"][ids]}
+                    "material_index": z["material_index"][ids], "grade_index": z["grade_index"][ids],
+                    "pixel_size_nm": z["pixel_size_nm"][ids]}
 
 
 def _ray_init(cpus: int) -> None:
