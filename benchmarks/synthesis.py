@@ -57,7 +57,11 @@ def throughput(args, work: Path) -> dict:
     _ray(2)
     torch.manual_seed(0)
     ckpt = work / "ddpm_tiny.safetensors"
-    save_checkpoint(create_diffusion("ddpm_tiny"), ckpt)  # speed does not depend on the weights
+    # Speed does not depend on the weights; synthesis asks a model for the pixel size its
+    # training crops had per modality and the conditions it learnt, which an untrained one
+    # must be given.
+    save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 5.0},
+                                     trained_conditions=["void.ferritic_steel.SEM"]), ckpt)
     common = dict(defect_classes=["void"], materials=["ferritic_steel"], modalities=["SEM"], steps=args.steps,
                   batch_size=args.batch)
     # warm-up: both workers started and holding the model
