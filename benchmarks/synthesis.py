@@ -48,22 +48,30 @@ def _ray(num_cpus: int = 2):
                  include_dashboard=False)
 
 
-def throughput(args, work: Path) -> dict:
+# What the throughput runs ask for: one condition of an untrained model.
+THROUGHPUT_CONDITION = {"defect_classes": ["void"], "materials": ["ferritic_steel"], "modalities": ["SEM"]}
+
+
+def untrained_model(path: Path) -> Path:
+    """A seeded, untrained ddpm_tiny checkpoint at `path` that synthesis accepts: speed does
+    not depend on the weights, but synthesis asks a model for the pixel size its training
+    crops had per modality and for the conditions it learnt, which this one is given."""
     import torch
 
     from engine.models import create_diffusion, save_checkpoint
+
+    torch.manual_seed(0)
+    save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 5.0},
+                                     trained_conditions=["void.ferritic_steel.SEM"]), path)
+    return path
+
+
+def throughput(args, work: Path) -> dict:
     from engine.synth.diffusion.job import synthesize
 
     _ray(2)
-    torch.manual_seed(0)
-    ckpt = work / "ddpm_tiny.safetensors"
-    # Speed does not depend on the weights; synthesis asks a model for the pixel size its
-    # training crops had per modality and the conditions it learnt, which an untrained one
-    # must be given.
-    save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 5.0},
-                                     trained_conditions=["void.ferritic_steel.SEM"]), ckpt)
-    common = dict(defect_classes=["void"], materials=["ferritic_steel"], modalities=["SEM"], steps=args.steps,
-                  batch_size=args.batch)
+    ckpt = untrained_model(work / "ddpm_tiny.safetensors")
+    common = dict(**THROUGHPUT_CONDITION, steps=args.steps, batch_size=args.batch)
     # warm-up: both workers started and holding the model
     synthesize(str(ckpt), work / "warm", n_per_condition=2 * args.batch, max_in_flight=2, seed=99, **common)
     rates = {}
