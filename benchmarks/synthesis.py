@@ -59,10 +59,13 @@ def untrained_model(path: Path) -> Path:
     import torch
 
     from engine.models import create_diffusion, save_checkpoint
+    from engine.synth.diffusion.conditions import Condition
 
+    (defect_class,), (material,), (modality,) = (THROUGHPUT_CONDITION[k] for k in
+                                                 ("defect_classes", "materials", "modalities"))
     torch.manual_seed(0)
-    save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={"SEM": 5.0},
-                                     trained_conditions=["void.ferritic_steel.SEM"]), path)
+    save_checkpoint(create_diffusion("ddpm_tiny", pixel_size_nm={modality: 5.0},
+                                     trained_conditions=[Condition(defect_class, material, modality).key()]), path)
     return path
 
 
