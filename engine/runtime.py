@@ -72,10 +72,6 @@ def autoscaler_max(resource: str) -> float | None:
     return None if most is None else float(most.get(resource, 0))
 
 
-def autoscaler_max_gpus() -> float | None:
-    """`autoscaler_max("GPU")`."""
-    return autoscaler_max("GPU")
-
 
 def gpu_shortfall(needed: float) -> str | None:
     """Why the connected Ray cluster cannot give work `needed` GPUs, or None when it has
@@ -85,7 +81,7 @@ def gpu_shortfall(needed: float) -> str | None:
     have = cluster_gpus()
     if have >= needed:
         return None
-    most = autoscaler_max_gpus()
+    most = autoscaler_max("GPU")
     if most is not None and most >= needed:
         return None
     if most is None and os.environ.get(GPU_AUTOSCALING_ENV, "").strip().lower() in ("1", "true", "yes"):

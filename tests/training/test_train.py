@@ -296,7 +296,7 @@ class TestRefusedBeforeRay:
 
         monkeypatch.setattr(trainer, "ensure_ray", lambda num_workers: None)
         monkeypatch.setattr(ray, "cluster_resources", lambda: {"CPU": 4.0, "GPU": 1.0})
-        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: None)
+        monkeypatch.setattr(runtime, "autoscaler_max", lambda resource: None)
         monkeypatch.delenv(GPU_AUTOSCALING_ENV, raising=False)
         with pytest.raises(TrainingError, match=r"use_gpu: the run needs 2 GPUs \(one per worker\) but the Ray cluster "
                                                 r"has 1 and no autoscaler reports GPU nodes it could add"):
@@ -304,12 +304,13 @@ class TestRefusedBeforeRay:
                   num_workers=2, use_gpu=True, tracking_uri=f"sqlite:///{tmp_path}/mlflow.db")
         assert not (tmp_path / "mlflow.db").exists()  # no MLflow run was started (and left FAILED)
         check_gpus(1)  # enough
-        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: 1.0)  # an autoscaler reported its maximum
+        # an autoscaler reported its maximum
+        monkeypatch.setattr(runtime, "autoscaler_max", lambda resource: {"GPU": 1.0}.get(resource, 0.0))
         with pytest.raises(TrainingError, match="its autoscaler can provide at most 1"):
             check_gpus(2)
-        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: 8.0)
+        monkeypatch.setattr(runtime, "autoscaler_max", lambda resource: {"GPU": 8.0}.get(resource, 0.0))
         check_gpus(2)
-        monkeypatch.setattr(runtime, "autoscaler_max_gpus", lambda: None)
+        monkeypatch.setattr(runtime, "autoscaler_max", lambda resource: None)
         monkeypatch.setenv(GPU_AUTOSCALING_ENV, "1")  # an autoscaler that does not report its node groups
         check_gpus(2)
 
