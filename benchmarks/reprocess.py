@@ -314,6 +314,7 @@ def run_job(cfg: dict) -> dict:
     import ray
 
     from engine.pipeline.job import reprocess
+    from engine.pipeline.job_ensemble import JobEnsemble  # noqa: F401  before the clock, as the peers import it
 
     temp_dir = tempfile.mkdtemp(prefix="gf", dir="/tmp")  # Ray's socket paths must stay short
     ray.init(address="local", num_cpus=cfg["workers"] * cfg["threads"] + 2, include_dashboard=False,

@@ -364,7 +364,7 @@ def run_ray_read_zarr(cfg: dict) -> dict:
     read_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([cfg["zarr2_site"], os.environ.get("PYTHONPATH", "")])}}
 
     from benchmarks.reprocess import _torch_threads
-    from engine.pipeline.job import JobEnsemble
+    from engine.pipeline.job_ensemble import JobEnsemble
 
     out = cfg["out"]
     shutil.rmtree(out, ignore_errors=True)

@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
         from engine.tenants import enforce_job_uris
 
         enforce_job_uris("reprocess", args)  # the tenant's prefixes, checked again in the job
-        from engine.pipeline.ensemble import EnsembleConfig
+        from engine.pipeline.ensemble_config import EnsembleConfig
         from engine.pipeline.job import reprocess
         from engine.pipeline.run_folder import earlier_run
         from engine.registry import ModelRegistry

@@ -1,11 +1,13 @@
 """The ensemble and measurements: tiles in, detections, masks, classes and sizes out.
 
 - `ensemble`: `Ensemble` (detect -> segment -> classify -> measure; a map_batches UDF
-  and the online endpoint's model), `analyze_tile`, `EnsembleModels`, `EnsembleConfig`;
+  and the online endpoint's model), `analyze_tile`, `EnsembleModels`;
+- `ensemble_config`: `EnsembleConfig` (no torch: the job's driver and tasks carry it);
 - `results`: `TileResult` and the output columns (one row per tile);
 - `measure`: areas, diameters, axes, orientation, defect density in physical units;
 - `inputs`: each member's input intensity scale;
 - `bundle`: ensembles in the model registry (register, load with sha256 checks);
+- `job`, `job_ensemble`: the reprocessing job, and its actor class (`JobEnsemble`);
 - `demo_models`: tiny models for tests and the demo (random or quickly trained).
 
 Names are imported on first use, so `import engine.pipeline` does not import torch.
@@ -17,7 +19,7 @@ import importlib
 
 _EXPORTS = {
     "Ensemble": "engine.pipeline.ensemble",
-    "EnsembleConfig": "engine.pipeline.ensemble",
+    "EnsembleConfig": "engine.pipeline.ensemble_config",
     "EnsembleModels": "engine.pipeline.ensemble",
     "TileInput": "engine.pipeline.ensemble",
     "analyze_tile": "engine.pipeline.ensemble",

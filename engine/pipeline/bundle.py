@@ -108,7 +108,7 @@ def describe_bundle(ref: str, registry, config: EnsembleConfig | None = None) ->
     Ultralytics .pt with a hand-written config, say), registered as another family than
     its role, or classifier and fusion disagreeing (loading the bundle names those
     errors). Whoever loads the bundle should check its own description against this one
-    (`engine.pipeline.job.JobEnsemble` does): registered configs are what a person said,
+    (`engine.pipeline.job_ensemble.JobEnsemble` does): registered configs are what a person said,
     the files are what runs.
     """
     config = config or EnsembleConfig()

@@ -49,6 +49,7 @@ import numpy as np
 import torch
 
 from engine.pipeline import inputs as inp
+from engine.pipeline.ensemble_config import EnsembleConfig
 from engine.pipeline.measure import area_mm2, defect_density_per_mm2, measure_masks
 from engine.pipeline.results import TileResult, error_text, to_columns
 from engine.tiling.stitch import owned, tile_boxes_to_level0, tile_core_level0
@@ -56,32 +57,6 @@ from engine.tiling.stitch import owned, tile_boxes_to_level0, tile_core_level0
 ROLES = ("detector", "segmenter", "classifier", "fusion")
 _FAMILY_OF = {"detector": "Detector", "segmenter": "Segmenter", "classifier": "Classifier", "fusion": "FusionModel"}
 MIN_CLASSIFY_PX = 32  # smallest side the timm backbones take (stride 32): smaller inputs are mirrored out
-
-
-@dataclass(frozen=True)
-class EnsembleConfig:
-    """How the ensemble runs.
-
-    conf: detector score threshold; iou: the detector's NMS IoU; max_det: most boxes per
-    tile. max_batch: tiles per model call (1: bit-identical results whatever the batch).
-    inputs: input mode per role (`engine.pipeline.inputs`); None: the bundle's, else
-    `DEFAULT_INPUTS`. mask_to_box: cut SAM masks to their box.
-    """
-
-    conf: float = 0.25
-    iou: float = 0.7
-    max_det: int = 100
-    max_batch: int = 16
-    inputs: Mapping[str, str] | None = None
-    mask_to_box: bool = True
-
-    def __post_init__(self):
-        if not 0.0 <= self.conf <= 1.0 or not 0.0 <= self.iou <= 1.0:
-            raise ValueError(f"conf and iou must be in [0, 1], got conf={self.conf}, iou={self.iou}")
-        if self.max_det < 1 or self.max_batch < 1:
-            raise ValueError(f"max_det and max_batch must be >= 1, got {self.max_det}, {self.max_batch}")
-        if self.inputs is not None:
-            inp.check_inputs(self.inputs)
 
 
 @dataclass

@@ -25,7 +25,7 @@ Steps (the driver holds metadata and counters only, never pixels):
    `engine.data.sinks.create_label_arrays`) and, when a member takes its input in
    "image" mode, the image's preprocessing parameters (`engine.preprocess`), written to
    ``<out>/preprocess/<id>.json`` and read by the actors on first use.
-5. Tiles: read tasks -> `JobEnsemble` actors (an actor pool; GPUs when the cluster has
+5. Tiles: read tasks -> `engine.pipeline.job_ensemble.JobEnsemble` actors (an actor pool; GPUs when the cluster has
    them) -> `engine.data.sinks.WriteTileOutputs` tasks (outputs, then the ledger). Ray
    Data restarts a dead actor and retries its batch (``max_restarts``/``max_task_retries``
    are -1 for actor pools in Ray 2.60); outputs are named by tile, so a redone tile
@@ -63,9 +63,7 @@ import math
 import time
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
-from typing import Any, Mapping
-
-import numpy as np
+from typing import Any
 
 from engine.data.ledger import Ledger, put_file, table_bytes
 from engine.data.tile_plan import DEFAULT_TOLERANCE
@@ -74,8 +72,7 @@ from engine.data.sinks import (
     label_dtype, summary_table, unplanned_summary_row, write_image_error,
 )
 from engine.errors import GrainflowError, error_message
-from engine.pipeline.ensemble import Ensemble, EnsembleConfig
-from engine.pipeline.results import error_text
+from engine.pipeline.ensemble_config import EnsembleConfig
 from engine.pipeline.run_folder import MANIFEST, PREPROCESS_DIR, clear_run, earlier_run
 from engine.stores.id_names import id_file_stem
 from engine.stores.uri import StoreLocation, resolve
@@ -116,58 +113,6 @@ class JobResult:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-class JobEnsemble(Ensemble):
-    """The ensemble as the job's map_batches UDF.
-
-    Adds to `Ensemble.__call__`: tiles go in with their image's own dtype (the
-    datasource delivers one dtype for the whole dataset, uint16 for a mix of uint8 and
-    uint16 images, and the "raw" input mode scales by the dtype's maximum, so a uint8
-    image must arrive as uint8 to get the answer the online endpoint gives), and the
-    datasource's placement columns (origin, scale, halo) and its ``halo_reduced`` pass
-    through to the sink (which must not ledger a tile read with a reduced halo).
-
-    dtypes: image_id -> stored dtype. expect: the description the driver planned with
-    (`engine.pipeline.bundle.describe_bundle`, from registry metadata); an actor whose
-    loaded members describe themselves otherwise refuses to start (GrainflowError naming
-    the difference), so no tile is written under the wrong class names. Other arguments
-    as `Ensemble`. In a Ray actor, torch gets as many threads as the actor has CPUs
-    (`engine.runtime.use_assigned_cpus`).
-    """
-
-    def __init__(self, *, dtypes: Mapping[str, str] | None = None, expect: Mapping[str, Any] | None = None,
-                 **kwargs):
-        from engine.runtime import use_assigned_cpus
-
-        use_assigned_cpus()  # the actor's CPUs, not whatever OMP_NUM_THREADS says
-        super().__init__(**kwargs)
-        self._dtypes = {k: np.dtype(v) for k, v in (dtypes or {}).items()}
-        if expect is not None:
-            actual = self.describe()
-            differ = sorted(k for k in expect if actual.get(k) != expect[k])
-            if differ:
-                raise GrainflowError(
-                    f"{actual['model_versions'].get('bundle', 'bundle')}: the members' files disagree with their "
-                    f"registered configs on {', '.join(differ)}: "
-                    + "; ".join(f"{k}: registered {expect[k]!r}, loaded {actual.get(k)!r}" for k in differ))
-
-    def __call__(self, batch: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
-        batch = dict(batch)
-        if self._dtypes:
-            tiles = [np.asarray(t) for t in batch["tile"]]
-            cast = [t.astype(self._dtypes.get(str(i), t.dtype), copy=False) for t, i in zip(tiles, batch["image_id"])]
-            col = np.empty(len(cast), dtype=object)
-            col[:] = cast
-            batch["tile"] = col
-        out = super().__call__(batch)
-        for name in ("origin", "scale", "halo"):
-            out[name] = np.asarray(batch[name])
-        if "halo_reduced" in batch:  # null (None, or NaN through a float array) or why
-            reduced = np.empty(len(batch["halo_reduced"]), dtype=object)
-            reduced[:] = [error_text(v) for v in batch["halo_reduced"]]
-            out["halo_reduced"] = reduced
-        return out
 
 
 class ParamsFromStore:
@@ -211,11 +156,6 @@ def _params_location(out: StoreLocation, image_id: str) -> StoreLocation:
 # ---------------------------------------------------------------------------- Ray tasks
 
 
-def _describe_bundle(ref: str, registry, config: EnsembleConfig) -> dict[str, Any]:
-    described = Ensemble(bundle=ref, registry=registry, config=config, device="cpu").describe()
-    return {k: v for k, v in described.items() if k != "device"}
-
-
 def _describe(pinned: str, registry, config: EnsembleConfig) -> dict[str, Any]:
     """The bundle's description: from registry metadata when it records the label sets
     (`describe_bundle`: no model loaded; the actors check it against their models), else
@@ -224,10 +164,11 @@ def _describe(pinned: str, registry, config: EnsembleConfig) -> dict[str, Any]:
     import ray
 
     from engine.pipeline.bundle import describe_bundle
+    from engine.pipeline.job_ensemble import describe_loaded_bundle
 
     described = describe_bundle(pinned, registry, config)
     if described is None:
-        described = ray.get(ray.remote(num_cpus=1)(_describe_bundle).remote(pinned, registry, config))
+        described = ray.get(ray.remote(num_cpus=1)(describe_loaded_bundle).remote(pinned, registry, config))
     return described
 
 
@@ -322,6 +263,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     import ray
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, ZarrTileDatasource
+    from engine.pipeline.job_ensemble import JobEnsemble  # torch: the driver's own import, not its tasks'
     from engine.stores.catalog import read_catalog, row_problems
     from engine.stores.ngff import to_nanometres
 
@@ -584,4 +526,4 @@ def _resources(concurrency: int | None, num_gpus: float | None, cpus_per_actor: 
     return concurrency, float(num_gpus)
 
 
-__all__ = ["JobEnsemble", "JobResult", "LABEL_MODES", "ParamsFromStore", "reprocess"]
+__all__ = ["JobResult", "LABEL_MODES", "ParamsFromStore", "reprocess"]

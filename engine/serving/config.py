@@ -142,7 +142,7 @@ class ServeConfig(BaseModel):
     @field_validator("ensemble")
     @classmethod
     def _check_ensemble(cls, v: dict[str, Any]) -> dict[str, Any]:
-        from engine.pipeline.ensemble import EnsembleConfig
+        from engine.pipeline.ensemble_config import EnsembleConfig
 
         EnsembleConfig(**v)  # raises on unknown or bad fields
         return v
@@ -163,7 +163,7 @@ class ServeConfig(BaseModel):
         return cpus, gpus
 
     def ensemble_config(self):
-        from engine.pipeline.ensemble import EnsembleConfig
+        from engine.pipeline.ensemble_config import EnsembleConfig
 
         return EnsembleConfig(**self.ensemble)
 

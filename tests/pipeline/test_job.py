@@ -589,6 +589,19 @@ class TestPrepare:
         return ZarrTileDatasource(job_archive, target_pixel_size_nm=100.0, tolerance=math.inf).images()
 
 
+def test_the_jobs_per_image_tasks_import_no_model_stack():
+    """Preparing and finishing images run as Ray tasks whose functions live in
+    engine.pipeline.job: a worker that runs one imports that module, and it must not pull
+    in torch, Ultralytics or MLflow (seconds of CPU and ~0.4 GiB per worker, on the cores
+    the ensemble needs). Fresh interpreter: this one has torch loaded."""
+    code = ("import sys; from engine.pipeline.job import _finish, _prepare_images; "
+            "print(sorted(m for m in ('torch', 'ultralytics', 'timm', 'mlflow') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip() == "[]"
+
+
 def test_an_image_is_complete_once_each_planned_tile_came_back_once(job_archive):
     """The driver finishes an image when its last tile is in: tiles an earlier run
     finished are not waited for, a tile reported twice (a retried batch) counts once,
@@ -615,7 +628,7 @@ class TestJobEnsemble:
     def test_tiles_arrive_in_their_stored_dtype_and_placement_passes_through(self, tiny_models):
         """The datasource widens a uint8 image's tiles to a mixed archive's uint16; the
         members' "raw" input scales by the dtype's maximum, so the job narrows them back."""
-        from engine.pipeline.job import JobEnsemble
+        from engine.pipeline.job_ensemble import JobEnsemble
 
         seen = []
 
@@ -639,7 +652,7 @@ class TestJobEnsemble:
         every 1-CPU ensemble actor that many threads."""
         import torch
 
-        from engine.pipeline.job import JobEnsemble
+        from engine.pipeline.job_ensemble import JobEnsemble
 
         actor = ray_session.remote(num_cpus=1, runtime_env={"env_vars": {"OMP_NUM_THREADS": "3"}})(
             JobEnsemble).remote(models=tiny_models, config=CONFIG)
