@@ -36,7 +36,8 @@ Variants, each run in a fresh child process, order rotating from round to round:
   tiles (core T x T, halo clipped at the image's edge, the job's origin/scale/halo
   columns, tiles in the job's common dtype), then ``map_batches(JobEnsemble,
   ActorPoolStrategy(size=W), batch_size=B)`` (the job's own UDF class: the ensemble
-  plus its per-image dtype cast), then ``write_parquet`` of every result row (detections,
+  plus its per-image dtype cast; given the bundle resolved once on the driver,
+  `engine.pipeline.bundle.pin_bundle`, as the job gives its actors), then ``write_parquet`` of every result row (detections,
   measurements, core label and class masks as tensor columns). ray.data.read_zarr needs
   zarr-python 2 (the venv has zarr 3): this variant's driver and its read tasks (through
   read_zarr's ``runtime_env``) get zarr 2.18 and numcodecs 0.15 first on their path from
@@ -51,7 +52,8 @@ Variants, each run in a fresh child process, order rotating from round to round:
   block at a time), each block writing its detections as a Parquet file, and
   ``da.store`` writing the core labels into a Zarr array per image. Unlike Cellpose,
   which builds its model in every block, each worker builds the ensemble once (cached
-  in the worker), which favours this peer. Without the `distributed` package the
+  in the worker, from the bundle resolved once on the client, as the job's actors
+  are), which favours this peer. Without the `distributed` package the
   multiprocessing scheduler (W processes) runs the same graph.
 
 Timing: each variant from its first call to its last output written; the cluster (Ray,
@@ -364,6 +366,7 @@ def run_ray_read_zarr(cfg: dict) -> dict:
     read_env = {"env_vars": {"PYTHONPATH": os.pathsep.join([cfg["zarr2_site"], os.environ.get("PYTHONPATH", "")])}}
 
     from benchmarks.reprocess import _torch_threads
+    from engine.pipeline.bundle import pin_bundle
     from engine.pipeline.job_ensemble import JobEnsemble
 
     out = cfg["out"]
@@ -380,6 +383,7 @@ def run_ray_read_zarr(cfg: dict) -> dict:
         for im in cfg["images"]:
             by_height.setdefault(im["shape"][0], []).append(im["image_id"])
         meter, t0 = TreeCpuMeter(os.getpid()).start(), time.perf_counter()
+        bundle = pin_bundle(cfg["bundle"], registry)  # as the job hands its actors the resolved bundle
         ds = None
         for ids in by_height.values():  # align_axis_0 needs arrays of one height
             part = ray.data.read_zarr(cfg["copy"], array_paths=ids, align_axis_0=True, chunk_shapes=[cfg["tile"]],
@@ -388,7 +392,7 @@ def run_ray_read_zarr(cfg: dict) -> dict:
                 "images": {i: images[i] for i in ids}, "tile": cfg["tile"], "halo": cfg["halo"]})
             ds = part if ds is None else ds.union(part)
         ds = ds.map_batches(JobEnsemble, fn_constructor_kwargs={
-            "bundle": cfg["bundle"], "registry": registry, "config": _config(cfg), "dtypes": dtypes, "params": None},
+            "bundle": bundle, "registry": registry, "config": _config(cfg), "dtypes": dtypes, "params": None},
             batch_size=cfg["batch_size"], batch_format="numpy", compute=ray.data.ActorPoolStrategy(size=cfg["workers"]),
             num_gpus=0)
         ds.write_parquet(out)
@@ -422,7 +426,7 @@ def _worker_ensemble(cfg: dict):
         from engine.pipeline import Ensemble
 
         torch.set_num_threads(cfg["threads"])
-        _ENSEMBLES[key] = Ensemble.from_registry(cfg["bundle"], _registry(cfg), config=_config(cfg), device="cpu")
+        _ENSEMBLES[key] = Ensemble.from_registry(cfg["pinned"], _registry(cfg), config=_config(cfg), device="cpu")
     return _ENSEMBLES[key]
 
 
@@ -477,6 +481,7 @@ def run_dask(cfg: dict) -> dict:
     import zarr
 
     import benchmarks.reprocess_peers as mod  # by reference, so the workers' ensemble cache is the module's
+    from engine.pipeline.bundle import pin_bundle
 
     out = cfg["out"]
     shutil.rmtree(out, ignore_errors=True)
@@ -494,6 +499,8 @@ def run_dask(cfg: dict) -> dict:
         scheduler = f"multiprocessing ({cfg['workers']} processes; distributed not installed)"
     try:
         meter, t0 = TreeCpuMeter(os.getpid()).start(), time.perf_counter()
+        # the bundle resolved once, as the job hands it to its actors
+        cfg = {**cfg, "pinned": pin_bundle(cfg["bundle"], _registry(cfg))}
         sources, targets = [], []
         for im in cfg["images"]:
             arr = da.from_zarr(im["array"])

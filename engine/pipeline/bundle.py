@@ -13,6 +13,11 @@ ArtifactIntegrityError) and rebuilds it from safetensors with
 `engine.models.checkpoint.load_model`, which checks the digest again as it reads, so a
 file swapped between fetch and load is refused too. Ultralytics .pt detectors go through
 `load_detector_checkpoint` (unpickled only after their digest matches).
+
+A driver that starts many loaders (the job's actors) resolves the bundle once
+(`pin_bundle`) and hands them the `PinnedBundle`: a loader whose node already holds the
+member files (the registry's fetch cache) then loads them without a registry query, so
+without MLflow's client in its process (~2 CPU-s of imports and set-up each).
 """
 
 from __future__ import annotations
@@ -25,6 +30,7 @@ from engine.pipeline.ensemble import ROLES, EnsembleConfig, EnsembleModels, desc
 from engine.pipeline.inputs import check_inputs
 from engine.registry.errors import RegistryError
 from engine.registry.registry import fetch_subdir
+from engine.registry.version import ModelVersion
 
 TAG_INPUT = "input."
 TAG_PIXEL_SIZE = "pixel_size_nm"
@@ -42,6 +48,29 @@ class LoadedBundle:
     models: EnsembleModels
     inputs: dict[str, str]
     pixel_size_nm: float | None
+
+
+@dataclass(frozen=True)
+class PinnedBundle:
+    """A bundle version and its members' versions, as the registry gave them: refs,
+    configs, tags and sha256 records (metadata; no files). Pickles small."""
+
+    version: ModelVersion
+    members: dict[str, ModelVersion]
+
+    @property
+    def ref(self) -> str:
+        return self.version.ref
+
+
+def pin_bundle(ref: str | PinnedBundle, registry) -> PinnedBundle:
+    """The bundle `ref` names (`name`, `name@alias`, `name/version`) resolved once: an
+    alias moved later does not change what the result loads. A PinnedBundle is returned
+    as it is."""
+    if isinstance(ref, PinnedBundle):
+        return ref
+    version = registry.get(ref)
+    return PinnedBundle(version, registry.get_bundle(version.ref))
 
 
 def bundle_tags(inputs: Mapping[str, str] | None = None, pixel_size_nm: float | None = None) -> dict[str, str]:
@@ -64,18 +93,20 @@ def member_inputs(registry, members: Mapping[str, str]) -> dict[str, str]:
     return {role: mode for role, mode in modes.items() if mode is not None}
 
 
-def load_bundle(ref: str, registry=None, *, cache_dir: str | Path | None = None,
+def load_bundle(ref: str | PinnedBundle, registry=None, *, cache_dir: str | Path | None = None,
                 map_location: str = "cpu") -> LoadedBundle:
     """Fetch, verify and load the members of the bundle `ref` (`name`, `name@alias`,
-    `name/version`). cache_dir: where member files go (`<cache_dir>/<name>/<version>`;
-    default the registry's cache). registry: a ModelRegistry (default: the embedded one).
+    `name/version`, or a `PinnedBundle`). cache_dir: where member files go
+    (`<cache_dir>/<name>/<version>`; default the registry's cache). registry: a
+    ModelRegistry (default: the embedded one); with a PinnedBundle and member files
+    already in the cache, it is not queried.
     """
     if registry is None:
         from engine.registry import ModelRegistry
 
         registry = ModelRegistry()
-    version = registry.get(ref)  # an alias resolved once: every member below is of this version
-    members = registry.get_bundle(version.ref)
+    pinned = pin_bundle(ref, registry)  # an alias resolved once: every member below is of this version
+    version, members = pinned.version, pinned.members
     unknown = sorted(set(members) - set(ROLES))
     if unknown:
         raise RegistryError(f"{version.ref}: bundle roles {unknown} are not ensemble roles ({', '.join(ROLES)})")
@@ -97,7 +128,8 @@ def load_bundle(ref: str, registry=None, *, cache_dir: str | Path | None = None,
     return LoadedBundle(version.ref, EnsembleModels(**loaded, versions=versions), inputs, pixel_size)
 
 
-def describe_bundle(ref: str, registry, config: EnsembleConfig | None = None) -> dict[str, Any] | None:
+def describe_bundle(ref: str | PinnedBundle, registry, config: EnsembleConfig | None = None
+                    ) -> dict[str, Any] | None:
     """The bundle's `Ensemble.describe()` (less the device) from registry metadata alone:
     no file fetched, no model built, so a driver can plan a job in a fraction of a
     second. The label sets come from the member configs recorded at registration (a
@@ -112,8 +144,8 @@ def describe_bundle(ref: str, registry, config: EnsembleConfig | None = None) ->
     the files are what runs.
     """
     config = config or EnsembleConfig()
-    version = registry.get(ref)
-    members = registry.get_bundle(version.ref)
+    pinned = pin_bundle(ref, registry)
+    version, members = pinned.version, pinned.members
     if "detector" not in members or any(mv.family != role for role, mv in members.items()):
         return None  # load_bundle names what is wrong
     args = {role: _builder_args(mv.config) for role, mv in members.items()}

@@ -130,14 +130,15 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 class Ensemble:
     """Detector -> segmenter -> classifier/fusion -> measurements, on batches of tiles.
 
-    models: an `EnsembleModels`; or bundle (+ registry): a registered bundle ref, fetched,
-    sha256-verified and loaded in this process (`engine.pipeline.bundle`). cache_dir:
+    models: an `EnsembleModels`; or bundle (+ registry): a registered bundle ref (or a
+    `engine.pipeline.bundle.PinnedBundle`), fetched, sha256-verified and loaded in this
+    process (`engine.pipeline.bundle`). cache_dir:
     where fetched files go (default the registry's cache). params: image_id ->
     `PreprocessParams` (mapping or function) for members in "image" input mode.
     device: None picks cuda when present, else cpu.
     """
 
-    def __init__(self, models: EnsembleModels | None = None, *, bundle: str | None = None, registry=None,
+    def __init__(self, models: EnsembleModels | None = None, *, bundle=None, registry=None,
                  config: EnsembleConfig | None = None, params=None, device: str | torch.device | None = None,
                  cache_dir=None):
         from engine.runtime import configure_offline
@@ -169,9 +170,10 @@ class Ensemble:
         self.model_versions = self._versions(models)
 
     @classmethod
-    def from_registry(cls, ref: str, registry, **kwargs) -> Ensemble:
-        """The ensemble a registered bundle names (`ModelRegistry.get_bundle`): members
-        fetched, checked against their recorded sha256, loaded from safetensors."""
+    def from_registry(cls, ref, registry, **kwargs) -> Ensemble:
+        """The ensemble a registered bundle names (a ref, or a `PinnedBundle`;
+        `ModelRegistry.get_bundle`): members fetched, checked against their recorded
+        sha256, loaded from safetensors."""
         return cls(bundle=ref, registry=registry, **kwargs)
 
     # ------------------------------------------------------------------ describing

@@ -4,11 +4,13 @@
 
 Steps (the driver holds metadata and counters only, never pixels):
 
-1. Models: the ref is resolved once to a fixed version (``name/version``), so every
-   actor loads the same members even if the alias moves during the job. The driver
-   describes the bundle (classes, materials, grades, input modes) from registry metadata
-   and each actor checks that description against the members it loads; where the
-   metadata does not record the label sets, one Ray task loads the bundle to describe it.
+1. Models: the ref is resolved once to a fixed version (``name/version``, with its
+   members' versions: `engine.pipeline.bundle.pin_bundle`), so every actor loads the
+   same members even if the alias moves during the job, and an actor whose node holds
+   the member files already makes no registry query. The driver describes the bundle
+   (classes, materials, grades, input modes) from registry metadata and each actor
+   checks that description against the members it loads; where the metadata does not
+   record the label sets, one Ray task loads the bundle to describe it.
 2. Plan: `engine.data.datasource.ZarrTileDatasource` plans tiles from metadata at the
    model's pixel size (explicit, else the bundle's ``pixel_size_nm`` tag, else each
    image's level 0: models trained without a pixel size saw native pixels; an image of
@@ -156,7 +158,7 @@ def _params_location(out: StoreLocation, image_id: str) -> StoreLocation:
 # ---------------------------------------------------------------------------- Ray tasks
 
 
-def _describe(pinned: str, registry, config: EnsembleConfig) -> dict[str, Any]:
+def _describe(bundle, registry, config: EnsembleConfig) -> dict[str, Any]:
     """The bundle's description: from registry metadata when it records the label sets
     (`describe_bundle`: no model loaded; the actors check it against their models), else
     from one Ray task that loads the bundle (a worker process importing torch, timm and
@@ -166,9 +168,9 @@ def _describe(pinned: str, registry, config: EnsembleConfig) -> dict[str, Any]:
     from engine.pipeline.bundle import describe_bundle
     from engine.pipeline.job_ensemble import describe_loaded_bundle
 
-    described = describe_bundle(pinned, registry, config)
+    described = describe_bundle(bundle, registry, config)
     if described is None:
-        described = ray.get(ray.remote(num_cpus=1)(describe_loaded_bundle).remote(pinned, registry, config))
+        described = ray.get(ray.remote(num_cpus=1)(describe_loaded_bundle).remote(bundle, registry, config))
     return described
 
 
@@ -263,6 +265,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
     import ray
 
     from engine.data.datasource import DEFAULT_TARGET_BYTES, ZarrTileDatasource
+    from engine.pipeline.bundle import pin_bundle
     from engine.pipeline.job_ensemble import JobEnsemble  # torch: the driver's own import, not its tasks'
     from engine.stores.catalog import read_catalog, row_problems
     from engine.stores.ngff import to_nanometres
@@ -286,9 +289,11 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
 
         registry = ModelRegistry()
 
-    # 1. models: one fixed version for the whole job
-    pinned = registry.get(models_ref).ref
-    describe = _describe(pinned, registry, config)
+    # 1. models: one fixed version for the whole job, resolved here once; the actors get
+    # the resolved versions and load files from their node's cache without a registry query
+    bundle = pin_bundle(models_ref, registry)
+    pinned = bundle.ref
+    describe = _describe(bundle, registry, config)
 
     # 2. plan (metadata only)
     catalog = read_catalog(archive)
@@ -393,7 +398,7 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
         stored = dict(zip(catalog["image_id"], catalog["dtype"]))
         dtypes = {im.image_id: str(stored[im.image_id]) for im in plans
                   if str(stored[im.image_id]) != im.tile_dtype}
-        kwargs = {"bundle": pinned, "registry": registry, "config": config, "dtypes": dtypes,
+        kwargs = {"bundle": bundle, "registry": registry, "config": config, "dtypes": dtypes,
                   "params": ParamsFromStore(out) if fit else None, "expect": describe}
         # Reads and sinks in flight are bounded by the actor count: the model is the limit,
         # and more of them only start more worker processes as the archive grows (each

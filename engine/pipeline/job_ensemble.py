@@ -70,7 +70,7 @@ class JobEnsemble(Ensemble):
         return out
 
 
-def describe_loaded_bundle(ref: str, registry, config: EnsembleConfig) -> dict[str, Any]:
+def describe_loaded_bundle(ref, registry, config: EnsembleConfig) -> dict[str, Any]:
     """The bundle's description from its loaded members (classes, materials, grades, input
     modes), for a bundle whose registry metadata does not record them; device left out."""
     described = Ensemble(bundle=ref, registry=registry, config=config, device="cpu").describe()

@@ -46,7 +46,9 @@ class ModelRegistry:
     `tracking_uri` wins over `MLFLOW_TRACKING_URI`, which wins over the embedded SQLite
     file in the user's data dir (see `backend.py`). `artifact_location` is where new
     versions' files go; by default beside a SQLite database, else the server's choice.
-    An instance pickles as its URIs, so it can be handed to Ray tasks and actors.
+    An instance pickles as its URIs, so it can be handed to Ray tasks and actors; an
+    unpickled one connects on its first query (`fetch` of files already in the cache
+    makes none).
     """
 
     def __init__(
@@ -58,9 +60,23 @@ class ModelRegistry:
     ):
         self.tracking_uri, self.registry_uri = backend.resolve_uris(tracking_uri, registry_uri)
         self.artifact_location = artifact_location or backend.default_artifact_location(self.tracking_uri)
-        self._client = backend.make_client(self.tracking_uri, self.registry_uri)
+        self._reset()
+        self._connect()  # here, so that an unreachable server is refused at construction
+
+    def _reset(self) -> None:
+        self._mlflow: Any = None
         self._experiment_id: str | None = None
         self._home_checked = False  # relocation.check_artifact_home passed for this registry
+
+    def _connect(self) -> Any:
+        if self._mlflow is None:
+            self._mlflow = backend.make_client(self.tracking_uri, self.registry_uri)
+        return self._mlflow
+
+    @property
+    def _client(self) -> Any:
+        """The MlflowClient, made on first use in a process that unpickled this registry."""
+        return self._connect()
 
     def __repr__(self) -> str:
         return f"ModelRegistry(tracking_uri={self.tracking_uri!r})"
@@ -71,8 +87,11 @@ class ModelRegistry:
                 "artifact_location": self.artifact_location}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
-        self.__init__(state["tracking_uri"], registry_uri=state["registry_uri"],
-                      artifact_location=state["artifact_location"])
+        # No client yet: a Ray actor that finds its files in the fetch cache never needs one
+        # (importing MLflow and opening its store costs ~2 CPU-s per process).
+        self.tracking_uri, self.registry_uri = state["tracking_uri"], state["registry_uri"]
+        self.artifact_location = state["artifact_location"]
+        self._reset()
 
     # ------------------------------------------------------------------ registration
 

@@ -57,6 +57,33 @@ class TestFromRegistry:
         ens = Ensemble(**kwargs)
         assert ens.model_versions["detector"] == "ens-detector/1"
 
+    def test_a_pinned_bundle_loads_its_versions_from_the_cache_without_mlflow(self, registry, members, tmp_path):
+        """What the job's driver hands its actors: the bundle resolved once. An alias moved
+        since does not change what it loads, and a process whose files are in the fetch
+        cache loads it with no registry query: MLflow is never imported there (seconds
+        of CPU per actor). Fresh interpreter: this one has MLflow loaded."""
+        import pickle
+        import subprocess
+        import sys
+
+        from engine.pipeline.bundle import pin_bundle
+
+        register_ensemble(registry, members, "ens", workdir=tmp_path / "w1")
+        pinned = pin_bundle("ens@production", registry)
+        cache = tmp_path / "cache"
+        Ensemble(bundle=pinned, registry=registry, cache_dir=cache)  # the node's first actor fetches
+        register_ensemble(registry, members, "ens", workdir=tmp_path / "w2")  # production -> ens/2
+        assert registry.get("ens@production").ref == "ens/2"
+        (tmp_path / "kwargs.pkl").write_bytes(pickle.dumps({"bundle": pinned, "registry": registry,
+                                                           "cache_dir": cache}))
+        code = ("import pickle, sys; from engine.pipeline import Ensemble; "
+                f"ens = Ensemble(**pickle.loads(open({str(tmp_path / 'kwargs.pkl')!r}, 'rb').read())); "
+                "print(ens.model_versions['bundle'], ens.model_versions['detector'], 'mlflow' in sys.modules)")
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                              cwd=Path(__file__).resolve().parents[2])
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        assert proc.stdout.split() == ["ens/1", "ens-detector/1", "False"]
+
     def test_a_tampered_member_is_refused(self, registry, members, tmp_path):
         register_ensemble(registry, members, "ens", workdir=tmp_path / "work")
         (stored,) = [p for p in stored_files(registry, "ens-detector/1") if p.suffix == ".safetensors"]
