@@ -34,7 +34,6 @@ from __future__ import annotations
 from typing import NamedTuple
 
 import numpy as np
-from skimage.measure import regionprops
 
 NM2_PER_UM2 = 1e6
 NM2_PER_MM2 = 1e12
@@ -116,6 +115,10 @@ def measure_labels(labels: np.ndarray, pixel_size_nm) -> tuple[np.ndarray, Measu
     labels = np.asarray(labels)
     if labels.ndim != 2 or labels.dtype.kind not in "ui":
         raise ValueError(f"labels: expected an (H, W) integer array, got {labels.dtype} {labels.shape}")
+    # here, not at the top: the tile sinks and finishing tasks import this module for its
+    # types and moments, and scikit-image's import costs ~0.4 CPU-s per worker process
+    from skimage.measure import regionprops
+
     py, px = pixel_size_yx(pixel_size_nm)
     props = regionprops(labels, spacing=(py, px))
     out = Measurements.empty(len(props))
