@@ -130,12 +130,11 @@ def resolve_device(device: str | torch.device | None = None) -> torch.device:
 class Ensemble:
     """Detector -> segmenter -> classifier/fusion -> measurements, on batches of tiles.
 
-    models: an `EnsembleModels`; or bundle (+ registry): a registered bundle ref (or a
+    models: an `EnsembleModels`; or bundle (+ registry): a registered bundle ref (or an
     `engine.pipeline.bundle.PinnedBundle`), fetched, sha256-verified and loaded in this
-    process (`engine.pipeline.bundle`). cache_dir:
-    where fetched files go (default the registry's cache). params: image_id ->
-    `PreprocessParams` (mapping or function) for members in "image" input mode.
-    device: None picks cuda when present, else cpu.
+    process (`engine.pipeline.bundle`). cache_dir: where fetched files go (default the
+    registry's cache). params: image_id -> `PreprocessParams` (mapping or function) for
+    members in "image" input mode. device: None picks cuda when present, else cpu.
     """
 
     def __init__(self, models: EnsembleModels | None = None, *, bundle=None, registry=None,
