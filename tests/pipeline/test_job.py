@@ -31,6 +31,8 @@ from engine.pipeline import EnsembleConfig
 from engine.pipeline.job import reprocess
 from engine.stores.pyramid import downsample_labels
 
+from tests.fresh_imports import heavy_modules_imported
+
 from .conftest import TEST_CONFIG
 
 CONFIG = EnsembleConfig(**TEST_CONFIG)
@@ -594,12 +596,8 @@ def test_the_jobs_per_image_tasks_import_no_model_stack():
     engine.pipeline.job: a worker that runs one imports that module, and it must not pull
     in torch, Ultralytics or MLflow (seconds of CPU and ~0.4 GiB per worker, on the cores
     the ensemble needs). Fresh interpreter: this one has torch loaded."""
-    code = ("import sys; from engine.pipeline.job import _finish, _prepare_images; "
-            "print(sorted(m for m in ('torch', 'ultralytics', 'timm', 'mlflow') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]"
+    assert heavy_modules_imported("from engine.pipeline.job import _finish, _prepare_images",
+                                  ("torch", "ultralytics", "timm", "mlflow")) == []
 
 
 def test_an_image_is_complete_once_each_planned_tile_came_back_once(job_archive):

@@ -12,6 +12,7 @@ import pandas as pd
 import pytest
 
 from engine.errors import GrainflowError, user_error_message
+from tests.fresh_imports import heavy_modules_imported
 from engine.reports import NotARunError, load_run
 from engine.stores.uri import resolve
 
@@ -128,12 +129,5 @@ class TestCommand:
 def test_writing_a_report_imports_neither_torch_nor_ray():
     """`grainflow report` on a laptop: it reads the run's tables, it loads no model stack
     (seconds of imports). In a fresh interpreter, since this one has torch loaded."""
-    import subprocess
-    import sys
-
-    code = ("import sys; from engine.reports import load_run, write_report; "
-            "print(sorted(m for m in ('torch', 'ray', 'ultralytics', 'mlflow') if m in sys.modules))")
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
-                          cwd=os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    assert proc.returncode == 0, proc.stderr[-2000:]
-    assert proc.stdout.strip() == "[]"
+    assert heavy_modules_imported("from engine.reports import load_run, write_report",
+                                  ("torch", "ray", "ultralytics", "mlflow")) == []
