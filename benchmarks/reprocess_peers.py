@@ -37,8 +37,9 @@ Variants, each run in a fresh child process, order rotating from round to round:
   columns, tiles in the job's common dtype), then ``map_batches(JobEnsemble,
   ActorPoolStrategy(size=W), batch_size=B)`` (the job's own UDF class: the ensemble
   plus its per-image dtype cast; given the bundle resolved once on the driver,
-  `engine.pipeline.bundle.pin_bundle`, as the job gives its actors), then ``write_parquet`` of every result row (detections,
-  measurements, core label and class masks as tensor columns). ray.data.read_zarr needs
+  `engine.pipeline.bundle.pin_bundle`, as the job gives its actors), then
+  ``write_parquet`` of every result row (detections, measurements, core label and class
+  masks as tensor columns). ray.data.read_zarr needs
   zarr-python 2 (the venv has zarr 3): this variant's driver and its read tasks (through
   read_zarr's ``runtime_env``) get zarr 2.18 and numcodecs 0.15 first on their path from
   `--zarr2-site` (pip-installed there from PyPI on first use); the ensemble actors keep

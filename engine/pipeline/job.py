@@ -27,11 +27,11 @@ Steps (the driver holds metadata and counters only, never pixels):
    `engine.data.sinks.create_label_arrays`) and, when a member takes its input in
    "image" mode, the image's preprocessing parameters (`engine.preprocess`), written to
    ``<out>/preprocess/<id>.json`` and read by the actors on first use.
-5. Tiles: read tasks -> `engine.pipeline.job_ensemble.JobEnsemble` actors (an actor pool; GPUs when the cluster has
-   them) -> `engine.data.sinks.WriteTileOutputs` tasks (outputs, then the ledger). Ray
-   Data restarts a dead actor and retries its batch (``max_restarts``/``max_task_retries``
-   are -1 for actor pools in Ray 2.60); outputs are named by tile, so a redone tile
-   overwrites its own files.
+5. Tiles: read tasks -> `engine.pipeline.job_ensemble.JobEnsemble` actors (an actor
+   pool; GPUs when the cluster has them) -> `engine.data.sinks.WriteTileOutputs` tasks
+   (outputs, then the ledger). Ray Data restarts a dead actor and retries its batch
+   (``max_restarts``/``max_task_retries`` are -1 for actor pools in Ray 2.60); outputs
+   are named by tile, so a redone tile overwrites its own files.
 6. Finish, per image in a Ray task started as soon as the stream has reported the
    image's last tile (`engine.data.sinks.finish_image`): stitched objects, the tiles
    table, label pyramids and metadata; the driver writes ``summary.parquet`` from the
