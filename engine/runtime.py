@@ -72,7 +72,6 @@ def autoscaler_max(resource: str) -> float | None:
     return None if most is None else float(most.get(resource, 0))
 
 
-
 def gpu_shortfall(needed: float) -> str | None:
     """Why the connected Ray cluster cannot give work `needed` GPUs, or None when it has
     them or can get them: an autoscaler reports GPU node groups enough, or

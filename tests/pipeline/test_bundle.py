@@ -63,10 +63,9 @@ class TestFromRegistry:
         cache loads it with no registry query: MLflow is never imported there (seconds
         of CPU per actor). Fresh interpreter: this one has MLflow loaded."""
         import pickle
-        import subprocess
-        import sys
 
         from engine.pipeline.bundle import pin_bundle
+        from tests.fresh_imports import run_fresh
 
         register_ensemble(registry, members, "ens", workdir=tmp_path / "w1")
         pinned = pin_bundle("ens@production", registry)
@@ -79,10 +78,7 @@ class TestFromRegistry:
         code = ("import pickle, sys; from engine.pipeline import Ensemble; "
                 f"ens = Ensemble(**pickle.loads(open({str(tmp_path / 'kwargs.pkl')!r}, 'rb').read())); "
                 "print(ens.model_versions['bundle'], ens.model_versions['detector'], 'mlflow' in sys.modules)")
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                              cwd=Path(__file__).resolve().parents[2])
-        assert proc.returncode == 0, proc.stderr[-2000:]
-        assert proc.stdout.split() == ["ens/1", "ens-detector/1", "False"]
+        assert run_fresh(code, timeout=300).split() == ["ens/1", "ens-detector/1", "False"]
 
     def test_a_tampered_member_is_refused(self, registry, members, tmp_path):
         register_ensemble(registry, members, "ens", workdir=tmp_path / "work")

@@ -12,9 +12,10 @@ import pandas as pd
 import pytest
 
 from engine.errors import GrainflowError, user_error_message
-from tests.fresh_imports import heavy_modules_imported
 from engine.reports import NotARunError, load_run
 from engine.stores.uri import resolve
+
+from tests.fresh_imports import heavy_modules_imported
 
 from .conftest import grainflow
 from .data import Img, Obj, write_run
