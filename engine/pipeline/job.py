@@ -81,6 +81,13 @@ from engine.stores.uri import StoreLocation, resolve
 
 LABEL_MODES = ("auto", "image", "out", "none")
 _GROUP = 16  # images per prepare task
+# The object-store bytes the tile stage may hold (tiles read ahead of the actors, their
+# outputs not yet written): at least this, or 8 batches per actor where tiles are large.
+# Ray Data's own budget is half the object store (GiBs), enough to read a large archive
+# far ahead of the model, so the job's memory would grow with the archive; the model is
+# the limit, and reads are fast, so a few batches ahead keep every actor busy.
+_IN_FLIGHT_FLOOR = 256 * 2**20
+_IN_FLIGHT_BATCHES_PER_ACTOR = 8
 # What makes two runs' outputs differ: a resumed run must match the ledger's run on all of them.
 _SETTINGS = ("archive", "bundle", "target_pixel_size_nm", "tolerance", "tile_size", "halo", "labels", "label_name",
              "config")
@@ -409,6 +416,9 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                             num_cpus=cpus_per_actor)
         ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
                             batch_size=None, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=actors))
+        limits = ds.context.execution_options.resource_limits
+        ds.context.execution_options.resource_limits = limits.copy(
+            object_store_memory=_in_flight_bytes(plans, actors, batch_size))
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
@@ -509,6 +519,13 @@ def _count_planned(plan, keys) -> int:
         rc = plan.grid.index_of_key(tuple(key))
         n += rc is not None and rc[0] < plan.n_rows and rc[1] < plan.n_cols
     return n
+
+
+def _in_flight_bytes(plans, actors: int, batch_size: int) -> int:
+    """Object-store bytes the tile stage may hold: `_IN_FLIGHT_BATCHES_PER_ACTOR` batches
+    of the largest tile (`ImageTiles.tile_bytes`) per actor, at least `_IN_FLIGHT_FLOOR`."""
+    largest = max((im.tile_bytes for im in plans), default=0)
+    return max(_IN_FLIGHT_FLOOR, actors * _IN_FLIGHT_BATCHES_PER_ACTOR * batch_size * largest)
 
 
 def _resources(concurrency: int | None, num_gpus: float | None, cpus_per_actor: float = 1.0) -> tuple[int, float]:

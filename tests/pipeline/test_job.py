@@ -466,6 +466,21 @@ class TestFailures:
         assert result.tiles_done == N_TILES and result.errors == 0
         assert_same_outputs(snapshot(clean[1]), snapshot(out))
 
+    def test_with_room_for_one_tile_in_the_object_store_nothing_stalls_or_is_lost(
+            self, ray_session, clean, job_archive, job_registry, tmp_path, monkeypatch):
+        """The tile stage's object-store budget (tiles read ahead of the actors, outputs
+        not yet written) at a single tile, where a job's default is 256 MiB: reads wait
+        for the actors instead of running ahead, and the job still completes with a
+        clean run's outputs."""
+        import engine.pipeline.job as job
+
+        monkeypatch.setattr(job, "_IN_FLIGHT_FLOOR", 0)
+        monkeypatch.setattr(job, "_IN_FLIGHT_BATCHES_PER_ACTOR", 1)
+        out = tmp_path / "out"
+        result = run(job_archive, out, job_registry, labels="out")
+        assert (result.tiles_done, result.errors) == (N_TILES, 0)
+        assert_same_outputs(snapshot(clean[1]), snapshot(out))
+
 
 def _session_processes(ray_session, psutil):
     """Processes of this test session's Ray (under its raylet), never anyone else's."""
