@@ -115,8 +115,9 @@ class TreeCpuMeter:
     start time) counts from its first reading (0 for one born after `start`) to its
     last. The sampling thread runs in the measured process, so its own CPU (a few ms a
     sample, more with more processes: it would weigh on a tree of 15 Ray processes more
-    than on a bare loop's 3) is kept small by the 1-s default and reported (`own_cpu_s`). Sampling, rather than reading the tree at the ends as benchmarks/train.py
-    does, because Ray Data ends the actors before `reprocess` returns and the raylet
+    than on a bare loop's 3) is kept small by the 1-s default and reported
+    (`own_cpu_s`). Sampling, rather than reading the tree at the ends as
+    benchmarks/train.py does, because Ray Data ends the actors before `reprocess` returns and the raylet
     reaps them without accounting (their time never reaches its children times). A
     process's time after its last sample is lost: at most `interval` per exit.
     `by_title()`: the same seconds by process title (Ray names a worker after the task
