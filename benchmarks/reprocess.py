@@ -117,9 +117,10 @@ class TreeCpuMeter:
     sample, more with more processes: it would weigh on a tree of 15 Ray processes more
     than on a bare loop's 3) is kept small by the 1-s default and reported
     (`own_cpu_s`). Sampling, rather than reading the tree at the ends as
-    benchmarks/train.py does, because Ray Data ends the actors before `reprocess` returns and the raylet
-    reaps them without accounting (their time never reaches its children times). A
-    process's time after its last sample is lost: at most `interval` per exit.
+    benchmarks/train.py does, because Ray Data ends the actors before `reprocess`
+    returns and the raylet reaps them without accounting (their time never reaches its
+    children times). A process's time after its last sample is lost: at most `interval`
+    per exit.
     `by_title()`: the same seconds by process title (Ray names a worker after the task
     or actor it runs: "ray::MapWorker(MapBatches(JobEnsemble))", "ray::_finish", ...),
     each interval's time given to the title the process had at its end.
