@@ -416,9 +416,9 @@ def reprocess(archive: str | StoreLocation, out: str | StoreLocation, models_ref
                             num_cpus=cpus_per_actor)
         ds = ds.map_batches(WriteTileOutputs(out, labels=targets, class_names=describe["class_names"]),
                             batch_size=None, batch_format="numpy", compute=ray.data.TaskPoolStrategy(size=actors))
-        limits = ds.context.execution_options.resource_limits
-        ds.context.execution_options.resource_limits = limits.copy(
-            object_store_memory=_in_flight_bytes(plans, actors, batch_size))
+        limits = ds.context.execution_options.resource_limits  # a smaller one the caller set stays
+        ds.context.execution_options.resource_limits = limits.copy(object_store_memory=min(
+            limits.object_store_memory, _in_flight_bytes(plans, actors, batch_size)))
         try:
             for batch in ds.iter_batches(batch_size=None, batch_format="numpy"):
                 for image_id, level, y, x, ok in zip(batch["image_id"], batch["level"], batch["y"], batch["x"],
