@@ -9,7 +9,10 @@ Per worker:
 3. wrap in DDP (`ray.train.torch.prepare_model`: gloo on CPU, NCCL on GPUs; the device
    comes from Ray, nothing assumes CUDA), or, for tasks whose graph varies between
    steps (SAM), keep the bare model and all-reduce its gradients after backward;
-4. per epoch: iterate this worker's shard of the "train" dataset with
+4. per epoch: seed torch's global RNG (dropout, drop-path) from (seed, epoch, rank),
+   so an epoch run after a restart draws what an uninterrupted run's would have, as the
+   shuffle, the augmentation and the learning rate already follow (seed, epoch, step);
+   iterate this worker's shard of the "train" dataset with
    `iter_torch_batches` (augmented per epoch by the task's collate function), then the
    "val" shard without augmentation; add up the task's metric sums over all workers;
    rank 0 logs the epoch's metrics to MLflow and writes a checkpoint, and every rank
@@ -94,6 +97,15 @@ class LoopConfig:
         layout = d["layout"]
         d["layout"] = layout if isinstance(layout, SampleLayout) else SampleLayout(**layout)
         return cls(**d)
+
+
+def epoch_seed(seed: int, epoch: int, rank: int) -> int:
+    """The seed of torch's global RNG for one worker's epoch (0-based): a function of
+    the run's seed, the epoch and the rank alone, never of what was drawn before, so a
+    resumed run's epochs draw as the uninterrupted run's did; ranks draw apart."""
+    import numpy as np
+
+    return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1, np.uint64)[0] >> 1)
 
 
 def _progress(cfg: LoopConfig, rank: int, event: str, epoch: int) -> None:
@@ -231,6 +243,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     val_shard = ray.train.get_dataset_shard("val") if cfg.validate else None
 
     for epoch in range(state.epoch, cfg.epochs):
+        torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         model.train()
         collate = task.collate(cfg.layout, epoch=epoch, seed=cfg.seed, augment_strength=cfg.augment_strength)
         sums, seconds = _run_epoch(task, model, train_shard, collate, cfg, device, optimizer,
