@@ -165,6 +165,7 @@ def _train_detector(args: argparse.Namespace) -> dict:
     from engine.stores.catalog import read_catalog
     from engine.stores.uri import resolve
     from engine.training.detector import train_detector_on_ray
+    from engine.training.detector.ray_task import DETECTOR_TASK_CPUS
     from engine.training.detector.train import check_detector_args
     from engine.training.trainer import check_gpus, ensure_ray
 
@@ -188,7 +189,7 @@ def _train_detector(args: argparse.Namespace) -> dict:
         # one that is no synthetic archive, was never gated or changed since: named here,
         # not ~30 s later from the Ray task
         accepted_image_ids(args.synthetic)
-    cpus = args.cpus_per_worker or 2
+    cpus = args.cpus_per_worker or DETECTOR_TASK_CPUS
     ensure_ray(cpus)
     if args.gpu == "yes":
         check_gpus(1)  # a task asking for a GPU no node has or can get would wait forever

@@ -17,6 +17,8 @@ from typing import Any
 
 from engine.stores.uri import StoreLocation
 
+DETECTOR_TASK_CPUS = 2  # CPU slots the task holds by default, and its torch threads
+
 
 def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any]):
     """Runs on the Ray worker: train in a scratch folder, return the result with the bytes."""
@@ -36,7 +38,7 @@ def train_detector_on_ray(
     archive: str | StoreLocation,
     *,
     out_dir: str | Path,
-    num_cpus: float = 2,
+    num_cpus: float = DETECTOR_TASK_CPUS,
     num_gpus: float | None = None,
     register_as: str | None = None,
     registry=None,
