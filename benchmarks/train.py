@@ -67,6 +67,9 @@ from benchmarks.harness import json_stdout, load_average, work_folder  # noqa: E
 FAMILY = "fusion"
 VARIANTS = ("torchrun", "ray_train", "ray_data")
 SOURCES = {"ray_train": "tensors", "ray_data": "dataset"}
+# The preloaded samples' columns (what the engine's FusionCollate reads) and their dtypes.
+SAMPLE_DTYPES = {"image": "float32", "context": "float32", "mask": "uint8", "material_index": "int64",
+                 "grade_index": "int64", "pixel_size_nm": "float64"}
 LR, WEIGHT_DECAY, MAX_GRAD_NORM = 1e-3, 1e-4, 1.0  # engine.training.loop's defaults
 SHUFFLE_BUFFER, PREFETCH = 64, 2  # engine.training.loop's iter_torch_batches settings
 
@@ -120,14 +123,7 @@ def prepare_data(args, work: Path) -> tuple[Path, dict]:
     specs = specs[:args.samples]
     reader = ReadSamples(layout.mask)
     rows = [reader.read(s) for s in specs]
-    arrays = {
-        "image": np.stack([r["image"] for r in rows]).astype(np.float32),
-        "context": np.stack([r["context"] for r in rows]).astype(np.float32),
-        "mask": np.stack([r["mask"] for r in rows]).astype(np.uint8),
-        "material_index": np.array([r["material_index"] for r in rows], np.int64),
-        "grade_index": np.array([r["grade_index"] for r in rows], np.int64),
-        "pixel_size_nm": np.array([r["pixel_size_nm"] for r in rows], np.float64),
-    }
+    arrays = {k: np.stack([np.asarray(r[k]) for r in rows]).astype(dtype) for k, dtype in SAMPLE_DTYPES.items()}
     path = work / "arrays.npz"
     np.savez(path, **arrays)
     return path, {"archive": str(archive), **spec, "samples": len(rows), "tile": layout.tile,
@@ -316,9 +312,7 @@ class _Rows:
 
         ids = np.asarray(batch["id"])
         with np.load(self.path) as z:
-            return {"image": z["image"][ids], "context": z["context"][ids], "mask": z["mask"][ids],
-                    "material_index": z["material_index"][ids], "grade_index": z["grade_index"][ids],
-                    "pixel_size_nm": z["pixel_size_nm"][ids]}
+            return {k: z[k][ids] for k in SAMPLE_DTYPES}
 
 
 def _ray_init(cpus: int) -> None:
