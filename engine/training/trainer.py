@@ -49,6 +49,10 @@ CACHE_SHARE = 0.25
 # can never succeed ends instead of retrying forever.
 WORKER_GROUP_START_RETRIES = 30
 
+# Longest wait for the cluster's resource view to show a CPU slot free before a cached
+# dataset is read (`_materialize`).
+_CPU_VIEW_WAIT_S = 1.0
+
 
 class TrainingError(GrainflowError):
     """A training run that cannot start or did not finish."""
@@ -218,6 +222,26 @@ def _check_cpus_left_for_reads(worker_cpus: int) -> None:
         raise TrainingError(
             f"the training workers hold {worker_cpus} CPU slots of the cluster's {total:g}, leaving none for "
             "reading the archive: use fewer workers or cpus_per_worker, or cache=True")
+
+
+def _materialize(datasets: dict[str, Any]) -> dict[str, Any]:
+    """Each dataset read into the object store (the cache), one after the other.
+
+    Before each read, waits up to `_CPU_VIEW_WAIT_S` for a CPU slot to show free: the
+    previous read's tasks have returned theirs by the time it ends, but the cluster's
+    resource view (`ray.available_resources`) lags the raylets by a report (measured up
+    to ~75 ms here), and Ray Data warns that a dataset started while it reads no CPU
+    free "will hang", which a user of `make demo` then sees for nothing.
+    """
+    import ray
+
+    cached = {}
+    for name, ds in datasets.items():
+        deadline = time.monotonic() + _CPU_VIEW_WAIT_S
+        while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
+            time.sleep(0.02)
+        cached[name] = ds.materialize()
+    return cached
 
 
 def _auto_gpu(num_workers: int) -> bool:
@@ -492,7 +516,7 @@ def train(
     start = time.perf_counter()  # with the cached samples' one read
     try:
         if cache:  # read once, here, before the workers start
-            datasets = {name: ds.materialize() for name, ds in datasets.items()}
+            datasets = _materialize(datasets)
         trainer = TorchTrainer(
             train_loop_per_worker,
             train_loop_config=loop_config.to_dict(),
