@@ -24,7 +24,7 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 
-from engine.errors import GrainflowError, user_error_message
+from engine.errors import GrainflowError, printable, user_error_message
 
 app = typer.Typer(
     name="grainflow",
@@ -38,25 +38,16 @@ console = Console(width=None if sys.stdout.isatty() else 160)
 errors = Console(stderr=True, width=None if sys.stderr.isatty() else 160)
 
 
-# C0 controls but tab, DEL and C1 controls. ESC (\x1b) starts a terminal's escape
-# sequences: OSC 52 writes the clipboard, OSC 0 the window title, CSI moves the cursor and
-# erases lines; a terminal that reads C1 takes U+009B for ESC [. CR and backspace
-# overwrite what was printed. Instrument files put any text they like in their tags.
-_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
-_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
-# What json.dumps writes raw of the above: it escapes C0 controls itself.
+# The control characters (`engine.errors.printable`) json.dumps writes raw: it escapes C0 ones itself.
 _RAW_IN_JSON = re.compile(r"[\x7f-\x9f]")
 
 
 def _shown(text: object, *, newlines: bool = False) -> str:
-    """`str(text)`, data rather than markup, ready for `console.print`: each control
-    character written as its visible escape (ESC as the four characters \\x1b, a line
-    break as \\n, unless `newlines` keeps line breaks, as a multi-line error message
-    needs), then rich markup escaped, so "[as-built]" is printed as written rather than
-    read as a tag."""
-    control = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
-    visible = control.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
-    return escape(visible)
+    """`str(text)`, data rather than markup, ready for `console.print`: control
+    characters written as visible escapes (`engine.errors.printable`: instrument files put
+    any text they like in their tags), then rich markup escaped, so "[as-built]" is
+    printed as written rather than read as a tag."""
+    return escape(printable(text, newlines=newlines))
 
 
 def _print_json(text: str) -> None:

@@ -5,7 +5,27 @@ field) and what is wrong with it. The CLI prints these without a traceback, and 
 does the errors of the environment a user sets up (`user_error_message`: a path that is
 missing or not writable, a store or registry out of reach, no credentials); anything
 else is a bug and keeps its traceback.
+
+Messages name what a user gave or an archive holds, so they are printed through
+`printable`: an instrument file's tag or a catalog's image id can hold any text.
 """
+
+import re
+
+# C0 controls but tab, DEL and C1 controls. ESC (\x1b) starts a terminal's escape
+# sequences: OSC 52 writes the clipboard, OSC 0 the window title, CSI moves the cursor and
+# erases lines; a terminal that reads C1 takes U+009B for ESC [. CR and backspace
+# overwrite what was printed.
+_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f-\x9f]")
+_CONTROL_BUT_NEWLINE = re.compile(r"[\x00-\x08\x0b-\x1f\x7f-\x9f]")
+
+
+def printable(text: object, *, newlines: bool = False) -> str:
+    """`str(text)` with each control character written as its visible escape (ESC as the
+    four characters \\x1b, a line break as \\n unless `newlines` keeps line breaks, as a
+    multi-line error message needs), safe to print to a terminal."""
+    control = _CONTROL_BUT_NEWLINE if newlines else _CONTROL
+    return control.sub(lambda m: m.group().encode("unicode_escape").decode("ascii"), str(text))
 
 
 class GrainflowError(Exception):
@@ -115,12 +135,12 @@ def user_error_message(exc: BaseException) -> str | None:
 
 def exit_code_for(exc: BaseException, prog: str) -> int:
     """For a job's main, inside its `except Exception as exc:`: print `prog: <one line>`
-    to stderr and return exit code 2 when `exc` is the user's to act on
+    (`printable`) to stderr and return exit code 2 when `exc` is the user's to act on
     (`user_error_message`); re-raise it, traceback and all, when it is a bug."""
     import sys
 
     message = user_error_message(exc)
     if message is None:
         raise  # the exception being handled: called only from an except block
-    print(f"{prog}: {message}", file=sys.stderr)
+    print(f"{prog}: {printable(message, newlines=True)}", file=sys.stderr)
     return 2

@@ -104,10 +104,14 @@ class TestErrors:
             (["--archive", str(small_archive), "--out", str(tmp_path / "o"), "--models", "x@production",
               "--tracking-uri", f"sqlite:///{tmp_path}/typo.db"], "no registry at"),
             (["--archive", str(small_archive), "--out", "memory://o", "--models", "x@production"], "memory://"),
+            # a path (or any text an archive holds) with terminal escapes: printed visible, not run
+            (["--archive", str(tmp_path / "runs\x1b]0;title\x07"), "--out", str(tmp_path / "o"),
+              "--models", "x@production"], "runs\\x1b]0;title\\x07"),
         ):
             p = reprocess(*args)
             assert p.returncode == 2 and words in p.stderr, p.stderr[-2000:]
             assert "Traceback" not in p.stderr and "Started a local Ray" not in p.stderr
+            assert "\x1b" not in p.stderr and "\x07" not in p.stderr
         assert not (tmp_path / "typo.db").exists()  # a mistyped registry is not created empty
 
     def test_unknown_scheme(self):
