@@ -484,8 +484,12 @@ def main(argv=None) -> dict:
         return {
             "benchmark": "reprocess", "when": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "machine": machine(run.load_start),
+            # cores_beside_models: what the machine has beyond the model processes' threads,
+            # where Ray's processes and the job's own tasks run without taking the model's
+            # time (as on a GPU node); 0 means they take it from the models
             "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
-                       "ray_logical_cpus": args.workers + 2, "niceness": args.niceness},
+                       "ray_logical_cpus": args.workers * args.threads + 2, "niceness": args.niceness,
+                       "cores_beside_models": max(0, (os.cpu_count() or 1) - args.workers * args.threads)},
             "rounds": args.rounds, "presets": presets, "total_seconds": run.seconds(),
         }
 
