@@ -15,6 +15,8 @@ from typing import Optional
 
 import typer
 
+from engine.errors import printable
+
 
 def serve_command(
     ctx: typer.Context,
@@ -130,7 +132,7 @@ def keys_add(
     from engine.serving.keys import add_key
 
     key_id, key = add_key(keys, tenant, scope, rate_per_minute=rate_per_minute)
-    typer.echo(f"key id {key_id} for tenant {tenant} (scopes: {', '.join(scope)})")
+    typer.echo(printable(f"key id {key_id} for tenant {tenant} (scopes: {', '.join(scope)})"))
     typer.echo(key)
 
 
@@ -144,7 +146,7 @@ def keys_revoke(
     from engine.serving.keys import revoke_key
 
     principal = revoke_key(keys, key_id)
-    typer.echo(f"key id {key_id} of tenant {principal.tenant} revoked")
+    typer.echo(printable(f"key id {key_id} of tenant {principal.tenant} revoked"))
 
 
 def keys_list(keys: Path = typer.Option(..., "--keys", help="Keys file to read.")) -> None:
@@ -153,10 +155,10 @@ def keys_list(keys: Path = typer.Option(..., "--keys", help="Keys file to read."
 
     principals = list_keys(keys)
     if not principals:
-        typer.echo(f"{keys}: no keys")
-    for k in principals:
+        typer.echo(printable(f"{keys}: no keys"))
+    for k in principals:  # a keys file is text anyone with write access may have edited
         rate = "server default" if k.rate_per_minute is None else f"{k.rate_per_minute:g}/min"
-        typer.echo(f"{k.key_id}  tenant {k.tenant}  scopes {','.join(sorted(k.scopes))}  rate {rate}")
+        typer.echo(printable(f"{k.key_id}  tenant {k.tenant}  scopes {','.join(sorted(k.scopes))}  rate {rate}"))
 
 
 def register(app: typer.Typer) -> None:

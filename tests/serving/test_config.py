@@ -173,6 +173,14 @@ class TestKeys:
         assert a.split("_", 2)[2] not in cli.stdout and b.split("_", 2)[2] not in cli.stdout
         assert revoke_key(path, a).tenant == "lab-a"  # the whole key
         assert [k.key_id for k in list_keys(path)] == [b_id]
+        # a tenant name with terminal escapes (a keys file is text anyone who may write it
+        # can edit) is listed as visible escapes
+        add_key(path, "lab-c\x1b]0;title\x07\x1b[2K", ["analyze"])
+        cli = subprocess.run([sys.executable, "-m", "engine.cli", "serve", "keys", "list", "--keys", str(path)],
+                             capture_output=True, text=True, timeout=120)
+        assert cli.returncode == 0, cli.stderr
+        assert "tenant lab-c\\x1b]0;title\\x07\\x1b[2K  scopes analyze" in cli.stdout, cli.stdout
+        assert "\x1b" not in cli.stdout and "\x07" not in cli.stdout
 
     def test_a_file_half_edited_keeps_the_keys_a_removed_file_refuses_all(self, tmp_path):
         from engine.serving.keys import KeyStore, add_key
