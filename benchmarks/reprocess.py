@@ -315,6 +315,12 @@ def _config(cfg: dict):
     return EnsembleConfig(conf=cfg["conf"], max_det=cfg["max_det"])
 
 
+def ray_logical_cpus(workers: int, threads: int) -> int:
+    """The job variant's Ray CPU slots: `threads` per ensemble actor, two for Ray Data's
+    read and sink tasks (logical slots: the machine has what it has)."""
+    return workers * threads + 2
+
+
 def run_job(cfg: dict) -> dict:
     """One run of the job on a fresh local Ray of W x T + 2 logical CPUs (T per actor)."""
     import ray
@@ -323,7 +329,7 @@ def run_job(cfg: dict) -> dict:
     from engine.pipeline.job_ensemble import JobEnsemble  # noqa: F401  before the clock, as the peers import it
 
     temp_dir = tempfile.mkdtemp(prefix="gf", dir="/tmp")  # Ray's socket paths must stay short
-    ray.init(address="local", num_cpus=cfg["workers"] * cfg["threads"] + 2, include_dashboard=False,
+    ray.init(address="local", num_cpus=ray_logical_cpus(cfg["workers"], cfg["threads"]), include_dashboard=False,
              log_to_driver=False, _temp_dir=temp_dir)
     try:
         threads = ray.get(ray.remote(num_cpus=1)(_torch_threads).remote())
@@ -488,7 +494,7 @@ def main(argv=None) -> dict:
             # where Ray's processes and the job's own tasks run without taking the model's
             # time (as on a GPU node); 0 means they take it from the models
             "budget": {"model_processes": args.workers, "torch_threads_each": args.threads,
-                       "ray_logical_cpus": args.workers * args.threads + 2, "niceness": args.niceness,
+                       "ray_logical_cpus": ray_logical_cpus(args.workers, args.threads), "niceness": args.niceness,
                        "cores_beside_models": max(0, (os.cpu_count() or 1) - args.workers * args.threads)},
             "rounds": args.rounds, "presets": presets, "total_seconds": run.seconds(),
         }
