@@ -222,7 +222,9 @@ class Ensemble:
     # ------------------------------------------------------------------ stages
     # `analyze` is start -> detect -> segment -> classify -> finish. The stages are public
     # so that a server can run each in its own process (engine.serving: one deployment per
-    # member); an `EnsemblePass` carries the tiles between them and pickles.
+    # member); an `EnsemblePass` carries the tiles between them and pickles. Classify needs
+    # nothing detect or segment make, so a server may run it beside them on its own copy
+    # of the started pass and join its `classification()` in (`with_classification`).
 
     def start(self, tiles: Sequence[TileInput], *, params=None, warm: bool = False) -> EnsemblePass:
         """Check each tile and bind its preprocessing parameters (a bad tile becomes an
@@ -562,6 +564,31 @@ class EnsemblePass:
             base += n
         return out
 
+    def classification(self) -> Classification:
+        """What `Ensemble.classify` added to this pass, without the tiles: for a server
+        that runs the classifier beside the detector and sends only the probabilities on
+        (a few hundred bytes a tile where the pass carries its pixels)."""
+        return Classification({i: (w.material_probs, w.grade_probs) for i, w in self.work.items()},
+                              dict(self.errors), dict(self.timings_ms), dict(self.batch_sizes))
+
+    def with_classification(self, c: Classification) -> EnsemblePass:
+        """Take `c`'s probabilities into this pass's live tiles (in place; returns the
+        pass), as if `Ensemble.classify` had run on it last, as `Ensemble.analyze` runs
+        it: a tile this pass already failed keeps its own error; a live tile `c` failed
+        becomes `c`'s error. Timings and batch sizes are joined (this pass's win a tie)."""
+        if set(c.probs) | set(c.errors) != set(range(len(self.tiles))):
+            raise ValueError(f"with_classification: the classification's tiles ({len(c.probs)} classified, "
+                             f"{len(c.errors)} failed) are not this pass's {len(self.tiles)}")
+        for i in list(self.work):
+            if i in c.errors:
+                self.errors[i] = c.errors[i]
+                del self.work[i]
+            else:
+                self.work[i].material_probs, self.work[i].grade_probs = c.probs[i]
+        self.timings_ms = {**c.timings_ms, **self.timings_ms}
+        self.batch_sizes = {**c.batch_sizes, **self.batch_sizes}
+        return self
+
     def keep_inputs(self, modes: Iterable[str]) -> EnsemblePass:
         """Drop the tiles' normalised inputs other than `modes` (in place; returns the
         pass): what no later step reads need not travel to the next server process. A
@@ -570,6 +597,20 @@ class EnsemblePass:
         for w in self.work.values():
             w.cache = {mode: a for mode, a in w.cache.items() if mode in keep}
         return self
+
+
+@dataclass
+class Classification:
+    """The classify stage's results for one pass's tiles, without the tiles
+    (`EnsemblePass.classification`). probs: tile index -> (material probabilities
+    (n_materials,), grade probabilities (n_grades,)), float32, each summing to 1 (empty
+    arrays for an ensemble with no classifying member); errors: index -> error message
+    of a tile that failed before or in classify; timings_ms, batch_sizes: as the pass's."""
+
+    probs: dict[int, tuple[np.ndarray, np.ndarray]]
+    errors: dict[int, str]
+    timings_ms: dict[str, float] = field(default_factory=dict)
+    batch_sizes: dict[str, int] = field(default_factory=dict)
 
 
 def description(*, model_versions: Mapping[str, str], class_names: Sequence[str], materials: Sequence[str],

@@ -2,20 +2,25 @@
 
     Preprocess  pixels -> tiles (the batch job's tiling and preprocessing fit,
                 `engine.serving.prepare`) -> `Ensemble.start(..., warm=True)`
-    Classifier  `Ensemble.classify`    (@serve.batch across requests)
+    Classifier  `Ensemble.classify`    (@serve.batch across requests) -> a `Classification`
     Detector    `Ensemble.detect`      (@serve.batch)
-    Segmenter   `Ensemble.segment` then `Ensemble.finish` (measurements) and the
-                answer's analysis (`engine.serving.response.analysis`) (@serve.batch)
-                -> a `StagesAnswer`
+    Segmenter   `Ensemble.segment`, the classifier's probabilities taken in
+                (`EnsemblePass.with_classification`), then `Ensemble.finish`
+                (measurements) and the answer's analysis
+                (`engine.serving.response.analysis`) (@serve.batch) -> a `StagesAnswer`
 
-The ingress chains the four calls without waiting between them: each stage's
+The ingress sends the calls without waiting between them: each stage's
 DeploymentResponse is the next call's argument, so the `EnsemblePass` goes from one
 replica to the next through the object store, never back through the ingress (which
-waits for the segmenter's small answer only). The classifier goes first because it
-needs nothing the others make, so the segmenter's masks and the tile results (MBs of
-label images) never leave the replica that makes them; each stage drops the normalised
-inputs no later stage reads (`EnsemblePass.keep_inputs`): 7 MB travel for a 512² image
-where 12 MB did. A hop costs 8-10 ms on two cores, mostly fixed (benchmarks/RESULTS.md).
+waits for the segmenter's small answer only). The classifier needs nothing the detector
+or segmenter make, so it runs beside them: preprocess -> (classifier | detector ->
+segmenter), and on a lone request the answer takes max(classify, detect + segment) where
+a chain took their sum (the segmenter gets the classification as an ObjectRef, awaited
+after segmenting). The classifier sends on only its probabilities (a
+`Classification`, a few hundred bytes a tile), so the segmenter's masks and the tile
+results (MBs of label images) never leave the replica that makes them; the detector
+drops the normalised inputs the segmenter does not read (`EnsemblePass.keep_inputs`). A
+hop costs 8-10 ms on two cores, mostly fixed (benchmarks/RESULTS.md).
 
 A request names the fixed bundle version that answers it ("name/version", chosen by the
 ingress from the aliases); each replica keeps the ensembles of the versions it has been
@@ -133,7 +138,7 @@ class _Stage:
     def versions(self) -> list[str]:
         return list(self._ensembles)
 
-    async def _through_batch(self, batched, ref: str, p: Any) -> Any:
+    async def _through_batch(self, batched, ref: str, *args: Any) -> Any:
         """One request through the stage's @serve.batch queue. It waits up to
         batch_wait_timeout_s for others to share its batch only while other requests of
         this stage are in the replica: a lone request would wait out the whole timeout
@@ -142,7 +147,7 @@ class _Stage:
         self._in_flight += 1
         try:
             batched.set_batch_wait_timeout_s(self._batch_wait_s if self._in_flight > 1 else 0.0)
-            return await batched(ref, p)
+            return await batched(ref, *args)
         finally:
             self._in_flight -= 1
 
@@ -202,12 +207,13 @@ class Classifier(_Stage):
     role = "classifier"
 
     async def classify(self, ref: str, p: Any) -> Any:
-        """A bundle ref and an EnsemblePass -> the pass with material and grade probabilities."""
+        """A bundle ref and an EnsemblePass -> its tiles' material and grade
+        probabilities, a `Classification` (no pixels: they travel to the segmenter)."""
         return await self._through_batch(self._classify, ref, p)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
     async def _classify(self, refs: list[str], passes: list[Any]) -> list[Any]:
-        return await self._batched(refs, passes, "classify", then=("detector", "segmenter"))
+        return [p.classification() for p in await self._batched(refs, passes, "classify")]
 
     def labels(self, ref: str) -> dict[str, list[str]]:
         """Class, material and grade names of a version (for /v1/models)."""
@@ -232,21 +238,25 @@ class Detector(_Stage):
 class Segmenter(_Stage):
     role = "segmenter"
 
-    async def segment(self, ref: str, p: Any) -> StagesAnswer:
-        """A bundle ref and an EnsemblePass -> its StagesAnswer (segmented, measured)."""
-        return await self._through_batch(self._segment, ref, p)
+    async def segment(self, ref: str, p: Any, classified: list) -> StagesAnswer:
+        """A bundle ref, the detector's EnsemblePass and [an ObjectRef of the classifier's
+        Classification of the same tiles] (awaited once the tiles are segmented) -> its
+        StagesAnswer (segmented, classified, measured)."""
+        return await self._through_batch(self._segment, ref, p, classified[0])
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _segment(self, refs: list[str], passes: list[Any]) -> list[StagesAnswer]:
+    async def _segment(self, refs: list[str], passes: list[Any], classified: list[Any]) -> list[StagesAnswer]:
         passes = await self._batched(refs, passes, "segment")
+        classified = await asyncio.gather(*classified)
 
         def finish():
             from engine.serving.response import analysis
 
             out = []
-            for ref, p in zip(refs, passes):
+            for ref, p, c in zip(refs, passes, classified):
                 t0 = time.perf_counter()
                 ens = self.ensemble(ref)
+                p = p.with_classification(c)  # after segment, as Ensemble.analyze classifies last
                 analysed = analysis(ens.finish(p), p.tiles, class_names=ens.class_names,
                                     materials=ens.materials, grades=ens.grades)
                 timings = {**p.timings_ms, "measure": (time.perf_counter() - t0) * 1e3}

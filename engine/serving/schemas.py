@@ -169,8 +169,9 @@ class AnalyzeResponse(BaseModel):
     tile_errors: list[TileError]
     timings_ms: dict[str, float] = Field(
         description="milliseconds: decode_ms and stages_ms (wall time in the ingress), preprocess_ms, detect_ms, "
-                    "segment_ms, classify_ms, measure_ms (compute in each stage's replica; stages_ms minus their "
-                    "sum is what the hops between replicas cost), total_ms")
+                    "segment_ms, classify_ms, measure_ms (compute in each stage's replica; the classifier runs "
+                    "beside the detector and segmenter, so stages_ms minus preprocess_ms + max(classify_ms, "
+                    "detect_ms + segment_ms) + measure_ms is what the hops between replicas cost), total_ms")
     batch_sizes: dict[str, int] = Field(
         description="detect, segment, classify: how many requests shared that stage's batch, this one included "
                     "(a request waits for company only while the stage's replica has other requests in flight)")

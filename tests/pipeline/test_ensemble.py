@@ -4,12 +4,13 @@ error rows, input modes, and the class as a Ray Data actor-pool UDF."""
 from __future__ import annotations
 
 import json
+import pickle
 
 import numpy as np
 import pytest
 
 from engine.pipeline import COLUMNS, Ensemble, EnsembleConfig, EnsembleModels, TileResult, analyze_tile
-from engine.pipeline.ensemble import TileInput
+from engine.pipeline.ensemble import TileInput, tiles_from_batch
 from engine.pipeline.results import DETECTION_COLUMNS, from_columns
 from engine.tiling import owned, tile_core_level0
 
@@ -181,6 +182,55 @@ class TestDeterminism:
         got = from_columns(ens(take(tiles, rows)))
         for a, i in zip(got, rows):
             assert_same(a, single(ens, tiles, i), exact=True)
+
+
+class TestClassifierBeside:
+    """The online endpoint runs the classifier beside the detector and segmenter, each in
+    its own process, and joins them (`EnsemblePass.classification`, `with_classification`):
+    the answer must be `Ensemble.analyze`'s."""
+
+    @staticmethod
+    def apart(ens, tiles):
+        shipped = lambda x: pickle.loads(pickle.dumps(x))  # noqa: E731 - as between two replicas
+        classified = shipped(ens.classify(shipped(ens.start(tiles, warm=True))).classification())
+        return ens.finish(ens.segment(ens.detect(ens.start(tiles, warm=True))).with_classification(classified))
+
+    def test_same_answer_as_analyze_bit_for_bit(self, tiny_models, tiles):
+        ens = Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG, max_batch=1))
+        inputs = tiles_from_batch(take(tiles, [0, 5, 6]))
+        joined, together = self.apart(ens, inputs), ens.analyze(inputs)
+        assert sum(r.n_defects for r in together) > 0 and all(r.material for r in together)
+        for a, b in zip(joined, together, strict=True):
+            assert_same(a, b, exact=True)
+            np.testing.assert_array_equal(a.grade_probs, b.grade_probs)
+
+    def test_errors_of_either_branch_fail_their_tiles_only(self, tiny_models, tiles, monkeypatch):
+        ens = Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG))
+        real = ens.models.classifier.forward
+
+        def flaky(x):  # fails on any batch holding the flat tile (stretched to 0.5 everywhere)
+            if bool((x == 0.5).flatten(1).all(dim=1).any()):
+                raise RuntimeError("simulated failure")
+            return real(x)
+
+        monkeypatch.setattr(ens.models.classifier, "forward", flaky)
+        batch = take(tiles, [0, 1, 2])
+        tile = batch["tile"].copy()
+        tile[1] = np.full_like(tile[1], 100)
+        halo = batch["halo"].copy()
+        halo[2] = (200, 200, 0, 0)  # fails at start, before either branch
+        inputs = tiles_from_batch({**batch, "tile": tile, "halo": halo})
+        joined, together = self.apart(ens, inputs), ens.analyze(inputs)
+        assert [r.error for r in joined] == [r.error for r in together]
+        assert joined[0].error is None and joined[1].error == "RuntimeError: classifier: simulated failure"
+        assert "leaves no core" in joined[2].error
+        assert_same(joined[0], together[0], exact=False)
+
+    def test_another_pass_s_classification_is_refused(self, ensemble, tiles):
+        two, three = tiles_from_batch(take(tiles, [0, 1])), tiles_from_batch(take(tiles, [0, 1, 2]))
+        classified = ensemble.classify(ensemble.start(two)).classification()
+        with pytest.raises(ValueError, match="not this pass's 3"):
+            ensemble.detect(ensemble.start(three)).with_classification(classified)
 
 
 class TestErrors:

@@ -1,5 +1,8 @@
-"""A detector replica's process is killed (SIGKILL) under load: Serve's controller
-replaces it, and requests succeed again (the ingress retries a call whose replica died)."""
+"""A model replica's process is killed (SIGKILL) under load: Serve's controller
+replaces it, and requests succeed again (the ingress retries a call whose replica died).
+The detector has two replicas; the classifier one, and its answer reaches the segmenter
+as an ObjectRef the segmenter awaits (engine.serving.deployments): its death must fail
+those requests, not hang them."""
 
 from __future__ import annotations
 
@@ -9,16 +12,18 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 from .conftest import auth, png_bytes, replica_pids
 
 PNG = png_bytes((np.arange(64 * 64).reshape(64, 64) % 199).astype(np.uint8))
 
 
-def test_killed_replica_is_replaced_and_errors_stop(client, served):
+@pytest.mark.parametrize("role, replicas", [("detector", 2), ("classifier", 1)])
+def test_killed_replica_is_replaced_and_errors_stop(client, served, role, replicas):
     key = served["env"]["analyze_key"]
-    before = {n: p for n, p in replica_pids().items() if "#detector#" in n}
-    assert len(before) == 2
+    before = {n: p for n, p in replica_pids().items() if f"#{role}#" in n}
+    assert len(before) == replicas
     victim_name, victim_pid = sorted(before.items())[0]
     log: list[tuple[float, int]] = []
     stop = threading.Event()
@@ -40,8 +45,8 @@ def test_killed_replica_is_replaced_and_errors_stop(client, served):
         deadline = killed_at + 180
         replaced = None
         while time.monotonic() < deadline:
-            now = {n: p for n, p in replica_pids().items() if "#detector#" in n}
-            if len(now) == 2 and victim_pid not in now.values():
+            now = {n: p for n, p in replica_pids().items() if f"#{role}#" in n}
+            if len(now) == replicas and victim_pid not in now.values():
                 replaced = now
                 break
             time.sleep(0.5)
