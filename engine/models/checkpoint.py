@@ -146,13 +146,31 @@ def _plain_tensors(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tenso
     return out
 
 
+def _sort_header(path: Path) -> None:
+    """Rewrite a safetensors file's JSON header with its keys sorted, in place.
+    safetensors writes the metadata in a hash map's order, which changes from one save to
+    the next, so the same weights saved twice got two sha256s; sorted, the digest depends
+    on the tensors and metadata only. The sorted header has the same characters in
+    another order, so the same length (a shorter one is padded with spaces, as the format
+    allows), and the tensors' offsets, relative to the data after the header, stay valid."""
+    with open(path, "r+b") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = json.loads(f.read(n))
+        canonical = json.dumps(header, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+        if len(canonical) > n:  # an escape written otherwise than serde_json does: keep its order
+            return
+        f.seek(8)
+        f.write(canonical.ljust(n, b" "))
+
+
 def save_checkpoint(model: torch.nn.Module, path: str | Path, *, metadata: dict[str, str] | None = None) -> str:
     """Save a model built by engine.models as safetensors; returns the file's sha256.
 
     The file holds the state dict and, in its metadata, "format" and "config" (the
     model's config as JSON), plus any extra string `metadata`. The digest is also
     written to `<path>.sha256`. The file appears complete or not at all (written to a
-    temporary name, then renamed).
+    temporary name, then renamed). The same weights and metadata make the same file, so
+    the same sha256, whatever the tensors' memory layout.
     """
     config = getattr(model, "config", None)
     if config is None:
@@ -163,6 +181,7 @@ def save_checkpoint(model: torch.nn.Module, path: str | Path, *, metadata: dict[
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         save_file(_plain_tensors(model.state_dict()), str(tmp), metadata=meta)
+        _sort_header(tmp)
         os.replace(tmp, path)
     finally:
         tmp.unlink(missing_ok=True)

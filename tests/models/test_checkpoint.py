@@ -29,6 +29,17 @@ class TestSha256:
         assert checkpoint.read_sidecar(path) == digest == M.sha256_file(path)
         assert not list(tmp_path.glob(".*tmp*")), "temporary file left behind"
 
+    def test_the_same_weights_saved_again_have_the_same_digest(self, tiny, tmp_path):
+        """safetensors writes metadata in a hash map's order; save_checkpoint sorts it, so
+        a rerun that makes the same weights makes the same file."""
+        meta = {"epoch": "3", "run": "r1"}
+        digests = {M.save_checkpoint(tiny, tmp_path / f"c{i}.safetensors", metadata=meta) for i in range(5)}
+        assert len(digests) == 1
+        loaded = M.load_model(tmp_path / "c0.safetensors", expected_sha256=digests.pop())
+        for k, v in tiny.state_dict().items():
+            assert torch.equal(loaded.state_dict()[k], v), k
+        assert checkpoint.read_metadata(tmp_path / "c0.safetensors")["epoch"] == "3"
+
     def test_mismatch_is_refused_naming_file_and_digests(self, tiny, tmp_path):
         path = tmp_path / "clf.safetensors"
         digest = M.save_checkpoint(tiny, path)
