@@ -196,12 +196,13 @@ def run_loop(cfg: dict, rank: int, world: int, wrap, epoch_batches) -> dict | No
     import torch.distributed as dist
 
     from engine.models import create_model
+    from engine.models.layout import prefer_channels_last
     from engine.training.tasks import make_task
 
     torch.set_num_threads(cfg["threads"])
     task = make_task(FAMILY)
     torch.manual_seed(cfg["seed"])
-    model = wrap(create_model(FAMILY, cfg["model"]))
+    model = wrap(prefer_channels_last(create_model(FAMILY, cfg["model"]), FAMILY))  # as engine.training.loop
     optimizer = torch.optim.AdamW(model.parameters(), lr=LR, weight_decay=WEIGHT_DECAY)
     epochs = []
     for epoch in range(cfg["epochs"]):

@@ -48,6 +48,7 @@ from typing import Any, Callable, Iterable, Mapping, Sequence
 import numpy as np
 import torch
 
+from engine.models.layout import prefer_channels_last
 from engine.pipeline import inputs as inp
 from engine.pipeline.ensemble_config import EnsembleConfig
 from engine.pipeline.measure import area_mm2, defect_density_per_mm2, measure_masks
@@ -56,7 +57,6 @@ from engine.tiling.stitch import owned, tile_boxes_to_level0, tile_core_level0
 
 ROLES = ("detector", "segmenter", "classifier", "fusion")
 _FAMILY_OF = {"detector": "Detector", "segmenter": "Segmenter", "classifier": "Classifier", "fusion": "FusionModel"}
-_CONV_MEMBERS = ("detector", "classifier", "fusion")  # convolutional: the segmenter is a ViT
 MIN_CLASSIFY_PX = 32  # smallest side the timm backbones take (stride 32): smaller inputs are mirrored out
 
 
@@ -163,12 +163,7 @@ class Ensemble:
         for role, model in models.members().items():
             if type(model).__name__ != _FAMILY_OF[role]:
                 raise TypeError(f"models.{role}: expected a {_FAMILY_OF[role]}, got {type(model).__name__}")
-            model.to(self.device).eval()
-            if role in _CONV_MEMBERS:
-                # NHWC weights: oneDNN's (and cuDNN's) faster convolutions; measured on one
-                # CPU thread, resnet10t 175 -> 127 ms a 512² tile, fusion_tiny -21%, YOLO
-                # -5% (benchmarks/RESULTS.md). Outputs agree to ~1e-8, not bit for bit.
-                model.to(memory_format=torch.channels_last)
+            prefer_channels_last(model.to(self.device).eval(), role)  # roles are family names
         self.models = models
         self.class_names: tuple[str, ...] = tuple(models.detector.names)
         self.materials, self.grades = self._label_sets(models)

@@ -210,6 +210,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     from ray.train import Checkpoint
 
     from engine.models import create_model
+    from engine.models.layout import prefer_channels_last
     from engine.runtime import use_assigned_cpus
     from engine.training import mlflow_metrics
 
@@ -219,7 +220,7 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     task = make_task(cfg.family, cfg.task_options)
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
-    model = create_model(cfg.family, cfg.model_name, **cfg.overrides)
+    model = prefer_channels_last(create_model(cfg.family, cfg.model_name, **cfg.overrides), cfg.family)
     state = TrainingState(cfg.family, cfg.model_name)
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
