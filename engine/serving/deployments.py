@@ -240,30 +240,27 @@ class Segmenter(_Stage):
 
     async def segment(self, ref: str, p: Any, classified: list) -> StagesAnswer:
         """A bundle ref, the detector's EnsemblePass and [an ObjectRef of the classifier's
-        Classification of the same tiles] (awaited once the tiles are segmented) -> its
-        StagesAnswer (segmented, classified, measured)."""
-        return await self._through_batch(self._segment, ref, p, classified[0])
+        Classification of the same tiles] -> its StagesAnswer (segmented, classified,
+        measured). The classification is awaited once the tiles are segmented, per
+        request: a classifier that failed one request fails that request only."""
+        p = await self._through_batch(self._segment, ref, p)
+        c = await classified[0]
+        return await asyncio.to_thread(self._finish, ref, p, c)
 
     @serve.batch(max_batch_size=8, batch_wait_timeout_s=0.005)
-    async def _segment(self, refs: list[str], passes: list[Any], classified: list[Any]) -> list[StagesAnswer]:
-        passes = await self._batched(refs, passes, "segment")
-        classified = await asyncio.gather(*classified)
+    async def _segment(self, refs: list[str], passes: list[Any]) -> list[Any]:
+        return await self._batched(refs, passes, "segment")
 
-        def finish():
-            from engine.serving.response import analysis
+    def _finish(self, ref: str, p: Any, c: Any) -> StagesAnswer:
+        from engine.serving.response import analysis
 
-            out = []
-            for ref, p, c in zip(refs, passes, classified):
-                t0 = time.perf_counter()
-                ens = self.ensemble(ref)
-                p = p.with_classification(c)  # after segment, as Ensemble.analyze classifies last
-                analysed = analysis(ens.finish(p), p.tiles, class_names=ens.class_names,
-                                    materials=ens.materials, grades=ens.grades)
-                timings = {**p.timings_ms, "measure": (time.perf_counter() - t0) * 1e3}
-                first = p.tiles[0]
-                size_y = first.pixel_size_nm if first.pixel_size_y_nm is None else first.pixel_size_y_nm
-                out.append(StagesAnswer(analysed, int(first.level), float(first.pixel_size_nm), float(size_y),
-                                        timings, dict(p.batch_sizes)))
-            return out
-
-        return await asyncio.to_thread(finish)
+        t0 = time.perf_counter()
+        ens = self.ensemble(ref)
+        p = p.with_classification(c)  # after segment, as Ensemble.analyze classifies last
+        analysed = analysis(ens.finish(p), p.tiles, class_names=ens.class_names,
+                            materials=ens.materials, grades=ens.grades)
+        timings = {**p.timings_ms, "measure": (time.perf_counter() - t0) * 1e3}
+        first = p.tiles[0]
+        size_y = first.pixel_size_nm if first.pixel_size_y_nm is None else first.pixel_size_y_nm
+        return StagesAnswer(analysed, int(first.level), float(first.pixel_size_nm), float(size_y), timings,
+                            dict(p.batch_sizes))
