@@ -41,4 +41,3 @@ def test_channels_last_answers_and_saves_as_built(family, name, tmp_path):
     for k in before:
         torch.testing.assert_close(after[k], before[k], rtol=1e-4, atol=1e-5, msg=k)
     assert save_checkpoint(model, tmp_path / "nhwc.safetensors") == plain_sha  # the file does not know the layout
-
