@@ -49,6 +49,24 @@ def single(ensemble, batch, i, params=None) -> TileResult:
                         x=batch["x"][i], halo=batch["halo"][i], origin=batch["origin"][i], scale=batch["scale"][i])
 
 
+def classifier_failing_on_a_flat_tile(tiny_models, tiles, monkeypatch):
+    """(ensemble, rows 0-2 of `tiles`, their tile column with row 1 flat): the ensemble's
+    classifier fails on any batch holding a flat tile (stretched to 0.5 everywhere)."""
+    ens = Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG))
+    real = ens.models.classifier.forward
+
+    def flaky(x):
+        if bool((x == 0.5).flatten(1).all(dim=1).any()):
+            raise RuntimeError("simulated failure")
+        return real(x)
+
+    monkeypatch.setattr(ens.models.classifier, "forward", flaky)
+    batch = take(tiles, [0, 1, 2])
+    tile = batch["tile"].copy()
+    tile[1] = np.full_like(tile[1], 100)
+    return ens, batch, tile
+
+
 @pytest.fixture(scope="module")
 def out(ensemble, tiles):
     return ensemble(tiles)
@@ -205,18 +223,7 @@ class TestClassifierBeside:
             np.testing.assert_array_equal(a.grade_probs, b.grade_probs)
 
     def test_errors_of_either_branch_fail_their_tiles_only(self, tiny_models, tiles, monkeypatch):
-        ens = Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG))
-        real = ens.models.classifier.forward
-
-        def flaky(x):  # fails on any batch holding the flat tile (stretched to 0.5 everywhere)
-            if bool((x == 0.5).flatten(1).all(dim=1).any()):
-                raise RuntimeError("simulated failure")
-            return real(x)
-
-        monkeypatch.setattr(ens.models.classifier, "forward", flaky)
-        batch = take(tiles, [0, 1, 2])
-        tile = batch["tile"].copy()
-        tile[1] = np.full_like(tile[1], 100)
+        ens, batch, tile = classifier_failing_on_a_flat_tile(tiny_models, tiles, monkeypatch)
         halo = batch["halo"].copy()
         halo[2] = (200, 200, 0, 0)  # fails at start, before either branch
         inputs = tiles_from_batch({**batch, "tile": tile, "halo": halo})
@@ -258,18 +265,7 @@ class TestErrors:
         assert got[1].error is None
 
     def test_a_member_failing_on_one_tile_fails_that_tile_only(self, tiny_models, tiles, monkeypatch):
-        ens = Ensemble(tiny_models, config=EnsembleConfig(**TEST_CONFIG))
-        real = ens.models.classifier.forward
-
-        def flaky(x):  # fails on any batch holding the flat tile (stretched to 0.5 everywhere)
-            if bool((x == 0.5).flatten(1).all(dim=1).any()):
-                raise RuntimeError("simulated failure")
-            return real(x)
-
-        monkeypatch.setattr(ens.models.classifier, "forward", flaky)
-        batch = take(tiles, [0, 1, 2])
-        tile = batch["tile"].copy()
-        tile[1] = np.full_like(tile[1], 100)
+        ens, batch, tile = classifier_failing_on_a_flat_tile(tiny_models, tiles, monkeypatch)
         got = from_columns(ens({**batch, "tile": tile}))
         assert got[1].error == "RuntimeError: classifier: simulated failure"
         assert got[0].error is None and got[2].error is None
