@@ -4,10 +4,10 @@
                 `engine.serving.prepare`) -> `Ensemble.start(..., warm=True)`
     Classifier  `Ensemble.classify`    (@serve.batch across requests) -> a `Classification`
     Detector    `Ensemble.detect`      (@serve.batch)
-    Segmenter   `Ensemble.segment`, the classifier's probabilities taken in
-                (`EnsemblePass.with_classification`), then `Ensemble.finish`
-                (measurements) and the answer's analysis
-                (`engine.serving.response.analysis`) (@serve.batch) -> a `StagesAnswer`
+    Segmenter   `Ensemble.segment` (@serve.batch); then, per request, the classifier's
+                probabilities taken in (`EnsemblePass.with_classification`),
+                `Ensemble.finish` (measurements) and the answer's analysis
+                (`engine.serving.response.analysis`) -> a `StagesAnswer`
 
 The ingress sends the calls without waiting between them: each stage's
 DeploymentResponse is the next call's argument, so the `EnsemblePass` goes from one
