@@ -50,8 +50,11 @@ CACHE_SHARE = 0.25
 WORKER_GROUP_START_RETRIES = 30
 
 # Longest wait for the cluster's resource view to show a CPU slot free before a cached
-# dataset is read (`_materialize`).
+# dataset is read (`_materialize`), and how many polls in a row (_CPU_VIEW_POLL_S apart)
+# must show one: a single poll has seen a slot that the next report took back.
 _CPU_VIEW_WAIT_S = 1.0
+_CPU_VIEW_STEADY_POLLS = 3
+_CPU_VIEW_POLL_S = 0.02
 
 
 class TrainingError(GrainflowError):
@@ -227,9 +230,9 @@ def _check_cpus_left_for_reads(worker_cpus: int) -> None:
 def _materialize(datasets: dict[str, Any]) -> dict[str, Any]:
     """Each dataset read into the object store (the cache), one after the other.
 
-    Before each read, waits up to `_CPU_VIEW_WAIT_S` for a CPU slot to show free: the
-    previous read's tasks have returned theirs by the time it ends, but the cluster's
-    resource view (`ray.available_resources`) lags the raylets by a report (measured up
+    Before each read, waits (`wait_for_free_cpu`) for the cluster's resource view to show
+    a CPU slot free: the previous read's tasks have returned theirs by the time it ends,
+    but the view (`ray.available_resources`) lags the raylets by a report (measured up
     to ~75 ms here), and Ray Data warns that a dataset started while it reads no CPU
     free "will hang", which a user of `make demo` then sees for nothing.
     """
@@ -237,11 +240,30 @@ def _materialize(datasets: dict[str, Any]) -> dict[str, Any]:
 
     cached = {}
     for name, ds in datasets.items():
-        deadline = time.monotonic() + _CPU_VIEW_WAIT_S
-        while not ray.available_resources().get("CPU") and time.monotonic() < deadline:
-            time.sleep(0.02)
+        wait_for_free_cpu(lambda: ray.available_resources().get("CPU", 0))
         cached[name] = ds.materialize()
     return cached
+
+
+def wait_for_free_cpu(free_cpus, *, polls: int = _CPU_VIEW_STEADY_POLLS, interval_s: float = _CPU_VIEW_POLL_S,
+                      timeout_s: float = _CPU_VIEW_WAIT_S) -> bool:
+    """Wait until `free_cpus()` (CPU slots the resource view shows free) is positive in
+    `polls` polls in a row, `interval_s` apart, or `timeout_s` has passed. Returns whether
+    the view settled.
+
+    Several polls, not one: in `make demo` one poll saw a slot free between two reads
+    while other work's slots were being returned and taken, and Ray Data's own look,
+    milliseconds later, saw none.
+    """
+    deadline = time.monotonic() + timeout_s
+    steady = 0
+    while True:
+        steady = steady + 1 if free_cpus() > 0 else 0
+        if steady >= polls:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(interval_s)
 
 
 def _auto_gpu(num_workers: int) -> bool:

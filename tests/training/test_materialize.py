@@ -14,7 +14,7 @@ import threading
 
 from ray.util.debug import reset_log_once
 
-from engine.training.trainer import _materialize
+from engine.training.trainer import _materialize, wait_for_free_cpu
 
 
 def test_a_cached_read_waits_for_the_slots_earlier_work_held_instead_of_warning(ray_session, capfd):
@@ -35,3 +35,19 @@ def test_a_cached_read_waits_for_the_slots_earlier_work_held_instead_of_warning(
 class _Holder:
     def ready(self) -> bool:
         return True
+
+
+def test_the_wait_needs_a_free_slot_in_several_polls_in_a_row():
+    views = iter([1, 0, 2, 1, 1, 0, 0])  # a slot seen, taken back, then seen three times
+    seen = []
+
+    def free_cpus():
+        seen.append(next(views))
+        return seen[-1]
+
+    assert wait_for_free_cpu(free_cpus, polls=3, interval_s=0, timeout_s=10)
+    assert seen == [1, 0, 2, 1, 1]  # not after the first poll that saw one
+
+
+def test_the_wait_gives_up_after_its_timeout_and_says_so():
+    assert not wait_for_free_cpu(lambda: 0, polls=3, interval_s=0.01, timeout_s=0.05)
