@@ -4,7 +4,6 @@ the histograms are built image by image, in memory that does not grow with the r
 from __future__ import annotations
 
 import math
-import tracemalloc
 from pathlib import Path
 
 import numpy as np
@@ -12,6 +11,8 @@ import pytest
 
 from engine.reports import write_report
 from engine.reports.run import load_run
+
+from tests.traced_memory import run_in_fresh_process, traced
 
 from .data import Img, Obj, write_run
 from .test_report import Page
@@ -51,14 +52,10 @@ class TestStreaming:
             assert large.quantile(q) == pytest.approx(np.quantile(d, q), rel=0.023)
         assert large.mean_nm == pytest.approx(d.mean(), rel=1e-12) and large.measured == len(d)
 
-    def test_memory_does_not_grow_with_the_number_of_objects(self, tmp_path, monkeypatch):
+    def test_memory_does_not_grow_with_the_number_of_objects(self, tmp_path):
         """The sizes of a run with 8x the images (and objects) cost about the same peak
         memory: they had been gathered into one DataFrame of every object. (Images are
         read in batches: a small batch here, so both runs span several.)"""
-        from engine.reports import sizes as sizes_module
-        from engine.reports.sizes import size_distributions
-
-        monkeypatch.setattr(sizes_module, "_BATCH", 2, raising=False)
         rng = np.random.default_rng(1)
 
         def image():
@@ -66,13 +63,20 @@ class TestStreaming:
 
         def peak(n_images: int) -> int:
             out = write_run(tmp_path / f"run{n_images}", {f"i{k:03d}": image() for k in range(n_images)})
-            run = load_run(str(out))
-            tracemalloc.start()
-            sizes = size_distributions(run, ["pore"])
-            _, top = tracemalloc.get_traced_memory()
-            tracemalloc.stop()
-            assert sizes.classes["pore"].measured == 2500 * n_images
+            measured, top = run_in_fresh_process(_pore_sizes_traced, str(out), batch=2)
+            assert measured == 2500 * n_images
             return top
 
         small, large = peak(6), peak(48)
         assert large < 2 * small, (small, large)
+
+
+def _pore_sizes_traced(run_dir: str, *, batch: int) -> tuple[int, int]:
+    """In a fresh process: (pores measured, peak traced bytes) of the run's size
+    distributions, its images read `batch` at a time."""
+    from engine.reports import sizes as sizes_module
+
+    sizes_module._BATCH = batch
+    run = load_run(run_dir)
+    sizes, peak = traced(sizes_module.size_distributions, run, ["pore"])
+    return sizes.classes["pore"].measured, peak

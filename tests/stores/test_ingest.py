@@ -378,19 +378,11 @@ class TestTiffResolutionTags:
 
     def test_colour_conversion_works_in_bounded_memory(self):
         """A large colour image is converted in blocks, never as a float64 copy of the whole."""
-        import tracemalloc
+        from tests.traced_memory import run_in_fresh_process
 
-        from engine.stores.ingest.base import to_grayscale
-
-        rgb = np.random.default_rng(0).integers(0, 256, (2048, 2048, 3), dtype=np.uint8)
-        tracemalloc.start()
-        try:
-            gray, note = to_grayscale(rgb, "big.tif")
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert "BT.709" in note and gray.shape == (2048, 2048) and gray.dtype == np.uint8
-        assert peak < 4 * gray.nbytes  # the output and one block's arithmetic (whole-image float64: 32x)
+        note, shape, dtype, peak = run_in_fresh_process(_grayscale_traced, (2048, 2048, 3))
+        assert "BT.709" in note and shape == (2048, 2048) and dtype == np.uint8
+        assert peak < 4 * 2048 * 2048  # the output and one block's arithmetic (whole-image float64: 32x)
 
 
 class TestSemVendorTiff:
@@ -733,3 +725,14 @@ class TestReaderApi:
     @pytest.mark.parametrize("text,want", [("a b/c.tif", "a_b_c.tif"), ("..hidden", "hidden"), ("***", "image")])
     def test_sanitise_id(self, text, want):
         assert sanitise_id(text) == want
+
+
+def _grayscale_traced(shape) -> tuple[str, tuple[int, int], np.dtype, int]:
+    """In a fresh process: a random uint8 colour image of `shape` converted to grey; (note,
+    shape, dtype, peak traced bytes of the conversion)."""
+    from engine.stores.ingest.base import to_grayscale
+    from tests.traced_memory import traced
+
+    rgb = np.random.default_rng(0).integers(0, 256, shape, dtype=np.uint8)
+    (gray, note), peak = traced(to_grayscale, rgb, "big.tif")
+    return note, gray.shape, gray.dtype, peak

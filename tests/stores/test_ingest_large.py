@@ -9,7 +9,6 @@ bit for bit, down to the catalog checksum.
 from __future__ import annotations
 
 import logging
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -23,6 +22,7 @@ from engine.stores.ingest import ingest_files, read_instrument_file, read_instru
 from engine.stores.ingest.bands import BandedPlane, as_banded
 from engine.stores.uri import resolve
 from tests.stores.test_ingest import write_fei_tiff
+from tests.traced_memory import run_in_fresh_process, traced
 
 CHUNK = 32
 SHAPE = (300, 170)  # several chunks, bands and strips; edges not multiples of any of them
@@ -145,7 +145,7 @@ class TestBandedTiff:
             ingest_files([path], tmp_path / "a", modality="SEM", chunk=CHUNK)
         assert not any((tmp_path / "a" / "images").iterdir())
 
-    def test_peak_memory_stays_well_below_the_plane(self, tmp_path, monkeypatch):
+    def test_peak_memory_stays_well_below_the_plane(self, tmp_path):
         """A tiled 4096 x 4096 uint16 plane (32 MiB) read in bands: Python-side peak well under the plane."""
         path = tmp_path / "mosaic.tif"
 
@@ -156,23 +156,25 @@ class TestBandedTiff:
         tifffile.imwrite(path, tiles(), shape=(4096, 4096), dtype=np.uint16, tile=(256, 256), compression="zlib",
                          **NM_PER_CM)
         plane_bytes = 4096 * 4096 * 2
-        monkeypatch.setattr(tiff_planes, "STREAM_BYTES", 1 << 20)
-        monkeypatch.setattr(tiff_planes, "_READ_BYTES", 2 << 20)  # one row of tiles per read
-        # Codecs and stores allocate once on first use; that is not memory per image.
         small = tmp_path / "warm.tif"
         tifffile.imwrite(small, _random(np.uint16, (512, 512)), tile=(256, 256), compression="zlib", **NM_PER_CM)
-        ingest_files([small], tmp_path / "warm", modality="SEM", chunk=256)
-
-        tracemalloc.start()
-        try:
-            [row] = ingest_files([path], tmp_path / "a", modality="SEM", chunk=256)
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
-        assert (row.height, row.width) == (4096, 4096)
+        shape, image_id, peak = run_in_fresh_process(_banded_ingest_traced, path, small, tmp_path)
+        assert shape == (4096, 4096)
         assert peak < plane_bytes / 3, f"peak {peak / 2**20:.1f} MiB for a {plane_bytes / 2**20:.0f} MiB plane"
-        stored = _stored(tmp_path / "a", row.image_id)
+        stored = _stored(tmp_path / "a", image_id)
         assert stored[0, 0] == 0 and stored[4095, 4095] == 255 * 97 % 65536
+
+
+def _banded_ingest_traced(path, warm, tmp_path) -> tuple[tuple[int, int], str, int]:
+    """In a fresh process: ingest `path` into tmp_path / "a" through the banded path (1 MiB
+    threshold, one row of 256-px tiles a read) after a warm-up ingest of `warm` (codecs and
+    stores allocate once on first use: not memory per image); ((height, width), image id,
+    peak traced bytes of the ingest)."""
+    tiff_planes.STREAM_BYTES = 1 << 20
+    tiff_planes._READ_BYTES = 2 << 20
+    ingest_files([warm], tmp_path / "warm", modality="SEM", chunk=256)
+    [row], peak = traced(ingest_files, [path], tmp_path / "a", modality="SEM", chunk=256)
+    return (row.height, row.width), row.image_id, peak
 
 
 class TestBandedPlane:

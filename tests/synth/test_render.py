@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import tracemalloc
 
 import numpy as np
 import pytest
@@ -14,6 +13,7 @@ from engine.synth.defects import rasterise
 from engine.synth.image import render_image, render_region, write_image
 from engine.synth.materials import get_material
 from engine.synth.plan import plan_archive
+from tests.traced_memory import run_in_fresh_process, traced
 
 PAIRS = [(m, x) for m in MATERIALS for x in get_material(m).modalities]
 
@@ -99,12 +99,7 @@ class TestLargeImages:
         (numpy reports to tracemalloc) stays far below the image's size."""
         plan = one_plan("ferritic_steel", "SEM", 4096, chunk=256, seed=1)
         full = 4096 * 4096 * plan.dtype.itemsize
-        tracemalloc.start()
-        try:
-            info, truth = write_image(plan, tmp_path / "big.ome.zarr")
-            peak = tracemalloc.get_traced_memory()[1]
-        finally:
-            tracemalloc.stop()
+        (info, truth), peak = run_in_fresh_process(_write_traced, plan, tmp_path / "big.ome.zarr")
         assert peak < full / 4, f"peak {peak / 1e6:.1f} MB for a {full / 1e6:.1f} MB image"
         assert info.shape == (4096, 4096) and info.levels == 5
         assert len(truth) == len(plan.defects) > 50
@@ -114,12 +109,12 @@ class TestLargeImages:
         peaks = {}
         for size in (2048, 8192):
             plan = one_plan("martensite", "SEM", size, chunk=512, seed=2)
-            tracemalloc.start()
-            try:
-                write_image(plan, tmp_path / f"{size}.ome.zarr")
-                peaks[size] = tracemalloc.get_traced_memory()[1]
-            finally:
-                tracemalloc.stop()
+            peaks[size] = run_in_fresh_process(_write_traced, plan, tmp_path / f"{size}.ome.zarr")[1]
         assert peaks[8192] < 8192 * 8192 * 2 / 4
         # memory does not grow with the image
         assert peaks[8192] < 1.5 * peaks[2048]
+
+
+def _write_traced(plan, uri):
+    """In a fresh process: (write_image's (info, truth), peak traced bytes of the write)."""
+    return traced(write_image, plan, uri)
