@@ -99,14 +99,13 @@ class TestMemory:
         pixels = np.clip(_noisy((2048, 2048), seed=5) * 120, 0, 255).astype(np.uint8)
         image = _image(tmp_path, "one", pixels, chunk=2048)
         assert len(image.levels) == 1
-        peaks = run_in_fresh_process(_fit_traced, tmp_path / "one.ome.zarr", ("optical", "SEM"))
+        peaks = run_in_fresh_process(_fit_traced, image, ("optical", "SEM"))  # an image pickles as its location
         for modality, peak in peaks.items():
             assert peak < 48 * 2**20, (modality, peak / 2**20)
 
 
-def _fit_traced(uri, modalities) -> dict[str, int]:
-    """In a fresh process: modality -> peak traced bytes of fitting the image at `uri`."""
-    image = open_image(uri)
+def _fit_traced(image, modalities) -> dict[str, int]:
+    """In a fresh process: modality -> peak traced bytes of fitting `image`."""
     return {m: traced(fit_preprocessing, image, m)[1] for m in modalities}
 
 
