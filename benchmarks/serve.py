@@ -322,7 +322,9 @@ def measure(args) -> dict:
         s: round(out["serve"][s]["1"]["p50_ms"] - out["inprocess"][s]["1"]["p50_ms"], 2)
         for s in out["serve"] if "1" in out["serve"][s]}
     out["serve_overhead_p50_ms_1_client"] = {
-        s: out["serve"][s]["stages_1_client"]["overhead_ms"] for s in out["serve"] if "stages_1_client" in out["serve"][s]}
+        s: out["serve"][s]["stages_1_client"]["overhead_ms"]
+        for s in out["serve"] if "stages_1_client" in out["serve"][s]}
+
     def most(cells):
         return str(max(int(c) for c in cells if c.isdigit()))
 

@@ -6,7 +6,8 @@ oneDNN (CPU) and cuDNN run convolutions faster on NHWC weights; the detector, cl
 and fusion models are convolutional (the segmenter is a ViT; the diffusion UNet gained
 2-8% on one thread with outputs 2e-6 apart, and is left as built). Measured on one CPU
 thread (benchmarks/RESULTS.md, "Convolutions in channels_last"): inference resnet10t
--27%, fusion_tiny -21%, YOLO -5%; a training step resnet10t -23%, fusion_tiny -13%. Outputs agree with NCHW to ~1e-8, not bit for bit.
+-27%, fusion_tiny -21%, YOLO -5%; a training step resnet10t -23%, fusion_tiny -13%.
+Outputs agree with NCHW to ~1e-8, not bit for bit.
 Inputs need no conversion: with one channel, NCHW and NHWC are the same memory. Saved
 checkpoints are unchanged (engine.models.checkpoint writes contiguous tensors).
 """
