@@ -8,6 +8,11 @@ DEMO_DIR ?= out/demo
 # core here. TEST_WORKERS=0 runs the suite in this process.
 TEST_WORKERS ?= 2
 PYTEST_PARALLEL := -n $(TEST_WORKERS) --dist loadscope --no-loadscope-reorder
+# A bound on `make test` (seconds; the suite takes ~15 min here). pytest-timeout stops a
+# hung test, not pytest-xdist itself, which was seen to wait forever after replacing a
+# crashed worker: CI would hold the run to its own limit. SIGINT goes to pytest and its
+# workers, which print what ran and tear down their fixtures (Ray, the S3 server).
+TEST_TIME_LIMIT_S ?= 2400
 
 .PHONY: venv browser demo test test-all bench clean
 
@@ -35,7 +40,8 @@ browser:
 	  { $$SUDO apt-get update -qq && $$SUDO apt-get install -y -qq --no-install-recommends chromium; }; }
 
 test: $(STAMP) browser
-	$(PY) -m pytest $(PYTEST_PARALLEL)
+	timeout --signal=INT --kill-after=60 $(TEST_TIME_LIMIT_S) $(PY) -m pytest $(PYTEST_PARALLEL) || \
+	  { rc=$$?; [ $$rc -ne 124 ] || echo "make test: stopped after $(TEST_TIME_LIMIT_S) s (TEST_TIME_LIMIT_S)" >&2; exit $$rc; }
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m ''
