@@ -9,7 +9,9 @@ trains through Ultralytics' trainer as one Ray task, on a GPU node when there is
 and writes its checkpoint to --storage (a local path). Submitted as a Ray job it joins that cluster
 (RAY_ADDRESS); run directly it starts a local Ray. Exit status: 0 done, 2 bad input
 (the message names it), 1 anything else. See engine.training.train for the arguments.
-`--synthetic ARCHIVE --synthetic-ratio R` mixes a synthetic archive (jobs.synthesize)
+`--init-weights FILE --train-only MODULE` fine-tunes from given weights (Meta's SAM .pth)
+and trains only that module (e.g. `--model segmenter:sam_vit_b --train-only
+sam.mask_decoder`). `--synthetic ARCHIVE --synthetic-ratio R` mixes a synthetic archive (jobs.synthesize)
 into detector or fusion training: R synthetic samples per real training sample.
 """
 
@@ -25,7 +27,7 @@ import time
 # Options of the Ray Train loop (engine.training.train) and their defaults; the
 # detector trains through Ultralytics' trainer and refuses them.
 RAY_TRAIN_ONLY = {"workers": 2, "lr_schedule": "cosine", "cache": "auto", "augment": 0.5, "max_samples_per_image": None,
-                  "max_failures": 2, "inputs": "tile"}
+                  "max_failures": 2, "inputs": "tile", "init_weights": None, "init_sha256": None, "train_only": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -62,6 +64,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--val-fraction", type=float, default=0.2)
     p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: the model's input size)")
     p.add_argument("--max-samples-per-image", type=int, default=None)
+    p.add_argument("--init-weights", default=None, metavar="FILE",
+                   help="start from these weights (Meta's SAM .pth, a grainflow .safetensors), not a random "
+                        "initialisation; a path every worker can read")
+    p.add_argument("--init-sha256", default=None, metavar="HEX",
+                   help="the sha256 --init-weights must have (default: its .sha256 file, where there is one)")
+    p.add_argument("--train-only", default=None, metavar="MODULE[,MODULE]",
+                   help="train only these modules, the rest frozen (e.g. sam.mask_decoder: SAM's decoder on its "
+                        "pretrained image encoder); an unknown name lists the model's modules")
     p.add_argument("--max-failures", type=int, default=None, help="worker-group restarts allowed (default 2)")
     p.add_argument("--run-name", default=None,
                    help="run name in storage; an existing run's name resumes it (a detector run of that name is "
@@ -80,6 +90,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if not sep or not family or not name:
         p.error(f"--model must be FAMILY:NAME (e.g. fusion:fusion_tiny), got {args.model!r}")
     args.family, args.model_name = family, name
+    if args.init_sha256 and not args.init_weights:
+        p.error("--init-sha256 needs --init-weights FILE")
     if args.promote and not args.register:
         p.error("--promote needs --register NAME")
     if args.synthetic and family not in ("detector", "fusion"):
@@ -139,7 +151,9 @@ def main(argv: list[str] | None = None) -> int:
                 val_archive=args.val_archive, val_fraction=args.val_fraction, tile_size=args.tile,
                 max_samples_per_image=args.max_samples_per_image, max_failures=args.max_failures,
                 run_name=args.run_name, tracking_uri=args.tracking_uri, register_as=args.register,
-                promote=args.promote, inputs=args.inputs, **_synthetic(args),
+                promote=args.promote, inputs=args.inputs, init_weights=args.init_weights,
+                init_sha256=args.init_sha256, train_only=[m for m in (args.train_only or "").split(",") if m],
+                **_synthetic(args),
             ).summary()
     except Exception as exc:
         return exit_code_for(exc, "finetune")  # a user's error: one line, exit 2; a bug: its traceback

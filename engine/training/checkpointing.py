@@ -60,21 +60,24 @@ logger = logging.getLogger(__name__)
 
 @dataclass
 class TrainingState:
-    """Where a run stands: `epoch` epochs are done; `history[i]` holds epoch i's metrics."""
+    """Where a run stands: `epoch` epochs are done; `history[i]` holds epoch i's metrics;
+    `train_only`: the modules it trains, all when empty (engine.training.warm_start)."""
 
     family: str
     model: str
     epoch: int = 0
     history: list[dict[str, float]] = field(default_factory=list)
+    train_only: list[str] = field(default_factory=list)
 
     def to_json(self) -> str:
         return json.dumps({"family": self.family, "model": self.model, "epoch": self.epoch,
-                           "history": self.history}, indent=1, sort_keys=True)
+                           "history": self.history, "train_only": self.train_only}, indent=1, sort_keys=True)
 
     @classmethod
     def from_json(cls, text: str) -> TrainingState:
         d = json.loads(text)
-        return cls(family=d["family"], model=d["model"], epoch=int(d["epoch"]), history=list(d["history"]))
+        return cls(family=d["family"], model=d["model"], epoch=int(d["epoch"]), history=list(d["history"]),
+                   train_only=list(d.get("train_only", [])))  # runs written before it trained everything
 
 
 def save_training_state(directory: str | Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,

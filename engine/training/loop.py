@@ -44,6 +44,7 @@ from engine.data.sample_plan import SampleLayout
 from engine.training.checkpointing import TrainingState, load_training_state, read_optimizer_state, save_training_state
 from engine.training.schedule import check_schedule, learning_rate
 from engine.training.tasks import Task, make_task
+from engine.training.warm_start import check_same_modules, freeze_all_but, load_initial_weights
 
 
 @dataclass(frozen=True)
@@ -56,6 +57,9 @@ class LoopConfig:
     weight_decay: AdamW's decoupled decay; max_grad_norm:
     gradient clipping (None: off); augment_strength: engine.augment strength, 0 = off;
     shuffle_buffer: rows in each worker's local shuffle buffer (>= batch_size);
+    init_weights / init_sha256: a file the run starts from instead of the seeded
+    initialisation (its digest checked on every worker); train_only: the modules that
+    train, the others frozen (empty: all; engine.training.warm_start);
     tracking_uri / mlflow_run_id: where rank 0 logs metrics (None: not logged);
     validate: whether a "val" dataset was given;
     progress_dir: a local folder where each rank appends JSON lines (`rank<r>.jsonl`:
@@ -78,6 +82,9 @@ class LoopConfig:
     shuffle_buffer: int = 64
     overrides: dict[str, Any] = field(default_factory=dict)
     task_options: dict[str, Any] = field(default_factory=dict)
+    init_weights: str | None = None
+    init_sha256: str | None = None
+    train_only: list[str] = field(default_factory=list)
     tracking_uri: str | None = None
     mlflow_run_id: str | None = None
     progress_dir: str | None = None
@@ -221,13 +228,18 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
 
     torch.manual_seed(cfg.seed)  # same initial weights on every rank (DDP also broadcasts rank 0's)
     model = prefer_channels_last(create_model(cfg.family, cfg.model_name, **cfg.overrides), cfg.family)
-    state = TrainingState(cfg.family, cfg.model_name)
+    state = TrainingState(cfg.family, cfg.model_name, train_only=list(cfg.train_only))
     optimizer_state = None
     checkpoint = ray.train.get_checkpoint()
     if checkpoint is not None:
         with checkpoint.as_directory() as directory:
             state = load_training_state(directory, model)
             optimizer_state = read_optimizer_state(directory)
+        check_same_modules(state.train_only, cfg.train_only, where=f"checkpoint of epoch {state.epoch}")
+    elif cfg.init_weights:  # a resumed run's checkpoint holds the weights trained since
+        load_initial_weights(model, cfg.family, cfg.init_weights, cfg.init_sha256)
+    if cfg.train_only:
+        freeze_all_but(model, cfg.train_only)
     _progress(cfg, rank, "start", state.epoch)
 
     if task.gradient_sync == "ddp":
@@ -236,7 +248,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         model = ray.train.torch.prepare_model(model, parallel_strategy=None)  # to the device only
         _broadcast_parameters(model)
     bare = getattr(model, "module", model)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    trained = [p for p in model.parameters() if p.requires_grad]  # frozen modules get no optimizer state
+    optimizer = torch.optim.AdamW(trained, lr=cfg.lr, weight_decay=cfg.weight_decay)
     if optimizer_state is not None:
         optimizer.load_state_dict(optimizer_state)  # moves the state onto the parameters' device
     device = ray.train.torch.get_device()

@@ -152,14 +152,15 @@ def _storage(storage_path: str | os.PathLike):
 
 
 def check_resume(storage_path: str | os.PathLike, run_name: str, family: str, model_name: str,
-                 overrides: dict[str, Any] | None = None) -> None:
+                 overrides: dict[str, Any] | None = None, train_only: Sequence[str] = ()) -> None:
     """Refuse, before Ray starts, to resume `<storage_path>/<run_name>` with another model.
 
     Ray Train hands a run's latest checkpoint to the workers of any run started under
     its name. One of another family or model would fail in every worker, after
     max_failures restarts, and mark the earlier run's MLflow run FAILED; one of this
     model with other builder arguments (`overrides`) could load and go on training a
-    model its config misdescribes. Reads the checkpoint Ray Train would resume from
+    model its config misdescribes; one training other modules (`train_only`) would not
+    fit the optimizer state it saved. Reads the checkpoint Ray Train would resume from
     (checkpointing.latest_checkpoint: the one its snapshot names, not a newer folder cut
     off while being copied): its state.json and the model file's config (its header, not
     the weights); the workers compare the whole config again when they load it
@@ -168,6 +169,7 @@ def check_resume(storage_path: str | os.PathLike, run_name: str, family: str, mo
     from engine.models import get_config
     from engine.stores.uri import resolve
     from engine.training.checkpointing import config_differences, latest_checkpoint, read_stored_checkpoint
+    from engine.training.warm_start import check_same_modules
 
     run = resolve(storage_path).join(run_name)
     latest = latest_checkpoint(run)
@@ -179,6 +181,8 @@ def check_resume(storage_path: str | os.PathLike, run_name: str, family: str, mo
             f"run {run_name!r} in {storage_path} holds a {state.family}:{state.model} checkpoint ({latest.name}), "
             f"which a run of that name resumes; this one trains {family}:{model_name}. Give another run_name "
             f"(--run-name), or train {state.family}:{state.model} to resume it")
+    check_same_modules(state.train_only, train_only, where=f"run {run_name!r} in {storage_path}: its checkpoint "
+                                                           f"{latest.name}")
     if saved is None:
         return
     wanted = get_config(family, model_name)
@@ -390,6 +394,9 @@ def train(
     synthetic_ratio: float = 0.5,
     cache: bool | None = None,
     inputs: str = "tile",
+    init_weights: str | os.PathLike | None = None,
+    init_sha256: str | None = None,
+    train_only: Sequence[str] = (),
 ) -> TrainResult:
     """Train a registered model on an archive with Ray Train (module doc).
 
@@ -435,6 +442,11 @@ def train(
       inference (engine.pipeline.inputs): "tile" (each tile's percentile stretch) or
       "image" (the image's engine.preprocess parameters: tiles of an image alike);
       recorded on the registered version (tag `input`), which bundles read.
+    init_weights / init_sha256: fine-tune from this checkpoint file (Meta's SAM .pth, our
+      .safetensors; readable at this path by every worker) instead of the seeded
+      initialisation; its sha256 (default: the `.sha256` beside it, else the file's
+      own) is checked on every worker (engine.training.warm_start).
+    train_only: train only these modules ("sam.mask_decoder"); the rest stay as loaded.
     """
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -446,6 +458,7 @@ def train(
     from engine.training.checkpointing import MODEL_FILE, read_state
     from engine.training.loop import train_loop_per_worker
     from engine.training.tasks import make_task
+    from engine.training.warm_start import check_warm_start
 
     if epochs < 1 or num_workers < 1 or batch_size < 1:
         raise TrainingError(f"epochs ({epochs}), num_workers ({num_workers}) and batch_size ({batch_size}) must be >= 1")
@@ -500,8 +513,12 @@ def train(
         n_real = len(train_specs) - n_syn
         synthetic_params.update(synthetic_samples=n_syn,
                                 synthetic_ratio_achieved=round(n_syn / n_real, 4) if n_real else float("nan"))
+    train_only = [train_only] if isinstance(train_only, str) else list(train_only)
+    # before Ray: the file fits the model (keys, shapes, digest), the modules exist
+    init_sha256 = check_warm_start(family, model_name, overrides, init_weights, init_sha256, train_only)
+    init_weights = None if init_weights is None else os.path.abspath(init_weights)  # workers' cwd differs
     if run_name:  # a run of that name in storage is resumed: it must be this model
-        check_resume(storage_path, run_name, family, model_name, overrides)
+        check_resume(storage_path, run_name, family, model_name, overrides, train_only)
     ensure_ray(num_workers * (cpus_per_worker or 1))
     if use_gpu is None:
         use_gpu = _auto_gpu(num_workers)
@@ -524,6 +541,7 @@ def train(
         "tile": layout.tile, "context_tile": layout.context_tile, "inputs": layout.normalisation,
         "train_samples": len(train_specs), "val_samples": len(val_specs),
         **synthetic_params,
+        "init_weights": str(init_weights), "init_sha256": str(init_sha256), "train_only": ",".join(train_only),
         "cached": bool(cache),
         "storage_path": os.fspath(storage_path) if storage_prefix else storage,
     }, tags={"grainflow.family": family, "grainflow.model": model_name}, resume_key="storage_path")
@@ -532,7 +550,8 @@ def train(
         family=family, model_name=model_name, layout=layout, epochs=epochs, batch_size=batch_size, lr=lr,
         lr_schedule=lr_schedule, steps_per_epoch=steps_per_epoch(len(train_specs), num_workers, batch_size),
         weight_decay=weight_decay, seed=seed, augment_strength=strength, overrides=dict(overrides or {}),
-        task_options=dict(task_options or {}), tracking_uri=uri, mlflow_run_id=run_id,
+        task_options=dict(task_options or {}), init_weights=init_weights, init_sha256=init_sha256,
+        train_only=train_only, tracking_uri=uri, mlflow_run_id=run_id,
         progress_dir=None if progress_dir is None else os.path.abspath(progress_dir), validate=bool(val_specs),
     )
     start = time.perf_counter()  # with the cached samples' one read
@@ -575,6 +594,7 @@ def train(
                         "augment_strength": strength, "seed": seed, "tile": layout.tile,
                         "context_tile": layout.context_tile, "inputs": layout.normalisation,
                         "train_samples": len(train_specs), "val_samples": len(val_specs), "run_name": run_name,
+                        "init_weights": init_weights, "init_sha256": init_sha256, "train_only": train_only,
                     }},
                     metrics=_finite(state.history[-1]),
                     tags={"training_run": run_id, TRAINED_INPUT_TAG: layout.normalisation},

@@ -37,6 +37,10 @@ class TestArguments:
             parse_args(["--model", "detector:yolov8n_tiny", "--archive", "a", "--storage", "s", "--augment", "0",
                         "--workers", "4"])
         assert "--workers, --augment: Ray Train options" in capsys.readouterr().err
+        with pytest.raises(SystemExit):  # Ultralytics fine-tunes from its own .pt files, not these options
+            parse_args(["--model", "detector:yolov8n_tiny", "--archive", "a", "--storage", "s",
+                        "--train-only", "model.22"])
+        assert "--train-only: Ray Train options" in capsys.readouterr().err
         args = parse_args(["--model", "fusion:fusion_tiny", "--archive", "a", "--storage", "s"])
         assert (args.workers, args.augment, args.lr_schedule, args.max_failures) == (2, 0.5, "cosine", 2)
 
@@ -45,6 +49,7 @@ class TestArguments:
         (["--lr", "nan"], "--lr must be a finite number > 0, got nan"),
         (["--max-failures", "-1"], "--max-failures must be >= 0 (Ray Train would read -1 as unlimited)"),
         (["--tile", "0"], "--tile must be >= 1 pixel"),
+        (["--init-sha256", "ab" * 32], "--init-sha256 needs --init-weights FILE"),
         (["--storage", "http://host/runs"], "--storage must be a local path, file:// or s3:// URI"),
         (["--storage", "gs://bucket/runs"], "--storage must be a local path, file:// or s3:// URI"),
     ])
