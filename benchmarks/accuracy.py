@@ -22,7 +22,9 @@ from each material's range), other microstructures and other defects. Prints JSO
   any class) of the fusion model (fusion_tiny: detail + context views);
 - segmenter: mean mask IoU of the small SAM (sam_tiny) on every held-out box, on the
   tile as the job sees it, per defect class, beside the prompt box filled and its
-  inscribed ellipse (engine.training.train("segmenter", ...); "tile_frame").
+  inscribed ellipse (engine.training.train("segmenter", ...); "tile_frame"). Meta's
+  ViT-B fine-tuned: `--sam-model sam_vit_b --sam-init-weights sam_vit_b_01ec64.pth
+  --sam-train-only sam.mask_decoder` (its released weights, decoder trained; a GPU).
 
 For the Ray Train parts the held-out archive is the validation set of the run, so each
 epoch's held-out metrics are in "curve" (the learning curve; figures are those of the
@@ -86,6 +88,11 @@ def parse_args(argv=None) -> argparse.Namespace:
     cls.add_argument("--lr-schedule", choices=("cosine", "constant"), default="cosine",
                      help="engine.training.schedule (cosine: 5%% warm-up, decay to 1%% of the rate)")
     cls.add_argument("--sam-lr", type=float, default=1e-3, help="AdamW learning rate (segmenter)")
+    cls.add_argument("--sam-init-weights", default=None, metavar="FILE",
+                     help="fine-tune the segmenter from these weights (Meta's sam_vit_b_01ec64.pth with "
+                          "--sam-model sam_vit_b)")
+    cls.add_argument("--sam-train-only", default=None, metavar="MODULE[,MODULE]",
+                     help="train only these segmenter modules (e.g. sam.mask_decoder)")
     cls.add_argument("--sam-batch-size", type=int, default=None,
                      help="rows per worker per step for the segmenter (default: --batch-size)")
     cls.add_argument("--augment", type=float, default=0.5, help="engine.augment strength, 0 = off")
@@ -170,19 +177,20 @@ CURVE_KEYS = ("train_loss", "train_material_acc", "val_material_acc", "val_grade
 
 
 def _ray_train(family: str, model: str, epochs: int, args, train: Path, held_out: Path, out: Path,
-               lr: float, batch_size: int) -> dict:
+               lr: float, batch_size: int, **warm_start) -> dict:
     from engine.training import train as ray_train
     from engine.training.schedule import steps_per_epoch
 
     result = ray_train(family, model, str(train), storage_path=out, epochs=epochs, num_workers=args.workers,
                        val_archive=str(held_out), seed=args.seed, max_samples_per_image=args.max_samples_per_image,
                        batch_size=batch_size, lr=lr, lr_schedule=args.lr_schedule, augment=args.augment,
-                       keep_checkpoints=1, inputs=args.inputs,
+                       keep_checkpoints=1, inputs=args.inputs, **warm_start,
                        tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
     last = result.metrics
     curve = [{k: h[k] for k in ("epoch", *CURVE_KEYS) if k in h} for h in result.history]
     return {"model": model, "epochs": epochs, "workers": args.workers, "batch_size_per_worker": batch_size,
             "lr": lr, "lr_schedule": args.lr_schedule, "augment": args.augment, "inputs": args.inputs,
+            **{k: str(v) if k == "init_weights" else v for k, v in warm_start.items()},
             "optimizer_steps": epochs * steps_per_epoch(result.train_samples, args.workers, batch_size),
             "train_samples": result.train_samples, "val_samples": result.val_samples,
             "train_seconds": round(result.seconds, 1), "checkpoint_path": result.checkpoint_path,
@@ -262,8 +270,10 @@ def held_out_rows(args, family: str, model_name: str, train: Path, held_out: Pat
 
 
 def segmenter_part(args, train, held_out, out) -> dict:
+    warm_start = {"init_weights": args.sam_init_weights,
+                  "train_only": [m for m in (args.sam_train_only or "").split(",") if m]}
     r = _ray_train("segmenter", args.sam_model, args.sam_epochs, args, train, held_out, out, args.sam_lr,
-                   args.sam_batch_size or args.batch_size)
+                   args.sam_batch_size or args.batch_size, **warm_start)
     r["tile_frame"] = tile_frame_mask_iou(args, train, held_out, r.pop("checkpoint_path"))
     r["mean_mask_iou"] = r["tile_frame"]["model_mean_iou"]
     return r
