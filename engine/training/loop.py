@@ -44,7 +44,7 @@ from engine.data.sample_plan import SampleLayout
 from engine.training.checkpointing import TrainingState, load_training_state, read_optimizer_state, save_training_state
 from engine.training.schedule import check_schedule, learning_rate
 from engine.training.tasks import Task, make_task
-from engine.training.warm_start import check_same_modules, freeze_all_but, load_initial_weights
+from engine.training.warm_start import check_same_modules, freeze_all_but, frozen_to_eval, load_initial_weights
 
 
 @dataclass(frozen=True)
@@ -259,6 +259,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
     for epoch in range(state.epoch, cfg.epochs):
         torch.manual_seed(epoch_seed(cfg.seed, epoch, rank))
         model.train()
+        if cfg.train_only:
+            frozen_to_eval(bare, cfg.train_only)
         collate = task.collate(cfg.layout, epoch=epoch, seed=cfg.seed, augment_strength=cfg.augment_strength)
         sums, seconds = _run_epoch(task, model, train_shard, collate, cfg, device, optimizer,
                                    shuffle_seed=cfg.seed * 100_003 + epoch * 101 + rank,

@@ -71,6 +71,21 @@ def freeze_all_but(model: torch.nn.Module, train_only: Sequence[str]) -> int:
     return trainable
 
 
+def frozen_to_eval(model: torch.nn.Module, train_only: Sequence[str]) -> None:
+    """After `model.train()`: every module outside the trained ones back in eval mode, so
+    that frozen batch-norm layers keep the running statistics they were given (in train
+    mode they would move to this data's, changing what the frozen features are) and
+    frozen dropout stays off. The trained modules and what they hold stay in train mode;
+    their ancestors' own flags are left as they are (a module's flag is its own, and
+    setting an ancestor's with .eval() would reach the trained ones)."""
+    trained = tuple(train_only)
+    for name, module in model.named_modules():
+        inside = any(name == t or name.startswith(t + ".") for t in trained)
+        ancestor = any(t.startswith(name + ".") for t in trained) or name == ""
+        if not inside and not ancestor:
+            module.training = False
+
+
 def trainable_modules(model: torch.nn.Module, depth: int = 2) -> list[str]:
     """Module paths down to `depth` dots that hold parameters: what `train_only` names."""
     names = {".".join(name.split(".")[:depth]) for name, _ in model.named_parameters()}

@@ -18,7 +18,7 @@ from engine.models.errors import CheckpointError, ChecksumMismatchError
 from engine.training import train
 from engine.training.checkpointing import MODEL_FILE
 from engine.training.trainer import check_resume
-from engine.training.warm_start import WarmStartError, check_warm_start, freeze_all_but
+from engine.training.warm_start import WarmStartError, check_warm_start, freeze_all_but, frozen_to_eval
 
 DECODER = "sam.mask_decoder"
 
@@ -42,6 +42,19 @@ class TestFreeze:
         assert moving and all(n.startswith(DECODER + ".") for n in moving)
         assert trainable == sum(p.numel() for n, p in model.named_parameters() if n in moving)
         assert any(n.startswith("sam.image_encoder.") for n, p in model.named_parameters() if not p.requires_grad)
+
+    def test_frozen_batch_norm_keeps_its_statistics(self):
+        model = M.create_model("classifier", "resnet10t")
+        freeze_all_but(model, ["heads"])
+        before = {k: v.clone() for k, v in model.state_dict().items() if "running_mean" in k}
+        model.train()
+        frozen_to_eval(model, ["heads"])
+        out = model(torch.randn(4, 1, 64, 64))
+        sum(v.sum() for v in out.values()).backward()
+        after = model.state_dict()
+        assert before and all(torch.equal(after[k], v) for k, v in before.items())
+        assert all(m.training for m in model.heads.modules())
+        assert not any(m.training for m in model.backbone.modules())
 
     def test_an_unknown_module_lists_the_ones_there_are(self):
         with pytest.raises(WarmStartError, match=r"'mask_decoder': not a module.*sam.image_encoder.*sam.mask_decoder"):
