@@ -41,7 +41,8 @@ browser:
 
 test: $(STAMP) browser
 	timeout --signal=INT --kill-after=60 $(TEST_TIME_LIMIT_S) $(PY) -m pytest $(PYTEST_PARALLEL) || \
-	  { rc=$$?; [ $$rc -ne 124 ] || echo "make test: stopped after $(TEST_TIME_LIMIT_S) s (TEST_TIME_LIMIT_S)" >&2; exit $$rc; }
+	  { rc=$$?; [ $$rc -ne 124 ] || echo "make test: stopped after $(TEST_TIME_LIMIT_S) s (TEST_TIME_LIMIT_S)" >&2; \
+	    exit $$rc; }
 
 test-all: $(STAMP) browser
 	$(PY) -m pytest $(PYTEST_PARALLEL) -m ''

@@ -60,7 +60,8 @@ def freeze_all_but(model: torch.nn.Module, train_only: Sequence[str]) -> int:
     unknown = [name for name in train_only if not name or name not in modules]
     if unknown:
         raise WarmStartError(f"train_only: {', '.join(map(repr, unknown))}: not a module of this "
-                             f"{type(model).__name__}; its modules with parameters: {', '.join(trainable_modules(model))}")
+                             f"{type(model).__name__}; its modules with parameters: "
+                             f"{', '.join(trainable_modules(model))}")
     prefixes = tuple(f"{name}." for name in train_only)
     trainable = 0
     for name, p in model.named_parameters():
