@@ -190,7 +190,7 @@ def _ray_train(family: str, model: str, epochs: int, args, train: Path, held_out
     curve = [{k: h[k] for k in ("epoch", *CURVE_KEYS) if k in h} for h in result.history]
     return {"model": model, "epochs": epochs, "workers": args.workers, "batch_size_per_worker": batch_size,
             "lr": lr, "lr_schedule": args.lr_schedule, "augment": args.augment, "inputs": args.inputs,
-            **{k: str(v) if k == "init_weights" else v for k, v in warm_start.items()},
+            **warm_start,
             "optimizer_steps": epochs * steps_per_epoch(result.train_samples, args.workers, batch_size),
             "train_samples": result.train_samples, "val_samples": result.val_samples,
             "train_seconds": round(result.seconds, 1), "checkpoint_path": result.checkpoint_path,
