@@ -11,7 +11,9 @@ and writes its checkpoint to --storage (a local path). Submitted as a Ray job it
 (the message names it), 1 anything else. See engine.training.train for the arguments.
 `--init-weights FILE --train-only MODULE` fine-tunes from given weights (Meta's SAM .pth)
 and trains only that module (e.g. `--model segmenter:sam_vit_b --train-only
-sam.mask_decoder`). `--synthetic ARCHIVE --synthetic-ratio R` mixes a synthetic archive (jobs.synthesize)
+sam.mask_decoder`); a detector starts from a detector checkpoint (`--init-weights
+production/detector.safetensors`: a grainflow one, or an Ultralytics .pt), its class
+outputs carried over by class name. `--synthetic ARCHIVE --synthetic-ratio R` mixes a synthetic archive (jobs.synthesize)
 into detector or fusion training: R synthetic samples per real training sample.
 """
 
@@ -27,7 +29,7 @@ import time
 # Options of the Ray Train loop (engine.training.train) and their defaults; the
 # detector trains through Ultralytics' trainer and refuses them.
 RAY_TRAIN_ONLY = {"workers": 2, "lr_schedule": "cosine", "cache": "auto", "augment": 0.5, "max_samples_per_image": None,
-                  "max_failures": 2, "inputs": "tile", "init_weights": None, "init_sha256": None, "train_only": None}
+                  "max_failures": 2, "inputs": "tile", "train_only": None}
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,8 +67,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tile", type=int, default=None, help="tile side in pixels (default: the model's input size)")
     p.add_argument("--max-samples-per-image", type=int, default=None)
     p.add_argument("--init-weights", default=None, metavar="FILE",
-                   help="start from these weights (Meta's SAM .pth, a grainflow .safetensors), not a random "
-                        "initialisation; a path every worker can read")
+                   help="start from these weights (Meta's SAM .pth, a grainflow .safetensors; for the detector a "
+                        "grainflow or Ultralytics detector checkpoint), not a random initialisation; a path every "
+                        "worker can read (the detector's is sent to its task)")
     p.add_argument("--init-sha256", default=None, metavar="HEX",
                    help="the sha256 --init-weights must have (default: its .sha256 file, where there is one)")
     p.add_argument("--train-only", default=None, metavar="MODULE[,MODULE]",
@@ -203,6 +206,12 @@ def _train_detector(args: argparse.Namespace) -> dict:
         # one that is no synthetic archive, was never gated or changed since: named here,
         # not ~30 s later from the Ray task
         accepted_image_ids(args.synthetic)
+    init = {}
+    if args.init_weights:
+        from engine.training.detector.warm_start import check_init_weights
+
+        init = {"init_weights": args.init_weights,
+                "init_sha256": check_init_weights(args.model_name, args.init_weights, args.init_sha256)}
     cpus = args.cpus_per_worker or DETECTOR_TASK_CPUS
     ensure_ray(cpus)
     if args.gpu == "yes":
@@ -216,7 +225,7 @@ def _train_detector(args: argparse.Namespace) -> dict:
         num_gpus={"auto": None, "yes": 1, "no": 0}[args.gpu], register_as=args.register, registry=registry,
         **({"imgsz": args.tile} if args.tile is not None else {}),
         **({"hyperparameters": {"lr0": args.lr}} if args.lr is not None else {}),
-        **val, **_synthetic(args),
+        **val, **_synthetic(args), **init,
     )
     if args.promote and result.registered:
         name, _, version = result.registered.partition("/")

@@ -398,18 +398,31 @@ class TestEvaluateDetector:
         assert ev.per_class_ap50["crack"] == pytest.approx(PERFECT_AP)
 
 
-def test_train_as_ray_task(ray_session, archive, tmp_path):
+def test_train_as_ray_task_from_a_trained_checkpoint(ray_session, archive, trained, tmp_path):
+    """Fine-tuning the registered detector: the task starts from the caller's file (its
+    bytes travel with the task) and, at a learning rate of ~0, ends where it started."""
+    import torch
+
     import engine.models as M
+    from engine.models.checkpoint import read_metadata
     from engine.training.detector import train_detector_on_ray
 
+    start = trained["result"]
     result = train_detector_on_ray(archive, out_dir=tmp_path / "out", num_cpus=1, model="yolov8n_tiny", epochs=1,
-                                   imgsz=128, batch=8, val_fraction=0.34, seed=0)
+                                   imgsz=128, batch=8, val_fraction=0.34, seed=0, init_weights=start.checkpoint,
+                                   hyperparameters={"lr0": 1e-9, "optimizer": "SGD", "warmup_epochs": 0})
     assert Path(result.checkpoint).parent == tmp_path / "out" and result.checkpoint_bytes is None
     assert result.device == "cpu"  # no GPU in this cluster, so the task asked for none
     assert files_under(tmp_path / "out") == {"detector.safetensors", "detector.safetensors.sha256", "result.json"}
+    assert (result.init["file"], result.init["sha256"], result.init["fraction"]) == (start.checkpoint, start.sha256, 1.0)
+    assert read_metadata(result.checkpoint)["init_sha256"] == start.sha256
     detector = M.load_model(result.checkpoint, expected_sha256=result.sha256)
     assert len(detector.predict(np.zeros((1, 128, 128), np.float32), conf=0.0, max_det=3)) == 1
     assert math.isfinite(result.metrics["mAP50"])
+    given = M.load_model(start.checkpoint, expected_sha256=start.sha256).model.state_dict()
+    for key, value in detector.model.state_dict().items():
+        if key.endswith("conv.weight"):
+            torch.testing.assert_close(value, given[key], atol=1e-6, rtol=0, msg=key)
 
 
 def test_the_trainer_keeps_the_callers_torch_threads(archive, tmp_path):

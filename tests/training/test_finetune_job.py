@@ -73,10 +73,17 @@ class TestArguments:
 
         monkeypatch.setattr(trainer, "ensure_ray", started)
         monkeypatch.setattr(detector, "train_detector_on_ray", started)
+        import engine.models as M
+
         generate_archive(tmp_path / "a", n_images=2, seed=0, size=128, chunk=64)
+        small = tmp_path / "yolov8n_tiny.safetensors"
+        M.save_checkpoint(M.create_detector("yolov8n_tiny"), small)
         for bad, words in ((["--register", "yolo/prod"], "bad model name 'yolo/prod'"),
                            (["--archive", str(tmp_path / "nope")], "nope: no catalog.parquet"),
-                           (["--val-archive", str(tmp_path / "nope")], "nope: no catalog.parquet")):
+                           (["--val-archive", str(tmp_path / "nope")], "nope: no catalog.parquet"),
+                           (["--init-weights", str(tmp_path / "none.pt")], "none.pt: no such file"),
+                           (["--init-weights", str(small), "--model", "detector:yolov8s"],
+                            "only 1% of this detector's weights fit those of the file's 'yolov8n_tiny'")):
             argv = ["--model", "detector:yolov8n_tiny", "--archive", str(tmp_path / "a"), "--storage",
                     str(tmp_path / "runs"), "--batch-size", "4", *bad]
             assert finetune.main(argv) == 2

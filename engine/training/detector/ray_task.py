@@ -20,8 +20,12 @@ from engine.stores.uri import StoreLocation
 DETECTOR_TASK_CPUS = 2  # CPU slots the task holds by default, and its torch threads
 
 
-def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any]):
-    """Runs on the Ray worker: train in a scratch folder, return the result with the bytes."""
+def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any],
+                     init_file: tuple[str, bytes] | None = None):
+    """Runs on the Ray worker: train in a scratch folder, return the result with the bytes.
+    init_file: (the caller's path, its bytes) of the initial weights, written to the
+    scratch folder (the worker's node need not see the caller's files) and checked there
+    against kwargs["init_sha256"]."""
     from engine.runtime import configure_offline, use_assigned_cpus
 
     configure_offline()
@@ -29,8 +33,15 @@ def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any]):
     from engine.training.detector.train import train_detector
 
     with tempfile.TemporaryDirectory(prefix="grainflow-detector-") as scratch:
-        result = train_detector(archive, out_dir=scratch, **kwargs)
+        if init_file is not None:
+            path, data = init_file
+            local = Path(scratch) / f"init{Path(path).suffix}"
+            local.write_bytes(data)
+            kwargs = {**kwargs, "init_weights": local}
+        result = train_detector(archive, out_dir=Path(scratch) / "run", **kwargs)
         data = Path(result.checkpoint).read_bytes()
+    if init_file is not None:
+        result = dataclasses.replace(result, init={**result.init, "file": init_file[0]})
     return dataclasses.replace(result, checkpoint_bytes=data)
 
 
@@ -52,8 +63,9 @@ def train_detector_on_ray(
     (`engine.runtime.gpu_shortfall`) raise TrainingError before the task starts.
     num_cpus: CPU slots held; the task trains on as many torch threads.
     Other keyword arguments go to `train_detector` (model, epochs, imgsz, batch,
-    val_fraction or val_archive, seed, ...). Uses the Ray this process is connected to,
-    or starts a local one (RAY_ADDRESS joins a cluster).
+    val_fraction or val_archive, seed, init_weights, ...). Initial weights are checked
+    here against the model before the task starts and their bytes go with it. Uses the
+    Ray this process is connected to, or starts a local one (RAY_ADDRESS joins a cluster).
     """
     import ray
 
@@ -66,6 +78,15 @@ def train_detector_on_ray(
         from engine.registry.refs import check_name
 
         check_name(register_as)  # here, where it is registered after the task's training
+    init_file = None
+    if kwargs.get("init_weights") is not None:
+        from engine.training.detector.train import DEFAULT_MODEL
+        from engine.training.detector.warm_start import check_init_weights
+
+        path = Path(kwargs.pop("init_weights"))
+        kwargs["init_sha256"] = check_init_weights(kwargs.get("model", DEFAULT_MODEL), path,
+                                                   kwargs.get("init_sha256"))
+        init_file = (str(path), path.read_bytes())  # the task checks them against that digest
     if not ray.is_initialized():
         from engine.runtime import configure_offline
 
@@ -78,7 +99,7 @@ def train_detector_on_ray(
     refuse_unmet_gpus(gpus, f"num_gpus: the detector's training task asks for {gpus:g} GPU{'s' if gpus != 1 else ''}",
                       "train on CPUs (num_gpus=0, or None to pick; --gpu no/auto)", TrainingError)
     task = ray.remote(_train_in_worker).options(num_cpus=num_cpus, num_gpus=gpus, name="train_detector")
-    result = ray.get(task.remote(archive, kwargs))
+    result = ray.get(task.remote(archive, kwargs, init_file))
 
     out_dir = Path(out_dir).resolve()
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -29,6 +29,7 @@ from engine.training.detector.tiles import limit_background, plan_tiles, split_i
 
 CHECKPOINT_NAME = "detector.safetensors"
 RESULT_NAME = "result.json"
+DEFAULT_MODEL = "yolov8n_tiny"
 
 # Ultralytics' defaults, changed where micrographs differ from photographs. Vertical flips
 # where the tile's material allows them (`ArchiveTileDataset` draws them per tile: most
@@ -50,6 +51,8 @@ class DetectorTrainingResult:
     mAP50, mAP50-95, per_class_AP50). history: one dict per epoch (Ultralytics' results
     table: losses, metrics, learning rates). train_seconds: wall time of `trainer.train()`.
     registered: "name/version" in the model registry, when registered.
+    init: what a warm start moved into the model (`warm_start.WeightTransfer.to_dict()`:
+    file, sha256, the source model and classes, tensors adapted and left), else None.
     checkpoint_bytes: the file's bytes, only while a result crosses from a Ray worker.
     """
 
@@ -71,6 +74,7 @@ class DetectorTrainingResult:
     val_tiles: int
     train_seconds: float
     registered: str | None = None
+    init: dict[str, Any] | None = None
     checkpoint_bytes: bytes | None = field(default=None, repr=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -167,7 +171,7 @@ def train_detector(
     archive: str | StoreLocation,
     *,
     out_dir: str | Path,
-    model: str = "yolov8n_tiny",
+    model: str = DEFAULT_MODEL,
     epochs: int = 10,
     imgsz: int | None = None,
     batch: int = 16,
@@ -186,6 +190,8 @@ def train_detector(
     registry=None,
     synthetic_archive: str | StoreLocation | None = None,
     synthetic_ratio: float = 0.5,
+    init_weights: str | Path | None = None,
+    init_sha256: str | None = None,
 ) -> DetectorTrainingResult:
     """Train the registered detector config `model` on the defect boxes of `archive`.
 
@@ -219,6 +225,12 @@ def train_detector(
     are read at the real tiles' scale: at `pixel_size_nm`, or, with none, at the median
     level-0 pixel size of the real training images of their modality (a modality no real
     training image has is refused).
+    init_weights: start from this detector checkpoint (a grainflow .safetensors, e.g. the
+    production version; an Ultralytics .pt) instead of a random initialisation, its
+    tensors moved in by name and shape, class outputs by class name
+    (`warm_start.transfer_weights`; a file of another architecture is refused before
+    training); init_sha256: the digest it must have (default its `.sha256` file, else
+    its own).
     """
     from engine.runtime import configure_offline
 
@@ -242,6 +254,11 @@ def train_detector(
 
     torch.manual_seed(seed)  # the detector's initial weights
     detector = create_detector(model)
+    init = None
+    if init_weights is not None:
+        from engine.training.detector.warm_start import warm_start
+
+        init = warm_start(detector, init_weights, init_sha256).to_dict()
     train_ids, val_ids = _splits(archive, val_location, val_fraction, seed)
     names = detector.names
     tiles = {
@@ -282,8 +299,10 @@ def train_detector(
     detector.model.load_state_dict(trainer.best_state)
     detector.eval()
     checkpoint = out_dir / CHECKPOINT_NAME
-    digest = save_checkpoint(detector, checkpoint, metadata={"archive": archive.uri, "epochs": str(epochs),
-                                                             "imgsz": str(imgsz), "seed": str(seed)})
+    metadata = {"archive": archive.uri, "epochs": str(epochs), "imgsz": str(imgsz), "seed": str(seed)}
+    if init is not None:
+        metadata["init_sha256"] = init["sha256"]
+    digest = save_checkpoint(detector, checkpoint, metadata=metadata)
     metrics: dict[str, Any] = {}
     if evaluate:
         ev = evaluate_detector(detector, val_location or archive, image_ids=val_ids, pixel_size_nm=pixel_size_nm)
@@ -293,7 +312,7 @@ def train_detector(
         checkpoint=str(checkpoint), sha256=digest, model=model, metrics=metrics, tile_metrics=_tile_metrics(trainer),
         history=_history(trainer.csv), epochs=epochs, best_epoch=trainer.best_epoch, imgsz=imgsz, batch=batch,
         device=str(dev), seed=seed, train_images=tuple(train_ids), val_images=tuple(val_ids),
-        train_tiles=len(tiles["train"]), val_tiles=len(tiles["val"]), train_seconds=seconds,
+        train_tiles=len(tiles["train"]), val_tiles=len(tiles["val"]), train_seconds=seconds, init=init,
     )
     if register_as is not None:
         result = register_result(result, register_as, registry, archive=archive.uri)
@@ -317,6 +336,8 @@ def register_result(result: DetectorTrainingResult, name: str, registry=None, *,
     tags = {"trainer": "engine.training.detector", "imgsz": str(result.imgsz), "epochs": str(result.epochs)}
     if archive:
         tags["archive"] = archive
+    if result.init:
+        tags["init_sha256"] = result.init["sha256"]
     version = registry.register(name, result.checkpoint, family="detector",
                                 config=read_config(result.checkpoint).to_dict(), metrics=result.flat_metrics(),
                                 tags=tags, reuse_identical=True)
