@@ -315,6 +315,21 @@ def registry_rollback(
     console.print(f"{_shown(name)}@{alias.value} -> {_shown(mv.ref)}", highlight=False)
 
 
+@registry_app.command("fetch")
+def registry_fetch(
+    ref: str = typer.Argument(..., help="NAME, NAME@ALIAS or NAME/VERSION."),
+    dest: Optional[Path] = typer.Option(None, help="Folder for the files (default: the user cache's copy)."),
+    tracking_uri: Optional[str] = typer.Option(None, help=_TRACKING_URI_HELP),
+) -> None:
+    """Copy a registered version's files to DEST, each checked against the sha256 recorded
+    when it was registered, and print their paths (e.g. a detector to fine-tune from:
+    `grainflow train --init-weights PATH`)."""
+    registry = _open_registry(tracking_uri)
+    mv = registry.get(ref)
+    for name, path in registry.fetch(mv, dest).items():
+        console.print(f"{_shown(mv.ref)}  {mv.sha256[name]}  {_shown(path)}", highlight=False, soft_wrap=True)
+
+
 def _register_commands() -> None:
     """Commands that live beside the code they drive: each module's register(app)."""
     from engine.reports.cli import register as register_report

@@ -1,4 +1,4 @@
-"""`grainflow registry list|promote|rollback` as a user runs it, on a SQLite registry in tmp_path."""
+"""`grainflow registry list|promote|rollback|fetch` as a user runs it, on a SQLite registry in tmp_path."""
 
 from __future__ import annotations
 
@@ -92,6 +92,16 @@ class TestRegistryCommand:
                               "no registered model 'nope'", "registered: cls")
         assert_one_line_error(grainflow("registry", "rollback", "nope", "--tracking-uri", db_uri),
                               "no registered model 'nope'")
+
+    def test_fetch_copies_the_aliased_version_checked(self, two_versions, db_uri, tmp_path):
+        fetched = grainflow("registry", "fetch", "cls@production", "--dest", str(tmp_path / "prod"),
+                            "--tracking-uri", db_uri)
+        assert fetched.returncode == 0, fetched.stderr
+        ((ref, digest, path),) = [line.split() for line in fetched.stdout.splitlines()]
+        assert ref == "cls/1" and path == str(tmp_path / "prod" / "weights-1.bin")
+        assert (tmp_path / "prod" / "weights-1.bin").read_bytes() == b"weights-1"
+        assert digest == two_versions.get("cls/1").sha256["weights-1.bin"]
+        assert_one_line_error(grainflow("registry", "fetch", "cls@canary", "--tracking-uri", db_uri), "canary")
 
     def test_nothing_to_roll_back_to(self, two_versions, db_uri):
         assert_one_line_error(grainflow("registry", "rollback", "cls", "--tracking-uri", db_uri),
