@@ -47,7 +47,7 @@ SUBMISSION_ID_ENV = "GRAINFLOW_SUBMISSION_ID"  # set by the submitter, for the a
 # The store-URI arguments of each job entrypoint (argparse dest names).
 JOB_URI_ARGS: dict[str, tuple[str, ...]] = {
     "reprocess": ("archive", "out"),
-    "train": ("archive", "storage", "val_archive", "synthetic"),
+    "train": ("archive", "storage", "val_archive", "synthetic", "init_weights"),
     "synthesize": ("out", "gate_real"),
 }
 

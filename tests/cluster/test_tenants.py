@@ -125,8 +125,8 @@ class TestBeforeSubmission:
         assert "--archive s3://lab-a/a --out /abs/o" in kept.entrypoint
 
     def test_a_local_registry_and_checkpoint_are_checked_too(self, tmp_path, monkeypatch):
-        """A job registers and promotes into its --tracking-uri, and synthesize reads its
-        --model checkpoint: lab-a may not use lab-b's."""
+        """A job registers and promotes into its --tracking-uri, synthesize reads its --model
+        checkpoint and a fine-tune its --init-weights: lab-a may not use lab-b's."""
         monkeypatch.setenv("GRAINFLOW_AUDIT_LOG", str(tmp_path / "audit.jsonl"))
         granted = tmp_path / "lab-a"
         tenants_file = write_tenants(tmp_path, granted)
@@ -139,6 +139,9 @@ class TestBeforeSubmission:
         ok = prepare_submission("train", [*train, "--tracking-uri", f"sqlite:///{granted}/mlflow.db"], tenant="lab-a",
                                 tenants_file=tenants_file)
         assert ok.uris["tracking_uri"] == f"{granted}/mlflow.db"
+        with pytest.raises(TenantRefused, match=f"--init-weights {other}/sam.pth"):
+            prepare_submission("train", [*train, "--init-weights", str(other / "sam.pth")], tenant="lab-a",
+                               tenants_file=tenants_file)
         with pytest.raises(TenantRefused, match="--model"):
             prepare_submission("synthesize", ["--model", str(other / "d.safetensors"), "--out", str(granted / "s"),
                                               "-n", "2"], tenant="lab-a", tenants_file=tenants_file)
@@ -148,6 +151,10 @@ class TestBeforeSubmission:
 
         args = parse_job_args("train", ["--model", "fusion:fusion_tiny", "--archive", "s3://a/b", "--storage", "s3://a/r"])
         assert job_uris("train", args) == {"archive": "s3://a/b", "storage": "s3://a/r"}
+        # the weights a fine-tune starts from are read like an archive: another lab's are not the tenant's
+        args = parse_job_args("train", ["--model", "segmenter:sam_tiny", "--archive", "s3://a/b", "--storage",
+                                        "s3://a/r", "--init-weights", "s3://b/sam.pth"])
+        assert job_uris("train", args)["init_weights"] == "s3://b/sam.pth"
         args = parse_job_args("synthesize", ["--model", "m.safetensors", "--out", "s3://a/synth", "-n", "4"])
         assert job_uris("synthesize", args)["out"] == "s3://a/synth"
 
