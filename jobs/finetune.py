@@ -68,8 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--max-samples-per-image", type=int, default=None)
     p.add_argument("--init-weights", default=None, metavar="FILE",
                    help="start from these weights (Meta's SAM .pth, a grainflow .safetensors; for the detector a "
-                        "grainflow or Ultralytics detector checkpoint), not a random initialisation; a path every "
-                        "worker can read (the detector's is sent to its task)")
+                        "grainflow or Ultralytics detector checkpoint), not a random initialisation: a path every "
+                        "worker can read, or an s3:// URI (copied once per machine)")
     p.add_argument("--init-sha256", default=None, metavar="HEX",
                    help="the sha256 --init-weights must have (default: its .sha256 file, where there is one)")
     p.add_argument("--train-only", default=None, metavar="MODULE[,MODULE]",
@@ -210,8 +210,8 @@ def _train_detector(args: argparse.Namespace) -> dict:
     if args.init_weights:
         from engine.training.detector.warm_start import check_init_weights
 
-        init = {"init_weights": args.init_weights,
-                "init_sha256": check_init_weights(args.model_name, args.init_weights, args.init_sha256)}
+        _, digest = check_init_weights(args.model_name, args.init_weights, args.init_sha256)
+        init = {"init_weights": args.init_weights, "init_sha256": digest}
     cpus = args.cpus_per_worker or DETECTOR_TASK_CPUS
     ensure_ray(cpus)
     if args.gpu == "yes":

@@ -443,7 +443,8 @@ def train(
       "image" (the image's engine.preprocess parameters: tiles of an image alike);
       recorded on the registered version (tag `input`), which bundles read.
     init_weights / init_sha256: fine-tune from this checkpoint file (Meta's SAM .pth, our
-      .safetensors; readable at this path by every worker) instead of the seeded
+      .safetensors; a path every worker can read, or an s3:// URI each machine copies
+      once into its cache: engine.models.weights_file) instead of the seeded
       initialisation; its sha256 (default: the `.sha256` beside it, else the file's
       own) is checked on every worker (engine.training.warm_start).
     train_only: train only these modules ("sam.mask_decoder"); the rest stay as loaded.
@@ -516,7 +517,10 @@ def train(
     train_only = [train_only] if isinstance(train_only, str) else list(train_only)
     # before Ray: the file fits the model (keys, shapes, digest), the modules exist
     init_sha256 = check_warm_start(family, model_name, overrides, init_weights, init_sha256, train_only)
-    init_weights = None if init_weights is None else os.path.abspath(init_weights)  # workers' cwd differs
+    if init_weights is not None:
+        from engine.stores.uri import resolve
+
+        init_weights = resolve(init_weights).uri  # an absolute path (workers' cwd differs) or s3://
     if run_name:  # a run of that name in storage is resumed: it must be this model
         check_resume(storage_path, run_name, family, model_name, overrides, train_only)
     ensure_ray(num_workers * (cpus_per_worker or 1))

@@ -13,15 +13,14 @@ The driver checks everything before Ray starts (`check_warm_start`: the file's d
 that its tensors fit the model, that every name in `train_only` is a module of it) and
 hands the digest to the workers, which load the file only on a fresh start (a resumed
 run's checkpoint holds the trained weights) and refuse it if its bytes changed since.
-The file must be readable at the same path from every training worker (one machine, or
-a shared filesystem).
+The file is a local path every training worker can read (one machine, a shared
+filesystem) or an s3:// URI, which each machine copies once into its cache.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from typing import Sequence
 
 import torch
@@ -39,9 +38,12 @@ def load_initial_weights(model: torch.nn.Module, family: str, path: str | os.Pat
     differs, are a CheckpointError naming them). A segmenter reads Meta's .pth keys (those
     of `Sam`) as well as our own ("sam."-prefixed; engine.models.segmenter.load_sam_weights);
     other families our own keys. The sha256 is checked on the read that is parsed; None
-    checks the `<file>.sha256` beside it where there is one."""
+    checks the `<file>.sha256` beside it where there is one. `path` may be an s3:// URI
+    (copied once per machine: engine.models.weights_file)."""
     from engine.models.checkpoint import load_checked, load_into
+    from engine.models.weights_file import weights_file
 
+    path, _ = weights_file(path, expected_sha256)
     if family == "segmenter":
         from engine.models.segmenter import load_sam_weights
 
@@ -103,7 +105,7 @@ def check_warm_start(family: str, model_name: str, overrides: dict | None, init_
     (which the file must match), else the file's own. The model is built on torch's
     meta device (no memory for its weights); the file is read for its keys and shapes."""
     from engine.models import create_model
-    from engine.models.checkpoint import read_sidecar, sha256_file
+    from engine.models.weights_file import weights_file
 
     if init_weights is None and not train_only:
         return None
@@ -113,11 +115,7 @@ def check_warm_start(family: str, model_name: str, overrides: dict | None, init_
         freeze_all_but(model, train_only)
     if init_weights is None:
         return None
-    path = Path(init_weights)
-    if not path.is_file():
-        raise WarmStartError(f"init_weights: {path}: no such file (it must be readable at this path by every "
-                             f"training worker)")
-    digest = init_sha256 or read_sidecar(path) or sha256_file(path)
+    path, digest = weights_file(init_weights, init_sha256)  # an s3:// file: copied here, once
     with warnings.catch_warnings():
         # Copying into a meta tensor checks the key and the shape and stores nothing:
         # all this check needs. torch warns about it once per tensor.

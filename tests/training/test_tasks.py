@@ -15,7 +15,7 @@ from engine.errors import UnknownNameError
 from engine.models import create_model
 from engine.models.labels import GRADES, defect_class_names, material_names
 from engine.models.segmenter import SamOutput
-from engine.training.collate import ClassifierCollate, FusionCollate, PairedAugment, SegmenterCollate
+from engine.training.collate import ClassifierCollate, FusionCollate, PairedAugment
 from engine.training.tasks import ClassifierTask, FusionTask, SegmenterTask, make_task
 
 LABELS = dict(materials=material_names(), grades=GRADES, defect_classes=defect_class_names())

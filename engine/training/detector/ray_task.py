@@ -83,10 +83,10 @@ def train_detector_on_ray(
         from engine.training.detector.train import DEFAULT_MODEL
         from engine.training.detector.warm_start import check_init_weights
 
-        path = Path(kwargs.pop("init_weights"))
-        kwargs["init_sha256"] = check_init_weights(kwargs.get("model", DEFAULT_MODEL), path,
-                                                   kwargs.get("init_sha256"))
-        init_file = (str(path), path.read_bytes())  # the task checks them against that digest
+        uri = str(kwargs.pop("init_weights"))
+        local, kwargs["init_sha256"] = check_init_weights(kwargs.get("model", DEFAULT_MODEL), uri,
+                                                          kwargs.get("init_sha256"))
+        init_file = (uri, local.read_bytes())  # the task checks them against that digest
     if not ray.is_initialized():
         from engine.runtime import configure_offline
 

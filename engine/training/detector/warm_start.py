@@ -143,38 +143,37 @@ def transfer_weights(target, source, *, file: str, sha256: str) -> WeightTransfe
                           copied=copied, adapted=tuple(adapted), left=tuple(left), fraction=round(fraction, 4))
 
 
-def read_initial_detector(path: str | Path, expected_sha256: str | None = None):
-    """(detector, sha256) of a detector checkpoint: a grainflow `.safetensors` or an
-    Ultralytics `.pt` (read without running what it pickles: engine.models.ultralytics_pt).
-    The digest checked is `expected_sha256`, else the `<file>.sha256` beside it, else
-    the file's own (the user named the file: that is the trust a registry's record gives)."""
+def read_initial_detector(uri: str | Path, expected_sha256: str | None = None):
+    """(detector, local path, sha256) of a detector checkpoint at a local path or s3:// URI
+    (engine.models.weights_file): a grainflow `.safetensors` or an Ultralytics `.pt` (read
+    without running what it pickles: engine.models.ultralytics_pt). The digest checked is
+    `expected_sha256`, else the `<file>.sha256` beside it, else the file's own (the user
+    named the file: that is the trust a registry's record gives)."""
     from engine.models import load_detector_checkpoint
-    from engine.models.checkpoint import read_sidecar, sha256_file
+    from engine.models.weights_file import weights_file
 
-    path = Path(path)
-    if not path.is_file():
-        raise DetectorWarmStartError(f"init_weights: {path}: no such file")
-    if path.suffix not in (".safetensors", ".pt"):
-        raise DetectorWarmStartError(f"init_weights: {path}: a detector starts from a grainflow .safetensors or "
-                                     f"an Ultralytics .pt, not a {path.suffix or 'suffix-less'} file")
-    digest = expected_sha256 or read_sidecar(path) or sha256_file(path)
-    return load_detector_checkpoint(path, digest), digest
+    suffix = Path(str(uri)).suffix
+    if suffix not in (".safetensors", ".pt"):
+        raise DetectorWarmStartError(f"init_weights: {uri}: a detector starts from a grainflow .safetensors or "
+                                     f"an Ultralytics .pt, not a {suffix or 'suffix-less'} file")
+    path, digest = weights_file(uri, expected_sha256)
+    return load_detector_checkpoint(path, digest), path, digest
 
 
-def warm_start(target, path: str | Path, expected_sha256: str | None = None) -> WeightTransfer:
-    """Read the detector in `path` and move its weights into `target` (`transfer_weights`)."""
-    source, digest = read_initial_detector(path, expected_sha256)
-    return transfer_weights(target, source, file=str(path), sha256=digest)
+def warm_start(target, uri: str | Path, expected_sha256: str | None = None) -> WeightTransfer:
+    """Read the detector at `uri` and move its weights into `target` (`transfer_weights`)."""
+    source, _, digest = read_initial_detector(uri, expected_sha256)
+    return transfer_weights(target, source, file=str(uri), sha256=digest)
 
 
-def check_init_weights(model: str, path: str | Path, expected_sha256: str | None = None) -> str:
-    """On the driver, before Ray starts: that `path` can start the registered detector
-    config `model` (builds it, moves the weights in); returns the digest read, which the
-    training task is then given to check."""
+def check_init_weights(model: str, uri: str | Path, expected_sha256: str | None = None) -> tuple[Path, str]:
+    """On the driver, before Ray starts: that the file at `uri` can start the registered
+    detector config `model` (builds it, moves the weights in). Returns its local path (an
+    s3:// file's cached copy) and digest, which the training task is given to check."""
     from engine.models import create_detector
     from engine.runtime import configure_offline
 
     configure_offline()  # building a detector imports Ultralytics
-    source, digest = read_initial_detector(path, expected_sha256)
-    transfer_weights(create_detector(model), source, file=str(path), sha256=digest)
-    return digest
+    source, path, digest = read_initial_detector(uri, expected_sha256)
+    transfer_weights(create_detector(model), source, file=str(uri), sha256=digest)
+    return path, digest
