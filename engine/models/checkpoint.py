@@ -64,7 +64,8 @@ def sha256_of(f: BinaryIO) -> str:
     return h.hexdigest()
 
 
-def _check_hex(path: Path, expected) -> None:
+def check_hex(path: Path, expected) -> None:
+    """CheckpointError naming `path` unless `expected` is a sha256 (64 hex digits)."""
     if not isinstance(expected, str) or not _HEX64.match(expected.lower()):
         raise CheckpointError(f"{path}: expected_sha256 must be 64 hex digits, got {expected!r}")
 
@@ -91,7 +92,7 @@ def verify_sha256(path: str | Path, expected: str) -> str:
 
     Raises ChecksumMismatchError (naming the file and both digests) when they differ.
     """
-    _check_hex(Path(path), expected)
+    check_hex(Path(path), expected)
     with open_checked(path, expected):
         return expected.lower()
 
@@ -109,7 +110,7 @@ def _open_checked(path: str | Path, expected_sha256: str | None) -> tuple[Binary
     path = Path(path)
     expected = expected_sha256 if expected_sha256 is not None else read_sidecar(path)
     if expected is not None:
-        _check_hex(path, expected)
+        check_hex(path, expected)
     try:
         f = open(path, "rb")
     except (FileNotFoundError, IsADirectoryError):

@@ -10,10 +10,11 @@ check the digest again on the read they parse (engine.models.checkpoint.open_che
 from __future__ import annotations
 
 import os
+import re
 import tempfile
 from pathlib import Path
 
-from engine.models.checkpoint import _check_hex, read_sidecar, sha256_file, sha256_of
+from engine.models.checkpoint import check_hex, read_sidecar, sha256_file, sha256_of
 from engine.models.errors import CheckpointError, ChecksumMismatchError
 
 CACHE_SUBDIR = "weights"
@@ -42,7 +43,7 @@ def weights_file(uri: str | os.PathLike, expected_sha256: str | None = None, *,
 
     location = resolve(uri)
     if expected_sha256 is not None:
-        _check_hex(Path(location.name), expected_sha256)
+        check_hex(Path(location.name), expected_sha256)
         expected_sha256 = expected_sha256.lower()
     if location.scheme == "file":
         path = Path(location.path)
@@ -80,7 +81,6 @@ def _remote_sidecar(fs, location) -> str | None:
     if not fs.isfile(side):
         return None
     text = fs.cat_file(side).decode(errors="replace").split()
-    if not text or len(text[0]) != 64:
+    if not text or not re.fullmatch(r"[0-9a-fA-F]{64}", text[0]):
         raise CheckpointError(f"{location.uri}.sha256: not a sha256 record (expected 64 hex digits)")
-    _check_hex(Path(side), text[0])
     return text[0].lower()
