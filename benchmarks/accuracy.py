@@ -93,6 +93,9 @@ def parse_args(argv=None) -> argparse.Namespace:
                           "--sam-model sam_vit_b)")
     cls.add_argument("--sam-train-only", default=None, metavar="MODULE[,MODULE]",
                      help="train only these segmenter modules (e.g. sam.mask_decoder)")
+    cls.add_argument("--sam-overrides", type=json.loads, default=None, metavar="JSON",
+                     help='segmenter builder arguments replacing the config\'s, e.g. \'{"depth": 4, '
+                          '"embed_dim": 128}\' (a deeper, wider sam_tiny)')
     cls.add_argument("--sam-batch-size", type=int, default=None,
                      help="rows per worker per step for the segmenter (default: --batch-size)")
     cls.add_argument("--augment", type=float, default=0.5, help="engine.augment strength, 0 = off")
@@ -256,22 +259,24 @@ def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out
     return result
 
 
-def held_out_rows(args, family: str, model_name: str, train: Path, held_out: Path):
+def held_out_rows(args, family: str, model_name: str, train: Path, held_out: Path, overrides: dict | None = None):
     """(layout, iterator of (spec, row)): every held-out training sample as Ray Train's
-    validation plans and reads it, read one at a time on this process."""
+    validation plans and reads it (for the model built with `overrides`), read one at a
+    time on this process."""
     from engine.data.training_samples import ReadSamples
     from engine.training.trainer import plan_training
 
     layout, _, specs = plan_training(family, model_name, str(train), val_archive=str(held_out),
                                      max_samples_per_image=args.max_samples_per_image, num_workers=args.workers,
-                                     seed=args.seed, inputs=args.inputs)
+                                     seed=args.seed, inputs=args.inputs, overrides=overrides)
     reader = ReadSamples(layout.mask, layout.normalisation)
     return layout, ((spec, reader.read(spec)) for spec in specs)
 
 
 def segmenter_part(args, train, held_out, out) -> dict:
     warm_start = {"init_weights": args.sam_init_weights,
-                  "train_only": [m for m in (args.sam_train_only or "").split(",") if m]}
+                  "train_only": [m for m in (args.sam_train_only or "").split(",") if m],
+                  "overrides": args.sam_overrides}
     r = _ray_train("segmenter", args.sam_model, args.sam_epochs, args, train, held_out, out, args.sam_lr,
                    args.sam_batch_size or args.batch_size, **warm_start)
     r["tile_frame"] = tile_frame_mask_iou(args, train, held_out, r.pop("checkpoint_path"))
@@ -292,7 +297,7 @@ def tile_frame_mask_iou(args, train: Path, held_out: Path, checkpoint_dir: str) 
 
     model = load_model(Path(checkpoint_dir) / "model.safetensors").eval()
     names = defect_class_names()
-    _, rows = held_out_rows(args, "segmenter", args.sam_model, train, held_out)
+    _, rows = held_out_rows(args, "segmenter", args.sam_model, train, held_out, args.sam_overrides)
     scores: dict[str, dict[str, list[float]]] = {}  # guess -> class -> IoUs
     for _, row in rows:
         mask = np.asarray(row["mask"])
