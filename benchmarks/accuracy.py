@@ -75,6 +75,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     det.add_argument("--det-batch", type=int, default=16)
     det.add_argument("--det-background", type=float, default=0.5,
                      help="background tiles kept per defect tile (default 0.5; negative keeps all)")
+    det.add_argument("--det-init-weights", default=None, metavar="FILE",
+                     help="start from this detector checkpoint (e.g. an earlier run's detector.safetensors: "
+                          "more epochs on it) instead of a random initialisation")
     cls = p.add_argument_group("classifier / fusion / segmenter (engine.training.train on Ray Train)")
     cls.add_argument("--cls-model", default="resnet10t")
     cls.add_argument("--cls-epochs", type=int, default=2)
@@ -155,6 +158,7 @@ def detector_part(args, train: Path, held_out: Path, out: Path) -> dict:
         train, out_dir=out, model=args.det_model, epochs=args.det_epochs, imgsz=args.det_imgsz,
         batch=args.det_batch, val_fraction=0.15, seed=args.seed,
         background_ratio=None if args.det_background < 0 else args.det_background,
+        init_weights=args.det_init_weights,
     )
     detector = M.load_model(result.checkpoint, expected_sha256=result.sha256)
     started = time.perf_counter()
@@ -163,7 +167,7 @@ def detector_part(args, train: Path, held_out: Path, out: Path) -> dict:
         "model": args.det_model, "epochs": args.det_epochs, "imgsz": args.det_imgsz, "batch": args.det_batch,
         "train_tiles": result.train_tiles, "train_images": len(result.train_images),
         "device": result.device, "train_seconds": round(result.train_seconds, 1),
-        "best_epoch": result.best_epoch,
+        "best_epoch": result.best_epoch, "init": result.init,
         "held_out": {
             "mAP50": ev.map50, "mAP50-95": ev.map50_95, "per_class_AP50": ev.per_class_ap50,
             "per_material_mAP50": ev.per_material_map50, "targets": ev.targets, "images": ev.images,
