@@ -30,14 +30,16 @@ def default_cache_dir() -> Path:
 
 
 def weights_file(uri: str | os.PathLike, expected_sha256: str | None = None, *,
-                 cache_dir: str | os.PathLike | None = None) -> tuple[Path, str]:
+                 cache_dir: str | os.PathLike | None = None, recorded_only: bool = False) -> tuple[Path, str]:
     """(local path, sha256) of the weights at `uri` (a local path, file:// or s3:// URI).
 
     The digest is `expected_sha256`, else the `<file>.sha256` beside the file (in the
     bucket for s3://), else the file's own. A local file is used where it lies; an s3://
     object is copied to `<cache_dir>/<sha256>/<name>` unless a copy is there already, and
     a copy whose bytes differ from the expected digest is refused (ChecksumMismatchError)
-    and not kept. A missing file is a CheckpointError naming it.
+    and not kept. A missing file is a CheckpointError naming it. recorded_only: the file's
+    own digest is not enough (a format whose loader must only see files a trusted record
+    names): without `expected_sha256` or a sidecar it is a CheckpointError.
     """
     from engine.stores.uri import resolve
 
@@ -49,12 +51,17 @@ def weights_file(uri: str | os.PathLike, expected_sha256: str | None = None, *,
         path = Path(location.path)
         if not path.is_file():
             raise CheckpointError(f"{path}: no such file")
-        return path, expected_sha256 or read_sidecar(path) or sha256_file(path)
+        digest = expected_sha256 or read_sidecar(path)
+        if digest is None and recorded_only:
+            raise _unrecorded(path)
+        return path, digest or sha256_file(path)
 
     fs = location.filesystem()
     if not fs.isfile(location.path):
         raise CheckpointError(f"{location.uri}: no such file")
     digest = expected_sha256 or _remote_sidecar(fs, location)
+    if digest is None and recorded_only:
+        raise _unrecorded(location.uri)
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     if digest is not None and (cache / digest / location.name).is_file():
         return cache / digest / location.name, digest
@@ -74,6 +81,11 @@ def weights_file(uri: str | os.PathLike, expected_sha256: str | None = None, *,
     finally:
         Path(part).unlink(missing_ok=True)
     return target, actual
+
+
+def _unrecorded(where) -> CheckpointError:
+    return CheckpointError(f"{where}: this format is read only with a sha256 from a record you trust: give it "
+                           f"(init_sha256 / --init-sha256), or put it in {Path(str(where)).name}.sha256 beside the file")
 
 
 def _remote_sidecar(fs, location) -> str | None:

@@ -85,7 +85,9 @@ def test_an_rgb_checkpoint_starts_a_grey_model_with_its_stem_summed(tmp_path):
     path = tmp_path / "best.pt"
     torch.save({"model": copy.deepcopy(rgb.model).half(), "ema": None, "train_args": {"imgsz": 128}}, path)
     target = detector(2)
-    transfer = warm_start(target, path)
+    with pytest.raises(M.CheckpointError, match="best.pt: this format is read only with a sha256 from a record"):
+        warm_start(target, path)  # a pickle: its own digest says nothing about who made it
+    transfer = warm_start(target, path, M.sha256_file(path))
     stem = "model.0.conv.weight"
     assert transfer.adapted[0] == stem
     want = rgb.model.state_dict()[stem].half().float().sum(dim=1, keepdim=True)

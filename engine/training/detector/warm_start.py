@@ -147,8 +147,9 @@ def read_initial_detector(uri: str | Path, expected_sha256: str | None = None):
     """(detector, local path, sha256) of a detector checkpoint at a local path or s3:// URI
     (engine.models.weights_file): a grainflow `.safetensors` or an Ultralytics `.pt` (read
     without running what it pickles: engine.models.ultralytics_pt). The digest checked is
-    `expected_sha256`, else the `<file>.sha256` beside it, else the file's own (the user
-    named the file: that is the trust a registry's record gives)."""
+    `expected_sha256`, else the `<file>.sha256` beside it, else, for a .safetensors (no
+    code in it), the file's own; a .pt is a pickle and, as everywhere in grainflow, read
+    only with a digest from a record (engine.models.load_detector_checkpoint)."""
     from engine.models import load_detector_checkpoint
     from engine.models.weights_file import weights_file
 
@@ -156,7 +157,7 @@ def read_initial_detector(uri: str | Path, expected_sha256: str | None = None):
     if suffix not in (".safetensors", ".pt"):
         raise DetectorWarmStartError(f"init_weights: {uri}: a detector starts from a grainflow .safetensors or "
                                      f"an Ultralytics .pt, not a {suffix or 'suffix-less'} file")
-    path, digest = weights_file(uri, expected_sha256)
+    path, digest = weights_file(uri, expected_sha256, recorded_only=suffix == ".pt")
     return load_detector_checkpoint(path, digest), path, digest
 
 
