@@ -81,10 +81,16 @@ def read_sidecar(path: str | Path) -> str | None:
     side = sidecar_path(path)
     if not side.is_file():
         return None
-    text = side.read_text().split()
-    if not text or not _HEX64.match(text[0].lower()):
-        raise CheckpointError(f"{side}: not a sha256 record (expected 64 hex digits)")
-    return text[0].lower()
+    return parse_sidecar(side.read_text(), str(side))
+
+
+def parse_sidecar(text: str, where: str) -> str:
+    """The digest of a sha256 record (`<64 hex digits>  <name>`, as sha256sum writes it);
+    CheckpointError naming `where` when it is not one."""
+    words = text.split()
+    if not words or not _HEX64.match(words[0].lower()):
+        raise CheckpointError(f"{where}: not a sha256 record (expected 64 hex digits)")
+    return words[0].lower()
 
 
 def verify_sha256(path: str | Path, expected: str) -> str:

@@ -43,7 +43,7 @@ def load_initial_weights(model: torch.nn.Module, family: str, path: str | os.Pat
     from engine.models.checkpoint import load_checked, load_into
     from engine.models.weights_file import weights_file
 
-    path, _ = weights_file(path, expected_sha256)
+    path, expected_sha256 = weights_file(path, expected_sha256)
     if family == "segmenter":
         from engine.models.segmenter import load_sam_weights
 
@@ -105,7 +105,9 @@ def check_warm_start(family: str, model_name: str, overrides: dict | None, init_
     (which the file must match), else the file's own. The model is built on torch's
     meta device (no memory for its weights); the file is read for its keys and shapes."""
     from engine.models import create_model
+    from engine.models.errors import CheckpointError
     from engine.models.weights_file import weights_file
+    from engine.stores.uri import resolve
 
     if init_weights is None and not train_only:
         return None
@@ -115,12 +117,22 @@ def check_warm_start(family: str, model_name: str, overrides: dict | None, init_
         freeze_all_but(model, train_only)
     if init_weights is None:
         return None
-    path, digest = weights_file(init_weights, init_sha256)  # an s3:// file: copied here, once
-    with warnings.catch_warnings():
-        # Copying into a meta tensor checks the key and the shape and stores nothing:
-        # all this check needs. torch warns about it once per tensor.
-        warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
-        load_initial_weights(model, family, path, digest)
+    location = resolve(init_weights)
+    if location.scheme == "file" and not os.path.isfile(location.path):
+        raise WarmStartError(f"init_weights: {location.path}: no such file (it must be readable at this path by "
+                             f"every training worker, or be an s3:// URI)")
+    path, digest = weights_file(location, init_sha256)  # an s3:// file: copied here, once
+    try:
+        with warnings.catch_warnings():
+            # Copying into a meta tensor checks the key and the shape and stores nothing:
+            # all this check needs. torch warns about it once per tensor.
+            warnings.filterwarnings("ignore", message=".*copying from a non-meta parameter", category=UserWarning)
+            load_initial_weights(model, family, path, digest)
+    except CheckpointError as exc:
+        if location.scheme == "file":
+            raise
+        # the message names the cached copy; say which file the user gave it as
+        raise WarmStartError(f"init_weights {location.uri} (copied to {path}): {exc}") from exc
     return digest
 
 

@@ -33,10 +33,16 @@ def test_a_bucket_file_is_copied_once_under_its_digest(bucket_file, tmp_path):
     path, digest = weights_file(uri, cache_dir=tmp_path)
     assert (digest, path) == (DIGEST, tmp_path / DIGEST / "sam_vit_b.pth") and path.read_bytes() == DATA
     placed = path.stat().st_mtime_ns
-    fs.pipe_file(uri, b"replaced later")  # the copy is known by the digest asked for, not by the URI
-    again, _ = weights_file(uri, DIGEST, cache_dir=tmp_path)
-    assert again == path and again.stat().st_mtime_ns == placed and again.read_bytes() == DATA
-    assert cached(tmp_path) == {f"{DIGEST}/sam_vit_b.pth"}
+    # the next run, with no digest given, finds the copy by the object's version (ETag)
+    assert weights_file(uri, cache_dir=tmp_path) == (path, DIGEST) and path.stat().st_mtime_ns == placed
+    fs.pipe_file(uri, b"replaced later")
+    # asked for by its digest, the copy is the one that has it; with none, the new object is copied
+    assert weights_file(uri, DIGEST, cache_dir=tmp_path) == (path, DIGEST) and path.stat().st_mtime_ns == placed
+    new = hashlib.sha256(b"replaced later").hexdigest()
+    assert weights_file(uri, cache_dir=tmp_path) == (tmp_path / new / "sam_vit_b.pth", new)
+    assert {f for f in cached(tmp_path) if not f.startswith(".")} == {f"{DIGEST}/sam_vit_b.pth",
+                                                                     f"{new}/sam_vit_b.pth"}
+    assert not list((tmp_path / ".partial").iterdir())
 
 
 def test_the_sidecar_in_the_bucket_is_the_digest_checked(bucket_file, tmp_path):
@@ -44,7 +50,7 @@ def test_the_sidecar_in_the_bucket_is_the_digest_checked(bucket_file, tmp_path):
     fs.pipe_file(f"{uri}.sha256", f"{'ab' * 32}  sam_vit_b.pth\n".encode())
     with pytest.raises(ChecksumMismatchError, match=f"sam_vit_b.pth: sha256 mismatch: expected {'ab' * 32}"):
         weights_file(uri, cache_dir=tmp_path)
-    assert cached(tmp_path) == set()  # no copy, no partial file left
+    assert not {f for f in cached(tmp_path) if not f.startswith(".locks")}  # no copy, no partial file left
     fs.pipe_file(f"{uri}.sha256", f"{DIGEST}  sam_vit_b.pth\n".encode())
     assert weights_file(uri, cache_dir=tmp_path)[1] == DIGEST
 
@@ -55,6 +61,8 @@ def test_a_missing_object_and_a_bad_digest_are_named(bucket_file, tmp_path):
         weights_file(uri.replace("sam_vit_b", "nope"), cache_dir=tmp_path)
     with pytest.raises(CheckpointError, match="must be 64 hex digits"):
         weights_file(uri, "abc", cache_dir=tmp_path)
+    with pytest.raises(CheckpointError, match="every worker can read, not memory://"):
+        weights_file("memory://weights/sam.pth", cache_dir=tmp_path)
 
 
 def test_a_fine_tune_checks_weights_in_a_bucket_before_ray(s3_bucket, s3_endpoint, tmp_path, monkeypatch):

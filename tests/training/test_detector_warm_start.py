@@ -85,8 +85,9 @@ def test_an_rgb_checkpoint_starts_a_grey_model_with_its_stem_summed(tmp_path):
     path = tmp_path / "best.pt"
     torch.save({"model": copy.deepcopy(rgb.model).half(), "ema": None, "train_args": {"imgsz": 128}}, path)
     target = detector(2)
-    with pytest.raises(M.CheckpointError, match="best.pt: this format is read only with a sha256 from a record"):
-        warm_start(target, path)  # a pickle: its own digest says nothing about who made it
+    (tmp_path / "best.pt.sha256").write_text(f"{M.sha256_file(path)}  best.pt\n")
+    with pytest.raises(DetectorWarmStartError, match="best.pt: an Ultralytics .pt is a pickle, read only with"):
+        warm_start(target, path)  # a pickle: neither its own digest nor one beside it says who made it
     transfer = warm_start(target, path, M.sha256_file(path))
     stem = "model.0.conv.weight"
     assert transfer.adapted[0] == stem

@@ -35,7 +35,7 @@ def _train_in_worker(archive: StoreLocation | str, kwargs: dict[str, Any],
     with tempfile.TemporaryDirectory(prefix="grainflow-detector-") as scratch:
         if init_file is not None:
             path, data = init_file
-            local = Path(scratch) / f"init{Path(path).suffix}"
+            local = Path(scratch) / Path(path).name  # a .pt's stem names the model it holds
             local.write_bytes(data)
             kwargs = {**kwargs, "init_weights": local}
         result = train_detector(archive, out_dir=Path(scratch) / "run", **kwargs)

@@ -229,8 +229,8 @@ def train_detector(
     production version; an Ultralytics .pt) instead of a random initialisation, its
     tensors moved in by name and shape, class outputs by class name
     (`warm_start.transfer_weights`; a file of another architecture is refused before
-    training); init_sha256: the digest it must have (default its `.sha256` file, else
-    its own).
+    training; a local path or s3:// URI); init_sha256: the digest it must have (a .pt,
+    a pickle, needs it; a .safetensors defaults to its `.sha256` file, else its own).
     """
     from engine.runtime import configure_offline
 

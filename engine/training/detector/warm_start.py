@@ -147,9 +147,10 @@ def read_initial_detector(uri: str | Path, expected_sha256: str | None = None):
     """(detector, local path, sha256) of a detector checkpoint at a local path or s3:// URI
     (engine.models.weights_file): a grainflow `.safetensors` or an Ultralytics `.pt` (read
     without running what it pickles: engine.models.ultralytics_pt). The digest checked is
-    `expected_sha256`, else the `<file>.sha256` beside it, else, for a .safetensors (no
-    code in it), the file's own; a .pt is a pickle and, as everywhere in grainflow, read
-    only with a digest from a record (engine.models.load_detector_checkpoint)."""
+    `expected_sha256`, else, for a .safetensors (no code in it), the `<file>.sha256`
+    beside it or the file's own. A .pt is a pickle and, as everywhere in grainflow, read
+    only with a digest the caller gives from a record it trusts (a sidecar beside the
+    file could come from whoever wrote the file: engine.models.load_detector_checkpoint)."""
     from engine.models import load_detector_checkpoint
     from engine.models.weights_file import weights_file
 
@@ -157,7 +158,10 @@ def read_initial_detector(uri: str | Path, expected_sha256: str | None = None):
     if suffix not in (".safetensors", ".pt"):
         raise DetectorWarmStartError(f"init_weights: {uri}: a detector starts from a grainflow .safetensors or "
                                      f"an Ultralytics .pt, not a {suffix or 'suffix-less'} file")
-    path, digest = weights_file(uri, expected_sha256, recorded_only=suffix == ".pt")
+    if suffix == ".pt" and expected_sha256 is None:
+        raise DetectorWarmStartError(f"init_weights: {uri}: an Ultralytics .pt is a pickle, read only with the "
+                                     f"sha256 a record you trust gives for it (init_sha256 / --init-sha256)")
+    path, digest = weights_file(uri, expected_sha256)
     return load_detector_checkpoint(path, digest), path, digest
 
 
