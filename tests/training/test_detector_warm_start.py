@@ -130,6 +130,6 @@ def test_files_that_cannot_start_a_detector_are_named(source_file, tmp_path, cas
     else:
         path = tmp_path / "classifier.safetensors"
         M.save_checkpoint(M.create_classifier("resnet10t"), path)
-    with pytest.raises(DetectorWarmStartError if case == "suffix" else M.CheckpointError,
+    with pytest.raises(DetectorWarmStartError if case in ("suffix", "missing") else M.CheckpointError,
                        match=words):
         check_init_weights("yolov8n_tiny", path, sha)

@@ -153,11 +153,15 @@ def read_initial_detector(uri: str | Path, expected_sha256: str | None = None):
     file could come from whoever wrote the file: engine.models.load_detector_checkpoint)."""
     from engine.models import load_detector_checkpoint
     from engine.models.weights_file import weights_file
+    from engine.stores.uri import resolve
 
     suffix = Path(str(uri)).suffix
     if suffix not in (".safetensors", ".pt"):
         raise DetectorWarmStartError(f"init_weights: {uri}: a detector starts from a grainflow .safetensors or "
                                      f"an Ultralytics .pt, not a {suffix or 'suffix-less'} file")
+    location = resolve(uri)
+    if location.scheme == "file" and not Path(location.path).is_file():
+        raise DetectorWarmStartError(f"init_weights: {location.path}: no such file")  # before what else is wrong
     if suffix == ".pt" and expected_sha256 is None:
         raise DetectorWarmStartError(f"init_weights: {uri}: an Ultralytics .pt is a pickle, read only with the "
                                      f"sha256 a record you trust gives for it (init_sha256 / --init-sha256)")
