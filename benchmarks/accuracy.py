@@ -260,6 +260,14 @@ def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out
         result[f"{head}_accuracy"] = round(float(np.mean(right)), 4) if right else math.nan
     result["images"] = len(probs["material"])
     result["tiles"] = tiles
+    # which images are wrong, and how many of their tiles: errors of one material or a spread
+    from engine.models.labels import material_names
+
+    names = material_names()
+    result["material_by_image"] = {
+        i: {"material": names[truth["material"][i]], "named": names[int(np.mean(p, axis=0).argmax())],
+            "tiles_right": round(float(np.mean([int(q.argmax()) == truth["material"][i] for q in p])), 3)}
+        for i, p in sorted(probs["material"].items()) if truth["material"][i] >= 0}
     return result
 
 
