@@ -249,7 +249,8 @@ def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out
             tiles += 1
             batch = collate({k: np.asarray([v]) if np.ndim(v) == 0 or isinstance(v, str)
                              else np.asarray(v)[None] for k, v in row.items()})
-            out = model(batch["image"], batch["context"]) if "context" in batch else model(batch["image"])
+            out = (model(batch["image"], batch["context"]) if "context" in batch
+                   else model(batch["image"], pixel_size_nm=batch["pixel_size_nm"]))
             for head in probs:
                 probs[head].setdefault(spec.image_id, []).append(torch.softmax(out[head], -1)[0].numpy())
                 truth[head][spec.image_id] = int(batch[head][0])

@@ -360,8 +360,11 @@ class Ensemble:
         probs: list[dict[int, tuple[np.ndarray, np.ndarray]]] = []
         clf, fus = self.models.classifier, self.models.fusion
         if clf is not None:
-            x = {i: _at_least(w.core_input(self.inputs["classifier"]), MIN_CLASSIFY_PX) for i, w in work.items()}
-            probs.append(self._run("classifier", x, lambda a: a.shape, lambda xs: self._softmax(clf, xs), errors))
+            x = {i: (_at_least(w.core_input(self.inputs["classifier"]), MIN_CLASSIFY_PX), float(w.tile.pixel_size_nm))
+                 for i, w in work.items()}
+            probs.append(self._run("classifier", x, lambda v: v[0].shape,
+                                   lambda xs: self._softmax(clf, [a for a, _ in xs], pixel_sizes=[p for _, p in xs]),
+                                   errors))
         if fus is not None:
             offset = int(fus.context_level_offset)
             x = {i: tuple(_at_least(a, MIN_CLASSIFY_PX) for a in w.fusion_inputs(self.inputs["fusion"], offset))
@@ -381,9 +384,17 @@ class Ensemble:
                 w.grade_probs = np.zeros(0, np.float32)
 
     @torch.inference_mode()
-    def _softmax(self, model, xs: list[np.ndarray], contexts: list[np.ndarray] | None = None) -> list:
+    def _softmax(self, model, xs: list[np.ndarray], contexts: list[np.ndarray] | None = None,
+                 pixel_sizes: list[float] | None = None) -> list:
+        """xs: tiles (H x W float32); contexts: the fusion model's context tiles;
+        pixel_sizes: the tiles' pixel sizes (nm), for a classifier that reads them."""
         t = torch.from_numpy(np.stack(xs)[:, None]).to(self.device)
-        out = model(t) if contexts is None else model(t, torch.from_numpy(np.stack(contexts)[:, None]).to(self.device))
+        if contexts is not None:
+            out = model(t, torch.from_numpy(np.stack(contexts)[:, None]).to(self.device))
+        elif getattr(model, "pixel_size_input", False):
+            out = model(t, pixel_size_nm=torch.tensor(pixel_sizes, dtype=torch.float32, device=self.device))
+        else:
+            out = model(t)
         m = torch.softmax(out["material"].float(), dim=1).cpu().numpy()
         g = torch.softmax(out["grade"].float(), dim=1).cpu().numpy()
         return list(zip(m, g))

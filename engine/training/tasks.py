@@ -133,7 +133,9 @@ class ClassifierTask(Task):
         return loss, stats
 
     def step(self, model, batch):
-        return self._heads(model(batch["image"]), batch)
+        # the tile's pixel size after augmentation (scale jitter changes it), read by a
+        # classifier built with pixel_size_input and ignored by the others
+        return self._heads(model(batch["image"], pixel_size_nm=batch.get("pixel_size_nm")), batch)
 
     def metrics(self, sums):
         n = sums["n"]

@@ -28,8 +28,8 @@ def smoke_loss(model, family: str, size: int = 64) -> tuple[torch.Tensor, list[t
     if family == "detector":
         out = model(torch.rand(2, 1, size, size, generator=g))
         outs = [out["boxes"], out["scores"]]
-    elif family == "classifier":
-        outs = list(model(torch.rand(2, 1, size, size, generator=g)).values())
+    elif family == "classifier":  # two pixel sizes, for a classifier that reads them
+        outs = list(model(torch.rand(2, 1, size, size, generator=g), pixel_size_nm=torch.tensor([2.0, 500.0])).values())
     elif family == "fusion":
         outs = list(model(torch.rand(2, 1, size, size, generator=g), torch.rand(2, 1, size, size, generator=g)).values())
     elif family == "segmenter":

@@ -149,6 +149,29 @@ class TestResults:
         assert r.defect_density_per_mm2 == 0.0 and r.material != ""
 
 
+def test_a_classifier_that_reads_pixel_sizes_is_given_each_tiles(tiny_models, tiles):
+    """resnet10t_px: the same pixels at ten times the pixel size are another material's
+    evidence; the ensemble (the batch job's and Serve's path) hands each tile's size over."""
+    import dataclasses
+
+    import torch
+
+    import engine.models as M
+
+    torch.manual_seed(0)
+    clf = M.create_classifier("resnet10t_px").eval()
+    torch.nn.init.normal_(clf.scale[-1].weight, std=1.0)  # a trained modulation, not the identity it starts as
+    ens = Ensemble(dataclasses.replace(tiny_models, classifier=clf, fusion=None), config=EnsembleConfig(**TEST_CONFIG))
+    batch = take(tiles, [0, 1, 2])
+    sizes = np.asarray(batch["pixel_size"], np.float64)
+    coarser = {**batch, "pixel_size": sizes * np.array([1, 10, 10])}  # tile 0 as it was
+    at_size, changed = ens(batch), ens(coarser)
+    assert not any(at_size["error"]) and not any(changed["error"])
+    np.testing.assert_allclose(changed["material_probs"][0], at_size["material_probs"][0], atol=1e-6)
+    for i in (1, 2):
+        assert not np.allclose(changed["material_probs"][i], at_size["material_probs"][i], atol=1e-3), i
+
+
 def test_a_defect_reaching_into_a_neighbour_core_is_painted_there(tiny_models, monkeypatch):
     """Two tiles of one row, cores x [0, 64) and [64, 128), halo 16: a disc centred at
     x 58 belongs to the left tile; the right one paints its share (x >= 64) as a

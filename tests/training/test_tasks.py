@@ -103,7 +103,7 @@ class TestClassifierTask:
         grade = torch.tensor([2, 0, 1, 1, 0])
         m_logits = torch.nn.functional.one_hot(torch.tensor([0, 1, 2, 0, 2]), 3).float() * 5.0
         g_logits = torch.nn.functional.one_hot(torch.tensor([2, 0, 1, 2, 0]), 3).float() * 5.0
-        model = lambda image: {"material": m_logits, "grade": g_logits}  # noqa: E731
+        model = lambda image, pixel_size_nm=None: {"material": m_logits, "grade": g_logits}  # noqa: E731
         _, stats = task.step(model, {"image": torch.zeros(5, 1, 8, 8), "material": material, "grade": grade})
         m = task.metrics(sums_of(stats))
         assert m["material_acc"] == 0.75 and float(stats["material_n"]) == 4
