@@ -109,12 +109,11 @@ def transfer_weights(target, source, *, file: str, sha256: str) -> WeightTransfe
             if not rows:
                 left.append(name)
                 continue
-            if target.names == source.names:
-                tensor.copy_(value)
+            for mine_row, their_row in rows:
+                tensor[mine_row] = value[their_row]
+            if target.names == source.names:  # every row in its place: a plain copy
                 copied += 1
             else:
-                for mine_row, their_row in rows:
-                    tensor[mine_row] = value[their_row]
                 adapted.append(name)
             moved += tensor.numel() * len(rows) // len(target.names)
         elif value.shape == tensor.shape:
