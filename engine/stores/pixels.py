@@ -10,6 +10,7 @@ and is the reference both are tested against (tests/stores/test_store_contract.p
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Protocol, Sequence
 
@@ -43,7 +44,18 @@ class TensorstoreReader:
     def read_regions(self, regions: Sequence[Region]) -> list[np.ndarray]:
         # Issue every read before waiting on any: tensorstore overlaps their I/O and decoding.
         futures = [self.store[self._lead + (slice(y0, y1), slice(x0, x1))].read() for y0, y1, x0, x1 in regions]
-        return [np.asarray(f.result()) for f in futures]
+        arrays, first_error = [], None
+        for future in futures:
+            # Where one region fails (a corrupt chunk), the others are still waited for:
+            # no read is left in flight on tensorstore's threads once its Python future,
+            # store and context may be gone.
+            try:
+                arrays.append(np.asarray(future.result()))
+            except Exception as exc:
+                first_error = first_error or exc
+        if first_error is not None:
+            raise first_error
+        return arrays
 
 
 def open_reader(location: StoreLocation, array: zarr.Array, array_path: str) -> ArrayReader:
@@ -56,13 +68,22 @@ def open_reader(location: StoreLocation, array: zarr.Array, array_path: str) -> 
     except ImportError:
         return ZarrReader(array)
     driver = "zarr3" if array.metadata.zarr_format == 3 else "zarr"
-    context = ts.Context({
+    store = ts.open({"driver": driver, "kvstore": kvstore}, read=True, context=_context(os.getpid())).result()
+    return TensorstoreReader(store)
+
+
+@functools.cache
+def _context(pid: int):
+    """The process's one tensorstore Context (its thread pools, cache and S3 connections),
+    kept for the process's life rather than made and destroyed with every image; keyed
+    by pid so that a forked child makes its own instead of using its parent's threads."""
+    import tensorstore as ts
+
+    return ts.Context({
         "data_copy_concurrency": {"limit": os.cpu_count() or 1},
         # Tiles are read once per job; a chunk cache would only hold memory.
         "cache_pool": {"total_bytes_limit": 0},
     })
-    store = ts.open({"driver": driver, "kvstore": kvstore}, read=True, context=context).result()
-    return TensorstoreReader(store)
 
 
 def _tensorstore_kvstore(location: StoreLocation, array_path: str) -> dict | None:
