@@ -4,11 +4,19 @@ and how pytest-xdist workers share the suite (`make test`)."""
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import uuid
 
 import pytest
 
 from engine.local_head import free_port
+
+from .crash_report import CRASH_DIR_ENV, FAULTHANDLER_FILE, crash_evidence, record_ray_dir
+
+# The file Python's faulthandler writes to once `ray_session` has started Ray: open for
+# the process's life (faulthandler keeps only its descriptor).
+_faulthandler_file = None
 
 
 def pytest_configure(config):
@@ -21,6 +29,22 @@ def pytest_configure(config):
     # "usage disabled" report outward; tests talk to 127.0.0.1 only (discard port).
     os.environ.setdefault("RAY_USAGE_STATS_REPORT_URL", "http://127.0.0.1:9/")
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    if getattr(config.option, "numprocesses", None) and not os.environ.get("PYTEST_XDIST_WORKER"):
+        # pytest-xdist's controller, before it starts the test processes (they inherit it).
+        os.environ[CRASH_DIR_ENV] = tempfile.mkdtemp(prefix="gfcrash-")
+
+
+def pytest_unconfigure(config):
+    if not os.environ.get("PYTEST_XDIST_WORKER") and os.environ.get(CRASH_DIR_ENV):
+        shutil.rmtree(os.environ.pop(CRASH_DIR_ENV), ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_handlecrashitem(crashitem, report, sched):
+    """A test process died: its Python and native stacks into the test's report."""
+    evidence = crash_evidence(report.node.gateway.id)
+    if evidence:
+        report.longrepr = f"{report.longrepr}\n\n{evidence}"
 
 
 # The test packages that take longest (minutes each on 2 cores), longest first; the rest
@@ -109,9 +133,6 @@ def ray_session(s3_endpoint):
     each hold a CPU slot, and with only two slots a 2-worker trainer would starve its
     own data pipeline.
     """
-    import shutil
-    import tempfile
-
     import ray
 
     from engine.runtime import configure_offline
@@ -123,6 +144,14 @@ def ray_session(s3_endpoint):
         num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir,
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}},
     )
+    # ray.init installed Ray's fatal-signal handler (native stack to its driver log) over
+    # Python's; Python's goes back on top, into the same folder, and hands on to Ray's.
+    global _faulthandler_file
+    import faulthandler
+
+    _faulthandler_file = open(os.path.join(temp_dir, FAULTHANDLER_FILE), "w")
+    faulthandler.enable(file=_faulthandler_file, all_threads=True)
+    record_ray_dir(temp_dir)
     yield ray
     ray.shutdown()
     shutil.rmtree(temp_dir, ignore_errors=True)
