@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.models.errors import check_timm_arch
+from engine.models.pixel_size import PixelSizeFiLM
 
 
 class Classifier(nn.Module):
@@ -17,11 +18,8 @@ class Classifier(nn.Module):
     One backbone for both tasks: material and grade are read from the same texture
     (grain size, phases, porosity), and sharing halves the cost per tile.
 
-    pixel_size_input: the pooled features are modulated by the tile's pixel size (FiLM:
-    features * (1 + gamma) + beta, gamma and beta from log10 of the size). A tile does
-    not show the scale it was taken at, and the same texture means different materials
-    at different scales (pearlite's lamellae at one magnification, alpha-beta laths at
-    another); the modulation starts as the identity (its last layer is zero).
+    pixel_size_input: the pooled features are modulated by the tile's pixel size
+    (`engine.models.pixel_size.PixelSizeFiLM`, starting as the identity).
     """
 
     def __init__(self, backbone: nn.Module, materials: Sequence[str], grades: Sequence[str], drop_rate: float = 0.0,
@@ -37,11 +35,7 @@ class Classifier(nn.Module):
             "grade": nn.Linear(width, len(self.grades)),
         })
         self.pixel_size_input = bool(pixel_size_input)
-        self.scale = None
-        if self.pixel_size_input:
-            self.scale = nn.Sequential(nn.Linear(1, 64), nn.SiLU(), nn.Linear(64, 2 * width))
-            nn.init.zeros_(self.scale[-1].weight)
-            nn.init.zeros_(self.scale[-1].bias)
+        self.scale = PixelSizeFiLM(width) if self.pixel_size_input else None
 
     def forward(self, x: torch.Tensor, pixel_size_nm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """x: B x 1 x H x W float32, intensities in [0, 1] (any H, W >= 32);
@@ -52,12 +46,7 @@ class Classifier(nn.Module):
         """
         features = self.backbone(x)
         if self.scale is not None:
-            if pixel_size_nm is None:
-                raise ValueError("this classifier reads each tile's pixel size: pass pixel_size_nm (B, nm)")
-            # log10 of 0.01-1500 nm is -2 to 3.2: centred on 10 nm and brought to about [-1, 1]
-            scale = (torch.log10(pixel_size_nm.to(features).reshape(-1, 1)) - 1.0) / 2.0
-            gamma, beta = self.scale(scale).chunk(2, dim=1)
-            features = features * (1 + gamma) + beta
+            features = self.scale(features, pixel_size_nm)
         features = self.dropout(features)
         return {name: head(features) for name, head in self.heads.items()}
 

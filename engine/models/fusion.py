@@ -21,6 +21,8 @@ two are fused with learned weights, so detail features know what surrounds them.
 
 Heads: material and quality grade from pooled detail and context features; defect
 segmentation as per-pixel logits (background + defect classes) at detail resolution.
+With `pixel_size_input` the pooled features are modulated by the detail tile's pixel
+size first (`engine.models.pixel_size.PixelSizeFiLM`), as the classifier's can be.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ from torch.nn import functional as F
 from torchvision.ops import roi_align
 
 from engine.models.errors import check_timm_arch
+from engine.models.pixel_size import PixelSizeFiLM
 
 
 def context_origin(y: int, x: int, detail_size: int, context_size: int, offset: int = 2) -> tuple[int, int]:
@@ -142,6 +145,7 @@ class FusionModel(nn.Module):
         grades: Sequence[str],
         defect_classes: Sequence[str],
         context_level_offset: int = 2,
+        pixel_size_input: bool = False,
     ):
         super().__init__()
         self.materials, self.grades = tuple(materials), tuple(grades)
@@ -158,6 +162,8 @@ class FusionModel(nn.Module):
             "material": nn.Linear(2 * channels, len(self.materials)),
             "grade": nn.Linear(2 * channels, len(self.grades)),
         })
+        self.pixel_size_input = bool(pixel_size_input)
+        self.scale = PixelSizeFiLM(2 * channels) if self.pixel_size_input else None
 
     def footprint(self, detail_hw: Sequence[int], context_hw: Sequence[int]) -> tuple[float, float, float, float]:
         """The detail tile in context-tile pixels: (x0, y0, x1, y1), continuous coords."""
@@ -172,9 +178,12 @@ class FusionModel(nn.Module):
         y0, x0 = (hc - fh) / 2, (wc - fw) / 2
         return x0, y0, x0 + fw, y0 + fh
 
-    def forward(self, detail: torch.Tensor, context: torch.Tensor) -> dict[str, torch.Tensor]:
+    def forward(self, detail: torch.Tensor, context: torch.Tensor,
+                pixel_size_nm: torch.Tensor | None = None) -> dict[str, torch.Tensor]:
         """detail: B x 1 x T x T, context: B x 1 x Tc x Tc, float32 intensities in [0, 1],
-        geometry as in the module doc (non-square tiles work the same way per axis).
+        geometry as in the module doc (non-square tiles work the same way per axis);
+        pixel_size_nm: B float32, the detail tiles' pixel sizes in nm (needed by a model
+        built with pixel_size_input, ignored by others).
 
         Returns {"material": B x 12 logits, "grade": B x 4 logits, "segmentation":
         B x (1 + defect classes) x T x T per-pixel logits at detail resolution, class 0
@@ -202,6 +211,8 @@ class FusionModel(nn.Module):
             torch.stack([f.mean(dim=(2, 3)) for f in fused]).mean(0),
             torch.stack([f.mean(dim=(2, 3)) for f in c_feats]).mean(0),
         ], dim=1)
+        if self.scale is not None:
+            pooled = self.scale(pooled, pixel_size_nm)
         out = {name: head(pooled) for name, head in self.heads.items()}
         out["segmentation"] = seg
         return out
@@ -216,13 +227,15 @@ def build_fusion(
     repeats: int = 2,
     out_indices: Sequence[int] = (1, 2, 3, 4),
     context_level_offset: int = 2,
+    pixel_size_input: bool = False,
 ) -> FusionModel:
     """timm `arch` (features_only, in_chans=1, pretrained=False) at strides 4..32 by
     default (out_indices into its feature levels), a `repeats`-layer BiFPN of width
-    `channels`, and the three heads."""
+    `channels`, and the three heads; pixel_size_input: see `FusionModel`."""
     check_timm_arch(arch)
     backbone = timm.create_model(arch, pretrained=False, features_only=True, in_chans=1, out_indices=tuple(out_indices))
-    return FusionModel(backbone, channels, repeats, materials, grades, defect_classes, context_level_offset)
+    return FusionModel(backbone, channels, repeats, materials, grades, defect_classes, context_level_offset,
+                       pixel_size_input)
 
 
 BUILDERS = {"fusion": build_fusion}

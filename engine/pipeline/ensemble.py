@@ -367,10 +367,11 @@ class Ensemble:
                                    errors))
         if fus is not None:
             offset = int(fus.context_level_offset)
-            x = {i: tuple(_at_least(a, MIN_CLASSIFY_PX) for a in w.fusion_inputs(self.inputs["fusion"], offset))
-                 for i, w in work.items()}
+            x = {i: (*(_at_least(a, MIN_CLASSIFY_PX) for a in w.fusion_inputs(self.inputs["fusion"], offset)),
+                     float(w.tile.pixel_size_nm)) for i, w in work.items()}
             probs.append(self._run("fusion", x, lambda v: (v[0].shape, v[1].shape),
-                                   lambda xs: self._softmax(fus, [a for a, _ in xs], [b for _, b in xs]), errors))
+                                   lambda xs: self._softmax(fus, [a for a, _, _ in xs], [b for _, b, _ in xs],
+                                                            pixel_sizes=[p for _, _, p in xs]), errors))
         for i in list(work):
             if i in errors:
                 del work[i]
@@ -387,14 +388,13 @@ class Ensemble:
     def _softmax(self, model, xs: list[np.ndarray], contexts: list[np.ndarray] | None = None,
                  pixel_sizes: list[float] | None = None) -> list:
         """xs: tiles (H x W float32); contexts: the fusion model's context tiles;
-        pixel_sizes: the tiles' pixel sizes (nm), for a classifier that reads them."""
+        pixel_sizes: the tiles' pixel sizes (nm), for a model that reads them."""
         t = torch.from_numpy(np.stack(xs)[:, None]).to(self.device)
-        if contexts is not None:
-            out = model(t, torch.from_numpy(np.stack(contexts)[:, None]).to(self.device))
-        elif getattr(model, "pixel_size_input", False):
-            out = model(t, pixel_size_nm=torch.tensor(pixel_sizes, dtype=torch.float32, device=self.device))
-        else:
-            out = model(t)
+        views = [t] if contexts is None else [t, torch.from_numpy(np.stack(contexts)[:, None]).to(self.device)]
+        kwargs = {}
+        if getattr(model, "pixel_size_input", False):
+            kwargs["pixel_size_nm"] = torch.tensor(pixel_sizes, dtype=torch.float32, device=self.device)
+        out = model(*views, **kwargs)
         m = torch.softmax(out["material"].float(), dim=1).cpu().numpy()
         g = torch.softmax(out["grade"].float(), dim=1).cpu().numpy()
         return list(zip(m, g))

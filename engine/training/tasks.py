@@ -134,7 +134,7 @@ class ClassifierTask(Task):
 
     def step(self, model, batch):
         # the tile's pixel size after augmentation (scale jitter changes it), read by a
-        # classifier built with pixel_size_input and ignored by the others
+        # model built with pixel_size_input and ignored by the others
         return self._heads(model(batch["image"], pixel_size_nm=batch.get("pixel_size_nm")), batch)
 
     def metrics(self, sums):
@@ -165,7 +165,7 @@ class FusionTask(ClassifierTask):
                              context_offset=layout.context_offset)
 
     def step(self, model, batch):
-        out = model(batch["image"], batch["context"])
+        out = model(batch["image"], batch["context"], pixel_size_nm=batch.get("pixel_size_nm"))
         loss, stats = self._heads(out, batch)
         seg_logits, target = out["segmentation"], batch["mask"]
         ce = F.cross_entropy(seg_logits, target)

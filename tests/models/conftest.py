@@ -28,10 +28,9 @@ def smoke_loss(model, family: str, size: int = 64) -> tuple[torch.Tensor, list[t
     if family == "detector":
         out = model(torch.rand(2, 1, size, size, generator=g))
         outs = [out["boxes"], out["scores"]]
-    elif family == "classifier":  # two pixel sizes, for a classifier that reads them
-        outs = list(model(torch.rand(2, 1, size, size, generator=g), pixel_size_nm=torch.tensor([2.0, 500.0])).values())
-    elif family == "fusion":
-        outs = list(model(torch.rand(2, 1, size, size, generator=g), torch.rand(2, 1, size, size, generator=g)).values())
+    elif family in ("classifier", "fusion"):  # two pixel sizes, for a model that reads them
+        views = [torch.rand(2, 1, size, size, generator=g) for _ in range(1 if family == "classifier" else 2)]
+        outs = list(model(*views, pixel_size_nm=torch.tensor([2.0, 500.0])).values())
     elif family == "segmenter":
         s = model.img_size
         boxes = [torch.tensor([[0.0, 0.0, s - 1.0, s - 1.0], [8.0, 16.0, 40.0, 30.0]]), torch.tensor([[4.0, 4.0, s / 2, s / 2]])]

@@ -149,9 +149,11 @@ class TestResults:
         assert r.defect_density_per_mm2 == 0.0 and r.material != ""
 
 
-def test_a_classifier_that_reads_pixel_sizes_is_given_each_tiles(tiny_models, tiles):
-    """resnet10t_px: the same pixels at ten times the pixel size are another material's
-    evidence; the ensemble (the batch job's and Serve's path) hands each tile's size over."""
+@pytest.mark.parametrize("family,name", [("classifier", "resnet10t_px"), ("fusion", "fusion_tiny_px")])
+def test_a_model_that_reads_pixel_sizes_is_given_each_tiles(tiny_models, tiles, family, name):
+    """resnet10t_px, fusion_tiny_px: the same pixels at ten times the pixel size are
+    another material's evidence; the ensemble (the batch job's and Serve's path) hands
+    each tile's size over."""
     import dataclasses
 
     import torch
@@ -159,9 +161,10 @@ def test_a_classifier_that_reads_pixel_sizes_is_given_each_tiles(tiny_models, ti
     import engine.models as M
 
     torch.manual_seed(0)
-    clf = M.create_classifier("resnet10t_px").eval()
-    torch.nn.init.normal_(clf.scale[-1].weight, std=1.0)  # a trained modulation, not the identity it starts as
-    ens = Ensemble(dataclasses.replace(tiny_models, classifier=clf, fusion=None), config=EnsembleConfig(**TEST_CONFIG))
+    model = M.create_model(family, name).eval()
+    torch.nn.init.normal_(model.scale[-1].weight, std=1.0)  # a trained modulation, not the identity it starts as
+    members = {"classifier": None, "fusion": None, family: model}
+    ens = Ensemble(dataclasses.replace(tiny_models, **members), config=EnsembleConfig(**TEST_CONFIG))
     batch = take(tiles, [0, 1, 2])
     sizes = np.asarray(batch["pixel_size"], np.float64)
     coarser = {**batch, "pixel_size": sizes * np.array([1, 10, 10])}  # tile 0 as it was

@@ -121,7 +121,8 @@ class TestClassifierTask:
 
 
 class TestFusionTask:
-    def test_step_loss_and_metrics(self, train_archive):
+    @pytest.mark.parametrize("name", ["fusion_tiny", "fusion_tiny_px"])  # the latter needs the batch's pixel sizes
+    def test_step_loss_and_metrics(self, train_archive, name):
         task = FusionTask()
         layout = task.layout(64, {"context_level_offset": 2})
         assert (layout.tile, layout.context_tile, layout.context_offset, layout.mask) == (64, 64, 2, "semantic")
@@ -129,7 +130,7 @@ class TestFusionTask:
         assert batch["context"].shape == (4, 1, 64, 64) and batch["mask"].shape == (4, 64, 64)
         assert batch["mask"].dtype == torch.int64 and int(batch["mask"].max()) > 0
         torch.manual_seed(0)
-        model = create_model("fusion", "fusion_tiny")
+        model = create_model("fusion", name)
         loss, stats = task.step(model, batch)
         loss.backward()
         assert_every_parameter_has_a_gradient(model)
@@ -146,7 +147,7 @@ class TestFusionTask:
         batch = task.collate(layout, epoch=1, seed=0, augment_strength=0.0)(read_batch(train_archive, layout))
         real = create_model("fusion", "fusion_tiny")(batch["image"], batch["context"])
 
-        def background(image, context):
+        def background(image, context, pixel_size_nm=None):
             seg = torch.zeros_like(real["segmentation"])
             seg[:, 0] = 20.0  # background, confidently, everywhere
             return {**real, "segmentation": seg}
@@ -186,7 +187,7 @@ class TestFusionTask:
         batch = {"image": torch.zeros(1, 1, 8, 8), "context": torch.zeros(1, 1, 8, 8), "mask": target,
                  "material": torch.tensor([0]), "grade": torch.tensor([0])}
         task = FusionTask()
-        _, stats = task.step(lambda image, context: out, batch)
+        _, stats = task.step(lambda image, context, pixel_size_nm=None: out, batch)
         m = task.metrics(sums_of(stats))
         assert m["pixel_acc"] == 0.75 and m["defect_iou"] == pytest.approx(0.6)
         assert m["material_acc"] == 1.0 and m["grade_acc"] == 0.0
