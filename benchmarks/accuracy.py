@@ -249,8 +249,8 @@ def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out
             tiles += 1
             batch = collate({k: np.asarray([v]) if np.ndim(v) == 0 or isinstance(v, str)
                              else np.asarray(v)[None] for k, v in row.items()})
-            out = (model(batch["image"], batch["context"]) if "context" in batch
-                   else model(batch["image"], pixel_size_nm=batch["pixel_size_nm"]))
+            views = [batch["image"], batch["context"]] if "context" in batch else [batch["image"]]
+            out = model(*views, pixel_size_nm=batch["pixel_size_nm"])
             for head in probs:
                 probs[head].setdefault(spec.image_id, []).append(torch.softmax(out[head], -1)[0].numpy())
                 truth[head][spec.image_id] = int(batch[head][0])
@@ -297,12 +297,38 @@ def segmenter_part(args, train, held_out, out) -> dict:
     return r
 
 
+def mask_grid_ceiling(model, truth, box):
+    """The true mask as the segmenter's own logit grid can draw it, what a perfect model
+    of this architecture would score: cropped to the box's window (or the whole tile
+    without box zoom) at the encoder's input size S, averaged down to the grid SAM's
+    decoder predicts (4x its embedding grid: S/4 with 16-px patches), placed back on the
+    tile as the model's logits are, and cut at one half. truth: H x W bool; box: xyxy
+    tile px. Returns H x W bool."""
+    import numpy as np
+    import torch
+    from torch.nn import functional as F
+
+    from engine.models import box_zoom
+
+    t = torch.from_numpy(truth.astype(np.float32))[None, None]
+    s, low = model.img_size, model.sam.prompt_encoder.mask_input_size[0]
+    if model.zoom is None:
+        h, w = model.input_size(*truth.shape)
+        grid = F.avg_pool2d(F.interpolate(t, (h, w), mode="area"), s // low)
+        padded = F.pad(grid, (0, low - grid.shape[-1], 0, low - grid.shape[-2]))
+        return (model.sam.postprocess_masks(padded - 0.5, (h, w), truth.shape)[0, 0] > 0).numpy()
+    windows = model.zoom.windows(torch.tensor([box], dtype=torch.float32))
+    grid = F.avg_pool2d(box_zoom.crop(t, torch.zeros(1, dtype=torch.int64), windows, s), s // low)
+    return (box_zoom.paste(grid[:, 0] - 0.5, windows, truth.shape, fill=-1.0)[0] > 0).numpy()
+
+
 def tile_frame_mask_iou(args, train: Path, held_out: Path, checkpoint_dir: str) -> dict:
     """Mean mask IoU on every held-out box, measured on the tile as the job sees it
     (`Segmenter.segment`), overall and per defect class, beside masks that need no model:
     the prompt box filled and the ellipse inscribed in it, what a segmenter must beat to
-    have learnt anything beyond its prompt. (Ray Train's val_mask_iou scores at most 16
-    boxes per tile, and with box zoom in each box's window.)"""
+    have learnt anything beyond its prompt; and the ceiling its mask grid sets
+    (`mask_grid_ceiling`). (Ray Train's val_mask_iou scores at most 16 boxes per tile,
+    and with box zoom in each box's window.)"""
     import numpy as np
 
     from engine.models import load_model
@@ -322,7 +348,8 @@ def tile_frame_mask_iou(args, train: Path, held_out: Path, checkpoint_dir: str) 
             box = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
             ellipse = ((xx - (x0 + x1) / 2) / max((x1 - x0) / 2, 0.5)) ** 2 \
                 + ((yy - (y0 + y1) / 2) / max((y1 - y0) / 2, 0.5)) ** 2 <= 1
-            for guess, m in (("model", predicted), ("box", box), ("ellipse", ellipse)):
+            ceiling = mask_grid_ceiling(model, truth, (x0, y0, x1, y1))
+            for guess, m in (("model", predicted), ("box", box), ("ellipse", ellipse), ("ceiling", ceiling)):
                 iou = float((m & truth).sum() / max(1, (m | truth).sum()))
                 scores.setdefault(guess, {}).setdefault(names[int(c) - 1], []).append(iou)  # classes are 1-based
     mean = lambda v: round(float(np.mean(v)), 4)  # noqa: E731
