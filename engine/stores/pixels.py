@@ -46,9 +46,8 @@ class TensorstoreReader:
         futures = [self.store[self._lead + (slice(y0, y1), slice(x0, x1))].read() for y0, y1, x0, x1 in regions]
         arrays, first_error = [], None
         for future in futures:
-            # Where one region fails (a corrupt chunk), the others are still waited for:
-            # no read is left in flight on tensorstore's threads once its Python future,
-            # store and context may be gone.
+            # Where one region fails (a corrupt chunk), the others are still waited for
+            # (defensive: the caller moves on with no read of its own still running).
             try:
                 arrays.append(np.asarray(future.result()))
             except Exception as exc:
@@ -68,15 +67,15 @@ def open_reader(location: StoreLocation, array: zarr.Array, array_path: str) -> 
     except ImportError:
         return ZarrReader(array)
     driver = "zarr3" if array.metadata.zarr_format == 3 else "zarr"
-    store = ts.open({"driver": driver, "kvstore": kvstore}, read=True, context=_context(os.getpid())).result()
+    store = ts.open({"driver": driver, "kvstore": kvstore}, read=True, context=_context()).result()
     return TensorstoreReader(store)
 
 
 @functools.cache
-def _context(pid: int):
-    """The process's one tensorstore Context (its thread pools, cache and S3 connections),
-    kept for the process's life rather than made and destroyed with every image; keyed
-    by pid so that a forked child makes its own instead of using its parent's threads."""
+def _context():
+    """The process's one tensorstore Context: one limit on the decoding threads of every
+    store it opens (not one per image, each allowing every core), and no chunk cache.
+    (Credentials are not shared through it: each S3 store names its own inline, below.)"""
     import tensorstore as ts
 
     return ts.Context({
@@ -100,6 +99,8 @@ def _tensorstore_kvstore(location: StoreLocation, array_path: str) -> dict | Non
         # implement the whole AWS credential chain.
         return None
     bucket, _, key = location.path.partition("/")
+    # An inline resource: made at each open from the environment of that moment, never
+    # taken from the shared context (engine.stores.pixels._context).
     kvstore: dict = {"driver": "s3", "bucket": bucket, "path": f"{key}/{array_path}/".lstrip("/"),
                      "aws_credentials": {"type": "environment"}}
     if endpoint:
