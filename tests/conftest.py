@@ -14,8 +14,8 @@ from engine.local_head import free_port
 
 from .crash_report import CRASH_DIR_ENV, FAULTHANDLER_FILE, crash_evidence, record_ray_dir
 
-# The file Python's faulthandler writes to once `ray_session` has started Ray: open for
-# the process's life (faulthandler keeps only its descriptor).
+# The file Python's faulthandler writes to while `ray_session`'s Ray runs in a pytest-xdist
+# test process (faulthandler keeps only its descriptor: the file stays open till then).
 _faulthandler_file = None
 
 
@@ -42,7 +42,7 @@ def pytest_unconfigure(config):
 @pytest.hookimpl(optionalhook=True)
 def pytest_handlecrashitem(crashitem, report, sched):
     """A test process died: its Python and native stacks into the test's report."""
-    evidence = crash_evidence(report.node.gateway.id)
+    evidence = crash_evidence(report.node.gateway.id)  # and the crashed process's Ray folder removed
     if evidence:
         report.longrepr = f"{report.longrepr}\n\n{evidence}"
 
@@ -144,14 +144,20 @@ def ray_session(s3_endpoint):
         num_cpus=4, include_dashboard=False, log_to_driver=False, _temp_dir=temp_dir,
         runtime_env={"env_vars": {"HF_HUB_OFFLINE": "1", "YOLO_OFFLINE": "1"}},
     )
-    # ray.init installed Ray's fatal-signal handler (native stack to its driver log) over
-    # Python's; Python's goes back on top, into the same folder, and hands on to Ray's.
     global _faulthandler_file
     import faulthandler
+    import sys
 
-    _faulthandler_file = open(os.path.join(temp_dir, FAULTHANDLER_FILE), "w")
-    faulthandler.enable(file=_faulthandler_file, all_threads=True)
-    record_ray_dir(temp_dir)
+    if record_ray_dir(temp_dir):
+        # ray.init put Ray's fatal-signal handler (native stack to its driver log) in
+        # front of pytest's faulthandler, and Ray's hands on to it: its Python stacks go
+        # to a file in the same folder, where the controller looks (tests/crash_report.py).
+        _faulthandler_file = open(os.path.join(temp_dir, FAULTHANDLER_FILE), "w")
+        faulthandler.enable(file=_faulthandler_file, all_threads=True)
     yield ray
     ray.shutdown()
+    if _faulthandler_file is not None:
+        faulthandler.enable(file=sys.__stderr__, all_threads=True)
+        _faulthandler_file.close()
+        _faulthandler_file = None
     shutil.rmtree(temp_dir, ignore_errors=True)
