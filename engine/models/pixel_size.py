@@ -14,7 +14,11 @@ from torch import nn
 
 class PixelSizeFiLM(nn.Sequential):
     """log10(pixel size) -> (gamma, beta) for `width` features; starts as the identity
-    (its last layer is zero), so adding it changes nothing until training moves it."""
+    (its last layer is zero), so adding it changes nothing until training moves it.
+
+    A Sequential, so that its parameters keep the names the classifier's checkpoints were
+    saved with before it was its own module (scale.0.*, scale.2.*).
+    """
 
     def __init__(self, width: int, hidden: int = 64):
         super().__init__(nn.Linear(1, hidden), nn.SiLU(), nn.Linear(hidden, 2 * width))

@@ -49,3 +49,9 @@ def test_one_texture_at_two_scales_is_learnt_as_two_materials(family, name, plai
     with torch.no_grad():
         predicted = model(*views, pixel_size_nm=sizes)["material"].argmax(1)
     assert (predicted == labels).float().mean() == 1.0
+
+
+def test_the_classifiers_modulation_keeps_its_checkpoint_names():
+    """resnet10t_px checkpoints saved before the modulation was a module of its own load."""
+    names = {k for k in M.create_model("classifier", "resnet10t_px").state_dict() if k.startswith("scale.")}
+    assert names == {"scale.0.weight", "scale.0.bias", "scale.2.weight", "scale.2.bias"}
