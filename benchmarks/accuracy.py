@@ -19,10 +19,13 @@ from each material's range), other microstructures and other defects. Prints JSO
   ("per_image": the tiles' probabilities averaged over the image, as the job's
   per-image summary names its material and grade);
 - fusion: the same two accuracies and the defect-segmentation IoU (defect pixels,
-  any class) of the fusion model (fusion_tiny: detail + context views);
+  any class) of the fusion model (fusion_tiny: detail + context views; fusion_tiny_px
+  also reads each tile's pixel size, as resnet10t_px does);
 - segmenter: mean mask IoU of the small SAM (sam_tiny) on every held-out box, on the
-  tile as the job sees it, per defect class, beside the prompt box filled and its
-  inscribed ellipse (engine.training.train("segmenter", ...); "tile_frame"). Meta's
+  tile as the job sees it, per defect class, beside the prompt box filled, its
+  inscribed ellipse and the true mask drawn through the model's own mask grid (what
+  that grid can draw: `mask_grid_reference`) (engine.training.train("segmenter", ...);
+  "tile_frame"). Meta's
   ViT-B fine-tuned: `--sam-model sam_vit_b --sam-init-weights sam_vit_b_01ec64.pth
   --sam-train-only sam.mask_decoder` (its released weights, decoder trained; a GPU).
 
@@ -297,13 +300,14 @@ def segmenter_part(args, train, held_out, out) -> dict:
     return r
 
 
-def mask_grid_ceiling(model, truth, box):
-    """The true mask as the segmenter's own logit grid can draw it, what a perfect model
-    of this architecture would score: cropped to the box's window (or the whole tile
-    without box zoom) at the encoder's input size S, averaged down to the grid SAM's
-    decoder predicts (4x its embedding grid: S/4 with 16-px patches), placed back on the
-    tile as the model's logits are, and cut at one half. truth: H x W bool; box: xyxy
-    tile px. Returns H x W bool."""
+def mask_grid_reference(model, truth, box):
+    """The true mask as the segmenter's own logit grid draws it: cropped to the box's
+    window (or the whole tile without box zoom) at the encoder's input size S, averaged
+    down to the grid SAM's decoder predicts (4x its embedding grid: S/4 with 16-px
+    patches), placed back on the tile as the model's logits are (bilinear), and cut at
+    one half. An estimate of what that grid can draw, not a strict bound (a model may
+    put its logits' zero crossings elsewhere). truth: H x W bool; box: xyxy tile px.
+    Returns H x W bool."""
     import numpy as np
     import torch
     from torch.nn import functional as F
@@ -314,7 +318,7 @@ def mask_grid_ceiling(model, truth, box):
     s, low = model.img_size, model.sam.prompt_encoder.mask_input_size[0]
     if model.zoom is None:
         h, w = model.input_size(*truth.shape)
-        grid = F.avg_pool2d(F.interpolate(t, (h, w), mode="area"), s // low)
+        grid = F.avg_pool2d(F.interpolate(t, (h, w), mode="area"), s // low, ceil_mode=True)
         padded = F.pad(grid, (0, low - grid.shape[-1], 0, low - grid.shape[-2]))
         return (model.sam.postprocess_masks(padded - 0.5, (h, w), truth.shape)[0, 0] > 0).numpy()
     windows = model.zoom.windows(torch.tensor([box], dtype=torch.float32))
@@ -326,8 +330,8 @@ def tile_frame_mask_iou(args, train: Path, held_out: Path, checkpoint_dir: str) 
     """Mean mask IoU on every held-out box, measured on the tile as the job sees it
     (`Segmenter.segment`), overall and per defect class, beside masks that need no model:
     the prompt box filled and the ellipse inscribed in it, what a segmenter must beat to
-    have learnt anything beyond its prompt; and the ceiling its mask grid sets
-    (`mask_grid_ceiling`). (Ray Train's val_mask_iou scores at most 16 boxes per tile,
+    have learnt anything beyond its prompt; and the true mask drawn through the model's
+    mask grid (`mask_grid_reference`). (Ray Train's val_mask_iou scores at most 16 boxes per tile,
     and with box zoom in each box's window.)"""
     import numpy as np
 
@@ -348,8 +352,8 @@ def tile_frame_mask_iou(args, train: Path, held_out: Path, checkpoint_dir: str) 
             box = (xx >= x0) & (xx < x1) & (yy >= y0) & (yy < y1)
             ellipse = ((xx - (x0 + x1) / 2) / max((x1 - x0) / 2, 0.5)) ** 2 \
                 + ((yy - (y0 + y1) / 2) / max((y1 - y0) / 2, 0.5)) ** 2 <= 1
-            ceiling = mask_grid_ceiling(model, truth, (x0, y0, x1, y1))
-            for guess, m in (("model", predicted), ("box", box), ("ellipse", ellipse), ("ceiling", ceiling)):
+            grid = mask_grid_reference(model, truth, (x0, y0, x1, y1))
+            for guess, m in (("model", predicted), ("box", box), ("ellipse", ellipse), ("mask_grid", grid)):
                 iou = float((m & truth).sum() / max(1, (m | truth).sum()))
                 scores.setdefault(guess, {}).setdefault(names[int(c) - 1], []).append(iou)  # classes are 1-based
     mean = lambda v: round(float(np.mean(v)), 4)  # noqa: E731
