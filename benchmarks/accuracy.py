@@ -313,17 +313,21 @@ def mask_grid_reference(model, truth, box):
     from torch.nn import functional as F
 
     from engine.models import box_zoom
+    from engine.models.segmenter import SamOutput
 
     t = torch.from_numpy(truth.astype(np.float32))[None, None]
     s, low = model.img_size, model.sam.prompt_encoder.mask_input_size[0]
     if model.zoom is None:
         h, w = model.input_size(*truth.shape)
         grid = F.avg_pool2d(F.interpolate(t, (h, w), mode="area"), s // low, ceil_mode=True)
-        padded = F.pad(grid, (0, low - grid.shape[-1], 0, low - grid.shape[-2]))
-        return (model.sam.postprocess_masks(padded - 0.5, (h, w), truth.shape)[0, 0] > 0).numpy()
-    windows = model.zoom.windows(torch.tensor([box], dtype=torch.float32))
-    grid = F.avg_pool2d(box_zoom.crop(t, torch.zeros(1, dtype=torch.int64), windows, s), s // low)
-    return (box_zoom.paste(grid[:, 0] - 0.5, windows, truth.shape, fill=-1.0)[0] > 0).numpy()
+        grid = F.pad(grid, (0, low - grid.shape[-1], 0, low - grid.shape[-2]))
+        windows = None
+    else:
+        windows = model.zoom.windows(torch.tensor([box], dtype=torch.float32))
+        grid = F.avg_pool2d(box_zoom.crop(t, torch.zeros(1, dtype=torch.int64), windows, s), s // low)
+    # The model's own placement of low-res logits on the tile (`Segmenter.tile_logits`).
+    logits = model.tile_logits(SamOutput(grid - 0.5, grid.new_zeros(1, 1), windows), truth.shape)
+    return (logits[0] > 0).numpy()
 
 
 def tile_frame_mask_iou(args, train: Path, held_out: Path, checkpoint_dir: str) -> dict:
