@@ -21,6 +21,8 @@ from each material's range), other microstructures and other defects. Prints JSO
 - fusion: the same two accuracies and the defect-segmentation IoU (defect pixels,
   any class) of the fusion model (fusion_tiny: detail + context views; fusion_tiny_px
   also reads each tile's pixel size, as resnet10t_px does);
+- classifier_fusion_mean (when both run): material and grade accuracy, per tile and per
+  image, of the two members' probabilities averaged, which is what the ensemble answers;
 - segmenter: mean mask IoU of the small SAM (sam_tiny) on every held-out box, on the
   tile as the job sees it, per defect class, beside the prompt box filled, its
   inscribed ellipse and the true mask drawn through the model's own mask grid (what
@@ -214,7 +216,8 @@ def classifier_part(args, train, held_out, out) -> dict:
                    args.batch_size)
     r["material_accuracy"] = r["held_out"].get("material_acc")
     r["grade_accuracy"] = r["held_out"].get("grade_acc")
-    r["per_image"] = per_image_accuracy(args, "classifier", args.cls_model, train, held_out, r["checkpoint_path"])
+    r["probs"] = held_out_probs(args, "classifier", args.cls_model, train, held_out, r["checkpoint_path"])
+    r["per_image"] = probs_accuracy(r["probs"])
     return r
 
 
@@ -224,17 +227,17 @@ def fusion_part(args, train, held_out, out) -> dict:
     r["material_accuracy"] = r["held_out"].get("material_acc")
     r["grade_accuracy"] = r["held_out"].get("grade_acc")
     r["defect_iou"] = r["held_out"].get("defect_iou")
-    r["per_image"] = per_image_accuracy(args, "fusion", args.fusion_model, train, held_out, r["checkpoint_path"])
+    r["probs"] = held_out_probs(args, "fusion", args.fusion_model, train, held_out, r["checkpoint_path"])
+    r["per_image"] = probs_accuracy(r["probs"])
     return r
 
 
-def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out: Path,
-                       checkpoint_dir: str) -> dict:
-    """Material and grade accuracy per held-out *image*: the softmax of every held-out
-    tile (Ray Train's validation tiles, all levels) averaged over the image, argmax — how
-    the job's per-image summary names an image's material and grade
-    (engine.data.sinks averages its tiles' probabilities). Tile-level accuracy is the
-    "held_out" figure; this is the one a user reads in the summary."""
+def held_out_probs(args, family: str, model_name: str, train: Path, held_out: Path,
+                   checkpoint_dir: str) -> dict:
+    """The trained model's softmax on every held-out tile (Ray Train's validation tiles,
+    all levels), read one at a time on this process: {"material"|"grade": {tile key:
+    probabilities (n,) float32}}, "truth": {head: {tile key: class index, -1 unknown}};
+    a tile key is (image_id, level, y, x, tile side), the same for every member."""
     import numpy as np
     import torch
 
@@ -244,35 +247,68 @@ def per_image_accuracy(args, family: str, model_name: str, train: Path, held_out
     model = load_model(Path(checkpoint_dir) / "model.safetensors").eval()
     layout, rows = held_out_rows(args, family, model_name, train, held_out)
     collate = make_task(family).collate(layout, epoch=0, seed=args.seed, augment_strength=0.0)
-    probs: dict[str, dict[str, list]] = {"material": {}, "grade": {}}
-    truth: dict[str, dict[str, int]] = {"material": {}, "grade": {}}
-    tiles = 0
+    probs = {"material": {}, "grade": {}}
+    truth = {"material": {}, "grade": {}}
     with torch.no_grad():
         for spec, row in rows:
-            tiles += 1
+            key = (spec.image_id, spec.level, spec.y, spec.x, spec.tile)
             batch = collate({k: np.asarray([v]) if np.ndim(v) == 0 or isinstance(v, str)
                              else np.asarray(v)[None] for k, v in row.items()})
             views = [batch["image"], batch["context"]] if "context" in batch else [batch["image"]]
             out = model(*views, pixel_size_nm=batch["pixel_size_nm"])
             for head in probs:
-                probs[head].setdefault(spec.image_id, []).append(torch.softmax(out[head], -1)[0].numpy())
-                truth[head][spec.image_id] = int(batch[head][0])
-    result = {}
-    for head, per_image in probs.items():
-        known = [i for i in per_image if truth[head][i] >= 0]
-        right = [int(np.mean(per_image[i], axis=0).argmax()) == truth[head][i] for i in known]
-        result[f"{head}_accuracy"] = round(float(np.mean(right)), 4) if right else math.nan
-    result["images"] = len(probs["material"])
-    result["tiles"] = tiles
-    # which images are wrong, and how many of their tiles: errors of one material or a spread
+                probs[head][key] = torch.softmax(out[head], -1)[0].numpy()
+                truth[head][key] = int(batch[head][0])
+    return {**probs, "truth": truth}
+
+
+def probs_accuracy(tile_probs: dict) -> dict:
+    """Material and grade accuracy per held-out tile and per held-out *image* from
+    `held_out_probs`' output (or the mean of several members'). Per image: the tiles'
+    probabilities averaged over the image, argmax — how the job's per-image summary names
+    an image's material and grade (engine.data.sinks averages its tiles' probabilities).
+    Tile-level accuracy of one member is also Ray Train's "held_out" figure; the image
+    figure is the one a user reads in the summary."""
+    import numpy as np
+
     from engine.models.labels import material_names
 
-    names = material_names()
+    result = {}
+    by_image: dict[str, dict[str, list]] = {}
+    for head in ("material", "grade"):
+        truth = tile_probs["truth"][head]
+        known = [k for k in tile_probs[head] if truth[k] >= 0]
+        result[f"{head}_tile_accuracy"] = (round(float(np.mean([int(tile_probs[head][k].argmax()) == truth[k]
+                                                                  for k in known])), 4) if known else math.nan)
+        by_image[head] = {}
+        for k in known:
+            by_image[head].setdefault(k[0], []).append(k)
+        right = [int(np.mean([tile_probs[head][k] for k in keys], axis=0).argmax()) == truth[keys[0]]
+                 for keys in by_image[head].values()]
+        result[f"{head}_accuracy"] = round(float(np.mean(right)), 4) if right else math.nan
+    result["images"] = len({k[0] for k in tile_probs["material"]})
+    result["tiles"] = len(tile_probs["material"])
+    # which images are wrong, and how many of their tiles: errors of one material or a spread
+    names, probs, truth = material_names(), tile_probs["material"], tile_probs["truth"]["material"]
     result["material_by_image"] = {
-        i: {"material": names[truth["material"][i]], "named": names[int(np.mean(p, axis=0).argmax())],
-            "tiles_right": round(float(np.mean([int(q.argmax()) == truth["material"][i] for q in p])), 3)}
-        for i, p in sorted(probs["material"].items()) if truth["material"][i] >= 0}
+        i: {"material": names[truth[keys[0]]],
+            "named": names[int(np.mean([probs[k] for k in keys], axis=0).argmax())],
+            "tiles_right": round(float(np.mean([int(probs[k].argmax()) == truth[k] for k in keys])), 3)}
+        for i, keys in sorted(by_image["material"].items())}
     return result
+
+
+def members_mean(*members: dict) -> dict:
+    """The mean of several members' `held_out_probs` on the tiles they all scored: what
+    the ensemble (engine.pipeline.ensemble) answers, the classifier's and the fusion
+    model's material and grade probabilities averaged."""
+    import numpy as np
+
+    shared = set.intersection(*(set(m["material"]) for m in members))
+    mean = {head: {k: np.mean([m[head][k] for m in members], axis=0) for k in shared}
+            for head in ("material", "grade")}
+    mean["truth"] = {head: {k: members[0]["truth"][head][k] for k in shared} for head in ("material", "grade")}
+    return mean
 
 
 def held_out_rows(args, family: str, model_name: str, train: Path, held_out: Path, overrides: dict | None = None):
@@ -412,6 +448,9 @@ def run(args, work: Path) -> dict:
             report["fusion"] = fusion_part(args, train, held_out, runs / "fusion")
         if "segmenter" in args.parts:
             report["segmenter"] = segmenter_part(args, train, held_out, runs / "segmenter")
+        members = [report[p].pop("probs") for p in ("classifier", "fusion") if p in report]
+        if len(members) == 2:  # what the ensemble answers: the two members' probabilities averaged
+            report["classifier_fusion_mean"] = probs_accuracy(members_mean(*members))
     report["machine"]["load_avg_1m_end"] = os.getloadavg()[0]
     report["total_seconds"] = round(time.perf_counter() - started, 1)
     return _finite(report)

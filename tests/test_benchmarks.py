@@ -35,3 +35,30 @@ def test_synthesis_benchmark_model_is_accepted_by_synthesis(tmp_path):
     model = bench.untrained_model(tmp_path / "m.safetensors")
     request = prepare(str(model), n_per_condition=4, batch_size=2, steps=2, **bench.THROUGHPUT_CONDITION)
     assert request is not None
+
+
+def test_accuracy_benchmark_scores_the_members_mean_as_the_ensemble_answers():
+    """benchmarks/accuracy.py's classifier_fusion_mean averages the two members'
+    probabilities per tile, then per image, as the ensemble and the job's summary do: two
+    members each right on a different tile and confidently wrong on the other are right
+    on both tiles together, where their confidence lies."""
+    from benchmarks.accuracy import members_mean, probs_accuracy
+    from engine.models.labels import material_names
+
+    n = len(material_names())
+
+    def member(right_tile: str) -> dict:
+        probs = {}
+        for key in ("a", "b"):
+            p = np.full(n, 0.01, np.float32)
+            p[0 if key == right_tile else 1] = 0.6 if key == right_tile else 0.3
+            probs[("img", 0, 0, 0 if key == "a" else 64, 64)] = p / p.sum()
+        truth = dict.fromkeys(probs, 0)
+        return {"material": probs, "grade": dict(probs), "truth": {"material": truth, "grade": dict(truth)}}
+
+    cls, fus = member("a"), member("b")
+    assert probs_accuracy(cls)["material_tile_accuracy"] == 0.5
+    mean = probs_accuracy(members_mean(cls, fus))
+    assert mean["material_tile_accuracy"] == 1.0 and mean["material_accuracy"] == 1.0
+    assert mean["tiles"] == 2 and mean["images"] == 1
+    assert mean["material_by_image"]["img"]["named"] == material_names()[0]
